@@ -1,0 +1,59 @@
+// Package oracle finds the real programs (written by others) that tests
+// check the project against. Under CI (CI=true) a missing oracle fails the
+// test; elsewhere it skips with the package to install.
+package oracle
+
+import (
+	"os"
+	"os/exec"
+	"testing"
+)
+
+// packages names the Debian package that ships each oracle.
+var packages = map[string]string{
+	"qemu-img":       "qemu-utils",
+	"qemu-io":        "qemu-utils",
+	"qemu-nbd":       "qemu-utils",
+	"nbdinfo":        "libnbd-bin",
+	"nbdcopy":        "libnbd-bin",
+	"nbdsh":          "libnbd-bin",
+	"nbdkit":         "nbdkit",
+	"fio":            "fio",
+	"xenstore-read":  "xenstore-utils",
+	"xenstore-write": "xenstore-utils",
+	"xenstore-ls":    "xenstore-utils",
+	"xenstore-rm":    "xenstore-utils",
+	"xenstore-list":  "xenstore-utils",
+	"xenstore-watch": "xenstore-utils",
+	"xenstore-chmod": "xenstore-utils",
+	"qcowinfo":       "libqcow-utils",
+	"vhdiinfo":       "libvhdi-utils",
+	"vmdkinfo":       "libvmdk-utils",
+	"gcc":            "gcc",
+}
+
+// InCI reports whether the tests run under CI, where oracles are mandatory.
+func InCI() bool { return os.Getenv("CI") == "true" }
+
+// Require returns the path of program, or ends the test: Fatal under CI,
+// Skip elsewhere.
+func Require(t testing.TB, program string) string {
+	t.Helper()
+	p, err := exec.LookPath(program)
+	if err == nil {
+		return p
+	}
+	// Some oracles live outside PATH (Xen's tools).
+	if _, err := os.Stat(program); err == nil {
+		return program
+	}
+	pkg := packages[program]
+	if pkg == "" {
+		pkg = "?"
+	}
+	if InCI() {
+		t.Fatalf("oracle %s missing (apt-get install %s): required under CI", program, pkg)
+	}
+	t.Skipf("oracle %s missing (apt-get install %s)", program, pkg)
+	return ""
+}
