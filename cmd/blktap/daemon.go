@@ -1,0 +1,107 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/blktap-go/blktap/config"
+	"github.com/blktap-go/blktap/reconciler"
+	"github.com/blktap-go/blktap/tapengine/worker"
+	"github.com/blktap-go/blktap/xenstore"
+)
+
+func newLogger() *slog.Logger {
+	level := slog.LevelInfo
+	if os.Getenv("BLKTAP_DEBUG") != "" {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+}
+
+func cmdRun(args []string) error {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	cfg := fs.String("c", "", "YAML desired-state file (examples/disks.yaml)")
+	fs.StringVar(cfg, "config", "", "same as -c")
+	stateDir := fs.String("state-dir", defaultStateDir(), "state directory (sockets, embedded xenstored)")
+	xs := fs.String("xenstore", "", "xenstored socket (default: a real one if reachable, else embedded)")
+	serveVBD := fs.Bool("serve-vbd", false, "also serve backend/vbd (only where no kernel blkback is)")
+	dryRun := fs.Bool("dry-run", false, "check the YAML file and print the disks it declares, then exit")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("unexpected argument %q", pos[0])
+	}
+	if *dryRun {
+		if *cfg == "" {
+			return usagef("--dry-run needs -c FILE")
+		}
+		f, err := config.Load(*cfg)
+		if err != nil {
+			return err
+		}
+		for _, d := range f.Disks {
+			fmt.Printf("%s: %s:%s domain %d device %s (%d) mode %s\n", d.Name, d.Format, d.Image, d.Domain, config.VdevName(d.DevID), d.DevID, d.Mode)
+		}
+		return nil
+	}
+	sd, err := filepath.Abs(*stateDir)
+	if err != nil {
+		return err
+	}
+	return reconciler.Run(context.Background(), reconciler.Options{
+		StateDir:     sd,
+		ConfigPath:   *cfg,
+		XenstorePath: *xs,
+		ServeVBD:     *serveVBD,
+		Logger:       newLogger(),
+	})
+}
+
+func cmdWorker(args []string) error {
+	fs := flag.NewFlagSet("__worker", flag.ContinueOnError)
+	name := fs.String("name", "", "disk name (for logs)")
+	if _, err := parseInterleaved(fs, args); err != nil {
+		return err
+	}
+	// The daemon closes each disk in order on SIGTERM; a signal that
+	// reaches the worker directly (a process-group kill) means the same.
+	signal.Ignore(syscall.SIGINT, syscall.SIGHUP)
+	log := newLogger().With("worker", *name, "pid", os.Getpid())
+	os.Exit(worker.Main(log))
+	return nil
+}
+
+func cmdXenstored(args []string) error {
+	fs := flag.NewFlagSet("xenstored", flag.ContinueOnError)
+	sock := fs.String("socket", "", "unix socket to listen on (required)")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if *sock == "" || len(pos) > 0 {
+		return usagef("--socket PATH is required")
+	}
+	log := newLogger()
+	srv := xenstore.NewServer(log)
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	errc := make(chan error, 1)
+	go func() { errc <- srv.ListenAndServe(*sock) }()
+	log.Info("xenstored listening", "socket", *sock)
+	select {
+	case <-ctx.Done():
+		srv.Close()
+		os.Remove(*sock)
+		return nil
+	case err := <-errc:
+		return err
+	}
+}

@@ -1,0 +1,267 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/blktap-go/blktap/config"
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/reconciler"
+	"github.com/blktap-go/blktap/xenstore"
+)
+
+// dialXenstore connects to the xenstored the daemon uses: --xenstore if
+// given, else the one the daemon recorded in the state directory, else a
+// real xenstored.
+func dialXenstore(ctx context.Context, stateDir, explicit string) (*xenstore.Client, error) {
+	path := explicit
+	if path == "" {
+		if b, err := os.ReadFile(filepath.Join(stateDir, reconciler.XenstorePathFile)); err == nil {
+			path = strings.TrimSpace(string(b))
+		}
+	}
+	if path == "" {
+		path = xenstore.DefaultPath()
+	}
+	if path == "" {
+		return nil, fmt.Errorf("no xenstored found: is `blktap run` running (state directory %s)?", stateDir)
+	}
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	c, err := xenstore.Dial(dctx, path)
+	if err != nil {
+		return nil, fmt.Errorf("xenstored at %s: %w (is `blktap run` running?)", path, err)
+	}
+	return c, nil
+}
+
+func stateFlags(fs *flag.FlagSet) (stateDir, xs *string) {
+	stateDir = fs.String("state-dir", defaultStateDir(), "the daemon's state directory")
+	xs = fs.String("xenstore", "", "xenstored socket (default: the daemon's)")
+	return
+}
+
+func parseDomid(s string) (uint32, error) {
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil || n >= 0x7ff0 { // DOMID_FIRST_RESERVED
+		return 0, usagef("DOMID %q: want a domain id (0 for dom0)", s)
+	}
+	return uint32(n), nil
+}
+
+func cmdAttach(args []string) error {
+	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
+	stateDir, xsPath := stateFlags(fs)
+	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for Connected")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	// The seed's VM-config form: tap:qcow:/img/a.qcow,xvdb,w
+	if len(pos) == 2 && strings.Count(pos[1], ",") == 2 {
+		parts := strings.Split(pos[1], ",")
+		pos = []string{pos[0], parts[0], parts[1], parts[2]}
+	}
+	if len(pos) != 4 {
+		return usagef("want DOMID TYPE:PATH VDEV MODE")
+	}
+	domid, err := parseDomid(pos[0])
+	if err != nil {
+		return err
+	}
+	format, path, err := reconciler.ParseParams(pos[1])
+	if err != nil {
+		return usagef("%v", err)
+	}
+	if format, err = formats.Normalize(format); err != nil {
+		return usagef("%v", err)
+	}
+	if path, err = filepath.Abs(path); err != nil {
+		return err
+	}
+	if _, err := os.Stat(path); err != nil {
+		return fmt.Errorf("image: %w", err)
+	}
+	vdev := strings.TrimPrefix(pos[2], "/dev/")
+	devid, err := config.ParseVdev(vdev)
+	if err != nil {
+		return usagef("VDEV: %v", err)
+	}
+	mode := pos[3]
+	if mode != "r" && mode != "w" {
+		return usagef("MODE %q: want r or w", mode)
+	}
+	ctx := context.Background()
+	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
+	if err != nil {
+		return err
+	}
+	defer xs.Close()
+	key := reconciler.Key{Kind: reconciler.KindVBD3, Domid: domid, Devid: devid}
+	name := fmt.Sprintf("d%d-%s", domid, config.VdevName(devid))
+	err = reconciler.WriteDevice(ctx, xs, reconciler.DeviceSpec{
+		Key: key, Name: name, Format: format, Path: path, Mode: mode,
+		Vdev: config.VdevName(devid), Source: "attach",
+	})
+	if err != nil {
+		return err
+	}
+	wctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	uri, err := reconciler.WaitConnected(wctx, xs, key)
+	if err != nil {
+		return err
+	}
+	fmt.Println(uri)
+	return nil
+}
+
+func cmdDetach(args []string) error {
+	fs := flag.NewFlagSet("detach", flag.ContinueOnError)
+	stateDir, xsPath := stateFlags(fs)
+	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for the disk to close")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 2 {
+		return usagef("want DOMID VDEV")
+	}
+	domid, err := parseDomid(pos[0])
+	if err != nil {
+		return err
+	}
+	devid, err := config.ParseVdev(strings.TrimPrefix(pos[1], "/dev/"))
+	if err != nil {
+		return usagef("VDEV: %v", err)
+	}
+	ctx := context.Background()
+	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
+	if err != nil {
+		return err
+	}
+	defer xs.Close()
+	wctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	// The disk may be declared under any kind the daemon serves.
+	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
+		key := reconciler.Key{Kind: kind, Domid: domid, Devid: devid}
+		if _, err := xs.Read(ctx, key.BackendPath(0)); err == nil {
+			return reconciler.Detach(wctx, xs, key)
+		}
+	}
+	return fmt.Errorf("no disk %s attached to domain %d", pos[1], domid)
+}
+
+// lsEntry is one row of `blktap ls --json`; the field names are stable.
+type lsEntry struct {
+	Name      string `json:"name"`
+	Kind      string `json:"kind"`
+	Domain    uint32 `json:"domain"`
+	Device    string `json:"device"`
+	Devid     uint32 `json:"devid"`
+	Image     string `json:"image"`
+	Format    string `json:"format"`
+	Mode      string `json:"mode"`
+	State     int    `json:"state"`
+	StateName string `json:"state_name"`
+	Frontend  int    `json:"frontend_state"`
+	Phase     string `json:"phase"`
+	Error     string `json:"error"`
+	Export    string `json:"export"`
+	WorkerPid int    `json:"worker_pid"`
+	Restarts  int    `json:"restarts"`
+}
+
+func cmdLs(args []string) error {
+	fs := flag.NewFlagSet("ls", flag.ContinueOnError)
+	stateDir, xsPath := stateFlags(fs)
+	asJSON := fs.Bool("json", false, "JSON output (stable field names)")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		return usagef("unexpected argument %q", pos[0])
+	}
+	ctx := context.Background()
+	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
+	if err != nil {
+		return err
+	}
+	defer xs.Close()
+	entries := []lsEntry{}
+	root := "/local/domain/0/backend"
+	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
+		doms, err := xs.Directory(ctx, root+"/"+kind)
+		if errors.Is(err, xenstore.ErrNotFound) {
+			continue
+		} else if err != nil {
+			return err
+		}
+		for _, dom := range doms {
+			devs, err := xs.Directory(ctx, root+"/"+kind+"/"+dom)
+			if err != nil {
+				continue
+			}
+			for _, dev := range devs {
+				be := root + "/" + kind + "/" + dom + "/" + dev
+				get := func(k string) string { v, _ := xs.Read(ctx, be+"/"+k); return v }
+				d, _ := strconv.ParseUint(dom, 10, 32)
+				id, _ := strconv.ParseUint(dev, 10, 32)
+				fe := get("frontend")
+				feState := ""
+				if fe != "" {
+					feState, _ = xs.Read(ctx, fe+"/state")
+				}
+				pid, _ := strconv.Atoi(get("blktap/worker-pid"))
+				restarts, _ := strconv.Atoi(get("blktap/restarts"))
+				st := reconciler.ParseState(get("state"))
+				e := lsEntry{
+					Name: get("blktap/name"), Kind: kind, Domain: uint32(d), Devid: uint32(id),
+					Device: config.VdevName(uint32(id)), Mode: get("mode"),
+					State: int(st), StateName: st.String(), Frontend: int(reconciler.ParseState(feState)),
+					Phase: get("blktap/phase"), Error: get("blktap/error"), Export: get("blktap/export"),
+					WorkerPid: pid, Restarts: restarts,
+					Format: get("blktap/format"), Image: get("blktap/image"),
+				}
+				if e.Image == "" {
+					e.Format, e.Image, _ = reconciler.ParseParams(get("params"))
+				}
+				entries = append(entries, e)
+			}
+		}
+	}
+	sort.Slice(entries, func(i, j int) bool {
+		if entries[i].Domain != entries[j].Domain {
+			return entries[i].Domain < entries[j].Domain
+		}
+		return entries[i].Devid < entries[j].Devid
+	})
+	if *asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(entries)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "NAME\tDOMAIN\tDEVICE\tFORMAT\tIMAGE\tMODE\tSTATE\tPHASE\tPID\tEXPORT\tERROR")
+	for _, e := range entries {
+		pid := "-"
+		if e.WorkerPid > 0 {
+			pid = strconv.Itoa(e.WorkerPid)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Domain, e.Device, e.Format,
+			e.Image, e.Mode, e.StateName, e.Phase, pid, e.Export, e.Error)
+	}
+	return tw.Flush()
+}

@@ -1,0 +1,160 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/blktap-go/blktap/internal/oracle"
+)
+
+func (d *daemon) ls() []lsRow {
+	d.t.Helper()
+	out, err := d.blktap("ls", "--json")
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	var rows []lsRow
+	if err := json.Unmarshal([]byte(out), &rows); err != nil {
+		d.t.Fatalf("ls --json: %v\n%s", err, out)
+	}
+	return rows
+}
+
+func (d *daemon) row(name string) (lsRow, bool) {
+	for _, r := range d.ls() {
+		if r.Name == name {
+			return r, true
+		}
+	}
+	return lsRow{}, false
+}
+
+// waitRow polls until cond holds for the named device.
+func (d *daemon) waitRow(name string, what string, cond func(lsRow) bool) lsRow {
+	d.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	var last lsRow
+	for time.Now().Before(deadline) {
+		if r, ok := d.row(name); ok {
+			last = r
+			if cond(r) {
+				return r
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	d.t.Fatalf("%s: %s did not happen; last row %+v", name, what, last)
+	return lsRow{}
+}
+
+// The old `xm block-attach 0`: attach prints the URI, a crashed worker is
+// restarted without the other disk noticing, detach drains and removes.
+func TestEndToEndAttachCrashDetach(t *testing.T) {
+	qemuIO := oracle.Require(t, "qemu-io")
+	nbdinfo := oracle.Require(t, "nbdinfo")
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	d := startDaemon(t, bin, "")
+	// Wait for the daemon's xenstored.
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := d.blktap("ls"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("daemon never answered ls")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	a, b := filepath.Join(dir, "a.raw"), filepath.Join(dir, "b.raw")
+	for _, f := range []string{a, b} {
+		if out, err := exec.Command(bin, "image", "create", "-f", "raw", f, "32M").CombinedOutput(); err != nil {
+			t.Fatalf("image create: %v %s", err, out)
+		}
+	}
+	attach := func(args ...string) string {
+		t.Helper()
+		out, err := d.blktap(append([]string{"attach"}, args...)...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(strings.TrimSpace(out), "\n")
+		uri := lines[len(lines)-1]
+		if !strings.HasPrefix(uri, "nbd+unix:///?socket=") {
+			t.Fatalf("attach printed %q, want an NBD URI last", out)
+		}
+		return uri
+	}
+	uriA := attach("0", "aio:"+a, "xvdc", "w")
+	uriB := attach("1", "aio:"+b, "xvdd", "w")
+	for _, u := range []string{uriA, uriB} {
+		runTool(t, qemuIO, "-f", "raw", u, "-c", "write -P 0x3c 0 1M")
+	}
+	rowA, _ := d.row("d0-xvdc")
+	rowB, _ := d.row("d1-xvdd")
+	if rowA.WorkerPid <= 0 || rowB.WorkerPid <= 0 || rowA.WorkerPid == rowB.WorkerPid {
+		t.Fatalf("want one worker per disk: %+v %+v", rowA, rowB)
+	}
+
+	// Crash each worker in turn: it is restarted and serves the same URI
+	// again; the other disk's worker is untouched.
+	for _, c := range []struct {
+		name, uri, other string
+	}{{"d0-xvdc", uriA, "d1-xvdd"}, {"d1-xvdd", uriB, "d0-xvdc"}} {
+		before, _ := d.row(c.name)
+		other, _ := d.row(c.other)
+		if err := syscall.Kill(before.WorkerPid, syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		after := d.waitRow(c.name, "restart after SIGKILL", func(r lsRow) bool {
+			return r.Phase == "connected" && r.WorkerPid > 0 && r.WorkerPid != before.WorkerPid
+		})
+		if o, _ := d.row(c.other); o.WorkerPid != other.WorkerPid || o.Phase != "connected" {
+			t.Fatalf("%s noticed %s's crash: %+v", c.other, c.name, o)
+		}
+		out := runTool(t, qemuIO, "-f", "raw", c.uri, "-c", "read -P 0x3c 0 1M")
+		if strings.Contains(out, "verification failed") {
+			t.Fatalf("%s after restart: %s", c.name, out)
+		}
+		t.Logf("%s: worker %d killed, restarted as %d", c.name, before.WorkerPid, after.WorkerPid)
+	}
+	var restarts struct {
+		Restarts int `json:"restarts"`
+	}
+	out, _ := d.blktap("ls", "--json")
+	if !strings.Contains(out, `"restarts": 1`) {
+		t.Fatalf("ls does not count the restarts:\n%s %v", out, restarts)
+	}
+
+	// The seed's VM-config form, read-only.
+	uriR := attach("0", "tap:aio:"+a+",xvde,r")
+	out = runTool(t, nbdinfo, uriR)
+	if !strings.Contains(out, "is_read_only: true") {
+		t.Fatalf("r disk not read-only:\n%s", out)
+	}
+	if o, err := exec.Command(qemuIO, "-f", "raw", uriR, "-c", "write 0 4k").CombinedOutput(); err == nil && !strings.Contains(string(o), "failed") {
+		t.Fatalf("write to a read-only disk succeeded: %s", o)
+	}
+
+	for _, dv := range [][2]string{{"0", "xvdc"}, {"1", "xvdd"}, {"0", "xvde"}} {
+		if _, err := d.blktap("detach", dv[0], dv[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if rows := d.ls(); len(rows) != 0 {
+		t.Fatalf("devices left after detach: %+v", rows)
+	}
+	sock := strings.TrimPrefix(uriA, "nbd+unix:///?socket=")
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("export socket %s left after detach: %v", sock, err)
+	}
+	if _, err := d.blktap("detach", "0", "xvdc"); err == nil {
+		t.Fatal("detaching a detached disk succeeded")
+	}
+}

@@ -1,0 +1,325 @@
+package main
+
+// End-to-end: the daemon on the embedded default (embedded xenstored, local
+// frontend, NBD exports) checked with programs no one here wrote. This is
+// the walking skeleton's acceptance (issue 3).
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/blktap-go/blktap/internal/oracle"
+)
+
+// buildBinary builds cmd/blktap once per test binary run.
+func buildBinary(t *testing.T) string {
+	t.Helper()
+	dir := t.TempDir()
+	bin := filepath.Join(dir, "blktap")
+	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	if err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	return bin
+}
+
+type daemon struct {
+	t        *testing.T
+	bin      string
+	stateDir string
+	cmd      *exec.Cmd
+	log      *bytes.Buffer
+	done     chan error
+}
+
+// syncBuffer lets the test read the daemon's log while it writes.
+type lockedBuffer struct {
+	bytes.Buffer
+}
+
+func startDaemon(t *testing.T, bin, config string) *daemon {
+	t.Helper()
+	state, err := os.MkdirTemp("", "bt-state-") // short: unix socket paths are limited to 108 bytes
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(state) })
+	logf, err := os.Create(filepath.Join(t.TempDir(), "daemon.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(bin, "run", "-c", config, "--state-dir", state)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{t: t, bin: bin, stateDir: state, cmd: cmd, done: make(chan error, 1)}
+	go func() { d.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-d.done:
+			case <-time.After(30 * time.Second):
+				cmd.Process.Kill()
+			}
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("daemon log:\n%s", b)
+		}
+	})
+	return d
+}
+
+func (d *daemon) blktap(args ...string) (string, error) {
+	args = append(args, "--state-dir", d.stateDir)
+	out, err := exec.Command(d.bin, args...).Output()
+	if ee, ok := err.(*exec.ExitError); ok {
+		return string(out), fmt.Errorf("blktap %s: %v: %s", strings.Join(args, " "), err, ee.Stderr)
+	}
+	return string(out), err
+}
+
+type lsRow struct {
+	Name      string `json:"name"`
+	Domain    uint32 `json:"domain"`
+	Devid     uint32 `json:"devid"`
+	State     int    `json:"state"`
+	Frontend  int    `json:"frontend_state"`
+	Phase     string `json:"phase"`
+	Error     string `json:"error"`
+	Export    string `json:"export"`
+	WorkerPid int    `json:"worker_pid"`
+}
+
+// waitConnected polls `blktap ls --json` until every named disk is connected.
+func (d *daemon) waitConnected(names ...string) map[string]lsRow {
+	d.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	var last string
+	for time.Now().Before(deadline) {
+		select {
+		case err := <-d.done:
+			d.t.Fatalf("daemon exited: %v", err)
+		default:
+		}
+		out, err := d.blktap("ls", "--json")
+		if err == nil {
+			var rows []lsRow
+			if err := json.Unmarshal([]byte(out), &rows); err != nil {
+				d.t.Fatalf("ls --json: %v\n%s", err, out)
+			}
+			got := map[string]lsRow{}
+			for _, r := range rows {
+				if r.Phase == "connected" && r.State == 4 && r.Export != "" {
+					got[r.Name] = r
+				}
+			}
+			all := true
+			for _, n := range names {
+				if _, ok := got[n]; !ok {
+					all = false
+				}
+			}
+			if all {
+				return got
+			}
+			last = out
+		} else {
+			last = err.Error()
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	d.t.Fatalf("disks %v not connected in time; last ls:\n%s", names, last)
+	return nil
+}
+
+func runTool(t *testing.T, name string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+const e2eSize = 256 << 20
+
+func TestEndToEndWalkingSkeleton(t *testing.T) {
+	qemuIO := oracle.Require(t, "qemu-io")
+	qemuImg := oracle.Require(t, "qemu-img")
+	nbdinfo := oracle.Require(t, "nbdinfo")
+	fio := oracle.Require(t, "fio")
+	xsls := oracle.Require(t, "xenstore-ls")
+
+	bin := buildBinary(t)
+	imgDir := t.TempDir()
+	cfg := filepath.Join(imgDir, "disks.yaml")
+	yaml := fmt.Sprintf(`disks:
+  - name: dom0disk
+    image: %[1]s/dom0.raw
+    format: raw
+    mode: w
+    domain: 0
+    device: xvdb
+    create: {size: 256M}
+  - name: guestdisk
+    image: %[1]s/guest.raw
+    format: aio
+    mode: w
+    domain: 1
+    device: xvdb
+    create: {size: 256M}
+`, imgDir)
+	if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, bin, cfg)
+	rows := d.waitConnected("dom0disk", "guestdisk")
+	files := map[string]string{"dom0disk": imgDir + "/dom0.raw", "guestdisk": imgDir + "/guest.raw"}
+
+	for _, name := range []string{"dom0disk", "guestdisk"} {
+		t.Run(name, func(t *testing.T) {
+			uri := rows[name].Export
+			file := files[name]
+			if !strings.HasPrefix(uri, "nbd+unix:///?socket=") {
+				t.Fatalf("export %q is not an nbd+unix URI", uri)
+			}
+			// A pattern written through NBD lands in the image file.
+			out := runTool(t, qemuIO, "-f", "raw", uri, "-c", "write -P 0xa5 1M 4M")
+			if !strings.Contains(out, "wrote 4194304/4194304 bytes") {
+				t.Fatalf("qemu-io write: %s", out)
+			}
+			b, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if int64(len(b)) != e2eSize {
+				t.Fatalf("image file is %d bytes, want %d", len(b), e2eSize)
+			}
+			for i, c := range b[1<<20 : 5<<20] {
+				if c != 0xa5 {
+					t.Fatalf("image byte %d = %#x, want 0xa5", (1<<20)+i, c)
+				}
+			}
+			if b[(1<<20)-1] != 0 || b[5<<20] != 0 {
+				t.Fatalf("write spilled outside 1M..5M")
+			}
+			out = runTool(t, qemuIO, "-f", "raw", uri, "-c", "read -P 0xa5 1M 4M")
+			if strings.Contains(out, "verification failed") || !strings.Contains(out, "read 4194304/4194304 bytes") {
+				t.Fatalf("qemu-io read: %s", out)
+			}
+			// A pattern that is not there must fail verification: the check can fail.
+			bad, _ := exec.Command(qemuIO, "-f", "raw", uri, "-c", "read -P 0x5a 1M 4K").CombinedOutput()
+			if !strings.Contains(string(bad), "verification failed") {
+				t.Fatalf("qemu-io accepted a wrong pattern: %s", bad)
+			}
+
+			// nbdinfo reports the declared size.
+			var info struct {
+				Exports []struct {
+					Size int64 `json:"export-size"`
+				} `json:"exports"`
+			}
+			out = runTool(t, nbdinfo, "--json", uri)
+			if err := json.Unmarshal([]byte(out), &info); err != nil || len(info.Exports) != 1 {
+				t.Fatalf("nbdinfo --json: %v\n%s", err, out)
+			}
+			if info.Exports[0].Size != e2eSize {
+				t.Fatalf("nbdinfo size %d, want %d", info.Exports[0].Size, e2eSize)
+			}
+			runTool(t, qemuImg, "compare", "-f", "raw", "-F", "raw", uri, file)
+
+			// fio through the export: random 4k read/write with verification.
+			out = runTool(t, fio, "--name=e2e", "--ioengine=nbd", "--uri="+uri,
+				"--rw=randrw", "--rwmixread=50", "--bs=4k", "--iodepth=32", "--size=64M",
+				"--time_based", "--runtime=20", "--verify=crc32c", "--verify_backlog=1024",
+				"--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
+			var res struct {
+				Jobs []struct {
+					Error int `json:"error"`
+					Read  struct {
+						IOPS float64 `json:"iops"`
+					} `json:"read"`
+					Write struct {
+						IOPS float64 `json:"iops"`
+					} `json:"write"`
+				} `json:"jobs"`
+			}
+			js := out[strings.Index(out, "{"):]
+			if err := json.Unmarshal([]byte(js), &res); err != nil || len(res.Jobs) != 1 {
+				t.Fatalf("fio output: %v\n%s", err, out)
+			}
+			if res.Jobs[0].Error != 0 {
+				t.Fatalf("fio error %d:\n%s", res.Jobs[0].Error, out)
+			}
+			if res.Jobs[0].Write.IOPS == 0 || res.Jobs[0].Read.IOPS == 0 {
+				t.Fatalf("fio did no I/O:\n%s", out)
+			}
+			t.Logf("fio 4k randrw QD32 verify=crc32c via %s: read %.0f IOPS, write %.0f IOPS", name, res.Jobs[0].Read.IOPS, res.Jobs[0].Write.IOPS)
+		})
+	}
+
+	// Xen's own xenstore-ls on the embedded xenstored.
+	cmd := exec.Command(xsls, "-f", "/local/domain")
+	cmd.Env = append(os.Environ(), "XENSTORED_PATH="+filepath.Join(d.stateDir, "xenstored.sock"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("xenstore-ls: %v\n%s", err, out)
+	}
+	tree := string(out)
+	want := []string{
+		`/local/domain/0/backend/vbd3/0/51728/state = "4"`,
+		`/local/domain/0/backend/vbd3/1/51728/state = "4"`,
+		`/local/domain/1/device/vbd/51728/state = "4"`,
+		`/local/domain/0/backend/vbd3/0/51728/hotplug-status = "connected"`,
+	}
+	for _, w := range want {
+		if !strings.Contains(tree, w) {
+			t.Errorf("xenstore-ls lacks %s", w)
+		}
+	}
+	re := regexp.MustCompile(`/local/domain/0/backend/vbd3/0/51728/physical-device-path = "([^"]+)"`)
+	m := re.FindStringSubmatch(tree)
+	if m == nil || !strings.HasSuffix(rows["dom0disk"].Export, "socket="+m[1]) {
+		t.Errorf("dom0 physical-device-path %v does not name the export %s", m, rows["dom0disk"].Export)
+	}
+	if t.Failed() {
+		t.Logf("xenstore-ls:\n%s", tree)
+	}
+
+	// SIGTERM: every disk flushed and closed, workers gone, daemon exits 0.
+	pids := []int{rows["dom0disk"].WorkerPid, rows["guestdisk"].WorkerPid}
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-d.done:
+		if err != nil {
+			t.Fatalf("daemon exit: %v", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("daemon did not exit on SIGTERM")
+	}
+	for _, pid := range pids {
+		if pid <= 0 {
+			t.Fatalf("no worker pid in ls")
+		}
+		if err := syscall.Kill(pid, 0); err == nil {
+			t.Errorf("worker %d still running after the daemon exited", pid)
+		}
+	}
+	_ = strconv.Itoa
+}

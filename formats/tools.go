@@ -1,0 +1,192 @@
+package formats
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+
+	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/raw"
+)
+
+// CheckResult is what `image check` reports, in every format's terms.
+type CheckResult struct {
+	Format      string   `json:"format"`
+	Problems    []string `json:"problems"`
+	Corruptions int      `json:"corruptions"`
+	Leaks       int      `json:"leaks"`
+	Repaired    int      `json:"repaired,omitempty"`
+}
+
+// Check checks the image at path for metadata problems; repair fixes what
+// can be fixed without losing data (leaks).
+func Check(format, path string, repair bool) (*CheckResult, error) {
+	name, err := Normalize(format)
+	if err != nil {
+		return nil, err
+	}
+	res := &CheckResult{Format: name, Problems: []string{}}
+	switch name {
+	case "raw":
+		// Raw has no metadata: opening it is the whole check.
+		img, err := raw.Open(path, raw.Options{ReadOnly: true})
+		if err != nil {
+			return nil, err
+		}
+		return res, img.Close()
+	}
+	return nil, fmt.Errorf("check %s: %w: checking format %q is not built in yet", path, ErrUnsupported, name)
+}
+
+// Describe returns format-specific information about an open image for
+// `image info`, or nil when the format has none.
+func Describe(img Image) any {
+	switch img.(type) {
+	case *raw.Image:
+		return nil
+	}
+	return nil
+}
+
+// convertBlock is the unit of a conversion: read, test for zeros, write.
+const convertBlock = 1 << 20
+
+// Convert copies in into a new image of outFormat at outPath, created with
+// co (whose Size is taken from in when zero). Runs that read as zeros stay
+// unallocated in the output. Reads run in parallel; progress, if not nil,
+// is called with bytes done and total. On error the partial output is
+// removed.
+func Convert(ctx context.Context, in Image, outFormat, outPath string, co CreateOptions, progress func(done, total int64)) (err error) {
+	if co.Size == 0 {
+		co.Size = in.Size()
+	}
+	if err := Create(outFormat, outPath, co); err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			os.Remove(outPath)
+		}
+	}()
+	out, err := Open(outFormat, outPath, Options{})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+	}()
+	total := in.Size()
+	exts, err := mapAll(in)
+	if err != nil {
+		return err
+	}
+	type job struct{ off, n int64 }
+	jobs := make(chan job)
+	var (
+		mu    sync.Mutex
+		done  int64
+		first error
+	)
+	fail := func(e error) {
+		mu.Lock()
+		if first == nil {
+			first = e
+		}
+		mu.Unlock()
+	}
+	var wg sync.WaitGroup
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := make([]byte, convertBlock)
+			for j := range jobs {
+				b := buf[:j.n]
+				if _, err := in.ReadAt(b, j.off); err != nil {
+					fail(fmt.Errorf("read at %d: %w", j.off, err))
+					continue
+				}
+				if !allZero(b) {
+					if _, err := out.WriteAt(b, j.off); err != nil {
+						fail(fmt.Errorf("write at %d: %w", j.off, err))
+						continue
+					}
+				}
+				mu.Lock()
+				done += j.n
+				d := done
+				mu.Unlock()
+				if progress != nil {
+					progress(d, total)
+				}
+			}
+		}()
+	}
+	skipped := int64(0)
+feed:
+	for _, e := range exts {
+		if e.Kind != image.Data {
+			skipped += e.Length
+			continue
+		}
+		for off := e.Offset; off < e.Offset+e.Length; off += convertBlock {
+			n := min(convertBlock, e.Offset+e.Length-off)
+			mu.Lock()
+			stop := first != nil
+			mu.Unlock()
+			if stop || ctx.Err() != nil {
+				break feed
+			}
+			jobs <- job{off, n}
+		}
+	}
+	close(jobs)
+	wg.Wait()
+	if first != nil {
+		return first
+	}
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	if progress != nil {
+		progress(total, total)
+	}
+	return out.Flush()
+}
+
+// mapAll returns the extents of the whole image, in chunks so a large
+// image's map is never asked for at once.
+func mapAll(img Image) ([]Extent, error) {
+	var all []Extent
+	const chunk = 1 << 30
+	for off := int64(0); off < img.Size(); off += chunk {
+		exts, err := img.Map(off, min(chunk, img.Size()-off))
+		if err != nil {
+			if errors.Is(err, ErrUnsupported) {
+				return []Extent{{Offset: 0, Length: img.Size(), Kind: Data}}, nil
+			}
+			return nil, err
+		}
+		all = append(all, exts...)
+	}
+	return all, nil
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,464 @@
+// Package reconciler is the daemon: it converges the real tap devices to
+// what xenstore (a toolstack, `blktap attach`) and the YAML file declare.
+//
+// The loop is level-triggered (STYLE.md 2): watch events and file changes
+// only name a device key; a reconcile of that key observes xenstore and the
+// running worker afresh, asks the pure Plan for the next steps, applies
+// them, and repeats until the plan is empty. Keys are queued, never events,
+// so spurious and merged watch events cost one extra observation and
+// nothing else. Each key is reconciled by one goroutine at a time, errors
+// are retried with per-device exponential backoff, and terminal errors (bad
+// params, a corrupt or missing image) stop retries until the device's
+// params change.
+//
+// The daemon runs both halves of every XenbusState handshake it owns: the
+// backend's for every device, and the frontend's where the daemon plays
+// the guest (domain-0 disks, whose frontend is the NBD export, and guests
+// on a machine without Xen, played by the local frontend).
+package reconciler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/blktap-go/blktap/config"
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/xenstore"
+)
+
+// Options configure the daemon.
+type Options struct {
+	StateDir     string // sockets, the embedded xenstored, default export sockets
+	ConfigPath   string // the YAML desired state; "" for none
+	XenstorePath string // a xenstored socket; "" finds a real one or embeds one
+	Exe          string // the binary that runs workers (`Exe __worker`)
+	ServeVBD     bool   // also serve backend/vbd (where no kernel blkback is)
+	Logger       *slog.Logger
+	WorkerStderr io.Writer // where workers log; default os.Stderr
+}
+
+// XenstorePathFile, in the state directory, names the xenstored socket the
+// daemon uses, so the CLI finds the same one.
+const XenstorePathFile = "xenstore.path"
+
+// EmbeddedSocket is the embedded xenstored's socket in the state directory.
+const EmbeddedSocket = "xenstored.sock"
+
+// Daemon is one running `blktap run`.
+type Daemon struct {
+	opts     Options
+	log      *slog.Logger
+	xs       *xenstore.Client
+	xsPath   string
+	embedded *xenstore.Server
+	// localFrontend: no Xen here, so the daemon plays every guest's blkfront.
+	localFrontend bool
+	root          string // /local/domain/0/backend
+	q             *queue
+
+	mu      sync.Mutex
+	devices map[Key]*device
+	desired map[Key]config.Disk // from YAML
+	ports   uint32              // last local event-channel port handed out
+}
+
+// Run runs the daemon until ctx is done or SIGTERM/SIGINT arrives, then
+// flushes and closes every disk.
+func Run(ctx context.Context, opts Options) error {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.WorkerStderr == nil {
+		opts.WorkerStderr = os.Stderr
+	}
+	if opts.Exe == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		opts.Exe = exe
+	}
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	d := &Daemon{
+		opts:    opts,
+		log:     opts.Logger,
+		root:    "/local/domain/0/backend",
+		q:       newQueue(),
+		devices: map[Key]*device{},
+		desired: map[Key]config.Disk{},
+	}
+	// Read the YAML before touching anything: a wrong file is a clear
+	// error at start, not a half-started daemon.
+	var cfg *config.File
+	if opts.ConfigPath != "" {
+		var err error
+		if cfg, err = config.Load(opts.ConfigPath); err != nil {
+			return err
+		}
+	}
+	if err := d.connectXenstore(ctx); err != nil {
+		return err
+	}
+	defer d.closeXenstore()
+
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
+	kinds := []string{KindVBD3, KindTap}
+	if opts.ServeVBD || d.embedded != nil {
+		kinds = append(kinds, KindVBD)
+	}
+	events := make(chan Key, 256)
+	for _, kind := range kinds {
+		w, err := d.xs.Watch(ctx, d.root+"/"+kind, "backend-"+kind)
+		if err != nil {
+			return fmt.Errorf("watch %s: %w", d.root+"/"+kind, err)
+		}
+		go d.forward(ctx, w, func(xenstore.Event) (Key, bool) { return Key{}, false }, events, kind)
+	}
+
+	if cfg != nil {
+		d.applyConfig(ctx, cfg)
+	}
+
+	var wg sync.WaitGroup
+	const reconcilers = 4
+	for range reconcilers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				k, ok := d.q.Get()
+				if !ok {
+					return
+				}
+				d.reconcile(ctx, k)
+				d.q.Done(k)
+			}
+		}()
+	}
+
+	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
+		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)
+	resync := time.NewTicker(5 * time.Second)
+	defer resync.Stop()
+	d.rescan(ctx)
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case k := <-events:
+			d.q.Add(k)
+		case <-resync.C:
+			d.rescan(ctx)
+		case <-hup:
+			if opts.ConfigPath == "" {
+				continue
+			}
+			c, err := config.Load(opts.ConfigPath)
+			if err != nil {
+				d.log.Error("reload: keeping the previous desired state", "err", err)
+				continue
+			}
+			d.applyConfig(ctx, c)
+		}
+	}
+	d.log.Info("shutting down: flushing and closing every disk")
+	d.q.Close()
+	wg.Wait()
+	d.shutdownAll()
+	return nil
+}
+
+// forward turns one watch's events into device keys.
+func (d *Daemon) forward(ctx context.Context, w *xenstore.Watch, _ func(xenstore.Event) (Key, bool), out chan<- Key, what string) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev, ok := <-w.Events():
+			if !ok {
+				return
+			}
+			if ev.Overflow {
+				d.rescan(ctx)
+				continue
+			}
+			if k, ok := parseBackendPath(d.root, ev.Path); ok {
+				select {
+				case out <- k:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}
+	}
+}
+
+// rescan enqueues every device xenstore declares and every device the
+// daemon runs: the level-triggered safety net under watches.
+func (d *Daemon) rescan(ctx context.Context) {
+	kinds := []string{KindVBD3, KindTap}
+	if d.opts.ServeVBD || d.embedded != nil {
+		kinds = append(kinds, KindVBD)
+	}
+	for _, kind := range kinds {
+		doms, err := d.xs.Directory(ctx, d.root+"/"+kind)
+		if err != nil {
+			continue
+		}
+		for _, dom := range doms {
+			devs, err := d.xs.Directory(ctx, d.root+"/"+kind+"/"+dom)
+			if err != nil {
+				continue
+			}
+			for _, dev := range devs {
+				if k, ok := parseBackendPath(d.root, d.root+"/"+kind+"/"+dom+"/"+dev); ok {
+					d.q.Add(k)
+				}
+			}
+		}
+	}
+	d.mu.Lock()
+	for k := range d.devices {
+		d.q.Add(k)
+	}
+	d.mu.Unlock()
+}
+
+func (d *Daemon) connectXenstore(ctx context.Context) error {
+	path := d.opts.XenstorePath
+	if path == "" {
+		if p := xenstore.DefaultPath(); p != "" {
+			if st, err := os.Stat(p); err == nil && st.Mode()&os.ModeSocket != 0 {
+				dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+				c, err := xenstore.Dial(dctx, p)
+				cancel()
+				if err == nil {
+					d.xs, d.xsPath = c, p
+				} else {
+					d.log.Warn("xenstored socket present but not answering; embedding one", "path", p, "err", err)
+				}
+			}
+		}
+	} else {
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		c, err := xenstore.Dial(dctx, path)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("xenstore %s: %w", path, err)
+		}
+		d.xs, d.xsPath = c, path
+	}
+	if d.xs == nil {
+		sock := filepath.Join(d.opts.StateDir, EmbeddedSocket)
+		srv := xenstore.NewServer(d.log.With("component", "xenstored"))
+		ln, err := listenUnix(sock, 0o600)
+		if err != nil {
+			return fmt.Errorf("embedded xenstored: %w", err)
+		}
+		go func() {
+			if err := srv.Serve(ln); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, xenstore.ErrServerClosed) {
+				d.log.Error("embedded xenstored stopped", "err", err)
+			}
+		}()
+		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		c, err := xenstore.Dial(dctx, sock)
+		cancel()
+		if err != nil {
+			srv.Close()
+			return fmt.Errorf("embedded xenstored: %w", err)
+		}
+		d.xs, d.xsPath, d.embedded = c, sock, srv
+		// What a booted Xen host has, so tools that look for dom0 find it.
+		for _, kv := range [][2]string{
+			{"/local/domain/0/name", "Domain-0"},
+			{"/local/domain/0/domid", "0"},
+			{"/local/domain/0/backend", ""},
+			{"/tool", ""},
+		} {
+			if err := d.xs.Write(ctx, kv[0], kv[1]); err != nil {
+				return fmt.Errorf("embedded xenstored: %w", err)
+			}
+		}
+	}
+	_, gntdev := os.Stat("/dev/xen/gntdev")
+	d.localFrontend = d.embedded != nil || gntdev != nil
+	if err := os.WriteFile(filepath.Join(d.opts.StateDir, XenstorePathFile), []byte(d.xsPath+"\n"), 0o600); err != nil {
+		return err
+	}
+	return nil
+}
+
+func (d *Daemon) closeXenstore() {
+	d.xs.Close()
+	if d.embedded != nil {
+		d.embedded.Close()
+		os.Remove(filepath.Join(d.opts.StateDir, XenstorePathFile))
+	}
+}
+
+// listenUnix listens on a unix socket at path, replacing a stale socket
+// (never another kind of file), with the given mode.
+func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
+	if st, err := os.Lstat(path); err == nil {
+		if st.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket", path)
+		}
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s is in use by another process", path)
+		}
+		os.Remove(path)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// applyConfig makes xenstore declare every YAML disk: it creates missing
+// images, writes the devices the file adds and detaches those it dropped.
+// Problems are logged per disk; one bad disk never stops the others.
+func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
+	want := map[Key]config.Disk{}
+	for _, disk := range cfg.Disks {
+		k := Key{Kind: KindVBD3, Domid: disk.Domain, Devid: disk.DevID}
+		want[k] = disk
+	}
+	d.mu.Lock()
+	old := d.desired
+	d.desired = want
+	d.mu.Unlock()
+
+	keys := make([]Key, 0, len(want))
+	for k := range want {
+		keys = append(keys, k)
+	}
+	sort.Slice(keys, func(i, j int) bool { return keys[i].String() < keys[j].String() })
+	for _, k := range keys {
+		disk := want[k]
+		log := d.log.With("disk", disk.Name)
+		if err := ensureImage(disk); err != nil {
+			log.Error("image", "err", err)
+			// The device is still declared: its status then says why it
+			// cannot start, where `blktap ls` shows it.
+		}
+		spec := DeviceSpec{
+			Key: k, Name: disk.Name, Format: disk.Format, Path: disk.Image,
+			Mode: disk.Mode, Vdev: config.VdevName(disk.DevID), Source: "yaml",
+		}
+		if err := WriteDevice(ctx, d.xs, spec); err != nil && !errors.Is(err, ErrExists) {
+			log.Error("declare device in xenstore", "err", err)
+			continue
+		}
+		d.q.Add(k)
+	}
+	for k, disk := range old {
+		if _, still := want[k]; still {
+			continue
+		}
+		d.log.Info("disk removed from the desired state: detaching", "disk", disk.Name)
+		go func(k Key) {
+			dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+			defer cancel()
+			if err := Detach(dctx, d.xs, k); err != nil {
+				d.log.Error("detach", "device", k.String(), "err", err)
+			}
+		}(k)
+	}
+}
+
+// ensureImage creates a disk's image when it is missing and the YAML asks
+// for it. An existing file is never touched.
+func ensureImage(disk config.Disk) error {
+	if _, err := os.Stat(disk.Image); err == nil {
+		return nil
+	} else if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if disk.Create == nil {
+		return fmt.Errorf("image %s does not exist (add create: {size: ...} to create it)", disk.Image)
+	}
+	if err := os.MkdirAll(filepath.Dir(disk.Image), 0o755); err != nil {
+		return err
+	}
+	err := formats.Create(disk.Format, disk.Image, formats.CreateOptions{
+		Size:          disk.Create.Size,
+		Backing:       disk.Create.Backing,
+		BackingFormat: disk.Create.BackingFormat,
+	})
+	if errors.Is(err, os.ErrExist) {
+		return nil // created meanwhile by someone else: theirs stands
+	}
+	return err
+}
+
+func (d *Daemon) shutdownAll() {
+	d.mu.Lock()
+	devs := make([]*device, 0, len(d.devices))
+	for _, dev := range d.devices {
+		devs = append(devs, dev)
+	}
+	d.mu.Unlock()
+	var wg sync.WaitGroup
+	for _, dev := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			dev.release(ctx, d.log)
+		}()
+	}
+	wg.Wait()
+}
+
+func (d *Daemon) allocPort() uint32 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.ports++
+	return d.ports
+}
+
+func (d *Daemon) desiredFor(k Key) (config.Disk, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	disk, ok := d.desired[k]
+	return disk, ok
+}
+
+func atoiDefault(s string, def int) int {
+	n, err := strconv.Atoi(strings.TrimSpace(s))
+	if err != nil {
+		return def
+	}
+	return n
+}

@@ -1,0 +1,865 @@
+package reconciler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/tapengine/blkif"
+	"github.com/blktap-go/blktap/tapengine/frontend"
+	"github.com/blktap-go/blktap/tapengine/nbd"
+	"github.com/blktap-go/blktap/tapengine/worker"
+	"github.com/blktap-go/blktap/xenstore"
+)
+
+// device is what the daemon runs for one key. Only the goroutine that
+// reconciles the key touches it (the queue guarantees one at a time), and
+// shutdown, which runs after every reconciler stopped.
+type device struct {
+	key  Key
+	name string
+
+	feWatch *xenstore.Watch
+	fePath  string
+
+	proc       *worker.Process
+	procParams string // the params the worker opened
+	readOnly   bool
+	size       int64
+	stopping   bool // we asked the worker to exit
+
+	export       net.Listener // domain-0: kept by the daemon, a dup handed to each worker
+	exportURI    string
+	exportServed bool
+	ring         bool
+	ringErr      string
+
+	lf        *frontend.Frontend
+	lfPort    uint32
+	guest     *nbd.Server
+	guestStop context.CancelFunc
+	guestDone chan struct{}
+	guestURI  string
+
+	failed       string // terminal error
+	failedParams string
+	lastErr      string
+	notBefore    time.Time // restart backoff
+	bo           *backoff.ExponentialBackOff
+	restarts     int
+
+	status map[string]string // last status written, to write only changes
+}
+
+// snapshot is one observation of a device in xenstore.
+type snapshot struct {
+	Observed
+	name          string
+	fePath        string
+	feID          string
+	ringRefs      []uint32
+	ringOrder     int
+	eventChannel  uint32
+	protocol      string
+	beSectors     uint64
+	beSectorSize  uint32
+	beInfo        int
+	ringRefsError string
+}
+
+func (d *Daemon) reconcile(ctx context.Context, k Key) {
+	log := d.log.With("device", k.String())
+	defer func() {
+		// A bug in one device's reconcile must not take the daemon down.
+		if r := recover(); r != nil {
+			log.Error("reconcile panicked", "panic", r)
+			d.q.AddAfter(k, 5*time.Second)
+		}
+	}()
+	d.mu.Lock()
+	dev := d.devices[k]
+	if dev == nil {
+		bo := backoff.NewExponentialBackOff()
+		bo.InitialInterval = 500 * time.Millisecond
+		bo.MaxInterval = 30 * time.Second
+		bo.MaxElapsedTime = 0
+		dev = &device{key: k, bo: bo, status: map[string]string{}}
+		d.devices[k] = dev
+	}
+	d.mu.Unlock()
+
+	for round := 0; round < 16; round++ {
+		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		snap, err := d.observe(sctx, dev)
+		cancel()
+		if err != nil {
+			log.Warn("observe", "err", err)
+			d.q.AddAfter(k, dev.bo.NextBackOff())
+			return
+		}
+		if snap.name != "" {
+			dev.name = snap.name
+		}
+		if dev.name == "" {
+			dev.name = fmt.Sprintf("d%d-%d", k.Domid, k.Devid)
+		}
+		d.noticeExit(dev, log)
+		if dev.failed != "" && dev.failedParams != snap.Params {
+			dev.failed, dev.failedParams = "", "" // params changed: try again
+		}
+		acts := Plan(snap.Observed, dev.actual())
+		if len(acts) == 0 {
+			d.writeStatus(ctx, dev, snap)
+			if !snap.Present {
+				d.forget(dev)
+			}
+			dev.bo.Reset()
+			return
+		}
+		for _, a := range acts {
+			log.Info("apply", "action", a.Kind.String(), "reason", a.Reason)
+			actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			err := d.apply(actx, dev, snap, a, log)
+			cancel()
+			if err == nil {
+				continue
+			}
+			var retry *retryAt
+			switch {
+			case errors.As(err, &retry):
+				d.writeStatus(ctx, dev, snap)
+				d.q.AddAfter(k, time.Until(retry.t))
+			case isTerminal(err):
+				log.Error("terminal: not retrying until the device's params change", "action", a.Kind.String(), "err", err)
+				dev.failed, dev.failedParams = err.Error(), snap.Params
+				d.writeStatus(ctx, dev, snap)
+			default:
+				dev.lastErr = err.Error()
+				wait := dev.bo.NextBackOff()
+				log.Warn("retrying", "action", a.Kind.String(), "err", err, "in", wait)
+				d.writeStatus(ctx, dev, snap)
+				d.q.AddAfter(k, wait)
+			}
+			return
+		}
+		dev.lastErr = ""
+	}
+	d.q.AddAfter(k, time.Second)
+}
+
+type retryAt struct{ t time.Time }
+
+func (r *retryAt) Error() string { return "retry at " + r.t.Format(time.RFC3339) }
+
+type terminalError struct{ err error }
+
+func (e *terminalError) Error() string { return e.err.Error() }
+func (e *terminalError) Unwrap() error { return e.err }
+
+func terminal(err error) error { return &terminalError{err} }
+
+func isTerminal(err error) bool {
+	var t *terminalError
+	if errors.As(err, &t) {
+		return true
+	}
+	var we *worker.Error
+	return errors.As(err, &we) && we.Terminal()
+}
+
+func (dev *device) actual() Actual {
+	return Actual{
+		Worker:      dev.proc != nil,
+		Export:      dev.exportServed,
+		Ring:        dev.ring,
+		RingError:   dev.ringErr,
+		LF:          dev.lf != nil,
+		LFConnected: dev.guest != nil,
+		Failed:      dev.failed,
+	}
+}
+
+// noticeExit folds a worker that exited on its own into the device's
+// state: nothing it served is served any more, and the restart waits for
+// the backoff.
+func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
+	if dev.proc == nil {
+		return
+	}
+	select {
+	case <-dev.proc.Done():
+	default:
+		if dev.ring {
+			// A ring that stopped on its own (a hostile frontend) is
+			// reported by the worker; ask.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			rep, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpStats})
+			cancel()
+			if err == nil && rep.RingError != "" && dev.ringErr == "" {
+				dev.ringErr = rep.RingError
+				dev.ring = false
+				log.Error("ring stopped", "err", rep.RingError)
+			}
+		}
+		return
+	}
+	if !dev.stopping {
+		dev.restarts++
+		wait := dev.bo.NextBackOff()
+		dev.notBefore = time.Now().Add(wait)
+		dev.lastErr = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
+		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
+	}
+	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
+}
+
+func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
+	var s snapshot
+	k := dev.key
+	be := k.BackendPath(0)
+	read := func(p string) (string, error) {
+		v, err := d.xs.Read(ctx, p)
+		if errors.Is(err, xenstore.ErrNotFound) {
+			return "", nil
+		}
+		return v, err
+	}
+	if _, err := d.xs.Read(ctx, be); err != nil {
+		if errors.Is(err, xenstore.ErrNotFound) {
+			return s, nil
+		}
+		return s, err
+	}
+	s.Present = true
+	var err error
+	get := func(key string) string {
+		if err != nil {
+			return ""
+		}
+		var v string
+		v, err = read(be + "/" + key)
+		return v
+	}
+	s.Params = get("params")
+	s.Mode = get("mode")
+	s.Online = get("online") != "0"
+	s.Backend = ParseState(get("state"))
+	s.HotplugConnected = get("hotplug-status") == "connected"
+	s.fePath = get("frontend")
+	s.feID = get("frontend-id")
+	s.name = get(keyName)
+	s.beSectors, _ = strconv.ParseUint(get("sectors"), 10, 64)
+	ss, _ := strconv.ParseUint(get("sector-size"), 10, 32)
+	s.beSectorSize = uint32(ss)
+	s.beInfo = atoiDefault(get("info"), 0)
+	if err != nil {
+		return s, err
+	}
+	s.Domain0 = k.Domid == 0
+	s.LocalFrontend = d.localFrontend && !s.Domain0
+	if s.fePath == "" {
+		return s, nil
+	}
+	// The frontend path comes from the toolstack; the daemon only follows
+	// it where a frontend of this device may live.
+	if s.fePath != k.FrontendPath() {
+		return s, fmt.Errorf("backend %s names frontend %q, want %s", be, s.fePath, k.FrontendPath())
+	}
+	d.watchFrontend(ctx, dev, s.fePath)
+	feState, ferr := d.xs.Read(ctx, s.fePath+"/state")
+	switch {
+	case errors.Is(ferr, xenstore.ErrNotFound):
+		return s, nil
+	case ferr != nil:
+		return s, ferr
+	}
+	s.FrontendPresent = true
+	s.Frontend = ParseState(feState)
+	fget := func(key string) string {
+		if err != nil {
+			return ""
+		}
+		var v string
+		v, err = read(s.fePath + "/" + key)
+		return v
+	}
+	s.protocol = fget("protocol")
+	order := fget("ring-page-order")
+	ref := fget("ring-ref")
+	ev := fget("event-channel")
+	if err != nil {
+		return s, err
+	}
+	s.ringOrder = atoiDefault(order, 0)
+	if s.ringOrder < 0 || s.ringOrder > 4 {
+		s.ringRefsError = fmt.Sprintf("ring-page-order %q out of range", order)
+		return s, nil
+	}
+	if s.ringOrder == 0 && ref != "" {
+		r, perr := strconv.ParseUint(ref, 10, 32)
+		if perr != nil {
+			s.ringRefsError = fmt.Sprintf("ring-ref %q is not a number", ref)
+			return s, nil
+		}
+		s.ringRefs = []uint32{uint32(r)}
+	} else if s.ringOrder > 0 {
+		for i := 0; i < 1<<s.ringOrder; i++ {
+			v := fget(fmt.Sprintf("ring-ref%d", i))
+			r, perr := strconv.ParseUint(v, 10, 32)
+			if perr != nil {
+				s.ringRefs = nil
+				break
+			}
+			s.ringRefs = append(s.ringRefs, uint32(r))
+		}
+	}
+	if p, perr := strconv.ParseUint(ev, 10, 32); perr == nil {
+		s.eventChannel = uint32(p)
+		s.RingPublished = len(s.ringRefs) > 0
+	}
+	return s, err
+}
+
+func (d *Daemon) watchFrontend(ctx context.Context, dev *device, path string) {
+	if dev.feWatch != nil && dev.fePath == path {
+		return
+	}
+	if dev.feWatch != nil {
+		dev.feWatch.Close()
+		dev.feWatch = nil
+	}
+	w, err := d.xs.Watch(ctx, path, "frontend-"+dev.key.String())
+	if err != nil {
+		d.log.Warn("watch frontend", "path", path, "err", err)
+		return
+	}
+	dev.feWatch, dev.fePath = w, path
+	k := dev.key
+	go func() {
+		for range w.Events() {
+			d.q.Add(k)
+		}
+	}()
+}
+
+// forget drops a device whose backend directory is gone and whose
+// resources are all released.
+func (d *Daemon) forget(dev *device) {
+	if dev.proc != nil || dev.lf != nil || dev.guest != nil {
+		return
+	}
+	if dev.feWatch != nil {
+		dev.feWatch.Close()
+	}
+	if dev.export != nil {
+		dev.export.Close()
+	}
+	d.mu.Lock()
+	delete(d.devices, dev.key)
+	d.mu.Unlock()
+}
+
+func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, log *slog.Logger) error {
+	be := dev.key.BackendPath(0)
+	switch a.Kind {
+	case ActStartWorker:
+		return d.startWorker(ctx, dev, s, log)
+
+	case ActServeExport:
+		if dev.export == nil {
+			ln, uri, err := d.listenExport(dev)
+			if err != nil {
+				return terminal(fmt.Errorf("export: %w", err))
+			}
+			dev.export, dev.exportURI = ln, uri
+		}
+		f, err := listenerFile(dev.export)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpServeNBD, Name: dev.name}, int(f.Fd())); err != nil {
+			return err
+		}
+		dev.exportServed = true
+		log.Info("export ready", "uri", dev.exportURI)
+		return nil
+
+	case ActBackendInitWait:
+		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+			if err := requireDir(ctx, tx, be); err != nil {
+				return err
+			}
+			// What the worker serves on the ring today.
+			for _, kv := range [][2]string{
+				{"feature-flush-cache", "1"},
+				{"feature-barrier", "1"},
+				{"state", strconv.Itoa(int(StateInitWait))},
+			} {
+				if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+
+	case ActDom0Connect:
+		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+			if err := requireDir(ctx, tx, be); err != nil {
+				return err
+			}
+			// The block-tap hotplug script's keys: tapback waits for them.
+			kv := append([][2]string{
+				{"hotplug-status", "connected"},
+				{"physical-device-path", exportAddress(dev.export)},
+			}, diskKeys(dev)...)
+			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateConnected))})
+			for _, e := range kv {
+				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
+					return err
+				}
+			}
+			if s.FrontendPresent {
+				return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
+			}
+			return nil
+		})
+
+	case ActFrontendInit:
+		f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64})
+		if err != nil {
+			return err
+		}
+		port := d.allocPort()
+		refs := f.RingRefs()
+		err = d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+			if err := requireDir(ctx, tx, s.fePath); err != nil {
+				return err
+			}
+			kv := [][2]string{
+				{"event-channel", strconv.FormatUint(uint64(port), 10)},
+				{"protocol", f.Protocol().String()},
+			}
+			if len(refs) == 1 {
+				kv = append(kv, [2]string{"ring-ref", strconv.FormatUint(uint64(refs[0]), 10)})
+			} else {
+				order := 0
+				for 1<<order < len(refs) {
+					order++
+				}
+				kv = append(kv, [2]string{"ring-page-order", strconv.Itoa(order)})
+				for i, r := range refs {
+					kv = append(kv, [2]string{fmt.Sprintf("ring-ref%d", i), strconv.FormatUint(uint64(r), 10)})
+				}
+			}
+			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateInitialised))})
+			for _, e := range kv {
+				if err := tx.Write(ctx, s.fePath+"/"+e[0], e[1]); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			f.Close()
+			return err
+		}
+		dev.lf, dev.lfPort = f, port
+		return nil
+
+	case ActConnectRing:
+		if s.ringRefsError != "" {
+			return terminal(fmt.Errorf("frontend: %s", s.ringRefsError))
+		}
+		if !dev.ring {
+			if err := d.connectRing(ctx, dev, s); err != nil {
+				return err
+			}
+		}
+		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+			if err := requireDir(ctx, tx, be); err != nil {
+				return err
+			}
+			kv := append(diskKeys(dev), [2]string{"state", strconv.Itoa(int(StateConnected))})
+			for _, e := range kv {
+				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+
+	case ActFrontendConnect:
+		if dev.lf == nil {
+			return fmt.Errorf("local frontend missing")
+		}
+		sectors, ss := s.beSectors, s.beSectorSize
+		if ss == 0 {
+			ss = blkif.SectorSize
+		}
+		if err := dev.lf.Connect(sectors, ss, s.beInfo&4 != 0); err != nil {
+			return err
+		}
+		if err := d.serveGuestView(dev, s.beInfo&4 != 0, log); err != nil {
+			return err
+		}
+		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+			if err := requireDir(ctx, tx, s.fePath); err != nil {
+				return err
+			}
+			return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
+		})
+
+	case ActBackendClosing:
+		return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosing)))
+
+	case ActFrontendClose:
+		dev.closeLocalFrontend(log)
+		if s.FrontendPresent {
+			return d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateClosed)))
+		}
+		return nil
+
+	case ActDisconnectRing:
+		if dev.ring && dev.proc != nil {
+			if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
+				return err
+			}
+		}
+		dev.ring = false
+		if s.Present {
+			return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosed)))
+		}
+		return nil
+
+	case ActStopWorker:
+		dev.stopping = true
+		err := dev.proc.Close(ctx)
+		<-dev.proc.Done()
+		dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
+		if dev.export != nil {
+			dev.export.Close()
+			dev.export = nil
+		}
+		dev.ringErr = ""
+		return err
+	}
+	return fmt.Errorf("unknown action %v", a.Kind)
+}
+
+func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	if t := dev.notBefore; time.Now().Before(t) {
+		return &retryAt{t}
+	}
+	format, path, err := ParseParams(s.Params)
+	if err != nil {
+		return terminal(err)
+	}
+	if format, err = formats.Normalize(format); err != nil {
+		return terminal(err)
+	}
+	if !filepath.IsAbs(path) {
+		return terminal(fmt.Errorf("image path %q is not absolute", path))
+	}
+	readOnly := false
+	switch s.Mode {
+	case "r", "ro":
+		readOnly = true
+	case "w", "rw", "":
+	default:
+		return terminal(fmt.Errorf("mode %q: want r or w", s.Mode))
+	}
+	p, err := worker.Start(d.opts.Exe, []string{"__worker", "--name", dev.name}, d.opts.WorkerStderr)
+	if err != nil {
+		return err
+	}
+	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: format, Path: path, ReadOnly: readOnly})
+	if err != nil {
+		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		p.Close(cctx)
+		cancel()
+		return err
+	}
+	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
+	dev.ringErr = ""
+	k := dev.key
+	go func() {
+		<-p.Done()
+		d.q.Add(k)
+	}()
+	log.Info("worker started", "pid", p.Pid(), "format", format, "path", path, "size", rep.Size)
+	return nil
+}
+
+func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
+	if !s.LocalFrontend {
+		return terminal(fmt.Errorf("%w: the Xen grant-table transport is not implemented yet", formats.ErrUnsupported))
+	}
+	if dev.lf == nil || s.eventChannel != dev.lfPort {
+		return fmt.Errorf("event channel %d is not bound to this device's local frontend", s.eventChannel)
+	}
+	want := dev.lf.RingRefs()
+	if fmt.Sprint(want) != fmt.Sprint(s.ringRefs) {
+		return terminal(fmt.Errorf("frontend ring refs %v were not granted by the local frontend (%v)", s.ringRefs, want))
+	}
+	mem, kick, notify := dev.lf.BackendFDs()
+	_, err := dev.proc.Call(ctx, worker.Request{
+		Op:        worker.OpConnect,
+		Transport: "local",
+		Protocol:  s.protocol,
+		RingRefs:  s.ringRefs,
+		RingOrder: s.ringOrder,
+	}, mem, kick, notify)
+	if err != nil {
+		return err
+	}
+	dev.ring = true
+	return nil
+}
+
+// diskKeys are what a backend publishes about the disk at connect.
+func diskKeys(dev *device) [][2]string {
+	info := 0
+	if dev.readOnly {
+		info |= 4 // VDISK_READONLY
+	}
+	return [][2]string{
+		{"sectors", strconv.FormatInt(dev.size/blkif.SectorSize, 10)},
+		{"info", strconv.Itoa(info)},
+		{"sector-size", strconv.Itoa(blkif.SectorSize)},
+		{"physical-sector-size", strconv.Itoa(blkif.SectorSize)},
+	}
+}
+
+func requireDir(ctx context.Context, tx *xenstore.Tx, p string) error {
+	if _, err := tx.Read(ctx, p); err != nil {
+		return fmt.Errorf("%s: %w", p, err)
+	}
+	return nil
+}
+
+// writeIfPresent writes dir/key only while dir exists: a write would
+// otherwise re-create a directory the toolstack just removed.
+func (d *Daemon) writeIfPresent(ctx context.Context, dir, key, value string) error {
+	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if _, err := tx.Read(ctx, dir); err != nil {
+			if errors.Is(err, xenstore.ErrNotFound) {
+				return nil
+			}
+			return err
+		}
+		return tx.Write(ctx, dir+"/"+key, value)
+	})
+}
+
+// exportSpec is where a device's NBD export listens: the YAML's export
+// settings, else STATE/NAME.sock.
+func (d *Daemon) exportSpec(dev *device) (socket, tcp string) {
+	if disk, ok := d.desiredFor(dev.key); ok {
+		if disk.Export.TCP != "" {
+			return "", disk.Export.TCP
+		}
+		if disk.Export.Socket != "" {
+			return disk.Export.Socket, ""
+		}
+	}
+	return filepath.Join(d.opts.StateDir, dev.name+".sock"), ""
+}
+
+func (d *Daemon) listenExport(dev *device) (net.Listener, string, error) {
+	sock, tcp := d.exportSpec(dev)
+	if tcp != "" {
+		ln, err := net.Listen("tcp", tcp)
+		if err != nil {
+			return nil, "", err
+		}
+		return ln, "nbd://" + ln.Addr().String() + "/", nil
+	}
+	ln, err := listenUnix(sock, 0o600)
+	if err != nil {
+		return nil, "", err
+	}
+	return ln, "nbd+unix:///?socket=" + sock, nil
+}
+
+func exportAddress(ln net.Listener) string {
+	if ln == nil {
+		return ""
+	}
+	return ln.Addr().String()
+}
+
+func listenerFile(ln net.Listener) (*os.File, error) {
+	switch l := ln.(type) {
+	case *net.UnixListener:
+		return l.File()
+	case *net.TCPListener:
+		return l.File()
+	}
+	return nil, fmt.Errorf("listener %T cannot be handed over", ln)
+}
+
+func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) error {
+	ln, uri, err := d.listenExport(dev)
+	if err != nil {
+		return terminal(fmt.Errorf("guest view export: %w", err))
+	}
+	srv := &nbd.Server{
+		Export: nbd.Export{
+			Name:        dev.name,
+			Description: "blktap guest view " + dev.name,
+			Backend:     dev.lf,
+			ReadOnly:    readOnly,
+		},
+		Logger: log,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ctx, ln); err != nil && ctx.Err() == nil {
+			log.Error("guest view export stopped", "err", err)
+		}
+	}()
+	dev.guest, dev.guestStop, dev.guestDone, dev.guestURI = srv, cancel, done, uri
+	log.Info("guest view ready", "uri", uri)
+	return nil
+}
+
+func (dev *device) closeLocalFrontend(log *slog.Logger) {
+	if dev.guest != nil {
+		dev.guestStop()
+		dev.guest.Close()
+		<-dev.guestDone
+		dev.guest, dev.guestURI = nil, ""
+	}
+	if dev.lf != nil {
+		if err := dev.lf.Close(); err != nil {
+			log.Warn("local frontend close", "err", err)
+		}
+		dev.lf = nil
+	}
+}
+
+// release stops everything the device runs: guest view, ring, worker
+// (which drains and flushes). Used at daemon shutdown.
+func (dev *device) release(ctx context.Context, log *slog.Logger) {
+	log = log.With("device", dev.key.String())
+	dev.closeLocalFrontend(log)
+	if dev.proc != nil {
+		dev.stopping = true
+		if err := dev.proc.Close(ctx); err != nil {
+			log.Error("worker close", "err", err)
+		} else {
+			log.Info("disk flushed and closed", "name", dev.name)
+		}
+		dev.proc = nil
+	}
+	if dev.export != nil {
+		dev.export.Close()
+		dev.export = nil
+	}
+}
+
+// writeStatus publishes the device's status under its backend directory,
+// writing only keys whose value changed (every write fires watches).
+func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
+	if !s.Present {
+		return
+	}
+	phase := PhaseStarting
+	errMsg := dev.lastErr
+	export := ""
+	switch {
+	case dev.failed != "":
+		phase, errMsg = PhaseFailed, dev.failed
+	case dev.ringErr != "":
+		phase, errMsg = PhaseClosing, "ring stopped: "+dev.ringErr
+	case s.Backend == StateClosed && dev.proc == nil:
+		phase = PhaseClosed
+	case s.Backend == StateClosing || s.Backend == StateClosed || !s.Online:
+		phase = PhaseClosing
+	case !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore):
+		phase = PhaseRestarting
+	case dev.lastErr != "":
+		phase = PhaseRetrying
+	case s.Backend == StateConnected && (s.Domain0 || !s.LocalFrontend || dev.guest != nil):
+		phase = PhaseConnected
+	case dev.proc != nil:
+		phase = PhaseWaiting
+	}
+	if s.Domain0 && dev.exportServed {
+		export = dev.exportURI
+	} else if dev.guest != nil {
+		export = dev.guestURI
+	}
+	pid := ""
+	if dev.proc != nil {
+		pid = strconv.Itoa(dev.proc.Pid())
+	}
+	format, path, _ := ParseParams(s.Params)
+	if f, err := formats.Normalize(format); err == nil {
+		format = f
+	}
+	want := map[string]string{
+		keyPhase:       phase,
+		keyError:       errMsg,
+		keyExport:      export,
+		keyWorkerPid:   pid,
+		keyRestarts:    strconv.Itoa(dev.restarts),
+		keyName:        dev.name,
+		keyImageFormat: format,
+		keyImagePath:   path,
+	}
+	be := dev.key.BackendPath(0)
+	changed := false
+	for k, v := range want {
+		if old, ok := dev.status[k]; !ok || old != v {
+			changed = true
+			break
+		}
+	}
+	if !changed {
+		return
+	}
+	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if _, err := tx.Read(ctx, be); err != nil {
+			return err
+		}
+		for k, v := range want {
+			if dev.status[k] == v {
+				if _, ok := dev.status[k]; ok {
+					continue
+				}
+			}
+			if err := tx.Write(ctx, be+"/"+k, v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		if !errors.Is(err, xenstore.ErrNotFound) {
+			d.log.Warn("write status", "device", dev.key.String(), "err", err)
+		}
+		return
+	}
+	for k, v := range want {
+		dev.status[k] = v
+	}
+	if phase == PhaseConnected && export != "" && dev.status["logged-uri"] != export {
+		dev.status["logged-uri"] = export
+		d.log.Info("disk connected", "disk", dev.name, "device", dev.key.String(), "uri", export)
+	}
+	_ = strings.TrimSpace
+}

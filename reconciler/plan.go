@@ -1,0 +1,160 @@
+package reconciler
+
+// Observed is what xenstore says of one device: the toolstack's and the
+// frontend's halves, read in one pass.
+type Observed struct {
+	Present          bool   // the backend directory exists
+	Params           string // FORMAT:PATH
+	Mode             string // "r" or "w"
+	Online           bool
+	Backend          State
+	FrontendPresent  bool
+	Frontend         State
+	RingPublished    bool // the frontend wrote ring-ref(s) and event-channel
+	Domain0          bool // the frontend is dom0: its "guest" is the NBD export
+	LocalFrontend    bool // no Xen: the daemon plays this guest's blkfront
+	HotplugConnected bool // hotplug-status = connected
+}
+
+// Actual is what the daemon runs for one device.
+type Actual struct {
+	Worker      bool   // a worker process runs with the image open
+	Export      bool   // the worker serves the domain-0 NBD export
+	Ring        bool   // the worker serves the guest's ring
+	RingError   string // the ring stopped on its own (hostile frontend, I/O error)
+	LF          bool   // the local frontend exists (ring allocated, keys written)
+	LFConnected bool   // ... and is connected, its guest view exported
+	Failed      string // a terminal error for these params: nothing starts until they change
+}
+
+// ActionKind is one step toward the desired state.
+type ActionKind int
+
+const (
+	ActStartWorker     ActionKind = iota + 1 // start the worker and open the image
+	ActServeExport                           // hand the domain-0 export socket to the worker
+	ActBackendInitWait                       // publish features, backend -> InitWait
+	ActDom0Connect                           // hotplug keys, disk keys, both halves -> Connected
+	ActFrontendInit                          // local frontend: ring, grants, keys -> Initialised
+	ActConnectRing                           // the worker maps the ring; disk keys; backend -> Connected
+	ActFrontendConnect                       // local frontend starts, guest view exported, -> Connected
+	ActBackendClosing                        // backend -> Closing
+	ActFrontendClose                         // the daemon's frontend half tears down -> Closed
+	ActDisconnectRing                        // the worker drains and unmaps the ring; backend -> Closed
+	ActStopWorker                            // drain, flush, close the image, stop the worker
+)
+
+var actionNames = map[ActionKind]string{
+	ActStartWorker: "start-worker", ActServeExport: "serve-export",
+	ActBackendInitWait: "backend-initwait", ActDom0Connect: "dom0-connect",
+	ActFrontendInit: "frontend-init", ActConnectRing: "connect-ring",
+	ActFrontendConnect: "frontend-connect", ActBackendClosing: "backend-closing",
+	ActFrontendClose: "frontend-close", ActDisconnectRing: "disconnect-ring",
+	ActStopWorker: "stop-worker",
+}
+
+func (k ActionKind) String() string { return actionNames[k] }
+
+// Action is one step with the reason it is needed.
+type Action struct {
+	Kind   ActionKind
+	Reason string
+}
+
+func (a Action) String() string { return a.Kind.String() + ": " + a.Reason }
+
+// Plan returns the steps that move one device from what runs (a) toward
+// what xenstore declares (o), in order. It is pure: the same input gives
+// the same plan. The caller applies the steps, observes again and plans
+// again until the plan is empty; each step's effect is visible to the next
+// observation, so Plan only ever looks one handshake step ahead.
+func Plan(o Observed, a Actual) []Action {
+	var acts []Action
+	add := func(k ActionKind, why string) { acts = append(acts, Action{k, why}) }
+
+	if !o.Present {
+		// The toolstack removed the device: release everything.
+		if a.LF || a.LFConnected {
+			add(ActFrontendClose, "backend directory removed")
+		}
+		if a.Ring {
+			add(ActDisconnectRing, "backend directory removed")
+		}
+		if a.Worker {
+			add(ActStopWorker, "backend directory removed")
+		}
+		return acts
+	}
+
+	ownsFrontend := o.Domain0 || o.LocalFrontend
+	closing := !o.Online || o.Backend == StateClosing || o.Backend == StateClosed ||
+		o.Frontend == StateClosing || o.Frontend == StateClosed || a.RingError != ""
+	// A frontend that went back to Initialising after Closed asks to
+	// reconnect (xenbus.h): the backend starts over from InitWait.
+	reconnect := o.Online && o.Backend == StateClosed && a.RingError == "" &&
+		(o.Frontend == StateInitialising || o.Frontend == StateInitWait)
+	if reconnect {
+		closing = false
+	}
+
+	if closing {
+		switch {
+		case a.RingError != "" && o.Backend != StateClosing && o.Backend != StateClosed:
+			add(ActBackendClosing, "ring stopped: "+a.RingError)
+		case (o.Frontend == StateClosing || o.Frontend == StateClosed) &&
+			o.Backend != StateClosing && o.Backend != StateClosed:
+			add(ActBackendClosing, "frontend is "+o.Frontend.String())
+		case !o.Online && o.Backend != StateClosing && o.Backend != StateClosed:
+			add(ActBackendClosing, "toolstack set online to 0")
+		}
+		if ownsFrontend && (a.LF || a.LFConnected || (o.FrontendPresent && o.Frontend != StateClosed)) &&
+			(o.Backend == StateClosing || o.Backend == StateClosed || len(acts) > 0) {
+			add(ActFrontendClose, "backend is closing; the daemon's frontend closes")
+		}
+		frontendGone := o.Frontend == StateClosed || !o.FrontendPresent || o.Frontend == StateUnknown
+		if frontendGone && (a.Ring || o.Backend == StateClosing) {
+			add(ActDisconnectRing, "frontend is "+o.Frontend.String())
+		}
+		if !o.Online && a.Worker && (o.Backend == StateClosed || (frontendGone && !a.Ring)) {
+			add(ActStopWorker, "device is offline and closed")
+		}
+		return acts
+	}
+
+	if a.Failed != "" {
+		return nil // terminal for these params; status already says why
+	}
+	if !a.Worker {
+		add(ActStartWorker, "no worker serves the disk")
+		return acts // everything else needs the image open
+	}
+	if o.Domain0 && !a.Export {
+		add(ActServeExport, "domain-0 disk without its NBD export")
+	}
+	if o.Backend == StateUnknown || o.Backend == StateInitialising || reconnect {
+		add(ActBackendInitWait, "backend is "+o.Backend.String())
+		return acts
+	}
+	if o.Domain0 {
+		if o.Backend != StateConnected || o.Frontend != StateConnected || !o.HotplugConnected {
+			add(ActDom0Connect, "export ready; domain 0 has no ring")
+		}
+		return acts
+	}
+	if o.LocalFrontend && !a.LF && o.Backend == StateInitWait &&
+		(o.Frontend == StateInitialising || o.Frontend == StateUnknown) {
+		add(ActFrontendInit, "backend is InitWait; the local frontend allocates the ring")
+		return acts
+	}
+	if (o.Frontend == StateInitialised || o.Frontend == StateConnected) &&
+		(!a.Ring || o.Backend != StateConnected) {
+		if o.RingPublished {
+			add(ActConnectRing, "frontend is "+o.Frontend.String()+" with its ring published")
+		}
+		return acts
+	}
+	if o.LocalFrontend && a.Ring && o.Backend == StateConnected && !a.LFConnected {
+		add(ActFrontendConnect, "backend is Connected")
+	}
+	return acts
+}

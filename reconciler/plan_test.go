@@ -1,0 +1,139 @@
+package reconciler
+
+import (
+	"reflect"
+	"testing"
+)
+
+func kinds(acts []Action) []ActionKind {
+	var ks []ActionKind
+	for _, a := range acts {
+		ks = append(ks, a.Kind)
+	}
+	return ks
+}
+
+// Each case is one observation; the comment names the handshake step of
+// blkif.h's state diagram (or xenbus.h) it covers.
+func TestPlan(t *testing.T) {
+	dom0 := Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", Domain0: true, FrontendPresent: true}
+	guest := Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", LocalFrontend: true, FrontendPresent: true}
+	running := Actual{Worker: true}
+	with := func(o Observed, f func(*Observed)) Observed { f(&o); return o }
+	act := func(a Actual, f func(*Actual)) Actual { f(&a); return a }
+
+	tests := []struct {
+		name string
+		o    Observed
+		a    Actual
+		want []ActionKind
+	}{
+		{"absent and idle: nothing", Observed{}, Actual{}, nil},
+		{"removed while running: release all", Observed{}, Actual{Worker: true, Ring: true, LF: true},
+			[]ActionKind{ActFrontendClose, ActDisconnectRing, ActStopWorker}},
+		{"toolstack wrote Initialising: start the worker first", with(dom0, func(o *Observed) { o.Backend = StateInitialising; o.Frontend = StateInitialising }), Actual{},
+			[]ActionKind{ActStartWorker}},
+		{"dom0: export, then InitWait", with(dom0, func(o *Observed) { o.Backend = StateInitialising; o.Frontend = StateInitialising }), running,
+			[]ActionKind{ActServeExport, ActBackendInitWait}},
+		{"dom0: InitWait -> both halves Connected", with(dom0, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialising }), act(running, func(a *Actual) { a.Export = true }),
+			[]ActionKind{ActDom0Connect}},
+		{"dom0: connected is stable", with(dom0, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.HotplugConnected = true }), act(running, func(a *Actual) { a.Export = true }),
+			nil},
+		{"guest: backend InitWait, local frontend allocates the ring", with(guest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialising }), running,
+			[]ActionKind{ActFrontendInit}},
+		{"guest: frontend Initialised with ring -> connect", with(guest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialised; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true }),
+			[]ActionKind{ActConnectRing}},
+		{"guest: frontend Initialised without ring keys waits", with(guest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialised }), act(running, func(a *Actual) { a.LF = true }),
+			nil},
+		{"guest: frontend skipped Initialised (Connected) still connects", with(guest, func(o *Observed) {
+			o.LocalFrontend = false
+			o.Backend = StateInitWait
+			o.Frontend = StateConnected
+			o.RingPublished = true
+		}), running,
+			[]ActionKind{ActConnectRing}},
+		{"guest: backend Connected, local frontend connects", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateInitialised; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.Ring = true }),
+			[]ActionKind{ActFrontendConnect}},
+		{"guest: all connected is stable", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.Ring = true; a.LFConnected = true }),
+			nil},
+		{"frontend Closing -> backend Closing", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateConnected; o.Frontend = StateClosing }), act(running, func(a *Actual) { a.Ring = true }),
+			[]ActionKind{ActBackendClosing}},
+		{"frontend Closed -> disconnect, backend Closed", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosing; o.Frontend = StateClosed }), act(running, func(a *Actual) { a.Ring = true }),
+			[]ActionKind{ActDisconnectRing}},
+		{"detach: online 0 -> Closing, local frontend closes", with(guest, func(o *Observed) { o.Online = false; o.Backend = StateConnected; o.Frontend = StateConnected }), act(running, func(a *Actual) { a.Ring = true; a.LF = true; a.LFConnected = true }),
+			[]ActionKind{ActBackendClosing, ActFrontendClose}},
+		{"detach: closed and offline -> stop the worker", with(guest, func(o *Observed) { o.Online = false; o.Backend = StateClosed; o.Frontend = StateClosed }), running,
+			[]ActionKind{ActStopWorker}},
+		{"reconnect: frontend Initialising after Closed -> InitWait", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosed; o.Frontend = StateInitialising }), running,
+			[]ActionKind{ActBackendInitWait}},
+		{"hostile ring -> Closing with the reason", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.LFConnected = true; a.RingError = "producer index ran ahead" }),
+			[]ActionKind{ActBackendClosing, ActFrontendClose}},
+		{"terminal failure: nothing until params change", with(dom0, func(o *Observed) { o.Backend = StateInitialising }), Actual{Failed: "corrupt image"},
+			nil},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := kinds(Plan(tc.o, tc.a))
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("Plan = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// Plan is pure: the same input gives the same output.
+func TestPlanDeterministic(t *testing.T) {
+	o := Observed{Present: true, Online: true, LocalFrontend: true, FrontendPresent: true, Backend: StateInitWait, Frontend: StateInitialised, RingPublished: true}
+	a := Actual{Worker: true, LF: true}
+	first := Plan(o, a)
+	for range 100 {
+		if got := Plan(o, a); !reflect.DeepEqual(got, first) {
+			t.Fatalf("Plan changed: %v vs %v", got, first)
+		}
+	}
+}
+
+func TestParseBackendPath(t *testing.T) {
+	root := "/local/domain/0/backend"
+	tests := []struct {
+		p    string
+		want Key
+		ok   bool
+	}{
+		{root + "/vbd3/1/51728", Key{KindVBD3, 1, 51728}, true},
+		{root + "/vbd3/1/51728/state", Key{KindVBD3, 1, 51728}, true},
+		{root + "/tap/0/768/params", Key{KindTap, 0, 768}, true},
+		{root + "/vbd3/1", Key{}, false},
+		{root + "/vbd3", Key{}, false},
+		{root + "/qdisk/1/2", Key{}, false},
+		{root + "/vbd3/x/2", Key{}, false},
+		{root + "/vbd3/1/99999999999", Key{}, false},
+		{"/local/domain/1/backend/vbd3/1/2", Key{}, false},
+	}
+	for _, tc := range tests {
+		got, ok := parseBackendPath(root, tc.p)
+		if ok != tc.ok || got != tc.want {
+			t.Errorf("parseBackendPath(%q) = %v, %v; want %v, %v", tc.p, got, ok, tc.want, tc.ok)
+		}
+	}
+}
+
+func TestParseParams(t *testing.T) {
+	tests := []struct{ in, format, path string }{
+		{"aio:/img/a.raw", "aio", "/img/a.raw"},
+		{"qcow:/img/a.qcow", "qcow", "/img/a.qcow"},
+		{"tap:qcow:/img/a.qcow", "qcow", "/img/a.qcow"},
+		{"/dev/vg/lv", "raw", "/dev/vg/lv"},
+	}
+	for _, tc := range tests {
+		f, p, err := ParseParams(tc.in)
+		if err != nil || f != tc.format || p != tc.path {
+			t.Errorf("ParseParams(%q) = %q, %q, %v", tc.in, f, p, err)
+		}
+	}
+	for _, bad := range []string{"", "qcow", "qcow:"} {
+		if _, _, err := ParseParams(bad); err == nil {
+			t.Errorf("ParseParams(%q) accepted", bad)
+		}
+	}
+}

@@ -1,0 +1,90 @@
+package reconciler
+
+import (
+	"sync"
+	"time"
+)
+
+// queue holds device keys, never events (STYLE.md 2): a key enqueued many
+// times before it is taken is reconciled once, a key enqueued while it is
+// being reconciled is reconciled once more afterwards, and no key is ever
+// reconciled by two goroutines at once.
+type queue struct {
+	mu      sync.Mutex
+	cond    *sync.Cond
+	order   []Key
+	pending map[Key]bool // in order, not yet taken
+	active  map[Key]bool // being reconciled
+	again   map[Key]bool // enqueued while active
+	closed  bool
+}
+
+func newQueue() *queue {
+	q := &queue{pending: map[Key]bool{}, active: map[Key]bool{}, again: map[Key]bool{}}
+	q.cond = sync.NewCond(&q.mu)
+	return q
+}
+
+// Add schedules a reconcile of k.
+func (q *queue) Add(k Key) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed {
+		return
+	}
+	if q.active[k] {
+		q.again[k] = true
+		return
+	}
+	if q.pending[k] {
+		return
+	}
+	q.pending[k] = true
+	q.order = append(q.order, k)
+	q.cond.Signal()
+}
+
+// AddAfter schedules a reconcile of k after d (a retry with backoff).
+func (q *queue) AddAfter(k Key, d time.Duration) {
+	time.AfterFunc(d, func() { q.Add(k) })
+}
+
+// Get waits for a key; ok is false once the queue is closed.
+func (q *queue) Get() (k Key, ok bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for len(q.order) == 0 && !q.closed {
+		q.cond.Wait()
+	}
+	if q.closed {
+		return Key{}, false
+	}
+	k = q.order[0]
+	q.order = q.order[1:]
+	delete(q.pending, k)
+	q.active[k] = true
+	return k, true
+}
+
+// Done marks k's reconcile finished, requeueing it if it was added meanwhile.
+func (q *queue) Done(k Key) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	delete(q.active, k)
+	if q.again[k] {
+		delete(q.again, k)
+		if !q.closed && !q.pending[k] {
+			q.pending[k] = true
+			q.order = append(q.order, k)
+			q.cond.Signal()
+		}
+	}
+}
+
+// Close wakes every Get with ok false.
+func (q *queue) Close() {
+	q.mu.Lock()
+	q.closed = true
+	q.mu.Unlock()
+	q.cond.Broadcast()
+}

@@ -1,0 +1,219 @@
+package reconciler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+
+	"github.com/blktap-go/blktap/xenstore"
+)
+
+// DeviceSpec is a disk as a toolstack declares it in xenstore.
+type DeviceSpec struct {
+	Key    Key
+	Name   string // names the export and the status; "" derives one
+	Format string // normalised format name
+	Path   string // absolute image path
+	Mode   string // "r" or "w"
+	Vdev   string // the device name as the guest knows it, e.g. "xvdb"
+	Source string // "yaml" or "attach": who declared it
+}
+
+// Status keys the daemon writes under each backend directory.
+const (
+	statusDir      = "blktap"
+	keyName        = statusDir + "/name"
+	keySource      = statusDir + "/source"
+	keyPhase       = statusDir + "/phase"
+	keyError       = statusDir + "/error"
+	keyExport      = statusDir + "/export"
+	keyWorkerPid   = statusDir + "/worker-pid"
+	keyRestarts    = statusDir + "/restarts"
+	keyImageFormat = statusDir + "/format"
+	keyImagePath   = statusDir + "/image"
+)
+
+// Phases a device goes through, as `blktap ls` shows them.
+const (
+	PhaseStarting   = "starting"
+	PhaseWaiting    = "waiting-frontend"
+	PhaseConnected  = "connected"
+	PhaseClosing    = "closing"
+	PhaseClosed     = "closed"
+	PhaseFailed     = "failed"
+	PhaseRetrying   = "retrying"
+	PhaseRestarting = "restarting"
+)
+
+// ErrExists reports a device that is already declared.
+var ErrExists = errors.New("device already exists")
+
+// WriteDevice declares a disk the way libxl does for a tap disk (WIRE.md
+// section 3): the backend directory under backend/vbd3 (or the key's kind)
+// and the frontend directory, both in state Initialising, in one
+// transaction, with libxl's permissions.
+func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) error {
+	be := spec.Key.BackendPath(0)
+	fe := spec.Key.FrontendPath()
+	dom := strconv.FormatUint(uint64(spec.Key.Domid), 10)
+	return xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if _, err := tx.Read(ctx, be); err == nil {
+			return fmt.Errorf("%w: %s", ErrExists, be)
+		} else if !errors.Is(err, xenstore.ErrNotFound) {
+			return err
+		}
+		params := spec.Format + ":" + spec.Path
+		if spec.Format == "raw" {
+			params = "aio:" + spec.Path // what libxl writes for raw tap disks
+		}
+		beKeys := [][2]string{
+			{"frontend", fe},
+			{"frontend-id", dom},
+			{"online", "1"},
+			{"removable", "0"},
+			{"bootable", "1"},
+			{"state", strconv.Itoa(int(StateInitialising))},
+			{"dev", spec.Vdev},
+			{"type", spec.Key.Kind},
+			{"mode", spec.Mode},
+			{"device-type", "disk"},
+			{"discard-enable", "0"},
+			{"specification", "xen"},
+			{"params", params},
+			{"script", "/etc/xen/scripts/block-tap"},
+			{keyName, spec.Name},
+			{keySource, spec.Source},
+		}
+		feKeys := [][2]string{
+			{"backend", be},
+			{"backend-id", "0"},
+			{"state", strconv.Itoa(int(StateInitialising))},
+			{"virtual-device", strconv.FormatUint(uint64(spec.Key.Devid), 10)},
+			{"device-type", "disk"},
+			{"trusted", "1"},
+		}
+		for _, kv := range beKeys {
+			if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
+				return err
+			}
+		}
+		for _, kv := range feKeys {
+			if err := tx.Write(ctx, fe+"/"+kv[0], kv[1]); err != nil {
+				return err
+			}
+		}
+		// libxl: the backend belongs to dom0 and the guest may read it; the
+		// frontend belongs to the guest and the backend domain may read it.
+		if err := tx.SetPerms(ctx, be, []xenstore.Perm{
+			{Domid: 0, Access: xenstore.PermNone},
+			{Domid: spec.Key.Domid, Access: xenstore.PermRead},
+		}); err != nil {
+			return err
+		}
+		if spec.Key.Domid != 0 {
+			if err := tx.SetPerms(ctx, fe, []xenstore.Perm{
+				{Domid: spec.Key.Domid, Access: xenstore.PermNone},
+				{Domid: 0, Access: xenstore.PermRead},
+			}); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// WaitConnected waits until the device's backend is Connected and the
+// daemon has published its export, and returns the export's NBD URI. It
+// fails early with the daemon's reason when the device fails.
+func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, error) {
+	be := key.BackendPath(0)
+	w, err := xs.Watch(ctx, be, "wait-connected")
+	if err != nil {
+		return "", err
+	}
+	defer w.Close()
+	for {
+		st, _ := xs.Read(ctx, be+"/state")
+		phase, _ := xs.Read(ctx, be+"/"+keyPhase)
+		export, _ := xs.Read(ctx, be+"/"+keyExport)
+		if ParseState(st) == StateConnected && phase == PhaseConnected && export != "" {
+			return export, nil
+		}
+		if phase == PhaseFailed {
+			msg, _ := xs.Read(ctx, be+"/"+keyError)
+			return "", fmt.Errorf("device %s failed: %s", key, msg)
+		}
+		if _, err := xs.Read(ctx, be); errors.Is(err, xenstore.ErrNotFound) {
+			return "", fmt.Errorf("device %s was removed", key)
+		}
+		select {
+		case <-ctx.Done():
+			msg, _ := xs.Read(context.Background(), be+"/"+keyError)
+			if msg != "" {
+				return "", fmt.Errorf("device %s not connected (%s): %s", key, phase, msg)
+			}
+			return "", fmt.Errorf("device %s not connected (state %s, phase %q): %w", key, ParseState(st), phase, ctx.Err())
+		case _, ok := <-w.Events():
+			if !ok {
+				return "", fmt.Errorf("xenstore connection lost while waiting for %s", key)
+			}
+		}
+	}
+}
+
+// Detach does what a toolstack does to unplug a disk: it sets online to 0
+// and the backend to Closing, waits for the backend to reach Closed (the
+// daemon drains, flushes and stops the worker on the way), then removes
+// both directories.
+func Detach(ctx context.Context, xs *xenstore.Client, key Key) error {
+	be := key.BackendPath(0)
+	if _, err := xs.Read(ctx, be); err != nil {
+		if errors.Is(err, xenstore.ErrNotFound) {
+			return fmt.Errorf("no device %s", key)
+		}
+		return err
+	}
+	fe, _ := xs.Read(ctx, be+"/frontend")
+	w, err := xs.Watch(ctx, be, "detach")
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if err := tx.Write(ctx, be+"/online", "0"); err != nil {
+			return err
+		}
+		st, _ := tx.Read(ctx, be+"/state")
+		if s := ParseState(st); s != StateClosed && s != StateClosing {
+			return tx.Write(ctx, be+"/state", strconv.Itoa(int(StateClosing)))
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for {
+		st, _ := xs.Read(ctx, be+"/state")
+		phase, _ := xs.Read(ctx, be+"/"+keyPhase)
+		if ParseState(st) == StateClosed && phase == PhaseClosed {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("device %s did not close (state %s, phase %q): %w", key, ParseState(st), phase, ctx.Err())
+		case _, ok := <-w.Events():
+			if !ok {
+				return fmt.Errorf("xenstore connection lost while detaching %s", key)
+			}
+		}
+	}
+	if err := xs.Rm(ctx, be); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
+		return err
+	}
+	if fe != "" {
+		if err := xs.Rm(ctx, fe); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
+			return err
+		}
+	}
+	return nil
+}

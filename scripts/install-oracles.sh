@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the Debian packages whose programs the tests use as oracles, when
+# any of them is missing. Needs root (or sudo) and apt-get; elsewhere it says
+# what to install and leaves the tests to skip (or fail under CI=true).
+set -euo pipefail
+# program -> package
+need=(
+  qemu-img:qemu-utils qemu-io:qemu-utils qemu-nbd:qemu-utils
+  xenstore-read:xenstore-utils xenstore-ls:xenstore-utils
+  /usr/lib/xen-4.17/bin/test-xenstore:xen-utils-4.17
+  /usr/lib/xen-4.17/bin/xenstored:xen-utils-4.17
+  nbdinfo:libnbd-bin nbdsh:libnbd-bin nbdcopy:libnbd-bin
+  /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
+  /usr/lib/python3/dist-packages/pyxs/__init__.py:python3-pyxs
+  nbdkit:nbdkit fio:fio
+  qcowinfo:libqcow-utils vhdiinfo:libvhdi-utils vmdkinfo:libvmdk-utils
+  gcc:gcc
+  /usr/include/xen/io/blkif.h:libxen-dev
+)
+missing=()
+for pair in "${need[@]}"; do
+  prog=${pair%%:*} pkg=${pair##*:}
+  if [[ $prog == /* ]]; then [[ -e $prog ]] && continue
+  else command -v "$prog" >/dev/null 2>&1 && continue; fi
+  [[ " ${missing[*]-} " == *" $pkg "* ]] || missing+=("$pkg")
+done
+((${#missing[@]})) || exit 0
+echo "test oracles missing: ${missing[*]}" >&2
+sudo=
+[[ $(id -u) == 0 ]] || sudo=sudo
+if ! command -v apt-get >/dev/null 2>&1 || { [[ -n $sudo ]] && ! command -v sudo >/dev/null 2>&1; }; then
+  echo "install them (Debian: apt-get install ${missing[*]}); tests that need them will skip" >&2
+  exit 0
+fi
+export DEBIAN_FRONTEND=noninteractive
+# A fresh machine has no package lists yet.
+if [[ ! -d /var/lib/apt/lists ]] || [[ -z $(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial) ]]; then
+  $sudo apt-get update
+fi
+$sudo apt-get install -y "${missing[@]}"

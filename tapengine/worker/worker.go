@@ -1,0 +1,427 @@
+// Package worker is the per-disk worker process and the daemon's handle on
+// it. Each attached disk is served by its own process (the same binary,
+// re-executed as the hidden subcommand `blktap __worker`), so a crash or a
+// hostile guest is contained to one disk and each disk can be policed on
+// its own (DESIGN.md, "Process model").
+//
+// The daemon and the worker talk over a SOCK_SEQPACKET socket pair, the
+// worker's end inherited as descriptor 3. Each message is one JSON datagram,
+// descriptors ride beside it as SCM_RIGHTS. The daemon's duties:
+//
+//  1. Start the worker (Start), then send OpOpen: the worker opens the image.
+//  2. For a domain-0 disk, create the export's listening socket and send
+//     OpServeNBD with it; the daemon keeps its own copy, so the socket
+//     outlives a worker restart.
+//  3. For a guest disk, once the frontend published its ring, send
+//     OpConnect with the transport's descriptors (local transport: the
+//     grant memfd, the kick eventfd, the notify eventfd).
+//  4. To stop, send OpClose: the worker drains requests, flushes, closes the
+//     image and exits 0. If the daemon's end closes, the worker does the same.
+//
+// Every request gets exactly one Reply, in order.
+package worker
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/tapengine/blkif"
+	"github.com/blktap-go/blktap/tapengine/local"
+	"github.com/blktap-go/blktap/tapengine/nbd"
+	"github.com/blktap-go/blktap/tapengine/ring"
+)
+
+// ControlFD is the descriptor a worker inherits its control socket on.
+const ControlFD = 3
+
+// maxChain bounds a backing chain: deeper chains are refused, which also
+// ends loops the path check misses (hard links, bind mounts).
+const maxChain = 16
+
+// Main runs a worker on the inherited control socket and returns the exit
+// status. It never panics on bad requests: each gets an error reply.
+func Main(logger *slog.Logger) int {
+	f := os.NewFile(ControlFD, "control")
+	c, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		logger.Error("worker: control socket", "err", err)
+		return 2
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		logger.Error("worker: control socket is not a unix socket")
+		return 2
+	}
+	w := &worker{logger: logger}
+	return w.run(uc)
+}
+
+type worker struct {
+	logger *slog.Logger
+	name   string
+
+	img      image.Image
+	readOnly bool
+
+	nbdSrv    *nbd.Server
+	nbdCancel context.CancelFunc
+	nbdDone   chan struct{}
+
+	ring ringState
+}
+
+type ringState struct {
+	mu      sync.Mutex
+	cancel  context.CancelFunc
+	done    chan struct{}
+	err     error // why the ring stopped on its own
+	stats   ring.Stats
+	running bool
+}
+
+func (w *worker) run(c *net.UnixConn) int {
+	defer c.Close()
+	for {
+		var req Request
+		fds, err := recv(c, time.Time{}, &req)
+		if err != nil {
+			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
+				w.logger.Info("worker: daemon gone; shutting down")
+			} else {
+				w.logger.Error("worker: control", "err", err)
+			}
+			w.shutdown()
+			return 0
+		}
+		rep := w.handle(&req, fds)
+		rep.Version = ProtocolVersion
+		if err := send(c, time.Now().Add(10*time.Second), rep, nil); err != nil {
+			w.logger.Error("worker: reply", "err", err)
+			w.shutdown()
+			return 1
+		}
+		if req.Op == OpClose && rep.OK {
+			return 0
+		}
+	}
+}
+
+func fail(err error) Reply {
+	return Reply{Error: err.Error(), Class: ErrorClass(err)}
+}
+
+// ErrorClass names the class of err for the daemon's retry policy.
+func ErrorClass(err error) string {
+	switch {
+	case errors.Is(err, image.ErrCorrupt):
+		return "corrupt"
+	case errors.Is(err, image.ErrUnsupported):
+		return "unsupported"
+	case errors.Is(err, image.ErrWrongFormat):
+		return "wrong-format"
+	case errors.Is(err, image.ErrReadOnly):
+		return "read-only"
+	case errors.Is(err, fs.ErrNotExist):
+		return "not-found"
+	case errors.Is(err, fs.ErrPermission):
+		return "permission"
+	case errors.Is(err, ErrProtocol), errors.Is(err, errInvalid):
+		return "invalid"
+	}
+	return ""
+}
+
+var errInvalid = errors.New("invalid request")
+
+func (w *worker) handle(req *Request, fds []int) (rep Reply) {
+	defer func() {
+		// A bug here must not take the disk down with an unanswered request.
+		if r := recover(); r != nil {
+			closeAll(fds)
+			w.logger.Error("worker: panic handling request", "op", req.Op, "panic", r)
+			rep = fail(fmt.Errorf("internal error handling %s: %v", req.Op, r))
+		}
+	}()
+	if req.Version != ProtocolVersion {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: control protocol version %d, want %d", errInvalid, req.Version, ProtocolVersion))
+	}
+	switch req.Op {
+	case OpOpen:
+		closeAll(fds)
+		return w.open(req)
+	case OpServeNBD:
+		return w.serveNBD(req, fds)
+	case OpConnect:
+		return w.connect(req, fds)
+	case OpDisconnect:
+		closeAll(fds)
+		w.stopRing()
+		return Reply{OK: true}
+	case OpStats:
+		closeAll(fds)
+		return w.statsReply()
+	case OpFlush:
+		closeAll(fds)
+		if w.img == nil {
+			return fail(fmt.Errorf("%w: no image open", errInvalid))
+		}
+		if err := w.img.Flush(); err != nil {
+			return fail(err)
+		}
+		return Reply{OK: true}
+	case OpClose:
+		closeAll(fds)
+		if err := w.shutdown(); err != nil {
+			return fail(err)
+		}
+		return Reply{OK: true}
+	}
+	closeAll(fds)
+	return fail(fmt.Errorf("%w: unknown op %q", errInvalid, req.Op))
+}
+
+func (w *worker) open(req *Request) Reply {
+	if w.img != nil {
+		return fail(fmt.Errorf("%w: an image is already open", errInvalid))
+	}
+	if !filepath.IsAbs(req.Path) {
+		return fail(fmt.Errorf("%w: image path %q is not absolute", errInvalid, req.Path))
+	}
+	w.name = req.Name
+	w.logger = w.logger.With("disk", req.Name)
+	allow := req.AllowDirs
+	if len(allow) == 0 {
+		allow = []string{filepath.Dir(req.Path)}
+	}
+	img, err := formats.Open(req.Format, req.Path, formats.Options{
+		ReadOnly: req.ReadOnly,
+		Backing:  BackingOpener(req.Path, allow, 0),
+	})
+	if err != nil {
+		return fail(err)
+	}
+	w.img = img
+	w.readOnly = req.ReadOnly
+	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", req.ReadOnly)
+	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
+}
+
+// BackingOpener returns the function a format uses to open the backing file
+// its image at child names: relative names resolve against the child's
+// directory, the result must lie inside one of allow, the chain is
+// depth-limited, and every backing image is opened read-only.
+func BackingOpener(child string, allow []string, depth int) image.OpenFunc {
+	return func(name, format string) (image.Image, error) {
+		if depth+1 >= maxChain {
+			return nil, fmt.Errorf("%w: backing chain deeper than %d", image.ErrUnsupported, maxChain)
+		}
+		p := name
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(filepath.Dir(child), p)
+		}
+		real, err := filepath.EvalSymlinks(p)
+		if err != nil {
+			return nil, fmt.Errorf("backing file %q: %w", name, err)
+		}
+		if !insideAny(real, allow) {
+			return nil, fmt.Errorf("%w: backing file %q lies outside the allowed directories %v", fs.ErrPermission, name, allow)
+		}
+		if format == "" {
+			// Probed, never trusted for writing: the opener only opens
+			// read-only, so a probe that says "raw" cannot turn a header
+			// into guest data that is then written back.
+			if format, err = formats.Probe(real); err != nil {
+				return nil, fmt.Errorf("backing file %q: %w", name, err)
+			}
+		}
+		return formats.Open(format, real, formats.Options{
+			ReadOnly: true,
+			Backing:  BackingOpener(real, allow, depth+1),
+		})
+	}
+}
+
+func insideAny(p string, dirs []string) bool {
+	for _, d := range dirs {
+		if rd, err := filepath.EvalSymlinks(d); err == nil {
+			d = rd
+		}
+		d = filepath.Clean(d)
+		if p == d || strings.HasPrefix(p, d+string(filepath.Separator)) || d == "/" {
+			return true
+		}
+	}
+	return false
+}
+
+func (w *worker) serveNBD(req *Request, fds []int) Reply {
+	if len(fds) != 1 {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: serve-nbd wants one listening socket, got %d descriptors", errInvalid, len(fds)))
+	}
+	if w.img == nil {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: no image open", errInvalid))
+	}
+	if w.nbdSrv != nil {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: already serving NBD", errInvalid))
+	}
+	f := os.NewFile(uintptr(fds[0]), "nbd-listener")
+	ln, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		return fail(fmt.Errorf("nbd listener: %w", err))
+	}
+	srv := &nbd.Server{
+		Export: nbd.Export{
+			Name:        req.Name,
+			Description: "blktap " + req.Name,
+			Backend:     w.img,
+			ReadOnly:    w.readOnly,
+		},
+		Logger: w.logger,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ctx, ln); err != nil && ctx.Err() == nil {
+			w.logger.Error("worker: nbd export stopped", "err", err)
+		}
+	}()
+	w.nbdSrv, w.nbdCancel, w.nbdDone = srv, cancel, done
+	return Reply{OK: true}
+}
+
+func (w *worker) connect(req *Request, fds []int) Reply {
+	if w.img == nil {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: no image open", errInvalid))
+	}
+	if req.Transport != "local" {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: transport %q is not supported here", image.ErrUnsupported, req.Transport))
+	}
+	if len(fds) != 3 {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: the local transport wants 3 descriptors (memfd, kick, notify), got %d", errInvalid, len(fds)))
+	}
+	proto, err := blkif.ParseProtocol(req.Protocol)
+	if err != nil {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: %v", errInvalid, err))
+	}
+	w.ring.mu.Lock()
+	running := w.ring.running
+	w.ring.mu.Unlock()
+	if running {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: a ring is already connected", errInvalid))
+	}
+	t, err := local.Attach(fds[0], req.RingRefs, fds[1], fds[2])
+	if err != nil {
+		return fail(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	w.ring.mu.Lock()
+	w.ring.cancel, w.ring.done, w.ring.err, w.ring.running = cancel, done, nil, true
+	w.ring.mu.Unlock()
+	go func() {
+		defer close(done)
+		defer t.Close()
+		err := ring.Serve(ctx, t, proto, w.img, ring.Options{
+			ReadOnly: w.readOnly,
+			Logger:   w.logger,
+			Stats:    &w.ring.stats,
+		})
+		w.ring.mu.Lock()
+		w.ring.running = false
+		if err != nil && ctx.Err() == nil {
+			w.ring.err = err
+		}
+		w.ring.mu.Unlock()
+		if err != nil && ctx.Err() == nil {
+			w.logger.Error("worker: ring stopped", "err", err)
+		}
+	}()
+	w.logger.Info("worker: ring connected", "protocol", proto.String(), "refs", req.RingRefs)
+	return Reply{OK: true}
+}
+
+func (w *worker) stopRing() {
+	w.ring.mu.Lock()
+	cancel, done := w.ring.cancel, w.ring.done
+	w.ring.cancel, w.ring.done = nil, nil
+	w.ring.mu.Unlock()
+	if cancel != nil {
+		cancel()
+		<-done
+	}
+}
+
+func (w *worker) statsReply() Reply {
+	var st Stats
+	rs := &w.ring.stats
+	st.RingRequests = rs.Reads.Load() + rs.Writes.Load() + rs.Flushes.Load() + rs.Barriers.Load() + rs.Discards.Load()
+	st.RingErrors = rs.Errors.Load()
+	st.BytesRead += rs.BytesRead.Load()
+	st.BytesWritten += rs.BytesWritten.Load()
+	st.Flushes += rs.Flushes.Load()
+	if w.nbdSrv != nil {
+		ns := w.nbdSrv.Stats()
+		st.NBDReads = ns.Reads
+		st.NBDWrites = ns.Writes
+		st.BytesRead += ns.BytesRead
+		st.BytesWritten += ns.BytesWritten
+		st.Flushes += ns.Flushes
+	}
+	rep := Reply{OK: true, Stats: &st}
+	w.ring.mu.Lock()
+	if w.ring.err != nil {
+		rep.RingError = w.ring.err.Error()
+	}
+	w.ring.mu.Unlock()
+	if w.img != nil {
+		rep.Size = w.img.Size()
+	}
+	return rep
+}
+
+// shutdown drains and stops every consumer, then flushes and closes the
+// image. It is idempotent.
+func (w *worker) shutdown() error {
+	w.stopRing()
+	if w.nbdCancel != nil {
+		w.nbdCancel()
+		w.nbdSrv.Close()
+		<-w.nbdDone
+		w.nbdCancel = nil
+	}
+	if w.img == nil {
+		return nil
+	}
+	img := w.img
+	w.img = nil
+	if err := img.Close(); err != nil {
+		w.logger.Error("worker: close image", "err", err)
+		return err
+	}
+	w.logger.Info("worker: image closed")
+	return nil
+}

@@ -1,0 +1,188 @@
+package worker
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/internal/oracle"
+)
+
+// The test binary doubles as the worker: re-executed with this variable
+// set, it runs Main instead of the tests.
+const workerEnv = "BLKTAP_WORKER_TEST_CHILD"
+
+func TestMain(m *testing.M) {
+	if os.Getenv(workerEnv) == "1" {
+		os.Exit(Main(slog.New(slog.NewTextHandler(os.Stderr, nil))))
+	}
+	os.Exit(m.Run())
+}
+
+func startTestWorker(t *testing.T) *Process {
+	t.Helper()
+	os.Setenv(workerEnv, "1")
+	defer os.Unsetenv(workerEnv)
+	p, err := Start(os.Args[0], []string{"-test.run=^$"}, os.Stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		p.Close(ctx)
+	})
+	return p
+}
+
+func ctx(t *testing.T) context.Context {
+	c, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return c
+}
+
+func TestWorkerOpenStatsClose(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.raw")
+	if err := formats.Create("raw", img, formats.CreateOptions{Size: 8 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	p := startTestWorker(t)
+	rep, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "a", Format: "raw", Path: img})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Size != 8<<20 || rep.SectorSize != 512 {
+		t.Fatalf("open reply %+v", rep)
+	}
+	rep, err = p.Call(ctx(t), Request{Op: OpStats})
+	if err != nil || rep.Stats == nil {
+		t.Fatalf("stats: %+v %v", rep, err)
+	}
+	if _, err := p.Call(ctx(t), Request{Op: OpFlush}); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Close(ctx(t)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("worker did not exit after close")
+	}
+	if p.ExitErr() != nil {
+		t.Fatalf("worker exit: %v", p.ExitErr())
+	}
+}
+
+// Bad requests get error replies with a class; the worker keeps serving.
+func TestWorkerBadRequests(t *testing.T) {
+	p := startTestWorker(t)
+	cases := []struct {
+		req   Request
+		class string
+	}{
+		{Request{Op: "frobnicate"}, "invalid"},
+		{Request{Op: OpOpen, Format: "raw", Path: "relative.raw"}, "invalid"},
+		{Request{Op: OpOpen, Format: "raw", Path: "/nonexistent/x.raw"}, "not-found"},
+		{Request{Op: OpFlush}, "invalid"},
+		{Request{Op: OpConnect, Transport: "local"}, "invalid"},
+		{Request{Op: OpConnect, Transport: "xen"}, "invalid"},
+	}
+	for _, tc := range cases {
+		_, err := p.Call(ctx(t), tc.req)
+		var we *Error
+		if !errors.As(err, &we) {
+			t.Fatalf("%+v: err %v, want *Error", tc.req, err)
+		}
+		if we.Class != tc.class {
+			t.Errorf("%+v: class %q (%v), want %q", tc.req, we.Class, we, tc.class)
+		}
+	}
+	if _, err := p.Call(ctx(t), Request{Op: OpStats}); err != nil {
+		t.Fatalf("worker stopped serving after bad requests: %v", err)
+	}
+	// A request of another protocol version is refused, not guessed at.
+	p.mu.Lock()
+	err := send(p.conn, time.Now().Add(5*time.Second), map[string]any{"v": 99, "op": "stats"}, nil)
+	var rep Reply
+	if err == nil {
+		_, err = recv(p.conn, time.Now().Add(5*time.Second), &rep)
+	}
+	p.mu.Unlock()
+	if err != nil || rep.OK || !strings.Contains(rep.Error, "version") {
+		t.Fatalf("version 99: %+v %v", rep, err)
+	}
+}
+
+// The daemon hands the export's listening socket over; the worker serves
+// NBD on it, and the socket outlives the worker.
+func TestWorkerServesNBD(t *testing.T) {
+	nbdinfo := oracle.Require(t, "nbdinfo")
+	dir := t.TempDir()
+	img := filepath.Join(dir, "a.raw")
+	if err := formats.Create("raw", img, formats.CreateOptions{Size: 4 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(dir, "a.sock")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for round := 0; round < 2; round++ {
+		p := startTestWorker(t)
+		if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "a", Format: "raw", Path: img}); err != nil {
+			t.Fatal(err)
+		}
+		f, err := ln.File()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_, err = p.Call(ctx(t), Request{Op: OpServeNBD, Name: "a"}, int(f.Fd()))
+		f.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(nbdinfo, "--size", "nbd+unix:///?socket="+sock).CombinedOutput()
+		if err != nil || strings.TrimSpace(string(out)) != "4194304" {
+			t.Fatalf("round %d: nbdinfo: %v %s", round, err, out)
+		}
+		// Killing the worker leaves the daemon's socket: the next worker
+		// serves the same address.
+		p.Kill()
+		<-p.Done()
+	}
+}
+
+func TestBackingOpenerConfines(t *testing.T) {
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.raw")
+	if err := formats.Create("raw", base, formats.CreateOptions{Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	open := BackingOpener(filepath.Join(dir, "child.qcow2"), []string{dir}, 0)
+	img, err := open("base.raw", "raw")
+	if err != nil {
+		t.Fatalf("relative backing inside the allowed dir: %v", err)
+	}
+	img.Close()
+	if _, err := open("/etc/shadow", "raw"); !errors.Is(err, os.ErrPermission) {
+		t.Fatalf("/etc/shadow as backing: %v, want a permission error", err)
+	}
+	if _, err := open("../../../../etc/passwd", "raw"); err == nil {
+		t.Fatal("../ escape accepted")
+	}
+	deep := BackingOpener(filepath.Join(dir, "child"), []string{dir}, maxChain-1)
+	if _, err := deep("base.raw", "raw"); !errors.Is(err, formats.ErrUnsupported) {
+		t.Fatalf("chain past the limit: %v", err)
+	}
+}
