@@ -1,0 +1,141 @@
+// Package formats opens and creates disk images by format name and guesses
+// a file's format from its magic bytes. It is a switch over the format
+// packages (formats/raw, ...), with no registry: adding a format is adding
+// a case.
+//
+// Caller's duties:
+//
+//  1. Name the format explicitly for any image a tenant can write: Probe
+//     reads magic bytes, and a guest that writes a qcow2 header into a raw
+//     disk must not turn it into a qcow2 image with a backing file of its
+//     choosing. Probe is for tools run on trusted files (image info,
+//     convert without -f).
+//  2. Pass Normalize'd names where they are stored or compared ("aio" and
+//     "raw" are one format).
+//  3. Pass Options.Backing to allow backing files at all; the function
+//     decides which paths may be opened (see image.OpenFunc).
+//  4. Close every Image that Open returns.
+package formats
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/raw"
+)
+
+// Aliases for callers that import only this package.
+type (
+	Image       = image.Image
+	Extent      = image.Extent
+	ExtentKind  = image.ExtentKind
+	FormatError = image.FormatError
+	OpenFunc    = image.OpenFunc
+)
+
+// Extent kinds.
+const (
+	Data = image.Data
+	Zero = image.Zero
+	Hole = image.Hole
+)
+
+// Error classes (see package image).
+var (
+	ErrCorrupt     = image.ErrCorrupt
+	ErrUnsupported = image.ErrUnsupported
+	ErrWrongFormat = image.ErrWrongFormat
+	ErrReadOnly    = image.ErrReadOnly
+	ErrOutOfRange  = image.ErrOutOfRange
+	ErrClosed      = image.ErrClosed
+)
+
+// ErrUnknownFormat: a format name that is none of Names (a caller's
+// mistake, unlike ErrUnsupported, which is about an image's contents).
+var ErrUnknownFormat = errors.New("unknown image format")
+
+// Names lists the canonical format names, in the order error messages
+// show them. Aliases: "aio" for raw, "vpc" (qemu-img's name) for vhd.
+func Names() []string {
+	return []string{"raw", "qcow", "qcow2", "vhd", "vmdk", "ram", "nbd"}
+}
+
+// Normalize returns the canonical name of a format name or alias.
+func Normalize(format string) (string, error) {
+	switch format {
+	case "raw", "aio":
+		return "raw", nil
+	case "vhd", "vpc":
+		return "vhd", nil
+	case "qcow", "qcow2", "vmdk", "ram", "nbd":
+		return format, nil
+	}
+	return "", fmt.Errorf("%w %q: valid formats are %s (aliases: aio = raw, vpc = vhd)",
+		ErrUnknownFormat, format, strings.Join(Names(), ", "))
+}
+
+// Options control Open.
+type Options struct {
+	// ReadOnly opens the image so that writes, discards and metadata
+	// updates are refused with ErrReadOnly.
+	ReadOnly bool
+	// Backing opens backing files named by the image. Nil refuses every
+	// image that has one.
+	Backing image.OpenFunc
+}
+
+// CreateOptions control Create.
+type CreateOptions struct {
+	Size          int64  // virtual size in bytes
+	Backing       string // backing file, for formats that have them
+	BackingFormat string // its format; "" only where the format allows probing
+	ClusterSize   int64  // 0: the format's default
+	Subformat     string // "fixed", "monolithicFlat", ...: the format's variant; "" the default
+}
+
+// Open opens the image at path as format.
+func Open(format, path string, opts Options) (Image, error) {
+	name, err := Normalize(format)
+	if err != nil {
+		return nil, err
+	}
+	switch name {
+	case "raw":
+		img, err := raw.Open(path, raw.Options{ReadOnly: opts.ReadOnly})
+		if err != nil {
+			return nil, err
+		}
+		return img, nil
+	}
+	return nil, fmt.Errorf("open %s: %w: format %q is not built in yet", path, ErrUnsupported, name)
+}
+
+// Create makes a new image of format at path. It never overwrites: an
+// existing path gives an error wrapping fs.ErrExist.
+func Create(format, path string, opts CreateOptions) error {
+	name, err := Normalize(format)
+	if err != nil {
+		return err
+	}
+	if opts.Size < 0 {
+		return fmt.Errorf("create %s: negative size %d", path, opts.Size)
+	}
+	if opts.BackingFormat != "" && opts.Backing == "" {
+		return fmt.Errorf("create %s: a backing format without a backing file", path)
+	}
+	switch name {
+	case "raw":
+		if opts.Backing != "" {
+			return fmt.Errorf("create %s: %w: raw images have no backing file", path, ErrUnsupported)
+		}
+		if opts.ClusterSize != 0 {
+			return fmt.Errorf("create %s: %w: raw images have no cluster size", path, ErrUnsupported)
+		}
+		return raw.Create(path, opts.Size)
+	case "ram", "nbd":
+		return fmt.Errorf("create %s: %w: format %q has no image file to create", path, ErrUnsupported, name)
+	}
+	return fmt.Errorf("create %s: %w: creating format %q is not built in yet", path, ErrUnsupported, name)
+}

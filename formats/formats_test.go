@@ -1,0 +1,288 @@
+package formats
+
+import (
+	"bytes"
+	"errors"
+	"go/parser"
+	"go/token"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/blktap-go/blktap/internal/oracle"
+)
+
+func TestNormalize(t *testing.T) {
+	for in, want := range map[string]string{
+		"raw": "raw", "aio": "raw", "qcow": "qcow", "qcow2": "qcow2", "vhd": "vhd", "vpc": "vhd",
+		"vmdk": "vmdk", "ram": "ram", "nbd": "nbd",
+	} {
+		if got, err := Normalize(in); got != want || err != nil {
+			t.Errorf("Normalize(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "RAW", "qcow3", "tap:aio", " raw"} {
+		_, err := Normalize(in)
+		if !errors.Is(err, ErrUnknownFormat) || !strings.Contains(err.Error(), "raw, qcow, qcow2, vhd, vmdk, ram, nbd") {
+			t.Errorf("Normalize(%q): %v; want ErrUnknownFormat listing the valid names", in, err)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	good := map[string]int64{
+		"0": 0, "123": 123, "123B": 123, "123b": 123, "100K": 100 << 10, "100k": 100 << 10,
+		"512M": 512 << 20, "4G": 4 << 30, "4g": 4 << 30, "1T": 1 << 40, "2P": 2 << 50, "7E": 7 << 60,
+		"1.5G": 3 << 29, "0.5K": 512, "4GiB": 4 << 30, "512MiB": 512 << 20, "1.25M": 1310720,
+		"9223372036854775807": 1<<63 - 1,
+	}
+	for in, want := range good {
+		if got, err := ParseSize(in); got != want || err != nil {
+			t.Errorf("ParseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	bad := []string{"", "G", "-1", "+1", " 1G", "1G ", "1 G", "1GB", "1gb", "1X", "1.G", ".5G", "0.1K",
+		"1.5", "1e3", "0x10", "8E", "9223372036854775808", "1Gi", "1GiBB", "1/2G", "１G"}
+	for _, in := range bad {
+		if n, err := ParseSize(in); !errors.Is(err, ErrBadSize) {
+			t.Errorf("ParseSize(%q) = %d, %v; want ErrBadSize", in, n, err)
+		}
+	}
+}
+
+func TestFormatSize(t *testing.T) {
+	for n, want := range map[int64]string{0: "0", 1: "1", 1023: "1023", 1024: "1K", 1536: "1536",
+		3 << 29: "1536M", 4 << 30: "4G", 1 << 62: "4E", 1<<63 - 1: "9223372036854775807"} {
+		if got := FormatSize(n); got != want {
+			t.Errorf("FormatSize(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
+
+func FuzzParseSize(f *testing.F) {
+	for _, s := range []string{"4G", "1.5G", "123", "512MiB", "1GB", "9223372036854775807", "0.1K"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		n, err := ParseSize(s)
+		if err != nil {
+			if !errors.Is(err, ErrBadSize) {
+				t.Fatalf("ParseSize(%q): unclassified error %v", s, err)
+			}
+			return
+		}
+		if n < 0 {
+			t.Fatalf("ParseSize(%q) = %d", s, n)
+		}
+		back, err := ParseSize(FormatSize(n))
+		if err != nil || back != n {
+			t.Fatalf("round trip %q -> %d -> %q -> %d, %v", s, n, FormatSize(n), back, err)
+		}
+	})
+}
+
+// probeFixtures maps testdata/probe files to the expected format, or to
+// "!unsupported" / "!corrupt" for the error class.
+var probeFixtures = map[string]string{
+	"qcow.img": "qcow", "qcow2-v2.img": "qcow2", "qcow2-v3.img": "qcow2",
+	"vhd-dynamic.img": "vhd", "vhd-fixed.img": "vhd",
+	"vmdk-sparse.img": "vmdk", "vmdk-descriptor.img": "vmdk", "vmdk-stream.img": "vmdk",
+	"raw-zeros.img": "raw", "raw-empty.img": "raw", "raw-bootsector.img": "raw",
+	"qed.img": "!unsupported", "vhdx.img": "!unsupported", "vdi.img": "!unsupported",
+	"qcow-bad-version.img": "!unsupported", "qcow-truncated-version.img": "!corrupt",
+}
+
+func checkProbe(t *testing.T, name, want string, got string, err error) {
+	t.Helper()
+	switch want {
+	case "!unsupported":
+		if !errors.Is(err, ErrUnsupported) {
+			t.Errorf("%s: Probe = %q, %v; want ErrUnsupported", name, got, err)
+		}
+	case "!corrupt":
+		if !errors.Is(err, ErrCorrupt) {
+			t.Errorf("%s: Probe = %q, %v; want ErrCorrupt", name, got, err)
+		}
+	default:
+		if got != want || err != nil {
+			t.Errorf("%s: Probe = %q, %v; want %q", name, got, err, want)
+		}
+	}
+}
+
+func TestProbeFixtures(t *testing.T) {
+	ents, err := os.ReadDir("testdata/probe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		want, ok := probeFixtures[e.Name()]
+		if !ok {
+			t.Errorf("fixture %s has no expectation", e.Name())
+			continue
+		}
+		got, err := Probe(filepath.Join("testdata/probe", e.Name()))
+		checkProbe(t, e.Name(), want, got, err)
+	}
+}
+
+// Images made by qemu-img right now, whole, not only their first bytes.
+func TestProbeQemuImages(t *testing.T) {
+	qimg := oracle.Require(t, "qemu-img")
+	dir := t.TempDir()
+	cases := []struct {
+		fmt  string
+		opts []string
+		want string
+	}{
+		{"raw", nil, "raw"},
+		{"qcow", nil, "qcow"},
+		{"qcow2", []string{"-o", "compat=0.10"}, "qcow2"},
+		{"qcow2", nil, "qcow2"},
+		{"vpc", nil, "vhd"},
+		{"vpc", []string{"-o", "subformat=fixed"}, "vhd"},
+		{"vmdk", nil, "vmdk"},
+		{"vmdk", []string{"-o", "subformat=monolithicFlat"}, "vmdk"},
+		{"vmdk", []string{"-o", "subformat=streamOptimized"}, "vmdk"},
+		{"qed", nil, "!unsupported"},
+		{"vhdx", nil, "!unsupported"},
+		{"vdi", nil, "!unsupported"},
+	}
+	for i, c := range cases {
+		p := filepath.Join(dir, "img"+strconv.Itoa(i)+"."+c.fmt)
+		args := append([]string{"create", "-q", "-f", c.fmt}, c.opts...)
+		if out, err := exec.Command(qimg, append(args, p, "3M")...).CombinedOutput(); err != nil {
+			t.Fatalf("qemu-img %v: %v\n%s", args, err, out)
+		}
+		got, err := Probe(p)
+		checkProbe(t, c.fmt+strings.Join(c.opts, ""), c.want, got, err)
+	}
+}
+
+func FuzzProbe(f *testing.F) {
+	ents, err := os.ReadDir("testdata/probe")
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, e := range ents {
+		b, err := os.ReadFile(filepath.Join("testdata/probe", e.Name()))
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		name, err := probe(bytes.NewReader(b), int64(len(b)))
+		if err != nil {
+			if !errors.Is(err, ErrUnsupported) && !errors.Is(err, ErrCorrupt) {
+				t.Fatalf("unclassified error %v", err)
+			}
+			return
+		}
+		if _, err := Normalize(name); err != nil {
+			t.Fatalf("probe returned %q: %v", name, err)
+		}
+		if name != "raw" && len(b) < 4 {
+			t.Fatalf("%q from %d bytes", name, len(b))
+		}
+	})
+}
+
+func TestProbeErrors(t *testing.T) {
+	if _, err := Probe(filepath.Join(t.TempDir(), "missing")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("missing file: %v", err)
+	}
+	if _, err := Probe(t.TempDir()); !errors.Is(err, ErrWrongFormat) {
+		t.Errorf("directory: %v", err)
+	}
+}
+
+func TestOpenCreateDispatch(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "a.img")
+	if err := Create("aio", p, CreateOptions{Size: 1 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	if err := Create("raw", p, CreateOptions{Size: 2 << 20}); !errors.Is(err, fs.ErrExist) {
+		t.Fatalf("Create over an existing image: %v", err)
+	}
+	img, err := Open("aio", p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if img.Size() != 1<<20 {
+		t.Errorf("size %d", img.Size())
+	}
+	if _, err := img.WriteAt([]byte("x"), 0); err != nil {
+		t.Error(err)
+	}
+	img.Close()
+	ro, err := Open("raw", p, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ro.WriteAt([]byte("x"), 0); !errors.Is(err, ErrReadOnly) {
+		t.Errorf("read-only write: %v", err)
+	}
+	ro.Close()
+
+	for _, f := range []string{"qcow", "qcow2", "vhd", "vmdk", "ram", "nbd"} {
+		if _, err := Open(f, p, Options{}); !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), f) {
+			t.Errorf("Open(%q): %v; want ErrUnsupported naming it", f, err)
+		}
+		if err := Create(f, filepath.Join(dir, "new-"+f), CreateOptions{Size: 1 << 20}); !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), f) {
+			t.Errorf("Create(%q): %v; want ErrUnsupported naming it", f, err)
+		}
+	}
+	if _, err := Open("qcow3", p, Options{}); !errors.Is(err, ErrUnknownFormat) {
+		t.Errorf("unknown format: %v", err)
+	}
+	for _, o := range []CreateOptions{
+		{Size: 1, Backing: p}, {Size: 1, ClusterSize: 65536}, {Size: -1}, {Size: 1, BackingFormat: "raw"},
+	} {
+		if err := Create("raw", filepath.Join(dir, "bad"), o); err == nil {
+			t.Errorf("Create raw %+v accepted", o)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(dir, "bad")); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a refused Create left a file behind: %v", err)
+	}
+}
+
+// DESIGN.md arrows: formats imports nothing of the project outside
+// formats/, and no format shells out (os/exec) outside tests.
+func TestLayering(t *testing.T) {
+	const module = "github.com/blktap-go/blktap/"
+	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if d.IsDir() && d.Name() == "testdata" {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+			return nil
+		}
+		f, err := parser.ParseFile(token.NewFileSet(), path, nil, parser.ImportsOnly)
+		if err != nil {
+			return err
+		}
+		for _, imp := range f.Imports {
+			p, _ := strconv.Unquote(imp.Path.Value)
+			if p == "os/exec" {
+				t.Errorf("%s imports os/exec", path)
+			}
+			if strings.HasPrefix(p, module) && !strings.HasPrefix(p, module+"formats/") {
+				t.Errorf("%s imports %s: formats imports nothing of the project", path, p)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
