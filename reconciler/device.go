@@ -781,14 +781,17 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	errMsg := dev.lastErr
 	export := ""
 	switch {
-	case dev.failed != "":
-		phase, errMsg = PhaseFailed, dev.failed
-	case dev.ringErr != "":
-		phase, errMsg = PhaseClosing, "ring stopped: "+dev.ringErr
 	case s.Backend == StateClosed && dev.proc == nil:
 		phase = PhaseClosed
+		if dev.failed != "" {
+			errMsg = dev.failed
+		}
+	case dev.ringErr != "":
+		phase, errMsg = PhaseClosing, "ring stopped: "+dev.ringErr
 	case s.Backend == StateClosing || s.Backend == StateClosed || !s.Online:
 		phase = PhaseClosing
+	case dev.failed != "":
+		phase, errMsg = PhaseFailed, dev.failed
 	case !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore):
 		phase = PhaseRestarting
 	case dev.lastErr != "":

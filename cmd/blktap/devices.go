@@ -120,6 +120,13 @@ func cmdAttach(args []string) error {
 	defer cancel()
 	uri, err := reconciler.WaitConnected(wctx, xs, key)
 	if err != nil {
+		// Like a toolstack whose hotplug failed: take the half-made
+		// device away again, so a retry starts clean.
+		dctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		if derr := reconciler.Detach(dctx, xs, key); derr != nil {
+			return fmt.Errorf("%w (and removing the device failed: %v)", err, derr)
+		}
 		return err
 	}
 	fmt.Println(uri)

@@ -133,7 +133,16 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	}
 
 	// The seed's VM-config form, read-only.
-	uriR := attach("0", "tap:aio:"+a+",xvde,r")
+	// (On its own image: a read-only user of an image another disk writes
+	// is refused like a second writer.)
+	c := filepath.Join(dir, "c.raw")
+	if out, err := exec.Command(bin, "image", "create", "-f", "raw", c, "1M").CombinedOutput(); err != nil {
+		t.Fatalf("image create: %v %s", err, out)
+	}
+	if _, err := d.blktap("attach", "0", "tap:aio:"+a+",xvde,r"); err == nil || !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("read-only attach of an image another disk writes: %v", err)
+	}
+	uriR := attach("0", "tap:aio:"+c+",xvde,r")
 	out = runTool(t, nbdinfo, uriR)
 	if !strings.Contains(out, "is_read_only: true") {
 		t.Fatalf("r disk not read-only:\n%s", out)
@@ -156,5 +165,91 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	}
 	if _, err := d.blktap("detach", "0", "xvdc"); err == nil {
 		t.Fatal("detaching a detached disk succeeded")
+	}
+}
+
+// A toolstack drives the daemon with plain xenstore writes (Xen's own
+// xenstore-write, as libxl would write them), under the 2006 backend/tap
+// path; and a second writer of one image is refused with a clear error.
+func TestEndToEndToolstackWrites(t *testing.T) {
+	xsWrite := oracle.Require(t, "xenstore-write")
+	xsRm := oracle.Require(t, "xenstore-rm")
+	xsRead := oracle.Require(t, "xenstore-read")
+	nbdinfo := oracle.Require(t, "nbdinfo")
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	d := startDaemon(t, bin, "")
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := d.blktap("ls"); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("daemon never answered ls")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	img := filepath.Join(dir, "t.raw")
+	if out, err := exec.Command(bin, "image", "create", "-f", "raw", img, "16M").CombinedOutput(); err != nil {
+		t.Fatalf("image create: %v %s", err, out)
+	}
+	env := append(os.Environ(), "XENSTORED_PATH="+filepath.Join(d.stateDir, "xenstored.sock"))
+	xs := func(tool string, args ...string) string {
+		t.Helper()
+		cmd := exec.Command(tool, args...)
+		cmd.Env = env
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s %v: %v %s", tool, args, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	be := "/local/domain/0/backend/tap/0/51744" // xvdc
+	fe := "/local/domain/0/device/vbd/51744"
+	xs(xsWrite,
+		be+"/frontend", fe, be+"/frontend-id", "0", be+"/online", "1",
+		be+"/params", "aio:"+img, be+"/mode", "w", be+"/type", "tap", be+"/dev", "xvdc",
+		fe+"/backend", be, fe+"/backend-id", "0", fe+"/virtual-device", "51744",
+		fe+"/state", "1", be+"/state", "1")
+	row := d.waitRow("d0-51744", "connect from toolstack writes", func(r lsRow) bool {
+		return r.Phase == "connected" && r.Export != ""
+	})
+	if got := xs(xsRead, be+"/physical-device-path"); !strings.HasSuffix(row.Export, "socket="+got) {
+		t.Fatalf("physical-device-path %q vs export %q", got, row.Export)
+	}
+	if out := runTool(t, nbdinfo, "--size", row.Export); strings.TrimSpace(out) != "16777216" {
+		t.Fatalf("nbdinfo --size: %s", out)
+	}
+
+	// The same image, writable, on a second device: refused, with a reason,
+	// and attach cleans up after itself.
+	start := time.Now()
+	out, err := d.blktap("attach", "0", "aio:"+img, "xvdd", "w")
+	if err == nil {
+		t.Fatalf("second writable attach of one image succeeded: %s", out)
+	}
+	if !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second attach error lacks the reason: %v", err)
+	}
+	if time.Since(start) > 30*time.Second {
+		t.Fatalf("refusal took %v", time.Since(start))
+	}
+	if _, ok := d.row("d0-xvdd"); ok {
+		t.Fatal("refused attach left its device behind")
+	}
+
+	// The toolstack detaches: online 0 and Closing, then waits for Closed.
+	xs(xsWrite, be+"/online", "0", be+"/state", "5")
+	d.waitRow("d0-51744", "close after toolstack detach", func(r lsRow) bool {
+		return r.State == 6 && r.Phase == "closed" && r.WorkerPid == 0
+	})
+	xs(xsRm, be)
+	xs(xsRm, fe)
+	deadline = time.Now().Add(10 * time.Second)
+	for len(d.ls()) != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("device still listed after removal: %+v", d.ls())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -41,7 +41,7 @@ func (e *Error) Error() string { return e.Op + ": " + e.Msg }
 // format, does not exist, or the request was invalid.
 func (e *Error) Terminal() bool {
 	switch e.Class {
-	case "corrupt", "unsupported", "wrong-format", "not-found", "invalid", "permission":
+	case "corrupt", "unsupported", "wrong-format", "not-found", "invalid", "permission", "in-use":
 		return true
 	}
 	return false

@@ -41,6 +41,7 @@ import (
 	"github.com/blktap-go/blktap/tapengine/local"
 	"github.com/blktap-go/blktap/tapengine/nbd"
 	"github.com/blktap-go/blktap/tapengine/ring"
+	"golang.org/x/sys/unix"
 )
 
 // ControlFD is the descriptor a worker inherits its control socket on.
@@ -74,6 +75,7 @@ type worker struct {
 	name   string
 
 	img      image.Image
+	lock     *os.File // holds the image's flock while the image is open
 	readOnly bool
 
 	nbdSrv    *nbd.Server
@@ -138,6 +140,8 @@ func ErrorClass(err error) string {
 		return "not-found"
 	case errors.Is(err, fs.ErrPermission):
 		return "permission"
+	case errors.Is(err, ErrInUse):
+		return "in-use"
 	case errors.Is(err, ErrProtocol), errors.Is(err, errInvalid):
 		return "invalid"
 	}
@@ -207,14 +211,19 @@ func (w *worker) open(req *Request) Reply {
 	if len(allow) == 0 {
 		allow = []string{filepath.Dir(req.Path)}
 	}
+	lock, err := lockImage(req.Path, req.ReadOnly)
+	if err != nil {
+		return fail(err)
+	}
 	img, err := formats.Open(req.Format, req.Path, formats.Options{
 		ReadOnly: req.ReadOnly,
 		Backing:  BackingOpener(req.Path, allow, 0),
 	})
 	if err != nil {
+		lock.Close()
 		return fail(err)
 	}
-	w.img = img
+	w.img, w.lock = img, lock
 	w.readOnly = req.ReadOnly
 	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", req.ReadOnly)
 	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
@@ -253,6 +262,40 @@ func BackingOpener(child string, allow []string, depth int) image.OpenFunc {
 			Backing:  BackingOpener(real, allow, depth+1),
 		})
 	}
+}
+
+// ErrInUse reports an image another disk holds open for writing (or one
+// this disk wants to write that another holds open at all).
+var ErrInUse = errors.New("image is in use by another disk")
+
+// lockImage takes a flock on path: exclusive for a writable disk, shared
+// for a read-only one, so two disks never write one image and nobody reads
+// an image that another disk writes. The lock lives on its own open file
+// description and dies with the worker, so a crashed worker never leaves
+// an image locked.
+func lockImage(path string, readOnly bool) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	how := unix.LOCK_EX
+	if readOnly {
+		how = unix.LOCK_SH
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), how|unix.LOCK_NB)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		if err == unix.EWOULDBLOCK {
+			return nil, fmt.Errorf("%w: %s", ErrInUse, path)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return f, nil
 }
 
 func insideAny(p string, dirs []string) bool {
@@ -418,6 +461,10 @@ func (w *worker) shutdown() error {
 	}
 	img := w.img
 	w.img = nil
+	defer func() {
+		w.lock.Close() // releases the flock, after the image is closed
+		w.lock = nil
+	}()
 	if err := img.Close(); err != nil {
 		w.logger.Error("worker: close image", "err", err)
 		return err
