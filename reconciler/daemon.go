@@ -36,6 +36,7 @@ import (
 
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
 
@@ -71,8 +72,9 @@ type Daemon struct {
 
 	mu      sync.Mutex
 	devices map[Key]*device
-	desired map[Key]config.Disk // from YAML
-	ports   uint32              // last local event-channel port handed out
+	desired map[Key]config.Disk     // from YAML
+	procs   map[Key]*worker.Process // running workers, for the API (devices are the reconcilers')
+	ports   uint32                  // last local event-channel port handed out
 }
 
 // Run runs the daemon until ctx is done or SIGTERM/SIGINT arrives, then
@@ -101,6 +103,7 @@ func Run(ctx context.Context, opts Options) error {
 		q:       newQueue(),
 		devices: map[Key]*device{},
 		desired: map[Key]config.Disk{},
+		procs:   map[Key]*worker.Process{},
 	}
 	// Read the YAML before touching anything: a wrong file is a clear
 	// error at start, not a half-started daemon.
@@ -156,8 +159,29 @@ func Run(ctx context.Context, opts Options) error {
 		}()
 	}
 
+	stopAPI, err := d.serveAPI()
+	if err != nil {
+		return err
+	}
+	defer stopAPI()
+
 	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
 		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)
+	var fileChanged <-chan struct{}
+	if opts.ConfigPath != "" {
+		if fileChanged, err = watchFile(ctx, opts.ConfigPath, 300*time.Millisecond); err != nil {
+			d.log.Warn("not watching the YAML file (SIGHUP still reloads it)", "err", err)
+		}
+	}
+	reload := func(why string) {
+		c, err := config.Load(opts.ConfigPath)
+		if err != nil {
+			d.log.Error("reload: keeping the previous desired state", "trigger", why, "err", err)
+			return
+		}
+		d.log.Info("reloaded the desired state", "trigger", why, "disks", len(c.Disks))
+		d.applyConfig(ctx, c)
+	}
 	resync := time.NewTicker(5 * time.Second)
 	defer resync.Stop()
 	d.rescan(ctx)
@@ -171,15 +195,15 @@ loop:
 		case <-resync.C:
 			d.rescan(ctx)
 		case <-hup:
-			if opts.ConfigPath == "" {
+			if opts.ConfigPath != "" {
+				reload("SIGHUP")
+			}
+		case _, ok := <-fileChanged:
+			if !ok {
+				fileChanged = nil
 				continue
 			}
-			c, err := config.Load(opts.ConfigPath)
-			if err != nil {
-				d.log.Error("reload: keeping the previous desired state", "err", err)
-				continue
-			}
-			d.applyConfig(ctx, c)
+			reload("file changed")
 		}
 	}
 	d.log.Info("shutting down: flushing and closing every disk")
@@ -375,7 +399,25 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 			Key: k, Name: disk.Name, Format: disk.Format, Path: disk.Image,
 			Mode: disk.Mode, Vdev: config.VdevName(disk.DevID), Source: "yaml",
 		}
-		if err := WriteDevice(ctx, d.xs, spec); err != nil && !errors.Is(err, ErrExists) {
+		err := WriteDevice(ctx, d.xs, spec)
+		if errors.Is(err, ErrExists) {
+			if prev, had := old[k]; had && (prev.Image != disk.Image || prev.Format != disk.Format || prev.Mode != disk.Mode) {
+				// Image, format or mode changed: a controlled reconnect,
+				// as a toolstack would do it (unplug, then plug anew).
+				log.Info("disk changed: reconnecting", "image", disk.Image, "format", disk.Format, "mode", disk.Mode)
+				go func() {
+					rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+					defer cancel()
+					if err := Detach(rctx, d.xs, k); err != nil {
+						log.Error("reconnect: detach", "err", err)
+						return
+					}
+					if err := WriteDevice(rctx, d.xs, spec); err != nil {
+						log.Error("reconnect: attach", "err", err)
+					}
+				}()
+			}
+		} else if err != nil {
 			log.Error("declare device in xenstore", "err", err)
 			continue
 		}
@@ -439,6 +481,16 @@ func (d *Daemon) shutdownAll() {
 		}()
 	}
 	wg.Wait()
+}
+
+func (d *Daemon) setProc(k Key, p *worker.Process) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if p == nil {
+		delete(d.procs, k)
+	} else {
+		d.procs[k] = p
+	}
 }
 
 func (d *Daemon) allocPort() uint32 {

@@ -221,6 +221,7 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
 	}
 	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
+	d.setProc(dev.key, nil)
 }
 
 func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
@@ -547,6 +548,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		err := dev.proc.Close(ctx)
 		<-dev.proc.Done()
 		dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
+		d.setProc(dev.key, nil)
 		if dev.export != nil {
 			dev.export.Close()
 			dev.export = nil
@@ -591,6 +593,7 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		return err
 	}
 	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
+	d.setProc(dev.key, p)
 	dev.ringErr = ""
 	k := dev.key
 	go func() {

@@ -16,12 +16,17 @@ import (
 	"github.com/blktap-go/blktap/xenstore"
 )
 
+// newLogger logs to standard error as text, or JSON when BLKTAP_LOG_FORMAT
+// (or run's --log-format, which sets it for the workers too) says json.
 func newLogger() *slog.Logger {
-	level := slog.LevelInfo
+	opts := &slog.HandlerOptions{Level: slog.LevelInfo}
 	if os.Getenv("BLKTAP_DEBUG") != "" {
-		level = slog.LevelDebug
+		opts.Level = slog.LevelDebug
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if os.Getenv("BLKTAP_LOG_FORMAT") == "json" {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts))
 }
 
 func cmdRun(args []string) error {
@@ -32,12 +37,19 @@ func cmdRun(args []string) error {
 	xs := fs.String("xenstore", "", "xenstored socket (default: a real one if reachable, else embedded)")
 	serveVBD := fs.Bool("serve-vbd", false, "also serve backend/vbd (only where no kernel blkback is)")
 	dryRun := fs.Bool("dry-run", false, "check the YAML file and print the disks it declares, then exit")
+	logFormat := fs.String("log-format", "text", "log format: text or json")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q", pos[0])
+	}
+	switch *logFormat {
+	case "text", "json":
+		os.Setenv("BLKTAP_LOG_FORMAT", *logFormat) // inherited by the workers
+	default:
+		return usagef("--log-format %q: want text or json", *logFormat)
 	}
 	if *dryRun {
 		if *cfg == "" {

@@ -17,6 +17,7 @@ import (
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/reconciler"
+	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
 
@@ -188,6 +189,8 @@ type lsEntry struct {
 	Export    string `json:"export"`
 	WorkerPid int    `json:"worker_pid"`
 	Restarts  int    `json:"restarts"`
+	// IO holds the worker's counters, when the daemon answers.
+	IO *worker.Stats `json:"io,omitempty"`
 }
 
 func cmdLs(args []string) error {
@@ -249,6 +252,17 @@ func cmdLs(args []string) error {
 			}
 		}
 	}
+	if stats, err := reconciler.FetchStats(ctx, *stateDir); err == nil {
+		byKey := map[string]*worker.Stats{}
+		for _, st := range stats {
+			byKey[st.Device] = st.Stats
+		}
+		for i := range entries {
+			e := &entries[i]
+			k := reconciler.Key{Kind: e.Kind, Domid: e.Domain, Devid: e.Devid}
+			e.IO = byKey[k.String()]
+		}
+	}
 	sort.Slice(entries, func(i, j int) bool {
 		if entries[i].Domain != entries[j].Domain {
 			return entries[i].Domain < entries[j].Domain
@@ -261,14 +275,18 @@ func cmdLs(args []string) error {
 		return enc.Encode(entries)
 	}
 	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "NAME\tDOMAIN\tDEVICE\tFORMAT\tIMAGE\tMODE\tSTATE\tPHASE\tPID\tEXPORT\tERROR")
+	fmt.Fprintln(tw, "NAME\tDOMAIN\tDEVICE\tFORMAT\tIMAGE\tMODE\tSTATE\tPHASE\tPID\tREAD\tWRITTEN\tEXPORT\tERROR")
 	for _, e := range entries {
 		pid := "-"
 		if e.WorkerPid > 0 {
 			pid = strconv.Itoa(e.WorkerPid)
 		}
-		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Domain, e.Device, e.Format,
-			e.Image, e.Mode, e.StateName, e.Phase, pid, e.Export, e.Error)
+		rd, wr := "-", "-"
+		if e.IO != nil {
+			rd, wr = formats.FormatSize(int64(e.IO.BytesRead)), formats.FormatSize(int64(e.IO.BytesWritten))
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n", e.Name, e.Domain, e.Device, e.Format,
+			e.Image, e.Mode, e.StateName, e.Phase, pid, rd, wr, e.Export, e.Error)
 	}
 	return tw.Flush()
 }

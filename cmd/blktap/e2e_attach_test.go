@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -251,5 +252,55 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 			t.Fatalf("device still listed after removal: %+v", d.ls())
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// GitOps: the daemon follows edits of its YAML file (an editor's
+// write-then-rename included); a broken file is reported and changes
+// nothing.
+func TestEndToEndYAMLEdits(t *testing.T) {
+	oracle.Require(t, "nbdinfo")
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "disks.yaml")
+	disk := func(name, dev string) string {
+		return fmt.Sprintf("  - {name: %s, image: %s/%s.raw, format: raw, domain: 0, device: %s, create: {size: 8M}}\n", name, dir, name, dev)
+	}
+	write := func(body string) {
+		t.Helper()
+		tmp := cfg + ".tmp"
+		if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Rename(tmp, cfg); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("disks:\n" + disk("one", "xvdb"))
+	d := startDaemon(t, bin, cfg)
+	d.waitConnected("one")
+
+	write("disks:\n" + disk("one", "xvdb") + disk("two", "xvdc"))
+	d.waitConnected("one", "two")
+
+	write("disks:\n  - {name: broken, image: /x, format: raw, device: xvdq, colour: blue}\n")
+	time.Sleep(1500 * time.Millisecond)
+	if rows := d.ls(); len(rows) != 2 {
+		t.Fatalf("a broken file changed the devices: %+v", rows)
+	}
+
+	write("disks:\n" + disk("two", "xvdc"))
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, ok := d.row("one"); !ok {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("disk dropped from the file is still attached: %+v", d.ls())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if r, ok := d.row("two"); !ok || r.Phase != "connected" {
+		t.Fatalf("the remaining disk was disturbed: %+v", r)
 	}
 }
