@@ -23,6 +23,7 @@ import (
 	"strings"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/qcow"
 	"github.com/blktap-go/blktap/formats/raw"
 )
 
@@ -93,6 +94,9 @@ type CreateOptions struct {
 	BackingFormat string // its format; "" only where the format allows probing
 	ClusterSize   int64  // 0: the format's default
 	Subformat     string // "fixed", "monolithicFlat", ...: the format's variant; "" the default
+	// OpenBacking opens the backing file when Size is 0, to take its
+	// size; nil then refuses a zero size.
+	OpenBacking image.OpenFunc
 }
 
 // Open opens the image at path as format.
@@ -104,6 +108,12 @@ func Open(format, path string, opts Options) (Image, error) {
 	switch name {
 	case "raw":
 		img, err := raw.Open(path, raw.Options{ReadOnly: opts.ReadOnly})
+		if err != nil {
+			return nil, err
+		}
+		return img, nil
+	case "qcow":
+		img, err := qcow.Open(path, qcow.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing})
 		if err != nil {
 			return nil, err
 		}
@@ -134,6 +144,14 @@ func Create(format, path string, opts CreateOptions) error {
 			return fmt.Errorf("create %s: %w: raw images have no cluster size", path, ErrUnsupported)
 		}
 		return raw.Create(path, opts.Size)
+	case "qcow":
+		if opts.Subformat != "" {
+			return fmt.Errorf("create %s: %w: qcow has no subformats", path, ErrUnsupported)
+		}
+		return qcow.Create(path, qcow.CreateOptions{
+			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
+			ClusterSize: opts.ClusterSize, OpenBacking: opts.OpenBacking,
+		})
 	case "ram", "nbd":
 		return fmt.Errorf("create %s: %w: format %q has no image file to create", path, ErrUnsupported, name)
 	}

@@ -8,6 +8,7 @@ import (
 	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/qcow"
 	"github.com/blktap-go/blktap/formats/raw"
 )
 
@@ -18,6 +19,7 @@ type CheckResult struct {
 	Corruptions int      `json:"corruptions"`
 	Leaks       int      `json:"leaks"`
 	Repaired    int      `json:"repaired,omitempty"`
+	Detail      any      `json:"detail,omitempty"` // the format's own report
 }
 
 // Check checks the image at path for metadata problems; repair fixes what
@@ -36,6 +38,22 @@ func Check(format, path string, repair bool) (*CheckResult, error) {
 			return nil, err
 		}
 		return res, img.Close()
+	case "qcow":
+		r, err := qcow.Check(path, qcow.CheckOptions{})
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range r.Corruptions {
+			res.Problems = append(res.Problems, fmt.Sprintf("ERROR at offset %d: %s", p.Offset, p.Message))
+		}
+		for _, p := range r.Leaks {
+			res.Problems = append(res.Problems, fmt.Sprintf("Leaked cluster at offset %d: %s", p.Offset, p.Message))
+		}
+		res.Corruptions, res.Leaks, res.Detail = int(r.CorruptionCount), int(r.LeakedClusters), r
+		if repair && res.Leaks > 0 {
+			return res, fmt.Errorf("check %s: %w: qcow has no leak repair (leaks waste space but are harmless)", path, ErrUnsupported)
+		}
+		return res, nil
 	}
 	return nil, fmt.Errorf("check %s: %w: checking format %q is not built in yet", path, ErrUnsupported, name)
 }
@@ -43,9 +61,11 @@ func Check(format, path string, repair bool) (*CheckResult, error) {
 // Describe returns format-specific information about an open image for
 // `image info`, or nil when the format has none.
 func Describe(img Image) any {
-	switch img.(type) {
+	switch i := img.(type) {
 	case *raw.Image:
 		return nil
+	case *qcow.Image:
+		return i.Info()
 	}
 	return nil
 }

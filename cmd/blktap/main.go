@@ -101,6 +101,11 @@ func run(argv []string) int {
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
+	var su *seedUsage
+	if errors.As(err, &su) {
+		fmt.Fprintln(os.Stderr, su.text)
+		return 2
+	}
 	var ue *usageError
 	if errors.As(err, &ue) {
 		fmt.Fprintf(os.Stderr, "%s: %s\nusage: %s\n", name, ue.msg, strings.TrimSpace(cmdUsage))
