@@ -54,8 +54,10 @@ type device struct {
 	failed       string // terminal error
 	failedParams string
 	lastErr      string
-	notBefore    time.Time // restart backoff
-	bo           *backoff.ExponentialBackOff
+	notBefore    time.Time                  // restart backoff
+	bo           *backoff.ExponentialBackOff // retries of failed steps; reset on convergence
+	restartBo    *backoff.ExponentialBackOff // worker restarts; reset once a worker stays up
+	startedAt    time.Time
 	restarts     int
 
 	status map[string]string // last status written, to write only changes
@@ -93,7 +95,11 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		bo.InitialInterval = 500 * time.Millisecond
 		bo.MaxInterval = 30 * time.Second
 		bo.MaxElapsedTime = 0
-		dev = &device{key: k, bo: bo, status: map[string]string{}}
+		rbo := backoff.NewExponentialBackOff()
+		rbo.InitialInterval = 500 * time.Millisecond
+		rbo.MaxInterval = 60 * time.Second
+		rbo.MaxElapsedTime = 0
+		dev = &device{key: k, bo: bo, restartBo: rbo, status: map[string]string{}}
 		d.devices[k] = dev
 	}
 	d.mu.Unlock()
@@ -157,6 +163,10 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 	d.q.AddAfter(k, time.Second)
 }
 
+// stableAfter is how long a worker must run before its crash counts as a
+// fresh one for the restart backoff.
+const stableAfter = time.Minute
+
 type retryAt struct{ t time.Time }
 
 func (r *retryAt) Error() string { return "retry at " + r.t.Format(time.RFC3339) }
@@ -215,7 +225,12 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 	}
 	if !dev.stopping {
 		dev.restarts++
-		wait := dev.bo.NextBackOff()
+		// A worker that crashes at once, again and again, is restarted
+		// ever more slowly; one that served for a while starts afresh.
+		if time.Since(dev.startedAt) > stableAfter {
+			dev.restartBo.Reset()
+		}
+		wait := dev.restartBo.NextBackOff()
 		dev.notBefore = time.Now().Add(wait)
 		dev.lastErr = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
 		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
@@ -593,6 +608,7 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		return err
 	}
 	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
+	dev.startedAt = time.Now()
 	d.setProc(dev.key, p)
 	dev.ringErr = ""
 	k := dev.key
