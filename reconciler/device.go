@@ -54,7 +54,7 @@ type device struct {
 	failed       string // terminal error
 	failedParams string
 	lastErr      string
-	notBefore    time.Time                  // restart backoff
+	notBefore    time.Time                   // restart backoff
 	bo           *backoff.ExponentialBackOff // retries of failed steps; reset on convergence
 	restartBo    *backoff.ExponentialBackOff // worker restarts; reset once a worker stays up
 	startedAt    time.Time
@@ -76,6 +76,8 @@ type snapshot struct {
 	beSectors     uint64
 	beSectorSize  uint32
 	beInfo        int
+	beDiscard     bool
+	beMaxIndirect int
 	ringRefsError string
 }
 
@@ -278,6 +280,8 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	ss, _ := strconv.ParseUint(get("sector-size"), 10, 32)
 	s.beSectorSize = uint32(ss)
 	s.beInfo = atoiDefault(get("info"), 0)
+	s.beDiscard = get("feature-discard") == "1"
+	s.beMaxIndirect = max(0, atoiDefault(get("feature-max-indirect-segments"), 0))
 	if err != nil {
 		return s, err
 	}
@@ -412,16 +416,16 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		return nil
 
 	case ActBackendInitWait:
+		ro := s.Mode == "r" || s.Mode == "ro"
 		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 			if err := requireDir(ctx, tx, be); err != nil {
 				return err
 			}
-			// What the worker serves on the ring today.
-			for _, kv := range [][2]string{
-				{"feature-flush-cache", "1"},
-				{"feature-barrier", "1"},
-				{"state", strconv.Itoa(int(StateInitWait))},
-			} {
+			// Transport limits first (WIRE.md section 2: what blkback
+			// publishes at probe), then InitWait.
+			probe, _ := worker.RingOptions(ro).Features()
+			probe = append(probe, [2]string{"state", strconv.Itoa(int(StateInitWait))})
+			for _, kv := range probe {
 				if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
 					return err
 				}
@@ -452,7 +456,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		})
 
 	case ActFrontendInit:
-		f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64})
+		f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64, MaxIndirectSegments: 256})
 		if err != nil {
 			return err
 		}
@@ -522,6 +526,13 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		sectors, ss := s.beSectors, s.beSectorSize
 		if ss == 0 {
 			ss = blkif.SectorSize
+		}
+		// A blkfront reads the backend's features before it connects.
+		if err := dev.lf.SetFeatures(frontend.Features{
+			Discard:             s.beDiscard,
+			MaxIndirectSegments: s.beMaxIndirect,
+		}); err != nil {
+			return err
 		}
 		if err := dev.lf.Connect(sectors, ss, s.beInfo&4 != 0); err != nil {
 			return err
@@ -652,12 +663,13 @@ func diskKeys(dev *device) [][2]string {
 	if dev.readOnly {
 		info |= 4 // VDISK_READONLY
 	}
-	return [][2]string{
+	_, features := worker.RingOptions(dev.readOnly).Features()
+	return append(features, [][2]string{
 		{"sectors", strconv.FormatInt(dev.size/blkif.SectorSize, 10)},
 		{"info", strconv.Itoa(info)},
 		{"sector-size", strconv.Itoa(blkif.SectorSize)},
 		{"physical-sector-size", strconv.Itoa(blkif.SectorSize)},
-	}
+	}...)
 }
 
 func requireDir(ctx context.Context, tx *xenstore.Tx, p string) error {

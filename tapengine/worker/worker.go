@@ -388,11 +388,9 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 	go func() {
 		defer close(done)
 		defer t.Close()
-		err := ring.Serve(ctx, t, proto, w.img, ring.Options{
-			ReadOnly: w.readOnly,
-			Logger:   w.logger,
-			Stats:    &w.ring.stats,
-		})
+		opts := RingOptions(w.readOnly)
+		opts.Logger, opts.Stats = w.logger, &w.ring.stats
+		err := ring.Serve(ctx, t, proto, w.img, opts)
 		w.ring.mu.Lock()
 		w.ring.running = false
 		if err != nil && ctx.Err() == nil {
@@ -405,6 +403,12 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 	}()
 	w.logger.Info("worker: ring connected", "protocol", proto.String(), "refs", req.RingRefs)
 	return Reply{OK: true}
+}
+
+// RingOptions are what a worker serves a ring with; the daemon publishes
+// the matching feature keys from them (ring.Options.Features).
+func RingOptions(readOnly bool) ring.Options {
+	return ring.Options{ReadOnly: readOnly, Discard: true, MaxIndirectSegments: 256}
 }
 
 func (w *worker) stopRing() {

@@ -1,0 +1,76 @@
+package frontend
+
+import (
+	"fmt"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+	"github.com/blktap-go/blktap/tapengine/ring"
+)
+
+// ctxsw counts the process's context switches (all threads) so far.
+func ctxsw() int64 {
+	var ru unix.Rusage
+	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err != nil {
+		return 0
+	}
+	return ru.Nvcsw + ru.Nivcsw
+}
+
+// BenchmarkRoundTrip4k: a local frontend -> ring -> Serve -> file image
+// 4 KiB round trip in one process, at QD1 and with many callers.
+func BenchmarkRoundTrip4k(b *testing.B) {
+	for _, op := range []string{"read", "write"} {
+		b.Run(op+"/qd1", func(b *testing.B) {
+			r := newRig(b, blkif.X86_64, 0, 64<<20, ring.Options{})
+			buf := make([]byte, 4096)
+			b.SetBytes(4096)
+			b.ReportAllocs()
+			cs := ctxsw()
+			defer func() { b.ReportMetric(float64(ctxsw()-cs)/float64(b.N), "ctxsw/op") }()
+			for i := 0; b.Loop(); i++ {
+				off := int64(i%16384) * 4096
+				var err error
+				if op == "read" {
+					_, err = r.f.ReadAt(buf, off)
+				} else {
+					_, err = r.f.WriteAt(buf, off)
+				}
+				if err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		for _, workers := range []int{0, 2} {
+			b.Run(fmt.Sprintf("%s/parallel/workers%d", op, workers), func(b *testing.B) {
+				r := newRig(b, blkif.X86_64, 0, 64<<20, ring.Options{Workers: workers})
+				b.SetBytes(4096)
+				b.ReportAllocs()
+				b.SetParallelism(16)
+				cs := ctxsw()
+				defer func() { b.ReportMetric(float64(ctxsw()-cs)/float64(b.N), "ctxsw/op") }()
+				b.RunParallel(func(pb *testing.PB) {
+					buf := make([]byte, 4096)
+					i := 0
+					for pb.Next() {
+						off := int64(i%16384) * 4096
+						i += 7
+						var err error
+						if op == "read" {
+							_, err = r.f.ReadAt(buf, off)
+						} else {
+							_, err = r.f.WriteAt(buf, off)
+						}
+						if err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+				b.ReportMetric(float64(r.stats.Batches.Load())/float64(r.stats.Reads.Load()+r.stats.Writes.Load()), "batches/req")
+			})
+		}
+	}
+}

@@ -1,0 +1,87 @@
+package frontend
+
+import (
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+	"github.com/blktap-go/blktap/tapengine/local"
+	"github.com/blktap-go/blktap/tapengine/ring"
+)
+
+// TestHostileBackend: a backend that answers a request never made, or
+// publishes responses past the requests, fails the frontend with
+// ErrHostile; the calls in flight fail, nothing panics or hangs.
+func TestHostileBackend(t *testing.T) {
+	for name, misbehave := range map[string]func(tr ring.Transport, back *ring.Back, req *blkif.Request){
+		"unknown id": func(tr ring.Transport, back *ring.Back, req *blkif.Request) {
+			back.Respond(&blkif.Response{ID: 9999, Op: req.Op})
+			back.PushResponses()
+		},
+		"id answered twice": func(tr ring.Transport, back *ring.Back, req *blkif.Request) {
+			back.Respond(&blkif.Response{ID: req.ID, Op: req.Op})
+			back.Respond(&blkif.Response{ID: req.ID, Op: req.Op})
+			back.PushResponses()
+		},
+		"rsp_prod far ahead": func(tr ring.Transport, back *ring.Back, req *blkif.Request) {
+			binary.LittleEndian.PutUint32(tr.Ring()[blkif.OffRspProd:], 1000)
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f, err := New(Options{Protocol: blkif.X86_64})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			memfd, kick, notify := f.BackendFDs()
+			fds := make([]int, 3)
+			for i, fd := range []int{memfd, kick, notify} {
+				if fds[i], err = unix.Dup(fd); err != nil {
+					t.Fatal(err)
+				}
+			}
+			tr, err := local.Attach(fds[0], f.RingRefs(), fds[1], fds[2])
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer tr.Close()
+			back, err := ring.NewBack(tr.Ring(), blkif.X86_64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			gdone := make(chan struct{})
+			go func() {
+				defer close(gdone)
+				// Wait for the request, then misbehave once.
+				pfd := []unix.PollFd{{Fd: int32(tr.WaitFD()), Events: unix.POLLIN}}
+				for {
+					n, err := back.Pending()
+					if err != nil || n > 0 {
+						break
+					}
+					unix.Poll(pfd, -1)
+					tr.Ack()
+				}
+				var req blkif.Request
+				back.Next(&req)
+				misbehave(tr, back, &req)
+				tr.Notify()
+			}()
+			if err := f.Connect(2048, 512, false); err != nil {
+				t.Fatal(err)
+			}
+			_, err = f.ReadAt(make([]byte, 4096), 0)
+			if !errors.Is(err, ring.ErrHostile) || !errors.Is(err, ErrClosed) {
+				t.Fatalf("ReadAt: %v, want ErrHostile", err)
+			}
+			t.Log(err)
+			<-gdone
+			if _, err := f.WriteAt(make([]byte, 512), 0); !errors.Is(err, ring.ErrHostile) {
+				t.Errorf("later call: %v", err)
+			}
+		})
+	}
+}

@@ -1,0 +1,103 @@
+package ring
+
+import (
+	"fmt"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+)
+
+// Back is the backend half of a ring: it consumes requests and produces
+// responses. It is not safe for concurrent use; one loop owns it.
+type Back struct {
+	ring    []byte
+	proto   blkif.Protocol
+	slot    int
+	entries uint32
+
+	reqCons    uint32 // next request to copy out
+	rspProdPvt uint32 // next response slot to fill
+}
+
+// NewBack attaches to a ring the frontend has already initialised. It
+// resumes where the shared indices are: every request below rsp_prod has
+// been answered (by us or by a previous backend), so consumption restarts
+// there. That is what makes a ring servable again after a pause or a
+// worker restart.
+func NewBack(ring []byte, proto blkif.Protocol) (*Back, error) {
+	if !proto.Valid() {
+		return nil, fmt.Errorf("%w: protocol %v", ErrBadRing, proto)
+	}
+	order, err := orderOf(len(ring))
+	if err != nil {
+		return nil, err
+	}
+	b := &Back{ring: ring, proto: proto, slot: proto.SlotSize(), entries: uint32(blkif.Entries(proto, order))}
+	b.rspProdPvt = load32(ring, blkif.OffRspProd)
+	b.reqCons = b.rspProdPvt
+	return b, nil
+}
+
+// Entries is the number of slots.
+func (b *Back) Entries() int { return int(b.entries) }
+
+func (b *Back) slotAt(i uint32) []byte {
+	off := blkif.RingHeaderSize + int(i&(b.entries-1))*b.slot
+	return b.ring[off : off+b.slot]
+}
+
+// Pending reports how many published requests are not yet consumed. An
+// honest frontend never has more than a ring of requests unanswered
+// (req_prod - rsp_prod_pvt <= entries); anything else, including an index
+// that went backwards, is hostile.
+func (b *Back) Pending() (int, error) {
+	prod := load32(b.ring, blkif.OffReqProd)
+	if prod-b.rspProdPvt > b.entries {
+		return 0, fmt.Errorf("%w: req_prod %d is more than a ring (%d) ahead of responses %d",
+			ErrHostile, prod, b.entries, b.rspProdPvt)
+	}
+	return int(prod - b.reqCons), nil
+}
+
+// Next copies the next request out of its slot into r. Call it only for
+// requests Pending reported.
+func (b *Back) Next(r *blkif.Request) {
+	b.proto.DecodeRequest(b.slotAt(b.reqCons), r)
+	b.reqCons++
+}
+
+// Respond writes a response into the next response slot (not yet
+// published). Responses may come in any order, but never more than
+// requests consumed.
+func (b *Back) Respond(r *blkif.Response) {
+	b.proto.EncodeResponse(b.slotAt(b.rspProdPvt), r)
+	b.rspProdPvt++
+}
+
+// InFlight is the number of consumed requests without a response.
+func (b *Back) InFlight() int { return int(b.reqCons - b.rspProdPvt) }
+
+// PushResponses publishes the responses written so far and reports
+// whether the frontend must be notified (rsp_event in (old, new]).
+func (b *Back) PushResponses() bool {
+	old := load32(b.ring, blkif.OffRspProd)
+	nw := b.rspProdPvt
+	if old == nw {
+		return false
+	}
+	store32(b.ring, blkif.OffRspProd, nw)
+	ev := load32(b.ring, blkif.OffRspEvent)
+	return nw-ev < nw-old
+}
+
+// FinalCheck is called with nothing left to consume, before sleeping: it
+// asks to be kicked for the next request, then re-reads the producer
+// index so a request published meanwhile is not slept through.
+func (b *Back) FinalCheck() (more bool, err error) {
+	n, err := b.Pending()
+	if err != nil || n > 0 {
+		return n > 0, err
+	}
+	store32(b.ring, blkif.OffReqEvent, b.reqCons+1)
+	n, err = b.Pending()
+	return n > 0, err
+}

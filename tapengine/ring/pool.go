@@ -1,0 +1,101 @@
+package ring
+
+import (
+	"sync"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+)
+
+// pool runs the I/O of a batch on a few long-lived goroutines, so a batch
+// of requests to a slow image overlaps instead of queueing on the loop.
+// Goroutines are started once per Serve, never per request.
+type pool struct {
+	jobs chan *job
+	wg   sync.WaitGroup // jobs of the current batch
+	s    *server
+	done sync.WaitGroup // the goroutines
+}
+
+func newPool(n int) *pool {
+	p := &pool{jobs: make(chan *job, 1024)}
+	p.done.Add(n)
+	for range n {
+		go func() {
+			defer p.done.Done()
+			for j := range p.jobs {
+				p.s.exec(j)
+				p.wg.Done()
+			}
+		}()
+	}
+	return p
+}
+
+func (p *pool) close() {
+	close(p.jobs)
+	p.done.Wait()
+}
+
+// run executes jobs concurrently, the calling thread taking its share.
+func (p *pool) run(jobs []job) {
+	if len(jobs) == 1 {
+		p.s.exec(&jobs[0])
+		return
+	}
+	p.wg.Add(len(jobs) - 1)
+	for i := 1; i < len(jobs); i++ {
+		p.jobs <- &jobs[i]
+	}
+	p.s.exec(&jobs[0])
+	p.wg.Wait()
+}
+
+// serveBatch consumes n requests and writes their responses (not yet
+// published).
+func (s *server) serveBatch(n int) {
+	if cap(s.batch) < n {
+		// Pending never reports more than a ring, so this cannot happen;
+		// refuse to grow on a peer's say-so regardless.
+		n = cap(s.batch)
+	}
+	jobs := s.batch[:n]
+	var r blkif.Request
+	if s.pool == nil {
+		for i := range jobs {
+			s.back.Next(&r)
+			s.prepare(&r, &jobs[i])
+			s.exec(&jobs[i])
+			s.respond(&jobs[i])
+		}
+		return
+	}
+	for i := range jobs {
+		s.back.Next(&r)
+		s.prepare(&r, &jobs[i])
+	}
+	// Run the jobs between ordering points concurrently; a flush or a
+	// barrier runs alone after everything before it.
+	start := 0
+	for i := range jobs {
+		if jobs[i].ordered() {
+			if i > start {
+				s.pool.run(jobs[start:i])
+			}
+			s.exec(&jobs[i])
+			start = i + 1
+		}
+	}
+	if start < len(jobs) {
+		s.pool.run(jobs[start:])
+	}
+	for i := range jobs {
+		s.respond(&jobs[i])
+	}
+}
+
+func (s *server) respond(j *job) {
+	if j.status != blkif.StatusOK && j.kind == kindNone {
+		s.stats.Errors.Add(1)
+	}
+	s.back.Respond(&blkif.Response{ID: j.id, Op: j.op, Status: j.status})
+}

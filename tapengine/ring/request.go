@@ -1,0 +1,296 @@
+package ring
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+)
+
+// What a validated request does.
+const (
+	kindNone    uint8 = iota // answered without I/O (status decided)
+	kindRead                 // read segments into granted pages
+	kindWrite                // write segments from granted pages
+	kindFlush                // flush only
+	kindDiscard              // discard a range
+)
+
+// ioSeg is one segment resolved to its bytes in a granted page and its
+// byte offset in the image.
+type ioSeg struct {
+	buf []byte
+	off int64
+}
+
+// job is one request after validation: everything exec needs, in the
+// backend's own memory. The guest can rewrite the ring slot from here on
+// without effect.
+type job struct {
+	id          uint64
+	op          uint8 // echoed in the response
+	kind        uint8
+	flushBefore bool // barrier: earlier writes durable before this one
+	flushAfter  bool
+	status      int16
+	off, length int64 // discard
+	bytes       uint64
+	segs        []ioSeg
+	inline      [blkif.SegmentsMax]ioSeg
+	ind         []ioSeg // indirect requests, allocated on first use
+}
+
+// errInvalid marks a request the frontend got wrong.
+var errInvalid = errors.New("invalid request")
+
+// prepare validates the request copied out of the ring into r and fills j.
+// It never does I/O; it maps pages, which checks the grants.
+func (s *server) prepare(r *blkif.Request, j *job) {
+	*j = job{id: r.ID, op: r.Op, ind: j.ind}
+	j.segs = j.inline[:0]
+	var err error
+	switch r.Op {
+	case blkif.OpRead, blkif.OpWrite, blkif.OpWriteBarrier, blkif.OpFlushDiskcache:
+		err = s.prepareRW(r, j)
+	case blkif.OpDiscard:
+		err = s.prepareDiscard(r, j)
+	case blkif.OpIndirect:
+		err = s.prepareIndirect(r, j)
+	default:
+		s.stats.Unsupported.Add(1)
+		j.status = blkif.StatusEOPNOTSUPP
+		s.log.Debug("ring: unsupported op", "op", r.Op, "id", r.ID)
+		return
+	}
+	if err != nil {
+		j.kind = kindNone
+		if errors.Is(err, errUnsupported) {
+			s.stats.Unsupported.Add(1)
+			j.status = blkif.StatusEOPNOTSUPP
+		} else {
+			s.stats.Invalid.Add(1)
+			j.status = blkif.StatusError
+		}
+		s.log.Debug("ring: refused request", "op", blkif.OpName(r.Op), "id", r.ID, "err", err)
+	}
+}
+
+var errUnsupported = errors.New("unsupported")
+
+func (s *server) prepareRW(r *blkif.Request, j *job) error {
+	n := int(r.NrSegments)
+	write := r.Op != blkif.OpRead
+	switch r.Op {
+	case blkif.OpRead:
+		s.stats.Reads.Add(1)
+	case blkif.OpWrite:
+		s.stats.Writes.Add(1)
+	case blkif.OpWriteBarrier:
+		s.stats.Barriers.Add(1)
+		j.flushBefore, j.flushAfter = true, true
+	case blkif.OpFlushDiskcache:
+		s.stats.Flushes.Add(1)
+		j.flushAfter = true
+	}
+	if n > blkif.SegmentsMax {
+		return fmt.Errorf("%w: nr_segments %d > %d", errInvalid, n, blkif.SegmentsMax)
+	}
+	if n == 0 {
+		if r.Op == blkif.OpRead || r.Op == blkif.OpWrite {
+			return fmt.Errorf("%w: nr_segments 0", errInvalid)
+		}
+		// A barrier or flush without data: just the flush. A read-only
+		// disk has nothing to flush.
+		j.kind = kindFlush
+		j.flushBefore, j.flushAfter = false, false
+		if s.opts.ReadOnly {
+			j.kind = kindNone
+		}
+		return nil
+	}
+	if write && s.opts.ReadOnly {
+		return fmt.Errorf("%w: write to a read-only disk", errInvalid)
+	}
+	j.kind = kindRead
+	if write {
+		j.kind = kindWrite
+	}
+	return s.mapSegments(r.Seg[:n], r.Sector, write, j)
+}
+
+func (s *server) prepareDiscard(r *blkif.Request, j *job) error {
+	s.stats.Discards.Add(1)
+	if !s.opts.Discard {
+		return fmt.Errorf("%w: discard not enabled", errUnsupported)
+	}
+	if r.Flag&blkif.DiscardSecure != 0 {
+		// No image here can promise the old data is unrecoverable.
+		return fmt.Errorf("%w: secure discard", errUnsupported)
+	}
+	if s.opts.ReadOnly {
+		return fmt.Errorf("%w: discard on a read-only disk", errInvalid)
+	}
+	off, length, err := s.sectorRange(r.Sector, r.NrSectors)
+	if err != nil {
+		return err
+	}
+	j.kind, j.off, j.length = kindDiscard, off, length
+	if length == 0 {
+		j.kind = kindNone
+	}
+	return nil
+}
+
+func (s *server) prepareIndirect(r *blkif.Request, j *job) error {
+	s.stats.Indirects.Add(1)
+	if s.maxInd == 0 {
+		return fmt.Errorf("%w: indirect requests not enabled", errUnsupported)
+	}
+	var write bool
+	switch r.IndirectOp {
+	case blkif.OpRead:
+		s.stats.Reads.Add(1)
+	case blkif.OpWrite:
+		s.stats.Writes.Add(1)
+		write = true
+	default:
+		return fmt.Errorf("%w: indirect_op %d", errInvalid, r.IndirectOp)
+	}
+	// From here on the response carries the inner op, as blkfront expects.
+	j.op = r.IndirectOp
+	n := int(r.IndirectSegments)
+	if n == 0 || n > s.maxInd {
+		return fmt.Errorf("%w: indirect nr_segments %d not in [1, %d]", errInvalid, n, s.maxInd)
+	}
+	if write && s.opts.ReadOnly {
+		return fmt.Errorf("%w: write to a read-only disk", errInvalid)
+	}
+	// Copy the segment descriptors out of the indirect pages once.
+	segs := s.indSegs[:n]
+	for p := 0; p*blkif.SegmentsPerIndirect < n; p++ {
+		page, err := s.t.Page(r.IndirectGrefs[p], false)
+		if err != nil {
+			return fmt.Errorf("%w: indirect page %d (gref %d): %w", errInvalid, p, r.IndirectGrefs[p], err)
+		}
+		lo := p * blkif.SegmentsPerIndirect
+		hi := min(n, lo+blkif.SegmentsPerIndirect)
+		for i := lo; i < hi; i++ {
+			blkif.DecodeSegment(page[(i-lo)*blkif.SegmentSize:], &segs[i])
+		}
+	}
+	if cap(j.ind) < n {
+		j.ind = make([]ioSeg, 0, s.maxInd)
+	}
+	j.segs = j.ind[:0]
+	j.kind = kindRead
+	if write {
+		j.kind = kindWrite
+	}
+	return s.mapSegments(segs, r.Sector, write, j)
+}
+
+// sectorRange converts a 512-byte sector range to bytes, refusing any
+// part of it past the end of the image (and any overflow on the way).
+func (s *server) sectorRange(sector, count uint64) (off, length int64, err error) {
+	last := uint64(s.size) / blkif.SectorSize
+	if sector > last || count > last-sector {
+		return 0, 0, fmt.Errorf("%w: sectors [%d, +%d) past the end (%d sectors)", errInvalid, sector, count, last)
+	}
+	return int64(sector) * blkif.SectorSize, int64(count) * blkif.SectorSize, nil
+}
+
+// mapSegments checks every segment and maps its page before any I/O, so a
+// bad segment anywhere refuses the whole request untouched. Segments are
+// consecutive on the disk from sector.
+func (s *server) mapSegments(segs []blkif.Segment, sector uint64, write bool, j *job) error {
+	var total uint64
+	for i := range segs {
+		sg := &segs[i]
+		if sg.FirstSect > sg.LastSect || sg.LastSect >= blkif.SectorsPerPage {
+			return fmt.Errorf("%w: segment %d sectors [%d, %d]", errInvalid, i, sg.FirstSect, sg.LastSect)
+		}
+		total += uint64(sg.LastSect-sg.FirstSect) + 1
+	}
+	off, _, err := s.sectorRange(sector, total)
+	if err != nil {
+		return err
+	}
+	for i := range segs {
+		sg := &segs[i]
+		// A read fills the guest's page, so it must be writable.
+		page, err := s.t.Page(sg.Gref, !write)
+		if err != nil {
+			return fmt.Errorf("%w: segment %d (gref %d): %w", errInvalid, i, sg.Gref, err)
+		}
+		lo, hi := int(sg.FirstSect)*blkif.SectorSize, (int(sg.LastSect)+1)*blkif.SectorSize
+		if len(page) < hi {
+			return fmt.Errorf("%w: segment %d (gref %d): page of %d bytes", errInvalid, i, sg.Gref, len(page))
+		}
+		j.segs = append(j.segs, ioSeg{buf: page[lo:hi], off: off})
+		off += int64(hi - lo)
+	}
+	j.bytes = total * blkif.SectorSize
+	return nil
+}
+
+// exec does the I/O of a prepared job and sets its status. Safe to run on
+// several goroutines for different jobs.
+func (s *server) exec(j *job) {
+	if j.kind == kindNone {
+		return
+	}
+	if err := s.do(j); err != nil {
+		j.status = blkif.StatusError
+		s.stats.Errors.Add(1)
+		s.log.Warn("ring: I/O failed", "op", blkif.OpName(j.op), "id", j.id, "err", err)
+		return
+	}
+	switch j.kind {
+	case kindRead:
+		s.stats.BytesRead.Add(j.bytes)
+	case kindWrite:
+		s.stats.BytesWritten.Add(j.bytes)
+	}
+}
+
+func (s *server) do(j *job) error {
+	switch j.kind {
+	case kindRead:
+		for _, sg := range j.segs {
+			if n, err := s.img.ReadAt(sg.buf, sg.off); n != len(sg.buf) {
+				return fmt.Errorf("read %d bytes at %d: got %d: %w", len(sg.buf), sg.off, n, err)
+			}
+		}
+	case kindWrite:
+		if j.flushBefore {
+			if err := s.img.Flush(); err != nil {
+				return fmt.Errorf("flush before barrier: %w", err)
+			}
+		}
+		for _, sg := range j.segs {
+			if n, err := s.img.WriteAt(sg.buf, sg.off); err != nil || n != len(sg.buf) {
+				return fmt.Errorf("write %d bytes at %d: wrote %d: %w", len(sg.buf), sg.off, n, err)
+			}
+		}
+		if j.flushAfter {
+			if err := s.img.Flush(); err != nil {
+				return fmt.Errorf("flush: %w", err)
+			}
+		}
+	case kindFlush:
+		if err := s.img.Flush(); err != nil {
+			return fmt.Errorf("flush: %w", err)
+		}
+	case kindDiscard:
+		if err := s.img.Discard(j.off, j.length); err != nil {
+			return fmt.Errorf("discard %d bytes at %d: %w", j.length, j.off, err)
+		}
+	}
+	return nil
+}
+
+// ordered reports whether a job must not overlap any other: flushes and
+// barriers cover every write answered before them.
+func (j *job) ordered() bool {
+	return j.kind == kindFlush || j.flushBefore || j.flushAfter
+}

@@ -1,0 +1,123 @@
+// Package ring moves blkif requests and responses over a shared ring: the
+// backend loop (Serve) that answers one ring from one image, the
+// frontend half (Front) that the local frontend drives, and the Transport
+// through which the backend reaches the frontend's memory and signals.
+//
+// Who owns what in the shared ring (see package blkif for the layout):
+//
+//	req_prod   written by the frontend only: requests in [.., req_prod) are published
+//	req_event  written by the backend only: "kick me when req_prod passes this"
+//	rsp_prod   written by the backend only: responses in [.., rsp_prod) are published
+//	rsp_event  written by the frontend only: "notify me when rsp_prod passes this"
+//
+// Each side keeps its private index (req_cons / rsp_prod_pvt for the
+// backend, req_prod_pvt / rsp_cons for the frontend) in its own memory,
+// never in the shared page, so the peer cannot move it.
+//
+// Producer duties (both directions, ring.h):
+//
+//  1. Write the entries into their slots.
+//  2. Publish the new producer index (a release store).
+//  3. Read the peer's event index after the store (a full barrier) and
+//     signal iff event lies in (old, new]; otherwise the peer is awake and
+//     will see the entries on its own.
+//
+// Consumer duties:
+//
+//  1. Read the producer index (an acquire load), then copy each entry out
+//     of shared memory exactly once and validate only the copy.
+//  2. Before sleeping, set the event index to consumed+1, then re-read the
+//     producer index: if entries arrived meanwhile, go on consuming
+//     (the "final check"), else sleep until signalled.
+//
+// The backend treats the frontend as an adversary: a bad request gets an
+// error response for that request only; a producer index more than a ring
+// ahead of the responses stops the ring with an error wrapping ErrHostile.
+package ring
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync/atomic"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+)
+
+// Transport is how the backend reaches the frontend's memory and signals.
+// The ring loop knows nothing else of Xen (or of its absence).
+type Transport interface {
+	// Ring is the mapped shared ring, 4096<<order bytes, page-aligned.
+	Ring() []byte
+	// Page maps a granted 4096-byte data page. It fails if ref is not
+	// granted, or is granted read-only and writable is asked. The page stays
+	// usable until Close.
+	Page(ref uint32, writable bool) ([]byte, error)
+	// WaitFD is readable when the frontend has signalled (for epoll).
+	WaitFD() int
+	// Ack consumes pending signals.
+	Ack() error
+	// Notify signals the frontend.
+	Notify() error
+	// Close unmaps everything and closes the descriptors.
+	Close() error
+}
+
+// Error classes.
+var (
+	// ErrHostile: the frontend broke the ring protocol so badly that the
+	// ring cannot go on (it is not a single bad request).
+	ErrHostile = errors.New("ring: hostile peer")
+	// ErrRingFull: no free slot for a request.
+	ErrRingFull = errors.New("ring: full")
+	// ErrBadRing: the ring memory or parameters are unusable.
+	ErrBadRing = errors.New("ring: bad ring")
+)
+
+// Options tunes Serve.
+type Options struct {
+	// ReadOnly refuses every request that would change the image.
+	ReadOnly bool
+	// Logger receives per-ring diagnostics; nil means slog.Default().
+	Logger *slog.Logger
+	// Stats, if set, receives the ring's counters (safe to read while
+	// Serve runs).
+	Stats *Stats
+	// Discard enables BLKIF_OP_DISCARD (the reconciler then publishes
+	// feature-discard). Secure discard is always refused.
+	Discard bool
+	// MaxIndirectSegments enables BLKIF_OP_INDIRECT with up to this many
+	// segments per request (the value of feature-max-indirect-segments;
+	// 0 disables indirect requests; capped at 8*512).
+	MaxIndirectSegments int
+	// Workers > 1 submits the I/O of a batch concurrently on that many
+	// goroutines (plus the loop's own thread). 0 or 1 does every request
+	// on the loop's thread, which is fastest when the image is in the
+	// page cache.
+	Workers int
+}
+
+// Stats are a ring's counters. All fields are atomics: read them at any
+// time.
+type Stats struct {
+	// Requests received by op. An indirect request counts in Indirects
+	// and in Reads or Writes (its inner op).
+	Reads, Writes, Flushes, Barriers, Discards, Indirects atomic.Uint64
+	BytesRead, BytesWritten                               atomic.Uint64
+	// Errors counts error responses of any cause; Invalid those caused
+	// by a malformed request; Unsupported the EOPNOTSUPP ones.
+	Errors, Invalid, Unsupported atomic.Uint64
+	// Batches counts drain rounds that answered at least one request,
+	// Notifies the signals sent, Wakeups the times the loop woke.
+	Batches, Notifies, Wakeups atomic.Uint64
+}
+
+// orderOf returns the ring order for a mapping of n bytes.
+func orderOf(n int) (int, error) {
+	for order := 0; order <= blkif.MaxRingOrder; order++ {
+		if n == blkif.RingSize(order) {
+			return order, nil
+		}
+	}
+	return 0, fmt.Errorf("%w: ring of %d bytes is not 4096<<order with order <= %d", ErrBadRing, n, blkif.MaxRingOrder)
+}

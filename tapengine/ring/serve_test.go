@@ -1,0 +1,287 @@
+package ring
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"testing"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+)
+
+func seg(gref uint32, first, last uint8) blkif.Segment {
+	return blkif.Segment{Gref: gref, FirstSect: first, LastSect: last}
+}
+
+func rw(op uint8, id, sector uint64, segs ...blkif.Segment) blkif.Request {
+	r := blkif.Request{Op: op, ID: id, Sector: sector, NrSegments: uint8(len(segs))}
+	copy(r.Seg[:], segs)
+	return r
+}
+
+// TestServeReadWrite: the basic data path, both layouts, with a page
+// split into several segments.
+func TestServeReadWrite(t *testing.T) {
+	for _, proto := range []blkif.Protocol{blkif.X86_32, blkif.X86_64} {
+		t.Run(proto.String(), func(t *testing.T) {
+			h := newHarness(t, proto, 0, 1<<20, Options{})
+			src := h.tr.grant(10, true)
+			for i := range src {
+				src[i] = byte(i * 7)
+			}
+			h.tr.grant(11, true)
+			copy(h.tr.pages[11], bytes.Repeat([]byte{0x5a}, 4096))
+			rsp := h.do(rw(blkif.OpWrite, 1, 16, seg(10, 0, 7), seg(11, 2, 3)))
+			if rsp[0] != (blkif.Response{ID: 1, Op: blkif.OpWrite, Status: blkif.StatusOK}) {
+				t.Fatalf("write: %+v", rsp[0])
+			}
+			data, _, _ := h.img.snapshot()
+			if !bytes.Equal(data[16*512:16*512+4096], src) || !bytes.Equal(data[24*512:26*512], bytes.Repeat([]byte{0x5a}, 1024)) {
+				t.Fatal("image does not hold the write")
+			}
+			dst := h.tr.grant(12, false)
+			rsp = h.do(rw(blkif.OpRead, 2, 17, seg(12, 1, 2)))
+			if rsp[0].Status != blkif.StatusOK || !bytes.Equal(dst[512:1536], src[512:1536]) {
+				t.Fatalf("read: %+v", rsp[0])
+			}
+			rsp = h.do(blkif.Request{Op: blkif.OpFlushDiskcache, ID: 3})
+			if _, fl, _ := h.img.snapshot(); rsp[0].Status != blkif.StatusOK || fl != 1 {
+				t.Fatalf("flush: %+v, %d flushes", rsp[0], fl)
+			}
+			rsp = h.do(rw(blkif.OpWriteBarrier, 4, 0, seg(10, 0, 0)))
+			if _, fl, _ := h.img.snapshot(); rsp[0].Status != blkif.StatusOK || fl != 3 {
+				t.Fatalf("barrier: %+v, %d flushes", rsp[0], fl)
+			}
+		})
+	}
+}
+
+// TestHostileRequests: every validation case of STYLE.md 10 gets an error
+// response for that request alone, touches nothing, and the ring goes on.
+func TestHostileRequests(t *testing.T) {
+	const size = 64 * 512
+	cases := []struct {
+		name string
+		opts Options
+		req  blkif.Request
+		want int16
+	}{
+		{"op reserved_1", Options{}, blkif.Request{Op: blkif.OpReserved1, ID: 9}, blkif.StatusEOPNOTSUPP},
+		{"op 7", Options{}, blkif.Request{Op: 7, ID: 9}, blkif.StatusEOPNOTSUPP},
+		{"op 255", Options{}, blkif.Request{Op: 255, ID: 9}, blkif.StatusEOPNOTSUPP},
+		{"read nr_segments 0", Options{}, rw(blkif.OpRead, 9, 0), blkif.StatusError},
+		{"write nr_segments 0", Options{}, rw(blkif.OpWrite, 9, 0), blkif.StatusError},
+		{"nr_segments 12", Options{}, blkif.Request{Op: blkif.OpWrite, ID: 9, NrSegments: 12}, blkif.StatusError},
+		{"nr_segments 255", Options{}, blkif.Request{Op: blkif.OpRead, ID: 9, NrSegments: 255}, blkif.StatusError},
+		{"first > last", Options{}, rw(blkif.OpWrite, 9, 0, seg(10, 0, 7), seg(10, 3, 2)), blkif.StatusError},
+		{"last_sect 8", Options{}, rw(blkif.OpWrite, 9, 0, seg(10, 0, 8)), blkif.StatusError},
+		{"last_sect 255", Options{}, rw(blkif.OpRead, 9, 0, seg(11, 255, 255)), blkif.StatusError},
+		{"past the end", Options{}, rw(blkif.OpWrite, 9, 60, seg(10, 0, 7)), blkif.StatusError},
+		{"sector overflow", Options{}, rw(blkif.OpWrite, 9, 1<<63, seg(10, 0, 7)), blkif.StatusError},
+		{"sector max", Options{}, rw(blkif.OpRead, 9, ^uint64(0), seg(11, 0, 0)), blkif.StatusError},
+		{"write read-only disk", Options{ReadOnly: true}, rw(blkif.OpWrite, 9, 0, seg(10, 0, 0)), blkif.StatusError},
+		{"barrier read-only disk", Options{ReadOnly: true}, rw(blkif.OpWriteBarrier, 9, 0, seg(10, 0, 0)), blkif.StatusError},
+		{"ungranted page", Options{}, rw(blkif.OpWrite, 9, 0, seg(10, 0, 7), seg(99, 0, 7)), blkif.StatusError},
+		{"read into read-only page", Options{}, rw(blkif.OpRead, 9, 0, seg(10, 0, 7)), blkif.StatusError},
+		{"discard disabled", Options{}, blkif.Request{Op: blkif.OpDiscard, ID: 9, NrSectors: 1}, blkif.StatusEOPNOTSUPP},
+		{"secure discard", Options{Discard: true}, blkif.Request{Op: blkif.OpDiscard, Flag: blkif.DiscardSecure, ID: 9, NrSectors: 1}, blkif.StatusEOPNOTSUPP},
+		{"discard past the end", Options{Discard: true}, blkif.Request{Op: blkif.OpDiscard, ID: 9, Sector: 60, NrSectors: 5}, blkif.StatusError},
+		{"discard huge", Options{Discard: true}, blkif.Request{Op: blkif.OpDiscard, ID: 9, Sector: 1, NrSectors: ^uint64(0)}, blkif.StatusError},
+		{"discard read-only", Options{Discard: true, ReadOnly: true}, blkif.Request{Op: blkif.OpDiscard, ID: 9, NrSectors: 1}, blkif.StatusError},
+		{"indirect disabled", Options{}, blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpRead, IndirectSegments: 1, ID: 9}, blkif.StatusEOPNOTSUPP},
+		{"indirect 0 segments", Options{MaxIndirectSegments: 256}, blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, ID: 9, IndirectGrefs: [8]uint32{20}}, blkif.StatusError},
+		{"indirect too many", Options{MaxIndirectSegments: 256}, blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, IndirectSegments: 257, ID: 9, IndirectGrefs: [8]uint32{20}}, blkif.StatusError},
+		{"indirect flush", Options{MaxIndirectSegments: 256}, blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpFlushDiskcache, IndirectSegments: 1, ID: 9, IndirectGrefs: [8]uint32{20}}, blkif.StatusError},
+		{"indirect ungranted", Options{MaxIndirectSegments: 256}, blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, IndirectSegments: 1, ID: 9, IndirectGrefs: [8]uint32{98}}, blkif.StatusError},
+		{"indirect bad segment", Options{MaxIndirectSegments: 256}, blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, IndirectSegments: 3, ID: 9, IndirectGrefs: [8]uint32{21}}, blkif.StatusError},
+	}
+	for _, proto := range []blkif.Protocol{blkif.X86_32, blkif.X86_64} {
+		for _, c := range cases {
+			t.Run(proto.String()+"/"+c.name, func(t *testing.T) {
+				h := newHarness(t, proto, 0, size, c.opts)
+				copy(h.tr.grant(10, true), bytes.Repeat([]byte{0xee}, 4096))
+				h.tr.grant(11, false)
+				h.tr.grant(20, true) // indirect page: zeroed segments -> gref 0, ungranted
+				ind := h.tr.grant(21, true)
+				blkif.EncodeSegment(ind[0:], &blkif.Segment{Gref: 10, FirstSect: 0, LastSect: 7})
+				blkif.EncodeSegment(ind[8:], &blkif.Segment{Gref: 10, FirstSect: 0, LastSect: 7})
+				blkif.EncodeSegment(ind[16:], &blkif.Segment{Gref: 10, FirstSect: 5, LastSect: 4})
+				rsp := h.do(c.req)
+				wantOp := c.req.Op
+				if c.req.Op == blkif.OpIndirect && (c.req.IndirectOp == blkif.OpRead || c.req.IndirectOp == blkif.OpWrite) && c.opts.MaxIndirectSegments > 0 {
+					wantOp = c.req.IndirectOp
+				}
+				if rsp[0] != (blkif.Response{ID: 9, Op: wantOp, Status: c.want}) {
+					t.Errorf("response %+v, want status %d op %d", rsp[0], c.want, wantOp)
+				}
+				if data, _, disc := h.img.snapshot(); !bytes.Equal(data, make([]byte, size)) || disc != 0 {
+					t.Error("a refused request touched the image")
+				}
+				// The ring goes on: a good request still works.
+				h.tr.grant(12, false)
+				if rsp := h.do(rw(blkif.OpRead, 10, 0, seg(12, 0, 7))); rsp[0].Status != blkif.StatusOK {
+					t.Errorf("next request: %+v", rsp[0])
+				}
+				if err := shutdown(h); err != nil {
+					t.Errorf("Serve: %v", err)
+				}
+			})
+		}
+	}
+}
+
+func shutdown(h *harness) error {
+	h.stop()
+	h.stop = nil
+	return <-h.done
+}
+
+// TestProducerTooFarAhead: a req_prod more than a ring ahead (or behind)
+// stops the ring with ErrHostile.
+func TestProducerTooFarAhead(t *testing.T) {
+	for _, prod := range []uint32{33, 1000, 1 << 31, ^uint32(0)} {
+		t.Run(fmt.Sprint(prod), func(t *testing.T) {
+			h := newHarness(t, blkif.X86_64, 0, 4096, Options{})
+			store32(h.tr.ring, blkif.OffReqProd, prod)
+			h.tr.kickBackend()
+			err := <-h.done
+			h.stop()
+			h.stop = nil
+			if !errors.Is(err, ErrHostile) {
+				t.Fatalf("Serve returned %v, want ErrHostile", err)
+			}
+			t.Log(err)
+		})
+	}
+	// Exactly a ring ahead is legal.
+	h := newHarness(t, blkif.X86_64, 0, 4096, Options{})
+	reqs := make([]blkif.Request, 32)
+	for i := range reqs {
+		reqs[i] = blkif.Request{Op: blkif.OpFlushDiskcache, ID: uint64(i)}
+	}
+	if rsp := h.do(reqs...); len(rsp) != 32 {
+		t.Fatalf("%d responses", len(rsp))
+	}
+}
+
+// TestIndirect: a 300-segment indirect write and read back, spanning two
+// indirect pages.
+func TestIndirect(t *testing.T) {
+	for _, proto := range []blkif.Protocol{blkif.X86_32, blkif.X86_64} {
+		t.Run(proto.String(), func(t *testing.T) {
+			const n = 600
+			h := newHarness(t, proto, 0, n*4096+4096, Options{MaxIndirectSegments: 4096})
+			ind0, ind1 := h.tr.grant(5000, true), h.tr.grant(5001, true)
+			for i := range n {
+				page := h.tr.grant(uint32(100+i), true)
+				for j := range page {
+					page[j] = byte(i + j)
+				}
+				b := ind0
+				k := i
+				if i >= 512 {
+					b, k = ind1, i-512
+				}
+				blkif.EncodeSegment(b[k*8:], &blkif.Segment{Gref: uint32(100 + i), FirstSect: 0, LastSect: 7})
+			}
+			req := blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, IndirectSegments: n, ID: 77, Sector: 8,
+				IndirectGrefs: [8]uint32{5000, 5001}}
+			if rsp := h.do(req); rsp[0] != (blkif.Response{ID: 77, Op: blkif.OpWrite}) {
+				t.Fatalf("indirect write: %+v", rsp[0])
+			}
+			data, _, _ := h.img.snapshot()
+			for i := range n {
+				if !bytes.Equal(data[4096+i*4096:4096+(i+1)*4096], h.tr.pages[uint32(100+i)]) {
+					t.Fatalf("page %d not written", i)
+				}
+			}
+			// Read it back into fresh writable pages.
+			for i := range n {
+				clear(h.tr.grant(uint32(100+i), false))
+			}
+			req.IndirectOp = blkif.OpRead
+			if rsp := h.do(req); rsp[0] != (blkif.Response{ID: 77, Op: blkif.OpRead}) {
+				t.Fatalf("indirect read: %+v", rsp[0])
+			}
+			if !bytes.Equal(h.tr.pages[uint32(100+n-1)], data[n*4096:]) {
+				t.Fatal("indirect read data")
+			}
+		})
+	}
+}
+
+func TestDiscard(t *testing.T) {
+	h := newHarness(t, blkif.X86_64, 0, 8192, Options{Discard: true})
+	h.img.WriteAt(bytes.Repeat([]byte{1}, 8192), 0)
+	rsp := h.do(blkif.Request{Op: blkif.OpDiscard, ID: 1, Sector: 2, NrSectors: 3})
+	if rsp[0] != (blkif.Response{ID: 1, Op: blkif.OpDiscard}) {
+		t.Fatalf("%+v", rsp[0])
+	}
+	if data, _, _ := h.img.snapshot(); data[1023] != 1 || data[1024] != 0 || data[2559] != 0 || data[2560] != 1 {
+		t.Fatal("discard range wrong")
+	}
+}
+
+// TestWorkersOrdering: with a worker pool, a batch of writes, a flush and
+// reads all complete, and every request in the batch is answered.
+func TestWorkersBatch(t *testing.T) {
+	h := newHarness(t, blkif.X86_64, 0, 1<<20, Options{Workers: 4})
+	var reqs []blkif.Request
+	for i := range 16 {
+		copy(h.tr.grant(uint32(100+i), true), bytes.Repeat([]byte{byte(i + 1)}, 4096))
+		reqs = append(reqs, rw(blkif.OpWrite, uint64(i), uint64(i*8), seg(uint32(100+i), 0, 7)))
+	}
+	reqs = append(reqs, blkif.Request{Op: blkif.OpFlushDiskcache, ID: 16})
+	for i := range 15 {
+		h.tr.grant(uint32(200+i), false)
+		reqs = append(reqs, rw(blkif.OpRead, uint64(17+i), uint64(i*8), seg(uint32(200+i), 0, 7)))
+	}
+	rsp := h.do(reqs...)
+	seen := map[uint64]bool{}
+	for _, r := range rsp {
+		if r.Status != blkif.StatusOK || seen[r.ID] {
+			t.Fatalf("%+v", r)
+		}
+		seen[r.ID] = true
+	}
+	for i := range 15 {
+		if h.tr.pages[uint32(200+i)][100] != byte(i+1) {
+			t.Fatalf("read %d", i)
+		}
+	}
+}
+
+// TestResume: a second Serve on the same ring carries on where the first
+// stopped.
+func TestResume(t *testing.T) {
+	h := newHarness(t, blkif.X86_32, 0, 8192, Options{})
+	for i := range 40 {
+		if rsp := h.do(blkif.Request{Op: blkif.OpFlushDiskcache, ID: uint64(i)}); rsp[0].ID != uint64(i) {
+			t.Fatal(rsp)
+		}
+	}
+	if err := shutdown(h); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := contextWithCancel()
+	h.done = make(chan error, 1)
+	h.stop = cancel
+	go func() { h.done <- Serve(ctx, h.tr, blkif.X86_32, h.img, Options{}) }()
+	for i := range 40 {
+		if rsp := h.do(blkif.Request{Op: blkif.OpFlushDiskcache, ID: uint64(100 + i)}); rsp[0].ID != uint64(100+i) {
+			t.Fatal(rsp)
+		}
+	}
+}
+
+func TestFeatures(t *testing.T) {
+	probe, connect := Options{}.Features()
+	if fmt.Sprint(probe) != "[[max-ring-page-order 4]]" || fmt.Sprint(connect) != "[[feature-flush-cache 1] [feature-barrier 1]]" {
+		t.Errorf("plain: %v %v", probe, connect)
+	}
+	probe, connect = Options{Discard: true, MaxIndirectSegments: 256}.Features()
+	if fmt.Sprint(probe) != "[[max-ring-page-order 4] [feature-max-indirect-segments 256]]" ||
+		fmt.Sprint(connect) != "[[feature-flush-cache 1] [feature-barrier 1] [feature-discard 1] [discard-granularity 512] [discard-alignment 0] [discard-secure 0]]" {
+		t.Errorf("full: %v %v", probe, connect)
+	}
+}
