@@ -25,6 +25,7 @@ import (
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/qcow"
 	"github.com/blktap-go/blktap/formats/raw"
+	"github.com/blktap-go/blktap/formats/vmdk"
 )
 
 // Aliases for callers that import only this package.
@@ -118,6 +119,12 @@ func Open(format, path string, opts Options) (Image, error) {
 			return nil, err
 		}
 		return img, nil
+	case "vmdk":
+		img, err := vmdk.Open(path, vmdk.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing})
+		if err != nil {
+			return nil, err
+		}
+		return img, nil
 	}
 	return nil, fmt.Errorf("open %s: %w: format %q is not built in yet", path, ErrUnsupported, name)
 }
@@ -151,6 +158,14 @@ func Create(format, path string, opts CreateOptions) error {
 		return qcow.Create(path, qcow.CreateOptions{
 			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
 			ClusterSize: opts.ClusterSize, OpenBacking: opts.OpenBacking,
+		})
+	case "vmdk":
+		if opts.Subformat == "streamOptimized" {
+			return fmt.Errorf("create %s: %w: streamOptimized is written by convert (-O vmdk -o subformat=streamOptimized), not created empty", path, ErrUnsupported)
+		}
+		return vmdk.Create(path, vmdk.CreateOptions{
+			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
+			ClusterSize: opts.ClusterSize, Subformat: opts.Subformat,
 		})
 	case "ram", "nbd":
 		return fmt.Errorf("create %s: %w: format %q has no image file to create", path, ErrUnsupported, name)

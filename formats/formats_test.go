@@ -201,6 +201,11 @@ func TestProbeErrors(t *testing.T) {
 	}
 }
 
+var (
+	builtInFileFormats = []string{"qcow", "vmdk"}
+	notBuiltIn         = []string{"qcow2", "vhd", "ram", "nbd"}
+)
+
 func TestOpenCreateDispatch(t *testing.T) {
 	dir := t.TempDir()
 	p := filepath.Join(dir, "a.img")
@@ -230,7 +235,34 @@ func TestOpenCreateDispatch(t *testing.T) {
 	}
 	ro.Close()
 
-	for _, f := range []string{"qcow", "qcow2", "vhd", "vmdk", "ram", "nbd"} {
+	// Formats with image files: a raw file is the wrong format for them,
+	// and what Create makes, Open opens at the declared size.
+	for _, f := range builtInFileFormats {
+		if _, err := Open(f, p, Options{}); !errors.Is(err, ErrWrongFormat) {
+			t.Errorf("Open(%q) of a raw file: %v; want ErrWrongFormat", f, err)
+		}
+		np := filepath.Join(dir, "new-"+f)
+		if err := Create(f, np, CreateOptions{Size: 1 << 20}); err != nil {
+			t.Errorf("Create(%q): %v", f, err)
+			continue
+		}
+		if err := Create(f, np, CreateOptions{Size: 1 << 20}); !errors.Is(err, fs.ErrExist) {
+			t.Errorf("Create(%q) over an existing file: %v; want fs.ErrExist", f, err)
+		}
+		img, err := Open(f, np, Options{})
+		if err != nil {
+			t.Errorf("Open(%q) of a new image: %v", f, err)
+			continue
+		}
+		if img.Size() != 1<<20 {
+			t.Errorf("%s: size %d", f, img.Size())
+		}
+		img.Close()
+		if got, err := Probe(np); err != nil || got != f {
+			t.Errorf("Probe of a new %s image: %q, %v", f, got, err)
+		}
+	}
+	for _, f := range notBuiltIn {
 		if _, err := Open(f, p, Options{}); !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), f) {
 			t.Errorf("Open(%q): %v; want ErrUnsupported naming it", f, err)
 		}

@@ -10,6 +10,7 @@ import (
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/qcow"
 	"github.com/blktap-go/blktap/formats/raw"
+	"github.com/blktap-go/blktap/formats/vmdk"
 )
 
 // CheckResult is what `image check` reports, in every format's terms.
@@ -54,6 +55,17 @@ func Check(format, path string, repair bool) (*CheckResult, error) {
 			return res, fmt.Errorf("check %s: %w: qcow has no leak repair (leaks waste space but are harmless)", path, ErrUnsupported)
 		}
 		return res, nil
+	case "vmdk":
+		r, err := vmdk.Check(path, vmdk.CheckOptions{})
+		if err != nil {
+			return nil, err
+		}
+		res.Problems = append(res.Problems, r.Problems...)
+		res.Corruptions, res.Leaks, res.Detail = r.Corruptions, r.Leaks, r
+		if repair && r.Leaks > 0 {
+			return res, fmt.Errorf("check %s: %w: vmdk has no free map, so leaked grains cannot be reclaimed", path, ErrUnsupported)
+		}
+		return res, nil
 	}
 	return nil, fmt.Errorf("check %s: %w: checking format %q is not built in yet", path, ErrUnsupported, name)
 }
@@ -65,6 +77,8 @@ func Describe(img Image) any {
 	case *raw.Image:
 		return nil
 	case *qcow.Image:
+		return i.Info()
+	case *vmdk.Image:
 		return i.Info()
 	}
 	return nil
@@ -81,6 +95,19 @@ const convertBlock = 1 << 20
 func Convert(ctx context.Context, in Image, outFormat, outPath string, co CreateOptions, progress func(done, total int64)) (err error) {
 	if co.Size == 0 {
 		co.Size = in.Size()
+	}
+	if name, _ := Normalize(outFormat); name == "vmdk" && co.Subformat == "streamOptimized" {
+		// A stream is written in one pass, never opened for writing.
+		if progress != nil {
+			progress(0, in.Size())
+		}
+		if err := vmdk.WriteStreamOptimized(ctx, outPath, in); err != nil {
+			return err
+		}
+		if progress != nil {
+			progress(in.Size(), in.Size())
+		}
+		return nil
 	}
 	if err := Create(outFormat, outPath, co); err != nil {
 		return err

@@ -34,6 +34,7 @@ func TestEndToEndFormats(t *testing.T) {
 	cases := []struct{ ours, qemu string }{
 		{"raw", "raw"},
 		{"qcow", "qcow"},
+		{"vmdk", "vmdk"},
 	}
 	for i, c := range cases {
 		for _, domid := range []string{"0", "1"} {

@@ -1,0 +1,298 @@
+package nbd
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/blktap-go/blktap/formats/image"
+)
+
+// fakeServer is a small in-process NBD server for behaviours the real
+// servers cannot be made to show: no GO (old servers), reads answered in
+// several out-of-order chunks with holes, replies out of request order.
+type fakeServer struct {
+	noGo     bool // answer GO with ERR_UNSUP: the client must use EXPORT_NAME
+	noZeroes bool // offer NO_ZEROES
+	mu       sync.Mutex
+	disk     []byte
+}
+
+func (f *fakeServer) dial(context.Context) (net.Conn, error) {
+	c, s := net.Pipe()
+	go f.serve(s)
+	return c, nil
+}
+
+func (f *fakeServer) serve(c net.Conn) {
+	defer c.Close()
+	be := binary.BigEndian
+	hs := uint16(hsFixedNewstyle)
+	if f.noZeroes {
+		hs |= hsNoZeroes
+	}
+	b := be.AppendUint64(nil, magicNBD)
+	b = be.AppendUint64(b, magicOpt)
+	c.Write(be.AppendUint16(b, hs))
+	var cf [4]byte
+	if _, err := io.ReadFull(c, cf[:]); err != nil {
+		return
+	}
+	reply := func(opt, typ uint32, data []byte) {
+		b := be.AppendUint64(nil, magicOptReply)
+		b = be.AppendUint32(b, opt)
+		b = be.AppendUint32(b, typ)
+		b = be.AppendUint32(b, uint32(len(data)))
+		c.Write(append(b, data...))
+	}
+	structured := false
+	for done := false; !done; {
+		var h [16]byte
+		if _, err := io.ReadFull(c, h[:]); err != nil {
+			return
+		}
+		opt, n := be.Uint32(h[8:12]), be.Uint32(h[12:16])
+		data := make([]byte, n)
+		if _, err := io.ReadFull(c, data); err != nil {
+			return
+		}
+		info := be.AppendUint16(nil, infoExport)
+		info = be.AppendUint64(info, uint64(len(f.disk)))
+		info = be.AppendUint16(info, tfHasFlags|tfSendFlush|tfWriteZeroes)
+		switch {
+		case opt == optStructuredRepl && !f.noGo:
+			structured = true
+			reply(opt, repAck, nil)
+		case opt == optSetMetaContext:
+			reply(opt, repMetaContext, append(be.AppendUint32(nil, 7), metaAllocation...))
+			reply(opt, repAck, nil)
+		case opt == optGo && !f.noGo:
+			reply(opt, repInfo, info)
+			reply(opt, repInfo, be.AppendUint32(be.AppendUint32(be.AppendUint32(be.AppendUint16(nil, infoBlockSize), 1), 4096), 64<<10))
+			reply(opt, repAck, nil)
+			done = true
+		case opt == optExportName:
+			out := info[2:]
+			if !f.noZeroes {
+				out = append(out, make([]byte, 124)...)
+			}
+			c.Write(out)
+			done = true
+		default:
+			reply(opt, repErrUnsup, []byte("not here"))
+		}
+	}
+	var wmu sync.Mutex
+	send := func(parts ...[]byte) {
+		wmu.Lock()
+		defer wmu.Unlock()
+		for _, p := range parts {
+			c.Write(p)
+		}
+	}
+	chunk := func(flags, typ uint16, cookie uint64, payload ...[]byte) []byte {
+		n := 0
+		for _, p := range payload {
+			n += len(p)
+		}
+		b := be.AppendUint32(nil, magicChunk)
+		b = be.AppendUint16(b, flags)
+		b = be.AppendUint16(b, typ)
+		b = be.AppendUint64(b, cookie)
+		b = be.AppendUint32(b, uint32(n))
+		for _, p := range payload {
+			b = append(b, p...)
+		}
+		return b
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		var h [28]byte
+		if _, err := io.ReadFull(c, h[:]); err != nil {
+			return
+		}
+		cmd, cookie, off, n := be.Uint16(h[6:8]), be.Uint64(h[8:16]), be.Uint64(h[16:24]), be.Uint32(h[24:28])
+		var payload []byte
+		if cmd == cmdWrite {
+			payload = make([]byte, n)
+			if _, err := io.ReadFull(c, payload); err != nil {
+				return
+			}
+		}
+		if cmd == cmdDisc {
+			return
+		}
+		// Each request answered by its own goroutine: replies come
+		// back in whatever order they finish.
+		wg.Go(func() {
+			simple := be.AppendUint64(be.AppendUint32(be.AppendUint32(nil, magicSimple), 0), cookie)
+			f.mu.Lock()
+			defer f.mu.Unlock()
+			switch cmd {
+			case cmdWrite:
+				copy(f.disk[off:], payload)
+				send(simple)
+			case cmdWriteZeroes:
+				clear(f.disk[off : off+uint64(n)])
+				send(simple)
+			case cmdRead:
+				data := f.disk[off : off+uint64(n)]
+				if !structured {
+					send(simple, data)
+					return
+				}
+				// Three pieces, last first; an all-zero piece as a hole.
+				cut1, cut2 := uint64(n)/3, 2*uint64(n)/3
+				pieces := [][2]uint64{{cut2, uint64(n)}, {cut1, cut2}, {0, cut1}}
+				for _, p := range pieces {
+					if p[0] == p[1] {
+						continue
+					}
+					seg := data[p[0]:p[1]]
+					if bytes.Count(seg, []byte{0}) == len(seg) {
+						send(chunk(0, chunkOffsetHole, cookie, be.AppendUint32(be.AppendUint64(nil, off+p[0]), uint32(len(seg)))))
+					} else {
+						send(chunk(0, chunkOffsetData, cookie, be.AppendUint64(nil, off+p[0]), seg))
+					}
+				}
+				send(chunk(chunkDone, chunkNone, cookie))
+			case cmdBlockStatus:
+				// One extent per 4 KiB page, merged: zero pages are holes.
+				pl := be.AppendUint32(nil, 7)
+				var runLen, runFlags uint32
+				for p := off; p < off+uint64(n); p += 4096 {
+					end := min(p+4096, off+uint64(n))
+					fl := uint32(0)
+					if bytes.Count(f.disk[p:end], []byte{0}) == int(end-p) {
+						fl = stateHole | stateZero
+					}
+					if runLen > 0 && fl != runFlags {
+						pl = be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
+						runLen = 0
+					}
+					runLen += uint32(end - p)
+					runFlags = fl
+				}
+				pl = be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
+				send(chunk(chunkDone, chunkBlockStatus, cookie, pl))
+			default:
+				send(simple)
+			}
+		})
+	}
+}
+
+func openFake(t *testing.T, f *fakeServer) *Image {
+	t.Helper()
+	img, err := Open("nbd+unix:///x?socket=/nonexistent", Options{dial: f.dial, Timeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { img.Close() })
+	return img
+}
+
+func TestFakeExportNameFallback(t *testing.T) {
+	for _, nz := range []bool{false, true} {
+		f := &fakeServer{noGo: true, noZeroes: nz, disk: make([]byte, 1<<20)}
+		img := openFake(t, f)
+		if img.Size() != 1<<20 {
+			t.Fatalf("size %d", img.Size())
+		}
+		p := pattern(5, 70000)
+		if _, err := img.WriteAt(p, 999); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(p))
+		if _, err := img.ReadAt(got, 999); err != nil || !bytes.Equal(got, p) {
+			t.Fatalf("noZeroes=%v: read back: %v", nz, err)
+		}
+		if m, err := img.Map(0, 1<<20); err != nil || len(m) != 1 || m[0].Kind != image.Data {
+			t.Fatalf("map without structured replies: %+v %v", m, err)
+		}
+	}
+}
+
+func TestFakeChunkedReads(t *testing.T) {
+	f := &fakeServer{disk: make([]byte, 1<<20)}
+	copy(f.disk[300000:], pattern(6, 100000))
+	copy(f.disk[700000:], pattern(7, 5))
+	img := openFake(t, f)
+	// Larger than the 64 KiB maximum payload the fake announces, so the
+	// read is split too, and every piece comes back in three chunks.
+	got := bytes.Repeat([]byte{0xff}, 1<<20)
+	if _, err := img.ReadAt(got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, f.disk) {
+		t.Fatalf("chunked read differs at %d", firstDiff(got, f.disk))
+	}
+	var wg sync.WaitGroup
+	for i := range 16 {
+		wg.Go(func() {
+			off := int64(i * 65536)
+			p := pattern(uint64(100+i), 4096*(i+1))
+			if _, err := img.WriteAt(p, off); err != nil {
+				t.Error(err)
+				return
+			}
+			g := make([]byte, len(p))
+			if _, err := img.ReadAt(g, off); err != nil || !bytes.Equal(g, p) {
+				t.Errorf("%d: %v", i, err)
+			}
+		})
+	}
+	wg.Wait()
+	img.Discard(0, 1<<20)
+	img.WriteAt([]byte{1}, 8192)
+	m, err := img.Map(0, 1<<20)
+	want := []image.Extent{{Offset: 0, Length: 8192, Kind: image.Hole}, {Offset: 8192, Length: 4096, Kind: image.Data},
+		{Offset: 12288, Length: 1<<20 - 12288, Kind: image.Hole}}
+	if err != nil || len(m) != 3 || m[0] != want[0] || m[1] != want[1] || m[2] != want[2] {
+		t.Fatalf("map: %+v %v", m, err)
+	}
+}
+
+func TestOpenFailures(t *testing.T) {
+	// A listener that never speaks: the handshake must time out.
+	ln, err := net.Listen("unix", sockPath(t, "silent.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	u := "nbd+unix:///?socket=" + ln.Addr().String()
+	if _, err := Open(u, Options{Timeout: 200 * time.Millisecond}); err == nil {
+		t.Fatal("open of a silent server succeeded")
+	}
+	if _, err := Open("nbd+unix:///?socket="+sockPath(t, "none.sock"), Options{Timeout: time.Second}); err == nil {
+		t.Fatal("open of a missing socket succeeded")
+	}
+	if _, err := Open("http://x", Options{}); !errors.Is(err, ErrBadURI) {
+		t.Fatalf("bad uri: %v", err)
+	}
+	// Garbage instead of a greeting.
+	dial := func(context.Context) (net.Conn, error) {
+		c, s := net.Pipe()
+		go func() { s.Write([]byte("HTTP/1.1 400 Bad Request\r\n\r\n")); s.Close() }()
+		return c, nil
+	}
+	if _, err := Open("nbd+unix:///?socket=x", Options{dial: dial}); !errors.Is(err, image.ErrWrongFormat) {
+		t.Fatalf("not an NBD server: %v", err)
+	}
+}

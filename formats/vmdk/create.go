@@ -1,0 +1,511 @@
+package vmdk
+
+import (
+	"bytes"
+	"compress/zlib"
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/blktap-go/blktap/formats/image"
+)
+
+// CreateOptions describe a new image.
+type CreateOptions struct {
+	Size int64 // virtual size in bytes, rounded up to 512; 0 with Backing: the parent's size
+	// Backing names the parent as it is stored (parentFileNameHint),
+	// relative to the new image's directory; a VMDK parent only.
+	Backing       string
+	BackingFormat string // "" or "vmdk"
+	ClusterSize   int64  // grain size in bytes: a power of two, 4 KiB to 64 MiB; 0 = 64 KiB
+	Subformat     string // "monolithicSparse" (default) or "monolithicFlat"
+	ZeroedGrain   bool   // sparse version 2 with zeroed-grain entries (discard of a child keeps zeros)
+	AdapterType   string // ddb.adapterType: ide (default), lsilogic, buslogic, legacyESX
+
+	fs fileSystem
+}
+
+const (
+	defaultGrain = 64 << 10
+	embedDescSec = 20 // sectors of embedded descriptor, as qemu writes
+)
+
+func randomCID() uint32 {
+	var b [4]byte
+	rand.Read(b[:])
+	v := binary.LittleEndian.Uint32(b[:])
+	if v == noParentCID {
+		v--
+	}
+	return v
+}
+
+func newDescriptor(createType string, sectors int64, adapter string) *Descriptor {
+	cyl := min(sectors/(16*63), 16383)
+	return &Descriptor{
+		Version: 1, CID: randomCID(), ParentCID: noParentCID, CreateType: createType,
+		DDB: map[string]string{
+			"ddb.virtualHWVersion":   "4",
+			"ddb.geometry.cylinders": strconv.FormatInt(cyl, 10),
+			"ddb.geometry.heads":     "16",
+			"ddb.geometry.sectors":   "63",
+			"ddb.adapterType":        adapter,
+		},
+	}
+}
+
+func createErr(format string, args ...any) error {
+	return fmt.Errorf("vmdk: create: "+format, args...)
+}
+
+// Create makes a new image. It never overwrites (O_EXCL) and returns once
+// the image and its directory entry are durable.
+func Create(path string, opts CreateOptions) error {
+	fs := opts.fs
+	if fs == nil {
+		fs = osFS{}
+	}
+	sub := opts.Subformat
+	if sub == "" {
+		sub = "monolithicSparse"
+	}
+	if sub != "monolithicSparse" && sub != "monolithicFlat" {
+		return createErr("subformat %q: %w (monolithicSparse or monolithicFlat; streamOptimized through WriteStreamOptimized)", sub, image.ErrUnsupported)
+	}
+	adapter := opts.AdapterType
+	if adapter == "" {
+		adapter = "ide"
+	}
+	switch adapter {
+	case "ide", "lsilogic", "buslogic", "legacyESX":
+	default:
+		return createErr("adapter type %q: %w", adapter, image.ErrUnsupported)
+	}
+	grain := opts.ClusterSize
+	if grain == 0 {
+		grain = defaultGrain
+	}
+	if grain < 4096 || grain > maxGrainSectors*sectorSize || grain&(grain-1) != 0 {
+		return createErr("grain size %d: %w (a power of two from 4 KiB to 64 MiB)", grain, image.ErrUnsupported)
+	}
+	size := opts.Size
+	var parentCID uint32 = noParentCID
+	if opts.Backing != "" {
+		if sub != "monolithicSparse" {
+			return createErr("a %s image cannot have a parent: %w", sub, image.ErrUnsupported)
+		}
+		if opts.BackingFormat != "" && opts.BackingFormat != "vmdk" {
+			return createErr("parent format %q: %w (a VMDK parent must be a VMDK)", opts.BackingFormat, image.ErrUnsupported)
+		}
+		if strings.ContainsAny(opts.Backing, "\"\n\r\x00") {
+			return createErr("parent name %q holds a quote, newline or NUL", opts.Backing)
+		}
+		pp := opts.Backing
+		if !filepath.IsAbs(pp) {
+			pp = filepath.Join(filepath.Dir(path), pp)
+		}
+		parent, err := Open(pp, Options{ReadOnly: true, fs: opts.fs, skipBacking: true})
+		if err != nil {
+			return createErr("parent: %w", err)
+		}
+		if parent.desc != nil {
+			parentCID = parent.cid.Load()
+		}
+		if size == 0 {
+			size = parent.Size()
+		}
+		parent.Close()
+	}
+	if size <= 0 || size > maxCapacitySects*sectorSize-sectorSize {
+		return createErr("size %d", size)
+	}
+	sectors := (size + sectorSize - 1) / sectorSize
+	d := newDescriptor(sub, sectors, adapter)
+	d.ParentCID = parentCID
+	d.ParentFileNameHint = opts.Backing
+	if sub == "monolithicFlat" {
+		return createFlat(fs, path, d, sectors)
+	}
+	return createSparse(fs, path, d, sectors, grain/sectorSize, opts.ZeroedGrain)
+}
+
+// sparseLayout places the metadata of a sparse extent the way qemu does:
+// header, embedded descriptor, redundant directory and its tables, primary
+// directory and its tables, then grains from the next grain boundary.
+func sparseLayout(sectors, grainSec int64, descSec uint64, zeroed bool) *sparseHeader {
+	h := &sparseHeader{
+		Version: 1, Flags: flagNLDetect | flagRedundant,
+		Capacity: uint64(sectors), GrainSize: uint64(grainSec), NumGTEsPerGT: 512,
+		CompressAlgorithm: 0,
+	}
+	if zeroed {
+		h.Version, h.Flags = 2, h.Flags|flagZeroGrain
+	}
+	if descSec > 0 {
+		h.DescOffset, h.DescSize = 1, descSec
+	}
+	n := h.gdEntries()
+	gdSec := (n*4 + sectorSize - 1) / sectorSize
+	h.RGDOffset = 1 + descSec
+	h.GDOffset = h.RGDOffset + gdSec + n*h.gtSectors()
+	end := h.GDOffset + gdSec + n*h.gtSectors()
+	h.GrainOffset = (end + h.GrainSize - 1) / h.GrainSize * h.GrainSize
+	return h
+}
+
+// dirBytes renders a directory whose tables follow it contiguously.
+func dirBytes(h *sparseHeader, at uint64) []byte {
+	n := h.gdEntries()
+	gdSec := (n*4 + sectorSize - 1) / sectorSize
+	b := make([]byte, gdSec*sectorSize)
+	for i := uint64(0); i < n; i++ {
+		binary.LittleEndian.PutUint32(b[4*i:], uint32(at+gdSec+i*h.gtSectors()))
+	}
+	return b
+}
+
+func createSparse(fs fileSystem, path string, d *Descriptor, sectors, grainSec int64, zeroed bool) (err error) {
+	h := sparseLayout(sectors, grainSec, embedDescSec, zeroed)
+	if h.GrainOffset > 1<<32-1 {
+		return createErr("image too large for 32-bit grain offsets: %w", image.ErrUnsupported)
+	}
+	d.Extents = []ExtentDesc{{Access: "RW", Sectors: sectors, Type: "SPARSE", File: filepath.Base(path)}}
+	desc := d.marshal()
+	if len(desc) > embedDescSec*sectorSize {
+		return createErr("descriptor of %d bytes does not fit in %d", len(desc), embedDescSec*sectorSize)
+	}
+	f, err := fs.open(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return createErr("%w", err)
+	}
+	defer func() {
+		if cerr := f.Close(); err == nil && cerr != nil {
+			err = createErr("%w", cerr)
+		}
+		if err != nil {
+			fs.remove(path)
+		}
+	}()
+	writes := []struct {
+		b   []byte
+		off uint64
+	}{
+		{h.marshal(), 0},
+		{desc, h.DescOffset},
+		{dirBytes(h, h.RGDOffset), h.RGDOffset},
+		{dirBytes(h, h.GDOffset), h.GDOffset},
+	}
+	if err := f.Truncate(int64(h.GrainOffset) * sectorSize); err != nil {
+		return createErr("%w", err)
+	}
+	for _, w := range writes {
+		if _, err := f.WriteAt(w.b, int64(w.off)*sectorSize); err != nil {
+			return createErr("%w", err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return createErr("%w", err)
+	}
+	return fs.syncDir(filepath.Dir(path))
+}
+
+func createFlat(fs fileSystem, path string, d *Descriptor, sectors int64) (err error) {
+	base := filepath.Base(path)
+	flat := strings.TrimSuffix(base, filepath.Ext(base)) + "-flat.vmdk"
+	if flat == base {
+		return createErr("descriptor name %q collides with its flat extent", base)
+	}
+	d.Extents = []ExtentDesc{{Access: "RW", Sectors: sectors, Type: "FLAT", File: flat}}
+	desc := d.marshal()
+	dir := filepath.Dir(path)
+	df, err := fs.open(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return createErr("%w", err)
+	}
+	var ff file
+	defer func() {
+		for _, f := range []file{df, ff} {
+			if f == nil {
+				continue
+			}
+			if cerr := f.Close(); err == nil && cerr != nil {
+				err = createErr("%w", cerr)
+			}
+		}
+		if err != nil {
+			fs.remove(path)
+			if ff != nil {
+				fs.remove(filepath.Join(dir, flat))
+			}
+		}
+	}()
+	ff, err = fs.open(filepath.Join(dir, flat), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		ff = nil
+		return createErr("flat extent: %w", err)
+	}
+	if err := ff.Truncate(sectors * sectorSize); err != nil {
+		return createErr("%w", err)
+	}
+	if _, err := df.WriteAt(desc, 0); err != nil {
+		return createErr("%w", err)
+	}
+	if err := errors.Join(ff.Sync(), df.Sync()); err != nil {
+		return createErr("%w", err)
+	}
+	return fs.syncDir(dir)
+}
+
+// Stream markers (streamOptimized): a metadata marker fills one sector.
+//
+//	+----------------+------------+------------+---------------------+
+//	| val u64        | size u32=0 | type u32   | zero padding to 512 |
+//	+----------------+------------+------------+---------------------+
+//
+// type 0 end of stream, 1 grain table, 2 grain directory, 3 footer; val is
+// the sectors of metadata that follow. A grain is {lba u64, size u32}
+// followed by size bytes of zlib data, padded to a sector.
+const (
+	markerEOS    = 0
+	markerGT     = 1
+	markerGD     = 2
+	markerFooter = 3
+)
+
+func metaMarker(val uint64, typ uint32) []byte {
+	b := make([]byte, sectorSize)
+	binary.LittleEndian.PutUint64(b, val)
+	binary.LittleEndian.PutUint32(b[12:], typ)
+	return b
+}
+
+// WriteStreamOptimized writes src to a new streamOptimized VMDK at dst (the
+// layout VMware imports): header with the directory at the end, compressed
+// grains with markers (all-zero grains omitted), grain tables, directory,
+// footer and end-of-stream marker. Never overwrites dst; durable on return.
+func WriteStreamOptimized(ctx context.Context, dst string, src image.Image) error {
+	return writeStream(ctx, osFS{}, dst, src)
+}
+
+func writeStream(ctx context.Context, fs fileSystem, dst string, src image.Image) (err error) {
+	size := src.Size()
+	if size <= 0 {
+		return createErr("stream: source size %d", size)
+	}
+	sectors := (size + sectorSize - 1) / sectorSize
+	grainSec := int64(defaultGrain / sectorSize)
+	h := &sparseHeader{
+		Version: 3, Flags: flagNLDetect | flagCompressed | flagMarkers,
+		Capacity: uint64(sectors), GrainSize: uint64(grainSec), NumGTEsPerGT: 512,
+		DescOffset: 1, DescSize: embedDescSec, GDOffset: gdAtEnd,
+		GrainOffset: uint64(grainSec), CompressAlgorithm: compressDeflate,
+	}
+	if h.gdEntries() > maxGDEntries {
+		return createErr("stream: %w: image too large", image.ErrUnsupported)
+	}
+	d := newDescriptor("streamOptimized", sectors, "ide")
+	d.Extents = []ExtentDesc{{Access: "RW", Sectors: sectors, Type: "SPARSE", File: filepath.Base(dst)}}
+	f, err := fs.open(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return createErr("%w", err)
+	}
+	defer func() {
+		if cerr := f.Close(); err == nil && cerr != nil {
+			err = createErr("%w", cerr)
+		}
+		if err != nil {
+			fs.remove(dst)
+		}
+	}()
+	pos := int64(h.GrainOffset) * sectorSize
+	put := func(b []byte) error {
+		if _, err := f.WriteAt(b, pos); err != nil {
+			return createErr("stream: %w", err)
+		}
+		pos += (int64(len(b)) + sectorSize - 1) &^ (sectorSize - 1)
+		return nil
+	}
+	if _, err := f.WriteAt(h.marshal(), 0); err != nil {
+		return createErr("%w", err)
+	}
+	if _, err := f.WriteAt(d.marshal(), sectorSize); err != nil {
+		return createErr("%w", err)
+	}
+	gb := grainSec * sectorSize
+	nGrains := (sectors + grainSec - 1) / grainSec
+	gte := make([]uint32, h.gdEntries()*uint64(h.NumGTEsPerGT))
+	ext, err := src.Map(0, size)
+	if err != nil {
+		return createErr("stream: map source: %w", err)
+	}
+	// Grains are read and compressed by one worker per CPU, a batch at a
+	// time, and written in order so the stream stays sequential.
+	workers := max(1, min(runtime.GOMAXPROCS(0), 8))
+	type job struct {
+		g   int64
+		rec []byte // marker + zlib data; nil for an all-zero grain
+		err error
+	}
+	zws := make([]*grainCompressor, workers)
+	for i := range zws {
+		zws[i] = newGrainCompressor(gb)
+	}
+	batch := make([]job, 0, 16*workers)
+	flushBatch := func() error {
+		var wg sync.WaitGroup
+		for w := range workers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := w; i < len(batch); i += workers {
+					j := &batch[i]
+					n := min(gb, size-j.g*gb)
+					j.rec, j.err = zws[w].grain(src, j.g, n, uint64(j.g*grainSec))
+				}
+			}()
+		}
+		wg.Wait()
+		for _, j := range batch {
+			if j.err != nil {
+				return j.err
+			}
+			if j.rec == nil {
+				continue
+			}
+			if pos/sectorSize > 1<<32-1 {
+				return createErr("stream: %w: output passes 2 TiB", image.ErrUnsupported)
+			}
+			gte[j.g] = uint32(pos / sectorSize)
+			if err := put(j.rec); err != nil {
+				return err
+			}
+		}
+		batch = batch[:0]
+		return ctx.Err()
+	}
+	next := int64(0) // first grain not yet queued
+	for _, x := range ext {
+		if x.Kind != image.Data {
+			continue
+		}
+		for g := max(next, x.Offset/gb); g < nGrains && g*gb < x.Offset+x.Length; g++ {
+			next = g + 1
+			batch = append(batch, job{g: g})
+			if len(batch) == cap(batch) {
+				if err := flushBatch(); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	if err := flushBatch(); err != nil {
+		return err
+	}
+	per := int(h.NumGTEsPerGT)
+	gd := make([]byte, (h.gdEntries()*4+sectorSize-1)/sectorSize*sectorSize)
+	tb := make([]byte, h.gtSectors()*sectorSize)
+	for i := 0; i < int(h.gdEntries()); i++ {
+		t := gte[i*per : (i+1)*per]
+		if allZero32(t) {
+			continue
+		}
+		for j, v := range t {
+			binary.LittleEndian.PutUint32(tb[4*j:], v)
+		}
+		if err := put(metaMarker(h.gtSectors(), markerGT)); err != nil {
+			return err
+		}
+		binary.LittleEndian.PutUint32(gd[4*i:], uint32(pos/sectorSize))
+		if err := put(tb); err != nil {
+			return err
+		}
+	}
+	if err := put(metaMarker(uint64(len(gd)/sectorSize), markerGD)); err != nil {
+		return err
+	}
+	fh := *h
+	fh.GDOffset = uint64(pos / sectorSize)
+	if err := put(gd); err != nil {
+		return err
+	}
+	for _, b := range [][]byte{metaMarker(1, markerFooter), fh.marshal(), metaMarker(0, markerEOS)} {
+		if err := put(b); err != nil {
+			return err
+		}
+	}
+	if err := f.Sync(); err != nil {
+		return createErr("%w", err)
+	}
+	return fs.syncDir(filepath.Dir(dst))
+}
+
+func allZero(b []byte) bool {
+	for len(b) >= 8 {
+		if binary.NativeEndian.Uint64(b) != 0 {
+			return false
+		}
+		b = b[8:]
+	}
+	for _, c := range b {
+		if c != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+func allZero32(t []uint32) bool {
+	for _, v := range t {
+		if v != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// grainCompressor reads and compresses grains for the stream writer; one
+// per worker, reused across grains.
+type grainCompressor struct {
+	buf  []byte
+	zbuf bytes.Buffer
+	zw   *zlib.Writer
+}
+
+func newGrainCompressor(gb int64) *grainCompressor {
+	c := &grainCompressor{buf: make([]byte, gb)}
+	c.zw, _ = zlib.NewWriterLevel(&c.zbuf, zlib.DefaultCompression)
+	return c
+}
+
+// grain returns grain g (n bytes of it in the source) as a grain marker and
+// its zlib data, or nil when the grain is all zeros. The result is a fresh
+// slice: the caller keeps it while the compressor moves on.
+func (c *grainCompressor) grain(src image.Image, g, n int64, lba uint64) ([]byte, error) {
+	gb := int64(len(c.buf))
+	clear(c.buf[n:])
+	if _, err := src.ReadAt(c.buf[:n], g*gb); err != nil {
+		return nil, createErr("stream: read source at %d: %w", g*gb, err)
+	}
+	if allZero(c.buf) {
+		return nil, nil
+	}
+	c.zbuf.Reset()
+	c.zbuf.Write(make([]byte, 12))
+	c.zw.Reset(&c.zbuf)
+	c.zw.Write(c.buf)
+	if err := c.zw.Close(); err != nil {
+		return nil, createErr("stream: compress: %w", err)
+	}
+	rec := bytes.Clone(c.zbuf.Bytes())
+	binary.LittleEndian.PutUint64(rec, lba)
+	binary.LittleEndian.PutUint32(rec[8:], uint32(len(rec)-12))
+	return rec, nil
+}
