@@ -20,11 +20,15 @@ package formats
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/formats/qcow"
+	"github.com/blktap-go/blktap/formats/ram"
 	"github.com/blktap-go/blktap/formats/raw"
+	"github.com/blktap-go/blktap/formats/vhd"
 	"github.com/blktap-go/blktap/formats/vmdk"
 )
 
@@ -86,6 +90,17 @@ type Options struct {
 	// Backing opens backing files named by the image. Nil refuses every
 	// image that has one.
 	Backing image.OpenFunc
+	// Logger receives what a format reports on its own (an nbd client's
+	// reconnects); nil discards it.
+	Logger *slog.Logger
+}
+
+// IsFile reports whether images of format live in a file named by a path
+// (so paths are checked, locked and confined); ram disks are named and
+// nbd images are URIs.
+func IsFile(format string) bool {
+	name, err := Normalize(format)
+	return err == nil && name != "ram" && name != "nbd"
 }
 
 // CreateOptions control Create.
@@ -121,6 +136,24 @@ func Open(format, path string, opts Options) (Image, error) {
 		return img, nil
 	case "vmdk":
 		img, err := vmdk.Open(path, vmdk.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing})
+		if err != nil {
+			return nil, err
+		}
+		return img, nil
+	case "vhd":
+		img, err := vhd.Open(path, vhd.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger})
+		if err != nil {
+			return nil, err
+		}
+		return img, nil
+	case "ram":
+		img, err := ram.OpenParams(path, ram.Options{ReadOnly: opts.ReadOnly})
+		if err != nil {
+			return nil, err
+		}
+		return img, nil
+	case "nbd":
+		img, err := nbd.Open(path, nbd.Options{ReadOnly: opts.ReadOnly, Logger: opts.Logger})
 		if err != nil {
 			return nil, err
 		}
@@ -166,6 +199,11 @@ func Create(format, path string, opts CreateOptions) error {
 		return vmdk.Create(path, vmdk.CreateOptions{
 			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
 			ClusterSize: opts.ClusterSize, Subformat: opts.Subformat,
+		})
+	case "vhd":
+		return vhd.Create(path, vhd.CreateOptions{
+			Size: opts.Size, Subformat: opts.Subformat, Backing: opts.Backing,
+			BackingFormat: opts.BackingFormat, BlockSize: opts.ClusterSize,
 		})
 	case "ram", "nbd":
 		return fmt.Errorf("create %s: %w: format %q has no image file to create", path, ErrUnsupported, name)

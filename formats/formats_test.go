@@ -202,8 +202,8 @@ func TestProbeErrors(t *testing.T) {
 }
 
 var (
-	builtInFileFormats = []string{"qcow", "vmdk"}
-	notBuiltIn         = []string{"qcow2", "vhd", "ram", "nbd"}
+	builtInFileFormats = []string{"qcow", "vmdk", "vhd"}
+	notBuiltIn         = []string{"qcow2"}
 )
 
 func TestOpenCreateDispatch(t *testing.T) {

@@ -10,6 +10,7 @@ import (
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/qcow"
 	"github.com/blktap-go/blktap/formats/raw"
+	"github.com/blktap-go/blktap/formats/vhd"
 	"github.com/blktap-go/blktap/formats/vmdk"
 )
 
@@ -24,8 +25,9 @@ type CheckResult struct {
 }
 
 // Check checks the image at path for metadata problems; repair fixes what
-// can be fixed without losing data (leaks).
-func Check(format, path string, repair bool) (*CheckResult, error) {
+// can be fixed without losing data (leaks). backing opens parents where a
+// check needs them (a VHD child's parent uuid); nil skips that part.
+func Check(format, path string, repair bool, backing OpenFunc) (*CheckResult, error) {
 	name, err := Normalize(format)
 	if err != nil {
 		return nil, err
@@ -55,6 +57,15 @@ func Check(format, path string, repair bool) (*CheckResult, error) {
 			return res, fmt.Errorf("check %s: %w: qcow has no leak repair (leaks waste space but are harmless)", path, ErrUnsupported)
 		}
 		return res, nil
+	case "vhd":
+		r, err := vhd.Check(path, vhd.CheckOptions{Repair: repair, Backing: backing})
+		if err != nil {
+			return nil, err
+		}
+		res.Problems = append(res.Problems, r.Corruptions...)
+		res.Problems = append(res.Problems, r.Warnings...)
+		res.Corruptions, res.Repaired, res.Detail = len(r.Corruptions), len(r.Repaired), r
+		return res, nil
 	case "vmdk":
 		r, err := vmdk.Check(path, vmdk.CheckOptions{})
 		if err != nil {
@@ -79,6 +90,8 @@ func Describe(img Image) any {
 	case *qcow.Image:
 		return i.Info()
 	case *vmdk.Image:
+		return i.Info()
+	case *vhd.Image:
 		return i.Info()
 	}
 	return nil

@@ -35,6 +35,7 @@ func TestEndToEndFormats(t *testing.T) {
 		{"raw", "raw"},
 		{"qcow", "qcow"},
 		{"vmdk", "vmdk"},
+		{"vhd", "vpc"},
 	}
 	for i, c := range cases {
 		for _, domid := range []string{"0", "1"} {

@@ -214,7 +214,7 @@ func imageCheck(args []string) error {
 			return err
 		}
 	}
-	res, err := formats.Check(format, pos[0], *repair)
+	res, err := formats.Check(format, pos[0], *repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
 	if err != nil {
 		return err
 	}
