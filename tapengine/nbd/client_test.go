@@ -1,0 +1,286 @@
+package nbd
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"net"
+	"testing"
+	"time"
+)
+
+// testClient is a minimal NBD client for byte-level tests: it speaks the
+// protocol from the client's side, written from proto.md, independently
+// of the server's code paths (only the constants are shared).
+type testClient struct {
+	c          net.Conn
+	br         *bufio.Reader
+	structured bool
+	ext        bool
+	size       uint64
+	tflags     uint16
+	metaIDs    map[string]uint32
+	reads      map[uint64]uint64 // cookie -> length, for simple read replies
+}
+
+type chunk struct {
+	flags, typ uint16
+	offset     uint64 // extended reply header offset
+	payload    []byte
+}
+
+type reply struct {
+	cookie uint64
+	errno  uint32
+	data   []byte // simple read payload
+	chunks []chunk
+}
+
+func dial(t testing.TB, sock string) *testClient {
+	t.Helper()
+	c, err := net.Dial("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	c.SetDeadline(time.Now().Add(30 * time.Second))
+	return &testClient{c: c, br: bufio.NewReader(c), reads: map[uint64]uint64{}, metaIDs: map[string]uint32{}}
+}
+
+func (tc *testClient) readN(n int) ([]byte, error) {
+	b := make([]byte, n)
+	_, err := io.ReadFull(tc.br, b)
+	return b, err
+}
+
+// greet reads the server greeting and sends client flags.
+func (tc *testClient) greet(flags uint32) error {
+	b, err := tc.readN(18)
+	if err != nil {
+		return err
+	}
+	if binary.BigEndian.Uint64(b) != magicNBD || binary.BigEndian.Uint64(b[8:]) != magicIHaveOpt {
+		return fmt.Errorf("bad greeting % x", b)
+	}
+	return binary.Write(tc.c, binary.BigEndian, flags)
+}
+
+func (tc *testClient) sendOpt(opt uint32, data []byte) error {
+	b := binary.BigEndian.AppendUint64(nil, magicIHaveOpt)
+	b = binary.BigEndian.AppendUint32(b, opt)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
+	_, err := tc.c.Write(append(b, data...))
+	return err
+}
+
+// optReply reads one option reply.
+func (tc *testClient) optReply() (opt, typ uint32, data []byte, err error) {
+	h, err := tc.readN(20)
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	if m := binary.BigEndian.Uint64(h); m != magicOptReply {
+		return 0, 0, nil, fmt.Errorf("bad option reply magic %#x", m)
+	}
+	opt, typ = binary.BigEndian.Uint32(h[8:]), binary.BigEndian.Uint32(h[12:])
+	data, err = tc.readN(int(binary.BigEndian.Uint32(h[16:])))
+	return opt, typ, data, err
+}
+
+// simpleOpt sends an option with no data and expects one ACK or error.
+func (tc *testClient) simpleOpt(opt uint32) (uint32, error) {
+	if err := tc.sendOpt(opt, nil); err != nil {
+		return 0, err
+	}
+	_, typ, _, err := tc.optReply()
+	return typ, err
+}
+
+// handshake negotiates as asked and GOes to export name.
+func (tc *testClient) handshake(name string, structured, ext bool, meta ...string) error {
+	if err := tc.greet(flagCFixedNewstyle | flagCNoZeroes); err != nil {
+		return err
+	}
+	if ext {
+		if typ, err := tc.simpleOpt(optExtendedHeaders); err != nil || typ != repAck {
+			return fmt.Errorf("EXTENDED_HEADERS: %#x %v", typ, err)
+		}
+		tc.ext, tc.structured = true, true
+	} else if structured {
+		if typ, err := tc.simpleOpt(optStructuredReply); err != nil || typ != repAck {
+			return fmt.Errorf("STRUCTURED_REPLY: %#x %v", typ, err)
+		}
+		tc.structured = true
+	}
+	if len(meta) > 0 {
+		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+		d = append(d, name...)
+		d = binary.BigEndian.AppendUint32(d, uint32(len(meta)))
+		for _, m := range meta {
+			d = binary.BigEndian.AppendUint32(d, uint32(len(m)))
+			d = append(d, m...)
+		}
+		if err := tc.sendOpt(optSetMetaContext, d); err != nil {
+			return err
+		}
+		for {
+			_, typ, data, err := tc.optReply()
+			if err != nil {
+				return err
+			}
+			if typ == repAck {
+				break
+			}
+			if typ != repMetaContext {
+				return fmt.Errorf("SET_META_CONTEXT reply %#x %q", typ, data)
+			}
+			tc.metaIDs[string(data[4:])] = binary.BigEndian.Uint32(data)
+		}
+	}
+	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	d = append(d, name...)
+	d = binary.BigEndian.AppendUint16(d, 0)
+	if err := tc.sendOpt(optGo, d); err != nil {
+		return err
+	}
+	for {
+		_, typ, data, err := tc.optReply()
+		if err != nil {
+			return err
+		}
+		switch typ {
+		case repAck:
+			return nil
+		case repInfo:
+			if binary.BigEndian.Uint16(data) == infoExport {
+				tc.size = binary.BigEndian.Uint64(data[2:])
+				tc.tflags = binary.BigEndian.Uint16(data[10:])
+			}
+		default:
+			return fmt.Errorf("GO reply %#x %q", typ, data)
+		}
+	}
+}
+
+func (tc *testClient) send(r Request, payload []byte) error {
+	b, err := AppendRequest(nil, r, tc.ext)
+	if err != nil {
+		return err
+	}
+	if r.Type == CmdRead {
+		tc.reads[r.Cookie] = r.Length
+	}
+	_, err = tc.c.Write(append(b, payload...))
+	return err
+}
+
+// recv reads one complete reply (every chunk up to DONE).
+func (tc *testClient) recv() (*reply, error) {
+	rep := &reply{}
+	for {
+		m, err := tc.readN(4)
+		if err != nil {
+			return nil, err
+		}
+		switch binary.BigEndian.Uint32(m) {
+		case magicSimple:
+			b, err := tc.readN(12)
+			if err != nil {
+				return nil, err
+			}
+			rep.errno = binary.BigEndian.Uint32(b)
+			rep.cookie = binary.BigEndian.Uint64(b[4:])
+			if n, ok := tc.reads[rep.cookie]; ok && rep.errno == 0 {
+				if rep.data, err = tc.readN(int(n)); err != nil {
+					return nil, err
+				}
+			}
+			delete(tc.reads, rep.cookie)
+			return rep, nil
+		case magicChunk:
+			b, err := tc.readN(16)
+			if err != nil {
+				return nil, err
+			}
+			ch := chunk{flags: binary.BigEndian.Uint16(b), typ: binary.BigEndian.Uint16(b[2:])}
+			rep.cookie = binary.BigEndian.Uint64(b[4:])
+			if ch.payload, err = tc.readN(int(binary.BigEndian.Uint32(b[12:]))); err != nil {
+				return nil, err
+			}
+			if err := rep.add(ch); err != nil {
+				return nil, err
+			}
+		case magicExtReply:
+			b, err := tc.readN(28)
+			if err != nil {
+				return nil, err
+			}
+			ch := chunk{flags: binary.BigEndian.Uint16(b), typ: binary.BigEndian.Uint16(b[2:])}
+			rep.cookie = binary.BigEndian.Uint64(b[4:])
+			ch.offset = binary.BigEndian.Uint64(b[12:])
+			n := binary.BigEndian.Uint64(b[20:])
+			if n > 64<<20 {
+				return nil, fmt.Errorf("absurd payload %d", n)
+			}
+			if ch.payload, err = tc.readN(int(n)); err != nil {
+				return nil, err
+			}
+			if err := rep.add(ch); err != nil {
+				return nil, err
+			}
+		default:
+			return nil, fmt.Errorf("bad reply magic % x", m)
+		}
+		if last := rep.chunks[len(rep.chunks)-1]; last.flags&chunkFlagDone != 0 {
+			delete(tc.reads, rep.cookie)
+			return rep, nil
+		}
+	}
+}
+
+func (rep *reply) add(ch chunk) error {
+	if ch.typ == chunkError || ch.typ == chunkErrorOffset {
+		if len(ch.payload) < 6 {
+			return fmt.Errorf("short error chunk")
+		}
+		rep.errno = binary.BigEndian.Uint32(ch.payload)
+	}
+	rep.chunks = append(rep.chunks, ch)
+	return nil
+}
+
+// readData assembles a structured read's chunks into length bytes.
+func (rep *reply) readData(off, length uint64) ([]byte, error) {
+	if rep.chunks == nil {
+		return rep.data, nil
+	}
+	out := make([]byte, length)
+	var covered uint64
+	for _, ch := range rep.chunks {
+		switch ch.typ {
+		case chunkOffsetData:
+			o := binary.BigEndian.Uint64(ch.payload) - off
+			covered += uint64(copy(out[o:], ch.payload[8:]))
+		case chunkOffsetHole:
+			covered += uint64(binary.BigEndian.Uint32(ch.payload[8:]))
+		case chunkNone:
+		default:
+			return nil, fmt.Errorf("chunk type %d in a read", ch.typ)
+		}
+	}
+	if covered != length {
+		return nil, fmt.Errorf("chunks cover %d of %d bytes", covered, length)
+	}
+	return out, nil
+}
+
+// do sends one request and waits for its reply.
+func (tc *testClient) do(r Request, payload []byte) (*reply, error) {
+	if err := tc.send(r, payload); err != nil {
+		return nil, err
+	}
+	return tc.recv()
+}
+
+func bufioReader(r io.Reader) *bufio.Reader { return bufio.NewReader(r) }

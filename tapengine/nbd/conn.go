@@ -1,0 +1,891 @@
+package nbd
+
+import (
+	"bufio"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/bits"
+	"net"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/blktap-go/blktap/formats/image"
+)
+
+const (
+	// maxWorkers bounds the goroutines that run one connection's requests.
+	// Requests beyond it wait in the queue (still "in flight" to the
+	// client); a goroutine per request would cost a spawn each time.
+	maxWorkers = 16
+	// bigRequest: payloads above this size draw on a per-connection byte
+	// budget, so MaxInFlight huge requests cannot pin gigabytes.
+	bigRequest = 1 << 20
+	// bigBudget is that budget: two maximal payloads at once.
+	bigBudget = 2 * MaxPayload
+	// sparseMin: reads at least this long ask the backend's map first and
+	// answer holes with OFFSET_HOLE; below it the extra map lookup costs
+	// more than the bytes it saves.
+	sparseMin = 64 << 10
+	// maxSparseChunks: a read more fragmented than this is sent whole.
+	maxSparseChunks = 256
+	// maxDescriptors caps the block status descriptors in one reply.
+	maxDescriptors = 1 << 16
+	// zeroChunk is the largest write of zeros WRITE_ZEROES issues at once
+	// when the backend has nothing faster.
+	zeroChunk = 1 << 20
+	// inlineMax: the largest read or write the reader runs itself.
+	inlineMax = 128 << 10
+	// slowInline: an inline request slower than this hit the disk, not
+	// the page cache; the next inlinePause requests go to the workers.
+	slowInline  = 200 * time.Microsecond
+	inlinePause = 256
+	// maxDeferred bounds the replies the reader holds back.
+	maxDeferred = 64
+)
+
+var zeroBuf = make([]byte, zeroChunk)
+
+// req is one request travelling reader -> worker -> writer. A fixed set
+// per connection is recycled through conn.free, which is also what limits
+// the requests in flight.
+type req struct {
+	Request
+	buf     []byte  // WRITE payload or READ data
+	bufp    *[]byte // pooled backing of buf, nil if none
+	budget  int64   // bytes drawn from the connection's big budget
+	scratch []byte  // reply headers and small payloads
+	iov     [][]byte
+	segs    []seg
+	// deferred: run inline by the reader; its reply may wait for kick.
+	deferred bool
+}
+
+type seg struct {
+	off, n int64
+	zero   bool
+}
+
+// conn is one connection in transmission. Ownership: the reader goroutine
+// owns br and fills reqs; a worker owns a req while it runs it; the writer
+// role (whichever goroutine holds c.writing) owns iov and the socket's
+// write side. Fields under wmu are guarded by it.
+type conn struct {
+	s      *Server
+	nc     net.Conn
+	br     *bufio.Reader
+	sess   *session
+	be     Backend
+	disc   Discarder
+	mapper Mapper
+	zw     ZeroWriter
+	size   int64
+	ro     bool
+	log    *slog.Logger
+
+	free chan *req
+	work chan *req
+
+	wmu     sync.Mutex
+	pending []*req // done, waiting for the writer
+	spare   []*req
+	writing bool
+	werr    error
+	iov     [][]byte    // writer role only
+	nb      net.Buffers // writer role only
+
+	// inlineOff counts requests still to hand to workers after a slow
+	// inline one. Reader goroutine only.
+	inlineOff int
+
+	bmu   sync.Mutex
+	bcond *sync.Cond
+	bused int64
+}
+
+func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
+	c := &conn{
+		s: s, nc: nc, br: br, sess: sess,
+		be:   s.Export.Backend,
+		size: s.Export.Backend.Size(),
+		ro:   s.Export.ReadOnly,
+		log:  s.logger(),
+	}
+	c.disc, _ = c.be.(Discarder)
+	c.mapper, _ = c.be.(Mapper)
+	c.zw, _ = c.be.(ZeroWriter)
+	c.bcond = sync.NewCond(&c.bmu)
+	n := s.maxInFlight()
+	c.free = make(chan *req, n)
+	c.work = make(chan *req, n)
+	for i := 0; i < n; i++ {
+		c.free <- &req{scratch: make([]byte, 0, 128), iov: make([][]byte, 0, 4)}
+	}
+	return c
+}
+
+// serve runs transmission until the client leaves or the connection
+// fails, then waits until every request read has been answered.
+func (c *conn) serve(ctx context.Context) error {
+	var wg sync.WaitGroup
+	for i := 0; i < min(c.s.maxInFlight(), maxWorkers); i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for r := range c.work {
+				c.handle(r)
+			}
+		}()
+	}
+	err := c.readLoop()
+	close(c.work)
+	wg.Wait()
+	if err == nil {
+		c.wmu.Lock()
+		err = c.werr
+		c.wmu.Unlock()
+	}
+	return err
+}
+
+// readLoop reads requests and their payloads and runs or queues them. It
+// returns nil on NBD_CMD_DISC or a clean hang-up between requests.
+//
+// Small reads (and block status, cache) run right here, with their
+// replies held back until no complete request is left in the read
+// buffer; then one writev sends them all. That is DESIGN.md's measured
+// lesson: hand-offs and wake-ups, not copies, bound a block server on
+// these machines. Everything that may block for long (writes, flush,
+// trim, zeroing, big transfers) goes to the workers, and so does
+// everything after an inline request turned out slow (a page-cache miss
+// on a real disk), so one slow disk read does not serialise the queue.
+func (c *conn) readLoop() (err error) {
+	hsz := requestSize
+	if c.sess.extended {
+		hsz = extRequestSize
+	}
+	// Replies held back must go out whatever ends the loop.
+	defer c.kick()
+	var hb [extRequestSize]byte
+	for {
+		if c.br.Buffered() < hsz {
+			c.kick() // about to wait for the client: send what we have
+		}
+		if _, err := io.ReadFull(c.br, hb[:hsz]); err != nil {
+			if errors.Is(err, io.EOF) {
+				return nil
+			}
+			return fmt.Errorf("nbd: reading request: %w", err)
+		}
+		rq, err := ParseRequest(hb[:hsz], c.sess.extended)
+		if err != nil {
+			return err
+		}
+		var plen uint64
+		if rq.Type == CmdWrite || (c.sess.extended && rq.Flags&CmdFlagPayloadLen != 0) {
+			plen = rq.Length
+		}
+		if plen > MaxPayload {
+			// Its payload would follow; we will not buffer it, and
+			// without it the stream is out of frame.
+			return fmt.Errorf("%w: payload of %d bytes exceeds %d", ErrProtocol, plen, MaxPayload)
+		}
+		if rq.Type == CmdDisc {
+			return nil
+		}
+		if len(c.free) == 0 {
+			c.kick() // replies we hold may be what frees a slot
+		}
+		r := <-c.free
+		r.Request = rq
+		need := int64(plen)
+		if plen == 0 && rq.Type == CmdRead && rq.Length <= MaxPayload {
+			need = int64(rq.Length)
+		}
+		if need > bigRequest {
+			c.kick()
+			c.acquire(r, need)
+		}
+		if plen > 0 {
+			r.buf, r.bufp = getBuf(int(plen))
+			if c.br.Buffered() < int(plen) {
+				c.kick()
+			}
+			if _, err := io.ReadFull(c.br, r.buf); err != nil {
+				c.release(r)
+				return fmt.Errorf("nbd: reading %d-byte payload: %w", plen, err)
+			}
+		}
+		if c.inlineable(rq) {
+			c.runInline(r)
+			continue
+		}
+		c.work <- r
+	}
+}
+
+// inlineable reports whether the reader should run rq itself.
+func (c *conn) inlineable(rq Request) bool {
+	if c.inlineOff > 0 {
+		c.inlineOff--
+		return false
+	}
+	switch rq.Type {
+	case CmdRead, CmdCache, CmdBlockStatus:
+		return rq.Length <= inlineMax
+	}
+	// Writes go to the workers: a page-cache write still takes the
+	// filesystem's locks (journal, mtime) and sleeps often enough that
+	// running them in parallel beats running them here (measured with
+	// BenchmarkFio: inline writes ran at a third of the rate).
+	return false
+}
+
+// runInline runs r on the reader goroutine with its reply held back, and
+// turns inlining off for a while if it was slow.
+func (c *conn) runInline(r *req) {
+	start := time.Now()
+	r.deferred = true
+	c.handle(r)
+	if time.Since(start) > slowInline {
+		c.inlineOff = inlinePause
+	}
+}
+
+// acquire draws a big request's bytes from the budget, waiting while
+// others hold it (but never when nothing is held, so any single request
+// up to MaxPayload proceeds).
+func (c *conn) acquire(r *req, n int64) {
+	if n <= bigRequest {
+		return
+	}
+	c.bmu.Lock()
+	for c.bused > 0 && c.bused+n > bigBudget {
+		c.bcond.Wait()
+	}
+	c.bused += n
+	c.bmu.Unlock()
+	r.budget = n
+}
+
+// release returns a request's buffer and budget and puts it back on the
+// free list.
+func (c *conn) release(r *req) {
+	if r.bufp != nil {
+		putBuf(r.bufp)
+	}
+	r.buf, r.bufp = nil, nil
+	r.deferred = false
+	if r.budget > 0 {
+		c.bmu.Lock()
+		c.bused -= r.budget
+		c.bmu.Unlock()
+		c.bcond.Broadcast()
+		r.budget = 0
+	}
+	clear(r.iov)
+	r.iov = r.iov[:0]
+	r.scratch = r.scratch[:0]
+	if cap(r.scratch) > 64<<10 {
+		// A huge block status reply; do not pin its memory.
+		r.scratch = make([]byte, 0, 128)
+	}
+	c.free <- r
+}
+
+// allowed flags per command; anything else is EINVAL.
+func (c *conn) allowedFlags(typ uint16) uint16 {
+	var f uint16
+	switch typ {
+	case CmdRead:
+		f = CmdFlagDF
+	case CmdWrite:
+		f = CmdFlagFUA
+	case CmdTrim:
+		f = CmdFlagFUA
+	case CmdWriteZeroes:
+		f = CmdFlagFUA | CmdFlagNoHole | CmdFlagFastZero
+	case CmdBlockStatus:
+		f = CmdFlagReqOne
+	}
+	if c.sess.extended && typ == CmdWrite {
+		f |= CmdFlagPayloadLen
+	}
+	// Clients may set FUA on any command; it only matters for writes.
+	return f | CmdFlagFUA
+}
+
+// inRange reports whether [off, off+n) lies inside the export.
+func (c *conn) inRange(off, n uint64) bool {
+	return off <= uint64(c.size) && n <= uint64(c.size)-off
+}
+
+// handle runs one request and queues its reply.
+func (c *conn) handle(r *req) {
+	st := &c.s.stats
+	if r.Flags&^c.allowedFlags(r.Type) != 0 {
+		c.replyErr(r, errInval, "unsupported command flags")
+		return
+	}
+	if c.sess.extended && r.Flags&CmdFlagPayloadLen != 0 && r.Type != CmdWrite {
+		// We do not advertise BLOCK_STATUS_PAYLOAD; the payload was read
+		// and is dropped.
+		c.replyErr(r, errInval, "unexpected payload")
+		return
+	}
+	switch r.Type {
+	case CmdRead:
+		st.reads.Add(1)
+		switch {
+		case r.Length > MaxPayload:
+			c.replyErr(r, errInval, "read longer than the maximum payload")
+		case !c.inRange(r.Offset, r.Length):
+			c.replyErr(r, errInval, "read past the end of the export")
+		default:
+			c.read(r)
+		}
+
+	case CmdWrite:
+		st.writes.Add(1)
+		switch {
+		case c.ro:
+			c.replyErr(r, errPerm, "export is read-only")
+		case !c.inRange(r.Offset, r.Length):
+			c.replyErr(r, errNoSpc, "write past the end of the export")
+		default:
+			if err := writeAll(c.be, r.buf, int64(r.Offset)); err != nil {
+				c.replyBackendErr(r, "write", err)
+				return
+			}
+			st.bytesWritten.Add(r.Length)
+			c.finishWrite(r)
+		}
+
+	case CmdFlush:
+		st.flushes.Add(1)
+		if err := c.be.Flush(); err != nil {
+			c.replyBackendErr(r, "flush", err)
+			return
+		}
+		c.replyOK(r)
+
+	case CmdTrim:
+		st.trims.Add(1)
+		switch {
+		case c.ro:
+			c.replyErr(r, errPerm, "export is read-only")
+		case c.disc == nil:
+			c.replyErr(r, errInval, "trim not offered")
+		case !c.inRange(r.Offset, r.Length):
+			c.replyErr(r, errInval, "trim past the end of the export")
+		case r.Length == 0:
+			c.replyOK(r)
+		default:
+			if err := c.disc.Discard(int64(r.Offset), int64(r.Length)); err != nil {
+				c.replyBackendErr(r, "trim", err)
+				return
+			}
+			c.finishWrite(r)
+		}
+
+	case CmdWriteZeroes:
+		st.zeroes.Add(1)
+		switch {
+		case c.ro:
+			c.replyErr(r, errPerm, "export is read-only")
+		case !c.inRange(r.Offset, r.Length):
+			c.replyErr(r, errNoSpc, "write past the end of the export")
+		default:
+			if e, err := c.writeZeroes(r); err != nil {
+				if e == errNotSup {
+					c.replyErr(r, e, "zeroing would not be fast")
+				} else {
+					c.replyBackendErr(r, "write zeroes", err)
+				}
+				return
+			}
+			c.finishWrite(r)
+		}
+
+	case CmdCache:
+		// Advisory; the page cache already does what a prefetch would.
+		if !c.inRange(r.Offset, r.Length) {
+			c.replyErr(r, errInval, "cache past the end of the export")
+			return
+		}
+		c.replyOK(r)
+
+	case CmdBlockStatus:
+		st.blockStatus.Add(1)
+		c.blockStatus(r)
+
+	default:
+		c.replyErr(r, errInval, fmt.Sprintf("unknown command %d", r.Type))
+	}
+}
+
+// finishWrite honours FUA once a write-like command is in the image.
+func (c *conn) finishWrite(r *req) {
+	if r.Flags&CmdFlagFUA != 0 {
+		if err := c.be.Flush(); err != nil {
+			c.replyBackendErr(r, "flush after FUA", err)
+			return
+		}
+	}
+	c.replyOK(r)
+}
+
+// writeZeroes zeroes a request's range the fastest way the backend
+// offers. It returns errNotSup (and an error) when FAST_ZERO was asked and
+// only the slow way remains.
+func (c *conn) writeZeroes(r *req) (uint32, error) {
+	off, n := int64(r.Offset), int64(r.Length)
+	mayTrim := r.Flags&CmdFlagNoHole == 0
+	if n == 0 {
+		return 0, nil
+	}
+	if c.zw != nil {
+		err := c.zw.WriteZeroes(off, n, mayTrim)
+		if !errors.Is(err, errors.ErrUnsupported) {
+			return errno(err), err
+		}
+	}
+	if mayTrim && c.disc != nil {
+		err := c.disc.Discard(off, n)
+		return errno(err), err
+	}
+	if r.Flags&CmdFlagFastZero != 0 {
+		return errNotSup, errors.ErrUnsupported
+	}
+	for n > 0 {
+		k := min(n, zeroChunk)
+		if err := writeAll(c.be, zeroBuf[:k], off); err != nil {
+			return errno(err), err
+		}
+		off += k
+		n -= k
+	}
+	return 0, nil
+}
+
+// read answers a READ that passed validation.
+func (c *conn) read(r *req) {
+	n := int(r.Length)
+	if n == 0 {
+		c.replyOK(r)
+		return
+	}
+	r.buf, r.bufp = getBuf(n)
+	if c.sess.structured && c.mapper != nil && n >= sparseMin && r.Flags&CmdFlagDF == 0 {
+		if c.sparseRead(r) {
+			return
+		}
+	}
+	if err := readAll(c.be, r.buf, int64(r.Offset)); err != nil {
+		c.replyBackendErr(r, "read", err)
+		return
+	}
+	c.s.stats.bytesRead.Add(uint64(n))
+	c.replyData(r)
+}
+
+// sparseRead answers a read with OFFSET_DATA and OFFSET_HOLE chunks from
+// the backend's map. It returns false, having sent nothing, when the map
+// is unusable or shows no hole; the caller then reads it whole.
+func (c *conn) sparseRead(r *req) bool {
+	off, end := int64(r.Offset), int64(r.Offset+r.Length)
+	exts, err := c.mapper.Map(off, end-off)
+	if err != nil || len(exts) == 0 {
+		return false
+	}
+	segs := r.segs[:0]
+	pos := off
+	holes := false
+	for _, e := range exts {
+		if e.Offset > pos || e.Length <= 0 {
+			return false // a gap or nonsense: do not trust the map
+		}
+		s, t := pos, min(e.Offset+e.Length, end)
+		if t <= s {
+			continue
+		}
+		zero := e.Kind != image.Data
+		holes = holes || zero
+		if k := len(segs); k > 0 && segs[k-1].zero == zero {
+			segs[k-1].n += t - s
+		} else {
+			if len(segs) == maxSparseChunks {
+				return false
+			}
+			segs = append(segs, seg{off: s, n: t - s, zero: zero})
+		}
+		pos = t
+		if pos == end {
+			break
+		}
+	}
+	r.segs = segs
+	if pos != end || !holes {
+		return false
+	}
+	var sent uint64
+	for _, sg := range segs {
+		if sg.zero {
+			continue
+		}
+		b := r.buf[sg.off-off : sg.off-off+sg.n]
+		if err := readAll(c.be, b, sg.off); err != nil {
+			c.replyBackendErr(r, "read", err)
+			return true
+		}
+		sent += uint64(sg.n)
+	}
+	c.s.stats.bytesRead.Add(sent)
+	for i, sg := range segs {
+		var fl uint16
+		if i == len(segs)-1 {
+			fl = chunkFlagDone
+		}
+		if sg.zero {
+			h := c.chunkHdr(r, fl, chunkOffsetHole, 12, 12)
+			h = binary.BigEndian.AppendUint64(h, uint64(sg.off))
+			h = binary.BigEndian.AppendUint32(h, uint32(sg.n))
+			r.iov = append(r.iov, h)
+		} else {
+			h := c.chunkHdr(r, fl, chunkOffsetData, 8+int(sg.n), 8)
+			h = binary.BigEndian.AppendUint64(h, uint64(sg.off))
+			r.iov = append(r.iov, h, r.buf[sg.off-off:sg.off-off+sg.n])
+		}
+	}
+	c.send(r)
+	return true
+}
+
+// blockStatus answers BLOCK_STATUS for every selected meta context.
+func (c *conn) blockStatus(r *req) {
+	want := r.Length
+	if c.sess.extended && r.Offset < uint64(c.size) {
+		// With extended headers the length is a hint (as qemu reads
+		// the extension): answer up to the end of the export.
+		want = min(want, uint64(c.size)-r.Offset)
+	}
+	switch {
+	case !c.sess.structured || !(c.sess.metaAlloc || c.sess.metaDepth):
+		c.replyErr(r, errInval, "no meta context selected")
+		return
+	case want == 0 || !c.inRange(r.Offset, want):
+		c.replyErr(r, errInval, "block status range outside the export")
+		return
+	}
+	off := int64(r.Offset)
+	// A compact reply's descriptor lengths are 32-bit; the request's
+	// length is too, so any extent clipped to it fits.
+	length := int64(want)
+	var exts []image.Extent
+	if c.mapper != nil {
+		var err error
+		exts, err = c.mapper.Map(off, length)
+		if err != nil {
+			c.replyBackendErr(r, "map", err)
+			return
+		}
+	} else {
+		exts = []image.Extent{{Offset: off, Length: length, Kind: image.Data}}
+	}
+	type ctx struct {
+		id   uint32
+		flag func(e image.Extent) uint32
+	}
+	var ctxs [2]ctx
+	k := 0
+	if c.sess.metaAlloc {
+		ctxs[k] = ctx{ctxBaseAllocation, allocFlags}
+		k++
+	}
+	if c.sess.metaDepth {
+		ctxs[k] = ctx{ctxAllocDepth, depthFlags}
+		k++
+	}
+	for i, cx := range ctxs[:k] {
+		// Descriptors, merged where the flags agree.
+		type desc struct{ n, f uint64 }
+		var ds []desc
+		pos, end := off, off+length
+		for _, e := range exts {
+			if e.Offset > pos || e.Length <= 0 {
+				break // the map has a gap: report what is known
+			}
+			t := min(e.Offset+e.Length, end)
+			if t <= pos {
+				continue
+			}
+			f := uint64(cx.flag(e))
+			if j := len(ds); j > 0 && ds[j-1].f == f {
+				ds[j-1].n += uint64(t - pos)
+			} else {
+				if len(ds) == maxDescriptors {
+					break
+				}
+				ds = append(ds, desc{uint64(t - pos), f})
+			}
+			pos = t
+			if pos == end {
+				break
+			}
+		}
+		if len(ds) == 0 {
+			c.replyErr(r, errIO, "backend map covers nothing")
+			return
+		}
+		if r.Flags&CmdFlagReqOne != 0 {
+			ds = ds[:1]
+		}
+		var fl uint16
+		if i == k-1 {
+			fl = chunkFlagDone
+		}
+		if c.sess.extended {
+			h := c.chunkHdr(r, fl, chunkBlockStatusEx, 8+16*len(ds), 8+16*len(ds))
+			h = binary.BigEndian.AppendUint32(h, cx.id)
+			h = binary.BigEndian.AppendUint32(h, uint32(len(ds)))
+			for _, d := range ds {
+				h = binary.BigEndian.AppendUint64(h, d.n)
+				h = binary.BigEndian.AppendUint64(h, d.f)
+			}
+			r.iov = append(r.iov, h)
+		} else {
+			h := c.chunkHdr(r, fl, chunkBlockStatus, 4+8*len(ds), 4+8*len(ds))
+			h = binary.BigEndian.AppendUint32(h, cx.id)
+			for _, d := range ds {
+				h = binary.BigEndian.AppendUint32(h, uint32(d.n))
+				h = binary.BigEndian.AppendUint32(h, uint32(d.f))
+			}
+			r.iov = append(r.iov, h)
+		}
+	}
+	c.send(r)
+}
+
+// allocFlags is base:allocation's view of an extent.
+func allocFlags(e image.Extent) uint32 {
+	switch e.Kind {
+	case image.Hole:
+		return stateHole | stateZero
+	case image.Zero:
+		return stateZero
+	}
+	return 0
+}
+
+// depthFlags is qemu:allocation-depth's: 0 unallocated, else 1 + layer.
+func depthFlags(e image.Extent) uint32 {
+	if e.Kind == image.Hole {
+		return 0
+	}
+	return uint32(e.Depth) + 1
+}
+
+// chunkHdr appends to r.scratch a structured (or extended) reply header
+// announcing a payload of n bytes, plus room for the first fixed bytes of
+// that payload, and returns the header with that room as spare capacity:
+// the caller appends exactly fixed bytes. Slices handed out earlier stay
+// valid if scratch grows, since they keep the old array.
+func (c *conn) chunkHdr(r *req, flags, typ uint16, n, fixed int) []byte {
+	hs := chunkHdrSize
+	if c.sess.extended {
+		hs = extReplySize
+	}
+	start := len(r.scratch)
+	r.scratch = slices.Grow(r.scratch, hs+fixed)[:start+hs+fixed]
+	if c.sess.extended {
+		putExtReply(r.scratch[start:], flags, typ, r.Cookie, r.Offset, uint64(n))
+	} else {
+		putChunk(r.scratch[start:], flags, typ, r.Cookie, uint32(n))
+	}
+	return r.scratch[start : start+hs : start+hs+fixed]
+}
+
+// replyOK answers success without payload.
+func (c *conn) replyOK(r *req) {
+	if c.sess.extended || (c.sess.structured && r.Type == CmdRead) {
+		r.iov = append(r.iov, c.chunkHdr(r, chunkFlagDone, chunkNone, 0, 0))
+	} else {
+		r.iov = append(r.iov, c.simpleHdr(r, 0))
+	}
+	c.send(r)
+}
+
+// replyData answers a READ with r.buf.
+func (c *conn) replyData(r *req) {
+	if c.sess.structured {
+		h := c.chunkHdr(r, chunkFlagDone, chunkOffsetData, 8+len(r.buf), 8)
+		h = binary.BigEndian.AppendUint64(h, r.Offset)
+		r.iov = append(r.iov, h, r.buf)
+	} else {
+		r.iov = append(r.iov, c.simpleHdr(r, 0), r.buf)
+	}
+	c.send(r)
+}
+
+func (c *conn) replyBackendErr(r *req, what string, err error) {
+	c.log.Debug("nbd: backend error", "op", what, "offset", r.Offset, "length", r.Length, "err", err)
+	c.replyErr(r, errno(err), what+" failed")
+}
+
+// replyErr answers with an NBD error; structured replies carry msg too.
+func (c *conn) replyErr(r *req, e uint32, msg string) {
+	c.s.stats.errors.Add(1)
+	if c.sess.extended || (c.sess.structured && (r.Type == CmdRead || r.Type == CmdBlockStatus)) {
+		if len(msg) > maxStringLen {
+			msg = msg[:maxStringLen]
+		}
+		h := c.chunkHdr(r, chunkFlagDone, chunkError, 6+len(msg), 6+len(msg))
+		h = binary.BigEndian.AppendUint32(h, e)
+		h = binary.BigEndian.AppendUint16(h, uint16(len(msg)))
+		h = append(h, msg...)
+		r.iov = append(r.iov, h)
+	} else {
+		r.iov = append(r.iov, c.simpleHdr(r, e))
+	}
+	c.send(r)
+}
+
+func (c *conn) simpleHdr(r *req, e uint32) []byte {
+	start := len(r.scratch)
+	r.scratch = slices.Grow(r.scratch, simpleSize)[:start+simpleSize]
+	putSimple(r.scratch[start:], e, r.Cookie)
+	return r.scratch[start:len(r.scratch):len(r.scratch)]
+}
+
+// kick sends every reply held back by the reader, unless a writer is
+// already at work (it sends them on its next round).
+func (c *conn) kick() {
+	c.wmu.Lock()
+	if c.writing || len(c.pending) == 0 {
+		c.wmu.Unlock()
+		return
+	}
+	c.writeLocked()
+}
+
+// send queues r's reply. Whoever finds no writer active becomes the writer
+// and sends everything queued meanwhile in one writev per batch, so
+// replies finishing together share a syscall and no goroutine exists just
+// to write.
+func (c *conn) send(r *req) {
+	c.wmu.Lock()
+	c.pending = append(c.pending, r)
+	if c.writing || (r.deferred && len(c.pending) < maxDeferred) {
+		// A writer will take it, or the reader kicks it out before it
+		// next waits.
+		c.wmu.Unlock()
+		return
+	}
+	c.writeLocked()
+}
+
+// writeLocked takes the writer role (wmu held on entry, released on
+// return) and writes until nothing is pending.
+func (c *conn) writeLocked() {
+	c.writing = true
+	for len(c.pending) > 0 {
+		batch := c.pending
+		c.pending = c.spare[:0]
+		failed := c.werr != nil
+		c.wmu.Unlock()
+		err := c.writeBatch(batch, failed)
+		c.wmu.Lock()
+		if err != nil && c.werr == nil {
+			c.werr = err
+		}
+		clear(batch)
+		c.spare = batch[:0]
+	}
+	c.writing = false
+	c.wmu.Unlock()
+}
+
+// writeBatch writes the replies of batch and recycles them. Once a write
+// failed, replies are dropped: the connection is being torn down.
+func (c *conn) writeBatch(batch []*req, failed bool) error {
+	var err error
+	if !failed {
+		iov := c.iov[:0]
+		for _, r := range batch {
+			iov = append(iov, r.iov...)
+		}
+		// WriteTo consumes its receiver; a field (not a local) keeps
+		// that from escaping to the heap on every batch.
+		c.nb = iov
+		_, err = c.nb.WriteTo(c.nc)
+		clear(iov)
+		c.iov, c.nb = iov[:0], nil
+		if err != nil {
+			err = fmt.Errorf("nbd: writing replies: %w", err)
+			// Unblock the reader so the connection ends.
+			c.nc.Close()
+		}
+	}
+	for _, r := range batch {
+		c.release(r)
+	}
+	return err
+}
+
+// readAll reads len(b) bytes at off. io.ReaderAt may report io.EOF with a
+// full read at the end of the disk; that is success, and a short read
+// with no error (a broken backend) is an I/O error, never stale bytes
+// sent as data.
+func readAll(be Backend, b []byte, off int64) error {
+	n, err := be.ReadAt(b, off)
+	if n == len(b) && (err == nil || err == io.EOF) {
+		return nil
+	}
+	if err == nil || err == io.EOF {
+		err = fmt.Errorf("nbd: short read of %d at %d: %w", n, off, io.ErrUnexpectedEOF)
+	}
+	return err
+}
+
+// writeAll writes b at off; a short write without an error is an error.
+func writeAll(be Backend, b []byte, off int64) error {
+	n, err := be.WriteAt(b, off)
+	if err == nil && n != len(b) {
+		err = fmt.Errorf("nbd: short write of %d at %d: %w", n, off, io.ErrShortWrite)
+	}
+	return err
+}
+
+// Buffer pool: power-of-two classes from 4 KiB to MaxPayload, so the hot
+// path allocates nothing once warm.
+const (
+	minClass = 12
+	maxClass = 25 // log2(MaxPayload)
+)
+
+var pools [maxClass + 1]sync.Pool
+
+func getBuf(n int) ([]byte, *[]byte) {
+	class := max(minClass, bits.Len(uint(n-1)))
+	if class > maxClass {
+		b := make([]byte, n)
+		return b, nil
+	}
+	if p, ok := pools[class].Get().(*[]byte); ok {
+		return (*p)[:n], p
+	}
+	b := make([]byte, 1<<class)
+	return b[:n], &b
+}
+
+func putBuf(p *[]byte) {
+	class := bits.Len(uint(cap(*p) - 1))
+	if cap(*p) != 1<<class || class < minClass || class > maxClass {
+		return
+	}
+	pools[class].Put(p)
+}

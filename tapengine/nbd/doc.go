@@ -1,0 +1,65 @@
+// Package nbd serves one disk over the NBD protocol (fixed newstyle
+// handshake, simple, structured and extended replies). The same server
+// runs inside each disk's worker process, answering dom0 straight from the
+// image, and in the daemon, where the local frontend exposes a guest's
+// view whose backend pushes requests through a blkif ring.
+//
+// # Using it
+//
+//  1. Build a Server with an Export whose Backend is safe for concurrent
+//     use (an image.Image is). Optional capabilities are found by type
+//     assertion: Discarder (TRIM), Mapper (block status and sparse reads),
+//     ZeroWriter (fast WRITE_ZEROES).
+//  2. Call Serve with a listener (unix or loopback TCP; the caller creates
+//     it and sets its permissions), or ServeConn per accepted connection.
+//     Do not change the Server's fields afterwards.
+//  3. Read Stats at any time.
+//  4. Stop with Close or by cancelling the context: listeners close first,
+//     then each connection stops reading, answers what it has in flight
+//     and closes. Close returns when every connection is gone; the Backend
+//     stays open (the caller owns it).
+//
+// # What the server promises
+//
+//   - A write is acknowledged only after Backend.WriteAt returned; FUA adds
+//     Backend.Flush before the reply; FLUSH calls Backend.Flush. Because
+//     every connection shares one Backend, a flush covers writes made on
+//     any connection, so CAN_MULTI_CONN is advertised unless
+//     Export.NoMultiConn says otherwise.
+//   - Replies may leave out of order; each is written whole.
+//   - A request the server can answer without losing its place in the
+//     stream (a read past the end, an absurd length, an unknown command or
+//     flag) gets an error reply and the connection goes on. Anything that
+//     loses the framing (a bad magic, a write payload above MaxPayload)
+//     drops that connection only.
+//
+// # Wire layouts (all integers big-endian)
+//
+// Handshake (fixed newstyle):
+//
+//	S: +0 u64 "NBDMAGIC" | +8 u64 "IHAVEOPT" | +16 u16 flags (FIXED_NEWSTYLE|NO_ZEROES)
+//	C: u32 client flags
+//	C: +0 u64 "IHAVEOPT" | +8 u32 option | +12 u32 length | data      (repeated)
+//	S: +0 u64 0x3e889045565a9 | +8 u32 option | +12 u32 reply type | +16 u32 length | data
+//
+// Transmission, compact headers:
+//
+//	request  (28 B) +0 u32 0x25609513 | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u64 offset | +24 u32 length
+//	simple   (16 B) +0 u32 0x67446698 | +4 u32 error | +8 u64 cookie
+//	chunk    (20 B) +0 u32 0x668e33ef | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u32 payload length
+//
+// Transmission, extended headers (NBD_OPT_EXTENDED_HEADERS):
+//
+//	request  (32 B) +0 u32 0x21e41c71 | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u64 offset | +24 u64 length
+//	reply    (32 B) +0 u32 0x6e8a278c | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u64 offset | +24 u64 payload length
+//
+// # Inside a connection
+//
+// One reader goroutine decodes requests and reads write payloads into
+// pooled buffers. Small reads it runs itself, holding their replies until
+// it has no complete request left to decode; everything else goes to a
+// small fixed pool of workers. Whoever has a reply to send while no write
+// is under way becomes the writer and sends every reply queued meanwhile
+// with one writev. A fixed set of request slots bounds the requests in
+// flight (MaxInFlight) and a byte budget bounds the memory large ones pin.
+package nbd

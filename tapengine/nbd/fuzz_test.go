@@ -1,0 +1,212 @@
+package nbd
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// Fuzz targets for every parser of peer bytes: the request header codec,
+// option haggling, and a whole connection (handshake and transmission).
+// Seeds live in testdata/fuzz/<target>/; regenerate them with
+// go test -run TestWriteSeeds -write-seeds.
+
+var writeSeeds = flag.Bool("write-seeds", false, "rewrite testdata/fuzz seed corpora")
+
+func FuzzParseRequest(f *testing.F) {
+	for _, ext := range []bool{false, true} {
+		b, _ := AppendRequest(nil, Request{Flags: CmdFlagFUA, Type: CmdWrite, Cookie: 7, Offset: 4096, Length: 512}, ext)
+		f.Add(b, ext)
+	}
+	f.Add([]byte("garbage that is long enough to be a header"), false)
+	f.Fuzz(func(t *testing.T, b []byte, ext bool) {
+		r, err := ParseRequest(b, ext)
+		if err != nil {
+			return
+		}
+		// Accepted headers round-trip byte for byte.
+		out, err := AppendRequest(nil, r, ext)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(out, b[:len(out)]) {
+			t.Fatalf("round trip\n got % x\nwant % x", out, b[:len(out)])
+		}
+	})
+}
+
+func FuzzNegotiate(f *testing.F) {
+	for _, s := range seedConversations() {
+		f.Add(s.data)
+	}
+	be := newMem(1 << 20)
+	s := &Server{Export: Export{Name: "disk", Backend: be}}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		n := &negotiator{s: s, r: bytes.NewReader(data), w: bufio.NewWriter(io.Discard)}
+		sess, err := n.negotiate()
+		if err == nil && sess.tflags&tflagHasFlags == 0 {
+			t.Fatalf("negotiated session without HAS_FLAGS: %+v", sess)
+		}
+		if err == nil && sess.extended && !sess.structured {
+			t.Fatal("extended headers without structured replies")
+		}
+	})
+}
+
+func FuzzServeConn(f *testing.F) {
+	for _, s := range seedConversations() {
+		f.Add(s.data)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		be := layered{newMem(1 << 20)}
+		s := &Server{Export: Export{Name: "disk", Backend: be}, HandshakeTimeout: 5 * time.Second, MaxInFlight: 4}
+		a, b := net.Pipe()
+		done := make(chan error, 1)
+		go func() { done <- s.ServeConn(context.Background(), a) }()
+		go io.Copy(io.Discard, b)
+		b.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		b.Write(data)
+		b.Close()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("server did not finish after the client hung up")
+		}
+	})
+}
+
+type seedConv struct {
+	name string
+	data []byte
+}
+
+// seedConversations are client byte streams: well-formed ones that reach
+// every option and command, and broken ones named for their fault.
+func seedConversations() []seedConv {
+	opt := func(b []byte, o uint32, d []byte) []byte {
+		b = binary.BigEndian.AppendUint64(b, magicIHaveOpt)
+		b = binary.BigEndian.AppendUint32(b, o)
+		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
+		return append(b, d...)
+	}
+	goData := func(name string, infos ...uint16) []byte {
+		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+		d = append(d, name...)
+		d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
+		for _, i := range infos {
+			d = binary.BigEndian.AppendUint16(d, i)
+		}
+		return d
+	}
+	meta := func(name string, qs ...string) []byte {
+		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+		d = append(d, name...)
+		d = binary.BigEndian.AppendUint32(d, uint32(len(qs)))
+		for _, q := range qs {
+			d = binary.BigEndian.AppendUint32(d, uint32(len(q)))
+			d = append(d, q...)
+		}
+		return d
+	}
+	req := func(b []byte, ext bool, r Request, payload []byte) []byte {
+		b, _ = AppendRequest(b, r, ext)
+		return append(b, payload...)
+	}
+	flags := binary.BigEndian.AppendUint32(nil, flagCFixedNewstyle|flagCNoZeroes)
+	commands := func(b []byte, ext bool) []byte {
+		b = req(b, ext, Request{Type: CmdWrite, Flags: CmdFlagFUA, Cookie: 1, Offset: 512, Length: 8}, []byte("abcdefgh"))
+		b = req(b, ext, Request{Type: CmdRead, Cookie: 2, Offset: 0, Length: 128 << 10}, nil)
+		b = req(b, ext, Request{Type: CmdRead, Flags: CmdFlagDF, Cookie: 3, Offset: 0, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: CmdBlockStatus, Flags: CmdFlagReqOne, Cookie: 4, Length: 1 << 20}, nil)
+		b = req(b, ext, Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero | CmdFlagNoHole, Cookie: 5, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: CmdWriteZeroes, Cookie: 6, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: CmdTrim, Cookie: 7, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: CmdCache, Cookie: 8, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: CmdFlush, Cookie: 9}, nil)
+		b = req(b, ext, Request{Type: CmdRead, Cookie: 10, Offset: 1 << 30, Length: 1 << 30}, nil)
+		return req(b, ext, Request{Type: CmdDisc, Cookie: 11}, nil)
+	}
+
+	var out []seedConv
+	b := opt(append([]byte(nil), flags...), optGo, goData("disk", infoName, infoDescription, infoBlockSize))
+	out = append(out, seedConv{"simple-go", commands(b, false)})
+
+	b = opt(append([]byte(nil), flags...), optList, nil)
+	b = opt(b, optInfo, goData(""))
+	b = opt(b, optStructuredReply, nil)
+	b = opt(b, optListMetaContext, meta("disk"))
+	b = opt(b, optSetMetaContext, meta("disk", nameBaseAllocation, nameAllocDepth))
+	b = opt(b, optGo, goData("disk"))
+	out = append(out, seedConv{"structured-meta", commands(b, false)})
+
+	b = opt(append([]byte(nil), flags...), optExtendedHeaders, nil)
+	b = opt(b, optSetMetaContext, meta("disk", "base:"))
+	b = opt(b, optSetMetaContext, meta("disk", nameBaseAllocation))
+	b = opt(b, optGo, goData("disk"))
+	out = append(out, seedConv{"extended", commands(b, true)})
+
+	b = opt(append([]byte(nil), flags...), optExportName, []byte("disk"))
+	out = append(out, seedConv{"export-name", commands(b, false)})
+
+	b = opt(append([]byte(nil), flags...), 42, []byte("?"))
+	b = opt(b, optAbort, nil)
+	out = append(out, seedConv{"unknown-option-abort", b})
+
+	b = opt(append([]byte(nil), flags...), optGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})
+	out = append(out, seedConv{"go-name-length-overflow", b})
+
+	b = opt(append([]byte(nil), flags...), optSetMetaContext, meta("disk", "x"))
+	out = append(out, seedConv{"meta-without-structured", b})
+
+	b = opt(append([]byte(nil), flags...), optGo, goData("disk"))
+	b = req(b, false, Request{Type: CmdWrite, Cookie: 1, Length: 0xffffffff}, nil)
+	out = append(out, seedConv{"write-payload-too-big", b})
+
+	b = opt(append([]byte(nil), flags...), optGo, goData("disk"))
+	b = append(b, bytes.Repeat([]byte{0x41}, 40)...)
+	out = append(out, seedConv{"request-bad-magic", b})
+
+	out = append(out, seedConv{"client-flags-unknown", []byte{0xff, 0xff, 0xff, 0xff}})
+	return out
+}
+
+// TestWriteSeeds rewrites the seed corpora when -write-seeds is given and
+// otherwise checks they are present.
+func TestWriteSeeds(t *testing.T) {
+	check := func(p, want string) {
+		if *writeSeeds {
+			os.MkdirAll(filepath.Dir(p), 0o755)
+			if err := os.WriteFile(p, []byte(want), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if got, err := os.ReadFile(p); err != nil || string(got) != want {
+			t.Errorf("seed %s missing or stale; run go test -run TestWriteSeeds -write-seeds", p)
+		}
+	}
+	for _, ext := range []bool{false, true} {
+		b, _ := AppendRequest(nil, Request{Flags: CmdFlagDF, Type: CmdRead, Cookie: 1, Offset: 1 << 40, Length: 1 << 31}, ext)
+		check(filepath.Join("testdata", "fuzz", "FuzzParseRequest", fmt.Sprintf("read-ext-%v", ext)),
+			fmt.Sprintf("go test fuzz v1\n[]byte(%s)\nbool(%v)\n", strconv.Quote(string(b)), ext))
+	}
+	check(filepath.Join("testdata", "fuzz", "FuzzParseRequest", "bad-magic"),
+		fmt.Sprintf("go test fuzz v1\n[]byte(%s)\nbool(false)\n", strconv.Quote(string(make([]byte, 28)))))
+	for _, target := range []string{"FuzzNegotiate", "FuzzServeConn"} {
+		dir := filepath.Join("testdata", "fuzz", target)
+		for _, s := range seedConversations() {
+			p := filepath.Join(dir, s.name)
+			check(p, fmt.Sprintf("go test fuzz v1\n[]byte(%s)\n", strconv.Quote(string(s.data))))
+		}
+	}
+}
