@@ -466,7 +466,8 @@ func (p *parser) disk(n *yaml.Node, i int) (Disk, map[string]*yaml.Node) {
 		p.errf(n, "%s: format is required (%s)", what, strings.Join(formats, ", "))
 	}
 	if v, ok := m["image"]; ok {
-		if d.Format == "nbd" {
+		if d.Format == "nbd" || d.Format == "ram" {
+			// A URI, or a RAM disk's name: not paths.
 			d.Image, _ = p.str(v, what+": image")
 		} else {
 			d.Image, _ = p.path(v, what+": image")

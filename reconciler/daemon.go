@@ -441,6 +441,9 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 // ensureImage creates a disk's image when it is missing and the YAML asks
 // for it. An existing file is never touched.
 func ensureImage(disk config.Disk) error {
+	if !formats.IsFile(disk.Format) {
+		return nil // a RAM disk is made on attach; an nbd image is remote
+	}
 	if _, err := os.Stat(disk.Image); err == nil {
 		return nil
 	} else if !errors.Is(err, os.ErrNotExist) {

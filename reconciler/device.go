@@ -596,7 +596,7 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	if format, err = formats.Normalize(format); err != nil {
 		return terminal(err)
 	}
-	if !filepath.IsAbs(path) {
+	if formats.IsFile(format) && !filepath.IsAbs(path) {
 		return terminal(fmt.Errorf("image path %q is not absolute", path))
 	}
 	readOnly := false

@@ -87,11 +87,13 @@ func cmdAttach(args []string) error {
 	if format, err = formats.Normalize(format); err != nil {
 		return usagef("%v", err)
 	}
-	if path, err = filepath.Abs(path); err != nil {
-		return err
-	}
-	if _, err := os.Stat(path); err != nil {
-		return fmt.Errorf("image: %w", err)
+	if formats.IsFile(format) {
+		if path, err = filepath.Abs(path); err != nil {
+			return err
+		}
+		if _, err := os.Stat(path); err != nil {
+			return fmt.Errorf("image: %w", err)
+		}
 	}
 	vdev := strings.TrimPrefix(pos[2], "/dev/")
 	devid, err := config.ParseVdev(vdev)

@@ -304,3 +304,33 @@ func TestEndToEndYAMLEdits(t *testing.T) {
 		t.Fatalf("the remaining disk was disturbed: %+v", r)
 	}
 }
+
+// waitAnswering waits for the daemon to answer the CLI.
+func (d *daemon) waitAnswering() {
+	d.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		if _, err := d.blktap("ls"); err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatal("daemon never answered ls")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// attachURI attaches a disk and returns the NBD URI attach printed last.
+func (d *daemon) attachURI(args ...string) string {
+	d.t.Helper()
+	out, err := d.blktap(append([]string{"attach"}, args...)...)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	uri := lines[len(lines)-1]
+	if !strings.HasPrefix(uri, "nbd+unix:///?socket=") {
+		d.t.Fatalf("attach printed %q, want an NBD URI last", out)
+	}
+	return uri
+}

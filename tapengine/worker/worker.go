@@ -202,7 +202,8 @@ func (w *worker) open(req *Request) Reply {
 	if w.img != nil {
 		return fail(fmt.Errorf("%w: an image is already open", errInvalid))
 	}
-	if !filepath.IsAbs(req.Path) {
+	isFile := formats.IsFile(req.Format)
+	if isFile && !filepath.IsAbs(req.Path) {
 		return fail(fmt.Errorf("%w: image path %q is not absolute", errInvalid, req.Path))
 	}
 	w.name = req.Name
@@ -211,16 +212,24 @@ func (w *worker) open(req *Request) Reply {
 	if len(allow) == 0 {
 		allow = []string{filepath.Dir(req.Path)}
 	}
-	lock, err := lockImage(req.Path, req.ReadOnly)
-	if err != nil {
-		return fail(err)
+	// A RAM disk is shared by design and an nbd image lives elsewhere:
+	// only image files are locked.
+	var lock *os.File
+	if isFile {
+		var err error
+		if lock, err = lockImage(req.Path, req.ReadOnly); err != nil {
+			return fail(err)
+		}
 	}
 	img, err := formats.Open(req.Format, req.Path, formats.Options{
 		ReadOnly: req.ReadOnly,
 		Backing:  BackingOpener(req.Path, allow, 0),
+		Logger:   w.logger,
 	})
 	if err != nil {
-		lock.Close()
+		if lock != nil {
+			lock.Close()
+		}
 		return fail(err)
 	}
 	w.img, w.lock = img, lock
@@ -466,8 +475,10 @@ func (w *worker) shutdown() error {
 	img := w.img
 	w.img = nil
 	defer func() {
-		w.lock.Close() // releases the flock, after the image is closed
-		w.lock = nil
+		if w.lock != nil {
+			w.lock.Close() // releases the flock, after the image is closed
+			w.lock = nil
+		}
 	}()
 	if err := img.Close(); err != nil {
 		w.logger.Error("worker: close image", "err", err)
