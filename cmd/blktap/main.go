@@ -22,6 +22,10 @@ func (e *usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
+// errSilentFailure is a "no" answer (xenstore exists): exit status 1,
+// nothing printed.
+var errSilentFailure = errors.New("")
+
 type command struct {
 	name  string
 	usage string // after the command name
@@ -100,6 +104,9 @@ func run(argv []string) int {
 	}
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
+	}
+	if errors.Is(err, errSilentFailure) {
+		return 1
 	}
 	var su *seedUsage
 	if errors.As(err, &su) {

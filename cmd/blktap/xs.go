@@ -17,6 +17,9 @@ const xenstoreUsage = `blktap xenstore read PATH...
 blktap xenstore write PATH VALUE [PATH VALUE]...
 blktap xenstore ls [PATH]          (recursive, like xenstore-ls)
 blktap xenstore rm PATH...
+blktap xenstore mkdir PATH...
+blktap xenstore exists PATH        (exit 0 if it exists, 1 if not)
+blktap xenstore chmod PATH PERM... (PERM: letter n|r|w|b and a domid, e.g. n0 r1; the first is the owner)
 blktap xenstore watch PATH         (prints "PATH TOKEN" per event until interrupted)
 flags: --state-dir DIR, --xenstore SOCKET`
 
@@ -34,7 +37,7 @@ func cmdXenstore(args []string) error {
 	defer stop()
 	sub, rest := pos[0], pos[1:]
 	switch sub {
-	case "read", "write", "ls", "rm", "watch":
+	case "read", "write", "ls", "rm", "watch", "mkdir", "exists", "chmod":
 	default:
 		return usagef("unknown subcommand %q\n%s", sub, xenstoreUsage)
 	}
@@ -72,6 +75,41 @@ func cmdXenstore(args []string) error {
 			if err := xs.Rm(ctx, p); err != nil {
 				return fmt.Errorf("%s: %w", p, err)
 			}
+		}
+	case "mkdir":
+		if len(rest) == 0 {
+			return usagef("mkdir wants PATH")
+		}
+		for _, p := range rest {
+			if err := xs.Mkdir(ctx, p); err != nil {
+				return fmt.Errorf("%s: %w", p, err)
+			}
+		}
+	case "exists":
+		if len(rest) != 1 {
+			return usagef("exists wants PATH")
+		}
+		ok, err := xs.Exists(ctx, rest[0])
+		if err != nil {
+			return err
+		}
+		if !ok {
+			return errSilentFailure
+		}
+	case "chmod":
+		if len(rest) < 2 {
+			return usagef("chmod wants PATH PERM...")
+		}
+		var perms []xenstore.Perm
+		for _, s := range rest[1:] {
+			p, err := xenstore.ParsePerm(s)
+			if err != nil {
+				return usagef("%v", err)
+			}
+			perms = append(perms, p)
+		}
+		if err := xs.SetPerms(ctx, rest[0], perms); err != nil {
+			return fmt.Errorf("%s: %w", rest[0], err)
 		}
 	case "ls":
 		root := "/"
