@@ -1,13 +1,17 @@
 package reconciler
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"path/filepath"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/blktap-go/blktap/tapengine/worker"
@@ -34,6 +38,38 @@ func (d *Daemon) serveAPI() (stop func(), err error) {
 	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(d.stats(r.Context()))
+	})
+	mux.HandleFunc("POST /v1/devices/{kind}/{domid}/{devid}/{op}", func(w http.ResponseWriter, r *http.Request) {
+		var req DeviceOp
+		if r.ContentLength != 0 {
+			if err := json.NewDecoder(io.LimitReader(r.Body, 64<<10)).Decode(&req); err != nil {
+				http.Error(w, "bad request body: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+		}
+		k, err := keyFromPath(r.PathValue("kind"), r.PathValue("domid"), r.PathValue("devid"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Minute)
+		defer cancel()
+		switch r.PathValue("op") {
+		case "pause":
+			err = d.pauseDevice(ctx, k)
+		case "resume":
+			err = d.resumeDevice(ctx, k, req.Format, req.Path)
+		case "snapshot":
+			err = d.snapshotDevice(ctx, k, req.Format, req.Path)
+		default:
+			http.Error(w, "unknown operation", http.StatusNotFound)
+			return
+		}
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusConflict)
+			return
+		}
+		w.WriteHeader(http.StatusNoContent)
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
@@ -72,15 +108,54 @@ func (d *Daemon) stats(ctx context.Context) []DeviceStats {
 	return out
 }
 
-// FetchStats asks a running daemon for its devices' counters.
-func FetchStats(ctx context.Context, stateDir string) ([]DeviceStats, error) {
+// DeviceOp is the body of POST /v1/devices/KIND/DOMID/DEVID/OP.
+type DeviceOp struct {
+	Format string `json:"format,omitempty"` // resume: the new image's; snapshot: the overlay's
+	Path   string `json:"path,omitempty"`
+}
+
+func keyFromPath(kind, dom, dev string) (Key, error) {
+	k, ok := parseBackendPath("/b", "/b/"+kind+"/"+dom+"/"+dev)
+	if !ok {
+		return Key{}, fmt.Errorf("no such device %s/%s/%s", kind, dom, dev)
+	}
+	return k, nil
+}
+
+// DeviceCall asks a running daemon to pause, resume or snapshot a device.
+func DeviceCall(ctx context.Context, stateDir string, k Key, op string, body DeviceOp) error {
+	c := apiClient(stateDir)
+	b, _ := json.Marshal(body)
+	req, err := http.NewRequestWithContext(ctx, "POST",
+		fmt.Sprintf("http://blktap/v1/devices/%s/%d/%d/%s", k.Kind, k.Domid, k.Devid, op), bytes.NewReader(b))
+	if err != nil {
+		return err
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return fmt.Errorf("daemon: %w (is `blktap run` running?)", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return fmt.Errorf("%s", strings.TrimSpace(string(msg)))
+	}
+	return nil
+}
+
+func apiClient(stateDir string) *http.Client {
 	sock := filepath.Join(stateDir, APISocket)
-	c := &http.Client{Transport: &http.Transport{
+	return &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", sock)
 		},
 	}}
+}
+
+// FetchStats asks a running daemon for its devices' counters.
+func FetchStats(ctx context.Context, stateDir string) ([]DeviceStats, error) {
+	c := apiClient(stateDir)
 	req, err := http.NewRequestWithContext(ctx, "GET", "http://blktap/v1/stats", nil)
 	if err != nil {
 		return nil, err

@@ -74,7 +74,8 @@ type Daemon struct {
 	devices map[Key]*device
 	desired map[Key]config.Disk     // from YAML
 	procs   map[Key]*worker.Process // running workers, for the API (devices are the reconcilers')
-	ports   uint32                  // last local event-channel port handed out
+	paused  map[Key]bool
+	ports   uint32 // last local event-channel port handed out
 }
 
 // Run runs the daemon until ctx is done or SIGTERM/SIGINT arrives, then
@@ -104,6 +105,7 @@ func Run(ctx context.Context, opts Options) error {
 		devices: map[Key]*device{},
 		desired: map[Key]config.Disk{},
 		procs:   map[Key]*worker.Process{},
+		paused:  map[Key]bool{},
 	}
 	// Read the YAML before touching anything: a wrong file is a clear
 	// error at start, not a half-started daemon.

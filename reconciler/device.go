@@ -611,7 +611,12 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	if err != nil {
 		return err
 	}
-	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: format, Path: path, ReadOnly: readOnly})
+	allow, err := d.allowDirs(ctx, dev.key, path)
+	if err != nil {
+		p.Kill()
+		return err
+	}
+	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: format, Path: path, ReadOnly: readOnly, AllowDirs: allow})
 	if err != nil {
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		p.Close(cctx)
@@ -620,6 +625,7 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	}
 	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
 	dev.startedAt = time.Now()
+	d.setPaused(dev.key, false)
 	d.setProc(dev.key, p)
 	dev.ringErr = ""
 	k := dev.key
@@ -823,6 +829,8 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		phase = PhaseClosing
 	case dev.failed != "":
 		phase, errMsg = PhaseFailed, dev.failed
+	case d.isPaused(dev.key) && dev.proc != nil:
+		phase = PhasePaused
 	case !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore):
 		phase = PhaseRestarting
 	case dev.lastErr != "":

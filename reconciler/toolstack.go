@@ -44,6 +44,7 @@ const (
 	PhaseFailed     = "failed"
 	PhaseRetrying   = "retrying"
 	PhaseRestarting = "restarting"
+	PhasePaused     = "paused"
 )
 
 // ErrExists reports a device that is already declared.

@@ -30,6 +30,8 @@ const (
 	OpDisconnect = "disconnect" // stop serving the ring, drain, flush
 	OpStats      = "stats"      // counters
 	OpFlush      = "flush"      // make every completed write durable
+	OpPause      = "pause"      // hold new I/O, finish what is in flight, flush, close the image
+	OpResume     = "resume"     // reopen the image (or the one named) and release held I/O
 	OpClose      = "close"      // drain everything, flush, close the image and exit
 )
 
@@ -71,6 +73,7 @@ type Reply struct {
 	// RingError is set once a ring stopped on its own (a hostile
 	// frontend, an I/O error); the daemon reports it on the device.
 	RingError string `json:"ring_error,omitempty"`
+	Paused    bool   `json:"paused,omitempty"`
 }
 
 // Stats are a worker's counters, as `blktap ls` shows them.

@@ -74,9 +74,13 @@ type worker struct {
 	logger *slog.Logger
 	name   string
 
-	img      image.Image
+	img      *gate    // what every consumer calls; the image behind it may change
 	lock     *os.File // holds the image's flock while the image is open
 	readOnly bool
+	paused   bool
+	format   string // of the image behind the gate
+	path     string
+	size     int64 // fixed for the worker's life: consumers know it
 
 	nbdSrv    *nbd.Server
 	nbdCancel context.CancelFunc
@@ -183,10 +187,19 @@ func (w *worker) handle(req *Request, fds []int) (rep Reply) {
 		if w.img == nil {
 			return fail(fmt.Errorf("%w: no image open", errInvalid))
 		}
+		if w.paused {
+			return Reply{OK: true} // pause flushed and closed the image
+		}
 		if err := w.img.Flush(); err != nil {
 			return fail(err)
 		}
 		return Reply{OK: true}
+	case OpPause:
+		closeAll(fds)
+		return w.pause()
+	case OpResume:
+		closeAll(fds)
+		return w.resume(req)
 	case OpClose:
 		closeAll(fds)
 		if err := w.shutdown(); err != nil {
@@ -202,40 +215,103 @@ func (w *worker) open(req *Request) Reply {
 	if w.img != nil {
 		return fail(fmt.Errorf("%w: an image is already open", errInvalid))
 	}
-	isFile := formats.IsFile(req.Format)
-	if isFile && !filepath.IsAbs(req.Path) {
-		return fail(fmt.Errorf("%w: image path %q is not absolute", errInvalid, req.Path))
-	}
 	w.name = req.Name
 	w.logger = w.logger.With("disk", req.Name)
-	allow := req.AllowDirs
+	img, lock, err := w.openImage(req.Format, req.Path, req.ReadOnly, req.AllowDirs)
+	if err != nil {
+		return fail(err)
+	}
+	w.img, w.lock = &gate{img: img}, lock
+	w.readOnly, w.format, w.path, w.size = req.ReadOnly, req.Format, req.Path, img.Size()
+	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", req.ReadOnly)
+	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
+}
+
+// openImage opens and locks an image; allow confines its backing chain
+// (empty: the image's own directory).
+func (w *worker) openImage(format, path string, readOnly bool, allow []string) (image.Image, *os.File, error) {
+	isFile := formats.IsFile(format)
+	if isFile && !filepath.IsAbs(path) {
+		return nil, nil, fmt.Errorf("%w: image path %q is not absolute", errInvalid, path)
+	}
 	if len(allow) == 0 {
-		allow = []string{filepath.Dir(req.Path)}
+		allow = []string{filepath.Dir(path)}
 	}
 	// A RAM disk is shared by design and an nbd image lives elsewhere:
 	// only image files are locked.
 	var lock *os.File
 	if isFile {
 		var err error
-		if lock, err = lockImage(req.Path, req.ReadOnly); err != nil {
-			return fail(err)
+		if lock, err = lockImage(path, readOnly); err != nil {
+			return nil, nil, err
 		}
 	}
-	img, err := formats.Open(req.Format, req.Path, formats.Options{
-		ReadOnly: req.ReadOnly,
-		Backing:  BackingOpener(req.Path, allow, 0),
+	img, err := formats.Open(format, path, formats.Options{
+		ReadOnly: readOnly,
+		Backing:  BackingOpener(path, allow, 0),
 		Logger:   w.logger,
 	})
 	if err != nil {
 		if lock != nil {
 			lock.Close()
 		}
+		return nil, nil, err
+	}
+	return img, lock, nil
+}
+
+// pause holds every consumer's I/O after the requests in flight, then
+// flushes and closes the image and releases its lock, so another program
+// may use the file until resume.
+func (w *worker) pause() Reply {
+	if w.img == nil {
+		return fail(fmt.Errorf("%w: no image open", errInvalid))
+	}
+	if w.paused {
+		return fail(fmt.Errorf("%w: already paused", errInvalid))
+	}
+	img := w.img.pause()
+	w.paused = true
+	err := img.Close() // flushes first
+	if w.lock != nil {
+		w.lock.Close()
+		w.lock = nil
+	}
+	if err != nil {
+		// The image is gone either way; resume reopens it.
+		w.logger.Error("worker: pause: close", "err", err)
 		return fail(err)
 	}
-	w.img, w.lock = img, lock
-	w.readOnly = req.ReadOnly
-	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", req.ReadOnly)
-	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
+	w.logger.Info("worker: paused")
+	return Reply{OK: true, Size: w.size}
+}
+
+// resume reopens the image, or opens the one the request names (a
+// snapshot overlay, say), and releases the held I/O. The new image must
+// have the size the consumers know.
+func (w *worker) resume(req *Request) Reply {
+	if !w.paused {
+		return fail(fmt.Errorf("%w: not paused", errInvalid))
+	}
+	format, path := w.format, w.path
+	if req.Path != "" {
+		format, path = req.Format, req.Path
+	}
+	img, lock, err := w.openImage(format, path, w.readOnly, req.AllowDirs)
+	if err != nil {
+		return fail(err) // still paused: the daemon may try another image
+	}
+	if img.Size() != w.size {
+		img.Close()
+		if lock != nil {
+			lock.Close()
+		}
+		return fail(fmt.Errorf("%w: %s is %d bytes, the disk is %d", errInvalid, path, img.Size(), w.size))
+	}
+	w.lock, w.format, w.path, w.paused = lock, format, path, false
+	w.img.resume(img)
+	w.logger.Info("worker: resumed", "format", format, "path", path)
+	return Reply{OK: true, Size: w.size}
 }
 
 // BackingOpener returns the function a format uses to open the backing file
@@ -453,15 +529,19 @@ func (w *worker) statsReply() Reply {
 		rep.RingError = w.ring.err.Error()
 	}
 	w.ring.mu.Unlock()
-	if w.img != nil {
-		rep.Size = w.img.Size()
-	}
+	rep.Size = w.size // never through the gate: it may be paused
+	rep.Paused = w.paused
 	return rep
 }
 
 // shutdown drains and stops every consumer, then flushes and closes the
 // image. It is idempotent.
 func (w *worker) shutdown() error {
+	if w.img != nil && w.paused {
+		// Consumers blocked in the gate must return before they stop.
+		w.img.resume(closedImage{size: w.size})
+		w.paused = false
+	}
 	w.stopRing()
 	if w.nbdCancel != nil {
 		w.nbdCancel()
@@ -471,6 +551,11 @@ func (w *worker) shutdown() error {
 	}
 	if w.img == nil {
 		return nil
+	}
+	if w.paused {
+		// Held calls end with ErrClosed; nothing is left to flush.
+		w.img.resume(closedImage{size: w.size})
+		w.paused = false
 	}
 	img := w.img
 	w.img = nil

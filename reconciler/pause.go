@@ -1,0 +1,197 @@
+package reconciler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/tapengine/worker"
+	"github.com/blktap-go/blktap/xenstore"
+)
+
+// keyBackingDirs lists, in the backend directory, directories a device's
+// backing chain may use besides its image's own (a snapshot's base).
+const keyBackingDirs = statusDir + "/backing-dirs"
+
+func (d *Daemon) procFor(k Key) (*worker.Process, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	p := d.procs[k]
+	if p == nil {
+		return nil, fmt.Errorf("device %s has no running worker", k)
+	}
+	return p, nil
+}
+
+func (d *Daemon) setPaused(k Key, paused bool) {
+	d.mu.Lock()
+	if paused {
+		d.paused[k] = true
+	} else {
+		delete(d.paused, k)
+	}
+	d.mu.Unlock()
+	d.q.Add(k) // the status shows it
+}
+
+func (d *Daemon) isPaused(k Key) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.paused[k]
+}
+
+// pauseDevice holds the disk's I/O (ring and export alike) after what is
+// in flight, flushes and closes the image.
+func (d *Daemon) pauseDevice(ctx context.Context, k Key) error {
+	p, err := d.procFor(k)
+	if err != nil {
+		return err
+	}
+	if _, err := p.Call(ctx, worker.Request{Op: worker.OpPause}); err != nil {
+		return err
+	}
+	d.setPaused(k, true)
+	d.log.Info("device paused", "device", k.String())
+	return nil
+}
+
+// resumeDevice reopens the disk's image, or switches it to the one named,
+// and releases held I/O. A new image is recorded in the backend's params,
+// so a restarted worker opens it too.
+func (d *Daemon) resumeDevice(ctx context.Context, k Key, format, path string) error {
+	p, err := d.procFor(k)
+	if err != nil {
+		return err
+	}
+	req := worker.Request{Op: worker.OpResume}
+	if path != "" {
+		if format, err = formats.Normalize(format); err != nil {
+			return err
+		}
+		req.Format, req.Path = format, path
+		req.AllowDirs, err = d.allowDirs(ctx, k, path)
+		if err != nil {
+			return err
+		}
+	}
+	if _, err := p.Call(ctx, req); err != nil {
+		return err
+	}
+	if path != "" {
+		if err := d.setParams(ctx, k, format, path, ""); err != nil {
+			return err
+		}
+	}
+	d.setPaused(k, false)
+	d.log.Info("device resumed", "device", k.String(), "image", path)
+	return nil
+}
+
+// snapshotDevice makes the disk's current image the read-only base of a
+// new overlay, live: pause, create the overlay over the image, resume on
+// the overlay. On any failure the disk resumes on its old image.
+func (d *Daemon) snapshotDevice(ctx context.Context, k Key, format, overlay string) (err error) {
+	if format == "" {
+		format = "qcow2"
+	}
+	if format, err = formats.Normalize(format); err != nil {
+		return err
+	}
+	if !filepath.IsAbs(overlay) {
+		return fmt.Errorf("snapshot file %q is not absolute", overlay)
+	}
+	params, err := d.xs.Read(ctx, k.BackendPath(0)+"/params")
+	if err != nil {
+		return err
+	}
+	baseFmt, base, err := ParseParams(params)
+	if err != nil {
+		return err
+	}
+	if baseFmt, err = formats.Normalize(baseFmt); err != nil {
+		return err
+	}
+	if !formats.IsFile(baseFmt) {
+		return fmt.Errorf("%w: a %s disk has no image file to snapshot", formats.ErrUnsupported, baseFmt)
+	}
+	p, err := d.procFor(k)
+	if err != nil {
+		return err
+	}
+	rep, err := p.Call(ctx, worker.Request{Op: worker.OpPause})
+	if err != nil {
+		return err
+	}
+	d.setPaused(k, true)
+	resumeOld := func(cause error) error {
+		if _, rerr := p.Call(context.Background(), worker.Request{Op: worker.OpResume}); rerr != nil {
+			return fmt.Errorf("%w; and resuming on the old image failed: %v (the disk stays paused)", cause, rerr)
+		}
+		d.setPaused(k, false)
+		return cause
+	}
+	if err := formats.Create(format, overlay, formats.CreateOptions{
+		Size: rep.Size, Backing: base, BackingFormat: baseFmt,
+	}); err != nil {
+		return resumeOld(fmt.Errorf("create overlay: %w", err))
+	}
+	extra := filepath.Dir(base)
+	allow, err := d.allowDirs(ctx, k, overlay, extra)
+	if err != nil {
+		os.Remove(overlay)
+		return resumeOld(err)
+	}
+	if _, err := p.Call(ctx, worker.Request{Op: worker.OpResume, Format: format, Path: overlay, AllowDirs: allow}); err != nil {
+		os.Remove(overlay)
+		return resumeOld(fmt.Errorf("resume on the overlay: %w", err))
+	}
+	if err := d.setParams(ctx, k, format, overlay, extra); err != nil {
+		return err
+	}
+	d.setPaused(k, false)
+	d.log.Info("device snapshotted", "device", k.String(), "base", base, "overlay", overlay)
+	return nil
+}
+
+// allowDirs is where a device's backing chain may live: the image's own
+// directory, the directories recorded for it, and extra.
+func (d *Daemon) allowDirs(ctx context.Context, k Key, image string, extra ...string) ([]string, error) {
+	dirs := []string{filepath.Dir(image)}
+	rec, err := d.xs.Read(ctx, k.BackendPath(0)+"/"+keyBackingDirs)
+	if err != nil && !errors.Is(err, xenstore.ErrNotFound) {
+		return nil, err
+	}
+	for _, s := range strings.Split(rec, ":") {
+		if s != "" {
+			dirs = append(dirs, s)
+		}
+	}
+	return append(dirs, extra...), nil
+}
+
+// setParams records the device's image in xenstore (and a directory its
+// backing chain may use).
+func (d *Daemon) setParams(ctx context.Context, k Key, format, path, backingDir string) error {
+	be := k.BackendPath(0)
+	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if backingDir != "" {
+			rec, err := tx.Read(ctx, be+"/"+keyBackingDirs)
+			if err != nil && !errors.Is(err, xenstore.ErrNotFound) {
+				return err
+			}
+			if !strings.Contains(":"+rec+":", ":"+backingDir+":") {
+				if rec != "" {
+					rec += ":"
+				}
+				if err := tx.Write(ctx, be+"/"+keyBackingDirs, rec+backingDir); err != nil {
+					return err
+				}
+			}
+		}
+		return tx.Write(ctx, be+"/params", format+":"+path)
+	})
+}
