@@ -14,6 +14,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 
+	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/frontend"
@@ -61,6 +62,8 @@ type device struct {
 	restarts     int
 
 	status map[string]string // last status written, to write only changes
+
+	qos config.QoS // the limits the worker applies now
 }
 
 // snapshot is one observation of a device in xenstore.
@@ -127,6 +130,7 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		}
 		acts := Plan(snap.Observed, dev.actual())
 		if len(acts) == 0 {
+			d.applyQoS(ctx, dev, log)
 			d.writeStatus(ctx, dev, snap)
 			if !snap.Present {
 				d.forget(dev)
@@ -199,6 +203,29 @@ func (dev *device) actual() Actual {
 		LFConnected: dev.guest != nil,
 		Failed:      dev.failed,
 	}
+}
+
+// applyQoS gives the worker the YAML's limits when they differ from what
+// it applies: live, no reconnect.
+func (d *Daemon) applyQoS(ctx context.Context, dev *device, log *slog.Logger) {
+	if dev.proc == nil {
+		return
+	}
+	want := config.QoS{}
+	if disk, ok := d.desiredFor(dev.key); ok {
+		want = disk.QoS
+	}
+	if want == dev.qos {
+		return
+	}
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if _, err := dev.proc.Call(cctx, worker.Request{Op: worker.OpQoS, IOPS: want.IOPS, Bandwidth: want.Bandwidth}); err != nil {
+		log.Warn("qos", "err", err)
+		return
+	}
+	dev.qos = want
+	log.Info("qos applied", "iops", want.IOPS, "bandwidth", want.Bandwidth)
 }
 
 // noticeExit folds a worker that exited on its own into the device's
@@ -624,6 +651,7 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		return err
 	}
 	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
+	dev.qos = config.QoS{} // a new worker starts unlimited
 	dev.startedAt = time.Now()
 	d.setPaused(dev.key, false)
 	d.setProc(dev.key, p)

@@ -32,6 +32,7 @@ const (
 	OpFlush      = "flush"      // make every completed write durable
 	OpPause      = "pause"      // hold new I/O, finish what is in flight, flush, close the image
 	OpResume     = "resume"     // reopen the image (or the one named) and release held I/O
+	OpQoS        = "qos"        // set the disk's IOPS and bandwidth limits (0 = none)
 	OpClose      = "close"      // drain everything, flush, close the image and exit
 )
 
@@ -55,6 +56,10 @@ type Request struct {
 	Protocol  string   `json:"protocol,omitempty"`  // blkif ABI, as the frontend wrote it ("" = x86_32-abi)
 	RingRefs  []uint32 `json:"ring_refs,omitempty"`
 	RingOrder int      `json:"ring_order,omitempty"`
+
+	// qos
+	IOPS      int64 `json:"iops,omitempty"`
+	Bandwidth int64 `json:"bandwidth,omitempty"` // bytes/s
 }
 
 // Reply answers one Request.

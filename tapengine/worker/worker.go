@@ -74,8 +74,9 @@ type worker struct {
 	logger *slog.Logger
 	name   string
 
-	img      *gate    // what every consumer calls; the image behind it may change
-	lock     *os.File // holds the image's flock while the image is open
+	img      *gate     // holds and swaps the image under every consumer
+	io       *throttle // what every consumer calls: QoS over the gate
+	lock     *os.File  // holds the image's flock while the image is open
 	readOnly bool
 	paused   bool
 	format   string // of the image behind the gate
@@ -194,6 +195,17 @@ func (w *worker) handle(req *Request, fds []int) (rep Reply) {
 			return fail(err)
 		}
 		return Reply{OK: true}
+	case OpQoS:
+		closeAll(fds)
+		if w.io == nil {
+			return fail(fmt.Errorf("%w: no image open", errInvalid))
+		}
+		if req.IOPS < 0 || req.Bandwidth < 0 {
+			return fail(fmt.Errorf("%w: negative QoS limits", errInvalid))
+		}
+		w.io.set(req.IOPS, req.Bandwidth)
+		w.logger.Info("worker: qos", "iops", req.IOPS, "bandwidth", req.Bandwidth)
+		return Reply{OK: true}
 	case OpPause:
 		closeAll(fds)
 		return w.pause()
@@ -222,6 +234,7 @@ func (w *worker) open(req *Request) Reply {
 		return fail(err)
 	}
 	w.img, w.lock = &gate{img: img}, lock
+	w.io = &throttle{Image: w.img}
 	w.readOnly, w.format, w.path, w.size = req.ReadOnly, req.Format, req.Path, img.Size()
 	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", req.ReadOnly)
 	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
@@ -419,7 +432,7 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 		Export: nbd.Export{
 			Name:        req.Name,
 			Description: "blktap " + req.Name,
-			Backend:     w.img,
+			Backend:     w.io,
 			ReadOnly:    w.readOnly,
 		},
 		Logger: w.logger,
@@ -475,7 +488,7 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		defer t.Close()
 		opts := RingOptions(w.readOnly)
 		opts.Logger, opts.Stats = w.logger, &w.ring.stats
-		err := ring.Serve(ctx, t, proto, w.img, opts)
+		err := ring.Serve(ctx, t, proto, w.io, opts)
 		w.ring.mu.Lock()
 		w.ring.running = false
 		if err != nil && ctx.Err() == nil {
