@@ -57,19 +57,34 @@ func TestEndToEndQoS(t *testing.T) {
 	rows := d.waitConnected("slow", "fast")
 	solo := fioIOPS(t, fio, rows["fast"].Export, 3)
 
-	var slow, fast float64
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); slow = fioIOPS(t, fio, rows["slow"].Export, 4) }()
-	go func() { defer wg.Done(); fast = fioIOPS(t, fio, rows["fast"].Export, 4) }()
-	wg.Wait()
-	t.Logf("iops: limited %.0f (limit 500), unlimited %.0f beside it, %.0f alone", slow, fast, solo)
-	if slow < 450 || slow > 550 {
-		t.Errorf("limited disk ran at %.0f IOPS, want 500 +- 10%%", slow)
+	// A limit is a ceiling: a run above it is a defect at once, a run
+	// below it may be a loaded machine (go test runs packages side by
+	// side), so that is measured again, up to three times.
+	within := func(what string, limit float64, measure func() (float64, float64)) {
+		t.Helper()
+		for try := 1; ; try++ {
+			got, other := measure()
+			t.Logf("%s: limited %.0f IOPS (limit %.0f), unlimited disk beside it %.0f (alone %.0f)", what, got, limit, other, solo)
+			if got > 1.1*limit {
+				t.Fatalf("%s: the limited disk ran at %.0f IOPS, over its limit %.0f by more than 10%%", what, got, limit)
+			}
+			if got >= 0.9*limit && (other == 0 || other > 4*got) {
+				return
+			}
+			if try == 3 {
+				t.Fatalf("%s: limited %.0f (want %.0f +- 10%%), unlimited %.0f beside it", what, got, limit, other)
+			}
+		}
 	}
-	if fast < 4*slow {
-		t.Errorf("the unlimited disk slowed to %.0f IOPS (alone %.0f)", fast, solo)
-	}
+	within("limit 500", 500, func() (float64, float64) {
+		var slow, fast float64
+		var wg sync.WaitGroup
+		wg.Add(2)
+		go func() { defer wg.Done(); slow = fioIOPS(t, fio, rows["slow"].Export, 4) }()
+		go func() { defer wg.Done(); fast = fioIOPS(t, fio, rows["fast"].Export, 4) }()
+		wg.Wait()
+		return slow, fast
+	})
 
 	tmp := cfg + ".tmp"
 	if err := os.WriteFile(tmp, []byte(yaml(1000)), 0o644); err != nil {
@@ -79,11 +94,9 @@ func TestEndToEndQoS(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(2 * time.Second) // debounce + reconcile
-	again := fioIOPS(t, fio, rows["slow"].Export, 3)
-	t.Logf("after a live change to 1000: %.0f IOPS", again)
-	if again < 900 || again > 1100 {
-		t.Errorf("after the live change the disk ran at %.0f IOPS, want 1000 +- 10%%", again)
-	}
+	within("live change to 1000", 1000, func() (float64, float64) {
+		return fioIOPS(t, fio, rows["slow"].Export, 3), 0
+	})
 	if r, _ := d.row("slow"); r.WorkerPid != rows["slow"].WorkerPid {
 		t.Errorf("the QoS change restarted the worker")
 	}
