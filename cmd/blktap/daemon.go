@@ -13,7 +13,7 @@ import (
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/reconciler"
 	"github.com/blktap-go/blktap/tapengine/worker"
-	"github.com/blktap-go/blktap/xenstore"
+	"github.com/blktap-go/blktap/xenstore/xscli"
 )
 
 // newLogger logs to standard error as text, or JSON when BLKTAP_LOG_FORMAT
@@ -92,28 +92,10 @@ func cmdWorker(args []string) error {
 }
 
 func cmdXenstored(args []string) error {
-	fs := flag.NewFlagSet("xenstored", flag.ContinueOnError)
-	sock := fs.String("socket", "", "unix socket to listen on (required)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	if *sock == "" || len(pos) > 0 {
-		return usagef("--socket PATH is required")
-	}
-	log := newLogger()
-	srv := xenstore.NewServer(log)
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe(*sock) }()
-	log.Info("xenstored listening", "socket", *sock)
-	select {
-	case <-ctx.Done():
-		srv.Close()
-		os.Remove(*sock)
-		return nil
-	case err := <-errc:
-		return err
+	if code := xscli.Xenstored(ctx, args, os.Stderr); code != 0 {
+		return exitCode(code)
 	}
+	return nil
 }

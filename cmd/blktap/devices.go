@@ -25,15 +25,7 @@ import (
 // given, else the one the daemon recorded in the state directory, else a
 // real xenstored.
 func dialXenstore(ctx context.Context, stateDir, explicit string) (*xenstore.Client, error) {
-	path := explicit
-	if path == "" {
-		if b, err := os.ReadFile(filepath.Join(stateDir, reconciler.XenstorePathFile)); err == nil {
-			path = strings.TrimSpace(string(b))
-		}
-	}
-	if path == "" {
-		path = xenstore.DefaultPath()
-	}
+	path := xenstoreSocket(stateDir, explicit)
 	if path == "" {
 		return nil, fmt.Errorf("no xenstored found: is `blktap run` running (state directory %s)?", stateDir)
 	}

@@ -22,10 +22,6 @@ func (e *usageError) Error() string { return e.msg }
 
 func usagef(format string, args ...any) error { return &usageError{fmt.Sprintf(format, args...)} }
 
-// errSilentFailure is a "no" answer (xenstore exists): exit status 1,
-// nothing printed.
-var errSilentFailure = errors.New("")
-
 type command struct {
 	name  string
 	usage string // after the command name
@@ -47,7 +43,7 @@ func init() {
 		{name: "snapshot", usage: "DOMID VDEV NEWFILE [-f FMT]", brief: "live: the image becomes the base of a new overlay NEWFILE", run: cmdSnapshot},
 		{name: "ls", usage: "[--json] [--state-dir DIR]", brief: "list devices, their state, export and counters", run: cmdLs},
 		{name: "image", usage: "create|info|check|map|convert ...", brief: "image tools (`blktap image help`)", run: cmdImage},
-		{name: "xenstore", usage: "read|write|ls|rm|watch ...", brief: "a xenstore client for either xenstored", run: cmdXenstore},
+		{name: "xenstore", usage: "read|write|ls|list|rm|mkdir|chmod|exists|watch ...", brief: "a xenstore client for either xenstored (`blktap xenstore` alone for help)", run: cmdXenstore},
 		{name: "xenstored", usage: "--socket PATH", brief: "the embedded xenstored on its own", run: cmdXenstored},
 		{name: "__worker", usage: "--name NAME", brief: "a disk's worker process (started by the daemon)", run: cmdWorker, hidden: true},
 		{name: "help", usage: "", brief: "this text", run: func([]string) error { usage(os.Stdout); return nil }},
@@ -108,8 +104,9 @@ func run(argv []string) int {
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
 	}
-	if errors.Is(err, errSilentFailure) {
-		return 1
+	var code exitCode
+	if errors.As(err, &code) {
+		return int(code) // the subcommand has said why
 	}
 	var su *seedUsage
 	if errors.As(err, &su) {
