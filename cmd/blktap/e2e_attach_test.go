@@ -190,8 +190,8 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	img := filepath.Join(dir, "t.raw")
-	if out, err := exec.Command(bin, "image", "create", "-f", "raw", img, "16M").CombinedOutput(); err != nil {
+	img := filepath.Join(dir, "t.qcow")
+	if out, err := exec.Command(bin, "image", "create", "-f", "qcow", img, "16M").CombinedOutput(); err != nil {
 		t.Fatalf("image create: %v %s", err, out)
 	}
 	env := append(os.Environ(), "XENSTORED_PATH="+filepath.Join(d.stateDir, "xenstored.sock"))
@@ -209,7 +209,7 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 	fe := "/local/domain/0/device/vbd/51744"
 	xs(xsWrite,
 		be+"/frontend", fe, be+"/frontend-id", "0", be+"/online", "1",
-		be+"/params", "aio:"+img, be+"/mode", "w", be+"/type", "tap", be+"/dev", "xvdc",
+		be+"/params", "qcow:"+img, be+"/mode", "w", be+"/type", "tap", be+"/dev", "xvdc",
 		fe+"/backend", be, fe+"/backend-id", "0", fe+"/virtual-device", "51744",
 		fe+"/state", "1", be+"/state", "1")
 	row := d.waitRow("d0-51744", "connect from toolstack writes", func(r lsRow) bool {
@@ -225,7 +225,7 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 	// The same image, writable, on a second device: refused, with a reason,
 	// and attach cleans up after itself.
 	start := time.Now()
-	out, err := d.blktap("attach", "0", "aio:"+img, "xvdd", "w")
+	out, err := d.blktap("attach", "0", "qcow:"+img, "xvdd", "w")
 	if err == nil {
 		t.Fatalf("second writable attach of one image succeeded: %s", out)
 	}

@@ -156,3 +156,42 @@ func TestEndToEndRemoteNBD(t *testing.T) {
 		t.Fatalf("remote file holds %d bytes of data after 16M of writes", du)
 	}
 }
+
+// The export's block status through a backing chain: nbdinfo --map shows
+// what qemu-img map shows, and qemu:allocation-depth the layers.
+func TestEndToEndMapThroughChain(t *testing.T) {
+	nbdinfo := oracle.Require(t, "nbdinfo")
+	qemuImg := oracle.Require(t, "qemu-img")
+	qemuIO := oracle.Require(t, "qemu-io")
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	base := filepath.Join(dir, "base.raw")
+	top := filepath.Join(dir, "top.qcow")
+	runTool(t, qemuImg, "create", "-f", "raw", base, "16M")
+	runTool(t, qemuIO, "-f", "raw", base, "-c", "write -P 0x0b 4M 1M")
+	runTool(t, qemuImg, "create", "-f", "qcow", "-b", base, "-F", "raw", top)
+	runTool(t, qemuIO, "-f", "qcow", top, "-c", "write -P 0x70 0 1M")
+	d := startDaemon(t, bin, "")
+	d.waitAnswering()
+	uri := d.attachURI("0", "qcow:"+top, "xvdc", "r")
+
+	depth := runTool(t, nbdinfo, "--map=qemu:allocation-depth", uri)
+	// offset length depth-code description: 1 = this image, 2 = backing
+	for _, want := range []string{"0     1048576    1  local", "4194304     1048576    2  backing depth 2"} {
+		if !strings.Contains(strings.Join(strings.Fields(depth), " "), strings.Join(strings.Fields(want), " ")) {
+			t.Errorf("allocation depth lacks %q:\n%s", want, depth)
+		}
+	}
+	alloc := runTool(t, nbdinfo, "--map", uri)
+	ref := runTool(t, qemuImg, "map", "-f", "qcow", "--output=json", top)
+	t.Logf("nbdinfo --map:\n%s\nqemu-img map:\n%s", alloc, ref)
+	// Data where either layer holds it; the rest a hole.
+	for _, want := range []string{"0 1048576 0 data", "4194304 1048576 0 data"} {
+		if !strings.Contains(strings.Join(strings.Fields(alloc), " "), want) {
+			t.Errorf("nbdinfo --map lacks %q:\n%s", want, alloc)
+		}
+	}
+	if _, err := d.blktap("detach", "0", "xvdc"); err != nil {
+		t.Fatal(err)
+	}
+}
