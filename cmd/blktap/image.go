@@ -3,12 +3,11 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"strconv"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -150,6 +149,7 @@ func imageInfo(args []string) error {
 	fs := flag.NewFlagSet("image info", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "JSON output")
 	fmtName := fs.String("f", "", "format (default: probe)")
+	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -157,43 +157,92 @@ func imageInfo(args []string) error {
 	if len(pos) != 1 {
 		return usagef("want FILE")
 	}
-	format := *fmtName
-	if format == "" {
-		if format, err = formats.Probe(pos[0]); err != nil {
+	var infos []map[string]any
+	path, format := pos[0], *fmtName
+	for depth := 0; ; depth++ {
+		info, backing, backingFmt, err := describeImage(path, format)
+		if err != nil {
 			return err
 		}
-	}
-	img, err := openProbed(pos[0], format, true)
-	if err != nil {
-		return err
-	}
-	defer img.Close()
-	st, err := os.Stat(pos[0])
-	if err != nil {
-		return err
-	}
-	info := formats.Describe(img)
-	out := map[string]any{
-		"filename":     pos[0],
-		"format":       format,
-		"virtual-size": img.Size(),
-		"actual-size":  diskUsage(st),
-	}
-	if info != nil {
-		out["format-specific"] = info
+		infos = append(infos, info)
+		if !*chain || backing == "" {
+			break
+		}
+		if depth >= 16 {
+			return fmt.Errorf("backing chain deeper than 16")
+		}
+		if !filepath.IsAbs(backing) {
+			backing = filepath.Join(filepath.Dir(path), backing)
+		}
+		path, format = backing, backingFmt
 	}
 	if *asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
-		return enc.Encode(out)
+		if *chain {
+			return enc.Encode(infos)
+		}
+		return enc.Encode(infos[0])
 	}
-	fmt.Printf("image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
-		pos[0], format, formats.FormatSize(img.Size()), img.Size(), formats.FormatSize(diskUsage(st)))
-	if info != nil {
-		b, _ := json.MarshalIndent(info, "", "  ")
-		fmt.Printf("format specific information: %s\n", b)
+	for i, info := range infos {
+		if i > 0 {
+			fmt.Println()
+		}
+		fmt.Printf("image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
+			info["filename"], info["format"], formats.FormatSize(info["virtual-size"].(int64)),
+			info["virtual-size"], formats.FormatSize(info["actual-size"].(int64)))
+		if b, ok := info["backing-filename"]; ok {
+			fmt.Printf("backing file: %s\n", b)
+			if f, ok := info["backing-filename-format"]; ok {
+				fmt.Printf("backing file format: %s\n", f)
+			}
+		}
+		if fsi, ok := info["format-specific"]; ok {
+			b, _ := json.MarshalIndent(fsi, "", "  ")
+			fmt.Printf("format specific information: %s\n", b)
+		}
 	}
 	return nil
+}
+
+// describeImage is what `image info` says of one image, and the backing
+// file it names (as stored).
+func describeImage(path, format string) (map[string]any, string, string, error) {
+	var err error
+	if format == "" {
+		if format, err = formats.Probe(path); err != nil {
+			return nil, "", "", err
+		}
+	}
+	img, err := openProbed(path, format, true)
+	if err != nil {
+		return nil, "", "", err
+	}
+	defer img.Close()
+	st, err := os.Stat(path)
+	if err != nil {
+		return nil, "", "", err
+	}
+	info := map[string]any{
+		"filename":     path,
+		"format":       format,
+		"virtual-size": img.Size(),
+		"actual-size":  diskUsage(st),
+	}
+	if d := formats.Describe(img); d != nil {
+		info["format-specific"] = d
+	}
+	var backing, backingFmt string
+	if b, ok := img.(interface{ BackingFile() (string, string) }); ok {
+		backing, backingFmt = b.BackingFile()
+		if backing != "" {
+			info["backing-filename"] = backing
+			if backingFmt != "" {
+				info["backing-filename-format"] = backingFmt
+			}
+		}
+	}
+	return info, backing, backingFmt, nil
 }
 
 func imageCheck(args []string) error {
@@ -368,9 +417,6 @@ func progressFunc(w io.Writer) func(done, total int64) {
 		}
 	}
 }
-
-var _ = errors.New
-var _ = strconv.Itoa
 
 // diskUsage is the space a file takes on disk (st_blocks), not its length.
 func diskUsage(st os.FileInfo) int64 {
