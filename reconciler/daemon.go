@@ -140,6 +140,10 @@ func Run(ctx context.Context, opts Options) error {
 		go d.forward(ctx, w, func(xenstore.Event) (Key, bool) { return Key{}, false }, events, kind)
 	}
 
+	// Workers a previous daemon left running keep their disks served;
+	// take them over before declaring anything, so no image is opened
+	// twice.
+	d.adoptWorkers(ctx)
 	if cfg != nil {
 		d.applyConfig(ctx, cfg)
 	}
@@ -483,6 +487,7 @@ func (d *Daemon) shutdownAll() {
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 			defer cancel()
 			dev.release(ctx, d.log)
+			os.Remove(d.adoptPath(dev.key))
 		}()
 	}
 	wg.Wait()

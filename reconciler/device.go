@@ -64,6 +64,8 @@ type device struct {
 	status map[string]string // last status written, to write only changes
 
 	qos config.QoS // the limits the worker applies now
+
+	adopted *worker.Describe // set when a previous daemon started the worker, until checked
 }
 
 // snapshot is one observation of a device in xenstore.
@@ -96,15 +98,7 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 	d.mu.Lock()
 	dev := d.devices[k]
 	if dev == nil {
-		bo := backoff.NewExponentialBackOff()
-		bo.InitialInterval = 500 * time.Millisecond
-		bo.MaxInterval = 30 * time.Second
-		bo.MaxElapsedTime = 0
-		rbo := backoff.NewExponentialBackOff()
-		rbo.InitialInterval = 500 * time.Millisecond
-		rbo.MaxInterval = 60 * time.Second
-		rbo.MaxElapsedTime = 0
-		dev = &device{key: k, bo: bo, restartBo: rbo, status: map[string]string{}}
+		dev = d.newDevice(k)
 		d.devices[k] = dev
 	}
 	d.mu.Unlock()
@@ -127,6 +121,14 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		d.noticeExit(dev, log)
 		if dev.failed != "" && dev.failedParams != snap.Params {
 			dev.failed, dev.failedParams = "", "" // params changed: try again
+		}
+		if dev.adopted != nil {
+			d.checkAdopted(ctx, dev, snap, log)
+		}
+		if fixed, err := d.resetOrphanRing(ctx, dev, snap, log); err != nil {
+			log.Warn("reset ring", "err", err)
+		} else if fixed {
+			continue // observe again
 		}
 		acts := Plan(snap.Observed, dev.actual())
 		if len(acts) == 0 {
@@ -266,6 +268,7 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 	}
 	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
 	d.setProc(dev.key, nil)
+	os.Remove(d.adoptPath(dev.key))
 }
 
 func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
@@ -600,6 +603,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		dev.stopping = true
 		err := dev.proc.Close(ctx)
 		<-dev.proc.Done()
+		os.Remove(d.adoptPath(dev.key))
 		dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
 		d.setProc(dev.key, nil)
 		if dev.export != nil {
@@ -634,8 +638,27 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	default:
 		return terminal(fmt.Errorf("mode %q: want r or w", s.Mode))
 	}
-	p, err := worker.Start(d.opts.Exe, []string{"__worker", "--name", dev.name}, d.opts.WorkerStderr)
+	// The worker gets a socket of its own on which a restarted daemon
+	// adopts it; the path is the device's, under STATE/workers.
+	adoptPath := d.adoptPath(dev.key)
+	os.Remove(adoptPath)
+	if err := os.MkdirAll(filepath.Dir(adoptPath), 0o700); err != nil {
+		return err
+	}
+	aln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: adoptPath, Net: "unixpacket"})
 	if err != nil {
+		return fmt.Errorf("adopt socket: %w", err)
+	}
+	aln.SetUnlinkOnClose(false)
+	af, err := aln.File()
+	aln.Close()
+	if err != nil {
+		return err
+	}
+	p, err := worker.StartAdoptable(d.opts.Exe, []string{"__worker", "--name", dev.name, "--adopt"}, d.opts.WorkerStderr, af)
+	af.Close()
+	if err != nil {
+		os.Remove(adoptPath)
 		return err
 	}
 	allow, err := d.allowDirs(ctx, dev.key, path)

@@ -80,6 +80,7 @@ func cmdRun(args []string) error {
 func cmdWorker(args []string) error {
 	fs := flag.NewFlagSet("__worker", flag.ContinueOnError)
 	name := fs.String("name", "", "disk name (for logs)")
+	adopt := fs.Bool("adopt", false, "descriptor 4 is the socket a restarted daemon adopts this worker on")
 	if _, err := parseInterleaved(fs, args); err != nil {
 		return err
 	}
@@ -87,7 +88,7 @@ func cmdWorker(args []string) error {
 	// reaches the worker directly (a process-group kill) means the same.
 	signal.Ignore(syscall.SIGINT, syscall.SIGHUP)
 	log := newLogger().With("worker", *name, "pid", os.Getpid())
-	os.Exit(worker.Main(log))
+	os.Exit(worker.Main(log, *adopt))
 	return nil
 }
 

@@ -33,6 +33,8 @@ const (
 	OpPause      = "pause"      // hold new I/O, finish what is in flight, flush, close the image
 	OpResume     = "resume"     // reopen the image (or the one named) and release held I/O
 	OpQoS        = "qos"        // set the disk's IOPS and bandwidth limits (0 = none)
+	OpDescribe   = "describe"   // what the worker serves (for a daemon adopting it)
+	OpExportFD   = "export-fd"  // a duplicate of the export's listening socket (in the reply)
 	OpClose      = "close"      // drain everything, flush, close the image and exit
 )
 
@@ -79,6 +81,22 @@ type Reply struct {
 	// frontend, an I/O error); the daemon reports it on the device.
 	RingError string `json:"ring_error,omitempty"`
 	Paused    bool   `json:"paused,omitempty"`
+
+	Describe *Describe `json:"describe,omitempty"`
+}
+
+// Describe is what a running worker serves.
+type Describe struct {
+	Pid      int    `json:"pid"`
+	Name     string `json:"name"`
+	Format   string `json:"format"`
+	Path     string `json:"path"`
+	ReadOnly bool   `json:"readonly"`
+	Size     int64  `json:"size"`
+	Paused   bool   `json:"paused"`
+	Open     bool   `json:"open"` // an image is open
+	NBD      bool   `json:"nbd"`  // the export is served
+	Ring     bool   `json:"ring"` // a ring is connected
 }
 
 // Stats are a worker's counters, as `blktap ls` shows them.

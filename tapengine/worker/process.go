@@ -18,7 +18,7 @@ import (
 // Process is the daemon's handle on one worker process. Safe for
 // concurrent use: calls are serialised, one request in flight at a time.
 type Process struct {
-	cmd  *exec.Cmd
+	pid  int
 	conn *net.UnixConn
 
 	mu sync.Mutex // serialises calls on conn
@@ -54,6 +54,13 @@ var ErrExited = errors.New("worker exited")
 // {"__worker", "--name", NAME}), its control socket on descriptor 3 and its
 // standard error on stderr.
 func Start(exe string, args []string, stderr io.Writer) (*Process, error) {
+	return StartAdoptable(exe, args, stderr, nil)
+}
+
+// StartAdoptable is Start with a listening socket handed to the worker as
+// descriptor 4 (append "--adopt" to args), on which a daemon started later
+// can adopt it (Adopt).
+func StartAdoptable(exe string, args []string, stderr io.Writer, adopt *os.File) (*Process, error) {
 	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("control socket pair: %w", err)
@@ -68,6 +75,9 @@ func Start(exe string, args []string, stderr io.Writer) (*Process, error) {
 	}
 	cmd := exec.Command(exe, args...)
 	cmd.ExtraFiles = []*os.File{theirs} // descriptor 3
+	if adopt != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, adopt) // descriptor 4
+	}
 	cmd.Stderr = stderr
 	cmd.Stdout = stderr
 	// Its own process group: a ^C at the daemon's terminal reaches the
@@ -78,7 +88,7 @@ func Start(exe string, args []string, stderr io.Writer) (*Process, error) {
 		c.Close()
 		return nil, fmt.Errorf("start worker: %w", err)
 	}
-	p := &Process{cmd: cmd, conn: c.(*net.UnixConn), done: make(chan struct{})}
+	p := &Process{pid: cmd.Process.Pid, conn: c.(*net.UnixConn), done: make(chan struct{})}
 	go func() {
 		p.waitErr = cmd.Wait()
 		close(p.done)
@@ -87,7 +97,7 @@ func Start(exe string, args []string, stderr io.Writer) (*Process, error) {
 }
 
 // Pid is the worker's process id.
-func (p *Process) Pid() int { return p.cmd.Process.Pid }
+func (p *Process) Pid() int { return p.pid }
 
 // Done is closed once the process has exited.
 func (p *Process) Done() <-chan struct{} { return p.done }
@@ -159,5 +169,70 @@ func (p *Process) Close(ctx context.Context) error {
 
 // Kill ends the worker at once (no flush): for a worker that stopped answering.
 func (p *Process) Kill() {
-	p.cmd.Process.Kill()
+	select {
+	case <-p.done:
+	default:
+		unix.Kill(p.pid, unix.SIGKILL)
+	}
+}
+
+// Adopt connects to a worker that a previous daemon started, on the
+// socket it was handed (StartAdoptable), and asks what it serves. The
+// worker is not this process's child: its exit is watched through a pidfd.
+func Adopt(ctx context.Context, path string) (*Process, *Describe, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unixpacket", path)
+	if err != nil {
+		return nil, nil, err
+	}
+	p := &Process{conn: c.(*net.UnixConn), done: make(chan struct{})}
+	rep, err := p.Call(ctx, Request{Op: OpDescribe})
+	if err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	if rep.Describe == nil || rep.Describe.Pid <= 0 {
+		c.Close()
+		return nil, nil, fmt.Errorf("%w: describe without a pid", ErrProtocol)
+	}
+	p.pid = rep.Describe.Pid
+	pidfd, err := unix.PidfdOpen(p.pid, 0)
+	if err != nil {
+		c.Close()
+		return nil, nil, fmt.Errorf("watch worker %d: %w", p.pid, err)
+	}
+	go func() {
+		defer unix.Close(pidfd)
+		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+		for {
+			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
+				break
+			}
+		}
+		p.waitErr = fmt.Errorf("adopted worker %d exited", p.pid)
+		close(p.done)
+	}()
+	return p, rep.Describe, nil
+}
+
+// CallFDs is Call for a request whose reply carries descriptors, which
+// the caller then owns.
+func (p *Process) CallFDs(ctx context.Context, req Request) (Reply, []int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	req.Version = ProtocolVersion
+	deadline, _ := ctx.Deadline()
+	if err := send(p.conn, deadline, req, nil); err != nil {
+		return Reply{}, nil, p.callErr(ctx, req.Op, err)
+	}
+	var rep Reply
+	got, err := recv(p.conn, deadline, &rep)
+	if err != nil {
+		return Reply{}, nil, p.callErr(ctx, req.Op, err)
+	}
+	if !rep.OK {
+		closeAll(got)
+		return rep, nil, &Error{Op: req.Op, Msg: rep.Error, Class: rep.Class}
+	}
+	return rep, got, nil
 }

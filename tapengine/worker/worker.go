@@ -47,13 +47,25 @@ import (
 // ControlFD is the descriptor a worker inherits its control socket on.
 const ControlFD = 3
 
+// AdoptFD is where a worker inherits the listening socket a restarted
+// daemon reconnects to (optional).
+const AdoptFD = 4
+
 // maxChain bounds a backing chain: deeper chains are refused, which also
 // ends loops the path check misses (hard links, bind mounts).
 const maxChain = 16
 
 // Main runs a worker on the inherited control socket and returns the exit
 // status. It never panics on bad requests: each gets an error reply.
-func Main(logger *slog.Logger) int {
+//
+// With adopt set, descriptor 4 is a listening socket on which a daemon
+// started later can adopt this worker (never touched otherwise: the
+// runtime may have put one of its own descriptors there).
+func Main(logger *slog.Logger, adopt bool) int {
+	var af *os.File
+	if adopt {
+		af = os.NewFile(AdoptFD, "adopt") // before anything else opens a descriptor
+	}
 	f := os.NewFile(ControlFD, "control")
 	c, err := net.FileConn(f)
 	f.Close()
@@ -67,12 +79,26 @@ func Main(logger *slog.Logger) int {
 		return 2
 	}
 	w := &worker{logger: logger}
+	if af != nil {
+		if ln, err := net.FileListener(af); err == nil {
+			if ul, ok := ln.(*net.UnixListener); ok {
+				ul.SetUnlinkOnClose(false) // the daemon owns the path
+				w.adopt = ul
+			} else {
+				ln.Close()
+			}
+		}
+		af.Close()
+	}
 	return w.run(uc)
 }
 
 type worker struct {
 	logger *slog.Logger
 	name   string
+	adopt  *net.UnixListener // a later daemon connects here; nil: none
+
+	nbdLn net.Listener // the export's listening socket, for a new daemon to keep
 
 	img      *gate     // holds and swaps the image under every consumer
 	io       *throttle // what every consumer calls: QoS over the gate
@@ -99,31 +125,109 @@ type ringState struct {
 	running bool
 }
 
+// run serves control connections: the daemon's, and after the daemon is
+// gone, the next daemon's on the adopt socket. A worker whose daemon dies
+// keeps serving its consumers, so a daemon restart detaches nobody.
 func (w *worker) run(c *net.UnixConn) int {
-	defer c.Close()
+	for {
+		closed, err := w.serveControl(c)
+		c.Close()
+		if closed {
+			return 0
+		}
+		if err != nil && !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+			w.logger.Error("worker: control", "err", err)
+		}
+		if w.adopt == nil || w.img == nil {
+			w.logger.Info("worker: daemon gone; shutting down")
+			w.shutdown()
+			return 0
+		}
+		w.logger.Info("worker: daemon gone; serving on until a daemon adopts this disk")
+		for {
+			ac, err := w.adopt.AcceptUnix()
+			if err != nil {
+				w.logger.Error("worker: adopt socket", "err", err)
+				w.shutdown()
+				return 1
+			}
+			c = ac
+			break
+		}
+		w.logger.Info("worker: adopted by a daemon")
+	}
+}
+
+// serveControl answers requests on one control connection until it ends
+// (err) or the daemon closes the disk (closed).
+func (w *worker) serveControl(c *net.UnixConn) (closed bool, err error) {
 	for {
 		var req Request
 		fds, err := recv(c, time.Time{}, &req)
 		if err != nil {
-			if errors.Is(err, io.EOF) || errors.Is(err, net.ErrClosed) {
-				w.logger.Info("worker: daemon gone; shutting down")
-			} else {
-				w.logger.Error("worker: control", "err", err)
-			}
-			w.shutdown()
-			return 0
+			return false, err
 		}
-		rep := w.handle(&req, fds)
+		rep, out := w.handleFDs(&req, fds)
 		rep.Version = ProtocolVersion
-		if err := send(c, time.Now().Add(10*time.Second), rep, nil); err != nil {
-			w.logger.Error("worker: reply", "err", err)
-			w.shutdown()
-			return 1
+		err = send(c, time.Now().Add(10*time.Second), rep, out)
+		closeAll(out)
+		if err != nil {
+			return false, err
 		}
 		if req.Op == OpClose && rep.OK {
-			return 0
+			if w.adopt != nil {
+				w.adopt.Close()
+			}
+			return true, nil
 		}
 	}
+}
+
+// handleFDs is handle for requests whose reply carries descriptors.
+func (w *worker) handleFDs(req *Request, fds []int) (Reply, []int) {
+	switch req.Op {
+	case OpDescribe:
+		closeAll(fds)
+		return w.describe(), nil
+	case OpExportFD:
+		closeAll(fds)
+		if w.nbdLn == nil {
+			return fail(fmt.Errorf("%w: no export served", errInvalid)), nil
+		}
+		f, err := listenerFileOf(w.nbdLn)
+		if err != nil {
+			return fail(err), nil
+		}
+		fd, err := unix.Dup(int(f.Fd()))
+		f.Close()
+		if err != nil {
+			return fail(err), nil
+		}
+		return Reply{OK: true}, []int{fd}
+	}
+	return w.handle(req, fds), nil
+}
+
+func listenerFileOf(ln net.Listener) (*os.File, error) {
+	switch l := ln.(type) {
+	case *net.UnixListener:
+		return l.File()
+	case *net.TCPListener:
+		return l.File()
+	}
+	return nil, fmt.Errorf("listener %T cannot be handed over", ln)
+}
+
+// describe says what the worker serves, for a daemon adopting it.
+func (w *worker) describe() Reply {
+	w.ring.mu.Lock()
+	ring := w.ring.running
+	w.ring.mu.Unlock()
+	return Reply{OK: true, Describe: &Describe{
+		Pid: os.Getpid(), Name: w.name, Format: w.format, Path: w.path,
+		ReadOnly: w.readOnly, Size: w.size, Paused: w.paused,
+		Open: w.img != nil, NBD: w.nbdSrv != nil, Ring: ring,
+	}}
 }
 
 func fail(err error) Reply {
@@ -428,6 +532,7 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 	if err != nil {
 		return fail(fmt.Errorf("nbd listener: %w", err))
 	}
+	w.nbdLn = ln
 	srv := &nbd.Server{
 		Export: nbd.Export{
 			Name:        req.Name,

@@ -22,7 +22,7 @@ const workerEnv = "BLKTAP_WORKER_TEST_CHILD"
 
 func TestMain(m *testing.M) {
 	if os.Getenv(workerEnv) == "1" {
-		os.Exit(Main(slog.New(slog.NewTextHandler(os.Stderr, nil))))
+		os.Exit(Main(slog.New(slog.NewTextHandler(os.Stderr, nil)), os.Getenv(workerEnv+"_ADOPT") == "1"))
 	}
 	os.Exit(m.Run())
 }

@@ -1,0 +1,112 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/blktap-go/blktap/internal/oracle"
+)
+
+// kill -9 of the daemon while fio writes with verify through two disks'
+// exports; a new daemon adopts the workers, which never stopped serving:
+// both fio runs finish without a verify error. The guest disk, whose local
+// frontend died with the daemon, is reconnected and keeps its data.
+func TestEndToEndDaemonRestart(t *testing.T) {
+	fio := oracle.Require(t, "fio")
+	qemuIO := oracle.Require(t, "qemu-io")
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "disks.yaml")
+	yaml := fmt.Sprintf(`disks:
+  - {name: a, image: %[1]s/a.raw, format: raw, device: xvdb, create: {size: 64M}}
+  - {name: b, image: %[1]s/b.raw, format: raw, device: xvdc, create: {size: 64M}}
+  - {name: g, image: %[1]s/g.raw, format: raw, domain: 1, device: xvdb, create: {size: 16M}}
+`, dir)
+	if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, bin, cfg)
+	rows := d.waitConnected("a", "b", "g")
+	runTool(t, qemuIO, "-f", "raw", rows["g"].Export, "-c", "write -P 0x67 0 1M")
+
+	type result struct {
+		name string
+		out  []byte
+		err  error
+	}
+	results := make(chan result, 2)
+	for _, n := range []string{"a", "b"} {
+		cmd := exec.Command(fio, "--name="+n, "--ioengine=nbd", "--uri="+rows[n].Export,
+			"--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=24M", "--rate_iops=1500",
+			"--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0")
+		var out bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &out, &out
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func(n string) {
+			err := cmd.Wait()
+			results <- result{n, out.Bytes(), err}
+		}(n)
+	}
+	time.Sleep(1500 * time.Millisecond)
+
+	// The daemon dies without a chance to clean up.
+	if err := d.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-d.done
+	time.Sleep(500 * time.Millisecond)
+	for _, n := range []string{"a", "b", "g"} {
+		if err := syscall.Kill(rows[n].WorkerPid, 0); err != nil {
+			t.Fatalf("worker of %s died with the daemon: %v", n, err)
+		}
+	}
+
+	// A new daemon on the same state directory.
+	logf, _ := os.Create(filepath.Join(t.TempDir(), "daemon2.log"))
+	cmd2 := exec.Command(bin, "run", "-c", cfg, "--state-dir", d.stateDir)
+	cmd2.Stdout, cmd2.Stderr = logf, logf
+	if err := cmd2.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d2 := &daemon{t: t, bin: bin, stateDir: d.stateDir, cmd: cmd2, done: make(chan error, 1)}
+	go func() { d2.done <- cmd2.Wait() }()
+	t.Cleanup(func() {
+		cmd2.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-d2.done:
+		case <-time.After(30 * time.Second):
+			cmd2.Process.Kill()
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("second daemon log:\n%s", b)
+		}
+	})
+	rows2 := d2.waitConnected("a", "b", "g")
+	for _, n := range []string{"a", "b"} {
+		if rows2[n].WorkerPid != rows[n].WorkerPid {
+			t.Errorf("%s: worker %d replaced by %d; want it adopted", n, rows[n].WorkerPid, rows2[n].WorkerPid)
+		}
+	}
+	for range 2 {
+		select {
+		case r := <-results:
+			if r.err != nil || strings.Contains(string(r.out), "verify") && strings.Contains(string(r.out), "bad") {
+				t.Errorf("fio on %s across the daemon restart: %v\n%s", r.name, r.err, r.out)
+			}
+		case <-time.After(2 * time.Minute):
+			t.Fatal("fio never finished")
+		}
+	}
+	// The guest's ring came back with its data.
+	runTool(t, qemuIO, "-f", "raw", rows2["g"].Export, "-c", "read -P 0x67 0 1M")
+}

@@ -1,0 +1,176 @@
+package reconciler
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/cenkalti/backoff/v4"
+
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/tapengine/worker"
+	"github.com/blktap-go/blktap/xenstore"
+)
+
+// workersDir, in the state directory, holds each worker's adopt socket,
+// named for its device: KIND-DOMID-DEVID.sock.
+const workersDir = "workers"
+
+func (d *Daemon) adoptPath(k Key) string {
+	return filepath.Join(d.opts.StateDir, workersDir, fmt.Sprintf("%s-%d-%d.sock", k.Kind, k.Domid, k.Devid))
+}
+
+func keyFromAdoptName(name string) (Key, bool) {
+	base, ok := strings.CutSuffix(name, ".sock")
+	if !ok {
+		return Key{}, false
+	}
+	parts := strings.Split(base, "-")
+	if len(parts) != 3 {
+		return Key{}, false
+	}
+	return parseBackendPath("/b", "/b/"+strings.Join(parts, "/"))
+}
+
+// adoptWorkers takes over the workers a previous daemon left running (it
+// was killed, or upgraded): their disks never stopped serving. Each is
+// checked against what xenstore declares on its first reconcile.
+func (d *Daemon) adoptWorkers(ctx context.Context) {
+	dir := filepath.Join(d.opts.StateDir, workersDir)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		k, ok := keyFromAdoptName(e.Name())
+		path := filepath.Join(dir, e.Name())
+		if !ok {
+			continue
+		}
+		actx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		p, desc, err := worker.Adopt(actx, path)
+		cancel()
+		if err != nil {
+			os.Remove(path) // nobody listens: a stale socket
+			continue
+		}
+		log := d.log.With("device", k.String())
+		dev := d.newDevice(k)
+		dev.name, dev.proc, dev.adopted = desc.Name, p, desc
+		dev.readOnly, dev.size, dev.startedAt = desc.ReadOnly, desc.Size, time.Now()
+		if desc.NBD {
+			rep, fds, err := p.CallFDs(ctx, worker.Request{Op: worker.OpExportFD})
+			_ = rep
+			if err == nil && len(fds) == 1 {
+				f := os.NewFile(uintptr(fds[0]), "export")
+				ln, lerr := net.FileListener(f)
+				f.Close()
+				if lerr == nil {
+					if ul, ok := ln.(*net.UnixListener); ok {
+						ul.SetUnlinkOnClose(true) // ours again: removed when the disk goes
+						dev.exportURI = "nbd+unix:///?socket=" + ul.Addr().String()
+					} else {
+						dev.exportURI = "nbd://" + ln.Addr().String() + "/"
+					}
+					dev.export, dev.exportServed = ln, true
+				}
+			}
+		}
+		if desc.Ring {
+			// The local frontend that drove this ring lived in the old
+			// daemon; the ring is reconnected to a new one.
+			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+			if _, err := p.Call(cctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
+				log.Warn("adopt: disconnect orphaned ring", "err", err)
+			}
+			cancel()
+		}
+		d.mu.Lock()
+		d.devices[k] = dev
+		d.mu.Unlock()
+		d.setProc(k, p)
+		go func() {
+			<-p.Done()
+			d.q.Add(k)
+		}()
+		log.Info("adopted a running worker", "pid", p.Pid(), "image", desc.Path, "export", dev.exportURI)
+		d.q.Add(k)
+	}
+}
+
+// checkAdopted keeps an adopted worker only if it serves what xenstore
+// declares for its device; otherwise it is closed (flushing) and the
+// device starts afresh.
+func (d *Daemon) checkAdopted(ctx context.Context, dev *device, s snapshot, log *slog.Logger) {
+	desc := dev.adopted
+	dev.adopted = nil
+	if !s.Present || dev.proc == nil {
+		return // Plan stops it
+	}
+	format, path, err := ParseParams(s.Params)
+	if err == nil {
+		format, err = formats.Normalize(format)
+	}
+	ro := s.Mode == "r" || s.Mode == "ro"
+	if err == nil && format == desc.Format && path == desc.Path && ro == desc.ReadOnly && desc.Open {
+		dev.procParams = s.Params
+		return
+	}
+	log.Info("adopted worker serves something else than xenstore declares: closing it",
+		"serving", desc.Format+":"+desc.Path, "declared", s.Params)
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	dev.stopping = true
+	dev.proc.Close(cctx)
+	<-dev.proc.Done()
+	os.Remove(d.adoptPath(dev.key))
+	if dev.export != nil {
+		dev.export.Close()
+		dev.export = nil
+	}
+	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
+	d.setProc(dev.key, nil)
+}
+
+// resetOrphanRing restarts the handshake of a guest whose local frontend
+// is gone (it lived in a previous daemon) while xenstore still says
+// Connected: the backend goes to Closed and the frontend back to
+// Initialising, which is a frontend's request to reconnect (xenbus.h).
+func (d *Daemon) resetOrphanRing(ctx context.Context, dev *device, s snapshot, log *slog.Logger) (bool, error) {
+	if !s.Present || !s.Online || !s.LocalFrontend || dev.lf != nil || dev.ring || !s.FrontendPresent {
+		return false, nil
+	}
+	if s.Frontend != StateInitialised && s.Frontend != StateConnected {
+		return false, nil
+	}
+	if s.Backend != StateConnected && s.Backend != StateInitWait {
+		return false, nil
+	}
+	log.Info("the local frontend of this guest is gone: reconnecting its ring")
+	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if err := tx.Write(ctx, dev.key.BackendPath(0)+"/state", strconv.Itoa(int(StateClosed))); err != nil {
+			return err
+		}
+		return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateInitialising)))
+	})
+	return err == nil, err
+}
+
+// newDevice makes the daemon's record of one device.
+func (d *Daemon) newDevice(k Key) *device {
+	bo := backoff.NewExponentialBackOff()
+	bo.InitialInterval = 500 * time.Millisecond
+	bo.MaxInterval = 30 * time.Second
+	bo.MaxElapsedTime = 0
+	rbo := backoff.NewExponentialBackOff()
+	rbo.InitialInterval = 500 * time.Millisecond
+	rbo.MaxInterval = 60 * time.Second
+	rbo.MaxElapsedTime = 0
+	return &device{key: k, bo: bo, restartBo: rbo, status: map[string]string{}}
+}
