@@ -14,6 +14,10 @@
 //	    export: {socket: /run/blktap/scratch.sock}   # or {tcp: 127.0.0.1:10809}
 //	    qos: {iops: 5000, bandwidth: 200M}
 //
+// A tcp export also needs tls: {cert: FILE, key: FILE, ca: FILE} (ca
+// optional: with it, client certificates are required) or, on a loopback
+// host only, insecure: true.
+//
 // Parsing is strict: unknown keys, duplicate keys, wrong types and bad
 // values are errors, each naming file:line:col, and Parse reports every
 // problem it finds at once (errors.Join of *Error, each wrapping
@@ -26,7 +30,10 @@
 //  2. Use the returned File as is: defaults are applied (mode "w", format
 //     names normalised, paths made absolute, DevID filled in).
 //  3. Apply the default export (STATE/NAME.sock) where Export is empty;
-//     this package does not know the state directory.
+//     this package does not know the state directory. Serve a TCP export
+//     with TLS from Export.TLSCert, TLSKey and TLSCA (client certificates
+//     required when TLSCA is set) unless Export.Insecure; the files are
+//     not opened here.
 //  4. Treat the File as read-only; Parse returns a new one each time.
 package config
 
@@ -110,11 +117,20 @@ type Create struct {
 	BackingFormat string // canonical, or "" (then the backing must be probed)
 }
 
-// Export says where the disk's NBD export listens. Both empty: the
-// default, STATE/NAME.sock.
+// Export says where the disk's NBD export listens. Socket and TCP both
+// empty: the default, STATE/NAME.sock.
+//
+// A TCP export is either TLS-only (TLSCert and TLSKey set) or explicitly
+// Insecure, and Insecure is accepted on loopback hosts only (127.0.0.0/8,
+// ::1, localhost). A unix socket export has neither: its file mode guards
+// it.
 type Export struct {
 	Socket string // unix socket path, absolute
 	TCP    string // host:port
+	// TLS files, absolute paths. TLSCA, when set, makes client
+	// certificates mandatory and verified against it.
+	TLSCert, TLSKey, TLSCA string
+	Insecure               bool // plain TCP, asked for explicitly
 }
 
 // QoS limits a disk's I/O; zero means unlimited.
@@ -555,7 +571,7 @@ func (p *parser) create(n *yaml.Node, what, format string) *Create {
 
 func (p *parser) export(n *yaml.Node, what string) Export {
 	var e Export
-	m := p.fields(n, what+": export", "socket", "tcp")
+	m := p.fields(n, what+": export", "socket", "tcp", "tls", "insecure")
 	if m == nil {
 		return e
 	}
@@ -576,20 +592,90 @@ func (p *parser) export(n *yaml.Node, what string) Export {
 			e.Socket = s
 		}
 	}
+	host := ""
 	if hasTCP {
 		if s, ok := p.str(tn, what+": export: tcp"); ok {
-			host, port, err := net.SplitHostPort(s)
+			h, port, err := net.SplitHostPort(s)
 			if err != nil {
 				p.errf(tn, "%s: export: tcp %q must be host:port (e.g. 127.0.0.1:10809)", what, s)
 			} else if n, err := strconv.ParseUint(port, 10, 16); err != nil || n == 0 {
 				p.errf(tn, "%s: export: tcp port %q must be 1..65535", what, port)
-			} else if host == "" {
+			} else if h == "" {
 				p.errf(tn, "%s: export: tcp needs a host (127.0.0.1 for loopback only)", what)
 			}
-			e.TCP = s
+			e.TCP, host = s, h
 		}
 	}
+	tlsN, hasTLS := m["tls"]
+	if hasTLS {
+		e.TLSCert, e.TLSKey, e.TLSCA = p.tls(tlsN, what)
+	}
+	insN, hasIns := m["insecure"]
+	insOK := true
+	if hasIns {
+		e.Insecure, insOK = p.boolean(insN, what+": export: insecure")
+	}
+	// The transport rules apply once the transport is clear.
+	switch {
+	case hasSock && hasTCP:
+	case hasSock && hasTLS:
+		p.errf(tlsN, "%s: export: tls is for tcp exports; a unix socket is guarded by its file mode (0600)", what)
+	case hasSock && hasIns:
+		p.errf(insN, "%s: export: insecure is for tcp exports; a unix socket is never encrypted", what)
+	case hasTCP && hasTLS && hasIns:
+		p.errf(insN, "%s: export: tls or insecure, not both", what)
+	case !insOK:
+		// Already reported; what was meant is unknown.
+	case hasTCP && !hasTLS && !e.Insecure:
+		p.errf(tn, "%s: export: a tcp export needs tls: {cert: FILE, key: FILE} or, on loopback only, insecure: true", what)
+	case hasTCP && e.Insecure && host != "" && !isLoopback(host):
+		p.errf(insN, "%s: export: insecure is allowed on loopback only; %q is reachable from elsewhere, so it needs tls", what, host)
+	}
 	return e
+}
+
+// tls reads an export's tls mapping: cert and key required, ca optional.
+func (p *parser) tls(n *yaml.Node, what string) (cert, key, ca string) {
+	w := what + ": export: tls"
+	m := p.fields(n, w, "cert", "key", "ca")
+	if m == nil {
+		return
+	}
+	if v, ok := m["cert"]; ok {
+		cert, _ = p.path(v, w+": cert")
+	} else {
+		p.errf(n, "%s: cert is required (the server's PEM certificate chain)", w)
+	}
+	if v, ok := m["key"]; ok {
+		key, _ = p.path(v, w+": key")
+	} else {
+		p.errf(n, "%s: key is required (the server's PEM private key)", w)
+	}
+	if v, ok := m["ca"]; ok {
+		ca, _ = p.path(v, w+": ca")
+	}
+	return
+}
+
+// boolean reads a YAML true or false.
+func (p *parser) boolean(n *yaml.Node, what string) (bool, bool) {
+	if n.Kind == yaml.ScalarNode && n.ShortTag() == "!!bool" {
+		if v, err := strconv.ParseBool(strings.ToLower(n.Value)); err == nil {
+			return v, true
+		}
+	}
+	p.errf(n, "%s must be true or false, not %s", what, kindName(n))
+	return false, false
+}
+
+// isLoopback reports whether host names this machine only. A name other
+// than localhost is not trusted to stay loopback: DNS may say otherwise.
+func isLoopback(host string) bool {
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func (p *parser) qos(n *yaml.Node, what string) QoS {

@@ -2,8 +2,10 @@ package config
 
 import (
 	"errors"
+	"fmt"
 	goparser "go/parser"
 	"go/token"
+	"net"
 	"os"
 	"path/filepath"
 	"reflect"
@@ -33,8 +35,19 @@ var badFixtures = map[string][]string{
 	"bad-export-both.yaml":            {"6:13 socket or tcp, not both"},
 	"bad-export-socket-too-long.yaml": {"6:22 unix sockets allow 107"},
 	"bad-export-tcp-port.yaml":        {"6:19 \"70000\" must be 1..65535"},
-	"bad-format.yaml":                 {"4:13 unknown format \"qed\""},
-	"bad-image-null.yaml":             {"3:11 image must be a string, not nothing"},
+	// Issue 8 item 3: TCP only when asked, then TLS unless insecure is
+	// explicit, and insecure only on loopback.
+	"bad-export-tcp-no-tls.yaml":        {"6:19 a tcp export needs tls: {cert: FILE, key: FILE} or, on loopback only, insecure: true"},
+	"bad-export-insecure-false.yaml":    {"7:12 a tcp export needs tls"},
+	"bad-export-insecure-remote.yaml":   {"8:17 insecure is allowed on loopback only; \"192.0.2.7\""},
+	"bad-export-insecure-wildcard.yaml": {"6:46 insecure is allowed on loopback only; \"0.0.0.0\""},
+	"bad-export-insecure-not-bool.yaml": {"6:48 insecure must be true or false, not str \"yes\""},
+	"bad-export-insecure-socket.yaml":   {"6:45 insecure is for tcp exports"},
+	"bad-export-tls-socket.yaml":        {"8:12 tls is for tcp exports"},
+	"bad-export-tls-and-insecure.yaml":  {"9:17 tls or insecure, not both"},
+	"bad-export-tls-no-key.yaml":        {"8:12 tls: key is required", "8:31 tls: unknown key \"password\" (valid: cert, key, ca)"},
+	"bad-format.yaml":                   {"4:13 unknown format \"qed\""},
+	"bad-image-null.yaml":               {"3:11 image must be a string, not nothing"},
 	"bad-many-errors.yaml": {
 		"5:11 mode must be r or w",
 		"9:13 unknown format \"vhdx\"",
@@ -116,10 +129,15 @@ func TestGoodFull(t *testing.T) {
 		QoS:    QoS{IOPS: 5000, Bandwidth: 200 << 20}, Line: 3,
 	}, {
 		Name: "numeric.dev_1", Image: "/abs/disk.img", Format: "raw", Mode: "w", Device: "51712", DevID: 51712,
-		Export: Export{TCP: "127.0.0.1:10809"}, QoS: QoS{Bandwidth: 1 << 20}, Line: 12,
+		Export: Export{TCP: "0.0.0.0:10809", TLSCert: filepath.Join(dir, "certs/server-cert.pem"),
+			TLSKey: "/etc/blktap/server-key.pem", TLSCA: filepath.Join(filepath.Dir(dir), "ca.pem")},
+		QoS: QoS{Bandwidth: 1 << 20}, Line: 12,
 	}, {
 		Name: "remote", Image: "nbd+unix:///?socket=/run/x.sock", Format: "nbd", Mode: "w", Domain: 2,
-		Device: "d20p3", DevID: 1<<28 | 20<<8 | 3, Line: 20,
+		Device: "d20p3", DevID: 1<<28 | 20<<8 | 3, Line: 21,
+	}, {
+		Name: "local-tcp", Image: "/abs/local.img", Format: "raw", Mode: "w", Device: "xvdc", DevID: 51744,
+		Export: Export{TCP: "[::1]:10810", Insecure: true}, Line: 26,
 	}}
 	if !reflect.DeepEqual(f.Disks, want) {
 		t.Errorf("got\n%+v\nwant\n%+v", f.Disks, want)
@@ -277,6 +295,15 @@ func FuzzParse(f *testing.F) {
 			if d.Format != "nbd" && !filepath.IsAbs(d.Image) {
 				t.Fatalf("relative image %q", d.Image)
 			}
+			e := d.Export
+			if e.TCP != "" {
+				host, _, _ := net.SplitHostPort(e.TCP)
+				if (e.TLSCert == "") == !e.Insecure || e.Insecure && !isLoopback(host) {
+					t.Fatalf("tcp export without TLS, or insecure off loopback: %+v", e)
+				}
+			} else if e.TLSCert != "" || e.Insecure {
+				t.Fatalf("tls or insecure without tcp: %+v", e)
+			}
 		}
 		again, err := Parse("/etc/blktap/f.yaml", data)
 		if err != nil || !reflect.DeepEqual(file, again) {
@@ -297,6 +324,28 @@ func TestLayering(t *testing.T) {
 			if path, _ := strconv.Unquote(imp.Path.Value); strings.HasPrefix(path, "github.com/blktap-go/blktap/") {
 				t.Errorf("%s imports %s", p, path)
 			}
+		}
+	}
+}
+
+// Which hosts count as loopback for insecure: true (issue 8 item 3).
+func TestExportInsecureHosts(t *testing.T) {
+	for host, ok := range map[string]bool{
+		"127.0.0.1": true, "127.9.8.7": true, "[::1]": true, "localhost": true, "LocalHost": true,
+		"0.0.0.0": false, "[::]": false, "10.0.0.1": false, "example.com": false, "localhost.example.com": false,
+		"[::ffff:127.0.0.1]": true, "[fe80::1%lo]": false,
+	} {
+		y := fmt.Sprintf("disks: [{name: a, image: /a.raw, format: raw, device: xvdb, export: {tcp: %q, insecure: true}}]", host+":10809")
+		_, err := Parse("x.yaml", []byte(y))
+		if ok != (err == nil) {
+			t.Errorf("insecure on %s: %v, want accepted=%v", host, err, ok)
+		}
+		// With TLS every host is fine.
+		y = fmt.Sprintf("disks: [{name: a, image: /a.raw, format: raw, device: xvdb, export: {tcp: %q, tls: {cert: c.pem, key: k.pem}}}]", host+":10809")
+		if f, err := Parse("/etc/x.yaml", []byte(y)); err != nil {
+			t.Errorf("tls on %s: %v", host, err)
+		} else if e := f.Disks[0].Export; e.TLSCert != "/etc/c.pem" || e.TLSKey != "/etc/k.pem" || e.TLSCA != "" || e.Insecure {
+			t.Errorf("tls on %s: %+v", host, e)
 		}
 	}
 }

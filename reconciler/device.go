@@ -2,6 +2,7 @@ package reconciler
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -438,7 +439,11 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			return err
 		}
 		defer f.Close()
-		if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpServeNBD, Name: dev.name}, int(f.Fd())); err != nil {
+		req := worker.Request{Op: worker.OpServeNBD, Name: dev.name}
+		if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
+			req.TLSCert, req.TLSKey, req.TLSCA = disk.Export.TLSCert, disk.Export.TLSKey, disk.Export.TLSCA
+		}
+		if _, err := dev.proc.Call(ctx, req, int(f.Fd())); err != nil {
 			return err
 		}
 		dev.exportServed = true
@@ -771,7 +776,11 @@ func (d *Daemon) listenExport(dev *device) (net.Listener, string, error) {
 		if err != nil {
 			return nil, "", err
 		}
-		return ln, "nbd://" + ln.Addr().String() + "/", nil
+		scheme := "nbd"
+		if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
+			scheme = "nbds" // config refuses plain TCP unless the YAML says insecure
+		}
+		return ln, scheme + "://" + ln.Addr().String() + "/", nil
 	}
 	ln, err := listenUnix(sock, 0o600)
 	if err != nil {
@@ -802,7 +811,15 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 	if err != nil {
 		return terminal(fmt.Errorf("guest view export: %w", err))
 	}
+	var tlsConfig *tls.Config
+	if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
+		if tlsConfig, err = nbd.LoadTLSConfig(disk.Export.TLSCert, disk.Export.TLSKey, disk.Export.TLSCA); err != nil {
+			ln.Close()
+			return terminal(fmt.Errorf("guest view export: %w", err))
+		}
+	}
 	srv := &nbd.Server{
+		TLSConfig: tlsConfig,
 		Export: nbd.Export{
 			Name:        dev.name,
 			Description: "blktap guest view " + dev.name,

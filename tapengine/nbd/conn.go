@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -97,6 +98,10 @@ type conn struct {
 	werr    error
 	iov     [][]byte    // writer role only
 	nb      net.Buffers // writer role only
+	// tlsw gathers a batch into TLS records when nc is a TLS session,
+	// which has no writev: written buffer by buffer, every reply header
+	// would cost a record and a system call of its own. Writer role only.
+	tlsw *bufio.Writer
 
 	// inlineOff counts requests still to hand to workers after a slow
 	// inline one. Reader goroutine only.
@@ -118,6 +123,9 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 	c.disc, _ = c.be.(Discarder)
 	c.mapper, _ = c.be.(Mapper)
 	c.zw, _ = c.be.(ZeroWriter)
+	if _, ok := nc.(*tls.Conn); ok {
+		c.tlsw = bufio.NewWriterSize(nc, 64<<10)
+	}
 	c.bcond = sync.NewCond(&c.bmu)
 	n := s.maxInFlight()
 	c.free = make(chan *req, n)
@@ -820,8 +828,12 @@ func (c *conn) writeBatch(batch []*req, failed bool) error {
 		}
 		// WriteTo consumes its receiver; a field (not a local) keeps
 		// that from escaping to the heap on every batch.
-		c.nb = iov
-		_, err = c.nb.WriteTo(c.nc)
+		if c.tlsw != nil {
+			err = c.writeTLS(iov)
+		} else {
+			c.nb = iov
+			_, err = c.nb.WriteTo(c.nc)
+		}
 		clear(iov)
 		c.iov, c.nb = iov[:0], nil
 		if err != nil {
@@ -834,6 +846,17 @@ func (c *conn) writeBatch(batch []*req, failed bool) error {
 		c.release(r)
 	}
 	return err
+}
+
+// writeTLS writes iov through tlsw: 64 KiB writes (full 16 KiB TLS
+// records) while the batch lasts, and one flush at its end.
+func (c *conn) writeTLS(iov [][]byte) error {
+	for _, b := range iov {
+		if _, err := c.tlsw.Write(b); err != nil {
+			return err
+		}
+	}
+	return c.tlsw.Flush()
 }
 
 // readAll reads len(b) bytes at off. io.ReaderAt may report io.EOF with a

@@ -19,6 +19,26 @@
 //     and closes. Close returns when every connection is gone; the Backend
 //     stays open (the caller owns it).
 //
+// # TLS
+//
+// With Server.TLSConfig set (LoadTLSConfig builds one from PEM files) the
+// server is TLS-only, proto.md's FORCEDTLS mode, as qemu-nbd with
+// --tls-creds:
+//
+//  1. The client must set FIXED_NEWSTYLE; otherwise it is dropped.
+//  2. Before NBD_OPT_STARTTLS every option but ABORT is answered
+//     NBD_REP_ERR_TLS_REQD; NBD_OPT_EXPORT_NAME, which cannot be refused,
+//     drops the client.
+//  3. STARTTLS (no data) gets NBD_REP_ACK in clear, then the TLS handshake
+//     runs on the same connection (a failed one drops the client), then
+//     haggling starts over inside TLS; a second STARTTLS gets
+//     NBD_REP_ERR_INVALID.
+//
+// X.509 only: Go's crypto/tls has no TLS-PSK. Client certificates are
+// required and verified when the config names client CAs. Without
+// TLSConfig, STARTTLS gets NBD_REP_ERR_POLICY. Use TLS for every TCP
+// listener that is not loopback; the caller decides.
+//
 // # What the server promises
 //
 //   - A write is acknowledged only after Backend.WriteAt returned; FUA adds

@@ -63,6 +63,29 @@ func FuzzNegotiate(f *testing.F) {
 	})
 }
 
+// FuzzNegotiateTLS drives a TLS-only server's haggling. The TLS layer
+// itself is Go's; here STARTTLS "upgrades" to the same plain stream, so
+// the fuzzer reaches the options before and after it.
+func FuzzNegotiateTLS(f *testing.F) {
+	for _, s := range seedTLSConversations() {
+		f.Add(s.data)
+	}
+	be := newMem(1 << 20)
+	s := &Server{Export: Export{Name: "disk", Backend: be}}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		n := &negotiator{s: s, r: bytes.NewReader(data), w: bufio.NewWriter(io.Discard), tlsRequired: true}
+		upgrades := 0
+		n.startTLS = func() error { upgrades++; return nil }
+		sess, err := n.negotiate()
+		if upgrades > 1 {
+			t.Fatalf("TLS started %d times", upgrades)
+		}
+		if err == nil && !n.tlsDone {
+			t.Fatalf("reached transmission without TLS: %+v", sess)
+		}
+	})
+}
+
 func FuzzServeConn(f *testing.F) {
 	for _, s := range seedConversations() {
 		f.Add(s.data)
@@ -180,6 +203,41 @@ func seedConversations() []seedConv {
 	return out
 }
 
+// seedTLSConversations are client streams for a TLS-only server, with
+// STARTTLS taken to leave the stream as it is (see FuzzNegotiateTLS).
+func seedTLSConversations() []seedConv {
+	opt := func(b []byte, o uint32, d []byte) []byte {
+		b = binary.BigEndian.AppendUint64(b, magicIHaveOpt)
+		b = binary.BigEndian.AppendUint32(b, o)
+		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
+		return append(b, d...)
+	}
+	goData := binary.BigEndian.AppendUint32(nil, 4)
+	goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
+	flags := binary.BigEndian.AppendUint32(nil, flagCFixedNewstyle|flagCNoZeroes)
+	var out []seedConv
+
+	b := opt(append([]byte(nil), flags...), optList, nil)
+	b = opt(b, optGo, goData)
+	b = opt(b, optStartTLS, []byte("x"))
+	b = opt(b, optStartTLS, nil)
+	b = opt(b, optStartTLS, nil)
+	b = opt(b, optStructuredReply, nil)
+	b = opt(b, optGo, goData)
+	out = append(out, seedConv{"tls-refused-then-starttls-go", b})
+
+	b = opt(append([]byte(nil), flags...), optExportName, []byte("disk"))
+	out = append(out, seedConv{"tls-export-name-before-starttls", b})
+
+	b = opt(binary.BigEndian.AppendUint32(nil, 0), optStartTLS, nil)
+	out = append(out, seedConv{"tls-no-fixed-newstyle", b})
+
+	b = opt(append([]byte(nil), flags...), 99, []byte("?"))
+	b = opt(b, optAbort, nil)
+	out = append(out, seedConv{"tls-unknown-option-abort", b})
+	return out
+}
+
 // TestWriteSeeds rewrites the seed corpora when -write-seeds is given and
 // otherwise checks they are present.
 func TestWriteSeeds(t *testing.T) {
@@ -202,6 +260,10 @@ func TestWriteSeeds(t *testing.T) {
 	}
 	check(filepath.Join("testdata", "fuzz", "FuzzParseRequest", "bad-magic"),
 		fmt.Sprintf("go test fuzz v1\n[]byte(%s)\nbool(false)\n", strconv.Quote(string(make([]byte, 28)))))
+	for _, s := range seedTLSConversations() {
+		check(filepath.Join("testdata", "fuzz", "FuzzNegotiateTLS", s.name),
+			fmt.Sprintf("go test fuzz v1\n[]byte(%s)\n", strconv.Quote(string(s.data))))
+	}
 	for _, target := range []string{"FuzzNegotiate", "FuzzServeConn"} {
 		dir := filepath.Join("testdata", "fuzz", target)
 		for _, s := range seedConversations() {

@@ -48,6 +48,17 @@ type negotiator struct {
 	w    *bufio.Writer
 	sess session
 	buf  []byte // option data, at most maxOptionLen
+
+	// tlsRequired makes this a FORCEDTLS server (proto.md "TLS
+	// support"): until STARTTLS succeeds, every option but ABORT and
+	// STARTTLS is refused with ERR_TLS_REQD, and EXPORT_NAME, which
+	// cannot be refused, drops the client.
+	tlsRequired bool
+	tlsDone     bool
+	// startTLS runs the TLS handshake once STARTTLS's ACK has left, and
+	// points r and w at the TLS session. The fuzzer passes one that
+	// keeps the plain stream.
+	startTLS func() error
 }
 
 // negotiate runs the handshake to the transmission phase. It returns the
@@ -72,6 +83,11 @@ func (n *negotiator) negotiate() (*session, error) {
 		return nil, fmt.Errorf("%w: unknown client flags %#x", ErrProtocol, flags)
 	}
 	n.sess.noZeroes = flags&flagCNoZeroes != 0
+	if n.tlsRequired && flags&flagCFixedNewstyle == 0 {
+		// TLS needs fixed newstyle, and without TLS this server
+		// serves nothing: the client can never get anywhere.
+		return nil, fmt.Errorf("%w: TLS is required but the client did not set FIXED_NEWSTYLE", ErrProtocol)
+	}
 
 	for i := 0; i < maxOptions; i++ {
 		var oh [16]byte
@@ -94,7 +110,11 @@ func (n *negotiator) negotiate() (*session, error) {
 			if opt == optExportName {
 				return nil, fmt.Errorf("%w: export name of %d bytes", ErrProtocol, length)
 			}
-			n.replyErr(opt, repErrTooBig, "option data too long")
+			if n.tlsRequired && !n.tlsDone && opt != optAbort {
+				n.replyErr(opt, repErrTLSReqd, msgTLSReqd)
+			} else {
+				n.replyErr(opt, repErrTooBig, "option data too long")
+			}
 			if err := n.w.Flush(); err != nil {
 				return nil, err
 			}
@@ -121,8 +141,46 @@ func (n *negotiator) negotiate() (*session, error) {
 	return nil, fmt.Errorf("%w: more than %d options", ErrProtocol, maxOptions)
 }
 
+// msgTLSReqd is the text sent with NBD_REP_ERR_TLS_REQD.
+const msgTLSReqd = "this export requires TLS: send NBD_OPT_STARTTLS first"
+
+// beforeTLS answers an option that arrives on a TLS-only server before
+// STARTTLS succeeded. handled false passes it on (ABORT).
+func (n *negotiator) beforeTLS(opt uint32, data []byte) (handled bool, err error) {
+	switch opt {
+	case optAbort:
+		return false, nil
+	case optExportName:
+		// The one option that cannot be answered with an error.
+		return true, fmt.Errorf("%w: EXPORT_NAME before STARTTLS on a TLS-only server", ErrProtocol)
+	case optStartTLS:
+		if len(data) != 0 {
+			return true, n.replyErr(opt, repErrInvalid, "STARTTLS takes no data")
+		}
+		if err := n.reply(opt, repAck, nil); err != nil {
+			return true, err
+		}
+		// The ACK must reach the client in clear before either side
+		// speaks TLS.
+		if err := n.w.Flush(); err != nil {
+			return true, err
+		}
+		if err := n.startTLS(); err != nil {
+			return true, err
+		}
+		n.tlsDone = true
+		return true, nil
+	}
+	return true, n.replyErr(opt, repErrTLSReqd, msgTLSReqd)
+}
+
 // option answers one option. done reports the move to transmission.
 func (n *negotiator) option(opt uint32, data []byte) (done bool, err error) {
+	if n.tlsRequired && !n.tlsDone {
+		if handled, err := n.beforeTLS(opt, data); handled || err != nil {
+			return false, err
+		}
+	}
 	switch opt {
 	case optExportName:
 		if n.sess.extended {
@@ -196,6 +254,9 @@ func (n *negotiator) option(opt uint32, data []byte) (done bool, err error) {
 		return false, n.metaContext(opt, data)
 
 	case optStartTLS:
+		if n.tlsDone {
+			return false, n.replyErr(opt, repErrInvalid, "TLS is already running")
+		}
 		return false, n.replyErr(opt, repErrPolicy, "TLS is not offered on this export")
 	}
 	return false, n.replyErr(opt, repErrUnsup, fmt.Sprintf("option %d not supported", opt))

@@ -3,6 +3,7 @@ package nbd
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -97,6 +98,13 @@ type Server struct {
 	// ShutdownGrace bounds how long Close waits for a connection whose
 	// client stopped reading its replies; 0 = 10 s.
 	ShutdownGrace time.Duration
+	// TLSConfig, when set, makes the server TLS-only (FORCEDTLS in
+	// proto.md): a client must send NBD_OPT_STARTTLS before anything
+	// else, and every other option before it is refused with
+	// NBD_REP_ERR_TLS_REQD. nil offers no TLS (STARTTLS gets
+	// NBD_REP_ERR_POLICY). It needs a certificate; set ClientAuth and
+	// ClientCAs to require client certificates (LoadTLSConfig does).
+	TLSConfig *tls.Config
 
 	stats counters
 
@@ -276,6 +284,9 @@ func (s *Server) check() error {
 	if s.Export.Backend == nil {
 		return errors.New("nbd: Export.Backend is nil")
 	}
+	if c := s.TLSConfig; c != nil && len(c.Certificates) == 0 && c.GetCertificate == nil && c.GetConfigForClient == nil {
+		return errors.New("nbd: TLSConfig has no server certificate")
+	}
 	return nil
 }
 
@@ -297,14 +308,19 @@ func (s *Server) Close() error {
 
 // serveConn runs one connection: handshake, then transmission.
 func (s *Server) serveConn(ctx context.Context, nc net.Conn) error {
-	defer nc.Close()
+	// rw is what NBD is spoken over: nc, or the TLS session on top of
+	// it after STARTTLS. Closing the TLS session sends close_notify, as
+	// proto.md asks of a server ending a TLS connection.
+	var rw net.Conn = nc
+	defer func() { rw.Close() }()
 	s.stats.connections.Add(1)
 	s.stats.active.Add(1)
 	defer s.stats.active.Add(-1)
 	log := s.logger()
 
 	// A done ctx unblocks whatever read the connection is in; the
-	// transmission loop then drains what it has in flight.
+	// transmission loop then drains what it has in flight. Deadlines go
+	// on nc: a TLS session passes its own to nc anyway.
 	stop := context.AfterFunc(ctx, func() {
 		nc.SetReadDeadline(time.Unix(1, 0))
 		grace := s.ShutdownGrace
@@ -321,8 +337,21 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) error {
 	}
 	nc.SetDeadline(time.Now().Add(hs))
 	br := bufio.NewReaderSize(nc, 128<<10)
-	bw := bufio.NewWriterSize(nc, 4096)
-	n := &negotiator{s: s, r: br, w: bw}
+	n := &negotiator{s: s, r: br, w: bufio.NewWriterSize(nc, 4096)}
+	if s.TLSConfig != nil {
+		n.tlsRequired = true
+		n.startTLS = func() error {
+			// Read through br: it may already hold the ClientHello.
+			tc := tls.Server(bufferedConn{Conn: nc, r: br}, s.TLSConfig)
+			if err := tc.HandshakeContext(ctx); err != nil {
+				return fmt.Errorf("%w: TLS handshake failed: %w", ErrProtocol, err)
+			}
+			rw = tc
+			br = bufio.NewReaderSize(tc, 128<<10)
+			n.r, n.w = br, bufio.NewWriterSize(tc, 4096)
+			return nil
+		}
+	}
 	sess, err := n.negotiate()
 	if err != nil {
 		switch {
@@ -336,7 +365,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) error {
 		}
 		return err
 	}
-	if err := bw.Flush(); err != nil {
+	if err := n.w.Flush(); err != nil {
 		return err
 	}
 	if ctx.Err() != nil {
@@ -347,7 +376,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) error {
 	if ctx.Err() != nil {
 		nc.SetReadDeadline(time.Unix(1, 0))
 	}
-	c := newConn(s, nc, br, sess)
+	c := newConn(s, rw, br, sess)
 	err = c.serve(ctx)
 	if ctx.Err() != nil && err != nil && isTimeout(err) {
 		err = nil

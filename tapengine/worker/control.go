@@ -53,6 +53,13 @@ type Request struct {
 	// directories is refused. Empty: the image's own directory.
 	AllowDirs []string `json:"allow_dirs,omitempty"`
 
+	// serve-nbd: a TCP export's TLS files (a tls.Config cannot cross
+	// processes); no cert means plain text, which the daemon allows only
+	// where the YAML says insecure.
+	TLSCert string `json:"tls_cert,omitempty"`
+	TLSKey  string `json:"tls_key,omitempty"`
+	TLSCA   string `json:"tls_ca,omitempty"`
+
 	// connect
 	Transport string   `json:"transport,omitempty"` // "local"
 	Protocol  string   `json:"protocol,omitempty"`  // blkif ABI, as the frontend wrote it ("" = x86_32-abi)

@@ -23,6 +23,7 @@ package worker
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -526,6 +527,14 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 		closeAll(fds)
 		return fail(fmt.Errorf("%w: already serving NBD", errInvalid))
 	}
+	var tlsConfig *tls.Config
+	if req.TLSCert != "" {
+		var err error
+		if tlsConfig, err = nbd.LoadTLSConfig(req.TLSCert, req.TLSKey, req.TLSCA); err != nil {
+			closeAll(fds)
+			return fail(fmt.Errorf("%w: %v", errInvalid, err))
+		}
+	}
 	f := os.NewFile(uintptr(fds[0]), "nbd-listener")
 	ln, err := net.FileListener(f)
 	f.Close()
@@ -540,7 +549,8 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 			Backend:     w.io,
 			ReadOnly:    w.readOnly,
 		},
-		Logger: w.logger,
+		Logger:    w.logger,
+		TLSConfig: tlsConfig,
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
