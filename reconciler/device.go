@@ -20,6 +20,7 @@ import (
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/frontend"
 	"github.com/blktap-go/blktap/tapengine/nbd"
+	"github.com/blktap-go/blktap/tapengine/nbdkernel"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
@@ -67,6 +68,8 @@ type device struct {
 	qos config.QoS // the limits the worker applies now
 
 	adopted *worker.Describe // set when a previous daemon started the worker, until checked
+
+	kernel *nbdkernel.Conn // the dom0 kernel nbd device connected to the export
 }
 
 // snapshot is one observation of a device in xenstore.
@@ -83,6 +86,7 @@ type snapshot struct {
 	beSectorSize  uint32
 	beInfo        int
 	beDiscard     bool
+	nbdDevice     string
 	beMaxIndirect int
 	ringRefsError string
 }
@@ -134,6 +138,12 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		acts := Plan(snap.Observed, dev.actual())
 		if len(acts) == 0 {
 			d.applyQoS(ctx, dev, log)
+			if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
+				dev.lastErr = err.Error()
+				d.writeStatus(ctx, dev, snap)
+				d.q.AddAfter(k, dev.bo.NextBackOff())
+				return
+			}
 			d.writeStatus(ctx, dev, snap)
 			if !snap.Present {
 				d.forget(dev)
@@ -307,6 +317,7 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	s.fePath = get("frontend")
 	s.feID = get("frontend-id")
 	s.name = get(keyName)
+	s.nbdDevice = get(keyNBDDevice)
 	s.beSectors, _ = strconv.ParseUint(get("sectors"), 10, 64)
 	ss, _ := strconv.ParseUint(get("sector-size"), 10, 32)
 	s.beSectorSize = uint32(ss)
@@ -586,6 +597,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosing)))
 
 	case ActFrontendClose:
+		dev.closeKernelDevice(log)
 		dev.closeLocalFrontend(log)
 		if s.FrontendPresent {
 			return d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateClosed)))
@@ -841,6 +853,41 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 	return nil
 }
 
+// connectKernelDevice connects the kernel nbd device a domain-0 disk asks
+// for to its export, once the disk is connected.
+func (d *Daemon) connectKernelDevice(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	if s.nbdDevice == "" || dev.kernel != nil || !s.Domain0 || !dev.exportServed || s.Backend != StateConnected {
+		return nil
+	}
+	ul, ok := dev.export.(*net.UnixListener)
+	if !ok {
+		return fmt.Errorf("%s: the kernel nbd client needs a unix socket export", s.nbdDevice)
+	}
+	if err := nbdkernel.Available(s.nbdDevice); err != nil {
+		return err
+	}
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	c, err := nbdkernel.Connect(cctx, s.nbdDevice, ul.Addr().String(), "")
+	if err != nil {
+		return err
+	}
+	dev.kernel = c
+	log.Info("kernel nbd device connected", "device", s.nbdDevice)
+	return nil
+}
+
+func (dev *device) closeKernelDevice(log *slog.Logger) {
+	if dev.kernel == nil {
+		return
+	}
+	if err := dev.kernel.Disconnect(); err != nil {
+		log.Warn("kernel nbd device disconnect", "err", err)
+	}
+	dev.kernel.Wait()
+	dev.kernel = nil
+}
+
 func (dev *device) closeLocalFrontend(log *slog.Logger) {
 	if dev.guest != nil {
 		dev.guestStop()
@@ -860,6 +907,7 @@ func (dev *device) closeLocalFrontend(log *slog.Logger) {
 // (which drains and flushes). Used at daemon shutdown.
 func (dev *device) release(ctx context.Context, log *slog.Logger) {
 	log = log.With("device", dev.key.String())
+	dev.closeKernelDevice(log)
 	dev.closeLocalFrontend(log)
 	if dev.proc != nil {
 		dev.stopping = true
@@ -903,7 +951,8 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		phase = PhaseRestarting
 	case dev.lastErr != "":
 		phase = PhaseRetrying
-	case s.Backend == StateConnected && (s.Domain0 || !s.LocalFrontend || dev.guest != nil):
+	case s.Backend == StateConnected && (s.Domain0 || !s.LocalFrontend || dev.guest != nil) &&
+		(s.nbdDevice == "" || dev.kernel != nil):
 		phase = PhaseConnected
 	case dev.proc != nil:
 		phase = PhaseWaiting

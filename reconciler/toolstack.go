@@ -18,6 +18,9 @@ type DeviceSpec struct {
 	Mode   string // "r" or "w"
 	Vdev   string // the device name as the guest knows it, e.g. "xvdb"
 	Source string // "yaml" or "attach": who declared it
+	// NBDDevice, for a domain-0 disk, is a kernel nbd device (/dev/nbdN)
+	// the daemon connects to the export, so dom0 sees a block device.
+	NBDDevice string
 }
 
 // Status keys the daemon writes under each backend directory.
@@ -32,6 +35,7 @@ const (
 	keyRestarts    = statusDir + "/restarts"
 	keyImageFormat = statusDir + "/format"
 	keyImagePath   = statusDir + "/image"
+	keyNBDDevice   = statusDir + "/nbd-device"
 )
 
 // Phases a device goes through, as `blktap ls` shows them.
@@ -85,6 +89,9 @@ func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) erro
 			{"script", "/etc/xen/scripts/block-tap"},
 			{keyName, spec.Name},
 			{keySource, spec.Source},
+		}
+		if spec.NBDDevice != "" {
+			beKeys = append(beKeys, [2]string{keyNBDDevice, spec.NBDDevice})
 		}
 		feKeys := [][2]string{
 			{"backend", be},

@@ -17,6 +17,7 @@ import (
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/reconciler"
+	"github.com/blktap-go/blktap/tapengine/nbdkernel"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
@@ -56,6 +57,7 @@ func cmdAttach(args []string) error {
 	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
 	stateDir, xsPath := stateFlags(fs)
 	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for Connected")
+	nbdDev := fs.String("nbd-device", "", "domain 0: also connect this kernel nbd device (/dev/nbdN) to the export")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -96,6 +98,14 @@ func cmdAttach(args []string) error {
 	if mode != "r" && mode != "w" {
 		return usagef("MODE %q: want r or w", mode)
 	}
+	if *nbdDev != "" {
+		if domid != 0 {
+			return usagef("--nbd-device is for domain-0 disks")
+		}
+		if err := nbdkernel.Available(*nbdDev); err != nil {
+			return err
+		}
+	}
 	ctx := context.Background()
 	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
 	if err != nil {
@@ -106,7 +116,7 @@ func cmdAttach(args []string) error {
 	name := fmt.Sprintf("d%d-%s", domid, config.VdevName(devid))
 	err = reconciler.WriteDevice(ctx, xs, reconciler.DeviceSpec{
 		Key: key, Name: name, Format: format, Path: path, Mode: mode,
-		Vdev: config.VdevName(devid), Source: "attach",
+		Vdev: config.VdevName(devid), Source: "attach", NBDDevice: *nbdDev,
 	})
 	if err != nil {
 		return err
