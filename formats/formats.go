@@ -26,6 +26,7 @@ import (
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/formats/qcow"
+	"github.com/blktap-go/blktap/formats/qcow2"
 	"github.com/blktap-go/blktap/formats/ram"
 	"github.com/blktap-go/blktap/formats/raw"
 	"github.com/blktap-go/blktap/formats/vhd"
@@ -95,6 +96,10 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// ErrLocked reports an image another program (qemu, say) holds open for
+// writing.
+var ErrLocked = qcow2.ErrLocked
+
 // IsFile reports whether images of format live in a file named by a path
 // (so paths are checked, locked and confined); ram disks are named and
 // nbd images are URIs.
@@ -130,6 +135,12 @@ func Open(format, path string, opts Options) (Image, error) {
 		return img, nil
 	case "qcow":
 		img, err := qcow.Open(path, qcow.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing})
+		if err != nil {
+			return nil, err
+		}
+		return img, nil
+	case "qcow2":
+		img, err := qcow2.Open(path, qcow2.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger})
 		if err != nil {
 			return nil, err
 		}
@@ -191,6 +202,19 @@ func Create(format, path string, opts CreateOptions) error {
 		return qcow.Create(path, qcow.CreateOptions{
 			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
 			ClusterSize: opts.ClusterSize, OpenBacking: opts.OpenBacking,
+		})
+	case "qcow2":
+		compat := ""
+		switch opts.Subformat {
+		case "", "v3", "1.1":
+		case "v2", "0.10":
+			compat = "0.10"
+		default:
+			return fmt.Errorf("create %s: %w: qcow2 subformat %q (want v2/0.10 or v3/1.1)", path, ErrUnsupported, opts.Subformat)
+		}
+		return qcow2.Create(path, qcow2.CreateOptions{
+			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
+			ClusterSize: opts.ClusterSize, Compat: compat,
 		})
 	case "vmdk":
 		if opts.Subformat == "streamOptimized" {

@@ -202,8 +202,8 @@ func TestProbeErrors(t *testing.T) {
 }
 
 var (
-	builtInFileFormats = []string{"qcow", "vmdk", "vhd"}
-	notBuiltIn         = []string{"qcow2"}
+	builtInFileFormats = []string{"qcow", "qcow2", "vmdk", "vhd"}
+	notBuiltIn         = []string{}
 )
 
 func TestOpenCreateDispatch(t *testing.T) {

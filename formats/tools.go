@@ -9,6 +9,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/qcow"
+	"github.com/blktap-go/blktap/formats/qcow2"
 	"github.com/blktap-go/blktap/formats/raw"
 	"github.com/blktap-go/blktap/formats/vhd"
 	"github.com/blktap-go/blktap/formats/vmdk"
@@ -57,6 +58,20 @@ func Check(format, path string, repair bool, backing OpenFunc) (*CheckResult, er
 			return res, fmt.Errorf("check %s: %w: qcow has no leak repair (leaks waste space but are harmless)", path, ErrUnsupported)
 		}
 		return res, nil
+	case "qcow2":
+		mode := qcow2.RepairNone
+		if repair {
+			mode = qcow2.RepairLeaks
+		}
+		r, err := qcow2.Check(path, qcow2.CheckOptions{Repair: mode})
+		if err != nil {
+			return nil, err
+		}
+		res.Problems = append(res.Problems, r.Problems...)
+		res.Corruptions = int(r.Corruptions - r.CorruptionsFixed)
+		res.Leaks = int(r.Leaks - r.LeaksFixed)
+		res.Repaired, res.Detail = int(r.CorruptionsFixed+r.LeaksFixed), r
+		return res, nil
 	case "vhd":
 		r, err := vhd.Check(path, vhd.CheckOptions{Repair: repair, Backing: backing})
 		if err != nil {
@@ -93,6 +108,8 @@ func Describe(img Image) any {
 		return i.Info()
 	case *vhd.Image:
 		return i.Info()
+	case *qcow2.Image:
+		return i.Info()
 	}
 	return nil
 }
@@ -106,6 +123,24 @@ const convertBlock = 1 << 20
 // is called with bytes done and total. On error the partial output is
 // removed.
 func Convert(ctx context.Context, in Image, outFormat, outPath string, co CreateOptions, progress func(done, total int64)) (err error) {
+	return ConvertWith(ctx, in, outFormat, outPath, co, ConvertOptions{Progress: progress})
+}
+
+// ConvertOptions tune ConvertWith.
+type ConvertOptions struct {
+	Progress func(done, total int64)
+	// Compress writes data clusters compressed (qcow2 output only).
+	Compress bool
+}
+
+// compressor is an output image that can store compressed clusters.
+type compressor interface {
+	WriteCompressed(p []byte, off int64) error
+}
+
+// ConvertWith is Convert with options.
+func ConvertWith(ctx context.Context, in Image, outFormat, outPath string, co CreateOptions, opt ConvertOptions) (err error) {
+	progress := opt.Progress
 	if co.Size == 0 {
 		co.Size = in.Size()
 	}
@@ -133,6 +168,15 @@ func Convert(ctx context.Context, in Image, outFormat, outPath string, co Create
 	out, err := Open(outFormat, outPath, Options{})
 	if err != nil {
 		return err
+	}
+	var comp compressor
+	if opt.Compress {
+		c, ok := out.(compressor)
+		if !ok {
+			out.Close()
+			return fmt.Errorf("convert: %w: %s output cannot be compressed (qcow2 can)", ErrUnsupported, outFormat)
+		}
+		comp = c
 	}
 	defer func() {
 		if cerr := out.Close(); err == nil {
@@ -171,7 +215,11 @@ func Convert(ctx context.Context, in Image, outFormat, outPath string, co Create
 					continue
 				}
 				if !allZero(b) {
-					if _, err := out.WriteAt(b, j.off); err != nil {
+					if comp != nil {
+						if err := comp.WriteCompressed(b, j.off); err != nil {
+							fail(fmt.Errorf("write at %d: %w", j.off, err))
+						}
+					} else if _, err := out.WriteAt(b, j.off); err != nil {
 						fail(fmt.Errorf("write at %d: %w", j.off, err))
 						continue
 					}
@@ -186,15 +234,18 @@ func Convert(ctx context.Context, in Image, outFormat, outPath string, co Create
 			}
 		}()
 	}
-	skipped := int64(0)
+	// Work in chunks on a fixed grid, so every write is aligned for any
+	// output cluster size (compressed clusters must be); a chunk is read
+	// when any extent in it holds data.
+	next := int64(0)
 feed:
 	for _, e := range exts {
 		if e.Kind != image.Data {
-			skipped += e.Length
 			continue
 		}
-		for off := e.Offset; off < e.Offset+e.Length; off += convertBlock {
-			n := min(convertBlock, e.Offset+e.Length-off)
+		start := max(next, e.Offset/convertBlock*convertBlock)
+		for off := start; off < e.Offset+e.Length; off += convertBlock {
+			n := min(convertBlock, total-off)
 			mu.Lock()
 			stop := first != nil
 			mu.Unlock()
@@ -202,6 +253,7 @@ feed:
 				break feed
 			}
 			jobs <- job{off, n}
+			next = off + convertBlock
 		}
 	}
 	close(jobs)

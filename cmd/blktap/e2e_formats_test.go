@@ -35,6 +35,7 @@ func TestEndToEndFormats(t *testing.T) {
 	cases := []struct{ ours, qemu string }{
 		{"raw", "raw"},
 		{"qcow", "qcow"},
+		{"qcow2", "qcow2"},
 		{"vmdk", "vmdk"},
 		{"vhd", "vpc"},
 	}

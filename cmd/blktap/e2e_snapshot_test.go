@@ -70,7 +70,7 @@ func TestEndToEndLiveSnapshot(t *testing.T) {
 				fioDone <- out
 			}()
 			time.Sleep(1500 * time.Millisecond)
-			if _, err := d.blktap("snapshot", domid, "xvdc", overlay, "-f", "qcow"); err != nil {
+			if _, err := d.blktap("snapshot", domid, "xvdc", overlay); err != nil { // qcow2 by default
 				t.Fatal(err)
 			}
 			out := <-fioDone
@@ -81,7 +81,8 @@ func TestEndToEndLiveSnapshot(t *testing.T) {
 			if r.Phase != "connected" {
 				t.Fatalf("after snapshot: %+v", r)
 			}
-			info := runTool(t, qemuImg, "info", "--backing-chain", overlay)
+			// -U: the worker holds qemu-compatible locks on the overlay it writes.
+			info := runTool(t, qemuImg, "info", "-U", "--backing-chain", overlay)
 			if !strings.Contains(info, "backing file: "+base) {
 				t.Fatalf("overlay's backing file is not the old image:\n%s", info)
 			}
@@ -90,7 +91,8 @@ func TestEndToEndLiveSnapshot(t *testing.T) {
 				t.Fatal(err)
 			}
 			// The chain reads through qemu as the disk did.
-			runTool(t, qemuIO, "-f", "qcow", overlay, "-c", "read -P 0x44 0 64k")
+			runTool(t, qemuIO, "-f", "qcow2", overlay, "-c", "read -P 0x44 0 64k")
+			runTool(t, qemuImg, "check", "-f", "qcow2", overlay)
 		})
 	}
 }

@@ -22,8 +22,8 @@ const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o cluste
 blktap image info [--json] [-f FMT] FILE
 blktap image check [--json] [-f FMT] FILE
 blktap image map [--json] [-f FMT] FILE
-blktap image convert [-p] [-f FMT] -O FMT IN OUT
-formats: ` + "raw (alias aio), qcow, qcow2, vhd, vmdk" + `
+blktap image convert [-p] [-c] [-f FMT] -O FMT [-o subformat=S] IN OUT
+formats: ` + "raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk" + `
 SIZE takes K, M, G, T suffixes (powers of 1024).`
 
 func cmdImage(args []string) error {
@@ -354,6 +354,7 @@ func imageMap(args []string) error {
 func imageConvert(args []string) error {
 	fs := flag.NewFlagSet("image convert", flag.ContinueOnError)
 	progress := fs.Bool("p", false, "show progress")
+	compress := fs.Bool("c", false, "compress data clusters (qcow2 output)")
 	inFmt := fs.String("f", "", "input format (default: probe)")
 	outFmt := fs.String("O", "raw", "output format")
 	optStr := fs.String("o", "", "output options: cluster_size=N, subformat=S")
@@ -394,7 +395,8 @@ func imageConvert(args []string) error {
 	if *progress {
 		pr = os.Stderr
 	}
-	return formats.Convert(context.Background(), in, of, pos[1], co, progressFunc(pr))
+	return formats.ConvertWith(context.Background(), in, of, pos[1], co,
+		formats.ConvertOptions{Progress: progressFunc(pr), Compress: *compress})
 }
 
 func progressFunc(w io.Writer) func(done, total int64) {

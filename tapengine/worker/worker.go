@@ -250,7 +250,7 @@ func ErrorClass(err error) string {
 		return "not-found"
 	case errors.Is(err, fs.ErrPermission):
 		return "permission"
-	case errors.Is(err, ErrInUse):
+	case errors.Is(err, ErrInUse), errors.Is(err, formats.ErrLocked):
 		return "in-use"
 	case errors.Is(err, ErrProtocol), errors.Is(err, errInvalid):
 		return "invalid"

@@ -1,0 +1,348 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+)
+
+// RepairMode says what Check may fix.
+type RepairMode int
+
+const (
+	// RepairNone only reports.
+	RepairNone RepairMode = iota
+	// RepairLeaks lowers refcounts that are higher than the references
+	// (leaked clusters), like `qemu-img check -r leaks`.
+	RepairLeaks
+	// RepairAll also raises refcounts that are too low and fixes copied
+	// flags, like `qemu-img check -r all`.
+	RepairAll
+)
+
+// CheckOptions tune Check.
+type CheckOptions struct {
+	Repair RepairMode
+}
+
+// CheckResult is what `image check` prints. Leaks waste space only;
+// corruptions can lose data if the image is written.
+type CheckResult struct {
+	Corruptions        int64    `json:"corruptions"`
+	Leaks              int64    `json:"leaks"`
+	CorruptionsFixed   int64    `json:"corruptions_fixed"`
+	LeaksFixed         int64    `json:"leaks_fixed"`
+	Problems           []string `json:"problems,omitempty"` // the first maxProblems, for people
+	TotalClusters      int64    `json:"total_clusters"`     // guest clusters
+	AllocatedClusters  int64    `json:"allocated_clusters"` // guest clusters with data in this layer
+	CompressedClusters int64    `json:"compressed_clusters"`
+	ImageEndOffset     int64    `json:"image_end_offset"`
+}
+
+// Clean reports whether nothing is wrong (after any repair).
+func (r *CheckResult) Clean() bool {
+	return r.Corruptions == r.CorruptionsFixed && r.Leaks == r.LeaksFixed
+}
+
+const (
+	maxProblems      = 100
+	maxCheckClusters = 1 << 28 // 1 GiB of counters
+)
+
+// Check verifies the image at path: every cluster's stored refcount
+// against the references from the header, L1/L2 tables (active and
+// snapshots), refcount structures and snapshot table, and the copied
+// flags of the active tables. A header too broken to walk is returned as
+// an error (a *image.FormatError).
+func Check(path string, opts CheckOptions) (*CheckResult, error) {
+	ro := opts.Repair == RepairNone
+	flag := os.O_RDWR
+	if ro {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return nil, fmt.Errorf("qcow2: %w", err)
+	}
+	if err := (osFile{f}).lockImage(!ro); err != nil {
+		f.Close()
+		return nil, err
+	}
+	img, err := openStorage(osFile{f}, path, Options{ReadOnly: ro, checkOnly: true})
+	if err != nil {
+		f.Close()
+		return nil, err
+	}
+	return img.checkAndClose(opts.Repair)
+}
+
+func (img *Image) checkAndClose(mode RepairMode) (*CheckResult, error) {
+	res, err := img.check(mode)
+	if err != nil || !res.Clean() {
+		// Leave the dirty bit as found: the refcounts are still suspect.
+		img.mu.Lock()
+		img.mu.dirtySet = false
+		img.mu.Unlock()
+	}
+	if cerr := img.Close(); err == nil && cerr != nil {
+		err = cerr
+	}
+	return res, err
+}
+
+// check walks the image; the caller must be the only user of img.
+func (img *Image) check(mode RepairMode) (*CheckResult, error) {
+	m := &img.mu
+	m.Lock()
+	defer m.Unlock()
+	res := &CheckResult{TotalClusters: (img.size + img.cs - 1) >> img.cbits}
+	fe := img.fileEnd.Load()
+	n := (fe + img.cs - 1) >> img.cbits
+	if n > maxCheckClusters {
+		return nil, unsupported(-1, "file", "file of %d clusters is too large to check", n)
+	}
+	refs := make([]uint32, n)
+	report := func(corruption bool, format string, args ...any) {
+		if corruption {
+			res.Corruptions++
+		} else {
+			res.Leaks++
+		}
+		if len(res.Problems) < maxProblems {
+			p := "Leaked cluster "
+			if corruption {
+				p = "ERROR "
+			}
+			res.Problems = append(res.Problems, p+fmt.Sprintf(format, args...))
+		}
+	}
+	inc := func(off, ln int64, what string) bool {
+		if ln <= 0 {
+			return true
+		}
+		if off < 0 || off+ln > n<<img.cbits {
+			report(true, "%s at %#x+%d reaches past the end of the file (%d)", what, off, ln, fe)
+			return false
+		}
+		for c := off >> img.cbits; c <= (off+ln-1)>>img.cbits; c++ {
+			if refs[c] < ^uint32(0) {
+				refs[c]++
+			}
+		}
+		res.ImageEndOffset = max(res.ImageEndOffset, ((off+ln-1)>>img.cbits+1)<<img.cbits)
+		return true
+	}
+	type flagged struct {
+		at     int64 // file offset of the entry
+		entry  uint64
+		target int64 // cluster index the entry points to
+	}
+	var copied []flagged
+
+	walk := func(l1 []uint64, l1off int64, active bool) error {
+		raw := make([]byte, img.cs)
+		for i, e := range l1 {
+			off := int64(e & offsetMask)
+			if off == 0 {
+				continue
+			}
+			if e&l1Reserved != 0 || off&(img.cs-1) != 0 {
+				report(true, "L1 entry %d (%#x) at %#x: reserved bits set or L2 offset not cluster-aligned", i, e, l1off+int64(i)*8)
+				continue
+			}
+			if !inc(off, img.cs, "L2 table") {
+				continue
+			}
+			if active {
+				copied = append(copied, flagged{l1off + int64(i)*8, e, off >> img.cbits})
+			}
+			if err := readExact(img.f, raw, off); err != nil {
+				return fmt.Errorf("qcow2: check: read L2 table at %#x: %w", off, err)
+			}
+			for j := int64(0); j < img.cs/8; j++ {
+				le := binary.BigEndian.Uint64(raw[j*8:])
+				if le == 0 {
+					continue
+				}
+				vc := int64(i)<<img.l2bits + j
+				if le&entryCompressed != 0 {
+					co, cn := img.compressedSpan(le)
+					if co < img.cs {
+						report(true, "compressed cluster of guest cluster %d at %#x overlaps the header", vc, co)
+						continue
+					}
+					inc(co&^511, cn+co&511, "compressed cluster")
+					if active {
+						res.AllocatedClusters++
+						res.CompressedClusters++
+					}
+					continue
+				}
+				k, hoff, err := img.classify(le, vc)
+				if err != nil && hoff == 0 {
+					if e := le & offsetMask; e != 0 && le&0x3f000000000001fe == 0 && e&uint64(img.cs-1) == 0 {
+						// classify refused an overlap with metadata; the
+						// refcount comparison below reports it.
+						k, hoff, err = kNormal, int64(e), nil
+					}
+				}
+				if err != nil {
+					report(true, "L2 entry for guest cluster %d (%#x) at %#x: %v", vc, le, off+j*8, err)
+					continue
+				}
+				if hoff == 0 {
+					continue
+				}
+				if !inc(hoff, img.cs, "data cluster") {
+					continue
+				}
+				if active {
+					if k == kNormal {
+						res.AllocatedClusters++
+					}
+					copied = append(copied, flagged{off + j*8, le, hoff >> img.cbits})
+				}
+			}
+		}
+		return nil
+	}
+
+	inc(0, img.cs, "header")
+	inc(int64(img.hdr.l1Offset), int64(len(m.l1))*8, "L1 table")
+	if err := walk(m.l1, int64(img.hdr.l1Offset), true); err != nil {
+		return nil, err
+	}
+	if len(img.snaps) > 0 {
+		inc(int64(img.hdr.snapshotsOffset), img.snapLen, "snapshot table")
+		for _, s := range img.snaps {
+			if !inc(s.L1Offset, int64(s.L1Size)*8, "snapshot L1 table") {
+				continue
+			}
+			raw := make([]byte, int64(s.L1Size)*8) // capped by readSnapshots
+			if err := readExact(img.f, raw, s.L1Offset); err != nil {
+				return nil, fmt.Errorf("qcow2: check: read snapshot %q L1 table: %w", s.ID, err)
+			}
+			l1 := make([]uint64, s.L1Size)
+			for i := range l1 {
+				l1[i] = binary.BigEndian.Uint64(raw[i*8:])
+			}
+			if err := walk(l1, s.L1Offset, false); err != nil {
+				return nil, err
+			}
+		}
+	}
+	if img.hdr.hasBitmaps && img.hdr.autoclear&1 != 0 {
+		return nil, unsupported(-1, "bitmaps", "checking images with persistent dirty bitmaps is not supported")
+	}
+	inc(m.refOff, m.refClus*img.cs, "refcount table")
+	badRange := map[int64]bool{}
+	for r, e := range m.refTable {
+		off := int64(e & offsetMask)
+		if off == 0 {
+			continue
+		}
+		if _, _, err := img.refblockLocked(int64(r)); err != nil {
+			report(true, "refcount block %d: %v", r, err)
+			badRange[int64(r)] = true
+			continue
+		}
+		inc(off, img.cs, "refcount block")
+	}
+
+	if mode != RepairNone {
+		m.usedRefs = refs
+		defer func() { m.usedRefs = nil }()
+	}
+	// Past the end of the file only ranges with a block of their own can
+	// hold refcounts; a block shared by several table entries (already a
+	// corruption) is scanned once, so the work stays bounded by the file.
+	limit := max(n, int64(len(m.refTable))<<img.rbBits)
+	scanned := map[int64]bool{}
+	for c := int64(0); c < limit; c++ {
+		r := c >> img.rbBits
+		if badRange[r] {
+			c = (r+1)<<img.rbBits - 1
+			continue
+		}
+		if c >= n && c&(1<<img.rbBits-1) == 0 || c == n {
+			b, off, _ := img.refblockLocked(r)
+			if b == nil || scanned[off] {
+				c = (r+1)<<img.rbBits - 1
+				continue
+			}
+			scanned[off] = true
+		}
+		stored, err := img.refcountLocked(c)
+		if err != nil {
+			return nil, err
+		}
+		var want uint64
+		if c < n {
+			want = uint64(refs[c])
+		}
+		if stored == want {
+			continue
+		}
+		if stored > want {
+			report(false, "%d refcount=%d reference=%d", c, stored, want)
+			if mode != RepairNone {
+				if err := img.setRefcountLocked(c, want); err != nil {
+					return nil, err
+				}
+				res.LeaksFixed++
+			}
+			continue
+		}
+		report(true, "cluster %d refcount=%d reference=%d", c, stored, want)
+		if mode == RepairAll {
+			if err := img.setRefcountLocked(c, want); err != nil {
+				return nil, err
+			}
+			res.CorruptionsFixed++
+		}
+	}
+
+	for _, fl := range copied {
+		if fl.target >= n {
+			continue
+		}
+		has := fl.entry&entryCopied != 0
+		should := refs[fl.target] == 1
+		if has == should {
+			continue
+		}
+		report(true, "OFLAG_COPIED: entry %#x at %#x, refcount of cluster %d is %d", fl.entry, fl.at, fl.target, refs[fl.target])
+		if mode == RepairAll && !img.ro {
+			e := fl.entry ^ entryCopied
+			var b [8]byte
+			binary.BigEndian.PutUint64(b[:], e)
+			if err := img.writeMeta(b[:], fl.at); err != nil {
+				return nil, err
+			}
+			img.fixCachedEntryLocked(fl.at, e)
+			res.CorruptionsFixed++
+		}
+	}
+	if !img.ro {
+		if err := img.writeRefblocksLocked(); err != nil {
+			return nil, err
+		}
+		if err := img.f.Sync(); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+// fixCachedEntryLocked mirrors an on-disk table entry fix in memory.
+func (img *Image) fixCachedEntryLocked(at int64, e uint64) {
+	m := &img.mu
+	l1 := int64(img.hdr.l1Offset)
+	if at >= l1 && at < l1+int64(len(m.l1))*8 {
+		m.l1[(at-l1)/8] = e
+		return
+	}
+	if t, ok := m.l2[at&^(img.cs-1)]; ok {
+		t.e[(at&(img.cs-1))/8] = e
+	}
+}

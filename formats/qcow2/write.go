@@ -1,0 +1,829 @@
+package qcow2
+
+import (
+	"encoding/binary"
+	"fmt"
+	"sync"
+
+	"github.com/blktap-go/blktap/formats/image"
+)
+
+// ---- refcounts -------------------------------------------------------------
+
+// rcGet reads refcount i of a block holding 2^order-bit entries. Entries
+// narrower than a byte fill each byte from its least significant bit.
+func rcGet(b []byte, i int64, order uint32) uint64 {
+	switch order {
+	case 0, 1, 2:
+		bits := int64(1) << order
+		per := 8 / bits
+		return uint64(b[i/per]>>((i%per)*bits)) & (1<<bits - 1)
+	case 3:
+		return uint64(b[i])
+	case 4:
+		return uint64(binary.BigEndian.Uint16(b[i*2:]))
+	case 5:
+		return uint64(binary.BigEndian.Uint32(b[i*4:]))
+	default:
+		return binary.BigEndian.Uint64(b[i*8:])
+	}
+}
+
+func rcSet(b []byte, i int64, order uint32, v uint64) {
+	switch order {
+	case 0, 1, 2:
+		bits := int64(1) << order
+		per := 8 / bits
+		sh := (i % per) * bits
+		mask := byte(1<<bits-1) << sh
+		b[i/per] = b[i/per]&^mask | byte(v<<sh)&mask
+	case 3:
+		b[i] = byte(v)
+	case 4:
+		binary.BigEndian.PutUint16(b[i*2:], uint16(v))
+	case 5:
+		binary.BigEndian.PutUint32(b[i*4:], uint32(v))
+	default:
+		binary.BigEndian.PutUint64(b[i*8:], v)
+	}
+}
+
+func (img *Image) maxRefcount() uint64 {
+	if img.hdr.refcountOrder == 6 {
+		return ^uint64(0)
+	}
+	return 1<<(1<<img.hdr.refcountOrder) - 1
+}
+
+// refblockLocked returns refcount block r, or nil if it has none.
+func (img *Image) refblockLocked(r int64) ([]byte, int64, error) {
+	m := &img.mu
+	if r >= int64(len(m.refTable)) {
+		return nil, 0, nil
+	}
+	e := m.refTable[r]
+	if e == 0 {
+		return nil, 0, nil
+	}
+	off := int64(e & offsetMask)
+	if b, ok := m.blocks[off]; ok {
+		return b, off, nil
+	}
+	if e&^offsetMask != 0 || off == 0 || off&(img.cs-1) != 0 {
+		return nil, 0, corrupt(m.refOff+r*8, "refcount_table", "entry %d (%#x) is not a cluster-aligned offset", r, e)
+	}
+	if fe := img.fileEnd.Load(); off+img.cs > fe {
+		return nil, 0, corrupt(m.refOff+r*8, "refcount_table", "refcount block %d at %#x ends past the end of the file (%d)", r, off, fe)
+	}
+	b := make([]byte, img.cs)
+	if err := readExact(img.f, b, off); err != nil {
+		return nil, 0, fmt.Errorf("qcow2: read refcount block at %#x: %w", off, err)
+	}
+	m.blocks[off] = b
+	return b, off, nil
+}
+
+// refcountLocked is the stored refcount of host cluster c.
+func (img *Image) refcountLocked(c int64) (uint64, error) {
+	b, _, err := img.refblockLocked(c >> img.rbBits)
+	if err != nil || b == nil {
+		return 0, err
+	}
+	return rcGet(b, c&(1<<img.rbBits-1), img.hdr.refcountOrder), nil
+}
+
+// setRefcountLocked sets the refcount of host cluster c in memory, creating
+// its refcount block (and growing the table) as needed. The block is
+// written by writeRefblocksLocked.
+func (img *Image) setRefcountLocked(c int64, v uint64) error {
+	if v > img.maxRefcount() {
+		return corrupt(-1, "refcount", "refcount of cluster %d would overflow %d bits", c, 1<<img.hdr.refcountOrder)
+	}
+	r := c >> img.rbBits
+	if err := img.ensureRefblockLocked(r); err != nil {
+		return err
+	}
+	b, off, err := img.refblockLocked(r)
+	if err != nil {
+		return err
+	}
+	if b == nil {
+		return corrupt(img.mu.refOff+r*8, "refcount_table", "entry %d names no refcount block", r)
+	}
+	rcSet(b, c&(1<<img.rbBits-1), img.hdr.refcountOrder, v)
+	img.mu.dirtyRB[off] = struct{}{}
+	delete(img.mu.taken, c)
+	if v == 0 && c < img.mu.freeHint {
+		img.mu.freeHint = c
+	}
+	return nil
+}
+
+func (img *Image) decrefLocked(c int64) error {
+	rc, err := img.refcountLocked(c)
+	if err != nil {
+		return err
+	}
+	if rc == 0 {
+		return corrupt(c*img.cs, "refcount", "cluster %d is freed but its refcount is already 0", c)
+	}
+	return img.setRefcountLocked(c, rc-1)
+}
+
+// ensureRefblockLocked gives range r a refcount block. The block goes in
+// the first free cluster; when that cluster lies in range r the block
+// counts itself. Its content is durable before the table points to it.
+func (img *Image) ensureRefblockLocked(r int64) error {
+	m := &img.mu
+	if r >= int64(len(m.refTable)) {
+		if err := img.growRefTableLocked(r + 1); err != nil {
+			return err
+		}
+	}
+	if m.refTable[r] != 0 {
+		return nil
+	}
+	x, _, err := img.takeFreeLocked()
+	if err != nil {
+		return err
+	}
+	blk := make([]byte, img.cs)
+	self := x>>img.rbBits == r
+	if self {
+		rcSet(blk, x&(1<<img.rbBits-1), img.hdr.refcountOrder, 1)
+	} else {
+		if err := img.setRefcountLocked(x, 1); err != nil {
+			return err
+		}
+		if err := img.writeRefblocksLocked(); err != nil {
+			return err
+		}
+	}
+	off := x << img.cbits
+	if err := img.writeMeta(blk, off); err != nil {
+		return err
+	}
+	if err := img.f.Sync(); err != nil {
+		return err
+	}
+	var e [8]byte
+	binary.BigEndian.PutUint64(e[:], uint64(off))
+	if err := img.writeMeta(e[:], m.refOff+r*8); err != nil {
+		return err
+	}
+	m.refTable[r] = uint64(off)
+	m.blocks[off] = blk
+	m.rbset[x] = struct{}{}
+	delete(m.taken, x)
+	return nil
+}
+
+// growRefTableLocked moves the refcount table to the end of the file with
+// room for at least minEntries blocks. The new table and the blocks that
+// count it are written and synced, then the header is switched (one
+// 12-byte write inside the first sector) and synced, then the old table
+// is freed.
+func (img *Image) growRefTableLocked(minEntries int64) error {
+	m := &img.mu
+	start := m.end
+	entries := max(minEntries, 2*int64(len(m.refTable)))
+	var tc, k, first, last int64
+	for {
+		tc = (entries*8 + img.cs - 1) / img.cs
+		k = 0
+		for {
+			first, last = start>>img.rbBits, (start+tc+k-1)>>img.rbBits
+			need := int64(0)
+			for r := first; r <= last; r++ {
+				if r >= int64(len(m.refTable)) || m.refTable[r] == 0 {
+					need++
+				}
+			}
+			if need == k {
+				break
+			}
+			k = need
+		}
+		if last < entries {
+			break
+		}
+		entries = last + 1
+	}
+	if tc*img.cs > maxRefTable {
+		return unsupported(-1, "refcount_table", "image would need a refcount table over %d bytes", maxRefTable)
+	}
+	nt := make([]uint64, tc*img.cs/8)
+	copy(nt, m.refTable)
+	next := start + tc
+	for r := first; r <= last; r++ {
+		if nt[r] == 0 {
+			off := next << img.cbits
+			nt[r] = uint64(off)
+			m.blocks[off] = make([]byte, img.cs)
+			m.rbset[next] = struct{}{}
+			next++
+		}
+	}
+	oldOff, oldClus := m.refOff, m.refClus
+	m.refTable = nt
+	m.end = next
+	for c := start; c < next; c++ {
+		if err := img.setRefcountLocked(c, 1); err != nil {
+			return err
+		}
+	}
+	if err := img.writeRefblocksLocked(); err != nil {
+		return err
+	}
+	raw := make([]byte, tc*img.cs)
+	for i, e := range nt {
+		binary.BigEndian.PutUint64(raw[i*8:], e)
+	}
+	if err := img.writeMeta(raw, start<<img.cbits); err != nil {
+		return err
+	}
+	if err := img.f.Sync(); err != nil {
+		return err
+	}
+	var hb [12]byte
+	binary.BigEndian.PutUint64(hb[:], uint64(start<<img.cbits))
+	binary.BigEndian.PutUint32(hb[8:], uint32(tc))
+	if err := img.writeMeta(hb[:], 48); err != nil {
+		return err
+	}
+	if err := img.f.Sync(); err != nil {
+		return err
+	}
+	m.refOff, m.refClus = start<<img.cbits, tc
+	img.hdr.refTableOffset, img.hdr.refTableClusters = uint64(m.refOff), uint32(tc)
+	for c := oldOff >> img.cbits; c < (oldOff>>img.cbits)+oldClus; c++ {
+		if err := img.setRefcountLocked(c, 0); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// takeFreeLocked finds the lowest free host cluster (refcount 0) and
+// marks it taken in the allocator (the caller sets its refcount).
+func (img *Image) takeFreeLocked() (int64, bool, error) {
+	m := &img.mu
+	for {
+		var c int64
+		if m.freeHint < m.end {
+			c = m.freeHint
+			m.freeHint++
+		} else {
+			c = m.end
+			m.end++
+			m.freeHint = m.end
+		}
+		if m.usedRefs != nil && c < int64(len(m.usedRefs)) && m.usedRefs[c] > 0 {
+			continue
+		}
+		if c == 0 || m.taken[c] {
+			continue
+		}
+		rc, err := img.refcountLocked(c)
+		if err != nil {
+			return 0, false, err
+		}
+		if rc != 0 {
+			continue
+		}
+		if m.usedRefs != nil && c < int64(len(m.usedRefs)) {
+			m.usedRefs[c] = 1 // the caller gives it refcount 1
+		}
+		// Until the caller sets its refcount, nothing may take c again,
+		// even if a free (the old refcount table after growth) moves
+		// freeHint back below it.
+		m.taken[c] = true
+		return c, c<<img.cbits >= img.fileEnd.Load(), nil
+	}
+}
+
+// writeRefblocksLocked writes every refcount block changed in memory.
+func (img *Image) writeRefblocksLocked() error {
+	for off := range img.mu.dirtyRB {
+		if err := img.writeMeta(img.mu.blocks[off], off); err != nil {
+			return err
+		}
+		delete(img.mu.dirtyRB, off)
+	}
+	return nil
+}
+
+// writeMeta writes metadata and tracks the file's end.
+func (img *Image) writeMeta(p []byte, off int64) error {
+	if _, err := img.f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("qcow2: write metadata at %#x: %w", off, err)
+	}
+	img.grew(off + int64(len(p)))
+	return nil
+}
+
+func (img *Image) grew(end int64) {
+	for {
+		cur := img.fileEnd.Load()
+		if end <= cur || img.fileEnd.CompareAndSwap(cur, end) {
+			return
+		}
+	}
+}
+
+// ---- the cluster pool ------------------------------------------------------
+
+// takePoolLocked hands out a cluster whose refcount is already 1 and
+// durable, so L2 or L1 entries may point at it without a sync of their own.
+func (img *Image) takePoolLocked() (poolCluster, error) {
+	m := &img.mu
+	if len(m.pool) == 0 {
+		if err := img.ensureDirtyLocked(); err != nil {
+			return poolCluster{}, err
+		}
+		for len(m.pool) < img.poolSize {
+			c, fresh, err := img.takeFreeLocked()
+			if err != nil {
+				return poolCluster{}, err
+			}
+			if err := img.setRefcountLocked(c, 1); err != nil {
+				return poolCluster{}, err
+			}
+			m.pool = append(m.pool, poolCluster{idx: c, fresh: fresh})
+		}
+		if err := img.writeRefblocksLocked(); err != nil {
+			return poolCluster{}, err
+		}
+		// The file must cover every cluster an entry may name, or a crash
+		// could leave an entry pointing past its end (a corruption to
+		// qemu-img check). The extension reads as zeros and is made
+		// durable by the sync below.
+		last := (m.pool[len(m.pool)-1].idx + 1) << img.cbits
+		if last > img.fileEnd.Load() {
+			if err := img.f.Truncate(last); err != nil {
+				return poolCluster{}, err
+			}
+			img.grew(last)
+		}
+		// With lazy refcounts the dirty bit stands in for this ordering.
+		if !img.lazy() && !img.scratch {
+			if err := img.f.Sync(); err != nil {
+				return poolCluster{}, err
+			}
+		}
+	}
+	pc := m.pool[0]
+	m.pool = m.pool[1:]
+	return pc, nil
+}
+
+// releasePoolLocked returns reserved clusters nobody used.
+func (img *Image) releasePoolLocked() error {
+	for _, pc := range img.mu.pool {
+		if err := img.setRefcountLocked(pc.idx, 0); err != nil {
+			return err
+		}
+	}
+	img.mu.pool = nil
+	return nil
+}
+
+// trimLocked cuts free clusters off the end of the file (the unused part
+// of the last reservation).
+func (img *Image) trimLocked() error {
+	fe := img.fileEnd.Load()
+	c := (fe+img.cs-1)>>img.cbits - 1
+	for ; c > 0; c-- {
+		rc, err := img.refcountLocked(c)
+		if err != nil {
+			return err
+		}
+		if rc != 0 {
+			break
+		}
+	}
+	// Never below the length at open: trailing space someone else left
+	// is not ours to cut.
+	if n := max((c+1)<<img.cbits, img.openSize); n < fe {
+		if err := img.f.Truncate(n); err != nil {
+			return err
+		}
+		img.fileEnd.Store(n)
+		img.mu.end = min(img.mu.end, (n+img.cs-1)>>img.cbits)
+		img.mu.freeHint = min(img.mu.freeHint, img.mu.end)
+	}
+	return nil
+}
+
+func (img *Image) lazy() bool { return img.hdr.compatible&compatLazyRefcounts != 0 }
+
+// ensureDirtyLocked sets the dirty bit (durably) before the first
+// allocation of an image with lazy refcounts.
+func (img *Image) ensureDirtyLocked() error {
+	if img.lazy() && !img.mu.dirtySet && img.hdr.version == 3 {
+		return img.setDirtyLocked(true)
+	}
+	return nil
+}
+
+func (img *Image) setDirtyLocked(on bool) error {
+	if on {
+		img.hdr.incompatible |= incDirty
+	} else {
+		img.hdr.incompatible &^= incDirty
+	}
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], img.hdr.incompatible)
+	if err := img.writeMeta(b[:], 72); err != nil {
+		return err
+	}
+	if err := img.f.Sync(); err != nil {
+		return err
+	}
+	img.mu.dirtySet = on
+	return nil
+}
+
+// ---- writes ----------------------------------------------------------------
+
+// WriteAt writes len(p) bytes at guest offset off.
+func (img *Image) WriteAt(p []byte, off int64) (int, error) {
+	if img.ro {
+		return 0, image.ErrReadOnly
+	}
+	if err := image.CheckRange(off, len(p), img.size); err != nil {
+		return 0, err
+	}
+	img.io.RLock()
+	defer img.io.RUnlock()
+	done := 0
+	for done < len(p) {
+		v := off + int64(done)
+		in := v & (img.cs - 1)
+		n := int(min(int64(len(p)-done), img.cs-in))
+		if err := img.writeCluster(v>>img.cbits, in, p[done:done+n]); err != nil {
+			return done, err
+		}
+		done += n
+	}
+	return done, nil
+}
+
+// writeCluster writes p at byte in of guest cluster vc. The caller holds
+// img.io (shared or exclusive).
+func (img *Image) writeCluster(vc, in int64, p []byte) error {
+	return img.writeClusterZ(vc, in, p, nil)
+}
+
+// writeClusterZ is writeCluster; z, when not nil, is p (a whole cluster)
+// deflated, stored compressed if the cluster needs a new host cluster.
+func (img *Image) writeClusterZ(vc, in int64, p, z []byte) error {
+	m := &img.mu
+	for {
+		m.Lock()
+		if m.closed {
+			m.Unlock()
+			return image.ErrClosed
+		}
+		e, err := img.entryLocked(vc)
+		var k kind
+		var host int64
+		if err == nil {
+			k, host, err = img.classify(e, vc)
+		}
+		if err != nil {
+			m.Unlock()
+			return err
+		}
+		if k == kNormal && e&entryCopied != 0 {
+			m.Unlock()
+			return img.writeData(p, host+in)
+		}
+		if ch := m.inflight[vc]; ch != nil {
+			// Another writer is allocating this cluster: wait, then write
+			// into what it allocated.
+			m.Unlock()
+			<-ch
+			continue
+		}
+		ch := make(chan struct{})
+		m.inflight[vc] = ch
+		pc, err := img.takePoolLocked()
+		m.Unlock()
+		if err == nil {
+			if z != nil {
+				err = img.allocWriteCompressed(vc, z, e, pc)
+			} else {
+				err = img.allocWrite(vc, in, p, e, k, host, pc)
+			}
+		}
+		m.Lock()
+		delete(m.inflight, vc)
+		close(ch)
+		if werr := img.writeRefblocksLocked(); err == nil {
+			err = werr
+		}
+		m.Unlock()
+		return err
+	}
+}
+
+func (img *Image) writeData(p []byte, off int64) error {
+	if _, err := img.f.WriteAt(p, off); err != nil {
+		return fmt.Errorf("qcow2: write data at %#x: %w", off, err)
+	}
+	img.grew(off + int64(len(p)))
+	return nil
+}
+
+// allocWrite fills the new cluster pc with the old content of guest
+// cluster vc merged with p, then links it. When the old content is not
+// zeros (backing file, shared or compressed cluster) or pc may hold stale
+// bytes, the data is synced before the L2 entry names it, so a crash never
+// leaves an entry pointing at a cluster whose content was not written.
+func (img *Image) allocWrite(vc, in int64, p []byte, e uint64, k kind, host int64, pc poolCluster) error {
+	newOff := pc.idx << img.cbits
+	oldZero := k == kZero || (k == kUnalloc && (img.backing == nil || vc<<img.cbits >= img.bsize))
+	full := in == 0 && int64(len(p)) == img.cs
+	var err error
+	switch {
+	case full:
+		err = img.writeData(p, newOff)
+	case oldZero && pc.fresh:
+		err = img.writeData(p, newOff+in)
+	default:
+		buf := make([]byte, img.cs)
+		switch k {
+		case kNormal:
+			err = readFull(img.f, buf, host)
+		case kCompressed:
+			err = img.readCompressed(e, buf)
+		case kUnalloc:
+			err = img.readBacking(buf, vc<<img.cbits)
+		}
+		if err == nil {
+			copy(buf[in:], p)
+			err = img.writeData(buf, newOff)
+		}
+	}
+	if err == nil && !(oldZero && pc.fresh) && !img.scratch {
+		err = img.gsync.sync(img.f)
+	}
+	m := &img.mu
+	m.Lock()
+	defer m.Unlock()
+	if err != nil {
+		pc.fresh = false
+		m.pool = append(m.pool, pc)
+		return err
+	}
+	return img.linkLocked(vc, uint64(newOff)|entryCopied, e)
+}
+
+// linkLocked stores entry ne for guest cluster vc (whose entry was old)
+// and queues the drop of the references old held: it happens at the next
+// Flush, Discard or Close (applyFreesLocked).
+func (img *Image) linkLocked(vc int64, ne, old uint64) error {
+	t, err := img.writableL2Locked(vc)
+	if err != nil {
+		return err
+	}
+	i := vc & (1<<img.l2bits - 1)
+	if t.e[i] != old {
+		return corrupt(t.off+i*8, "l2_entry", "guest cluster %d changed under an allocation", vc)
+	}
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], ne)
+	if err := img.writeMeta(b[:], t.off+i*8); err != nil {
+		return err
+	}
+	t.e[i] = ne
+	img.dropLocked(old)
+	return nil
+}
+
+// dropLocked queues the release of the host clusters an old entry
+// referenced; applyFreesLocked performs it.
+func (img *Image) dropLocked(e uint64) {
+	if e&entryCompressed != 0 {
+		off, n := img.compressedSpan(e)
+		for c := off >> img.cbits; c <= (off+n-1)>>img.cbits; c++ {
+			img.mu.pendingFree = append(img.mu.pendingFree, c)
+		}
+	} else if off := int64(e & offsetMask); off != 0 {
+		img.mu.pendingFree = append(img.mu.pendingFree, off>>img.cbits)
+	}
+}
+
+// applyFreesLocked performs the queued refcount drops. The caller holds
+// img.io exclusively, so no request in flight still addresses a freed
+// cluster. The entries that stopped naming the clusters are synced first:
+// a lowered refcount must never be durable while a durable entry still
+// counts on it. Clusters whose count reaches zero are punched out.
+func (img *Image) applyFreesLocked() error {
+	m := &img.mu
+	if len(m.pendingFree) > 0 {
+		if !img.scratch && !(img.lazy() && m.dirtySet) {
+			if err := img.f.Sync(); err != nil {
+				return err
+			}
+		}
+		for _, c := range m.pendingFree {
+			if err := img.decrefLocked(c); err != nil {
+				return err
+			}
+			if rc, _ := img.refcountLocked(c); rc == 0 {
+				img.f.Punch(c<<img.cbits, img.cs)
+			}
+		}
+		m.pendingFree = nil
+	}
+	return img.writeRefblocksLocked()
+}
+
+// writableL2Locked returns the L2 table of guest cluster vc, allocating
+// it, or copying it when it is shared with a snapshot (L1 entry without
+// the copied flag). The new table is written (and synced when it holds
+// entries or may be stale on disk) before the L1 entry points to it.
+func (img *Image) writableL2Locked(vc int64) (*l2Table, error) {
+	m := &img.mu
+	l1i := vc >> img.l2bits
+	l1e := m.l1[l1i]
+	old := int64(l1e & offsetMask)
+	if old != 0 && l1e&entryCopied != 0 {
+		return img.l2Locked(old)
+	}
+	pc, err := img.takePoolLocked()
+	if err != nil {
+		return nil, err
+	}
+	t := &l2Table{off: pc.idx << img.cbits, e: make([]uint64, img.cs/8)}
+	if old != 0 {
+		ot, err := img.l2Locked(old)
+		if err != nil {
+			m.pool = append(m.pool, pc)
+			return nil, err
+		}
+		copy(t.e, ot.e)
+	}
+	raw := make([]byte, img.cs)
+	for i, e := range t.e {
+		binary.BigEndian.PutUint64(raw[i*8:], e)
+	}
+	if err := img.writeMeta(raw, t.off); err != nil {
+		return nil, err
+	}
+	if (old != 0 || !pc.fresh) && !img.scratch {
+		if err := img.f.Sync(); err != nil {
+			return nil, err
+		}
+	}
+	ne := uint64(t.off) | entryCopied
+	var b [8]byte
+	binary.BigEndian.PutUint64(b[:], ne)
+	if err := img.writeMeta(b[:], int64(img.hdr.l1Offset)+l1i*8); err != nil {
+		return nil, err
+	}
+	m.l1[l1i] = ne
+	m.l2set[pc.idx] = struct{}{}
+	img.cacheL2Locked(t)
+	if old != 0 {
+		if ot, ok := m.l2[old]; ok {
+			m.lru.Remove(ot.elem)
+			delete(m.l2, old)
+		}
+		delete(m.l2set, old>>img.cbits)
+		// The snapshot keeps the old table: queue the drop of our
+		// reference until the new L1 entry is durable.
+		m.pendingFree = append(m.pendingFree, old>>img.cbits)
+	}
+	return t, nil
+}
+
+// ---- discard ---------------------------------------------------------------
+
+// Discard deallocates [off, off+length): whole clusters lose their host
+// cluster and become unallocated, or zero clusters where a backing file
+// would otherwise show through (version 2 has no zero clusters: there
+// they are zero-filled instead). Partial clusters at the edges are
+// zero-filled. Freed clusters are punched out of the file.
+func (img *Image) Discard(off, length int64) error {
+	if img.ro {
+		return image.ErrReadOnly
+	}
+	if length < 0 || off < 0 || off > img.size || length > img.size-off {
+		return fmt.Errorf("%w: discard offset %d length %d size %d", image.ErrOutOfRange, off, length, img.size)
+	}
+	img.io.Lock()
+	defer img.io.Unlock()
+	img.mu.Lock()
+	closed := img.mu.closed
+	img.mu.Unlock()
+	if closed {
+		return image.ErrClosed
+	}
+	end := off + length
+	for off < end {
+		vc := off >> img.cbits
+		in := off & (img.cs - 1)
+		n := min(end-off, img.cs-in)
+		if whole := in == 0 && (n == img.cs || off+n == img.size); !whole {
+			if err := img.zeroPart(vc, in, n); err != nil {
+				return err
+			}
+		} else if err := img.discardCluster(vc); err != nil {
+			return err
+		}
+		off += n
+	}
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return img.applyFreesLocked()
+}
+
+// zeroPart zero-fills part of a cluster if it may read as non-zero.
+func (img *Image) zeroPart(vc, in, n int64) error {
+	img.mu.Lock()
+	e, err := img.entryLocked(vc)
+	var k kind
+	if err == nil {
+		k, _, err = img.classify(e, vc)
+	}
+	img.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if k == kZero || (k == kUnalloc && (img.backing == nil || vc<<img.cbits >= img.bsize)) {
+		return nil
+	}
+	return img.writeCluster(vc, in, make([]byte, n))
+}
+
+func (img *Image) discardCluster(vc int64) error {
+	m := &img.mu
+	m.Lock()
+	defer m.Unlock()
+	if m.closed {
+		return image.ErrClosed
+	}
+	e, err := img.entryLocked(vc)
+	if err != nil {
+		return err
+	}
+	k, _, err := img.classify(e, vc)
+	if err != nil {
+		return err
+	}
+	backed := img.backing != nil && vc<<img.cbits < img.bsize
+	switch {
+	case k == kZero && e&offsetMask == 0:
+		return nil
+	case k == kUnalloc && !backed:
+		return nil
+	case !backed:
+		return img.linkLocked(vc, 0, e)
+	case img.hdr.version >= 3:
+		return img.linkLocked(vc, entryZero, e)
+	}
+	// Version 2 over a backing file: zeros must be written.
+	m.Unlock()
+	err = img.writeCluster(vc, 0, make([]byte, img.cs))
+	m.Lock()
+	return err
+}
+
+// groupSync lets concurrent writers share fdatasyncs: a caller needs one
+// sync that started after its own write completed, and every caller
+// waiting at that moment is served by the same one.
+type groupSync struct {
+	mu      sync.Mutex
+	cond    *sync.Cond
+	started uint64 // syncs begun
+	done    uint64 // syncs finished
+	running bool
+	err     error // result of the last finished sync
+}
+
+func (g *groupSync) sync(f storage) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.cond == nil {
+		g.cond = sync.NewCond(&g.mu)
+	}
+	target := g.started + 1
+	for g.done < target {
+		if g.running {
+			g.cond.Wait()
+			continue
+		}
+		g.running = true
+		g.started++
+		n := g.started
+		g.mu.Unlock()
+		err := f.Sync()
+		g.mu.Lock()
+		g.running, g.done, g.err = false, n, err
+		g.cond.Broadcast()
+	}
+	return g.err
+}
