@@ -23,7 +23,7 @@ import (
 )
 
 // buildBinary builds cmd/blktap once per test binary run.
-func buildBinary(t *testing.T) string {
+func buildBinary(t testing.TB) string {
 	t.Helper()
 	dir := t.TempDir()
 	bin := filepath.Join(dir, "blktap")
@@ -35,7 +35,7 @@ func buildBinary(t *testing.T) string {
 }
 
 type daemon struct {
-	t        *testing.T
+	t        testing.TB
 	bin      string
 	stateDir string
 	cmd      *exec.Cmd
@@ -48,7 +48,7 @@ type lockedBuffer struct {
 	bytes.Buffer
 }
 
-func startDaemon(t *testing.T, bin, config string) *daemon {
+func startDaemon(t testing.TB, bin, config string) *daemon {
 	t.Helper()
 	state, err := os.MkdirTemp("", "bt-state-") // short: unix socket paths are limited to 108 bytes
 	if err != nil {
@@ -107,7 +107,12 @@ type lsRow struct {
 // waitConnected polls `blktap ls --json` until every named disk is connected.
 func (d *daemon) waitConnected(names ...string) map[string]lsRow {
 	d.t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
+	return d.waitConnectedWithin(60*time.Second, names...)
+}
+
+func (d *daemon) waitConnectedWithin(limit time.Duration, names ...string) map[string]lsRow {
+	d.t.Helper()
+	deadline := time.Now().Add(limit)
 	var last string
 	for time.Now().Before(deadline) {
 		select {
