@@ -47,6 +47,9 @@ type Options struct {
 	XenstorePath string // a xenstored socket; "" finds a real one or embeds one
 	Exe          string // the binary that runs workers (`Exe __worker`)
 	ServeVBD     bool   // also serve backend/vbd (where no kernel blkback is)
+	// ImageDirs are where images (and their backing files) may live,
+	// besides the state directory and the YAML images' directories.
+	ImageDirs    []string
 	Logger       *slog.Logger
 	WorkerStderr io.Writer // where workers log; default os.Stderr
 }

@@ -644,8 +644,13 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	if format, err = formats.Normalize(format); err != nil {
 		return terminal(err)
 	}
-	if formats.IsFile(format) && !filepath.IsAbs(path) {
-		return terminal(fmt.Errorf("image path %q is not absolute", path))
+	if formats.IsFile(format) {
+		if !filepath.IsAbs(path) {
+			return terminal(fmt.Errorf("image path %q is not absolute", path))
+		}
+		if err := d.checkImageDir(path); err != nil {
+			return terminal(err)
+		}
 	}
 	readOnly := false
 	switch s.Mode {

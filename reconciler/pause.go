@@ -72,6 +72,11 @@ func (d *Daemon) resumeDevice(ctx context.Context, k Key, format, path string) e
 		if format, err = formats.Normalize(format); err != nil {
 			return err
 		}
+		if formats.IsFile(format) {
+			if err := d.checkImageDir(path); err != nil {
+				return err
+			}
+		}
 		req.Format, req.Path = format, path
 		req.AllowDirs, err = d.allowDirs(ctx, k, path)
 		if err != nil {
@@ -103,6 +108,9 @@ func (d *Daemon) snapshotDevice(ctx context.Context, k Key, format, overlay stri
 	}
 	if !filepath.IsAbs(overlay) {
 		return fmt.Errorf("snapshot file %q is not absolute", overlay)
+	}
+	if err := d.checkImageDir(overlay); err != nil {
+		return err
 	}
 	params, err := d.xs.Read(ctx, k.BackendPath(0)+"/params")
 	if err != nil {
@@ -157,10 +165,11 @@ func (d *Daemon) snapshotDevice(ctx context.Context, k Key, format, overlay stri
 	return nil
 }
 
-// allowDirs is where a device's backing chain may live: the image's own
-// directory, the directories recorded for it, and extra.
+// allowDirs is where a device's backing chain may live: the allowed image
+// directories, the directories recorded for the device (a snapshot's
+// base), and extra.
 func (d *Daemon) allowDirs(ctx context.Context, k Key, image string, extra ...string) ([]string, error) {
-	dirs := []string{filepath.Dir(image)}
+	dirs := d.imageDirs()
 	rec, err := d.xs.Read(ctx, k.BackendPath(0)+"/"+keyBackingDirs)
 	if err != nil && !errors.Is(err, xenstore.ErrNotFound) {
 		return nil, err
@@ -171,6 +180,50 @@ func (d *Daemon) allowDirs(ctx context.Context, k Key, image string, extra ...st
 		}
 	}
 	return append(dirs, extra...), nil
+}
+
+// imageDirs are the directories images may come from (DESIGN.md trust
+// rules): the state directory, every --image-dir, and the directories of
+// the images the YAML declares.
+func (d *Daemon) imageDirs() []string {
+	dirs := append([]string{d.opts.StateDir}, d.opts.ImageDirs...)
+	d.mu.Lock()
+	for _, disk := range d.desired {
+		if formats.IsFile(disk.Format) {
+			dirs = append(dirs, filepath.Dir(disk.Image))
+		}
+	}
+	d.mu.Unlock()
+	return dirs
+}
+
+// ErrImageDir reports an image outside the allowed image directories.
+var ErrImageDir = errors.New("image outside the allowed image directories")
+
+// checkImageDir refuses an image file outside imageDirs, symlinks
+// resolved, so a toolstack (or a guest with write access to the wrong
+// key) cannot make the daemon serve /etc/shadow.
+func (d *Daemon) checkImageDir(path string) error {
+	real, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		if !errors.Is(err, os.ErrNotExist) {
+			return err
+		}
+		real = filepath.Clean(path) // created later (a snapshot overlay)
+		if dir, derr := filepath.EvalSymlinks(filepath.Dir(real)); derr == nil {
+			real = filepath.Join(dir, filepath.Base(real))
+		}
+	}
+	for _, dir := range d.imageDirs() {
+		if rd, err := filepath.EvalSymlinks(dir); err == nil {
+			dir = rd
+		}
+		dir = filepath.Clean(dir)
+		if real == dir || strings.HasPrefix(real, dir+string(filepath.Separator)) || dir == "/" {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: %s (allowed: %s; add --image-dir to blktap run)", ErrImageDir, path, strings.Join(d.imageDirs(), ", "))
 }
 
 // setParams records the device's image in xenstore (and a directory its

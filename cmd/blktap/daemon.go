@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 
 	"github.com/blktap-go/blktap/config"
@@ -38,6 +39,8 @@ func cmdRun(args []string) error {
 	serveVBD := fs.Bool("serve-vbd", false, "also serve backend/vbd (only where no kernel blkback is)")
 	dryRun := fs.Bool("dry-run", false, "check the YAML file and print the disks it declares, then exit")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
+	var imageDirs stringList
+	fs.Var(&imageDirs, "image-dir", "a directory images and backing files may come from (repeatable; the state dir and the YAML images' directories always may)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -73,6 +76,7 @@ func cmdRun(args []string) error {
 		ConfigPath:   *cfg,
 		XenstorePath: *xs,
 		ServeVBD:     *serveVBD,
+		ImageDirs:    imageDirs.abs(),
 		Logger:       newLogger(),
 	})
 }
@@ -99,4 +103,20 @@ func cmdXenstored(args []string) error {
 		return exitCode(code)
 	}
 	return nil
+}
+
+// stringList is a repeatable string flag.
+type stringList []string
+
+func (l *stringList) String() string     { return strings.Join(*l, ",") }
+func (l *stringList) Set(v string) error { *l = append(*l, v); return nil }
+
+func (l stringList) abs() []string {
+	var out []string
+	for _, p := range l {
+		if a, err := filepath.Abs(p); err == nil {
+			out = append(out, a)
+		}
+	}
+	return out
 }

@@ -380,3 +380,19 @@ func TestEndToEndKernelNBDDevice(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Trust: an image outside the allowed image directories is refused, even
+// when a toolstack names it (DESIGN.md: a tenant's image naming
+// /etc/shadow must never be served).
+func TestEndToEndImageDirs(t *testing.T) {
+	bin := buildBinary(t)
+	d := startDaemon(t, bin, "")
+	d.waitAnswering()
+	_, err := d.blktap("attach", "0", "aio:/etc/passwd", "xvdc", "r")
+	if err == nil || !strings.Contains(err.Error(), "outside the allowed image directories") {
+		t.Fatalf("attach of /etc/passwd: %v", err)
+	}
+	if rows := d.ls(); len(rows) != 0 {
+		t.Fatalf("refused attach left devices: %+v", rows)
+	}
+}

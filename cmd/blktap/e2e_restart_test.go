@@ -72,7 +72,7 @@ func TestEndToEndDaemonRestart(t *testing.T) {
 
 	// A new daemon on the same state directory.
 	logf, _ := os.Create(filepath.Join(t.TempDir(), "daemon2.log"))
-	cmd2 := exec.Command(bin, "run", "-c", cfg, "--state-dir", d.stateDir)
+	cmd2 := exec.Command(bin, "run", "-c", cfg, "--state-dir", d.stateDir, "--image-dir", os.TempDir())
 	cmd2.Stdout, cmd2.Stderr = logf, logf
 	if err := cmd2.Start(); err != nil {
 		t.Fatal(err)

@@ -59,7 +59,8 @@ func startDaemon(t testing.TB, bin, config string) *daemon {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command(bin, "run", "-c", config, "--state-dir", state)
+	// Test images live in t.TempDir(), under the system's temp directory.
+	cmd := exec.Command(bin, "run", "-c", config, "--state-dir", state, "--image-dir", os.TempDir())
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
