@@ -87,6 +87,7 @@ type snapshot struct {
 	beInfo        int
 	beDiscard     bool
 	nbdDevice     string
+	fePersistent  bool
 	beMaxIndirect int
 	ringRefsError string
 }
@@ -356,6 +357,7 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 		return v
 	}
 	s.protocol = fget("protocol")
+	s.fePersistent = fget("feature-persistent") == "1"
 	order := fget("ring-page-order")
 	ref := fget("ring-ref")
 	ev := fget("event-channel")
@@ -712,7 +714,17 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 
 func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
 	if !s.LocalFrontend {
-		return terminal(fmt.Errorf("%w: the Xen grant-table transport is not implemented yet", formats.ErrUnsupported))
+		// A real guest on Xen: the worker maps its grants itself.
+		_, err := dev.proc.Call(ctx, worker.Request{
+			Op: worker.OpConnect, Transport: "xen", Protocol: s.protocol,
+			RingRefs: s.ringRefs, RingOrder: s.ringOrder, Domid: dev.key.Domid,
+			EventChannel: s.eventChannel, Persistent: s.fePersistent,
+		})
+		if err != nil {
+			return err
+		}
+		dev.ring = true
+		return nil
 	}
 	if dev.lf == nil || s.eventChannel != dev.lfPort {
 		return fmt.Errorf("event channel %d is not bound to this device's local frontend", s.eventChannel)

@@ -21,6 +21,9 @@ func (o Options) Features() (probe, connect [][2]string) {
 		[2]string{"feature-flush-cache", "1"},
 		[2]string{"feature-barrier", "1"},
 	)
+	if o.Persistent {
+		connect = append(connect, [2]string{"feature-persistent", "1"})
+	}
 	if o.Discard && !o.ReadOnly {
 		connect = append(connect,
 			[2]string{"feature-discard", "1"},

@@ -44,6 +44,15 @@ import (
 	"github.com/blktap-go/blktap/tapengine/blkif"
 )
 
+// PageReleaser is a Transport whose data pages must be given back before
+// the frontend sees the responses that used them (Xen grants that are not
+// persistent: blkfront checks that the backend unmapped them). Serve calls
+// ReleasePages after a batch's responses are written and before they are
+// published.
+type PageReleaser interface {
+	ReleasePages() error
+}
+
 // Transport is how the backend reaches the frontend's memory and signals.
 // The ring loop knows nothing else of Xen (or of its absence).
 type Transport interface {
@@ -51,7 +60,7 @@ type Transport interface {
 	Ring() []byte
 	// Page maps a granted 4096-byte data page. It fails if ref is not
 	// granted, or is granted read-only and writable is asked. The page stays
-	// usable until Close.
+	// usable until Close, or, for a PageReleaser, until ReleasePages.
 	Page(ref uint32, writable bool) ([]byte, error)
 	// WaitFD is readable when the frontend has signalled (for epoll).
 	WaitFD() int
@@ -95,6 +104,10 @@ type Options struct {
 	// on the loop's thread, which is fastest when the image is in the
 	// page cache.
 	Workers int
+	// Persistent advertises feature-persistent: the transport keeps a
+	// frontend's grants mapped across requests (the Xen transport does;
+	// Serve itself is unaffected).
+	Persistent bool
 }
 
 // Stats are a ring's counters. All fields are atomics: read them at any

@@ -175,6 +175,11 @@ func (s *server) drain() error {
 		if n > 0 {
 			s.serveBatch(n)
 			s.stats.Batches.Add(1)
+			if r, ok := s.t.(PageReleaser); ok {
+				if err := r.ReleasePages(); err != nil {
+					return fmt.Errorf("ring: release pages: %w", err)
+				}
+			}
 			if s.back.PushResponses() {
 				s.stats.Notifies.Add(1)
 				if err := s.t.Notify(); err != nil {

@@ -61,10 +61,15 @@ type Request struct {
 	TLSCA   string `json:"tls_ca,omitempty"`
 
 	// connect
-	Transport string   `json:"transport,omitempty"` // "local"
+	Transport string   `json:"transport,omitempty"` // "local" or "xen"
 	Protocol  string   `json:"protocol,omitempty"`  // blkif ABI, as the frontend wrote it ("" = x86_32-abi)
 	RingRefs  []uint32 `json:"ring_refs,omitempty"`
 	RingOrder int      `json:"ring_order,omitempty"`
+	// xen: the frontend's domain, its event channel port, and whether it
+	// negotiated persistent grants.
+	Domid        uint32 `json:"domid,omitempty"`
+	EventChannel uint32 `json:"event_channel,omitempty"`
+	Persistent   bool   `json:"persistent,omitempty"`
 
 	// qos
 	IOPS      int64 `json:"iops,omitempty"`

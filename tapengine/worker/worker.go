@@ -42,6 +42,7 @@ import (
 	"github.com/blktap-go/blktap/tapengine/local"
 	"github.com/blktap-go/blktap/tapengine/nbd"
 	"github.com/blktap-go/blktap/tapengine/ring"
+	"github.com/blktap-go/blktap/tapengine/xen"
 	"golang.org/x/sys/unix"
 )
 
@@ -569,14 +570,6 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		closeAll(fds)
 		return fail(fmt.Errorf("%w: no image open", errInvalid))
 	}
-	if req.Transport != "local" {
-		closeAll(fds)
-		return fail(fmt.Errorf("%w: transport %q is not supported here", image.ErrUnsupported, req.Transport))
-	}
-	if len(fds) != 3 {
-		closeAll(fds)
-		return fail(fmt.Errorf("%w: the local transport wants 3 descriptors (memfd, kick, notify), got %d", errInvalid, len(fds)))
-	}
 	proto, err := blkif.ParseProtocol(req.Protocol)
 	if err != nil {
 		closeAll(fds)
@@ -589,9 +582,31 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		closeAll(fds)
 		return fail(fmt.Errorf("%w: a ring is already connected", errInvalid))
 	}
-	t, err := local.Attach(fds[0], req.RingRefs, fds[1], fds[2])
-	if err != nil {
-		return fail(err)
+	var t ring.Transport
+	switch req.Transport {
+	case "local":
+		if len(fds) != 3 {
+			closeAll(fds)
+			return fail(fmt.Errorf("%w: the local transport wants 3 descriptors (memfd, kick, notify), got %d", errInvalid, len(fds)))
+		}
+		if t, err = local.Attach(fds[0], req.RingRefs, fds[1], fds[2]); err != nil {
+			return fail(err)
+		}
+	case "xen":
+		closeAll(fds)
+		dev, err := xen.OpenDevice()
+		if err != nil {
+			return fail(fmt.Errorf("%w: %v", image.ErrUnsupported, err))
+		}
+		if t, err = xen.Attach(dev, xen.Options{
+			Domid: req.Domid, RingRefs: req.RingRefs, EventChannel: req.EventChannel,
+			PersistentGrants: req.Persistent, Logger: w.logger,
+		}); err != nil {
+			return fail(fmt.Errorf("%w: %v", errInvalid, err))
+		}
+	default:
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: transport %q", errInvalid, req.Transport))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -621,7 +636,7 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 // RingOptions are what a worker serves a ring with; the daemon publishes
 // the matching feature keys from them (ring.Options.Features).
 func RingOptions(readOnly bool) ring.Options {
-	return ring.Options{ReadOnly: readOnly, Discard: true, MaxIndirectSegments: 256}
+	return ring.Options{ReadOnly: readOnly, Discard: true, MaxIndirectSegments: 256, Persistent: true}
 }
 
 func (w *worker) stopRing() {
