@@ -12,6 +12,7 @@ import (
 	"syscall"
 
 	"github.com/blktap-go/blktap/config"
+	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/reconciler"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore/xscli"
@@ -62,8 +63,24 @@ func cmdRun(args []string) error {
 		if err != nil {
 			return err
 		}
+		// A free dry run (the plan is pure): what the daemon would do for
+		// each disk on a fresh start, here, without touching anything.
+		_, gntdev := os.Stat("/dev/xen/gntdev")
 		for _, d := range f.Disks {
 			fmt.Printf("%s: %s:%s domain %d device %s (%d) mode %s\n", d.Name, d.Format, d.Image, d.Domain, config.VdevName(d.DevID), d.DevID, d.Mode)
+			if formats.IsFile(d.Format) {
+				if _, err := os.Stat(d.Image); err != nil && d.Create != nil {
+					fmt.Printf("  create-image: %s %s, %s\n", d.Format, formats.FormatSize(d.Create.Size), d.Image)
+				} else if err != nil {
+					fmt.Printf("  (image missing and no create: the disk would fail)\n")
+				}
+			}
+			fmt.Printf("  declare: /local/domain/0/backend/vbd3/%d/%d and /local/domain/%d/device/vbd/%d\n", d.Domain, d.DevID, d.Domain, d.DevID)
+			m := reconciler.NewModel(d.Domain == 0, d.Domain != 0 && gntdev != nil)
+			for _, a := range m.Converge() {
+				fmt.Printf("  %s\n", a)
+			}
+			fmt.Printf("  = %s\n", m.State())
 		}
 		return nil
 	}

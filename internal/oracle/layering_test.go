@@ -1,0 +1,61 @@
+package oracle
+
+import (
+	"go/parser"
+	"go/token"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+const module = "github.com/blktap-go/blktap"
+
+// The import arrows of DESIGN.md: cmd -> reconciler -> {tapengine, formats,
+// config, xenstore}; tapengine -> formats; formats, xenstore and config
+// import nothing of the project (but their own sub-packages), tapengine
+// never imports xenstore, and the pure Plan reads no clock and does no I/O.
+func TestLayering(t *testing.T) {
+	root := filepath.Join("..", "..")
+	rules := map[string][]string{ // top-level dir -> project packages it may import
+		"formats":   {"formats/"},
+		"xenstore":  {"xenstore/"},
+		"config":    {"config/"},
+		"tapengine": {"tapengine/", "formats/"},
+	}
+	for dir, allowed := range rules {
+		filepath.WalkDir(filepath.Join(root, dir), func(path string, d os.DirEntry, err error) error {
+			if err != nil || d.IsDir() || !strings.HasSuffix(path, ".go") || strings.HasSuffix(path, "_test.go") {
+				return err
+			}
+			f, err := parser.ParseFile(token.NewFileSet(), path, nil, parser.ImportsOnly)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, imp := range f.Imports {
+				p := strings.Trim(imp.Path.Value, `"`)
+				rest, ours := strings.CutPrefix(p, module+"/")
+				if !ours || rest == "internal/oracle" {
+					continue
+				}
+				ok := false
+				for _, a := range allowed {
+					if strings.HasPrefix(rest+"/", a) {
+						ok = true
+					}
+				}
+				if !ok {
+					t.Errorf("%s imports %s: %s may not depend on it", path, p, dir)
+				}
+			}
+			return nil
+		})
+	}
+	f, err := parser.ParseFile(token.NewFileSet(), filepath.Join(root, "reconciler", "plan.go"), nil, parser.ImportsOnly)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, imp := range f.Imports {
+		t.Errorf("reconciler/plan.go imports %s: Plan must stay pure (no clock, no I/O)", imp.Path.Value)
+	}
+}

@@ -1,0 +1,100 @@
+package reconciler
+
+import "strings"
+
+// Model is what each action does to a device, for dry runs and scenario
+// transcripts: the effect apply() has on xenstore and on the worker,
+// without doing it.
+type Model struct {
+	o         Observed
+	a         Actual
+	failStart string
+}
+
+// NewModel starts a model of a device as a toolstack declares it.
+func NewModel(domain0, localFrontend bool) *Model {
+	return &Model{o: Observed{Present: true, Online: true, Backend: StateInitialising,
+		FrontendPresent: true, Frontend: StateInitialising, Domain0: domain0, LocalFrontend: localFrontend}}
+}
+
+// Converge plans and applies until the plan is empty (at most 24 rounds)
+// and returns every action taken, in order.
+func (m *Model) Converge() []Action {
+	var all []Action
+	for range 24 {
+		acts := Plan(m.o, m.a)
+		if len(acts) == 0 {
+			break
+		}
+		for _, a := range acts {
+			all = append(all, a)
+			m.apply(a)
+		}
+	}
+	return all
+}
+
+// State summarises the model: xenstore states and what runs.
+func (m *Model) State() string { return m.state() }
+
+func (m *Model) apply(act Action) {
+	o, a := &m.o, &m.a
+	switch act.Kind {
+	case ActStartWorker:
+		if m.failStart != "" {
+			a.Failed, m.failStart = m.failStart, ""
+			return
+		}
+		a.Worker = true
+	case ActServeExport:
+		a.Export = true
+	case ActBackendInitWait:
+		o.Backend = StateInitWait
+	case ActDom0Connect:
+		o.Backend, o.Frontend, o.HotplugConnected = StateConnected, StateConnected, true
+	case ActFrontendInit:
+		a.LF, o.Frontend, o.RingPublished = true, StateInitialised, true
+	case ActConnectRing:
+		a.Ring, o.Backend = true, StateConnected
+	case ActFrontendConnect:
+		a.LFConnected, o.Frontend = true, StateConnected
+	case ActBackendClosing:
+		o.Backend = StateClosing
+	case ActFrontendClose:
+		a.LF, a.LFConnected = false, false
+		if o.FrontendPresent {
+			o.Frontend = StateClosed
+		}
+	case ActDisconnectRing:
+		a.Ring, a.RingError = false, ""
+		if o.Present {
+			o.Backend = StateClosed
+		}
+	case ActStopWorker:
+		a.Worker, a.Export, a.Ring = false, false, false
+	}
+}
+
+func (m *Model) state() string {
+	var parts []string
+	if !m.o.Present {
+		parts = append(parts, "removed")
+	} else {
+		parts = append(parts, "backend="+m.o.Backend.String(), "frontend="+m.o.Frontend.String())
+		if !m.o.Online {
+			parts = append(parts, "offline")
+		}
+	}
+	for _, f := range []struct {
+		on   bool
+		name string
+	}{{m.a.Worker, "worker"}, {m.a.Export, "export"}, {m.a.Ring, "ring"}, {m.a.LF, "local-frontend"}, {m.a.LFConnected, "guest-view"}} {
+		if f.on {
+			parts = append(parts, f.name)
+		}
+	}
+	if m.a.Failed != "" {
+		parts = append(parts, "failed("+m.a.Failed+")")
+	}
+	return strings.Join(parts, " ")
+}

@@ -1,0 +1,126 @@
+package reconciler
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in testdata/scenarios")
+
+// A scenario drives Plan through a device's life with a model of what each
+// action does (the effects apply() has on xenstore and on the worker) and
+// events from outside (the toolstack, the frontend, a crash). The
+// transcript in testdata/scenarios/NAME.txt holds the commands and, after
+// every `converge`, the actions Plan chose ("> ") and the state reached
+// ("= "). go test ./reconciler -run Scenario -rewrite regenerates them; a
+// behaviour change is then a readable diff.
+//
+// Commands:
+//
+//	start domain0|guest|xen-guest   a new device, as a toolstack writes it (both states Initialising)
+//	converge                        plan and apply until nothing is left (at most 24 steps)
+//	frontend STATE                  the frontend writes its state (a real guest's blkfront)
+//	ring-published                  the frontend wrote ring-ref and event-channel
+//	detach                          the toolstack: online 0, backend Closing
+//	remove                          the toolstack removes the backend directory
+//	worker-dies                     the worker process exits
+//	ring-hostile MESSAGE            the worker's ring stopped on a hostile frontend
+//	fail-start MESSAGE              the next start-worker fails terminally
+func runScenario(t *testing.T, lines []string) string {
+	var out strings.Builder
+	var m Model
+	for n, line := range lines {
+		if strings.HasPrefix(line, "> ") || strings.HasPrefix(line, "= ") {
+			continue // output of the previous run
+		}
+		out.WriteString(line + "\n")
+		f := strings.Fields(line)
+		if len(f) == 0 || strings.HasPrefix(f[0], "#") {
+			continue
+		}
+		arg := strings.Join(f[1:], " ")
+		switch f[0] {
+		case "start":
+			m = Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
+				Backend: StateInitialising, FrontendPresent: true, Frontend: StateInitialising}}
+			switch arg {
+			case "domain0":
+				m.o.Domain0 = true
+			case "guest":
+				m.o.LocalFrontend = true
+			case "xen-guest":
+			default:
+				t.Fatalf("line %d: start %q", n+1, arg)
+			}
+		case "converge":
+			steps := 0
+			for {
+				acts := Plan(m.o, m.a)
+				if len(acts) == 0 {
+					break
+				}
+				for _, a := range acts {
+					fmt.Fprintf(&out, "> %s\n", a)
+					m.apply(a)
+				}
+				if steps++; steps > 24 {
+					out.WriteString("> (does not converge)\n")
+					break
+				}
+			}
+			fmt.Fprintf(&out, "= %s\n", m.state())
+		case "frontend":
+			st, ok := map[string]State{"Initialising": StateInitialising, "InitWait": StateInitWait,
+				"Initialised": StateInitialised, "Connected": StateConnected, "Closing": StateClosing, "Closed": StateClosed}[arg]
+			if !ok {
+				t.Fatalf("line %d: frontend %q", n+1, arg)
+			}
+			m.o.Frontend = st
+		case "ring-published":
+			m.o.RingPublished = true
+		case "detach":
+			m.o.Online, m.o.Backend = false, StateClosing
+		case "remove":
+			m.o = Observed{}
+		case "worker-dies":
+			m.a.Worker, m.a.Export, m.a.Ring = false, false, false
+		case "ring-hostile":
+			m.a.Ring, m.a.RingError = false, arg
+		case "fail-start":
+			m.failStart = arg
+		default:
+			t.Fatalf("line %d: unknown command %q", n+1, line)
+		}
+	}
+	return out.String()
+}
+
+func TestScenarios(t *testing.T) {
+	files, err := filepath.Glob("testdata/scenarios/*.txt")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no scenarios: %v", err)
+	}
+	for _, file := range files {
+		t.Run(strings.TrimSuffix(filepath.Base(file), ".txt"), func(t *testing.T) {
+			b, err := os.ReadFile(file)
+			if err != nil {
+				t.Fatal(err)
+			}
+			in := strings.TrimRight(string(b), "\n")
+			got := runScenario(t, strings.Split(in, "\n"))
+			if *rewrite {
+				if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if got != in+"\n" {
+				t.Errorf("transcript changed (go test ./reconciler -run Scenarios -rewrite to accept):\n--- want\n%s\n--- got\n%s", in, got)
+			}
+		})
+	}
+}
