@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -81,6 +82,7 @@ type snapshot struct {
 	ringRefs      []uint32
 	ringOrder     int
 	eventChannel  uint32
+	queues        []queueRing // blkif multi-queue (2 or more); nil: the classic keys
 	protocol      string
 	beSectors     uint64
 	beSectorSize  uint32
@@ -391,7 +393,63 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 		s.eventChannel = uint32(p)
 		s.RingPublished = len(s.ringRefs) > 0
 	}
+	if nq := fget("multi-queue-num-queues"); nq != "" && err == nil {
+		n, perr := strconv.Atoi(nq)
+		if perr != nil || n < 1 || n > maxQueues() {
+			s.ringRefsError = fmt.Sprintf("multi-queue-num-queues %q: want 1..%d", nq, maxQueues())
+			s.RingPublished = true // so the error is reported
+			return s, nil
+		}
+		if n >= 2 {
+			s.RingPublished = true
+			for i := range n {
+				q, qerr := readQueue(fget, fmt.Sprintf("queue-%d/", i), s.ringOrder)
+				if qerr != "" {
+					s.ringRefsError = qerr
+					return s, nil
+				}
+				s.queues = append(s.queues, q)
+			}
+		}
+	}
 	return s, err
+}
+
+// queueRing is one blkif queue: its ring refs and event channel.
+type queueRing struct {
+	refs   []uint32
+	evtchn uint32
+}
+
+// maxQueues is what the backend offers (multi-queue-max-queues): one per
+// CPU, at most the worker's limit.
+func maxQueues() int { return min(runtime.NumCPU(), 16) }
+
+// readQueue reads PREFIXring-ref (or ring-refN) and PREFIXevent-channel;
+// a problem comes back as text for the device's status.
+func readQueue(get func(string) string, prefix string, order int) (queueRing, string) {
+	var q queueRing
+	if order == 0 {
+		r, err := strconv.ParseUint(get(prefix+"ring-ref"), 10, 32)
+		if err != nil {
+			return q, prefix + "ring-ref is missing or not a number"
+		}
+		q.refs = []uint32{uint32(r)}
+	} else {
+		for i := 0; i < 1<<order; i++ {
+			r, err := strconv.ParseUint(get(fmt.Sprintf("%sring-ref%d", prefix, i)), 10, 32)
+			if err != nil {
+				return q, fmt.Sprintf("%sring-ref%d is missing or not a number", prefix, i)
+			}
+			q.refs = append(q.refs, uint32(r))
+		}
+	}
+	ev, err := strconv.ParseUint(get(prefix+"event-channel"), 10, 32)
+	if err != nil {
+		return q, prefix + "event-channel is missing or not a number"
+	}
+	q.evtchn = uint32(ev)
+	return q, ""
 }
 
 func (d *Daemon) watchFrontend(ctx context.Context, dev *device, path string) {
@@ -472,7 +530,9 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			// Transport limits first (WIRE.md section 2: what blkback
 			// publishes at probe), then InitWait.
 			probe, _ := worker.RingOptions(ro).Features()
-			probe = append(probe, [2]string{"state", strconv.Itoa(int(StateInitWait))})
+			probe = append(probe,
+				[2]string{"multi-queue-max-queues", strconv.Itoa(maxQueues())},
+				[2]string{"state", strconv.Itoa(int(StateInitWait))})
 			for _, kv := range probe {
 				if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
 					return err
@@ -714,17 +774,30 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 
 func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
 	if !s.LocalFrontend {
-		// A real guest on Xen: the worker maps its grants itself.
-		_, err := dev.proc.Call(ctx, worker.Request{
-			Op: worker.OpConnect, Transport: "xen", Protocol: s.protocol,
-			RingRefs: s.ringRefs, RingOrder: s.ringOrder, Domid: dev.key.Domid,
-			EventChannel: s.eventChannel, Persistent: s.fePersistent,
-		})
-		if err != nil {
-			return err
+		// A real guest on Xen: the worker maps its grants itself, one
+		// ring per queue.
+		queues := s.queues
+		if len(queues) == 0 {
+			queues = []queueRing{{refs: s.ringRefs, evtchn: s.eventChannel}}
+		}
+		for i, q := range queues {
+			_, err := dev.proc.Call(ctx, worker.Request{
+				Op: worker.OpConnect, Transport: "xen", Protocol: s.protocol, Queue: i,
+				RingRefs: q.refs, RingOrder: s.ringOrder, Domid: dev.key.Domid,
+				EventChannel: q.evtchn, Persistent: s.fePersistent,
+			})
+			if err != nil {
+				if i > 0 {
+					dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect})
+				}
+				return err
+			}
 		}
 		dev.ring = true
 		return nil
+	}
+	if len(s.queues) > 0 {
+		return terminal(fmt.Errorf("the local frontend serves one queue, the frontend asks for %d", len(s.queues)))
 	}
 	if dev.lf == nil || s.eventChannel != dev.lfPort {
 		return fmt.Errorf("event channel %d is not bound to this device's local frontend", s.eventChannel)

@@ -137,3 +137,26 @@ func TestParseParams(t *testing.T) {
 		}
 	}
 }
+
+func TestReadQueue(t *testing.T) {
+	keys := map[string]string{
+		"queue-0/ring-ref": "8", "queue-0/event-channel": "20",
+		"queue-1/ring-ref0": "9", "queue-1/ring-ref1": "10", "queue-1/event-channel": "21",
+		"queue-2/ring-ref": "x", "queue-2/event-channel": "22",
+	}
+	get := func(k string) string { return keys[k] }
+	q, msg := readQueue(get, "queue-0/", 0)
+	if msg != "" || !reflect.DeepEqual(q, queueRing{refs: []uint32{8}, evtchn: 20}) {
+		t.Fatalf("queue-0: %+v %q", q, msg)
+	}
+	q, msg = readQueue(get, "queue-1/", 1)
+	if msg != "" || !reflect.DeepEqual(q, queueRing{refs: []uint32{9, 10}, evtchn: 21}) {
+		t.Fatalf("queue-1: %+v %q", q, msg)
+	}
+	if _, msg = readQueue(get, "queue-2/", 0); msg == "" {
+		t.Fatal("a ring-ref that is not a number was accepted")
+	}
+	if _, msg = readQueue(get, "queue-3/", 0); msg == "" {
+		t.Fatal("a missing queue was accepted")
+	}
+}

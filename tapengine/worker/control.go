@@ -65,6 +65,7 @@ type Request struct {
 	Protocol  string   `json:"protocol,omitempty"`  // blkif ABI, as the frontend wrote it ("" = x86_32-abi)
 	RingRefs  []uint32 `json:"ring_refs,omitempty"`
 	RingOrder int      `json:"ring_order,omitempty"`
+	Queue     int      `json:"queue,omitempty"` // blkif multi-queue: which queue's ring
 	// xen: the frontend's domain, its event channel port, and whether it
 	// negotiated persistent grants.
 	Domid        uint32 `json:"domid,omitempty"`

@@ -118,13 +118,33 @@ type worker struct {
 	ring ringState
 }
 
+// ringState is the disk's rings: one per queue (blkif multi-queue), all
+// serving the same image, their counters added up.
 type ringState struct {
-	mu      sync.Mutex
+	mu     sync.Mutex
+	queues map[int]*queueState
+	err    error // why a ring stopped on its own
+	stats  ring.Stats
+}
+
+type queueState struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
-	err     error // why the ring stopped on its own
-	stats   ring.Stats
 	running bool
+}
+
+// maxQueues bounds blkif multi-queue (Linux blkback allows one per CPU).
+const maxQueues = 16
+
+func (r *ringState) anyRunning() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, q := range r.queues {
+		if q.running {
+			return true
+		}
+	}
+	return false
 }
 
 // run serves control connections: the daemon's, and after the daemon is
@@ -222,9 +242,7 @@ func listenerFileOf(ln net.Listener) (*os.File, error) {
 
 // describe says what the worker serves, for a daemon adopting it.
 func (w *worker) describe() Reply {
-	w.ring.mu.Lock()
-	ring := w.ring.running
-	w.ring.mu.Unlock()
+	ring := w.ring.anyRunning()
 	return Reply{OK: true, Describe: &Describe{
 		Pid: os.Getpid(), Name: w.name, Format: w.format, Path: w.path,
 		ReadOnly: w.readOnly, Size: w.size, Paused: w.paused,
@@ -575,12 +593,20 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		closeAll(fds)
 		return fail(fmt.Errorf("%w: %v", errInvalid, err))
 	}
+	if req.Queue < 0 || req.Queue >= maxQueues {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: queue %d (at most %d queues)", errInvalid, req.Queue, maxQueues))
+	}
 	w.ring.mu.Lock()
-	running := w.ring.running
+	if w.ring.queues == nil {
+		w.ring.queues = map[int]*queueState{}
+	}
+	q := w.ring.queues[req.Queue]
+	running := q != nil && q.running
 	w.ring.mu.Unlock()
 	if running {
 		closeAll(fds)
-		return fail(fmt.Errorf("%w: a ring is already connected", errInvalid))
+		return fail(fmt.Errorf("%w: queue %d is already connected", errInvalid, req.Queue))
 	}
 	var t ring.Transport
 	switch req.Transport {
@@ -609,27 +635,27 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		return fail(fmt.Errorf("%w: transport %q", errInvalid, req.Transport))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
+	qs := &queueState{cancel: cancel, done: make(chan struct{}), running: true}
 	w.ring.mu.Lock()
-	w.ring.cancel, w.ring.done, w.ring.err, w.ring.running = cancel, done, nil, true
+	w.ring.queues[req.Queue], w.ring.err = qs, nil
 	w.ring.mu.Unlock()
 	go func() {
-		defer close(done)
+		defer close(qs.done)
 		defer t.Close()
 		opts := RingOptions(w.readOnly)
-		opts.Logger, opts.Stats = w.logger, &w.ring.stats
+		opts.Logger, opts.Stats = w.logger.With("queue", req.Queue), &w.ring.stats
 		err := ring.Serve(ctx, t, proto, w.io, opts)
 		w.ring.mu.Lock()
-		w.ring.running = false
+		qs.running = false
 		if err != nil && ctx.Err() == nil {
 			w.ring.err = err
 		}
 		w.ring.mu.Unlock()
 		if err != nil && ctx.Err() == nil {
-			w.logger.Error("worker: ring stopped", "err", err)
+			w.logger.Error("worker: ring stopped", "queue", req.Queue, "err", err)
 		}
 	}()
-	w.logger.Info("worker: ring connected", "protocol", proto.String(), "refs", req.RingRefs)
+	w.logger.Info("worker: ring connected", "queue", req.Queue, "protocol", proto.String(), "refs", req.RingRefs)
 	return Reply{OK: true}
 }
 
@@ -639,14 +665,18 @@ func RingOptions(readOnly bool) ring.Options {
 	return ring.Options{ReadOnly: readOnly, Discard: true, MaxIndirectSegments: 256, Persistent: true}
 }
 
+// stopRing stops every queue's ring; each drains, answers what it took
+// and flushes.
 func (w *worker) stopRing() {
 	w.ring.mu.Lock()
-	cancel, done := w.ring.cancel, w.ring.done
-	w.ring.cancel, w.ring.done = nil, nil
+	queues := w.ring.queues
+	w.ring.queues = nil
 	w.ring.mu.Unlock()
-	if cancel != nil {
-		cancel()
-		<-done
+	for _, q := range queues {
+		q.cancel()
+	}
+	for _, q := range queues {
+		<-q.done
 	}
 }
 

@@ -1,6 +1,7 @@
 package worker
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"log/slog"
@@ -9,11 +10,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/internal/oracle"
+	"github.com/blktap-go/blktap/tapengine/blkif"
+	"github.com/blktap-go/blktap/tapengine/frontend"
 )
 
 // The test binary doubles as the worker: re-executed with this variable
@@ -184,5 +188,79 @@ func TestBackingOpenerConfines(t *testing.T) {
 	deep := BackingOpener(filepath.Join(dir, "child"), []string{dir}, maxChain-1)
 	if _, err := deep("base.raw", "raw"); !errors.Is(err, formats.ErrUnsupported) {
 		t.Fatalf("chain past the limit: %v", err)
+	}
+}
+
+// Multi-queue: one ring per queue, every queue serving the same image
+// (blkif multi-queue), each connected on its own; a second connect of a
+// queue is refused.
+func TestWorkerMultiQueue(t *testing.T) {
+	dir := t.TempDir()
+	img := filepath.Join(dir, "mq.raw")
+	if err := formats.Create("raw", img, formats.CreateOptions{Size: 8 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	p := startTestWorker(t)
+	if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "mq", Format: "raw", Path: img}); err != nil {
+		t.Fatal(err)
+	}
+	var fronts []*frontend.Frontend
+	for q := 0; q < 3; q++ {
+		proto := []blkif.Protocol{blkif.X86_64, blkif.X86_32, blkif.X86_64}[q]
+		f, err := frontend.New(frontend.Options{Protocol: proto})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { f.Close() })
+		mem, kick, notify := f.BackendFDs()
+		if _, err := p.Call(ctx(t), Request{Op: OpConnect, Transport: "local", Queue: q,
+			Protocol: proto.String(), RingRefs: f.RingRefs()}, mem, kick, notify); err != nil {
+			t.Fatalf("queue %d: %v", q, err)
+		}
+		if err := f.Connect(8<<20/512, 512, false); err != nil {
+			t.Fatal(err)
+		}
+		fronts = append(fronts, f)
+	}
+	f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	mem, kick, notify := f.BackendFDs()
+	if _, err := p.Call(ctx(t), Request{Op: OpConnect, Transport: "local", Queue: 1,
+		Protocol: "x86_64-abi", RingRefs: f.RingRefs()}, mem, kick, notify); err == nil {
+		t.Fatal("a second ring on queue 1 was accepted")
+	}
+	// Each queue writes its own MiB at once; every queue reads all three.
+	var wg sync.WaitGroup
+	for q, f := range fronts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			buf := bytes.Repeat([]byte{byte(0x40 + q)}, 1<<20)
+			if _, err := f.WriteAt(buf, int64(q)<<20); err != nil {
+				t.Errorf("queue %d write: %v", q, err)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, f := range fronts {
+		for q := range fronts {
+			got := make([]byte, 1<<20)
+			if _, err := f.ReadAt(got, int64(q)<<20); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, bytes.Repeat([]byte{byte(0x40 + q)}, 1<<20)) {
+				t.Fatalf("queue %d's data reads wrong through another queue", q)
+			}
+		}
+	}
+	rep, err := p.Call(ctx(t), Request{Op: OpStats})
+	if err != nil || rep.Stats.RingRequests == 0 {
+		t.Fatalf("stats %+v %v", rep.Stats, err)
+	}
+	if _, err := p.Call(ctx(t), Request{Op: OpDisconnect}); err != nil {
+		t.Fatal(err)
 	}
 }
