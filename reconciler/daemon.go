@@ -49,7 +49,9 @@ type Options struct {
 	ServeVBD     bool   // also serve backend/vbd (where no kernel blkback is)
 	// ImageDirs are where images (and their backing files) may live,
 	// besides the state directory and the YAML images' directories.
-	ImageDirs    []string
+	ImageDirs []string
+	// MetricsAddr, if set, serves Prometheus metrics at http://ADDR/metrics.
+	MetricsAddr  string
 	Logger       *slog.Logger
 	WorkerStderr io.Writer // where workers log; default os.Stderr
 }
@@ -173,6 +175,13 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	defer stopAPI()
+	if opts.MetricsAddr != "" {
+		stopMetrics, err := d.serveMetrics(opts.MetricsAddr)
+		if err != nil {
+			return err
+		}
+		defer stopMetrics()
+	}
 
 	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
 		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)

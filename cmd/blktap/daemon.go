@@ -40,6 +40,7 @@ func cmdRun(args []string) error {
 	serveVBD := fs.Bool("serve-vbd", false, "also serve backend/vbd (only where no kernel blkback is)")
 	dryRun := fs.Bool("dry-run", false, "check the YAML file and print the disks it declares, then exit")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
+	metrics := fs.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9525)")
 	var imageDirs stringList
 	fs.Var(&imageDirs, "image-dir", "a directory images and backing files may come from (repeatable; the state dir and the YAML images' directories always may)")
 	pos, err := parseInterleaved(fs, args)
@@ -94,6 +95,7 @@ func cmdRun(args []string) error {
 		XenstorePath: *xs,
 		ServeVBD:     *serveVBD,
 		ImageDirs:    imageDirs.abs(),
+		MetricsAddr:  *metrics,
 		Logger:       newLogger(),
 	})
 }

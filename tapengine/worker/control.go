@@ -121,6 +121,19 @@ type Stats struct {
 	BytesRead    uint64 `json:"bytes_read"`
 	BytesWritten uint64 `json:"bytes_written"`
 	Flushes      uint64 `json:"flushes"`
+
+	// By path and operation, for metrics.
+	RingReads    uint64 `json:"ring_reads"`
+	RingWrites   uint64 `json:"ring_writes"`
+	RingFlushes  uint64 `json:"ring_flushes"`
+	RingDiscards uint64 `json:"ring_discards"`
+	NBDFlushes   uint64 `json:"nbd_flushes"`
+	NBDTrims     uint64 `json:"nbd_trims"`
+	NBDErrors    uint64 `json:"nbd_errors"`
+	NBDActive    int64  `json:"nbd_connections"`
+	// InFlight is image operations under way now; Latency their times.
+	InFlight int64                `json:"in_flight"`
+	Latency  map[string]Histogram `json:"latency,omitempty"`
 }
 
 // ErrProtocol reports a malformed control message.

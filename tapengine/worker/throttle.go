@@ -2,6 +2,7 @@ package worker
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
@@ -16,6 +17,7 @@ import (
 // concurrent use.
 type throttle struct {
 	image.Image
+	meter meter
 
 	mu        sync.Mutex
 	iops      float64 // 0 = unlimited
@@ -66,15 +68,89 @@ func (t *throttle) wait(n int) {
 
 func (t *throttle) ReadAt(p []byte, off int64) (int, error) {
 	t.wait(len(p))
+	defer t.meter.start(opRead)()
 	return t.Image.ReadAt(p, off)
 }
 
 func (t *throttle) WriteAt(p []byte, off int64) (int, error) {
 	t.wait(len(p))
+	defer t.meter.start(opWrite)()
 	return t.Image.WriteAt(p, off)
 }
 
 func (t *throttle) Discard(off, length int64) error {
 	t.wait(0)
+	defer t.meter.start(opDiscard)()
 	return t.Image.Discard(off, length)
+}
+
+func (t *throttle) Flush() error {
+	defer t.meter.start(opFlush)()
+	return t.Image.Flush()
+}
+
+// Image operations the meter times.
+const (
+	opRead = iota
+	opWrite
+	opFlush
+	opDiscard
+	numOps
+)
+
+var opNames = [numOps]string{"read", "write", "flush", "discard"}
+
+// LatencyBounds are the upper bounds, in seconds, of the latency
+// histogram's buckets (the last, +Inf, is implied).
+var LatencyBounds = []float64{10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 1}
+
+// meter counts the image operations in flight and times each one, for
+// the disk's metrics. Lock-free: typed atomics only.
+type meter struct {
+	inFlight atomic.Int64
+	ops      [numOps]struct {
+		buckets [16]atomic.Uint64 // len(LatencyBounds)+1
+		sumNs   atomic.Uint64
+	}
+}
+
+func (m *meter) start(op int) func() {
+	m.inFlight.Add(1)
+	t0 := time.Now()
+	return func() {
+		d := time.Since(t0)
+		m.inFlight.Add(-1)
+		o := &m.ops[op]
+		o.sumNs.Add(uint64(d))
+		sec := d.Seconds()
+		i := 0
+		for i < len(LatencyBounds) && sec > LatencyBounds[i] {
+			i++
+		}
+		o.buckets[i].Add(1)
+	}
+}
+
+// Histogram is one operation's latencies: Buckets[i] counts operations no
+// slower than LatencyBounds[i] and slower than the bound before (the last
+// bucket: slower than every bound).
+type Histogram struct {
+	Buckets []uint64 `json:"buckets"`
+	SumSec  float64  `json:"sum_seconds"`
+	Count   uint64   `json:"count"`
+}
+
+func (m *meter) snapshot() (map[string]Histogram, int64) {
+	out := map[string]Histogram{}
+	for op := range numOps {
+		o := &m.ops[op]
+		h := Histogram{Buckets: make([]uint64, len(LatencyBounds)+1)}
+		for i := range h.Buckets {
+			h.Buckets[i] = o.buckets[i].Load()
+			h.Count += h.Buckets[i]
+		}
+		h.SumSec = float64(o.sumNs.Load()) / 1e9
+		out[opNames[op]] = h
+	}
+	return out, m.inFlight.Load()
 }

@@ -688,6 +688,8 @@ func (w *worker) statsReply() Reply {
 	st.BytesRead += rs.BytesRead.Load()
 	st.BytesWritten += rs.BytesWritten.Load()
 	st.Flushes += rs.Flushes.Load()
+	st.RingReads, st.RingWrites = rs.Reads.Load(), rs.Writes.Load()
+	st.RingFlushes, st.RingDiscards = rs.Flushes.Load()+rs.Barriers.Load(), rs.Discards.Load()
 	if w.nbdSrv != nil {
 		ns := w.nbdSrv.Stats()
 		st.NBDReads = ns.Reads
@@ -695,6 +697,10 @@ func (w *worker) statsReply() Reply {
 		st.BytesRead += ns.BytesRead
 		st.BytesWritten += ns.BytesWritten
 		st.Flushes += ns.Flushes
+		st.NBDFlushes, st.NBDTrims, st.NBDErrors, st.NBDActive = ns.Flushes, ns.Trims, ns.Errors, ns.Active
+	}
+	if w.io != nil {
+		st.Latency, st.InFlight = w.io.meter.snapshot()
 	}
 	rep := Reply{OK: true, Stats: &st}
 	w.ring.mu.Lock()
