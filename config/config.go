@@ -42,6 +42,7 @@ import (
 	"cmp"
 	"errors"
 	"fmt"
+	"github.com/blktap-go/blktap/internal/units"
 	"io"
 	"math"
 	"net"
@@ -386,7 +387,7 @@ func (p *parser) size(n *yaml.Node, what string) (int64, bool) {
 		p.errf(n, "%s must be a size like 512M or 4G, not %s", what, kindName(n))
 		return 0, false
 	}
-	v, err := parseSize(n.Value)
+	v, err := units.ParseSize(n.Value)
 	if err != nil {
 		p.errf(n, "%s: %v", what, err)
 		return 0, false

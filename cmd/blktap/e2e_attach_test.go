@@ -62,17 +62,7 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	bin := buildBinary(t)
 	dir := t.TempDir()
 	d := startDaemon(t, bin, "")
-	// Wait for the daemon's xenstored.
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := d.blktap("ls"); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("daemon never answered ls")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	d.waitAnswering()
 	a, b := filepath.Join(dir, "a.raw"), filepath.Join(dir, "b.raw")
 	for _, f := range []string{a, b} {
 		if out, err := exec.Command(bin, "image", "create", "-f", "raw", f, "32M").CombinedOutput(); err != nil {
@@ -180,16 +170,7 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 	bin := buildBinary(t)
 	dir := t.TempDir()
 	d := startDaemon(t, bin, "")
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := d.blktap("ls"); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("daemon never answered ls")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	d.waitAnswering()
 	img := filepath.Join(dir, "t.qcow")
 	if out, err := exec.Command(bin, "image", "create", "-f", "qcow", img, "16M").CombinedOutput(); err != nil {
 		t.Fatalf("image create: %v %s", err, out)
@@ -246,7 +227,7 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 	})
 	xs(xsRm, be)
 	xs(xsRm, fe)
-	deadline = time.Now().Add(10 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for len(d.ls()) != 0 {
 		if time.Now().After(deadline) {
 			t.Fatalf("device still listed after removal: %+v", d.ls())

@@ -21,16 +21,7 @@ func TestEndToEndFormats(t *testing.T) {
 	bin := buildBinary(t)
 	dir := t.TempDir()
 	d := startDaemon(t, bin, "")
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		if _, err := d.blktap("ls"); err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("daemon never answered ls")
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	d.waitAnswering()
 	// format as we name it -> as qemu-img names it
 	cases := []struct{ ours, qemu string }{
 		{"raw", "raw"},

@@ -48,6 +48,26 @@ func cmdImage(args []string) error {
 	return usagef("unknown subcommand %q\n%s", args[0], imageUsage)
 }
 
+// applyOpts sets what -o names on co: cluster_size (block_size for VHD)
+// and subformat.
+func applyOpts(co *formats.CreateOptions, opts map[string]string) error {
+	for k, v := range opts {
+		switch k {
+		case "cluster_size", "block_size":
+			n, err := formats.ParseSize(v)
+			if err != nil {
+				return usagef("%s: %v", k, err)
+			}
+			co.ClusterSize = n
+		case "subformat":
+			co.Subformat = v
+		default:
+			return usagef("unknown option %q for -o", k)
+		}
+	}
+	return nil
+}
+
 // parseOpts reads qemu-img style -o key=value,key=value.
 func parseOpts(s string) (map[string]string, error) {
 	m := map[string]string{}
@@ -93,17 +113,8 @@ func imageCreate(args []string) error {
 	} else if *backing == "" {
 		return usagef("want SIZE (or -b BACKING to take its size)")
 	}
-	for k, v := range opts {
-		switch k {
-		case "cluster_size", "block_size":
-			if co.ClusterSize, err = formats.ParseSize(v); err != nil {
-				return usagef("%s: %v", k, err)
-			}
-		case "subformat":
-			co.Subformat = v
-		default:
-			return usagef("unknown option %q for -o", k)
-		}
+	if err := applyOpts(&co, opts); err != nil {
+		return err
 	}
 	if *backing != "" && co.Size == 0 {
 		b, err := openProbed(*backing, *bfmt, true)
@@ -379,17 +390,8 @@ func imageConvert(args []string) error {
 	}
 	defer in.Close()
 	co := formats.CreateOptions{Size: in.Size()}
-	for k, v := range opts {
-		switch k {
-		case "cluster_size", "block_size":
-			if co.ClusterSize, err = formats.ParseSize(v); err != nil {
-				return usagef("%s: %v", k, err)
-			}
-		case "subformat":
-			co.Subformat = v
-		default:
-			return usagef("unknown option %q for -o", k)
-		}
+	if err := applyOpts(&co, opts); err != nil {
+		return err
 	}
 	var pr io.Writer
 	if *progress {

@@ -1,18 +1,16 @@
-package config
-
-// A copy of formats.ParseSize's rules: config imports nothing of the
-// project (DESIGN.md arrows). The tests of both packages hold the same
-// table; change them together.
+package units
 
 import (
 	"errors"
 	"fmt"
 	"math"
 	"math/big"
+	"strconv"
 	"strings"
 )
 
-var errBadSize = errors.New("bad size")
+// ErrBadSize: a size string ParseSize cannot read.
+var ErrBadSize = errors.New("bad size")
 
 // units are the binary multipliers, as qemu-img uses them: K = 1024.
 var units = []struct {
@@ -22,7 +20,7 @@ var units = []struct {
 	{'E', 1 << 60}, {'P', 1 << 50}, {'T', 1 << 40}, {'G', 1 << 30}, {'M', 1 << 20}, {'K', 1 << 10},
 }
 
-// parseSize reads a size in bytes the way qemu-img does, a little stricter:
+// ParseSize reads a size in bytes the way qemu-img does, a little stricter:
 //
 //	"123"  "123B"           bytes
 //	"4K" "512M" "4G" "1T"   binary units K M G T P E (either case; K = 1024)
@@ -31,9 +29,9 @@ var units = []struct {
 //
 // "4GB" is refused (is it 4*10^9 or 4*2^30?), as are signs, spaces,
 // exponents, hex and anything past 2^63-1.
-func parseSize(s string) (int64, error) {
+func ParseSize(s string) (int64, error) {
 	bad := func(why string) (int64, error) {
-		return 0, fmt.Errorf("%w %q: %s (write e.g. 512, 100K, 512M, 4G, 1.5T)", errBadSize, s, why)
+		return 0, fmt.Errorf("%w %q: %s (write e.g. 512, 100K, 512M, 4G, 1.5T)", ErrBadSize, s, why)
 	}
 	if s == "" {
 		return bad("empty")
@@ -99,4 +97,17 @@ func parseSize(s string) (int64, error) {
 		return bad(fmt.Sprintf("larger than %d bytes", int64(math.MaxInt64)))
 	}
 	return n.Int64(), nil
+}
+
+// FormatSize writes n in the largest unit that holds it exactly ("4G",
+// "1536M", "123"), so ParseSize(FormatSize(n)) == n for every n >= 0.
+func FormatSize(n int64) string {
+	if n > 0 {
+		for _, u := range units {
+			if n%u.mul == 0 {
+				return strconv.FormatInt(n/u.mul, 10) + string(u.suffix)
+			}
+		}
+	}
+	return strconv.FormatInt(n, 10)
 }
