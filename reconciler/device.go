@@ -1070,6 +1070,13 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		keyImageFormat: format,
 		keyImagePath:   path,
 	}
+	// A device stopped by a fault also says why in the backend's `error`
+	// key, where xenbus drivers report fatal errors for the toolstack.
+	if phase == PhaseFailed || dev.ringErr != "" {
+		want["error"] = errMsg
+	} else if _, had := dev.status["error"]; had {
+		want["error"] = ""
+	}
 	be := dev.key.BackendPath(0)
 	changed := false
 	for k, v := range want {

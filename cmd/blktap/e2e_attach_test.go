@@ -220,6 +220,21 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 		t.Fatal("refused attach left its device behind")
 	}
 
+	// A device whose image is missing fails terminally and says why in
+	// the backend's `error` key, as xenbus drivers do.
+	be2 := "/local/domain/0/backend/tap/0/51760" // xvdd
+	fe2 := "/local/domain/0/device/vbd/51760"
+	xs(xsWrite,
+		be2+"/frontend", fe2, be2+"/frontend-id", "0", be2+"/online", "1",
+		be2+"/params", "aio:"+filepath.Join(dir, "missing.raw"), be2+"/mode", "w",
+		fe2+"/backend", be2, fe2+"/backend-id", "0", fe2+"/state", "1", be2+"/state", "1")
+	d.waitRow("d0-51760", "terminal failure", func(r lsRow) bool { return r.Phase == "failed" })
+	if msg := xs(xsRead, be2+"/error"); !strings.Contains(msg, "no such file") {
+		t.Fatalf("backend error key: %q", msg)
+	}
+	xs(xsRm, be2)
+	xs(xsRm, fe2)
+
 	// The toolstack detaches: online 0 and Closing, then waits for Closed.
 	xs(xsWrite, be+"/online", "0", be+"/state", "5")
 	d.waitRow("d0-51744", "close after toolstack detach", func(r lsRow) bool {
