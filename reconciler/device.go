@@ -923,6 +923,7 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 	srv := &nbd.Server{
 		TLSConfig: tlsConfig,
 		Export: nbd.Export{
+			RoundTrip:   true, // every read is a ring round trip: keep many in flight
 			Name:        dev.name,
 			Description: "blktap guest view " + dev.name,
 			Backend:     dev.lf,

@@ -238,6 +238,9 @@ func (c *conn) readLoop() (err error) {
 
 // inlineable reports whether the reader should run rq itself.
 func (c *conn) inlineable(rq Request) bool {
+	if c.s.Export.RoundTrip && c.br.Buffered() > 0 {
+		return false // more requests are here: keep them all in flight
+	}
 	if c.inlineOff > 0 {
 		c.inlineOff--
 		return false

@@ -61,6 +61,12 @@ type Export struct {
 	// Backend.Flush covers writes made through every connection (true of
 	// every image.Image), so clients may spread I/O over connections.
 	NoMultiConn bool
+	// RoundTrip marks a backend whose every call is a round trip to
+	// somewhere else (the local frontend's ring): the reader then runs a
+	// read itself only when no other request is waiting, and otherwise
+	// hands them all to the workers, since requests in flight together
+	// are what lets the other side batch.
+	RoundTrip bool
 }
 
 // Stats are cumulative counters of a Server.
