@@ -75,12 +75,13 @@ type Daemon struct {
 	root          string // /local/domain/0/backend
 	q             *queue
 
-	mu      sync.Mutex
-	devices map[Key]*device
-	desired map[Key]config.Disk     // from YAML
-	procs   map[Key]*worker.Process // running workers, for the API (devices are the reconcilers')
-	paused  map[Key]bool
-	ports   uint32 // last local event-channel port handed out
+	mu        sync.Mutex
+	devices   map[Key]*device
+	desired   map[Key]config.Disk     // from YAML
+	procs     map[Key]*worker.Process // running workers, for the API (devices are the reconcilers')
+	paused    map[Key]bool
+	conflicts map[Key]string // YAML disks whose key another declaration holds
+	ports     uint32         // last local event-channel port handed out
 }
 
 // Run runs the daemon until ctx is done or SIGTERM/SIGINT arrives, then
@@ -103,14 +104,15 @@ func Run(ctx context.Context, opts Options) error {
 		return fmt.Errorf("state directory: %w", err)
 	}
 	d := &Daemon{
-		opts:    opts,
-		log:     opts.Logger,
-		root:    "/local/domain/0/backend",
-		q:       newQueue(),
-		devices: map[Key]*device{},
-		desired: map[Key]config.Disk{},
-		procs:   map[Key]*worker.Process{},
-		paused:  map[Key]bool{},
+		opts:      opts,
+		log:       opts.Logger,
+		root:      "/local/domain/0/backend",
+		q:         newQueue(),
+		devices:   map[Key]*device{},
+		desired:   map[Key]config.Disk{},
+		procs:     map[Key]*worker.Process{},
+		paused:    map[Key]bool{},
+		conflicts: map[Key]string{},
 	}
 	// Read the YAML before touching anything: a wrong file is a clear
 	// error at start, not a half-started daemon.
@@ -418,7 +420,17 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 			Mode: disk.Mode, Vdev: config.VdevName(disk.DevID), Source: "yaml",
 		}
 		err := WriteDevice(ctx, d.xs, spec)
+		d.setConflict(k, "")
 		if errors.Is(err, ErrExists) {
+			if _, had := old[k]; !had {
+				// Declared already, by someone else (an attach, a
+				// toolstack): both stand as they are and the device's
+				// status says so; nothing is torn down.
+				if why := d.declaredElsewhere(ctx, k, spec); why != "" {
+					log.Error("device declared twice", "why", why)
+					d.setConflict(k, why)
+				}
+			}
 			if prev, had := old[k]; had && (prev.Image != disk.Image || prev.Format != disk.Format || prev.Mode != disk.Mode) {
 				// Image, format or mode changed: a controlled reconnect,
 				// as a toolstack would do it (unplug, then plug anew).
@@ -443,6 +455,12 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 	}
 	for k, disk := range old {
 		if _, still := want[k]; still {
+			continue
+		}
+		if d.conflict(k) != "" {
+			// The YAML never owned this device: someone else declared it.
+			d.setConflict(k, "")
+			d.q.Add(k)
 			continue
 		}
 		d.log.Info("disk removed from the desired state: detaching", "disk", disk.Name)
@@ -503,6 +521,43 @@ func (d *Daemon) shutdownAll() {
 		}()
 	}
 	wg.Wait()
+}
+
+// declaredElsewhere says how the device xenstore already has at k differs
+// from spec, or "" when it is the same disk.
+func (d *Daemon) declaredElsewhere(ctx context.Context, k Key, spec DeviceSpec) string {
+	be := k.BackendPath(0)
+	params, _ := d.xs.Read(ctx, be+"/params")
+	mode, _ := d.xs.Read(ctx, be+"/mode")
+	source, _ := d.xs.Read(ctx, be+"/"+keySource)
+	format, path, err := ParseParams(params)
+	if err == nil {
+		format, err = formats.Normalize(format)
+	}
+	if err == nil && format == spec.Format && path == spec.Path && mode == spec.Mode {
+		return ""
+	}
+	if source == "" {
+		source = "a toolstack"
+	}
+	return fmt.Sprintf("declared twice: the YAML's disk %q (%s:%s %s) and %s's %s (mode %s); serving the latter",
+		spec.Name, spec.Format, spec.Path, spec.Mode, source, params, mode)
+}
+
+func (d *Daemon) setConflict(k Key, why string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if why == "" {
+		delete(d.conflicts, k)
+	} else {
+		d.conflicts[k] = why
+	}
+}
+
+func (d *Daemon) conflict(k Key) string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.conflicts[k]
 }
 
 func (d *Daemon) setProc(k Key, p *worker.Process) {

@@ -1048,6 +1048,9 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	case dev.proc != nil:
 		phase = PhaseWaiting
 	}
+	if c := d.conflict(dev.key); c != "" && errMsg == "" {
+		errMsg = c
+	}
 	if s.Domain0 && dev.exportServed {
 		export = dev.exportURI
 	} else if dev.guest != nil {

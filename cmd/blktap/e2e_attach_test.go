@@ -392,3 +392,45 @@ func TestEndToEndImageDirs(t *testing.T) {
 		t.Fatalf("refused attach left devices: %+v", rows)
 	}
 }
+
+// A disk declared twice (attached by hand, then named differently in the
+// YAML) is an error on the device's status, not a crash and not a
+// reconnect: the first declaration goes on serving.
+func TestEndToEndDeclaredTwice(t *testing.T) {
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "disks.yaml")
+	if err := os.WriteFile(cfg, []byte("disks: []\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := startDaemon(t, bin, cfg)
+	d.waitAnswering()
+	img := filepath.Join(dir, "attached.raw")
+	if out, err := exec.Command(bin, "image", "create", "-f", "raw", img, "8M").CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	d.attachURI("0", "aio:"+img, "xvdc", "w")
+	before, _ := d.row("d0-xvdc")
+	yaml := fmt.Sprintf("disks:\n  - {name: other, image: %s/other.raw, format: raw, device: xvdc, create: {size: 8M}}\n", dir)
+	if err := os.WriteFile(cfg+".tmp", []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(cfg+".tmp", cfg); err != nil {
+		t.Fatal(err)
+	}
+	r := d.waitRow("d0-xvdc", "conflict reported", func(r lsRow) bool { return strings.Contains(r.Error, "declared twice") })
+	if r.Phase != "connected" || r.WorkerPid != before.WorkerPid {
+		t.Fatalf("the first declaration was disturbed: %+v (before %+v)", r, before)
+	}
+	// Dropping the YAML's claim clears the error and detaches nothing.
+	if err := os.WriteFile(cfg+".tmp", []byte("disks: []\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(cfg+".tmp", cfg); err != nil {
+		t.Fatal(err)
+	}
+	r = d.waitRow("d0-xvdc", "conflict cleared", func(r lsRow) bool { return r.Error == "" })
+	if r.Phase != "connected" || r.WorkerPid != before.WorkerPid {
+		t.Fatalf("dropping the YAML's claim disturbed the device: %+v", r)
+	}
+}
