@@ -393,8 +393,9 @@ func imageConvert(args []string) error {
 	if err := applyOpts(&co, opts); err != nil {
 		return err
 	}
+	// qemu-img's habit: progress with -p; we also show it on a terminal.
 	var pr io.Writer
-	if *progress {
+	if *progress || isTerminal(os.Stderr) {
 		pr = os.Stderr
 	}
 	return formats.ConvertWith(context.Background(), in, of, pos[1], co,
