@@ -1,10 +1,8 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -33,25 +31,9 @@ func TestEndToEndWorkerCrashUnderLoad(t *testing.T) {
 	}
 	d := startDaemon(t, bin, cfg)
 	rows := d.waitConnected("g1", "g2", "g3")
-	type result struct {
-		name string
-		out  string
-		err  error
-	}
-	results := make(chan result, 3)
+	results := make(chan fioResult, 3)
 	for _, n := range []string{"g1", "g2", "g3"} {
-		cmd := exec.Command(fio, "--name="+n, "--ioengine=nbd", "--uri="+rows[n].Export,
-			"--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=16M", "--rate_iops=1000",
-			"--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0")
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		go func(n string) {
-			err := cmd.Wait()
-			results <- result{n, out.String(), err}
-		}(n)
+		startFioVerify(t, fio, n, rows[n].Export, "16M", 1000, results)
 	}
 	time.Sleep(1500 * time.Millisecond)
 	if err := syscall.Kill(rows["g2"].WorkerPid, syscall.SIGKILL); err != nil {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -36,25 +35,9 @@ func TestEndToEndDaemonRestart(t *testing.T) {
 	rows := d.waitConnected("a", "b", "g")
 	runTool(t, qemuIO, "-f", "raw", rows["g"].Export, "-c", "write -P 0x67 0 1M")
 
-	type result struct {
-		name string
-		out  []byte
-		err  error
-	}
-	results := make(chan result, 2)
+	results := make(chan fioResult, 2)
 	for _, n := range []string{"a", "b"} {
-		cmd := exec.Command(fio, "--name="+n, "--ioengine=nbd", "--uri="+rows[n].Export,
-			"--rw=randwrite", "--bs=4k", "--iodepth=8", "--size=24M", "--rate_iops=1500",
-			"--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0")
-		var out bytes.Buffer
-		cmd.Stdout, cmd.Stderr = &out, &out
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		go func(n string) {
-			err := cmd.Wait()
-			results <- result{n, out.Bytes(), err}
-		}(n)
+		startFioVerify(t, fio, n, rows[n].Export, "24M", 1500, results)
 	}
 	time.Sleep(1500 * time.Millisecond)
 
@@ -100,7 +83,7 @@ func TestEndToEndDaemonRestart(t *testing.T) {
 	for range 2 {
 		select {
 		case r := <-results:
-			if r.err != nil || strings.Contains(string(r.out), "verify") && strings.Contains(string(r.out), "bad") {
+			if r.err != nil || strings.Contains(r.out, "verify") && strings.Contains(r.out, "bad") {
 				t.Errorf("fio on %s across the daemon restart: %v\n%s", r.name, r.err, r.out)
 			}
 		case <-time.After(2 * time.Minute):

@@ -329,3 +329,29 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	}
 	_ = strconv.Itoa
 }
+
+// fioResult is how one background fio run ended.
+type fioResult struct {
+	name string
+	out  string
+	err  error
+}
+
+// startFioVerify starts fio writing random 4k blocks with crc32c verify
+// through uri, rate-limited so it is still running when the test strikes,
+// and reports on results when it ends.
+func startFioVerify(t testing.TB, fio, name, uri, size string, iops int, results chan<- fioResult) {
+	t.Helper()
+	cmd := exec.Command(fio, "--name="+name, "--ioengine=nbd", "--uri="+uri,
+		"--rw=randwrite", "--bs=4k", "--iodepth=8", "--size="+size, fmt.Sprintf("--rate_iops=%d", iops),
+		"--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0")
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		err := cmd.Wait()
+		results <- fioResult{name, out.String(), err}
+	}()
+}
