@@ -908,6 +908,10 @@ func listenerFile(ln net.Listener) (*os.File, error) {
 	return nil, fmt.Errorf("listener %T cannot be handed over", ln)
 }
 
+// The guest view's reader starts reads and writes on the ring and the
+// frontend's reaper answers them (nbd.Starter).
+var _ nbd.Starter = (*frontend.Frontend)(nil)
+
 func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) error {
 	ln, uri, err := d.listenExport(dev)
 	if err != nil {

@@ -22,10 +22,15 @@
 // ring slot's worth of data pages, granted to the backend only while the
 // request is in flight (read-only for writes).
 //
-// Waiting callers take turns collecting responses for everyone (one holds
-// a token and sleeps on the notify eventfd in the runtime's netpoller), so
-// at queue depth 1 the caller collects its own response with no
-// goroutine hand-off; there is no reaper goroutine.
+// One reaper goroutine per frontend (from Connect to Close) sleeps on the
+// notify eventfd in the runtime's netpoller and collects every response:
+// it hands a blocking call its status over a channel, and runs the
+// Completer of a request started with StartRead / StartWrite itself, so a
+// server that starts requests from its reader and answers them from the
+// reaper has no goroutine hand-off per request. Started requests are held
+// back (not published to the backend) until Publish, or until a Start has
+// to wait for a free tag, or a blocking call publishes, so a batch of
+// them costs the backend one wake-up.
 //
 // A call returns only after the backend's responses; a backend error
 // status becomes an error wrapping syscall.EIO (EOPNOTSUPP for unsupported
@@ -44,6 +49,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"slices"
 	"sync"
 	"syscall"
 
@@ -108,10 +114,30 @@ type tag struct {
 	mem   []byte // the frontend's view of those pages
 	ind   uint32 // first of the indirect pages (if any)
 	done  chan int16
+	// Set by a Start call before the push, read by the reaper after the
+	// response (the ring's barriers order the two):
+	cb     Completer // nil for a blocking call
+	cookie uint64
+	op     uint8 // of a started request
+	n      int   // bytes of a started read
 	// Guarded by Frontend.mu:
 	busy    bool // pushed, response not yet consumed
 	nPages  int  // data pages granted for the request in flight
 	nIndPgs int  // indirect pages granted for it
+}
+
+// Completer receives the results of StartRead and StartWrite. Its methods
+// run on the frontend's reaper goroutine, which collects every response
+// of the disk: they must not block for long, nor call back into the
+// frontend's blocking calls. (An interface literal under an alias, so an
+// identical one elsewhere, e.g. nbd.Completer, is the same type.)
+type Completer = interface {
+	// Complete reports one started request. For a read, data holds the
+	// bytes read; it is valid only until Complete returns.
+	Complete(cookie uint64, data []byte, err error)
+	// CompleteBatch follows the Complete calls of one batch of responses
+	// (called once per Completer that got any).
+	CompleteBatch()
 }
 
 // Frontend is one local guest frontend. Safe for concurrent use.
@@ -129,14 +155,9 @@ type Frontend struct {
 	features Features
 	chunk    int // bytes per request: 11 pages, or the indirect size
 
-	// reapTok is held by the one waiting caller that collects responses
-	// for everyone (see wait): the caller whose response arrives usually
-	// collects it itself, so no goroutine hand-off is on the path.
-	reapTok    chan struct{}
-	reapIDs    []uint16 // scratch of the reapTok holder
-	reapStatus []int16
-	notifyFile *os.File   // a dup of the notify eventfd, read through the netpoller
-	rmw        sync.Mutex // serialises read-modify-write of partial sectors
+	notifyFile *os.File      // a dup of the notify eventfd, read through the netpoller
+	reaperDone chan struct{} // closed when the reaper returns
+	rmw        sync.Mutex    // serialises read-modify-write of partial sectors
 
 	// life is read-held by every call while it touches shared memory,
 	// so Close can unmap it only when no call is left inside.
@@ -148,6 +169,7 @@ type Frontend struct {
 	closed    bool
 	closeErr  error
 	closedCh  chan struct{}
+	held      bool // requests pushed but not yet published (see Publish)
 	size      int64
 	secSize   uint32
 	readOnly  bool
@@ -163,7 +185,7 @@ func New(opts Options) (*Frontend, error) {
 	if entries == 0 {
 		return nil, fmt.Errorf("frontend: ring order %d not in [0, %d]", opts.RingOrder, blkif.MaxRingOrder)
 	}
-	f := &Frontend{opts: opts, log: opts.Logger, closedCh: make(chan struct{}), reapTok: make(chan struct{}, 1)}
+	f := &Frontend{opts: opts, log: opts.Logger, closedCh: make(chan struct{})}
 	if f.log == nil {
 		f.log = slog.Default()
 	}
@@ -292,7 +314,8 @@ func (f *Frontend) Connect(sectors uint64, sectorSize uint32, readOnly bool) err
 	f.notifyFile = os.NewFile(uintptr(fd), "blkif-notify")
 	f.size, f.secSize, f.readOnly = int64(sectors)*sector, sectorSize, readOnly
 	f.connected = true
-	f.reapTok <- struct{}{}
+	f.reaperDone = make(chan struct{})
+	go f.reaper()
 	return nil
 }
 
@@ -317,8 +340,12 @@ func (f *Frontend) CloseWithError(cause error) error {
 	}
 	f.failLocked(cause)
 	f.mu.Unlock()
-	// Wake a caller sleeping in poll for responses; it sees the close.
+	// Wake the reaper; it sees the close, fails the started requests
+	// still in flight and returns.
 	_ = f.ch.Wake()
+	if f.reaperDone != nil {
+		<-f.reaperDone
+	}
 	// Wait for every call to leave the shared memory before unmapping it.
 	f.life.Lock()
 	defer f.life.Unlock()
@@ -343,47 +370,108 @@ func (f *Frontend) failLocked(cause error) {
 	close(f.closedCh)
 }
 
-// reap collects responses for every caller until tag id's has come (or
-// the frontend closed). Only the holder of reapTok calls it. It sleeps
-// reading the notify eventfd (which also consumes the signal); a signal
-// sent after the final check in collectLocked wakes it.
-func (f *Frontend) reap(id uint16) (int16, bool) {
-	t := &f.tags[id]
-	done, status := f.reapIDs[:0], f.reapStatus[:0]
-	defer func() { f.reapIDs, f.reapStatus = done, status }()
+// reaper collects every response until the frontend closes: a blocking
+// call gets its status on its tag's channel, a started request its
+// Completer call. It sleeps reading the notify eventfd (which also
+// consumes the signal); a signal sent after the final check in
+// collectLocked wakes it.
+func (f *Frontend) reaper() {
+	defer close(f.reaperDone)
+	type done struct {
+		id uint16
+		st int16
+	}
+	var batch []done
+	var sinks []Completer
 	var buf [8]byte
 	for {
-		done, status = done[:0], status[:0]
+		batch = batch[:0]
 		f.mu.Lock()
 		closed := f.closed
 		var err error
 		if !closed {
-			err = f.collectLocked(func(id uint16, st int16) {
-				done = append(done, id)
-				status = append(status, st)
-			})
+			err = f.collectLocked(func(id uint16, st int16) { batch = append(batch, done{id, st}) })
 		}
 		f.mu.Unlock()
 		if err != nil {
 			f.log.Error("frontend: backend broke the ring; failing the disk", "err", err)
 			f.fail(err)
 		}
-		// Send outside the lock; each done channel has room for its one
-		// response.
-		for i, d := range done {
-			f.tags[d].done <- status[i]
+		sinks = sinks[:0]
+		for _, d := range batch {
+			t := &f.tags[d.id]
+			if t.cb == nil {
+				// Each done channel has room for its one response.
+				t.done <- d.st
+				continue
+			}
+			cb, cookie := t.cb, t.cookie
+			var data []byte
+			err := statusErr(d.st, t.op)
+			if err == nil && t.op == blkif.OpRead {
+				data = t.mem[:t.n]
+			}
+			cb.Complete(cookie, data, err)
+			t.cb = nil
+			f.release(d.id)
+			if !slices.Contains(sinks, cb) {
+				sinks = append(sinks, cb)
+			}
 		}
-		select {
-		case st := <-t.done:
-			return st, true
-		default:
+		for _, cb := range sinks {
+			cb.CompleteBatch()
 		}
 		if closed || err != nil {
-			return 0, false
+			f.failStarted()
+			return
 		}
 		if _, err := f.notifyFile.Read(buf[:]); err != nil {
 			f.fail(fmt.Errorf("reading notify eventfd: %w", err))
 		}
+	}
+}
+
+// failStarted completes every started request still in flight with the
+// close error; the frontend is closed, so none of them is answered later
+// and their tags are never reused.
+func (f *Frontend) failStarted() {
+	f.mu.Lock()
+	var sinks []Completer
+	type started struct {
+		cb     Completer
+		cookie uint64
+	}
+	var fail []started
+	for i := range f.tags {
+		t := &f.tags[i]
+		if t.busy && t.cb != nil {
+			fail = append(fail, started{t.cb, t.cookie})
+			t.cb = nil
+			t.busy = false
+		}
+	}
+	err := f.closeErr
+	f.mu.Unlock()
+	for _, s := range fail {
+		s.cb.Complete(s.cookie, nil, err)
+		if !slices.Contains(sinks, s.cb) {
+			sinks = append(sinks, s.cb)
+		}
+	}
+	for _, cb := range sinks {
+		cb.CompleteBatch()
+	}
+}
+
+// statusErr turns a response status into the error a call returns.
+func statusErr(st int16, op uint8) error {
+	switch st {
+	case blkif.StatusOK:
+		return nil
+	case blkif.StatusEOPNOTSUPP:
+		return fmt.Errorf("%s: %w", blkif.OpName(op), ErrNotSupported)
+	default:
+		return fmt.Errorf("%s: %w (status %d)", blkif.OpName(op), ErrIO, st)
 	}
 }
 
@@ -443,8 +531,9 @@ func (f *Frontend) release(id uint16) { f.free <- id }
 // submit pushes one request on tag id: op over [off, off+n) of the disk,
 // with the data in the tag's pages. n is a multiple of 512, at most
 // f.chunk (0 for a flush). More than 11 pages go as an indirect request,
-// whose segment list the tag's indirect pages carry.
-func (f *Frontend) submit(id uint16, op uint8, off int64, n int) error {
+// whose segment list the tag's indirect pages carry. Unless hold, it
+// publishes every request pushed so far (and kicks when the backend asks).
+func (f *Frontend) submit(id uint16, op uint8, off int64, n int, hold bool) error {
 	t := &f.tags[id]
 	req := blkif.Request{Op: op, ID: uint64(id), Sector: uint64(off) / sector}
 	pages := (n + pageSize - 1) / pageSize
@@ -495,14 +584,36 @@ func (f *Frontend) submit(id uint16, op uint8, off int64, n int) error {
 		return fmt.Errorf("frontend: %w", err)
 	}
 	t.busy = true
+	if hold {
+		f.held = true
+		f.mu.Unlock()
+		return nil
+	}
+	return f.publishLocked()
+}
+
+// publishLocked publishes the pushed requests and kicks the backend if it
+// asked; it releases f.mu.
+func (f *Frontend) publishLocked() error {
+	f.held = false
 	kick := f.front.PushRequests()
 	f.mu.Unlock()
 	if kick {
-		if err := f.ch.Kick(); err != nil {
-			return err
-		}
+		return f.ch.Kick()
 	}
 	return nil
+}
+
+// Publish lets the backend see the requests started so far. A caller of
+// StartRead / StartWrite calls it before it goes to sleep (e.g. waiting for
+// its client), so nothing it started is left held back.
+func (f *Frontend) Publish() error {
+	f.mu.Lock()
+	if !f.held || f.closed {
+		f.mu.Unlock()
+		return nil
+	}
+	return f.publishLocked()
 }
 
 // wait waits for tag id's response and turns its status into an error.
@@ -512,13 +623,6 @@ func (f *Frontend) wait(id uint16, op uint8) error {
 	var st int16
 	select {
 	case st = <-f.tags[id].done:
-	case <-f.reapTok:
-		var ok bool
-		st, ok = f.reap(id)
-		f.reapTok <- struct{}{}
-		if !ok {
-			return f.closeErr
-		}
 	case <-f.closedCh:
 		// The response may have raced the close; prefer it.
 		select {
@@ -530,14 +634,7 @@ func (f *Frontend) wait(id uint16, op uint8) error {
 		}
 		return f.closeErr
 	}
-	switch st {
-	case blkif.StatusOK:
-		return nil
-	case blkif.StatusEOPNOTSUPP:
-		return fmt.Errorf("%s: %w", blkif.OpName(op), ErrNotSupported)
-	default:
-		return fmt.Errorf("%s: %w (status %d)", blkif.OpName(op), ErrIO, st)
-	}
+	return statusErr(st, op)
 }
 
 // enter admits a call: connected, not closed; it holds life.RLock until
@@ -616,7 +713,7 @@ func (f *Frontend) rw(op uint8, alo, ahi int64, fill func(c *inflight, mem []byt
 		if fill != nil {
 			fill(&c, f.tags[id].mem)
 		}
-		if err := f.submit(id, op, off, n); err != nil {
+		if err := f.submit(id, op, off, n, false); err != nil {
 			if !errors.Is(err, ErrClosed) {
 				f.release(id)
 			}
@@ -720,6 +817,69 @@ func (f *Frontend) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// StartMax is the longest request StartRead and StartWrite take: one ring
+// request (11 pages, or the indirect size both sides agreed on).
+func (f *Frontend) StartMax() int { return f.chunk }
+
+// StartRead starts reading [off, off+n) and returns without waiting: off
+// and n are multiples of 512, 0 < n <= StartMax, inside the disk. c gets
+// the bytes (or the error) on the reaper goroutine, with cookie. The
+// request is held back until Publish (see the package doc). An error
+// returned here means nothing was started and c is not called. It blocks
+// only while every tag is in flight.
+func (f *Frontend) StartRead(off int64, n int, c Completer, cookie uint64) error {
+	return f.start(blkif.OpRead, off, n, nil, c, cookie)
+}
+
+// StartWrite is StartRead for writing p at off (p is copied before it
+// returns). Complete's error is nil once the data is in the image.
+func (f *Frontend) StartWrite(p []byte, off int64, c Completer, cookie uint64) error {
+	return f.start(blkif.OpWrite, off, len(p), p, c, cookie)
+}
+
+func (f *Frontend) start(op uint8, off int64, n int, p []byte, c Completer, cookie uint64) error {
+	size, ro, err := f.enter()
+	if err != nil {
+		return err
+	}
+	defer f.leave()
+	if op == blkif.OpWrite && ro {
+		return ErrReadOnly
+	}
+	if n <= 0 || n > f.chunk || off%sector != 0 || n%sector != 0 {
+		return fmt.Errorf("frontend: %s of %d bytes at %d: not a single aligned request", blkif.OpName(op), n, off)
+	}
+	if err := image.CheckRange(off, n, size); err != nil {
+		return fmt.Errorf("frontend: %w", err)
+	}
+	var id uint16
+	select {
+	case id = <-f.free:
+	default:
+		// Every tag is in flight: what we hold back must go out, or
+		// no tag comes back.
+		if err := f.Publish(); err != nil {
+			return err
+		}
+		if id, err = f.acquire(); err != nil {
+			return err
+		}
+	}
+	t := &f.tags[id]
+	if p != nil {
+		copy(t.mem, p)
+	}
+	t.cb, t.cookie, t.op, t.n = c, cookie, op, n
+	if err := f.submit(id, op, off, n, true); err != nil {
+		t.cb = nil
+		if !errors.Is(err, ErrClosed) {
+			f.release(id)
+		}
+		return err
+	}
+	return nil
+}
+
 // rmwRange writes b at off, where [off, off+len(b)) lies within at most
 // two sectors and is not sector-aligned: read the sectors, patch, write.
 func (f *Frontend) rmwRange(b []byte, off int64) error {
@@ -755,7 +915,7 @@ func (f *Frontend) single(op uint8, off int64, n int) error {
 	if err != nil {
 		return err
 	}
-	if err := f.submit(id, op, off, n); err != nil {
+	if err := f.submit(id, op, off, n, false); err != nil {
 		if !errors.Is(err, ErrClosed) {
 			f.release(id)
 		}

@@ -24,7 +24,9 @@ func serveNBD(t *testing.T, f *Frontend) string {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &nbd.Server{Export: nbd.Export{Name: "guest", Backend: f}}
+	// RoundTrip, as the daemon sets it: reads and writes take the
+	// started (nbd.Starter) path.
+	srv := &nbd.Server{Export: nbd.Export{Name: "guest", Backend: f, RoundTrip: true}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ctx, ln) }()

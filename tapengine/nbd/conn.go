@@ -13,6 +13,7 @@ import (
 	"net"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
@@ -64,6 +65,13 @@ type req struct {
 	segs    []seg
 	// deferred: run inline by the reader; its reply may wait for kick.
 	deferred bool
+	// start: the reader starts it on the Starter, in parts of up to
+	// StartMax bytes; the last part's Complete answers it.
+	start bool
+	idx   int          // in conn.reqs: the low half of a part's cookie
+	parts atomic.Int32 // parts not yet completed
+	emu   sync.Mutex
+	perr  error // the first part's error
 }
 
 type seg struct {
@@ -84,6 +92,10 @@ type conn struct {
 	disc   Discarder
 	mapper Mapper
 	zw     ZeroWriter
+	st     Starter // nil unless the backend is one and RoundTrip is set
+	stMax  uint64
+	reqs   []*req
+	async  sync.WaitGroup // started requests not yet completed
 	size   int64
 	ro     bool
 	log    *slog.Logger
@@ -123,6 +135,9 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 	c.disc, _ = c.be.(Discarder)
 	c.mapper, _ = c.be.(Mapper)
 	c.zw, _ = c.be.(ZeroWriter)
+	if st, ok := c.be.(Starter); ok && s.Export.RoundTrip {
+		c.st, c.stMax = st, uint64(st.StartMax())
+	}
 	if _, ok := nc.(*tls.Conn); ok {
 		c.tlsw = bufio.NewWriterSize(nc, 64<<10)
 	}
@@ -130,8 +145,10 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 	n := s.maxInFlight()
 	c.free = make(chan *req, n)
 	c.work = make(chan *req, n)
-	for i := 0; i < n; i++ {
-		c.free <- &req{scratch: make([]byte, 0, 128), iov: make([][]byte, 0, 4)}
+	c.reqs = make([]*req, n)
+	for i := range c.reqs {
+		c.reqs[i] = &req{scratch: make([]byte, 0, 128), iov: make([][]byte, 0, 4), idx: i}
+		c.free <- c.reqs[i]
 	}
 	return c
 }
@@ -152,6 +169,10 @@ func (c *conn) serve(ctx context.Context) error {
 	err := c.readLoop()
 	close(c.work)
 	wg.Wait()
+	if c.st != nil {
+		c.async.Wait()
+		c.kick() // the last batch's replies, if its CompleteBatch lost the race
+	}
 	if err == nil {
 		c.wmu.Lock()
 		err = c.werr
@@ -176,12 +197,13 @@ func (c *conn) readLoop() (err error) {
 	if c.sess.extended {
 		hsz = extRequestSize
 	}
-	// Replies held back must go out whatever ends the loop.
-	defer c.kick()
+	// Replies and started requests held back must go out whatever ends
+	// the loop.
+	defer c.flushHeld()
 	var hb [extRequestSize]byte
 	for {
 		if c.br.Buffered() < hsz {
-			c.kick() // about to wait for the client: send what we have
+			c.flushHeld() // about to wait for the client: send what we have
 		}
 		if _, err := io.ReadFull(c.br, hb[:hsz]); err != nil {
 			if errors.Is(err, io.EOF) {
@@ -206,7 +228,7 @@ func (c *conn) readLoop() (err error) {
 			return nil
 		}
 		if len(c.free) == 0 {
-			c.kick() // replies we hold may be what frees a slot
+			c.flushHeld() // what we hold may be what frees a slot
 		}
 		r := <-c.free
 		r.Request = rq
@@ -215,18 +237,23 @@ func (c *conn) readLoop() (err error) {
 			need = int64(rq.Length)
 		}
 		if need > bigRequest {
-			c.kick()
+			c.flushHeld()
 			c.acquire(r, need)
 		}
 		if plen > 0 {
 			r.buf, r.bufp = getBuf(int(plen))
 			if c.br.Buffered() < int(plen) {
-				c.kick()
+				c.flushHeld()
 			}
 			if _, err := io.ReadFull(c.br, r.buf); err != nil {
 				c.release(r)
 				return fmt.Errorf("nbd: reading %d-byte payload: %w", plen, err)
 			}
+		}
+		if c.startable(rq) {
+			r.start, r.deferred = true, true
+			c.handle(r)
+			continue
 		}
 		if c.inlineable(rq) {
 			c.runInline(r)
@@ -235,6 +262,101 @@ func (c *conn) readLoop() (err error) {
 		c.work <- r
 	}
 }
+
+// flushHeld sends the replies the reader held back and publishes the
+// requests it started.
+func (c *conn) flushHeld() {
+	c.kick()
+	if c.st != nil {
+		if err := c.st.Publish(); err != nil {
+			c.log.Debug("nbd: publishing started requests", "err", err)
+		}
+	}
+}
+
+// startable reports whether the reader should start rq on the Starter.
+func (c *conn) startable(rq Request) bool {
+	if c.st == nil || rq.Length == 0 || rq.Length > MaxPayload || rq.Offset%512 != 0 || rq.Length%512 != 0 {
+		return false
+	}
+	switch rq.Type {
+	case CmdRead:
+		// A sparse read asks the map first; a started read cannot.
+		return !c.sess.structured || c.mapper == nil || rq.Length < sparseMin || rq.Flags&CmdFlagDF != 0
+	case CmdWrite:
+		return rq.Flags&CmdFlagFUA == 0
+	}
+	return false
+}
+
+// start starts a validated READ or WRITE in parts of up to StartMax
+// bytes; the part cookies are the request's index and, in the high half,
+// the part's number. The last part to finish answers the request.
+func (c *conn) start(r *req) {
+	parts := int32((r.Length + c.stMax - 1) / c.stMax)
+	r.parts.Store(parts)
+	r.perr = nil
+	c.async.Add(1)
+	for i := range parts {
+		off := uint64(i) * c.stMax
+		n := min(c.stMax, r.Length-off)
+		cookie := uint64(r.idx) | uint64(i)<<32
+		var err error
+		if r.Type == CmdRead {
+			err = c.st.StartRead(int64(r.Offset+off), int(n), c, cookie)
+		} else {
+			err = c.st.StartWrite(r.buf[off:off+n], int64(r.Offset+off), c, cookie)
+		}
+		if err != nil {
+			// The parts from i on never start.
+			c.partsDone(r, parts-i, err)
+			return
+		}
+	}
+}
+
+// Complete finishes one part of a started request (Completer; on the
+// Starter's goroutine). The reply waits for CompleteBatch.
+func (c *conn) Complete(cookie uint64, data []byte, err error) {
+	r := c.reqs[uint32(cookie)]
+	if err == nil && r.Type == CmdRead {
+		copy(r.buf[(cookie>>32)*c.stMax:], data)
+	}
+	c.partsDone(r, 1, err)
+}
+
+// partsDone accounts k parts of r as finished and answers r after its
+// last one.
+func (c *conn) partsDone(r *req, k int32, err error) {
+	r.emu.Lock()
+	if r.perr == nil {
+		r.perr = err
+	}
+	r.emu.Unlock()
+	if r.parts.Add(-k) != 0 {
+		return
+	}
+	r.emu.Lock()
+	err = r.perr
+	r.emu.Unlock()
+	r.deferred = true
+	switch {
+	case r.Type == CmdRead && err == nil:
+		c.s.stats.bytesRead.Add(r.Length)
+		c.replyData(r)
+	case r.Type == CmdRead:
+		c.replyBackendErr(r, "read", err)
+	case err == nil:
+		c.s.stats.bytesWritten.Add(r.Length)
+		c.replyOK(r)
+	default:
+		c.replyBackendErr(r, "write", err)
+	}
+	c.async.Done()
+}
+
+// CompleteBatch sends the replies of a batch of completions in one write.
+func (c *conn) CompleteBatch() { c.kick() }
 
 // inlineable reports whether the reader should run rq itself.
 func (c *conn) inlineable(rq Request) bool {
@@ -290,7 +412,7 @@ func (c *conn) release(r *req) {
 		putBuf(r.bufp)
 	}
 	r.buf, r.bufp = nil, nil
-	r.deferred = false
+	r.deferred, r.start = false, false
 	if r.budget > 0 {
 		c.bmu.Lock()
 		c.bused -= r.budget
@@ -367,6 +489,8 @@ func (c *conn) handle(r *req) {
 			c.replyErr(r, errPerm, "export is read-only")
 		case !c.inRange(r.Offset, r.Length):
 			c.replyErr(r, errNoSpc, "write past the end of the export")
+		case r.start:
+			c.start(r)
 		default:
 			if err := writeAll(c.be, r.buf, int64(r.Offset)); err != nil {
 				c.replyBackendErr(r, "write", err)
@@ -491,6 +615,10 @@ func (c *conn) read(r *req) {
 		return
 	}
 	r.buf, r.bufp = getBuf(n)
+	if r.start {
+		c.start(r)
+		return
+	}
 	if c.sess.structured && c.mapper != nil && n >= sparseMin && r.Flags&CmdFlagDF == 0 {
 		if c.sparseRead(r) {
 			return

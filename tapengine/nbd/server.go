@@ -51,6 +51,30 @@ type ZeroWriter interface {
 	WriteZeroes(off, length int64, mayTrim bool) error
 }
 
+// Completer receives the results of a Starter's calls (the same type as
+// frontend.Completer: an alias of one interface literal).
+type Completer = interface {
+	// Complete reports one started request; data (reads) is valid only
+	// until it returns.
+	Complete(cookie uint64, data []byte, err error)
+	// CompleteBatch follows the Complete calls of one batch.
+	CompleteBatch()
+}
+
+// Starter is the optional capability of a RoundTrip backend that starts a
+// read or write and reports it later on a goroutine of its own (the local
+// frontend's reaper). The reader then starts every aligned READ and WRITE
+// (without FUA) of up to StartMax bytes itself and the reaper answers it,
+// so no request waits on a goroutine hand-off. Started requests may be
+// held back until Publish, which the reader calls before it waits for its
+// client.
+type Starter interface {
+	StartMax() int
+	StartRead(off int64, n int, c Completer, cookie uint64) error
+	StartWrite(p []byte, off int64, c Completer, cookie uint64) error
+	Publish() error
+}
+
 // Export is one named disk.
 type Export struct {
 	Name        string // clients may also ask for "" (the default export)

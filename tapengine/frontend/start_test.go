@@ -1,0 +1,153 @@
+package frontend
+
+import (
+	"bytes"
+	"errors"
+	"sync"
+	"testing"
+
+	"github.com/blktap-go/blktap/tapengine/blkif"
+	"github.com/blktap-go/blktap/tapengine/ring"
+)
+
+// recorder is a Completer that keeps what it was told.
+type recorder struct {
+	mu      sync.Mutex
+	data    map[uint64][]byte
+	errs    map[uint64]error
+	batches int
+	done    chan uint64
+}
+
+func newRecorder(n int) *recorder {
+	return &recorder{data: map[uint64][]byte{}, errs: map[uint64]error{}, done: make(chan uint64, n)}
+}
+
+func (r *recorder) Complete(cookie uint64, data []byte, err error) {
+	r.mu.Lock()
+	if data != nil {
+		r.data[cookie] = bytes.Clone(data)
+	}
+	r.errs[cookie] = err
+	r.mu.Unlock()
+	r.done <- cookie
+}
+
+func (r *recorder) CompleteBatch() {
+	r.mu.Lock()
+	r.batches++
+	r.mu.Unlock()
+}
+
+// TestStartCalls: more started writes than there are tags (so a Start
+// must publish what it held and wait), then started reads of the same
+// blocks; every cookie completes once, with the bytes written, and a
+// misaligned or oversized start is refused without a completion.
+func TestStartCalls(t *testing.T) {
+	const size = 4 << 20
+	r := newRigOpts(t, Options{Protocol: blkif.X86_64, MaxIndirectSegments: 32}, size, ring.Options{MaxIndirectSegments: 32})
+	f := r.f
+	if f.StartMax() != 32*4096 {
+		t.Fatalf("StartMax %d, want %d", f.StartMax(), 32*4096)
+	}
+	const n = 100 // 32 tags
+	rec := newRecorder(2 * n)
+	block := func(i int) []byte { return bytes.Repeat([]byte{byte(i)}, 8192) }
+	for i := range n {
+		if err := f.StartWrite(block(i), int64(i)*8192, rec, uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Publish(); err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		<-rec.done
+	}
+	for i := range n {
+		if err := f.StartRead(int64(i)*8192, 8192, rec, uint64(n+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Publish(); err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		<-rec.done
+	}
+	rec.mu.Lock()
+	for i := range 2 * n {
+		if err := rec.errs[uint64(i)]; err != nil {
+			t.Errorf("cookie %d: %v", i, err)
+		}
+	}
+	for i := range n {
+		if !bytes.Equal(rec.data[uint64(n+i)], block(i)) {
+			t.Errorf("read %d: wrong bytes", i)
+		}
+		if rec.data[uint64(i)] != nil {
+			t.Errorf("write %d completed with data", i)
+		}
+	}
+	if rec.batches == 0 || rec.batches > 2*n {
+		t.Errorf("%d batches for %d completions", rec.batches, 2*n)
+	}
+	rec.mu.Unlock()
+	got := make([]byte, 8192)
+	if _, err := r.img.f.ReadAt(got, 7*8192); err != nil || !bytes.Equal(got, block(7)) {
+		t.Errorf("image at block 7: %v", err)
+	}
+	for _, c := range []struct {
+		off int64
+		n   int
+	}{{100, 512}, {0, 100}, {0, 0}, {0, f.StartMax() + 512}, {size - 512, 1024}, {-512, 512}} {
+		if err := f.StartRead(c.off, c.n, rec, 999); err == nil {
+			t.Errorf("StartRead(%d, %d) accepted", c.off, c.n)
+		}
+	}
+	select {
+	case c := <-rec.done:
+		t.Errorf("a refused start completed (cookie %d)", c)
+	default:
+	}
+}
+
+// TestStartThenClose: started requests the backend never answers are
+// completed with the close error when the frontend closes, and Close
+// waits for the reaper.
+func TestStartThenClose(t *testing.T) {
+	f, err := New(Options{Protocol: blkif.X86_64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Connect(2048, 512, false); err != nil {
+		t.Fatal(err)
+	}
+	const n = 20
+	rec := newRecorder(n)
+	for i := range n {
+		if err := f.StartRead(int64(i)*4096, 4096, rec, uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := f.Publish(); err != nil {
+		t.Fatal(err)
+	}
+	cause := errors.New("worker died")
+	if err := f.CloseWithError(cause); err != nil {
+		t.Fatal(err)
+	}
+	for range n {
+		<-rec.done
+	}
+	rec.mu.Lock()
+	defer rec.mu.Unlock()
+	for i := range n {
+		if err := rec.errs[uint64(i)]; !errors.Is(err, ErrClosed) || !errors.Is(err, cause) {
+			t.Errorf("cookie %d: %v", i, err)
+		}
+	}
+	if err := f.StartWrite(make([]byte, 512), 0, rec, 1); !errors.Is(err, ErrClosed) {
+		t.Errorf("start after close: %v", err)
+	}
+}
