@@ -50,9 +50,13 @@ func (p *pool) run(jobs []job) {
 	p.wg.Wait()
 }
 
-// serveBatch consumes n requests and writes their responses (not yet
-// published).
-func (s *server) serveBatch(n int) {
+// publishEvery: a long batch publishes its responses every this many
+// requests (the pool-less loop only).
+const publishEvery = 8
+
+// serveBatch consumes n requests and writes their responses (the last
+// ones not yet published).
+func (s *server) serveBatch(n int) error {
 	if cap(s.batch) < n {
 		// Pending never reports more than a ring, so this cannot happen;
 		// refuse to grow on a peer's say-so regardless.
@@ -66,8 +70,15 @@ func (s *server) serveBatch(n int) {
 			s.prepare(&r, &jobs[i])
 			s.exec(&jobs[i])
 			s.respond(&jobs[i])
+			if (i+1)%publishEvery == 0 && i+1 < len(jobs) {
+				// Let the frontend take these while we do the rest: the
+				// two sides overlap instead of taking turns by batch.
+				if err := s.publish(); err != nil {
+					return err
+				}
+			}
 		}
-		return
+		return nil
 	}
 	for i := range jobs {
 		s.back.Next(&r)
@@ -91,6 +102,7 @@ func (s *server) serveBatch(n int) {
 	for i := range jobs {
 		s.respond(&jobs[i])
 	}
+	return nil
 }
 
 func (s *server) respond(j *job) {

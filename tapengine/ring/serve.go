@@ -165,6 +165,24 @@ func (s *server) shutdown() error {
 	return nil
 }
 
+// publish gives back the pages of the requests answered so far (a
+// PageReleaser's) and publishes their responses, notifying the frontend
+// if it asked.
+func (s *server) publish() error {
+	if r, ok := s.t.(PageReleaser); ok {
+		if err := r.ReleasePages(); err != nil {
+			return fmt.Errorf("ring: release pages: %w", err)
+		}
+	}
+	if s.back.PushResponses() {
+		s.stats.Notifies.Add(1)
+		if err := s.t.Notify(); err != nil {
+			return fmt.Errorf("ring: notify: %w", err)
+		}
+	}
+	return nil
+}
+
 // drain consumes and answers requests until the final check finds none.
 func (s *server) drain() error {
 	for {
@@ -173,18 +191,12 @@ func (s *server) drain() error {
 			return err
 		}
 		if n > 0 {
-			s.serveBatch(n)
-			s.stats.Batches.Add(1)
-			if r, ok := s.t.(PageReleaser); ok {
-				if err := r.ReleasePages(); err != nil {
-					return fmt.Errorf("ring: release pages: %w", err)
-				}
+			if err := s.serveBatch(n); err != nil {
+				return err
 			}
-			if s.back.PushResponses() {
-				s.stats.Notifies.Add(1)
-				if err := s.t.Notify(); err != nil {
-					return fmt.Errorf("ring: notify: %w", err)
-				}
+			s.stats.Batches.Add(1)
+			if err := s.publish(); err != nil {
+				return err
 			}
 		}
 		more, err := s.back.FinalCheck()

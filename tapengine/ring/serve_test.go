@@ -285,3 +285,81 @@ func TestFeatures(t *testing.T) {
 		t.Errorf("full: %v %v", probe, connect)
 	}
 }
+
+// stallImage blocks the read at offset at until release is closed.
+type stallImage struct {
+	*memImage
+	at      int64
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (s *stallImage) ReadAt(p []byte, off int64) (int, error) {
+	if off == s.at {
+		close(s.entered)
+		<-s.release
+	}
+	return s.memImage.ReadAt(p, off)
+}
+
+// TestPublishMidBatch: a long batch publishes its first responses while
+// it still works on the rest, so the frontend can take them meanwhile.
+func TestPublishMidBatch(t *testing.T) {
+	tr := newMemTransport(t, 0)
+	front, err := NewFront(tr.ring, blkif.X86_64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	front.Init()
+	img := &stallImage{memImage: &memImage{data: make([]byte, 1<<20)}, at: publishEvery * 4096,
+		entered: make(chan struct{}), release: make(chan struct{})}
+	ctx, cancel := contextWithCancel()
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, tr, blkif.X86_64, img, Options{}) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	const n = publishEvery + 4
+	for i := range n {
+		tr.grant(uint32(100+i), false)
+		r := rw(blkif.OpRead, uint64(i), uint64(i)*8, seg(uint32(100+i), 0, 7))
+		if err := front.Push(&r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if front.PushRequests() {
+		tr.kickBackend()
+	}
+	<-img.entered
+	got, err := front.Pending()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != publishEvery {
+		t.Errorf("%d responses published while the batch stalls at request %d, want %d", got, publishEvery, publishEvery)
+	}
+	close(img.release)
+	seen := 0
+	for seen < n {
+		k, err := front.Pending()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range k {
+			var rsp blkif.Response
+			front.Next(&rsp)
+			if rsp.Status != blkif.StatusOK {
+				t.Errorf("response %+v", rsp)
+			}
+			seen++
+		}
+		if seen < n {
+			if more, _ := front.FinalCheck(); !more {
+				tr.waitNotify()
+			}
+		}
+	}
+}
