@@ -91,6 +91,14 @@ type Export struct {
 	// hands them all to the workers, since requests in flight together
 	// are what lets the other side batch.
 	RoundTrip bool
+	// InlineWrites lets the reader run a small write itself (no FUA, at
+	// most 128 KiB) when it is the only request in flight and no other
+	// has arrived: at queue depth 1 that saves a goroutine hand-off per
+	// write. Set it only for a backend whose writes never wait on a later
+	// request (a local image file): the reader reads nothing more until
+	// the write returns. One that turns out slow (a flush of dirty pages)
+	// sends the next writes to the workers for a while.
+	InlineWrites bool
 }
 
 // Stats are cumulative counters of a Server.

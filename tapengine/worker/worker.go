@@ -116,6 +116,8 @@ type worker struct {
 	nbdDone   chan struct{}
 
 	ring ringState
+
+	idleStop context.CancelFunc // stops the idle trimmer (idle.go)
 }
 
 // ringState is the disk's rings: one per queue (blkif multi-queue), all
@@ -359,6 +361,7 @@ func (w *worker) open(req *Request) Reply {
 	}
 	w.img, w.lock = &gate{img: img}, lock
 	w.io = &throttle{Image: w.img}
+	w.idleStop = w.startIdleTrim()
 	w.readOnly, w.format, w.path, w.size = req.ReadOnly, req.Format, req.Path, img.Size()
 	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", req.ReadOnly)
 	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
@@ -567,6 +570,8 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 			Description: "blktap " + req.Name,
 			Backend:     w.io,
 			ReadOnly:    w.readOnly,
+			// A local file's writes never wait on a later request.
+			InlineWrites: formats.IsFile(w.format),
 		},
 		Logger:    w.logger,
 		TLSConfig: tlsConfig,
@@ -716,6 +721,10 @@ func (w *worker) statsReply() Reply {
 // shutdown drains and stops every consumer, then flushes and closes the
 // image. It is idempotent.
 func (w *worker) shutdown() error {
+	if w.idleStop != nil {
+		w.idleStop()
+		w.idleStop = nil
+	}
 	if w.img != nil && w.paused {
 		// Consumers blocked in the gate must return before they stop.
 		w.img.resume(closedImage{size: w.size})
