@@ -371,14 +371,14 @@ func (c *conn) inlineable(rq Request) bool {
 	case CmdRead, CmdCache, CmdBlockStatus:
 		return rq.Length <= inlineMax
 	case CmdWrite:
-		// Other writes go to the workers: a page-cache write still
-		// takes the filesystem's locks (journal, mtime) and sleeps often
-		// enough that running them in parallel beats running them here
-		// (measured with BenchmarkFio: inline writes ran at a third of
-		// the rate). A lone one has nothing to run beside, so the
-		// hand-off would be pure cost.
-		return c.s.Export.InlineWrites && rq.Flags&CmdFlagFUA == 0 && rq.Length <= inlineMax &&
-			c.br.Buffered() == 0 && len(c.free) == cap(c.free)-1
+		// With InlineWrites a page-cache write is cheaper here than a
+		// hand-off: buffered writes to one file serialise on its inode
+		// lock anyway, so workers add wake-ups, not parallelism
+		// (bench/profile.sh ours-dom0 randwrite-4k-qd32: 6.5-7.1 us and
+		// 0.05-0.12 switches per write inline, 9.1-10.3 us and 0.16 on
+		// the workers). A slow one (runInline) sends the next requests to
+		// the workers for a while.
+		return c.s.Export.InlineWrites && rq.Flags&CmdFlagFUA == 0 && rq.Length <= inlineMax
 	}
 	return false
 }

@@ -655,10 +655,10 @@ func TestExtendedHeaders(t *testing.T) {
 	})
 }
 
-// InlineWrites: a lone small write runs on the reader, so a request sent
+// InlineWrites: a small write runs on the reader, so a request sent
 // behind it is read only once it returns (the trade the option makes);
-// a write sent while another request is in flight, or with FUA, still
-// goes to the workers and does not hold the reader.
+// a write with FUA still goes to the workers and does not hold the
+// reader.
 func TestInlineWrites(t *testing.T) {
 	g := &gateBackend{memBackend: newMem(1 << 20), gate: make(chan struct{}), entered: make(chan struct{}, 1)}
 	_, sock, _ := startServer(t, Export{Name: "disk", Backend: g, InlineWrites: true})
