@@ -108,6 +108,33 @@ func FuzzServeConn(f *testing.F) {
 	})
 }
 
+// FuzzServeConnStarter is FuzzServeConn against the paths a guest view
+// and a worker take: requests started on a Starter (RoundTrip) and
+// completed on its goroutine, and writes run on the reader.
+func FuzzServeConnStarter(f *testing.F) {
+	for _, s := range seedConversations() {
+		f.Add(s.data)
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		be := newStarter(1<<20, 4096, 1<<19)
+		defer close(be.queue)
+		s := &Server{Export: Export{Name: "disk", Backend: be, RoundTrip: true, InlineWrites: true},
+			HandshakeTimeout: 5 * time.Second, MaxInFlight: 4}
+		a, b := net.Pipe()
+		done := make(chan error, 1)
+		go func() { done <- s.ServeConn(context.Background(), a) }()
+		go io.Copy(io.Discard, b)
+		b.SetWriteDeadline(time.Now().Add(5 * time.Second))
+		b.Write(data)
+		b.Close()
+		select {
+		case <-done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("server did not finish after the client hung up")
+		}
+	})
+}
+
 type seedConv struct {
 	name string
 	data []byte
