@@ -8,7 +8,7 @@ STATE_DIR ?=
 FUZZTIME  ?= 15s
 TESTFLAGS ?=
 
-.PHONY: all build run test vet lint fmt bench fuzz oracles clean
+.PHONY: all build run test vet lint fmt bench bench-memory fuzz oracles clean
 
 all: build
 
@@ -40,6 +40,11 @@ test: oracles lint build
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 	@if [ -x bench/run.sh ]; then bench/run.sh; fi
+
+# Memory per disk (RSS, PSS, marginal cost; idle, after load, after idle):
+# bench/memory.sh builds this tree and writes bench/results/memory-*/.
+bench-memory:
+	bench/memory.sh
 
 # Every fuzz target, FUZZTIME each.
 fuzz:

@@ -943,6 +943,7 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 			log.Error("guest view export stopped", "err", err)
 		}
 	}()
+	go trimGuestWhenIdle(ctx, srv, dev.lf, log)
 	dev.guest, dev.guestStop, dev.guestDone, dev.guestURI = srv, cancel, done, uri
 	log.Info("guest view ready", "uri", uri)
 	return nil
