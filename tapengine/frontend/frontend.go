@@ -120,6 +120,7 @@ type tag struct {
 	cookie uint64
 	op     uint8 // of a started request
 	n      int   // bytes of a started read
+	lent   bool  // owned by a TakeTag caller: the reaper does not free it
 	// Guarded by Frontend.mu:
 	busy    bool // pushed, response not yet consumed
 	nPages  int  // data pages granted for the request in flight
@@ -163,16 +164,18 @@ type Frontend struct {
 	// so Close can unmap it only when no call is left inside.
 	life sync.RWMutex
 
-	mu        sync.Mutex
-	front     *ring.Front
-	connected bool
-	closed    bool
-	closeErr  error
-	closedCh  chan struct{}
-	held      bool // requests pushed but not yet published (see Publish)
-	size      int64
-	secSize   uint32
-	readOnly  bool
+	mu         sync.Mutex
+	front      *ring.Front
+	connected  bool
+	closed     bool
+	closeErr   error
+	closedCh   chan struct{}
+	held       bool // requests pushed but not yet published (see Publish)
+	lent       int  // tags out with TakeTag callers
+	unmapLater bool // Close left the unmapping to the last PutTag
+	size       int64
+	secSize    uint32
+	readOnly   bool
 }
 
 // New allocates the shared memory, initialises and grants the ring, and
@@ -353,7 +356,16 @@ func (f *Frontend) CloseWithError(cause error) error {
 	if f.notifyFile != nil {
 		ferr = f.notifyFile.Close()
 	}
-	err := errors.Join(ferr, f.ch.Close(), f.gt.Close())
+	err := errors.Join(ferr, f.ch.Close())
+	// Pages lent out (TakeTag) may still be read by their holder: the
+	// last PutTag unmaps then.
+	f.mu.Lock()
+	unmap := f.lent == 0
+	f.unmapLater = !unmap
+	f.mu.Unlock()
+	if unmap {
+		err = errors.Join(err, f.gt.Close())
+	}
 	return err
 }
 
@@ -411,9 +423,12 @@ func (f *Frontend) reaper() {
 			if err == nil && t.op == blkif.OpRead {
 				data = t.mem[:t.n]
 			}
-			cb.Complete(cookie, data, err)
+			lent := t.lent
 			t.cb = nil
-			f.release(d.id)
+			cb.Complete(cookie, data, err)
+			if !lent {
+				f.release(d.id)
+			}
 			if !slices.Contains(sinks, cb) {
 				sinks = append(sinks, cb)
 			}
@@ -838,43 +853,69 @@ func (f *Frontend) StartWrite(p []byte, off int64, c Completer, cookie uint64) e
 }
 
 func (f *Frontend) start(op uint8, off int64, n int, p []byte, c Completer, cookie uint64) error {
+	if err := f.enterStart(op, off, n); err != nil {
+		return err
+	}
+	defer f.leave()
+	id, err := f.takeFree()
+	if err != nil {
+		return err
+	}
+	if p != nil {
+		copy(f.tags[id].mem, p)
+	}
+	err = f.launch(id, op, off, n, c, cookie)
+	if err != nil && !errors.Is(err, ErrClosed) {
+		f.release(id)
+	}
+	return err
+}
+
+// takeFree takes a free tag for a Start or TakeTag caller, which may hold
+// requests back: when every tag is in flight, those must go out first,
+// or no tag comes back.
+func (f *Frontend) takeFree() (uint16, error) {
+	select {
+	case id := <-f.free:
+		return id, nil
+	default:
+	}
+	if err := f.Publish(); err != nil {
+		return 0, err
+	}
+	return f.acquire()
+}
+
+// enterStart admits a Start call (enter) and checks its request; on
+// success the caller must leave.
+func (f *Frontend) enterStart(op uint8, off int64, n int) error {
 	size, ro, err := f.enter()
 	if err != nil {
 		return err
 	}
-	defer f.leave()
-	if op == blkif.OpWrite && ro {
-		return ErrReadOnly
-	}
-	if n <= 0 || n > f.chunk || off%sector != 0 || n%sector != 0 {
-		return fmt.Errorf("frontend: %s of %d bytes at %d: not a single aligned request", blkif.OpName(op), n, off)
-	}
-	if err := image.CheckRange(off, n, size); err != nil {
-		return fmt.Errorf("frontend: %w", err)
-	}
-	var id uint16
-	select {
-	case id = <-f.free:
+	switch {
+	case op == blkif.OpWrite && ro:
+		err = ErrReadOnly
+	case n <= 0 || n > f.chunk || off%sector != 0 || n%sector != 0:
+		err = fmt.Errorf("frontend: %s of %d bytes at %d: not a single aligned request", blkif.OpName(op), n, off)
 	default:
-		// Every tag is in flight: what we hold back must go out, or
-		// no tag comes back.
-		if err := f.Publish(); err != nil {
-			return err
-		}
-		if id, err = f.acquire(); err != nil {
-			return err
+		if err = image.CheckRange(off, n, size); err != nil {
+			err = fmt.Errorf("frontend: %w", err)
 		}
 	}
+	if err != nil {
+		f.leave()
+	}
+	return err
+}
+
+// launch pushes a started request on tag id (held back until Publish);
+// the reaper runs c when it completes.
+func (f *Frontend) launch(id uint16, op uint8, off int64, n int, c Completer, cookie uint64) error {
 	t := &f.tags[id]
-	if p != nil {
-		copy(t.mem, p)
-	}
 	t.cb, t.cookie, t.op, t.n = c, cookie, op, n
 	if err := f.submit(id, op, off, n, true); err != nil {
 		t.cb = nil
-		if !errors.Is(err, ErrClosed) {
-			f.release(id)
-		}
 		return err
 	}
 	return nil

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/ring"
@@ -149,5 +150,86 @@ func TestStartThenClose(t *testing.T) {
 	}
 	if err := f.StartWrite(make([]byte, 512), 0, rec, 1); !errors.Is(err, ErrClosed) {
 		t.Errorf("start after close: %v", err)
+	}
+}
+
+// TestLending: a write filled into a lent tag lands, a read completes in
+// the lent pages, the reaper never frees a lent tag (all 32 lent, a 33rd
+// TakeTag waits until one comes back), and Close with tags lent out leaves
+// their memory mapped until the last PutTag.
+func TestLending(t *testing.T) {
+	const size = 4 << 20
+	r := newRigOpts(t, Options{Protocol: blkif.X86_64}, size, ring.Options{})
+	f := r.f
+	rec := newRecorder(64)
+	h, buf, err := f.TakeTag()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(buf) != f.StartMax() {
+		t.Fatalf("lent %d bytes, StartMax %d", len(buf), f.StartMax())
+	}
+	copy(buf, bytes.Repeat([]byte{0x6b}, 8192))
+	if err := f.StartTagWrite(h, 64<<10, 8192, rec, 1); err != nil {
+		t.Fatal(err)
+	}
+	f.Publish()
+	<-rec.done
+	f.PutTag(h)
+	got := make([]byte, 8192)
+	if _, err := r.img.f.ReadAt(got, 64<<10); err != nil || !bytes.Equal(got, bytes.Repeat([]byte{0x6b}, 8192)) {
+		t.Fatalf("lent write did not land: %v", err)
+	}
+
+	var hs []uint64
+	var bufs [][]byte
+	for range 32 {
+		h, b, err := f.TakeTag()
+		if err != nil {
+			t.Fatal(err)
+		}
+		hs, bufs = append(hs, h), append(bufs, b)
+	}
+	for i, h := range hs {
+		if err := f.StartTagRead(h, 64<<10, 4096, rec, uint64(100+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	f.Publish()
+	for range hs {
+		<-rec.done
+	}
+	rec.mu.Lock()
+	for i := range hs {
+		if rec.errs[uint64(100+i)] != nil || !bytes.Equal(bufs[i][:4096], got[:4096]) {
+			t.Errorf("lent read %d: %v", i, rec.errs[uint64(100+i)])
+		}
+	}
+	rec.mu.Unlock()
+	extra := make(chan uint64, 1)
+	go func() {
+		h, _, err := f.TakeTag()
+		if err != nil {
+			t.Error(err)
+		}
+		extra <- h
+	}()
+	select {
+	case <-extra:
+		t.Fatal("a 33rd tag was lent while 32 were out")
+	case <-time.After(50 * time.Millisecond):
+	}
+	f.PutTag(hs[0])
+	hs[0] = <-extra
+
+	// Close with every tag lent: the pages stay readable until the last
+	// PutTag, which unmaps them.
+	r.shutdown(t)
+	for i, h := range hs {
+		_ = bufs[i][0] // a fault here would be the memory unmapped early
+		f.PutTag(h)
+	}
+	if _, _, err := f.TakeTag(); !errors.Is(err, ErrClosed) {
+		t.Errorf("TakeTag after Close: %v", err)
 	}
 }

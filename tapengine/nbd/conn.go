@@ -72,6 +72,11 @@ type req struct {
 	parts atomic.Int32 // parts not yet completed
 	emu   sync.Mutex
 	perr  error // the first part's error
+	// lent: its buffers are the Lender's tags (one per part); a READ's
+	// data is in lentData, part by part.
+	lent     bool
+	tags     []uint64
+	lentData [][]byte
 }
 
 type seg struct {
@@ -94,6 +99,7 @@ type conn struct {
 	zw     ZeroWriter
 	st     Starter // nil unless the backend is one and RoundTrip is set
 	stMax  uint64
+	lender Lender // the Starter's, if it lends its buffers
 	reqs   []*req
 	async  sync.WaitGroup // started requests not yet completed
 	size   int64
@@ -137,6 +143,7 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 	c.zw, _ = c.be.(ZeroWriter)
 	if st, ok := c.be.(Starter); ok && s.Export.RoundTrip {
 		c.st, c.stMax = st, uint64(st.StartMax())
+		c.lender, _ = st.(Lender)
 	}
 	if _, ok := nc.(*tls.Conn); ok {
 		c.tlsw = bufio.NewWriterSize(nc, 64<<10)
@@ -241,11 +248,10 @@ func (c *conn) readLoop() (err error) {
 			c.acquire(r, need)
 		}
 		if plen > 0 {
-			r.buf, r.bufp = getBuf(int(plen))
 			if c.br.Buffered() < int(plen) {
 				c.flushHeld()
 			}
-			if _, err := io.ReadFull(c.br, r.buf); err != nil {
+			if err := c.readPayload(r, plen); err != nil {
 				c.release(r)
 				return fmt.Errorf("nbd: reading %d-byte payload: %w", plen, err)
 			}
@@ -274,6 +280,46 @@ func (c *conn) flushHeld() {
 	}
 }
 
+// maxLentParts bounds the Lender's buffers one request holds; a bigger
+// request is copied through a buffer of its own, so that a few of them
+// cannot hold every tag.
+const maxLentParts = 4
+
+// lendable reports whether a started rq uses the Lender's buffers.
+func (c *conn) lendable(rq Request) bool {
+	return c.lender != nil && c.startable(rq) && (rq.Length+c.stMax-1)/c.stMax <= maxLentParts
+}
+
+// readPayload reads a WRITE's payload: into the Lender's buffers when the
+// request will be started on them, else into a buffer of its own.
+func (c *conn) readPayload(r *req, plen uint64) error {
+	if c.lendable(r.Request) && r.Type == CmdWrite {
+		for off := uint64(0); off < plen; off += c.stMax {
+			h, buf, err := c.lender.TakeTag()
+			if err != nil {
+				// The backend is gone; the request fails when started.
+				// The payload must still be read to stay in frame.
+				for _, h := range r.tags {
+					c.lender.PutTag(h)
+				}
+				r.tags, r.lent = r.tags[:0], false
+				break
+			}
+			r.tags, r.lent = append(r.tags, h), true
+			n := min(c.stMax, plen-off)
+			if _, err := io.ReadFull(c.br, buf[:n]); err != nil {
+				return err
+			}
+		}
+		if r.lent {
+			return nil
+		}
+	}
+	r.buf, r.bufp = getBuf(int(plen))
+	_, err := io.ReadFull(c.br, r.buf)
+	return err
+}
+
 // startable reports whether the reader should start rq on the Starter.
 func (c *conn) startable(rq Request) bool {
 	if c.st == nil || rq.Length == 0 || rq.Length > MaxPayload || rq.Offset%512 != 0 || rq.Length%512 != 0 {
@@ -297,14 +343,33 @@ func (c *conn) start(r *req) {
 	r.parts.Store(parts)
 	r.perr = nil
 	c.async.Add(1)
+	if r.Type == CmdRead {
+		if c.lendable(r.Request) {
+			r.lent = true
+			r.lentData = slices.Grow(r.lentData[:0], int(parts))[:parts]
+		} else {
+			r.buf, r.bufp = getBuf(int(r.Length))
+		}
+	}
 	for i := range parts {
 		off := uint64(i) * c.stMax
 		n := min(c.stMax, r.Length-off)
 		cookie := uint64(r.idx) | uint64(i)<<32
 		var err error
-		if r.Type == CmdRead {
+		switch {
+		case r.Type == CmdRead && r.lent:
+			var h uint64
+			if h, _, err = c.lender.TakeTag(); err == nil {
+				r.tags = append(r.tags, h)
+				err = c.lender.StartTagRead(h, int64(r.Offset+off), int(n), c, cookie)
+			}
+		case r.Type == CmdRead:
 			err = c.st.StartRead(int64(r.Offset+off), int(n), c, cookie)
-		} else {
+		case r.lent:
+			err = c.lender.StartTagWrite(r.tags[i], int64(r.Offset+off), int(n), c, cookie)
+		case r.buf == nil:
+			err = errors.New("nbd: the backend is closed")
+		default:
 			err = c.st.StartWrite(r.buf[off:off+n], int64(r.Offset+off), c, cookie)
 		}
 		if err != nil {
@@ -320,7 +385,11 @@ func (c *conn) start(r *req) {
 func (c *conn) Complete(cookie uint64, data []byte, err error) {
 	r := c.reqs[uint32(cookie)]
 	if err == nil && r.Type == CmdRead {
-		copy(r.buf[(cookie>>32)*c.stMax:], data)
+		if r.lent {
+			r.lentData[cookie>>32] = data
+		} else {
+			copy(r.buf[(cookie>>32)*c.stMax:], data)
+		}
 	}
 	c.partsDone(r, 1, err)
 }
@@ -418,6 +487,11 @@ func (c *conn) release(r *req) {
 	}
 	r.buf, r.bufp = nil, nil
 	r.deferred, r.start = false, false
+	for _, h := range r.tags {
+		c.lender.PutTag(h)
+	}
+	r.tags, r.lent = r.tags[:0], false
+	clear(r.lentData)
 	if r.budget > 0 {
 		c.bmu.Lock()
 		c.bused -= r.budget
@@ -619,11 +693,11 @@ func (c *conn) read(r *req) {
 		c.replyOK(r)
 		return
 	}
-	r.buf, r.bufp = getBuf(n)
 	if r.start {
 		c.start(r)
 		return
 	}
+	r.buf, r.bufp = getBuf(n)
 	if c.sess.structured && c.mapper != nil && n >= sparseMin && r.Flags&CmdFlagDF == 0 {
 		if c.sparseRead(r) {
 			return
@@ -863,14 +937,19 @@ func (c *conn) replyOK(r *req) {
 	c.send(r)
 }
 
-// replyData answers a READ with r.buf.
+// replyData answers a READ with r.buf (or, lent, with r.lentData).
 func (c *conn) replyData(r *req) {
 	if c.sess.structured {
-		h := c.chunkHdr(r, chunkFlagDone, chunkOffsetData, 8+len(r.buf), 8)
+		h := c.chunkHdr(r, chunkFlagDone, chunkOffsetData, 8+int(r.Length), 8)
 		h = binary.BigEndian.AppendUint64(h, r.Offset)
-		r.iov = append(r.iov, h, r.buf)
+		r.iov = append(r.iov, h)
 	} else {
-		r.iov = append(r.iov, c.simpleHdr(r, 0), r.buf)
+		r.iov = append(r.iov, c.simpleHdr(r, 0))
+	}
+	if r.lent {
+		r.iov = append(r.iov, r.lentData...)
+	} else {
+		r.iov = append(r.iov, r.buf)
 	}
 	c.send(r)
 }

@@ -109,14 +109,15 @@ func FuzzServeConn(f *testing.F) {
 }
 
 // FuzzServeConnStarter is FuzzServeConn against the paths a guest view
-// and a worker take: requests started on a Starter (RoundTrip) and
-// completed on its goroutine, and writes run on the reader.
+// and a worker take: requests started on a Starter (RoundTrip) in the
+// Lender's buffers or copied, completed on its goroutine, and writes run
+// on the reader.
 func FuzzServeConnStarter(f *testing.F) {
 	for _, s := range seedConversations() {
 		f.Add(s.data)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		be := newStarter(1<<20, 4096, 1<<19)
+		be := newLender(1<<20, 4096, 8, 1<<19)
 		defer close(be.queue)
 		s := &Server{Export: Export{Name: "disk", Backend: be, RoundTrip: true, InlineWrites: true},
 			HandshakeTimeout: 5 * time.Second, MaxInFlight: 4}

@@ -75,6 +75,20 @@ type Starter interface {
 	Publish() error
 }
 
+// Lender is the optional capability of a Starter whose request buffers
+// (the local frontend's granted pages) the server may use as its own: a
+// WRITE's payload is read from the socket straight into them and a READ's
+// reply written straight from them, saving a copy each way. A tag is a
+// buffer of StartMax bytes, the server's from TakeTag until PutTag; data a
+// StartTagRead completes with stays valid until then. TakeTag may wait for
+// a tag, but first publishes what it holds back (as Publish).
+type Lender interface {
+	TakeTag() (tag uint64, buf []byte, err error)
+	StartTagRead(tag uint64, off int64, n int, c Completer, cookie uint64) error
+	StartTagWrite(tag uint64, off int64, n int, c Completer, cookie uint64) error
+	PutTag(tag uint64)
+}
+
 // Export is one named disk.
 type Export struct {
 	Name        string // clients may also ask for "" (the default export)
