@@ -226,7 +226,12 @@ func (s *server) mapSegments(segs []blkif.Segment, sector uint64, write bool, j 
 		if len(page) < hi {
 			return fmt.Errorf("%w: segment %d (gref %d): page of %d bytes", errInvalid, i, sg.Gref, len(page))
 		}
-		j.segs = append(j.segs, ioSeg{buf: page[lo:hi], off: off})
+		buf := page[lo:hi]
+		if n := len(j.segs); n > 0 && extends(j.segs[n-1].buf, buf) {
+			j.segs[n-1].buf = join(j.segs[n-1].buf, buf)
+		} else {
+			j.segs = append(j.segs, ioSeg{buf: buf, off: off})
+		}
 		off += int64(hi - lo)
 	}
 	j.bytes = total * blkif.SectorSize
