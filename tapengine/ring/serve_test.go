@@ -9,6 +9,8 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/blktap-go/blktap/formats/image"
+
 	"github.com/blktap-go/blktap/tapengine/blkif"
 )
 
@@ -305,26 +307,34 @@ func (s *stallImage) ReadAt(p []byte, off int64) (int, error) {
 	return s.memImage.ReadAt(p, off)
 }
 
-// TestPublishMidBatch: a long batch publishes its first responses while
-// it still works on the rest, so the frontend can take them meanwhile.
-func TestPublishMidBatch(t *testing.T) {
-	tr := newMemTransport(t, 0)
+// serveImage runs Serve on tr (x86_64) for img until the test ends and
+// returns the frontend's side of the ring.
+func serveImage(t *testing.T, tr *memTransport, img image.Image) *Front {
+	t.Helper()
 	front, err := NewFront(tr.ring, blkif.X86_64)
 	if err != nil {
 		t.Fatal(err)
 	}
 	front.Init()
-	img := &stallImage{memImage: &memImage{data: make([]byte, 1<<20)}, at: publishEvery * 4096,
-		entered: make(chan struct{}), release: make(chan struct{})}
 	ctx, cancel := contextWithCancel()
 	done := make(chan error, 1)
 	go func() { done <- Serve(ctx, tr, blkif.X86_64, img, Options{}) }()
-	defer func() {
+	t.Cleanup(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Error(err)
 		}
-	}()
+	})
+	return front
+}
+
+// TestPublishMidBatch: a long batch publishes its first responses while
+// it still works on the rest, so the frontend can take them meanwhile.
+func TestPublishMidBatch(t *testing.T) {
+	tr := newMemTransport(t, 0)
+	img := &stallImage{memImage: &memImage{data: make([]byte, 1<<20)}, at: publishEvery * 4096,
+		entered: make(chan struct{}), release: make(chan struct{})}
+	front := serveImage(t, tr, img)
 	const n = publishEvery + 4
 	for i := range n {
 		tr.grant(uint32(100+i), false)
@@ -405,21 +415,8 @@ func (c *countImage) WriteAt(p []byte, off int64) (int, error) {
 // where the segments say either way.
 func TestMergeAdjacentSegments(t *testing.T) {
 	tr := newMemTransport(t, 0)
-	front, err := NewFront(tr.ring, blkif.X86_64)
-	if err != nil {
-		t.Fatal(err)
-	}
-	front.Init()
 	img := &countImage{memImage: &memImage{data: make([]byte, 1<<20)}}
-	ctx, cancel := contextWithCancel()
-	done := make(chan error, 1)
-	go func() { done <- Serve(ctx, tr, blkif.X86_64, img, Options{}) }()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	}()
+	front := serveImage(t, tr, img)
 	run := tr.grantRun(200, 4)
 	for i := range run {
 		run[i] = byte(i * 31 / 7)
