@@ -74,3 +74,41 @@ func BenchmarkRoundTrip4k(b *testing.B) {
 		}
 	}
 }
+
+// benchSink is a Completer that counts completions.
+type benchSink struct{ done chan struct{} }
+
+func (s *benchSink) Complete(uint64, []byte, error) { s.done <- struct{}{} }
+func (s *benchSink) CompleteBatch()                 {}
+
+// BenchmarkStartBatch32: what the guest view does at QD32: 32 reads
+// started on lent tags, published once, completed on the reaper, tags
+// put back. Reports time and allocations per request.
+func BenchmarkStartBatch32(b *testing.B) {
+	r := newRig(b, blkif.X86_64, 0, 64<<20, ring.Options{})
+	sink := &benchSink{done: make(chan struct{}, 32)}
+	tags := make([]uint64, 32)
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i += 32 {
+		for k := range tags {
+			h, _, err := r.f.TakeTag()
+			if err != nil {
+				b.Fatal(err)
+			}
+			tags[k] = h
+			if err := r.f.StartTagRead(h, int64((i+k)%16384)*4096, 4096, sink, uint64(k)); err != nil {
+				b.Fatal(err)
+			}
+		}
+		if err := r.f.Publish(); err != nil {
+			b.Fatal(err)
+		}
+		for range tags {
+			<-sink.done
+		}
+		for _, h := range tags {
+			r.f.PutTag(h)
+		}
+	}
+}

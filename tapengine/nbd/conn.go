@@ -48,6 +48,9 @@ const (
 	inlinePause = 256
 	// maxDeferred bounds the replies the reader holds back.
 	maxDeferred = 64
+	// pollSpin: how long the reader polls a Poller for the answer to its
+	// one started request before it goes to wait for its client.
+	pollSpin = 50 * time.Microsecond
 )
 
 var zeroBuf = make([]byte, zeroChunk)
@@ -100,11 +103,14 @@ type conn struct {
 	st     Starter // nil unless the backend is one and RoundTrip is set
 	stMax  uint64
 	lender Lender // the Starter's, if it lends its buffers
-	reqs   []*req
-	async  sync.WaitGroup // started requests not yet completed
-	size   int64
-	ro     bool
-	log    *slog.Logger
+	poller Poller // the Starter's, if callers may poll for completions
+	// started counts started requests not yet answered.
+	started atomic.Int32
+	reqs    []*req
+	async   sync.WaitGroup // started requests not yet completed
+	size    int64
+	ro      bool
+	log     *slog.Logger
 
 	free chan *req
 	work chan *req
@@ -144,6 +150,7 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 	if st, ok := c.be.(Starter); ok && s.Export.RoundTrip {
 		c.st, c.stMax = st, uint64(st.StartMax())
 		c.lender, _ = st.(Lender)
+		c.poller, _ = st.(Poller)
 	}
 	if _, ok := nc.(*tls.Conn); ok {
 		c.tlsw = bufio.NewWriterSize(nc, 64<<10)
@@ -211,6 +218,11 @@ func (c *conn) readLoop() (err error) {
 	for {
 		if c.br.Buffered() < hsz {
 			c.flushHeld() // about to wait for the client: send what we have
+			if c.poller != nil && c.started.Load() == 1 {
+				// Queue depth 1: the answer comes before a sleeping
+				// reaper could be woken for it.
+				c.poller.Poll(pollSpin)
+			}
 		}
 		if _, err := io.ReadFull(c.br, hb[:hsz]); err != nil {
 			if errors.Is(err, io.EOF) {
@@ -343,6 +355,7 @@ func (c *conn) start(r *req) {
 	r.parts.Store(parts)
 	r.perr = nil
 	c.async.Add(1)
+	c.started.Add(1)
 	if r.Type == CmdRead {
 		if c.lendable(r.Request) {
 			r.lent = true
@@ -405,6 +418,7 @@ func (c *conn) partsDone(r *req, k int32, err error) {
 	if r.parts.Add(-k) != 0 {
 		return
 	}
+	c.started.Add(-1)
 	r.emu.Lock()
 	err = r.perr
 	r.emu.Unlock()

@@ -89,6 +89,13 @@ type Lender interface {
 	PutTag(tag uint64)
 }
 
+// Poller is the optional capability of a Starter whose completions a
+// caller may collect itself, busy, for up to spin (on its own goroutine:
+// Completer calls then run there).
+type Poller interface {
+	Poll(spin time.Duration) bool
+}
+
 // Export is one named disk.
 type Export struct {
 	Name        string // clients may also ask for "" (the default export)
