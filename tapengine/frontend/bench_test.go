@@ -3,6 +3,7 @@ package frontend
 import (
 	"fmt"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -110,5 +111,23 @@ func BenchmarkStartBatch32(b *testing.B) {
 		for _, h := range tags {
 			r.f.PutTag(h)
 		}
+	}
+}
+
+// BenchmarkPollQD1: one started read at a time, its answer collected by
+// Poll on the caller's goroutine (the guest view at queue depth 1).
+func BenchmarkPollQD1(b *testing.B) {
+	r := newRig(b, blkif.X86_64, 0, 64<<20, ring.Options{})
+	sink := &benchSink{done: make(chan struct{}, 1)}
+	b.ReportAllocs()
+	for i := 0; b.Loop(); i++ {
+		if err := r.f.StartRead(int64(i%16384)*4096, 4096, sink, 0); err != nil {
+			b.Fatal(err)
+		}
+		if err := r.f.Publish(); err != nil {
+			b.Fatal(err)
+		}
+		r.f.Poll(time.Millisecond)
+		<-sink.done
 	}
 }

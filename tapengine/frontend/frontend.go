@@ -413,6 +413,9 @@ type reaping struct {
 	sinks []Completer
 }
 
+// reapings recycles Poll's scratch, so polling allocates nothing.
+var reapings = sync.Pool{New: func() any { return new(reaping) }}
+
 type reaped struct {
 	id uint16
 	st int16
@@ -481,8 +484,10 @@ func (f *Frontend) Poll(spin time.Duration) bool {
 		n, err := f.front.Pending()
 		f.mu.Unlock()
 		if err != nil || n > 0 {
-			var r reaping
-			f.reapOnce(&r)
+			r := reapings.Get().(*reaping)
+			f.reapOnce(r)
+			clear(r.sinks)
+			reapings.Put(r)
 			return err == nil
 		}
 		if time.Now().After(deadline) {
