@@ -51,6 +51,9 @@ const (
 	// pollSpin: how long the reader polls a Poller for the answer to its
 	// one started request before it goes to wait for its client.
 	pollSpin = 50 * time.Microsecond
+	// qd1Streak: requests in a row at queue depth 1 before the reader
+	// polls; a deeper queue passes through depth 1 now and then.
+	qd1Streak = 16
 )
 
 var zeroBuf = make([]byte, zeroChunk)
@@ -215,15 +218,28 @@ func (c *conn) readLoop() (err error) {
 	// the loop.
 	defer c.flushHeld()
 	var hb [extRequestSize]byte
+	// run counts the requests read since the reader last found its
+	// buffer empty, qd1 the times in a row that was one request with
+	// nothing else in flight: a client that waits for every answer.
+	run, qd1 := 0, 0
 	for {
 		if c.br.Buffered() < hsz {
 			c.flushHeld() // about to wait for the client: send what we have
-			if c.poller != nil && c.started.Load() == 1 {
+			if run == 1 && c.started.Load() == 1 {
+				qd1++
+			} else {
+				qd1 = 0
+			}
+			if c.poller != nil && qd1 >= qd1Streak {
 				// Queue depth 1: the answer comes before a sleeping
-				// reaper could be woken for it.
+				// reaper could be woken for it. Deeper queues leave
+				// it to the reaper: a poller beside it there costs
+				// more wake-ups than it saves.
 				c.poller.Poll(pollSpin)
 			}
+			run = 0
 		}
+		run++
 		if _, err := io.ReadFull(c.br, hb[:hsz]); err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil
