@@ -121,8 +121,14 @@ func (e *FormatError) Unwrap() error { return e.Err }
 // CheckRange reports ErrOutOfRange when [off, off+n) is not inside an image
 // of the given size.
 func CheckRange(off int64, n int, size int64) error {
-	if off < 0 || n < 0 || off > size || int64(n) > size-off {
-		return fmt.Errorf("%w: offset %d length %d size %d", ErrOutOfRange, off, n, size)
+	return CheckRange64(off, int64(n), size)
+}
+
+// CheckRange64 is CheckRange for lengths that may not fit an int (Discard,
+// Map).
+func CheckRange64(off, length, size int64) error {
+	if off < 0 || length < 0 || off > size || length > size-off {
+		return fmt.Errorf("%w: offset %d length %d size %d", ErrOutOfRange, off, length, size)
 	}
 	return nil
 }

@@ -208,8 +208,8 @@ func (img *Image) errf(format string, args ...any) error {
 }
 
 func (img *Image) checkRange64(off, length int64) error {
-	if length < 0 || off < 0 || off > img.size || length > img.size-off {
-		return img.errf("%w: offset %d length %d size %d", image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return img.errf("%w", err)
 	}
 	return nil
 }

@@ -591,8 +591,8 @@ func (img *Image) readBacking(dst []byte, v int64) error {
 // Map describes [off, off+length) as extents; unallocated runs are asked
 // of the backing image with Depth+1.
 func (img *Image) Map(off, length int64) ([]image.Extent, error) {
-	if length < 0 || off < 0 || off > img.size || length > img.size-off {
-		return nil, fmt.Errorf("%w: map offset %d length %d size %d", image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return nil, fmt.Errorf("qcow2: map: %w", err)
 	}
 	var out []image.Extent
 	add := func(x image.Extent) {

@@ -711,8 +711,8 @@ func (img *Image) Discard(off, length int64) error {
 	if img.ro {
 		return image.ErrReadOnly
 	}
-	if length < 0 || off < 0 || off > img.size || length > img.size-off {
-		return fmt.Errorf("%w: discard offset %d length %d size %d", image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return fmt.Errorf("qcow2: discard: %w", err)
 	}
 	img.io.Lock()
 	defer img.io.Unlock()

@@ -372,9 +372,8 @@ func (img *Image) checkOpen() error {
 }
 
 func (img *Image) checkRange64(off, length int64) error {
-	if length < 0 || off < 0 || off > img.size || length > img.size-off {
-		return fmt.Errorf("ram: %s: %w: offset %d length %d size %d",
-			img.name, image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return fmt.Errorf("ram: %s: %w", img.name, err)
 	}
 	return nil
 }

@@ -164,9 +164,8 @@ func (img *Image) checkOpen() error {
 
 // checkRange64 is image.CheckRange for lengths that may not fit an int.
 func (img *Image) checkRange64(off, length int64) error {
-	if length < 0 || off < 0 || off > img.size || length > img.size-off {
-		return fmt.Errorf("raw: %s: %w: offset %d length %d size %d",
-			img.path, image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return fmt.Errorf("raw: %s: %w", img.path, err)
 	}
 	return nil
 }

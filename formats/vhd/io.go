@@ -405,11 +405,8 @@ func (img *Image) Discard(off, length int64) error {
 	if img.ro {
 		return image.ErrReadOnly
 	}
-	if length < 0 || length > 1<<62 {
-		return fmt.Errorf("%w: discard length %d", image.ErrOutOfRange, length)
-	}
-	if err := image.CheckRange(off, 0, img.size); err != nil || length > img.size-off {
-		return fmt.Errorf("%w: discard %d+%d size %d", image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return fmt.Errorf("vhd: discard: %w", err)
 	}
 	for length > 0 {
 		n := length
@@ -525,8 +522,8 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		return nil, err
 	}
 	defer img.leave()
-	if length < 0 || off < 0 || off > img.size || length > img.size-off {
-		return nil, fmt.Errorf("%w: map %d+%d size %d", image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return nil, fmt.Errorf("vhd: map: %w", err)
 	}
 	var out []image.Extent
 	add := func(x image.Extent) {

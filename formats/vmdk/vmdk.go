@@ -511,8 +511,8 @@ func (img *Image) Discard(off, length int64) error {
 	if img.readOnly {
 		return image.ErrReadOnly
 	}
-	if off < 0 || length < 0 || off > img.size || length > img.size-off {
-		return fmt.Errorf("%w: offset %d length %d size %d", image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return err
 	}
 	if err := img.touchCID(); err != nil {
 		return err
@@ -583,8 +583,8 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 	if img.closed.Load() {
 		return nil, image.ErrClosed
 	}
-	if off < 0 || length < 0 || off > img.size || length > img.size-off {
-		return nil, fmt.Errorf("%w: offset %d length %d size %d", image.ErrOutOfRange, off, length, img.size)
+	if err := image.CheckRange64(off, length, img.size); err != nil {
+		return nil, err
 	}
 	var out []image.Extent
 	add := func(x image.Extent) {

@@ -1037,9 +1037,9 @@ func (f *Frontend) Discard(off, length int64) error {
 		f.leave()
 		return ErrReadOnly
 	}
-	if off < 0 || length < 0 || off > size || length > size-off {
+	if err := image.CheckRange64(off, length, size); err != nil {
 		f.leave()
-		return fmt.Errorf("frontend: discard [%d, +%d): %w", off, length, image.ErrOutOfRange)
+		return fmt.Errorf("frontend: discard: %w", err)
 	}
 	end := off + length
 	lo, hi := (off+sector-1)&^(sector-1), end&^(sector-1)
