@@ -396,8 +396,6 @@ func (c *conn) start(r *req) {
 			err = c.st.StartRead(int64(r.Offset+off), int(n), c, cookie)
 		case r.lent:
 			err = c.lender.StartTagWrite(r.tags[i], int64(r.Offset+off), int(n), c, cookie)
-		case r.buf == nil:
-			err = errors.New("nbd: the backend is closed")
 		default:
 			err = c.st.StartWrite(r.buf[off:off+n], int64(r.Offset+off), c, cookie)
 		}
