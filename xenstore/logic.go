@@ -409,8 +409,10 @@ func (s *State) handle(c ConnID, cs *connState, req Message) ([]byte, []change, 
 	}
 	args, ok := splitStrings(req.Payload)
 	arg := func(n int) bool { return ok && len(args) == n }
-	path := func() (string, error) {
-		if !ok || len(args) < 1 {
+	// path is the request's first argument as a path, once the request
+	// has exactly n arguments (any number but none when n is 0).
+	path := func(n int) (string, error) {
+		if !ok || len(args) < 1 || (n > 0 && len(args) != n) {
 			return "", ErrInvalid
 		}
 		return CanonicalPath(cs.domid, args[0], false)
@@ -418,10 +420,7 @@ func (s *State) handle(c ConnID, cs *connState, req Message) ([]byte, []change, 
 
 	switch req.Type {
 	case OpRead:
-		if !arg(1) {
-			return nil, nil, ErrInvalid
-		}
-		p, err := path()
+		p, err := path(1)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -443,30 +442,21 @@ func (s *State) handle(c ConnID, cs *connState, req Message) ([]byte, []change, 
 		return commit(okPayload, v.write(p, req.Payload[i+1:]))
 
 	case OpMkdir:
-		if !arg(1) {
-			return nil, nil, ErrInvalid
-		}
-		p, err := path()
+		p, err := path(1)
 		if err != nil {
 			return nil, nil, err
 		}
 		return commit(okPayload, v.mkdir(p))
 
 	case OpRm:
-		if !arg(1) {
-			return nil, nil, ErrInvalid
-		}
-		p, err := path()
+		p, err := path(1)
 		if err != nil {
 			return nil, nil, err
 		}
 		return commit(okPayload, v.rm(p))
 
 	case OpDirectory:
-		if !arg(1) {
-			return nil, nil, ErrInvalid
-		}
-		p, err := path()
+		p, err := path(1)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -485,10 +475,7 @@ func (s *State) handle(c ConnID, cs *connState, req Message) ([]byte, []change, 
 		return b, nil, nil
 
 	case OpDirectoryPart:
-		if !arg(2) {
-			return nil, nil, ErrInvalid
-		}
-		p, err := path()
+		p, err := path(2)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -513,7 +500,7 @@ func (s *State) handle(c ConnID, cs *connState, req Message) ([]byte, []change, 
 			}
 			return permsPayload(perms), nil, nil
 		}
-		p, err := path()
+		p, err := path(0)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -545,7 +532,7 @@ func (s *State) handle(c ConnID, cs *connState, req Message) ([]byte, []change, 
 			s.specialPerms[args[0]] = perms
 			return okPayload, nil, nil
 		}
-		p, err := path()
+		p, err := path(0)
 		if err != nil {
 			return nil, nil, err
 		}
