@@ -16,6 +16,7 @@ need=(
   qcowinfo:libqcow-utils vhdiinfo:libvhdi-utils vmdkinfo:libvmdk-utils
   gcc:gcc
   /usr/include/xen/io/blkif.h:libxen-dev
+  /usr/include/linux/nbd.h:linux-libc-dev /usr/include/xen/gntdev.h:linux-libc-dev
 )
 missing=()
 for pair in "${need[@]}"; do
