@@ -112,12 +112,19 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		}
 		return len(p), nil
 	}
+	return img.eachBlock(p, off, img.readBlock)
+}
+
+// eachBlock runs fn over the pieces of p (at disk offset off) that fall in
+// one block each, and returns the bytes of the pieces done before an
+// error.
+func (img *Image) eachBlock(p []byte, off int64, fn func(blk, in int64, q []byte) error) (int, error) {
 	done := 0
 	for done < len(p) {
 		pos := off + int64(done)
 		blk, in := pos/img.blockSize, pos%img.blockSize
 		n := min(int64(len(p)-done), img.blockSize-in)
-		if err := img.readBlock(blk, in, p[done:done+int(n)]); err != nil {
+		if err := fn(blk, in, p[done:done+int(n)]); err != nil {
 			return done, err
 		}
 		done += int(n)
@@ -176,17 +183,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 		}
 		return len(p), nil
 	}
-	done := 0
-	for done < len(p) {
-		pos := off + int64(done)
-		blk, in := pos/img.blockSize, pos%img.blockSize
-		n := min(int64(len(p)-done), img.blockSize-in)
-		if err := img.writeBlock(blk, in, p[done:done+int(n)]); err != nil {
-			return done, err
-		}
-		done += int(n)
-	}
-	return done, nil
+	return img.eachBlock(p, off, img.writeBlock)
 }
 
 func (img *Image) allSet(bm []byte, s0, s1 int64) bool {
