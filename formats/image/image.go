@@ -133,6 +133,25 @@ func CheckRange64(off, length, size int64) error {
 	return nil
 }
 
+// ReadBacking fills p with what backing holds at off: zeros past its end,
+// or everywhere when backing is nil (no backing file). Formats with a
+// backing chain read unallocated ranges through it.
+func ReadBacking(backing Image, p []byte, off int64) error {
+	if backing == nil {
+		clear(p)
+		return nil
+	}
+	n := int64(0)
+	if size := backing.Size(); off < size {
+		n = min(int64(len(p)), size-off)
+		if _, err := backing.ReadAt(p[:n], off); err != nil {
+			return err
+		}
+	}
+	clear(p[n:])
+	return nil
+}
+
 // OpenFunc opens a backing file on behalf of an image that names it. The
 // caller of a format's Open passes one in, so the caller (never the format)
 // decides which paths may be opened, resolves relative names, limits chain

@@ -33,3 +33,42 @@ func TestCheckRange64(t *testing.T) {
 		t.Errorf("CheckRange past the end: %v", err)
 	}
 }
+
+// bytesImage is a read-only Image over a byte slice.
+type bytesImage []byte
+
+func (b bytesImage) ReadAt(p []byte, off int64) (int, error) {
+	if err := CheckRange(off, len(p), int64(len(b))); err != nil {
+		return 0, err
+	}
+	return copy(p, b[off:]), nil
+}
+func (b bytesImage) WriteAt([]byte, int64) (int, error) { return 0, ErrReadOnly }
+func (b bytesImage) Size() int64                        { return int64(len(b)) }
+func (b bytesImage) Flush() error                       { return nil }
+func (b bytesImage) Discard(int64, int64) error         { return ErrReadOnly }
+func (b bytesImage) Map(int64, int64) ([]Extent, error) { return nil, ErrUnsupported }
+func (b bytesImage) Close() error                       { return nil }
+
+// TestReadBacking: the backing's bytes inside it, zeros past its end and
+// without one; stale bytes in p never survive.
+func TestReadBacking(t *testing.T) {
+	back := bytesImage("0123456789")
+	for _, c := range []struct {
+		backing Image
+		off     int64
+		n       int
+		want    string
+	}{
+		{back, 2, 4, "2345"},
+		{back, 8, 4, "89\x00\x00"},
+		{back, 10, 3, "\x00\x00\x00"},
+		{back, 50, 2, "\x00\x00"},
+		{nil, 0, 3, "\x00\x00\x00"},
+	} {
+		p := []byte("xxxxxxxx"[:c.n])
+		if err := ReadBacking(c.backing, p, c.off); err != nil || string(p) != c.want {
+			t.Errorf("ReadBacking(off %d, %d bytes) = %q, %v; want %q", c.off, c.n, p, err, c.want)
+		}
+	}
+}

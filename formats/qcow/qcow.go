@@ -341,19 +341,9 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 // readBacking fills dst with what the backing image holds at off: zeros
 // past its end, or everywhere when there is none.
 func (img *Image) readBacking(dst []byte, off int64) error {
-	if img.backing == nil {
-		clear(dst)
-		return nil
+	if err := image.ReadBacking(img.backing, dst, off); err != nil {
+		return fmt.Errorf("backing file: %w", err)
 	}
-	bsize := img.backing.Size()
-	n := 0
-	if off < bsize {
-		n = int(min(int64(len(dst)), bsize-off))
-		if _, err := img.backing.ReadAt(dst[:n], off); err != nil {
-			return fmt.Errorf("backing file: %w", err)
-		}
-	}
-	clear(dst[n:])
 	return nil
 }
 

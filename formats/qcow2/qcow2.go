@@ -574,15 +574,9 @@ func (img *Image) readSegment(s segment, dst []byte) error {
 // readBacking reads guest range [v, v+len(dst)) from the backing image;
 // past its end (or without one) the range reads as zeros.
 func (img *Image) readBacking(dst []byte, v int64) error {
-	if img.backing == nil || v >= img.bsize {
-		clear(dst)
-		return nil
-	}
-	n := min(int64(len(dst)), img.bsize-v)
-	if _, err := img.backing.ReadAt(dst[:n], v); err != nil {
+	if err := image.ReadBacking(img.backing, dst, v); err != nil {
 		return fmt.Errorf("qcow2: read backing file at %d: %w", v, err)
 	}
-	clear(dst[n:])
 	return nil
 }
 

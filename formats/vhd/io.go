@@ -76,21 +76,7 @@ func (img *Image) readParent(p []byte, off int64) error {
 	if img.noParent {
 		return fmt.Errorf("vhd: %s: read at %d needs the parent, which was not opened (SkipParent): %w", img.path, off, image.ErrUnsupported)
 	}
-	if img.parent == nil {
-		clear(p)
-		return nil
-	}
-	ps := img.parent.Size()
-	n := int64(len(p))
-	if off >= ps {
-		clear(p)
-		return nil
-	}
-	if off+n > ps {
-		clear(p[ps-off:])
-		p = p[:ps-off]
-	}
-	if _, err := img.parent.ReadAt(p, off); err != nil {
+	if err := image.ReadBacking(img.parent, p, off); err != nil {
 		return fmt.Errorf("vhd: read parent at %d: %w", off, err)
 	}
 	return nil

@@ -401,21 +401,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 
 // readParent fills p with the parent's bytes at off, zeros past its end.
 func (img *Image) readParent(p []byte, off int64) error {
-	if img.backing == nil {
-		clear(p)
-		return nil
-	}
-	bs := img.backing.Size()
-	n := int64(len(p))
-	if off >= bs {
-		clear(p)
-		return nil
-	}
-	if off+n > bs {
-		clear(p[bs-off:])
-		p = p[:bs-off]
-	}
-	if _, err := img.backing.ReadAt(p, off); err != nil {
+	if err := image.ReadBacking(img.backing, p, off); err != nil {
 		return fmt.Errorf("vmdk: read parent: %w", err)
 	}
 	return nil
