@@ -3,10 +3,11 @@ package formats
 import (
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"os"
+
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // Where each format's magic lives. Offsets count from the start of the file
@@ -60,28 +61,17 @@ func Probe(path string) (string, error) {
 // from the end of an image of the given size.
 func probe(r io.ReaderAt, size int64) (string, error) {
 	head := make([]byte, min(size, probeHead))
-	if err := readFull(r, head, 0); err != nil {
+	if err := hostfile.ReadFull(r, head, 0); err != nil {
 		return "", err
 	}
 	var tail []byte
 	if size >= vhdFooter {
 		tail = make([]byte, vhdFooter)
-		if err := readFull(r, tail, size-vhdFooter); err != nil {
+		if err := hostfile.ReadFull(r, tail, size-vhdFooter); err != nil {
 			return "", err
 		}
 	}
 	return probeBytes(head, tail)
-}
-
-func readFull(r io.ReaderAt, p []byte, off int64) error {
-	n, err := r.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = io.ErrUnexpectedEOF
-	}
-	return fmt.Errorf("reading %d bytes at %d: %w", len(p), off, err)
 }
 
 // probeBytes decides from the first bytes of a file (up to probeHead) and

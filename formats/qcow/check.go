@@ -9,6 +9,7 @@ import (
 	"slices"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // CheckOptions tunes Check.
@@ -114,7 +115,7 @@ func check(st storage, opts CheckOptions) (*CheckResult, error) {
 	if err != nil && err != io.EOF {
 		return nil, fmt.Errorf("qcow: check: %w", err)
 	}
-	h, err := parseHeader(buf[:n], size, func(p []byte, off int64) error { return readExact(st, p, off) })
+	h, err := parseHeader(buf[:n], size, func(p []byte, off int64) error { return hostfile.ReadFull(st, p, off) })
 	if err != nil {
 		var fe *image.FormatError
 		if errors.Is(err, image.ErrCorrupt) && errors.As(err, &fe) {
@@ -142,7 +143,7 @@ func check(st storage, opts CheckOptions) (*CheckResult, error) {
 	c.mark(0, l1End, "header and L1 table")
 
 	raw := make([]byte, h.l1Entries*8)
-	if err := readExact(st, raw, int64(h.l1Offset)); err != nil {
+	if err := hostfile.ReadFull(st, raw, int64(h.l1Offset)); err != nil {
 		return nil, fmt.Errorf("qcow: check: reading L1: %w", err)
 	}
 	order := h.l1Order()
@@ -163,7 +164,7 @@ func check(st storage, opts CheckOptions) (*CheckResult, error) {
 		if !c.mark(int64(l2off), h.l2TableBytes, fmt.Sprintf("L2 table of L1[%d]", i)) {
 			continue // its entries were checked, or are garbage; either way once is enough
 		}
-		if err := readExact(st, table, int64(l2off)); err != nil {
+		if err := hostfile.ReadFull(st, table, int64(l2off)); err != nil {
 			return nil, fmt.Errorf("qcow: check: reading L2 table %#x: %w", l2off, err)
 		}
 		for j := int64(0); j < h.l2Entries; j++ {

@@ -12,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // CreateOptions says what image Create makes. The defaults are qemu-img's.
@@ -63,7 +64,7 @@ func Create(path string, opts CreateOptions) (err error) {
 		}
 	}()
 	buf := initialFile(h)
-	if err := writeFull(f, buf, 0); err != nil {
+	if err := hostfile.WriteFull(f, buf, 0); err != nil {
 		return fmt.Errorf("qcow: create: %w", err)
 	}
 	fileEnd := int64(len(buf))

@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // ErrNoBackingOpener: the image names a backing file and Options.Backing is
@@ -118,7 +119,7 @@ func openStorage(st storage, path string, opts Options) (*Image, error) {
 	if err != nil && err != io.EOF {
 		return nil, fmt.Errorf("qcow: reading header: %w", err)
 	}
-	h, err := parseHeader(buf[:n], size, func(p []byte, off int64) error { return readExact(st, p, off) })
+	h, err := parseHeader(buf[:n], size, func(p []byte, off int64) error { return hostfile.ReadFull(st, p, off) })
 	if err != nil {
 		return nil, err
 	}
@@ -159,7 +160,7 @@ func openStorage(st storage, path string, opts Options) (*Image, error) {
 // (checked in parseHeader) and by maxL1Bytes.
 func readL1(st storage, h *header, fileSize int64) ([]uint64, error) {
 	raw := make([]byte, h.l1Entries*8)
-	if err := readExact(st, raw, int64(h.l1Offset)); err != nil {
+	if err := hostfile.ReadFull(st, raw, int64(h.l1Offset)); err != nil {
 		return nil, fmt.Errorf("qcow: reading L1 table: %w", err)
 	}
 	order := h.l1Order()
@@ -212,7 +213,7 @@ func (img *Image) l2Locked(off uint64) ([]uint64, error) {
 		return t, nil
 	}
 	raw := make([]byte, img.h.l2TableBytes)
-	if err := readExact(img.st, raw, int64(off)); err != nil {
+	if err := hostfile.ReadFull(img.st, raw, int64(off)); err != nil {
 		return nil, fmt.Errorf("qcow: reading L2 table at %#x: %w", off, err)
 	}
 	t := make([]uint64, img.h.l2Entries)
@@ -326,7 +327,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		case runUnalloc:
 			err = img.readBacking(dst, pos)
 		case runData:
-			err = readFull(img.st, dst, int64(host)+in)
+			err = hostfile.ReadZeroed(img.st, dst, int64(host)+in)
 		case runCompressed:
 			err = img.readCompressed(host, dst, in)
 		}
@@ -372,7 +373,7 @@ func (img *Image) decompress(e uint64) ([]byte, error) {
 		return nil, corrupt(-1, "l2 entry", "compressed cluster entry %#x: offset %#x length %d", e, hostOff, csize)
 	}
 	src := make([]byte, csize)
-	if err := readFull(img.st, src, int64(hostOff)); err != nil {
+	if err := hostfile.ReadZeroed(img.st, src, int64(hostOff)); err != nil {
 		return nil, err
 	}
 	out := make([]byte, cs)

@@ -8,6 +8,7 @@ import (
 	"os"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // Usage texts of the seed's two copy tools.
@@ -214,7 +215,7 @@ func Qcow2RawWith(ctx context.Context, rawFile, qcowFile string, opts Qcow2RawOp
 		zero = func(off, n int64) error {
 			for n > 0 {
 				k := min(n, int64(len(zeros)))
-				if err := writeFull(f, zeros[:k], off); err != nil {
+				if err := hostfile.WriteFull(f, zeros[:k], off); err != nil {
 					return err
 				}
 				off, n = off+k, n-k
@@ -225,7 +226,7 @@ func Qcow2RawWith(ctx context.Context, rawFile, qcowFile string, opts Qcow2RawOp
 		return fmt.Errorf("qcow2raw: %w", err)
 	}
 	if err := copySparse(ctx, src, src.h.clusterSize, func(p []byte, off int64) error {
-		return writeFull(f, p, off)
+		return hostfile.WriteFull(f, p, off)
 	}, zero); err != nil {
 		return fmt.Errorf("qcow2raw: %w", err)
 	}

@@ -6,6 +6,7 @@ import (
 	"slices"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 func alignUp(v, a int64) int64 { return (v + a - 1) &^ (a - 1) }
@@ -57,7 +58,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 			if err := img.checkWritable(vc, host, n); err != nil {
 				return done, err
 			}
-			err = writeFull(img.st, p[done:done+m], int64(host)+in)
+			err = hostfile.WriteFull(img.st, p[done:done+m], int64(host)+in)
 		} else {
 			err = img.allocWrite(p[done:done+m], pos)
 		}
@@ -141,7 +142,7 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 		}
 	}
 	for _, s := range segs {
-		if err := writeFull(img.st, s.data, int64(s.host)); err != nil {
+		if err := hostfile.WriteFull(img.st, s.data, int64(s.host)); err != nil {
 			return err
 		}
 	}
@@ -157,7 +158,7 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 		for i, e := range t.entries {
 			binary.BigEndian.PutUint64(raw[i*8:], e)
 		}
-		if err := writeFull(img.st, raw, int64(t.off)); err != nil {
+		if err := hostfile.WriteFull(img.st, raw, int64(t.off)); err != nil {
 			return err
 		}
 	}
@@ -180,7 +181,7 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 		for k := i; k < j; k++ {
 			binary.BigEndian.PutUint64(raw[(k-i)*8:], plans[k].host)
 		}
-		if err := writeFull(img.st, raw, int64(pl.l2off)+(pl.vc&(h.l2Entries-1))*8); err != nil {
+		if err := hostfile.WriteFull(img.st, raw, int64(pl.l2off)+(pl.vc&(h.l2Entries-1))*8); err != nil {
 			return err
 		}
 		i = j
@@ -189,7 +190,7 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 	var e8 [8]byte
 	for _, t := range tables {
 		h.l1Order().PutUint64(e8[:], t.off)
-		if err := writeFull(img.st, e8[:], int64(h.l1Offset)+t.l1i*8); err != nil {
+		if err := hostfile.WriteFull(img.st, e8[:], int64(h.l1Offset)+t.l1i*8); err != nil {
 			return err
 		}
 	}
@@ -427,7 +428,7 @@ func (img *Image) deallocate(vc0, vcN int64) error {
 
 	var zero [8]byte
 	for _, f := range fr {
-		if err := writeFull(img.st, zero[:], f.l2off+(f.vc&(h.l2Entries-1))*8); err != nil {
+		if err := hostfile.WriteFull(img.st, zero[:], f.l2off+(f.vc&(h.l2Entries-1))*8); err != nil {
 			return err
 		}
 	}

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // RepairMode says what Check may fix.
@@ -156,7 +158,7 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 			if active {
 				copied = append(copied, flagged{l1off + int64(i)*8, e, off >> img.cbits})
 			}
-			if err := readExact(img.f, raw, off); err != nil {
+			if err := hostfile.ReadFull(img.f, raw, off); err != nil {
 				return fmt.Errorf("qcow2: check: read L2 table at %#x: %w", off, err)
 			}
 			for j := int64(0); j < img.cs/8; j++ {
@@ -219,7 +221,7 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 				continue
 			}
 			raw := make([]byte, int64(s.L1Size)*8) // capped by readSnapshots
-			if err := readExact(img.f, raw, s.L1Offset); err != nil {
+			if err := hostfile.ReadFull(img.f, raw, s.L1Offset); err != nil {
 				return nil, fmt.Errorf("qcow2: check: read snapshot %q L1 table: %w", s.ID, err)
 			}
 			l1 := make([]uint64, s.L1Size)

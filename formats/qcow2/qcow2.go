@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // Options tune Open.
@@ -174,7 +175,7 @@ func openStorage(f storage, path string, opts Options) (*Image, error) {
 
 	// L1 table (bounded by readHeader).
 	raw := make([]byte, int64(h.l1Size)*8)
-	if err := readExact(f, raw, int64(h.l1Offset)); err != nil {
+	if err := hostfile.ReadFull(f, raw, int64(h.l1Offset)); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, corrupt(int64(h.l1Offset), "l1_table", "unreadable: %v", err))
 	}
 	m.l1 = make([]uint64, h.l1Size)
@@ -191,7 +192,7 @@ func openStorage(f storage, path string, opts Options) (*Image, error) {
 	// Refcount table (bounded by readHeader).
 	m.refOff, m.refClus = int64(h.refTableOffset), int64(h.refTableClusters)
 	raw = make([]byte, m.refClus*img.cs)
-	if err := readExact(f, raw, m.refOff); err != nil {
+	if err := hostfile.ReadFull(f, raw, m.refOff); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, corrupt(m.refOff, "refcount_table", "unreadable: %v", err))
 	}
 	m.refTable = make([]uint64, len(raw)/8)
@@ -344,7 +345,7 @@ func (img *Image) l2Locked(off int64) (*l2Table, error) {
 	}
 	m.l2misses++
 	raw := make([]byte, img.cs)
-	if err := readExact(img.f, raw, off); err != nil {
+	if err := hostfile.ReadFull(img.f, raw, off); err != nil {
 		return nil, fmt.Errorf("qcow2: read L2 table at %#x: %w", off, err)
 	}
 	t := &l2Table{off: off, e: make([]uint64, img.cs/8)}
@@ -461,7 +462,7 @@ func (img *Image) readCompressed(e uint64, dst []byte) error {
 	}
 	n = min(n, fe-off)
 	buf := make([]byte, n) // n <= 2^(62-x) sectors <= 2 clusters + 512
-	if err := readExact(img.f, buf, off); err != nil {
+	if err := hostfile.ReadFull(img.f, buf, off); err != nil {
 		return fmt.Errorf("qcow2: read compressed cluster at %#x: %w", off, err)
 	}
 	zr := flate.NewReader(bytes.NewReader(buf))
@@ -546,7 +547,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 func (img *Image) readSegment(s segment, dst []byte) error {
 	switch s.k {
 	case kNormal:
-		if err := readFull(img.f, dst, s.host); err != nil {
+		if err := hostfile.ReadZeroed(img.f, dst, s.host); err != nil {
 			return fmt.Errorf("qcow2: read data at %#x: %w", s.host, err)
 		}
 	case kZero:

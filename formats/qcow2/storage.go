@@ -7,6 +7,8 @@ import (
 	"os"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // storage is the file under an image. Every write of ours goes through
@@ -25,35 +27,13 @@ type storage interface {
 	Close() error
 }
 
-type osFile struct{ f *os.File }
+type osFile struct{ *os.File }
 
-func (o osFile) ReadAt(p []byte, off int64) (int, error)  { return o.f.ReadAt(p, off) }
-func (o osFile) WriteAt(p []byte, off int64) (int, error) { return o.f.WriteAt(p, off) }
-func (o osFile) Close() error                             { return o.f.Close() }
-
-func (o osFile) Sync() error {
-	for {
-		err := unix.Fdatasync(int(o.f.Fd()))
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("qcow2: fdatasync %s: %w", o.f.Name(), err)
-		}
-		return nil
-	}
-}
-
-func (o osFile) Size() (int64, error) {
-	st, err := o.f.Stat()
-	if err != nil {
-		return 0, err
-	}
-	return st.Size(), nil
-}
+func (o osFile) Sync() error          { return hostfile.Fdatasync(o.File) }
+func (o osFile) Size() (int64, error) { return hostfile.Size(o.File) }
 
 func (o osFile) Truncate(n int64) error {
-	if err := o.f.Truncate(n); err != nil {
+	if err := o.File.Truncate(n); err != nil {
 		return fmt.Errorf("qcow2: %w", err)
 	}
 	return nil
@@ -61,34 +41,7 @@ func (o osFile) Truncate(n int64) error {
 
 func (o osFile) Punch(off, n int64) {
 	// Failure only costs space (e.g. on filesystems without hole support).
-	_ = unix.Fallocate(int(o.f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
-}
-
-// readFull reads len(p) bytes at off; bytes past the end of the file read
-// as zeros (a data cluster may legally end past EOF when only its head was
-// ever written).
-func readFull(r io.ReaderAt, p []byte, off int64) error {
-	n, err := r.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err != nil && !errors.Is(err, io.EOF) {
-		return err
-	}
-	clear(p[n:])
-	return nil
-}
-
-// readExact reads len(p) bytes at off and fails on a short read.
-func readExact(r io.ReaderAt, p []byte, off int64) error {
-	n, err := r.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || errors.Is(err, io.EOF) {
-		err = io.ErrUnexpectedEOF
-	}
-	return err
+	_ = hostfile.PunchHole(o.File, off, n)
 }
 
 // qemu's image locking (so qemu and we never write one image at once):
@@ -121,7 +74,7 @@ func (o osFile) lockImage(writable bool) error {
 	}
 	conflict := func(b int64) (bool, error) {
 		lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: b, Len: 1}
-		if err := unix.FcntlFlock(o.f.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
+		if err := unix.FcntlFlock(o.File.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
 			return false, err
 		}
 		return lk.Type != unix.F_UNLCK, nil
@@ -140,10 +93,10 @@ func (o osFile) lockImage(writable bool) error {
 			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
 				return nil
 			}
-			return fmt.Errorf("qcow2: lock %s: %w", o.f.Name(), err)
+			return fmt.Errorf("qcow2: lock %s: %w", o.File.Name(), err)
 		}
 		if c {
-			return fmt.Errorf("qcow2: %s: %w (a lock conflicts at byte %d)", o.f.Name(), ErrLocked, b)
+			return fmt.Errorf("qcow2: %s: %w (a lock conflicts at byte %d)", o.File.Name(), ErrLocked, b)
 		}
 	}
 	var take []int64
@@ -155,8 +108,8 @@ func (o osFile) lockImage(writable bool) error {
 	}
 	for _, b := range take {
 		lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: b, Len: 1}
-		if err := unix.FcntlFlock(o.f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
-			return fmt.Errorf("qcow2: %s: %w: %v", o.f.Name(), ErrLocked, err)
+		if err := unix.FcntlFlock(o.File.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+			return fmt.Errorf("qcow2: %s: %w: %v", o.File.Name(), ErrLocked, err)
 		}
 	}
 	return nil

@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // ---- refcounts -------------------------------------------------------------
@@ -76,7 +77,7 @@ func (img *Image) refblockLocked(r int64) ([]byte, int64, error) {
 		return nil, 0, corrupt(m.refOff+r*8, "refcount_table", "refcount block %d at %#x ends past the end of the file (%d)", r, off, fe)
 	}
 	b := make([]byte, img.cs)
-	if err := readExact(img.f, b, off); err != nil {
+	if err := hostfile.ReadFull(img.f, b, off); err != nil {
 		return nil, 0, fmt.Errorf("qcow2: read refcount block at %#x: %w", off, err)
 	}
 	m.blocks[off] = b
@@ -555,7 +556,7 @@ func (img *Image) allocWrite(vc, in int64, p []byte, e uint64, k kind, host int6
 		buf := make([]byte, img.cs)
 		switch k {
 		case kNormal:
-			err = readFull(img.f, buf, host)
+			err = hostfile.ReadZeroed(img.f, buf, host)
 		case kCompressed:
 			err = img.readCompressed(e, buf)
 		case kUnalloc:

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // CheckOptions tune Check.
@@ -102,7 +103,7 @@ func checkFile(f file, path string, opts CheckOptions) (*CheckResult, error) {
 	}
 	primary, perr := parseFooter(buf, endOff)
 	copyBuf := make([]byte, footerSize)
-	if err := readFull(f, copyBuf, 0); err != nil {
+	if err := hostfile.ReadFull(f, copyBuf, 0); err != nil {
 		return nil, err
 	}
 	backup, berr := parseFooter(copyBuf, 0)
@@ -144,7 +145,7 @@ func checkFile(f file, path string, opts CheckOptions) (*CheckResult, error) {
 		return c.r, nil
 	}
 	hb := make([]byte, headerSize)
-	if err := readFull(f, hb, int64(ft.DataOffset)); err != nil {
+	if err := hostfile.ReadFull(f, hb, int64(ft.DataOffset)); err != nil {
 		return nil, err
 	}
 	h, err := parseHeader(hb, int64(ft.DataOffset))
@@ -172,7 +173,7 @@ func checkFile(f file, path string, opts CheckOptions) (*CheckResult, error) {
 		return c.r, nil
 	}
 	raw := make([]byte, 4*int64(h.MaxEntries))
-	if err := readFull(f, raw, int64(h.TableOffset)); err != nil {
+	if err := hostfile.ReadFull(f, raw, int64(h.TableOffset)); err != nil {
 		return nil, err
 	}
 	bat := make([]uint32, h.MaxEntries)
@@ -283,7 +284,7 @@ func checkFile(f file, path string, opts CheckOptions) (*CheckResult, error) {
 		used = max(used, s.start+per)
 		// Bitmap: bits past the disk's end mean a confused writer.
 		bm := make([]byte, img.bmSize)
-		if err := readFull(f, bm, s.start); err != nil {
+		if err := hostfile.ReadFull(f, bm, s.start); err != nil {
 			c.bad("block %d: bitmap unreadable: %v", s.blk, err)
 			continue
 		}

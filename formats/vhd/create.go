@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // CreateOptions describe a new VHD.
@@ -250,23 +251,23 @@ func (p *createPlan) write(f file) error {
 		if err := f.Truncate(p.fileEnd); err != nil {
 			return err
 		}
-		if err := writeFull(f, fb, p.fileEnd); err != nil {
+		if err := hostfile.WriteFull(f, fb, p.fileEnd); err != nil {
 			return err
 		}
 		return f.Sync()
 	}
-	if err := writeFull(f, fb, 0); err != nil {
+	if err := hostfile.WriteFull(f, fb, 0); err != nil {
 		return err
 	}
-	if err := writeFull(f, p.hdr.encode(), footerSize); err != nil {
+	if err := hostfile.WriteFull(f, p.hdr.encode(), footerSize); err != nil {
 		return err
 	}
 	for _, pc := range p.pieces {
-		if err := writeFull(f, pc.data, pc.off); err != nil {
+		if err := hostfile.WriteFull(f, pc.data, pc.off); err != nil {
 			return err
 		}
 	}
-	if err := writeFull(f, fb, p.fileEnd); err != nil {
+	if err := hostfile.WriteFull(f, fb, p.fileEnd); err != nil {
 		return err
 	}
 	return f.Sync()

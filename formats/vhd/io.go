@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // bitTest reports whether sector s of a block is marked in bitmap bm.
@@ -43,7 +44,7 @@ func (img *Image) lookup(blk int64) (uint32, []byte, error) {
 		return e, bm, nil
 	}
 	bm = make([]byte, img.bmSize)
-	if err := readFull(img.f, bm, int64(e)*sectorSize); err != nil {
+	if err := hostfile.ReadFull(img.f, bm, int64(e)*sectorSize); err != nil {
 		return 0, nil, fmt.Errorf("vhd: read bitmap of block %d: %w", blk, err)
 	}
 	img.mu.Lock()
@@ -93,7 +94,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	if img.hdr == nil {
-		if err := readFull(img.f, p, off); err != nil {
+		if err := hostfile.ReadFull(img.f, p, off); err != nil {
 			return 0, fmt.Errorf("vhd: %w", err)
 		}
 		return len(p), nil
@@ -139,7 +140,7 @@ func (img *Image) readBlock(blk, in int64, p []byte) error {
 		runEnd = min(runEnd, end)
 		q := p[pos-in : runEnd-in]
 		if set {
-			if err := readFull(img.f, q, img.dataOff(e)+pos); err != nil {
+			if err := hostfile.ReadFull(img.f, q, img.dataOff(e)+pos); err != nil {
 				return fmt.Errorf("vhd: block %d: %w", blk, err)
 			}
 		} else if err := img.readParent(q, base+pos); err != nil {
@@ -164,7 +165,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 		return 0, err
 	}
 	if img.hdr == nil {
-		if err := writeFull(img.f, p, off); err != nil {
+		if err := hostfile.WriteFull(img.f, p, off); err != nil {
 			return 0, fmt.Errorf("vhd: %w", err)
 		}
 		return len(p), nil
@@ -241,7 +242,7 @@ func (img *Image) writePlan(blk int64, bm []byte, in int64, p []byte) (buf []byt
 
 func (img *Image) writeRuns(dataOff int64, buf []byte, start int64, runs []run) error {
 	for _, r := range runs {
-		if err := writeFull(img.f, buf[r.start-start:r.end-start], dataOff+r.start); err != nil {
+		if err := hostfile.WriteFull(img.f, buf[r.start-start:r.end-start], dataOff+r.start); err != nil {
 			return err
 		}
 	}
@@ -256,7 +257,7 @@ func (img *Image) writeBlock(blk, in int64, p []byte) error {
 	}
 	if e != batUnused && img.allSet(bm, s0, s1) {
 		// Fast path: every sector is already this layer's.
-		if err := writeFull(img.f, p, img.dataOff(e)+in); err != nil {
+		if err := hostfile.WriteFull(img.f, p, img.dataOff(e)+in); err != nil {
 			return fmt.Errorf("vhd: block %d: %w", blk, err)
 		}
 		return nil
@@ -306,7 +307,7 @@ func (img *Image) putBitmapLocked(blk int64, e uint32, old, nbm []byte, s0, s1 i
 	}
 	b0 = b0 / sectorSize * sectorSize
 	b1 = roundUp(b1+1, sectorSize)
-	if err := writeFull(img.f, nbm[b0:b1], int64(e)*sectorSize+b0); err != nil {
+	if err := hostfile.WriteFull(img.f, nbm[b0:b1], int64(e)*sectorSize+b0); err != nil {
 		return fmt.Errorf("vhd: write bitmap of block %d: %w", blk, err)
 	}
 	img.mu.Lock()
@@ -344,7 +345,7 @@ func (img *Image) allocateLocked(blk int64, buf []byte, start int64, runs []run,
 	for s := s0; s <= s1; s++ {
 		img.bitSet(bm, s)
 	}
-	if err := writeFull(img.f, bm, pos); err != nil {
+	if err := hostfile.WriteFull(img.f, bm, pos); err != nil {
 		return fmt.Errorf("vhd: block %d bitmap: %w", blk, err)
 	}
 	if err := img.f.Sync(); err != nil {
@@ -353,7 +354,7 @@ func (img *Image) allocateLocked(blk int64, buf []byte, start int64, runs []run,
 	var ent [4]byte
 	e := uint32(pos / sectorSize)
 	binary.BigEndian.PutUint32(ent[:], e)
-	if err := writeFull(img.f, ent[:], int64(img.hdr.TableOffset)+4*blk); err != nil {
+	if err := hostfile.WriteFull(img.f, ent[:], int64(img.hdr.TableOffset)+4*blk); err != nil {
 		return fmt.Errorf("vhd: BAT entry %d: %w", blk, err)
 	}
 	img.nextFree = pos + per
@@ -368,7 +369,7 @@ func (img *Image) allocateLocked(blk int64, buf []byte, start int64, runs []run,
 func (img *Image) writeFooterLocked(pos int64) error {
 	b := make([]byte, footerSize)
 	copy(b, img.foot.raw[:])
-	if err := writeFull(img.f, b, pos); err != nil {
+	if err := hostfile.WriteFull(img.f, b, pos); err != nil {
 		return fmt.Errorf("vhd: write footer: %w", err)
 	}
 	img.nextFree = pos
@@ -424,7 +425,7 @@ func (img *Image) discardChunk(off, n int64) error {
 	a1 := (off + n) / sectorSize * sectorSize
 	writeZ := func(b []byte, o int64) error {
 		if img.hdr == nil {
-			return writeFull(img.f, b, o)
+			return hostfile.WriteFull(img.f, b, o)
 		}
 		return img.writeBlock(o/img.blockSize, o%img.blockSize, b)
 	}
@@ -452,7 +453,7 @@ func (img *Image) discardChunk(off, n int64) error {
 		return err
 	}
 	in0, in1 := a0%img.blockSize, a0%img.blockSize+(a1-a0)
-	if err := img.punch(img.dataOff(e)+in0, in1-in0, func(b []byte, o int64) error { return writeFull(img.f, b, o) }); err != nil {
+	if err := img.punch(img.dataOff(e)+in0, in1-in0, func(b []byte, o int64) error { return hostfile.WriteFull(img.f, b, o) }); err != nil {
 		return err
 	}
 	// Zeros before the cleared bits: qemu ignores bitmaps and must not
@@ -477,10 +478,10 @@ func (img *Image) discardChunk(off, n int64) error {
 }
 
 func (img *Image) writeBatmapLocked() error {
-	if err := writeFull(img.f, img.batmap.bits, img.batmap.off); err != nil {
+	if err := hostfile.WriteFull(img.f, img.batmap.bits, img.batmap.off); err != nil {
 		return fmt.Errorf("vhd: write batmap: %w", err)
 	}
-	if err := writeFull(img.f, img.batmapHeader(), img.batmap.hdrOff); err != nil {
+	if err := hostfile.WriteFull(img.f, img.batmapHeader(), img.batmap.hdrOff); err != nil {
 		return fmt.Errorf("vhd: write batmap header: %w", err)
 	}
 	return nil

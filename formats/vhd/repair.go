@@ -3,6 +3,8 @@ package vhd
 import (
 	"encoding/binary"
 	"fmt"
+
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // repairBatmap gives back the batmap that creator tap >= 1.2 implies
@@ -28,11 +30,11 @@ func (img *Image) repairBatmap() ([]string, error) {
 			continue
 		}
 		buf := make([]byte, per)
-		if err := readFull(img.f, buf, start); err != nil {
+		if err := hostfile.ReadFull(img.f, buf, start); err != nil {
 			return did, fmt.Errorf("vhd: repair: read block %d: %w", blk, err)
 		}
 		pos := img.nextFree
-		if err := writeFull(img.f, buf, pos); err != nil {
+		if err := hostfile.WriteFull(img.f, buf, pos); err != nil {
 			return did, fmt.Errorf("vhd: repair: copy block %d: %w", blk, err)
 		}
 		if err := img.writeFooterLocked(pos + per); err != nil {
@@ -43,7 +45,7 @@ func (img *Image) repairBatmap() ([]string, error) {
 		}
 		var ent [4]byte
 		binary.BigEndian.PutUint32(ent[:], uint32(pos/sectorSize))
-		if err := writeFull(img.f, ent[:], int64(img.hdr.TableOffset)+4*int64(blk)); err != nil {
+		if err := hostfile.WriteFull(img.f, ent[:], int64(img.hdr.TableOffset)+4*int64(blk)); err != nil {
 			return did, err
 		}
 		if err := img.f.Sync(); err != nil {

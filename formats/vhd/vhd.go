@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // Options tune Open.
@@ -133,7 +134,7 @@ func readFooter(f file, size int64) (ft *footer, atEnd bool, err error) {
 	if endErr == nil {
 		return ft, true, nil
 	}
-	if err := readFull(f, buf, 0); err != nil {
+	if err := hostfile.ReadFull(f, buf, 0); err != nil {
 		return nil, false, fmt.Errorf("vhd: read footer copy: %w", err)
 	}
 	copyFt, copyErr := parseFooter(buf, 0)
@@ -242,7 +243,7 @@ func (img *Image) openDynamic(footerAtEnd bool) error {
 		return fmtErr(image.ErrCorrupt, img.footOff+16, "data_offset", "dynamic header offset %d is outside the file (%d bytes) or unaligned", int64(ft.DataOffset), size)
 	}
 	hb := make([]byte, headerSize)
-	if err := readFull(img.f, hb, int64(ft.DataOffset)); err != nil {
+	if err := hostfile.ReadFull(img.f, hb, int64(ft.DataOffset)); err != nil {
 		return fmt.Errorf("vhd: read dynamic header: %w", err)
 	}
 	h, err := parseHeader(hb, int64(ft.DataOffset))
@@ -262,7 +263,7 @@ func (img *Image) openDynamic(footerAtEnd bool) error {
 		return fmtErr(image.ErrCorrupt, int64(ft.DataOffset)+16, "table_offset", "BAT of %d entries at %d runs past the end of the file (%d bytes)", h.MaxEntries, h.TableOffset, size)
 	}
 	raw := make([]byte, 4*int64(h.MaxEntries))
-	if err := readFull(img.f, raw, int64(h.TableOffset)); err != nil {
+	if err := hostfile.ReadFull(img.f, raw, int64(h.TableOffset)); err != nil {
 		return fmt.Errorf("vhd: read BAT: %w", err)
 	}
 	img.bat = make([]uint32, h.MaxEntries)
@@ -352,7 +353,7 @@ func (img *Image) readBatmap(hdrOff int64) {
 	}
 	implied := ft.CreatorVer >= 0x00010002
 	b := make([]byte, sectorSize)
-	if err := readFull(img.f, b, hdrOff); err != nil || string(b[:8]) != string(cookieBatmap) {
+	if err := hostfile.ReadFull(img.f, b, hdrOff); err != nil || string(b[:8]) != string(cookieBatmap) {
 		if implied {
 			bm.present = true
 			img.warn("batmap header missing at %d (creator tap %#x implies one)", hdrOff, ft.CreatorVer)
@@ -372,7 +373,7 @@ func (img *Image) readBatmap(hdrOff int64) {
 		return
 	}
 	bits := make([]byte, int64(bm.sectors)*sectorSize)
-	if err := readFull(img.f, bits, bm.off); err != nil {
+	if err := hostfile.ReadFull(img.f, bits, bm.off); err != nil {
 		img.warn("batmap unreadable: %v", err)
 		return
 	}
@@ -457,7 +458,7 @@ func (img *Image) parseLocators() {
 		if loc.Error == "" {
 			loc.inFile = true
 			b := make([]byte, l.DataLength)
-			if err := readFull(img.f, b, int64(l.DataOffset)); err != nil {
+			if err := hostfile.ReadFull(img.f, b, int64(l.DataOffset)); err != nil {
 				loc.Error = err.Error()
 			} else {
 				name, err := decodeLocator(l.Code, b)

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"sort"
+
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // CheckOptions tune Check.
@@ -86,7 +88,7 @@ func checkSparse(s *sparse, r *CheckResult) {
 			return nil, fmt.Errorf("lies past the end of the file")
 		}
 		b := make([]byte, s.gtBytes)
-		if err := readFull(s.f, b, off); err != nil {
+		if err := hostfile.ReadFull(s.f, b, off); err != nil {
 			return nil, err
 		}
 		used = append(used, span{off, off + s.gtBytes})

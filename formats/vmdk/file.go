@@ -7,8 +7,10 @@ import (
 	"os"
 	"path/filepath"
 
-	"github.com/blktap-go/blktap/formats/image"
 	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // file is what the format needs of a host file. Tests substitute a memory
@@ -36,30 +38,13 @@ type osFS struct{}
 
 type osFile struct{ *os.File }
 
-func (f osFile) Sync() error {
-	for {
-		err := unix.Fdatasync(int(f.Fd()))
-		if err != unix.EINTR {
-			if err != nil {
-				return fmt.Errorf("fdatasync %s: %w", f.Name(), err)
-			}
-			return nil
-		}
-	}
-}
-
-func (f osFile) Size() (int64, error) {
-	st, err := f.Stat()
-	if err != nil {
-		return 0, err
-	}
-	return st.Size(), nil
-}
+func (f osFile) Sync() error          { return hostfile.Fdatasync(f.File) }
+func (f osFile) Size() (int64, error) { return hostfile.Size(f.File) }
 
 // punchHole deallocates a range of a flat extent, keeping the size; the
 // range then reads as zeros.
 func (f osFile) punchHole(off, n int64) error {
-	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+	return hostfile.PunchHole(f.File, off, n)
 }
 
 func (osFS) open(path string, flag int, perm os.FileMode) (file, error) {

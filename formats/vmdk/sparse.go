@@ -12,6 +12,7 @@ import (
 	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // grainState is what a grain table entry says about one grain.
@@ -72,7 +73,7 @@ func openSparse(f file, name string, readOnly bool, cacheCap int) (*sparse, erro
 		return nil, fmt.Errorf("vmdk: %s: %w", name, err)
 	}
 	buf := make([]byte, sectorSize)
-	if err := readFull(f, buf, 0); err != nil {
+	if err := hostfile.ReadFull(f, buf, 0); err != nil {
 		return nil, fmtErr(0, "header", image.ErrCorrupt, "%s: reading header: %v", name, err)
 	}
 	h, err := parseSparseHeader(buf, 0)
@@ -86,7 +87,7 @@ func openSparse(f file, name string, readOnly bool, cacheCap int) (*sparse, erro
 			return nil, fmtErr(size, "footer", image.ErrCorrupt, "%s: gd_offset says footer but the file has %d bytes", name, size)
 		}
 		off := size - 2*sectorSize
-		if err := readFull(f, buf, off); err != nil {
+		if err := hostfile.ReadFull(f, buf, off); err != nil {
 			return nil, fmtErr(off, "footer", image.ErrCorrupt, "%s: %v", name, err)
 		}
 		fh, err := parseSparseHeader(buf, off)
@@ -145,7 +146,7 @@ func (s *sparse) readDir(off, n uint64, field int64, fname string) ([]uint32, er
 		return nil, fmtErr(field, fname, image.ErrCorrupt, "%s: grain directory of %d entries at sector %d lies outside the %d-byte file", s.name, n, off, s.size)
 	}
 	b := make([]byte, n*4)
-	if err := readFull(s.f, b, int64(off)*sectorSize); err != nil {
+	if err := hostfile.ReadFull(s.f, b, int64(off)*sectorSize); err != nil {
 		return nil, fmtErr(int64(off)*sectorSize, fname, image.ErrCorrupt, "%s: %v", s.name, err)
 	}
 	d := make([]uint32, n)
@@ -153,17 +154,6 @@ func (s *sparse) readDir(off, n uint64, field int64, fname string) ([]uint32, er
 		d[i] = binary.LittleEndian.Uint32(b[4*i:])
 	}
 	return d, nil
-}
-
-func readFull(f io.ReaderAt, p []byte, off int64) error {
-	n, err := f.ReadAt(p, off)
-	if n == len(p) {
-		return nil
-	}
-	if err == nil || err == io.EOF {
-		err = io.ErrUnexpectedEOF
-	}
-	return err
 }
 
 // tableLocked returns grain table i, loading it; nil if the directory
@@ -186,7 +176,7 @@ func (s *sparse) tableLocked(i uint32) (*gtable, error) {
 			"%s: grain table %d at sector %d lies past the end of the file", s.name, i, sec)
 	}
 	b := make([]byte, s.gtBytes)
-	if err := readFull(s.f, b, off); err != nil {
+	if err := hostfile.ReadFull(s.f, b, off); err != nil {
 		return nil, fmtErr(off, "grain table", image.ErrCorrupt, "%s: %v", s.name, err)
 	}
 	t := &gtable{idx: i, e: make([]uint32, s.h.NumGTEsPerGT)}
@@ -295,7 +285,7 @@ func (s *sparse) inflate(g uint64, off int64) ([]byte, error) {
 	var comp []byte
 	if s.h.Flags&flagMarkers != 0 {
 		var m [12]byte
-		if err := readFull(s.f, m[:], off); err != nil {
+		if err := hostfile.ReadFull(s.f, m[:], off); err != nil {
 			return nil, fmtErr(off, "grain marker", image.ErrCorrupt, "%s: grain %d: %v", s.name, g, err)
 		}
 		lba := binary.LittleEndian.Uint64(m[:])
@@ -307,7 +297,7 @@ func (s *sparse) inflate(g uint64, off int64) ([]byte, error) {
 			return nil, fmtErr(off+8, "grain marker", image.ErrCorrupt, "%s: grain %d compressed size %d", s.name, g, n)
 		}
 		comp = make([]byte, n)
-		if err := readFull(s.f, comp, off+12); err != nil {
+		if err := hostfile.ReadFull(s.f, comp, off+12); err != nil {
 			return nil, fmtErr(off+12, "grain", image.ErrCorrupt, "%s: grain %d: %v", s.name, g, err)
 		}
 	} else {

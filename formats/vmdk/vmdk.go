@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // Options tune Open.
@@ -173,7 +174,7 @@ func (img *Image) open(f file, fs fileSystem, opts Options) error {
 			return fmtErr(28, "desc_offset", image.ErrCorrupt, "descriptor at sector %d past the end of the file", h.DescOffset)
 		}
 		text := make([]byte, min(int64(h.DescSize)*sectorSize, dsize-off))
-		if err := readFull(f, text, off); err != nil {
+		if err := hostfile.ReadFull(f, text, off); err != nil {
 			return fmtErr(off, "descriptor", image.ErrCorrupt, "%v", err)
 		}
 		d, err := ParseDescriptor(text)
@@ -208,7 +209,7 @@ func (img *Image) open(f file, fs fileSystem, opts Options) error {
 			return fmtErr(0, "descriptor", image.ErrCorrupt, "descriptor file of %d bytes (limit %d)", size, maxDescriptor)
 		}
 		text := make([]byte, size)
-		if err := readFull(f, text, 0); err != nil {
+		if err := hostfile.ReadFull(f, text, 0); err != nil {
 			return fmtErr(0, "descriptor", image.ErrCorrupt, "%v", err)
 		}
 		d, err := ParseDescriptor(text)

@@ -1,0 +1,87 @@
+// Package hostfile holds what the image formats need of the host file
+// under an image beyond *os.File: a sync that makes written data durable
+// without the inode's timestamps (fdatasync), the file's size, hole
+// punching, and reads and writes of exactly a whole buffer.
+package hostfile
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+
+	"golang.org/x/sys/unix"
+)
+
+// Fdatasync makes every completed write to f durable: the data and the
+// size, which is all an image needs of the inode. Retried on EINTR.
+func Fdatasync(f *os.File) error {
+	for {
+		err := unix.Fdatasync(int(f.Fd()))
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("fdatasync %s: %w", f.Name(), err)
+		}
+		return nil
+	}
+}
+
+// Size is f's current length.
+func Size(f *os.File) (int64, error) {
+	st, err := f.Stat()
+	if err != nil {
+		return 0, err
+	}
+	return st.Size(), nil
+}
+
+// PunchHole deallocates [off, off+n) of f without changing its size, so
+// the range reads as zeros. The error is the file system's: callers
+// decide whether EOPNOTSUPP matters.
+func PunchHole(f *os.File, off, n int64) error {
+	return unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, off, n)
+}
+
+// ReadFull reads exactly len(p) bytes at off; a short read is an error
+// that names the range (wrapping io.ErrUnexpectedEOF), never a silent
+// zero fill.
+func ReadFull(r io.ReaderAt, p []byte, off int64) error {
+	n, err := r.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	return fmt.Errorf("read %d bytes at %d: got %d: %w", len(p), off, n, err)
+}
+
+// ReadZeroed reads len(p) bytes at off; bytes past the end of the file
+// read as zeros (a cluster may legally reach past EOF when only its head
+// was ever written; qemu reads it the same way).
+func ReadZeroed(r io.ReaderAt, p []byte, off int64) error {
+	n, err := r.ReadAt(p, off)
+	if n == len(p) {
+		return nil
+	}
+	if err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	clear(p[n:])
+	return nil
+}
+
+// WriteFull writes all of p at off; a short write without an error is
+// io.ErrShortWrite.
+func WriteFull(w io.WriterAt, p []byte, off int64) error {
+	n, err := w.WriteAt(p, off)
+	if err == nil && n != len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		return fmt.Errorf("write %d bytes at %d: %w", len(p), off, err)
+	}
+	return nil
+}
