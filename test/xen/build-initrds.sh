@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Builds the two initramfs images of the harness from the host's installed
+# Debian packages (xen-utils-4.17, xenstore-utils, qemu-utils, busybox-static)
+# and the unpacked kernel package:
+#   OUT/guest-initrd.cpio  busybox, xen-blkfront, the xenstore tools, test/xen/guest
+#   OUT/dom0-initrd.cpio   the toolstack (xl, xenstored, xenconsoled, hotplug
+#                          scripts), qemu-img, our blktap and block-blktap,
+#                          test/xen/dom0 as /init and /xt, and the guest's
+#                          kernel and initramfs
+# Usage: build-initrds.sh OUT KERNEL_ROOT KVER BLKTAP_BINARY
+set -euo pipefail
+out=$1 kroot=$2 kver=$3 blktap=$4
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/../.." && pwd)
+moddir=$kroot/lib/modules/$kver/kernel
+XB=/usr/lib/xen-4.17/bin
+
+copy_with_libs() { # ROOT FILE...: files and their shared-library closure
+  local r=$1 f l; shift
+  for f in "$@"; do
+    mkdir -p "$r$(dirname "$f")"; rm -f "$r$f"; cp -L "$f" "$r$f"
+    for l in $(ldd "$f" 2>/dev/null | grep -oE '/[^ ]+'); do
+      [ -e "$r$l" ] || { mkdir -p "$r$(dirname "$l")"; cp -L "$l" "$r$l"; }
+    done
+  done
+}
+busybox_root() { # ROOT: busybox and its applets, but not sh/bash over a real bash
+  local r=$1 p
+  mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,etc}
+  cp /bin/busybox "$r/bin/busybox"
+  "$r/bin/busybox" --list-full | while read -r p; do
+    [ -e "$r/$p" ] || { mkdir -p "$r/$(dirname "$p")"; ln -s /bin/busybox "$r/$p"; }
+  done
+}
+cpio_of() { (cd "$1" && find . | cpio -o -H newc --quiet) >"$2.tmp" && mv "$2.tmp" "$2"; }
+
+mkdir -p "$out"
+
+# ---- guest ----
+R=$out/guest-root; rm -rf "$R"; busybox_root "$R"
+mkdir -p "$R/lib/modules"
+cp "$moddir/drivers/block/xen-blkfront.ko" "$R/lib/modules/"
+copy_with_libs "$R" /usr/bin/xenstore
+for x in read write ls rm exists list chmod watch; do ln -sf xenstore "$R/usr/bin/xenstore-$x"; done
+rm -f "$R/sbin/poweroff" "$R/sbin/reboot" "$R/bin/poweroff" "$R/bin/reboot"
+cp "$here/guest/init" "$R/init"
+cp "$here/guest/xt-guest" "$R/bin/xt-guest"
+cp "$here/guest/poweroff" "$R/sbin/poweroff"; cp "$here/guest/reboot" "$R/sbin/reboot"
+chmod +x "$R/init" "$R/bin/xt-guest" "$R/sbin/poweroff" "$R/sbin/reboot"
+cpio_of "$R" "$out/guest-initrd.cpio"
+
+# ---- dom0 ----
+R=$out/dom0-root; rm -rf "$R"; busybox_root "$R"
+mkdir -p "$R"/{root,boot,var/lib/xen,var/log/xen/console,var/lib/xenstored,images,xt,lib/modules/$kver}
+ln -s ../run "$R/var/run"
+copy_with_libs "$R" /usr/bin/bash $XB/xl $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 $XB/xenconsole \
+  $XB/libxl-save-helper /usr/bin/xenstore /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/losetup \
+  /usr/bin/flock /usr/bin/stat /usr/bin/timeout
+cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$R/lib/x86_64-linux-gnu/"   # xl's pthread_cancel dlopens it
+ln -sf /usr/bin/bash "$R/bin/bash"
+# locking.sh runs `stat -L /dev/stdin FILE`, which busybox's stat gets wrong
+for b in stat timeout flock; do rm -f "$R/bin/$b"; ln -s /usr/bin/$b "$R/bin/$b"; done
+for x in read write ls rm exists list chmod watch; do ln -sf xenstore "$R/usr/bin/xenstore-$x"; done
+for x in xl xenstored xenconsoled xen-init-dom0 xenconsole; do ln -sf $XB/$x "$R/usr/sbin/$x"; done
+mkdir -p "$R/usr/lib/xen"; ln -sf $XB "$R/usr/lib/xen/bin"
+cp -a /etc/xen "$R/etc/"
+for m in drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/xen/xen-privcmd \
+         drivers/xen/xenfs/xenfs drivers/block/loop drivers/block/xen-blkfront drivers/block/nbd; do
+  mkdir -p "$R/lib/modules/$kver/kernel/$(dirname $m)"; cp "$moddir/$m.ko" "$R/lib/modules/$kver/kernel/$m.ko"
+done
+cp "$kroot/lib/modules/$kver/modules.order" "$kroot/lib/modules/$kver/modules.builtin" "$R/lib/modules/$kver/" 2>/dev/null || true
+depmod -b "$R" "$kver"
+cp "$kroot/boot/vmlinuz-$kver" "$R/boot/vmlinuz"
+cp "$out/guest-initrd.cpio" "$R/boot/guest-initrd.cpio"
+install -m 0755 "$blktap" "$R/usr/sbin/blktap"
+install -m 0755 "$repo/scripts/xen/block-blktap" "$R/etc/xen/scripts/block-blktap"
+cp "$here/dom0/init" "$R/init"; chmod +x "$R/init"
+cp "$here/dom0/lib.sh" "$here/dom0/scenarios.sh" "$R/xt/"
+echo "root:x:0:0:root:/root:/bin/sh" >"$R/etc/passwd"; echo "root:x:0:" >"$R/etc/group"
+cpio_of "$R" "$out/dom0-initrd.cpio"
+ls -la "$out"/*.cpio

@@ -1,0 +1,193 @@
+# Scenario runner and helpers for the real-Xen harness, sourced by dom0's
+# init. The host's verdict comes from these lines on the serial console:
+#   XT-PLAN name...            the scenarios this boot will run, in order
+#   XT-START name              a scenario begins
+#   XT-PASS name SECONDS       it passed
+#   XT-FAIL name: reason       it failed (its log and the daemon's follow)
+#   XT-RETRY name: reason      it failed outside the code under test (a
+#                              segfault of a C tool under TCG) and runs once more
+#   XT-INFO text               a fact worth keeping (timings, versions)
+#   XT-DONE                    dom0 finished; it powers off next
+# A scenario is a shell function run in its own bash under `timeout`; it
+# fails by exiting non-zero, with its last line of output as the reason.
+
+XT_ONLY=$(sed -n 's/.*xt_only=\([^ ]*\).*/\1/p' /proc/cmdline)
+XT_LOGS=/var/log/xt; mkdir -p $XT_LOGS
+
+up() { cut -d' ' -f1 /proc/uptime; }
+xt_info() { echo "XT-INFO $*"; }
+say() { echo "$*"; }                 # into the scenario's log
+fail() { echo "$*"; exit 1; }
+
+xt_selected() { [ -z "$XT_ONLY" ] || [[ "+$XT_ONLY+" == *"+$1+"* ]]; }   # run.sh joins names with +
+
+XT_PLANNED=()
+xt_plan() { # NAME...: announce what runs, so a crash cannot hide a scenario
+  local n; for n in "$@"; do xt_selected "$n" && XT_PLANNED+=("$n"); done
+  echo "XT-PLAN ${XT_PLANNED[*]}"
+}
+
+# xt_run NAME TIMEOUT FUNCTION [ARGS...]
+xt_run() {
+  local name=$1 tmo=$2; shift 2
+  xt_selected "$name" || return 0
+  local attempt log t0 t1 rc reason
+  for attempt in 1 2; do
+    log=$XT_LOGS/$name.$attempt.log
+    echo "XT-START $name"
+    touch "$log.start"
+    t0=$(up)
+    timeout -s KILL "$tmo" bash -c '. /xt/lib.sh; . /xt/scenarios.sh --functions; "$@"' xt "$@" >"$log" 2>&1
+    rc=$?
+    t1=$(up)
+    if [ $rc = 0 ]; then
+      grep '^INFO ' "$log" | sed "s/^INFO /XT-INFO $name: /"
+      echo "XT-PASS $name $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b-a}')"
+      return 0
+    fi
+    reason=$(tail -n 1 "$log")
+    [ $rc = 137 ] && reason="timed out after ${tmo}s (last: $reason)"
+    # Under TCG short-lived C tools now and then die of SIGSEGV (see
+    # xen-in-qemu/README.md). That is retried once; a data mismatch never.
+    if [ $attempt = 1 ] && grep -q 'Segmentation fault' "$log" && ! grep -q 'DATA MISMATCH' "$log"; then
+      echo "XT-RETRY $name: $reason"
+      xt_dump "$name" "$log"
+      xt_cleanup
+      continue
+    fi
+    echo "XT-FAIL $name: $reason"
+    xt_dump "$name" "$log"
+    xt_cleanup
+    return 1
+  done
+}
+
+xt_dump() { # NAME LOG: what a failure needs to be understood
+  echo "---- $1: scenario log"; tail -n 80 "$2"
+  echo "---- $1: daemon log (tail)"; tail -n 60 /var/log/blktap.log 2>/dev/null
+  echo "---- $1: xenstore backends"; xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -vE '/(feature-|discard-|sector-size|physical-sector|multi-queue-max|max-ring)' | head -n 80
+  local f; for f in /var/log/xen/console/guest-*.log; do
+    [ -f "$f" ] || continue
+    echo "---- $1: $(basename "$f") (tail)"; tail -n 25 "$f"
+  done
+  for f in /var/log/xen/xl-*.log; do
+    [ -f "$f" ] && [ "$f" -nt "$2.start" ] || continue
+    echo "---- $1: $(basename "$f") (errors)"; grep -vE 'xc: detail|elf_|xc_dom_|domainbuilder' "$f" | grep -iE 'error|fail|abort|warn' | tail -n 15
+  done
+  echo "---- $1: xl dmesg (tail)"; xl dmesg 2>/dev/null | tail -n 10
+  echo "---- $1: end"
+}
+
+xt_cleanup() { :; }   # scenarios.sh may replace it
+
+xt_done() {
+  echo "XT-DONE"
+  sync
+  poweroff -f
+  sleep 600
+}
+
+# ---- the daemon -------------------------------------------------------------
+BLKTAP_ARGS=${BLKTAP_ARGS:-"--state-dir /run/blktap --xenstore /run/xenstored/socket --image-dir /images --serve-vbd"}
+daemon_start() {
+  ( exec blktap run $BLKTAP_ARGS >>/var/log/blktap.log 2>&1 ) &
+  local i=0
+  until [ -S /run/blktap/blktap.sock ] && blktap ls >/dev/null 2>&1; do
+    i=$((i+1)); [ $i -gt 150 ] && fail "daemon did not start: $(tail -n 3 /var/log/blktap.log)"
+    sleep 0.2
+  done
+}
+daemon_pid() { pgrep -f '^blktap run' | head -n 1; }
+
+# ---- xenstore ---------------------------------------------------------------
+xsr() { xenstore-read "$1" 2>/dev/null; }
+wait_key() { # PATH VALUE SECONDS
+  local i=0 n=$(($3 * 5))
+  until [ "$(xsr "$1")" = "$2" ]; do
+    i=$((i+1)); [ $i -gt $n ] && fail "$1 is '$(xsr "$1")' after $3 s, want '$2'"
+    sleep 0.2
+  done
+}
+wait_gone() { # PATH SECONDS
+  local i=0 n=$(($2 * 5))
+  while xenstore-exists "$1" 2>/dev/null; do
+    i=$((i+1)); [ $i -gt $n ] && fail "$1 still exists after $2 s"
+    sleep 0.2
+  done
+}
+
+# ---- guests -----------------------------------------------------------------
+# guest_create NAME VCPUS "BLKFRONT_ARGS" DISKSPEC...: a PV guest running
+# the test initramfs; returns once it serves commands.
+guest_create() {
+  local name=$1 vcpus=$2 bf=$3; shift 3
+  local disks="" d
+  for d in "$@"; do disks="$disks${disks:+, }'$d'"; done
+  cat >/etc/xen/$name.cfg <<CFG
+name = "$name"
+type = "pv"
+kernel = "/boot/vmlinuz"
+ramdisk = "/boot/guest-initrd.cpio"
+extra = "console=hvc0 rdinit=/init loglevel=4 blkfront_args=$bf"
+memory = 160
+vcpus = $vcpus
+disk = [ $disks ]
+on_poweroff = "destroy"
+on_reboot = "restart"
+on_crash = "destroy"
+CFG
+  timeout 240 xl create /etc/xen/$name.cfg >/var/log/xen/xl-create-$name.log 2>&1 ||
+    fail "xl create $name failed: $(grep -iE 'error|fail' /var/log/xen/xl-create-$name.log | tail -n 2 | tr '\n' ' ')"
+  guest_ready "$name"
+}
+guest_ready() { # NAME: wait until the guest's command loop runs
+  local i=0 d
+  until d=$(xl domid "$1" 2>/dev/null) && [ -n "$(xsr /local/domain/$d/data/ready)" ]; do
+    i=$((i+1)); [ $i -gt 600 ] && fail "guest $1 did not come up within 120 s"
+    sleep 0.2
+  done
+}
+domid() { xl domid "$1" 2>/dev/null; }
+
+# gx NAME SECONDS CMD ARGS...: run a command in the guest; its last line of
+# output is left in GX; the scenario fails when the command fails in the guest.
+XT_CMDID=0
+gx() {
+  local name=$1 tmo=$2; shift 2
+  local d; d=$(domid "$name") || fail "guest $name is not running"
+  local id="$$.$((XT_CMDID += 1))"
+  xenstore-write /local/domain/$d/data/cmd "$id:$*"
+  local i=0 n=$((tmo * 5)) r
+  while :; do
+    r=$(xsr /local/domain/$d/data/result)
+    [ "${r%%:*}" = "$id" ] && break
+    i=$((i+1)); [ $i -gt $n ] && fail "guest $name: '$*' did not answer within $tmo s"
+    sleep 0.2
+  done
+  r=${r#*:}
+  local rc=${r%%:*} out=${r#*:}
+  say "guest $name: $* -> rc=$rc: $out"
+  [ "$rc" = 0 ] || fail "guest $name: $*: $out"
+  GX=$out
+}
+
+# be_path NAME VDEV-NUMBER [KIND]
+be_path() { echo "/local/domain/0/backend/${3:-vbd}/$(domid "$1")/$2"; }
+fe_path() { echo "/local/domain/$(domid "$1")/device/vbd/$2"; }
+
+# vdev number of xvdX (Linux PV: 202 << 8 | index << 4)
+vdevnum() { local c=${1#xvd}; printf '%d' $(( (202 << 8) | ( $(printf '%d' "'$c") - 97 ) << 4 )); }
+
+# image_md5 FILE FORMAT OFF_MB LEN_MB: the bytes the guest wrote, read by an
+# independent reader (qemu-img) where it knows the format.
+image_md5() {
+  local f=$1 fmt=$2 off=$3 len=$4 raw=/tmp/md5-$$.raw
+  case $fmt in
+    raw) raw=$f ;;
+    qcow|qcow2|vmdk) qemu-img convert -f "$fmt" -O raw "$f" "$raw" || fail "qemu-img convert $f" ;;
+    vhd) qemu-img convert -f vpc -O raw "$f" "$raw" || fail "qemu-img convert $f" ;;
+    vhd-diff) blktap image convert -O raw "$f" "$raw" || fail "blktap image convert $f" ;;
+  esac
+  dd if="$raw" bs=1M skip="$off" count="$len" 2>/dev/null | md5sum | cut -d' ' -f1
+  [ "$raw" = "$f" ] || rm -f "$raw"
+}
