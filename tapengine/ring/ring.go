@@ -16,7 +16,10 @@
 //
 // Producer duties (both directions, ring.h):
 //
-//  1. Write the entries into their slots.
+//  1. Write the entries into their slots. The backend writes a response
+//     only just before step 2 (Back stages it until then): the slot
+//     still holds its request, which a restarted backend would otherwise
+//     read back as one.
 //  2. Publish the new producer index (a release store).
 //  3. Read the peer's event index after the store (a full barrier) and
 //     signal iff event lies in (old, new]; otherwise the peer is awake and
@@ -47,8 +50,8 @@ import (
 // PageReleaser is a Transport whose data pages must be given back before
 // the frontend sees the responses that used them (Xen grants that are not
 // persistent: blkfront checks that the backend unmapped them). Serve calls
-// ReleasePages after a batch's responses are written and before they are
-// published.
+// ReleasePages after a batch's responses are decided and before they are
+// written to the ring and published.
 type PageReleaser interface {
 	ReleasePages() error
 }
