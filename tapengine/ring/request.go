@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 )
 
@@ -245,8 +246,20 @@ func (s *server) exec(j *job) {
 		return
 	}
 	if err := s.do(j); err != nil {
-		j.status = blkif.StatusError
 		s.stats.Errors.Add(1)
+		if j.kind == kindDiscard && unsupported(err) {
+			// Linux blkfront turns discard off for the disk on
+			// EOPNOTSUPP, and logs every other failure as an I/O error.
+			j.status = blkif.StatusEOPNOTSUPP
+			s.stats.Unsupported.Add(1)
+			s.log.Info("ring: the image cannot discard", "id", j.id, "err", err)
+			return
+		}
+		// Writes, barriers and flushes never answer EOPNOTSUPP: Linux
+		// 6.1 blkfront completes such a barrier or flush as a success
+		// (and turns flushes off), which would acknowledge a write the
+		// image never took. No image reports a flush as unsupported.
+		j.status = blkif.StatusError
 		s.log.Warn("ring: I/O failed", "op", blkif.OpName(j.op), "id", j.id, "err", err)
 		return
 	}
@@ -256,6 +269,12 @@ func (s *server) exec(j *job) {
 	case kindWrite:
 		s.stats.BytesWritten.Add(j.bytes)
 	}
+}
+
+// unsupported reports whether err says the image lacks the operation, as
+// opposed to having failed at it.
+func unsupported(err error) bool {
+	return errors.Is(err, image.ErrUnsupported) || errors.Is(err, errors.ErrUnsupported)
 }
 
 func (s *server) do(j *job) error {

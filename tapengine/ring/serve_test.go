@@ -453,3 +453,62 @@ func TestMergeAdjacentSegments(t *testing.T) {
 		t.Fatal("read of swapped pages filled the wrong bytes")
 	}
 }
+
+// noDiscardImage is an image whose Discard reports the operation
+// missing, as raw does on a file system without hole punching.
+type noDiscardImage struct {
+	*memImage
+	err error
+}
+
+func (n *noDiscardImage) Discard(off, length int64) error { return n.err }
+
+// TestDiscardUnsupported: a discard the image cannot do answers
+// EOPNOTSUPP, which makes Linux blkfront stop sending them; any other
+// failure stays an I/O error (XEN-HOST.md section 5 item 10).
+func TestDiscardUnsupported(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		err  error
+		want int16
+	}{
+		{"image", fmt.Errorf("raw: x: discard: %w: %w", image.ErrUnsupported, unix.EOPNOTSUPP), blkif.StatusEOPNOTSUPP},
+		{"errors", fmt.Errorf("nbd: %w", errors.ErrUnsupported), blkif.StatusEOPNOTSUPP},
+		{"io", fmt.Errorf("discard: %w", unix.EIO), blkif.StatusError},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tr := newMemTransport(t, 0)
+			front, err := NewFront(tr.ring, blkif.X86_64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			front.Init()
+			r := blkif.Request{Op: blkif.OpDiscard, ID: 7, Sector: 2, NrSectors: 3}
+			if err := front.Push(&r); err != nil {
+				t.Fatal(err)
+			}
+			front.PushRequests()
+			stats := new(Stats)
+			img := &noDiscardImage{memImage: &memImage{data: make([]byte, 8192)}, err: c.err}
+			s, err := newServer(tr, blkif.X86_64, img, Options{Discard: true, Stats: stats})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.close()
+			if err := s.drain(); err != nil {
+				t.Fatal(err)
+			}
+			var rsp blkif.Response
+			front.Next(&rsp)
+			if rsp != (blkif.Response{ID: 7, Op: blkif.OpDiscard, Status: c.want}) {
+				t.Errorf("response %+v, want status %d", rsp, c.want)
+			}
+			if got, want := stats.Unsupported.Load(), uint64(map[bool]int{true: 1}[c.want == blkif.StatusEOPNOTSUPP]); got != want {
+				t.Errorf("Unsupported %d, want %d", got, want)
+			}
+			if stats.Errors.Load() != 1 {
+				t.Errorf("Errors %d, want 1", stats.Errors.Load())
+			}
+		})
+	}
+}
