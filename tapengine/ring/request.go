@@ -45,8 +45,11 @@ type job struct {
 var errInvalid = errors.New("invalid request")
 
 // prepare validates the request copied out of the ring into r and fills j.
-// It never does I/O; it maps pages, which checks the grants.
-func (s *server) prepare(r *blkif.Request, j *job) {
+// It never does I/O; it maps pages, which checks the grants. It reports
+// false, counting nothing, when the transport had no mapping to spare
+// (ErrPagesBusy): the caller releases the pages it holds and calls
+// prepareReserved.
+func (s *server) prepare(r *blkif.Request, j *job) bool {
 	*j = job{id: r.ID, op: r.Op, ind: j.ind}
 	j.segs = j.inline[:0]
 	var err error
@@ -58,21 +61,87 @@ func (s *server) prepare(r *blkif.Request, j *job) {
 	case blkif.OpIndirect:
 		err = s.prepareIndirect(r, j)
 	default:
+		s.count(r)
 		s.stats.Unsupported.Add(1)
 		j.status = blkif.StatusEOPNOTSUPP
 		s.log.Debug("ring: unsupported op", "op", r.Op, "id", r.ID)
-		return
+		return true
 	}
+	if errors.Is(err, ErrPagesBusy) && s.reserver != nil && !s.noWait {
+		return false
+	}
+	s.count(r)
 	if err != nil {
 		j.kind = kindNone
 		if errors.Is(err, errUnsupported) {
 			s.stats.Unsupported.Add(1)
 			j.status = blkif.StatusEOPNOTSUPP
+		} else if errors.Is(err, ErrPagesBusy) {
+			// Not the request's fault; respond counts the error.
+			j.status = blkif.StatusError
 		} else {
 			s.stats.Invalid.Add(1)
 			j.status = blkif.StatusError
 		}
 		s.log.Debug("ring: refused request", "op", blkif.OpName(r.Op), "id", r.ID, "err", err)
+	}
+	return true
+}
+
+// prepareReserved prepares a request that prepare left for want of
+// mappings, once the loop holds no pages: it reserves what the request
+// needs (which may wait for other rings to release theirs), then maps.
+// Without a reservation the request fails rather than waits again.
+func (s *server) prepareReserved(r *blkif.Request, j *job) {
+	if err := s.reserver.ReservePages(pagesOf(r, s.maxInd)); err != nil {
+		s.log.Warn("ring: no page mappings for a request", "op", blkif.OpName(r.Op), "id", r.ID, "err", err)
+	}
+	s.noWait = true
+	s.prepare(r, j)
+	s.noWait = false
+}
+
+// pagesOf is how many data and indirect pages r can make the transport
+// map; 0 for a request that will be refused before mapping anything.
+func pagesOf(r *blkif.Request, maxInd int) int {
+	switch r.Op {
+	case blkif.OpRead, blkif.OpWrite, blkif.OpWriteBarrier, blkif.OpFlushDiskcache:
+		if int(r.NrSegments) <= blkif.SegmentsMax {
+			return int(r.NrSegments)
+		}
+	case blkif.OpIndirect:
+		if n := int(r.IndirectSegments); n <= maxInd {
+			return n + (n+blkif.SegmentsPerIndirect-1)/blkif.SegmentsPerIndirect
+		}
+	}
+	return 0
+}
+
+// count adds r to the per-op counters, once per request however many
+// times it is prepared.
+func (s *server) count(r *blkif.Request) {
+	switch r.Op {
+	case blkif.OpRead:
+		s.stats.Reads.Add(1)
+	case blkif.OpWrite:
+		s.stats.Writes.Add(1)
+	case blkif.OpWriteBarrier:
+		s.stats.Barriers.Add(1)
+	case blkif.OpFlushDiskcache:
+		s.stats.Flushes.Add(1)
+	case blkif.OpDiscard:
+		s.stats.Discards.Add(1)
+	case blkif.OpIndirect:
+		s.stats.Indirects.Add(1)
+		if s.maxInd == 0 {
+			return
+		}
+		switch r.IndirectOp {
+		case blkif.OpRead:
+			s.stats.Reads.Add(1)
+		case blkif.OpWrite:
+			s.stats.Writes.Add(1)
+		}
 	}
 }
 
@@ -82,15 +151,9 @@ func (s *server) prepareRW(r *blkif.Request, j *job) error {
 	n := int(r.NrSegments)
 	write := r.Op != blkif.OpRead
 	switch r.Op {
-	case blkif.OpRead:
-		s.stats.Reads.Add(1)
-	case blkif.OpWrite:
-		s.stats.Writes.Add(1)
 	case blkif.OpWriteBarrier:
-		s.stats.Barriers.Add(1)
 		j.flushBefore, j.flushAfter = true, true
 	case blkif.OpFlushDiskcache:
-		s.stats.Flushes.Add(1)
 		j.flushAfter = true
 	}
 	if n > blkif.SegmentsMax {
@@ -120,7 +183,6 @@ func (s *server) prepareRW(r *blkif.Request, j *job) error {
 }
 
 func (s *server) prepareDiscard(r *blkif.Request, j *job) error {
-	s.stats.Discards.Add(1)
 	if !s.opts.Discard {
 		return fmt.Errorf("%w: discard not enabled", errUnsupported)
 	}
@@ -143,16 +205,13 @@ func (s *server) prepareDiscard(r *blkif.Request, j *job) error {
 }
 
 func (s *server) prepareIndirect(r *blkif.Request, j *job) error {
-	s.stats.Indirects.Add(1)
 	if s.maxInd == 0 {
 		return fmt.Errorf("%w: indirect requests not enabled", errUnsupported)
 	}
 	var write bool
 	switch r.IndirectOp {
 	case blkif.OpRead:
-		s.stats.Reads.Add(1)
 	case blkif.OpWrite:
-		s.stats.Writes.Add(1)
 		write = true
 	default:
 		return fmt.Errorf("%w: indirect_op %d", errInvalid, r.IndirectOp)

@@ -56,6 +56,20 @@ type PageReleaser interface {
 	ReleasePages() error
 }
 
+// PageReserver is a Transport whose page mappings are a scarce, shared
+// resource (every Xen data-page map is a VMA, and a process has
+// vm.max_map_count of them). Its Page may fail with an error wrapping
+// ErrPagesBusy instead of waiting while the loop holds pages, since the
+// loop alone can release them and pages held while waiting could
+// deadlock rings that wait on each other. Serve then answers what it
+// has, publishes (a release point), and calls ReservePages with the
+// number of pages the request needs: holding nothing, it may wait there
+// until that many can be mapped, after which the request is mapped again.
+type PageReserver interface {
+	PageReleaser
+	ReservePages(n int) error
+}
+
 // Transport is how the backend reaches the frontend's memory and signals.
 // The ring loop knows nothing else of Xen (or of its absence).
 type Transport interface {
@@ -84,6 +98,9 @@ var (
 	ErrRingFull = errors.New("ring: full")
 	// ErrBadRing: the ring memory or parameters are unusable.
 	ErrBadRing = errors.New("ring: bad ring")
+	// ErrPagesBusy: a PageReserver has no mapping to spare until the
+	// loop releases the pages it holds (not a fault of the request).
+	ErrPagesBusy = errors.New("ring: page mappings busy")
 )
 
 // Options tunes Serve.

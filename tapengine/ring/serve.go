@@ -115,6 +115,8 @@ type server struct {
 	indBuf   []byte // one copy of an indirect request's segment pages
 	indSegs  []blkif.Segment
 	notifyFn func() error
+	reserver PageReserver // t, if it is one
+	noWait   bool         // prepare: ErrPagesBusy fails the request
 }
 
 func newServer(t Transport, proto blkif.Protocol, img image.Image, opts Options) (*server, error) {
@@ -143,6 +145,7 @@ func newServer(t Transport, proto blkif.Protocol, img image.Image, opts Options)
 		s.pool = newPool(opts.Workers - 1)
 		s.pool.s = s
 	}
+	s.reserver, _ = t.(PageReserver)
 	s.batch = make([]job, back.Entries())
 	return s, nil
 }
