@@ -147,10 +147,10 @@ func attach(dev Device, opts Options) (_ *Transport, err error) {
 		return nil, errors.Join(fmt.Errorf("xen: bind event channel of domain %d: %w", opts.Domid, err), dev.Unmap(t.ringM))
 	}
 	if !opts.PersistentGrants {
-		// See the package doc: until the ring releases pages before it
-		// publishes responses, such a frontend can see a response while
-		// its page is still mapped.
-		t.log.Warn("xen: frontend without feature-persistent; data pages are unmapped one release point after the response",
+		// Correct (pages are unmapped before each response is
+		// published) but a map and an unmap per page: worth a note when
+		// a guest is slow.
+		t.log.Info("xen: frontend without feature-persistent; every data page is mapped per request",
 			"domid", opts.Domid)
 	}
 	return t, nil
