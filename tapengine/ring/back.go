@@ -87,6 +87,18 @@ func (b *Back) Respond(r *blkif.Response) {
 	b.rspProdPvt++
 }
 
+// Unconsume puts back the request Next copied last, for the next backend
+// on this ring to take again, and reports whether it could: only when it
+// is the one request consumed and not answered (rsp_prod is where a new
+// backend resumes, so nothing before it may be left unanswered).
+func (b *Back) Unconsume() bool {
+	if b.reqCons-b.rspProdPvt != 1 || b.rspPub != b.rspProdPvt {
+		return false
+	}
+	b.reqCons--
+	return true
+}
+
 // InFlight is the number of consumed requests without a response.
 func (b *Back) InFlight() int { return int(b.reqCons - b.rspProdPvt) }
 

@@ -73,7 +73,9 @@ func (s *server) serveBatch(n int) error {
 				if err := s.publish(); err != nil {
 					return err
 				}
-				s.prepareReserved(&r, &jobs[i])
+				if err := s.prepareReserved(&r, &jobs[i]); err != nil {
+					return err
+				}
 			}
 			s.exec(&jobs[i])
 			s.respond(&jobs[i])
@@ -98,7 +100,9 @@ func (s *server) serveBatch(n int) error {
 			if err := s.publish(); err != nil {
 				return err
 			}
-			s.prepareReserved(&r, &jobs[i])
+			if err := s.prepareReserved(&r, &jobs[i]); err != nil {
+				return err
+			}
 		}
 	}
 	s.runJobs(jobs[start:])

@@ -89,16 +89,24 @@ func (s *server) prepare(r *blkif.Request, j *job) bool {
 }
 
 // prepareReserved prepares a request that prepare left for want of
-// mappings, once the loop holds no pages: it reserves what the request
-// needs (which may wait for other rings to release theirs), then maps.
-// Without a reservation the request fails rather than waits again.
-func (s *server) prepareReserved(r *blkif.Request, j *job) {
-	if err := s.reserver.ReservePages(pagesOf(r, s.maxInd)); err != nil {
+// mappings, once the loop holds no pages and every earlier request is
+// answered and published: it reserves what the request needs (which may
+// wait for other rings to release theirs), then maps. Without a
+// reservation the request fails rather than waits again. If the loop is
+// stopped meanwhile, the request goes back to the ring unanswered (an
+// error would reach the guest as a failed I/O) and errStopped is
+// returned.
+func (s *server) prepareReserved(r *blkif.Request, j *job) error {
+	if err := s.reserver.ReservePages(s.ctx, pagesOf(r, s.maxInd)); err != nil {
+		if s.ctx.Err() != nil && s.back.Unconsume() {
+			return errStopped
+		}
 		s.log.Warn("ring: no page mappings for a request", "op", blkif.OpName(r.Op), "id", r.ID, "err", err)
 	}
 	s.noWait = true
 	s.prepare(r, j)
 	s.noWait = false
+	return nil
 }
 
 // pagesOf is how many data and indirect pages r can make the transport

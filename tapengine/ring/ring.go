@@ -39,6 +39,7 @@
 package ring
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -65,9 +66,11 @@ type PageReleaser interface {
 // has, publishes (a release point), and calls ReservePages with the
 // number of pages the request needs: holding nothing, it may wait there
 // until that many can be mapped, after which the request is mapped again.
+// If ctx ends the wait, the request is left in the ring unanswered for
+// the next Serve.
 type PageReserver interface {
 	PageReleaser
-	ReservePages(n int) error
+	ReservePages(ctx context.Context, n int) error
 }
 
 // Transport is how the backend reaches the frontend's memory and signals.

@@ -2,6 +2,7 @@ package ring
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -536,7 +537,7 @@ func (r *reserveTransport) ReleasePages() error {
 	return nil
 }
 
-func (r *reserveTransport) ReservePages(n int) error {
+func (r *reserveTransport) ReservePages(_ context.Context, n int) error {
 	if r.held != 0 {
 		return fmt.Errorf("reserve %d while holding %d", n, r.held)
 	}

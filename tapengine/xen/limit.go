@@ -1,6 +1,7 @@
 package xen
 
 import (
+	"context"
 	"os"
 	"strconv"
 	"strings"
@@ -84,9 +85,9 @@ func (b *mapBudget) tryTake(n int) bool {
 	return false
 }
 
-// take waits up to d for n (at most the size) and reports whether it got
-// them.
-func (b *mapBudget) take(n int, d time.Duration) bool {
+// take waits up to d, and until ctx is done, for n (at most the size) and
+// reports whether it got them.
+func (b *mapBudget) take(ctx context.Context, n int, d time.Duration) bool {
 	b.mu.Lock()
 	if len(b.waiters) == 0 && b.used+n <= b.size {
 		b.used += n
@@ -103,6 +104,7 @@ func (b *mapBudget) take(n int, d time.Duration) bool {
 	case <-w.ready:
 		return true
 	case <-timer.C:
+	case <-ctx.Done():
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()

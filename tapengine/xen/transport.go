@@ -2,6 +2,7 @@ package xen
 
 import (
 	"container/list"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -321,9 +322,9 @@ func (t *Transport) releaseLocked() error {
 // until the next release point; Page draws on them first. Call it only
 // right after a release point, holding no per-request mapping: a
 // transport that waited while holding some could deadlock with another
-// doing the same. It fails if n can never fit, or after a long wait (an
-// image stuck in I/O elsewhere).
-func (t *Transport) ReservePages(n int) error {
+// doing the same. It fails if n can never fit, when ctx is done, or
+// after a long wait (an image stuck in I/O elsewhere).
+func (t *Transport) ReservePages(ctx context.Context, n int) error {
 	t.mu.Lock()
 	if t.dev == nil {
 		t.mu.Unlock()
@@ -344,7 +345,10 @@ func (t *Transport) ReservePages(n int) error {
 	if n > limit {
 		return fmt.Errorf("%w: a request needs %d per-request mappings, more than the %d allowed", ErrTooManyMappings, n, limit)
 	}
-	if !t.budget.take(n, reserveWait) {
+	if !t.budget.take(ctx, n, reserveWait) {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("xen: waiting for %d per-request mappings: %w", n, err)
+		}
 		return fmt.Errorf("%w: no %d per-request mappings free after %v", ErrTooManyMappings, n, reserveWait)
 	}
 	t.mu.Lock()
