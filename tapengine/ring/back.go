@@ -15,7 +15,19 @@ type Back struct {
 	entries uint32
 
 	reqCons    uint32 // next request to copy out
-	rspProdPvt uint32 // next response slot to fill
+	rspProdPvt uint32 // next response to stage
+	rspPub     uint32 // next response to copy into the ring (= rsp_prod we wrote)
+
+	// staged holds responses until PushResponses, indexed like the
+	// slots. A response shares its slot with the request it follows, and
+	// a restarted backend resumes at rsp_prod reading [rsp_prod, req_prod)
+	// as requests: a response written there before rsp_prod moves would be
+	// decoded as a request (a bogus id, or a fake request with segments
+	// once a slot is larger than a response). Staging keeps the slots
+	// past rsp_prod as the frontend wrote them through the I/O of a batch;
+	// only the copy in PushResponses, with no system call in it, can still
+	// be cut short.
+	staged []blkif.Response
 }
 
 // NewBack attaches to a ring the frontend has already initialised. It
@@ -33,7 +45,9 @@ func NewBack(ring []byte, proto blkif.Protocol) (*Back, error) {
 	}
 	b := &Back{ring: ring, proto: proto, slot: proto.SlotSize(), entries: uint32(blkif.Entries(proto, order))}
 	b.rspProdPvt = load32(ring, blkif.OffRspProd)
+	b.rspPub = b.rspProdPvt
 	b.reqCons = b.rspProdPvt
+	b.staged = make([]blkif.Response, b.entries)
 	return b, nil
 }
 
@@ -65,22 +79,41 @@ func (b *Back) Next(r *blkif.Request) {
 	b.reqCons++
 }
 
-// Respond writes a response into the next response slot (not yet
-// published). Responses may come in any order, but never more than
-// requests consumed.
+// Respond stages the next response in the backend's own memory; the ring
+// sees it at PushResponses. Responses may come in any order, but never
+// more than requests consumed.
 func (b *Back) Respond(r *blkif.Response) {
-	b.proto.EncodeResponse(b.slotAt(b.rspProdPvt), r)
+	b.staged[b.rspProdPvt&(b.entries-1)] = *r
 	b.rspProdPvt++
+}
+
+// Unconsume puts back the request Next copied last, for the next backend
+// on this ring to take again, and reports whether it could: only when it
+// is the one request consumed and not answered (rsp_prod is where a new
+// backend resumes, so nothing before it may be left unanswered).
+func (b *Back) Unconsume() bool {
+	if b.reqCons-b.rspProdPvt != 1 || b.rspPub != b.rspProdPvt {
+		return false
+	}
+	b.reqCons--
+	return true
 }
 
 // InFlight is the number of consumed requests without a response.
 func (b *Back) InFlight() int { return int(b.reqCons - b.rspProdPvt) }
 
-// PushResponses publishes the responses written so far and reports
-// whether the frontend must be notified (rsp_event in (old, new]).
+// PushResponses writes the staged responses into their slots, publishes
+// them and reports whether the frontend must be notified (rsp_event in
+// (old, new]).
 func (b *Back) PushResponses() bool {
-	old := load32(b.ring, blkif.OffRspProd)
 	nw := b.rspProdPvt
+	// The private index bounds the copy: the frontend can scribble on
+	// rsp_prod, but not make us write more slots than we answered.
+	for i := b.rspPub; i != nw; i++ {
+		b.proto.EncodeResponse(b.slotAt(i), &b.staged[i&(b.entries-1)])
+	}
+	b.rspPub = nw
+	old := load32(b.ring, blkif.OffRspProd)
 	if old == nw {
 		return false
 	}

@@ -67,7 +67,16 @@ func (s *server) serveBatch(n int) error {
 	if s.pool == nil {
 		for i := range jobs {
 			s.back.Next(&r)
-			s.prepare(&r, &jobs[i])
+			if !s.prepare(&r, &jobs[i]) {
+				// Every earlier job is answered: publishing releases
+				// their pages.
+				if err := s.publish(); err != nil {
+					return err
+				}
+				if err := s.prepareReserved(&r, &jobs[i]); err != nil {
+					return err
+				}
+			}
 			s.exec(&jobs[i])
 			s.respond(&jobs[i])
 			if (i+1)%publishEvery == 0 && i+1 < len(jobs) {
@@ -80,10 +89,28 @@ func (s *server) serveBatch(n int) error {
 		}
 		return nil
 	}
+	start := 0 // first job not yet run
 	for i := range jobs {
 		s.back.Next(&r)
-		s.prepare(&r, &jobs[i])
+		if !s.prepare(&r, &jobs[i]) {
+			// Answer what is prepared, so publishing releases its
+			// pages, then map this one again.
+			s.runJobs(jobs[start:i])
+			start = i
+			if err := s.publish(); err != nil {
+				return err
+			}
+			if err := s.prepareReserved(&r, &jobs[i]); err != nil {
+				return err
+			}
+		}
 	}
+	s.runJobs(jobs[start:])
+	return nil
+}
+
+// runJobs executes prepared jobs on the pool and writes their responses.
+func (s *server) runJobs(jobs []job) {
 	// Run the jobs between ordering points concurrently; a flush or a
 	// barrier runs alone after everything before it.
 	start := 0
@@ -102,7 +129,6 @@ func (s *server) serveBatch(n int) error {
 	for i := range jobs {
 		s.respond(&jobs[i])
 	}
-	return nil
 }
 
 func (s *server) respond(j *job) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 )
 
@@ -44,8 +45,11 @@ type job struct {
 var errInvalid = errors.New("invalid request")
 
 // prepare validates the request copied out of the ring into r and fills j.
-// It never does I/O; it maps pages, which checks the grants.
-func (s *server) prepare(r *blkif.Request, j *job) {
+// It never does I/O; it maps pages, which checks the grants. It reports
+// false, counting nothing, when the transport had no mapping to spare
+// (ErrPagesBusy): the caller releases the pages it holds and calls
+// prepareReserved.
+func (s *server) prepare(r *blkif.Request, j *job) bool {
 	*j = job{id: r.ID, op: r.Op, ind: j.ind}
 	j.segs = j.inline[:0]
 	var err error
@@ -57,21 +61,95 @@ func (s *server) prepare(r *blkif.Request, j *job) {
 	case blkif.OpIndirect:
 		err = s.prepareIndirect(r, j)
 	default:
+		s.count(r)
 		s.stats.Unsupported.Add(1)
 		j.status = blkif.StatusEOPNOTSUPP
 		s.log.Debug("ring: unsupported op", "op", r.Op, "id", r.ID)
-		return
+		return true
 	}
+	if errors.Is(err, ErrPagesBusy) && s.reserver != nil && !s.noWait {
+		return false
+	}
+	s.count(r)
 	if err != nil {
 		j.kind = kindNone
 		if errors.Is(err, errUnsupported) {
 			s.stats.Unsupported.Add(1)
 			j.status = blkif.StatusEOPNOTSUPP
+		} else if errors.Is(err, ErrPagesBusy) {
+			// Not the request's fault; respond counts the error.
+			j.status = blkif.StatusError
 		} else {
 			s.stats.Invalid.Add(1)
 			j.status = blkif.StatusError
 		}
 		s.log.Debug("ring: refused request", "op", blkif.OpName(r.Op), "id", r.ID, "err", err)
+	}
+	return true
+}
+
+// prepareReserved prepares a request that prepare left for want of
+// mappings, once the loop holds no pages and every earlier request is
+// answered and published: it reserves what the request needs (which may
+// wait for other rings to release theirs), then maps. Without a
+// reservation the request fails rather than waits again. If the loop is
+// stopped meanwhile, the request goes back to the ring unanswered (an
+// error would reach the guest as a failed I/O) and errStopped is
+// returned.
+func (s *server) prepareReserved(r *blkif.Request, j *job) error {
+	if err := s.reserver.ReservePages(s.ctx, pagesOf(r, s.maxInd)); err != nil {
+		if s.ctx.Err() != nil && s.back.Unconsume() {
+			return errStopped
+		}
+		s.log.Warn("ring: no page mappings for a request", "op", blkif.OpName(r.Op), "id", r.ID, "err", err)
+	}
+	s.noWait = true
+	s.prepare(r, j)
+	s.noWait = false
+	return nil
+}
+
+// pagesOf is how many data and indirect pages r can make the transport
+// map; 0 for a request that will be refused before mapping anything.
+func pagesOf(r *blkif.Request, maxInd int) int {
+	switch r.Op {
+	case blkif.OpRead, blkif.OpWrite, blkif.OpWriteBarrier, blkif.OpFlushDiskcache:
+		if int(r.NrSegments) <= blkif.SegmentsMax {
+			return int(r.NrSegments)
+		}
+	case blkif.OpIndirect:
+		if n := int(r.IndirectSegments); n <= maxInd {
+			return n + (n+blkif.SegmentsPerIndirect-1)/blkif.SegmentsPerIndirect
+		}
+	}
+	return 0
+}
+
+// count adds r to the per-op counters, once per request however many
+// times it is prepared.
+func (s *server) count(r *blkif.Request) {
+	switch r.Op {
+	case blkif.OpRead:
+		s.stats.Reads.Add(1)
+	case blkif.OpWrite:
+		s.stats.Writes.Add(1)
+	case blkif.OpWriteBarrier:
+		s.stats.Barriers.Add(1)
+	case blkif.OpFlushDiskcache:
+		s.stats.Flushes.Add(1)
+	case blkif.OpDiscard:
+		s.stats.Discards.Add(1)
+	case blkif.OpIndirect:
+		s.stats.Indirects.Add(1)
+		if s.maxInd == 0 {
+			return
+		}
+		switch r.IndirectOp {
+		case blkif.OpRead:
+			s.stats.Reads.Add(1)
+		case blkif.OpWrite:
+			s.stats.Writes.Add(1)
+		}
 	}
 }
 
@@ -81,15 +159,9 @@ func (s *server) prepareRW(r *blkif.Request, j *job) error {
 	n := int(r.NrSegments)
 	write := r.Op != blkif.OpRead
 	switch r.Op {
-	case blkif.OpRead:
-		s.stats.Reads.Add(1)
-	case blkif.OpWrite:
-		s.stats.Writes.Add(1)
 	case blkif.OpWriteBarrier:
-		s.stats.Barriers.Add(1)
 		j.flushBefore, j.flushAfter = true, true
 	case blkif.OpFlushDiskcache:
-		s.stats.Flushes.Add(1)
 		j.flushAfter = true
 	}
 	if n > blkif.SegmentsMax {
@@ -119,7 +191,6 @@ func (s *server) prepareRW(r *blkif.Request, j *job) error {
 }
 
 func (s *server) prepareDiscard(r *blkif.Request, j *job) error {
-	s.stats.Discards.Add(1)
 	if !s.opts.Discard {
 		return fmt.Errorf("%w: discard not enabled", errUnsupported)
 	}
@@ -142,16 +213,13 @@ func (s *server) prepareDiscard(r *blkif.Request, j *job) error {
 }
 
 func (s *server) prepareIndirect(r *blkif.Request, j *job) error {
-	s.stats.Indirects.Add(1)
 	if s.maxInd == 0 {
 		return fmt.Errorf("%w: indirect requests not enabled", errUnsupported)
 	}
 	var write bool
 	switch r.IndirectOp {
 	case blkif.OpRead:
-		s.stats.Reads.Add(1)
 	case blkif.OpWrite:
-		s.stats.Writes.Add(1)
 		write = true
 	default:
 		return fmt.Errorf("%w: indirect_op %d", errInvalid, r.IndirectOp)
@@ -245,8 +313,20 @@ func (s *server) exec(j *job) {
 		return
 	}
 	if err := s.do(j); err != nil {
-		j.status = blkif.StatusError
 		s.stats.Errors.Add(1)
+		if j.kind == kindDiscard && unsupported(err) {
+			// Linux blkfront turns discard off for the disk on
+			// EOPNOTSUPP, and logs every other failure as an I/O error.
+			j.status = blkif.StatusEOPNOTSUPP
+			s.stats.Unsupported.Add(1)
+			s.log.Info("ring: the image cannot discard", "id", j.id, "err", err)
+			return
+		}
+		// Writes, barriers and flushes never answer EOPNOTSUPP: Linux
+		// 6.1 blkfront completes such a barrier or flush as a success
+		// (and turns flushes off), which would acknowledge a write the
+		// image never took. No image reports a flush as unsupported.
+		j.status = blkif.StatusError
 		s.log.Warn("ring: I/O failed", "op", blkif.OpName(j.op), "id", j.id, "err", err)
 		return
 	}
@@ -256,6 +336,12 @@ func (s *server) exec(j *job) {
 	case kindWrite:
 		s.stats.BytesWritten.Add(j.bytes)
 	}
+}
+
+// unsupported reports whether err says the image lacks the operation, as
+// opposed to having failed at it.
+func unsupported(err error) bool {
+	return errors.Is(err, image.ErrUnsupported) || errors.Is(err, errors.ErrUnsupported)
 }
 
 func (s *server) do(j *job) error {

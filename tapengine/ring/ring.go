@@ -16,7 +16,10 @@
 //
 // Producer duties (both directions, ring.h):
 //
-//  1. Write the entries into their slots.
+//  1. Write the entries into their slots. The backend writes a response
+//     only just before step 2 (Back stages it until then): the slot
+//     still holds its request, which a restarted backend would otherwise
+//     read back as one.
 //  2. Publish the new producer index (a release store).
 //  3. Read the peer's event index after the store (a full barrier) and
 //     signal iff event lies in (old, new]; otherwise the peer is awake and
@@ -36,6 +39,7 @@
 package ring
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -47,10 +51,26 @@ import (
 // PageReleaser is a Transport whose data pages must be given back before
 // the frontend sees the responses that used them (Xen grants that are not
 // persistent: blkfront checks that the backend unmapped them). Serve calls
-// ReleasePages after a batch's responses are written and before they are
-// published.
+// ReleasePages after a batch's responses are decided and before they are
+// written to the ring and published.
 type PageReleaser interface {
 	ReleasePages() error
+}
+
+// PageReserver is a Transport whose page mappings are a scarce, shared
+// resource (every Xen data-page map is a VMA, and a process has
+// vm.max_map_count of them). Its Page may fail with an error wrapping
+// ErrPagesBusy instead of waiting while the loop holds pages, since the
+// loop alone can release them and pages held while waiting could
+// deadlock rings that wait on each other. Serve then answers what it
+// has, publishes (a release point), and calls ReservePages with the
+// number of pages the request needs: holding nothing, it may wait there
+// until that many can be mapped, after which the request is mapped again.
+// If ctx ends the wait, the request is left in the ring unanswered for
+// the next Serve.
+type PageReserver interface {
+	PageReleaser
+	ReservePages(ctx context.Context, n int) error
 }
 
 // Transport is how the backend reaches the frontend's memory and signals.
@@ -81,6 +101,9 @@ var (
 	ErrRingFull = errors.New("ring: full")
 	// ErrBadRing: the ring memory or parameters are unusable.
 	ErrBadRing = errors.New("ring: bad ring")
+	// ErrPagesBusy: a PageReserver has no mapping to spare until the
+	// loop releases the pages it holds (not a fault of the request).
+	ErrPagesBusy = errors.New("ring: page mappings busy")
 )
 
 // Options tunes Serve.

@@ -39,6 +39,7 @@ func Serve(ctx context.Context, t Transport, proto blkif.Protocol, img image.Ima
 		return err
 	}
 	defer s.close()
+	s.ctx = ctx
 
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
@@ -77,7 +78,9 @@ func Serve(ctx context.Context, t Transport, proto blkif.Protocol, img image.Ima
 		if err := t.Ack(); err != nil {
 			return fmt.Errorf("ring: ack: %w", err)
 		}
-		if err := s.drain(); err != nil {
+		if err := s.drain(); errors.Is(err, errStopped) {
+			return s.shutdown()
+		} else if err != nil {
 			// Everything answered so far was written; make it durable
 			// before the ring goes away.
 			return errors.Join(err, s.shutdown())
@@ -115,7 +118,14 @@ type server struct {
 	indBuf   []byte // one copy of an indirect request's segment pages
 	indSegs  []blkif.Segment
 	notifyFn func() error
+	reserver PageReserver // t, if it is one
+	noWait   bool         // prepare: ErrPagesBusy fails the request
+	ctx      context.Context
 }
+
+// errStopped: the loop stopped while waiting for page mappings, leaving
+// the request it waited for in the ring.
+var errStopped = errors.New("ring: stopped")
 
 func newServer(t Transport, proto blkif.Protocol, img image.Image, opts Options) (*server, error) {
 	back, err := NewBack(t.Ring(), proto)
@@ -123,7 +133,7 @@ func newServer(t Transport, proto blkif.Protocol, img image.Image, opts Options)
 		return nil, err
 	}
 	s := &server{t: t, back: back, proto: proto, img: img, size: img.Size(), opts: opts,
-		log: opts.Logger, stats: opts.Stats, maxInd: opts.MaxIndirectSegments}
+		log: opts.Logger, stats: opts.Stats, maxInd: opts.MaxIndirectSegments, ctx: context.Background()}
 	if s.log == nil {
 		s.log = slog.Default()
 	}
@@ -143,6 +153,7 @@ func newServer(t Transport, proto blkif.Protocol, img image.Image, opts Options)
 		s.pool = newPool(opts.Workers - 1)
 		s.pool.s = s
 	}
+	s.reserver, _ = t.(PageReserver)
 	s.batch = make([]job, back.Entries())
 	return s, nil
 }

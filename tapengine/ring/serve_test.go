@@ -2,6 +2,7 @@ package ring
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"fmt"
 	"sync/atomic"
@@ -451,5 +452,153 @@ func TestMergeAdjacentSegments(t *testing.T) {
 	if !bytes.Equal(run[:8192], data[4096:4096+8192]) || !bytes.Equal(run[3*4096:], data[4096+2*4096:4096+3*4096]) ||
 		!bytes.Equal(run[2*4096:3*4096], data[4096+3*4096:4096+4*4096]) {
 		t.Fatal("read of swapped pages filled the wrong bytes")
+	}
+}
+
+// noDiscardImage is an image whose Discard reports the operation
+// missing, as raw does on a file system without hole punching.
+type noDiscardImage struct {
+	*memImage
+	err error
+}
+
+func (n *noDiscardImage) Discard(off, length int64) error { return n.err }
+
+// TestDiscardUnsupported: a discard the image cannot do answers
+// EOPNOTSUPP, which makes Linux blkfront stop sending them; any other
+// failure stays an I/O error (XEN-HOST.md section 5 item 10).
+func TestDiscardUnsupported(t *testing.T) {
+	for _, c := range []struct {
+		name string
+		err  error
+		want int16
+	}{
+		{"image", fmt.Errorf("raw: x: discard: %w: %w", image.ErrUnsupported, unix.EOPNOTSUPP), blkif.StatusEOPNOTSUPP},
+		{"errors", fmt.Errorf("nbd: %w", errors.ErrUnsupported), blkif.StatusEOPNOTSUPP},
+		{"io", fmt.Errorf("discard: %w", unix.EIO), blkif.StatusError},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			tr := newMemTransport(t, 0)
+			front, err := NewFront(tr.ring, blkif.X86_64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			front.Init()
+			r := blkif.Request{Op: blkif.OpDiscard, ID: 7, Sector: 2, NrSectors: 3}
+			if err := front.Push(&r); err != nil {
+				t.Fatal(err)
+			}
+			front.PushRequests()
+			stats := new(Stats)
+			img := &noDiscardImage{memImage: &memImage{data: make([]byte, 8192)}, err: c.err}
+			s, err := newServer(tr, blkif.X86_64, img, Options{Discard: true, Stats: stats})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.close()
+			if err := s.drain(); err != nil {
+				t.Fatal(err)
+			}
+			var rsp blkif.Response
+			front.Next(&rsp)
+			if rsp != (blkif.Response{ID: 7, Op: blkif.OpDiscard, Status: c.want}) {
+				t.Errorf("response %+v, want status %d", rsp, c.want)
+			}
+			if got, want := stats.Unsupported.Load(), uint64(map[bool]int{true: 1}[c.want == blkif.StatusEOPNOTSUPP]); got != want {
+				t.Errorf("Unsupported %d, want %d", got, want)
+			}
+			if stats.Errors.Load() != 1 {
+				t.Errorf("Errors %d, want 1", stats.Errors.Load())
+			}
+		})
+	}
+}
+
+// reserveTransport lends at most limit pages between release points,
+// like the Xen transport's mapping budget.
+type reserveTransport struct {
+	*memTransport
+	limit, held, reserved, reserves int
+}
+
+func (r *reserveTransport) Page(ref uint32, writable bool) ([]byte, error) {
+	switch {
+	case r.reserved > 0:
+		r.reserved--
+	case r.held >= r.limit:
+		return nil, ErrPagesBusy
+	}
+	r.held++
+	return r.memTransport.Page(ref, writable)
+}
+
+func (r *reserveTransport) ReleasePages() error {
+	r.held, r.reserved = 0, 0
+	return nil
+}
+
+func (r *reserveTransport) ReservePages(_ context.Context, n int) error {
+	if r.held != 0 {
+		return fmt.Errorf("reserve %d while holding %d", n, r.held)
+	}
+	r.reserves++
+	r.reserved = n
+	return nil
+}
+
+// TestPagesBusy: when the transport has no mapping to spare, the loop
+// answers what it prepared, releases, reserves and maps the request
+// again; every request succeeds and is counted once.
+func TestPagesBusy(t *testing.T) {
+	for _, workers := range []int{0, 4} {
+		t.Run(fmt.Sprint("workers=", workers), func(t *testing.T) {
+			mt := newMemTransport(t, 0)
+			tr := &reserveTransport{memTransport: mt, limit: 5}
+			front, err := NewFront(mt.ring, blkif.X86_64)
+			if err != nil {
+				t.Fatal(err)
+			}
+			front.Init()
+			const n = 6
+			for i := range n {
+				copy(mt.grant(uint32(100+2*i), false), bytes.Repeat([]byte{byte(i + 1)}, 4096))
+				mt.grant(uint32(101+2*i), false)
+				r := rw(blkif.OpWrite, uint64(i), uint64(i)*16, seg(uint32(100+2*i), 0, 7), seg(uint32(101+2*i), 0, 7))
+				if err := front.Push(&r); err != nil {
+					t.Fatal(err)
+				}
+			}
+			front.PushRequests()
+			stats := new(Stats)
+			img := &memImage{data: make([]byte, 1<<20)}
+			s, err := newServer(tr, blkif.X86_64, img, Options{Workers: workers, Stats: stats})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.close()
+			if err := s.drain(); err != nil {
+				t.Fatal(err)
+			}
+			k, _ := front.Pending()
+			for range k {
+				var rsp blkif.Response
+				front.Next(&rsp)
+				if rsp.Status != blkif.StatusOK {
+					t.Errorf("response %+v", rsp)
+				}
+			}
+			if k != n || stats.Writes.Load() != n || stats.Errors.Load() != 0 {
+				t.Errorf("%d responses, %d writes, %d errors; want %d, %d, 0", k, stats.Writes.Load(), stats.Errors.Load(), n, n)
+			}
+			if tr.reserves == 0 {
+				t.Error("the transport never ran out: nothing tested")
+			}
+			data, _, _ := img.snapshot()
+			for i := range n {
+				if data[i*8192] != byte(i+1) {
+					t.Errorf("write %d not in the image", i)
+				}
+			}
+		})
 	}
 }

@@ -110,6 +110,12 @@ type Describe struct {
 	Open     bool   `json:"open"` // an image is open
 	NBD      bool   `json:"nbd"`  // the export is served
 	Ring     bool   `json:"ring"` // a ring is connected
+	// Transport is the connected ring's ("xen" or "local"; "" without a
+	// ring). A daemon adopting the worker can leave a Xen ring running:
+	// the guest's grants and event channel are the same as before, and
+	// remapping them under a live guest is churn, with a window where
+	// its notifications find nobody bound.
+	Transport string `json:"transport,omitempty"`
 }
 
 // Stats are a worker's counters, as `blktap ls` shows them.

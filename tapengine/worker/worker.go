@@ -130,23 +130,27 @@ type ringState struct {
 }
 
 type queueState struct {
-	cancel  context.CancelFunc
-	done    chan struct{}
-	running bool
+	cancel    context.CancelFunc
+	done      chan struct{}
+	running   bool
+	transport string // Request.Transport of the connect
 }
 
 // maxQueues bounds blkif multi-queue (Linux blkback allows one per CPU).
 const maxQueues = 16
 
-func (r *ringState) anyRunning() bool {
+// running reports whether a queue's ring runs, and over which transport
+// (the lowest running queue's, should queues ever differ).
+func (r *ringState) running() (transport string, ok bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, q := range r.queues {
-		if q.running {
-			return true
+	low := -1
+	for i, q := range r.queues {
+		if q.running && (low < 0 || i < low) {
+			low, transport = i, q.transport
 		}
 	}
-	return false
+	return transport, low >= 0
 }
 
 // run serves control connections: the daemon's, and after the daemon is
@@ -244,11 +248,11 @@ func listenerFileOf(ln net.Listener) (*os.File, error) {
 
 // describe says what the worker serves, for a daemon adopting it.
 func (w *worker) describe() Reply {
-	ring := w.ring.anyRunning()
+	transport, ring := w.ring.running()
 	return Reply{OK: true, Describe: &Describe{
 		Pid: os.Getpid(), Name: w.name, Format: w.format, Path: w.path,
 		ReadOnly: w.readOnly, Size: w.size, Paused: w.paused,
-		Open: w.img != nil, NBD: w.nbdSrv != nil, Ring: ring,
+		Open: w.img != nil, NBD: w.nbdSrv != nil, Ring: ring, Transport: transport,
 	}}
 }
 
@@ -640,7 +644,7 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		return fail(fmt.Errorf("%w: transport %q", errInvalid, req.Transport))
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	qs := &queueState{cancel: cancel, done: make(chan struct{}), running: true}
+	qs := &queueState{cancel: cancel, done: make(chan struct{}), running: true, transport: req.Transport}
 	w.ring.mu.Lock()
 	w.ring.queues[req.Queue], w.ring.err = qs, nil
 	w.ring.mu.Unlock()

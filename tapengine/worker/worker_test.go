@@ -3,6 +3,7 @@ package worker
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"net"
@@ -204,6 +205,7 @@ func TestWorkerMultiQueue(t *testing.T) {
 	if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "mq", Format: "raw", Path: img}); err != nil {
 		t.Fatal(err)
 	}
+	expectRing(t, p, false, "")
 	var fronts []*frontend.Frontend
 	for q := 0; q < 3; q++ {
 		proto := []blkif.Protocol{blkif.X86_64, blkif.X86_32, blkif.X86_64}[q]
@@ -260,7 +262,48 @@ func TestWorkerMultiQueue(t *testing.T) {
 	if err != nil || rep.Stats.RingRequests == 0 {
 		t.Fatalf("stats %+v %v", rep.Stats, err)
 	}
+	expectRing(t, p, true, "local")
 	if _, err := p.Call(ctx(t), Request{Op: OpDisconnect}); err != nil {
 		t.Fatal(err)
+	}
+	expectRing(t, p, false, "")
+}
+
+// expectRing checks what Describe says of the ring, as an adopting
+// daemon reads it.
+func expectRing(t *testing.T, p *Process, ring bool, transport string) {
+	t.Helper()
+	rep, err := p.Call(ctx(t), Request{Op: OpDescribe})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := rep.Describe; d == nil || d.Ring != ring || d.Transport != transport {
+		t.Fatalf("describe %+v, want ring %v transport %q", d, ring, transport)
+	}
+}
+
+// TestDescribeXenTransport: a worker serving a guest's ring over Xen says
+// so, so that an adopting daemon can keep that ring mapped. (No gntdev
+// here: the ring state is set as connect leaves it.)
+func TestDescribeXenTransport(t *testing.T) {
+	w := &worker{name: "d1-51712"}
+	w.ring.queues = map[int]*queueState{
+		0: {running: true, transport: "xen"},
+		1: {running: false, transport: "local"},
+	}
+	d := w.describe().Describe
+	if !d.Ring || d.Transport != "xen" {
+		t.Fatalf("describe %+v", d)
+	}
+	b, err := json.Marshal(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(b, []byte(`"transport":"xen"`)) {
+		t.Fatalf("wire form %s", b)
+	}
+	w.ring.queues[0].running = false
+	if d := w.describe().Describe; d.Ring || d.Transport != "" {
+		t.Fatalf("stopped rings: describe %+v", d)
 	}
 }

@@ -2,6 +2,7 @@ package xen
 
 import (
 	"container/list"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -19,12 +20,6 @@ const (
 	// for a frontend with feature-persistent (Linux blkback's default
 	// max_persistent_grants).
 	DefaultMaxPersistent = 1056
-	// DefaultMaxTransient caps the per-request (non-persistent) data-page
-	// mappings alive at once. One batch needs at most
-	// entries*(segments+indirect pages); the cap is there so a frontend
-	// that keeps the ring busy without ever letting the loop reach a
-	// release point cannot pin unbounded dom0 address space.
-	DefaultMaxTransient = 1 << 16
 	// domidFirstReserved is DOMID_FIRST_RESERVED (xen.h): ids from here
 	// on name no guest.
 	domidFirstReserved = 0x7ff0
@@ -53,11 +48,14 @@ type Options struct {
 	// MaxPersistent bounds the persistent cache; 0 means
 	// DefaultMaxPersistent.
 	MaxPersistent int
-	// MaxTransient bounds live per-request mappings; 0 means
-	// DefaultMaxTransient.
+	// MaxTransient bounds this transport's live per-request mappings; 0
+	// leaves only the budget all transports of the process share (a
+	// quarter of vm.max_map_count, at most 16384: see limit.go).
 	MaxTransient int
 	// Logger; nil means slog.Default().
 	Logger *slog.Logger
+
+	budget *mapBudget // nil: the process's; tests give their own
 }
 
 // Stats are a transport's mapping counters.
@@ -84,7 +82,9 @@ type Transport struct {
 	cache     map[uint32]*list.Element // of *cached
 	lru       list.List                // front = most recently used
 	transient []Mapping
-	missFull  bool // a ref missed the cache because it was full
+	budget    *mapBudget // holds len(transient)+reserved of ours
+	reserved  int        // taken from budget by ReservePages, not yet mapped
+	missFull  bool       // a ref missed the cache because it was full
 	stats     Stats
 	ports     [64]uint32
 	one       [1]uint32 // the ref of a one-page MapGrants, without an allocation
@@ -96,7 +96,7 @@ type cached struct {
 	writable bool
 }
 
-var _ ring.Transport = (*Transport)(nil)
+var _ ring.PageReserver = (*Transport)(nil)
 
 // Attach maps the frontend's ring and binds its event channel. It takes
 // ownership of dev: Close closes it, and so does a failed Attach.
@@ -123,14 +123,14 @@ func attach(dev Device, opts Options) (_ *Transport, err error) {
 	if opts.MaxPersistent <= 0 {
 		opts.MaxPersistent = DefaultMaxPersistent
 	}
-	if opts.MaxTransient <= 0 {
-		opts.MaxTransient = DefaultMaxTransient
-	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
 	}
-	t := &Transport{log: opts.Logger, opts: opts, dev: dev,
+	t := &Transport{log: opts.Logger, opts: opts, dev: dev, budget: opts.budget,
 		ringRefs: make(map[uint32]bool, len(opts.RingRefs)), cache: map[uint32]*list.Element{}}
+	if t.budget == nil {
+		t.budget = processMaps()
+	}
 	for _, r := range opts.RingRefs {
 		t.ringRefs[r] = true
 	}
@@ -148,10 +148,10 @@ func attach(dev Device, opts Options) (_ *Transport, err error) {
 		return nil, errors.Join(fmt.Errorf("xen: bind event channel of domain %d: %w", opts.Domid, err), dev.Unmap(t.ringM))
 	}
 	if !opts.PersistentGrants {
-		// See the package doc: until the ring releases pages before it
-		// publishes responses, such a frontend can see a response while
-		// its page is still mapped.
-		t.log.Warn("xen: frontend without feature-persistent; data pages are unmapped one release point after the response",
+		// Correct (pages are unmapped before each response is
+		// published) but a map and an unmap per page: worth a note when
+		// a guest is slow.
+		t.log.Info("xen: frontend without feature-persistent; every data page is mapped per request",
 			"domid", opts.Domid)
 	}
 	return t, nil
@@ -210,12 +210,28 @@ func (t *Transport) Page(ref uint32, writable bool) ([]byte, error) {
 			return p, err
 		}
 	}
-	if len(t.transient) >= t.opts.MaxTransient {
-		return nil, fmt.Errorf("%w: %d live per-request mappings", ErrTooManyMappings, len(t.transient))
+	// Never wait here: only the ring loop that called us can release
+	// our pages, and rings holding pages while waiting for each other's
+	// could wait forever. ErrPagesBusy makes the loop release, then wait
+	// in ReservePages holding nothing.
+	if t.opts.MaxTransient > 0 && len(t.transient) >= t.opts.MaxTransient {
+		return nil, fmt.Errorf("%w: %w: %d live per-request mappings", ring.ErrPagesBusy, ErrTooManyMappings, len(t.transient))
+	}
+	reserved := t.reserved > 0
+	if reserved {
+		t.reserved--
+	} else if !t.budget.tryTake(1) {
+		return nil, fmt.Errorf("%w: %w: the process's %d per-request mappings are in use",
+			ring.ErrPagesBusy, ErrTooManyMappings, t.budget.size)
 	}
 	t.one[0] = ref
 	m, err := t.dev.MapGrants(t.opts.Domid, t.one[:], writable)
 	if err != nil {
+		if reserved {
+			t.reserved++
+		} else {
+			t.budget.give(1)
+		}
 		return nil, err
 	}
 	t.stats.Maps++
@@ -261,13 +277,12 @@ func (t *Transport) cachedLocked(ref uint32, writable bool) (_ []byte, ok bool, 
 
 func page(m Mapping) []byte { return m.Mem[:pageSize:pageSize] }
 
-// ReleasePages unmaps every per-request mapping and, when the persistent
-// cache is full and refs have missed it, evicts its least recently used
-// tenth. Call it only when no request is in flight: every page handed
-// out by Page since the last release becomes invalid.
-//
-// ring.Serve does not call it yet (see the package doc); Ack and Notify
-// do, at the points where Serve has no request in flight.
+// ReleasePages unmaps every per-request mapping, gives back what
+// ReservePages reserved and, when the persistent cache is full and refs
+// have missed it, evicts its least recently used tenth. Call it only
+// when no request is in flight: every page handed out by Page since the
+// last release becomes invalid. ring.Serve calls it before it publishes
+// responses; Ack and Notify do too.
 func (t *Transport) ReleasePages() error {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -283,8 +298,10 @@ func (t *Transport) releaseLocked() error {
 		errs = append(errs, t.dev.Unmap(m))
 		t.stats.Unmaps++
 	}
+	t.budget.give(len(t.transient) + t.reserved)
 	clear(t.transient)
 	t.transient = t.transient[:0]
+	t.reserved = 0
 	if t.missFull && len(t.cache) >= t.opts.MaxPersistent {
 		n := max(1, len(t.cache)*evictPercent/100)
 		for range n {
@@ -298,6 +315,50 @@ func (t *Transport) releaseLocked() error {
 	}
 	t.missFull = false
 	return errors.Join(errs...)
+}
+
+// ReservePages waits until n more per-request mappings fit in the
+// process's budget (and MaxTransient) and keeps them for this transport
+// until the next release point; Page draws on them first. Call it only
+// right after a release point, holding no per-request mapping: a
+// transport that waited while holding some could deadlock with another
+// doing the same. It fails if n can never fit, when ctx is done, or
+// after a long wait (an image stuck in I/O elsewhere).
+func (t *Transport) ReservePages(ctx context.Context, n int) error {
+	t.mu.Lock()
+	if t.dev == nil {
+		t.mu.Unlock()
+		return ErrClosed
+	}
+	if held := len(t.transient) + t.reserved; held > 0 {
+		t.mu.Unlock()
+		return fmt.Errorf("xen: reserve %d pages while holding %d", n, held)
+	}
+	limit := t.budget.size
+	if t.opts.MaxTransient > 0 {
+		limit = min(limit, t.opts.MaxTransient)
+	}
+	t.mu.Unlock()
+	if n <= 0 {
+		return nil
+	}
+	if n > limit {
+		return fmt.Errorf("%w: a request needs %d per-request mappings, more than the %d allowed", ErrTooManyMappings, n, limit)
+	}
+	if !t.budget.take(ctx, n, reserveWait) {
+		if err := ctx.Err(); err != nil {
+			return fmt.Errorf("xen: waiting for %d per-request mappings: %w", n, err)
+		}
+		return fmt.Errorf("%w: no %d per-request mappings free after %v", ErrTooManyMappings, n, reserveWait)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.dev == nil {
+		t.budget.give(n)
+		return ErrClosed
+	}
+	t.reserved += n
+	return nil
 }
 
 // WaitFD is the evtchn descriptor: readable when the frontend signalled.
@@ -385,7 +446,8 @@ func (t *Transport) Close() error {
 	for _, m := range t.transient {
 		errs = append(errs, t.dev.Unmap(m))
 	}
-	t.transient = nil
+	t.budget.give(len(t.transient) + t.reserved)
+	t.transient, t.reserved = nil, 0
 	for e := t.lru.Front(); e != nil; e = e.Next() {
 		errs = append(errs, t.dev.Unmap(e.Value.(*cached).m))
 	}
