@@ -154,7 +154,7 @@ func (d *Daemon) resetOrphanRing(ctx context.Context, dev *device, s snapshot, l
 	}
 	log.Info("the local frontend of this guest is gone: reconnecting its ring")
 	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		if err := tx.Write(ctx, dev.key.BackendPath(0)+"/state", strconv.Itoa(int(StateClosed))); err != nil {
+		if err := tx.Write(ctx, d.backendPath(dev.key)+"/state", strconv.Itoa(int(StateClosed))); err != nil {
 			return err
 		}
 		return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateInitialising)))

@@ -72,7 +72,8 @@ type Daemon struct {
 	embedded *xenstore.Server
 	// localFrontend: no Xen here, so the daemon plays every guest's blkfront.
 	localFrontend bool
-	root          string // /local/domain/0/backend
+	self          uint32 // the backend domain: the daemon's own (a driver domain's, or 0)
+	root          string // /local/domain/<self>/backend
 	q             *queue
 
 	mu        sync.Mutex
@@ -127,6 +128,8 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	defer d.closeXenstore()
+	d.self = SelfDomid(ctx, d.xs)
+	d.root = xenstore.DomainPath(d.self) + "/backend"
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -526,7 +529,7 @@ func (d *Daemon) shutdownAll() {
 // declaredElsewhere says how the device xenstore already has at k differs
 // from spec, or "" when it is the same disk.
 func (d *Daemon) declaredElsewhere(ctx context.Context, k Key, spec DeviceSpec) string {
-	be := k.BackendPath(0)
+	be := d.backendPath(k)
 	params, _ := d.xs.Read(ctx, be+"/params")
 	mode, _ := d.xs.Read(ctx, be+"/mode")
 	source, _ := d.xs.Read(ctx, be+"/"+keySource)
@@ -543,6 +546,9 @@ func (d *Daemon) declaredElsewhere(ctx context.Context, k Key, spec DeviceSpec) 
 	return fmt.Sprintf("declared twice: the YAML's disk %q (%s:%s %s) and %s's %s (mode %s); serving the latter",
 		spec.Name, spec.Format, spec.Path, spec.Mode, source, params, mode)
 }
+
+// backendPath is k's backend directory under the daemon's own domain.
+func (d *Daemon) backendPath(k Key) string { return k.BackendPath(d.self) }
 
 func (d *Daemon) setConflict(k Key, why string) {
 	d.mu.Lock()
