@@ -149,6 +149,7 @@ func Run(ctx context.Context, opts Options) error {
 		}
 		go d.forward(ctx, w, func(xenstore.Event) (Key, bool) { return Key{}, false }, events, kind)
 	}
+	d.watchReleaseDomain(ctx)
 
 	// Workers a previous daemon left running keep their disks served;
 	// take them over before declaring anything, so no image is opened

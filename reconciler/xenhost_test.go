@@ -404,3 +404,119 @@ func TestStatusDirLockedForLibxlDisk(t *testing.T) {
 		}
 	}
 }
+
+// bareDaemon is a daemon on an embedded xenstored with nothing reconciling,
+// for tests of one step.
+func bareDaemon(t *testing.T) (*Daemon, *xenstore.Server, string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "bt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	srv := xenstore.NewServer(slog.New(slog.DiscardHandler))
+	ln, err := net.Listen("unix", filepath.Join(dir, "xs.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	xs, err := xenstore.Dial(context.Background(), filepath.Join(dir, "xs.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { xs.Close(); srv.Close() })
+	log := slog.New(slog.DiscardHandler)
+	return &Daemon{opts: Options{StateDir: dir}, log: log, xs: xs, q: newQueue(), root: "/local/domain/0/backend",
+		devices: map[Key]*device{}, desired: map[Key]config.Disk{}, procs: map[Key]*worker.Process{},
+		paused: map[Key]bool{}, conflicts: map[Key]string{}}, srv, dir
+}
+
+// XEN-HOST 5.6: @releaseDomain names no domain; every device of a domain
+// whose home is gone is looked at again.
+func TestRequeueReleased(t *testing.T) {
+	d, _, _ := bareDaemon(t)
+	ctx := context.Background()
+	if err := d.xs.Write(ctx, "/local/domain/3/name", "alive"); err != nil {
+		t.Fatal(err)
+	}
+	alive, dead := Key{KindVBD3, 3, 51712}, Key{KindVBD3, 7, 51712}
+	d.devices[alive], d.devices[dead] = d.newDevice(alive), d.newDevice(dead)
+	d.requeueReleased(ctx)
+	if !d.q.pending[dead] || d.q.pending[alive] {
+		t.Fatalf("queued %v, want only %v", d.q.pending, dead)
+	}
+}
+
+// XEN-HOST 5.15: in a driver domain the backend lives under the daemon's
+// own home, read from its relative "domid" key.
+func TestSelfDomid(t *testing.T) {
+	d, srv, dir := bareDaemon(t)
+	ctx := context.Background()
+	if got := SelfDomid(ctx, d.xs); got != 0 {
+		t.Fatalf("no domid key: %d, want 0", got)
+	}
+	ln, err := net.Listen("unix", filepath.Join(dir, "dom5.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.ServeDomain(ln, 5)
+	// As libxl makes a domain's home: the domain owns it.
+	if err := d.xs.Write(ctx, "/local/domain/5/domid", "5"); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"/local/domain/5", "/local/domain/5/domid"} {
+		if err := d.xs.SetPerms(ctx, p, []xenstore.Perm{{Domid: 5, Access: xenstore.PermNone}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	xs5, err := xenstore.Dial(ctx, filepath.Join(dir, "dom5.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer xs5.Close()
+	if got := SelfDomid(ctx, xs5); got != 5 {
+		t.Fatalf("driver domain: %d, want 5", got)
+	}
+	d.self = 5
+	k := Key{KindVBD, 3, 51712}
+	if got := d.backendPath(k); got != "/local/domain/5/backend/vbd/3/51712" {
+		t.Fatalf("backendPath %s", got)
+	}
+	if got := d.errorNode(k); got != "/local/domain/5/error/backend/vbd/3/51712/error" {
+		t.Fatalf("errorNode %s", got)
+	}
+}
+
+// XEN-HOST 5.19: physical-device-path names a unix socket or nothing.
+func TestPhysicalDevicePathUnixOnly(t *testing.T) {
+	d, _, dir := bareDaemon(t)
+	ctx := context.Background()
+	k := Key{KindVBD, 0, 768}
+	be := d.backendPath(k)
+	for _, tc := range []struct {
+		network, addr, want string
+	}{{"tcp", "127.0.0.1:0", ""}, {"unix", filepath.Join(dir, "e.sock"), filepath.Join(dir, "e.sock")}} {
+		if err := d.xs.Write(ctx, be+"/state", "2"); err != nil {
+			t.Fatal(err)
+		}
+		d.xs.Rm(ctx, be+"/physical-device-path")
+		ln, err := net.Listen(tc.network, tc.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dev := d.newDevice(k)
+		dev.export = ln
+		s := snapshot{Observed: Observed{Present: true, Domain0: true}}
+		if err := d.apply(ctx, dev, s, Action{Kind: ActDom0Connect}, d.log); err != nil {
+			t.Fatal(err)
+		}
+		ln.Close()
+		got, err := d.xs.Read(ctx, be+"/physical-device-path")
+		if tc.want == "" && err == nil {
+			t.Errorf("%s export: physical-device-path %q written", tc.network, got)
+		}
+		if tc.want != "" && got != tc.want {
+			t.Errorf("%s export: physical-device-path %q, want %q", tc.network, got, tc.want)
+		}
+	}
+}
