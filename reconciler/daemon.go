@@ -294,6 +294,9 @@ func (d *Daemon) rescan(ctx context.Context) {
 }
 
 func (d *Daemon) connectXenstore(ctx context.Context) error {
+	if f := ProbeHost(); f.Xen {
+		return d.connectRealXenstore(ctx, f)
+	}
 	path := d.opts.XenstorePath
 	if path == "" {
 		if p := xenstore.DefaultPath(); p != "" {

@@ -520,3 +520,39 @@ func TestPhysicalDevicePathUnixOnly(t *testing.T) {
 		}
 	}
 }
+
+// XEN-HOST 5.8: on a Xen host the daemon never embeds a xenstored nor
+// plays a frontend; what is missing stops it at start, with the fix.
+func TestConnectXenstoreOnXenHost(t *testing.T) {
+	defer func(p func() HostFacts) { ProbeHost = p }(ProbeHost)
+	d, _, dir := bareDaemon(t)
+	real := d.xs
+	ctx := context.Background()
+
+	ProbeHost = func() HostFacts { return HostFacts{Xen: true, MissingDev: []string{"/dev/xen/gntdev"}} }
+	d.xs = nil
+	d.opts.XenstorePath = filepath.Join(dir, "xs.sock")
+	if err := d.connectXenstore(ctx); err == nil || !strings.Contains(err.Error(), "modprobe xen-gntdev xen-evtchn") {
+		t.Fatalf("gntdev missing: %v", err)
+	}
+
+	ProbeHost = func() HostFacts { return HostFacts{Xen: true} }
+	d.opts.XenstorePath = filepath.Join(dir, "nobody.sock")
+	err := d.connectXenstore(ctx)
+	if err == nil || !strings.Contains(err.Error(), "xenstored is not answering at "+d.opts.XenstorePath+" (start xenstored / xencommons)") {
+		t.Fatalf("xenstored down: %v", err)
+	}
+	if d.embedded != nil || d.xs != nil {
+		t.Fatal("embedded a xenstored on a Xen host")
+	}
+
+	d.opts.XenstorePath = filepath.Join(dir, "xs.sock")
+	if err := d.connectXenstore(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer d.xs.Close()
+	if d.localFrontend || d.embedded != nil {
+		t.Fatalf("Xen host: localFrontend %v embedded %v", d.localFrontend, d.embedded != nil)
+	}
+	d.xs = real
+}
