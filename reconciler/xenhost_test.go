@@ -2,6 +2,7 @@ package reconciler
 
 import (
 	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
 	"net"
@@ -555,4 +556,79 @@ func TestConnectXenstoreOnXenHost(t *testing.T) {
 		t.Fatalf("Xen host: localFrontend %v embedded %v", d.localFrontend, d.embedded != nil)
 	}
 	d.xs = real
+}
+
+// fakeAdoptable answers a daemon's adoption on path as a worker that
+// serves a ring over transport; it reports every op it is asked.
+func fakeAdoptable(t *testing.T, path, transport string) <-chan string {
+	t.Helper()
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	ops := make(chan string, 16)
+	go func() {
+		c, err := ln.AcceptUnix()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		buf := make([]byte, 1<<16)
+		for {
+			n, _, _, _, err := c.ReadMsgUnix(buf, nil)
+			if err != nil {
+				return
+			}
+			var req worker.Request
+			if json.Unmarshal(buf[:n], &req) != nil {
+				return
+			}
+			ops <- req.Op
+			rep := worker.Reply{OK: true}
+			if req.Op == worker.OpDescribe {
+				rep.Describe = &worker.Describe{Pid: os.Getpid(), Name: "x", Format: "raw", Path: "/img",
+					Size: 1 << 20, Open: true, Ring: true, Transport: transport}
+			}
+			b, _ := json.Marshal(rep)
+			if _, _, err := c.WriteMsgUnix(b, nil, nil); err != nil {
+				return
+			}
+		}
+	}()
+	return ops
+}
+
+// XEN-HOST 5 (adoption): a worker serving a real guest's ring keeps it
+// through a daemon restart; a local-frontend ring is reconnected.
+func TestAdoptKeepsXenRing(t *testing.T) {
+	for _, tc := range []struct {
+		transport  string
+		keep       bool
+		disconnect bool
+	}{{"xen", true, false}, {"local", false, true}, {"", false, true}} {
+		t.Run("transport="+tc.transport, func(t *testing.T) {
+			d, _, _ := bareDaemon(t)
+			k := Key{KindVBD3, 3, 51728}
+			ops := fakeAdoptable(t, d.adoptPath(k), tc.transport)
+			d.adoptWorkers(context.Background())
+			dev := d.devices[k]
+			if dev == nil {
+				t.Fatal("not adopted")
+			}
+			if dev.ring != tc.keep {
+				t.Errorf("dev.ring = %v, want %v", dev.ring, tc.keep)
+			}
+			var got []string
+			for len(ops) > 0 {
+				got = append(got, <-ops)
+			}
+			if slices.Contains(got, worker.OpDisconnect) != tc.disconnect {
+				t.Errorf("ops %v: disconnect sent %v, want %v", got, !tc.disconnect, tc.disconnect)
+			}
+		})
+	}
 }

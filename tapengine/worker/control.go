@@ -110,6 +110,9 @@ type Describe struct {
 	Open     bool   `json:"open"` // an image is open
 	NBD      bool   `json:"nbd"`  // the export is served
 	Ring     bool   `json:"ring"` // a ring is connected
+	// Transport is the connected ring's: "xen" (a real guest's grants,
+	// which the worker maps itself) or "local" (the daemon's frontend).
+	Transport string `json:"transport,omitempty"`
 }
 
 // Stats are a worker's counters, as `blktap ls` shows them.

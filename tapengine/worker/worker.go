@@ -127,6 +127,9 @@ type ringState struct {
 	queues map[int]*queueState
 	err    error // why a ring stopped on its own
 	stats  ring.Stats
+	// transport of the last connect, for a daemon adopting the worker:
+	// a xen ring survives the daemon, a local one does not.
+	transport string
 }
 
 type queueState struct {
@@ -245,10 +248,16 @@ func listenerFileOf(ln net.Listener) (*os.File, error) {
 // describe says what the worker serves, for a daemon adopting it.
 func (w *worker) describe() Reply {
 	ring := w.ring.anyRunning()
+	transport := ""
+	if ring {
+		w.ring.mu.Lock()
+		transport = w.ring.transport
+		w.ring.mu.Unlock()
+	}
 	return Reply{OK: true, Describe: &Describe{
 		Pid: os.Getpid(), Name: w.name, Format: w.format, Path: w.path,
 		ReadOnly: w.readOnly, Size: w.size, Paused: w.paused,
-		Open: w.img != nil, NBD: w.nbdSrv != nil, Ring: ring,
+		Open: w.img != nil, NBD: w.nbdSrv != nil, Ring: ring, Transport: transport,
 	}}
 }
 
@@ -642,7 +651,7 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 	ctx, cancel := context.WithCancel(context.Background())
 	qs := &queueState{cancel: cancel, done: make(chan struct{}), running: true}
 	w.ring.mu.Lock()
-	w.ring.queues[req.Queue], w.ring.err = qs, nil
+	w.ring.queues[req.Queue], w.ring.err, w.ring.transport = qs, nil, req.Transport
 	w.ring.mu.Unlock()
 	go func() {
 		defer close(qs.done)
