@@ -170,9 +170,19 @@ func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) erro
 	})
 }
 
+// ErrDeviceFailed: the daemon gave up on a device (phase failed, an error
+// in blktap/error) or the device was removed, as opposed to a device still
+// on its way when the wait ended.
+var ErrDeviceFailed = errors.New("device failed")
+
 // WaitConnected waits until the device's backend is Connected and the
-// daemon has published its export, and returns the export's NBD URI. It
-// fails early with the daemon's reason when the device fails.
+// daemon says so (phase connected), and returns its export's NBD URI: the
+// guest view for a guest played by the daemon, the export for domain 0. A
+// real Xen guest's disk has no export (the guest sees it through its own
+// blkfront): then the URI is "". It fails early with the daemon's reason,
+// wrapping ErrDeviceFailed, when the device fails; when ctx ends first
+// the error wraps ctx's, and ErrDeviceFailed too if the daemon reported an
+// error meanwhile.
 func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, error) {
 	be := key.BackendPath(SelfDomid(ctx, xs))
 	w, err := xs.Watch(ctx, be, "wait-connected")
@@ -184,21 +194,24 @@ func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, e
 		st, _ := xs.Read(ctx, be+"/state")
 		phase, _ := xs.Read(ctx, be+"/"+keyPhase)
 		export, _ := xs.Read(ctx, be+"/"+keyExport)
-		if ParseState(st) == StateConnected && phase == PhaseConnected && export != "" {
+		// The daemon writes phase and export in one transaction, and a
+		// guest it plays is connected only with its export: phase
+		// connected without one is a real guest's disk.
+		if ParseState(st) == StateConnected && phase == PhaseConnected && (export != "" || key.Domid != 0) {
 			return export, nil
 		}
 		if phase == PhaseFailed {
 			msg, _ := xs.Read(ctx, be+"/"+keyError)
-			return "", fmt.Errorf("device %s failed: %s", key, msg)
+			return "", fmt.Errorf("%w: %s: %s", ErrDeviceFailed, key, msg)
 		}
 		if _, err := xs.Read(ctx, be); errors.Is(err, xenstore.ErrNotFound) {
-			return "", fmt.Errorf("device %s was removed", key)
+			return "", fmt.Errorf("%w: %s was removed", ErrDeviceFailed, key)
 		}
 		select {
 		case <-ctx.Done():
 			msg, _ := xs.Read(context.Background(), be+"/"+keyError)
 			if msg != "" {
-				return "", fmt.Errorf("device %s not connected (%s): %s", key, phase, msg)
+				return "", fmt.Errorf("%w: %s not connected (%s): %s (%w)", ErrDeviceFailed, key, phase, msg, ctx.Err())
 			}
 			return "", fmt.Errorf("device %s not connected (state %s, phase %q): %w", key, ParseState(st), phase, ctx.Err())
 		case _, ok := <-w.Events():

@@ -123,7 +123,14 @@ func cmdAttach(args []string) error {
 	}
 	wctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
+	// A real guest connects when its own blkfront gets to it (it may be
+	// paused, or still booting): slowness there is no failure.
+	realGuest := domid != 0 && reconciler.ProbeHost().Xen
 	uri, err := reconciler.WaitConnected(wctx, xs, key)
+	if err != nil && realGuest && !errors.Is(err, reconciler.ErrDeviceFailed) && wctx.Err() != nil {
+		return fmt.Errorf("disk %s is attached to domain %d, but the guest has not connected it yet (%v); "+
+			"`blktap ls` shows its state, `blktap detach %d %s` removes it", config.VdevName(devid), domid, err, domid, config.VdevName(devid))
+	}
 	if err != nil {
 		// Like a toolstack whose hotplug failed: take the half-made
 		// device away again, so a retry starts clean.
@@ -133,6 +140,11 @@ func cmdAttach(args []string) error {
 			return fmt.Errorf("%w (and removing the device failed: %v)", err, derr)
 		}
 		return err
+	}
+	if uri == "" {
+		// A real guest: its blkfront shows the disk under this name.
+		fmt.Println(config.VdevName(devid))
+		return nil
 	}
 	fmt.Println(uri)
 	return nil
