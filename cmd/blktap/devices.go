@@ -178,9 +178,10 @@ func cmdDetach(args []string) error {
 	wctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	// The disk may be declared under any kind the daemon serves.
+	self := reconciler.SelfDomid(ctx, xs)
 	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
 		key := reconciler.Key{Kind: kind, Domid: domid, Devid: devid}
-		if _, err := xs.Read(ctx, key.BackendPath(0)); err == nil {
+		if _, err := xs.Read(ctx, key.BackendPath(self)); err == nil {
 			return reconciler.Detach(wctx, xs, key)
 		}
 	}
@@ -227,7 +228,7 @@ func cmdLs(args []string) error {
 	}
 	defer xs.Close()
 	entries := []lsEntry{}
-	root := "/local/domain/0/backend"
+	root := xenstore.DomainPath(reconciler.SelfDomid(ctx, xs)) + "/backend" // a driver domain's own
 	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
 		doms, err := xs.Directory(ctx, root+"/"+kind)
 		if errors.Is(err, xenstore.ErrNotFound) {
