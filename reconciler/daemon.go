@@ -14,7 +14,24 @@
 // The daemon runs both halves of every XenbusState handshake it owns: the
 // backend's for every device, and the frontend's where the daemon plays
 // the guest (domain-0 disks, whose frontend is the NBD export, and guests
-// on a machine without Xen, played by the local frontend).
+// on a machine without Xen, played by the local frontend). On a Xen host
+// (ProbeHost) it plays no frontend and embeds no xenstored, and the
+// backend domain is its own (SelfDomid), so it also runs in a driver
+// domain.
+//
+// With a real toolstack (XEN-HOST.md section 3):
+//  1. A device whose backend names a `script` and has no blktap/source
+//     (libxl's) reaches InitWait, even when its image cannot be opened;
+//     libxl then runs the hotplug script, which waits for blktap/phase:
+//     waiting-frontend or connected means served, failed means refused,
+//     with the reason in blktap/error.
+//  2. Such a device goes Connected only after hotplug-status=connected.
+//  3. A frontend that disappears or goes Unknown after connect is Closed:
+//     the ring is unmapped; the daemon's own disks also stop their worker.
+//  4. Unusable ring keys from the frontend put the backend in Closing, the
+//     reason in <home>/error/<backend path>/error (as xenbus_dev_fatal).
+//
+// The blktap/ status subtree is readable by the backend domain only.
 package reconciler
 
 import (
