@@ -82,7 +82,9 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 				}
 			}
 		}
-		if desc.Ring {
+		if keepAdoptedRing(desc) {
+			dev.ring = true
+		} else if desc.Ring {
 			// The local frontend that drove this ring lived in the old
 			// daemon; the ring is reconnected to a new one.
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
@@ -102,6 +104,15 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 		log.Info("adopted a running worker", "pid", p.Pid(), "image", desc.Path, "export", dev.exportURI)
 		d.q.Add(k)
 	}
+}
+
+// keepAdoptedRing: a real guest's ring (the worker maps its grants) needs
+// nothing from the daemon, so it goes on as it is; reconnecting it would
+// stall the guest's I/O for no reason (0.6 s measured on real Xen).
+// Workers that predate Describe.Transport say nothing: only the local
+// frontend existed then.
+func keepAdoptedRing(desc *worker.Describe) bool {
+	return desc.Ring && desc.Transport == "xen"
 }
 
 // checkAdopted keeps an adopted worker only if it serves what xenstore
@@ -154,7 +165,7 @@ func (d *Daemon) resetOrphanRing(ctx context.Context, dev *device, s snapshot, l
 	}
 	log.Info("the local frontend of this guest is gone: reconnecting its ring")
 	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		if err := tx.Write(ctx, dev.key.BackendPath(0)+"/state", strconv.Itoa(int(StateClosed))); err != nil {
+		if err := tx.Write(ctx, d.backendPath(dev.key)+"/state", strconv.Itoa(int(StateClosed))); err != nil {
 			return err
 		}
 		return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateInitialising)))

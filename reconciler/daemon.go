@@ -14,7 +14,24 @@
 // The daemon runs both halves of every XenbusState handshake it owns: the
 // backend's for every device, and the frontend's where the daemon plays
 // the guest (domain-0 disks, whose frontend is the NBD export, and guests
-// on a machine without Xen, played by the local frontend).
+// on a machine without Xen, played by the local frontend). On a Xen host
+// (ProbeHost) it plays no frontend and embeds no xenstored, and the
+// backend domain is its own (SelfDomid), so it also runs in a driver
+// domain.
+//
+// With a real toolstack (XEN-HOST.md section 3):
+//  1. A device whose backend names a `script` and has no blktap/source
+//     (libxl's) reaches InitWait, even when its image cannot be opened;
+//     libxl then runs the hotplug script, which waits for blktap/phase:
+//     waiting-frontend or connected means served, failed means refused,
+//     with the reason in blktap/error.
+//  2. Such a device goes Connected only after hotplug-status=connected.
+//  3. A frontend that disappears or goes Unknown after connect is Closed:
+//     the ring is unmapped; the daemon's own disks also stop their worker.
+//  4. Unusable ring keys from the frontend put the backend in Closing, the
+//     reason in <home>/error/<backend path>/error (as xenbus_dev_fatal).
+//
+// The blktap/ status subtree is readable by the backend domain only.
 package reconciler
 
 import (
@@ -72,7 +89,8 @@ type Daemon struct {
 	embedded *xenstore.Server
 	// localFrontend: no Xen here, so the daemon plays every guest's blkfront.
 	localFrontend bool
-	root          string // /local/domain/0/backend
+	self          uint32 // the backend domain: the daemon's own (a driver domain's, or 0)
+	root          string // /local/domain/<self>/backend
 	q             *queue
 
 	mu        sync.Mutex
@@ -127,6 +145,8 @@ func Run(ctx context.Context, opts Options) error {
 		return err
 	}
 	defer d.closeXenstore()
+	d.self = SelfDomid(ctx, d.xs)
+	d.root = xenstore.DomainPath(d.self) + "/backend"
 
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
@@ -146,6 +166,7 @@ func Run(ctx context.Context, opts Options) error {
 		}
 		go d.forward(ctx, w, func(xenstore.Event) (Key, bool) { return Key{}, false }, events, kind)
 	}
+	d.watchReleaseDomain(ctx)
 
 	// Workers a previous daemon left running keep their disks served;
 	// take them over before declaring anything, so no image is opened
@@ -290,6 +311,9 @@ func (d *Daemon) rescan(ctx context.Context) {
 }
 
 func (d *Daemon) connectXenstore(ctx context.Context) error {
+	if f := ProbeHost(); f.Xen {
+		return d.connectRealXenstore(ctx, f)
+	}
 	path := d.opts.XenstorePath
 	if path == "" {
 		if p := xenstore.DefaultPath(); p != "" {
@@ -526,7 +550,7 @@ func (d *Daemon) shutdownAll() {
 // declaredElsewhere says how the device xenstore already has at k differs
 // from spec, or "" when it is the same disk.
 func (d *Daemon) declaredElsewhere(ctx context.Context, k Key, spec DeviceSpec) string {
-	be := k.BackendPath(0)
+	be := d.backendPath(k)
 	params, _ := d.xs.Read(ctx, be+"/params")
 	mode, _ := d.xs.Read(ctx, be+"/mode")
 	source, _ := d.xs.Read(ctx, be+"/"+keySource)
@@ -543,6 +567,9 @@ func (d *Daemon) declaredElsewhere(ctx context.Context, k Key, spec DeviceSpec) 
 	return fmt.Sprintf("declared twice: the YAML's disk %q (%s:%s %s) and %s's %s (mode %s); serving the latter",
 		spec.Name, spec.Format, spec.Path, spec.Mode, source, params, mode)
 }
+
+// backendPath is k's backend directory under the daemon's own domain.
+func (d *Daemon) backendPath(k Key) string { return k.BackendPath(d.self) }
 
 func (d *Daemon) setConflict(k Key, why string) {
 	d.mu.Lock()

@@ -56,6 +56,8 @@ type device struct {
 	guestURI  string
 
 	failed       string // terminal error
+	feFatal      string // the frontend's keys were unusable; cleared when the backend starts over
+	statusLocked bool   // the blktap/ subtree's permissions are set (the guest cannot read it)
 	failedParams string
 	lastErr      string
 	notBefore    time.Time                   // restart backoff
@@ -91,7 +93,8 @@ type snapshot struct {
 	nbdDevice     string
 	fePersistent  bool
 	beMaxIndirect int
-	ringRefsError string
+	discard       bool // discard-enable is not "0" (libxl's default is 1)
+	cdrom         bool // device-type is cdrom (the backend's or the frontend's key)
 }
 
 func (d *Daemon) reconcile(ctx context.Context, k Key) {
@@ -171,6 +174,9 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 				log.Error("terminal: not retrying until the device's params change", "action", a.Kind.String(), "err", err)
 				dev.failed, dev.failedParams = err.Error(), snap.Params
 				d.writeStatus(ctx, dev, snap)
+				if snap.awaitsHotplug() {
+					d.q.Add(k) // Plan still owes the toolstack its InitWait
+				}
 			default:
 				dev.lastErr = err.Error()
 				wait := dev.bo.NextBackOff()
@@ -288,7 +294,7 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	var s snapshot
 	k := dev.key
-	be := k.BackendPath(0)
+	be := d.backendPath(k)
 	read := func(p string) (string, error) {
 		v, err := d.xs.Read(ctx, p)
 		if errors.Is(err, xenstore.ErrNotFound) {
@@ -317,6 +323,10 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	s.Online = get("online") != "0"
 	s.Backend = ParseState(get("state"))
 	s.HotplugConnected = get("hotplug-status") == "connected"
+	s.HotplugScript = get("script") != ""
+	s.Declared = get(keySource) != ""
+	s.discard = get("discard-enable") != "0"
+	s.cdrom = get("device-type") == "cdrom"
 	s.fePath = get("frontend")
 	s.feID = get("frontend-id")
 	s.name = get(keyName)
@@ -360,29 +370,49 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	}
 	s.protocol = fget("protocol")
 	s.fePersistent = fget("feature-persistent") == "1"
-	order := fget("ring-page-order")
+	if fget("device-type") == "cdrom" {
+		s.cdrom = true
+	}
+	order, orderErr := d.xs.Read(ctx, s.fePath+"/ring-page-order")
+	hasOrder := orderErr == nil
+	if orderErr != nil && !errors.Is(orderErr, xenstore.ErrNotFound) && err == nil {
+		err = orderErr
+	}
 	ref := fget("ring-ref")
 	ev := fget("event-channel")
 	if err != nil {
 		return s, err
 	}
-	s.ringOrder = atoiDefault(order, 0)
-	if s.ringOrder < 0 || s.ringOrder > 4 {
-		s.ringRefsError = fmt.Sprintf("ring-page-order %q out of range", order)
+	if _, perr := blkif.ParseProtocol(s.protocol); perr != nil {
+		s.FrontendError = fmt.Sprintf("protocol %q: want x86_32-abi, x86_64-abi or arm-abi", s.protocol)
 		return s, nil
 	}
-	if s.ringOrder == 0 && ref != "" {
+	s.ringOrder = 0
+	if hasOrder {
+		n, perr := strconv.Atoi(strings.TrimSpace(order))
+		if perr != nil || n < 0 || n > blkif.MaxRingOrder {
+			s.FrontendError = fmt.Sprintf("ring-page-order %q: want 0..%d", order, blkif.MaxRingOrder)
+			return s, nil
+		}
+		s.ringOrder = n
+	}
+	// As blkback: with ring-page-order present (even "0") the refs are
+	// ring-ref0..ring-ref(2^order-1); without it, one ring-ref.
+	if !hasOrder && ref != "" {
 		r, perr := strconv.ParseUint(ref, 10, 32)
 		if perr != nil {
-			s.ringRefsError = fmt.Sprintf("ring-ref %q is not a number", ref)
+			s.FrontendError = fmt.Sprintf("ring-ref %q is not a number", ref)
 			return s, nil
 		}
 		s.ringRefs = []uint32{uint32(r)}
-	} else if s.ringOrder > 0 {
+	} else if hasOrder {
 		for i := 0; i < 1<<s.ringOrder; i++ {
 			v := fget(fmt.Sprintf("ring-ref%d", i))
 			r, perr := strconv.ParseUint(v, 10, 32)
 			if perr != nil {
+				if i > 0 || v != "" {
+					s.FrontendError = fmt.Sprintf("ring-ref%d %q is missing or not a number", i, v)
+				}
 				s.ringRefs = nil
 				break
 			}
@@ -396,16 +426,16 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	if nq := fget("multi-queue-num-queues"); nq != "" && err == nil {
 		n, perr := strconv.Atoi(nq)
 		if perr != nil || n < 1 || n > maxQueues() {
-			s.ringRefsError = fmt.Sprintf("multi-queue-num-queues %q: want 1..%d", nq, maxQueues())
+			s.FrontendError = fmt.Sprintf("multi-queue-num-queues %q: want 1..%d", nq, maxQueues())
 			s.RingPublished = true // so the error is reported
 			return s, nil
 		}
 		if n >= 2 {
 			s.RingPublished = true
 			for i := range n {
-				q, qerr := readQueue(fget, fmt.Sprintf("queue-%d/", i), s.ringOrder)
+				q, qerr := readQueue(fget, fmt.Sprintf("queue-%d/", i), s.ringOrder, hasOrder)
 				if qerr != "" {
-					s.ringRefsError = qerr
+					s.FrontendError = qerr
 					return s, nil
 				}
 				s.queues = append(s.queues, q)
@@ -427,9 +457,9 @@ func maxQueues() int { return min(runtime.NumCPU(), 16) }
 
 // readQueue reads PREFIXring-ref (or ring-refN) and PREFIXevent-channel;
 // a problem comes back as text for the device's status.
-func readQueue(get func(string) string, prefix string, order int) (queueRing, string) {
+func readQueue(get func(string) string, prefix string, order int, hasOrder bool) (queueRing, string) {
 	var q queueRing
-	if order == 0 {
+	if !hasOrder {
 		r, err := strconv.ParseUint(get(prefix+"ring-ref"), 10, 32)
 		if err != nil {
 			return q, prefix + "ring-ref is missing or not a number"
@@ -492,7 +522,7 @@ func (d *Daemon) forget(dev *device) {
 }
 
 func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, log *slog.Logger) error {
-	be := dev.key.BackendPath(0)
+	be := d.backendPath(dev.key)
 	switch a.Kind {
 	case ActStartWorker:
 		return d.startWorker(ctx, dev, s, log)
@@ -523,9 +553,15 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 
 	case ActBackendInitWait:
 		ro := s.Mode == "r" || s.Mode == "ro"
-		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 			if err := requireDir(ctx, tx, be); err != nil {
 				return err
+			}
+			if dev.feFatal != "" {
+				// The frontend starts over: its last fatal error is history.
+				if err := tx.Rm(ctx, d.errorNode(dev.key)); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
+					return err
+				}
 			}
 			// Transport limits first (WIRE.md section 2: what blkback
 			// publishes at probe), then InitWait.
@@ -540,6 +576,10 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			}
 			return nil
 		})
+		if err == nil {
+			dev.feFatal = ""
+		}
+		return err
 
 	case ActDom0Connect:
 		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
@@ -547,10 +587,11 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 				return err
 			}
 			// The block-tap hotplug script's keys: tapback waits for them.
-			kv := append([][2]string{
-				{"hotplug-status", "connected"},
-				{"physical-device-path", exportAddress(dev.export)},
-			}, diskKeys(dev)...)
+			kv := [][2]string{{"hotplug-status", "connected"}}
+			if sock := exportSocket(dev.export); sock != "" {
+				kv = append(kv, [2]string{"physical-device-path", sock})
+			}
+			kv = append(kv, diskKeys(dev, s)...)
 			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateConnected))})
 			for _, e := range kv {
 				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
@@ -605,10 +646,10 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		dev.lf, dev.lfPort = f, port
 		return nil
 
+	case ActFrontendFatal:
+		return d.frontendFatal(ctx, dev, "frontend: "+s.FrontendError, log)
+
 	case ActConnectRing:
-		if s.ringRefsError != "" {
-			return terminal(fmt.Errorf("frontend: %s", s.ringRefsError))
-		}
 		if !dev.ring {
 			if err := d.connectRing(ctx, dev, s); err != nil {
 				return err
@@ -618,7 +659,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			if err := requireDir(ctx, tx, be); err != nil {
 				return err
 			}
-			kv := append(diskKeys(dev), [2]string{"state", strconv.Itoa(int(StateConnected))})
+			kv := append(diskKeys(dev, s), [2]string{"state", strconv.Itoa(int(StateConnected))})
 			for _, e := range kv {
 				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
 					return err
@@ -821,13 +862,26 @@ func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error
 	return nil
 }
 
+// info bits (blkif.h).
+const (
+	vdiskCDROM    = 0x1
+	vdiskReadOnly = 0x4
+)
+
 // diskKeys are what a backend publishes about the disk at connect.
-func diskKeys(dev *device) [][2]string {
+func diskKeys(dev *device, s snapshot) [][2]string {
 	info := 0
 	if dev.readOnly {
-		info |= 4 // VDISK_READONLY
+		info |= vdiskReadOnly
 	}
-	_, features := worker.RingOptions(dev.readOnly).Features()
+	if s.cdrom {
+		info |= vdiskCDROM
+	}
+	opts := worker.RingOptions(dev.readOnly)
+	// The toolstack's discard-enable=0 (xl's no-discard) withdraws the
+	// feature, as blkback does.
+	opts.Discard = opts.Discard && s.discard
+	_, features := opts.Features()
 	return append(features, [][2]string{
 		{"sectors", strconv.FormatInt(dev.size/blkif.SectorSize, 10)},
 		{"info", strconv.Itoa(info)},
@@ -891,11 +945,14 @@ func (d *Daemon) listenExport(dev *device) (net.Listener, string, error) {
 	return ln, "nbd+unix:///?socket=" + sock, nil
 }
 
-func exportAddress(ln net.Listener) string {
-	if ln == nil {
-		return ""
+// exportSocket is the export's unix socket path, or "" for none or a TCP
+// export: libxl turns physical-device-path into nbd+unix:///?socket=PATH
+// for QEMU, so a "host:port" there would name a socket that does not exist.
+func exportSocket(ln net.Listener) string {
+	if ul, ok := ln.(*net.UnixListener); ok {
+		return ul.Addr().String()
 	}
-	return ln.Addr().String()
+	return ""
 }
 
 func listenerFile(ln net.Listener) (*os.File, error) {
@@ -1037,6 +1094,8 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		}
 	case dev.ringErr != "":
 		phase, errMsg = PhaseClosing, "ring stopped: "+dev.ringErr
+	case dev.feFatal != "":
+		phase, errMsg = PhaseClosing, dev.feFatal
 	case s.Backend == StateClosing || s.Backend == StateClosed || !s.Online:
 		phase = PhaseClosing
 	case dev.failed != "":
@@ -1086,7 +1145,7 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	} else if _, had := dev.status["error"]; had {
 		want["error"] = ""
 	}
-	be := dev.key.BackendPath(0)
+	be := d.backendPath(dev.key)
 	changed := false
 	for k, v := range want {
 		if old, ok := dev.status[k]; !ok || old != v {
@@ -1100,6 +1159,11 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 		if _, err := tx.Read(ctx, be); err != nil {
 			return err
+		}
+		if !dev.statusLocked {
+			if err := d.lockStatusDir(ctx, tx, be); err != nil {
+				return err
+			}
 		}
 		for k, v := range want {
 			if dev.status[k] == v {
@@ -1119,6 +1183,7 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		}
 		return
 	}
+	dev.statusLocked = true
 	for k, v := range want {
 		dev.status[k] = v
 	}
@@ -1126,5 +1191,78 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		dev.status["logged-uri"] = export
 		d.log.Info("disk connected", "disk", dev.name, "device", dev.key.String(), "uri", export)
 	}
-	_ = strings.TrimSpace
+}
+
+// lockStatusDir makes be/blktap/ unreadable to the guest (it names host
+// paths and pids): owned by the backend domain, no access for others.
+// A node takes its parent's permissions when it is created, so the
+// directory is locked before new keys go in; keys that already exist (an
+// older daemon's, or the toolstack's) are locked one by one.
+func (d *Daemon) lockStatusDir(ctx context.Context, tx *xenstore.Tx, be string) error {
+	dir := be + "/" + statusDir
+	perms := statusPerms(d.self)
+	if err := tx.Mkdir(ctx, dir); err != nil {
+		return err
+	}
+	if err := tx.SetPerms(ctx, dir, perms); err != nil {
+		return err
+	}
+	keys, err := tx.Directory(ctx, dir)
+	if err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if err := tx.SetPerms(ctx, dir+"/"+k, perms); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
+			return err
+		}
+	}
+	return nil
+}
+
+// statusPerms: the backend domain owns the blktap/ subtree; nobody else
+// may read it.
+func statusPerms(self uint32) []xenstore.Perm {
+	return []xenstore.Perm{{Domid: self, Access: xenstore.PermNone}}
+}
+
+// errorNode is where Linux xenbus_dev_fatal reports a device's fatal
+// error: error/<backend path below the domain's home>/error, under the
+// backend domain's home.
+func (d *Daemon) errorNode(k Key) string {
+	home := xenstore.DomainPath(d.self)
+	rel := strings.TrimPrefix(d.backendPath(k), home+"/")
+	return home + "/error/" + rel + "/error"
+}
+
+// maxFatal bounds a fatal message: it quotes what the guest wrote, and a
+// xenstore value is at most 4096 bytes.
+const maxFatal = 512
+
+// frontendFatal does what xenbus_dev_fatal does for blkback: the reason
+// goes where toolstacks look for it, and the backend goes Closing so the
+// frontend gives up instead of waiting at InitWait for ever. The
+// frontend's own keys are left alone.
+func (d *Daemon) frontendFatal(ctx context.Context, dev *device, msg string, log *slog.Logger) error {
+	if len(msg) > maxFatal {
+		msg = msg[:maxFatal]
+	}
+	be := d.backendPath(dev.key)
+	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if _, err := tx.Read(ctx, be); err != nil {
+			if errors.Is(err, xenstore.ErrNotFound) {
+				return nil // removed meanwhile: nobody to tell
+			}
+			return err
+		}
+		if err := tx.Write(ctx, d.errorNode(dev.key), msg); err != nil {
+			return err
+		}
+		return tx.Write(ctx, be+"/state", strconv.Itoa(int(StateClosing)))
+	})
+	if err != nil {
+		return err
+	}
+	dev.feFatal = msg
+	log.Error("frontend error: backend closing", "err", msg)
+	return nil
 }

@@ -58,7 +58,7 @@ func (m *Model) apply(act Action) {
 		a.Ring, o.Backend = true, StateConnected
 	case ActFrontendConnect:
 		a.LFConnected, o.Frontend = true, StateConnected
-	case ActBackendClosing:
+	case ActBackendClosing, ActFrontendFatal:
 		o.Backend = StateClosing
 	case ActFrontendClose:
 		a.LF, a.LFConnected = false, false

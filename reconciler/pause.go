@@ -112,7 +112,7 @@ func (d *Daemon) snapshotDevice(ctx context.Context, k Key, format, overlay stri
 	if err := d.checkImageDir(overlay); err != nil {
 		return err
 	}
-	params, err := d.xs.Read(ctx, k.BackendPath(0)+"/params")
+	params, err := d.xs.Read(ctx, d.backendPath(k)+"/params")
 	if err != nil {
 		return err
 	}
@@ -170,7 +170,7 @@ func (d *Daemon) snapshotDevice(ctx context.Context, k Key, format, overlay stri
 // base), and extra.
 func (d *Daemon) allowDirs(ctx context.Context, k Key, image string, extra ...string) ([]string, error) {
 	dirs := d.imageDirs()
-	rec, err := d.xs.Read(ctx, k.BackendPath(0)+"/"+keyBackingDirs)
+	rec, err := d.xs.Read(ctx, d.backendPath(k)+"/"+keyBackingDirs)
 	if err != nil && !errors.Is(err, xenstore.ErrNotFound) {
 		return nil, err
 	}
@@ -229,7 +229,7 @@ func (d *Daemon) checkImageDir(path string) error {
 // setParams records the device's image in xenstore (and a directory its
 // backing chain may use).
 func (d *Daemon) setParams(ctx context.Context, k Key, format, path, backingDir string) error {
-	be := k.BackendPath(0)
+	be := d.backendPath(k)
 	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 		if backingDir != "" {
 			rec, err := tx.Read(ctx, be+"/"+keyBackingDirs)

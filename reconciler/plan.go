@@ -14,6 +14,28 @@ type Observed struct {
 	Domain0          bool // the frontend is dom0: its "guest" is the NBD export
 	LocalFrontend    bool // no Xen: the daemon plays this guest's blkfront
 	HotplugConnected bool // hotplug-status = connected
+	// HotplugScript: the backend names a `script`, so the toolstack runs a
+	// hotplug script once the backend reaches InitWait and waits for it.
+	HotplugScript bool
+	// Declared: blktap/source is set, the disk is the daemon's own (attach,
+	// YAML); no hotplug script runs for it, whatever `script` says.
+	Declared bool
+	// FrontendError: the frontend published ring keys the backend cannot
+	// use (refs, queue count, protocol); fatal, as xenbus_dev_fatal.
+	FrontendError string
+}
+
+// awaitsHotplug: a toolstack-declared device, whose Connected waits for
+// its hotplug script (libxl reacts to InitWait only, then runs it).
+func (o Observed) awaitsHotplug() bool { return o.HotplugScript && !o.Declared }
+
+// frontendLost: the frontend's directory or state is gone, or it went
+// Unknown, after the device was connected; blkback counts this as Closed.
+func (o Observed) frontendLost(a Actual) bool {
+	if o.Domain0 || (o.FrontendPresent && o.Frontend != StateUnknown) {
+		return false
+	}
+	return a.Ring || o.Backend == StateConnected || o.Backend == StateClosing || o.Backend == StateClosed
 }
 
 // Actual is what the daemon runs for one device.
@@ -42,6 +64,7 @@ const (
 	ActFrontendClose                         // the daemon's frontend half tears down -> Closed
 	ActDisconnectRing                        // the worker drains and unmaps the ring; backend -> Closed
 	ActStopWorker                            // drain, flush, close the image, stop the worker
+	ActFrontendFatal                         // the frontend's keys are unusable: error written, backend -> Closing
 )
 
 var actionNames = map[ActionKind]string{
@@ -50,7 +73,7 @@ var actionNames = map[ActionKind]string{
 	ActFrontendInit: "frontend-init", ActConnectRing: "connect-ring",
 	ActFrontendConnect: "frontend-connect", ActBackendClosing: "backend-closing",
 	ActFrontendClose: "frontend-close", ActDisconnectRing: "disconnect-ring",
-	ActStopWorker: "stop-worker",
+	ActStopWorker: "stop-worker", ActFrontendFatal: "frontend-fatal",
 }
 
 func (k ActionKind) String() string { return actionNames[k] }
@@ -87,8 +110,9 @@ func Plan(o Observed, a Actual) []Action {
 	}
 
 	ownsFrontend := o.Domain0 || o.LocalFrontend
+	lost := o.frontendLost(a)
 	closing := !o.Online || o.Backend == StateClosing || o.Backend == StateClosed ||
-		o.Frontend == StateClosing || o.Frontend == StateClosed || a.RingError != ""
+		o.Frontend == StateClosing || o.Frontend == StateClosed || a.RingError != "" || lost
 	// A frontend that went back to Initialising after Closed asks to
 	// reconnect (xenbus.h): the backend starts over from InitWait.
 	reconnect := o.Online && o.Backend == StateClosed && a.RingError == "" &&
@@ -106,6 +130,8 @@ func Plan(o Observed, a Actual) []Action {
 			add(ActBackendClosing, "frontend is "+o.Frontend.String())
 		case !o.Online && o.Backend != StateClosing && o.Backend != StateClosed:
 			add(ActBackendClosing, "toolstack set online to 0")
+		case lost && !a.Ring && o.Backend == StateConnected:
+			add(ActDisconnectRing, "frontend is gone") // nothing mapped; backend -> Closed
 		}
 		if ownsFrontend && (a.LF || a.LFConnected || (o.FrontendPresent && o.Frontend != StateClosed)) &&
 			(o.Backend == StateClosing || o.Backend == StateClosed || len(acts) > 0) {
@@ -117,12 +143,21 @@ func Plan(o Observed, a Actual) []Action {
 		}
 		if !o.Online && a.Worker && (o.Backend == StateClosed || (frontendGone && !a.Ring)) {
 			add(ActStopWorker, "device is offline and closed")
+		} else if lost && o.Declared && a.Worker && !a.Ring && o.Backend == StateClosed {
+			// No toolstack will remove a disk the daemon declared: the
+			// guest is gone, so is the reason to keep the image open.
+			add(ActStopWorker, "frontend is gone and nobody else will remove the device")
 		}
 		return acts
 	}
 
 	if a.Failed != "" {
-		return nil // terminal for these params; status already says why
+		// libxl runs the hotplug script only once the backend is
+		// InitWait; the script is what reports the failure to it.
+		if o.awaitsHotplug() && (o.Backend == StateUnknown || o.Backend == StateInitialising || reconnect) {
+			add(ActBackendInitWait, "start failed; InitWait lets the hotplug script report it")
+		}
+		return acts // terminal for these params; status already says why
 	}
 	if !a.Worker {
 		add(ActStartWorker, "no worker serves the disk")
@@ -134,6 +169,9 @@ func Plan(o Observed, a Actual) []Action {
 	if o.Backend == StateUnknown || o.Backend == StateInitialising || reconnect {
 		add(ActBackendInitWait, "backend is "+o.Backend.String())
 		return acts
+	}
+	if o.awaitsHotplug() && !o.HotplugConnected {
+		return acts // Connected only after the toolstack's hotplug script reported
 	}
 	if o.Domain0 {
 		if o.Backend != StateConnected || o.Frontend != StateConnected || !o.HotplugConnected {
@@ -148,7 +186,9 @@ func Plan(o Observed, a Actual) []Action {
 	}
 	if (o.Frontend == StateInitialised || o.Frontend == StateConnected) &&
 		(!a.Ring || o.Backend != StateConnected) {
-		if o.RingPublished {
+		if o.FrontendError != "" {
+			add(ActFrontendFatal, "frontend: "+o.FrontendError)
+		} else if o.RingPublished {
 			add(ActConnectRing, "frontend is "+o.Frontend.String()+" with its ring published")
 		}
 		return acts

@@ -68,6 +68,45 @@ func TestPlan(t *testing.T) {
 			[]ActionKind{ActBackendInitWait}},
 		{"hostile ring -> Closing with the reason", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.LFConnected = true; a.RingError = "producer index ran ahead" }),
 			[]ActionKind{ActBackendClosing, ActFrontendClose}},
+		// XEN-HOST 5.4: libxl runs the hotplug script on InitWait only.
+		{"libxl disk: Connected waits for hotplug-status", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.HotplugScript = false, true
+			o.Backend, o.Frontend, o.RingPublished = StateInitWait, StateInitialised, true
+		}), running, nil},
+		{"libxl dom0 disk: Connected waits for hotplug-status", with(dom0, func(o *Observed) { o.HotplugScript = true; o.Backend = StateInitWait }), act(running, func(a *Actual) { a.Export = true }),
+			nil},
+		{"own disk with a script key: no hotplug wait", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.HotplugScript, o.Declared = false, true, true
+			o.Backend, o.Frontend, o.RingPublished = StateInitWait, StateInitialised, true
+		}), running, []ActionKind{ActConnectRing}},
+		{"libxl disk whose start failed still reaches InitWait", with(guest, func(o *Observed) { o.LocalFrontend, o.HotplugScript = false, true; o.Backend = StateInitialising }), Actual{Failed: "no such file"},
+			[]ActionKind{ActBackendInitWait}},
+		{"own disk whose start failed stays put", with(guest, func(o *Observed) { o.LocalFrontend, o.Declared = false, true; o.Backend = StateInitialising }), Actual{Failed: "no such file"},
+			nil},
+		// XEN-HOST 5.6: blkback unregisters on a frontend gone Unknown.
+		{"frontend vanished after connect: unmap", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.FrontendPresent, o.Frontend = false, false, StateUnknown
+			o.Backend = StateConnected
+		}), act(running, func(a *Actual) { a.Ring = true }), []ActionKind{ActDisconnectRing}},
+		{"frontend went Unknown after connect: unmap", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.Frontend, o.Backend = false, StateUnknown, StateConnected
+		}), act(running, func(a *Actual) { a.Ring = true }), []ActionKind{ActDisconnectRing}},
+		{"frontend vanished, own disk: stop the worker", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.FrontendPresent, o.Frontend, o.Declared = false, false, StateUnknown, true
+			o.Backend = StateClosed
+		}), running, []ActionKind{ActStopWorker}},
+		{"frontend vanished, libxl disk: the worker waits for libxl", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.FrontendPresent, o.Frontend, o.HotplugScript = false, false, StateUnknown, true
+			o.Backend = StateClosed
+		}), running, nil},
+		{"frontend not there yet before connect: wait", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.FrontendPresent, o.Frontend, o.Backend = false, false, StateUnknown, StateInitWait
+		}), running, nil},
+		// XEN-HOST 5.11: xenbus_dev_fatal.
+		{"unusable ring keys: fatal, backend Closing", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.Backend, o.Frontend, o.RingPublished = false, StateInitWait, StateInitialised, true
+			o.FrontendError = "multi-queue-num-queues \"99\": want 1..4"
+		}), running, []ActionKind{ActFrontendFatal}},
 		{"terminal failure: nothing until params change", with(dom0, func(o *Observed) { o.Backend = StateInitialising }), Actual{Failed: "corrupt image"},
 			nil},
 	}
@@ -145,18 +184,24 @@ func TestReadQueue(t *testing.T) {
 		"queue-2/ring-ref": "x", "queue-2/event-channel": "22",
 	}
 	get := func(k string) string { return keys[k] }
-	q, msg := readQueue(get, "queue-0/", 0)
+	q, msg := readQueue(get, "queue-0/", 0, false)
 	if msg != "" || !reflect.DeepEqual(q, queueRing{refs: []uint32{8}, evtchn: 20}) {
 		t.Fatalf("queue-0: %+v %q", q, msg)
 	}
-	q, msg = readQueue(get, "queue-1/", 1)
+	q, msg = readQueue(get, "queue-1/", 1, true)
 	if msg != "" || !reflect.DeepEqual(q, queueRing{refs: []uint32{9, 10}, evtchn: 21}) {
 		t.Fatalf("queue-1: %+v %q", q, msg)
 	}
-	if _, msg = readQueue(get, "queue-2/", 0); msg == "" {
+	if _, msg = readQueue(get, "queue-2/", 0, false); msg == "" {
 		t.Fatal("a ring-ref that is not a number was accepted")
 	}
-	if _, msg = readQueue(get, "queue-3/", 0); msg == "" {
+	if _, msg = readQueue(get, "queue-3/", 0, false); msg == "" {
 		t.Fatal("a missing queue was accepted")
+	}
+	// XEN-HOST 5.16: ring-page-order present, even 0, means ring-ref0.
+	keys["queue-4/ring-ref0"], keys["queue-4/event-channel"] = "11", "23"
+	q, msg = readQueue(get, "queue-4/", 0, true)
+	if msg != "" || !reflect.DeepEqual(q, queueRing{refs: []uint32{11}, evtchn: 23}) {
+		t.Fatalf("queue-4 with ring-page-order 0: %+v %q", q, msg)
 	}
 }

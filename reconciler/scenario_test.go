@@ -22,6 +22,7 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 // Commands:
 //
 //	start domain0|guest|xen-guest   a new device, as a toolstack writes it (both states Initialising)
+//	start xen-libxl|xen-attach      a real guest's disk declared by libxl (with a hotplug script) or by `blktap attach`
 //	converge                        plan and apply until nothing is left (at most 24 steps)
 //	frontend STATE                  the frontend writes its state (a real guest's blkfront)
 //	ring-published                  the frontend wrote ring-ref and event-channel
@@ -30,6 +31,9 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 //	worker-dies                     the worker process exits
 //	ring-hostile MESSAGE            the worker's ring stopped on a hostile frontend
 //	fail-start MESSAGE              the next start-worker fails terminally
+//	hotplug-connected               the toolstack's hotplug script wrote hotplug-status=connected
+//	frontend-gone                   the frontend directory vanished (the guest died without libxl)
+//	frontend-error MESSAGE          the frontend published ring keys the backend cannot use
 func runScenario(t *testing.T, lines []string) string {
 	var out strings.Builder
 	var m Model
@@ -53,6 +57,10 @@ func runScenario(t *testing.T, lines []string) string {
 			case "guest":
 				m.o.LocalFrontend = true
 			case "xen-guest":
+			case "xen-libxl":
+				m.o.HotplugScript = true
+			case "xen-attach":
+				m.o.HotplugScript, m.o.Declared = true, true
 			default:
 				t.Fatalf("line %d: start %q", n+1, arg)
 			}
@@ -92,6 +100,12 @@ func runScenario(t *testing.T, lines []string) string {
 			m.a.Ring, m.a.RingError = false, arg
 		case "fail-start":
 			m.failStart = arg
+		case "hotplug-connected":
+			m.o.HotplugConnected = true
+		case "frontend-gone":
+			m.o.FrontendPresent, m.o.Frontend, m.o.RingPublished = false, StateUnknown, false
+		case "frontend-error":
+			m.o.FrontendError = arg
 		default:
 			t.Fatalf("line %d: unknown command %q", n+1, line)
 		}

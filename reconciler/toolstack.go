@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 
 	"github.com/blktap-go/blktap/xenstore"
 )
@@ -54,12 +55,29 @@ const (
 // ErrExists reports a device that is already declared.
 var ErrExists = errors.New("device already exists")
 
+// SelfDomid is the domain the xenstore connection belongs to: the backend
+// domain of every device this host serves (0 in dom0, N in a driver
+// domain). It reads the connection's own "domid" key (a relative path, so
+// under its home /local/domain/<self>); without one it is 0.
+func SelfDomid(ctx context.Context, xs *xenstore.Client) uint32 {
+	v, err := xs.Read(ctx, "domid")
+	if err != nil {
+		return 0
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 32)
+	if err != nil || n >= 0x7ff0 { // DOMID_FIRST_RESERVED
+		return 0
+	}
+	return uint32(n)
+}
+
 // WriteDevice declares a disk the way libxl does for a tap disk (WIRE.md
 // section 3): the backend directory under backend/vbd3 (or the key's kind)
 // and the frontend directory, both in state Initialising, in one
 // transaction, with libxl's permissions.
 func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) error {
-	be := spec.Key.BackendPath(0)
+	self := SelfDomid(ctx, xs)
+	be := spec.Key.BackendPath(self)
 	fe := spec.Key.FrontendPath()
 	dom := strconv.FormatUint(uint64(spec.Key.Domid), 10)
 	return xs.Transaction(ctx, func(tx *xenstore.Tx) error {
@@ -83,23 +101,48 @@ func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) erro
 			{"type", spec.Key.Kind},
 			{"mode", spec.Mode},
 			{"device-type", "disk"},
-			{"discard-enable", "0"},
+			{"discard-enable", "1"}, // libxl's default: the guest may discard
 			{"specification", "xen"},
 			{"params", params},
 			{"script", "/etc/xen/scripts/block-tap"},
-			{keyName, spec.Name},
-			{keySource, spec.Source},
 		}
+		// blktap/ after the backend's permissions are set, under its own
+		// locked directory: a node inherits its parent's permissions.
+		status := [][2]string{{keyName, spec.Name}, {keySource, spec.Source}}
 		if spec.NBDDevice != "" {
-			beKeys = append(beKeys, [2]string{keyNBDDevice, spec.NBDDevice})
+			status = append(status, [2]string{keyNBDDevice, spec.NBDDevice})
 		}
 		feKeys := [][2]string{
 			{"backend", be},
-			{"backend-id", "0"},
+			{"backend-id", strconv.FormatUint(uint64(self), 10)},
 			{"state", strconv.Itoa(int(StateInitialising))},
 			{"virtual-device", strconv.FormatUint(uint64(spec.Key.Devid), 10)},
 			{"device-type", "disk"},
 			{"trusted", "1"},
+		}
+		// libxl: the backend belongs to its domain and the guest may read
+		// it; the frontend belongs to the guest and the backend domain may
+		// read it. Set on the directories before the keys go in: a node
+		// takes its parent's permissions when it is created.
+		if err := tx.Mkdir(ctx, be); err != nil {
+			return err
+		}
+		if err := tx.SetPerms(ctx, be, []xenstore.Perm{
+			{Domid: self, Access: xenstore.PermNone},
+			{Domid: spec.Key.Domid, Access: xenstore.PermRead},
+		}); err != nil {
+			return err
+		}
+		if spec.Key.Domid != self {
+			if err := tx.Mkdir(ctx, fe); err != nil {
+				return err
+			}
+			if err := tx.SetPerms(ctx, fe, []xenstore.Perm{
+				{Domid: spec.Key.Domid, Access: xenstore.PermNone},
+				{Domid: self, Access: xenstore.PermRead},
+			}); err != nil {
+				return err
+			}
 		}
 		for _, kv := range beKeys {
 			if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
@@ -111,19 +154,15 @@ func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) erro
 				return err
 			}
 		}
-		// libxl: the backend belongs to dom0 and the guest may read it; the
-		// frontend belongs to the guest and the backend domain may read it.
-		if err := tx.SetPerms(ctx, be, []xenstore.Perm{
-			{Domid: 0, Access: xenstore.PermNone},
-			{Domid: spec.Key.Domid, Access: xenstore.PermRead},
-		}); err != nil {
+		dir := be + "/" + statusDir
+		if err := tx.Mkdir(ctx, dir); err != nil {
 			return err
 		}
-		if spec.Key.Domid != 0 {
-			if err := tx.SetPerms(ctx, fe, []xenstore.Perm{
-				{Domid: spec.Key.Domid, Access: xenstore.PermNone},
-				{Domid: 0, Access: xenstore.PermRead},
-			}); err != nil {
+		if err := tx.SetPerms(ctx, dir, statusPerms(self)); err != nil {
+			return err
+		}
+		for _, kv := range status {
+			if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
 				return err
 			}
 		}
@@ -131,11 +170,21 @@ func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) erro
 	})
 }
 
+// ErrDeviceFailed: the daemon gave up on a device (phase failed, an error
+// in blktap/error) or the device was removed, as opposed to a device still
+// on its way when the wait ended.
+var ErrDeviceFailed = errors.New("device failed")
+
 // WaitConnected waits until the device's backend is Connected and the
-// daemon has published its export, and returns the export's NBD URI. It
-// fails early with the daemon's reason when the device fails.
+// daemon says so (phase connected), and returns its export's NBD URI: the
+// guest view for a guest played by the daemon, the export for domain 0. A
+// real Xen guest's disk has no export (the guest sees it through its own
+// blkfront): then the URI is "". It fails early with the daemon's reason,
+// wrapping ErrDeviceFailed, when the device fails; when ctx ends first
+// the error wraps ctx's, and ErrDeviceFailed too if the daemon reported an
+// error meanwhile.
 func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, error) {
-	be := key.BackendPath(0)
+	be := key.BackendPath(SelfDomid(ctx, xs))
 	w, err := xs.Watch(ctx, be, "wait-connected")
 	if err != nil {
 		return "", err
@@ -145,21 +194,24 @@ func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, e
 		st, _ := xs.Read(ctx, be+"/state")
 		phase, _ := xs.Read(ctx, be+"/"+keyPhase)
 		export, _ := xs.Read(ctx, be+"/"+keyExport)
-		if ParseState(st) == StateConnected && phase == PhaseConnected && export != "" {
+		// The daemon writes phase and export in one transaction, and a
+		// guest it plays is connected only with its export: phase
+		// connected without one is a real guest's disk.
+		if ParseState(st) == StateConnected && phase == PhaseConnected && (export != "" || key.Domid != 0) {
 			return export, nil
 		}
 		if phase == PhaseFailed {
 			msg, _ := xs.Read(ctx, be+"/"+keyError)
-			return "", fmt.Errorf("device %s failed: %s", key, msg)
+			return "", fmt.Errorf("%w: %s: %s", ErrDeviceFailed, key, msg)
 		}
 		if _, err := xs.Read(ctx, be); errors.Is(err, xenstore.ErrNotFound) {
-			return "", fmt.Errorf("device %s was removed", key)
+			return "", fmt.Errorf("%w: %s was removed", ErrDeviceFailed, key)
 		}
 		select {
 		case <-ctx.Done():
 			msg, _ := xs.Read(context.Background(), be+"/"+keyError)
 			if msg != "" {
-				return "", fmt.Errorf("device %s not connected (%s): %s", key, phase, msg)
+				return "", fmt.Errorf("%w: %s not connected (%s): %s (%w)", ErrDeviceFailed, key, phase, msg, ctx.Err())
 			}
 			return "", fmt.Errorf("device %s not connected (state %s, phase %q): %w", key, ParseState(st), phase, ctx.Err())
 		case _, ok := <-w.Events():
@@ -175,7 +227,7 @@ func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, e
 // daemon drains, flushes and stops the worker on the way), then removes
 // both directories.
 func Detach(ctx context.Context, xs *xenstore.Client, key Key) error {
-	be := key.BackendPath(0)
+	be := key.BackendPath(SelfDomid(ctx, xs))
 	if _, err := xs.Read(ctx, be); err != nil {
 		if errors.Is(err, xenstore.ErrNotFound) {
 			return fmt.Errorf("no device %s", key)

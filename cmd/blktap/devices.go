@@ -123,7 +123,14 @@ func cmdAttach(args []string) error {
 	}
 	wctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
+	// A real guest connects when its own blkfront gets to it (it may be
+	// paused, or still booting): slowness there is no failure.
+	realGuest := domid != 0 && reconciler.ProbeHost().Xen
 	uri, err := reconciler.WaitConnected(wctx, xs, key)
+	if err != nil && realGuest && !errors.Is(err, reconciler.ErrDeviceFailed) && wctx.Err() != nil {
+		return fmt.Errorf("disk %s is attached to domain %d, but the guest has not connected it yet (%v); "+
+			"`blktap ls` shows its state, `blktap detach %d %s` removes it", config.VdevName(devid), domid, err, domid, config.VdevName(devid))
+	}
 	if err != nil {
 		// Like a toolstack whose hotplug failed: take the half-made
 		// device away again, so a retry starts clean.
@@ -133,6 +140,11 @@ func cmdAttach(args []string) error {
 			return fmt.Errorf("%w (and removing the device failed: %v)", err, derr)
 		}
 		return err
+	}
+	if uri == "" {
+		// A real guest: its blkfront shows the disk under this name.
+		fmt.Println(config.VdevName(devid))
+		return nil
 	}
 	fmt.Println(uri)
 	return nil
@@ -166,9 +178,10 @@ func cmdDetach(args []string) error {
 	wctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
 	// The disk may be declared under any kind the daemon serves.
+	self := reconciler.SelfDomid(ctx, xs)
 	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
 		key := reconciler.Key{Kind: kind, Domid: domid, Devid: devid}
-		if _, err := xs.Read(ctx, key.BackendPath(0)); err == nil {
+		if _, err := xs.Read(ctx, key.BackendPath(self)); err == nil {
 			return reconciler.Detach(wctx, xs, key)
 		}
 	}
@@ -215,7 +228,7 @@ func cmdLs(args []string) error {
 	}
 	defer xs.Close()
 	entries := []lsEntry{}
-	root := "/local/domain/0/backend"
+	root := xenstore.DomainPath(reconciler.SelfDomid(ctx, xs)) + "/backend" // a driver domain's own
 	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
 		doms, err := xs.Directory(ctx, root+"/"+kind)
 		if errors.Is(err, xenstore.ErrNotFound) {
