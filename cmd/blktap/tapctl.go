@@ -171,6 +171,11 @@ func cmdTapCtl(args []string) error {
 	t := &tapCtl{ctx: ctx, cmd: c.name, stateDir: defaultStateDir()}
 	defer t.closeXS()
 	if err := c.run(t, o); err != nil {
+		var ue *usageError
+		if errors.As(err, &ue) {
+			fmt.Fprintf(os.Stderr, "tap-ctl: %s: %s\nusage: tap-ctl %s\n", c.name, ue.msg, c.usage)
+			return exitCode(2)
+		}
 		return fmt.Errorf("%s: %w", c.name, err)
 	}
 	return nil
@@ -226,6 +231,14 @@ type tapDisk struct {
 }
 
 func tapMinor(k reconciler.Key) int64 { return int64(k.Domid)<<29 | int64(k.Devid) }
+
+// minorKey inverts tapMinor; ok is false for a minor no domain can have.
+func minorKey(minor int64) (domid, devid uint32, ok bool) {
+	if minor < 0 || minor>>29 >= 0x7ff0 { // DOMID_FIRST_RESERVED
+		return 0, 0, false
+	}
+	return uint32(minor >> 29), uint32(minor & (1<<29 - 1)), true
+}
 
 var tapKinds = []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD}
 
@@ -363,12 +376,12 @@ func (t *tapCtl) target(o tapOpts, needMinor bool) (*tapDisk, error) {
 	if !haveMinor {
 		return nil, refusef("no disk named: set -m MINOR (see `tap-ctl list`) or XENBUS_PATH")
 	}
-	dom, dev := uint64(minor>>29), uint64(minor&(1<<29-1))
-	if dom >= 0x7ff0 {
+	dom, dev, ok := minorKey(minor)
+	if !ok {
 		return nil, fmt.Errorf("%w with minor %d", errNoDisk, minor)
 	}
 	for _, kind := range tapKinds {
-		k := reconciler.Key{Kind: kind, Domid: uint32(dom), Devid: uint32(dev)}
+		k := reconciler.Key{Kind: kind, Domid: dom, Devid: dev}
 		if d, ok, err := t.readDisk(k); err != nil {
 			return nil, err
 		} else if ok {

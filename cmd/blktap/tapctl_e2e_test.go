@@ -122,6 +122,11 @@ func newBlockTapRig(t *testing.T) *blockTapRig {
 // backendtype=tap, in one transaction, and names the guest's VM.
 func (r *blockTapRig) writeDisk(domid, devid int, vdev, params string) (be, fe string) {
 	r.t.Helper()
+	return writeTapDisk(r.t, r.xs, domid, devid, vdev, params)
+}
+
+func writeTapDisk(t *testing.T, xs *xenstore.Client, domid, devid int, vdev, params string) (be, fe string) {
+	t.Helper()
 	be = fmt.Sprintf("/local/domain/0/backend/vbd3/%d/%d", domid, devid)
 	fe = fmt.Sprintf("/local/domain/%d/device/vbd/%d", domid, devid)
 	dom, dev := strconv.Itoa(domid), strconv.Itoa(devid)
@@ -140,7 +145,7 @@ func (r *blockTapRig) writeDisk(domid, devid int, vdev, params string) (be, fe s
 		keys = append(keys, [2]string{fmt.Sprintf("/local/domain/%d/vm", domid), "/vm/00000000-0000-0000-0000-00000000000" + dom})
 	}
 	ctx := context.Background()
-	err := r.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+	err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 		for _, kv := range keys {
 			if err := tx.Write(ctx, kv[0], kv[1]); err != nil {
 				return err
@@ -149,7 +154,7 @@ func (r *blockTapRig) writeDisk(domid, devid int, vdev, params string) (be, fe s
 		return nil
 	})
 	if err != nil {
-		r.t.Fatal(err)
+		t.Fatal(err)
 	}
 	return be, fe
 }
