@@ -350,6 +350,19 @@ func (t *tapCtl) target(o tapOpts, needMinor bool) (*tapDisk, error) {
 	if err != nil {
 		return nil, err
 	}
+	return t.resolve(o, needMinor, envKey, haveEnv)
+}
+
+// byMinor resolves -m alone, whatever XENBUS_PATH says. The releasing
+// commands use it: block-tap's remove passes the pid and minor it stored,
+// which for a disk sharing another's image (a stub domain's) are that
+// other disk's, as they would name that disk's one tapdisk in blktap3.
+func (t *tapCtl) byMinor(o tapOpts) (*tapDisk, error) {
+	return t.resolve(o, true, reconciler.Key{}, false)
+}
+
+func (t *tapCtl) resolve(o tapOpts, needMinor bool, envKey reconciler.Key, haveEnv bool) (*tapDisk, error) {
+	var err error
 	ms, haveMinor := o['m']
 	if needMinor && !haveMinor {
 		return nil, usagef("-m minor is required")
@@ -525,12 +538,18 @@ func (t *tapCtl) allocate(o tapOpts) error {
 
 // free and detach release nothing: the minor is the disk's own.
 func (t *tapCtl) free(o tapOpts) error {
-	_, err := t.target(o, true)
+	_, err := t.byMinor(o)
+	if errors.Is(err, errNoDisk) {
+		return nil
+	}
 	return err
 }
 
 func (t *tapCtl) detach(o tapOpts) error {
-	d, err := t.target(o, true)
+	d, err := t.byMinor(o)
+	if errors.Is(err, errNoDisk) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
@@ -539,6 +558,7 @@ func (t *tapCtl) detach(o tapOpts) error {
 
 // spawn prints the pid that serves the disk XENBUS_PATH names: its worker,
 // or the daemon itself while no worker runs (open then says why).
+// Nothing is started: the daemon starts workers as xenstore declares disks.
 func (t *tapCtl) spawn(o tapOpts) error {
 	k, ok, err := envDisk()
 	if err != nil {
@@ -556,7 +576,12 @@ func (t *tapCtl) spawn(o tapOpts) error {
 	}
 	pid := d.pid
 	if pid == 0 {
-		if pid, err = daemonPid(t.stateDir); err != nil {
+		// The daemon's own pid, so that open (and block-tap's message,
+		// which names the image) reports why no worker runs. Without its
+		// API socket (another --state-dir), a failed disk says why here.
+		if pid, err = daemonPid(t.stateDir); err != nil && d.phase == reconciler.PhaseFailed {
+			return fmt.Errorf("the daemon cannot open %s:%s: %s", d.typ, d.path, orUnknown(d.errMsg))
+		} else if err != nil {
 			return err
 		}
 	}
@@ -729,7 +754,7 @@ func (t *tapCtl) stop(o tapOpts) error {
 		}
 		wait = time.Duration(n) * time.Second
 	}
-	d, err := t.target(o, true)
+	d, err := t.byMinor(o)
 	if err != nil {
 		if errors.Is(err, errNoDisk) {
 			unlinkExport(o['p'], mustMinor(o['m']))

@@ -259,5 +259,13 @@ func TestTapCtlCommands(t *testing.T) {
 			t.Fatalf("tap-ctl %v: %d %q %q", args, code, out, errs)
 		}
 	}
+	// Releasing goes by the minor block-tap stored, whatever XENBUS_PATH
+	// says (a stub domain's disk stores the shared disk's): a minor whose
+	// disk is gone has nothing left to release.
+	for _, args := range [][]string{{"destroy", "-p", pid, "-m", "7"}, {"free", "-m", "7"}, {"detach", "-p", pid, "-m", "7"}} {
+		if out, errs, code := tapCtlRun(t, link, append(env, hotplug...), args...); code != 0 {
+			t.Fatalf("tap-ctl %v: %d %q %q", args, code, out, errs)
+		}
+	}
 	os.Remove(nbdLinkPath(pid, int64(domid<<29|devid))) // open's link, if root made one
 }
