@@ -17,6 +17,7 @@ build:
 	ln -sf blktap $(BIN)/qcow-create
 	ln -sf blktap $(BIN)/img2qcow
 	ln -sf blktap $(BIN)/qcow2raw
+	ln -sf blktap $(BIN)/tap-ctl
 
 run: build
 	$(BIN)/blktap run -c $(CONFIG) $(if $(STATE_DIR),--state-dir $(STATE_DIR))

@@ -76,6 +76,8 @@ func run(argv []string) int {
 	case "qcow-create", "img2qcow", "qcow2raw":
 		err = seedTool(name, argv[1:])
 		cmdUsage = name
+	case "tap-ctl":
+		err, cmdUsage = cmdTapCtl(argv[1:]), "tap-ctl COMMAND [OPTIONS] (tap-ctl help)"
 	default:
 		if len(argv) < 2 {
 			usage(os.Stderr)
