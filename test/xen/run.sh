@@ -21,6 +21,7 @@ out=${XEN_TEST_OUT:-$here/out}
 only=${XEN_TEST_ONLY:-}
 tmo=${XEN_TEST_TIMEOUT:-1500}
 smp=${XEN_TEST_SMP:-2}
+cpu=${XEN_TEST_CPU:-max,-smap,-smep}
 export PATH=$PATH:/usr/local/go/bin
 mkdir -p "$cache" "$out"
 
@@ -41,13 +42,13 @@ w=$cache/work-4.17; mkdir -p "$w"
 boot() {
   local log=$1 fifo=$w/serial.fifo qpid t0 l t ms
   rm -f "$fifo"; mkfifo "$fifo"
-  local xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot"
-  local dom0args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4${only:+ xt_only=${only//,/+}}"  # qemu splits -initrd at commas
+  local xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot ${XEN_TEST_XENARGS:-}"
+  local dom0args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4${only:+ xt_only=${only//,/+}}${XEN_TEST_STRESS:+ xt_stress=$XEN_TEST_STRESS}"  # qemu splits -initrd at commas
   t0=${EPOCHREALTIME/./}
   echo "host-start $(date -u +%FT%TZ) smp=$smp" >"$log"
   # -cpu max without SMAP/SMEP: with them TCG crashes dom0 at its first
   # exception (shared/xen-in-qemu/cpu-max-crash.log).
-  timeout "$tmo" qemu-system-x86_64 -accel tcg,thread=multi -machine pc -cpu max,-smap,-smep -smp "$smp" -m 2560 \
+  timeout "$tmo" qemu-system-x86_64 -accel tcg,thread=multi -machine pc -cpu "$cpu" -smp "$smp" -m 2560 \
     -display none -monitor none -serial stdio -no-reboot -nic none \
     -kernel "$w/xen.elf" -append "$xenargs" \
     -initrd "$kroot/boot/vmlinuz-$kver $dom0args,$w/dom0-initrd.cpio" </dev/null >"$fifo" 2>&1 &

@@ -62,10 +62,14 @@ xt_run() {
   done
 }
 
-xt_dump() { # NAME LOG: what a failure needs to be understood
+xt_dump() { # NAME LOG: what a failure needs to be understood. Every step is
+  # bounded: with xenstored gone, its clients fall back to /dev/xen/xenbus
+  # and wait forever.
+  local t="timeout 20"
   echo "---- $1: scenario log"; tail -n 80 "$2"
   echo "---- $1: daemon log (tail)"; tail -n 60 /var/log/blktap.log 2>/dev/null
-  echo "---- $1: xenstore backends"; xenstore-ls -f /local/domain/0/backend 2>/dev/null | grep -vE '/(feature-|discard-|sector-size|physical-sector|multi-queue-max|max-ring)' | head -n 80
+  echo "---- $1: processes"; ps -o pid,stat,args 2>/dev/null | grep -E 'xenstored|xenconsoled|blktap|xl ' | grep -v grep
+  echo "---- $1: xenstore backends"; $t xenstore-ls -f /local/domain/0/backend 2>&1 | grep -vE '/(feature-|discard-|sector-size|physical-sector|multi-queue-max|max-ring)' | head -n 80
   local f; for f in /var/log/xen/console/guest-*.log; do
     [ -f "$f" ] || continue
     echo "---- $1: $(basename "$f") (tail)"; tail -n 25 "$f"
@@ -74,7 +78,8 @@ xt_dump() { # NAME LOG: what a failure needs to be understood
     [ -f "$f" ] && [ "$f" -nt "$2.start" ] || continue
     echo "---- $1: $(basename "$f") (errors)"; grep -vE 'xc: detail|elf_|xc_dom_|domainbuilder' "$f" | grep -iE 'error|fail|abort|warn' | tail -n 15
   done
-  echo "---- $1: xl dmesg (tail)"; xl dmesg 2>/dev/null | tail -n 10
+  echo "---- $1: dom0 kernel (tail)"; dmesg | tail -n 15
+  echo "---- $1: xl dmesg (tail)"; $t xl dmesg 2>/dev/null | tail -n 10
   echo "---- $1: end"
 }
 
@@ -90,10 +95,11 @@ xt_done() {
 # ---- the daemon -------------------------------------------------------------
 BLKTAP_ARGS=${BLKTAP_ARGS:-"--state-dir /run/blktap --xenstore /run/xenstored/socket --image-dir /images --serve-vbd"}
 daemon_start() {
-  ( exec blktap run $BLKTAP_ARGS >>/var/log/blktap.log 2>&1 ) &
-  local i=0
+  # setsid: a scenario's timeout kills its process group, never the daemon
+  setsid blktap run $BLKTAP_ARGS >>/var/log/blktap.log 2>&1 </dev/null &
+  local t0; t0=$(up)
   until [ -S /run/blktap/blktap.sock ] && blktap ls >/dev/null 2>&1; do
-    i=$((i+1)); [ $i -gt 150 ] && fail "daemon did not start: $(tail -n 3 /var/log/blktap.log)"
+    elapsed "$t0" 30 && fail "daemon did not start: $(tail -n 3 /var/log/blktap.log)"
     sleep 0.2
   done
 }
@@ -101,17 +107,19 @@ daemon_pid() { pgrep -f '^blktap run' | head -n 1; }
 
 # ---- xenstore ---------------------------------------------------------------
 xsr() { xenstore-read "$1" 2>/dev/null; }
+# Waits are measured in dom0's uptime, not in rounds: under TCG one round
+# (a process or two) can take longer than its sleep.
 wait_key() { # PATH VALUE SECONDS
-  local i=0 n=$(($3 * 5))
+  local t0; t0=$(up)
   until [ "$(xsr "$1")" = "$2" ]; do
-    i=$((i+1)); [ $i -gt $n ] && fail "$1 is '$(xsr "$1")' after $3 s, want '$2'"
+    elapsed "$t0" "$3" && fail "$1 is '$(xsr "$1")' after $3 s, want '$2'"
     sleep 0.2
   done
 }
 wait_gone() { # PATH SECONDS
-  local i=0 n=$(($2 * 5))
+  local t0; t0=$(up)
   while xenstore-exists "$1" 2>/dev/null; do
-    i=$((i+1)); [ $i -gt $n ] && fail "$1 still exists after $2 s"
+    elapsed "$t0" "$2" && fail "$1 still exists after $2 s"
     sleep 0.2
   done
 }
@@ -141,12 +149,13 @@ CFG
   guest_ready "$name"
 }
 guest_ready() { # NAME: wait until the guest's command loop runs
-  local i=0 d
+  local t0 d; t0=$(up)
   until d=$(xl domid "$1" 2>/dev/null) && [ -n "$(xsr /local/domain/$d/data/ready)" ]; do
-    i=$((i+1)); [ $i -gt 600 ] && fail "guest $1 did not come up within 120 s"
-    sleep 0.2
+    elapsed "$t0" 150 && fail "guest $1 did not come up within 150 s"
+    sleep 0.5
   done
 }
+elapsed() { awk -v a="$1" -v b="$(up)" -v n="$2" 'BEGIN {exit !(b - a > n)}'; } # T0 SECONDS: more than SECONDS since T0
 domid() { xl domid "$1" 2>/dev/null; }
 
 # gx NAME SECONDS CMD ARGS...: run a command in the guest; its last line of
@@ -157,11 +166,11 @@ gx() {
   local d; d=$(domid "$name") || fail "guest $name is not running"
   local id="$$.$((XT_CMDID += 1))"
   xenstore-write /local/domain/$d/data/cmd "$id:$*"
-  local i=0 n=$((tmo * 5)) r
+  local t0 r; t0=$(up)
   while :; do
     r=$(xsr /local/domain/$d/data/result)
     [ "${r%%:*}" = "$id" ] && break
-    i=$((i+1)); [ $i -gt $n ] && fail "guest $name: '$*' did not answer within $tmo s"
+    elapsed "$t0" "$tmo" && fail "guest $name: '$*' did not answer within $tmo s"
     sleep 0.2
   done
   r=${r#*:}
