@@ -63,6 +63,7 @@ const XenstorePathFile = "xenstore.path"
 // EmbeddedSocket is the embedded xenstored's socket in the state directory.
 const EmbeddedSocket = "xenstored.sock"
 
+
 // Daemon is one running `blktap run`.
 type Daemon struct {
 	opts     Options
@@ -82,10 +83,14 @@ type Daemon struct {
 	paused    map[Key]bool
 	conflicts map[Key]string // YAML disks whose key another declaration holds
 	ports     uint32         // last local event-channel port handed out
+
+	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }
 
 // Run runs the daemon until ctx is done or SIGTERM/SIGINT arrives, then
-// flushes and closes every disk.
+// exits leaving every worker serving its disk for the next daemon to
+// adopt; or until `blktap shutdown` asks it to flush and close every disk
+// first (lifecycle.go).
 func Run(ctx context.Context, opts Options) error {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -113,7 +118,9 @@ func Run(ctx context.Context, opts Options) error {
 		procs:     map[Key]*worker.Process{},
 		paused:    map[Key]bool{},
 		conflicts: map[Key]string{},
+		shutdown:  newShutdownState(),
 	}
+	sd := takeNotifySocket()
 	// Read the YAML before touching anything: a wrong file is a clear
 	// error at start, not a half-started daemon.
 	var cfg *config.File
@@ -128,8 +135,13 @@ func Run(ctx context.Context, opts Options) error {
 	}
 	defer d.closeXenstore()
 
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
+	// A signal ends the main loop, not ctx: the reconciles in flight
+	// finish before the daemon exits (ctx is cancelled only if they hang).
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -205,10 +217,30 @@ func Run(ctx context.Context, opts Options) error {
 	resync := time.NewTicker(5 * time.Second)
 	defer resync.Stop()
 	d.rescan(ctx)
+	go func() {
+		// Ready for systemd once every disk declared at start has
+		// converged or has its error (Type=notify).
+		if !waitConverged(ctx, d.q, readySettle, readyLimit) {
+			if ctx.Err() != nil {
+				return
+			}
+			d.log.Warn("some disks have not converged yet; telling systemd the daemon is ready anyway (see blktap ls)", "waited", readyLimit)
+		}
+		if err := sd.notify("READY=1"); err != nil {
+			d.log.Error("telling systemd the daemon is ready", "err", err)
+		}
+	}()
+	closeAll := false
 loop:
 	for {
 		select {
 		case <-ctx.Done():
+			break loop
+		case sig := <-sigs:
+			d.log.Info("exiting on signal; workers keep serving their disks (the next `blktap run` adopts them; `blktap shutdown` closes them)", "signal", sig.String())
+			break loop
+		case <-d.shutdown.requested:
+			closeAll = true
 			break loop
 		case k := <-events:
 			d.q.Add(k)
@@ -226,10 +258,23 @@ loop:
 			reload("file changed")
 		}
 	}
-	d.log.Info("shutting down: flushing and closing every disk")
+	sd.notify("STOPPING=1")
 	d.q.Close()
-	wg.Wait()
-	d.shutdownAll()
+	drained := make(chan struct{})
+	go func() { wg.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(30 * time.Second):
+		d.log.Warn("reconciles still running after 30s: cancelling them")
+		cancel()
+		<-drained
+	}
+	if closeAll {
+		d.log.Info("shutting down: flushing and closing every disk")
+		d.shutdown.closed = d.shutdownAll()
+		d.log.Info("every disk closed", "disks", d.shutdown.closed)
+		close(d.shutdown.done)
+	}
 	return nil
 }
 
@@ -502,7 +547,9 @@ func ensureImage(disk config.Disk) error {
 	return err
 }
 
-func (d *Daemon) shutdownAll() {
+// shutdownAll flushes and closes every disk and stops its worker; it
+// returns how many disks it closed.
+func (d *Daemon) shutdownAll() int {
 	d.mu.Lock()
 	devs := make([]*device, 0, len(d.devices))
 	for _, dev := range d.devices {
@@ -521,6 +568,7 @@ func (d *Daemon) shutdownAll() {
 		}()
 	}
 	wg.Wait()
+	return len(devs)
 }
 
 // declaredElsewhere says how the device xenstore already has at k differs
