@@ -63,6 +63,12 @@ const XenstorePathFile = "xenstore.path"
 // EmbeddedSocket is the embedded xenstored's socket in the state directory.
 const EmbeddedSocket = "xenstored.sock"
 
+// EmbeddedTree, in the state directory, is where the embedded xenstored
+// keeps its tree, so that a restarted daemon finds the devices `blktap
+// attach` declared. Saved at most treeSaveDelay after each change.
+const EmbeddedTree = "xenstored.db"
+
+const treeSaveDelay = 200 * time.Millisecond
 
 // Daemon is one running `blktap run`.
 type Daemon struct {
@@ -365,6 +371,19 @@ func (d *Daemon) connectXenstore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("embedded xenstored: %w", err)
 		}
+		// The socket is ours, so the saved tree is too.
+		db := filepath.Join(d.opts.StateDir, EmbeddedTree)
+		if ok, err := srv.LoadTree(db); err != nil {
+			aside := db + ".damaged"
+			if rerr := os.Rename(db, aside); rerr != nil {
+				ln.Close()
+				return fmt.Errorf("embedded xenstored: %w (and cannot move it aside: %v)", err, rerr)
+			}
+			d.log.Error("embedded xenstored: the saved tree is damaged; starting with a fresh one", "err", err, "kept_as", aside)
+		} else if ok {
+			d.log.Info("embedded xenstored: tree restored", "path", db)
+		}
+		srv.PersistTo(db, treeSaveDelay)
 		go func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, xenstore.ErrServerClosed) {
 				d.log.Error("embedded xenstored stopped", "err", err)
