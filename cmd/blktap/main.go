@@ -47,6 +47,7 @@ func init() {
 		{name: "xenstore", usage: "read|write|ls|list|rm|mkdir|chmod|exists|watch ...", brief: "a xenstore client for either xenstored (`blktap xenstore` alone for help)", run: cmdXenstore},
 		{name: "xenstored", usage: "--socket PATH", brief: "the embedded xenstored on its own", run: cmdXenstored},
 		{name: "__worker", usage: "--name NAME", brief: "a disk's worker process (started by the daemon)", run: cmdWorker, hidden: true},
+		{name: "version", usage: "", brief: "print the version and commit (also --version)", run: cmdVersion},
 		{name: "help", usage: "", brief: "this text", run: func([]string) error { usage(os.Stdout); return nil }},
 	}
 }
@@ -82,8 +83,11 @@ func run(argv []string) int {
 			return 2
 		}
 		sub := argv[1]
-		if sub == "-h" || sub == "--help" {
+		switch sub {
+		case "-h", "--help":
 			sub = "help"
+		case "--version", "-version":
+			sub = "version"
 		}
 		var c *command
 		for i := range commands {
