@@ -340,6 +340,14 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 			t.Errorf("worker %d gone after SIGTERM to the daemon: %v", pid, err)
 		}
 	}
+	t.Cleanup(func() {
+		// Should the test stop before a daemon adopts them.
+		for _, pid := range pids {
+			if !processGone(pid) {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
 	// Still served, with no daemon (fio wrote below 64M).
 	runTool(t, qemuIO, "-f", "raw", rows["dom0disk"].Export, "-c", "write -P 0x3c 128M 1M", "-c", "read -P 0x3c 128M 1M")
 
