@@ -6,26 +6,53 @@ package packaging
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
+var built struct {
+	once sync.Once
+	bin  string
+	err  error
+	dir  string
+}
+
+// TestMain removes the binary the tests share.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.dir != "" {
+		os.RemoveAll(built.dir)
+	}
+	os.Exit(code)
+}
+
+// buildBlktap builds cmd/blktap once for all the tests.
 func buildBlktap(t *testing.T) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "blktap")
-	cmd := exec.Command("go", "build", "-o", bin, "../cmd/blktap")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	built.once.Do(func() {
+		if built.dir, built.err = os.MkdirTemp("", "blktap-pkg-"); built.err != nil {
+			return
+		}
+		built.bin = filepath.Join(built.dir, "blktap")
+		out, err := exec.Command("go", "build", "-o", built.bin, "../cmd/blktap").CombinedOutput()
+		if err != nil {
+			built.err = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if built.err != nil {
+		t.Fatal(built.err)
 	}
-	return bin
+	return built.bin
 }
 
 // helpCommands parses `blktap help`: name -> usage.
