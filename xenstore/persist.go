@@ -172,6 +172,13 @@ type persister struct {
 // leaves path holding either the previous tree or the new one. Call it
 // once, before serving.
 func (s *Server) PersistTo(path string, delay time.Duration) {
+	// Temporary files of saves a crash interrupted: never renamed, never
+	// read.
+	if stale, err := filepath.Glob(filepath.Join(filepath.Dir(path), "."+filepath.Base(path)+".tmp-*")); err == nil {
+		for _, f := range stale {
+			os.Remove(f)
+		}
+	}
 	p := &persister{path: path, delay: delay, kick: make(chan struct{}, 1), stop: make(chan struct{}), done: make(chan struct{})}
 	s.mu.Lock()
 	p.saved = s.mu.st.root

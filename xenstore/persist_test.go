@@ -143,6 +143,11 @@ func TestPersistCrashAndDamage(t *testing.T) {
 			t.Error("/kept lost")
 		}
 	})
+	srv2.PersistTo(db, time.Hour)
+	if _, err := os.Stat(filepath.Join(dir, ".xenstored.db.tmp-123")); err == nil {
+		t.Error("the torn temporary file is still there")
+	}
+	srv2.Close()
 
 	for name, data := range map[string]string{
 		"truncated":      `{"format":"blktap-xenstored-tree","version":1,"nodes":[{"path":"/"`,
