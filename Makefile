@@ -7,13 +7,23 @@ CONFIG    ?= examples/disks.yaml
 STATE_DIR ?=
 FUZZTIME  ?= 15s
 TESTFLAGS ?=
+# The version is CHANGELOG.md's newest; the commit is git's, "+dirty" for a
+# modified tree. Both go into the binary (`blktap --version`).
+VERSION   ?= $(shell sed -n 's/^\#\# \[\([0-9][^]]*\)\].*/\1/p' CHANGELOG.md | head -n 1)
+COMMIT    ?= $(shell c=$$(git rev-parse HEAD 2>/dev/null) && { git diff --quiet HEAD 2>/dev/null || c=$$c+dirty; echo $$c; })
+LDFLAGS   := -X main.version=$(VERSION) -X main.commit=$(COMMIT)
+# make install: PREFIX for programs and docs, DESTDIR for staging.
+PREFIX    ?= /usr/local
+DESTDIR   ?=
+SYSCONFDIR ?= /etc
+UNITDIR   ?= /lib/systemd/system
 
-.PHONY: all build run test vet lint fmt bench bench-memory fuzz oracles clean
+.PHONY: all build run test vet lint fmt bench bench-memory fuzz oracles clean deb install uninstall
 
 all: build
 
 build:
-	$(GO) build -o $(BIN)/blktap ./cmd/blktap
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/blktap ./cmd/blktap
 	ln -sf blktap $(BIN)/qcow-create
 	ln -sf blktap $(BIN)/img2qcow
 	ln -sf blktap $(BIN)/qcow2raw
@@ -54,5 +64,22 @@ fuzz:
 	    echo "== $$pkg $$t"; $(GO) test -run '^$$' -fuzz "^$$t$$" -fuzztime $(FUZZTIME) $$pkg; \
 	  done; done
 
+# The Debian package: dist/blktap_VERSION_ARCH.deb, built with dpkg-deb
+# alone (packaging/deb.sh says what goes where).
+# The binary in it is static (CGO_ENABLED=0): no Depends on a libc version.
+deb:
+	mkdir -p dist
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o dist/blktap ./cmd/blktap
+	VERSION=$(VERSION) packaging/deb.sh dist/blktap dist
+
+# For hosts without dpkg (same files as the .deb). The example desired
+# state never replaces an existing one, and is removed only if unedited.
+# Neither enables nor starts anything: systemctl daemon-reload, enable.
+install: build
+	packaging/install.sh install "$(BIN)/blktap" "$(DESTDIR)" "$(PREFIX)" "$(SYSCONFDIR)" "$(UNITDIR)"
+
+uninstall:
+	packaging/install.sh uninstall "" "$(DESTDIR)" "$(PREFIX)" "$(SYSCONFDIR)" "$(UNITDIR)"
+
 clean:
-	rm -rf $(BIN)
+	rm -rf $(BIN) dist

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"sort"
 	"strings"
@@ -70,6 +71,18 @@ func (d *Daemon) serveAPI() (stop func(), err error) {
 			return
 		}
 		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /v1/shutdown", func(w http.ResponseWriter, r *http.Request) {
+		// Answered once every disk is closed; the daemon then exits.
+		d.log.Info("shutdown requested over the API")
+		d.shutdown.request()
+		select {
+		case <-d.shutdown.done:
+		case <-r.Context().Done():
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(ShutdownReply{Pid: os.Getpid(), Closed: d.shutdown.closed})
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	go func() {
@@ -170,4 +183,28 @@ func FetchStats(ctx context.Context, stateDir string) ([]DeviceStats, error) {
 		return nil, err
 	}
 	return out, nil
+}
+
+// Shutdown asks the daemon serving stateDir to flush and close every disk
+// and exit, and returns once the disks are closed (the daemon's process
+// may take a moment more to exit: see ShutdownReply.Pid).
+func Shutdown(ctx context.Context, stateDir string) (ShutdownReply, error) {
+	var rep ShutdownReply
+	req, err := http.NewRequestWithContext(ctx, "POST", "http://blktap/v1/shutdown", nil)
+	if err != nil {
+		return rep, err
+	}
+	resp, err := apiClient(stateDir).Do(req)
+	if err != nil {
+		return rep, fmt.Errorf("no daemon answers on %s: %w", filepath.Join(stateDir, APISocket), err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode/100 != 2 {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return rep, fmt.Errorf("daemon: %s: %s", resp.Status, strings.TrimSpace(string(msg)))
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<10)).Decode(&rep); err != nil {
+		return rep, fmt.Errorf("daemon's answer: %w", err)
+	}
+	return rep, nil
 }

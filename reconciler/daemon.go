@@ -80,6 +80,13 @@ const XenstorePathFile = "xenstore.path"
 // EmbeddedSocket is the embedded xenstored's socket in the state directory.
 const EmbeddedSocket = "xenstored.sock"
 
+// EmbeddedTree, in the state directory, is where the embedded xenstored
+// keeps its tree, so that a restarted daemon finds the devices `blktap
+// attach` declared. Saved at most treeSaveDelay after each change.
+const EmbeddedTree = "xenstored.db"
+
+const treeSaveDelay = 200 * time.Millisecond
+
 // Daemon is one running `blktap run`.
 type Daemon struct {
 	opts     Options
@@ -100,10 +107,14 @@ type Daemon struct {
 	paused    map[Key]bool
 	conflicts map[Key]string // YAML disks whose key another declaration holds
 	ports     uint32         // last local event-channel port handed out
+
+	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }
 
 // Run runs the daemon until ctx is done or SIGTERM/SIGINT arrives, then
-// flushes and closes every disk.
+// exits leaving every worker serving its disk for the next daemon to
+// adopt; or until `blktap shutdown` asks it to flush and close every disk
+// first (lifecycle.go).
 func Run(ctx context.Context, opts Options) error {
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
@@ -131,7 +142,9 @@ func Run(ctx context.Context, opts Options) error {
 		procs:     map[Key]*worker.Process{},
 		paused:    map[Key]bool{},
 		conflicts: map[Key]string{},
+		shutdown:  newShutdownState(),
 	}
+	sd := takeNotifySocket()
 	// Read the YAML before touching anything: a wrong file is a clear
 	// error at start, not a half-started daemon.
 	var cfg *config.File
@@ -148,8 +161,13 @@ func Run(ctx context.Context, opts Options) error {
 	d.self = SelfDomid(ctx, d.xs)
 	d.root = xenstore.DomainPath(d.self) + "/backend"
 
-	ctx, stop := signal.NotifyContext(ctx, syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
+	// A signal ends the main loop, not ctx: the reconciles in flight
+	// finish before the daemon exits (ctx is cancelled only if they hang).
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
+	defer signal.Stop(sigs)
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
@@ -226,10 +244,30 @@ func Run(ctx context.Context, opts Options) error {
 	resync := time.NewTicker(5 * time.Second)
 	defer resync.Stop()
 	d.rescan(ctx)
+	go func() {
+		// Ready for systemd once every disk declared at start has
+		// converged or has its error (Type=notify).
+		if !waitConverged(ctx, d.q, readySettle, readyLimit) {
+			if ctx.Err() != nil {
+				return
+			}
+			d.log.Warn("some disks have not converged yet; telling systemd the daemon is ready anyway (see blktap ls)", "waited", readyLimit)
+		}
+		if err := sd.notify("READY=1"); err != nil {
+			d.log.Error("telling systemd the daemon is ready", "err", err)
+		}
+	}()
+	closeAll := false
 loop:
 	for {
 		select {
 		case <-ctx.Done():
+			break loop
+		case sig := <-sigs:
+			d.log.Info("exiting on signal; workers keep serving their disks (the next `blktap run` adopts them; `blktap shutdown` closes them)", "signal", sig.String())
+			break loop
+		case <-d.shutdown.requested:
+			closeAll = true
 			break loop
 		case k := <-events:
 			d.q.Add(k)
@@ -247,10 +285,23 @@ loop:
 			reload("file changed")
 		}
 	}
-	d.log.Info("shutting down: flushing and closing every disk")
+	sd.notify("STOPPING=1")
 	d.q.Close()
-	wg.Wait()
-	d.shutdownAll()
+	drained := make(chan struct{})
+	go func() { wg.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(30 * time.Second):
+		d.log.Warn("reconciles still running after 30s: cancelling them")
+		cancel()
+		<-drained
+	}
+	if closeAll {
+		d.log.Info("shutting down: flushing and closing every disk")
+		d.shutdown.closed = d.shutdownAll()
+		d.log.Info("every disk closed", "disks", d.shutdown.closed)
+		close(d.shutdown.done)
+	}
 	return nil
 }
 
@@ -344,6 +395,19 @@ func (d *Daemon) connectXenstore(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("embedded xenstored: %w", err)
 		}
+		// The socket is ours, so the saved tree is too.
+		db := filepath.Join(d.opts.StateDir, EmbeddedTree)
+		if ok, err := srv.LoadTree(db); err != nil {
+			aside := db + ".damaged"
+			if rerr := os.Rename(db, aside); rerr != nil {
+				ln.Close()
+				return fmt.Errorf("embedded xenstored: %w (and cannot move it aside: %v)", err, rerr)
+			}
+			d.log.Error("embedded xenstored: the saved tree is damaged; starting with a fresh one", "err", err, "kept_as", aside)
+		} else if ok {
+			d.log.Info("embedded xenstored: tree restored", "path", db)
+		}
+		srv.PersistTo(db, treeSaveDelay)
 		go func() {
 			if err := srv.Serve(ln); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, xenstore.ErrServerClosed) {
 				d.log.Error("embedded xenstored stopped", "err", err)
@@ -526,7 +590,9 @@ func ensureImage(disk config.Disk) error {
 	return err
 }
 
-func (d *Daemon) shutdownAll() {
+// shutdownAll flushes and closes every disk and stops its worker; it
+// returns how many disks it closed.
+func (d *Daemon) shutdownAll() int {
 	d.mu.Lock()
 	devs := make([]*device, 0, len(d.devices))
 	for _, dev := range d.devices {
@@ -545,6 +611,7 @@ func (d *Daemon) shutdownAll() {
 		}()
 	}
 	wg.Wait()
+	return len(devs)
 }
 
 // declaredElsewhere says how the device xenstore already has at k differs

@@ -17,6 +17,8 @@ type queue struct {
 	active  map[Key]bool // being reconciled
 	again   map[Key]bool // enqueued while active
 	closed  bool
+	idlers  []chan struct{} // closed when nothing is pending or active
+	gets    uint64          // keys taken so far
 }
 
 func newQueue() *queue {
@@ -63,6 +65,7 @@ func (q *queue) Get() (k Key, ok bool) {
 	q.order = q.order[1:]
 	delete(q.pending, k)
 	q.active[k] = true
+	q.gets++
 	return k, true
 }
 
@@ -79,6 +82,37 @@ func (q *queue) Done(k Key) {
 			q.cond.Signal()
 		}
 	}
+	q.wakeIdlersLocked()
+}
+
+// Idle returns a channel closed once no key is pending or being
+// reconciled (at once, if that is so now).
+func (q *queue) Idle() <-chan struct{} {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	ch := make(chan struct{})
+	q.idlers = append(q.idlers, ch)
+	q.wakeIdlersLocked()
+	return ch
+}
+
+// quiet reports whether the queue is idle now, and how many keys were
+// ever taken: two equal counts around an interval with quiet at both ends
+// mean no reconcile ran in between.
+func (q *queue) quiet() (idle bool, gets uint64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.order) == 0 && len(q.active) == 0, q.gets
+}
+
+func (q *queue) wakeIdlersLocked() {
+	if len(q.order) > 0 || len(q.active) > 0 {
+		return
+	}
+	for _, ch := range q.idlers {
+		close(ch)
+	}
+	q.idlers = nil
 }
 
 // Close wakes every Get with ok false.

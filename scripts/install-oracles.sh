@@ -38,4 +38,11 @@ export DEBIAN_FRONTEND=noninteractive
 if [[ ! -d /var/lib/apt/lists ]] || [[ -z $(ls -A /var/lib/apt/lists 2>/dev/null | grep -v -e lock -e partial) ]]; then
   $sudo apt-get update
 fi
-$sudo apt-get install -y "${missing[@]}"
+# Recommends are not oracles: without --no-install-recommends this once
+# pulled 156 MB. Lists older than the mirror give 404s: refresh and retry once.
+install() { $sudo apt-get install -y --no-install-recommends "${missing[@]}"; }
+if ! install; then
+  echo "apt-get install failed; refreshing the package lists and trying once more" >&2
+  $sudo apt-get update
+  install
+fi

@@ -29,7 +29,8 @@ type Server struct {
 		nextID ConnID
 		closed bool
 	}
-	wg sync.WaitGroup
+	persist *persister // set by PersistTo; its fields are guarded by mu
+	wg      sync.WaitGroup
 }
 
 // serverConn is one client connection. Replies to its own requests are
@@ -248,6 +249,7 @@ func (s *Server) readLoop(sc *serverConn) {
 func (s *Server) dispatch(sc *serverConn, m Message) {
 	s.mu.Lock()
 	outs := s.mu.st.Handle(sc.id, m)
+	s.noteChangeLocked()
 	var victims, woken []*serverConn
 	for _, o := range outs {
 		dst := s.mu.conns[o.Conn]
@@ -309,6 +311,14 @@ func (s *Server) Close() error {
 		s.drop(c, nil)
 	}
 	s.wg.Wait()
+	s.mu.Lock()
+	p := s.persist
+	s.mu.Unlock()
+	if p != nil {
+		// The last changes are saved now, not after the delay.
+		p.once.Do(func() { close(p.stop) })
+		<-p.done
+	}
 	return nil
 }
 
@@ -318,4 +328,5 @@ func (s *Server) Do(fn func(st *State)) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	fn(s.mu.st)
+	s.noteChangeLocked()
 }

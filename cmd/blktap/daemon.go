@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -20,20 +21,50 @@ import (
 
 // newLogger logs to standard error as text, or JSON when BLKTAP_LOG_FORMAT
 // (or run's --log-format, which sets it for the workers too) says json.
+// When standard error is journald's stream, each line starts with its
+// syslog priority and goes without a time (journald adds its own).
 func newLogger() *slog.Logger {
 	opts := &slog.HandlerOptions{Level: slog.LevelInfo}
 	if os.Getenv("BLKTAP_DEBUG") != "" {
 		opts.Level = slog.LevelDebug
 	}
-	if os.Getenv("BLKTAP_LOG_FORMAT") == "json" {
-		return slog.New(slog.NewJSONHandler(os.Stderr, opts))
+	newHandler := func(w io.Writer) slog.Handler {
+		if os.Getenv("BLKTAP_LOG_FORMAT") == "json" {
+			return slog.NewJSONHandler(w, opts)
+		}
+		return slog.NewTextHandler(w, opts)
 	}
-	return slog.New(slog.NewTextHandler(os.Stderr, opts))
+	if stderrIsJournal() {
+		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
+			if len(groups) == 0 && a.Key == slog.TimeKey {
+				return slog.Attr{}
+			}
+			return a
+		}
+		return slog.New(newJournalHandler(os.Stderr, newHandler))
+	}
+	return slog.New(newHandler(os.Stderr))
+}
+
+// DefaultConfig is the desired-state file `blktap run` reads when -c is
+// not given and the file exists (the Debian package installs an empty one).
+const DefaultConfig = "/etc/blktap/disks.yaml"
+
+// configPath is run's -c value when given (-c "" for no file), else def
+// if that file exists, else "".
+func configPath(given bool, flagValue, def string) string {
+	if given {
+		return flagValue
+	}
+	if _, err := os.Stat(def); err == nil {
+		return def
+	}
+	return ""
 }
 
 func cmdRun(args []string) error {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	cfg := fs.String("c", "", "YAML desired-state file (examples/disks.yaml)")
+	cfg := fs.String("c", "", "YAML desired-state file (default "+DefaultConfig+" if it exists; -c '' for none)")
 	fs.StringVar(cfg, "config", "", "same as -c")
 	stateDir := fs.String("state-dir", defaultStateDir(), "state directory (sockets, embedded xenstored)")
 	xs := fs.String("xenstore", "", "xenstored socket (default: a real one if reachable, else embedded)")
@@ -56,9 +87,12 @@ func cmdRun(args []string) error {
 	default:
 		return usagef("--log-format %q: want text or json", *logFormat)
 	}
+	given := false
+	fs.Visit(func(f *flag.Flag) { given = given || f.Name == "c" || f.Name == "config" })
+	*cfg = configPath(given, *cfg, DefaultConfig)
 	if *dryRun {
 		if *cfg == "" {
-			return usagef("--dry-run needs -c FILE")
+			return usagef("--dry-run needs -c FILE (%s does not exist)", DefaultConfig)
 		}
 		f, err := config.Load(*cfg)
 		if err != nil {

@@ -8,7 +8,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -28,8 +27,9 @@ func TestEndToEndMetrics(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() { cmd.Process.Signal(syscall.SIGTERM); cmd.Wait() }()
 	d := &daemon{t: t, bin: bin, stateDir: state, cmd: cmd, done: make(chan error, 1)}
+	go func() { d.done <- cmd.Wait() }()
+	defer stopDaemon(t, bin, state, cmd, d.done)
 	d.waitAnswering()
 	img := dir + "/m.raw"
 	if out, err := exec.Command(bin, "image", "create", "-f", "raw", img, "8M").CombinedOutput(); err != nil {

@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -54,26 +53,7 @@ func TestEndToEndDaemonRestart(t *testing.T) {
 	}
 
 	// A new daemon on the same state directory.
-	logf, _ := os.Create(filepath.Join(t.TempDir(), "daemon2.log"))
-	cmd2 := exec.Command(bin, "run", "-c", cfg, "--state-dir", d.stateDir, "--image-dir", os.TempDir())
-	cmd2.Stdout, cmd2.Stderr = logf, logf
-	if err := cmd2.Start(); err != nil {
-		t.Fatal(err)
-	}
-	d2 := &daemon{t: t, bin: bin, stateDir: d.stateDir, cmd: cmd2, done: make(chan error, 1)}
-	go func() { d2.done <- cmd2.Wait() }()
-	t.Cleanup(func() {
-		cmd2.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-d2.done:
-		case <-time.After(30 * time.Second):
-			cmd2.Process.Kill()
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("second daemon log:\n%s", b)
-		}
-	})
+	d2 := restartDaemon(t, d, cfg)
 	rows2 := d2.waitConnected("a", "b", "g")
 	for _, n := range []string{"a", "b"} {
 		if rows2[n].WorkerPid != rows[n].WorkerPid {

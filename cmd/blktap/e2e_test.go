@@ -69,12 +69,7 @@ func startDaemon(t testing.TB, bin, config string) *daemon {
 	go func() { d.done <- cmd.Wait() }()
 	t.Cleanup(func() {
 		if cmd.ProcessState == nil {
-			cmd.Process.Signal(syscall.SIGTERM)
-			select {
-			case <-d.done:
-			case <-time.After(30 * time.Second):
-				cmd.Process.Kill()
-			}
+			stopDaemon(t, bin, state, cmd, d.done)
 		}
 		if t.Failed() {
 			b, _ := os.ReadFile(logf.Name())
@@ -82,6 +77,23 @@ func startDaemon(t testing.TB, bin, config string) *daemon {
 		}
 	})
 	return d
+}
+
+// stopDaemon ends a test's daemon as a host shutdown does, with `blktap
+// shutdown` (every disk closed, no worker left running; a SIGTERM would
+// leave them serving), else kills it.
+func stopDaemon(t testing.TB, bin, stateDir string, cmd *exec.Cmd, done <-chan error) {
+	out, err := exec.Command(bin, "shutdown", "--state-dir", stateDir, "--timeout", "60s").CombinedOutput()
+	if err != nil {
+		t.Errorf("blktap shutdown: %v\n%s", err, out)
+		cmd.Process.Kill()
+	}
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		t.Errorf("daemon still running after blktap shutdown")
+		cmd.Process.Kill()
+	}
 }
 
 func (d *daemon) blktap(args ...string) (string, error) {
@@ -308,7 +320,8 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 		t.Logf("xenstore-ls:\n%s", tree)
 	}
 
-	// SIGTERM: every disk flushed and closed, workers gone, daemon exits 0.
+	// SIGTERM (systemctl stop or restart): the daemon exits 0 and every
+	// worker keeps serving its disk.
 	pids := []int{rows["dom0disk"].WorkerPid, rows["guestdisk"].WorkerPid}
 	d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -323,11 +336,95 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 		if pid <= 0 {
 			t.Fatalf("no worker pid in ls")
 		}
-		if err := syscall.Kill(pid, 0); err == nil {
-			t.Errorf("worker %d still running after the daemon exited", pid)
+		if err := syscall.Kill(pid, 0); err != nil {
+			t.Errorf("worker %d gone after SIGTERM to the daemon: %v", pid, err)
 		}
 	}
+	t.Cleanup(func() {
+		// Should the test stop before a daemon adopts them.
+		for _, pid := range pids {
+			if !processGone(pid) {
+				syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+	})
+	// Still served, with no daemon (fio wrote below 64M).
+	runTool(t, qemuIO, "-f", "raw", rows["dom0disk"].Export, "-c", "write -P 0x3c 128M 1M", "-c", "read -P 0x3c 128M 1M")
+
+	// The next daemon adopts them; `blktap shutdown` flushes and closes
+	// every disk, stops the workers and the daemon.
+	d2 := restartDaemon(t, d, cfg)
+	rows2 := d2.waitConnected("dom0disk", "guestdisk")
+	if rows2["dom0disk"].WorkerPid != pids[0] {
+		t.Errorf("dom0disk: worker %d replaced by %d; want it adopted", pids[0], rows2["dom0disk"].WorkerPid)
+	}
+	out, err = exec.Command(bin, "shutdown", "--state-dir", d.stateDir).CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "closed 2 disks") {
+		t.Fatalf("blktap shutdown: %v\n%s", err, out)
+	}
+	// Flushed and closed: the image file holds what was written.
+	if b, err := os.ReadFile(files["dom0disk"]); err != nil || len(b) < 129<<20 || b[128<<20] != 0x3c || b[129<<20-1] != 0x3c {
+		t.Fatalf("dom0 image after shutdown: %v", err)
+	}
+	// shutdown returned once the daemon had exited (here, a zombie until
+	// the test reaps it).
+	select {
+	case err := <-d2.done:
+		if err != nil {
+			t.Fatalf("daemon exit after blktap shutdown: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("blktap shutdown returned, the daemon still runs")
+	}
+	for _, pid := range []int{rows2["dom0disk"].WorkerPid, rows2["guestdisk"].WorkerPid} {
+		if !processGone(pid) {
+			t.Errorf("worker %d still running after blktap shutdown", pid)
+		}
+	}
+	if _, err := exec.Command(bin, "shutdown", "--state-dir", d.stateDir).CombinedOutput(); err == nil {
+		t.Error("blktap shutdown with no daemon running succeeded")
+	}
 	_ = strconv.Itoa
+}
+
+// restartDaemon starts a new daemon on d's state directory (with extra
+// arguments and environment), stopped with `blktap shutdown` at the end.
+func restartDaemon(t testing.TB, d *daemon, config string, env ...string) *daemon {
+	t.Helper()
+	logf, err := os.Create(filepath.Join(t.TempDir(), "daemon2.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"run", "--state-dir", d.stateDir, "--image-dir", os.TempDir()}
+	if config != "" {
+		args = append(args, "-c", config)
+	}
+	cmd := exec.Command(d.bin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	d2 := &daemon{t: t, bin: d.bin, stateDir: d.stateDir, cmd: cmd, done: make(chan error, 1)}
+	exited := make(chan error, 1)
+	go func() {
+		err := cmd.Wait()
+		exited <- err
+		d2.done <- err
+	}()
+	t.Cleanup(func() {
+		select {
+		case err := <-exited:
+			_ = err
+		default:
+			stopDaemon(t, d.bin, d.stateDir, cmd, exited)
+		}
+		if t.Failed() {
+			b, _ := os.ReadFile(logf.Name())
+			t.Logf("next daemon's log:\n%s", b)
+		}
+	})
+	return d2
 }
 
 // fioResult is how one background fio run ended.

@@ -35,7 +35,8 @@ var commands []command
 
 func init() {
 	commands = []command{
-		{name: "run", usage: "[-c disks.yaml] [--state-dir DIR] [--image-dir DIR]... [--xenstore PATH] [--serve-vbd] [--metrics ADDR] [--dry-run]", brief: "the daemon: serve every declared disk", run: cmdRun},
+		{name: "run", usage: "[-c disks.yaml] [--state-dir DIR] [--image-dir DIR]... [--xenstore PATH] [--serve-vbd] [--metrics ADDR] [--dry-run]", brief: "the daemon: serve every declared disk (SIGTERM: exit, disks stay served)", run: cmdRun},
+		{name: "shutdown", usage: "[--state-dir DIR] [--timeout 5m]", brief: "flush and close every disk, stop the daemon (host shutdown)", run: cmdShutdown},
 		{name: "attach", usage: "DOMID TYPE:PATH VDEV MODE [--nbd-device /dev/nbdN] [--state-dir DIR]", brief: "attach a disk (domain 0: a dom0 mount over NBD); prints the NBD URI", run: cmdAttach},
 		{name: "detach", usage: "DOMID VDEV [--state-dir DIR]", brief: "detach a disk: drain, flush, remove", run: cmdDetach},
 		{name: "pause", usage: "DOMID VDEV", brief: "hold the disk's I/O, flush and close its image (resume continues)", run: cmdPause},
@@ -47,6 +48,7 @@ func init() {
 		{name: "xenstore", usage: "read|write|ls|list|rm|mkdir|chmod|exists|watch ...", brief: "a xenstore client for either xenstored (`blktap xenstore` alone for help)", run: cmdXenstore},
 		{name: "xenstored", usage: "--socket PATH", brief: "the embedded xenstored on its own", run: cmdXenstored},
 		{name: "__worker", usage: "--name NAME", brief: "a disk's worker process (started by the daemon)", run: cmdWorker, hidden: true},
+		{name: "version", usage: "", brief: "print the version and commit (also --version)", run: cmdVersion},
 		{name: "help", usage: "", brief: "this text", run: func([]string) error { usage(os.Stdout); return nil }},
 	}
 }
@@ -84,8 +86,11 @@ func run(argv []string) int {
 			return 2
 		}
 		sub := argv[1]
-		if sub == "-h" || sub == "--help" {
+		switch sub {
+		case "-h", "--help":
 			sub = "help"
+		case "--version", "-version":
+			sub = "version"
 		}
 		var c *command
 		for i := range commands {

@@ -1,0 +1,65 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"os"
+	"runtime/debug"
+)
+
+// version and commit are set by `make` (-ldflags -X main.version=...
+// -X main.commit=...); left empty, they come from the build information Go
+// records (the module version, vcs.revision).
+var (
+	version string
+	commit  string
+)
+
+// versionString is `blktap --version`'s line: module path, version,
+// commit (with "+dirty" for a modified tree) and the Go release.
+func versionString() string {
+	v, c, dirty, goVer, path := version, commit, false, "", "github.com/blktap-go/blktap"
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		goVer = bi.GoVersion
+		if bi.Main.Path != "" {
+			path = bi.Main.Path
+		}
+		if v == "" {
+			v = bi.Main.Version
+		}
+		for _, s := range bi.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				if c == "" {
+					c = s.Value
+				}
+			case "vcs.modified":
+				dirty = s.Value == "true" && commit == ""
+			}
+		}
+	}
+	if v == "" {
+		v = "(devel)"
+	}
+	if c == "" {
+		c = "unknown"
+	}
+	if dirty {
+		c += "+dirty"
+	}
+	s := fmt.Sprintf("blktap %s (%s, commit %s", v, path, c)
+	if goVer != "" {
+		s += ", " + goVer
+	}
+	return s + ")"
+}
+
+func cmdVersion(args []string) error {
+	if len(args) > 0 {
+		return usagef("unexpected argument %q", args[0])
+	}
+	printVersion(os.Stdout)
+	return nil
+}
+
+func printVersion(w io.Writer) { fmt.Fprintln(w, versionString()) }
