@@ -44,9 +44,9 @@ copy_with_libs "$R" /usr/bin/xenstore
 for x in read write ls rm exists list chmod watch; do ln -sf xenstore "$R/usr/bin/xenstore-$x"; done
 rm -f "$R/sbin/poweroff" "$R/sbin/reboot" "$R/bin/poweroff" "$R/bin/reboot"
 cp "$here/guest/init" "$R/init"
-cp "$here/guest/xt-guest" "$R/bin/xt-guest"
+cp "$here/guest/xt-guest" "$here/guest/xt-loop" "$R/bin/"
 cp "$here/guest/poweroff" "$R/sbin/poweroff"; cp "$here/guest/reboot" "$R/sbin/reboot"
-chmod +x "$R/init" "$R/bin/xt-guest" "$R/sbin/poweroff" "$R/sbin/reboot"
+chmod +x "$R/init" "$R/bin/xt-guest" "$R/bin/xt-loop" "$R/sbin/poweroff" "$R/sbin/reboot"
 cpio_of "$R" "$out/guest-initrd.cpio"
 
 # ---- dom0 ----

@@ -12,7 +12,11 @@
 #   XEN_TEST_OUT     console logs and verdicts (test/xen/out)
 #   XEN_TEST_ONLY    comma-separated scenario names to run (default: all)
 #   XEN_TEST_TIMEOUT seconds for one whole boot (default 1500)
-#   XEN_TEST_SMP     vCPUs of the emulated machine and of dom0 (default 2)
+#   XEN_TEST_SMP     vCPUs of the emulated machine and of dom0 (default 1)
+#   XEN_TEST_CPU     qemu's -cpu (default max,-smap,-smep)
+#   XEN_TEST_STRESS  N: instead of the scenarios, N rounds of short-lived
+#                    programs in dom0, counting the ones that die (flake rate)
+#   BLKTAP_BIN       the (static) blktap binary to put in dom0 (default: built here)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -20,7 +24,7 @@ cache=${XEN_TEST_CACHE:-/var/cache/blktap-xen-test}
 out=${XEN_TEST_OUT:-$here/out}
 only=${XEN_TEST_ONLY:-}
 tmo=${XEN_TEST_TIMEOUT:-1500}
-smp=${XEN_TEST_SMP:-2}
+smp=${XEN_TEST_SMP:-1}
 cpu=${XEN_TEST_CPU:-max,-smap,-smep}
 export PATH=$PATH:/usr/local/go/bin
 mkdir -p "$cache" "$out"
@@ -32,7 +36,11 @@ kver=$("$here/deps.sh" "$cache" | sed -n 's/^KVER=//p') || die "installing the h
 kroot=$cache/kernel-$kver
 
 w=$cache/work-4.17; mkdir -p "$w"
-(cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$w/blktap" ./cmd/blktap) || die "go build failed"
+if [ -n "${BLKTAP_BIN:-}" ]; then
+  cp "$BLKTAP_BIN" "$w/blktap" || die "no $BLKTAP_BIN"
+else
+  (cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$w/blktap" ./cmd/blktap) || die "go build failed"
+fi
 "$here/build-initrds.sh" "$w" "$kroot" "$kver" "$w/blktap" >"$out/build-4.17.log" 2>&1 ||
   { tail -n 20 "$out/build-4.17.log" >&2; die "building the initramfs images failed (see $out/build-4.17.log)"; }
 [ -f "$w/xen.elf" ] || zcat /boot/xen-4.17-amd64.gz >"$w/xen.elf"   # qemu's multiboot loader wants the plain ELF

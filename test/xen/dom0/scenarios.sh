@@ -30,6 +30,7 @@ sc_images() {
 }
 
 sc_boot_g1() { # two vCPUs, a raw disk from xl create through the hotplug script
+  xl destroy g1 >/dev/null 2>&1   # a retry starts afresh
   guest_create g1 2 "" "$DISK, vdev=xvda, target=aio:/images/g1.raw"
   local be fe; be=$(be_path g1 51712); fe=$(fe_path g1 51712)
   wait_key $be/state 4 60
@@ -49,6 +50,7 @@ sc_boot_g1() { # two vCPUs, a raw disk from xl create through the hotplug script
 # attach_check GUEST VDEV TARGET: hot attach, data check, discard, detach
 attach_check() {
   local g=$1 vdev=$2 target=$3 be
+  guest_ensure $g
   xl block-attach $g "$DISK, vdev=$vdev, target=$target" || fail "xl block-attach $g $target failed"
   be=$(be_path $g $(vdevnum $vdev))
   wait_key $be/state 4 60
@@ -73,6 +75,7 @@ sc_attach_format() { # FORMAT FILE [TARGET]
 }
 
 sc_attach_overlay() { # qcow2 over a raw backing file: reads come from the base, writes stay in the overlay
+  guest_ensure g1
   xl block-attach g1 "$DISK, vdev=xvdb, target=qcow2:/images/overlay.qcow2" || fail "xl block-attach failed"
   local be; be=$(be_path g1 51728)
   wait_key $be/state 4 60
@@ -87,6 +90,7 @@ sc_attach_overlay() { # qcow2 over a raw backing file: reads come from the base,
 }
 
 sc_attach_vhd_diff() { # a VHD differencing image: the base's data, the guest's writes in the child
+  guest_ensure g1
   xl block-attach g1 "$DISK, vdev=xvdb, target=vhd:/images/diff.vhd" || fail "xl block-attach failed"
   local be; be=$(be_path g1 51728)
   wait_key $be/state 4 60
@@ -105,6 +109,7 @@ sc_attach_ram() { attach_check g1 xvdb "ram:xtram?size=64M"; }
 # sees no error and every round's data reads back.
 kill_during_io() { # WHAT IMAGE VDEV
   local what=$1 img=$2 vdev=$3 be pid
+  guest_ensure g1
   xl block-attach g1 "$DISK, vdev=$vdev, target=aio:/images/$img" || fail "xl block-attach failed"
   be=$(be_path g1 $(vdevnum $vdev))
   wait_key $be/state 4 60
@@ -142,6 +147,7 @@ sc_restart_daemon() { kill_during_io daemon restart.raw xvdc; }
 
 sc_hotplug_error() { # an image the daemon cannot open: xl fails and names it
   local out
+  guest_ensure g1
   if out=$(timeout 120 xl block-attach g1 "$DISK, vdev=xvdf, target=qcow2:/images/missing.qcow2" 2>&1); then
     fail "xl block-attach of a missing image succeeded"
   fi
@@ -151,7 +157,7 @@ sc_hotplug_error() { # an image the daemon cannot open: xl fails and names it
 }
 
 sc_blktap_attach() { # `blktap attach N` writes backend/vbd3 itself; the real guest connects
-  local d out; d=$(domid g1)
+  local d out; guest_ensure g1; d=$(domid g1)
   out=$(timeout 120 blktap attach $d raw:/images/att.raw xvde w 2>&1) || fail "blktap attach: $(echo "$out" | tail -n 1)"
   [ "$(echo "$out" | tail -n 1)" = xvde ] || fail "blktap attach printed '$(echo "$out" | tail -n 1)', want xvde"
   gx g1 60 wait-disk xvde
@@ -169,6 +175,7 @@ sc_dom0_attach() { # xl block-attach 0: must not hang
 }
 
 sc_boot_g2() { # no persistent grants, a qcow2 disk
+  xl destroy g2 >/dev/null 2>&1
   guest_create g2 1 "feature_persistent=0" "$DISK, vdev=xvda, target=qcow2:/images/g2.qcow2"
   wait_key "$(be_path g2 51712)/state" 4 60
   gx g2 60 wait-disk xvda
@@ -196,6 +203,7 @@ sc_reboot_g2() { # the frontend closes and comes back: the backend reconnects
 
 sc_hostile() { # a guest writes garbage ring keys: that disk closes with the reason, nothing else notices
   local be fe
+  guest_ensure g2; guest_ensure g1
   xl block-attach g2 "$DISK, vdev=xvdb, target=aio:/images/hostile.raw" || fail "xl block-attach failed"
   be=$(be_path g2 51728); fe=$(fe_path g2 51728)
   wait_key $be/state 4 60
