@@ -224,6 +224,10 @@ func Run(ctx context.Context, opts Options) error {
 		defer stopMetrics()
 	}
 
+	if opts.ServeVBD && d.embedded == nil && !d.localFrontend && blkbackLoaded() {
+		d.log.Error("xen-blkback is loaded: it binds every backend/vbd device, including the ones this daemon serves; " +
+			"unload and blacklist it (modprobe -r xen-blkback; echo 'blacklist xen-blkback' >/etc/modprobe.d/blktap.conf)")
+	}
 	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
 		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)
 	var fileChanged <-chan struct{}

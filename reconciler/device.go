@@ -93,8 +93,9 @@ type snapshot struct {
 	nbdDevice     string
 	fePersistent  bool
 	beMaxIndirect int
-	discard       bool // discard-enable is not "0" (libxl's default is 1)
-	cdrom         bool // device-type is cdrom (the backend's or the frontend's key)
+	script        string // the hotplug script the toolstack runs for the device
+	discard       bool   // discard-enable is not "0" (libxl's default is 1)
+	cdrom         bool   // device-type is cdrom (the backend's or the frontend's key)
 }
 
 func (d *Daemon) reconcile(ctx context.Context, k Key) {
@@ -122,6 +123,13 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 			log.Warn("observe", "err", err)
 			d.q.AddAfter(k, dev.bo.NextBackOff())
 			return
+		}
+		if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) {
+			// Kernel blkback's disk, not ours: no worker, no status.
+			if dev.proc == nil && dev.lf == nil {
+				d.forget(dev)
+				return
+			}
 		}
 		if snap.name != "" {
 			dev.name = snap.name
@@ -323,7 +331,8 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	s.Online = get("online") != "0"
 	s.Backend = ParseState(get("state"))
 	s.HotplugConnected = get("hotplug-status") == "connected"
-	s.HotplugScript = get("script") != ""
+	s.script = get("script")
+	s.HotplugScript = s.script != ""
 	s.Declared = get(keySource) != ""
 	s.discard = get("discard-enable") != "0"
 	s.cdrom = get("device-type") == "cdrom"
@@ -739,6 +748,11 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	if t := dev.notBefore; time.Now().Before(t) {
 		return &retryAt{t}
+	}
+	if d.embedded == nil && !d.localFrontend {
+		if err := blkbackBound(dev.key); err != nil {
+			return terminal(err)
+		}
 	}
 	format, path, err := ParseParams(s.Params)
 	if err != nil {

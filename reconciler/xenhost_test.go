@@ -39,7 +39,7 @@ type harness struct {
 	dir string
 }
 
-func newHarness(t *testing.T, localFrontend bool) *harness {
+func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harness {
 	t.Helper()
 	// Short: a unix socket path is at most 108 bytes.
 	dir, err := os.MkdirTemp("", "bt")
@@ -80,6 +80,9 @@ func newHarness(t *testing.T, localFrontend bool) *harness {
 		procs:         map[Key]*worker.Process{},
 		paused:        map[Key]bool{},
 		conflicts:     map[Key]string{},
+	}
+	for _, o := range opts {
+		o(&d.opts)
 	}
 	var wg sync.WaitGroup
 	wg.Add(2)
