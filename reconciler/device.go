@@ -754,6 +754,11 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 			return terminal(err)
 		}
 	}
+	if strings.TrimSpace(s.Params) == "" {
+		// libxl 4.17's block-attach writes params after the rest of
+		// the backend directory: wait for it (its watch event requeues).
+		return errors.New("no params yet")
+	}
 	format, path, err := ParseParams(s.Params)
 	if err != nil {
 		return terminal(err)

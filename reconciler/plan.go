@@ -159,6 +159,15 @@ func Plan(o Observed, a Actual) []Action {
 		}
 		return acts // terminal for these params; status already says why
 	}
+	if o.awaitsHotplug() && (o.Backend == StateUnknown || o.Backend == StateInitialising || reconnect) {
+		// libxl gives a backend 10 s (LIBXL_INIT_TIMEOUT) to reach
+		// InitWait, and blkback gets there at probe, before it opens
+		// anything. Opening an image can take longer on a loaded host;
+		// the hotplug script, which libxl runs next and gives 40 s,
+		// waits for it instead.
+		add(ActBackendInitWait, "backend is "+o.Backend.String()+"; the toolstack waits for InitWait before anything else")
+		return acts
+	}
 	if !a.Worker {
 		add(ActStartWorker, "no worker serves the disk")
 		return acts // everything else needs the image open
