@@ -49,10 +49,12 @@ fi
   { tail -n 20 "$out/build-4.17.log" >&2; die "building the initramfs images failed (see $out/build-4.17.log)"; }
 [ -f "$w/xen.elf" ] || zcat /boot/xen-4.17-amd64.gz >"$w/xen.elf"   # qemu's multiboot loader wants the plain ELF
 
-# boot LOG: one boot of Xen 4.17 with the dom0 initramfs; the serial console,
-# timestamped, goes to LOG. Returns when dom0 is done, crashed or timed out.
+# boot LOG SMP ONLY: one boot of Xen 4.17 with the dom0 initramfs, SMP
+# vCPUs, the scenarios ONLY (comma-separated; empty: all); the serial
+# console, timestamped, goes to LOG. Returns when dom0 is done, crashed or
+# timed out.
 boot() {
-  local log=$1 fifo=$w/serial.fifo qpid t0 l t ms
+  local log=$1 smp=$2 only=$3 fifo=$w/serial.fifo qpid t0 l t ms
   rm -f "$fifo"; mkfifo "$fifo"
   local xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot ${XEN_TEST_XENARGS:-}"
   local dom0args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4${only:+ xt_only=${only//,/+}}${XEN_TEST_STRESS:+ xt_stress=$XEN_TEST_STRESS}"  # qemu splits -initrd at commas
@@ -102,18 +104,32 @@ verdict() {
   grep -a -o 'XT-RETRY .*' "$log" | sed "s/^XT-RETRY /RETRIED xen-$v /"
 }
 
-PASSED=0 FAILED=0
-log=$out/xen-4.17-serial.log
-echo "xen-test: booting Xen 4.17 (console: $log)" >&2
-boot "$log"
-if ! grep -aq 'XT-PLAN' "$log"; then
-  # The boot itself failed before any scenario (TCG flake): once more.
-  mv "$log" "$out/xen-4.17-serial.failed-boot.log"
-  echo "xen-test: dom0 did not reach its scenarios; booting once more" >&2
-  boot "$log"
+# one_boot NAME SMP ONLY: a boot, once more if dom0 never reached its
+# scenarios (a TCG flake before any code of ours ran), and its verdict.
+one_boot() {
+  local name=$1 log=$out/$1-serial.log
+  echo "xen-test: booting $name (console: $log)" >&2
+  boot "$log" "$2" "$3"
+  if ! grep -aq 'XT-PLAN' "$log"; then
+    mv "$log" "$out/$name-serial.failed-boot.log"
+    echo "xen-test: dom0 did not reach its scenarios; booting once more" >&2
+    boot "$log" "$2" "$3"
+  fi
+  verdict "${name#xen-}" "$log" >"$out/verdict-$name.txt"
+  cat "$out/verdict-$name.txt"
+  echo "$name wall time: $(sed -n 's/.*elapsed=//p' "$log")" >&2
+}
+
+: >"$out/verdicts.txt"
+# Every scenario on one vCPU (the steadiest under TCG), then a second boot
+# with two vCPUs in dom0 and the guest, where blkfront negotiates two
+# queues: multi-queue is checked there.
+one_boot xen-4.17 "$smp" "$only"
+cat "$out/verdict-xen-4.17.txt" >>"$out/verdicts.txt"
+if [ "${XEN_TEST_MQ:-1}" = 1 ] && { [ -z "$only" ] || [[ ",$only," == *,boot-g1,* ]]; }; then
+  one_boot xen-4.17-smp2 2 images,boot-g1
+  cat "$out/verdict-xen-4.17-smp2.txt" >>"$out/verdicts.txt"
 fi
-verdict 4.17 "$log" | tee "$out/verdict-4.17.txt"
-PASSED=$(grep -c '^PASS' "$out/verdict-4.17.txt"); FAILED=$(grep -c '^FAIL' "$out/verdict-4.17.txt")
-echo "xen-4.17 wall time: $(sed -n 's/.*elapsed=//p' "$log")"
+PASSED=$(grep -c '^PASS' "$out/verdicts.txt"); FAILED=$(grep -c '^FAIL' "$out/verdicts.txt")
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" = 0 ] && [ "$PASSED" -gt 0 ]

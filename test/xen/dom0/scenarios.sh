@@ -143,17 +143,22 @@ kill_during_io() { # WHAT IMAGE VDEV
   wait_gone $be 30
 }
 sc_kill_worker() { kill_during_io worker kill.raw xvdc; }
-sc_restart_daemon() { kill_during_io daemon restart.raw xvdc; }
+sc_restart_daemon() { kill_during_io daemon restart.raw xvdh; }
 
 sc_hotplug_error() { # an image the daemon cannot open: xl fails and names it
-  local out
+  local out be
   guest_ensure g1
   if out=$(timeout 120 xl block-attach g1 "$DISK, vdev=xvdf, target=qcow2:/images/missing.qcow2" 2>&1); then
     fail "xl block-attach of a missing image succeeded"
   fi
   echo "$out" | tail -n 5
   echo "$out" | grep -q 'missing.qcow2' || fail "xl's error does not name the image: $(echo "$out" | tail -n 1)"
-  wait_gone "$(be_path g1 51792)" 30
+  be=$(be_path g1 51792)
+  [ "$(xsr $be/state)" != 4 ] || fail "the backend of a missing image is Connected"
+  echo "INFO xl said: $(echo "$out" | grep -m1 'script:' | sed 's/.*script: //')"
+  # libxl leaves the failed device's directories behind; detach removes them.
+  timeout 60 xl block-detach g1 xvdf >/dev/null 2>&1
+  wait_gone $be 30
 }
 
 sc_blktap_attach() { # `blktap attach N` writes backend/vbd3 itself; the real guest connects
@@ -256,6 +261,21 @@ xt_plan images boot-g1 attach-qcow2 attach-qcow attach-vhd attach-vhd-diff attac
   boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1
 daemon_start
 xt_info "daemon: $(blktap --version 2>/dev/null || echo unknown version)"
+# After a failure, take away whatever the scenario left attached, so the
+# next one starts from the same guests.
+xt_cleanup() {
+  local g id
+  for g in g1 g2; do
+    domid $g >/dev/null || continue
+    for id in $(xl block-list $g 2>/dev/null | awk 'NR > 1 && $1 != 51712 {print $1}'); do
+      timeout 60 xl block-detach $g $id >/dev/null 2>&1
+    done
+  done
+  for id in $(xl block-list 0 2>/dev/null | awk 'NR > 1 {print $1}'); do
+    timeout 60 xl block-detach 0 $id >/dev/null 2>&1
+  done
+}
+
 xt_run images 60 sc_images
 xt_run boot-g1 300 sc_boot_g1
 xt_run attach-qcow2 180 sc_attach_format qcow2 a.qcow2
