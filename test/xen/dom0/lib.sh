@@ -111,7 +111,7 @@ daemon_start() {
     sleep 0.2
   done
 }
-daemon_pid() { pgrep -f '^blktap run' | head -n 1; }
+daemon_pid() { ps -o pid,args | awk '$2 ~ /blktap$/ && $3 == "run" {print $1; exit}'; }
 
 # ---- xenstore ---------------------------------------------------------------
 xsr() { xenstore-read "$1" 2>/dev/null; }
@@ -181,7 +181,8 @@ XT_CMDID=0
 gx() {
   local name=$1 tmo=$2; shift 2
   local d; d=$(domid "$name") || fail "guest $name is not running"
-  local id="$$.$((XT_CMDID += 1))"
+  # BASHPID: gx also runs in subshells (gx_try), whose counter restarts
+  local id="$BASHPID.$((XT_CMDID += 1)).$RANDOM"
   xenstore-write /local/domain/$d/data/cmd "$id:$*"
   local t0 r; t0=$(up)
   while :; do
