@@ -120,6 +120,7 @@ one_boot() {
   echo "$name wall time: $(sed -n 's/.*elapsed=//p' "$log")" >&2
 }
 
+PASSED=0 FAILED=0
 : >"$out/verdicts.txt"
 # Every scenario on one vCPU (the steadiest under TCG), then a second boot
 # with two vCPUs in dom0 and the guest, where blkfront negotiates two
