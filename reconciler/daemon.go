@@ -225,8 +225,9 @@ func Run(ctx context.Context, opts Options) error {
 	}
 
 	if opts.ServeVBD && d.embedded == nil && !d.localFrontend && blkbackLoaded() {
-		d.log.Error("xen-blkback is loaded: it binds every backend/vbd device, including the ones this daemon serves; " +
-			"unload and blacklist it (modprobe -r xen-blkback; echo 'blacklist xen-blkback' >/etc/modprobe.d/blktap.conf)")
+		// vbd3 disks coexist with blkback; script=block-blktap ones cannot.
+		d.log.Warn("xen-blkback is loaded: it binds every backend/vbd device, so disks with script=block-blktap will fail; " +
+			"to serve them, unload and blacklist it (modprobe -r xen-blkback; echo 'blacklist xen-blkback' >/etc/modprobe.d/blktap.conf)")
 	}
 	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
 		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)

@@ -68,7 +68,7 @@ func cmdRun(args []string) error {
 	fs.StringVar(cfg, "config", "", "same as -c")
 	stateDir := fs.String("state-dir", defaultStateDir(), "state directory (sockets, embedded xenstored)")
 	xs := fs.String("xenstore", "", "xenstored socket (default: a real one if reachable, else embedded)")
-	serveVBD := fs.Bool("serve-vbd", false, "also serve backend/vbd (only where no kernel blkback is)")
+	serveVBD := fs.Bool("serve-vbd", false, "also serve backend/vbd: on a Xen host the disks whose hotplug script is block-blktap (xen-blkback must not be loaded)")
 	dryRun := fs.Bool("dry-run", false, "check the YAML file and print the disks it declares, then exit")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9525)")
