@@ -5,14 +5,14 @@
 # XT- lines also go to stderr.
 #
 # Usage: boot.sh LOG XEN KERNEL DOM0_INITRD [SCENARIO+SCENARIO...]
-# Environment: XEN_TEST_CPU (default max,-smap,-smep), XEN_TEST_SMP (default 1), XEN_TEST_TIMEOUT (default 1500),
+# Environment: XEN_TEST_CPU (default qemu64, as run.sh), XEN_TEST_SMP (default 1), XEN_TEST_TIMEOUT (default 1500),
 # XEN_TEST_NICE (default 10).
 set -uo pipefail
 log=$1 xen=$2 kernel=$3 initrd=$4 only=${5:-}
-cpu=${XEN_TEST_CPU:-max,-smap,-smep} smp=${XEN_TEST_SMP:-1} tmo=${XEN_TEST_TIMEOUT:-1500} nice=${XEN_TEST_NICE:-10}
+cpu=${XEN_TEST_CPU:-qemu64} smp=${XEN_TEST_SMP:-1} tmo=${XEN_TEST_TIMEOUT:-1500} nice=${XEN_TEST_NICE:-10}
 fifo=$(mktemp -u /tmp/xen-serial.XXXXXX); mkfifo "$fifo"
 trap 'rm -f "$fifo"' EXIT
-xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot"
+xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot ${XEN_TEST_XENARGS:-}"
 dom0args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4${only:+ xt_only=${only//,/+}}"
 t0=${EPOCHREALTIME/./}
 echo "host-start $(date -u +%FT%TZ) cpu=$cpu smp=$smp xen=$xen" >"$log"
