@@ -34,19 +34,23 @@ tap_check_backend() {
 # the guest's data check (O_DIRECT write and read back), detach, and the
 # image read back by qemu-img
 tap_attach_check() {
-  local g=$1 vdev=$2 fmt=$3 f=$4 be
+  local g=$1 vdev=$2 fmt=$3 f=$4 be t0 t1 t2 t3; t0=$(up)
   timeout 150 xl block-attach $g "$TAP, format=$fmt, vdev=$vdev, target=$f" ||
     fail "xl block-attach $g format=$fmt $f failed: $(tail -n 3 /var/log/xen/xen-hotplug.log 2>/dev/null | tr '\n' ' ')"
   be=$(be_path $g $(vdevnum $vdev) vbd3)
   wait_key $be/state 4 60
+  t1=$(up)
   tap_check_backend $be
   gx $g 60 wait-disk $vdev
   gx $g 120 check $vdev 3 4
   MD5=${GX#md5=}
   gx $g 30 errors
+  t2=$(up)
   timeout 150 xl block-detach $g $vdev || fail "xl block-detach $g $vdev failed"
   gx $g 60 gone-disk $vdev
   wait_gone $be 30
+  t3=$(up)
+  echo "INFO seconds: attach $(awk -v a=$t0 -v b=$t1 'BEGIN {print b-a}'), guest I/O $(awk -v a=$t1 -v b=$t2 'BEGIN {print b-a}'), detach $(awk -v a=$t2 -v b=$t3 'BEGIN {print b-a}')"
   local left; left=$(tap-ctl list 2>/dev/null | grep -F "$f")
   [ -z "$left" ] || fail "tap-ctl still lists $f after the detach: $left"
   if grep -iE 'error|fail' /var/log/xen/xen-hotplug.log >/tmp/hotplug-err.$$ 2>/dev/null; then
