@@ -60,9 +60,9 @@ retry() { "$@" || { refresh && "$@"; }; }
 # The kernel: the version linux-image-amd64 depends on, fetched alone (its
 # postinst would build an initramfs nobody uses, and its dependencies are
 # not needed).
-kpkg=$(retry papt -o APT::Cache::AllVersions=0 --no-install-recommends install -s linux-image-amd64 2>/dev/null |
-  awk '/^Inst linux-image-[0-9]/ {print $2; exit}')
-[ -n "$kpkg" ] || { refresh; kpkg=$(papt --no-install-recommends install -s linux-image-amd64 | awk '/^Inst linux-image-[0-9]/ {print $2; exit}'); }
+kernel_pkg() { papt --no-install-recommends install -s linux-image-amd64 2>/dev/null | awk '/^Inst linux-image-[0-9]/ {print $2; exit}' || true; }
+kpkg=$(kernel_pkg)
+[ -n "$kpkg" ] || { refresh; kpkg=$(kernel_pkg); }
 [ -n "$kpkg" ] || { echo "trixie: no kernel package behind linux-image-amd64" >&2; exit 1; }
 kver=${kpkg#linux-image-}
 dl_one() { # PKG: the .deb of PKG alone into $base/debs
