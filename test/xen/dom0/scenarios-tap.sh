@@ -50,6 +50,11 @@ tap_attach_check() {
   gx $g 60 gone-disk $vdev
   wait_gone $be 30
   t3=$(up)
+  local t_detach; t_detach=$(awk -v a=$t2 -v b=$t3 'BEGIN {print int(b-a)}')
+  if [ "$t_detach" -ge 15 ]; then   # what a slow detach waited for
+    echo "INFO slow detach, xen-hotplug.log: $(tail -n 6 /var/log/xen/xen-hotplug.log 2>/dev/null | tr '\n' '|')"
+    echo "INFO slow detach, daemon: $(grep -F "vbd3/$(domid $g)/$(vdevnum $vdev)" /var/log/blktap.log | tail -n 4 | sed 's/^time=[^ ]* //' | tr '\n' '|')"
+  fi
   echo "INFO seconds: attach $(awk -v a=$t0 -v b=$t1 'BEGIN {print b-a}'), guest I/O $(awk -v a=$t1 -v b=$t2 'BEGIN {print b-a}'), detach $(awk -v a=$t2 -v b=$t3 'BEGIN {print b-a}')"
   local left; left=$(tap-ctl list 2>/dev/null | grep -F "$f")
   [ -z "$left" ] || fail "tap-ctl still lists $f after the detach: $left"
