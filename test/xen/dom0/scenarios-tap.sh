@@ -77,6 +77,7 @@ sc_tap_vhd() { # a dynamic VHD made by qemu-img, read back by qemu-img
 }
 
 sc_tap_boot_g3() { # xl create with a backendtype=tap boot disk, then an orderly shutdown
+  domid g3 >/dev/null && { timeout 60 xl destroy g3; sleep 2; }   # a first attempt's guest
   truncate -s 64M /images/g3.raw || fail "truncate"
   guest_create g3 1 "" "$TAP, format=raw, vdev=xvda, target=/images/g3.raw"
   local be; be=$(be_path g3 51712 vbd3)
@@ -99,4 +100,6 @@ tap_run() {
   xt_run tap-raw 240 sc_tap_raw
   xt_run tap-vhd 240 sc_tap_vhd
   xt_run tap-boot-g3 360 sc_tap_boot_g3
+  domid g3 >/dev/null && timeout 60 xl destroy g3 >/dev/null 2>&1   # left by a failure
+  true
 }
