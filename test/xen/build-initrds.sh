@@ -8,26 +8,38 @@
 #                          test/xen/dom0 as /init and /xt, and the guest's
 #                          kernel and initramfs
 # Usage: build-initrds.sh OUT KERNEL_ROOT KVER BLKTAP_BINARY
+# Environment (trixie/build.sh sets both):
+#   XEN_ROOT     take every program, library and /etc/xen from this unpacked
+#                Debian tree (ldd runs in a chroot of it) instead of the host
+#   XEN_BIN_DIR  the toolstack's directory (default /usr/lib/xen-4.17/bin)
 set -euo pipefail
 out=$1 kroot=$2 kver=$3 blktap=$4
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 moddir=$kroot/lib/modules/$kver/kernel
-XB=/usr/lib/xen-4.17/bin
+[ -d "$moddir" ] || moddir=$kroot/usr/lib/modules/$kver/kernel   # merged /usr (trixie)
+XB=${XEN_BIN_DIR:-/usr/lib/xen-4.17/bin}
+S=${XEN_ROOT:-}
 
+sldd() { if [ -n "$S" ]; then chroot "$S" ldd "$1"; else ldd "$1"; fi; }
 copy_with_libs() { # ROOT FILE...: files and their shared-library closure
   local r=$1 f l; shift
   for f in "$@"; do
-    mkdir -p "$r$(dirname "$f")"; rm -f "$r$f"; cp -L "$f" "$r$f"
-    for l in $(ldd "$f" 2>/dev/null | grep -oE '/[^ ]+'); do
-      [ -e "$r$l" ] || { mkdir -p "$r$(dirname "$l")"; cp -L "$l" "$r$l"; }
+    mkdir -p "$r$(dirname "$f")"; rm -f "$r$f"; cp -L "$S$f" "$r$f"
+    for l in $(sldd "$f" 2>/dev/null | grep -oE '/[^ ]+'); do
+      [ -e "$r$l" ] || { mkdir -p "$r$(dirname "$l")"; cp -L "$S$l" "$r$l"; }
     done
   done
+}
+kmod_copy() { # MODULE DEST: a module, decompressed when the kernel package compresses them
+  if [ -f "$moddir/$1.ko" ]; then cp "$moddir/$1.ko" "$2"
+  elif [ -f "$moddir/$1.ko.xz" ]; then xz -dc "$moddir/$1.ko.xz" >"$2"
+  else zstd -qdc "$moddir/$1.ko.zst" >"$2"; fi
 }
 busybox_root() { # ROOT: busybox and its applets, but not sh/bash over a real bash
   local r=$1 p
   mkdir -p "$r"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,run,tmp,etc}
-  cp /bin/busybox "$r/bin/busybox"
+  cp "$S/bin/busybox" "$r/bin/busybox"
   "$r/bin/busybox" --list-full | while read -r p; do
     [ -e "$r/$p" ] || { mkdir -p "$r/$(dirname "$p")"; ln -s /bin/busybox "$r/$p"; }
   done
@@ -39,7 +51,7 @@ mkdir -p "$out"
 # ---- guest ----
 R=$out/guest-root; rm -rf "$R"; busybox_root "$R"
 mkdir -p "$R/lib/modules"
-cp "$moddir/drivers/block/xen-blkfront.ko" "$R/lib/modules/"
+kmod_copy drivers/block/xen-blkfront "$R/lib/modules/xen-blkfront.ko"
 copy_with_libs "$R" /usr/bin/xenstore
 for x in read write ls rm exists list chmod watch; do ln -sf xenstore "$R/usr/bin/xenstore-$x"; done
 rm -f "$R/sbin/poweroff" "$R/sbin/reboot" "$R/bin/poweroff" "$R/bin/reboot"
@@ -56,26 +68,27 @@ ln -s ../run "$R/var/run"
 copy_with_libs "$R" /usr/bin/bash $XB/xl $XB/xenstored $XB/xenconsoled $XB/xen-init-dom0 $XB/xenconsole \
   $XB/libxl-save-helper /usr/bin/xenstore /usr/bin/qemu-img /usr/bin/qemu-io /usr/sbin/losetup \
   /usr/bin/flock /usr/bin/stat /usr/bin/timeout
-cp -L /lib/x86_64-linux-gnu/libgcc_s.so.1 "$R/lib/x86_64-linux-gnu/"   # xl's pthread_cancel dlopens it
+cp -L "$S/lib/x86_64-linux-gnu/libgcc_s.so.1" "$R/lib/x86_64-linux-gnu/"   # xl's pthread_cancel dlopens it
 ln -sf /usr/bin/bash "$R/bin/bash"
 # locking.sh runs `stat -L /dev/stdin FILE`, which busybox's stat gets wrong
 for b in stat timeout flock; do rm -f "$R/bin/$b"; ln -s /usr/bin/$b "$R/bin/$b"; done
 for x in read write ls rm exists list chmod watch; do ln -sf xenstore "$R/usr/bin/xenstore-$x"; done
 for x in xl xenstored xenconsoled xen-init-dom0 xenconsole; do ln -sf $XB/$x "$R/usr/sbin/$x"; done
 mkdir -p "$R/usr/lib/xen"; ln -sf $XB "$R/usr/lib/xen/bin"
-cp -a /etc/xen "$R/etc/"
+cp -a "$S/etc/xen" "$R/etc/"
 for m in drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/xen/xen-privcmd \
          drivers/xen/xenfs/xenfs drivers/block/loop drivers/block/xen-blkfront drivers/block/nbd; do
-  mkdir -p "$R/lib/modules/$kver/kernel/$(dirname $m)"; cp "$moddir/$m.ko" "$R/lib/modules/$kver/kernel/$m.ko"
+  mkdir -p "$R/lib/modules/$kver/kernel/$(dirname $m)"; kmod_copy $m "$R/lib/modules/$kver/kernel/$m.ko"
 done
-cp "$kroot/lib/modules/$kver/modules.order" "$kroot/lib/modules/$kver/modules.builtin" "$R/lib/modules/$kver/" 2>/dev/null || true
+cp "$moddir/../modules.order" "$moddir/../modules.builtin" "$R/lib/modules/$kver/" 2>/dev/null || true
 depmod -b "$R" "$kver"
 cp "$kroot/boot/vmlinuz-$kver" "$R/boot/vmlinuz"
 cp "$out/guest-initrd.cpio" "$R/boot/guest-initrd.cpio"
-install -m 0755 "$blktap" "$R/usr/sbin/blktap"
+install -m 0755 "$blktap" "$R/usr/sbin/blktap"; ln -s blktap "$R/usr/sbin/tap-ctl"   # docs/TAP-CTL.md
 install -m 0755 "$repo/scripts/xen/block-blktap" "$R/etc/xen/scripts/block-blktap"
 cp "$here/dom0/init" "$R/init"; chmod +x "$R/init"
 cp "$here/dom0/lib.sh" "$here/dom0/scenarios.sh" "$R/xt/"
+[ ! -f "$here/dom0/scenarios-tap.sh" ] || cp "$here/dom0/scenarios-tap.sh" "$R/xt/"
 echo "root:x:0:0:root:/root:/bin/sh" >"$R/etc/passwd"; echo "root:x:0:" >"$R/etc/group"
 cpio_of "$R" "$out/dom0-initrd.cpio"
 ls -la "$out"/*.cpio

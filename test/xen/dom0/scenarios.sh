@@ -258,12 +258,14 @@ sc_shutdown_g1() { # xl shutdown: the guest closes its frontends, libxl removes 
   [ -z "$left" ] || fail "devices left after every guest is gone: $left"
 }
 
+. /xt/scenarios-tap.sh   # Xen >= 4.19: backendtype=tap (tap_plan, tap_run)
+
 [ "${1:-}" = --functions ] && return 0
 
 # ---- this boot --------------------------------------------------------------
 xt_plan images boot-g1 attach-qcow2 attach-qcow attach-vhd attach-vhd-diff attach-vmdk attach-ram \
   attach-qcow2-overlay kill-worker restart-daemon hotplug-error blktap-attach dom0-attach \
-  boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1
+  $(tap_plan) boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1
 daemon_start
 xt_info "daemon: $(blktap --version 2>/dev/null || echo unknown version)"
 # After a failure, take away whatever the scenario left attached, so the
@@ -295,6 +297,7 @@ xt_run restart-daemon 300 sc_restart_daemon
 xt_run hotplug-error 150 sc_hotplug_error
 xt_run blktap-attach 180 sc_blktap_attach
 xt_run dom0-attach 200 sc_dom0_attach
+tap_run
 xt_run boot-g2-nopersist 300 sc_boot_g2
 xt_run reboot-g2 300 sc_reboot_g2
 xt_run hostile-frontend 180 sc_hostile
