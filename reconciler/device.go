@@ -596,9 +596,14 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 				return err
 			}
 			// The block-tap hotplug script's keys: tapback waits for them.
+			// Where a hotplug script ran it wrote them already, and its
+			// physical-device-path (block-tap's tap-ctl link to the same
+			// export) stands.
 			kv := [][2]string{{"hotplug-status", "connected"}}
-			if sock := exportSocket(dev.export); sock != "" {
-				kv = append(kv, [2]string{"physical-device-path", sock})
+			if cur, _ := tx.Read(ctx, be+"/physical-device-path"); cur == "" {
+				if sock := exportSocket(dev.export); sock != "" {
+					kv = append(kv, [2]string{"physical-device-path", sock})
+				}
 			}
 			kv = append(kv, diskKeys(dev, s)...)
 			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateConnected))})

@@ -15,6 +15,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -66,9 +67,14 @@ func startDaemon(t testing.TB, bin, config string) *daemon {
 		t.Fatal(err)
 	}
 	d := &daemon{t: t, bin: bin, stateDir: state, cmd: cmd, done: make(chan error, 1)}
-	go func() { d.done <- cmd.Wait() }()
+	var exited atomic.Bool // cmd.ProcessState is Wait's to write
+	go func() {
+		err := cmd.Wait()
+		exited.Store(true)
+		d.done <- err
+	}()
 	t.Cleanup(func() {
-		if cmd.ProcessState == nil {
+		if !exited.Load() {
 			stopDaemon(t, bin, state, cmd, d.done)
 		}
 		if t.Failed() {

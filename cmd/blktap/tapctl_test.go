@@ -153,6 +153,11 @@ func TestTapCtlCommands(t *testing.T) {
 	}
 	const domid, devid = 3, 51712
 	be, _ := writeTapDisk(t, xs, domid, devid, "xvda", "aio:"+img)
+	// A toolstack disk connects once its hotplug script has reported, as
+	// block-tap does after `tap-ctl open` (that path is TestBlockTapAddRemove's).
+	if err := xs.Write(context.Background(), be+"/hotplug-status", "connected"); err != nil {
+		t.Fatal(err)
+	}
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		st, _ := xs.Read(context.Background(), be+"/state")

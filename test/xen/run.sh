@@ -17,6 +17,9 @@
 #   XEN_TEST_STRESS  N: instead of the scenarios, N rounds of short-lived
 #                    programs in dom0, counting the ones that die (flake rate)
 #   BLKTAP_BIN       the (static) blktap binary to put in dom0 (default: built here)
+#   XEN_TEST_VERSIONS the Xen versions to boot, in order (default "4.17 4.20":
+#                    4.17 from the host's bookworm packages, 4.20 from
+#                    Debian trixie's, see trixie/build.sh)
 set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -30,6 +33,7 @@ smp=${XEN_TEST_SMP:-1}
 # every run: busybox, xl, xenstored, our daemon's Go runtime. The plain
 # 64-bit model ran the same scenarios without one.
 cpu=${XEN_TEST_CPU:-qemu64}
+versions=${XEN_TEST_VERSIONS:-4.17 4.20}
 export PATH=$PATH:/usr/local/go/bin
 mkdir -p "$cache" "$out"
 
@@ -48,22 +52,34 @@ fi
 "$here/build-initrds.sh" "$w" "$kroot" "$kver" "$w/blktap" >"$out/build-4.17.log" 2>&1 ||
   { tail -n 20 "$out/build-4.17.log" >&2; die "building the initramfs images failed (see $out/build-4.17.log)"; }
 [ -f "$w/xen.elf" ] || zcat /boot/xen-4.17-amd64.gz >"$w/xen.elf"   # qemu's multiboot loader wants the plain ELF
+declare -A XEN=([4.17]=$w/xen.elf) KERNEL=([4.17]=$kroot/boot/vmlinuz-$kver) INITRD=([4.17]=$w/dom0-initrd.cpio)
 
-# boot LOG SMP ONLY: one boot of Xen 4.17 with the dom0 initramfs, SMP
+# Xen 4.20: trixie's hypervisor, kernel and toolstack, unpacked in the cache
+# (never installed on the host); the same dom0 and guest images around them.
+if [[ " $versions " == *" 4.20 "* ]]; then
+  w20=$cache/work-4.20; mkdir -p "$w20"; cp "$w/blktap" "$w20/blktap"
+  line=$("$here/trixie/build.sh" "$cache" "$w20" "$w20/blktap" 2>"$out/build-4.20.log" | tail -n 1)
+  [[ $line == XEN=* ]] || { tail -n 20 "$out/build-4.20.log" >&2; die "building the Xen 4.20 images failed (see $out/build-4.20.log)"; }
+  for kv in $line; do
+    case $kv in XEN=*) XEN[4.20]=${kv#*=} ;; KERNEL=*) KERNEL[4.20]=${kv#*=} ;; DOM0_INITRD=*) INITRD[4.20]=${kv#*=} ;; esac
+  done
+fi
+
+# boot LOG SMP ONLY VERSION: one boot of Xen VERSION with its dom0 initramfs, SMP
 # vCPUs, the scenarios ONLY (comma-separated; empty: all); the serial
 # console, timestamped, goes to LOG. Returns when dom0 is done, crashed or
 # timed out.
 boot() {
-  local log=$1 smp=$2 only=$3 fifo=$w/serial.fifo qpid t0 l t ms
+  local log=$1 smp=$2 only=$3 v=$4 fifo=$w/serial.fifo qpid t0 l t ms
   rm -f "$fifo"; mkfifo "$fifo"
   local xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot ${XEN_TEST_XENARGS:-}"
   local dom0args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4${only:+ xt_only=${only//,/+}}${XEN_TEST_STRESS:+ xt_stress=$XEN_TEST_STRESS}"  # qemu splits -initrd at commas
   t0=${EPOCHREALTIME/./}
-  echo "host-start $(date -u +%FT%TZ) smp=$smp" >"$log"
+  echo "host-start $(date -u +%FT%TZ) xen=$v cpu=$cpu smp=$smp" >"$log"
   timeout "$tmo" qemu-system-x86_64 -accel tcg,thread=multi -machine pc -cpu "$cpu" -smp "$smp" -m 2560 \
     -display none -monitor none -serial stdio -no-reboot -nic none \
-    -kernel "$w/xen.elf" -append "$xenargs" \
-    -initrd "$kroot/boot/vmlinuz-$kver $dom0args,$w/dom0-initrd.cpio" </dev/null >"$fifo" 2>&1 &
+    -kernel "${XEN[$v]}" -append "$xenargs" \
+    -initrd "${KERNEL[$v]} $dom0args,${INITRD[$v]}" </dev/null >"$fifo" 2>&1 &
   qpid=$!
   while IFS= read -r l; do
     t=${EPOCHREALTIME/./}; ms=$(( (t - t0) / 1000 ))
@@ -104,29 +120,29 @@ verdict() {
   grep -a -o 'XT-RETRY .*' "$log" | sed "s/^XT-RETRY /RETRIED xen-$v /"
 }
 
-# one_boot NAME SMP ONLY: a boot, once more if dom0 never reached its
+# one_boot NAME SMP ONLY VERSION: a boot, once more if dom0 never reached its
 # scenarios (a TCG flake before any code of ours ran), and its verdict.
 one_boot() {
   local name=$1 log=$out/$1-serial.log
   echo "xen-test: booting $name (console: $log)" >&2
-  boot "$log" "$2" "$3"
+  boot "$log" "$2" "$3" "$4"
   if ! grep -aq 'XT-PLAN' "$log"; then
     mv "$log" "$out/$name-serial.failed-boot.log"
     echo "xen-test: dom0 did not reach its scenarios; booting once more" >&2
-    boot "$log" "$2" "$3"
+    boot "$log" "$2" "$3" "$4"
   fi
   verdict "${name#xen-}" "$log" >"$out/verdict-$name.txt"
   cat "$out/verdict-$name.txt"
   echo "$name wall time: $(sed -n 's/.*elapsed=//p' "$log")" >&2
 }
 
-# run_version NAME SMP ONLY: one boot; the scenarios that failed get one
+# run_version NAME SMP ONLY VERSION: one boot; the scenarios that failed get one
 # more boot of their own (with the scenarios they stand on), because under
 # TCG a guest or a tool now and then dies of the emulation alone. A data
 # mismatch is never run again, and a rerun is reported as such.
 run_version() {
-  local name=$1 smp=$2 only=$3 failed again
-  one_boot "$name" "$smp" "$only"
+  local name=$1 smp=$2 only=$3 v=$4 failed again
+  one_boot "$name" "$smp" "$only" "$v"
   failed=$(grep '^FAIL' "$out/verdict-$name.txt" | grep -v 'DATA MISMATCH' | awk '{print $3}' | tr -d ':' | paste -sd, -)
   if [ -n "$failed" ] && ! grep -q '^FAIL.*DATA MISMATCH' "$out/verdict-$name.txt"; then
     again=images,boot-g1
@@ -134,7 +150,7 @@ run_version() {
       again=$again,boot-g2-nopersist
     again=$again,$failed
     echo "xen-test: $name: running again in a boot of their own: $failed" >&2
-    one_boot "$name-rerun" "$smp" "$again"
+    one_boot "$name-rerun" "$smp" "$again" "$v"
     local n line
     for n in ${failed//,/ }; do
       if line=$(grep "^PASS [^ ]* $n " "$out/verdict-$name-rerun.txt"); then
@@ -148,12 +164,18 @@ run_version() {
 
 PASSED=0 FAILED=0
 : >"$out/verdicts.txt"
-# Every scenario on one vCPU (the steadiest under TCG), then a second boot
-# with two vCPUs in dom0 and the guest, where blkfront negotiates two
-# queues: multi-queue is checked there.
-run_version xen-4.17 "$smp" "$only"
+# Every scenario on one vCPU (the steadiest under TCG) for each version,
+# then a boot with two vCPUs in dom0 and the guest, where blkfront
+# negotiates two queues: multi-queue is checked there.
+for v in $versions; do
+  [ -n "${XEN[$v]:-}" ] || die "no images for Xen $v (XEN_TEST_VERSIONS takes 4.17 and 4.20)"
+  run_version xen-$v "$smp" "$only" $v
+done
+# Multi-queue once, on the first version (4.20's was proven the same way
+# by hand: trixie/README.md); a two-vCPU boot costs minutes under TCG.
+v=${versions%% *}
 if [ "${XEN_TEST_MQ:-1}" = 1 ] && { [ -z "$only" ] || [[ ",$only," == *,boot-g1,* ]]; }; then
-  run_version xen-4.17-smp2 2 images,boot-g1
+  run_version xen-$v-smp2 2 images,boot-g1 $v
 fi
 echo "---- every scenario:"; cat "$out/verdicts.txt"
 PASSED=$(grep -c '^PASS' "$out/verdicts.txt"); FAILED=$(grep -c '^FAIL' "$out/verdicts.txt")
