@@ -114,12 +114,16 @@ kill_during_io() { # WHAT IMAGE VDEV
   be=$(be_path g1 $(vdevnum $vdev))
   wait_key $be/state 4 60
   gx g1 60 wait-disk $vdev
-  gx g1 30 bgio-start $vdev 0 4 8
+  local rounds=24
+  gx g1 30 bgio-start $vdev 0 4 $rounds
   local i=0
   until gx_try g1 20 bgio-progress >/dev/null && [ "${GX#round }" != "$GX" ]; do
     i=$((i+1)); [ $i -gt 100 ] && fail "background I/O made no progress"
     sleep 0.3
   done
+  local at=${GX#round }; at=${at%% *}
+  # The kill must land inside the guest's I/O, or it proves nothing.
+  [ "$at" -lt "$rounds" ] || fail "the guest's I/O ended before the kill (round $at of $rounds)"
   case $what in
   worker)
     pid=$(xsr $be/blktap/worker-pid); [ -n "$pid" ] || fail "no worker pid"
@@ -135,7 +139,7 @@ kill_during_io() { # WHAT IMAGE VDEV
     kill -9 $pid; echo "INFO killed daemon $pid during guest I/O ($GX)"
     sleep 0.5; daemon_start ;;
   esac
-  gx g1 240 bgio-wait 230
+  gx g1 400 bgio-wait 390
   echo "INFO $GX"
   gx g1 30 errors
   [ "$(xsr $be/state)" = 4 ] || fail "backend state $(xsr $be/state) after the kill"
@@ -292,8 +296,8 @@ xt_run attach-vhd-diff 180 sc_attach_vhd_diff
 xt_run attach-vmdk 180 sc_attach_format vmdk a.vmdk
 xt_run attach-ram 180 sc_attach_ram
 xt_run attach-qcow2-overlay 180 sc_attach_overlay
-xt_run kill-worker 300 sc_kill_worker
-xt_run restart-daemon 300 sc_restart_daemon
+xt_run kill-worker 480 sc_kill_worker
+xt_run restart-daemon 480 sc_restart_daemon
 xt_run hotplug-error 150 sc_hotplug_error
 xt_run blktap-attach 180 sc_blktap_attach
 xt_run dom0-attach 200 sc_dom0_attach
