@@ -74,9 +74,11 @@ sc_attach_format() { # FORMAT FILE [TARGET]
   case $fmt in qcow2|vmdk) qemu-img check -q -f $fmt $f || fail "qemu-img check $f: $(qemu-img check -f $fmt $f 2>&1 | tail -n 2)" ;; esac
 }
 
-sc_attach_overlay() { # qcow2 over a raw backing file: reads come from the base, writes stay in the overlay
+# attach_cow TARGET: a copy-on-write image whose base holds a known first
+# MiB: the guest reads the base's data through it, then writes its own.
+attach_cow() {
   guest_ensure g1
-  xl block-attach g1 "$DISK, vdev=xvdb, target=qcow2:/images/overlay.qcow2" || fail "xl block-attach failed"
+  xl block-attach g1 "$DISK, vdev=xvdb, target=$1" || fail "xl block-attach $1 failed"
   local be; be=$(be_path g1 51728)
   wait_key $be/state 4 60
   gx g1 60 wait-disk xvdb
@@ -84,21 +86,17 @@ sc_attach_overlay() { # qcow2 over a raw backing file: reads come from the base,
   gx g1 120 check xvdb 3 4; MD5=${GX#md5=}
   xl block-detach g1 xvdb || fail "xl block-detach failed"
   wait_gone $be 30
+}
+
+sc_attach_overlay() { # qcow2 over a raw backing file: reads come from the base, writes stay in the overlay
+  attach_cow qcow2:/images/overlay.qcow2
   [ "$(md5sum </images/base.raw | cut -d' ' -f1)" = "$(cat /tmp/base-whole.md5)" ] || fail "DATA MISMATCH: the backing file changed"
   [ "$(image_md5 /images/overlay.qcow2 qcow2 3 4)" = "$MD5" ] || fail "DATA MISMATCH in the overlay"
   qemu-img check -q /images/overlay.qcow2 || fail "qemu-img check overlay.qcow2"
 }
 
 sc_attach_vhd_diff() { # a VHD differencing image: the base's data, the guest's writes in the child
-  guest_ensure g1
-  xl block-attach g1 "$DISK, vdev=xvdb, target=vhd:/images/diff.vhd" || fail "xl block-attach failed"
-  local be; be=$(be_path g1 51728)
-  wait_key $be/state 4 60
-  gx g1 60 wait-disk xvdb
-  gx g1 60 verify xvdb 0 1 "$(cat /tmp/base.md5)"
-  gx g1 120 check xvdb 3 4; MD5=${GX#md5=}
-  xl block-detach g1 xvdb || fail "xl block-detach failed"
-  wait_gone $be 30
+  attach_cow vhd:/images/diff.vhd
   [ "$(image_md5 /images/diff.vhd vhd-diff 3 4)" = "$MD5" ] || fail "DATA MISMATCH in diff.vhd"
   blktap image check /images/diff.vhd >/dev/null || fail "blktap image check diff.vhd: $(blktap image check /images/diff.vhd 2>&1 | tail -n 1)"
 }
