@@ -95,7 +95,6 @@ type snapshot struct {
 	beMaxIndirect int
 	script        string // the hotplug script the toolstack runs for the device
 	discard       bool   // discard-enable is not "0" (libxl's default is 1)
-	cdrom         bool   // device-type is cdrom (the backend's or the frontend's key)
 }
 
 func (d *Daemon) reconcile(ctx context.Context, k Key) {
@@ -232,6 +231,7 @@ func (dev *device) actual() Actual {
 		LF:          dev.lf != nil,
 		LFConnected: dev.guest != nil,
 		Failed:      dev.failed,
+		Params:      dev.procParams,
 	}
 }
 
@@ -335,7 +335,7 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	s.HotplugScript = s.script != ""
 	s.Declared = get(keySource) != ""
 	s.discard = get("discard-enable") != "0"
-	s.cdrom = get("device-type") == "cdrom"
+	s.Cdrom = get("device-type") == "cdrom"
 	s.fePath = get("frontend")
 	s.feID = get("frontend-id")
 	s.name = get(keyName)
@@ -349,8 +349,9 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	if err != nil {
 		return s, err
 	}
-	s.Domain0 = k.Domid == 0
+	s.Domain0 = k.Domid == 0 && d.localFrontend
 	s.LocalFrontend = d.localFrontend && !s.Domain0
+	s.Export = s.Domain0 || !d.localFrontend
 	if s.fePath == "" {
 		return s, nil
 	}
@@ -380,7 +381,7 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	s.protocol = fget("protocol")
 	s.fePersistent = fget("feature-persistent") == "1"
 	if fget("device-type") == "cdrom" {
-		s.cdrom = true
+		s.Cdrom = true
 	}
 	order, orderErr := d.xs.Read(ctx, s.fePath+"/ring-page-order")
 	hasOrder := orderErr == nil
@@ -558,7 +559,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		}
 		dev.exportServed = true
 		log.Info("export ready", "uri", dev.exportURI)
-		return nil
+		return d.publishDevicePath(ctx, be, dev.export)
 
 	case ActBackendInitWait:
 		ro := s.Mode == "r" || s.Mode == "ro"
@@ -599,13 +600,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			// Where a hotplug script ran it wrote them already, and its
 			// physical-device-path (block-tap's tap-ctl link to the same
 			// export) stands.
-			kv := [][2]string{{"hotplug-status", "connected"}}
-			if cur, _ := tx.Read(ctx, be+"/physical-device-path"); cur == "" {
-				if sock := exportSocket(dev.export); sock != "" {
-					kv = append(kv, [2]string{"physical-device-path", sock})
-				}
-			}
-			kv = append(kv, diskKeys(dev, s)...)
+			kv := append([][2]string{{"hotplug-status", "connected"}}, diskKeys(dev, s)...)
 			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateConnected))})
 			for _, e := range kv {
 				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
@@ -759,17 +754,21 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 			return terminal(err)
 		}
 	}
-	if strings.TrimSpace(s.Params) == "" {
+	noMedium := s.Cdrom && emptyMedium(s.Params)
+	if strings.TrimSpace(s.Params) == "" && !noMedium {
 		// libxl 4.17's block-attach writes params after the rest of
 		// the backend directory: wait for it (its watch event requeues).
 		return errors.New("no params yet")
 	}
-	format, path, err := ParseParams(s.Params)
-	if err != nil {
-		return terminal(err)
-	}
-	if format, err = formats.Normalize(format); err != nil {
-		return terminal(err)
+	var format, path string
+	if !noMedium {
+		var err error
+		if format, path, err = ParseParams(s.Params); err != nil {
+			return terminal(err)
+		}
+		if format, err = formats.Normalize(format); err != nil {
+			return terminal(err)
+		}
 	}
 	if formats.IsFile(format) {
 		if !filepath.IsAbs(path) {
@@ -787,6 +786,7 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	default:
 		return terminal(fmt.Errorf("mode %q: want r or w", s.Mode))
 	}
+	readOnly = readOnly || noMedium
 	// The worker gets a socket of its own on which a restarted daemon
 	// adopts it; the path is the device's, under STATE/workers.
 	adoptPath := d.adoptPath(dev.key)
@@ -898,7 +898,7 @@ func diskKeys(dev *device, s snapshot) [][2]string {
 	if dev.readOnly {
 		info |= vdiskReadOnly
 	}
-	if s.cdrom {
+	if s.Cdrom {
 		info |= vdiskCDROM
 	}
 	opts := worker.RingOptions(dev.readOnly)
@@ -967,6 +967,26 @@ func (d *Daemon) listenExport(dev *device) (net.Listener, string, error) {
 		return nil, "", err
 	}
 	return ln, "nbd+unix:///?socket=" + sock, nil
+}
+
+// publishDevicePath writes the export's socket as physical-device-path,
+// where libxl looks for a local path to the disk: QEMU's emulated disk of
+// an HVM guest, pygrub. A hotplug script that wrote one (block-tap: its
+// tap-ctl link to this same export) keeps it.
+func (d *Daemon) publishDevicePath(ctx context.Context, be string, ln net.Listener) error {
+	sock := exportSocket(ln)
+	if sock == "" {
+		return nil
+	}
+	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if err := requireDir(ctx, tx, be); err != nil {
+			return err
+		}
+		if cur, _ := tx.Read(ctx, be+"/physical-device-path"); cur != "" {
+			return nil
+		}
+		return tx.Write(ctx, be+"/physical-device-path", sock)
+	})
 }
 
 // exportSocket is the export's unix socket path, or "" for none or a TCP
@@ -1133,13 +1153,16 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	case s.Backend == StateConnected && (s.Domain0 || !s.LocalFrontend || dev.guest != nil) &&
 		(s.nbdDevice == "" || dev.kernel != nil):
 		phase = PhaseConnected
-	case dev.proc != nil:
+	case dev.proc != nil && (!s.Export || dev.exportServed):
+		// With its export, if it has one: the hotplug script reports
+		// the device ready on this phase, and libxl hands the export's
+		// physical-device-path to QEMU right after.
 		phase = PhaseWaiting
 	}
 	if c := d.conflict(dev.key); c != "" && errMsg == "" {
 		errMsg = c
 	}
-	if s.Domain0 && dev.exportServed {
+	if s.Export && dev.exportServed {
 		export = dev.exportURI
 	} else if dev.guest != nil {
 		export = dev.guestURI

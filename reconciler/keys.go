@@ -2,6 +2,8 @@ package reconciler
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 )
@@ -111,4 +113,35 @@ func ParseParams(params string) (format, path string, err error) {
 		return ParseParams(path)
 	}
 	return format, path, nil
+}
+
+// emptyMedium reports params that name no image: what libxl writes for a
+// CD-ROM drive with no disc ("", and "FORMAT:" with no path).
+func emptyMedium(params string) bool {
+	params = strings.TrimSpace(params)
+	for {
+		format, rest, ok := strings.Cut(params, ":")
+		switch {
+		case params == "":
+			return true
+		case !ok || strings.HasPrefix(params, "/"):
+			return libxlEmptyCdrom(params)
+		case format == "tap" || format == "tap2":
+			params = rest
+		default:
+			return rest == ""
+		}
+	}
+}
+
+// libxlEmptyCdrom: since 4.19 libxl gives an empty phy CD-ROM drive a
+// 0-byte file of its own, XEN_RUN_DIR/empty-cdrom.<domid>, as params.
+func libxlEmptyCdrom(path string) bool {
+	base := filepath.Base(path)
+	n, ok := strings.CutPrefix(base, "empty-cdrom.")
+	if !ok || n == "" || strings.Trim(n, "0123456789") != "" {
+		return false
+	}
+	st, err := os.Stat(path)
+	return err == nil && st.Mode().IsRegular() && st.Size() == 0
 }

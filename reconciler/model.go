@@ -14,7 +14,8 @@ type Model struct {
 // NewModel starts a model of a device as a toolstack declares it.
 func NewModel(domain0, localFrontend bool) *Model {
 	return &Model{o: Observed{Present: true, Online: true, Backend: StateInitialising,
-		FrontendPresent: true, Frontend: StateInitialising, Domain0: domain0, LocalFrontend: localFrontend}}
+		FrontendPresent: true, Frontend: StateInitialising, Domain0: domain0, LocalFrontend: localFrontend,
+		Export: domain0 || !localFrontend}}
 }
 
 // Converge plans and applies until the plan is empty (at most 24 rounds)
@@ -45,7 +46,7 @@ func (m *Model) apply(act Action) {
 			a.Failed, m.failStart = m.failStart, ""
 			return
 		}
-		a.Worker = true
+		a.Worker, a.Params = true, o.Params
 	case ActServeExport:
 		a.Export = true
 	case ActBackendInitWait:
@@ -71,7 +72,7 @@ func (m *Model) apply(act Action) {
 			o.Backend = StateClosed
 		}
 	case ActStopWorker:
-		a.Worker, a.Export, a.Ring = false, false, false
+		a.Worker, a.Export, a.Ring, a.Params = false, false, false, ""
 	}
 }
 

@@ -3,16 +3,27 @@ package reconciler
 // Observed is what xenstore says of one device: the toolstack's and the
 // frontend's halves, read in one pass.
 type Observed struct {
-	Present          bool   // the backend directory exists
-	Params           string // FORMAT:PATH
-	Mode             string // "r" or "w"
-	Online           bool
-	Backend          State
-	FrontendPresent  bool
-	Frontend         State
-	RingPublished    bool // the frontend wrote ring-ref(s) and event-channel
-	Domain0          bool // the frontend is dom0: its "guest" is the NBD export
-	LocalFrontend    bool // no Xen: the daemon plays this guest's blkfront
+	Present         bool   // the backend directory exists
+	Params          string // FORMAT:PATH
+	Mode            string // "r" or "w"
+	Online          bool
+	Backend         State
+	FrontendPresent bool
+	Frontend        State
+	RingPublished   bool // the frontend wrote ring-ref(s) and event-channel
+	// Domain0: the frontend is dom0 on a host without Xen, where no
+	// kernel frontend exists: its "guest" is the NBD export. On Xen,
+	// dom0's own xen-blkfront connects a ring like any guest's.
+	Domain0       bool
+	LocalFrontend bool // no Xen: the daemon plays this guest's blkfront
+	// Export: the worker serves an NBD export too, on a socket that
+	// physical-device-path names (what libxl hands QEMU for an HVM
+	// guest's emulated disk, and dom0's tools use): every device on Xen,
+	// and the export-only dom0 disks without it.
+	Export bool
+	// Cdrom: device-type is cdrom. Empty params are an empty drive, and
+	// new params are a medium change.
+	Cdrom            bool
 	HotplugConnected bool // hotplug-status = connected
 	// HotplugScript: the backend names a `script`, so the toolstack runs a
 	// hotplug script once the backend reaches InitWait and waits for it.
@@ -47,6 +58,7 @@ type Actual struct {
 	LF          bool   // the local frontend exists (ring allocated, keys written)
 	LFConnected bool   // ... and is connected, its guest view exported
 	Failed      string // a terminal error for these params: nothing starts until they change
+	Params      string // the params the worker opened
 }
 
 // ActionKind is one step toward the desired state.
@@ -168,12 +180,19 @@ func Plan(o Observed, a Actual) []Action {
 		add(ActBackendInitWait, "backend is "+o.Backend.String()+"; the toolstack waits for InitWait before anything else")
 		return acts
 	}
+	if a.Worker && o.Cdrom && a.Params != o.Params {
+		// The toolstack inserted or ejected a disc: a new worker opens
+		// it and takes the ring over, as after a crash, and the frontend
+		// reads the new size when the backend says Connected again.
+		add(ActStopWorker, "the medium changed")
+		return acts
+	}
 	if !a.Worker {
 		add(ActStartWorker, "no worker serves the disk")
 		return acts // everything else needs the image open
 	}
-	if o.Domain0 && !a.Export {
-		add(ActServeExport, "domain-0 disk without its NBD export")
+	if o.Export && !a.Export {
+		add(ActServeExport, "no NBD export for physical-device-path")
 	}
 	if o.Backend == StateUnknown || o.Backend == StateInitialising || reconnect {
 		add(ActBackendInitWait, "backend is "+o.Backend.String())

@@ -1,6 +1,8 @@
 package reconciler
 
 import (
+	"os"
+	"path/filepath"
 	"reflect"
 	"testing"
 )
@@ -16,7 +18,7 @@ func kinds(acts []Action) []ActionKind {
 // Each case is one observation; the comment names the handshake step of
 // blkif.h's state diagram (or xenbus.h) it covers.
 func TestPlan(t *testing.T) {
-	dom0 := Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", Domain0: true, FrontendPresent: true}
+	dom0 := Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", Domain0: true, Export: true, FrontendPresent: true}
 	guest := Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", LocalFrontend: true, FrontendPresent: true}
 	running := Actual{Worker: true}
 	with := func(o Observed, f func(*Observed)) Observed { f(&o); return o }
@@ -203,5 +205,27 @@ func TestReadQueue(t *testing.T) {
 	q, msg = readQueue(get, "queue-4/", 0, true)
 	if msg != "" || !reflect.DeepEqual(q, queueRing{refs: []uint32{11}, evtchn: 23}) {
 		t.Fatalf("queue-4 with ring-page-order 0: %+v %q", q, msg)
+	}
+}
+
+func TestEmptyMedium(t *testing.T) {
+	dir := t.TempDir()
+	empty := filepath.Join(dir, "empty-cdrom.7")
+	if err := os.WriteFile(empty, nil, 0o400); err != nil {
+		t.Fatal(err)
+	}
+	full := filepath.Join(dir, "empty-cdrom.8")
+	if err := os.WriteFile(full, []byte("disc"), 0o400); err != nil {
+		t.Fatal(err)
+	}
+	for in, want := range map[string]bool{
+		"": true, "  ": true, "aio:": true, "raw:": true, "tap:aio:": true,
+		empty: true,                                              // libxl >= 4.19's empty drive
+		full:  false, filepath.Join(dir, "empty-cdrom.9"): false, // not there
+		"aio:/iso/a.iso": false, "/iso/a.iso": false, "qcow2:/x": false, "tap:qcow:/x": false,
+	} {
+		if got := emptyMedium(in); got != want {
+			t.Errorf("emptyMedium(%q) = %v, want %v", in, got, want)
+		}
 	}
 }

@@ -34,6 +34,8 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 //	hotplug-connected               the toolstack's hotplug script wrote hotplug-status=connected
 //	frontend-gone                   the frontend directory vanished (the guest died without libxl)
 //	frontend-error MESSAGE          the frontend published ring keys the backend cannot use
+//	cdrom                           the device is a CD-ROM drive (device-type cdrom)
+//	params [VALUE]                  the toolstack writes params (none: an empty drive)
 func runScenario(t *testing.T, lines []string) string {
 	var out strings.Builder
 	var m Model
@@ -51,11 +53,13 @@ func runScenario(t *testing.T, lines []string) string {
 		case "start":
 			m = Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
 				Backend: StateInitialising, FrontendPresent: true, Frontend: StateInitialising}}
+			// On Xen every device is exported too (physical-device-path).
+			m.o.Export = true
 			switch arg {
 			case "domain0":
 				m.o.Domain0 = true
 			case "guest":
-				m.o.LocalFrontend = true
+				m.o.LocalFrontend, m.o.Export = true, false
 			case "xen-guest":
 			case "xen-libxl":
 				m.o.HotplugScript = true
@@ -106,6 +110,10 @@ func runScenario(t *testing.T, lines []string) string {
 			m.o.FrontendPresent, m.o.Frontend, m.o.RingPublished = false, StateUnknown, false
 		case "frontend-error":
 			m.o.FrontendError = arg
+		case "cdrom":
+			m.o.Cdrom = true
+		case "params":
+			m.o.Params = arg
 		default:
 			t.Fatalf("line %d: unknown command %q", n+1, line)
 		}

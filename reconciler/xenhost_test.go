@@ -324,8 +324,8 @@ func TestObserveXenKeys(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.discard || !s.cdrom || !s.HotplugScript || s.Declared {
-		t.Fatalf("discard %v cdrom %v script %v declared %v", s.discard, s.cdrom, s.HotplugScript, s.Declared)
+	if s.discard || !s.Cdrom || !s.HotplugScript || s.Declared {
+		t.Fatalf("discard %v cdrom %v script %v declared %v", s.discard, s.Cdrom, s.HotplugScript, s.Declared)
 	}
 	if !s.RingPublished || !slices.Equal(s.ringRefs, []uint32{7}) || s.FrontendError != "" {
 		t.Fatalf("ring-page-order 0: refs %v published %v error %q", s.ringRefs, s.RingPublished, s.FrontendError)
@@ -349,11 +349,11 @@ func TestDiskKeysDiscardAndCDROM(t *testing.T) {
 	if m := keys(snapshot{discard: true}); m["feature-discard"] != "1" || m["info"] != "0" {
 		t.Fatalf("plain disk: %v", m)
 	}
-	if m := keys(snapshot{discard: false, cdrom: true}); m["feature-discard"] != "" || m["info"] != "1" {
+	if m := keys(snapshot{discard: false, Observed: Observed{Cdrom: true}}); m["feature-discard"] != "" || m["info"] != "1" {
 		t.Fatalf("discard-enable=0 cdrom: %v", m)
 	}
 	dev.readOnly = true
-	if m := keys(snapshot{cdrom: true}); m["info"] != "5" {
+	if m := keys(snapshot{Observed: Observed{Cdrom: true}}); m["info"] != "5" {
 		t.Fatalf("read-only cdrom: info %s", m["info"])
 	}
 }
@@ -508,10 +508,7 @@ func TestPhysicalDevicePathUnixOnly(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		dev := d.newDevice(k)
-		dev.export = ln
-		s := snapshot{Observed: Observed{Present: true, Domain0: true}}
-		if err := d.apply(ctx, dev, s, Action{Kind: ActDom0Connect}, d.log); err != nil {
+		if err := d.publishDevicePath(ctx, be, ln); err != nil {
 			t.Fatal(err)
 		}
 		ln.Close()
@@ -522,6 +519,19 @@ func TestPhysicalDevicePathUnixOnly(t *testing.T) {
 		if tc.want != "" && got != tc.want {
 			t.Errorf("%s export: physical-device-path %q, want %q", tc.network, got, tc.want)
 		}
+	}
+	// A hotplug script's own path (block-tap's tap-ctl link) stands.
+	d.xs.Write(ctx, be+"/physical-device-path", "/run/blktap-control/nbd7.0")
+	ln, err := net.Listen("unix", filepath.Join(dir, "f.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if err := d.publishDevicePath(ctx, be, ln); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := d.xs.Read(ctx, be+"/physical-device-path"); got != "/run/blktap-control/nbd7.0" {
+		t.Errorf("hotplug script's physical-device-path replaced by %q", got)
 	}
 }
 

@@ -123,13 +123,18 @@ func cmdAttach(args []string) error {
 	}
 	wctx, cancel := context.WithTimeout(ctx, *timeout)
 	defer cancel()
-	// A real guest connects when its own blkfront gets to it (it may be
+	// On Xen the domain's own xen-blkfront connects the disk, dom0's
+	// included. A real guest gets to it when it gets to it (it may be
 	// paused, or still booting): slowness there is no failure.
-	realGuest := domid != 0 && reconciler.ProbeHost().Xen
+	onXen := reconciler.ProbeHost().Xen
+	realGuest := domid != 0 && onXen
 	uri, err := reconciler.WaitConnected(wctx, xs, key)
 	if err != nil && realGuest && !errors.Is(err, reconciler.ErrDeviceFailed) && wctx.Err() != nil {
 		return fmt.Errorf("disk %s is attached to domain %d, but the guest has not connected it yet (%v); "+
 			"`blktap ls` shows its state, `blktap detach %d %s` removes it", config.VdevName(devid), domid, err, domid, config.VdevName(devid))
+	}
+	if err != nil && domid == 0 && onXen && !errors.Is(err, reconciler.ErrDeviceFailed) && wctx.Err() != nil {
+		err = fmt.Errorf("%w; dom0's own xen-blkfront connects %s: is it loaded? (modprobe xen-blkfront)", err, key.FrontendPath())
 	}
 	if err != nil {
 		// Like a toolstack whose hotplug failed: take the half-made
@@ -141,13 +146,39 @@ func cmdAttach(args []string) error {
 		}
 		return err
 	}
-	if uri == "" {
-		// A real guest: its blkfront shows the disk under this name.
+	switch {
+	case realGuest:
+		// Its blkfront shows the disk under this name (the export, for
+		// QEMU's emulated disk, is in `blktap ls`).
 		fmt.Println(config.VdevName(devid))
-		return nil
+	case onXen:
+		// dom0's blkfront shows it as /dev/VDEV; dom0's NBD clients
+		// keep the export, the last line as without Xen.
+		dev := "/dev/" + config.VdevName(devid)
+		if err := waitDeviceNode(wctx, dev); err != nil {
+			return fmt.Errorf("disk %s is connected, but %s did not appear: %w", key, dev, err)
+		}
+		fmt.Println(dev)
+		fmt.Println(uri)
+	default:
+		fmt.Println(uri)
 	}
-	fmt.Println(uri)
 	return nil
+}
+
+// waitDeviceNode waits for a block device node that a kernel driver is
+// about to create (devtmpfs, or udev a moment later).
+func waitDeviceNode(ctx context.Context, path string) error {
+	for {
+		if st, err := os.Stat(path); err == nil && st.Mode()&os.ModeDevice != 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 func cmdDetach(args []string) error {

@@ -37,7 +37,7 @@ func init() {
 	commands = []command{
 		{name: "run", usage: "[-c disks.yaml] [--state-dir DIR] [--image-dir DIR]... [--xenstore PATH] [--serve-vbd] [--metrics ADDR] [--dry-run]", brief: "the daemon: serve every declared disk (SIGTERM: exit, disks stay served)", run: cmdRun},
 		{name: "shutdown", usage: "[--state-dir DIR] [--timeout 5m]", brief: "flush and close every disk, stop the daemon (host shutdown)", run: cmdShutdown},
-		{name: "attach", usage: "DOMID TYPE:PATH VDEV MODE [--nbd-device /dev/nbdN] [--state-dir DIR]", brief: "attach a disk (domain 0: a dom0 mount over NBD); prints the NBD URI", run: cmdAttach},
+		{name: "attach", usage: "DOMID TYPE:PATH VDEV MODE [--nbd-device /dev/nbdN] [--state-dir DIR]", brief: "attach a disk; prints the NBD URI (on Xen: the guest's device; dom0: /dev/VDEV, then the URI)", run: cmdAttach},
 		{name: "detach", usage: "DOMID VDEV [--state-dir DIR]", brief: "detach a disk: drain, flush, remove", run: cmdDetach},
 		{name: "pause", usage: "DOMID VDEV", brief: "hold the disk's I/O, flush and close its image (resume continues)", run: cmdPause},
 		{name: "resume", usage: "DOMID VDEV [--image TYPE:PATH]", brief: "reopen the image, or switch to another of the same size", run: cmdResume},

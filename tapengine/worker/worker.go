@@ -366,14 +366,20 @@ func (w *worker) open(req *Request) Reply {
 	w.img, w.lock = &gate{img: img}, lock
 	w.io = &throttle{Image: w.img}
 	w.idleStop = w.startIdleTrim()
-	w.readOnly, w.format, w.path, w.size = req.ReadOnly, req.Format, req.Path, img.Size()
-	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", req.ReadOnly)
+	_, noMedium := img.(image.Empty)
+	w.readOnly, w.format, w.path, w.size = req.ReadOnly || noMedium, req.Format, req.Path, img.Size()
+	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", w.readOnly)
 	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
 }
 
 // openImage opens and locks an image; allow confines its backing chain
 // (empty: the image's own directory).
 func (w *worker) openImage(format, path string, readOnly bool, allow []string) (image.Image, *os.File, error) {
+	if format == "" && path == "" {
+		// A CD-ROM drive with no disc in it (the daemon asks only for
+		// device-type cdrom): no sectors, nothing to lock.
+		return image.Empty{}, nil, nil
+	}
 	isFile := formats.IsFile(format)
 	if isFile && !filepath.IsAbs(path) {
 		return nil, nil, fmt.Errorf("%w: image path %q is not absolute", errInvalid, path)

@@ -307,3 +307,42 @@ func TestDescribeXenTransport(t *testing.T) {
 		t.Fatalf("stopped rings: describe %+v", d)
 	}
 }
+
+// A CD-ROM drive with no disc: no sectors, read-only, and the ring still
+// connects (a frontend sees an empty drive, not a failed device).
+func TestWorkerEmptyMedium(t *testing.T) {
+	p := startTestWorker(t)
+	rep, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "cd"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Size != 0 {
+		t.Fatalf("empty drive: size %d", rep.Size)
+	}
+	f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	mem, kick, notify := f.BackendFDs()
+	if _, err := p.Call(ctx(t), Request{Op: OpConnect, Transport: "local",
+		Protocol: "x86_64-abi", RingRefs: f.RingRefs()}, mem, kick, notify); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Connect(0, 512, true); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.ReadAt(make([]byte, 512), 0); err == nil {
+		t.Fatal("a read of an empty drive succeeded")
+	}
+	rep, err = p.Call(ctx(t), Request{Op: OpDescribe})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.Describe.ReadOnly {
+		t.Fatalf("empty drive described as writable: %+v", rep.Describe)
+	}
+	if _, err := p.Call(ctx(t), Request{Op: OpFlush}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -77,7 +77,8 @@ for x in xl xenstored xenconsoled xen-init-dom0 xenconsole; do ln -sf $XB/$x "$R
 mkdir -p "$R/usr/lib/xen"; ln -sf $XB "$R/usr/lib/xen/bin"
 cp -a "$S/etc/xen" "$R/etc/"
 for m in drivers/xen/xen-evtchn drivers/xen/xen-gntdev drivers/xen/xen-gntalloc drivers/xen/xen-privcmd \
-         drivers/xen/xenfs/xenfs drivers/block/loop drivers/block/xen-blkfront drivers/block/nbd; do
+         drivers/xen/xenfs/xenfs drivers/block/loop drivers/block/xen-blkfront drivers/block/nbd \
+         fs/ext4/ext4 fs/jbd2/jbd2 fs/mbcache lib/crc16 crypto/crc32c_generic; do
   mkdir -p "$R/lib/modules/$kver/kernel/$(dirname $m)"; kmod_copy $m "$R/lib/modules/$kver/kernel/$m.ko"
 done
 cp "$moddir/../modules.order" "$moddir/../modules.builtin" "$R/lib/modules/$kver/" 2>/dev/null || true

@@ -124,6 +124,13 @@ wait_key() { # PATH VALUE SECONDS
     sleep 0.2
   done
 }
+wait_blk() { # DEV SECONDS: a block device node appears
+  local t0; t0=$(up)
+  until [ -b "$1" ]; do
+    elapsed "$t0" "$2" && fail "no $1 after $2 s"
+    sleep 0.2
+  done
+}
 wait_gone() { # PATH SECONDS
   local t0; t0=$(up)
   while xenstore-exists "$1" 2>/dev/null; do

@@ -16,6 +16,7 @@ sc_images() {
   qemu-img create -q -f vpc -o subformat=dynamic a.vhd 64M || fail "qemu-img create vpc"
   qemu-img create -q -f vmdk a.vmdk 64M || fail "qemu-img create vmdk"
   qemu-img create -q -f qcow2 g2.qcow2 64M || fail "qemu-img create g2"
+  qemu-img create -q -f qcow2 d0.qcow2 64M || fail "qemu-img create d0"
   # copy-on-write: a raw base with a known first MiB under a qcow2 overlay,
   # and a VHD base under a VHD differencing image
   truncate -s 64M base.raw
@@ -173,12 +174,79 @@ sc_blktap_attach() { # `blktap attach N` writes backend/vbd3 itself; the real gu
   gx g1 60 gone-disk xvde
 }
 
-sc_dom0_attach() { # xl block-attach 0: must not hang
-  timeout 90 xl block-attach 0 "$DISK, vdev=xvdd, target=aio:/images/d0.raw" || fail "xl block-attach 0 failed or hung"
-  local be=/local/domain/0/backend/vbd/0/51760
+sc_dom0_attach() { # dom0's own xen-blkfront reads and writes a qcow2 disk through its ring; the export stays
+  local be=/local/domain/0/backend/vbd/0/51760 fe=/local/domain/0/device/vbd/51760 pdp want got out t0; t0=$(up)
+  timeout 90 xl block-attach 0 "$DISK, vdev=xvdd, target=qcow2:/images/d0.qcow2" || fail "xl block-attach 0 failed or hung"
   wait_key $be/state 4 60
+  wait_key $fe/state 4 30   # written by dom0's blkfront, never by us
+  wait_blk /dev/xvdd 30
+  pdp=$(xsr $be/physical-device-path); [ -S "$pdp" ] || fail "physical-device-path '$pdp' is not a socket"
+  head -c $((4 * MB)) /dev/urandom >/tmp/d0.pat; want=$(md5sum </tmp/d0.pat | cut -d' ' -f1)
+  dd if=/tmp/d0.pat of=/dev/xvdd bs=1M oflag=direct conv=fsync 2>/dev/null || fail "write /dev/xvdd"
+  got=$(dd if=/dev/xvdd bs=1M count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+  [ "$got" = "$want" ] || fail "DATA MISMATCH: /dev/xvdd read $got, wrote $want"
+  say "INFO /dev/xvdd in dom0: attached, 4 MiB written and read back O_DIRECT in $(awk -v a="$t0" -v b="$(up)" 'BEGIN {print b-a}') s"
+  # the NBD export at physical-device-path serves the same bytes
+  qemu-img convert -f raw -O raw "nbd+unix:///?socket=$pdp" /tmp/d0-nbd.raw || fail "qemu-img read of the export"
+  got=$(head -c $((4 * MB)) /tmp/d0-nbd.raw | md5sum | cut -d' ' -f1); rm -f /tmp/d0-nbd.raw
+  [ "$got" = "$want" ] || fail "DATA MISMATCH: the export read $got, /dev/xvdd wrote $want"
+  # a file system: mkfs, mount, write, unmount, detach; the image holds the file
+  modprobe ext4 || fail "modprobe ext4"
+  mke2fs -q /dev/xvdd >/dev/null || fail "mke2fs /dev/xvdd"
+  mkdir -p /mnt/d0; mount -t ext2 /dev/xvdd /mnt/d0 || fail "mount /dev/xvdd"
+  cp /tmp/d0.pat /mnt/d0/pat && umount /mnt/d0 || fail "write a file on /dev/xvdd"
   timeout 90 xl block-detach 0 xvdd || fail "xl block-detach 0 failed or hung"
   wait_gone $be 30
+  [ ! -e /dev/xvdd ] || fail "/dev/xvdd still there after detach"
+  qemu-img check -q /images/d0.qcow2 || fail "qemu-img check d0.qcow2 after detach"
+  qemu-img convert -f qcow2 -O raw /images/d0.qcow2 /tmp/d0-img.raw || fail "qemu-img convert d0.qcow2"
+  mount -o loop,ro -t ext2 /tmp/d0-img.raw /mnt/d0 || fail "loop mount of the image"
+  got=$(md5sum </mnt/d0/pat | cut -d' ' -f1); umount /mnt/d0; rm -f /tmp/d0-img.raw
+  [ "$got" = "$want" ] || fail "DATA MISMATCH: the file in the image reads $got, wrote $want"
+  say "INFO mkfs, mount, a 4 MiB file, umount, detach: the file is in d0.qcow2 ($(awk -v a="$t0" -v b="$(up)" 'BEGIN {print b-a}') s in all)"
+  # `blktap attach 0` on Xen: dom0's /dev/VDEV, then the export's URI last
+  out=$(timeout 120 blktap attach 0 raw:/images/d0.raw xvde w 2>&1) || fail "blktap attach 0: $(echo "$out" | tail -n 1)"
+  [ "$(echo "$out" | tail -n 2 | head -n 1)" = /dev/xvde ] || fail "blktap attach 0 printed '$out', want /dev/xvde then the URI"
+  case $(echo "$out" | tail -n 1) in nbd+unix://*) ;; *) fail "blktap attach 0: last line '$(echo "$out" | tail -n 1)' is not the export URI" ;; esac
+  dd if=/tmp/d0.pat of=/dev/xvde bs=1M seek=8 oflag=direct conv=fsync 2>/dev/null || fail "write /dev/xvde"
+  timeout 120 blktap detach 0 xvde || fail "blktap detach 0 failed"
+  got=$(dd if=/images/d0.raw bs=1M skip=8 count=4 2>/dev/null | md5sum | cut -d' ' -f1)
+  [ "$got" = "$want" ] || fail "DATA MISMATCH: d0.raw holds $got at 8 MiB, wrote $want"
+  rm -f /tmp/d0.pat
+}
+
+sc_cdrom() { # a CD-ROM drive: a disc is read, ejecting it leaves 0 sectors, a new disc is read again
+  local d be want; guest_ensure g1; d=$(domid g1); be=/local/domain/0/backend/vbd/$d/$(vdevnum xvdk)
+  head -c $((4 * MB)) /dev/urandom >/images/disc.iso; want=$(md5sum </images/disc.iso | cut -d' ' -f1)
+  timeout 90 xl block-attach g1 "backendtype=phy, script=block-blktap, vdev=xvdk, devtype=cdrom, access=ro, target=aio:/images/disc.iso" ||
+    fail "xl block-attach of a cdrom failed"
+  wait_key $be/state 4 60
+  gx g1 60 wait-disk xvdk
+  [ "$(xsr $be/info)" = 5 ] || fail "info $(xsr $be/info), want 5 (cdrom, read-only)"
+  gx g1 60 verify xvdk 0 4 "$want"
+  # eject and insert as a toolstack does: the backend's params change
+  xenstore-write $be/params ""
+  gx g1 60 size xvdk 0; case $GX in "sectors=0 ro=1"*) ;; *) fail "after eject: $GX, want sectors=0 ro=1" ;; esac
+  head -c $((2 * MB)) /dev/urandom >/images/disc2.iso; want=$(md5sum </images/disc2.iso | cut -d' ' -f1)
+  xenstore-write $be/params aio:/images/disc2.iso
+  gx g1 60 size xvdk 4096; case $GX in "sectors=4096 "*) ;; *) fail "after insert: $GX, want sectors=4096" ;; esac
+  gx g1 60 verify xvdk 0 2 "$want"
+  timeout 90 xl block-detach g1 xvdk || fail "xl block-detach cdrom failed"
+  wait_gone $be 30
+  if tap_supported; then
+    # libxl >= 4.19 declares an empty drive (4.17 refuses one on phy:
+    # "no suitable backend"): params is a 0-byte file of its own
+    be=/local/domain/0/backend/vbd/$d/$(vdevnum xvdl)
+    timeout 90 xl block-attach g1 "backendtype=phy, script=block-blktap, vdev=xvdl, devtype=cdrom, access=ro, target=" ||
+      fail "xl block-attach of an empty cdrom failed"
+    wait_key $be/state 4 60
+    say "INFO empty drive: params=$(xsr $be/params)"
+    gx g1 60 wait-disk xvdl
+    gx g1 30 size xvdl 0; case $GX in "sectors=0 ro=1"*) ;; *) fail "empty drive: $GX, want sectors=0 ro=1" ;; esac
+    timeout 90 xl block-detach g1 xvdl || fail "xl block-detach of the empty cdrom failed"
+    wait_gone $be 30
+  fi
+  gx g1 30 errors
 }
 
 sc_boot_g2() { # no persistent grants, a qcow2 disk
@@ -266,7 +334,7 @@ sc_shutdown_g1() { # xl shutdown: the guest closes its frontends, libxl removes 
 
 # ---- this boot --------------------------------------------------------------
 xt_plan images boot-g1 attach-qcow2 attach-qcow attach-vhd attach-vhd-diff attach-vmdk attach-ram \
-  attach-qcow2-overlay kill-worker restart-daemon hotplug-error blktap-attach dom0-attach \
+  attach-qcow2-overlay kill-worker restart-daemon hotplug-error blktap-attach dom0-attach cdrom \
   $(tap_plan) boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1
 daemon_start
 xt_info "daemon: $(blktap --version 2>/dev/null || echo unknown version)"
@@ -280,9 +348,11 @@ xt_cleanup() {
       timeout 60 xl block-detach $g $id >/dev/null 2>&1
     done
   done
+  umount /mnt/d0 2>/dev/null
   for id in $(xl block-list 0 2>/dev/null | awk 'NR > 1 {print $1}'); do
     timeout 60 xl block-detach 0 $id >/dev/null 2>&1
   done
+  xsr /local/domain/0/backend/vbd3/0/51776/state >/dev/null && timeout 60 blktap detach 0 xvde >/dev/null 2>&1
 }
 
 xt_run images 60 sc_images
@@ -298,7 +368,8 @@ xt_run kill-worker 480 sc_kill_worker
 xt_run restart-daemon 480 sc_restart_daemon
 xt_run hotplug-error 150 sc_hotplug_error
 xt_run blktap-attach 180 sc_blktap_attach
-xt_run dom0-attach 200 sc_dom0_attach
+xt_run dom0-attach 240 sc_dom0_attach
+xt_run cdrom 200 sc_cdrom
 tap_run
 xt_run boot-g2-nopersist 300 sc_boot_g2
 xt_run reboot-g2 300 sc_reboot_g2
