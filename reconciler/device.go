@@ -559,7 +559,14 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		}
 		dev.exportServed = true
 		log.Info("export ready", "uri", dev.exportURI)
-		return d.publishDevicePath(ctx, be, dev.export)
+		if dev.readOnly && !s.Cdrom {
+			// libxl refuses to build an HVM guest's device model
+			// around a read-only emulated hard disk that has a local
+			// path ("qemu-xen doesn't support read-only IDE disk
+			// drivers"); without one the disk is PV-only.
+			return nil
+		}
+		return d.publishDevicePath(ctx, dev.key, be, dev.export)
 
 	case ActBackendInitWait:
 		ro := s.Mode == "r" || s.Mode == "ro"
@@ -969,13 +976,13 @@ func (d *Daemon) listenExport(dev *device) (net.Listener, string, error) {
 	return ln, "nbd+unix:///?socket=" + sock, nil
 }
 
-// publishDevicePath writes the export's socket as physical-device-path,
-// where libxl looks for a local path to the disk: QEMU's emulated disk of
-// an HVM guest, pygrub. A hotplug script that wrote one (block-tap: its
-// tap-ctl link to this same export) keeps it.
-func (d *Daemon) publishDevicePath(ctx context.Context, be string, ln net.Listener) error {
-	sock := exportSocket(ln)
-	if sock == "" {
+// publishDevicePath writes where libxl finds a local path to the disk
+// (QEMU's emulated disk of an HVM guest): the export's socket, as libxl
+// wants it for the key's backend kind. A hotplug script that wrote one
+// (block-tap: its tap-ctl link to this same export) keeps it.
+func (d *Daemon) publishDevicePath(ctx context.Context, k Key, be string, ln net.Listener) error {
+	path := devicePath(k.Kind, exportSocket(ln))
+	if path == "" {
 		return nil
 	}
 	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
@@ -985,8 +992,23 @@ func (d *Daemon) publishDevicePath(ctx context.Context, be string, ln net.Listen
 		if cur, _ := tx.Read(ctx, be+"/physical-device-path"); cur != "" {
 			return nil
 		}
-		return tx.Write(ctx, be+"/physical-device-path", sock)
+		return tx.Write(ctx, be+"/physical-device-path", path)
 	})
+}
+
+// devicePath is physical-device-path for an export's unix socket (none
+// for a TCP export). libxl wraps a tap (vbd3) disk's value as
+// nbd+unix:///?socket=VALUE itself, as tapdisk3 expects; a script-driven
+// vbd disk's value goes to QEMU's file= unchanged, so it is the URI.
+// libxl escapes nothing there: a comma would split QEMU's -drive option.
+func devicePath(kind, sock string) string {
+	switch {
+	case sock == "" || strings.Contains(sock, ","):
+		return ""
+	case kind == KindVBD3:
+		return sock
+	}
+	return "nbd+unix:///?socket=" + sock
 }
 
 // exportSocket is the export's unix socket path, or "" for none or a TCP

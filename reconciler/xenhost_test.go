@@ -499,7 +499,7 @@ func TestPhysicalDevicePathUnixOnly(t *testing.T) {
 	be := d.backendPath(k)
 	for _, tc := range []struct {
 		network, addr, want string
-	}{{"tcp", "127.0.0.1:0", ""}, {"unix", filepath.Join(dir, "e.sock"), filepath.Join(dir, "e.sock")}} {
+	}{{"tcp", "127.0.0.1:0", ""}, {"unix", filepath.Join(dir, "e.sock"), "nbd+unix:///?socket=" + filepath.Join(dir, "e.sock")}} {
 		if err := d.xs.Write(ctx, be+"/state", "2"); err != nil {
 			t.Fatal(err)
 		}
@@ -508,7 +508,7 @@ func TestPhysicalDevicePathUnixOnly(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := d.publishDevicePath(ctx, be, ln); err != nil {
+		if err := d.publishDevicePath(ctx, k, be, ln); err != nil {
 			t.Fatal(err)
 		}
 		ln.Close()
@@ -527,11 +527,27 @@ func TestPhysicalDevicePathUnixOnly(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	if err := d.publishDevicePath(ctx, be, ln); err != nil {
+	if err := d.publishDevicePath(ctx, k, be, ln); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := d.xs.Read(ctx, be+"/physical-device-path"); got != "/run/blktap-control/nbd7.0" {
 		t.Errorf("hotplug script's physical-device-path replaced by %q", got)
+	}
+}
+
+// What libxl does with physical-device-path (libxl_disk.c
+// libxl__device_disk_find_local_path, libxl_dm.c): a tap disk's value is
+// wrapped as nbd+unix by libxl, a script-driven vbd's goes to QEMU as is.
+func TestDevicePathPerBackendKind(t *testing.T) {
+	for _, tc := range []struct{ kind, sock, want string }{
+		{KindVBD3, "/run/blktap/d1-xvda.sock", "/run/blktap/d1-xvda.sock"},
+		{KindVBD, "/run/blktap/d1-xvda.sock", "nbd+unix:///?socket=/run/blktap/d1-xvda.sock"},
+		{KindVBD, "", ""},
+		{KindVBD, "/run/blk,tap/x.sock", ""}, // would split QEMU's -drive
+	} {
+		if got := devicePath(tc.kind, tc.sock); got != tc.want {
+			t.Errorf("devicePath(%s, %q) = %q, want %q", tc.kind, tc.sock, got, tc.want)
+		}
 	}
 }
 

@@ -180,14 +180,16 @@ sc_dom0_attach() { # dom0's own xen-blkfront reads and writes a qcow2 disk throu
   wait_key $be/state 4 60
   wait_key $fe/state 4 30   # written by dom0's blkfront, never by us
   wait_blk /dev/xvdd 30
-  pdp=$(xsr $be/physical-device-path); [ -S "$pdp" ] || fail "physical-device-path '$pdp' is not a socket"
+  # a script-driven vbd's physical-device-path goes to QEMU's file= as is: the URI
+  pdp=$(xsr $be/physical-device-path); [ -S "${pdp#nbd+unix:///?socket=}" ] && [ "$pdp" != "${pdp#nbd+unix:///?socket=}" ] ||
+    fail "physical-device-path '$pdp' is not nbd+unix:///?socket=<a socket>"
   head -c $((4 * MB)) /dev/urandom >/tmp/d0.pat; want=$(md5sum </tmp/d0.pat | cut -d' ' -f1)
   dd if=/tmp/d0.pat of=/dev/xvdd bs=1M oflag=direct conv=fsync 2>/dev/null || fail "write /dev/xvdd"
   got=$(dd if=/dev/xvdd bs=1M count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
   [ "$got" = "$want" ] || fail "DATA MISMATCH: /dev/xvdd read $got, wrote $want"
   say "INFO /dev/xvdd in dom0: attached, 4 MiB written and read back O_DIRECT in $(awk -v a="$t0" -v b="$(up)" 'BEGIN {print b-a}') s"
   # the NBD export at physical-device-path serves the same bytes
-  qemu-img convert -f raw -O raw "nbd+unix:///?socket=$pdp" /tmp/d0-nbd.raw || fail "qemu-img read of the export"
+  qemu-img convert -f raw -O raw "$pdp" /tmp/d0-nbd.raw || fail "qemu-img read of the export"
   got=$(head -c $((4 * MB)) /tmp/d0-nbd.raw | md5sum | cut -d' ' -f1); rm -f /tmp/d0-nbd.raw
   [ "$got" = "$want" ] || fail "DATA MISMATCH: the export read $got, /dev/xvdd wrote $want"
   # a file system: mkfs, mount, write, unmount, detach; the image holds the file
