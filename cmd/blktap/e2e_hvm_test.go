@@ -75,7 +75,6 @@ type ioCounters struct {
 		Flushes    uint64 `json:"flushes"`
 		NBDFlushes uint64 `json:"nbd_flushes"`
 		NBDWrites  uint64 `json:"nbd_writes"`
-		NBDConns   int64  `json:"nbd_connections"`
 	} `json:"io"`
 }
 
