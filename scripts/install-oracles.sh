@@ -13,6 +13,7 @@ need=(
   /usr/lib/python3/dist-packages/nbd.py:python3-libnbd
   /usr/lib/python3/dist-packages/pyxs/__init__.py:python3-pyxs
   nbdkit:nbdkit fio:fio
+  qemu-system-i386:qemu-system-x86
   qcowinfo:libqcow-utils vhdiinfo:libvhdi-utils vmdkinfo:libvmdk-utils
   gcc:gcc
   /usr/include/xen/io/blkif.h:libxen-dev

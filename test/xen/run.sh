@@ -17,6 +17,8 @@
 #   XEN_TEST_STRESS  N: instead of the scenarios, N rounds of short-lived
 #                    programs in dom0, counting the ones that die (flake rate)
 #   BLKTAP_BIN       the (static) blktap binary to put in dom0 (default: built here)
+#   XEN_TEST_DM      an unpacked qemu-system-xen package whose device model
+#                    goes into dom0 (the hvm-probe scenario, docs/HVM.md)
 #   XEN_TEST_VERSIONS the Xen versions to boot, in order (default "4.17 4.20":
 #                    4.17 from the host's bookworm packages, 4.20 from
 #                    Debian trixie's, see trixie/build.sh)
