@@ -268,6 +268,9 @@ func (c *conn) readLoop() (err error) {
 		r := <-c.free
 		r.Request = rq
 		need := int64(plen)
+		if plen > 0 && c.refused(rq) {
+			need = 0 // its payload is dropped as it is read
+		}
 		if plen == 0 && rq.Type == CmdRead && rq.Length <= MaxPayload {
 			need = int64(rq.Length)
 		}
@@ -319,8 +322,16 @@ func (c *conn) lendable(rq Request) bool {
 }
 
 // readPayload reads a WRITE's payload: into the Lender's buffers when the
-// request will be started on them, else into a buffer of its own.
+// request will be started on them, else into a buffer of its own. The
+// payload of a request handle will refuse is read and dropped: it must
+// not hold a Lender's buffer (its error reply may be held back while the
+// reader goes on, and a ring's worth of those once left the reader
+// waiting for a buffer only its own held replies would free), nor memory.
 func (c *conn) readPayload(r *req, plen uint64) error {
+	if c.refused(r.Request) {
+		_, err := io.CopyN(io.Discard, c.br, int64(plen))
+		return err
+	}
 	if c.lendable(r.Request) && r.Type == CmdWrite {
 		for off := uint64(0); off < plen; off += c.stMax {
 			h, buf, err := c.lender.TakeTag()
@@ -557,6 +568,12 @@ func (c *conn) allowedFlags(typ uint16) uint16 {
 	}
 	// Clients may set FUA on any command; it only matters for writes.
 	return f | CmdFlagFUA
+}
+
+// refused reports whether handle answers a request that carries a
+// payload with an error, whatever the backend would say.
+func (c *conn) refused(rq Request) bool {
+	return rq.Type != CmdWrite || rq.Flags&^c.allowedFlags(rq.Type) != 0 || c.ro || !c.inRange(rq.Offset, rq.Length)
 }
 
 // inRange reports whether [off, off+n) lies inside the export.
