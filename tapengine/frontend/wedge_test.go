@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -163,5 +164,38 @@ func TestRefusedWritesDoNotWedge(t *testing.T) {
 	}
 	if got := r.stats.Writes.Load(); got != 0 {
 		t.Errorf("%d refused writes reached the ring", got)
+	}
+}
+
+// TestGuestView64MiB: a client that negotiated no block size writes and
+// reads 64 MiB in one request each through the guest view (NBD ->
+// frontend -> ring -> image).
+func TestGuestView64MiB(t *testing.T) {
+	const size = 72 << 20
+	const n = 64 << 20
+	r := newRigOpts(t, Options{Protocol: blkif.X86_64, RingOrder: 2, MaxIndirectSegments: 256}, size, ring.Options{MaxIndirectSegments: 256})
+	uri := serveNBD(t, r.f)
+	sock := uri[strings.Index(uri, "socket=")+len("socket="):]
+	oc := dialOld(t, sock, "guest")
+	payload := make([]byte, n)
+	for i := range payload {
+		payload[i] = byte(i>>9) ^ byte(i)
+	}
+	if _, err := oc.c.Write(request(nil, 1, 1, 4096, n, payload)); err != nil {
+		t.Fatal(err)
+	}
+	if _, errno, _, err := oc.reply(0); err != nil || errno != 0 {
+		t.Fatalf("64 MiB write: errno %d, %v", errno, err)
+	}
+	if _, err := oc.c.Write(request(nil, 0, 2, 4096, n, nil)); err != nil {
+		t.Fatal(err)
+	}
+	_, errno, data, err := oc.reply(n)
+	if err != nil || errno != 0 || !bytes.Equal(data, payload) {
+		t.Fatalf("64 MiB read: errno %d, %v, same bytes %v", errno, err, bytes.Equal(data, payload))
+	}
+	got := make([]byte, n)
+	if _, err := r.img.ReadAt(got, 4096); err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("the image does not hold the 64 MiB write: %v", err)
 	}
 }
