@@ -28,6 +28,41 @@ func attachDup(t *testing.T, f *Frontend) ring.Transport {
 	return tr
 }
 
+// swallow is a backend that takes n requests off the ring on tr and
+// answers none (a worker killed, or stopped, mid-I/O). The channel closes
+// once it has them.
+func swallow(t *testing.T, tr ring.Transport, n int) <-chan struct{} {
+	t.Helper()
+	back, err := ring.NewBack(tr.Ring(), blkif.X86_64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	consumed := make(chan struct{})
+	go func() {
+		defer close(consumed)
+		pfd := []unix.PollFd{{Fd: int32(tr.WaitFD()), Events: unix.POLLIN}}
+		var req blkif.Request
+		for taken := 0; taken < n; {
+			k, err := back.Pending()
+			if err != nil {
+				return
+			}
+			for ; k > 0 && taken < n; k-- {
+				back.Next(&req)
+				taken++
+			}
+			if taken < n {
+				if more, err := back.FinalCheck(); err != nil || more {
+					continue
+				}
+				unix.Poll(pfd, -1)
+				tr.Ack()
+			}
+		}
+	}()
+	return consumed
+}
+
 // TestBackendRestart: a backend that dies after consuming requests but
 // before answering them (a killed worker) loses nothing: a new backend
 // attached to the same ring serves them again, and the callers, who only
@@ -48,33 +83,7 @@ func TestBackendRestart(t *testing.T) {
 
 	// The doomed backend: takes 8 requests off the ring, answers none.
 	tr1 := attachDup(t, f)
-	back, err := ring.NewBack(tr1.Ring(), blkif.X86_64)
-	if err != nil {
-		t.Fatal(err)
-	}
-	consumed := make(chan struct{})
-	go func() {
-		defer close(consumed)
-		pfd := []unix.PollFd{{Fd: int32(tr1.WaitFD()), Events: unix.POLLIN}}
-		var req blkif.Request
-		for taken := 0; taken < 8; {
-			n, err := back.Pending()
-			if err != nil {
-				return
-			}
-			for ; n > 0 && taken < 8; n-- {
-				back.Next(&req)
-				taken++
-			}
-			if taken < 8 {
-				if more, err := back.FinalCheck(); err != nil || more {
-					continue
-				}
-				unix.Poll(pfd, -1)
-				tr1.Ack()
-			}
-		}
-	}()
+	consumed := swallow(t, tr1, 8)
 	if err := f.Connect(size/512, 512, false); err != nil {
 		t.Fatal(err)
 	}

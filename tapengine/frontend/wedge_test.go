@@ -199,3 +199,61 @@ func TestGuestView64MiB(t *testing.T) {
 		t.Fatalf("the image does not hold the 64 MiB write: %v", err)
 	}
 }
+
+// TestGuestViewCloseWithSilentBackend: the guest view's Close waits for
+// the requests its connections have on the ring; when no worker answers
+// them (stopped, dead, paused), closing the frontend must fail them so
+// the export (and the daemon's shutdown, which relies on this) ends.
+func TestGuestViewCloseWithSilentBackend(t *testing.T) {
+	const size = 4 << 20
+	const reads = 8
+	f, err := New(Options{Protocol: blkif.X86_64})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	tr := attachDup(t, f)
+	defer tr.Close()
+	consumed := swallow(t, tr, reads)
+	if err := f.Connect(size/512, 512, false); err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(t.TempDir(), "g.sock")
+	ln, err := net.Listen("unix", sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &nbd.Server{Export: nbd.Export{Name: "g", Backend: f, RoundTrip: true}}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(context.Background(), ln) }()
+	oc := dialOld(t, sock, "g")
+	var b []byte
+	for i := range uint64(reads) {
+		b = request(b, 0, i, i*4096, 4096, nil)
+	}
+	if _, err := oc.c.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	<-consumed
+	closed := make(chan error, 1)
+	go func() { closed <- srv.Close() }()
+	select {
+	case <-closed:
+		t.Fatal("Close returned with reads unanswered on the ring")
+	case <-time.After(300 * time.Millisecond):
+	}
+	f.CloseWithError(errors.New("test: no worker"))
+	select {
+	case <-closed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("the export did not shut down after the frontend closed")
+	}
+	<-served
+	for range reads {
+		if _, errno, _, err := oc.reply(4096); err == nil && errno == 0 {
+			t.Fatal("a read nobody answered got data")
+		} else if err != nil {
+			break // the server may hang up instead of answering
+		}
+	}
+}
