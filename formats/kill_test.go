@@ -188,6 +188,7 @@ func killRound(t *testing.T, kc killCase, seed uint64) {
 	if i := firstDiffAt(got, model); i >= 0 {
 		t.Fatalf("%d operations acknowledged before the kill; byte %d reads %#x, acknowledged %#x", acks, i, got[i], model[i])
 	}
+	t.Logf("round %d: killed after %d acknowledged operations; all verified", seed, acks)
 	// The restarted worker's flush (answering the one in flight) then
 	// close; the image must check clean apart from leaked space.
 	if err := img.Flush(); err != nil {
