@@ -1107,10 +1107,30 @@ func (dev *device) closeKernelDevice(log *slog.Logger) {
 	dev.kernel = nil
 }
 
+// guestDrain bounds how long the guest view may take to answer what it
+// has in flight before the local frontend is closed under it.
+const guestDrain = 15 * time.Second
+
 func (dev *device) closeLocalFrontend(log *slog.Logger) {
 	if dev.guest != nil {
 		dev.guestStop()
-		dev.guest.Close()
+		closed := make(chan struct{})
+		go func() {
+			dev.guest.Close()
+			close(closed)
+		}()
+		select {
+		case <-closed:
+		case <-time.After(guestDrain):
+			// Its connections wait on ring requests nobody answers (a
+			// worker stopped, dead or paused): closing the frontend fails
+			// them, so the export, and the daemon's shutdown, end.
+			log.Warn("guest view still busy: failing its ring requests", "after", guestDrain)
+			if dev.lf != nil {
+				dev.lf.CloseWithError(errors.New("guest view shut down with requests unanswered"))
+			}
+			<-closed
+		}
 		<-dev.guestDone
 		dev.guest, dev.guestURI = nil, ""
 	}

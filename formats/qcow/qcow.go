@@ -72,14 +72,7 @@ type Image struct {
 
 	// syncer batches the fdatasync barriers of concurrent allocating
 	// writes and flushes (group commit).
-	syncer struct {
-		sync.Mutex
-		cond     sync.Cond
-		running  bool
-		started  uint64 // barriers begun
-		finished uint64 // barriers ended
-		err      error  // sticky: after a failed fdatasync the page cache state is unknown
-	}
+	syncer hostfile.GroupSync
 
 	// zmu guards the last decompressed cluster.
 	zmu   sync.Mutex
@@ -134,7 +127,6 @@ func openStorage(st storage, path string, opts Options) (*Image, error) {
 	img.mu.l2 = make(map[uint64][]uint64)
 	img.mu.busy = make(map[int64]chan struct{})
 	img.mu.newL2 = make(map[int64]chan struct{})
-	img.syncer.cond.L = &img.syncer.Mutex
 	img.mu.eof = size
 	if img.mu.l1, err = readL1(st, h, size); err != nil {
 		return nil, err
@@ -401,29 +393,7 @@ func (img *Image) Flush() error {
 // so every write completed before the call is durable. Concurrent callers
 // share one fdatasync.
 func (img *Image) barrier() error {
-	s := &img.syncer
-	s.Lock()
-	defer s.Unlock()
-	target := s.started + 1 // the first sync to begin from now on
-	for s.finished < target && s.err == nil {
-		if s.running {
-			s.cond.Wait()
-			continue
-		}
-		s.running = true
-		s.started++
-		gen := s.started
-		s.Unlock()
-		err := img.st.Sync()
-		s.Lock()
-		s.running = false
-		s.finished = gen
-		if err != nil && s.err == nil {
-			s.err = err
-		}
-		s.cond.Broadcast()
-	}
-	return s.err
+	return img.syncer.Sync(img.st.Sync)
 }
 
 // Close flushes and releases the image and its backing image.

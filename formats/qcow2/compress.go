@@ -79,7 +79,7 @@ func (img *Image) allocWriteCompressed(vc int64, z []byte, e uint64, pc poolClus
 		// name bytes that do not inflate.
 		err = img.writeData(z, newOff)
 		if err == nil && !img.scratch {
-			err = img.gsync.sync(img.f)
+			err = img.gsync.Sync(img.f.Sync)
 		}
 	}
 	m := &img.mu

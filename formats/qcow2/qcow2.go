@@ -67,7 +67,7 @@ type Image struct {
 	poolSize int
 	openSize int64 // file length at open
 
-	gsync groupSync
+	gsync hostfile.GroupSync
 
 	// zc caches the last inflated compressed cluster: sequential reads
 	// of a compressed image would otherwise inflate it once per request.

@@ -3,7 +3,6 @@ package qcow2
 import (
 	"encoding/binary"
 	"fmt"
-	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/hostfile"
@@ -568,7 +567,7 @@ func (img *Image) allocWrite(vc, in int64, p []byte, e uint64, k kind, host int6
 		}
 	}
 	if err == nil && !(oldZero && pc.fresh) && !img.scratch {
-		err = img.gsync.sync(img.f)
+		err = img.gsync.Sync(img.f.Sync)
 	}
 	m := &img.mu
 	m.Lock()
@@ -791,40 +790,4 @@ func (img *Image) discardCluster(vc int64) error {
 	err = img.writeCluster(vc, 0, make([]byte, img.cs))
 	m.Lock()
 	return err
-}
-
-// groupSync lets concurrent writers share fdatasyncs: a caller needs one
-// sync that started after its own write completed, and every caller
-// waiting at that moment is served by the same one.
-type groupSync struct {
-	mu      sync.Mutex
-	cond    *sync.Cond
-	started uint64 // syncs begun
-	done    uint64 // syncs finished
-	running bool
-	err     error // result of the last finished sync
-}
-
-func (g *groupSync) sync(f storage) error {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	if g.cond == nil {
-		g.cond = sync.NewCond(&g.mu)
-	}
-	target := g.started + 1
-	for g.done < target {
-		if g.running {
-			g.cond.Wait()
-			continue
-		}
-		g.running = true
-		g.started++
-		n := g.started
-		g.mu.Unlock()
-		err := f.Sync()
-		g.mu.Lock()
-		g.running, g.done, g.err = false, n, err
-		g.cond.Broadcast()
-	}
-	return g.err
 }

@@ -39,39 +39,9 @@ func memOpener(fs *memFS) image.OpenFunc {
 
 func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 	const p = "/img/d.vmdk"
-	const size = 2<<20 + 4096
+	const size int64 = 2<<20 + 4096
 	fs := newMemFS(seed, -1)
-	model := make([]byte, size)
-	var backing image.OpenFunc
-	co := CreateOptions{Size: size, ClusterSize: 4096, ZeroedGrain: variant == "zeroed", fs: fs}
-	if variant == "child" {
-		if err := Create("/img/base.vmdk", co); err != nil {
-			t.Fatal(err)
-		}
-		base, err := Open("/img/base.vmdk", Options{fs: fs})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for i := range model {
-			model[i] = byte(i>>12) | 0x80
-		}
-		if _, err := base.WriteAt(model, 0); err != nil {
-			t.Fatal(err)
-		}
-		if err := base.Close(); err != nil {
-			t.Fatal(err)
-		}
-		co.Backing = "base.vmdk"
-		backing = memOpener(fs)
-	}
-	if err := Create(p, co); err != nil {
-		t.Fatal(err)
-	}
-	if variant == "notables" {
-		f := fs.files[p]
-		f.data = dropTables(t, f.data)
-		f.durable = bytes.Clone(f.data)
-	}
+	model, backing := newVariant(t, fs, p, size, variant)
 	r := rand.New(rand.NewPCG(seed, 1))
 	fs.mu.Lock()
 	if fs.syncOnly = seed%2 == 1; fs.syncOnly {
@@ -153,6 +123,44 @@ func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 			t.Fatalf("qemu reads the crashed image differently at %d", diffAt(raw, got))
 		}
 	}
+}
+
+// newVariant creates image p of the variant on fs and returns what it
+// reads as and the opener of its parent (nil if none).
+func newVariant(t *testing.T, fs *memFS, p string, size int64, variant string) ([]byte, image.OpenFunc) {
+	t.Helper()
+	model := make([]byte, size)
+	var backing image.OpenFunc
+	co := CreateOptions{Size: size, ClusterSize: 4096, ZeroedGrain: variant == "zeroed", fs: fs}
+	if variant == "child" {
+		if err := Create("/img/base.vmdk", co); err != nil {
+			t.Fatal(err)
+		}
+		base, err := Open("/img/base.vmdk", Options{fs: fs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range model {
+			model[i] = byte(i>>12) | 0x80
+		}
+		if _, err := base.WriteAt(model, 0); err != nil {
+			t.Fatal(err)
+		}
+		if err := base.Close(); err != nil {
+			t.Fatal(err)
+		}
+		co.Backing = "base.vmdk"
+		backing = memOpener(fs)
+	}
+	if err := Create(p, co); err != nil {
+		t.Fatal(err)
+	}
+	if variant == "notables" {
+		f := fs.files[p]
+		f.data = dropTables(t, f.data)
+		f.durable = bytes.Clone(f.data)
+	}
+	return model, backing
 }
 
 // dropTables zeroes every grain directory entry (primary and redundant),

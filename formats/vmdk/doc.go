@@ -39,26 +39,28 @@
 //  4. Do not open the same image writable twice (in this process or any
 //     other): grain allocation appends at the end of the file.
 //
-// Write ordering. A new grain is appended at the end of the extent file
-// and written whole (the rest of a partial grain copied from the parent);
-// its grain-table entry is changed in the cache only. Flush then:
+// Write ordering. A write is acknowledged only when everything it needs
+// is in the file, so a process killed right after the acknowledgement
+// (the page cache survives it) loses nothing, and a power cut loses
+// nothing covered by a completed Flush. A new grain is appended at the
+// end of the extent file and written whole (the rest of a partial grain
+// copied from the parent), then:
 //
-//  1. fdatasync the extent file: every grain the cached tables point at
-//     is durable;
-//  2. writes each changed grain table to its primary and then its
-//     redundant location;
-//  3. if a table is new (its directory entry was 0: the image had no
+//  1. fdatasync (shared by concurrent allocating writers): the grain and
+//     the file's new length are durable;
+//  2. its grain-table entry is written to the primary, then the redundant
+//     table;
+//  3. if the table is new (its directory entry was 0: the image had no
 //     preallocated table there; it goes at the end of the file like a
-//     grain), fdatasync, then write its directory entries (primary, then
-//     redundant);
-//  4. fdatasync again.
+//     grain), it is written whole instead, fdatasync, then its directory
+//     entries (primary, then redundant).
 //
 // So a table on disk never points at a grain whose data was not synced
 // first, and a directory never names a table that was not; a crash
 // between the steps leaves grains or tables that nothing references
 // (leaks that Check counts), never metadata pointing at garbage. Writes
-// into a grain that is already allocated go in place. When half the table
-// cache is dirty a writer flushes inline, so dirty state stays bounded.
+// into a grain that is already allocated go in place. Flush is one
+// fdatasync (plus the write-back of any table whose earlier write failed).
 // Grains are never reused, so a discarded grain (its entry reset to 0, or
 // 1 where zeroed grains exist and a parent shows through) cannot be
 // overwritten while an old table on disk still names it.

@@ -27,11 +27,16 @@ const (
 
 // gtable is one cached grain table.
 type gtable struct {
-	idx     uint32
-	e       []uint32
-	dirty   bool
+	idx uint32
+	e   []uint32
+	// dirty: the file's copy may differ from e beyond single entries (a
+	// new table, or a write-back that failed), so the whole table is
+	// written at the next write-back.
+	dirty bool
+	// onDisk: the grain directory in the file names this table.
+	onDisk  bool
 	el      *list.Element
-	pending int // allocations in flight that will set entries here
+	pending int // allocations and write-backs in flight on this table
 }
 
 // sparse is one hosted sparse extent (a KDMV file). Safe for concurrent use:
@@ -46,16 +51,25 @@ type sparse struct {
 	// gtBytes is the size of one grain table.
 	gtBytes int64
 
-	flushMu sync.Mutex // serialises metadata write-back
+	// metaMu serialises writes of grain tables and directory entries to
+	// the file. Each write-back copies what it writes from the cache while
+	// holding it, so the last write of any entry carries its newest value.
+	metaMu sync.Mutex
+	gsync  hostfile.GroupSync
+
+	// extMu guards durable: the file length known to be on disk. The file
+	// is extended ahead of the grains in batches, one fdatasync each, so
+	// an entry never names space past the durable end, and a new grain
+	// reads as zeros until its data lands.
+	extMu   sync.Mutex
+	durable int64
 
 	mu       sync.Mutex
 	cond     sync.Cond
 	cache    map[uint32]*gtable
 	lru      list.List // of *gtable, front = most recent
 	cacheCap int
-	ndirty   int
 	inflight map[uint64]struct{} // grains being allocated
-	gdDirty  []uint32            // directory entries of new tables, not yet on disk
 	size     int64               // bytes in the file, including appended grains
 	next     int64               // where the next grain goes
 
@@ -118,6 +132,7 @@ func openSparse(f file, name string, readOnly bool, cacheCap int) (*sparse, erro
 		cacheCap: max(cacheCap, 4),
 		inflight: map[uint64]struct{}{},
 		size:     size,
+		durable:  size,
 		// New grains go after everything in the file and never below the
 		// data area, even when the file is shorter than its header says.
 		next:   max((size+sectorSize-1)&^(sectorSize-1), int64(min(h.GrainOffset, math.MaxInt64/sectorSize))*sectorSize),
@@ -179,7 +194,7 @@ func (s *sparse) tableLocked(i uint32) (*gtable, error) {
 	if err := hostfile.ReadFull(s.f, b, off); err != nil {
 		return nil, fmtErr(off, "grain table", image.ErrCorrupt, "%s: %v", s.name, err)
 	}
-	t := &gtable{idx: i, e: make([]uint32, s.h.NumGTEsPerGT)}
+	t := &gtable{idx: i, e: make([]uint32, s.h.NumGTEsPerGT), onDisk: true}
 	for j := range t.e {
 		t.e[j] = binary.LittleEndian.Uint32(b[4*j:])
 	}
@@ -189,13 +204,13 @@ func (s *sparse) tableLocked(i uint32) (*gtable, error) {
 	return t, nil
 }
 
-// evictLocked drops clean, idle tables past the cache size. Dirty tables
-// stay until written back; writers flush when too many are dirty.
+// evictLocked drops idle tables that match the file past the cache size.
+// A table not yet written back stays: only the cache holds its entries.
 func (s *sparse) evictLocked() {
 	for el := s.lru.Back(); el != nil && len(s.cache) >= s.cacheCap; {
 		prev := el.Prev()
 		t := el.Value.(*gtable)
-		if !t.dirty && t.pending == 0 {
+		if !t.dirty && t.onDisk && t.pending == 0 {
 			s.lru.Remove(el)
 			delete(s.cache, t.idx)
 		}
@@ -379,8 +394,8 @@ func (s *sparse) allocate(g uint64) (st grainState, off int64, reserved bool, er
 }
 
 // newTableLocked places a new, empty grain table i (and its redundant
-// copy) at the end of the file. Its directory entries reach the file at
-// the next flush, only after the table itself is written and synced.
+// copy) at the end of the file. The first write-back writes it whole and
+// syncs it before the directory names it.
 func (s *sparse) newTableLocked(i uint32) (*gtable, error) {
 	if int(i) >= len(s.gd) || s.h.GDOffset == gdAtEnd {
 		return nil, fmtErr(-1, "grain directory", image.ErrCorrupt, "%s: grain table %d: %v", s.name, i, errNoTable)
@@ -400,9 +415,7 @@ func (s *sparse) newTableLocked(i uint32) (*gtable, error) {
 	s.gd[i] = uint32(s.next / sectorSize)
 	s.next += span
 	s.size = max(s.size, s.next)
-	s.gdDirty = append(s.gdDirty, i)
 	t := &gtable{idx: i, e: make([]uint32, s.h.NumGTEsPerGT), dirty: true}
-	s.ndirty++
 	s.evictLocked()
 	t.el = s.lru.PushFront(t)
 	s.cache[i] = t
@@ -410,19 +423,22 @@ func (s *sparse) newTableLocked(i uint32) (*gtable, error) {
 }
 
 // publish records that grain g's data is written at off, or (st
-// grainUnalloc / grainZero) that it holds no data. The entry reaches the
-// file at the next metadata flush, after the data is synced.
+// grainUnalloc / grainZero) that it holds no data, and writes the entry
+// to the file before returning: a write is acknowledged only once a
+// process that dies right after it (leaving only the page cache) loses
+// nothing. The caller has made the grain's space durable (extend) and,
+// where a lost data write would not read as the grain's old content,
+// synced the data.
 func (s *sparse) publish(g uint64, st grainState, off int64, wasReserved bool) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	per := uint64(s.h.NumGTEsPerGT)
 	if wasReserved {
-		delete(s.inflight, g)
-		if t := s.cache[uint32(g/per)]; t != nil {
-			t.pending--
-		}
-		s.cond.Broadcast()
-	} else {
+		// The reservation holds off other writers of g until the entry is
+		// in the file: one that wrote in place into the new grain and was
+		// acknowledged before then would be lost with the entry.
+		defer s.release(g)
+	}
+	s.mu.Lock()
+	if !wasReserved {
 		for {
 			if _, busy := s.inflight[g]; !busy {
 				break
@@ -431,14 +447,12 @@ func (s *sparse) publish(g uint64, st grainState, off int64, wasReserved bool) e
 		}
 	}
 	t, err := s.tableLocked(uint32(g / per))
-	if err != nil {
-		return err
-	}
-	if t == nil {
-		if st == grainUnalloc {
-			return nil
+	if err != nil || t == nil {
+		s.mu.Unlock()
+		if err == nil && st != grainUnalloc {
+			err = fmtErr(-1, "grain directory", image.ErrUnsupported, "%s: grain %d: %v", s.name, g, errNoTable)
 		}
-		return fmtErr(-1, "grain directory", image.ErrUnsupported, "%s: grain %d: %v", s.name, g, errNoTable)
+		return err
 	}
 	var v uint32
 	switch st {
@@ -451,19 +465,69 @@ func (s *sparse) publish(g uint64, st grainState, off int64, wasReserved bool) e
 		}
 	}
 	if t.e[g%per] == v {
+		s.mu.Unlock()
 		return nil
 	}
 	t.e[g%per] = v
-	if !t.dirty {
-		t.dirty = true
-		s.ndirty++
+	// Pinned until written: an evicted copy reloaded from the file before
+	// the write would show the old entry.
+	t.pending++
+	s.mu.Unlock()
+	err = s.writeBack(t, int(g%per))
+	s.mu.Lock()
+	t.pending--
+	s.mu.Unlock()
+	return err
+}
+
+// extendBatch is how far past a new grain the file is extended at once:
+// one fdatasync per batch for sequential writes, at most a batch leaked
+// by a crash (Close gives back what is unused).
+const extendBatch = 4 << 20
+
+// extend makes the file at least end bytes long, durably, before any
+// write at or past the old durable end. Every write lands below the
+// durable end (callers extend first), so growing the file here never cuts
+// off anything.
+func (s *sparse) extend(end int64) error {
+	s.extMu.Lock()
+	defer s.extMu.Unlock()
+	if end <= s.durable {
+		return nil
 	}
+	target := min(end+extendBatch, math.MaxUint32*sectorSize)
+	size, err := s.f.Size()
+	if err == nil && size < target {
+		err = s.f.Truncate(target)
+	}
+	if err == nil {
+		err = s.gsync.Sync(s.f.Sync)
+	}
+	if err != nil {
+		return fmt.Errorf("vmdk: %s: extend to %d bytes: %w", s.name, target, err)
+	}
+	s.durable = target
 	return nil
 }
 
-// abort releases a reservation whose data write failed. The space leaks,
-// which the format tolerates (check reports it).
-func (s *sparse) abort(g uint64) {
+// trim gives back the space extend reserved and no grain used. Only at
+// Close, with no writer left.
+func (s *sparse) trim() error {
+	s.mu.Lock()
+	next := s.next
+	s.mu.Unlock()
+	size, err := s.f.Size()
+	if err != nil || size <= next {
+		return err
+	}
+	if err := s.f.Truncate(next); err != nil {
+		return fmt.Errorf("vmdk: %s: %w", s.name, err)
+	}
+	return s.f.Sync()
+}
+
+// release ends the reservation of grain g.
+func (s *sparse) release(g uint64) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.inflight, g)
@@ -473,109 +537,94 @@ func (s *sparse) abort(g uint64) {
 	s.cond.Broadcast()
 }
 
-func (s *sparse) tooDirty() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.ndirty >= s.cacheCap/2
-}
+// abort releases a reservation whose data write failed. The space leaks,
+// which the format tolerates (check reports it).
+func (s *sparse) abort(g uint64) { s.release(g) }
 
-// flush makes the extent durable: data first, then the grain tables that
-// point at it (primary, then redundant copy), then a second sync.
-func (s *sparse) flush() error {
-	s.flushMu.Lock()
-	defer s.flushMu.Unlock()
-	type wb struct {
-		t   *gtable
-		buf []byte
-	}
-	var todo []wb
+// writeBack writes entry j of table t (primary and redundant copies) to
+// the file, or the whole table when t is dirty. A table the directory
+// does not name yet is synced before its directory entries are written,
+// so a power cut never leaves the directory naming a table of garbage.
+func (s *sparse) writeBack(t *gtable, j int) error {
+	s.metaMu.Lock()
+	defer s.metaMu.Unlock()
 	s.mu.Lock()
-	for _, t := range s.cache {
-		if !t.dirty {
-			continue
+	whole, named := t.dirty, t.onDisk
+	var buf []byte
+	at := int64(4 * j)
+	if whole {
+		buf = make([]byte, s.gtBytes)
+		for k, v := range t.e {
+			binary.LittleEndian.PutUint32(buf[4*k:], v)
 		}
-		b := make([]byte, s.gtBytes)
-		for j, v := range t.e {
-			binary.LittleEndian.PutUint32(b[4*j:], v)
-		}
-		todo = append(todo, wb{t, b})
+		at = 0
 		t.dirty = false
-		s.ndirty--
+	} else {
+		buf = binary.LittleEndian.AppendUint32(nil, t.e[j])
 	}
-	type dirEntry struct {
-		i       uint32
-		gd, rgd uint32
-	}
-	var dirs []dirEntry
-	for _, i := range s.gdDirty {
-		d := dirEntry{i: i, gd: s.gd[i]}
-		if s.rgd != nil {
-			d.rgd = s.rgd[i]
+	var places []int64
+	for _, dir := range [][]uint32{s.gd, s.rgd} {
+		if int(t.idx) < len(dir) && dir[t.idx] != 0 {
+			places = append(places, int64(dir[t.idx])*sectorSize+at)
 		}
-		dirs = append(dirs, d)
 	}
-	gdw := s.gdDirty
-	s.gdDirty = nil
+	gd := s.gd[t.idx]
+	var rgd uint32
+	if s.rgd != nil {
+		rgd = s.rgd[t.idx]
+	}
 	s.mu.Unlock()
-	redo := func() {
+	fail := func(err error) error {
 		s.mu.Lock()
-		for _, w := range todo {
-			if !w.t.dirty {
-				w.t.dirty = true
-				s.ndirty++
-			}
-		}
-		s.gdDirty = append(s.gdDirty, gdw...)
+		t.dirty = true
 		s.mu.Unlock()
-	}
-	if err := s.f.Sync(); err != nil {
-		redo()
 		return err
 	}
-	if len(todo) == 0 {
+	for _, p := range places {
+		if _, err := s.f.WriteAt(buf, p); err != nil {
+			return fail(fmt.Errorf("vmdk: %s: write grain table %d: %w", s.name, t.idx, err))
+		}
+	}
+	if named {
 		return nil
 	}
-	s.mu.Lock()
-	type place struct {
-		buf []byte
-		at  int64
-		idx uint32
+	if err := s.gsync.Sync(s.f.Sync); err != nil {
+		return fail(fmt.Errorf("vmdk: %s: sync grain table %d: %w", s.name, t.idx, err))
 	}
-	var places []place
-	for _, w := range todo {
-		for _, dir := range [][]uint32{s.gd, s.rgd} {
-			if int(w.t.idx) < len(dir) && dir[w.t.idx] != 0 {
-				places = append(places, place{w.buf, int64(dir[w.t.idx]) * sectorSize, w.t.idx})
-			}
+	err := s.putDirEntry(s.h.GDOffset, t.idx, gd)
+	if err == nil && s.rgd != nil {
+		err = s.putDirEntry(s.h.RGDOffset, t.idx, rgd)
+	}
+	if err != nil {
+		return fail(err)
+	}
+	s.mu.Lock()
+	t.onDisk = true
+	s.mu.Unlock()
+	return nil
+}
+
+// flush makes the extent durable. Every entry is already in the file
+// (publish wrote it), so this is one fdatasync, after retrying the
+// write-back of any table whose earlier write-back failed.
+func (s *sparse) flush() error {
+	s.mu.Lock()
+	var redo []*gtable
+	for _, t := range s.cache {
+		// A table with allocations in flight is theirs to write: its space
+		// may not be durable yet.
+		if (t.dirty || !t.onDisk) && t.pending == 0 {
+			redo = append(redo, t)
 		}
 	}
 	s.mu.Unlock()
-	for _, p := range places {
-		if _, err := s.f.WriteAt(p.buf, p.at); err != nil {
-			redo()
-			return fmt.Errorf("vmdk: %s: write grain table %d: %w", s.name, p.idx, err)
-		}
-	}
-	if len(dirs) > 0 {
-		// New tables are durable before the directory names them.
-		if err := s.f.Sync(); err != nil {
-			redo()
+	for _, t := range redo {
+		if err := s.writeBack(t, 0); err != nil {
 			return err
 		}
-		for _, d := range dirs {
-			err := s.putDirEntry(s.h.GDOffset, d.i, d.gd)
-			if err == nil && s.rgd != nil {
-				err = s.putDirEntry(s.h.RGDOffset, d.i, d.rgd)
-			}
-			if err != nil {
-				redo()
-				return err
-			}
-		}
 	}
-	if err := s.f.Sync(); err != nil {
-		redo()
-		return err
+	if err := s.gsync.Sync(s.f.Sync); err != nil {
+		return fmt.Errorf("vmdk: %s: %w", s.name, err)
 	}
 	return nil
 }

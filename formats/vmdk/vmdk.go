@@ -461,6 +461,10 @@ func (img *Image) writeGrain(e *extent, g uint64, in int64, q []byte) error {
 		return nil
 	}
 	gb := sp.h.grainBytes()
+	if err := sp.extend(off + gb); err != nil {
+		sp.abort(g)
+		return err
+	}
 	buf := q
 	if int64(len(q)) != gb {
 		buf = make([]byte, gb)
@@ -479,13 +483,15 @@ func (img *Image) writeGrain(e *extent, g uint64, in int64, q []byte) error {
 		sp.abort(g)
 		return fmt.Errorf("vmdk: write %s: %w", sp.name, err)
 	}
-	if err := sp.publish(g, grainData, off, true); err != nil {
-		return err
+	if st == grainUnalloc && img.backing != nil {
+		// Until the entry exists the grain reads from the parent; a
+		// durable entry over lost data would read as zeros instead.
+		if err := sp.gsync.Sync(sp.f.Sync); err != nil {
+			sp.abort(g)
+			return fmt.Errorf("vmdk: %s: sync grain %d: %w", sp.name, g, err)
+		}
 	}
-	if sp.tooDirty() {
-		return sp.flush()
-	}
-	return nil
+	return sp.publish(g, grainData, off, true)
 }
 
 // Discard makes a range read as zeros. Whole grains are unmapped (or
@@ -655,8 +661,8 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 	return out, err
 }
 
-// Flush makes every completed write durable: per extent, data
-// (fdatasync), then the grain tables that point at it, then fdatasync.
+// Flush makes every completed write durable: an fdatasync per extent
+// file (the grain tables were written with the writes that needed them).
 func (img *Image) Flush() error {
 	if img.closed.Load() {
 		return image.ErrClosed
@@ -691,6 +697,13 @@ func (img *Image) Close() error {
 		return image.ErrClosed
 	}
 	err := img.flush()
+	if err == nil && !img.readOnly {
+		for _, e := range img.extents {
+			if e.sp != nil && !e.sp.readOnly {
+				err = errors.Join(err, e.sp.trim())
+			}
+		}
+	}
 	img.closeFiles()
 	return err
 }

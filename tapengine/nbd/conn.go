@@ -119,7 +119,8 @@ type conn struct {
 	work chan *req
 
 	wmu     sync.Mutex
-	pending []*req // done, waiting for the writer
+	wcond   *sync.Cond // on wmu: writing went false
+	pending []*req     // done, waiting for the writer
 	spare   []*req
 	writing bool
 	werr    error
@@ -159,6 +160,7 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 		c.tlsw = bufio.NewWriterSize(nc, 64<<10)
 	}
 	c.bcond = sync.NewCond(&c.bmu)
+	c.wcond = sync.NewCond(&c.wmu)
 	n := s.maxInFlight()
 	c.free = make(chan *req, n)
 	c.work = make(chan *req, n)
@@ -254,10 +256,10 @@ func (c *conn) readLoop() (err error) {
 		if rq.Type == CmdWrite || (c.sess.extended && rq.Flags&CmdFlagPayloadLen != 0) {
 			plen = rq.Length
 		}
-		if plen > MaxPayload {
-			// Its payload would follow; we will not buffer it, and
+		if plen > MaxStreamed {
+			// Its payload would follow; we will not read it, and
 			// without it the stream is out of frame.
-			return fmt.Errorf("%w: payload of %d bytes exceeds %d", ErrProtocol, plen, MaxPayload)
+			return fmt.Errorf("%w: payload of %d bytes exceeds %d", ErrProtocol, plen, MaxStreamed)
 		}
 		if rq.Type == CmdDisc {
 			return nil
@@ -268,12 +270,22 @@ func (c *conn) readLoop() (err error) {
 		r := <-c.free
 		r.Request = rq
 		need := int64(plen)
+		if plen > 0 && c.refused(rq) || plen > MaxPayload {
+			need = 0 // its payload is dropped, or streamed, as it is read
+		}
 		if plen == 0 && rq.Type == CmdRead && rq.Length <= MaxPayload {
 			need = int64(rq.Length)
 		}
 		if need > bigRequest {
 			c.flushHeld()
 			c.acquire(r, need)
+		}
+		if plen > MaxPayload && !c.refused(rq) {
+			c.flushHeld()
+			if err := c.streamWrite(r); err != nil {
+				return err
+			}
+			continue
 		}
 		if plen > 0 {
 			if c.br.Buffered() < int(plen) {
@@ -319,8 +331,16 @@ func (c *conn) lendable(rq Request) bool {
 }
 
 // readPayload reads a WRITE's payload: into the Lender's buffers when the
-// request will be started on them, else into a buffer of its own.
+// request will be started on them, else into a buffer of its own. The
+// payload of a request handle will refuse is read and dropped: it must
+// not hold a Lender's buffer (its error reply may be held back while the
+// reader goes on, and a ring's worth of those once left the reader
+// waiting for a buffer only its own held replies would free), nor memory.
 func (c *conn) readPayload(r *req, plen uint64) error {
+	if c.refused(r.Request) {
+		_, err := io.CopyN(io.Discard, c.br, int64(plen))
+		return err
+	}
 	if c.lendable(r.Request) && r.Type == CmdWrite {
 		for off := uint64(0); off < plen; off += c.stMax {
 			h, buf, err := c.lender.TakeTag()
@@ -559,6 +579,12 @@ func (c *conn) allowedFlags(typ uint16) uint16 {
 	return f | CmdFlagFUA
 }
 
+// refused reports whether handle answers a request that carries a
+// payload with an error, whatever the backend would say.
+func (c *conn) refused(rq Request) bool {
+	return rq.Type != CmdWrite || rq.Flags&^c.allowedFlags(rq.Type) != 0 || c.ro || !c.inRange(rq.Offset, rq.Length)
+}
+
 // inRange reports whether [off, off+n) lies inside the export.
 func (c *conn) inRange(off, n uint64) bool {
 	return off <= uint64(c.size) && n <= uint64(c.size)-off
@@ -581,10 +607,12 @@ func (c *conn) handle(r *req) {
 	case CmdRead:
 		st.reads.Add(1)
 		switch {
-		case r.Length > MaxPayload:
+		case r.Length > MaxStreamed:
 			c.replyErr(r, errInval, "read longer than the maximum payload")
 		case !c.inRange(r.Offset, r.Length):
 			c.replyErr(r, errInval, "read past the end of the export")
+		case r.Length > MaxPayload:
+			c.streamRead(r)
 		default:
 			c.read(r)
 		}
@@ -1057,6 +1085,7 @@ func (c *conn) writeLocked() {
 		c.spare = batch[:0]
 	}
 	c.writing = false
+	c.wcond.Broadcast()
 	c.wmu.Unlock()
 }
 
@@ -1154,4 +1183,131 @@ func putBuf(p *[]byte) {
 		return
 	}
 	pools[class].Put(p)
+}
+
+// streamWrite serves a WRITE above MaxPayload on the reader goroutine:
+// its payload is read from the socket and written to the backend one
+// streamChunk at a time. A backend error does not end the reading (the
+// rest of the payload must be consumed to stay in frame); it is the
+// reply. Only a socket error is returned.
+func (c *conn) streamWrite(r *req) error {
+	c.s.stats.writes.Add(1)
+	buf, bufp := getBuf(streamChunk)
+	defer putBuf(bufp)
+	var werr error
+	for off := uint64(0); off < r.Length; {
+		n := min(streamChunk, r.Length-off)
+		if _, err := io.ReadFull(c.br, buf[:n]); err != nil {
+			c.release(r)
+			return fmt.Errorf("nbd: reading %d-byte payload: %w", r.Length, err)
+		}
+		if werr == nil {
+			werr = writeAll(c.be, buf[:n], int64(r.Offset+off))
+		}
+		off += n
+	}
+	if werr != nil {
+		c.replyBackendErr(r, "write", werr)
+		return nil
+	}
+	c.s.stats.bytesWritten.Add(r.Length)
+	c.finishWrite(r)
+	return nil
+}
+
+// streamRead serves a validated READ above MaxPayload: it takes the
+// writer role for the whole reply and sends it a streamChunk at a time,
+// read from the backend as it goes. With structured replies each part is
+// its own data chunk, and a backend error is an error chunk; a simple
+// reply cannot report an error once its data began, so the connection is
+// closed instead, as the protocol requires.
+func (c *conn) streamRead(r *req) {
+	c.wmu.Lock()
+	for c.writing {
+		c.wcond.Wait()
+	}
+	c.writing = true
+	failed := c.werr != nil
+	c.wmu.Unlock()
+
+	var err error
+	if !failed {
+		err = c.streamReadParts(r)
+	}
+	c.release(r)
+	c.wmu.Lock()
+	if err != nil && c.werr == nil {
+		c.werr = err
+	}
+	if len(c.pending) > 0 {
+		c.writeLocked() // replies queued while the stream had the socket
+		return
+	}
+	c.writing = false
+	c.wcond.Broadcast()
+	c.wmu.Unlock()
+}
+
+// streamReadParts writes r's reply; the caller holds the writer role. It
+// returns an error only when the connection must end.
+func (c *conn) streamReadParts(r *req) error {
+	buf, bufp := getBuf(streamChunk)
+	defer putBuf(bufp)
+	for off := uint64(0); off < r.Length; {
+		n := min(streamChunk, r.Length-off)
+		last := off+n == r.Length
+		r.scratch = r.scratch[:0]
+		var hdr []byte
+		if err := readAll(c.be, buf[:n], int64(r.Offset+off)); err != nil {
+			c.log.Debug("nbd: backend error", "op", "read", "offset", r.Offset+off, "length", n, "err", err)
+			c.s.stats.errors.Add(1)
+			if !c.sess.structured && off > 0 {
+				c.nc.Close()
+				return fmt.Errorf("nbd: read of %d bytes at %d failed after its simple reply began: %w", r.Length, r.Offset, err)
+			}
+			if c.sess.structured {
+				msg := "read failed"
+				hdr = c.chunkHdr(r, chunkFlagDone, chunkError, 6+len(msg), 6+len(msg))
+				hdr = binary.BigEndian.AppendUint32(hdr, errno(err))
+				hdr = binary.BigEndian.AppendUint16(hdr, uint16(len(msg)))
+				hdr = append(hdr, msg...)
+			} else {
+				hdr = c.simpleHdr(r, errno(err))
+			}
+			return c.writeRaw(hdr)
+		}
+		switch {
+		case c.sess.structured:
+			var flags uint16
+			if last {
+				flags = chunkFlagDone
+			}
+			hdr = c.chunkHdr(r, flags, chunkOffsetData, 8+int(n), 8)
+			hdr = binary.BigEndian.AppendUint64(hdr, r.Offset+off)
+		case off == 0:
+			hdr = c.simpleHdr(r, 0)
+		}
+		if err := c.writeRaw(hdr, buf[:n]); err != nil {
+			return err
+		}
+		off += n
+	}
+	c.s.stats.bytesRead.Add(r.Length)
+	return nil
+}
+
+// writeRaw writes bufs to the client; the caller holds the writer role.
+func (c *conn) writeRaw(bufs ...[]byte) error {
+	var err error
+	if c.tlsw != nil {
+		err = c.writeTLS(bufs)
+	} else {
+		nb := net.Buffers(bufs)
+		_, err = nb.WriteTo(c.nc)
+	}
+	if err != nil {
+		c.nc.Close()
+		return fmt.Errorf("nbd: writing replies: %w", err)
+	}
+	return nil
 }

@@ -47,10 +47,16 @@
 //     any connection, so CAN_MULTI_CONN is advertised unless
 //     Export.NoMultiConn says otherwise.
 //   - Replies may leave out of order; each is written whole.
+//   - READ and WRITE up to MaxPayload (32 MiB, advertised as the maximum
+//     block size) are buffered; up to MaxStreamed (64 MiB, what clients
+//     told no block size may send, as nbdkit serves them) they are
+//     streamed in 4 MiB parts: a write on the reader goroutine, a read
+//     holding the socket for its whole reply.
 //   - A request the server can answer without losing its place in the
 //     stream (a read past the end, an absurd length, an unknown command or
-//     flag) gets an error reply and the connection goes on. Anything that
-//     loses the framing (a bad magic, a write payload above MaxPayload)
+//     flag) gets an error reply and the connection goes on; a refused
+//     write's payload is read and dropped, never buffered. Anything that
+//     loses the framing (a bad magic, a write payload above MaxStreamed)
 //     drops that connection only.
 //
 // # Wire layouts (all integers big-endian)

@@ -145,6 +145,12 @@ const (
 	// as NBD_INFO_BLOCK_SIZE's maximum. 32 MiB is what qemu and nbdkit use
 	// and what clients assume when they are told nothing.
 	MaxPayload = 32 << 20
+	// MaxStreamed is the largest READ or WRITE served at all. Requests
+	// above MaxPayload come from clients that negotiated no block size
+	// (NBD_OPT_EXPORT_NAME) and assume nbdkit's 64 MiB; they are streamed
+	// in streamChunk parts, never buffered whole.
+	MaxStreamed = 64 << 20
+	streamChunk = 4 << 20
 	// maxOptionLen caps option data we read into memory; longer options
 	// are skipped (read and discarded) and refused with ERR_TOO_BIG.
 	maxOptionLen = 64 << 10

@@ -73,8 +73,8 @@ func TestBadClientsDroppedOthersServed(t *testing.T) {
 
 	cases := map[string]func(tc *testClient){
 		"garbage magic": func(tc *testClient) { tc.c.Write(bytes.Repeat([]byte{0xde, 0xad}, 14)) },
-		"write above max payload": func(tc *testClient) {
-			tc.send(Request{Type: CmdWrite, Cookie: 1, Length: MaxPayload + 1}, nil)
+		"write above the streamed maximum": func(tc *testClient) {
+			tc.send(Request{Type: CmdWrite, Cookie: 1, Length: MaxStreamed + 1}, nil)
 		},
 		"extended request without negotiation": func(tc *testClient) {
 			b, _ := AppendRequest(nil, Request{Type: CmdRead, Length: 512}, true)

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sync"
 
 	"golang.org/x/sys/unix"
 )
@@ -84,4 +85,51 @@ func WriteFull(w io.WriterAt, p []byte, off int64) error {
 		return fmt.Errorf("write %d bytes at %d: %w", len(p), off, err)
 	}
 	return nil
+}
+
+// GroupSync lets concurrent writers share fdatasyncs. A writer that needs
+// its completed writes durable before it writes the pointer naming them
+// asks for one sync that began after its call; every writer waiting at
+// that moment is served by the same sync, so a queue of allocating writes
+// costs about one fdatasync per round trip, not one per write. The zero
+// value is ready for use; safe for concurrent use.
+type GroupSync struct {
+	mu      sync.Mutex
+	cond    sync.Cond
+	started uint64 // syncs begun
+	done    uint64 // syncs finished
+	running bool
+	// err is sticky: after a failed fdatasync the kernel may have dropped
+	// the dirty pages it could not write, so a later sync that succeeds
+	// proves nothing about writes made before the failure.
+	err error
+}
+
+// Sync returns once one call of sync, shared with concurrent callers, has
+// run from start to end after Sync was called.
+func (g *GroupSync) Sync(sync func() error) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.cond.L == nil {
+		g.cond.L = &g.mu
+	}
+	target := g.started + 1
+	for g.done < target && g.err == nil {
+		if g.running {
+			g.cond.Wait()
+			continue
+		}
+		g.running = true
+		g.started++
+		n := g.started
+		g.mu.Unlock()
+		err := sync()
+		g.mu.Lock()
+		g.running, g.done = false, n
+		if err != nil && g.err == nil {
+			g.err = err
+		}
+		g.cond.Broadcast()
+	}
+	return g.err
 }
