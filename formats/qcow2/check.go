@@ -80,6 +80,15 @@ func Check(path string, opts CheckOptions) (*CheckResult, error) {
 
 func (img *Image) checkAndClose(mode RepairMode) (*CheckResult, error) {
 	res, err := img.check(mode)
+	if err == nil && res.Clean() && mode != RepairNone && !img.ro {
+		// Repaired (or never damaged), and the metadata does not overlap:
+		// the image may be written again.
+		img.mu.Lock()
+		if img.checkLayoutLocked() == nil {
+			err = img.clearCorruptLocked()
+		}
+		img.mu.Unlock()
+	}
 	if err != nil || !res.Clean() {
 		// Leave the dirty bit as found: the refcounts are still suspect.
 		img.mu.Lock()
@@ -318,7 +327,7 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 			e := fl.entry ^ entryCopied
 			var b [8]byte
 			binary.BigEndian.PutUint64(b[:], e)
-			if err := img.writeMeta(b[:], fl.at); err != nil {
+			if err := img.writeMeta(b[:], fl.at, mL1|mL2); err != nil {
 				return nil, err
 			}
 			img.fixCachedEntryLocked(fl.at, e)
