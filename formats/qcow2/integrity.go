@@ -46,7 +46,8 @@ func (k metaKind) String() string {
 const RepairHint = "blktap image check --repair"
 
 // overlapLocked returns the metadata other than ignore that shares a host
-// cluster with [off, off+n).
+// cluster with [off, off+n). It runs for every read and write of an
+// allocated cluster, so it only consults memory and allocates nothing.
 func (img *Image) overlapLocked(off, n int64, ignore metaKind) metaKind {
 	if n <= 0 {
 		return 0
@@ -54,51 +55,60 @@ func (img *Image) overlapLocked(off, n int64, ignore metaKind) metaKind {
 	m := &img.mu
 	first, last := off>>img.cbits, (off+n-1)>>img.cbits
 	var hit metaKind
-	in := func(k metaKind, roff, rn int64) {
-		if ignore&k == 0 && rn > 0 && first <= (roff+rn-1)>>img.cbits && last >= roff>>img.cbits {
-			hit |= k
-		}
+	if first == 0 {
+		hit |= mHeader
 	}
-	in(mHeader, 0, img.cs)
-	in(mL1, int64(img.hdr.l1Offset), int64(len(m.l1))*8)
-	in(mRefTable, m.refOff, m.refClus*img.cs)
+	if img.spans(first, last, int64(img.hdr.l1Offset), int64(len(m.l1))*8) {
+		hit |= mL1
+	}
+	if img.spans(first, last, m.refOff, m.refClus*img.cs) {
+		hit |= mRefTable
+	}
 	if len(img.snaps) > 0 {
-		in(mSnapTable, int64(img.hdr.snapshotsOffset), img.snapLen)
+		if img.spans(first, last, int64(img.hdr.snapshotsOffset), img.snapLen) {
+			hit |= mSnapTable
+		}
 		if ignore&mSnapL1 == 0 {
 			for _, s := range img.snaps {
-				in(mSnapL1, s.L1Offset, int64(s.L1Size)*8)
-			}
-		}
-	}
-	if ignore&(mL2|mRefBlock) != mL2|mRefBlock {
-		// Bounded by the sets' sizes as well as by the range, so a huge
-		// range (a grown refcount table) costs no more than the sets.
-		sets := []struct {
-			k metaKind
-			s map[int64]struct{}
-		}{{mL2, m.l2set}, {mRefBlock, m.rbset}}
-		for _, st := range sets {
-			if ignore&st.k != 0 {
-				continue
-			}
-			if last-first+1 <= int64(len(st.s)) {
-				for c := first; c <= last; c++ {
-					if _, ok := st.s[c]; ok {
-						hit |= st.k
-						break
-					}
-				}
-				continue
-			}
-			for c := range st.s {
-				if c >= first && c <= last {
-					hit |= st.k
+				if img.spans(first, last, s.L1Offset, int64(s.L1Size)*8) {
+					hit |= mSnapL1
 					break
 				}
 			}
 		}
 	}
-	return hit
+	if inSet(m.l2set, first, last) {
+		hit |= mL2
+	}
+	if inSet(m.rbset, first, last) {
+		hit |= mRefBlock
+	}
+	return hit &^ ignore
+}
+
+// spans reports whether the host clusters first..last meet [off, off+n).
+func (img *Image) spans(first, last, off, n int64) bool {
+	return n > 0 && first <= (off+n-1)>>img.cbits && last >= off>>img.cbits
+}
+
+// inSet reports whether a cluster of first..last is in s, in time bounded
+// by the smaller of the range and the set (a grown refcount table spans
+// many clusters).
+func inSet(s map[int64]struct{}, first, last int64) bool {
+	if last-first < int64(len(s)) {
+		for c := first; c <= last; c++ {
+			if _, ok := s[c]; ok {
+				return true
+			}
+		}
+		return false
+	}
+	for c := range s {
+		if c >= first && c <= last {
+			return true
+		}
+	}
+	return false
 }
 
 // refuseOverlapLocked is the check before a write of kind k at off.
