@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,14 +19,8 @@ import (
 func damagedQcow(t *testing.T) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "d.qcow")
-	for _, args := range [][]string{
-		{oracle.Require(t, "qemu-img"), "create", "-q", "-f", "qcow", p, "4M"},
-		{oracle.Require(t, "qemu-io"), "-f", "qcow", "-c", "write -P 0xaa 0 4k", "-c", "write -P 0xbb 8k 4k", p},
-	} {
-		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
-			t.Fatalf("%v: %v\n%s", args, err, out)
-		}
-	}
+	run(t, oracle.Require(t, "qemu-img"), "create", "-q", "-f", "qcow", p, "4M")
+	run(t, oracle.Require(t, "qemu-io"), "-f", "qcow", "-c", "write -P 0xaa 0 4k", "-c", "write -P 0xbb 8k 4k", p)
 	b, err := os.ReadFile(p)
 	if err != nil {
 		t.Fatal(err)

@@ -109,6 +109,15 @@ func TestDamagedImagesRefuseWrites(t *testing.T) {
 				if err != nil {
 					t.Fatal(err)
 				}
+				// qemu refuses the same allocating write on a copy.
+				qp := filepath.Join(t.TempDir(), "q.qcow2")
+				if err := os.WriteFile(qp, orig, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				qout, _ := exec.Command(oracle.Require(t, "qemu-io"), "-f", "qcow2", "-c", "write -P 0xcc 2M 4k", qp).CombinedOutput()
+				if !strings.Contains(string(qout), "write failed") {
+					t.Fatalf("qemu-io wrote to the damaged image:\n%s", qout)
+				}
 
 				want := make([]byte, 4<<20)
 				copy(want, bytes.Repeat([]byte{0xaa}, 64<<10))
