@@ -15,7 +15,10 @@ const (
 	// RepairNone only reports.
 	RepairNone RepairMode = iota
 	// RepairLeaks lowers refcounts that are higher than the references
-	// (leaked clusters), like `qemu-img check -r leaks`.
+	// (leaked clusters), like `qemu-img check -r leaks`. On an image
+	// marked corrupt it repairs as RepairAll: the bit says refcounts or
+	// flags are wrong, and `blktap image check --repair`, which the
+	// corrupt error names, must be able to fix what it can.
 	RepairLeaks
 	// RepairAll also raises refcounts that are too low and fixes copied
 	// flags, like `qemu-img check -r all`.
@@ -75,7 +78,11 @@ func Check(path string, opts CheckOptions) (*CheckResult, error) {
 		f.Close()
 		return nil, err
 	}
-	return img.checkAndClose(opts.Repair)
+	mode := opts.Repair
+	if mode == RepairLeaks && img.hdr.incompatible&incCorrupt != 0 {
+		mode = RepairAll
+	}
+	return img.checkAndClose(mode)
 }
 
 func (img *Image) checkAndClose(mode RepairMode) (*CheckResult, error) {

@@ -252,3 +252,45 @@ func TestOverlapCheckBeforeMetadataWrite(t *testing.T) {
 		wantRefused(t, "open", err)
 	})
 }
+
+// TestRepairAfterRefusal: the L2 table whose refcount is 0 is marked
+// corrupt by the refused write; the repair the error names raises the
+// refcount, clears the bit, and the image then takes the write, with
+// qemu-img check clean and every byte as written.
+func TestRepairAfterRefusal(t *testing.T) {
+	p := damaged(t, "1.1", damages[1].make)
+	img, err := Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = img.WriteAt([]byte{0xcc}, 2<<20)
+	wantRefused(t, "allocating write", err)
+	img.Close()
+	if !markedCorrupt(t, p) {
+		t.Fatal("not marked")
+	}
+	r, err := Check(p, CheckOptions{Repair: RepairLeaks})
+	if err != nil || !r.Clean() || r.CorruptionsFixed == 0 {
+		t.Fatalf("repair: %v %+v", err, r)
+	}
+	if markedCorrupt(t, p) {
+		t.Fatal("still marked after a clean repair")
+	}
+	requireQemuClean(t, p)
+	img, err = Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := img.WriteAt(bytes.Repeat([]byte{0xcc}, 4096), 2<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	requireQemuClean(t, p)
+	want := make([]byte, 4<<20)
+	copy(want, bytes.Repeat([]byte{0xaa}, 64<<10))
+	copy(want[1<<20:], bytes.Repeat([]byte{0xbb}, 64<<10))
+	copy(want[2<<20:], bytes.Repeat([]byte{0xcc}, 4096))
+	sameBytes(t, "qemu's view after the repair", qemuRaw(t, p), want)
+}
