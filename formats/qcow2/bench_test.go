@@ -215,3 +215,22 @@ func convertToRaw(src, dst string) error {
 // overlap checks on it) is what is measured, not fdatasync. A stride of
 // 9 clusters spreads the writes over many L2 tables.
 func BenchmarkAllocWrite4K(b *testing.B) { benchFirstWrites(b, 4096, 9, Options{Scratch: true}) }
+
+// BenchmarkClassify is the per-request check of an allocated cluster's
+// L2 entry (alignment, reserved bits, and that it names no metadata).
+func BenchmarkClassify(b *testing.B) {
+	img := benchImage(b, 64<<20, 65536)
+	defer img.Close()
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	e, err := img.entryLocked(100)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if k, _, err := img.classify(e, 100); err != nil || k != kNormal {
+			b.Fatal(k, err)
+		}
+	}
+}

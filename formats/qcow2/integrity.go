@@ -77,13 +77,26 @@ func (img *Image) overlapLocked(off, n int64, ignore metaKind) metaKind {
 			}
 		}
 	}
-	if inSet(m.l2set, first, last) {
+	if ignore&mL2 == 0 && inSet(m.l2set, first, last) {
 		hit |= mL2
 	}
-	if inSet(m.rbset, first, last) {
+	if ignore&mRefBlock == 0 && inSet(m.rbset, first, last) {
 		hit |= mRefBlock
 	}
 	return hit &^ ignore
+}
+
+// metaAtLocked reports whether host cluster c holds metadata: the check
+// on every request that maps to an allocated cluster, so the sets (the
+// likeliest hits) are asked first and a miss costs little.
+func (img *Image) metaAtLocked(c int64) bool {
+	if _, ok := img.mu.l2set[c]; ok {
+		return true
+	}
+	if _, ok := img.mu.rbset[c]; ok {
+		return true
+	}
+	return img.overlapLocked(c<<img.cbits, img.cs, mL2|mRefBlock) != 0
 }
 
 // spans reports whether the host clusters first..last meet [off, off+n).

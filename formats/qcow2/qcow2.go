@@ -427,8 +427,8 @@ func (img *Image) classify(e uint64, vc int64) (kind, int64, error) {
 	if off == 0 {
 		return kUnalloc, 0, nil
 	}
-	if hit := img.overlapLocked(off, img.cs, 0); hit != 0 {
-		return 0, 0, corrupt(off, "l2_entry", "guest cluster %d: data cluster %#x overlaps the %v", vc, off, hit)
+	if img.metaAtLocked(off >> img.cbits) {
+		return 0, 0, corrupt(off, "l2_entry", "guest cluster %d: data cluster %#x overlaps the %v", vc, off, img.overlapLocked(off, img.cs, 0))
 	}
 	return kNormal, off, nil
 }
