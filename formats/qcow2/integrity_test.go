@@ -294,3 +294,53 @@ func TestRepairAfterRefusal(t *testing.T) {
 	copy(want[2<<20:], bytes.Repeat([]byte{0xcc}, 4096))
 	sameBytes(t, "qemu's view after the repair", qemuRaw(t, p), want)
 }
+
+// qemuLeaks is qemu-img check's leak count.
+func qemuLeaks(t *testing.T, path string) int {
+	t.Helper()
+	out, _ := exec.Command(oracle.Require(t, "qemu-img"), "check", "--output=json", "-f", "qcow2", path).Output()
+	var r struct {
+		Leaks int `json:"leaks"`
+	}
+	if err := json.Unmarshal(out, &r); err != nil {
+		t.Fatalf("qemu-img check output %q: %v", out, err)
+	}
+	return r.Leaks
+}
+
+// TestRefusalWritesNoRefcounts: the L2 table moved to cluster 8 with
+// refcount 0, cluster 7 free. Filling the allocation pool takes 7, then
+// meets the table: the refusal must not write cluster 7's refcount (a new
+// leak) or anything else but the corrupt bit.
+func TestRefusalWritesNoRefcounts(t *testing.T) {
+	p := damaged(t, "1.1", func([]byte) {})
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b = append(b, make([]byte, 0x90000-len(b))...)
+	copy(b[0x80000:0x90000], b[0x40000:0x50000])
+	be64(b, 0x30000, 0x80000|entryCopied)
+	be16(b, 0x20000+2*4, 0) // the old table's cluster: free
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cBefore, lBefore := qemuCorruptions(t, p), qemuLeaks(t, p)
+	img, err := Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = img.WriteAt([]byte{1}, 2<<20)
+	wantRefused(t, "allocating write", err)
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	now, _ := os.ReadFile(p)
+	be64(b, 72, incCorrupt)
+	if !bytes.Equal(now[:len(b)], b) {
+		t.Fatalf("bytes changed beyond the corrupt bit (first at %#x)", firstDiff(now, b))
+	}
+	if c, l := qemuCorruptions(t, p), qemuLeaks(t, p); c != cBefore || l != lBefore {
+		t.Fatalf("qemu-img check: %d corruptions, %d leaks; before %d, %d", c, l, cBefore, lBefore)
+	}
+}

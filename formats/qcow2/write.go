@@ -326,6 +326,11 @@ func (img *Image) writeRefblocksLocked() error {
 // touch) and tracks the file's end. A write that would land on metadata
 // of another kind is refused and marks the image corrupt.
 func (img *Image) writeMeta(p []byte, off int64, k metaKind) error {
+	if img.mu.broken != nil {
+		// Nothing more is written into metadata found to be lying (a
+		// refcount block dirtied before the refusal included).
+		return img.mu.broken
+	}
 	if err := img.refuseOverlapLocked(off, int64(len(p)), k, "metadata_write"); err != nil {
 		return err
 	}
