@@ -50,17 +50,24 @@ var damages = []struct {
 	{"l2-refcount-zero", func(b []byte) { b[0x20000+8], b[0x20000+9] = 0, 0 }},
 }
 
-// qemuCorruptions is qemu-img check's corruption count.
-func qemuCorruptions(t *testing.T, path string) int {
+// qemuCounts is qemu-img check's count of corruptions and leaks.
+func qemuCounts(t *testing.T, path string) (corruptions, leaks int) {
 	t.Helper()
 	out, _ := exec.Command(oracle.Require(t, "qemu-img"), "check", "--output=json", "-f", "qcow2", path).Output()
 	var r struct {
 		Corruptions int `json:"corruptions"`
+		Leaks       int `json:"leaks"`
 	}
 	if err := json.Unmarshal(out, &r); err != nil {
 		t.Fatalf("qemu-img check output %q: %v", out, err)
 	}
-	return r.Corruptions
+	return r.Corruptions, r.Leaks
+}
+
+func qemuCorruptions(t *testing.T, path string) int {
+	t.Helper()
+	c, _ := qemuCounts(t, path)
+	return c
 }
 
 func ourCorruptions(t *testing.T, path string) int64 {
@@ -295,19 +302,6 @@ func TestRepairAfterRefusal(t *testing.T) {
 	sameBytes(t, "qemu's view after the repair", qemuRaw(t, p), want)
 }
 
-// qemuLeaks is qemu-img check's leak count.
-func qemuLeaks(t *testing.T, path string) int {
-	t.Helper()
-	out, _ := exec.Command(oracle.Require(t, "qemu-img"), "check", "--output=json", "-f", "qcow2", path).Output()
-	var r struct {
-		Leaks int `json:"leaks"`
-	}
-	if err := json.Unmarshal(out, &r); err != nil {
-		t.Fatalf("qemu-img check output %q: %v", out, err)
-	}
-	return r.Leaks
-}
-
 // TestRefusalWritesNoRefcounts: the L2 table moved to cluster 8 with
 // refcount 0, cluster 7 free. Filling the allocation pool takes 7, then
 // meets the table: the refusal must not write cluster 7's refcount (a new
@@ -325,7 +319,7 @@ func TestRefusalWritesNoRefcounts(t *testing.T) {
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	cBefore, lBefore := qemuCorruptions(t, p), qemuLeaks(t, p)
+	cBefore, lBefore := qemuCounts(t, p)
 	img, err := Open(p, Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -340,7 +334,7 @@ func TestRefusalWritesNoRefcounts(t *testing.T) {
 	if !bytes.Equal(now[:len(b)], b) {
 		t.Fatalf("bytes changed beyond the corrupt bit (first at %#x)", firstDiff(now, b))
 	}
-	if c, l := qemuCorruptions(t, p), qemuLeaks(t, p); c != cBefore || l != lBefore {
+	if c, l := qemuCounts(t, p); c != cBefore || l != lBefore {
 		t.Fatalf("qemu-img check: %d corruptions, %d leaks; before %d, %d", c, l, cBefore, lBefore)
 	}
 }
