@@ -260,7 +260,7 @@ func imageCheck(args []string) error {
 	fs := flag.NewFlagSet("image check", flag.ContinueOnError)
 	asJSON := fs.Bool("json", false, "JSON output")
 	fmtName := fs.String("f", "", "format (default: probe)")
-	repair := fs.Bool("repair", false, "repair what can be repaired (leaks)")
+	repair := fs.Bool("repair", false, "repair what can be repaired (leaks; on a qcow2 marked corrupt, refcounts and copied flags too)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err

@@ -76,7 +76,10 @@
 //
 // Untrusted input: every header field and table offset is checked against
 // the file before use, the L1 table is capped at 32 MiB, the backing name
-// at 1023 bytes, and errors about the image are *image.FormatError values
-// that unwrap to image.ErrCorrupt, ErrUnsupported (AES encryption) or
-// ErrWrongFormat.
+// at 1023 bytes, no L2 table may overlap the header, backing name or L1
+// table, and a write or discard through an entry naming metadata is
+// refused, with every write after it (qcow has no corrupt bit: the
+// refusal lasts until the image is reopened), and errors about the image
+// are *image.FormatError values that unwrap to image.ErrCorrupt,
+// ErrUnsupported (AES encryption) or ErrWrongFormat.
 package qcow

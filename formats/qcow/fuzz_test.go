@@ -71,6 +71,8 @@ func badImages(t *testing.T) map[string][]byte {
 			putBE64(b[4096+8:], 0x30) // virtual cluster 1 -> inside the L1
 			return b
 		}),
+		// A write to virtual cluster 1 would overwrite the L2 table.
+		"bad-data-cluster-is-l2.qcow":    mod(func(b []byte) []byte { putBE64(b[4096+8:], 4096); return b }),
 		"bad-data-cluster-past-eof.qcow": mod(func(b []byte) []byte { putBE64(b[4096+8:], 1<<50); return b }),
 		"bad-compressed-garbage.qcow": mod(func(b []byte) []byte {
 			putBE64(b[4096+8:], flagCompressed|uint64(100)<<(63-12)|8192)

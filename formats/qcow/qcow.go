@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -68,6 +69,11 @@ type Image struct {
 		// ever allocated twice, while unrelated allocations overlap.
 		busy  map[int64]chan struct{}
 		newL2 map[int64]chan struct{}
+		// l2offs is every L2 table's offset, sorted (active or claimed).
+		l2offs []uint64
+		// broken is set when a write would have landed on metadata;
+		// every later write and discard fails with it.
+		broken error
 	}
 
 	// syncer batches the fdatasync barriers of concurrent allocating
@@ -130,6 +136,17 @@ func openStorage(st storage, path string, opts Options) (*Image, error) {
 	img.mu.eof = size
 	if img.mu.l1, err = readL1(st, h, size); err != nil {
 		return nil, err
+	}
+	for _, e := range img.mu.l1 {
+		if e != 0 {
+			img.mu.l2offs = append(img.mu.l2offs, e)
+		}
+	}
+	slices.Sort(img.mu.l2offs)
+	for _, e := range img.mu.l2offs {
+		if m := img.metaOverlapLocked(e, uint64(h.l2TableBytes)); m != "" && !strings.HasPrefix(m, "L2") {
+			return nil, corrupt(int64(h.l1Offset), "l1_table", "L2 table at %#x overlaps the %s", e, m)
+		}
 	}
 	if h.l1LittleEndian {
 		img.log.Info("qcow: blktap image with a host-order (little-endian) L1 table; keeping its byte order",

@@ -21,12 +21,12 @@ func (img *Image) l1End() uint64 { return img.h.l1Offset + uint64(img.h.l1Entrie
 // file by whatever the entry claims.
 func (img *Image) checkWritable(vc int64, host uint64, n int64) error {
 	img.mu.Lock()
+	defer img.mu.Unlock()
 	eof := img.mu.eof
-	img.mu.Unlock()
 	if host < img.l1End() || host > uint64(eof) || uint64(n*img.h.clusterSize) > uint64(eof)-host {
 		return corrupt(-1, "l2 entry", "cluster %d maps to %#x, outside the data area of the %d-byte file", vc, host, eof)
 	}
-	return nil
+	return img.refuseOverlapLocked(vc, host, uint64(n*img.h.clusterSize), "write")
 }
 
 // WriteAt writes p at virtual offset off. Clusters already allocated are
@@ -40,6 +40,9 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 		return 0, image.ErrReadOnly
 	}
 	if err := image.CheckRange(off, len(p), img.Size()); err != nil {
+		return 0, err
+	}
+	if err := img.brokenErr(); err != nil {
 		return 0, err
 	}
 	cs := img.h.clusterSize
@@ -253,6 +256,7 @@ func (img *Image) planAlloc(vc0, vcN int64) ([]clusterPlan, []*newTable, chan st
 				off := alignUp(eof, cs)
 				eof = off + h.l2TableBytes
 				tables = append(tables, &newTable{l1i: l1i, off: uint64(off), entries: make([]uint64, h.l2Entries)})
+				img.addL2Locked(uint64(off))
 			}
 			host := alignUp(eof, cs)
 			eof = host + cs
@@ -322,6 +326,9 @@ func (img *Image) Discard(off, length int64) error {
 	}
 	if length == 0 {
 		return nil
+	}
+	if err := img.brokenErr(); err != nil {
+		return err
 	}
 	cs := img.h.clusterSize
 	end := off + length
@@ -402,8 +409,12 @@ func (img *Image) deallocate(vc0, vcN int64) error {
 			if t, err = img.l2Locked(l2off); err != nil {
 				break
 			}
-			for ; vc < vcN && vc < tableEnd; vc++ {
+			for ; vc < vcN && vc < tableEnd && err == nil; vc++ {
 				if e := t[vc&(h.l2Entries-1)]; e != 0 {
+					if e&flagCompressed == 0 && e >= img.l1End() {
+						// Its space is punched below: never through metadata.
+						err = img.refuseOverlapLocked(vc, e, uint64(h.clusterSize), "discard")
+					}
 					fr = append(fr, freed{vc: vc, l2off: int64(l2off), host: e})
 				}
 			}

@@ -15,7 +15,10 @@ const (
 	// RepairNone only reports.
 	RepairNone RepairMode = iota
 	// RepairLeaks lowers refcounts that are higher than the references
-	// (leaked clusters), like `qemu-img check -r leaks`.
+	// (leaked clusters), like `qemu-img check -r leaks`. On an image
+	// marked corrupt it repairs as RepairAll: the bit says refcounts or
+	// flags are wrong, and `blktap image check --repair`, which the
+	// corrupt error names, must be able to fix what it can.
 	RepairLeaks
 	// RepairAll also raises refcounts that are too low and fixes copied
 	// flags, like `qemu-img check -r all`.
@@ -75,11 +78,24 @@ func Check(path string, opts CheckOptions) (*CheckResult, error) {
 		f.Close()
 		return nil, err
 	}
-	return img.checkAndClose(opts.Repair)
+	mode := opts.Repair
+	if mode == RepairLeaks && img.hdr.incompatible&incCorrupt != 0 {
+		mode = RepairAll
+	}
+	return img.checkAndClose(mode)
 }
 
 func (img *Image) checkAndClose(mode RepairMode) (*CheckResult, error) {
 	res, err := img.check(mode)
+	if err == nil && res.Clean() && mode != RepairNone && !img.ro {
+		// Repaired (or never damaged), and the metadata does not overlap:
+		// the image may be written again.
+		img.mu.Lock()
+		if img.checkLayoutLocked() == nil {
+			err = img.clearCorruptLocked()
+		}
+		img.mu.Unlock()
+	}
 	if err != nil || !res.Clean() {
 		// Leave the dirty bit as found: the refcounts are still suspect.
 		img.mu.Lock()
@@ -318,7 +334,7 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 			e := fl.entry ^ entryCopied
 			var b [8]byte
 			binary.BigEndian.PutUint64(b[:], e)
-			if err := img.writeMeta(b[:], fl.at); err != nil {
+			if err := img.writeMeta(b[:], fl.at, mL1|mL2); err != nil {
 				return nil, err
 			}
 			img.fixCachedEntryLocked(fl.at, e)

@@ -80,6 +80,22 @@
 // random subset of later writes, and checks the result with Check and
 // qemu-img check.
 //
+// # Integrity
+//
+// A refcount or table that lies about the layout must not turn a write
+// into the destruction of metadata. Before every metadata write, before a
+// cluster is handed out (a free refcount on a cluster holding metadata is
+// such a lie) and before data goes into a new cluster, the target is
+// compared with the header, active L1 and L2 tables, refcount table and
+// blocks, snapshot table and snapshot L1 tables, all known in memory
+// (qemu's default "cached" overlap checks); an open for writing refuses
+// those structures overlapping one another. A hit refuses the write, sets
+// the corrupt bit (incompatible feature bit 1, version 3) and syncs it,
+// and fails every later write and discard of the Image with an error
+// naming `blktap image check --repair`; Flush and Close still make what
+// was acknowledged durable. A marked image opens read-only only; Check
+// clears the bit when its repair leaves the image clean.
+//
 // # Locking
 //
 // Open and Check take the byte-range locks qemu takes (open file

@@ -25,6 +25,7 @@ type badImage struct {
 
 func be64(b []byte, off int, v uint64) { binary.BigEndian.PutUint64(b[off:], v) }
 func be32(b []byte, off int, v uint32) { binary.BigEndian.PutUint32(b[off:], v) }
+func be16(b []byte, off int, v uint16) { binary.BigEndian.PutUint16(b[off:], v) }
 
 // goodImage is a small valid image: 4 KiB clusters, 256 KiB, two data
 // clusters written (guest clusters 0 and 1), one compressed-free layout.
@@ -78,6 +79,10 @@ var badImages = []badImage{
 	}, "read", image.ErrCorrupt},
 	{"reftable-past-eof", func(b []byte) []byte { be64(b, 48, 1<<40); return b }, "open", image.ErrCorrupt},
 	{"reftable-huge", func(b []byte) []byte { be32(b, 56, 0xffffffff); return b }, "open", image.ErrCorrupt},
+	// Issue 16's damaged images: a refcount table naming itself as a
+	// refcount block, and an L2 table whose refcount is 0.
+	{"reftable-points-at-itself", func(b []byte) []byte { be64(b, 4096, 4096); return b }, "check", nil},
+	{"l2-refcount-zero", func(b []byte) []byte { be16(b, 8192+2*(l2Of(b)/4096), 0); return b }, "check", nil},
 	{"refblock-past-eof", func(b []byte) []byte { be64(b, 4096, 1<<40); return b }, "check", nil},
 	{"snapshots-past-eof", func(b []byte) []byte { be32(b, 60, 3); be64(b, 64, 1<<40); return b }, "open", image.ErrCorrupt},
 	{"snapshots-too-many", func(b []byte) []byte { be32(b, 60, 1<<20); be64(b, 64, 4096); return b }, "open", image.ErrCorrupt},

@@ -340,7 +340,7 @@ func (h *header) checkFeatures(readOnly bool) error {
 		return unsupported(104, "compression_type", "compression_type %d is not supported", h.compressionType)
 	}
 	if h.incompatible&incCorrupt != 0 && !readOnly {
-		return corrupt(72, "incompatible_features", "image is marked corrupt; open it read-only or repair it with check")
+		return corrupt(72, "incompatible_features", "image is marked corrupt: open it read-only, or repair it with `%s`", RepairHint)
 	}
 	return nil
 }

@@ -67,6 +67,10 @@ type Image struct {
 	poolSize int
 	openSize int64 // file length at open
 
+	// checkOnly: opened by Check, which must read a damaged image to
+	// report and repair it rather than refuse it.
+	checkOnly bool
+
 	gsync hostfile.GroupSync
 
 	// zc caches the last inflated compressed cluster: sequential reads
@@ -106,6 +110,7 @@ type Image struct {
 		dirtySet    bool                    // the header's dirty bit is on
 		usedRefs    []uint32                // during a repair: true reference counts
 		pendingFree []int64                 // host clusters to decref at the next exclusive hold
+		broken      error                   // set by markCorruptLocked: every later write fails with it
 	}
 }
 
@@ -155,11 +160,11 @@ func openStorage(f storage, path string, opts Options) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	if err := h.checkFeatures(opts.ReadOnly); err != nil {
+	if err := h.checkFeatures(opts.ReadOnly || opts.checkOnly); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	img := &Image{
-		f: f, path: path, ro: opts.ReadOnly, scratch: opts.Scratch, hdr: h, log: opts.Logger,
+		f: f, path: path, ro: opts.ReadOnly, scratch: opts.Scratch, checkOnly: opts.checkOnly, hdr: h, log: opts.Logger,
 		cbits: h.clusterBits, cs: int64(1) << h.clusterBits,
 		l2bits: h.clusterBits - 3, rbBits: h.clusterBits + 3 - h.refcountOrder,
 		size: int64(h.size),
@@ -214,6 +219,10 @@ func openStorage(f storage, path string, opts Options) (*Image, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}
+	}
+	if err := img.checkLayoutLocked(); err != nil && !img.ro && !opts.checkOnly {
+		err = img.markCorruptLocked(-1, "metadata", "%v", err)
+		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	m.end = (fsize + img.cs - 1) >> img.cbits
 	m.l2 = map[int64]*l2Table{}
@@ -418,30 +427,10 @@ func (img *Image) classify(e uint64, vc int64) (kind, int64, error) {
 	if off == 0 {
 		return kUnalloc, 0, nil
 	}
-	if img.isMetadataLocked(off >> img.cbits) {
-		return 0, 0, corrupt(off, "l2_entry", "guest cluster %d: data cluster %#x overlaps image metadata", vc, off)
+	if img.metaAtLocked(off >> img.cbits) {
+		return 0, 0, corrupt(off, "l2_entry", "guest cluster %d: data cluster %#x overlaps the %v", vc, off, img.overlapLocked(off, img.cs, 0))
 	}
 	return kNormal, off, nil
-}
-
-// isMetadataLocked reports whether host cluster c holds metadata we know.
-func (img *Image) isMetadataLocked(c int64) bool {
-	if c == 0 {
-		return true
-	}
-	m := &img.mu
-	in := func(off, n int64) bool {
-		return n > 0 && c >= off>>img.cbits && c <= (off+n-1)>>img.cbits
-	}
-	if in(int64(img.hdr.l1Offset), int64(len(m.l1))*8) || in(m.refOff, m.refClus*img.cs) ||
-		in(int64(img.hdr.snapshotsOffset), img.snapLen) {
-		return true
-	}
-	if _, ok := m.l2set[c]; ok {
-		return true
-	}
-	_, ok := m.rbset[c]
-	return ok
 }
 
 // compressed descriptor: x = 62 - (cluster_bits - 8) low bits of host
@@ -682,7 +671,10 @@ func (img *Image) Close() error {
 	}
 	img.mu.closed = true
 	var errs []error
-	if !img.ro {
+	if !img.ro && img.mu.broken != nil {
+		// Only make what was acknowledged durable; touch no metadata.
+		errs = append(errs, img.f.Sync())
+	} else if !img.ro {
 		errs = append(errs, img.applyFreesLocked(), img.releasePoolLocked(), img.writeRefblocksLocked(), img.f.Sync())
 		// Trim only once every entry that stopped naming the clusters
 		// past the new end is durable.

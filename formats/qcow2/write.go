@@ -160,7 +160,9 @@ func (img *Image) ensureRefblockLocked(r int64) error {
 		}
 	}
 	off := x << img.cbits
-	if err := img.writeMeta(blk, off); err != nil {
+	// Not yet in rbset: checked against every structure, refcount
+	// blocks included.
+	if err := img.writeMeta(blk, off, 0); err != nil {
 		return err
 	}
 	if err := img.f.Sync(); err != nil {
@@ -168,7 +170,7 @@ func (img *Image) ensureRefblockLocked(r int64) error {
 	}
 	var e [8]byte
 	binary.BigEndian.PutUint64(e[:], uint64(off))
-	if err := img.writeMeta(e[:], m.refOff+r*8); err != nil {
+	if err := img.writeMeta(e[:], m.refOff+r*8, mRefTable); err != nil {
 		return err
 	}
 	m.refTable[r] = uint64(off)
@@ -239,7 +241,7 @@ func (img *Image) growRefTableLocked(minEntries int64) error {
 	for i, e := range nt {
 		binary.BigEndian.PutUint64(raw[i*8:], e)
 	}
-	if err := img.writeMeta(raw, start<<img.cbits); err != nil {
+	if err := img.writeMeta(raw, start<<img.cbits, mRefTable); err != nil {
 		return err
 	}
 	if err := img.f.Sync(); err != nil {
@@ -248,7 +250,7 @@ func (img *Image) growRefTableLocked(minEntries int64) error {
 	var hb [12]byte
 	binary.BigEndian.PutUint64(hb[:], uint64(start<<img.cbits))
 	binary.BigEndian.PutUint32(hb[8:], uint32(tc))
-	if err := img.writeMeta(hb[:], 48); err != nil {
+	if err := img.writeMeta(hb[:], 48, mHeader); err != nil {
 		return err
 	}
 	if err := img.f.Sync(); err != nil {
@@ -291,6 +293,12 @@ func (img *Image) takeFreeLocked() (int64, bool, error) {
 		if rc != 0 {
 			continue
 		}
+		// A free refcount on a cluster that holds metadata: the refcounts
+		// are wrong, and handing the cluster out would overwrite it.
+		if hit := img.overlapLocked(c<<img.cbits, img.cs, 0); hit != 0 {
+			return 0, false, img.markCorruptLocked(c<<img.cbits, "refcount",
+				"preventing invalid write on metadata: cluster %d holds the %v but its refcount is 0", c, hit)
+		}
 		if m.usedRefs != nil && c < int64(len(m.usedRefs)) {
 			m.usedRefs[c] = 1 // the caller gives it refcount 1
 		}
@@ -305,7 +313,7 @@ func (img *Image) takeFreeLocked() (int64, bool, error) {
 // writeRefblocksLocked writes every refcount block changed in memory.
 func (img *Image) writeRefblocksLocked() error {
 	for off := range img.mu.dirtyRB {
-		if err := img.writeMeta(img.mu.blocks[off], off); err != nil {
+		if err := img.writeMeta(img.mu.blocks[off], off, mRefBlock); err != nil {
 			return err
 		}
 		delete(img.mu.dirtyRB, off)
@@ -313,8 +321,18 @@ func (img *Image) writeRefblocksLocked() error {
 	return nil
 }
 
-// writeMeta writes metadata and tracks the file's end.
-func (img *Image) writeMeta(p []byte, off int64) error {
+// writeMeta writes metadata of kind k (the structures the write may
+// touch) and tracks the file's end. A write that would land on metadata
+// of another kind is refused and marks the image corrupt.
+func (img *Image) writeMeta(p []byte, off int64, k metaKind) error {
+	if img.mu.broken != nil {
+		// Nothing more is written into metadata found to be lying (a
+		// refcount block dirtied before the refusal included).
+		return img.mu.broken
+	}
+	if err := img.refuseOverlapLocked(off, int64(len(p)), k, "metadata_write"); err != nil {
+		return err
+	}
 	if _, err := img.f.WriteAt(p, off); err != nil {
 		return fmt.Errorf("qcow2: write metadata at %#x: %w", off, err)
 	}
@@ -434,7 +452,7 @@ func (img *Image) setDirtyLocked(on bool) error {
 	}
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], img.hdr.incompatible)
-	if err := img.writeMeta(b[:], 72); err != nil {
+	if err := img.writeMeta(b[:], 72, mHeader); err != nil {
 		return err
 	}
 	if err := img.f.Sync(); err != nil {
@@ -485,11 +503,23 @@ func (img *Image) writeClusterZ(vc, in int64, p, z []byte) error {
 			m.Unlock()
 			return image.ErrClosed
 		}
+		if m.broken != nil {
+			m.Unlock()
+			return m.broken
+		}
 		e, err := img.entryLocked(vc)
 		var k kind
 		var host int64
 		if err == nil {
 			k, host, err = img.classify(e, vc)
+		}
+		if err != nil && e&entryCompressed == 0 && e&offsetMask != 0 {
+			// An entry naming metadata: writing through it would destroy
+			// the metadata, so the image is marked as well as refused.
+			if hit := img.overlapLocked(int64(e&offsetMask), img.cs, 0); hit != 0 {
+				err = img.markCorruptLocked(int64(e&offsetMask), "l2_entry",
+					"preventing invalid write on metadata: guest cluster %d maps to host cluster %d, which holds the %v", vc, e&offsetMask>>img.cbits, hit)
+			}
 		}
 		if err != nil {
 			m.Unlock()
@@ -509,6 +539,11 @@ func (img *Image) writeClusterZ(vc, in int64, p, z []byte) error {
 		ch := make(chan struct{})
 		m.inflight[vc] = ch
 		pc, err := img.takePoolLocked()
+		if err == nil {
+			// The pool was checked when it was filled; metadata placed
+			// since then (from the pool too) must not share a cluster.
+			err = img.refuseOverlapLocked(pc.idx<<img.cbits, img.cs, 0, "data_write")
+		}
 		m.Unlock()
 		if err == nil {
 			if z != nil {
@@ -594,7 +629,7 @@ func (img *Image) linkLocked(vc int64, ne, old uint64) error {
 	}
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], ne)
-	if err := img.writeMeta(b[:], t.off+i*8); err != nil {
+	if err := img.writeMeta(b[:], t.off+i*8, mL2); err != nil {
 		return err
 	}
 	t.e[i] = ne
@@ -622,6 +657,12 @@ func (img *Image) dropLocked(e uint64) {
 // counts on it. Clusters whose count reaches zero are punched out.
 func (img *Image) applyFreesLocked() error {
 	m := &img.mu
+	if m.broken != nil {
+		// The refcounts are not to be trusted: a cluster kept is a leak,
+		// a cluster freed by mistake could be handed out again.
+		m.pendingFree = nil
+		return nil
+	}
 	if len(m.pendingFree) > 0 {
 		if !img.scratch && !(img.lazy() && m.dirtySet) {
 			if err := img.f.Sync(); err != nil {
@@ -670,7 +711,9 @@ func (img *Image) writableL2Locked(vc int64) (*l2Table, error) {
 	for i, e := range t.e {
 		binary.BigEndian.PutUint64(raw[i*8:], e)
 	}
-	if err := img.writeMeta(raw, t.off); err != nil {
+	// Not yet in l2set: checked against every structure, other L2
+	// tables included.
+	if err := img.writeMeta(raw, t.off, 0); err != nil {
 		return nil, err
 	}
 	if (old != 0 || !pc.fresh) && !img.scratch {
@@ -681,7 +724,7 @@ func (img *Image) writableL2Locked(vc int64) (*l2Table, error) {
 	ne := uint64(t.off) | entryCopied
 	var b [8]byte
 	binary.BigEndian.PutUint64(b[:], ne)
-	if err := img.writeMeta(b[:], int64(img.hdr.l1Offset)+l1i*8); err != nil {
+	if err := img.writeMeta(b[:], int64(img.hdr.l1Offset)+l1i*8, mL1); err != nil {
 		return nil, err
 	}
 	m.l1[l1i] = ne
@@ -717,10 +760,13 @@ func (img *Image) Discard(off, length int64) error {
 	img.io.Lock()
 	defer img.io.Unlock()
 	img.mu.Lock()
-	closed := img.mu.closed
+	closed, broken := img.mu.closed, img.mu.broken
 	img.mu.Unlock()
 	if closed {
 		return image.ErrClosed
+	}
+	if broken != nil {
+		return broken
 	}
 	end := off + length
 	for off < end {

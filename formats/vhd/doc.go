@@ -72,7 +72,8 @@
 // Create refuses disks over 2040 GiB (suggesting qcow2). Headers are
 // checked before use: BAT entries are capped at 2^24, block sizes at
 // 256 MiB, every block must lie inside the file clear of metadata and of
-// other blocks. A corrupt image gives an *image.FormatError wrapping
-// image.ErrCorrupt; an unknown disk type or header version wraps
-// image.ErrUnsupported.
+// other blocks, and the footer copy, dynamic header, BAT, batmap and
+// parent locators clear of one another. A corrupt image gives an
+// *image.FormatError wrapping image.ErrCorrupt; an unknown disk type or
+// header version wraps image.ErrUnsupported.
 package vhd

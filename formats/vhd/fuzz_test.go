@@ -77,6 +77,9 @@ func seedImages(t testing.TB) map[string][]byte {
 	mut("vhd-bat-past-eof.vhd", func(b []byte) []byte { be.PutUint32(b[1536:], 0x00FFFFFF); return b })
 	mut("vhd-block-clobbers-header.vhd", func(b []byte) []byte { be.PutUint32(b[1536:], 1); return b })
 	mut("vhd-overlapping-blocks.vhd", func(b []byte) []byte { copy(b[1536+8:], b[1536:1540]); return b })
+	// The BAT over the dynamic header: allocating block 0 would
+	// overwrite the header's first bytes.
+	mut("vhd-bat-over-header.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 512); resumH(b); return b })
 	mut("vhd-table-offset-past-eof.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 1<<40); resumH(b); return b })
 	mut("vhd-table-offset-negative.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 0xffff000000000600); resumH(b); return b })
 	mut("vhd-data-offset-past-eof.vhd", func(b []byte) []byte {
@@ -116,6 +119,15 @@ func seedImages(t testing.TB) map[string][]byte {
 	be.PutUint64(diff[512+576+16:], 1<<33)
 	resumH(diff)
 	out["vhd-locator-past-eof.vhd"] = diff
+	// A locator stored over the BAT: a BAT update would rewrite the
+	// parent's name.
+	lob := append([]byte(nil), out["vhd-differencing-good.vhd"]...)
+	be.PutUint32(lob[512+576:], platW2ru)
+	be.PutUint32(lob[512+576+4:], 1)
+	be.PutUint32(lob[512+576+8:], 20)
+	be.PutUint64(lob[512+576+16:], 1536)
+	resumH(lob)
+	out["vhd-locator-over-bat.vhd"] = lob
 	return out
 }
 
@@ -152,6 +164,8 @@ func TestBadImages(t *testing.T) {
 		"vhd-bat-past-eof.vhd":                image.ErrCorrupt,
 		"vhd-block-clobbers-header.vhd":       image.ErrCorrupt,
 		"vhd-overlapping-blocks.vhd":          image.ErrCorrupt,
+		"vhd-bat-over-header.vhd":             image.ErrCorrupt,
+		"vhd-locator-over-bat.vhd":            image.ErrCorrupt,
 		"vhd-table-offset-past-eof.vhd":       image.ErrCorrupt,
 		"vhd-data-offset-past-eof.vhd":        image.ErrCorrupt,
 		"vhd-table-offset-negative.vhd":       image.ErrCorrupt,

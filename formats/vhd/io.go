@@ -332,6 +332,9 @@ func (img *Image) allocateLocked(blk int64, buf []byte, start int64, runs []run,
 	if (pos+per)/sectorSize >= batUnused {
 		return fmt.Errorf("vhd: %s: no room for block %d: a VHD file cannot grow past 2 TiB (use qcow2)", img.path, blk)
 	}
+	if err := img.refuseMetaWrite(pos, per+footerSize); err != nil {
+		return err
+	}
 	if err := img.writeRuns(pos+img.bmSize, buf, start, runs); err != nil {
 		return fmt.Errorf("vhd: block %d data: %w", blk, err)
 	}

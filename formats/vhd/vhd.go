@@ -287,6 +287,9 @@ func (img *Image) openDynamic(footerAtEnd bool) error {
 			}
 		}
 	}
+	if err := img.checkMetaOverlap(); err != nil {
+		return err
+	}
 	// Every allocated block must lie inside the file, clear of the
 	// metadata and of every other block: a writer trusting such a BAT
 	// would scribble over metadata or another block's data.

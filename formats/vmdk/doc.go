@@ -73,7 +73,9 @@
 // Untrusted input: every header field is bounded before it sizes an
 // allocation (grain at most 64 MiB, 512 entries per table, the directory
 // inside the file and at most 2^24 entries, descriptors at most 1 MiB and
-// 4096 extents); a corrupt image gives a *image.FormatError wrapping
-// image.ErrCorrupt, an unsupported feature one wrapping
+// 4096 extents). A writable extent's header, descriptor, directories and
+// grain tables may not overlap, and a grain that overlaps any of them is
+// neither read nor written. A corrupt image gives a *image.FormatError
+// wrapping image.ErrCorrupt, an unsupported feature one wrapping
 // image.ErrUnsupported.
 package vmdk

@@ -120,6 +120,21 @@ var testdataCases = []testdataCase{
 	{name: "bad-grain-past-eof", gen: func(t testing.TB) []byte { return mut(baseSparse(t), put32(31*512, 100000)) }, readErr: image.ErrCorrupt, checkCorrupt: true},
 	{name: "bad-grain-in-metadata", gen: func(t testing.TB) []byte { return mut(baseSparse(t), put32(31*512, 2)) }, readErr: image.ErrCorrupt, checkCorrupt: true},
 	{name: "bad-overlapping-grains", gen: func(t testing.TB) []byte { return mut(baseSparse(t), put32(31*512+4, 40)) }, checkCorrupt: true},
+	// Grain table 1 stored over table 0: a write-back of either
+	// rewrites the other.
+	{name: "bad-gt-over-gt", gen: func(t testing.TB) []byte { return mut(baseSparse(t), put32(30*512+4, 31)) }, checkCorrupt: true},
+	// Grain table 1 moved past the grains, its entry for grain 512
+	// naming the table itself: writing that grain rewrites the table.
+	{name: "bad-grain-on-gt", gen: func(t testing.TB) []byte {
+		b := baseSparse(t)
+		end := uint32(len(b) / 512)
+		gt := bytes.Clone(b[35*512 : 39*512])
+		binary.LittleEndian.PutUint32(gt, end)
+		b = append(append(b, gt...), gt...)
+		put32(30*512+4, end)(b)
+		put32(21*512+4, end+4)(b)
+		return b
+	}, checkCorrupt: true},
 	{name: "bad-grain-size-zero", gen: func(t testing.TB) []byte { return mut(baseSparse(t), put64(20, 0)) }, openErr: image.ErrCorrupt},
 	{name: "bad-huge-gtes-per-gt", gen: func(t testing.TB) []byte { return mut(baseSparse(t), put32(44, 1<<20)) }, openErr: image.ErrUnsupported},
 	{name: "bad-huge-capacity", gen: func(t testing.TB) []byte { return mut(baseSparse(t), put64(12, 1<<50)) }, openErr: image.ErrUnsupported},

@@ -72,6 +72,7 @@ type sparse struct {
 	inflight map[uint64]struct{} // grains being allocated
 	size     int64               // bytes in the file, including appended grains
 	next     int64               // where the next grain goes
+	meta     []metaSpan          // writable extents: every metadata structure, sorted
 
 	zmu    sync.Mutex
 	zcache map[uint64][]byte // decompressed grains, by grain index
@@ -145,6 +146,11 @@ func openSparse(f file, name string, readOnly bool, cacheCap int) (*sparse, erro
 	}
 	if h.Flags&flagRedundant != 0 && h.RGDOffset != 0 {
 		if s.rgd, err = s.readDir(h.RGDOffset, n, 48, "rgd_offset"); err != nil {
+			return nil, err
+		}
+	}
+	if !readOnly {
+		if err := s.buildMeta(); err != nil {
 			return nil, err
 		}
 	}
@@ -246,6 +252,11 @@ func (s *sparse) decode(v uint32, g uint64) (grainState, int64, error) {
 	}
 	if s.h.Flags&flagCompressed != 0 {
 		return grainCompressed, off, nil
+	}
+	if !s.readOnly {
+		if err := s.checkGrainLocked(g, off); err != nil {
+			return 0, 0, err
+		}
 	}
 	return grainData, off, nil
 }
@@ -387,6 +398,9 @@ func (s *sparse) allocate(g uint64) (st grainState, off int64, reserved bool, er
 		return 0, 0, false, fmtErr(-1, "grain", image.ErrUnsupported, "%s: extent file would pass 2 TiB (32-bit sector offsets)", s.name)
 	}
 	off = s.next
+	if err := s.checkGrainLocked(g, off); err != nil {
+		return 0, 0, false, err
+	}
 	s.next += gb
 	s.inflight[g] = struct{}{}
 	t.pending++
@@ -410,9 +424,11 @@ func (s *sparse) newTableLocked(i uint32) (*gtable, error) {
 	}
 	if s.rgd != nil {
 		s.rgd[i] = uint32(s.next / sectorSize)
+		s.addMetaLocked(s.next)
 		s.next += span
 	}
 	s.gd[i] = uint32(s.next / sectorSize)
+	s.addMetaLocked(s.next)
 	s.next += span
 	s.size = max(s.size, s.next)
 	t := &gtable{idx: i, e: make([]uint32, s.h.NumGTEsPerGT), dirty: true}
