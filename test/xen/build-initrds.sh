@@ -8,12 +8,10 @@
 #                          test/xen/dom0 as /init and /xt, and the guest's
 #                          kernel and initramfs
 # Usage: build-initrds.sh OUT KERNEL_ROOT KVER BLKTAP_BINARY
-# Environment (trixie/build.sh sets the first two):
+# Environment (trixie/build.sh sets both):
 #   XEN_ROOT     take every program, library and /etc/xen from this unpacked
 #                Debian tree (ldd runs in a chroot of it) instead of the host
 #   XEN_BIN_DIR  the toolstack's directory (default /usr/lib/xen-4.17/bin)
-#   XEN_TEST_DM  an unpacked qemu-system-xen package: its device model goes
-#                into dom0 (for the hvm-probe scenario; Xen 4.17 only)
 set -euo pipefail
 out=$1 kroot=$2 kver=$3 blktap=$4
 here=$(cd "$(dirname "$0")" && pwd)
@@ -78,17 +76,18 @@ for x in read write ls rm exists list chmod watch; do ln -sf xenstore "$R/usr/bi
 for x in xl xenstored xenconsoled xen-init-dom0 xenconsole; do ln -sf $XB/$x "$R/usr/sbin/$x"; done
 mkdir -p "$R/usr/lib/xen"; ln -sf $XB "$R/usr/lib/xen/bin"
 cp -a "$S/etc/xen" "$R/etc/"
-# The HVM firmware, for the hvm-probe scenario (an HVM guest needs it
+# The HVM firmware, for the hvm scenario (an HVM guest needs it
 # before it needs a device model); absent packages just skip it.
 for f in ${XB%/bin}/boot/hvmloader /usr/share/seabios/bios-256k.bin; do
   [ ! -f "$S$f" ] || { mkdir -p "$R$(dirname "$f")"; cp -L "$S$f" "$R$f"; }
 done
-# and, when XEN_TEST_DM names an unpacked qemu-system-xen package, the
-# device model libxl starts for it (Debian's path), with its libraries.
-if [ -n "${XEN_TEST_DM:-}" ] && [ -z "$S" ]; then   # bookworm's model links 4.17's libraries
-  dm=/usr/libexec/xen-qemu-system-i386
-  mkdir -p "$R/usr/libexec"; cp -L "$XEN_TEST_DM$dm" "$R$dm"
-  for l in $(ldd "$XEN_TEST_DM$dm" | grep -oE '/[^ ]+'); do
+# and the device model libxl starts for it, Debian's qemu-system-xen
+# (deps.sh installs it on the host), with its libraries: bookworm's model
+# links 4.17's libraries, so only the 4.17 image has it.
+dm=/usr/libexec/xen-qemu-system-i386
+if [ -z "$S" ] && [ -x "$dm" ]; then
+  mkdir -p "$R/usr/libexec"; cp -L "$dm" "$R$dm"
+  for l in $(ldd "$dm" | grep -oE '/[^ ]+'); do
     [ -e "$R$l" ] || { mkdir -p "$R$(dirname "$l")"; cp -L "$l" "$R$l"; }
   done
   # libxl passes -vnc none, and QEMU still loads its default keymap

@@ -16,6 +16,7 @@ need=(
   /usr/lib/xen-4.17/bin/xl:xen-utils-4.17
   xenstore-read:xenstore-utils
   qemu-img:qemu-utils
+  /usr/libexec/xen-qemu-system-i386:qemu-system-xen
   /bin/busybox:busybox-static
   cpio:cpio depmod:kmod flock:util-linux
 )
