@@ -68,6 +68,12 @@ type Options struct {
 	// ImageDirs are where images (and their backing files) may live,
 	// besides the state directory and the YAML images' directories.
 	ImageDirs []string
+	// NBDAllow lists the NBD servers nbd: sources may name besides unix
+	// sockets in the image directories (CheckNBDAllow has the forms).
+	NBDAllow []string
+	// RAMMax caps the size of a RAM disk created on attach, in bytes;
+	// 0 is DefaultRAMMax.
+	RAMMax int64
 	// MetricsAddr, if set, serves Prometheus metrics at http://ADDR/metrics.
 	MetricsAddr  string
 	Logger       *slog.Logger

@@ -795,9 +795,9 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 				return terminal(errors.New(why))
 			}
 		}
-		if err := d.checkImageDir(path); err != nil {
-			return terminal(err)
-		}
+	}
+	if err := d.checkSource(format, path); err != nil {
+		return terminal(err)
 	}
 	readOnly := false
 	switch s.Mode {
