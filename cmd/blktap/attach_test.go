@@ -45,39 +45,39 @@ func TestAttachImageBarePath(t *testing.T) {
 	for _, f := range []string{"qcow2", "qcow", "vhd", "vmdk"} {
 		name := "F." + f
 		mk(f, name)
-		_, _, err := attachImage(name)
+		_, _, err := imageArg(name)
 		want := name + " is " + f + ": write " + f + ":" + name + ", or raw:" + name + " to serve its bytes"
 		if err == nil || err.Error() != want {
 			t.Errorf("bare %s: %v; want %q", name, err, want)
 		}
 		// The absolute spelling is probed the same way.
 		abs := filepath.Join(dir, name)
-		if _, _, err := attachImage(abs); err == nil || !strings.Contains(err.Error(), abs+" is "+f) {
+		if _, _, err := imageArg(abs); err == nil || !strings.Contains(err.Error(), abs+" is "+f) {
 			t.Errorf("bare %s: %v", abs, err)
 		}
 		// Named, it is served as named, either way.
 		for _, explicit := range []string{f, "raw"} {
-			format, path, err := attachImage(explicit + ":" + name)
+			format, path, err := imageArg(explicit + ":" + name)
 			if err != nil || format != explicit || path != abs {
 				t.Errorf("%s:%s = %s %s %v", explicit, name, format, path, err)
 			}
 		}
 	}
 	mk("raw", "disk.img")
-	if format, path, err := attachImage("disk.img"); err != nil || format != "raw" || path != filepath.Join(dir, "disk.img") {
+	if format, path, err := imageArg("disk.img"); err != nil || format != "raw" || path != filepath.Join(dir, "disk.img") {
 		t.Errorf("bare raw: %s %s %v", format, path, err)
 	}
-	if format, _, err := attachImage("aio:disk.img"); err != nil || format != "raw" {
+	if format, _, err := imageArg("aio:disk.img"); err != nil || format != "raw" {
 		t.Errorf("aio: %s %v", format, err)
 	}
-	if format, path, err := attachImage("ram:scratch?size=1M"); err != nil || format != "ram" || path != "scratch?size=1M" {
+	if format, path, err := imageArg("ram:scratch?size=1M"); err != nil || format != "ram" || path != "scratch?size=1M" {
 		t.Errorf("ram: %s %s %v", format, path, err)
 	}
 	var ue *usageError
-	if _, _, err := attachImage("qcwo2:disk.img"); !errors.As(err, &ue) || !strings.Contains(err.Error(), "qcwo2") {
+	if _, _, err := imageArg("qcwo2:disk.img"); !errors.As(err, &ue) || !strings.Contains(err.Error(), "qcwo2") {
 		t.Errorf("misspelt format: %v", err)
 	}
-	if _, _, err := attachImage("missing.qcow2"); err == nil || !errors.Is(err, os.ErrNotExist) {
+	if _, _, err := imageArg("missing.qcow2"); err == nil || !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("missing file: %v", err)
 	}
 }

@@ -74,7 +74,7 @@ func cmdAttach(args []string) error {
 	if err != nil {
 		return err
 	}
-	format, path, err := attachImage(pos[1])
+	format, path, err := imageArg(pos[1])
 	if err != nil {
 		return err
 	}
@@ -170,12 +170,12 @@ func waitDeviceNode(ctx context.Context, path string) error {
 	}
 }
 
-// attachImage reads attach's TYPE:PATH into a format and, for image
-// files, an absolute path that exists. A bare path (no TYPE: in front) is
-// probed: one that holds raw bytes is served raw, and anything else must
-// be named, because serving an image's container as a raw disk,
-// read-write, lets the first write destroy it.
-func attachImage(arg string) (format, path string, err error) {
+// imageArg reads attach's (and resume --image's) TYPE:PATH into a format
+// and, for image files, an absolute path that exists. A bare path (no
+// TYPE: in front) is probed: one that holds raw bytes is served raw, and
+// anything else must be named, because serving an image's container as a
+// raw disk, read-write, lets the first write destroy it.
+func imageArg(arg string) (format, path string, err error) {
 	prefix, _, hasPrefix := strings.Cut(arg, ":")
 	_, known := formats.Normalize(prefix)
 	explicit := hasPrefix && !strings.HasPrefix(arg, "/") &&
