@@ -17,16 +17,7 @@ func TestEndToEndDesiredStateSafety(t *testing.T) {
 	bin := buildBinary(t)
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "disks.yaml")
-	write := func(body string) {
-		t.Helper()
-		tmp := cfg + ".tmp"
-		if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(tmp, cfg); err != nil {
-			t.Fatal(err)
-		}
-	}
+	write := func(body string) { t.Helper(); replaceFile(t, cfg, body) }
 	write(fmt.Sprintf("disks:\n  - {name: one, image: %s/one.raw, format: raw, domain: 0, device: xvdb, create: {size: 8M}}\n", dir))
 	d := startDaemon(t, bin, cfg)
 	d.waitConnected("one")
@@ -77,16 +68,7 @@ func TestEndToEndDesiredStateSafety(t *testing.T) {
 	}
 
 	write("disks: []\n")
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, ok := d.row("one"); !ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("disks: [] left the disk attached: %+v", d.ls())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	d.waitGone("one", "disks: [] left the disk attached")
 	if msg := lsStderr(); msg != "" {
 		t.Errorf("ls still reports a refusal after an accepted reload: %s", msg)
 	}
