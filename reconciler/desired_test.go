@@ -72,7 +72,8 @@ func testYAMLSwaps(t *testing.T, dom uint32) {
 		want[be+"/"+keyPhase] = PhaseConnected
 		want[be+"/params"] = "aio:" + disk.Image
 	}
-	deadline := time.Now().Add(60 * time.Second)
+	start := time.Now()
+	deadline := start.Add(60 * time.Second)
 	for {
 		bad := ""
 		for p, v := range want {
@@ -82,6 +83,7 @@ func testYAMLSwaps(t *testing.T, dom uint32) {
 			}
 		}
 		if bad == "" {
+			t.Logf("converged %v after the last swap", time.Since(start).Round(time.Millisecond))
 			break
 		}
 		if time.Now().After(deadline) {
