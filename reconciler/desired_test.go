@@ -44,7 +44,7 @@ func TestYAMLSwapsConverge(t *testing.T) {
 }
 
 func testYAMLSwaps(t *testing.T, dom uint32) {
-	h := newHarness(t, dom != 0)
+	h := newHarness(t, true) // no Xen: domain 0 is served over its export, guests through the local frontend
 	imgs := map[string]string{}
 	for _, n := range []string{"a", "a2", "b", "c"} {
 		imgs[n] = h.image(n + ".raw")
@@ -139,7 +139,7 @@ func (h *harness) waitPhase(k Key, phase, errPart string) {
 // connection (the daemon's) both succeed; they used to share a watch
 // token and the second failed with "xenstore: EEXIST".
 func TestOverlappingDetaches(t *testing.T) {
-	h := newHarness(t, false)
+	h := newHarness(t, true)
 	k := Key{KindVBD3, 0, 51728}
 	ctx := context.Background()
 	if err := WriteDevice(ctx, h.xs, DeviceSpec{Key: k, Name: "a", Format: "raw", Path: h.image("a.raw"), Mode: "w", Vdev: "xvdb", Source: "attach"}); err != nil {
@@ -168,7 +168,7 @@ func TestStuckYAMLDiskConverges(t *testing.T) {
 	old := stuckGrace
 	stuckGrace = 300 * time.Millisecond
 	t.Cleanup(func() { stuckGrace = old })
-	h := newHarness(t, false)
+	h := newHarness(t, true)
 	ctx := context.Background()
 	h.d.applyConfig(ctx, h.yamlFile(map[string]string{"a": h.image("a.raw")}))
 	k := Key{KindVBD3, 0, 51728}
@@ -202,7 +202,7 @@ func TestStuckYAMLDiskConverges(t *testing.T) {
 // disks: [] is refused, the reason in the daemon's status; disks: []
 // detaches them.
 func TestReloadRefusesDroppingEveryDisk(t *testing.T) {
-	h := newHarness(t, false)
+	h := newHarness(t, true)
 	ctx := context.Background()
 	cfg := filepath.Join(h.dir, "disks.yaml")
 	h.d.opts.ConfigPath = cfg
@@ -245,7 +245,7 @@ func TestReloadRefusesDroppingEveryDisk(t *testing.T) {
 // Issue 16 item 5: an image the YAML asks to create and that cannot be
 // made shows why, not a "no such file" from the open that follows.
 func TestCreateFailureInStatus(t *testing.T) {
-	h := newHarness(t, false)
+	h := newHarness(t, true)
 	ctx := context.Background()
 	f := h.yamlFile(map[string]string{"a": filepath.Join(h.dir, "a.vhd")})
 	f.Disks[0].Format = "vhd"

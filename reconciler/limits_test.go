@@ -84,7 +84,7 @@ func TestMemTotal(t *testing.T) {
 // Issue 16 item 5: nbd: sources only from the image directories' sockets
 // and what --nbd-allow names; ram: sizes up to --ram-max.
 func TestSourceConfinement(t *testing.T) {
-	h := newHarness(t, false, func(o *Options) { o.RAMMax = 8 << 20 })
+	h := newHarness(t, true, func(o *Options) { o.RAMMax = 8 << 20 })
 	ctx := context.Background()
 	attach := func(devid uint32, format, path string) Key {
 		t.Helper()
