@@ -51,6 +51,12 @@ func (d *Daemon) checkNBDSource(uri string) error {
 		if !filepath.IsAbs(u.Address) {
 			return fmt.Errorf("nbd: socket %q is not an absolute path", u.Address)
 		}
+		if d.isControlSocket(u.Address) {
+			// The state directory is an image directory, but the
+			// daemon's API, xenstored and adoption sockets in it are
+			// nobody's disk.
+			return fmt.Errorf("nbd: socket %s is one of the daemon's own: %w", u.Address, ErrNotAllowed)
+		}
 		if d.checkImageDir(u.Address) == nil {
 			return nil
 		}
@@ -63,6 +69,15 @@ func (d *Daemon) checkNBDSource(uri string) error {
 		where = "socket " + u.Address + " (outside the image directories)"
 	}
 	return fmt.Errorf("nbd: %s: %w: add it to blktap run's --nbd-allow", where, ErrNotAllowed)
+}
+
+// isControlSocket reports whether sock (symlinks resolved) is the API
+// socket, the embedded xenstored's, or a worker's adoption socket.
+func (d *Daemon) isControlSocket(sock string) bool {
+	sock = resolve(sock)
+	state := resolve(d.opts.StateDir)
+	return sock == filepath.Join(state, APISocket) || sock == filepath.Join(state, EmbeddedSocket) ||
+		strings.HasPrefix(sock, filepath.Join(state, workersDir)+"/")
 }
 
 // CheckNBDAllow validates --nbd-allow entries: an absolute path (a socket,

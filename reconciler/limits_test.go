@@ -117,6 +117,11 @@ func TestSourceConfinement(t *testing.T) {
 	h.waitPhase(refused, PhaseFailed, "--nbd-allow")
 	tcp := attach(51776, "nbd", "nbd://192.0.2.1:10809/x")
 	h.waitPhase(tcp, PhaseFailed, "host 192.0.2.1:10809")
+	for _, own := range []string{filepath.Join(h.dir, APISocket), h.d.adoptPath(base)} {
+		if err := h.d.checkNBDSource("nbd+unix:///?socket=" + own); err == nil || !strings.Contains(err.Error(), "the daemon's own") {
+			t.Errorf("%s: %v", own, err)
+		}
+	}
 
 	name := fmt.Sprintf("bt-test-%d", os.Getpid())
 	t.Cleanup(func() { ram.Remove(name, ram.Options{}); ram.Remove(name+"-big", ram.Options{}) })
