@@ -35,6 +35,9 @@
 //     required when TLSCA is set) unless Export.Insecure; the files are
 //     not opened here.
 //  4. Treat the File as read-only; Parse returns a new one each time.
+//  5. Before a reload replaces a desired state that has disks, call
+//     CheckDropAll: a file with no disks is an order to detach them all
+//     only when it says disks: [].
 package config
 
 import (
@@ -51,6 +54,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"gopkg.in/yaml.v3"
 )
@@ -91,7 +95,18 @@ func (e *Error) Unwrap() error { return ErrInvalid }
 type File struct {
 	Path  string // as given to Parse; absolute when from Load
 	Disks []Disk
+	// NoDisks is set when the file says in so many words that there are
+	// none (disks: []). An empty file, one of comments only or a bare
+	// "disks:" also parse to no disks, but they are what a half-written
+	// save or a template that rendered nothing looks like: a daemon must
+	// not take them as an order to detach everything.
+	NoDisks bool
 }
+
+// ErrUntrusted is the class of errors about the file itself rather than
+// its contents: not a regular file, or owned by someone else than root or
+// the reader. Such a file is not parsed, so nothing of it is echoed.
+var ErrUntrusted = errors.New("untrusted desired-state file")
 
 // Disk is one desired disk.
 type Disk struct {
@@ -158,22 +173,66 @@ func normalizeFormat(s string) (string, bool) {
 	return "", false
 }
 
-// Load reads and parses the file at path.
+// Load reads and parses the file at path. The file (a symlink's target)
+// must be a regular file owned by root or by the effective uid: whoever
+// can write it decides which images are served, and a FIFO or device
+// would hang or feed the parser something that is not a file.
 func Load(path string) (*File, error) {
 	abs, err := filepath.Abs(path)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	f, err := os.Open(abs)
+	// O_NONBLOCK: opening a FIFO must not wait for a writer before the
+	// check below can refuse it.
+	f, err := os.OpenFile(abs, os.O_RDONLY|syscall.O_NONBLOCK, 0)
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
 	defer f.Close()
+	if err := checkTrusted(abs, f, os.Geteuid()); err != nil {
+		return nil, err
+	}
 	data, err := io.ReadAll(io.LimitReader(f, MaxFileSize+1))
 	if err != nil {
 		return nil, fmt.Errorf("config: %s: %w", abs, err)
 	}
 	return Parse(abs, data)
+}
+
+// ErrDropsAll reports a file that would take every disk away without
+// saying so (see File.NoDisks).
+var ErrDropsAll = errors.New("no disks, and the file does not say disks: []")
+
+// CheckDropAll returns an error wrapping ErrDropsAll when f declares no
+// disks, current (the number of disks of the desired state it would
+// replace) is not zero, and f does not say disks: [] explicitly.
+func (f *File) CheckDropAll(current int) error {
+	if len(f.Disks) > 0 || f.NoDisks || current == 0 {
+		return nil
+	}
+	return fmt.Errorf("config: %s: %w (empty, comments only or a bare \"disks:\": a half-written save?); "+
+		"keeping the %d disks of the previous version; to detach every disk, write disks: []", f.Path, ErrDropsAll, current)
+}
+
+// checkTrusted refuses what Load must not read: anything but a regular
+// file, and a file owned by another user than root or uid.
+func checkTrusted(name string, f *os.File, uid int) error {
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("config: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("config: %s: %w: not a regular file (%s)", name, ErrUntrusted, st.Mode().Type())
+	}
+	sys, ok := st.Sys().(*syscall.Stat_t)
+	if !ok {
+		return fmt.Errorf("config: %s: %w: its owner is unknown", name, ErrUntrusted)
+	}
+	if sys.Uid != 0 && int(sys.Uid) != uid {
+		return fmt.Errorf("config: %s: %w: owned by uid %d; it must belong to root or to uid %d, which runs the daemon",
+			name, ErrUntrusted, sys.Uid, uid)
+	}
+	return nil
 }
 
 // Parse decodes and validates data, the contents of the file called name.
@@ -211,7 +270,7 @@ func Parse(name string, data []byte) (*File, error) {
 	}
 	f := &File{Path: name}
 	if len(doc.Content) == 1 {
-		f.Disks = p.top(doc.Content[0])
+		f.Disks, f.NoDisks = p.top(doc.Content[0])
 	}
 	p.crossCheck(f.Disks)
 	if err := p.err(); err != nil {
@@ -407,9 +466,11 @@ func (p *parser) path(n *yaml.Node, what string) (string, bool) {
 	return filepath.Clean(s), true
 }
 
-func (p *parser) top(root *yaml.Node) []Disk {
+// top decodes the top-level mapping; explicit reports a disks key that
+// holds a list, even an empty one.
+func (p *parser) top(root *yaml.Node) (disks []Disk, explicit bool) {
 	if root.Kind == yaml.ScalarNode && root.ShortTag() == "!!null" {
-		return nil // a file of comments only
+		return nil, false // a file of comments only
 	}
 	m := p.fields(root, "top level", "disks")
 	dn, ok := m["disks"]
@@ -417,23 +478,22 @@ func (p *parser) top(root *yaml.Node) []Disk {
 		if m != nil {
 			p.errf(root, "top level: no \"disks\" key")
 		}
-		return nil
+		return nil, false
 	}
 	if dn.Kind == yaml.ScalarNode && dn.ShortTag() == "!!null" {
-		return nil
+		return nil, false
 	}
 	if dn.Kind != yaml.SequenceNode {
 		p.errf(dn, "disks must be a list, not %s", kindName(dn))
-		return nil
+		return nil, false
 	}
-	var disks []Disk
 	for i, n := range dn.Content {
 		if d, m := p.disk(n, i); m != nil {
 			disks = append(disks, d)
 			p.nodes = append(p.nodes, m)
 		}
 	}
-	return disks
+	return disks, len(dn.Content) == 0
 }
 
 var diskKeys = []string{"name", "image", "format", "mode", "domain", "device", "create", "export", "qos"}

@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -364,3 +365,122 @@ func TestRelativeName(t *testing.T) {
 }
 
 // The same table as formats' TestParseSize: the two copies must agree.
+
+// Issue 16 item 4: only disks: [] says "no disks"; what a half-written
+// save or an empty template leaves says nothing, and a reload of it must
+// not detach every disk.
+func TestNoDisksMustBeExplicit(t *testing.T) {
+	one := "disks:\n  - {name: a, image: /i/a.raw, format: raw, device: xvdb}\n"
+	for _, c := range []struct {
+		name, text string
+		explicit   bool
+	}{
+		{"empty", "", false},
+		{"blank lines", "\n\n", false},
+		{"comments only", "# disks:\n#   - name: a\n", false},
+		{"bare disks key", "disks:\n", false},
+		{"disks null", "disks: null\n", false},
+		{"truncated after the key", "disks:\n  ", false},
+		{"explicit empty list", "disks: []\n", true},
+		{"explicit empty block list", "# nothing served here\ndisks: []  # on purpose\n", true},
+	} {
+		f, err := Parse("/etc/blktap/disks.yaml", []byte(c.text))
+		if err != nil {
+			t.Fatalf("%s: %v", c.name, err)
+		}
+		if len(f.Disks) != 0 || f.NoDisks != c.explicit {
+			t.Errorf("%s: %d disks, NoDisks %v; want 0, %v", c.name, len(f.Disks), f.NoDisks, c.explicit)
+		}
+		err = f.CheckDropAll(2)
+		if c.explicit && err != nil {
+			t.Errorf("%s: CheckDropAll: %v", c.name, err)
+		}
+		if !c.explicit {
+			if !errors.Is(err, ErrDropsAll) || !strings.Contains(err.Error(), "write disks: []") ||
+				!strings.Contains(err.Error(), "keeping the 2 disks") {
+				t.Errorf("%s: CheckDropAll = %v; want ErrDropsAll naming disks: []", c.name, err)
+			}
+			// Nothing to drop: a fresh daemon with an empty file is fine.
+			if err := f.CheckDropAll(0); err != nil {
+				t.Errorf("%s: CheckDropAll(0): %v", c.name, err)
+			}
+		}
+	}
+	f, err := Parse("/etc/blktap/disks.yaml", []byte(one))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if f.NoDisks || f.CheckDropAll(5) != nil {
+		t.Errorf("one disk: NoDisks %v, CheckDropAll %v", f.NoDisks, f.CheckDropAll(5))
+	}
+}
+
+// Issue 16 item 4: the file must be a regular file owned by root or the
+// reader, and a refused file is not parsed, so its contents appear in no
+// message.
+func TestLoadRefusesUntrustedFile(t *testing.T) {
+	dir := t.TempDir()
+	secret := "root-password-secret: hunter2\n" // an unknown key: a parse error would quote it
+	good := filepath.Join(dir, "disks.yaml")
+	if err := os.WriteFile(good, []byte("disks: []\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if f, err := Load(good); err != nil || !f.NoDisks {
+		t.Fatalf("own regular file: %v", err)
+	}
+	// Through a symlink: the target is what counts.
+	link := filepath.Join(dir, "link.yaml")
+	if err := os.Symlink(good, link); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(link); err != nil {
+		t.Errorf("symlink to an own file: %v", err)
+	}
+	// A FIFO: refused at once, not waited on.
+	fifo := filepath.Join(dir, "fifo.yaml")
+	if err := syscallMkfifo(fifo); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Load(fifo); !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), "not a regular file") {
+		t.Errorf("fifo: %v", err)
+	}
+	if _, err := Load(dir); !errors.Is(err, ErrUntrusted) {
+		t.Errorf("directory: %v", err)
+	}
+	// Another owner: checkTrusted with a uid that is neither root nor
+	// the file's (a test cannot chown without being root).
+	bad := filepath.Join(dir, "bad.yaml")
+	if err := os.WriteFile(bad, []byte(secret), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if os.Geteuid() == 0 {
+		// Root can give the file away: then Load itself must refuse it.
+		if err := os.Chown(bad, 54321, 54321); err != nil {
+			t.Fatal(err)
+		}
+		_, err := Load(bad)
+		if !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), "owned by uid 54321") {
+			t.Errorf("foreign owner: %v", err)
+		}
+		if err != nil && strings.Contains(err.Error(), "secret") {
+			t.Errorf("the refusal echoes the contents: %v", err)
+		}
+		return
+	}
+	// Not root: a file cannot be given away, so ask as another uid would.
+	fh, err := os.Open(bad)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer fh.Close()
+	owner := os.Geteuid()
+	err = checkTrusted(bad, fh, owner+1)
+	if !errors.Is(err, ErrUntrusted) || !strings.Contains(err.Error(), fmt.Sprintf("owned by uid %d", owner)) {
+		t.Errorf("foreign owner: %v", err)
+	}
+	if err != nil && strings.Contains(err.Error(), "secret") {
+		t.Errorf("the refusal echoes the contents: %v", err)
+	}
+}
+
+func syscallMkfifo(path string) error { return syscall.Mkfifo(path, 0o600) }

@@ -43,6 +43,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"path"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -67,6 +68,12 @@ type Options struct {
 	// ImageDirs are where images (and their backing files) may live,
 	// besides the state directory and the YAML images' directories.
 	ImageDirs []string
+	// NBDAllow lists the NBD servers nbd: sources may name besides unix
+	// sockets in the image directories (CheckNBDAllow has the forms).
+	NBDAllow []string
+	// RAMMax caps the size of a RAM disk created on attach, in bytes;
+	// 0 is DefaultRAMMax.
+	RAMMax int64
 	// MetricsAddr, if set, serves Prometheus metrics at http://ADDR/metrics.
 	MetricsAddr  string
 	Logger       *slog.Logger
@@ -105,8 +112,11 @@ type Daemon struct {
 	desired   map[Key]config.Disk     // from YAML
 	procs     map[Key]*worker.Process // running workers, for the API (devices are the reconcilers')
 	paused    map[Key]bool
-	conflicts map[Key]string // YAML disks whose key another declaration holds
-	ports     uint32         // last local event-channel port handed out
+	conflicts map[Key]string     // YAML disks whose key another declaration holds
+	decl      map[Key]*declQueue // changes of YAML devices' declarations (desired.go)
+	imageErrs map[Key]string     // why a YAML disk's image could not be created
+	retry     map[Key]bool       // YAML disks a reload asks to try again
+	ports     uint32             // last local event-channel port handed out
 
 	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }
@@ -237,15 +247,6 @@ func Run(ctx context.Context, opts Options) error {
 			d.log.Warn("not watching the YAML file (SIGHUP still reloads it)", "err", err)
 		}
 	}
-	reload := func(why string) {
-		c, err := config.Load(opts.ConfigPath)
-		if err != nil {
-			d.log.Error("reload: keeping the previous desired state", "trigger", why, "err", err)
-			return
-		}
-		d.log.Info("reloaded the desired state", "trigger", why, "disks", len(c.Disks))
-		d.applyConfig(ctx, c)
-	}
 	resync := time.NewTicker(5 * time.Second)
 	defer resync.Stop()
 	d.rescan(ctx)
@@ -280,14 +281,14 @@ loop:
 			d.rescan(ctx)
 		case <-hup:
 			if opts.ConfigPath != "" {
-				reload("SIGHUP")
+				d.reload(ctx, "SIGHUP")
 			}
 		case _, ok := <-fileChanged:
 			if !ok {
 				fileChanged = nil
 				continue
 			}
-			reload("file changed")
+			d.reload(ctx, "file changed")
 		}
 	}
 	sd.notify("STOPPING=1")
@@ -507,15 +508,28 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 			log.Error("image", "err", err)
 			// The device is still declared: its status then says why it
 			// cannot start, where `blktap ls` shows it.
+			d.setImageError(k, err.Error())
+		} else {
+			d.setImageError(k, "")
 		}
-		spec := DeviceSpec{
-			Key: k, Name: disk.Name, Format: disk.Format, Path: disk.Image,
-			Mode: disk.Mode, Vdev: config.VdevName(disk.DevID), Source: "yaml",
+		// A reload is the operator's word that something was fixed: a
+		// disk that failed for good tries once more.
+		d.setRetry(k)
+		spec := yamlSpec(k, disk)
+		prev, had := old[k]
+		changed := had && (prev.Image != disk.Image || prev.Format != disk.Format || prev.Mode != disk.Mode)
+		if changed || d.declaring(k) {
+			// Image, format or mode changed: a controlled reconnect,
+			// as a toolstack would do it (unplug, then plug anew); or
+			// a change of this device is still running: this one
+			// waits its turn.
+			d.declare(ctx, k, declOp{spec: &spec, reconnect: changed})
+			continue
 		}
 		err := WriteDevice(ctx, d.xs, spec)
 		d.setConflict(k, "")
 		if errors.Is(err, ErrExists) {
-			if _, had := old[k]; !had {
+			if !had {
 				// Declared already, by someone else (an attach, a
 				// toolstack): both stand as they are and the device's
 				// status says so; nothing is torn down.
@@ -523,22 +537,6 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 					log.Error("device declared twice", "why", why)
 					d.setConflict(k, why)
 				}
-			}
-			if prev, had := old[k]; had && (prev.Image != disk.Image || prev.Format != disk.Format || prev.Mode != disk.Mode) {
-				// Image, format or mode changed: a controlled reconnect,
-				// as a toolstack would do it (unplug, then plug anew).
-				log.Info("disk changed: reconnecting", "image", disk.Image, "format", disk.Format, "mode", disk.Mode)
-				go func() {
-					rctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-					defer cancel()
-					if err := Detach(rctx, d.xs, k); err != nil {
-						log.Error("reconnect: detach", "err", err)
-						return
-					}
-					if err := WriteDevice(rctx, d.xs, spec); err != nil {
-						log.Error("reconnect: attach", "err", err)
-					}
-				}()
 			}
 		} else if err != nil {
 			log.Error("declare device in xenstore", "err", err)
@@ -550,6 +548,7 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 		if _, still := want[k]; still {
 			continue
 		}
+		d.setImageError(k, "")
 		if d.conflict(k) != "" {
 			// The YAML never owned this device: someone else declared it.
 			d.setConflict(k, "")
@@ -557,14 +556,120 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 			continue
 		}
 		d.log.Info("disk removed from the desired state: detaching", "disk", disk.Name)
-		go func(k Key) {
-			dctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
-			defer cancel()
-			if err := Detach(dctx, d.xs, k); err != nil {
-				d.log.Error("detach", "device", k.String(), "err", err)
-			}
-		}(k)
+		d.declare(ctx, k, declOp{})
 	}
+}
+
+// yamlSpec is how a YAML disk is declared in xenstore.
+func yamlSpec(k Key, disk config.Disk) DeviceSpec {
+	return DeviceSpec{
+		Key: k, Name: disk.Name, Format: disk.Format, Path: disk.Image,
+		Mode: disk.Mode, Vdev: config.VdevName(disk.DevID), Source: "yaml",
+	}
+}
+
+// reload reads the YAML file again and applies it, unless it cannot be
+// read, is invalid, or would detach every disk without saying so; then
+// the previous desired state stands, and the log and the daemon's status
+// (ConfigErrorPath, shown by `blktap ls`) say why.
+func (d *Daemon) reload(ctx context.Context, why string) {
+	c, err := config.Load(d.opts.ConfigPath)
+	if err == nil {
+		d.mu.Lock()
+		n := len(d.desired)
+		d.mu.Unlock()
+		err = c.CheckDropAll(n)
+	}
+	if err != nil {
+		d.log.Error("reload refused: keeping the previous desired state", "trigger", why, "err", err)
+		d.setConfigError(ctx, fmt.Sprintf("reload refused (%s, %s): %v", why, time.Now().UTC().Format(time.RFC3339), err))
+		return
+	}
+	d.setConfigError(ctx, "")
+	d.log.Info("reloaded the desired state", "trigger", why, "disks", len(c.Disks))
+	d.applyConfig(ctx, c)
+}
+
+// ConfigErrorPath is where the daemon whose backend domain is self says
+// why it refused the last version of its YAML file ("" or absent: it
+// took it).
+func ConfigErrorPath(self uint32) string {
+	return xenstore.DomainPath(self) + "/" + statusDir + "/config-error"
+}
+
+func (d *Daemon) setConfigError(ctx context.Context, msg string) {
+	p := ConfigErrorPath(d.self)
+	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if msg == "" {
+			if err := tx.Rm(ctx, p); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
+				return err
+			}
+			return nil
+		}
+		// It quotes the file's path and the parser's messages: the
+		// backend domain's to read, as every blktap/ status.
+		dir := path.Dir(p)
+		if err := tx.Mkdir(ctx, dir); err != nil {
+			return err
+		}
+		if err := tx.SetPerms(ctx, dir, statusPerms(d.self)); err != nil {
+			return err
+		}
+		if len(msg) > maxStatusValue {
+			msg = msg[:maxStatusValue]
+		}
+		return tx.Write(ctx, p, msg)
+	})
+	if err != nil {
+		d.log.Warn("write the desired state's status", "err", err)
+	}
+}
+
+// maxStatusValue keeps a status message well inside a xenstore value
+// (4096 bytes).
+const maxStatusValue = 2048
+
+func (d *Daemon) setImageError(k Key, msg string) { d.setNote(&d.imageErrs, k, msg) }
+
+// imageError is why the YAML's image for k could not be made, or "".
+func (d *Daemon) imageError(k Key) string { return d.note(&d.imageErrs, k) }
+
+// setNote records msg for k in *m, or forgets k's for "".
+func (d *Daemon) setNote(m *map[Key]string, k Key, msg string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if msg == "" {
+		delete(*m, k)
+		return
+	}
+	if *m == nil {
+		*m = map[Key]string{}
+	}
+	(*m)[k] = msg
+}
+
+func (d *Daemon) note(m *map[Key]string, k Key) string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return (*m)[k]
+}
+
+func (d *Daemon) setRetry(k Key) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.retry == nil {
+		d.retry = map[Key]bool{}
+	}
+	d.retry[k] = true
+}
+
+// takeRetry reports, once, that k's disk should try again.
+func (d *Daemon) takeRetry(k Key) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	r := d.retry[k]
+	delete(d.retry, k)
+	return r
 }
 
 // ensureImage creates a disk's image when it is missing and the YAML asks
@@ -643,21 +748,9 @@ func (d *Daemon) declaredElsewhere(ctx context.Context, k Key, spec DeviceSpec) 
 // backendPath is k's backend directory under the daemon's own domain.
 func (d *Daemon) backendPath(k Key) string { return k.BackendPath(d.self) }
 
-func (d *Daemon) setConflict(k Key, why string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if why == "" {
-		delete(d.conflicts, k)
-	} else {
-		d.conflicts[k] = why
-	}
-}
+func (d *Daemon) setConflict(k Key, why string) { d.setNote(&d.conflicts, k, why) }
 
-func (d *Daemon) conflict(k Key) string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.conflicts[k]
-}
+func (d *Daemon) conflict(k Key) string { return d.note(&d.conflicts, k) }
 
 func (d *Daemon) setProc(k Key, p *worker.Process) {
 	d.mu.Lock()

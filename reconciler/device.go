@@ -60,6 +60,7 @@ type device struct {
 	statusLocked bool   // the blktap/ subtree's permissions are set (the guest cannot read it)
 	failedParams string
 	lastErr      string
+	stuckSince   time.Time                   // first seen offline and Closed with no worker (desired.go)
 	notBefore    time.Time                   // restart backoff
 	bo           *backoff.ExponentialBackOff // retries of failed steps; reset on convergence
 	restartBo    *backoff.ExponentialBackOff // worker restarts; reset once a worker stays up
@@ -95,6 +96,7 @@ type snapshot struct {
 	beMaxIndirect int
 	script        string // the hotplug script the toolstack runs for the device
 	discard       bool   // discard-enable is not "0" (libxl's default is 1)
+	phase         string // blktap/phase as xenstore has it
 }
 
 func (d *Daemon) reconcile(ctx context.Context, k Key) {
@@ -140,6 +142,9 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		if dev.failed != "" && dev.failedParams != snap.Params {
 			dev.failed, dev.failedParams = "", "" // params changed: try again
 		}
+		if d.takeRetry(k) {
+			dev.failed, dev.failedParams = "", ""
+		}
 		if dev.adopted != nil {
 			d.checkAdopted(ctx, dev, snap, log)
 		}
@@ -161,6 +166,7 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 			if !snap.Present {
 				d.forget(dev)
 			}
+			d.noticeStuck(ctx, dev, snap, log)
 			dev.bo.Reset()
 			return
 		}
@@ -339,6 +345,7 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	s.fePath = get("frontend")
 	s.feID = get("frontend-id")
 	s.name = get(keyName)
+	s.phase = get(keyPhase)
 	s.nbdDevice = get(keyNBDDevice)
 	s.beSectors, _ = strconv.ParseUint(get("sectors"), 10, 64)
 	ss, _ := strconv.ParseUint(get("sector-size"), 10, 32)
@@ -781,9 +788,16 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		if !filepath.IsAbs(path) {
 			return terminal(fmt.Errorf("image path %q is not absolute", path))
 		}
-		if err := d.checkImageDir(path); err != nil {
-			return terminal(err)
+		if why := d.imageError(dev.key); why != "" {
+			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+				// The YAML asked for the image and making it failed:
+				// that is the reason to show, not "no such file".
+				return terminal(errors.New(why))
+			}
 		}
+	}
+	if err := d.checkSource(format, path); err != nil {
+		return terminal(err)
 	}
 	readOnly := false
 	switch s.Mode {
@@ -1168,6 +1182,13 @@ func (dev *device) release(ctx context.Context, log *slog.Logger) {
 func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	if !s.Present {
 		return
+	}
+	if _, written := dev.status[keyPhase]; written && s.phase != dev.status[keyPhase] {
+		// The directory was removed and declared again between two
+		// observations (an unplug and a plug): what was written is
+		// gone, so everything is written again.
+		logged := dev.status["logged-uri"]
+		dev.status, dev.statusLocked = map[string]string{"logged-uri": logged}, false
 	}
 	phase := PhaseStarting
 	errMsg := dev.lastErr

@@ -72,10 +72,8 @@ func (d *Daemon) resumeDevice(ctx context.Context, k Key, format, path string) e
 		if format, err = formats.Normalize(format); err != nil {
 			return err
 		}
-		if formats.IsFile(format) {
-			if err := d.checkImageDir(path); err != nil {
-				return err
-			}
+		if err := d.checkSource(format, path); err != nil {
+			return err
 		}
 		req.Format, req.Path = format, path
 		req.AllowDirs, err = d.allowDirs(ctx, k, path)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	"github.com/blktap-go/blktap/xenstore"
 )
@@ -22,6 +23,14 @@ type DeviceSpec struct {
 	// NBDDevice, for a domain-0 disk, is a kernel nbd device (/dev/nbdN)
 	// the daemon connects to the export, so dom0 sees a block device.
 	NBDDevice string
+}
+
+// Params is the backend's params key for the spec, as libxl writes it.
+func (s DeviceSpec) Params() string {
+	if s.Format == "raw" {
+		return "aio:" + s.Path // what libxl writes for raw tap disks
+	}
+	return s.Format + ":" + s.Path
 }
 
 // Status keys the daemon writes under each backend directory.
@@ -86,10 +95,7 @@ func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) erro
 		} else if !errors.Is(err, xenstore.ErrNotFound) {
 			return err
 		}
-		params := spec.Format + ":" + spec.Path
-		if spec.Format == "raw" {
-			params = "aio:" + spec.Path // what libxl writes for raw tap disks
-		}
+		params := spec.Params()
 		beKeys := [][2]string{
 			{"frontend", fe},
 			{"frontend-id", dom},
@@ -185,7 +191,7 @@ var ErrDeviceFailed = errors.New("device failed")
 // error meanwhile.
 func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, error) {
 	be := key.BackendPath(SelfDomid(ctx, xs))
-	w, err := xs.Watch(ctx, be, "wait-connected")
+	w, err := xs.Watch(ctx, be, watchToken("wait-connected"))
 	if err != nil {
 		return "", err
 	}
@@ -235,12 +241,17 @@ func Detach(ctx context.Context, xs *xenstore.Client, key Key) error {
 		return err
 	}
 	fe, _ := xs.Read(ctx, be+"/frontend")
-	w, err := xs.Watch(ctx, be, "detach")
+	w, err := xs.Watch(ctx, be, watchToken("detach"))
 	if err != nil {
 		return err
 	}
 	defer w.Close()
 	if err := xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		// Removed meanwhile (another detach finished first): writing
+		// online would declare a husk of a device again.
+		if _, err := tx.Read(ctx, be); err != nil {
+			return err
+		}
 		if err := tx.Write(ctx, be+"/online", "0"); err != nil {
 			return err
 		}
@@ -250,6 +261,9 @@ func Detach(ctx context.Context, xs *xenstore.Client, key Key) error {
 		}
 		return nil
 	}); err != nil {
+		if errors.Is(err, xenstore.ErrNotFound) {
+			return nil // detached by someone else: done all the same
+		}
 		return err
 	}
 	for {
@@ -257,6 +271,9 @@ func Detach(ctx context.Context, xs *xenstore.Client, key Key) error {
 		phase, _ := xs.Read(ctx, be+"/"+keyPhase)
 		if ParseState(st) == StateClosed && phase == PhaseClosed {
 			break
+		}
+		if _, err := xs.Read(ctx, be); errors.Is(err, xenstore.ErrNotFound) {
+			return nil // another detach of the device finished first
 		}
 		select {
 		case <-ctx.Done():
@@ -276,4 +293,13 @@ func Detach(ctx context.Context, xs *xenstore.Client, key Key) error {
 		}
 	}
 	return nil
+}
+
+var watchSeq atomic.Uint64
+
+// watchToken makes a token no other watch of this process uses: xenstored
+// refuses a second watch of one path with one token on a connection
+// (EEXIST), so two waits on one device must not share theirs.
+func watchToken(what string) string {
+	return what + "-" + strconv.FormatUint(watchSeq.Add(1), 10)
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/internal/units"
 	"github.com/blktap-go/blktap/reconciler"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore/xscli"
@@ -72,14 +73,32 @@ func cmdRun(args []string) error {
 	dryRun := fs.Bool("dry-run", false, "check the YAML file and print the disks it declares, then exit")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	metrics := fs.String("metrics", "", "serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9525)")
-	var imageDirs stringList
+	var imageDirs, nbdAllow stringList
 	fs.Var(&imageDirs, "image-dir", "a directory images and backing files may come from (repeatable; the state dir and the YAML images' directories always may)")
+	fs.Var(&nbdAllow, "nbd-allow", "an NBD server nbd: disks may use: a socket or a directory of sockets (absolute path), HOST, HOST:PORT or an address block like 10.0.0.0/8 (repeatable, or a comma list; sockets in the image directories are always allowed)")
+	ramMaxDefault := reconciler.DefaultRAMMax()
+	ramMax := fs.String("ram-max", "", "the largest RAM disk (ram:NAME?size=SIZE) an attach may create, e.g. 4G (default: half of this machine's memory, "+formats.FormatSize(ramMaxDefault)+" here)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q", pos[0])
+	}
+	var allow []string
+	for _, v := range nbdAllow {
+		for _, e := range strings.Split(v, ",") {
+			allow = append(allow, strings.TrimSpace(e))
+		}
+	}
+	if err := reconciler.CheckNBDAllow(allow); err != nil {
+		return usagef("%v", err)
+	}
+	ramLimit := ramMaxDefault
+	if *ramMax != "" {
+		if ramLimit, err = units.ParseSize(*ramMax); err != nil || ramLimit <= 0 {
+			return usagef("--ram-max %q: want a size like 512M or 4G", *ramMax)
+		}
 	}
 	switch *logFormat {
 	case "text", "json":
@@ -129,6 +148,8 @@ func cmdRun(args []string) error {
 		XenstorePath: *xs,
 		ServeVBD:     *serveVBD,
 		ImageDirs:    imageDirs.abs(),
+		NBDAllow:     allow,
+		RAMMax:       ramLimit,
 		MetricsAddr:  *metrics,
 		Logger:       newLogger(),
 	})

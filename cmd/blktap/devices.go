@@ -74,20 +74,9 @@ func cmdAttach(args []string) error {
 	if err != nil {
 		return err
 	}
-	format, path, err := reconciler.ParseParams(pos[1])
+	format, path, err := imageArg(pos[1])
 	if err != nil {
-		return usagef("%v", err)
-	}
-	if format, err = formats.Normalize(format); err != nil {
-		return usagef("%v", err)
-	}
-	if formats.IsFile(format) {
-		if path, err = filepath.Abs(path); err != nil {
-			return err
-		}
-		if _, err := os.Stat(path); err != nil {
-			return fmt.Errorf("image: %w", err)
-		}
+		return err
 	}
 	vdev := strings.TrimPrefix(pos[2], "/dev/")
 	devid, err := config.ParseVdev(vdev)
@@ -181,6 +170,52 @@ func waitDeviceNode(ctx context.Context, path string) error {
 	}
 }
 
+// imageArg reads attach's (and resume --image's) TYPE:PATH into a format
+// and, for image files, an absolute path that exists. A bare path (no
+// TYPE: in front) is probed: one that holds raw bytes is served raw, and
+// anything else must be named, because serving an image's container as a
+// raw disk, read-write, lets the first write destroy it.
+func imageArg(arg string) (format, path string, err error) {
+	prefix, _, hasPrefix := strings.Cut(arg, ":")
+	_, known := formats.Normalize(prefix)
+	explicit := hasPrefix && !strings.HasPrefix(arg, "/") &&
+		(known == nil || prefix == "tap" || prefix == "tap2")
+	if explicit {
+		if format, path, err = reconciler.ParseParams(arg); err != nil {
+			return "", "", usagef("%v", err)
+		}
+		if format, err = formats.Normalize(format); err != nil {
+			return "", "", usagef("%v", err)
+		}
+		if !formats.IsFile(format) {
+			return format, path, nil // a RAM disk's name, an NBD URI
+		}
+	} else {
+		path = arg
+	}
+	if path, err = filepath.Abs(path); err != nil {
+		return "", "", err
+	}
+	if _, err := os.Stat(path); err != nil {
+		if !explicit && hasPrefix && !strings.Contains(prefix, "/") {
+			// "qcwo2:x": a misspelt format rather than a missing file.
+			return "", "", usagef("%v", known)
+		}
+		return "", "", fmt.Errorf("image: %w", err)
+	}
+	if explicit {
+		return format, path, nil
+	}
+	probed, err := formats.Probe(path)
+	if err != nil {
+		return "", "", fmt.Errorf("%s: %w; name its format (TYPE:PATH)", arg, err)
+	}
+	if probed != "raw" {
+		return "", "", fmt.Errorf("%s is %s: write %s:%s, or raw:%s to serve its bytes", arg, probed, probed, arg, arg)
+	}
+	return "raw", path, nil
+}
+
 func cmdDetach(args []string) error {
 	fs := flag.NewFlagSet("detach", flag.ContinueOnError)
 	stateDir, xsPath := stateFlags(fs)
@@ -259,7 +294,12 @@ func cmdLs(args []string) error {
 	}
 	defer xs.Close()
 	entries := []lsEntry{}
-	root := xenstore.DomainPath(reconciler.SelfDomid(ctx, xs)) + "/backend" // a driver domain's own
+	self := reconciler.SelfDomid(ctx, xs)
+	if msg, err := xs.Read(ctx, reconciler.ConfigErrorPath(self)); err == nil && msg != "" {
+		// On standard error: the table and the JSON keep their shape.
+		fmt.Fprintf(os.Stderr, "blktap: the daemon kept its previous desired state: %s\n", msg)
+	}
+	root := xenstore.DomainPath(self) + "/backend" // a driver domain's own
 	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
 		doms, err := xs.Directory(ctx, root+"/"+kind)
 		if errors.Is(err, xenstore.ErrNotFound) {

@@ -262,16 +262,7 @@ func TestEndToEndYAMLEdits(t *testing.T) {
 	disk := func(name, dev string) string {
 		return fmt.Sprintf("  - {name: %s, image: %s/%s.raw, format: raw, domain: 0, device: %s, create: {size: 8M}}\n", name, dir, name, dev)
 	}
-	write := func(body string) {
-		t.Helper()
-		tmp := cfg + ".tmp"
-		if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.Rename(tmp, cfg); err != nil {
-			t.Fatal(err)
-		}
-	}
+	write := func(body string) { t.Helper(); replaceFile(t, cfg, body) }
 	write("disks:\n" + disk("one", "xvdb"))
 	d := startDaemon(t, bin, cfg)
 	d.waitConnected("one")
@@ -286,18 +277,37 @@ func TestEndToEndYAMLEdits(t *testing.T) {
 	}
 
 	write("disks:\n" + disk("two", "xvdc"))
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		if _, ok := d.row("one"); !ok {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("disk dropped from the file is still attached: %+v", d.ls())
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+	d.waitGone("one", "disk dropped from the file is still attached")
 	if r, ok := d.row("two"); !ok || r.Phase != "connected" {
 		t.Fatalf("the remaining disk was disturbed: %+v", r)
+	}
+}
+
+// replaceFile replaces path's contents as an editor saves: write a
+// temporary file, rename it over.
+func replaceFile(t *testing.T, path, body string) {
+	t.Helper()
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, []byte(body), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// waitGone waits for the named disk to leave `blktap ls`.
+func (d *daemon) waitGone(name, what string) {
+	d.t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, ok := d.row(name); !ok {
+			return
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("%s: %+v", what, d.ls())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 

@@ -35,7 +35,7 @@ var commands []command
 
 func init() {
 	commands = []command{
-		{name: "run", usage: "[-c disks.yaml] [--state-dir DIR] [--image-dir DIR]... [--xenstore PATH] [--serve-vbd] [--metrics ADDR] [--dry-run]", brief: "the daemon: serve every declared disk (SIGTERM: exit, disks stay served)", run: cmdRun},
+		{name: "run", usage: "[-c disks.yaml] [--state-dir DIR] [--image-dir DIR]... [--nbd-allow SERVER]... [--ram-max SIZE] [--xenstore PATH] [--serve-vbd] [--metrics ADDR] [--dry-run]", brief: "the daemon: serve every declared disk (SIGTERM: exit, disks stay served)", run: cmdRun},
 		{name: "shutdown", usage: "[--state-dir DIR] [--timeout 5m]", brief: "flush and close every disk, stop the daemon (host shutdown)", run: cmdShutdown},
 		{name: "attach", usage: "DOMID TYPE:PATH VDEV MODE [--nbd-device /dev/nbdN] [--state-dir DIR]", brief: "attach a disk; prints the NBD URI (on Xen: the guest's device; dom0: /dev/VDEV, then the URI)", run: cmdAttach},
 		{name: "detach", usage: "DOMID VDEV [--state-dir DIR]", brief: "detach a disk: drain, flush, remove", run: cmdDetach},

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/config"
-	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/reconciler"
 )
 
@@ -72,13 +71,8 @@ func cmdResume(args []string) error {
 	}
 	var op reconciler.DeviceOp
 	if *img != "" {
-		if op.Format, op.Path, err = reconciler.ParseParams(*img); err != nil {
-			return usagef("--image: %v", err)
-		}
-		if formats.IsFile(op.Format) {
-			if op.Path, err = filepath.Abs(op.Path); err != nil {
-				return err
-			}
+		if op.Format, op.Path, err = imageArg(*img); err != nil {
+			return fmt.Errorf("--image: %w", err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)

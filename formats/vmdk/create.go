@@ -174,6 +174,13 @@ func dirBytes(h *sparseHeader, at uint64) []byte {
 
 func createSparse(fs fileSystem, path string, d *Descriptor, sectors, grainSec int64, zeroed bool) (err error) {
 	h := sparseLayout(sectors, grainSec, embedDescSec, zeroed)
+	if n := h.gdEntries(); n > maxGDEntries {
+		// Open refuses such a directory (parseSparseHeader): an image
+		// made anyway could never be served.
+		most := maxGDEntries * uint64(h.NumGTEsPerGT) * h.GrainSize * sectorSize
+		return createErr("size %d needs %d grain tables with %d-byte grains; an image opens with at most %d (%d bytes): %w; a larger grain (cluster_size) allows more",
+			sectors*sectorSize, n, grainSec*sectorSize, maxGDEntries, most, image.ErrUnsupported)
+	}
 	if h.GrainOffset > 1<<32-1 {
 		return createErr("image too large for 32-bit grain offsets: %w", image.ErrUnsupported)
 	}
