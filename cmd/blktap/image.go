@@ -2,26 +2,23 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 	"syscall"
-	"text/tabwriter"
 	"time"
 
 	"github.com/blktap-go/blktap/formats"
-	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/tapengine/worker"
 )
 
 const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o cluster_size=N,subformat=S] FILE SIZE
-blktap image info [--json] [-f FMT] FILE
-blktap image check [--json] [-f FMT] FILE
-blktap image map [--json] [-f FMT] FILE
+blktap image info [--output=human|json] [--backing-chain] [-f FMT] FILE
+blktap image check [--output=human|json] [-r leaks|all] [-f FMT] FILE
+    exit status as qemu-img's: 0 clean, 1 check failed, 2 corruption, 3 leaks only
+blktap image map [--output=human|json] [-f FMT] FILE
 blktap image convert [-p] [-c] [-f FMT] -O FMT [-o subformat=S] IN OUT
 formats: ` + "raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk" + `
 SIZE takes K, M, G, T suffixes (powers of 1024).`
@@ -158,110 +155,175 @@ func openProbed(path, format string, readOnly bool) (formats.Image, error) {
 
 func imageInfo(args []string) error {
 	fs := flag.NewFlagSet("image info", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "JSON output")
+	out := addOutputFlag(fs)
 	fmtName := fs.String("f", "", "format (default: probe)")
 	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
+	asJSON, err := out.isJSON()
+	if err != nil {
+		return err
+	}
 	if len(pos) != 1 {
 		return usagef("want FILE")
 	}
-	var infos []map[string]any
+	var infos []*qemuInfo
 	path, format := pos[0], *fmtName
 	for depth := 0; ; depth++ {
-		info, backing, backingFmt, err := describeImage(path, format)
+		info, backingFmt, err := describeImage(path, format)
 		if err != nil {
 			return err
 		}
 		infos = append(infos, info)
-		if !*chain || backing == "" {
+		if !*chain || info.BackingFilename == "" {
 			break
 		}
 		if depth >= 16 {
 			return fmt.Errorf("backing chain deeper than 16")
 		}
-		if !filepath.IsAbs(backing) {
-			backing = filepath.Join(filepath.Dir(path), backing)
-		}
-		path, format = backing, backingFmt
+		path, format = info.FullBackingFilename, backingFmt
 	}
-	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
+	if asJSON {
 		if *chain {
-			return enc.Encode(infos)
+			return writeQemuJSON(os.Stdout, infos)
 		}
-		return enc.Encode(infos[0])
+		return writeQemuJSON(os.Stdout, infos[0])
 	}
 	for i, info := range infos {
 		if i > 0 {
 			fmt.Println()
 		}
-		fmt.Printf("image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
-			info["filename"], info["format"], formats.FormatSize(info["virtual-size"].(int64)),
-			info["virtual-size"], formats.FormatSize(info["actual-size"].(int64)))
-		if b, ok := info["backing-filename"]; ok {
-			fmt.Printf("backing file: %s\n", b)
-			if f, ok := info["backing-filename-format"]; ok {
-				fmt.Printf("backing file format: %s\n", f)
-			}
-		}
-		if fsi, ok := info["format-specific"]; ok {
-			b, _ := json.MarshalIndent(fsi, "", "  ")
-			fmt.Printf("format specific information: %s\n", b)
+		if err := printInfoHuman(os.Stdout, info); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-// describeImage is what `image info` says of one image, and the backing
-// file it names (as stored).
-func describeImage(path, format string) (map[string]any, string, string, error) {
+// describeImage is what `image info` says of one image, and the format of
+// its backing file if the image names one.
+func describeImage(path, format string) (*qemuInfo, string, error) {
 	var err error
 	if format == "" {
 		if format, err = formats.Probe(path); err != nil {
-			return nil, "", "", err
+			return nil, "", err
 		}
 	}
 	img, err := openProbed(path, format, true)
 	if err != nil {
-		return nil, "", "", err
+		return nil, "", err
 	}
 	defer img.Close()
 	st, err := os.Stat(path)
 	if err != nil {
-		return nil, "", "", err
+		return nil, "", err
 	}
-	info := map[string]any{
-		"filename":     path,
-		"format":       format,
-		"virtual-size": img.Size(),
-		"actual-size":  diskUsage(st),
-	}
-	if d := formats.Describe(img); d != nil {
-		info["format-specific"] = d
-	}
-	var backing, backingFmt string
-	if b, ok := img.(interface{ BackingFile() (string, string) }); ok {
-		backing, backingFmt = b.BackingFile()
-		if backing != "" {
-			info["backing-filename"] = backing
-			if backingFmt != "" {
-				info["backing-filename-format"] = backingFmt
-			}
+	d := formats.DescribeQemu(img, path)
+	used := diskUsage(st)
+	for _, f := range d.ExtentFiles {
+		if st, err := os.Stat(f); err == nil {
+			used += diskUsage(st)
 		}
 	}
-	return info, backing, backingFmt, nil
+	info := &qemuInfo{
+		Filename:       path,
+		Format:         formats.QemuName(format),
+		VirtualSize:    img.Size(),
+		ActualSize:     used,
+		ClusterSize:    d.ClusterSize,
+		DirtyFlag:      d.Dirty,
+		Snapshots:      d.Snapshots,
+		FormatSpecific: d.Specific,
+	}
+	var backingFmt string
+	if b, ok := img.(interface{ BackingFile() (string, string) }); ok {
+		var backing string
+		backing, backingFmt = b.BackingFile()
+		if backing != "" {
+			info.BackingFilename = backing
+			info.FullBackingFilename = formats.PathCombine(path, backing)
+			info.BackingFilenameFormat = backingFmt
+		}
+	}
+	return info, backingFmt, nil
 }
 
 func imageCheck(args []string) error {
 	fs := flag.NewFlagSet("image check", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "JSON output")
+	out := addOutputFlag(fs)
 	fmtName := fs.String("f", "", "format (default: probe)")
-	repair := fs.Bool("repair", false, "repair what can be repaired (leaks; on a qcow2 marked corrupt, refcounts and copied flags too)")
+	repairFlag := fs.String("r", "", "repair: leaks (only leaks; on a qcow2 marked corrupt, refcounts and copied flags too) or all (leaks and what else can be fixed)")
+	repairOld := fs.Bool("repair", false, "same as -r leaks")
 	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	asJSON, err := out.isJSON()
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("want FILE")
+	}
+	repair := formats.RepairNone
+	switch *repairFlag {
+	case "":
+		if *repairOld {
+			repair = formats.RepairLeaks
+		}
+	case "leaks":
+		repair = formats.RepairLeaks
+	case "all":
+		repair = formats.RepairAll
+	default:
+		return usagef("-r %q: want leaks or all", *repairFlag)
+	}
+	format := *fmtName
+	if format == "" {
+		if format, err = formats.Probe(pos[0]); err != nil {
+			return err
+		}
+	}
+	res, err := formats.Check(format, pos[0], repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
+	if err != nil {
+		// qemu-img's status 1: the check itself failed, which says
+		// nothing either way about the image.
+		return err
+	}
+	// Problems go to stderr, as qemu's drivers print theirs, so stdout
+	// holds only the summary (or the JSON).
+	for _, p := range res.Problems {
+		fmt.Fprintln(os.Stderr, p)
+	}
+	c := &qemuCheck{
+		Filename: pos[0], Format: formats.QemuName(format),
+		ImageEndOffset: res.ImageEndOffset,
+		Corruptions:    int64(res.Corruptions), Leaks: int64(res.Leaks),
+		CorruptionsFixed: int64(res.CorruptionsFixed), LeaksFixed: int64(res.LeaksFixed),
+		TotalClusters: res.TotalClusters, AllocatedClusters: res.AllocatedClusters,
+		FragmentedClusters: res.FragmentedClusters, CompressedClusters: res.CompressedClusters,
+	}
+	if asJSON {
+		if err := writeQemuJSON(os.Stdout, c); err != nil {
+			return err
+		}
+	} else {
+		printCheckHuman(os.Stdout, c)
+	}
+	return checkExit(c)
+}
+
+func imageMap(args []string) error {
+	fs := flag.NewFlagSet("image map", flag.ContinueOnError)
+	out := addOutputFlag(fs)
+	fmtName := fs.String("f", "", "format (default: probe)")
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return err
+	}
+	asJSON, err := out.isJSON()
 	if err != nil {
 		return err
 	}
@@ -274,92 +336,40 @@ func imageCheck(args []string) error {
 			return err
 		}
 	}
-	res, err := formats.Check(format, pos[0], *repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(res); err != nil {
-			return err
-		}
-	} else {
-		for _, p := range res.Problems {
-			fmt.Println(p)
-		}
-		if len(res.Problems) == 0 {
-			fmt.Println("No errors were found on the image.")
-		}
-	}
-	if res.Corruptions > 0 {
-		return fmt.Errorf("%d corruption(s) found", res.Corruptions)
-	}
-	if res.Leaks > 0 {
-		return fmt.Errorf("%d leaked cluster(s) found", res.Leaks)
-	}
-	return nil
-}
-
-// mapEntry is one row of `image map --json`, in qemu-img map's shape.
-type mapEntry struct {
-	Start  int64  `json:"start"`
-	Length int64  `json:"length"`
-	Depth  int    `json:"depth"`
-	Zero   bool   `json:"zero"`
-	Data   bool   `json:"data"`
-	Kind   string `json:"kind"`
-}
-
-func imageMap(args []string) error {
-	fs := flag.NewFlagSet("image map", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "JSON output (qemu-img map's fields)")
-	fmtName := fs.String("f", "", "format (default: probe)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return usagef("want FILE")
-	}
-	img, err := openProbed(pos[0], *fmtName, true)
+	img, err := openProbed(pos[0], format, true)
 	if err != nil {
 		return err
 	}
 	defer img.Close()
-	var rows []mapEntry
+	rows, err := qemuMap(img, pos[0])
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		writeMapJSON(os.Stdout, rows)
+		return nil
+	}
+	return writeMapHuman(os.Stdout, rows)
+}
+
+// qemuMap lists the image's runs as qemu-img map does.
+func qemuMap(img formats.Image, path string) ([]formats.QemuExtent, error) {
+	var rows []formats.QemuExtent
 	const chunk = 1 << 30
 	for off := int64(0); off < img.Size(); off += chunk {
-		n := min(chunk, img.Size()-off)
-		exts, err := img.Map(off, n)
+		exts, err := formats.MapQemu(img, path, off, min(chunk, img.Size()-off))
 		if err != nil {
-			return err
+			return nil, err
 		}
-		for _, e := range exts {
-			r := mapEntry{Start: e.Offset, Length: e.Length, Depth: e.Depth,
-				Zero: e.Kind != image.Data, Data: e.Kind == image.Data, Kind: e.Kind.String()}
-			if l := len(rows); l > 0 && rows[l-1].Start+rows[l-1].Length == r.Start &&
-				rows[l-1].Kind == r.Kind && rows[l-1].Depth == r.Depth {
+		for _, r := range exts {
+			if l := len(rows); l > 0 && mergeable(&rows[l-1], &r) {
 				rows[l-1].Length += r.Length
 				continue
 			}
 			rows = append(rows, r)
 		}
 	}
-	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if rows == nil {
-			rows = []mapEntry{}
-		}
-		return enc.Encode(rows)
-	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "Offset\tLength\tKind\tDepth")
-	for _, r := range rows {
-		fmt.Fprintf(tw, "%#x\t%#x\t%s\t%d\n", r.Start, r.Length, r.Kind, r.Depth)
-	}
-	return tw.Flush()
+	return rows, nil
 }
 
 func imageConvert(args []string) error {

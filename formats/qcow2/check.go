@@ -41,7 +41,11 @@ type CheckResult struct {
 	TotalClusters      int64    `json:"total_clusters"`     // guest clusters
 	AllocatedClusters  int64    `json:"allocated_clusters"` // guest clusters with data in this layer
 	CompressedClusters int64    `json:"compressed_clusters"`
-	ImageEndOffset     int64    `json:"image_end_offset"`
+	// FragmentedClusters counts, as qemu-img check does, allocated
+	// clusters that do not follow the previous one in the file; every
+	// compressed cluster counts as fragmented.
+	FragmentedClusters int64 `json:"fragmented_clusters"`
+	ImageEndOffset     int64 `json:"image_end_offset"`
 }
 
 // Clean reports whether nothing is wrong (after any repair).
@@ -156,6 +160,9 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 		target int64 // cluster index the entry points to
 	}
 	var copied []flagged
+	// nextHost is where the next guest cluster would lie were the active
+	// layer unfragmented: 0 until the first allocated cluster.
+	var nextHost int64
 
 	walk := func(l1 []uint64, l1off int64, active bool) error {
 		raw := make([]byte, img.cs)
@@ -193,6 +200,7 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 					if active {
 						res.AllocatedClusters++
 						res.CompressedClusters++
+						res.FragmentedClusters++
 					}
 					continue
 				}
@@ -215,8 +223,14 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 					continue
 				}
 				if active {
-					if k == kNormal {
+					// A zero cluster that keeps its host cluster counts as
+					// allocated, as in qemu-img check.
+					if k == kNormal || k == kZero {
 						res.AllocatedClusters++
+						if nextHost != 0 && hoff != nextHost {
+							res.FragmentedClusters++
+						}
+						nextHost = hoff + img.cs
 					}
 					copied = append(copied, flagged{off + j*8, le, hoff >> img.cbits})
 				}
