@@ -28,7 +28,7 @@ type QemuExtent struct {
 
 // hostExtenter is a layer that can say where its data lies in its file.
 type hostExtenter interface {
-	HostExtent(off, max int64) (host, n int64, ok bool, err error)
+	HostExtent(off, max int64) (name string, host, n int64, ok bool, err error)
 }
 
 type backinger interface {
@@ -61,7 +61,7 @@ func MapQemu(img Image, path string, off, length int64) ([]QemuExtent, error) {
 		}
 		return out, nil
 	}
-	m := &qemuMapper{files: map[int]*os.File{}}
+	m := &qemuMapper{files: map[string]*os.File{}}
 	defer m.close()
 	m.layers = append(m.layers, img)
 	m.paths = append(m.paths, path)
@@ -79,7 +79,7 @@ func MapQemu(img Image, path string, off, length int64) ([]QemuExtent, error) {
 type qemuMapper struct {
 	layers []Image  // by depth
 	paths  []string // by depth, as qemu names them
-	files  map[int]*os.File
+	files  map[string]*os.File
 }
 
 func (m *qemuMapper) close() {
@@ -114,10 +114,10 @@ func (m *qemuMapper) extent(e Extent) ([]QemuExtent, error) {
 			// A hole the layer still maps to its file (a fixed VHD, a flat
 			// VMDK extent) is a hole in that file: data, as qemu sees it,
 			// that the file system reports as zeros.
-			if _, _, ok, err := he.HostExtent(e.Offset, e.Length); err != nil {
+			if _, _, _, ok, err := he.HostExtent(e.Offset, e.Length); err != nil {
 				return nil, err
 			} else if ok {
-				return m.hosted(base, he, file, e.Depth, true)
+				return m.hosted(base, he, file, true)
 			}
 		}
 		base.Zero = true
@@ -136,7 +136,7 @@ func (m *qemuMapper) extent(e Extent) ([]QemuExtent, error) {
 	}
 	// qemu's vpc driver names no file for its runs, so qemu asks the
 	// file system about holes only below a fixed VHD.
-	return m.hosted(base, he, file, e.Depth, !dynamicVHD(layer))
+	return m.hosted(base, he, file, !dynamicVHD(layer))
 }
 
 func dynamicVHDAlone(img Image) bool {
@@ -151,11 +151,11 @@ func dynamicVHD(img Image) bool {
 
 // hosted splits a data run by where the layer stores it, and each stored
 // piece by the holes of the layer's file.
-func (m *qemuMapper) hosted(base QemuExtent, he hostExtenter, file string, depth int, probe bool) ([]QemuExtent, error) {
+func (m *qemuMapper) hosted(base QemuExtent, he hostExtenter, file string, probe bool) ([]QemuExtent, error) {
 	var out []QemuExtent
 	end := base.Start + base.Length
 	for pos := base.Start; pos < end; {
-		host, n, ok, err := he.HostExtent(pos, end-pos)
+		name, host, n, ok, err := he.HostExtent(pos, end-pos)
 		if err != nil {
 			return nil, err
 		}
@@ -164,6 +164,9 @@ func (m *qemuMapper) hosted(base QemuExtent, he hostExtenter, file string, depth
 		}
 		x := base
 		x.Start, x.Length, x.Present, x.Data, x.File = pos, n, true, true, file
+		if name != "" {
+			x.File = PathCombine(file, name)
+		}
 		if !ok {
 			// Compressed, or otherwise not a plain run of the file.
 			out = append(out, x)
@@ -176,7 +179,7 @@ func (m *qemuMapper) hosted(base QemuExtent, he hostExtenter, file string, depth
 			pos += n
 			continue
 		}
-		runs, err := m.fileRuns(depth, file, host, n)
+		runs, err := m.fileRuns(x.File, host, n)
 		if err != nil {
 			return nil, err
 		}
@@ -198,14 +201,14 @@ type fileRun struct {
 // fileRuns splits [off, off+n) of a layer's file into data and holes;
 // bytes past the end of the file are a hole too. Where the file system
 // cannot tell, it is all data.
-func (m *qemuMapper) fileRuns(depth int, path string, off, n int64) ([]fileRun, error) {
-	f, ok := m.files[depth]
+func (m *qemuMapper) fileRuns(path string, off, n int64) ([]fileRun, error) {
+	f, ok := m.files[path]
 	if !ok {
 		var err error
 		if f, err = os.Open(path); err != nil {
 			return nil, err
 		}
-		m.files[depth] = f
+		m.files[path] = f
 	}
 	st, err := f.Stat()
 	if err != nil {

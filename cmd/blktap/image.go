@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -14,9 +15,11 @@ import (
 	"github.com/blktap-go/blktap/tapengine/worker"
 )
 
+const checkUsage = "blktap image check [--output=human|json] [-r leaks|all] [-f FMT] FILE"
+
 const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o cluster_size=N,subformat=S] FILE SIZE
-blktap image info [--output=human|json] [--backing-chain] [-f FMT] FILE
-blktap image check [--output=human|json] [-r leaks|all] [-f FMT] FILE
+blktap image info [--output=human|json] [--backing-chain] [--detail] [-f FMT] FILE
+` + checkUsage + `
     exit status as qemu-img's: 0 clean, 1 check failed, 2 corruption, 3 leaks only
 blktap image map [--output=human|json] [-f FMT] FILE
 blktap image convert [-p] [-c] [-f FMT] -O FMT [-o subformat=S] IN OUT
@@ -35,7 +38,15 @@ func cmdImage(args []string) error {
 	case "map":
 		return imageMap(args[1:])
 	case "check":
-		return imageCheck(args[1:])
+		err := imageCheck(args[1:])
+		var ue *usageError
+		if errors.As(err, &ue) {
+			// check's status 2 means a corrupt image, so a mistyped
+			// command line is 1 here, as in qemu-img.
+			fmt.Fprintf(os.Stderr, "blktap image check: %s\nusage: %s\n", ue.msg, checkUsage)
+			return exitCode(1)
+		}
+		return err
 	case "convert":
 		return imageConvert(args[1:])
 	case "help", "-h", "--help":
@@ -158,6 +169,7 @@ func imageInfo(args []string) error {
 	out := addOutputFlag(fs)
 	fmtName := fs.String("f", "", "format (default: probe)")
 	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
+	detail := fs.Bool("detail", false, "print blktap's own view of each image's metadata (JSON) after qemu-img's")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
@@ -184,6 +196,18 @@ func imageInfo(args []string) error {
 			return fmt.Errorf("backing chain deeper than 16")
 		}
 		path, format = info.FullBackingFilename, backingFmt
+	}
+	if *detail {
+		// qemu-img's shape has no room for what only we read (a VHD's
+		// footer, a VMDK's extents, qcow2 feature bits), so it comes apart.
+		defer func() {
+			for _, in := range infos {
+				if img, err := openProbed(in.Filename, in.ourFormat, true); err == nil {
+					writeQemuJSON(os.Stdout, formats.Describe(img))
+					img.Close()
+				}
+			}
+		}()
 	}
 	if asJSON {
 		if *chain {
@@ -230,6 +254,7 @@ func describeImage(path, format string) (*qemuInfo, string, error) {
 	info := &qemuInfo{
 		Filename:       path,
 		Format:         formats.QemuName(format),
+		ourFormat:      format,
 		VirtualSize:    img.Size(),
 		ActualSize:     used,
 		ClusterSize:    d.ClusterSize,

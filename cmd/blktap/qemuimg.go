@@ -134,6 +134,8 @@ type qemuInfo struct {
 	BackingFilenameFormat string                  `json:"backing-filename-format,omitempty"`
 	Snapshots             []formats.QemuSnapshot  `json:"snapshots,omitempty"`
 	FormatSpecific        *formats.FormatSpecific `json:"format-specific,omitempty"`
+
+	ourFormat string // the format as we name it, to reopen the image
 }
 
 // printInfoHuman prints one image as qemu-img info does.
