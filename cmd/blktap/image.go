@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"sort"
 	"strings"
 	"syscall"
 	"time"
@@ -17,12 +18,12 @@ import (
 
 const checkUsage = "blktap image check [--output=human|json] [-r leaks|all] [-f FMT] FILE"
 
-const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o cluster_size=N,subformat=S] FILE SIZE
+const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o KEY=VALUE,...|help] FILE [SIZE]
 blktap image info [--output=human|json] [--backing-chain] [--detail] [-f FMT] FILE
 ` + checkUsage + `
     exit status as qemu-img's: 0 clean, 1 check failed, 2 corruption, 3 leaks only
 blktap image map [--output=human|json] [-f FMT] FILE
-blktap image convert [-p] [-c] [-f FMT] -O FMT [-o subformat=S] IN OUT
+blktap image convert [-p] [-c] [-f FMT] -O FMT [-o KEY=VALUE,...|help] IN OUT
 formats: ` + "raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk" + `
 SIZE takes K, M, G, T suffixes (powers of 1024).`
 
@@ -56,24 +57,33 @@ func cmdImage(args []string) error {
 	return usagef("unknown subcommand %q\n%s", args[0], imageUsage)
 }
 
-// applyOpts sets what -o names on co: cluster_size (block_size for VHD)
-// and subformat.
-func applyOpts(co *formats.CreateOptions, opts map[string]string) error {
-	for k, v := range opts {
-		switch k {
-		case "cluster_size", "block_size":
-			n, err := formats.ParseSize(v)
-			if err != nil {
-				return usagef("%s: %v", k, err)
-			}
-			co.ClusterSize = n
-		case "subformat":
-			co.Subformat = v
-		default:
-			return usagef("unknown option %q for -o", k)
+// applyOpts sets what -o names on co, as format takes it; a key or value
+// we do not honour is refused naming the valid ones.
+func applyOpts(format string, co *formats.CreateOptions, opts map[string]string) error {
+	keys := make([]string, 0, len(opts))
+	for k := range opts {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // the first error is the same on every run
+	for _, k := range keys {
+		if err := formats.ApplyCreateOption(format, co, k, opts[k]); err != nil {
+			return usagef("%v", err)
 		}
 	}
 	return nil
+}
+
+// optsHelp handles qemu-img's -o help (or -o ?): the keys format takes.
+func optsHelp(format, opt string) (bool, error) {
+	if opt != "help" && opt != "?" {
+		return false, nil
+	}
+	text, err := formats.CreateOptionsHelp(format)
+	if err != nil {
+		return true, usagef("%v", err)
+	}
+	fmt.Print(text)
+	return true, nil
 }
 
 // parseOpts reads qemu-img style -o key=value,key=value.
@@ -85,7 +95,10 @@ func parseOpts(s string) (map[string]string, error) {
 	for _, kv := range strings.Split(s, ",") {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok || k == "" {
-			return nil, usagef("-o %q: want key=value", kv)
+			return nil, usagef("-o %q: want key=value (-o help lists the keys)", kv)
+		}
+		if _, dup := m[k]; dup {
+			return nil, usagef("-o: %s given twice", k)
 		}
 		m[k] = v
 	}
@@ -97,35 +110,45 @@ func imageCreate(args []string) error {
 	fmtName := fs.String("f", "raw", "format: raw, qcow, qcow2, vhd, vmdk")
 	backing := fs.String("b", "", "backing file (copy-on-write)")
 	bfmt := fs.String("F", "", "backing file format")
-	optStr := fs.String("o", "", "options: cluster_size=N, subformat=S")
+	optStr := fs.String("o", "", "options key=value,... as qemu-img's (-o help lists them)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
-	}
-	if len(pos) < 1 || len(pos) > 2 {
-		return usagef("want FILE SIZE")
 	}
 	format, err := formats.Normalize(*fmtName)
 	if err != nil {
 		return usagef("%v", err)
 	}
+	if done, err := optsHelp(format, *optStr); done {
+		return err
+	}
+	if len(pos) < 1 || len(pos) > 2 {
+		return usagef("want FILE SIZE")
+	}
 	opts, err := parseOpts(*optStr)
 	if err != nil {
 		return err
 	}
-	co := formats.CreateOptions{Backing: *backing, BackingFormat: *bfmt}
+	co := formats.CreateOptions{}
+	if err := applyOpts(format, &co, opts); err != nil {
+		return err
+	}
+	// -b and -F win over -o backing_file= and backing_fmt=, as in qemu-img.
+	if *backing != "" {
+		co.Backing = *backing
+	}
+	if *bfmt != "" {
+		co.BackingFormat = *bfmt
+	}
 	if len(pos) == 2 {
 		if co.Size, err = formats.ParseSize(pos[1]); err != nil {
 			return usagef("SIZE: %v", err)
 		}
-	} else if *backing == "" {
-		return usagef("want SIZE (or -b BACKING to take its size)")
+	} else if co.Size == 0 && co.Backing == "" {
+		return usagef("want SIZE (or -o size=, or -b BACKING to take its size)")
 	}
-	if err := applyOpts(&co, opts); err != nil {
-		return err
-	}
-	if *backing != "" && co.Size == 0 {
-		b, err := openProbed(*backing, *bfmt, true)
+	if co.Backing != "" && co.Size == 0 {
+		b, err := openProbed(formats.PathCombine(pos[0], co.Backing), co.BackingFormat, true)
 		if err != nil {
 			return fmt.Errorf("backing file: %w", err)
 		}
@@ -136,10 +159,10 @@ func imageCreate(args []string) error {
 		return err
 	}
 	fmt.Printf("Formatting '%s', fmt=%s size=%d", pos[0], format, co.Size)
-	if *backing != "" {
-		fmt.Printf(" backing_file=%s", *backing)
-		if *bfmt != "" {
-			fmt.Printf(" backing_fmt=%s", *bfmt)
+	if co.Backing != "" {
+		fmt.Printf(" backing_file=%s", co.Backing)
+		if co.BackingFormat != "" {
+			fmt.Printf(" backing_fmt=%s", co.BackingFormat)
 		}
 	}
 	fmt.Println()
@@ -403,17 +426,20 @@ func imageConvert(args []string) error {
 	compress := fs.Bool("c", false, "compress data clusters (qcow2 output)")
 	inFmt := fs.String("f", "", "input format (default: probe)")
 	outFmt := fs.String("O", "raw", "output format")
-	optStr := fs.String("o", "", "output options: cluster_size=N, subformat=S")
+	optStr := fs.String("o", "", "output options key=value,... as qemu-img's (-o help lists them)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 2 {
-		return usagef("want IN OUT")
-	}
 	of, err := formats.Normalize(*outFmt)
 	if err != nil {
 		return usagef("%v", err)
+	}
+	if done, err := optsHelp(of, *optStr); done {
+		return err
+	}
+	if len(pos) != 2 {
+		return usagef("want IN OUT")
 	}
 	opts, err := parseOpts(*optStr)
 	if err != nil {
@@ -424,9 +450,12 @@ func imageConvert(args []string) error {
 		return err
 	}
 	defer in.Close()
-	co := formats.CreateOptions{Size: in.Size()}
-	if err := applyOpts(&co, opts); err != nil {
+	co := formats.CreateOptions{}
+	if err := applyOpts(of, &co, opts); err != nil {
 		return err
+	}
+	if co.Size == 0 {
+		co.Size = in.Size()
 	}
 	// qemu-img's habit: progress with -p; we also show it on a terminal.
 	var pr io.Writer

@@ -171,6 +171,12 @@ func qemuImages(t *testing.T, dir string) [][2]string {
 	img("qcow2", "frag.qcow2", "32M", "-o", "cluster_size=4096")
 	write("qcow2", "frag.qcow2", "write -P 1 8M 4k", "write -P 2 0 4k", "write -P 3 4k 4k", "write -P 4 16M 8k", "write -P 5 8k 4k")
 	mustRun(t, dir, qi, "convert", "-c", "-O", "qcow2", "a.qcow2", "comp.qcow2")
+	// qemu-io's abort leaves a lazy-refcounts image dirty, its refcounts
+	// behind its L2 tables: dirty-flag true, and corruptions to check.
+	img("qcow2", "dirty.qcow2", "16M", "-o", "lazy_refcounts=on")
+	if _, se, rc := runIn(t, dir, qio, "-c", "write -P 9 0 64k", "-c", "abort", "dirty.qcow2"); rc == 0 {
+		t.Fatalf("qemu-io abort exited 0: %s", se)
+	}
 	img("qcow", "x.qcow", "64M")
 	write("qcow", "x.qcow", "write -P 1 0 1M", "write -P 2 8M 64k")
 	img("vpc", "dyn.vhd", "64M")
@@ -186,7 +192,7 @@ func qemuImages(t *testing.T, dir string) [][2]string {
 	img("raw", "x.raw", "64M")
 	write("raw", "x.raw", "write -P 1 0 1M", "write -P 2 8M 64k")
 	return [][2]string{
-		{"a.qcow2", ""}, {"v2.qcow2", ""}, {"sub/over.qcow2", ""}, {"frag.qcow2", ""}, {"comp.qcow2", ""},
+		{"a.qcow2", ""}, {"v2.qcow2", ""}, {"sub/over.qcow2", ""}, {"frag.qcow2", ""}, {"comp.qcow2", ""}, {"dirty.qcow2", ""},
 		{"x.qcow", ""}, {"dyn.vhd", ""}, {"fixed.vhd", "vpc"},
 		{"monolithicSparse.vmdk", ""}, {"monolithicFlat.vmdk", ""}, {"twoGbMaxExtentSparse.vmdk", ""},
 		{"streamOptimized.vmdk", ""}, {"x.raw", ""},
@@ -471,6 +477,77 @@ func TestHumanSize(t *testing.T) {
 	} {
 		if got := humanSize(n); got != want {
 			t.Errorf("humanSize(%d) = %q, want %q", n, got, want)
+		}
+	}
+}
+
+// TestImageCreateOptions: the -o keys we honour make images qemu-img
+// reads back with those settings; keys we do not are refused by name with
+// the valid ones listed, and -o help lists them.
+func TestImageCreateOptions(t *testing.T) {
+	bin := imageBinary(t)
+	dir := t.TempDir()
+	qi := oracle.Require(t, "qemu-img")
+	mustRun(t, dir, bin, "image", "create", "-f", "qcow2", "-o", "size=32M,lazy_refcounts=on,refcount_bits=8,cluster_size=4k", "l.qcow2")
+	mustRun(t, dir, bin, "image", "create", "-f", "qcow2", "-o", "compat=0.10,preallocation=off,compression_type=zlib", "v2.qcow2", "16M")
+	mustRun(t, dir, bin, "image", "create", "-f", "qcow2", "-o", "backing_file=v2.qcow2,backing_fmt=qcow2", "over.qcow2")
+	mustRun(t, dir, bin, "image", "create", "-f", "vpc", "-o", "subformat=fixed,force_size=on", "f.vhd", "8M")
+	for _, c := range []struct {
+		file, f string
+		want    map[string]any // dotted paths into qemu-img info's JSON
+	}{
+		{"l.qcow2", "", map[string]any{"virtual-size": 32.0 * (1 << 20), "cluster-size": 4096.0,
+			"format-specific.data.lazy-refcounts": true, "format-specific.data.refcount-bits": 8.0}},
+		{"v2.qcow2", "", map[string]any{"format-specific.data.compat": "0.10"}},
+		{"over.qcow2", "", map[string]any{"backing-filename": "v2.qcow2", "backing-filename-format": "qcow2", "virtual-size": 16.0 * (1 << 20)}},
+		{"f.vhd", "vpc", map[string]any{"format": "vpc", "virtual-size": 8.0 * (1 << 20)}},
+	} {
+		args := []string{"info", "--output=json"}
+		if c.f != "" {
+			args = append(args, "-f", c.f)
+		}
+		out, se, rc := runIn(t, dir, qi, append(args, c.file)...)
+		if rc != 0 {
+			t.Fatalf("qemu-img info %s: %s", c.file, se)
+		}
+		var doc map[string]any
+		if err := json.Unmarshal([]byte(out), &doc); err != nil {
+			t.Fatal(err)
+		}
+		for path, want := range c.want {
+			var v any = doc
+			for _, k := range strings.Split(path, ".") {
+				m, _ := v.(map[string]any)
+				v = m[k]
+			}
+			if v != want {
+				t.Errorf("%s: %s = %v, want %v", c.file, path, v, want)
+			}
+		}
+	}
+	for _, c := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"-f", "qcow2", "-o", "preallocation=full", "x.qcow2", "1M"}, "preallocation=full is not supported for qcow2; valid: off"},
+		{[]string{"-f", "qcow2", "-o", "data_file=d", "x.qcow2", "1M"}, "data_file is not supported for qcow2; valid: backing_file, backing_fmt, cluster_size, compat,"},
+		{[]string{"-f", "vmdk", "-o", "hwversion=6", "x.vmdk", "1M"}, "hwversion is not supported for vmdk; valid: adapter_type,"},
+		{[]string{"-f", "raw", "-o", "bogus=1", "x.raw", "1M"}, "bogus is not supported for raw; valid: size"},
+	} {
+		_, se, rc := runIn(t, dir, bin, append([]string{"image", "create"}, c.args...)...)
+		if rc != 2 || !strings.Contains(se, c.msg) {
+			t.Errorf("create %v: exit %d, stderr %q; want 2 and %q", c.args, rc, se, c.msg)
+		}
+		if _, err := os.Stat(filepath.Join(dir, c.args[len(c.args)-2])); err == nil {
+			t.Errorf("create %v made the file though it refused", c.args)
+		}
+	}
+	for _, f := range []string{"qcow2", "vpc", "vmdk", "raw", "qcow"} {
+		for _, cmd := range [][]string{{"image", "create", "-f", f, "-o", "help"}, {"image", "convert", "-O", f, "-o", "?"}} {
+			out, se, rc := runIn(t, dir, bin, cmd...)
+			if rc != 0 || !strings.HasPrefix(out, "Supported "+f+" options:\n") || !strings.Contains(out, "  size=<size>") {
+				t.Errorf("%v: exit %d (%s):\n%s", cmd, rc, se, out)
+			}
 		}
 	}
 }
