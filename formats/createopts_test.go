@@ -55,7 +55,7 @@ qcow2 preallocation=off
 qcow2 preallocation=metadata | preallocation=metadata is not supported for qcow2; valid: off
 qcow2 data_file=x | data_file is not supported for qcow2; valid: backing_file, 
 qcow2 lazy_refcounts=maybe | "maybe" is not on or off
-qcow2 compression_type=zstd | compression_type=zstd is not supported for qcow2; valid: zlib
+qcow2 compression_type=lz4 | compression_type=lz4 is not supported for qcow2; valid: zlib, zstd
 raw cluster_size=64k | cluster_size is not supported for raw; valid: size
 vhd force_size=off | force_size=off is not supported for vpc; valid: on
 vhd subformat=fixed

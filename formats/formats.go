@@ -118,8 +118,10 @@ type CreateOptions struct {
 	Compat        string // qcow2: "1.1"/"v3" (default) or "0.10"/"v2"
 	LazyRefcounts bool   // qcow2 version 3
 	RefcountBits  int    // qcow2; 0 the default (16)
-	ZeroedGrain   bool   // vmdk sparse: zeroed-grain table entries
-	AdapterType   string // vmdk: ddb.adapterType; "" ide
+	// CompressionType is qcow2's compression_type: "" or "zlib", "zstd".
+	CompressionType string
+	ZeroedGrain     bool   // vmdk sparse: zeroed-grain table entries
+	AdapterType     string // vmdk: ddb.adapterType; "" ide
 	// OpenBacking opens the backing file when Size is 0, to take its
 	// size; nil then refuses a zero size.
 	OpenBacking image.OpenFunc
@@ -228,6 +230,7 @@ func Create(format, path string, opts CreateOptions) error {
 			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
 			ClusterSize: opts.ClusterSize, Compat: compat,
 			LazyRefcounts: opts.LazyRefcounts, RefcountBits: opts.RefcountBits,
+			CompressionType: opts.CompressionType,
 		})
 	case "vmdk":
 		if opts.Subformat == "streamOptimized" {

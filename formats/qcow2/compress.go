@@ -1,28 +1,24 @@
 package qcow2
 
 import (
-	"bytes"
-	"compress/flate"
 	"fmt"
 
 	"github.com/blktap-go/blktap/formats/image"
 )
 
-// WriteCompressed writes whole guest clusters deflate-compressed, the way
-// `qemu-img convert -c` stores them (for `image convert -c`). off must be
-// cluster-aligned and p must end on a cluster boundary or at the end of
-// the image. A cluster that does not shrink by at least a sector, or that
-// already has a host cluster, is written plainly.
+// WriteCompressed writes whole guest clusters compressed, the way `qemu-img
+// convert -c` stores them (for `image convert -c`): raw deflate with a
+// 4 KiB window, which is all qemu's inflate accepts, or zstd when the
+// header says so. off must be cluster-aligned and p must end on a cluster
+// boundary or at the end of the image. A cluster that does not shrink by
+// at least a sector, or that already has a host cluster, is written
+// plainly.
 //
-// Two deliberate choices:
-//   - qemu inflates with a 4 KiB window, and compress/flate cannot limit
-//     its window, so the data is Huffman-coded only (no back-references
-//     at all, which any window accepts). Ratios are lower than qemu's.
-//   - each compressed cluster gets a host cluster of its own and only
-//     its compressed bytes are written: the rest stays a hole in the
-//     file. The saving is in disk blocks, not in apparent file length,
-//     and refcounts stay one per cluster, so the crash ordering of plain
-//     writes applies unchanged.
+// Each compressed cluster gets a host cluster of its own and only
+// its compressed bytes are written: the rest stays a hole in the file.
+// The saving is in disk blocks, not in apparent file length, and
+// refcounts stay one per cluster, so the crash ordering of plain writes
+// applies unchanged.
 func (img *Image) WriteCompressed(p []byte, off int64) error {
 	if img.ro {
 		return image.ErrReadOnly
@@ -36,27 +32,19 @@ func (img *Image) WriteCompressed(p []byte, off int64) error {
 	}
 	img.io.RLock()
 	defer img.io.RUnlock()
-	var zb bytes.Buffer
-	zw, err := flate.NewWriter(&zb, flate.HuffmanOnly)
-	if err != nil {
-		return err
-	}
 	full := make([]byte, img.cs)
+	zbuf := make([]byte, 0, img.cs)
 	for pos := int64(0); pos < int64(len(p)); pos += img.cs {
 		n := min(img.cs, int64(len(p))-pos)
 		chunk := p[pos : pos+n]
 		clear(full[copy(full, chunk):])
-		zb.Reset()
-		zw.Reset(&zb)
-		if _, err := zw.Write(full); err != nil {
-			return err
-		}
-		if err := zw.Close(); err != nil {
+		zb, err := img.codec.compress(zbuf[:0], full)
+		if err != nil {
 			return err
 		}
 		var z []byte
-		if int64(zb.Len()) <= img.cs-512 {
-			z = zb.Bytes()
+		if int64(len(zb)) <= img.cs-512 {
+			z = zb
 		}
 		if err := img.writeClusterZ((off+pos)>>img.cbits, 0, chunk, z); err != nil {
 			return err
