@@ -109,6 +109,9 @@ type Image struct {
 		usedRefs    []uint32                // during a repair: true reference counts
 		pendingFree []int64                 // host clusters to decref at the next exclusive hold
 		broken      error                   // set by markCorruptLocked: every later write fails with it
+		// zc is the host cluster compressed clusters are packed into
+		// (0: none), zused the bytes of it already given out.
+		zc, zused int64
 	}
 }
 
