@@ -7,18 +7,13 @@ import (
 )
 
 // WriteCompressed writes whole guest clusters compressed, the way `qemu-img
-// convert -c` stores them (for `image convert -c`): raw deflate with a
-// 4 KiB window, which is all qemu's inflate accepts, or zstd when the
-// header says so. off must be cluster-aligned and p must end on a cluster
-// boundary or at the end of the image. A cluster that does not shrink by
-// at least a sector, or that already has a host cluster, is written
-// plainly.
-//
-// Each compressed cluster gets a host cluster of its own and only
-// its compressed bytes are written: the rest stays a hole in the file.
-// The saving is in disk blocks, not in apparent file length, and
-// refcounts stay one per cluster, so the crash ordering of plain writes
-// applies unchanged.
+// convert -c` stores them (for `image convert -c`): raw deflate with the
+// 4 KiB window qemu writes and reads, or zstd when the header says so,
+// packed one after another into shared host clusters
+// (reserveCompressedLocked). off must be cluster-aligned and p must end on
+// a cluster boundary or at the end of the image. A cluster that does not
+// shrink by at least a sector, or that already has a host cluster, is
+// written plainly.
 func (img *Image) WriteCompressed(p []byte, off int64) error {
 	if img.ro {
 		return image.ErrReadOnly
