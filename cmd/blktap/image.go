@@ -24,6 +24,8 @@ blktap image info [--output=human|json] [--backing-chain] [--detail] [-f FMT] FI
     exit status as qemu-img's: 0 clean, 1 check failed, 2 corruption, 3 leaks only
 blktap image map [--output=human|json] [-f FMT] FILE
 blktap image convert [-p] [-c] [-f FMT] -O FMT [-o KEY=VALUE,...|help] IN OUT
+` + compareUsage + `
+    exit status as qemu-img's: 0 identical, 1 different, 2 could not compare
 formats: ` + "raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk" + `
 SIZE takes K, M, G, T suffixes (powers of 1024).`
 
@@ -50,6 +52,8 @@ func cmdImage(args []string) error {
 		return err
 	case "convert":
 		return imageConvert(args[1:])
+	case "compare":
+		return imageCompare(args[1:])
 	case "help", "-h", "--help":
 		fmt.Println(imageUsage)
 		return nil

@@ -631,3 +631,42 @@ func TestQemuImgZstdAndDeflate(t *testing.T) {
 		t.Errorf("qemu-io's write -c left no compressed cluster:\n%s", out)
 	}
 }
+
+// TestQemuImgCompareOracle: compare's message and exit status (0 same, 1
+// different, 2 could not compare) equal qemu-img's on the same pairs:
+// equal content in different formats, a difference inside a cluster,
+// different sizes with a zero tail and with data in it, strict mode's
+// size and allocation checks, a missing file, -q.
+func TestQemuImgCompareOracle(t *testing.T) {
+	bin := imageBinary(t)
+	dir := t.TempDir()
+	qi := oracle.Require(t, "qemu-img")
+	qio := oracle.Require(t, "qemu-io")
+	mustRun(t, dir, qi, "create", "-q", "-f", "raw", "a.raw", "4M")
+	mustRun(t, dir, qio, "-f", "raw", "-c", "write -P 1 0 64k", "-c", "write -P 3 1M 4k", "a.raw")
+	mustRun(t, dir, qi, "convert", "-O", "qcow2", "a.raw", "same.qcow2")
+	mustRun(t, dir, qi, "convert", "-O", "vpc", "a.raw", "same.vhd")
+	mustRun(t, dir, qi, "convert", "-O", "qcow2", "a.raw", "diff.qcow2")
+	mustRun(t, dir, qio, "-c", "write -P 2 70001 10", "diff.qcow2")
+	mustRun(t, dir, qi, "create", "-q", "-f", "raw", "long.raw", "5M")
+	mustRun(t, dir, qio, "-f", "raw", "-c", "write -P 1 0 64k", "-c", "write -P 3 1M 4k", "long.raw")
+	mustRun(t, dir, qi, "create", "-q", "-f", "raw", "longer.raw", "5M")
+	mustRun(t, dir, qio, "-f", "raw", "-c", "write -P 1 0 64k", "-c", "write -P 3 1M 4k", "-c", "write -P 9 4200000 1", "longer.raw")
+	mustRun(t, dir, qi, "create", "-q", "-f", "qcow2", "zero.qcow2", "4M")
+	mustRun(t, dir, qio, "-c", "write -z 0 4M", "zero.qcow2")
+	mustRun(t, dir, qi, "create", "-q", "-f", "qcow2", "empty.qcow2", "4M")
+	for _, args := range [][]string{
+		{"a.raw", "same.qcow2"}, {"same.qcow2", "a.raw"}, {"-f", "raw", "-F", "vpc", "a.raw", "same.vhd"},
+		{"a.raw", "diff.qcow2"}, {"-q", "a.raw", "diff.qcow2"},
+		{"a.raw", "long.raw"}, {"long.raw", "a.raw"}, {"a.raw", "longer.raw"},
+		{"-s", "a.raw", "long.raw"}, {"-s", "a.raw", "a.raw"}, {"-s", "a.raw", "same.qcow2"},
+		{"-s", "zero.qcow2", "empty.qcow2"}, {"zero.qcow2", "empty.qcow2"},
+		{"a.raw", "missing.raw"},
+	} {
+		want, _, wrc := runIn(t, dir, qi, append([]string{"compare"}, args...)...)
+		got, gerr, grc := runIn(t, dir, bin, append([]string{"image", "compare"}, args...)...)
+		if want != got || wrc != grc {
+			t.Errorf("compare %v:\nqemu-img exit %d: %q\nours exit %d: %q (%s)", args, wrc, want, grc, got, gerr)
+		}
+	}
+}
