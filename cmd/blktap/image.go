@@ -25,6 +25,7 @@ blktap image info [--output=human|json] [--backing-chain] [--detail] [-f FMT] FI
 blktap image map [--output=human|json] [-f FMT] FILE
 blktap image convert [-p] [-c] [-f FMT] -O FMT [-o KEY=VALUE,...|help] IN OUT
 ` + compareUsage + `
+` + measureUsage + `
     exit status as qemu-img's: 0 identical, 1 different, 2 could not compare
 formats: ` + "raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk" + `
 SIZE takes K, M, G, T suffixes (powers of 1024).`
@@ -54,6 +55,8 @@ func cmdImage(args []string) error {
 		return imageConvert(args[1:])
 	case "compare":
 		return imageCompare(args[1:])
+	case "measure":
+		return imageMeasure(args[1:])
 	case "help", "-h", "--help":
 		fmt.Println(imageUsage)
 		return nil
@@ -197,11 +200,7 @@ func imageInfo(args []string) error {
 	fmtName := fs.String("f", "", "format (default: probe)")
 	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
 	detail := fs.Bool("detail", false, "print blktap's own view of each image's metadata (JSON) after qemu-img's")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	asJSON, err := out.isJSON()
+	pos, asJSON, err := out.parse(fs, args)
 	if err != nil {
 		return err
 	}
@@ -308,11 +307,7 @@ func imageCheck(args []string) error {
 	fmtName := fs.String("f", "", "format (default: probe)")
 	repairFlag := fs.String("r", "", "repair: leaks (only leaks; on a qcow2 marked corrupt, refcounts and copied flags too) or all (leaks and what else can be fixed)")
 	repairOld := fs.Bool("repair", false, "same as -r leaks")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	asJSON, err := out.isJSON()
+	pos, asJSON, err := out.parse(fs, args)
 	if err != nil {
 		return err
 	}
@@ -371,11 +366,7 @@ func imageMap(args []string) error {
 	fs := flag.NewFlagSet("image map", flag.ContinueOnError)
 	out := addOutputFlag(fs)
 	fmtName := fs.String("f", "", "format (default: probe)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	asJSON, err := out.isJSON()
+	pos, asJSON, err := out.parse(fs, args)
 	if err != nil {
 		return err
 	}

@@ -38,6 +38,17 @@ func (o outputFlag) isJSON() (bool, error) {
 	return false, usagef("--output %q: want human or json", *o.output)
 }
 
+// parse parses args with fs (on which o is registered) and says whether
+// JSON was asked for.
+func (o outputFlag) parse(fs *flag.FlagSet, args []string) ([]string, bool, error) {
+	pos, err := parseInterleaved(fs, args)
+	if err != nil {
+		return nil, false, err
+	}
+	asJSON, err := o.isJSON()
+	return pos, asJSON, err
+}
+
 // writeQemuJSON prints v as qemu-img does: four-space indents, a newline
 // at the end.
 func writeQemuJSON(w io.Writer, v any) error {

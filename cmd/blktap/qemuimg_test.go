@@ -670,3 +670,44 @@ func TestQemuImgCompareOracle(t *testing.T) {
 		}
 	}
 }
+
+// TestQemuImgMeasureOracle: measure's JSON, human text and exit status
+// equal qemu-img's, for images of every kind as the source and for
+// --size, into qcow2 (with its options) and raw.
+func TestQemuImgMeasureOracle(t *testing.T) {
+	bin := imageBinary(t)
+	dir := t.TempDir()
+	qi := oracle.Require(t, "qemu-img")
+	var cases [][]string
+	for _, im := range qemuImages(t, dir) {
+		src := []string{im[0]}
+		if im[1] != "" {
+			src = []string{"-f", im[1], im[0]}
+		}
+		cases = append(cases, append([]string{"-O", "qcow2"}, src...), append([]string{"-O", "raw"}, src...),
+			append([]string{"-O", "qcow2", "-o", "cluster_size=4k"}, src...))
+	}
+	cases = append(cases,
+		[]string{"-O", "qcow2", "--size", "1G"}, []string{"-O", "qcow2", "-o", "cluster_size=2M", "--size", "100T"},
+		[]string{"-O", "qcow2", "-o", "refcount_bits=1,cluster_size=512", "--size", "3G"},
+		[]string{"-O", "qcow2", "-o", "compat=0.10", "a.qcow2"}, []string{"-O", "raw", "--size", "1000001"},
+		[]string{"-O", "vpc", "--size", "1G"}, []string{"-O", "vmdk", "a.qcow2"})
+	for _, args := range cases {
+		for _, o := range []string{"--output=json", "--output=human"} {
+			want, werr, wrc := runIn(t, dir, qi, append([]string{"measure", o}, args...)...)
+			got, gerr, grc := runIn(t, dir, bin, append([]string{"image", "measure", o}, args...)...)
+			if wrc != grc {
+				t.Errorf("measure %s %v: exit qemu-img %d (%s), ours %d (%s)", o, args, wrc, werr, grc, gerr)
+				continue
+			}
+			if wrc != 0 {
+				continue
+			}
+			if o == "--output=json" {
+				compareJSON(t, fmt.Sprintf("measure %v", args), want, got)
+			} else if want != got {
+				t.Errorf("measure %v:\nqemu-img:\n%sours:\n%s", args, want, got)
+			}
+		}
+	}
+}
