@@ -115,6 +115,13 @@ type CreateOptions struct {
 	BackingFormat string // its format; "" only where the format allows probing
 	ClusterSize   int64  // 0: the format's default
 	Subformat     string // "fixed", "monolithicFlat", ...: the format's variant; "" the default
+	Compat        string // qcow2: "1.1"/"v3" (default) or "0.10"/"v2"
+	LazyRefcounts bool   // qcow2 version 3
+	RefcountBits  int    // qcow2; 0 the default (16)
+	// CompressionType is qcow2's compression_type: "" or "zlib", "zstd".
+	CompressionType string
+	ZeroedGrain     bool   // vmdk sparse: zeroed-grain table entries
+	AdapterType     string // vmdk: ddb.adapterType; "" ide
 	// OpenBacking opens the backing file when Size is 0, to take its
 	// size; nil then refuses a zero size.
 	OpenBacking image.OpenFunc
@@ -204,17 +211,26 @@ func Create(format, path string, opts CreateOptions) error {
 			ClusterSize: opts.ClusterSize, OpenBacking: opts.OpenBacking,
 		})
 	case "qcow2":
+		// compat= is qemu's key; subformat= was ours before it.
+		v := opts.Compat
+		if v == "" {
+			v = opts.Subformat
+		} else if opts.Subformat != "" && opts.Subformat != v {
+			return fmt.Errorf("create %s: compat=%s and subformat=%s disagree", path, opts.Compat, opts.Subformat)
+		}
 		compat := ""
-		switch opts.Subformat {
+		switch v {
 		case "", "v3", "1.1":
 		case "v2", "0.10":
 			compat = "0.10"
 		default:
-			return fmt.Errorf("create %s: %w: qcow2 subformat %q (want v2/0.10 or v3/1.1)", path, ErrUnsupported, opts.Subformat)
+			return fmt.Errorf("create %s: %w: qcow2 compat %q (want v2/0.10 or v3/1.1)", path, ErrUnsupported, v)
 		}
 		return qcow2.Create(path, qcow2.CreateOptions{
 			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
 			ClusterSize: opts.ClusterSize, Compat: compat,
+			LazyRefcounts: opts.LazyRefcounts, RefcountBits: opts.RefcountBits,
+			CompressionType: opts.CompressionType,
 		})
 	case "vmdk":
 		if opts.Subformat == "streamOptimized" {
@@ -223,6 +239,7 @@ func Create(format, path string, opts CreateOptions) error {
 		return vmdk.Create(path, vmdk.CreateOptions{
 			Size: opts.Size, Backing: opts.Backing, BackingFormat: opts.BackingFormat,
 			ClusterSize: opts.ClusterSize, Subformat: opts.Subformat,
+			ZeroedGrain: opts.ZeroedGrain, AdapterType: opts.AdapterType,
 		})
 	case "vhd":
 		return vhd.Create(path, vhd.CreateOptions{

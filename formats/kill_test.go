@@ -198,7 +198,7 @@ func killRound(t *testing.T, kc killCase, seed uint64) {
 		t.Fatal(err)
 	}
 	if kc.format != "ram" {
-		res, err := Check(kc.format, path, false, backing)
+		res, err := Check(kc.format, path, RepairNone, backing)
 		if err != nil || res.Corruptions != 0 {
 			t.Fatalf("check after the kill: %+v, %v", res, err)
 		}

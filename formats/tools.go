@@ -16,19 +16,37 @@ import (
 )
 
 // CheckResult is what `image check` reports, in every format's terms.
+// The cluster counts and ImageEndOffset follow qemu-img check's meaning
+// and stay 0 where qemu reports none for the format.
 type CheckResult struct {
-	Format      string   `json:"format"`
-	Problems    []string `json:"problems"`
-	Corruptions int      `json:"corruptions"`
-	Leaks       int      `json:"leaks"`
-	Repaired    int      `json:"repaired,omitempty"`
-	Detail      any      `json:"detail,omitempty"` // the format's own report
+	Format             string   `json:"format"`
+	Problems           []string `json:"problems"`
+	Corruptions        int      `json:"corruptions"`
+	Leaks              int      `json:"leaks"`
+	CorruptionsFixed   int      `json:"corruptions_fixed,omitempty"`
+	LeaksFixed         int      `json:"leaks_fixed,omitempty"`
+	TotalClusters      int64    `json:"total_clusters,omitempty"`
+	AllocatedClusters  int64    `json:"allocated_clusters,omitempty"`
+	FragmentedClusters int64    `json:"fragmented_clusters,omitempty"`
+	CompressedClusters int64    `json:"compressed_clusters,omitempty"`
+	ImageEndOffset     int64    `json:"image_end_offset,omitempty"`
+	Detail             any      `json:"detail,omitempty"` // the format's own report
 }
 
-// Check checks the image at path for metadata problems; repair fixes what
-// can be fixed without losing data (leaks). backing opens parents where a
-// check needs them (a VHD child's parent uuid); nil skips that part.
-func Check(format, path string, repair bool, backing OpenFunc) (*CheckResult, error) {
+// RepairMode says what Check may fix, as qemu-img check -r: nothing,
+// leaks only, or everything it can.
+type RepairMode int
+
+const (
+	RepairNone RepairMode = iota
+	RepairLeaks
+	RepairAll
+)
+
+// Check checks the image at path for metadata problems and repairs what
+// repair allows. backing opens parents where a check needs them (a VHD
+// child's parent uuid); nil skips that part.
+func Check(format, path string, repair RepairMode, backing OpenFunc) (*CheckResult, error) {
 	name, err := Normalize(format)
 	if err != nil {
 		return nil, err
@@ -54,14 +72,19 @@ func Check(format, path string, repair bool, backing OpenFunc) (*CheckResult, er
 			res.Problems = append(res.Problems, fmt.Sprintf("Leaked cluster at offset %d: %s", p.Offset, p.Message))
 		}
 		res.Corruptions, res.Leaks, res.Detail = int(r.CorruptionCount), int(r.LeakedClusters), r
-		if repair && res.Leaks > 0 {
+		res.TotalClusters, res.AllocatedClusters = r.TotalClusters, r.AllocatedClusters
+		res.CompressedClusters, res.ImageEndOffset = r.CompressedClusters, r.ImageEndOffset
+		if repair != RepairNone && res.Leaks > 0 {
 			return res, fmt.Errorf("check %s: %w: qcow has no leak repair (leaks waste space but are harmless)", path, ErrUnsupported)
 		}
 		return res, nil
 	case "qcow2":
 		mode := qcow2.RepairNone
-		if repair {
+		switch repair {
+		case RepairLeaks:
 			mode = qcow2.RepairLeaks
+		case RepairAll:
+			mode = qcow2.RepairAll
 		}
 		r, err := qcow2.Check(path, qcow2.CheckOptions{Repair: mode})
 		if err != nil {
@@ -70,16 +93,22 @@ func Check(format, path string, repair bool, backing OpenFunc) (*CheckResult, er
 		res.Problems = append(res.Problems, r.Problems...)
 		res.Corruptions = int(r.Corruptions - r.CorruptionsFixed)
 		res.Leaks = int(r.Leaks - r.LeaksFixed)
-		res.Repaired, res.Detail = int(r.CorruptionsFixed+r.LeaksFixed), r
+		res.CorruptionsFixed, res.LeaksFixed = int(r.CorruptionsFixed), int(r.LeaksFixed)
+		res.TotalClusters, res.AllocatedClusters = r.TotalClusters, r.AllocatedClusters
+		res.FragmentedClusters, res.CompressedClusters = r.FragmentedClusters, r.CompressedClusters
+		res.ImageEndOffset, res.Detail = r.ImageEndOffset, r
 		return res, nil
 	case "vhd":
-		r, err := vhd.Check(path, vhd.CheckOptions{Repair: repair, Backing: backing})
+		// Everything vhd's repair touches (a lost footer, a stale batmap)
+		// is a corruption, so leaks-only repair leaves it alone.
+		r, err := vhd.Check(path, vhd.CheckOptions{Repair: repair == RepairAll, Backing: backing})
 		if err != nil {
 			return nil, err
 		}
 		res.Problems = append(res.Problems, r.Corruptions...)
 		res.Problems = append(res.Problems, r.Warnings...)
-		res.Corruptions, res.Repaired, res.Detail = len(r.Corruptions), len(r.Repaired), r
+		res.Corruptions, res.CorruptionsFixed, res.Detail = len(r.Corruptions), len(r.Repaired), r
+		res.TotalClusters, res.AllocatedClusters = int64(r.TotalBlocks), int64(r.AllocatedBlocks)
 		return res, nil
 	case "vmdk":
 		r, err := vmdk.Check(path, vmdk.CheckOptions{})
@@ -88,7 +117,7 @@ func Check(format, path string, repair bool, backing OpenFunc) (*CheckResult, er
 		}
 		res.Problems = append(res.Problems, r.Problems...)
 		res.Corruptions, res.Leaks, res.Detail = r.Corruptions, r.Leaks, r
-		if repair && r.Leaks > 0 {
+		if repair != RepairNone && r.Leaks > 0 {
 			return res, fmt.Errorf("check %s: %w: vmdk has no free map, so leaked grains cannot be reclaimed", path, ErrUnsupported)
 		}
 		return res, nil

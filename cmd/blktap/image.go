@@ -2,27 +2,31 @@ package main
 
 import (
 	"context"
-	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
-	"text/tabwriter"
 	"time"
 
 	"github.com/blktap-go/blktap/formats"
-	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/tapengine/worker"
 )
 
-const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o cluster_size=N,subformat=S] FILE SIZE
-blktap image info [--json] [-f FMT] FILE
-blktap image check [--json] [-f FMT] FILE
-blktap image map [--json] [-f FMT] FILE
-blktap image convert [-p] [-c] [-f FMT] -O FMT [-o subformat=S] IN OUT
+const checkUsage = "blktap image check [--output=human|json] [-r leaks|all] [-f FMT] FILE"
+
+const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o KEY=VALUE,...|help] FILE [SIZE]
+blktap image info [--output=human|json] [--backing-chain] [--detail] [-f FMT] FILE
+` + checkUsage + `
+    exit status as qemu-img's: 0 clean, 1 check failed, 2 corruption, 3 leaks only
+blktap image map [--output=human|json] [-f FMT] FILE
+blktap image convert [-p] [-c] [-f FMT] -O FMT [-o KEY=VALUE,...|help] IN OUT
+` + compareUsage + `
+` + measureUsage + `
+    exit status as qemu-img's: 0 identical, 1 different, 2 could not compare
 formats: ` + "raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk" + `
 SIZE takes K, M, G, T suffixes (powers of 1024).`
 
@@ -38,9 +42,21 @@ func cmdImage(args []string) error {
 	case "map":
 		return imageMap(args[1:])
 	case "check":
-		return imageCheck(args[1:])
+		err := imageCheck(args[1:])
+		var ue *usageError
+		if errors.As(err, &ue) {
+			// check's status 2 means a corrupt image, so a mistyped
+			// command line is 1 here, as in qemu-img.
+			fmt.Fprintf(os.Stderr, "blktap image check: %s\nusage: %s\n", ue.msg, checkUsage)
+			return exitCode(1)
+		}
+		return err
 	case "convert":
 		return imageConvert(args[1:])
+	case "compare":
+		return imageCompare(args[1:])
+	case "measure":
+		return imageMeasure(args[1:])
 	case "help", "-h", "--help":
 		fmt.Println(imageUsage)
 		return nil
@@ -48,24 +64,33 @@ func cmdImage(args []string) error {
 	return usagef("unknown subcommand %q\n%s", args[0], imageUsage)
 }
 
-// applyOpts sets what -o names on co: cluster_size (block_size for VHD)
-// and subformat.
-func applyOpts(co *formats.CreateOptions, opts map[string]string) error {
-	for k, v := range opts {
-		switch k {
-		case "cluster_size", "block_size":
-			n, err := formats.ParseSize(v)
-			if err != nil {
-				return usagef("%s: %v", k, err)
-			}
-			co.ClusterSize = n
-		case "subformat":
-			co.Subformat = v
-		default:
-			return usagef("unknown option %q for -o", k)
+// applyOpts sets what -o names on co, as format takes it; a key or value
+// we do not honour is refused naming the valid ones.
+func applyOpts(format string, co *formats.CreateOptions, opts map[string]string) error {
+	keys := make([]string, 0, len(opts))
+	for k := range opts {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // the first error is the same on every run
+	for _, k := range keys {
+		if err := formats.ApplyCreateOption(format, co, k, opts[k]); err != nil {
+			return usagef("%v", err)
 		}
 	}
 	return nil
+}
+
+// optsHelp handles qemu-img's -o help (or -o ?): the keys format takes.
+func optsHelp(format, opt string) (bool, error) {
+	if opt != "help" && opt != "?" {
+		return false, nil
+	}
+	text, err := formats.CreateOptionsHelp(format)
+	if err != nil {
+		return true, usagef("%v", err)
+	}
+	fmt.Print(text)
+	return true, nil
 }
 
 // parseOpts reads qemu-img style -o key=value,key=value.
@@ -77,7 +102,10 @@ func parseOpts(s string) (map[string]string, error) {
 	for _, kv := range strings.Split(s, ",") {
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok || k == "" {
-			return nil, usagef("-o %q: want key=value", kv)
+			return nil, usagef("-o %q: want key=value (-o help lists the keys)", kv)
+		}
+		if _, dup := m[k]; dup {
+			return nil, usagef("-o: %s given twice", k)
 		}
 		m[k] = v
 	}
@@ -89,35 +117,45 @@ func imageCreate(args []string) error {
 	fmtName := fs.String("f", "raw", "format: raw, qcow, qcow2, vhd, vmdk")
 	backing := fs.String("b", "", "backing file (copy-on-write)")
 	bfmt := fs.String("F", "", "backing file format")
-	optStr := fs.String("o", "", "options: cluster_size=N, subformat=S")
+	optStr := fs.String("o", "", "options key=value,... as qemu-img's (-o help lists them)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
-	}
-	if len(pos) < 1 || len(pos) > 2 {
-		return usagef("want FILE SIZE")
 	}
 	format, err := formats.Normalize(*fmtName)
 	if err != nil {
 		return usagef("%v", err)
 	}
+	if done, err := optsHelp(format, *optStr); done {
+		return err
+	}
+	if len(pos) < 1 || len(pos) > 2 {
+		return usagef("want FILE SIZE")
+	}
 	opts, err := parseOpts(*optStr)
 	if err != nil {
 		return err
 	}
-	co := formats.CreateOptions{Backing: *backing, BackingFormat: *bfmt}
+	co := formats.CreateOptions{}
+	if err := applyOpts(format, &co, opts); err != nil {
+		return err
+	}
+	// -b and -F win over -o backing_file= and backing_fmt=, as in qemu-img.
+	if *backing != "" {
+		co.Backing = *backing
+	}
+	if *bfmt != "" {
+		co.BackingFormat = *bfmt
+	}
 	if len(pos) == 2 {
 		if co.Size, err = formats.ParseSize(pos[1]); err != nil {
 			return usagef("SIZE: %v", err)
 		}
-	} else if *backing == "" {
-		return usagef("want SIZE (or -b BACKING to take its size)")
+	} else if co.Size == 0 && co.Backing == "" {
+		return usagef("want SIZE (or -o size=, or -b BACKING to take its size)")
 	}
-	if err := applyOpts(&co, opts); err != nil {
-		return err
-	}
-	if *backing != "" && co.Size == 0 {
-		b, err := openProbed(*backing, *bfmt, true)
+	if co.Backing != "" && co.Size == 0 {
+		b, err := openProbed(formats.PathCombine(pos[0], co.Backing), co.BackingFormat, true)
 		if err != nil {
 			return fmt.Errorf("backing file: %w", err)
 		}
@@ -128,10 +166,10 @@ func imageCreate(args []string) error {
 		return err
 	}
 	fmt.Printf("Formatting '%s', fmt=%s size=%d", pos[0], format, co.Size)
-	if *backing != "" {
-		fmt.Printf(" backing_file=%s", *backing)
-		if *bfmt != "" {
-			fmt.Printf(" backing_fmt=%s", *bfmt)
+	if co.Backing != "" {
+		fmt.Printf(" backing_file=%s", co.Backing)
+		if co.BackingFormat != "" {
+			fmt.Printf(" backing_fmt=%s", co.BackingFormat)
 		}
 	}
 	fmt.Println()
@@ -158,110 +196,177 @@ func openProbed(path, format string, readOnly bool) (formats.Image, error) {
 
 func imageInfo(args []string) error {
 	fs := flag.NewFlagSet("image info", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "JSON output")
+	out := addOutputFlag(fs)
 	fmtName := fs.String("f", "", "format (default: probe)")
 	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
-	pos, err := parseInterleaved(fs, args)
+	detail := fs.Bool("detail", false, "print blktap's own view of each image's metadata (JSON) after qemu-img's")
+	pos, asJSON, err := out.parse(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) != 1 {
 		return usagef("want FILE")
 	}
-	var infos []map[string]any
+	var infos []*qemuInfo
 	path, format := pos[0], *fmtName
 	for depth := 0; ; depth++ {
-		info, backing, backingFmt, err := describeImage(path, format)
+		info, backingFmt, err := describeImage(path, format)
 		if err != nil {
 			return err
 		}
 		infos = append(infos, info)
-		if !*chain || backing == "" {
+		if !*chain || info.BackingFilename == "" {
 			break
 		}
 		if depth >= 16 {
 			return fmt.Errorf("backing chain deeper than 16")
 		}
-		if !filepath.IsAbs(backing) {
-			backing = filepath.Join(filepath.Dir(path), backing)
-		}
-		path, format = backing, backingFmt
+		path, format = info.FullBackingFilename, backingFmt
 	}
-	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
+	if *detail {
+		// qemu-img's shape has no room for what only we read (a VHD's
+		// footer, a VMDK's extents, qcow2 feature bits), so it comes apart.
+		defer func() {
+			for _, in := range infos {
+				if img, err := openProbed(in.Filename, in.ourFormat, true); err == nil {
+					writeQemuJSON(os.Stdout, formats.Describe(img))
+					img.Close()
+				}
+			}
+		}()
+	}
+	if asJSON {
 		if *chain {
-			return enc.Encode(infos)
+			return writeQemuJSON(os.Stdout, infos)
 		}
-		return enc.Encode(infos[0])
+		return writeQemuJSON(os.Stdout, infos[0])
 	}
 	for i, info := range infos {
 		if i > 0 {
 			fmt.Println()
 		}
-		fmt.Printf("image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
-			info["filename"], info["format"], formats.FormatSize(info["virtual-size"].(int64)),
-			info["virtual-size"], formats.FormatSize(info["actual-size"].(int64)))
-		if b, ok := info["backing-filename"]; ok {
-			fmt.Printf("backing file: %s\n", b)
-			if f, ok := info["backing-filename-format"]; ok {
-				fmt.Printf("backing file format: %s\n", f)
-			}
-		}
-		if fsi, ok := info["format-specific"]; ok {
-			b, _ := json.MarshalIndent(fsi, "", "  ")
-			fmt.Printf("format specific information: %s\n", b)
+		if err := printInfoHuman(os.Stdout, info); err != nil {
+			return err
 		}
 	}
 	return nil
 }
 
-// describeImage is what `image info` says of one image, and the backing
-// file it names (as stored).
-func describeImage(path, format string) (map[string]any, string, string, error) {
+// describeImage is what `image info` says of one image, and the format of
+// its backing file if the image names one.
+func describeImage(path, format string) (*qemuInfo, string, error) {
 	var err error
 	if format == "" {
 		if format, err = formats.Probe(path); err != nil {
-			return nil, "", "", err
+			return nil, "", err
 		}
 	}
 	img, err := openProbed(path, format, true)
 	if err != nil {
-		return nil, "", "", err
+		return nil, "", err
 	}
 	defer img.Close()
 	st, err := os.Stat(path)
 	if err != nil {
-		return nil, "", "", err
+		return nil, "", err
 	}
-	info := map[string]any{
-		"filename":     path,
-		"format":       format,
-		"virtual-size": img.Size(),
-		"actual-size":  diskUsage(st),
-	}
-	if d := formats.Describe(img); d != nil {
-		info["format-specific"] = d
-	}
-	var backing, backingFmt string
-	if b, ok := img.(interface{ BackingFile() (string, string) }); ok {
-		backing, backingFmt = b.BackingFile()
-		if backing != "" {
-			info["backing-filename"] = backing
-			if backingFmt != "" {
-				info["backing-filename-format"] = backingFmt
-			}
+	d := formats.DescribeQemu(img, path)
+	used := diskUsage(st)
+	for _, f := range d.ExtentFiles {
+		if st, err := os.Stat(f); err == nil {
+			used += diskUsage(st)
 		}
 	}
-	return info, backing, backingFmt, nil
+	info := &qemuInfo{
+		Filename:       path,
+		Format:         formats.QemuName(format),
+		ourFormat:      format,
+		VirtualSize:    img.Size(),
+		ActualSize:     used,
+		ClusterSize:    d.ClusterSize,
+		DirtyFlag:      d.Dirty,
+		Snapshots:      d.Snapshots,
+		FormatSpecific: d.Specific,
+	}
+	var backingFmt string
+	if b, ok := img.(interface{ BackingFile() (string, string) }); ok {
+		var backing string
+		backing, backingFmt = b.BackingFile()
+		if backing != "" {
+			info.BackingFilename = backing
+			info.FullBackingFilename = formats.PathCombine(path, backing)
+			info.BackingFilenameFormat = backingFmt
+		}
+	}
+	return info, backingFmt, nil
 }
 
 func imageCheck(args []string) error {
 	fs := flag.NewFlagSet("image check", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "JSON output")
+	out := addOutputFlag(fs)
 	fmtName := fs.String("f", "", "format (default: probe)")
-	repair := fs.Bool("repair", false, "repair what can be repaired (leaks; on a qcow2 marked corrupt, refcounts and copied flags too)")
-	pos, err := parseInterleaved(fs, args)
+	repairFlag := fs.String("r", "", "repair: leaks (only leaks; on a qcow2 marked corrupt, refcounts and copied flags too) or all (leaks and what else can be fixed)")
+	repairOld := fs.Bool("repair", false, "same as -r leaks")
+	pos, asJSON, err := out.parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return usagef("want FILE")
+	}
+	repair := formats.RepairNone
+	switch *repairFlag {
+	case "":
+		if *repairOld {
+			repair = formats.RepairLeaks
+		}
+	case "leaks":
+		repair = formats.RepairLeaks
+	case "all":
+		repair = formats.RepairAll
+	default:
+		return usagef("-r %q: want leaks or all", *repairFlag)
+	}
+	format := *fmtName
+	if format == "" {
+		if format, err = formats.Probe(pos[0]); err != nil {
+			return err
+		}
+	}
+	res, err := formats.Check(format, pos[0], repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
+	if err != nil {
+		// qemu-img's status 1: the check itself failed, which says
+		// nothing either way about the image.
+		return err
+	}
+	// Problems go to stderr, as qemu's drivers print theirs, so stdout
+	// holds only the summary (or the JSON).
+	for _, p := range res.Problems {
+		fmt.Fprintln(os.Stderr, p)
+	}
+	c := &qemuCheck{
+		Filename: pos[0], Format: formats.QemuName(format),
+		ImageEndOffset: res.ImageEndOffset,
+		Corruptions:    int64(res.Corruptions), Leaks: int64(res.Leaks),
+		CorruptionsFixed: int64(res.CorruptionsFixed), LeaksFixed: int64(res.LeaksFixed),
+		TotalClusters: res.TotalClusters, AllocatedClusters: res.AllocatedClusters,
+		FragmentedClusters: res.FragmentedClusters, CompressedClusters: res.CompressedClusters,
+	}
+	if asJSON {
+		if err := writeQemuJSON(os.Stdout, c); err != nil {
+			return err
+		}
+	} else {
+		printCheckHuman(os.Stdout, c)
+	}
+	return checkExit(c)
+}
+
+func imageMap(args []string) error {
+	fs := flag.NewFlagSet("image map", flag.ContinueOnError)
+	out := addOutputFlag(fs)
+	fmtName := fs.String("f", "", "format (default: probe)")
+	pos, asJSON, err := out.parse(fs, args)
 	if err != nil {
 		return err
 	}
@@ -274,92 +379,40 @@ func imageCheck(args []string) error {
 			return err
 		}
 	}
-	res, err := formats.Check(format, pos[0], *repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
-	if err != nil {
-		return err
-	}
-	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(res); err != nil {
-			return err
-		}
-	} else {
-		for _, p := range res.Problems {
-			fmt.Println(p)
-		}
-		if len(res.Problems) == 0 {
-			fmt.Println("No errors were found on the image.")
-		}
-	}
-	if res.Corruptions > 0 {
-		return fmt.Errorf("%d corruption(s) found", res.Corruptions)
-	}
-	if res.Leaks > 0 {
-		return fmt.Errorf("%d leaked cluster(s) found", res.Leaks)
-	}
-	return nil
-}
-
-// mapEntry is one row of `image map --json`, in qemu-img map's shape.
-type mapEntry struct {
-	Start  int64  `json:"start"`
-	Length int64  `json:"length"`
-	Depth  int    `json:"depth"`
-	Zero   bool   `json:"zero"`
-	Data   bool   `json:"data"`
-	Kind   string `json:"kind"`
-}
-
-func imageMap(args []string) error {
-	fs := flag.NewFlagSet("image map", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "JSON output (qemu-img map's fields)")
-	fmtName := fs.String("f", "", "format (default: probe)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return usagef("want FILE")
-	}
-	img, err := openProbed(pos[0], *fmtName, true)
+	img, err := openProbed(pos[0], format, true)
 	if err != nil {
 		return err
 	}
 	defer img.Close()
-	var rows []mapEntry
+	rows, err := qemuMap(img, pos[0])
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		writeMapJSON(os.Stdout, rows)
+		return nil
+	}
+	return writeMapHuman(os.Stdout, rows)
+}
+
+// qemuMap lists the image's runs as qemu-img map does.
+func qemuMap(img formats.Image, path string) ([]formats.QemuExtent, error) {
+	var rows []formats.QemuExtent
 	const chunk = 1 << 30
 	for off := int64(0); off < img.Size(); off += chunk {
-		n := min(chunk, img.Size()-off)
-		exts, err := img.Map(off, n)
+		exts, err := formats.MapQemu(img, path, off, min(chunk, img.Size()-off))
 		if err != nil {
-			return err
+			return nil, err
 		}
-		for _, e := range exts {
-			r := mapEntry{Start: e.Offset, Length: e.Length, Depth: e.Depth,
-				Zero: e.Kind != image.Data, Data: e.Kind == image.Data, Kind: e.Kind.String()}
-			if l := len(rows); l > 0 && rows[l-1].Start+rows[l-1].Length == r.Start &&
-				rows[l-1].Kind == r.Kind && rows[l-1].Depth == r.Depth {
+		for _, r := range exts {
+			if l := len(rows); l > 0 && mergeable(&rows[l-1], &r) {
 				rows[l-1].Length += r.Length
 				continue
 			}
 			rows = append(rows, r)
 		}
 	}
-	if *asJSON {
-		enc := json.NewEncoder(os.Stdout)
-		enc.SetIndent("", "  ")
-		if rows == nil {
-			rows = []mapEntry{}
-		}
-		return enc.Encode(rows)
-	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "Offset\tLength\tKind\tDepth")
-	for _, r := range rows {
-		fmt.Fprintf(tw, "%#x\t%#x\t%s\t%d\n", r.Start, r.Length, r.Kind, r.Depth)
-	}
-	return tw.Flush()
+	return rows, nil
 }
 
 func imageConvert(args []string) error {
@@ -368,17 +421,20 @@ func imageConvert(args []string) error {
 	compress := fs.Bool("c", false, "compress data clusters (qcow2 output)")
 	inFmt := fs.String("f", "", "input format (default: probe)")
 	outFmt := fs.String("O", "raw", "output format")
-	optStr := fs.String("o", "", "output options: cluster_size=N, subformat=S")
+	optStr := fs.String("o", "", "output options key=value,... as qemu-img's (-o help lists them)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
-	if len(pos) != 2 {
-		return usagef("want IN OUT")
-	}
 	of, err := formats.Normalize(*outFmt)
 	if err != nil {
 		return usagef("%v", err)
+	}
+	if done, err := optsHelp(of, *optStr); done {
+		return err
+	}
+	if len(pos) != 2 {
+		return usagef("want IN OUT")
 	}
 	opts, err := parseOpts(*optStr)
 	if err != nil {
@@ -389,9 +445,12 @@ func imageConvert(args []string) error {
 		return err
 	}
 	defer in.Close()
-	co := formats.CreateOptions{Size: in.Size()}
-	if err := applyOpts(&co, opts); err != nil {
+	co := formats.CreateOptions{}
+	if err := applyOpts(of, &co, opts); err != nil {
 		return err
+	}
+	if co.Size == 0 {
+		co.Size = in.Size()
 	}
 	// qemu-img's habit: progress with -p; we also show it on a terminal.
 	var pr io.Writer

@@ -44,7 +44,7 @@ func init() {
 		{name: "snapshot", usage: "DOMID VDEV NEWFILE [-f FMT]", brief: "live: the image becomes the base of a new overlay NEWFILE", run: cmdSnapshot},
 		{name: "hotplug", usage: "add|remove [--state-dir DIR] [--timeout 30s]", brief: "libxl's hotplug script for disks the daemon serves (scripts/xen/block-blktap; needs XENBUS_PATH)", run: cmdHotplug},
 		{name: "ls", usage: "[--json] [--state-dir DIR]", brief: "list devices, their state, export and counters", run: cmdLs},
-		{name: "image", usage: "create|info|check|map|convert ...", brief: "image tools (`blktap image help`)", run: cmdImage},
+		{name: "image", usage: "create|info|check|map|convert|compare|measure ...", brief: "image tools (`blktap image help`)", run: cmdImage},
 		{name: "xenstore", usage: "read|write|ls|list|rm|mkdir|chmod|exists|watch ...", brief: "a xenstore client for either xenstored (`blktap xenstore` alone for help)", run: cmdXenstore},
 		{name: "xenstored", usage: "--socket PATH", brief: "the embedded xenstored on its own", run: cmdXenstored},
 		{name: "__worker", usage: "--name NAME", brief: "a disk's worker process (started by the daemon)", run: cmdWorker, hidden: true},

@@ -41,7 +41,11 @@ type CheckResult struct {
 	TotalClusters      int64    `json:"total_clusters"`     // guest clusters
 	AllocatedClusters  int64    `json:"allocated_clusters"` // guest clusters with data in this layer
 	CompressedClusters int64    `json:"compressed_clusters"`
-	ImageEndOffset     int64    `json:"image_end_offset"`
+	// FragmentedClusters counts, as qemu-img check does, allocated
+	// clusters that do not follow the previous one in the file; every
+	// compressed cluster counts as fragmented.
+	FragmentedClusters int64 `json:"fragmented_clusters"`
+	ImageEndOffset     int64 `json:"image_end_offset"`
 }
 
 // Clean reports whether nothing is wrong (after any repair).
@@ -147,7 +151,6 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 				refs[c]++
 			}
 		}
-		res.ImageEndOffset = max(res.ImageEndOffset, ((off+ln-1)>>img.cbits+1)<<img.cbits)
 		return true
 	}
 	type flagged struct {
@@ -156,6 +159,10 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 		target int64 // cluster index the entry points to
 	}
 	var copied []flagged
+	// nextHost is where the next guest cluster would lie were the active
+	// layer unfragmented: 0 until the first allocated cluster of an L2
+	// table.
+	var nextHost int64
 
 	walk := func(l1 []uint64, l1off int64, active bool) error {
 		raw := make([]byte, img.cs)
@@ -177,6 +184,8 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 			if err := hostfile.ReadFull(img.f, raw, off); err != nil {
 				return fmt.Errorf("qcow2: check: read L2 table at %#x: %w", off, err)
 			}
+			// qemu-img check counts fragments within each L2 table.
+			nextHost = 0
 			for j := int64(0); j < img.cs/8; j++ {
 				le := binary.BigEndian.Uint64(raw[j*8:])
 				if le == 0 {
@@ -193,6 +202,7 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 					if active {
 						res.AllocatedClusters++
 						res.CompressedClusters++
+						res.FragmentedClusters++
 					}
 					continue
 				}
@@ -215,8 +225,14 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 					continue
 				}
 				if active {
-					if k == kNormal {
+					// A zero cluster that keeps its host cluster counts as
+					// allocated, as in qemu-img check.
+					if k == kNormal || k == kZero {
 						res.AllocatedClusters++
+						if nextHost != 0 && hoff != nextHost {
+							res.FragmentedClusters++
+						}
+						nextHost = hoff + img.cs
 					}
 					copied = append(copied, flagged{off + j*8, le, hoff >> img.cbits})
 				}
@@ -271,65 +287,112 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 		m.usedRefs = refs
 		defer func() { m.usedRefs = nil }()
 	}
-	// Past the end of the file only ranges with a block of their own can
-	// hold refcounts; a block shared by several table entries (already a
-	// corruption) is scanned once, so the work stays bounded by the file.
-	limit := max(n, int64(len(m.refTable))<<img.rbBits)
-	scanned := map[int64]bool{}
-	for c := int64(0); c < limit; c++ {
-		r := c >> img.rbBits
-		if badRange[r] {
-			c = (r+1)<<img.rbBits - 1
-			continue
-		}
-		if c >= n && c&(1<<img.rbBits-1) == 0 || c == n {
-			b, off, _ := img.refblockLocked(r)
-			if b == nil || scanned[off] {
+	// compare sets each stored refcount against the references counted
+	// above, fixing what mode allows. As qemu-img check does, a first
+	// pass fixes nothing: a referenced cluster with refcount 0 needs the
+	// refcount structures rebuilt, which leaks-only repair must refuse
+	// before it changes anything.
+	compare := func(mode RepairMode, quiet bool) (rebuild bool, highest int64, err error) {
+		highest = -1
+		// Past the end of the file only ranges with a block of their own
+		// can hold refcounts; a block shared by several table entries
+		// (already a corruption) is scanned once, so the work stays
+		// bounded by the file.
+		limit := max(n, int64(len(m.refTable))<<img.rbBits)
+		scanned := map[int64]bool{}
+		for c := int64(0); c < limit; c++ {
+			r := c >> img.rbBits
+			if badRange[r] {
 				c = (r+1)<<img.rbBits - 1
 				continue
 			}
-			scanned[off] = true
+			if c >= n && c&(1<<img.rbBits-1) == 0 || c == n {
+				b, off, _ := img.refblockLocked(r)
+				if b == nil || scanned[off] {
+					c = (r+1)<<img.rbBits - 1
+					continue
+				}
+				scanned[off] = true
+			}
+			stored, err := img.refcountLocked(c)
+			if err != nil {
+				return false, 0, err
+			}
+			var want uint64
+			if c < n {
+				want = uint64(refs[c])
+			}
+			if stored > 0 || want > 0 {
+				highest = c
+			}
+			if stored == want {
+				continue
+			}
+			if stored == 0 {
+				rebuild = true
+			}
+			if quiet {
+				continue
+			}
+			if stored > want {
+				report(false, "%d refcount=%d reference=%d", c, stored, want)
+				if mode != RepairNone {
+					if err := img.setRefcountLocked(c, want); err != nil {
+						return false, 0, err
+					}
+					res.LeaksFixed++
+				}
+				continue
+			}
+			report(true, "cluster %d refcount=%d reference=%d", c, stored, want)
+			if mode == RepairAll {
+				if err := img.setRefcountLocked(c, want); err != nil {
+					return false, 0, err
+				}
+				res.CorruptionsFixed++
+			}
 		}
-		stored, err := img.refcountLocked(c)
+		return rebuild, highest, nil
+	}
+	rebuild, _, err := compare(RepairNone, true)
+	if err != nil {
+		return nil, err
+	}
+	if rebuild && mode == RepairLeaks {
+		return nil, corrupt(-1, "refcount", "a cluster in use has refcount 0, so the refcount structures need rebuilding, which only -r all does")
+	}
+	_, highest, err := compare(mode, false)
+	if err != nil {
+		return nil, err
+	}
+	if res.LeaksFixed+res.CorruptionsFixed > 0 {
+		// Report the end of the repaired image, as qemu's second look
+		// after a repair does: freed leaks no longer count.
+		if _, highest, err = compare(RepairNone, true); err != nil {
+			return nil, err
+		}
+	}
+	// qemu's image end: past the last cluster that is referenced or
+	// counted, leaked ones included.
+	res.ImageEndOffset = (highest + 1) << img.cbits
+
+	for _, fl := range copied {
+		if fl.target >= n || badRange[fl.target>>img.rbBits] {
+			continue
+		}
+		// Against the stored refcount (after any repair above), as qemu
+		// checks it: a wrong refcount of a cluster in use is then also a
+		// wrong copied flag, counted twice as qemu counts it.
+		stored, err := img.refcountLocked(fl.target)
 		if err != nil {
 			return nil, err
 		}
-		var want uint64
-		if c < n {
-			want = uint64(refs[c])
-		}
-		if stored == want {
-			continue
-		}
-		if stored > want {
-			report(false, "%d refcount=%d reference=%d", c, stored, want)
-			if mode != RepairNone {
-				if err := img.setRefcountLocked(c, want); err != nil {
-					return nil, err
-				}
-				res.LeaksFixed++
-			}
-			continue
-		}
-		report(true, "cluster %d refcount=%d reference=%d", c, stored, want)
-		if mode == RepairAll {
-			if err := img.setRefcountLocked(c, want); err != nil {
-				return nil, err
-			}
-			res.CorruptionsFixed++
-		}
-	}
-
-	for _, fl := range copied {
-		if fl.target >= n {
-			continue
-		}
 		has := fl.entry&entryCopied != 0
-		should := refs[fl.target] == 1
+		should := stored == 1
 		if has == should {
 			continue
 		}
-		report(true, "OFLAG_COPIED: entry %#x at %#x, refcount of cluster %d is %d", fl.entry, fl.at, fl.target, refs[fl.target])
+		report(true, "OFLAG_COPIED: entry %#x at %#x, refcount of cluster %d is %d", fl.entry, fl.at, fl.target, stored)
 		if mode == RepairAll && !img.ro {
 			e := fl.entry ^ entryCopied
 			var b [8]byte

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -43,6 +44,10 @@ func TestCrashConsistency(t *testing.T) {
 		// Every cluster shared with an internal snapshot: copy-on-write
 		// of L2 tables and data, refcounts 2 -> 1.
 		{"snapshot", CreateOptions{Size: size, ClusterSize: 4096}, 24},
+		// Compressed clusters packed several to a host cluster, some
+		// then overwritten: shared refcounts rise and fall.
+		{"compressed", CreateOptions{Size: size, ClusterSize: 4096}, 24},
+		{"compressed-zstd", CreateOptions{Size: size, ClusterSize: 4096, CompressionType: "zstd"}, 24},
 	}
 	for _, c := range configs {
 		for seed := uint64(1); seed <= 8; seed++ {
@@ -128,6 +133,16 @@ func crashOnce(t *testing.T, dir string, o CreateOptions, name string, seed uint
 			}
 			for s := range cur {
 				allowed[s].reset(cur[s])
+			}
+		case r <= 6 && strings.HasPrefix(name, "compressed"):
+			c0 := s0 / 8 * 8
+			id = id%200 + 1
+			if err := img.WriteCompressed(bytes.Repeat([]byte{id}, 4096), int64(c0)*512); err != nil {
+				t.Fatal(err)
+			}
+			for s := c0; s < c0+8; s++ {
+				cur[s] = id
+				allowed[s].add(id)
 			}
 		default:
 			id = id%200 + 1

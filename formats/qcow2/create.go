@@ -19,6 +19,9 @@ type CreateOptions struct {
 	Compat        string // "1.1" (version 3, default) or "0.10" (version 2)
 	RefcountBits  int    // 1, 2, 4, 8, 16, 32 or 64; 0 means 16 (version 2: only 16)
 	LazyRefcounts bool   // version 3 only
+	// CompressionType of compressed clusters: "" or "zlib" (deflate), or
+	// "zstd" (version 3 only, as qemu 5.1 and later write it).
+	CompressionType string
 }
 
 // Create makes a new, empty qcow2 image at path. It never overwrites an
@@ -95,6 +98,17 @@ func layout(o CreateOptions) (*header, metaLayout, error) {
 			return bad("lazy refcounts need compat 1.1")
 		}
 		h.compatible |= compatLazyRefcounts
+	}
+	switch o.CompressionType {
+	case "", "zlib":
+	case "zstd":
+		if h.version == 2 {
+			return bad("compression_type zstd needs compat 1.1")
+		}
+		h.incompatible |= incCompression
+		h.compressionType = compressionZstd
+	default:
+		return bad("compression_type %q (want zlib or zstd)", o.CompressionType)
 	}
 	if o.BackingFormat != "" && o.Backing == "" {
 		return bad("a backing format without a backing file")

@@ -99,7 +99,7 @@ var badImages = []badImage{
 	{"external-data-file", func(b []byte) []byte { be64(b, 72, incExternalData); return b }, "open", image.ErrUnsupported},
 	{"extended-l2", func(b []byte) []byte { be64(b, 72, incExtendedL2); return b }, "open", image.ErrUnsupported},
 	{"incompatible-bit-40", func(b []byte) []byte { be64(b, 72, 1<<40); return b }, "open", image.ErrUnsupported},
-	{"compression-zstd", func(b []byte) []byte { be64(b, 72, incCompression); b[104] = 1; return b }, "open", image.ErrUnsupported},
+	{"compression-type-2", func(b []byte) []byte { be64(b, 72, incCompression); b[104] = 2; return b }, "open", image.ErrUnsupported},
 	{"extension-overruns-cluster", func(b []byte) []byte { be32(b, 112, 0x12345678); be32(b, 116, 5000); return b }, "open", image.ErrCorrupt},
 	{"backing-name-too-long", func(b []byte) []byte { b = withBacking(b, "x"); be32(b, 16, 3000); return b }, "open", image.ErrCorrupt},
 	{"backing-etc-shadow", func(b []byte) []byte { return withBacking(b, "/etc/shadow") }, "open", errConfined},

@@ -333,9 +333,7 @@ func (h *header) checkFeatures(readOnly bool) error {
 		}
 	}
 	switch h.compressionType {
-	case 0:
-	case 1:
-		return unsupported(104, "compression_type", "compression_type zstd is not supported")
+	case compressionZlib, compressionZstd:
 	default:
 		return unsupported(104, "compression_type", "compression_type %d is not supported", h.compressionType)
 	}

@@ -1,13 +1,10 @@
 package qcow2
 
 import (
-	"bytes"
-	"compress/flate"
 	"container/list"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"sync"
@@ -61,6 +58,7 @@ type Image struct {
 	size     int64
 	backing  image.Image
 	bsize    int64 // backing virtual size
+	codec    codec // of compressed clusters, by the header's compression_type
 	snaps    []Snapshot
 	snapLen  int64
 	fileEnd  atomic.Int64 // bytes of the file ever written (grows only)
@@ -111,6 +109,9 @@ type Image struct {
 		usedRefs    []uint32                // during a repair: true reference counts
 		pendingFree []int64                 // host clusters to decref at the next exclusive hold
 		broken      error                   // set by markCorruptLocked: every later write fails with it
+		// zc is the host cluster compressed clusters are packed into
+		// (0: none), zused the bytes of it already given out.
+		zc, zused int64
 	}
 }
 
@@ -171,6 +172,9 @@ func openStorage(f storage, path string, opts Options) (*Image, error) {
 	}
 	if img.log == nil {
 		img.log = slog.Default()
+	}
+	if img.codec, err = codecFor(h.compressionType); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, unsupported(104, "compression_type", "%v", err))
 	}
 	img.fileEnd.Store(fsize)
 	img.openSize = fsize
@@ -324,7 +328,7 @@ func (img *Image) Info() Info {
 	in := Info{
 		Format: "qcow2", VirtualSize: img.size, ClusterSize: img.cs, Version: int(h.version),
 		Compat: "0.10", BackingFile: h.backingName, BackingFormat: h.backingFormat,
-		RefcountBits: 1 << h.refcountOrder, CompressionType: "zlib",
+		RefcountBits: 1 << h.refcountOrder, CompressionType: img.codec.name(),
 		LazyRefcounts: h.compatible&compatLazyRefcounts != 0,
 		Corrupt:       h.incompatible&incCorrupt != 0,
 		Incompatible:  h.incompatible, Compatible: h.compatible, Autoclear: h.autoclear,
@@ -454,10 +458,8 @@ func (img *Image) readCompressed(e uint64, dst []byte) error {
 	if err := hostfile.ReadFull(img.f, buf, off); err != nil {
 		return fmt.Errorf("qcow2: read compressed cluster at %#x: %w", off, err)
 	}
-	zr := flate.NewReader(bytes.NewReader(buf))
-	defer zr.Close()
-	if _, err := io.ReadFull(zr, dst); err != nil {
-		return corrupt(off, "compressed_cluster", "compressed cluster at %#x does not inflate to %d bytes: %v", off, len(dst), err)
+	if err := img.codec.decompress(dst, buf); err != nil {
+		return corrupt(off, "compressed_cluster", "compressed cluster at %#x does not %s-decompress to %d bytes: %v", off, img.codec.name(), len(dst), err)
 	}
 	return nil
 }

@@ -196,7 +196,7 @@ func TestReadCompressed(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, cs := range []int64{512, 4096, 65536, 2 << 20} {
-		for _, compat := range []string{"0.10", "1.1"} {
+		for _, compat := range []string{"0.10", "1.1", "1.1,compression_type=zstd"} {
 			p := filepath.Join(dir, fmt.Sprintf("c%d-%s.qcow2", cs, compat))
 			run(t, "qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o",
 				fmt.Sprintf("cluster_size=%d,compat=%s", cs, compat), rp, p)
@@ -233,11 +233,11 @@ func TestReadCompressed(t *testing.T) {
 	sameBytes(t, "after writes over compressed clusters", qemuRaw(t, p), want)
 }
 
-// zstd compression is refused by name at open.
-func TestRefuseZstdAndFriends(t *testing.T) {
+// Extended L2 entries, external data files and encryption are refused by
+// name at open.
+func TestRefuseExtendedL2AndFriends(t *testing.T) {
 	dir := t.TempDir()
 	cases := []struct{ opts, want string }{
-		{"compression_type=zstd", "compression_type zstd"},
 		{"extended_l2=on,cluster_size=65536", "extended L2"},
 		{"data_file=" + filepath.Join(dir, "ext.data"), "external data file"},
 		{"encrypt.format=aes,encrypt.key-secret=sec0", "encryption"},

@@ -538,16 +538,25 @@ func (img *Image) writeClusterZ(vc, in int64, p, z []byte) error {
 		}
 		ch := make(chan struct{})
 		m.inflight[vc] = ch
-		pc, err := img.takePoolLocked()
-		if err == nil {
-			// The pool was checked when it was filled; metadata placed
-			// since then (from the pool too) must not share a cluster.
-			err = img.refuseOverlapLocked(pc.idx<<img.cbits, img.cs, 0, "data_write")
+		var pc poolCluster
+		var zoff int64
+		if z != nil {
+			zoff, err = img.reserveCompressedLocked(int64(len(z)))
+			if err == nil {
+				err = img.refuseOverlapLocked(zoff, int64(len(z)), 0, "data_write")
+			}
+		} else {
+			pc, err = img.takePoolLocked()
+			if err == nil {
+				// The pool was checked when it was filled; metadata placed
+				// since then (from the pool too) must not share a cluster.
+				err = img.refuseOverlapLocked(pc.idx<<img.cbits, img.cs, 0, "data_write")
+			}
 		}
 		m.Unlock()
 		if err == nil {
 			if z != nil {
-				err = img.allocWriteCompressed(vc, z, e, pc)
+				err = img.allocWriteCompressed(vc, z, e, zoff)
 			} else {
 				err = img.allocWrite(vc, in, p, e, k, host, pc)
 			}
@@ -675,6 +684,10 @@ func (img *Image) applyFreesLocked() error {
 			}
 			if rc, _ := img.refcountLocked(c); rc == 0 {
 				img.f.Punch(c<<img.cbits, img.cs)
+				if c == m.zc {
+					// Free again: no more packing into it.
+					m.zc, m.zused = 0, 0
+				}
 			}
 		}
 		m.pendingFree = nil
