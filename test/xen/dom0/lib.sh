@@ -124,6 +124,9 @@ wait_key() { # PATH VALUE SECONDS
     sleep 0.2
   done
 }
+lap() { # NAME: append "NAME=seconds since the last lap" to $LAPS (set LAP0=$(up) first)
+  local t; t=$(up); LAPS="$LAPS $1=$(awk -v a="$LAP0" -v b="$t" 'BEGIN {printf "%.1f", b-a}')"; LAP0=$t
+}
 wait_blk() { # DEV SECONDS: a block device node appears
   local t0; t0=$(up)
   until [ -b "$1" ]; do

@@ -175,37 +175,44 @@ sc_blktap_attach() { # `blktap attach N` writes backend/vbd3 itself; the real gu
 }
 
 sc_dom0_attach() { # dom0's own xen-blkfront reads and writes a qcow2 disk through its ring; the export stays
-  local be=/local/domain/0/backend/vbd/0/51760 fe=/local/domain/0/device/vbd/51760 pdp want got out t0; t0=$(up)
+  local be=/local/domain/0/backend/vbd/0/51760 fe=/local/domain/0/device/vbd/51760 pdp want got out
+  LAPS="" LAP0=$(up)
   timeout 90 xl block-attach 0 "$DISK, vdev=xvdd, target=qcow2:/images/d0.qcow2" || fail "xl block-attach 0 failed or hung"
+  lap block-attach
   wait_key $be/state 4 60
   wait_key $fe/state 4 30   # written by dom0's blkfront, never by us
   wait_blk /dev/xvdd 30
+  lap connected
   # a script-driven vbd's physical-device-path goes to QEMU's file= as is: the URI
   pdp=$(xsr $be/physical-device-path); [ -S "${pdp#nbd+unix:///?socket=}" ] && [ "$pdp" != "${pdp#nbd+unix:///?socket=}" ] ||
     fail "physical-device-path '$pdp' is not nbd+unix:///?socket=<a socket>"
   head -c $((4 * MB)) /dev/urandom >/tmp/d0.pat; want=$(md5sum </tmp/d0.pat | cut -d' ' -f1)
   dd if=/tmp/d0.pat of=/dev/xvdd bs=1M oflag=direct conv=fsync 2>/dev/null || fail "write /dev/xvdd"
+  lap write-4M
   got=$(dd if=/dev/xvdd bs=1M count=4 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
   [ "$got" = "$want" ] || fail "DATA MISMATCH: /dev/xvdd read $got, wrote $want"
-  say "INFO /dev/xvdd in dom0: attached, 4 MiB written and read back O_DIRECT in $(awk -v a="$t0" -v b="$(up)" 'BEGIN {print b-a}') s"
+  lap read-4M
   # the NBD export at physical-device-path serves the same bytes
   qemu-img convert -f raw -O raw "$pdp" /tmp/d0-nbd.raw || fail "qemu-img read of the export"
   got=$(head -c $((4 * MB)) /tmp/d0-nbd.raw | md5sum | cut -d' ' -f1); rm -f /tmp/d0-nbd.raw
   [ "$got" = "$want" ] || fail "DATA MISMATCH: the export read $got, /dev/xvdd wrote $want"
+  lap export-read
   # a file system: mkfs, mount, write, unmount, detach; the image holds the file
   modprobe ext4 || fail "modprobe ext4"
   mke2fs -q /dev/xvdd >/dev/null || fail "mke2fs /dev/xvdd"
   mkdir -p /mnt/d0; mount -t ext2 /dev/xvdd /mnt/d0 || fail "mount /dev/xvdd"
   cp /tmp/d0.pat /mnt/d0/pat && umount /mnt/d0 || fail "write a file on /dev/xvdd"
-  timeout 90 xl block-detach 0 xvdd || fail "xl block-detach 0 failed or hung"
+  lap mkfs-mount-umount
+  timeout 90 xl block-detach 0 xvdd || fail "xl block-detach 0 failed or hung (steps: $LAPS)"
   wait_gone $be 30
+  lap block-detach
   [ ! -e /dev/xvdd ] || fail "/dev/xvdd still there after detach"
   qemu-img check -q /images/d0.qcow2 || fail "qemu-img check d0.qcow2 after detach"
   qemu-img convert -f qcow2 -O raw /images/d0.qcow2 /tmp/d0-img.raw || fail "qemu-img convert d0.qcow2"
   mount -o loop,ro -t ext2 /tmp/d0-img.raw /mnt/d0 || fail "loop mount of the image"
   got=$(md5sum </mnt/d0/pat | cut -d' ' -f1); umount /mnt/d0; rm -f /tmp/d0-img.raw
   [ "$got" = "$want" ] || fail "DATA MISMATCH: the file in the image reads $got, wrote $want"
-  say "INFO mkfs, mount, a 4 MiB file, umount, detach: the file is in d0.qcow2 ($(awk -v a="$t0" -v b="$(up)" 'BEGIN {print b-a}') s in all)"
+  say "INFO /dev/xvdd in dom0, seconds per step:$LAPS; the file is in d0.qcow2"
   # `blktap attach 0` on Xen: dom0's /dev/VDEV, then the export's URI last
   out=$(timeout 120 blktap attach 0 raw:/images/d0.raw xvde w 2>&1) || fail "blktap attach 0: $(echo "$out" | tail -n 1)"
   [ "$(echo "$out" | tail -n 2 | head -n 1)" = /dev/xvde ] || fail "blktap attach 0 printed '$out', want /dev/xvde then the URI"
