@@ -42,3 +42,23 @@ func TestHotplugAddWithoutDaemon(t *testing.T) {
 		t.Logf("listening=%v: %v after %v", listening, err, took.Round(time.Millisecond))
 	}
 }
+
+// The wait counts from the process's start: a process that started long
+// ago (this test's) gets the minimum, and the age read is plausible.
+func TestDaemonAnswerWithin(t *testing.T) {
+	age := sinceProcessStart()
+	if age <= 0 || age > time.Hour {
+		t.Fatalf("this process started %v ago?", age)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if later := sinceProcessStart(); later <= age {
+		t.Errorf("the age did not grow: %v then %v", age, later)
+	}
+	want := daemonAnswerBy - age
+	if want < time.Second {
+		want = time.Second
+	}
+	if got := daemonAnswerWithin(); got > want || got < want-time.Second {
+		t.Errorf("daemonAnswerWithin %v, want about %v (process age %v)", got, want, age)
+	}
+}
