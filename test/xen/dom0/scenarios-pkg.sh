@@ -233,9 +233,12 @@ pkg_run() {
   pkg_enabled || return 0
   xt_run pkg-install 60 sc_pkg_install
   xt_run pkg-hotplug-nodaemon 120 sc_pkg_hotplug_nodaemon
-  xt_run pkg-restart-io 600 sc_pkg_restart_io
-  xt_run pkg-upgrade 700 sc_pkg_upgrade
-  xt_run pkg-remove 700 sc_pkg_remove
+  # Under TCG with the host shared, one systemctl restart took 104 s (the
+  # new daemon's READY waits up to 60 s for convergence) and 24 rounds of
+  # guest I/O 300 s: 600 s was not enough.
+  xt_run pkg-restart-io 1200 sc_pkg_restart_io
+  xt_run pkg-upgrade 1500 sc_pkg_upgrade
+  xt_run pkg-remove 1500 sc_pkg_remove
   domid $PKG_GUEST >/dev/null && timeout 60 xl destroy $PKG_GUEST >/dev/null 2>&1   # left by a failure
   true
 }
