@@ -11,54 +11,48 @@ import (
 	"github.com/blktap-go/blktap/reconciler"
 )
 
-// hotplug add with no daemon to answer fails fast and names the socket,
-// both when nothing listens and when something listens but never answers
-// (a daemon stopped with SIGSTOP): libxl would otherwise wait its own,
-// much longer, timeout. The budget is the script's 5 s (blktap(8)) less the
-// time a process takes to start.
+// hotplug add with no daemon fails at once and names the socket, whether
+// there is no socket or a stale one nobody listens on; a daemon that
+// accepts but answers late (stopped by SIGSTOP, or busy) gets the add's
+// timeout, and its failure names the socket too.
 func TestHotplugAddWithoutDaemon(t *testing.T) {
-	for _, listening := range []bool{false, true} {
-		state := t.TempDir()
-		sock := filepath.Join(state, reconciler.APISocket)
-		if listening {
+	for _, c := range []struct {
+		name     string
+		setup    func(t *testing.T, sock string)
+		max, min time.Duration
+	}{
+		{"no socket", func(*testing.T, string) {}, time.Second, 0},
+		{"stale socket", func(t *testing.T, sock string) {
 			l, err := net.Listen("unix", sock)
 			if err != nil {
 				t.Fatal(err)
 			}
-			defer l.Close() // accepted by the kernel's backlog, never answered
-		}
+			l.(*net.UnixListener).SetUnlinkOnClose(false)
+			l.Close()
+		}, time.Second, 0},
+		{"never answers", func(t *testing.T, sock string) {
+			l, err := net.Listen("unix", sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { l.Close() }) // accepted by the kernel's backlog, never answered
+		}, 4 * time.Second, 2 * time.Second},
+	} {
+		state := t.TempDir()
+		sock := filepath.Join(state, reconciler.APISocket)
+		c.setup(t, sock)
 		t0 := time.Now()
-		err := hotplugAdd(context.Background(), state, "", "/local/domain/0/backend/vbd/7/51712", 30*time.Second)
+		err := hotplugAdd(context.Background(), state, "", "/local/domain/0/backend/vbd/7/51712", 2*time.Second)
 		took := time.Since(t0)
 		if err == nil {
-			t.Fatalf("listening=%v: hotplug add succeeded with no daemon", listening)
+			t.Fatalf("%s: hotplug add succeeded with no daemon", c.name)
 		}
 		if !strings.Contains(err.Error(), sock) {
-			t.Errorf("listening=%v: the error does not name %s: %v", listening, sock, err)
+			t.Errorf("%s: the error does not name %s: %v", c.name, sock, err)
 		}
-		if took > 4500*time.Millisecond {
-			t.Errorf("listening=%v: failed after %v; the script has 5 s in all", listening, took)
+		if took > c.max || took < c.min {
+			t.Errorf("%s: failed after %v, want between %v and %v", c.name, took, c.min, c.max)
 		}
-		t.Logf("listening=%v: %v after %v", listening, err, took.Round(time.Millisecond))
-	}
-}
-
-// The wait counts from the process's start: a process that started long
-// ago (this test's) gets the minimum, and the age read is plausible.
-func TestDaemonAnswerWithin(t *testing.T) {
-	age := sinceProcessStart()
-	if age <= 0 || age > time.Hour {
-		t.Fatalf("this process started %v ago?", age)
-	}
-	time.Sleep(50 * time.Millisecond)
-	if later := sinceProcessStart(); later <= age {
-		t.Errorf("the age did not grow: %v then %v", age, later)
-	}
-	want := daemonAnswerBy - age
-	if want < time.Second {
-		want = time.Second
-	}
-	if got := daemonAnswerWithin(); got > want || got < want-time.Second {
-		t.Errorf("daemonAnswerWithin %v, want about %v (process age %v)", got, want, age)
+		t.Logf("%s: %v after %v", c.name, err, took.Round(time.Millisecond))
 	}
 }
