@@ -121,12 +121,12 @@ sc_pkg_hotplug_nodaemon() { # the hotplug script exits non-zero within 5 s, nami
   local t0 t1 rc out
   pkg_hotplug_try() { # WHY MAX_SECONDS
     t0=$(up)
-    out=$(XENBUS_PATH=$be timeout 30 /etc/xen/scripts/block-blktap add 2>&1); rc=$?
+    out=$(XENBUS_PATH=$be timeout 60 /etc/xen/scripts/block-blktap add 2>&1); rc=$?
     t1=$(up)
     local s; s=$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b-a}')
     echo "INFO $1: exit $rc after $s s: $out"
     [ $rc != 0 ] || fail "$1: block-blktap add succeeded"
-    [ $rc != 124 ] || fail "$1: block-blktap add still running after 30 s"
+    [ $rc != 124 ] || fail "$1: block-blktap add still running after 60 s"
     echo "$out" | grep -qF "$sock" || fail "$1: the error does not name $sock: $out"
     awk -v s="$s" -v m="$2" 'BEGIN {exit !(s <= m)}' || fail "$1: block-blktap add took $s s, want at most $2"
   }
