@@ -12,6 +12,9 @@
 #   XEN_ROOT     take every program, library and /etc/xen from this unpacked
 #                Debian tree (ldd runs in a chroot of it) instead of the host
 #   XEN_BIN_DIR  the toolstack's directory (default /usr/lib/xen-4.17/bin)
+#   XT_PKG_DIR   a directory with blktap.deb, blktap-prev.deb and the
+#                systemctl stand-in: dom0 gets dpkg and these instead of
+#                BLKTAP_BINARY (run.sh sets it unless XEN_TEST_PKG=0)
 set -euo pipefail
 out=$1 kroot=$2 kver=$3 blktap=$4
 here=$(cd "$(dirname "$0")" && pwd)
@@ -102,11 +105,24 @@ cp "$moddir/../modules.order" "$moddir/../modules.builtin" "$R/lib/modules/$kver
 depmod -b "$R" "$kver"
 cp "$kroot/boot/vmlinuz-$kver" "$R/boot/vmlinuz"
 cp "$out/guest-initrd.cpio" "$R/boot/guest-initrd.cpio"
-install -m 0755 "$blktap" "$R/usr/sbin/blktap"; ln -s blktap "$R/usr/sbin/tap-ctl"   # docs/TAP-CTL.md
-install -m 0755 "$repo/scripts/xen/block-blktap" "$R/etc/xen/scripts/block-blktap"
+if [ -n "${XT_PKG_DIR:-}" ]; then
+  # The packaged daemon: dom0's init installs XT_PKG_DIR/blktap.deb with
+  # dpkg (and the scenarios the previous version, blktap-prev.deb); the
+  # unit runs under the harness's systemctl stand-in (test/xen/systemctl).
+  copy_with_libs "$R" /usr/bin/dpkg /usr/bin/dpkg-deb /usr/bin/dpkg-query /usr/bin/dpkg-split /usr/bin/tar   # diff: busybox
+  copy_with_libs "$R" "$(if [ -e "$S/usr/sbin/ldconfig" ]; then echo /usr/sbin/ldconfig; else echo /sbin/ldconfig; fi)"
+  mkdir -p "$R/var/lib/dpkg/info" "$R/var/lib/dpkg/updates" "$R/etc/dpkg" "$R/xt/pkg"
+  : >"$R/var/lib/dpkg/status"; : >"$R/var/lib/dpkg/available"
+  cp "$XT_PKG_DIR"/*.deb "$R/xt/pkg/"
+  install -m 0755 "$XT_PKG_DIR/systemctl" "$R/usr/bin/systemctl"
+else
+  install -m 0755 "$blktap" "$R/usr/sbin/blktap"; ln -s blktap "$R/usr/sbin/tap-ctl"   # docs/TAP-CTL.md
+  install -m 0755 "$repo/scripts/xen/block-blktap" "$R/etc/xen/scripts/block-blktap"
+fi
 cp "$here/dom0/init" "$R/init"; chmod +x "$R/init"
 cp "$here/dom0/lib.sh" "$here/dom0/scenarios.sh" "$R/xt/"
 [ ! -f "$here/dom0/scenarios-tap.sh" ] || cp "$here/dom0/scenarios-tap.sh" "$R/xt/"
+[ ! -f "$here/dom0/scenarios-pkg.sh" ] || cp "$here/dom0/scenarios-pkg.sh" "$R/xt/"
 echo "root:x:0:0:root:/root:/bin/sh" >"$R/etc/passwd"; echo "root:x:0:" >"$R/etc/group"
 cpio_of "$R" "$out/dom0-initrd.cpio"
 ls -la "$out"/*.cpio

@@ -19,6 +19,14 @@
 #   BLKTAP_BIN       the (static) blktap binary to put in dom0 (default: built here)
 #   XEN_TEST_HVM     1 (default): per version with a device model (4.17), a
 #                    boot on an SVM CPU model running an HVM guest (hvm)
+#   XEN_TEST_PKG     1 (default): dom0 installs the .deb of `make deb` with
+#                    dpkg and runs the daemon under its unit (the harness's
+#                    systemctl stand-in, test/xen/systemctl: dom0 has no
+#                    systemd); 0: the bare binary, started by lib.sh
+#   XEN_TEST_PREV_COMMIT the commit whose `make deb` is the previous version
+#                    for the upgrade scenario (default 9bc94c0: see
+#                    dom0/scenarios-pkg.sh)
+#   XEN_TEST_WORK    where the images are built (default: XEN_TEST_CACHE)
 #   XEN_TEST_VERSIONS the Xen versions to boot, in order (default "4.17 4.20":
 #                    4.17 from the host's bookworm packages, 4.20 from
 #                    Debian trixie's, see trixie/build.sh)
@@ -45,11 +53,33 @@ kver=$("$here/deps.sh" "$cache" | sed -n 's/^KVER=//p') || die "installing the h
 [ -n "$kver" ] || die "no kernel version"
 kroot=$cache/kernel-$kver
 
-w=$cache/work-4.17; mkdir -p "$w"
+work=${XEN_TEST_WORK:-$cache}
+w=$work/work-4.17; mkdir -p "$w"
 if [ -n "${BLKTAP_BIN:-}" ]; then
   cp "$BLKTAP_BIN" "$w/blktap" || die "no $BLKTAP_BIN"
 else
   (cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$w/blktap" ./cmd/blktap) || die "go build failed"
+fi
+if [ "${XEN_TEST_PKG:-1}" = 1 ]; then
+  # The package of this tree (make deb), the previous version's package
+  # (built once per commit from `git archive`, stamped VERSION~gitCOMMIT so
+  # that dpkg sees the current one as an upgrade), the systemctl stand-in.
+  pkg=$w/pkg; rm -rf "$pkg"; mkdir -p "$pkg"
+  (cd "$repo" && make -s deb >"$out/make-deb.log" 2>&1) || die "make deb failed (see $out/make-deb.log)"
+  cur=$(ls -t "$repo"/dist/blktap_*.deb | head -n 1); cp "$cur" "$pkg/blktap.deb"
+  prev=${XEN_TEST_PREV_COMMIT:-9bc94c0}; prev=$(git -C "$repo" rev-parse --verify "$prev^{commit}") || die "no commit $prev"
+  pdeb=$work/blktap-prev-${prev:0:12}.deb
+  if [ ! -f "$pdeb" ]; then
+    src=$(mktemp -d); git -C "$repo" archive "$prev" | tar -x -C "$src"
+    v=$(sed -n 's/^## \[\([0-9][^]]*\)\].*/\1/p' "$src/CHANGELOG.md" | head -n 1)
+    (cd "$src" && make -s deb VERSION="$v~git${prev:0:7}" COMMIT="$prev" >"$out/make-deb-prev.log" 2>&1) ||
+      { rm -rf "$src"; die "make deb of $prev failed (see $out/make-deb-prev.log)"; }
+    cp "$src"/dist/blktap_*.deb "$pdeb.tmp" && mv "$pdeb.tmp" "$pdeb"; rm -rf "$src"
+  fi
+  cp "$pdeb" "$pkg/blktap-prev.deb"
+  (cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$pkg/systemctl" ./test/xen/systemctl) || die "go build of the systemctl stand-in failed"
+  echo "xen-test: dom0 installs $(basename "$cur") with dpkg (previous version: $(dpkg-deb -f "$pdeb" Version)); the unit runs under the harness's systemctl stand-in, not systemd" >&2
+  export XT_PKG_DIR=$pkg
 fi
 "$here/build-initrds.sh" "$w" "$kroot" "$kver" "$w/blktap" >"$out/build-4.17.log" 2>&1 ||
   { tail -n 20 "$out/build-4.17.log" >&2; die "building the initramfs images failed (see $out/build-4.17.log)"; }
@@ -59,7 +89,7 @@ declare -A XEN=([4.17]=$w/xen.elf) KERNEL=([4.17]=$kroot/boot/vmlinuz-$kver) INI
 # Xen 4.20: trixie's hypervisor, kernel and toolstack, unpacked in the cache
 # (never installed on the host); the same dom0 and guest images around them.
 if [[ " $versions " == *" 4.20 "* ]]; then
-  w20=$cache/work-4.20; mkdir -p "$w20"; cp "$w/blktap" "$w20/blktap"
+  w20=$work/work-4.20; mkdir -p "$w20"; cp "$w/blktap" "$w20/blktap"
   line=$("$here/trixie/build.sh" "$cache" "$w20" "$w20/blktap" 2>"$out/build-4.20.log" | tail -n 1)
   [[ $line == XEN=* ]] || { tail -n 20 "$out/build-4.20.log" >&2; die "building the Xen 4.20 images failed (see $out/build-4.20.log)"; }
   for kv in $line; do
@@ -134,6 +164,8 @@ one_boot() {
     boot "$log" "$2" "$3" "$4"
   fi
   verdict "${name#xen-}" "$log" >"$out/verdict-$name.txt"
+  # the package's install/upgrade/removal transcripts, for quoting
+  grep -a -o 'XT-INFO \(pkg-[a-z-]*: \)\?pkg: .*' "$log" | sed 's/\r$//' >"$out/pkg-transcript-$name.txt" || rm -f "$out/pkg-transcript-$name.txt"
   cat "$out/verdict-$name.txt"
   echo "$name wall time: $(sed -n 's/.*elapsed=//p' "$log")" >&2
 }

@@ -103,6 +103,10 @@ xt_done() {
 # ---- the daemon -------------------------------------------------------------
 BLKTAP_ARGS=${BLKTAP_ARGS:-"--state-dir /run/blktap --xenstore /run/xenstored/socket --image-dir /images --serve-vbd"}
 daemon_start() {
+  if [ -f /lib/systemd/system/blktap.service ]; then   # the package, under its unit (scenarios-pkg.sh)
+    systemctl start blktap.service || fail "systemctl start blktap.service: $(tail -n 3 /var/log/blktap.log)"
+    return
+  fi
   # setsid: a scenario's timeout kills its process group, never the daemon
   setsid blktap run $BLKTAP_ARGS >>/var/log/blktap.log 2>&1 </dev/null &
   local t0; t0=$(up)

@@ -381,20 +381,22 @@ sc_hvm() {
 hvm_plan() { [[ "+$XT_ONLY+" == *+hvm+* ]] && echo hvm; }
 
 . /xt/scenarios-tap.sh   # Xen >= 4.19: backendtype=tap (tap_plan, tap_run)
+[ ! -f /xt/scenarios-pkg.sh ] || . /xt/scenarios-pkg.sh   # the packaged daemon (pkg_plan, pkg_run)
 
 [ "${1:-}" = --functions ] && return 0
 
 # ---- this boot --------------------------------------------------------------
 xt_plan images boot-g1 attach-qcow2 attach-qcow attach-vhd attach-vhd-diff attach-vmdk attach-ram \
   attach-qcow2-overlay kill-worker restart-daemon hotplug-error blktap-attach dom0-attach cdrom \
-  $(tap_plan) boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1 $(hvm_plan)
+  $(tap_plan) boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1 $(hvm_plan) \
+  $(type pkg_plan >/dev/null 2>&1 && pkg_plan)
 daemon_start
 xt_info "daemon: $(blktap --version 2>/dev/null || echo unknown version)"
 # After a failure, take away whatever the scenario left attached, so the
 # next one starts from the same guests.
 xt_cleanup() {
   local g id
-  for g in g1 g2; do
+  for g in g1 g2 gp; do
     domid $g >/dev/null || continue
     for id in $(xl block-list $g 2>/dev/null | awk 'NR > 1 && $1 != 51712 {print $1}'); do
       timeout 60 xl block-detach $g $id >/dev/null 2>&1
@@ -429,3 +431,4 @@ xt_run hostile-frontend 180 sc_hostile
 xt_run destroy-g2 120 sc_destroy_g2
 xt_run shutdown-g1 180 sc_shutdown_g1
 [ -z "$(hvm_plan)" ] || xt_run hvm 240 sc_hvm
+type pkg_run >/dev/null 2>&1 && pkg_run
