@@ -1011,18 +1011,19 @@ func (d *Daemon) publishDevicePath(ctx context.Context, k Key, be string, ln net
 }
 
 // devicePath is physical-device-path for an export's unix socket (none
-// for a TCP export). libxl wraps a tap (vbd3) disk's value as
-// nbd+unix:///?socket=VALUE itself, as tapdisk3 expects; a script-driven
-// vbd disk's value goes to QEMU's file= unchanged, so it is the URI.
+// for a TCP export). A script-driven vbd disk's value goes to QEMU's
+// file= unchanged, so it is the URI; libxl wraps a tap (vbd3) disk's value
+// as nbd+unix:///?socket=VALUE itself, as tapdisk3 expects, and the 2006
+// backend/tap has no reader but tools that take the socket the same way.
 // libxl escapes nothing there: a comma would split QEMU's -drive option.
 func devicePath(kind, sock string) string {
 	switch {
 	case sock == "" || strings.Contains(sock, ","):
 		return ""
-	case kind == KindVBD3:
-		return sock
+	case kind == KindVBD:
+		return "nbd+unix:///?socket=" + sock
 	}
-	return "nbd+unix:///?socket=" + sock
+	return sock
 }
 
 // exportSocket is the export's unix socket path, or "" for none or a TCP

@@ -541,6 +541,7 @@ func TestPhysicalDevicePathUnixOnly(t *testing.T) {
 func TestDevicePathPerBackendKind(t *testing.T) {
 	for _, tc := range []struct{ kind, sock, want string }{
 		{KindVBD3, "/run/blktap/d1-xvda.sock", "/run/blktap/d1-xvda.sock"},
+		{KindTap, "/run/blktap/d1-xvda.sock", "/run/blktap/d1-xvda.sock"},
 		{KindVBD, "/run/blktap/d1-xvda.sock", "nbd+unix:///?socket=/run/blktap/d1-xvda.sock"},
 		{KindVBD, "", ""},
 		{KindVBD, "/run/blk,tap/x.sock", ""}, // would split QEMU's -drive
