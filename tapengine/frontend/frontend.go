@@ -334,6 +334,22 @@ func (f *Frontend) Size() int64 {
 	return f.size
 }
 
+// Done is closed once the frontend stops, whether its owner closed it or
+// it gave up on a backend that broke the ring: the owner learns of the
+// latter only here, as nothing else calls it back.
+func (f *Frontend) Done() <-chan struct{} { return f.closedCh }
+
+// Err is why the frontend stopped (wrapping ErrClosed, and ring.ErrHostile
+// when the backend broke the ring), or nil while it runs.
+func (f *Frontend) Err() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.closed {
+		return nil
+	}
+	return f.closeErr
+}
+
 // Close fails every call in flight and every later call with ErrClosed,
 // and releases the shared memory.
 func (f *Frontend) Close() error { return f.CloseWithError(nil) }
