@@ -66,6 +66,8 @@ func (m *Model) apply(act Action) {
 		if o.FrontendPresent {
 			o.Frontend = StateClosed
 		}
+	case ActFrontendRestart:
+		o.Frontend = StateInitialising
 	case ActDisconnectRing:
 		a.Ring, a.RingError = false, ""
 		if o.Present {

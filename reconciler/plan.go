@@ -77,6 +77,7 @@ const (
 	ActDisconnectRing                        // the worker drains and unmaps the ring; backend -> Closed
 	ActStopWorker                            // drain, flush, close the image, stop the worker
 	ActFrontendFatal                         // the frontend's keys are unusable: error written, backend -> Closing
+	ActFrontendRestart                       // the local frontend, Closed, goes back to Initialising to reconnect
 )
 
 var actionNames = map[ActionKind]string{
@@ -86,6 +87,7 @@ var actionNames = map[ActionKind]string{
 	ActFrontendConnect: "frontend-connect", ActBackendClosing: "backend-closing",
 	ActFrontendClose: "frontend-close", ActDisconnectRing: "disconnect-ring",
 	ActStopWorker: "stop-worker", ActFrontendFatal: "frontend-fatal",
+	ActFrontendRestart: "frontend-restart",
 }
 
 func (k ActionKind) String() string { return actionNames[k] }
@@ -159,6 +161,13 @@ func Plan(o Observed, a Actual) []Action {
 			// No toolstack will remove a disk the daemon declared: the
 			// guest is gone, so is the reason to keep the image open.
 			add(ActStopWorker, "frontend is gone and nobody else will remove the device")
+		}
+		if o.LocalFrontend && o.Online && o.Backend == StateClosed && o.Frontend == StateClosed &&
+			!a.Ring && !a.LF && !a.LFConnected && a.RingError == "" && a.Failed == "" {
+			// Nobody but the daemon plays this guest's blkfront, so the
+			// daemon does what one does after Closed while the disk is
+			// still wanted: starts over, and the handshake reconnects.
+			add(ActFrontendRestart, "the local frontend is Closed but the disk is online")
 		}
 		return acts
 	}
