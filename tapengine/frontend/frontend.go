@@ -173,6 +173,7 @@ type Frontend struct {
 	front      *ring.Front
 	connected  bool
 	closed     bool
+	released   bool // Close ran: memory and descriptors go or went
 	closeErr   error
 	closedCh   chan struct{}
 	held       bool // requests pushed but not yet published (see Publish)
@@ -358,10 +359,13 @@ func (f *Frontend) Close() error { return f.CloseWithError(nil) }
 // with an error wrapping both ErrClosed and cause.
 func (f *Frontend) CloseWithError(cause error) error {
 	f.mu.Lock()
-	if f.closed {
+	if f.released {
 		f.mu.Unlock()
 		return nil
 	}
+	// A frontend that gave up on its own is closed to calls already, but
+	// its memory and descriptors are still to release.
+	f.released = true
 	f.failLocked(cause)
 	f.mu.Unlock()
 	// Wake the reaper; it sees the close, fails the started requests

@@ -95,6 +95,13 @@ func TestHostileBackend(t *testing.T) {
 			if err := f.Err(); !errors.Is(err, ring.ErrHostile) {
 				t.Errorf("Err: %v, want ErrHostile", err)
 			}
+			// Giving up stops the calls; Close still releases the rest.
+			if err := f.Close(); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+			if _, err := unix.FcntlInt(uintptr(memfd), unix.F_GETFD, 0); !errors.Is(err, unix.EBADF) {
+				t.Errorf("grant memory fd %d still open after Close (%v)", memfd, err)
+			}
 		})
 	}
 }
