@@ -49,7 +49,7 @@ func TestEndToEndFrontendGivesUp(t *testing.T) {
 	fmt.Fprintln(heldIn, "read -P 0x71 0 4k")
 	time.Sleep(500 * time.Millisecond)
 	broke := time.Now()
-	if n, err := ringfault.BreakRings(d.cmd.Process.Pid); err != nil || n != 1 {
+	if n, err := ringfault.BreakRings(d.cmd.Process.Pid, ringfault.Responses); err != nil || n != 1 {
 		t.Fatalf("BreakRings: %d rings, %v", n, err)
 	}
 	var seen lsRow

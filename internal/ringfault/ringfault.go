@@ -24,12 +24,25 @@ const (
 	offTablePages = 16
 )
 
-// BreakRings moves rsp_prod of every local ring in process pid 1000
-// responses past what was asked (a backend answering requests never made)
-// and then signals every eventfd the process holds, so each frontend reads
-// it now instead of at its next request. It returns how many rings it
-// broke. The caller must be allowed to ptrace pid (root, or its parent).
-func BreakRings(pid int) (int, error) {
+// Index is the producer index a break moves.
+type Index int
+
+const (
+	// Responses: rsp_prod runs past the requests, a backend answering
+	// requests never made; the frontend gives up.
+	Responses Index = iota
+	// Requests: req_prod runs a ring ahead, a frontend publishing more
+	// than fits; the backend stops the ring.
+	Requests
+)
+
+// BreakRings moves one producer index of every local ring in process pid
+// 1000 entries ahead and then signals every eventfd the process holds
+// (the frontend's notify and kick among them), so both ends read the ring
+// now instead of at the next request. pid is the process of the local
+// frontends (the daemon). It returns how many rings it broke. The caller
+// must be allowed to ptrace pid (root, or its parent).
+func BreakRings(pid int, idx Index) (int, error) {
 	dir := fmt.Sprintf("/proc/%d/fd", pid)
 	ents, err := os.ReadDir(dir)
 	if err != nil {
@@ -45,7 +58,7 @@ func BreakRings(pid int) (int, error) {
 		n, _ := strconv.Atoi(e.Name())
 		switch {
 		case strings.HasPrefix(link, "/memfd:blktap-grants"):
-			if err := breakRing(dir + "/" + e.Name()); err != nil {
+			if err := breakRing(dir+"/"+e.Name(), idx); err != nil {
 				return broken, err
 			}
 			broken++
@@ -77,7 +90,7 @@ func BreakRings(pid int) (int, error) {
 	return broken, nil
 }
 
-func breakRing(path string) error {
+func breakRing(path string, idx Index) error {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return err
@@ -94,7 +107,11 @@ func breakRing(path string) error {
 		return fmt.Errorf("ringfault: map ring page %d: %w", table, err)
 	}
 	defer unix.Munmap(ring)
-	prod := binary.LittleEndian.Uint32(ring[blkif.OffRspProd:])
-	binary.LittleEndian.PutUint32(ring[blkif.OffRspProd:], prod+1000)
+	off := blkif.OffRspProd
+	if idx == Requests {
+		off = blkif.OffReqProd
+	}
+	prod := binary.LittleEndian.Uint32(ring[off:])
+	binary.LittleEndian.PutUint32(ring[off:], prod+1000)
 	return nil
 }
