@@ -243,6 +243,7 @@ func (dev *device) actual() Actual {
 		Export:      dev.exportServed,
 		Ring:        dev.ring,
 		RingError:   dev.ringErr,
+		RingLost:    dev.ringLost,
 		LF:          dev.lf != nil,
 		LFConnected: dev.guest != nil,
 		Failed:      dev.failed,

@@ -55,6 +55,7 @@ type Actual struct {
 	Export      bool   // the worker serves the domain-0 NBD export
 	Ring        bool   // the worker serves the guest's ring
 	RingError   string // the ring stopped on its own (hostile frontend, I/O error)
+	RingLost    string // ... and was torn down; set until a new ring serves the guest
 	LF          bool   // the local frontend exists (ring allocated, keys written)
 	LFConnected bool   // ... and is connected, its guest view exported
 	Failed      string // a terminal error for these params: nothing starts until they change
@@ -163,11 +164,13 @@ func Plan(o Observed, a Actual) []Action {
 			add(ActStopWorker, "frontend is gone and nobody else will remove the device")
 		}
 		if o.LocalFrontend && o.Online && o.Backend == StateClosed && o.Frontend == StateClosed &&
-			!a.Ring && !a.LF && !a.LFConnected && a.RingError == "" && a.Failed == "" {
-			// Nobody but the daemon plays this guest's blkfront, so the
-			// daemon does what one does after Closed while the disk is
-			// still wanted: starts over, and the handshake reconnects.
-			add(ActFrontendRestart, "the local frontend is Closed but the disk is online")
+			a.RingLost != "" && !a.Ring && !a.LF && !a.LFConnected && a.RingError == "" && a.Failed == "" {
+			// Nobody but the daemon plays this guest's blkfront, and it
+			// closed only because the ring broke: it does what a blkfront
+			// does after Closed while the disk is still wanted, starts
+			// over, and the handshake reconnects. (A guest that went
+			// away is not brought back.)
+			add(ActFrontendRestart, "the ring was lost ("+a.RingLost+"); the local frontend starts over")
 		}
 		return acts
 	}
