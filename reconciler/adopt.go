@@ -183,5 +183,10 @@ func (d *Daemon) newDevice(k Key) *device {
 	rbo.InitialInterval = 500 * time.Millisecond
 	rbo.MaxInterval = 60 * time.Second
 	rbo.MaxElapsedTime = 0
-	return &device{key: k, bo: bo, restartBo: rbo, status: map[string]string{}}
+	fbo := backoff.NewExponentialBackOff()
+	fbo.InitialInterval = time.Second
+	fbo.RandomizationFactor = 0
+	fbo.MaxInterval = 60 * time.Second
+	fbo.MaxElapsedTime = 0
+	return &device{key: k, bo: bo, restartBo: rbo, feRestartBo: fbo, status: map[string]string{}}
 }

@@ -47,6 +47,9 @@ type device struct {
 	exportServed bool
 	ring         bool
 	ringErr      string
+	// ringLost is the last ring error, kept once the ring is torn down
+	// so the status says why the disk is away until it reconnects.
+	ringLost string
 
 	lf        *frontend.Frontend
 	lfPort    uint32
@@ -66,6 +69,11 @@ type device struct {
 	restartBo    *backoff.ExponentialBackOff // worker restarts; reset once a worker stays up
 	startedAt    time.Time
 	restarts     int
+	// The local frontend's restarts after its ring stopped: a ring that
+	// breaks again at once is retried ever more slowly.
+	feRestartBo   *backoff.ExponentialBackOff
+	feRestartedAt time.Time
+	feNotBefore   time.Time
 
 	status map[string]string // last status written, to write only changes
 
@@ -139,6 +147,7 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 			dev.name = fmt.Sprintf("d%d-%d", k.Domid, k.Devid)
 		}
 		d.noticeExit(dev, log)
+		noticeFrontendGaveUp(dev, log)
 		if dev.failed != "" && dev.failedParams != snap.Params {
 			dev.failed, dev.failedParams = "", "" // params changed: try again
 		}
@@ -234,6 +243,7 @@ func (dev *device) actual() Actual {
 		Export:      dev.exportServed,
 		Ring:        dev.ring,
 		RingError:   dev.ringErr,
+		RingLost:    dev.ringLost,
 		LF:          dev.lf != nil,
 		LFConnected: dev.guest != nil,
 		Failed:      dev.failed,
@@ -303,6 +313,28 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
 	d.setProc(dev.key, nil)
 	os.Remove(d.adoptPath(dev.key))
+}
+
+// noticeFrontendGaveUp turns a local frontend that stopped on its own (it
+// found the ring broken: a response it never asked for, a producer index
+// past its requests) into the device's ring error, which closes the device
+// and, once closed, restarts the frontend. The daemon's own closes set
+// dev.lf to nil first, so a stopped frontend still held was not one.
+func noticeFrontendGaveUp(dev *device, log *slog.Logger) {
+	if dev.lf == nil || dev.ringErr != "" {
+		return
+	}
+	select {
+	case <-dev.lf.Done():
+	default:
+		return
+	}
+	err := dev.lf.Err()
+	if err == nil {
+		err = frontend.ErrClosed
+	}
+	dev.ringErr = "local frontend gave up: " + err.Error()
+	log.Error("local frontend stopped", "err", err)
 }
 
 func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
@@ -667,6 +699,11 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			return err
 		}
 		dev.lf, dev.lfPort = f, port
+		k := dev.key
+		go func() {
+			<-f.Done()
+			d.q.Add(k) // it may have given up on its own: look
+		}()
 		return nil
 
 	case ActFrontendFatal:
@@ -677,6 +714,11 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			if err := d.connectRing(ctx, dev, s); err != nil {
 				return err
 			}
+		}
+		if !s.LocalFrontend {
+			// A real guest's disk is back once its ring is (a local
+			// one's once its guest view is, at frontend-connect).
+			dev.ringLost = ""
 		}
 		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 			if err := requireDir(ctx, tx, be); err != nil {
@@ -712,12 +754,17 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 		if err := d.serveGuestView(dev, s.beInfo&4 != 0, log); err != nil {
 			return err
 		}
-		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 			if err := requireDir(ctx, tx, s.fePath); err != nil {
 				return err
 			}
 			return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
 		})
+		if err == nil && dev.ringLost != "" {
+			log.Info("ring reconnected", "after", dev.ringLost)
+			dev.ringLost = ""
+		}
+		return err
 
 	case ActBackendClosing:
 		return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosing)))
@@ -737,9 +784,30 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			}
 		}
 		dev.ring = false
+		if dev.ringErr != "" {
+			// The ring it names is gone; what comes next is a new one,
+			// after a pause that lets the status say why (and grows if
+			// rings keep breaking).
+			dev.ringLost, dev.ringErr = dev.ringErr, ""
+			if time.Since(dev.feRestartedAt) > stableAfter {
+				dev.feRestartBo.Reset()
+			}
+			dev.feNotBefore = time.Now().Add(dev.feRestartBo.NextBackOff())
+		}
 		if s.Present {
 			return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosed)))
 		}
+		return nil
+
+	case ActFrontendRestart:
+		if t := dev.feNotBefore; time.Now().Before(t) {
+			return &retryAt{t}
+		}
+		if err := d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateInitialising))); err != nil {
+			return err
+		}
+		dev.feRestartedAt = time.Now()
+		log.Info("local frontend starting over", "after", dev.ringLost)
 		return nil
 
 	case ActStopWorker:
@@ -753,7 +821,7 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 			dev.export.Close()
 			dev.export = nil
 		}
-		dev.ringErr = ""
+		dev.ringErr, dev.ringLost = "", ""
 		return err
 	}
 	return fmt.Errorf("unknown action %v", a.Kind)
@@ -1223,6 +1291,9 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		// physical-device-path to QEMU right after.
 		phase = PhaseWaiting
 	}
+	if dev.ringLost != "" && errMsg == "" {
+		errMsg = "ring stopped: " + dev.ringLost
+	}
 	if c := d.conflict(dev.key); c != "" && errMsg == "" {
 		errMsg = c
 	}
@@ -1251,7 +1322,7 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	}
 	// A device stopped by a fault also says why in the backend's `error`
 	// key, where xenbus drivers report fatal errors for the toolstack.
-	if phase == PhaseFailed || dev.ringErr != "" {
+	if phase == PhaseFailed || dev.ringErr != "" || dev.ringLost != "" {
 		want["error"] = errMsg
 	} else if _, had := dev.status["error"]; had {
 		want["error"] = ""

@@ -57,8 +57,11 @@ func (m *Model) apply(act Action) {
 		a.LF, o.Frontend, o.RingPublished = true, StateInitialised, true
 	case ActConnectRing:
 		a.Ring, o.Backend = true, StateConnected
+		if !o.LocalFrontend {
+			a.RingLost = ""
+		}
 	case ActFrontendConnect:
-		a.LFConnected, o.Frontend = true, StateConnected
+		a.LFConnected, o.Frontend, a.RingLost = true, StateConnected, ""
 	case ActBackendClosing, ActFrontendFatal:
 		o.Backend = StateClosing
 	case ActFrontendClose:
@@ -66,13 +69,18 @@ func (m *Model) apply(act Action) {
 		if o.FrontendPresent {
 			o.Frontend = StateClosed
 		}
+	case ActFrontendRestart:
+		o.Frontend = StateInitialising
 	case ActDisconnectRing:
+		if a.RingError != "" {
+			a.RingLost = a.RingError
+		}
 		a.Ring, a.RingError = false, ""
 		if o.Present {
 			o.Backend = StateClosed
 		}
 	case ActStopWorker:
-		a.Worker, a.Export, a.Ring, a.Params = false, false, false, ""
+		a.Worker, a.Export, a.Ring, a.Params, a.RingError, a.RingLost = false, false, false, "", "", ""
 	}
 }
 

@@ -55,6 +55,7 @@ type Actual struct {
 	Export      bool   // the worker serves the domain-0 NBD export
 	Ring        bool   // the worker serves the guest's ring
 	RingError   string // the ring stopped on its own (hostile frontend, I/O error)
+	RingLost    string // ... and was torn down; set until a new ring serves the guest
 	LF          bool   // the local frontend exists (ring allocated, keys written)
 	LFConnected bool   // ... and is connected, its guest view exported
 	Failed      string // a terminal error for these params: nothing starts until they change
@@ -77,6 +78,7 @@ const (
 	ActDisconnectRing                        // the worker drains and unmaps the ring; backend -> Closed
 	ActStopWorker                            // drain, flush, close the image, stop the worker
 	ActFrontendFatal                         // the frontend's keys are unusable: error written, backend -> Closing
+	ActFrontendRestart                       // the local frontend, Closed, goes back to Initialising to reconnect
 )
 
 var actionNames = map[ActionKind]string{
@@ -86,6 +88,7 @@ var actionNames = map[ActionKind]string{
 	ActFrontendConnect: "frontend-connect", ActBackendClosing: "backend-closing",
 	ActFrontendClose: "frontend-close", ActDisconnectRing: "disconnect-ring",
 	ActStopWorker: "stop-worker", ActFrontendFatal: "frontend-fatal",
+	ActFrontendRestart: "frontend-restart",
 }
 
 func (k ActionKind) String() string { return actionNames[k] }
@@ -159,6 +162,15 @@ func Plan(o Observed, a Actual) []Action {
 			// No toolstack will remove a disk the daemon declared: the
 			// guest is gone, so is the reason to keep the image open.
 			add(ActStopWorker, "frontend is gone and nobody else will remove the device")
+		}
+		if o.LocalFrontend && o.Online && o.Backend == StateClosed && o.Frontend == StateClosed &&
+			a.RingLost != "" && !a.Ring && !a.LF && !a.LFConnected && a.RingError == "" && a.Failed == "" {
+			// Nobody but the daemon plays this guest's blkfront, and it
+			// closed only because the ring broke: it does what a blkfront
+			// does after Closed while the disk is still wanted, starts
+			// over, and the handshake reconnects. (A guest that went
+			// away is not brought back.)
+			add(ActFrontendRestart, "the ring was lost ("+a.RingLost+"); the local frontend starts over")
 		}
 		return acts
 	}

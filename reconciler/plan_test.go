@@ -70,6 +70,16 @@ func TestPlan(t *testing.T) {
 			[]ActionKind{ActBackendInitWait}},
 		{"hostile ring -> Closing with the reason", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.LFConnected = true; a.RingError = "producer index ran ahead" }),
 			[]ActionKind{ActBackendClosing, ActFrontendClose}},
+		{"local frontend Closed after its ring was lost -> the frontend starts over", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), act(running, func(a *Actual) { a.RingLost = "rsp_prod ran ahead" }),
+			[]ActionKind{ActFrontendRestart}},
+		{"local frontend Closed, no ring lost (the guest went away) -> stays closed", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), running,
+			nil},
+		{"local frontend Closed, disk failed -> no restart", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed }), Actual{Failed: "no such image", RingLost: "x"},
+			nil},
+		{"local frontend Closed, ring still mapped -> disconnect first", with(guest, func(o *Observed) { o.Backend = StateClosing; o.Frontend = StateClosed }), act(running, func(a *Actual) { a.Ring = true }),
+			[]ActionKind{ActDisconnectRing}},
+		{"a real guest's frontend Closed -> the backend waits for it", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosed; o.Frontend = StateClosed }), running,
+			nil},
 		// XEN-HOST 5.4: libxl runs the hotplug script on InitWait only.
 		{"libxl disk: Connected waits for hotplug-status", with(guest, func(o *Observed) {
 			o.LocalFrontend, o.HotplugScript = false, true

@@ -30,6 +30,7 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 //	remove                          the toolstack removes the backend directory
 //	worker-dies                     the worker process exits
 //	ring-hostile MESSAGE            the worker's ring stopped on a hostile frontend
+//	frontend-gives-up MESSAGE       the local frontend stopped on a ring the worker broke (its ring stays mapped)
 //	fail-start MESSAGE              the next start-worker fails terminally
 //	hotplug-connected               the toolstack's hotplug script wrote hotplug-status=connected
 //	frontend-gone                   the frontend directory vanished (the guest died without libxl)
@@ -102,6 +103,8 @@ func runScenario(t *testing.T, lines []string) string {
 			m.a.Worker, m.a.Export, m.a.Ring = false, false, false
 		case "ring-hostile":
 			m.a.Ring, m.a.RingError = false, arg
+		case "frontend-gives-up":
+			m.a.RingError = arg
 		case "fail-start":
 			m.failStart = arg
 		case "hotplug-connected":

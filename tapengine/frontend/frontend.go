@@ -173,6 +173,7 @@ type Frontend struct {
 	front      *ring.Front
 	connected  bool
 	closed     bool
+	released   bool // Close ran: memory and descriptors go or went
 	closeErr   error
 	closedCh   chan struct{}
 	held       bool // requests pushed but not yet published (see Publish)
@@ -334,6 +335,22 @@ func (f *Frontend) Size() int64 {
 	return f.size
 }
 
+// Done is closed once the frontend stops, whether its owner closed it or
+// it gave up on a backend that broke the ring: the owner learns of the
+// latter only here, as nothing else calls it back.
+func (f *Frontend) Done() <-chan struct{} { return f.closedCh }
+
+// Err is why the frontend stopped (wrapping ErrClosed, and ring.ErrHostile
+// when the backend broke the ring), or nil while it runs.
+func (f *Frontend) Err() error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if !f.closed {
+		return nil
+	}
+	return f.closeErr
+}
+
 // Close fails every call in flight and every later call with ErrClosed,
 // and releases the shared memory.
 func (f *Frontend) Close() error { return f.CloseWithError(nil) }
@@ -342,10 +359,13 @@ func (f *Frontend) Close() error { return f.CloseWithError(nil) }
 // with an error wrapping both ErrClosed and cause.
 func (f *Frontend) CloseWithError(cause error) error {
 	f.mu.Lock()
-	if f.closed {
+	if f.released {
 		f.mu.Unlock()
 		return nil
 	}
+	// A frontend that gave up on its own is closed to calls already, but
+	// its memory and descriptors are still to release.
+	f.released = true
 	f.failLocked(cause)
 	f.mu.Unlock()
 	// Wake the reaper; it sees the close, fails the started requests

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -73,6 +74,9 @@ func TestHostileBackend(t *testing.T) {
 			if err := f.Connect(2048, 512, false); err != nil {
 				t.Fatal(err)
 			}
+			if f.Err() != nil {
+				t.Fatalf("Err before anything broke: %v", f.Err())
+			}
 			_, err = f.ReadAt(make([]byte, 4096), 0)
 			if !errors.Is(err, ring.ErrHostile) || !errors.Is(err, ErrClosed) {
 				t.Fatalf("ReadAt: %v, want ErrHostile", err)
@@ -81,6 +85,22 @@ func TestHostileBackend(t *testing.T) {
 			<-gdone
 			if _, err := f.WriteAt(make([]byte, 512), 0); !errors.Is(err, ring.ErrHostile) {
 				t.Errorf("later call: %v", err)
+			}
+			// Its owner, which made no call, learns of it too.
+			select {
+			case <-f.Done():
+			case <-time.After(5 * time.Second):
+				t.Fatal("Done not closed after the frontend gave up")
+			}
+			if err := f.Err(); !errors.Is(err, ring.ErrHostile) {
+				t.Errorf("Err: %v, want ErrHostile", err)
+			}
+			// Giving up stops the calls; Close still releases the rest.
+			if err := f.Close(); err != nil {
+				t.Errorf("Close: %v", err)
+			}
+			if _, err := unix.FcntlInt(uintptr(memfd), unix.F_GETFD, 0); !errors.Is(err, unix.EBADF) {
+				t.Errorf("grant memory fd %d still open after Close (%v)", memfd, err)
 			}
 		})
 	}
