@@ -67,7 +67,12 @@ if [ "${XEN_TEST_PKG:-1}" = 1 ]; then
   pkg=$w/pkg; rm -rf "$pkg"; mkdir -p "$pkg"
   (cd "$repo" && make -s deb >"$out/make-deb.log" 2>&1) || die "make deb failed (see $out/make-deb.log)"
   cur=$(ls -t "$repo"/dist/blktap_*.deb | head -n 1); cp "$cur" "$pkg/blktap.deb"
-  prev=${XEN_TEST_PREV_COMMIT:-9bc94c0}; prev=$(git -C "$repo" rev-parse --verify "$prev^{commit}") || die "no commit $prev"
+  prev=${XEN_TEST_PREV_COMMIT:-9bc94c0}
+  # a shallow clone (CI's may be one) lacks the previous version's commit
+  git -C "$repo" rev-parse -q --verify "$prev^{commit}" >/dev/null ||
+    git -C "$repo" fetch -q --unshallow >/dev/null 2>&1 || git -C "$repo" fetch -q origin >/dev/null 2>&1
+  prev=$(git -C "$repo" rev-parse --verify "$prev^{commit}") ||
+    die "no commit $prev for the previous package (a shallow clone? git fetch --unshallow; or XEN_TEST_PREV_COMMIT)"
   pdeb=$work/blktap-prev-${prev:0:12}.deb
   if [ ! -f "$pdeb" ]; then
     src=$(mktemp -d); git -C "$repo" archive "$prev" | tar -x -C "$src"
