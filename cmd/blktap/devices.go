@@ -28,15 +28,24 @@ import (
 func dialXenstore(ctx context.Context, stateDir, explicit string) (*xenstore.Client, error) {
 	path := xenstoreSocket(stateDir, explicit)
 	if path == "" {
-		return nil, fmt.Errorf("no xenstored found: is `blktap run` running (state directory %s)?", stateDir)
+		return nil, fmt.Errorf("no xenstored found: is `blktap run` running? (%s)", stateDirHint(stateDir))
 	}
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	c, err := xenstore.Dial(dctx, path)
-	if err != nil {
-		return nil, fmt.Errorf("xenstored at %s: %w (is `blktap run` running?)", path, err)
+	switch {
+	case err == nil:
+		return c, nil
+	case explicit != "":
+		return nil, fmt.Errorf("xenstored at %s (--xenstore): %w", path, err)
+	case recordedXenstore(stateDir) == "":
+		// The fallback failed: the real problem is more likely a state
+		// directory no daemon has used than a missing xenstored.
+		return nil, fmt.Errorf("no xenstored: none answers at %s (%v), and `blktap run` has recorded none in the %s",
+			path, err, stateDirHint(stateDir))
+	default:
+		return nil, fmt.Errorf("xenstored at %s, recorded in the state directory %s: %w (is `blktap run` running?)", path, stateDir, err)
 	}
-	return c, nil
 }
 
 func stateFlags(fs *flag.FlagSet) (stateDir, xs *string) {
@@ -96,6 +105,9 @@ func cmdAttach(args []string) error {
 		}
 	}
 	ctx := context.Background()
+	if err := requireDaemon(ctx, *stateDir, *timeout); err != nil {
+		return err
+	}
 	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
 	if err != nil {
 		return err
@@ -236,6 +248,11 @@ func cmdDetach(args []string) error {
 		return usagef("VDEV: %v", err)
 	}
 	ctx := context.Background()
+	// Without a daemon the disk never closes: fail now, not after the
+	// timeout with the device half removed.
+	if err := requireDaemon(ctx, *stateDir, *timeout); err != nil {
+		return err
+	}
 	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
 	if err != nil {
 		return err

@@ -64,18 +64,35 @@ func cmdHotplug(args []string) error {
 // have served.
 const daemonReachWithin = 2 * time.Second
 
-func hotplugAdd(ctx context.Context, stateDir, xsPath, bePath string, timeout time.Duration) error {
+// requireDaemon fails unless the daemon serving stateDir answers its API.
+// Clients that write to xenstore ask first: without a daemon nothing acts
+// on what they write, so they would wait out their timeout and leave a
+// half-made device behind for the next attach to trip over.
+func requireDaemon(ctx context.Context, stateDir string, answerWithin time.Duration) error {
 	apiSock := filepath.Join(stateDir, reconciler.APISocket)
 	conn, err := net.DialTimeout("unix", apiSock, daemonReachWithin)
 	if err != nil {
-		return fmt.Errorf("the blktap daemon is not running at %s (is `blktap run` running? systemctl start blktap): %v", apiSock, err)
+		return fmt.Errorf("the blktap daemon is not running at %s (is `blktap run` running? systemctl start blktap; %s): %v",
+			apiSock, stateDirHint(stateDir), err)
 	}
 	conn.Close()
-	actx, cancel := context.WithTimeout(ctx, timeout)
-	_, err = reconciler.FetchStats(actx, stateDir)
-	cancel()
-	if err != nil {
-		return fmt.Errorf("the blktap daemon at %s did not answer within %v: %v", apiSock, timeout, err)
+	actx, cancel := context.WithTimeout(ctx, answerWithin)
+	defer cancel()
+	if _, err := reconciler.FetchStats(actx, stateDir); err != nil {
+		return fmt.Errorf("the blktap daemon at %s did not answer within %v: %v", apiSock, answerWithin, err)
+	}
+	return nil
+}
+
+// stateDirHint names the state directory a client used and how to name
+// another: a daemon run with its own --state-dir is invisible otherwise.
+func stateDirHint(stateDir string) string {
+	return fmt.Sprintf("state directory %s; name the daemon's with --state-dir or BLKTAP_STATE_DIR", stateDir)
+}
+
+func hotplugAdd(ctx context.Context, stateDir, xsPath, bePath string, timeout time.Duration) error {
+	if err := requireDaemon(ctx, stateDir, timeout); err != nil {
+		return err
 	}
 	xs, err := dialXenstore(ctx, stateDir, xsPath)
 	if err != nil {

@@ -25,12 +25,19 @@ func xenstoreSocket(stateDir, explicit string) string {
 	if explicit != "" {
 		return explicit
 	}
-	if b, err := os.ReadFile(filepath.Join(stateDir, reconciler.XenstorePathFile)); err == nil {
-		if p := strings.TrimSpace(string(b)); p != "" {
-			return p
-		}
+	if p := recordedXenstore(stateDir); p != "" {
+		return p
 	}
 	return xenstore.DefaultPath()
+}
+
+// recordedXenstore is the xenstored the daemon of stateDir recorded, or "".
+func recordedXenstore(stateDir string) string {
+	b, err := os.ReadFile(filepath.Join(stateDir, reconciler.XenstorePathFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
 }
 
 // cmdXenstore is `blktap xenstore [--state-dir DIR] [--xenstore SOCK] CMD ...`.
