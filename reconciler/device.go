@@ -337,6 +337,10 @@ func noticeFrontendGaveUp(dev *device, log *slog.Logger) {
 	log.Error("local frontend stopped", "err", err)
 }
 
+// testHookObserveRead, set by tests only, runs after observe reads each
+// backend key: a test changes xenstore between two reads with it.
+var testHookObserveRead func(key string)
+
 func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	var s snapshot
 	k := dev.key
@@ -362,6 +366,9 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 		}
 		var v string
 		v, err = read(be + "/" + key)
+		if testHookObserveRead != nil {
+			testHookObserveRead(key)
+		}
 		return v
 	}
 	s.Params = get("params")
@@ -386,6 +393,16 @@ func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
 	s.beDiscard = get("feature-discard") == "1"
 	s.beMaxIndirect = max(0, atoiDefault(get("feature-max-indirect-segments"), 0))
 	if err != nil {
+		return s, err
+	}
+	// The reads above are no transaction: a backend removed while they
+	// ran (a detach's last step) reads as keys gone missing, online and
+	// in state Unknown, perhaps with the params still read, which Plan
+	// takes for a new device and opens the image of again. Gone at the
+	// end is gone.
+	if _, err := d.xs.Read(ctx, be); errors.Is(err, xenstore.ErrNotFound) {
+		return snapshot{}, nil
+	} else if err != nil {
 		return s, err
 	}
 	s.Domain0 = k.Domid == 0 && d.localFrontend

@@ -662,3 +662,38 @@ func TestAdoptKeepsXenRing(t *testing.T) {
 		})
 	}
 }
+
+// A detach removes the backend directory while observe reads its keys one
+// by one: what it read must not look like a new device (online, state
+// Unknown, the old params) that Plan opens the image for again.
+func TestObserveBackendRemovedMidway(t *testing.T) {
+	d, _, _ := bareDaemon(t)
+	ctx := context.Background()
+	k := Key{KindVBD3, 0, 51744}
+	be := k.BackendPath(0)
+	for _, removeAfter := range []string{"params", "mode", "online", "state", "feature-max-indirect-segments"} {
+		for _, kv := range [][2]string{{"params", "aio:/img/a.raw"}, {"mode", "w"}, {"online", "0"}, {"state", "6"}, {keySource, "attach"}} {
+			if err := d.xs.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
+				t.Fatal(err)
+			}
+		}
+		testHookObserveRead = func(key string) {
+			if key == removeAfter {
+				if err := d.xs.Rm(ctx, be); err != nil {
+					t.Error(err)
+				}
+			}
+		}
+		s, err := d.observe(ctx, d.newDevice(k))
+		testHookObserveRead = nil
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s.Present {
+			t.Errorf("removed after reading %s: observed present (params %q online %v state %v)", removeAfter, s.Params, s.Online, s.Backend)
+		}
+		if acts := Plan(s.Observed, Actual{}); len(acts) != 0 {
+			t.Errorf("removed after reading %s: Plan %v for a removed device", removeAfter, acts)
+		}
+	}
+}
