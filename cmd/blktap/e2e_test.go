@@ -41,6 +41,7 @@ type daemon struct {
 	stateDir string
 	cmd      *exec.Cmd
 	log      *bytes.Buffer
+	logPath  string // the daemon's log file
 	done     chan error
 }
 
@@ -66,7 +67,7 @@ func startDaemon(t testing.TB, bin, config string) *daemon {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, bin: bin, stateDir: state, cmd: cmd, done: make(chan error, 1)}
+	d := &daemon{t: t, bin: bin, stateDir: state, cmd: cmd, logPath: logf.Name(), done: make(chan error, 1)}
 	var exited atomic.Bool // cmd.ProcessState is Wait's to write
 	go func() {
 		err := cmd.Wait()
