@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -100,6 +101,14 @@ func TestAttachRealXenGuest(t *testing.T) {
 	if err := os.WriteFile(img, make([]byte, 4096), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// attach asks the daemon's API before it writes anything: this one
+	// answers that it serves no disk yet.
+	api, err := net.Listen("unix", filepath.Join(dir, reconciler.APISocket))
+	if err != nil {
+		t.Fatal(err)
+	}
+	go http.Serve(api, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "[]") }))
+	defer api.Close()
 	be := reconciler.Key{Kind: reconciler.KindVBD3, Domid: 3, Devid: 51728}.BackendPath(0)
 	attach := func(mode string) (string, error) {
 		t.Helper()
