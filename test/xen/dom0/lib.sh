@@ -12,6 +12,7 @@
 # fails by exiting non-zero, with its last line of output as the reason.
 
 XT_ONLY=$(sed -n 's/.*xt_only=\([^ ]*\).*/\1/p' /proc/cmdline)
+XT_SKIP=$(sed -n 's/.*xt_skip=\([^ ]*\).*/\1/p' /proc/cmdline)
 XT_LOGS=/var/log/xt; mkdir -p $XT_LOGS
 
 up() { cut -d' ' -f1 /proc/uptime; }
@@ -19,7 +20,8 @@ xt_info() { echo "XT-INFO $*"; }
 say() { echo "$*"; }                 # into the scenario's log
 fail() { echo "$*"; exit 1; }
 
-xt_selected() { [ -z "$XT_ONLY" ] || [[ "+$XT_ONLY+" == *"+$1+"* ]]; }   # run.sh joins names with +
+# run.sh joins names with +
+xt_selected() { [[ "+$XT_SKIP+" != *"+$1+"* ]] && { [ -z "$XT_ONLY" ] || [[ "+$XT_ONLY+" == *"+$1+"* ]]; }; }
 
 XT_PLANNED=()
 xt_plan() { # NAME...: announce what runs, so a crash cannot hide a scenario
