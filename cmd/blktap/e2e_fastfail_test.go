@@ -134,3 +134,38 @@ func TestClientNoXenstoredNamesStateDir(t *testing.T) {
 		wantStateDirHint(t, string(out), state)
 	}
 }
+
+// --state-dir before the command is the same option: `blktap --state-dir
+// D ls` looks in D; a command's own --state-dir wins over it.
+func TestGlobalStateDir(t *testing.T) {
+	if _, err := os.Stat(xenstore.DefaultPath()); err == nil {
+		t.Skipf("a xenstored runs at %s", xenstore.DefaultPath())
+	}
+	bin := buildBinary(t)
+	global, own := t.TempDir(), t.TempDir()
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--state-dir", global, "ls"}, global},
+		{[]string{"--state-dir=" + global, "pause", "0", "xvdc"}, global},
+		{[]string{"-state-dir", global, "attach", "0", "ram:x", "xvdc", "w"}, global},
+		{[]string{"--state-dir", global, "ls", "--state-dir", own}, own},
+	} {
+		cmd := exec.Command(bin, c.args...)
+		cmd.Env = append(os.Environ(), "BLKTAP_STATE_DIR=")
+		out, err := cmd.CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 1 {
+			t.Fatalf("%v: %v, want exit 1\n%s", c.args, err, out)
+		}
+		wantStateDirHint(t, string(out), c.want)
+	}
+	for _, args := range [][]string{{"--state-dir"}, {"--state-dir="}, {"--state-dir", global}} {
+		out, err := exec.Command(bin, args...).CombinedOutput()
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() != 2 || !strings.Contains(string(out), "usage: blktap") {
+			t.Errorf("%v: %v, want exit 2 with the usage\n%s", args, err, out)
+		}
+	}
+}

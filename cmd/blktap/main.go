@@ -54,7 +54,7 @@ func init() {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprintf(w, "usage: blktap COMMAND [ARGS]\n\ncommands:\n")
+	fmt.Fprintf(w, "usage: blktap [--state-dir DIR] COMMAND [ARGS]\n\ncommands:\n")
 	for _, c := range commands {
 		if c.hidden {
 			continue
@@ -63,7 +63,7 @@ func usage(w io.Writer) {
 	}
 	fmt.Fprintf(w, "\nthe 2006 tools (links to this binary):\n"+
 		"  qcow-create [-r] SIZE_MB FILE [BACKING]\n  img2qcow QCOW_FILE IMAGE\n  qcow2raw RAW_FILE QCOW_FILE\n"+
-		"\nState directory: --state-dir, else $BLKTAP_STATE_DIR, else /run/blktap (root) or $XDG_RUNTIME_DIR/blktap.\n")
+		"\nState directory: --state-dir (before or after the command), else $BLKTAP_STATE_DIR, else /run/blktap (root) or $XDG_RUNTIME_DIR/blktap.\n")
 }
 
 func main() {
@@ -81,10 +81,17 @@ func run(argv []string) int {
 	case "tap-ctl":
 		err, cmdUsage = cmdTapCtl(argv[1:]), "tap-ctl COMMAND [OPTIONS] (tap-ctl help)"
 	default:
-		if len(argv) < 2 {
+		rest, gerr := globalOptions(argv[1:])
+		if gerr != nil {
+			fmt.Fprintf(os.Stderr, "blktap: %v\n", gerr)
 			usage(os.Stderr)
 			return 2
 		}
+		if len(rest) == 0 {
+			usage(os.Stderr)
+			return 2
+		}
+		argv = append(argv[:1:1], rest...)
 		sub := argv[1]
 		switch sub {
 		case "-h", "--help":
@@ -157,9 +164,41 @@ func parseInterleaved(fs *flag.FlagSet, args []string) ([]string, error) {
 	}
 }
 
-// defaultStateDir is DESIGN.md's: $BLKTAP_STATE_DIR, else /run/blktap for
+// globalStateDir is a --state-dir given before the command
+// (`blktap --state-dir D ls`); a command's own --state-dir overrides it.
+var globalStateDir string
+
+// globalOptions takes the options every command shares when they come
+// before the command name (--state-dir DIR, --state-dir=DIR, with one or
+// two dashes) and returns the arguments from the command name on.
+func globalOptions(args []string) ([]string, error) {
+	for len(args) > 0 {
+		a := args[0]
+		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !strings.HasPrefix(a, "-") || name != "state-dir" {
+			return args, nil
+		}
+		if !hasVal {
+			if len(args) < 2 || args[1] == "" {
+				return nil, fmt.Errorf("%s needs a directory", a)
+			}
+			val, args = args[1], args[1:]
+		}
+		if val == "" {
+			return nil, fmt.Errorf("%s needs a directory", a)
+		}
+		globalStateDir = val
+		args = args[1:]
+	}
+	return args, nil
+}
+
+// defaultStateDir is a global --state-dir, else DESIGN.md's: $BLKTAP_STATE_DIR, else /run/blktap for
 // root, else $XDG_RUNTIME_DIR/blktap (or a directory under /tmp).
 func defaultStateDir() string {
+	if globalStateDir != "" {
+		return globalStateDir
+	}
 	if d := os.Getenv("BLKTAP_STATE_DIR"); d != "" {
 		return d
 	}
