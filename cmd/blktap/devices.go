@@ -6,6 +6,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"sort"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode/utf8"
 
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
@@ -271,8 +273,15 @@ func cmdDetach(args []string) error {
 	return fmt.Errorf("no disk %s attached to domain %d", pos[1], domid)
 }
 
-// lsEntry is one row of `blktap ls --json`; the field names are stable.
+// lsSchema is the version of `blktap ls --json` (docs/LS-JSON.md): fields
+// are only ever added within a version; a removal or a change of meaning
+// makes a new one.
+const lsSchema = 1
+
+// lsEntry is one row of `blktap ls --json`; docs/LS-JSON.md documents
+// every field.
 type lsEntry struct {
+	Schema    int    `json:"schema"`
 	Name      string `json:"name"`
 	Kind      string `json:"kind"`
 	Domain    uint32 `json:"domain"`
@@ -296,13 +305,17 @@ type lsEntry struct {
 func cmdLs(args []string) error {
 	fs := flag.NewFlagSet("ls", flag.ContinueOnError)
 	stateDir, xsPath := stateFlags(fs)
-	asJSON := fs.Bool("json", false, "JSON output (stable field names)")
+	asJSON := fs.Bool("json", false, "JSON output, an array of devices (docs/LS-JSON.md)")
+	output := fs.String("o", "", "wide: every column (state, phase, worker, I/O, export, error)")
 	pos, err := parseInterleaved(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q", pos[0])
+	}
+	if *output != "" && *output != "wide" {
+		return usagef("-o %q: the only output is wide (or --json)", *output)
 	}
 	ctx := context.Background()
 	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
@@ -343,7 +356,7 @@ func cmdLs(args []string) error {
 				restarts, _ := strconv.Atoi(get("blktap/restarts"))
 				st := reconciler.ParseState(get("state"))
 				e := lsEntry{
-					Name: get("blktap/name"), Kind: kind, Domain: uint32(d), Devid: uint32(id),
+					Schema: lsSchema, Name: get("blktap/name"), Kind: kind, Domain: uint32(d), Devid: uint32(id),
 					Device: config.VdevName(uint32(id)), Mode: get("mode"),
 					State: int(st), StateName: st.String(), Frontend: int(reconciler.ParseState(feState)),
 					Phase: get("blktap/phase"), Error: get("blktap/error"), Export: get("blktap/export"),
@@ -379,7 +392,15 @@ func cmdLs(args []string) error {
 		enc.SetIndent("", "  ")
 		return enc.Encode(entries)
 	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	if *output == "wide" {
+		return lsWide(os.Stdout, entries)
+	}
+	return lsShort(os.Stdout, entries, 80)
+}
+
+// lsWide is `ls -o wide`: every column, one line per device however long.
+func lsWide(w io.Writer, entries []lsEntry) error {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "NAME\tDOMAIN\tDEVICE\tFORMAT\tIMAGE\tMODE\tSTATE\tPHASE\tPID\tREAD\tWRITTEN\tEXPORT\tERROR")
 	for _, e := range entries {
 		pid := "-"
@@ -394,4 +415,76 @@ func cmdLs(args []string) error {
 			e.Image, e.Mode, e.StateName, e.Phase, pid, rd, wr, e.Export, e.Error)
 	}
 	return tw.Flush()
+}
+
+// lsShort is the default view: NAME DOM VDEV FORMAT STATE IMAGE within
+// width columns (the image path shortened in the middle when it must be),
+// then each device's error on a line of its own, so no error hides in a
+// column nobody sees.
+func lsShort(w io.Writer, entries []lsEntry, width int) error {
+	rows := [][]string{{"NAME", "DOM", "VDEV", "FORMAT", "STATE", "IMAGE"}}
+	for _, e := range entries {
+		// The daemon's phase says more than the xenbus state while a
+		// device is on its way or has failed.
+		state := e.StateName
+		if e.Phase != "" && e.Phase != reconciler.PhaseConnected {
+			state = e.Phase
+		}
+		if e.Error != "" {
+			state += "!"
+		}
+		name := e.Name
+		if name == "" {
+			name = "-"
+		}
+		rows = append(rows, []string{name, strconv.FormatUint(uint64(e.Domain), 10), e.Device, e.Format, state, e.Image})
+	}
+	const gap = 2
+	widths := make([]int, len(rows[0]))
+	for _, r := range rows {
+		for i, c := range r[:len(r)-1] {
+			widths[i] = max(widths[i], utf8.RuneCountInString(c))
+		}
+	}
+	used := 0
+	for _, n := range widths[:len(widths)-1] {
+		used += n + gap
+	}
+	room := max(width-used, 16) // the image keeps at least this much
+	var b strings.Builder
+	for _, r := range rows {
+		b.Reset()
+		for i, c := range r[:len(r)-1] {
+			b.WriteString(c)
+			b.WriteString(strings.Repeat(" ", widths[i]-utf8.RuneCountInString(c)+gap))
+		}
+		b.WriteString(elideMiddle(r[len(r)-1], room))
+		if _, err := fmt.Fprintln(w, strings.TrimRight(b.String(), " ")); err != nil {
+			return err
+		}
+	}
+	for _, e := range entries {
+		if e.Error != "" {
+			if _, err := fmt.Fprintf(w, "%s (domain %d %s): %s\n", e.Name, e.Domain, e.Device, e.Error); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// elideMiddle shortens s to n runes by replacing its middle with "…",
+// keeping the file name at the end, which tells images apart best.
+func elideMiddle(s string, n int) string {
+	r := []rune(s)
+	if len(r) <= n {
+		return s
+	}
+	tail := (n - 1) * 2 / 3
+	if i := strings.LastIndexByte(s, '/'); i >= 0 {
+		// The whole "/name" when it leaves a few runes of the head.
+		tail = max(tail, min(utf8.RuneCountInString(s[i:]), n-1-4))
+	}
+	head := n - 1 - tail
+	return string(r[:head]) + "…" + string(r[len(r)-tail:])
 }

@@ -43,7 +43,7 @@ func init() {
 		{name: "resume", usage: "DOMID VDEV [--image TYPE:PATH]", brief: "reopen the image, or switch to another of the same size", run: cmdResume},
 		{name: "snapshot", usage: "DOMID VDEV NEWFILE [-f FMT]", brief: "live: the image becomes the base of a new overlay NEWFILE", run: cmdSnapshot},
 		{name: "hotplug", usage: "add|remove [--state-dir DIR] [--timeout 30s]", brief: "libxl's hotplug script for disks the daemon serves (scripts/xen/block-blktap; needs XENBUS_PATH)", run: cmdHotplug},
-		{name: "ls", usage: "[--json] [--state-dir DIR]", brief: "list devices, their state, export and counters", run: cmdLs},
+		{name: "ls", usage: "[-o wide | --json] [--state-dir DIR]", brief: "list devices (80 columns; -o wide: state, worker, I/O, export; --json: docs/LS-JSON.md)", run: cmdLs},
 		{name: "image", usage: "create|info|check|map|convert|compare|measure ...", brief: "image tools (`blktap image help`)", run: cmdImage},
 		{name: "xenstore", usage: "read|write|ls|list|rm|mkdir|chmod|exists|watch ...", brief: "a xenstore client for either xenstored (`blktap xenstore` alone for help)", run: cmdXenstore},
 		{name: "xenstored", usage: "--socket PATH", brief: "the embedded xenstored on its own", run: cmdXenstored},

@@ -135,16 +135,19 @@ func (m *meter) start(op int) func() {
 // slower than LatencyBounds[i] and slower than the bound before (the last
 // bucket: slower than every bound).
 type Histogram struct {
-	Buckets []uint64 `json:"buckets"`
-	SumSec  float64  `json:"sum_seconds"`
-	Count   uint64   `json:"count"`
+	// Bounds are the buckets' upper bounds in seconds (LatencyBounds at
+	// the worker that counted), so a reader needs no table of its own.
+	Bounds  []float64 `json:"le_seconds,omitempty"`
+	Buckets []uint64  `json:"buckets"`
+	SumSec  float64   `json:"sum_seconds"`
+	Count   uint64    `json:"count"`
 }
 
 func (m *meter) snapshot() (map[string]Histogram, int64) {
 	out := map[string]Histogram{}
 	for op := range numOps {
 		o := &m.ops[op]
-		h := Histogram{Buckets: make([]uint64, len(LatencyBounds)+1)}
+		h := Histogram{Bounds: LatencyBounds, Buckets: make([]uint64, len(LatencyBounds)+1)}
 		for i := range h.Buckets {
 			h.Buckets[i] = o.buckets[i].Load()
 			h.Count += h.Buckets[i]
