@@ -18,7 +18,7 @@ DESTDIR   ?=
 SYSCONFDIR ?= /etc
 UNITDIR   ?= /lib/systemd/system
 
-.PHONY: all build run test xen-test vet lint fmt bench bench-memory fuzz oracles clean deb install uninstall
+.PHONY: all build run test crash xen-test vet lint fmt bench bench-memory fuzz oracles clean deb install uninstall
 
 all: build
 
@@ -47,6 +47,17 @@ fmt:
 
 test: oracles lint build
 	$(GO) test -race -timeout 30m $(TESTFLAGS) ./...
+
+# The crash matrix (docs/CRASH.md): every writable format on both paths
+# under SIGKILL of the workers, the daemon and both, CRASH_ROUNDS rounds of
+# each (make test runs one); then the formats' process-kill tests and their
+# power-cut tests with CRASH_SEEDS seeds per format.
+CRASH_ROUNDS ?= 5
+CRASH_SEEDS  ?= 1000
+crash: oracles build
+	CRASH_ROUNDS=$(CRASH_ROUNDS) $(GO) test -count=1 -timeout 60m -v -run '^TestEndToEndCrashMatrix$$' ./cmd/blktap
+	CRASH_ROUNDS=$(CRASH_ROUNDS) $(GO) test -count=1 -timeout 30m -run '^TestKillLosesNothingAcknowledged$$' ./formats
+	CRASH_SEEDS=$(CRASH_SEEDS) $(GO) test -count=1 -timeout 180m -run '^TestCrashConsistency$$' ./formats/qcow ./formats/qcow2 ./formats/vhd ./formats/vmdk
 
 # Real Xen in QEMU (TCG, no KVM needed): Xen 4.17 (and 4.20 where built)
 # with a PV dom0 running this tree's daemon, guests created by real xl with

@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/ram"
+	"github.com/blktap-go/blktap/internal/crashtest"
 )
 
 // killCase is one writable image kind the restart rule covers.
@@ -52,7 +53,7 @@ func TestKillLosesNothingAcknowledged(t *testing.T) {
 	if os.Getenv("BLKTAP_KILL_WRITER") != "" {
 		t.Skip("the writer side runs in TestKillWriterProcess")
 	}
-	rounds := 3
+	rounds := crashtest.Rounds(3)
 	if testing.Short() {
 		rounds = 1
 	}

@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -28,7 +29,7 @@ func TestCrashConsistency(t *testing.T) {
 		qemuImg = oracle.Require(t, "qemu-img")
 	}
 	const size = 384 << 10
-	for seed := range 40 {
+	for seed := range crashtest.Seeds(40) {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
 			rng := rand.New(rand.NewPCG(uint64(seed), 0xC0FFEE))
 			opts := CreateOptions{Size: size}

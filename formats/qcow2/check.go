@@ -222,6 +222,20 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 					continue
 				}
 				if !inc(hoff, img.cs, "data cluster") {
+					// A power cut kept the L2 entry of an allocation but
+					// not the data write that extended the file: no flush
+					// covered that write, so nothing it held need survive.
+					// Unmapping the cluster lets it read what it held
+					// before (backing file or zeros). Only in a table of
+					// the active layer that no snapshot shares.
+					if mode == RepairAll && active && !img.ro && e&entryCopied != 0 && hoff > 0 {
+						var z [8]byte
+						if err := img.writeMeta(z[:], off+j*8, mL2); err != nil {
+							return err
+						}
+						img.fixCachedEntryLocked(off+j*8, 0)
+						res.CorruptionsFixed++
+					}
 					continue
 				}
 				if active {

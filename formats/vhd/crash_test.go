@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -50,8 +51,9 @@ func (n nopClose) UUID() [16]byte { return n.Image.(*Image).UUID() }
 // before the last completed Flush.
 func TestCrashConsistency(t *testing.T) {
 	const size = 3<<20 + 512
+	seeds := int64(crashtest.PerConfig(12, 2))
 	for _, kind := range []string{"dynamic", "differencing"} {
-		for seed := int64(1); seed <= 6; seed++ {
+		for seed := int64(1); seed <= seeds; seed++ {
 			t.Run(fmt.Sprintf("%s/seed%d", kind, seed), func(t *testing.T) {
 				r := rand.New(rand.NewSource(seed))
 				var parent *Image

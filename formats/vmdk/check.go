@@ -123,7 +123,14 @@ func checkSparse(s *sparse, r *CheckResult) {
 			continue
 		}
 		var rt []byte
-		if s.rgd != nil {
+		switch {
+		case s.rgd == nil:
+		case s.rgd[i] == 0:
+			// The primary entry is written first and the redundant one
+			// after it, unsynced between: a power cut may keep only the
+			// primary, which alone names the table on open.
+			r.warn("%s: grain table %d: redundant directory entry 0, primary %d", s.name, i, sec)
+		default:
 			if rt, err = readGT(s.rgd[i]); err != nil {
 				r.corrupt("%s: redundant grain table %d at sector %d: %v", s.name, i, s.rgd[i], err)
 			}

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/crashtest"
 )
 
 // TestCrashConsistency cuts the power at a random write or sync (a
@@ -19,8 +20,8 @@ import (
 // byte acknowledged by the last completed Flush that no later operation
 // touched.
 func TestCrashConsistency(t *testing.T) {
-	seeds := uint64(80)
-	if raceEnabled {
+	seeds := uint64(crashtest.Seeds(80))
+	if raceEnabled && os.Getenv("CRASH_SEEDS") == "" {
 		seeds = 24
 	}
 	for seed := uint64(1); seed <= seeds; seed++ {
