@@ -7,7 +7,8 @@
 # frontend's guest view, every request through the blkif ring). One fio per
 # disk (ioengine=nbd, 4 KiB random read/write, queue depth 16) runs for the
 # whole measurement; meanwhile REPS rounds each time `blktap version` (the
-# cost of starting a process at all), `blktap ls`,
+# cost of starting a process at all), GET /v1/stats with curl (the daemon's
+# own answer, no Go process to start), `blktap ls`,
 # `blktap ls --json`, `blktap attach` of one more domain-0 disk and its
 # `blktap detach`. It prints p50/p99/max per command and fio's throughput
 # during it, and writes them to $RESULTS.
@@ -133,6 +134,11 @@ T0=$(date +%s.%N)
 for ((r = 1; r <= REPS; r++)); do
 	# The floor: starting the binary at all on a machine this busy.
 	timed version "$BLKTAP" version
+	# The daemon's own answer, with no Go process to start: every
+	# worker's counters over the API socket (what ls asks for).
+	if command -v curl >/dev/null; then
+		timed "api stats" curl -sf --unix-socket "$W/st/blktap.sock" http://blktap/v1/stats
+	fi
 	timed ls "$BLKTAP" ls --state-dir "$W/st"
 	timed "ls --json" "$BLKTAP" ls --json --state-dir "$W/st"
 	timed attach "$BLKTAP" attach --state-dir "$W/st" 0 "raw:$W/img/extra.raw" xvdz w
