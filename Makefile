@@ -71,6 +71,8 @@ xen-test:
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem ./...
 	@if [ -x bench/run.sh ]; then bench/run.sh; fi
+	@# The control plane under load (issue 16): ls, attach, detach while fio runs on every disk.
+	@if [ -x bench/ctlplane.sh ]; then bench/ctlplane.sh; fi
 
 # Memory per disk (RSS, PSS, marginal cost; idle, after load, after idle):
 # bench/memory.sh builds this tree and writes bench/results/memory-*/.

@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/blktap-go/blktap/tapengine/worker"
@@ -36,6 +37,12 @@ func (d *Daemon) serveAPI() (stop func(), err error) {
 		return nil, err
 	}
 	mux := http.NewServeMux()
+	// Answered by the API alone, so a client that only needs to know the
+	// daemon is there does not wait on every busy worker's counters.
+	mux.HandleFunc("GET /v1/ping", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		json.NewEncoder(w).Encode(PingReply{Pid: os.Getpid()})
+	})
 	mux.HandleFunc("GET /v1/stats", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		json.NewEncoder(w).Encode(d.stats(r.Context()))
@@ -104,19 +111,33 @@ func (d *Daemon) stats(ctx context.Context) []DeviceStats {
 		procs[k] = p
 	}
 	d.mu.Unlock()
-	out := []DeviceStats{}
+	// Asked all at once: a worker busy serving answers late, and one after
+	// another those delays added up to seconds under load (issue 16).
+	out := make([]DeviceStats, 0, len(procs))
+	var mu sync.Mutex
+	var wg sync.WaitGroup
 	for k, p := range procs {
-		e := DeviceStats{Device: k.String(), WorkerPid: p.Pid()}
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		rep, err := p.Call(cctx, worker.Request{Op: worker.OpStats})
-		cancel()
-		if err != nil {
-			e.Error = err.Error()
-		} else {
-			e.Stats = rep.Stats
-		}
-		out = append(out, e)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			e := DeviceStats{Device: k.String(), WorkerPid: p.Pid()}
+			// Not the request's context: a call cut short kills the
+			// worker (its stream could pair a late reply with the next
+			// request), and a client that gave up must not restart disks.
+			cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 10*time.Second)
+			rep, err := p.Call(cctx, worker.Request{Op: worker.OpStats})
+			cancel()
+			if err != nil {
+				e.Error = err.Error()
+			} else {
+				e.Stats = rep.Stats
+			}
+			mu.Lock()
+			out = append(out, e)
+			mu.Unlock()
+		}()
 	}
+	wg.Wait()
 	sort.Slice(out, func(i, j int) bool { return out[i].Device < out[j].Device })
 	return out
 }
@@ -164,6 +185,38 @@ func apiClient(stateDir string) *http.Client {
 			return d.DialContext(ctx, "unix", sock)
 		},
 	}}
+}
+
+// PingReply is the body of GET /v1/ping.
+type PingReply struct {
+	Pid int `json:"pid"`
+}
+
+// Ping returns once the daemon serving stateDir answers its API. A daemon
+// from before /v1/ping answers it 404 and is asked for its counters
+// instead, which it has always served.
+func Ping(ctx context.Context, stateDir string) error {
+	req, err := http.NewRequestWithContext(ctx, "GET", "http://blktap/v1/ping", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := apiClient(stateDir).Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode == http.StatusNotFound:
+		_, err = FetchStats(ctx, stateDir)
+		return err
+	case resp.StatusCode/100 != 2:
+		return fmt.Errorf("daemon: %s", resp.Status)
+	}
+	var rep PingReply
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 4096)).Decode(&rep); err != nil {
+		return fmt.Errorf("daemon's answer: %w", err)
+	}
+	return nil
 }
 
 // FetchStats asks a running daemon for its devices' counters.

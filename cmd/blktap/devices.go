@@ -9,9 +9,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"text/tabwriter"
 	"time"
 	"unicode/utf8"
@@ -323,13 +325,17 @@ func cmdLs(args []string) error {
 		return err
 	}
 	defer xs.Close()
-	entries := []lsEntry{}
 	self := reconciler.SelfDomid(ctx, xs)
 	if msg, err := xs.Read(ctx, reconciler.ConfigErrorPath(self)); err == nil && msg != "" {
 		// On standard error: the table and the JSON keep their shape.
 		fmt.Fprintf(os.Stderr, "blktap: the daemon kept its previous desired state: %s\n", msg)
 	}
 	root := xenstore.DomainPath(self) + "/backend" // a driver domain's own
+	type found struct {
+		kind     string
+		dom, dev string
+	}
+	var devs []found
 	for _, kind := range []string{reconciler.KindVBD3, reconciler.KindTap, reconciler.KindVBD} {
 		doms, err := xs.Directory(ctx, root+"/"+kind)
 		if errors.Is(err, xenstore.ErrNotFound) {
@@ -338,41 +344,40 @@ func cmdLs(args []string) error {
 			return err
 		}
 		for _, dom := range doms {
-			devs, err := xs.Directory(ctx, root+"/"+kind+"/"+dom)
+			ids, err := xs.Directory(ctx, root+"/"+kind+"/"+dom)
 			if err != nil {
 				continue
 			}
-			for _, dev := range devs {
-				be := root + "/" + kind + "/" + dom + "/" + dev
-				get := func(k string) string { v, _ := xs.Read(ctx, be+"/"+k); return v }
-				d, _ := strconv.ParseUint(dom, 10, 32)
-				id, _ := strconv.ParseUint(dev, 10, 32)
-				fe := get("frontend")
-				feState := ""
-				if fe != "" {
-					feState, _ = xs.Read(ctx, fe+"/state")
-				}
-				pid, _ := strconv.Atoi(get("blktap/worker-pid"))
-				restarts, _ := strconv.Atoi(get("blktap/restarts"))
-				st := reconciler.ParseState(get("state"))
-				e := lsEntry{
-					Schema: lsSchema, Name: get("blktap/name"), Kind: kind, Domain: uint32(d), Devid: uint32(id),
-					Device: config.VdevName(uint32(id)), Mode: get("mode"),
-					State: int(st), StateName: st.String(), Frontend: int(reconciler.ParseState(feState)),
-					Phase: get("blktap/phase"), Error: get("blktap/error"), Export: get("blktap/export"),
-					WorkerPid: pid, Restarts: restarts,
-					Format: get("blktap/format"), Image: get("blktap/image"),
-				}
-				if e.Image == "" {
-					e.Format, e.Image, _ = reconciler.ParseParams(get("params"))
-				}
-				entries = append(entries, e)
+			for _, dev := range ids {
+				devs = append(devs, found{kind, dom, dev})
 			}
 		}
 	}
-	if stats, err := reconciler.FetchStats(ctx, *stateDir); err == nil {
+	// Every read is sent before any answer is awaited: one after another,
+	// each paid a wake-up of the daemon and of this process, and with every
+	// disk busy that made `ls` take seconds (issue 16).
+	type statsReply struct {
+		stats []reconciler.DeviceStats
+		err   error
+	}
+	statsc := make(chan statsReply, 1)
+	go func() {
+		st, err := reconciler.FetchStats(ctx, *stateDir)
+		statsc <- statsReply{st, err}
+	}()
+	entries := make([]lsEntry, len(devs))
+	var wg sync.WaitGroup
+	for i, f := range devs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			entries[i] = readLsEntry(ctx, xs, root+"/"+f.kind+"/"+f.dom+"/"+f.dev, f.kind, f.dom, f.dev)
+		}()
+	}
+	wg.Wait()
+	if r := <-statsc; r.err == nil {
 		byKey := map[string]*worker.Stats{}
-		for _, st := range stats {
+		for _, st := range r.stats {
 			byKey[st.Device] = st.Stats
 		}
 		for i := range entries {
@@ -487,4 +492,42 @@ func elideMiddle(s string, n int) string {
 	}
 	head := n - 1 - tail
 	return string(r[:head]) + "…" + string(r[len(r)-tail:])
+}
+
+// lsKeys are the backend's nodes one `ls` row shows.
+var lsKeys = []string{"frontend", "blktap/worker-pid", "blktap/restarts", "state", "blktap/name", "mode",
+	"blktap/phase", "blktap/error", "blktap/export", "blktap/format", "blktap/image", "params"}
+
+// readLsEntry reads one backend directory's row, its reads in flight
+// together (a missing node reads as "").
+func readLsEntry(ctx context.Context, xs *xenstore.Client, be, kind, dom, dev string) lsEntry {
+	vals := make([]string, len(lsKeys))
+	var wg sync.WaitGroup
+	for i, k := range lsKeys {
+		wg.Add(1)
+		go func() { defer wg.Done(); vals[i], _ = xs.Read(ctx, be+"/"+k) }()
+	}
+	wg.Wait()
+	get := func(k string) string { return vals[slices.Index(lsKeys, k)] }
+	d, _ := strconv.ParseUint(dom, 10, 32)
+	id, _ := strconv.ParseUint(dev, 10, 32)
+	feState := ""
+	if fe := get("frontend"); fe != "" {
+		feState, _ = xs.Read(ctx, fe+"/state")
+	}
+	pid, _ := strconv.Atoi(get("blktap/worker-pid"))
+	restarts, _ := strconv.Atoi(get("blktap/restarts"))
+	st := reconciler.ParseState(get("state"))
+	e := lsEntry{
+		Schema: lsSchema, Name: get("blktap/name"), Kind: kind, Domain: uint32(d), Devid: uint32(id),
+		Device: config.VdevName(uint32(id)), Mode: get("mode"),
+		State: int(st), StateName: st.String(), Frontend: int(reconciler.ParseState(feState)),
+		Phase: get("blktap/phase"), Error: get("blktap/error"), Export: get("blktap/export"),
+		WorkerPid: pid, Restarts: restarts,
+		Format: get("blktap/format"), Image: get("blktap/image"),
+	}
+	if e.Image == "" {
+		e.Format, e.Image, _ = reconciler.ParseParams(get("params"))
+	}
+	return e
 }

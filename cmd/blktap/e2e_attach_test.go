@@ -63,12 +63,8 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	dir := t.TempDir()
 	d := startDaemon(t, bin, "")
 	d.waitAnswering()
-	a, b := filepath.Join(dir, "a.raw"), filepath.Join(dir, "b.raw")
-	for _, f := range []string{a, b} {
-		if out, err := exec.Command(bin, "image", "create", "-f", "raw", f, "32M").CombinedOutput(); err != nil {
-			t.Fatalf("image create: %v %s", err, out)
-		}
-	}
+	imgs := rawImages(t, bin, dir, "32M", "a.raw", "b.raw")
+	a, b := imgs[0], imgs[1]
 	attach := func(args ...string) string {
 		t.Helper()
 		out, err := d.blktap(append([]string{"attach"}, args...)...)

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -24,12 +23,8 @@ func TestEndToEndAttachSurvivesRestart(t *testing.T) {
 	dir := t.TempDir()
 	d := startDaemon(t, bin, "")
 	d.waitAnswering()
-	a, b := filepath.Join(dir, "a.raw"), filepath.Join(dir, "b.raw")
-	for _, f := range []string{a, b} {
-		if out, err := exec.Command(bin, "image", "create", "-f", "raw", f, "16M").CombinedOutput(); err != nil {
-			t.Fatalf("image create: %v %s", err, out)
-		}
-	}
+	imgs := rawImages(t, bin, dir, "16M", "a.raw", "b.raw")
+	a, b := imgs[0], imgs[1]
 	uriA := d.attachURI("0", "aio:"+a, "xvdc", "w")
 	uriB := d.attachURI("1", "aio:"+b, "xvdd", "w")
 	runTool(t, qemuIO, "-f", "raw", uriA, "-c", "write -P 0x5e 0 1M")

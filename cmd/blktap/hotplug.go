@@ -78,7 +78,7 @@ func requireDaemon(ctx context.Context, stateDir string, answerWithin time.Durat
 	conn.Close()
 	actx, cancel := context.WithTimeout(ctx, answerWithin)
 	defer cancel()
-	if _, err := reconciler.FetchStats(actx, stateDir); err != nil {
+	if err := reconciler.Ping(actx, stateDir); err != nil {
 		return fmt.Errorf("the blktap daemon at %s did not answer within %v: %v", apiSock, answerWithin, err)
 	}
 	return nil
