@@ -33,6 +33,11 @@
 #   XEN_TEST_PREV_COMMIT the commit whose `make deb` is the previous version
 #                    for the upgrade scenario (default 9bc94c0: see
 #                    dom0/scenarios-pkg.sh)
+#   XEN_TEST_SYSTEMD 1: one more boot of Xen 4.20 whose dom0 is a trixie root
+#                    with systemd as PID 1 (systemd/build.sh, mmdebstrap):
+#                    dpkg -i starts the unit through the real systemctl, then
+#                    pkg-install and pkg-restart-io run (default 0); "only":
+#                    that boot alone
 #   XEN_TEST_WORK    where the images are built (default: XEN_TEST_CACHE)
 #   XEN_TEST_VERSIONS the Xen versions to boot, in order (default "4.17 4.20":
 #                    4.17 from the host's bookworm packages, 4.20 from
@@ -91,7 +96,7 @@ if [ "${XEN_TEST_PKG:-1}" = 1 ]; then
   fi
   cp "$pdeb" "$pkg/blktap-prev.deb"
   (cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$pkg/systemctl" ./test/xen/systemctl) || die "go build of the systemctl stand-in failed"
-  echo "xen-test: dom0 installs $(basename "$cur") with dpkg (previous version: $(dpkg-deb -f "$pdeb" Version)); the unit runs under the harness's systemctl stand-in, not systemd" >&2
+  echo "xen-test: dom0 installs $(basename "$cur") with dpkg (previous version: $(dpkg-deb -f "$pdeb" Version)); the unit runs under the harness's systemctl stand-in, not systemd$([ "${XEN_TEST_SYSTEMD:-0}" = 0 ] || echo ", and in the XEN_TEST_SYSTEMD boot under systemd")" >&2
   export XT_PKG_DIR=$pkg
 fi
 "$here/build-initrds.sh" "$w" "$kroot" "$kver" "$w/blktap" >"$out/build-4.17.log" 2>&1 ||
@@ -110,6 +115,15 @@ if [[ " $versions " == *" 4.20 "* ]]; then
   done
 fi
 
+# The systemd dom0: the same Xen 4.20 and kernel, a trixie root whose PID 1
+# is systemd (its modules and guest image from the 4.20 busybox dom0).
+if [ "${XEN_TEST_SYSTEMD:-0}" != 0 ]; then
+  [ -n "${XEN[4.20]:-}" ] && [ -n "${XT_PKG_DIR:-}" ] || die "XEN_TEST_SYSTEMD=1 needs Xen 4.20 in XEN_TEST_VERSIONS and XEN_TEST_PKG=1"
+  line=$("$here/systemd/build.sh" "$cache" "$w20" "$w20/dom0-root" "$XT_PKG_DIR" 2>"$out/build-4.20-systemd.log" | tail -n 1)
+  [[ $line == DOM0_INITRD=* ]] || { tail -n 20 "$out/build-4.20-systemd.log" >&2; die "building the systemd dom0 failed (see $out/build-4.20-systemd.log)"; }
+  XEN[4.20-systemd]=${XEN[4.20]} KERNEL[4.20-systemd]=${KERNEL[4.20]} INITRD[4.20-systemd]=${line#*=}
+fi
+
 # boot LOG SMP ONLY VERSION: one boot of Xen VERSION with its dom0 initramfs, SMP
 # vCPUs, the scenarios ONLY (comma-separated; empty: all); the serial
 # console, timestamped, goes to LOG. Returns when dom0 is done, crashed or
@@ -119,8 +133,9 @@ boot() {
   rm -f "$fifo"; mkfifo "$fifo"
   local xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot ${XEN_TEST_XENARGS:-}"
   local skip=
-  [[ $pkg_full == all || " $pkg_full " == *" $v "* ]] || skip=pkg-restart-io+pkg-upgrade+pkg-remove
-  local dom0args="console=hvc0 earlyprintk=xen rdinit=/init loglevel=4${only:+ xt_only=${only//,/+}}${skip:+ xt_skip=$skip}${XEN_TEST_STRESS:+ xt_stress=$XEN_TEST_STRESS}"  # qemu splits -initrd at commas
+  [[ $pkg_full == all || " $pkg_full " == *" ${v%-systemd} "* ]] || skip=pkg-restart-io+pkg-upgrade+pkg-remove
+  local rdinit=/init; [[ $v != *-systemd ]] || rdinit=/lib/systemd/systemd
+  local dom0args="console=hvc0 earlyprintk=xen rdinit=$rdinit loglevel=4${only:+ xt_only=${only//,/+}}${skip:+ xt_skip=$skip}${XEN_TEST_STRESS:+ xt_stress=$XEN_TEST_STRESS}"  # qemu splits -initrd at commas
   t0=${EPOCHREALTIME/./}
   echo "host-start $(date -u +%FT%TZ) xen=$v cpu=$cpu smp=$smp" >"$log"
   timeout "$tmo" qemu-system-x86_64 -accel tcg,thread=multi -machine pc -cpu "$cpu" -smp "$smp" -m 2560 \
@@ -216,6 +231,7 @@ PASSED=0 FAILED=0
 # Every scenario on one vCPU (the steadiest under TCG) for each version,
 # then a boot with two vCPUs in dom0 and the guest, where blkfront
 # negotiates two queues: multi-queue is checked there.
+[ "${XEN_TEST_SYSTEMD:-0}" != only ] || versions=
 for v in $versions; do
   [ -n "${XEN[$v]:-}" ] || die "no images for Xen $v (XEN_TEST_VERSIONS takes 4.17 and 4.20)"
   # hvm runs only in its own boot (below)
@@ -231,6 +247,11 @@ for v in $versions; do
     cpu=qemu64,+svm,+npt XEN_TEST_XENARGS="${XEN_TEST_XENARGS:-} guest_loglvl=all" run_version xen-$v-hvm 1 images,hvm $v
   fi
 done
+if [ -n "${INITRD[4.20-systemd]:-}" ]; then
+  # no rerun: its two scenarios are what this boot is for
+  one_boot xen-4.20-systemd 1 "" 4.20-systemd
+  cat "$out/verdict-xen-4.20-systemd.txt" >>"$out/verdicts.txt"
+fi
 echo "---- every scenario:"; cat "$out/verdicts.txt"
 PASSED=$(grep -c '^PASS' "$out/verdicts.txt"); FAILED=$(grep -c '^FAIL' "$out/verdicts.txt")
 echo "$PASSED passed, $FAILED failed"

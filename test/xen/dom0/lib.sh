@@ -72,6 +72,7 @@ xt_dump() { # NAME LOG: what a failure needs to be understood. Every step is
   local t="timeout 20"
   echo "---- $1: scenario log"; tail -n 80 "$2"
   echo "---- $1: daemon log (tail)"; tail -n 60 /var/log/blktap.log 2>/dev/null
+  [ "$(cat /proc/1/comm 2>/dev/null)" != systemd ] || $t journalctl -u blktap.service -n 60 --no-pager 2>&1
   echo "---- $1: processes"; ps -o pid,stat,args 2>/dev/null | grep -E 'xenstored|xenconsoled|blktap|xl ' | grep -v grep
   echo "---- $1: xenstore backends"; $t xenstore-ls -f /local/domain/0/backend 2>&1 | grep -vE '/(feature-|discard-|sector-size|physical-sector|multi-queue-max|max-ring)' | head -n 80
   local f; for f in /var/log/xen/console/guest-*.log; do

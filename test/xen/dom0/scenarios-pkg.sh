@@ -20,6 +20,14 @@ PKG_GUEST=gp
 PKG_UNIT=blktap.service
 
 pkg_enabled() { [ -f /xt/pkg/blktap.deb ]; }
+# pkg_systemd: systemd is PID 1 (the XEN_TEST_SYSTEMD boot), not the stand-in
+pkg_systemd() { [ "$(cat /proc/1/comm 2>/dev/null)" = systemd ]; }
+# pkg_ready: how long the unit's last start took from exec to the daemon's
+# READY=1 (systemd's own timestamps: ExecMainStart -> ActiveEnter)
+pkg_ready() {
+  systemctl show -p ExecMainStartTimestampMonotonic -p ActiveEnterTimestampMonotonic $PKG_UNIT |
+    awk -F= '{v[$1] = $2} END {printf "READY %.2f s after exec", (v["ActiveEnterTimestampMonotonic"] - v["ExecMainStartTimestampMonotonic"]) / 1e6}'
+}
 pkg_plan() { pkg_enabled && echo pkg-install pkg-hotplug-nodaemon pkg-restart-io pkg-upgrade pkg-remove; }
 
 # pkg_log FILE: a transcript's lines as XT-INFO on the console (init) or
@@ -54,9 +62,14 @@ pkg_install() {
 ExecStart=
 ExecStart=/usr/sbin/blktap run $BLKTAP_ARGS
 EOF
-  xt_info "pkg: the unit runs under the harness's systemctl stand-in (test/xen/systemctl), not systemd: dom0 is an initramfs without it"
+  if pkg_systemd; then
+    xt_info "pkg: the unit runs under systemd as PID 1 ($(systemctl --version | head -n 1))"
+  else
+    xt_info "pkg: the unit runs under the harness's systemctl stand-in (test/xen/systemctl), not systemd: dom0 is an initramfs without it"
+  fi
   XT_PKG_PREFIX=XT-INFO pkg_dpkg -i /xt/pkg/blktap.deb || xt_info "pkg: dpkg -i failed"
   xt_info "pkg: systemctl is-active $PKG_UNIT: $(systemctl is-active $PKG_UNIT 2>&1); $(systemctl show -p MainPID $PKG_UNIT); $(blktap --version 2>&1 | head -n 1)"
+  if pkg_systemd; then xt_info "pkg: $PKG_UNIT $(pkg_ready); is-enabled: $(systemctl is-enabled $PKG_UNIT 2>&1)"; fi
 }
 
 # pkg_worker BE: the worker pid serving that backend
@@ -112,6 +125,11 @@ sc_pkg_install() { # the package as dpkg sees it, and the daemon its unit runs
     [ -e "$f" ] || fail "$f is missing"
   done
   echo "INFO $st, daemon $pid ($(blktap --version | head -n 1))"
+  if pkg_systemd; then
+    [ "$(systemctl is-enabled $PKG_UNIT)" = enabled ] || fail "$PKG_UNIT is $(systemctl is-enabled $PKG_UNIT), want enabled by the postinst"
+    echo "INFO $PKG_UNIT $(pkg_ready)"
+    systemctl status --no-pager --lines=5 $PKG_UNIT 2>&1 | sed 's/^/INFO systemctl status: /'
+  fi
   dpkg-deb -c /xt/pkg/blktap.deb | awk '{print "INFO dpkg -c: " $1 " " $6 ($7 ? " " $7 " " $8 : "")}'
   pkg_log /var/log/xt/pkg-transcript.log
 }
@@ -155,6 +173,10 @@ sc_pkg_restart_io() { # systemctl restart while the guest writes and reads back
   t1=$(up)
   local pid1; pid1=$(main_pid)
   echo "INFO systemctl restart during guest I/O ($GX): $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b-a}') s, daemon $pid0 -> $pid1"
+  if pkg_systemd; then
+    echo "INFO after the restart: $PKG_UNIT $(pkg_ready)"
+    systemctl status --no-pager --lines=0 $PKG_UNIT 2>&1 | sed 's/^/INFO systemctl status: /'
+  fi
   [ -n "$pid1" ] && [ "$pid1" != "$pid0" ] || fail "the daemon was not restarted (MainPID $pid0 -> '$pid1')"
   [ "$(pkg_worker $be)" = "$w0" ] || fail "the worker changed: $w0 -> $(pkg_worker $be) (KillMode=process should keep it)"
   pkg_bgio_end xvda pkg-a.raw 8
