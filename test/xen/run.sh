@@ -29,15 +29,19 @@
 #                    long scenarios (pkg-restart-io, pkg-upgrade, pkg-remove:
 #                    1.5-2.5 min each under TCG); default "4.20", so that
 #                    CI's 90 minutes hold both versions. pkg-install and
-#                    pkg-hotplug-nodaemon run on every version. "all": every one.
+#                    pkg-hotplug-nodaemon run on every version; with the
+#                    systemd boot (XEN_TEST_SYSTEMD), pkg-restart-io runs
+#                    there only. "all": every one.
 #   XEN_TEST_PREV_COMMIT the commit whose `make deb` is the previous version
 #                    for the upgrade scenario (default 9bc94c0: see
 #                    dom0/scenarios-pkg.sh)
-#   XEN_TEST_SYSTEMD 1: one more boot of Xen 4.20 whose dom0 is a trixie root
+#   XEN_TEST_SYSTEMD one more boot of Xen 4.20 whose dom0 is a trixie root
 #                    with systemd as PID 1 (systemd/build.sh, mmdebstrap):
 #                    dpkg -i starts the unit through the real systemctl, then
-#                    pkg-install and pkg-restart-io run (default 0); "only":
-#                    that boot alone
+#                    pkg-install and pkg-restart-io run, and the stand-in
+#                    boots skip pkg-restart-io. Default: on in a full run
+#                    (4.20 booted, XEN_TEST_PKG=1, no XEN_TEST_ONLY);
+#                    1: always; 0: never; "only": that boot alone
 #   XEN_TEST_WORK    where the images are built (default: XEN_TEST_CACHE)
 #   XEN_TEST_VERSIONS the Xen versions to boot, in order (default "4.17 4.20":
 #                    4.17 from the host's bookworm packages, 4.20 from
@@ -96,7 +100,7 @@ if [ "${XEN_TEST_PKG:-1}" = 1 ]; then
   fi
   cp "$pdeb" "$pkg/blktap-prev.deb"
   (cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$pkg/systemctl" ./test/xen/systemctl) || die "go build of the systemctl stand-in failed"
-  echo "xen-test: dom0 installs $(basename "$cur") with dpkg (previous version: $(dpkg-deb -f "$pdeb" Version)); the unit runs under the harness's systemctl stand-in, not systemd$([ "${XEN_TEST_SYSTEMD:-0}" = 0 ] || echo ", and in the XEN_TEST_SYSTEMD boot under systemd")" >&2
+  echo "xen-test: dom0 installs $(basename "$cur") with dpkg (previous version: $(dpkg-deb -f "$pdeb" Version)); the unit runs under the harness's systemctl stand-in, and in one more boot of 4.20 under systemd (unless XEN_TEST_SYSTEMD=0)" >&2
   export XT_PKG_DIR=$pkg
 fi
 "$here/build-initrds.sh" "$w" "$kroot" "$kver" "$w/blktap" >"$out/build-4.17.log" 2>&1 ||
@@ -117,8 +121,12 @@ fi
 
 # The systemd dom0: the same Xen 4.20 and kernel, a trixie root whose PID 1
 # is systemd (its modules and guest image from the 4.20 busybox dom0).
-if [ "${XEN_TEST_SYSTEMD:-0}" != 0 ]; then
-  [ -n "${XEN[4.20]:-}" ] && [ -n "${XT_PKG_DIR:-}" ] || die "XEN_TEST_SYSTEMD=1 needs Xen 4.20 in XEN_TEST_VERSIONS and XEN_TEST_PKG=1"
+sd=${XEN_TEST_SYSTEMD:-auto}
+if [ "$sd" = auto ]; then
+  sd=0; [ -n "${XEN[4.20]:-}" ] && [ -n "${XT_PKG_DIR:-}" ] && [ -z "$only" ] && sd=1
+fi
+if [ "$sd" != 0 ]; then
+  [ -n "${XEN[4.20]:-}" ] && [ -n "${XT_PKG_DIR:-}" ] || die "XEN_TEST_SYSTEMD=$sd needs Xen 4.20 in XEN_TEST_VERSIONS and XEN_TEST_PKG=1"
   line=$("$here/systemd/build.sh" "$cache" "$w20" "$w20/dom0-root" "$XT_PKG_DIR" 2>"$out/build-4.20-systemd.log" | tail -n 1)
   [[ $line == DOM0_INITRD=* ]] || { tail -n 20 "$out/build-4.20-systemd.log" >&2; die "building the systemd dom0 failed (see $out/build-4.20-systemd.log)"; }
   XEN[4.20-systemd]=${XEN[4.20]} KERNEL[4.20-systemd]=${KERNEL[4.20]} INITRD[4.20-systemd]=${line#*=}
@@ -134,6 +142,8 @@ boot() {
   local xenargs="console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=$smp loglvl=warning guest_loglvl=warning noreboot ${XEN_TEST_XENARGS:-}"
   local skip=
   [[ $pkg_full == all || " $pkg_full " == *" ${v%-systemd} "* ]] || skip=pkg-restart-io+pkg-upgrade+pkg-remove
+  # the restart under load runs under real systemd in its own boot
+  [[ $v == *-systemd || $sd == 0 || $skip == *pkg-restart-io* ]] || skip=pkg-restart-io${skip:++$skip}
   local rdinit=/init; [[ $v != *-systemd ]] || rdinit=/lib/systemd/systemd
   local dom0args="console=hvc0 earlyprintk=xen rdinit=$rdinit loglevel=4${only:+ xt_only=${only//,/+}}${skip:+ xt_skip=$skip}${XEN_TEST_STRESS:+ xt_stress=$XEN_TEST_STRESS}"  # qemu splits -initrd at commas
   t0=${EPOCHREALTIME/./}
@@ -231,7 +241,7 @@ PASSED=0 FAILED=0
 # Every scenario on one vCPU (the steadiest under TCG) for each version,
 # then a boot with two vCPUs in dom0 and the guest, where blkfront
 # negotiates two queues: multi-queue is checked there.
-[ "${XEN_TEST_SYSTEMD:-0}" != only ] || versions=
+[ "$sd" != only ] || versions=
 for v in $versions; do
   [ -n "${XEN[$v]:-}" ] || die "no images for Xen $v (XEN_TEST_VERSIONS takes 4.17 and 4.20)"
   # hvm runs only in its own boot (below)

@@ -25,16 +25,22 @@ mkdir -p "$base" "$out"
 # minutes under TCG.
 pkgs=systemd,systemd-sysv,dbus,xen-utils-4.20,xen-utils-common,xenstore-utils,qemu-utils,kmod,busybox-static
 if [ ! -f "$base/root/.complete" ] || [ "$(cat "$base/root/.complete")" != "$pkgs" ]; then
-  command -v mmdebstrap >/dev/null ||
-    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mmdebstrap >&2
+  # a fresh machine may carry stale package lists: refresh and try once more
+  command -v mmdebstrap >/dev/null || { DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mmdebstrap ||
+    { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends mmdebstrap; }; } >&2
   mirror=$(grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}' | grep -v security | head -n1 || true)
   rm -rf "$base/root.new"
   # docs, man pages and translations: a third of the image, and the
   # initramfs lives in dom0's 1536 MB
-  mmdebstrap --variant=minbase --mode=root --include="$pkgs" \
-    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
-    --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
-    trixie "$base/root.new" "${mirror:-http://deb.debian.org/debian}" >&2
+  mmdeb() {
+    rm -rf "$base/root.new"
+    mmdebstrap --variant=minbase --mode=root --include="$pkgs" \
+      --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+      --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
+      trixie "$base/root.new" "${mirror:-http://deb.debian.org/debian}" >&2
+  }
+  # a mirror that hiccups once should not fail the run
+  mmdeb || { sleep 10; mmdeb; }
   echo "$pkgs" >"$base/root.new/.complete"
   rm -rf "$base/root"; mv "$base/root.new" "$base/root"
 fi
