@@ -102,12 +102,18 @@ func TestAttachRealXenGuest(t *testing.T) {
 		t.Fatal(err)
 	}
 	// attach asks the daemon's API before it writes anything: this one
-	// answers that it serves no disk yet.
+	// answers that it is there, and serves no disk yet.
 	api, err := net.Listen("unix", filepath.Join(dir, reconciler.APISocket))
 	if err != nil {
 		t.Fatal(err)
 	}
-	go http.Serve(api, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "[]") }))
+	go http.Serve(api, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v1/ping" {
+			io.WriteString(w, `{"pid": 1}`)
+			return
+		}
+		io.WriteString(w, "[]")
+	}))
 	defer api.Close()
 	be := reconciler.Key{Kind: reconciler.KindVBD3, Domid: 3, Devid: 51728}.BackendPath(0)
 	attach := func(mode string) (string, error) {
