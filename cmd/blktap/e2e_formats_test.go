@@ -120,12 +120,7 @@ func TestEndToEndRemoteNBD(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { srv.Process.Kill(); srv.Wait() })
-	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	oracle.WaitListening(t, sock, 10*time.Second)
 	d := startDaemon(t, bin, "")
 	d.waitAnswering()
 	uri := d.attachURI("0", "nbd:nbd+unix:///?socket="+sock, "xvdc", "w")

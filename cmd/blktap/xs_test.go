@@ -30,12 +30,7 @@ func TestXenstoreCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer func() { srv.Process.Signal(syscall.SIGTERM); srv.Wait() }()
-	for i := 0; i < 100; i++ {
-		if _, err := os.Stat(sock); err == nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	oracle.WaitListening(t, sock, 10*time.Second)
 	ours := func(args ...string) (string, error) {
 		out, err := exec.Command(bin, append([]string{"xenstore", "--xenstore", sock}, args...)...).CombinedOutput()
 		return strings.TrimSpace(string(out)), err

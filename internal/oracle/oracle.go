@@ -4,9 +4,11 @@
 package oracle
 
 import (
+	"net"
 	"os"
 	"os/exec"
 	"testing"
+	"time"
 )
 
 // packages names the Debian package that ships each oracle.
@@ -57,4 +59,23 @@ func Require(t testing.TB, program string) string {
 	}
 	t.Skipf("oracle %s missing (apt-get install %s)", program, pkg)
 	return ""
+}
+
+// WaitListening waits until a server accepts connections on the Unix
+// socket path, failing t after within. The socket file appears at bind,
+// before listen, so its existence alone lets a client be refused.
+func WaitListening(t testing.TB, path string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		c, err := net.Dial("unix", path)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nothing accepts connections on %s after %v: %v", path, within, err)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -188,12 +188,7 @@ func TestHandshakeQemuNbd(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
-		for i := 0; i < 500; i++ {
-			if _, err := os.Stat(sock); err == nil {
-				break
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
+		oracle.WaitListening(t, sock, 10*time.Second)
 		c, e, err := dialHandshake(t, sock, "disk")
 		if err != nil {
 			t.Fatalf("qemu-nbd (ro=%v): %v\n%s", ro, err, stderr.String())
