@@ -11,7 +11,8 @@
 #   DOM0_ROOT  the 4.20 busybox dom0 tree of trixie/build.sh: its kernel
 #              modules (depmod'ed) and the guest's kernel and initramfs
 #              come from there, so both boots run the same guest
-#   PKG_DIR    blktap.deb (make deb), installed at boot by dpkg -i
+#   PKG_DIR    blktap.deb (make deb), installed at boot by dpkg -i, and
+#              blktap-prev.deb, the previous version (pkg-upgrade)
 # Prints on its last line: DOM0_INITRD=OUT/dom0-systemd.cpio.gz
 set -euo pipefail
 cache=${1:?cache} out=${2:?out} dom0=${3:?busybox dom0 root} pkg=${4:?package dir}
@@ -57,7 +58,7 @@ mkdir -p "$R/boot"; cp "$dom0/boot/vmlinuz" "$dom0/boot/guest-initrd.cpio" "$R/b
 mkdir -p "$R/xt/pkg" "$R/images"
 cp "$here/../dom0/lib.sh" "$here/../dom0/scenarios.sh" "$here/../dom0/scenarios-pkg.sh" "$here/main" "$R/xt/"
 chmod +x "$R/xt/main"
-cp "$pkg/blktap.deb" "$R/xt/pkg/"
+cp "$pkg/blktap.deb" "$pkg/blktap-prev.deb" "$R/xt/pkg/"
 ln -sf /usr/bin/busybox "$R/usr/local/bin/ps"   # first in systemd's PATH
 # as dom0/init loads them (xen.service loads xenfs, evtchn and gntdev itself)
 printf '%s\n' xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs loop xen-blkfront >"$R/etc/modules-load.d/xt.conf"
