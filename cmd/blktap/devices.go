@@ -367,10 +367,15 @@ func cmdLs(args []string) error {
 	}()
 	entries := make([]lsEntry, len(devs))
 	var wg sync.WaitGroup
+	// A bound on the requests in flight at once (about 13 per device):
+	// xenstored may cap a connection's outstanding requests (oxenstored's
+	// quota-maxoutstanding), and a host may have hundreds of disks.
+	slots := make(chan struct{}, 16)
 	for i, f := range devs {
 		wg.Add(1)
+		slots <- struct{}{}
 		go func() {
-			defer wg.Done()
+			defer func() { <-slots; wg.Done() }()
 			entries[i] = readLsEntry(ctx, xs, root+"/"+f.kind+"/"+f.dom+"/"+f.dev, f.kind, f.dom, f.dev)
 		}()
 	}
