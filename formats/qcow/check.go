@@ -100,10 +100,10 @@ func Check(path string, opts CheckOptions) (*CheckResult, error) {
 		return nil, fmt.Errorf("qcow: check: %w", err)
 	}
 	defer f.Close()
-	return check(osFile{f}, opts)
+	return check(hostfile.OSFile{File: f}, opts)
 }
 
-func check(st storage, opts CheckOptions) (*CheckResult, error) {
+func check(st hostfile.File, opts CheckOptions) (*CheckResult, error) {
 	r := &CheckResult{Format: formatName, Corruptions: []Problem{}, Leaks: []Problem{}}
 	size, err := st.Size()
 	if err != nil {

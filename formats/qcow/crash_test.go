@@ -9,10 +9,13 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
+// crashOp is a write or discard since the last completed flush: after
+// the crash its range may hold its data or what was there before.
 type crashOp struct {
 	off  int64
 	data []byte // zeros for a discard
@@ -50,7 +53,9 @@ func TestCrashConsistency(t *testing.T) {
 			} else {
 				img = openMem(t, m, nil)
 			}
-			m.budget = rng.IntN(80)
+			// The power goes at a write: the one after the first
+			// rng.IntN(80).
+			m.FS().Schedule(rng.IntN(80)+1, crashfs.Writes)
 			flushed := append([]byte(nil), model...)
 			var since []crashOp
 			for range 60 {
@@ -79,7 +84,8 @@ func TestCrashConsistency(t *testing.T) {
 					break
 				}
 			}
-			crashed := m.crashImage(rng)
+			// Each write since the last sync kept when the coin says so.
+			crashed := m.Crash(func() bool { return rng.IntN(2) != 0 })
 			var bi *memImage
 			if backing != nil {
 				bi = backing

@@ -2,7 +2,6 @@ package qcow
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"math/bits"
@@ -80,7 +79,11 @@ func Create(path string, opts CreateOptions) (err error) {
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("qcow: create: %w", err)
 	}
-	return syncDir(filepath.Dir(path))
+	// The new name must survive a crash too.
+	if err := (hostfile.OSFS{}).SyncDir(filepath.Dir(path)); err != nil {
+		return fmt.Errorf("qcow: create: %w", err)
+	}
+	return nil
 }
 
 // initialFile is the whole new image: header, backing name, zeroed L1,
@@ -90,18 +93,6 @@ func initialFile(h *header) []byte {
 	copy(buf, encodeHeader(h))
 	copy(buf[headerSize:], h.backingName)
 	return buf
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("qcow: create: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("qcow: create: syncing directory: %w", err)
-	}
-	return nil
 }
 
 func createHeader(opts CreateOptions) (*header, error) {

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -30,7 +31,7 @@ func badImages(t *testing.T) map[string][]byte {
 		img := openMem(t, m, backing)
 		img.WriteAt(bytes.Repeat([]byte{0xA5}, 8192), 4096)
 		img.Close()
-		return append([]byte(nil), m.data...)
+		return m.Bytes()
 	}
 	good := base(CreateOptions{Size: 1 << 20})
 	// good: L1 at 48 (1 entry), L2 table at 4096, clusters at 8192, 12288.
@@ -80,7 +81,7 @@ func badImages(t *testing.T) map[string][]byte {
 		}),
 		"blktap-le-l1.qcow": func() []byte {
 			img := buildBlktapImage(t, false)
-			return append([]byte(nil), img.st.(*memFile).data...)
+			return img.st.(*crashfs.File).Bytes()
 		}(),
 	}
 	withBacking := func(name string) []byte {

@@ -46,7 +46,7 @@ type Options struct {
 // Image is an open qcow (v1) image. It implements image.Image and is safe
 // for concurrent use.
 type Image struct {
-	st      storage
+	st      hostfile.File
 	path    string
 	h       *header
 	ro      bool
@@ -98,7 +98,7 @@ func Open(path string, opts Options) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qcow: open: %w", err)
 	}
-	img, err := openStorage(osFile{f}, path, opts)
+	img, err := openStorage(hostfile.OSFile{File: f}, path, opts)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -106,9 +106,9 @@ func Open(path string, opts Options) (*Image, error) {
 	return img, nil
 }
 
-// openStorage opens an image on any storage (tests use in-memory ones).
-// On error the storage is left open for the caller to close.
-func openStorage(st storage, path string, opts Options) (*Image, error) {
+// openStorage opens an image on any host file (tests use crashfs ones).
+// On error the file is left open for the caller to close.
+func openStorage(st hostfile.File, path string, opts Options) (*Image, error) {
 	size, err := st.Size()
 	if err != nil {
 		return nil, fmt.Errorf("qcow: %w", err)
@@ -167,7 +167,7 @@ func openStorage(st storage, path string, opts Options) (*Image, error) {
 
 // readL1 loads and validates the L1 table. Its size is bounded by the file
 // (checked in parseHeader) and by maxL1Bytes.
-func readL1(st storage, h *header, fileSize int64) ([]uint64, error) {
+func readL1(st hostfile.File, h *header, fileSize int64) ([]uint64, error) {
 	raw := make([]byte, h.l1Entries*8)
 	if err := hostfile.ReadFull(st, raw, int64(h.l1Offset)); err != nil {
 		return nil, fmt.Errorf("qcow: reading L1 table: %w", err)

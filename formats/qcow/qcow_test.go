@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 )
 
 // TestModel drives random writes, discards and reads against a byte-slice
@@ -74,9 +75,9 @@ func TestModel(t *testing.T) {
 			if err := img.Close(); err != nil {
 				t.Fatal(err)
 			}
-			img = openMem(t, newMemFile(m.data), bi)
+			img = openMem(t, newMemFile(m.Bytes()), bi)
 			checkWhole(t, img, model)
-			res, err := check(newMemFile(m.data), CheckOptions{})
+			res, err := check(newMemFile(m.Bytes()), CheckOptions{})
 			if err != nil || !res.OK() {
 				t.Fatalf("check: %v %+v", err, res)
 			}
@@ -207,7 +208,7 @@ func TestErrors(t *testing.T) {
 		t.Fatalf("second close: %v", err)
 	}
 
-	ro, err := openStorage(newMemFile(m.data), "mem", Options{ReadOnly: true})
+	ro, err := openStorage(newMemFile(m.Bytes()), "mem", Options{ReadOnly: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -232,11 +233,12 @@ func TestErrors(t *testing.T) {
 	// A failing write surfaces and the image stays readable.
 	mw := newMem(t, CreateOptions{Size: 1 << 20})
 	imgw := openMem(t, mw, nil)
-	mw.writeErr = errors.New("EIO")
+	eio := errors.New("EIO")
+	mw.FS().FailWrites(func(int) error { return eio })
 	if _, err := imgw.WriteAt([]byte{1}, 0); err == nil {
 		t.Fatal("write on a failing file succeeded")
 	}
-	mw.writeErr = nil
+	mw.FS().FailWrites(nil)
 	if _, err := imgw.WriteAt([]byte{1}, 0); err != nil {
 		t.Fatal(err)
 	}
@@ -262,8 +264,8 @@ func TestBlktapLittleEndianL1(t *testing.T) {
 	if _, err := img.WriteAt(p, 3<<20); err != nil {
 		t.Fatal(err)
 	}
-	m := img.st.(*memFile)
-	again := openMem(t, newMemFile(m.data), nil)
+	m := img.st.(*crashfs.File)
+	again := openMem(t, newMemFile(m.Bytes()), nil)
 	got = make([]byte, 100)
 	again.ReadAt(got, 3<<20)
 	if !bytes.Equal(got, p) {

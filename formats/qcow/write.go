@@ -2,8 +2,11 @@ package qcow
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"slices"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/hostfile"
@@ -454,10 +457,6 @@ func (img *Image) deallocate(vc0, vcN int64) error {
 	// loses an entry, that entry points at a hole, which reads as zeros
 	// too, and freed space is never handed out again (allocation only
 	// appends).
-	hp, ok := img.st.(holePuncher)
-	if !ok {
-		return nil
-	}
 	hosts := make([]uint64, 0, len(fr))
 	for _, f := range fr {
 		if f.host&flagCompressed == 0 && f.host >= img.l1End() {
@@ -471,7 +470,11 @@ func (img *Image) deallocate(vc0, vcN int64) error {
 		for j < len(hosts) && hosts[j] == hosts[j-1]+cs {
 			j++
 		}
-		if err := hp.PunchHole(int64(hosts[i]), int64(uint64(j-i)*cs)); err != nil {
+		err := img.st.PunchHole(int64(hosts[i]), int64(uint64(j-i)*cs))
+		if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+			err = nil // the range already reads as zeros through the L2 entry; space is merely kept
+		}
+		if err != nil {
 			return fmt.Errorf("qcow: punching freed clusters: %w", err)
 		}
 		i = j
