@@ -73,11 +73,11 @@ func Check(path string, opts CheckOptions) (*CheckResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: %w", err)
 	}
-	if err := (osFile{f}).lockImage(!ro); err != nil {
+	if err := lockImage(f, !ro); err != nil {
 		f.Close()
 		return nil, err
 	}
-	img, err := openStorage(osFile{f}, path, Options{ReadOnly: ro, checkOnly: true})
+	img, err := openStorage(hostfile.OSFile{File: f}, path, Options{ReadOnly: ro, checkOnly: true})
 	if err != nil {
 		f.Close()
 		return nil, err

@@ -178,7 +178,8 @@ func crashOnce(t *testing.T, dir string, o CreateOptions, name string, seed uint
 	}
 	// Power cut: the image object is abandoned, the disk keeps what it keeps.
 	p := filepath.Join(dir, fmt.Sprintf("%s-%d.qcow2", name, seed))
-	if err := os.WriteFile(p, mf.crash(rng), 0o644); err != nil {
+	// Each write since the last sync kept when the coin says so.
+	if err := os.WriteFile(p, mf.Crash(func() bool { return rng.IntN(2) == 0 }), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if o.LazyRefcounts {
@@ -195,8 +196,9 @@ func crashOnce(t *testing.T, dir string, o CreateOptions, name string, seed uint
 		res, err := Check(p, CheckOptions{})
 		if err != nil || res.Corruptions != 0 {
 			if os.Getenv("QCOW2_DEBUG") != "" {
-				for i, w := range mf.pending {
-					t.Logf("pending %d off %d len %d trunc %v kept %v", i, w.off, len(w.data), w.trunc, mf.kept[i])
+				pending, kept := mf.Pending()
+				for i, w := range pending {
+					t.Logf("pending %d off %d len %d trunc %v kept %v", i, w.Off, len(w.Data), w.Truncate, kept[i])
 				}
 				t.Logf("reftable at %d: %x", img.mu.refOff, img.mu.refTable[:80])
 			}

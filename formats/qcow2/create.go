@@ -7,6 +7,8 @@ import (
 	"math/bits"
 	"os"
 	"path/filepath"
+
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // CreateOptions describe a new image. Zero values take qemu-img's
@@ -42,13 +44,16 @@ func Create(path string, o CreateOptions) error {
 	}
 	err = writeLayout(f, h, meta)
 	if err == nil {
-		err = osFile{f}.Sync()
+		err = hostfile.Fdatasync(f)
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if err == nil {
-		err = syncDir(filepath.Dir(path))
+		// The new name must survive a crash too.
+		if err = (hostfile.OSFS{}).SyncDir(filepath.Dir(path)); err != nil {
+			err = fmt.Errorf("qcow2: create: %w", err)
+		}
 	}
 	if err != nil {
 		os.Remove(path)
@@ -170,18 +175,6 @@ func writeLayout(f *os.File, h *header, ml metaLayout) error {
 		return fmt.Errorf("qcow2: create: %w", err)
 	}
 	return errors.Join(w(rt, cs), w(rb, cs*(1+ml.rtc)), w(hb, 0))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("qcow2: sync directory: %w", err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("qcow2: sync directory %s: %w", dir, err)
-	}
-	return nil
 }
 
 // CreateImage creates an image and opens it for writing (the backing file,

@@ -5,16 +5,15 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -197,119 +196,5 @@ func fill(rng *rand.Rand, n int) []byte {
 	return b[:n]
 }
 
-// memFile is a storage that remembers which writes were synced, so a test
-// can "crash" it: the durable image plus any subset of the writes issued
-// since the last sync.
-type memFile struct {
-	mu      sync.Mutex
-	cur     []byte
-	durable []byte
-	pending []pendingWrite
-	kept    []bool // of the last crash, for debugging
-}
-
-type pendingWrite struct {
-	off   int64
-	data  []byte
-	trunc bool // a length change to off
-}
-
-func (w pendingWrite) apply(b []byte) []byte {
-	if w.trunc {
-		if w.off < int64(len(b)) {
-			return b[:w.off]
-		}
-		return grow(b, w.off)
-	}
-	b = grow(b, w.off+int64(len(w.data)))
-	copy(b[w.off:], w.data)
-	return b
-}
-
-func (m *memFile) Truncate(n int64) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	w := pendingWrite{off: n, trunc: true}
-	m.cur = w.apply(m.cur)
-	m.pending = append(m.pending, w)
-	return nil
-}
-
-func newMemFile(b []byte) *memFile {
-	return &memFile{cur: bytes.Clone(b), durable: bytes.Clone(b)}
-}
-
-func (m *memFile) ReadAt(p []byte, off int64) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if off >= int64(len(m.cur)) {
-		return 0, io.EOF
-	}
-	n := copy(p, m.cur[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
-
-func grow(b []byte, end int64) []byte {
-	if end > int64(len(b)) {
-		b = append(b, make([]byte, end-int64(len(b)))...)
-	}
-	return b
-}
-
-func (m *memFile) WriteAt(p []byte, off int64) (int, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.cur = grow(m.cur, off+int64(len(p)))
-	copy(m.cur[off:], p)
-	m.pending = append(m.pending, pendingWrite{off: off, data: bytes.Clone(p)})
-	return len(p), nil
-}
-
-func (m *memFile) Sync() error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	for _, w := range m.pending {
-		m.durable = w.apply(m.durable)
-	}
-	m.pending = nil
-	return nil
-}
-
-func (m *memFile) Size() (int64, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return int64(len(m.cur)), nil
-}
-
-func (m *memFile) Punch(off, n int64) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if off < int64(len(m.cur)) {
-		end := min(off+n, int64(len(m.cur)))
-		z := make([]byte, end-off)
-		copy(m.cur[off:], z)
-		m.pending = append(m.pending, pendingWrite{off: off, data: z})
-	}
-}
-
-func (m *memFile) Close() error { return nil }
-
-// crash returns what a disk might hold after a power cut: the synced
-// state plus a random subset of later writes, applied in order.
-func (m *memFile) crash(rng *rand.Rand) []byte {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	out := bytes.Clone(m.durable)
-	m.kept = m.kept[:0]
-	for _, w := range m.pending {
-		k := rng.IntN(2) == 0
-		m.kept = append(m.kept, k)
-		if k {
-			out = w.apply(out)
-		}
-	}
-	return out
-}
+// newMemFile is a durable in-memory host file holding b.
+func newMemFile(b []byte) *crashfs.File { return crashfs.NewFile(b) }

@@ -45,7 +45,7 @@ type Options struct {
 // Image is an open qcow2 image. It implements image.Image and is safe for
 // concurrent use.
 type Image struct {
-	f        storage
+	f        hostfile.File
 	path     string
 	ro       bool
 	scratch  bool
@@ -139,12 +139,12 @@ func Open(path string, opts Options) (*Image, error) {
 		return nil, fmt.Errorf("qcow2: %w", err)
 	}
 	if !opts.NoLock {
-		if err := (osFile{f}).lockImage(!opts.ReadOnly); err != nil {
+		if err := lockImage(f, !opts.ReadOnly); err != nil {
 			f.Close()
 			return nil, err
 		}
 	}
-	img, err := openStorage(osFile{f}, path, opts)
+	img, err := openStorage(hostfile.OSFile{File: f}, path, opts)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -152,7 +152,7 @@ func Open(path string, opts Options) (*Image, error) {
 	return img, nil
 }
 
-func openStorage(f storage, path string, opts Options) (*Image, error) {
+func openStorage(f hostfile.File, path string, opts Options) (*Image, error) {
 	fsize, err := f.Size()
 	if err != nil {
 		return nil, fmt.Errorf("qcow2: %s: %w", path, err)

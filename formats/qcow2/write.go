@@ -379,7 +379,7 @@ func (img *Image) takePoolLocked() (poolCluster, error) {
 		last := (m.pool[len(m.pool)-1].idx + 1) << img.cbits
 		if last > img.fileEnd.Load() {
 			if err := img.f.Truncate(last); err != nil {
-				return poolCluster{}, err
+				return poolCluster{}, fmt.Errorf("qcow2: %w", err)
 			}
 			img.grew(last)
 		}
@@ -424,7 +424,7 @@ func (img *Image) trimLocked() error {
 	// is not ours to cut.
 	if n := max((c+1)<<img.cbits, img.openSize); n < fe {
 		if err := img.f.Truncate(n); err != nil {
-			return err
+			return fmt.Errorf("qcow2: %w", err)
 		}
 		img.fileEnd.Store(n)
 		img.mu.end = min(img.mu.end, (n+img.cs-1)>>img.cbits)
@@ -683,7 +683,9 @@ func (img *Image) applyFreesLocked() error {
 				return err
 			}
 			if rc, _ := img.refcountLocked(c); rc == 0 {
-				img.f.Punch(c<<img.cbits, img.cs)
+				// Failure only costs space (e.g. on file systems
+				// without hole support).
+				_ = img.f.PunchHole(c<<img.cbits, img.cs)
 				if c == m.zc {
 					// Free again: no more packing into it.
 					m.zc, m.zused = 0, 0

@@ -3,46 +3,10 @@ package qcow2
 import (
 	"errors"
 	"fmt"
-	"io"
 	"os"
 
 	"golang.org/x/sys/unix"
-
-	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
-
-// storage is the file under an image. Every write of ours goes through
-// it, so tests can substitute a file that forgets unsynced writes and
-// simulate a crash at any point.
-type storage interface {
-	io.ReaderAt
-	io.WriterAt
-	// Sync makes every completed write durable (fdatasync).
-	Sync() error
-	Size() (int64, error)
-	// Truncate sets the file's length (the next Sync makes it durable).
-	Truncate(n int64) error
-	// Punch deallocates a range that no longer holds data (best effort).
-	Punch(off, n int64)
-	Close() error
-}
-
-type osFile struct{ *os.File }
-
-func (o osFile) Sync() error          { return hostfile.Fdatasync(o.File) }
-func (o osFile) Size() (int64, error) { return hostfile.Size(o.File) }
-
-func (o osFile) Truncate(n int64) error {
-	if err := o.File.Truncate(n); err != nil {
-		return fmt.Errorf("qcow2: %w", err)
-	}
-	return nil
-}
-
-func (o osFile) Punch(off, n int64) {
-	// Failure only costs space (e.g. on filesystems without hole support).
-	_ = hostfile.PunchHole(o.File, off, n)
-}
 
 // qemu's image locking (so qemu and we never write one image at once):
 // open file description locks on single bytes. A user holding permission
@@ -64,7 +28,7 @@ var ErrLocked = errors.New("image is in use by another process")
 // lockImage takes qemu-compatible locks: a writer holds read, write and
 // resize and shares none of write and resize; a reader holds read and
 // does not share write. Filesystems without OFD locks are not locked.
-func (o osFile) lockImage(writable bool) error {
+func lockImage(f *os.File, writable bool) error {
 	held := []int64{permRead}
 	unshared := []int64{permWrite, permResize}
 	if writable {
@@ -74,7 +38,7 @@ func (o osFile) lockImage(writable bool) error {
 	}
 	conflict := func(b int64) (bool, error) {
 		lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: 0, Start: b, Len: 1}
-		if err := unix.FcntlFlock(o.File.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
+		if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_GETLK, &lk); err != nil {
 			return false, err
 		}
 		return lk.Type != unix.F_UNLCK, nil
@@ -93,10 +57,10 @@ func (o osFile) lockImage(writable bool) error {
 			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
 				return nil
 			}
-			return fmt.Errorf("qcow2: lock %s: %w", o.File.Name(), err)
+			return fmt.Errorf("qcow2: lock %s: %w", f.Name(), err)
 		}
 		if c {
-			return fmt.Errorf("qcow2: %s: %w (a lock conflicts at byte %d)", o.File.Name(), ErrLocked, b)
+			return fmt.Errorf("qcow2: %s: %w (a lock conflicts at byte %d)", f.Name(), ErrLocked, b)
 		}
 	}
 	var take []int64
@@ -108,8 +72,8 @@ func (o osFile) lockImage(writable bool) error {
 	}
 	for _, b := range take {
 		lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: b, Len: 1}
-		if err := unix.FcntlFlock(o.File.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
-			return fmt.Errorf("qcow2: %s: %w: %v", o.File.Name(), ErrLocked, err)
+		if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
+			return fmt.Errorf("qcow2: %s: %w: %v", f.Name(), ErrLocked, err)
 		}
 	}
 	return nil
