@@ -72,12 +72,12 @@ func TestCreateRefusals(t *testing.T) {
 
 func TestDetect(t *testing.T) {
 	f, _ := memImage(t, CreateOptions{Size: 1 << 20}, nil)
-	b := f.bytes()
+	b := f.Bytes()
 	if !Detect(b[:512]) || !DetectTail(b[len(b)-512:]) {
 		t.Fatal("dynamic disk not detected")
 	}
 	fx, _ := memImage(t, CreateOptions{Size: 1 << 20, Subformat: "fixed"}, nil)
-	b = fx.bytes()
+	b = fx.Bytes()
 	if Detect(b[:512]) || !DetectTail(b[len(b)-512:]) {
 		t.Fatal("fixed disk: Detect must not see it at offset 0, DetectTail must")
 	}

@@ -58,11 +58,11 @@ func Check(path string, opts CheckOptions) (*CheckResult, error) {
 		return nil, fmt.Errorf("vhd: check %s: %w", path, err)
 	}
 	defer f.Close()
-	return checkFile(osFile{f}, path, opts)
+	return checkFile(hostfile.OSFile{File: f}, path, opts)
 }
 
 type checker struct {
-	f    file
+	f    hostfile.File
 	size int64
 	r    *CheckResult
 	now  time.Time
@@ -75,7 +75,7 @@ func (c *checker) warn(format string, a ...any) {
 	c.r.Warnings = append(c.r.Warnings, fmt.Sprintf(format, a...))
 }
 
-func checkFile(f file, path string, opts CheckOptions) (*CheckResult, error) {
+func checkFile(f hostfile.File, path string, opts CheckOptions) (*CheckResult, error) {
 	size, err := f.Size()
 	if err != nil {
 		return nil, err
@@ -321,7 +321,7 @@ func checkFile(f file, path string, opts CheckOptions) (*CheckResult, error) {
 
 // repair fixes what a crash or a batmap-unaware writer leaves (a lost
 // footer at the end; a block over the batmap), then checks again.
-func (c *checker) repair(f file, path string, opts CheckOptions) (*CheckResult, error) {
+func (c *checker) repair(f hostfile.File, path string, opts CheckOptions) (*CheckResult, error) {
 	img, err := openFile(f, path, Options{Logger: discardLogger()})
 	if err != nil {
 		// Not something a repair may touch: report as found.

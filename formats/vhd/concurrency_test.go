@@ -8,6 +8,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -20,7 +21,7 @@ func TestConcurrentWriters(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			const size = 6 << 20
 			var img *Image
-			var f *crashFile
+			var f *crashfs.File
 			base := make([]byte, size)
 			if kind == "differencing" {
 				_, parent := memImage(t, CreateOptions{Size: size, BlockSize: 1 << 20}, nil)

@@ -1,6 +1,7 @@
 package vhd
 
 import (
+	"errors"
 	"fmt"
 	"math/rand"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
@@ -17,7 +19,7 @@ import (
 func haveQemu() bool { _, err := exec.LookPath("qemu-img"); return err == nil }
 
 // memImage creates an image in memory and opens it on a crashFile.
-func memImage(t testing.TB, opts CreateOptions, parent image.Image) (*crashFile, *Image) {
+func memImage(t testing.TB, opts CreateOptions, parent image.Image) (*crashfs.File, *Image) {
 	t.Helper()
 	opts.Now = func() time.Time { return time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) }
 	plan, err := planCreate("/nonexistent/mem.vhd", opts)
@@ -67,7 +69,7 @@ func TestCrashConsistency(t *testing.T) {
 					parent.ro = true
 				}
 				opts := CreateOptions{Size: size, BlockSize: 256 << 10}
-				var f *crashFile
+				var f *crashfs.File
 				var img *Image
 				if parent != nil {
 					// planCreate needs the parent's footer on disk.
@@ -110,7 +112,8 @@ func TestCrashConsistency(t *testing.T) {
 					}
 				}
 				mustEqual(t, "before the crash", readAll(t, img), model)
-				after := newCrashFile(f.crash(r))
+				// Each write since the last sync kept when the coin says so.
+				after := newCrashFile(f.Crash(func() bool { return r.Intn(2) == 0 }))
 				res, err := checkFile(after, "crashed.vhd", CheckOptions{})
 				if err != nil {
 					t.Fatal(err)
@@ -133,7 +136,7 @@ func TestCrashConsistency(t *testing.T) {
 					// qemu (which ignores bitmaps) must read the crashed
 					// disk as we do.
 					p := filepath.Join(t.TempDir(), "crashed.vhd")
-					if err := os.WriteFile(p, after.bytes(), 0o644); err != nil {
+					if err := os.WriteFile(p, after.Bytes(), 0o644); err != nil {
 						t.Fatal(err)
 					}
 					mustEqual(t, "qemu-img convert of the crashed disk", qemuRaw(t, p), got)
@@ -149,7 +152,7 @@ func TestCrashConsistency(t *testing.T) {
 }
 
 // memChild makes a differencing child of an in-memory parent.
-func memChild(t testing.TB, parent *Image, opts CreateOptions) (*crashFile, *Image) {
+func memChild(t testing.TB, parent *Image, opts CreateOptions) (*crashfs.File, *Image) {
 	t.Helper()
 	plan, err := planCreate("/nonexistent/mem.vhd", CreateOptions{Size: opts.Size, BlockSize: opts.BlockSize})
 	if err != nil {
@@ -177,7 +180,7 @@ func memChild(t testing.TB, parent *Image, opts CreateOptions) (*crashFile, *Ima
 func TestWriteFailures(t *testing.T) {
 	for n := 1; n <= 6; n++ {
 		for _, kind := range []string{"dynamic", "differencing"} {
-			var f *crashFile
+			var f *crashfs.File
 			var img *Image
 			var parent *Image
 			if kind == "dynamic" {
@@ -191,13 +194,15 @@ func TestWriteFailures(t *testing.T) {
 			if _, err := img.WriteAt(old, 100); err != nil {
 				t.Fatal(err)
 			}
-			f.mu.Lock()
-			f.failAt = f.writes + n
-			f.mu.Unlock()
+			failAt := f.FS().Writes() + n
+			f.FS().FailWrites(func(nth int) error {
+				if nth == failAt {
+					return errors.New("injected write failure")
+				}
+				return nil
+			})
 			_, werr := img.WriteAt(make([]byte, 5000), 2<<20+700)
-			f.mu.Lock()
-			f.failAt = 0
-			f.mu.Unlock()
+			f.FS().FailWrites(nil)
 			if werr == nil && n <= 3 {
 				t.Fatalf("%s: failing write %d went unreported", kind, n)
 			}
@@ -205,14 +210,14 @@ func TestWriteFailures(t *testing.T) {
 			if parent != nil {
 				open = func(string, string) (image.Image, error) { return nopClose{parent}, nil }
 			}
-			again, err := openFile(newCrashFile(f.bytes()), "x", Options{Backing: open, Logger: discardLogger()})
+			again, err := openFile(newCrashFile(f.Bytes()), "x", Options{Backing: open, Logger: discardLogger()})
 			if err != nil {
 				t.Fatalf("%s: reopen after failed write %d: %v", kind, n, err)
 			}
 			got := make([]byte, 3000)
 			again.ReadAt(got, 100)
 			mustEqual(t, "data before the failure", got, old)
-			if r, err := checkFile(newCrashFile(f.bytes()), "x", CheckOptions{}); err != nil || len(r.Corruptions) > 1 {
+			if r, err := checkFile(newCrashFile(f.Bytes()), "x", CheckOptions{}); err != nil || len(r.Corruptions) > 1 {
 				t.Fatalf("%s: check after failed write %d: %+v %v", kind, n, r, err)
 			}
 		}

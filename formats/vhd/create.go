@@ -57,14 +57,12 @@ func Create(path string, opts CreateOptions) (err error) {
 			os.Remove(path)
 		}
 	}()
-	if err := plan.write(osFile{f}); err != nil {
+	if err := plan.write(hostfile.OSFile{File: f}); err != nil {
 		return fmt.Errorf("vhd: create %s: %w", path, err)
 	}
-	if d, err := os.Open(filepath.Dir(path)); err == nil {
-		// The new name must survive a crash too.
-		d.Sync()
-		d.Close()
-	}
+	// The new name should survive a crash too; a directory that cannot
+	// be synced does not undo the create.
+	_ = hostfile.OSFS{}.SyncDir(filepath.Dir(path))
 	return nil
 }
 
@@ -121,7 +119,7 @@ func planCreate(path string, opts CreateOptions) (*createPlan, error) {
 		st, err := pf.Stat()
 		if err == nil {
 			parentMtime = st.ModTime()
-			parent, _, err = readFooter(osFile{pf}, st.Size())
+			parent, _, err = readFooter(hostfile.OSFile{File: pf}, st.Size())
 		}
 		pf.Close()
 		if err != nil {
@@ -244,7 +242,7 @@ func mustAbs(p string) string {
 	return a
 }
 
-func (p *createPlan) write(f file) error {
+func (p *createPlan) write(f hostfile.File) error {
 	fb := p.foot.encode()
 	if p.hdr == nil {
 		// Fixed: a sparse data area, then the footer.

@@ -43,7 +43,7 @@ func seedImages(t testing.TB) map[string][]byte {
 				}
 			}
 		}
-		return f.bytes()
+		return f.Bytes()
 	}
 	const size = 32 << 10
 	dyn := mk(CreateOptions{Size: size, BlockSize: 4096}, 0, 9000, size-1000)
@@ -57,7 +57,7 @@ func seedImages(t testing.TB) map[string][]byte {
 	copy(plan.hdr.ParentName[:], encodeUTF16("parent.vhd", true))
 	cf := newCrashFile(nil)
 	plan.write(cf)
-	out["vhd-differencing-good.vhd"] = cf.bytes()
+	out["vhd-differencing-good.vhd"] = cf.Bytes()
 
 	be := binary.BigEndian
 	resumF := func(b []byte, off int) {

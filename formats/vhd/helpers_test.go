@@ -4,15 +4,14 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"math/rand"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sync"
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -108,130 +107,5 @@ func pattern(b []byte, seed int64) {
 	r.Read(b)
 }
 
-// crashFile is an in-memory file that remembers which writes were
-// synced. crash() returns the bytes a power cut would leave: everything
-// synced, plus a random subset of the writes since the last sync.
-type crashFile struct {
-	mu      sync.Mutex
-	cur     []byte
-	durable []byte
-	pending []pendingWrite
-	syncs   int
-	failAt  int // fail the n-th write (1-based) when > 0
-	writes  int
-}
-
-type pendingWrite struct {
-	off  int64
-	data []byte // nil with trunc >= 0: a truncate
-	trnc int64
-}
-
-func newCrashFile(b []byte) *crashFile {
-	return &crashFile{cur: append([]byte(nil), b...), durable: append([]byte(nil), b...)}
-}
-
-func (c *crashFile) ReadAt(p []byte, off int64) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if off < 0 {
-		return 0, fmt.Errorf("negative offset %d", off)
-	}
-	if off >= int64(len(c.cur)) {
-		return 0, fmt.Errorf("read past EOF: %w", io.EOF)
-	}
-	n := copy(p, c.cur[off:])
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
-
-func apply(buf []byte, w pendingWrite) []byte {
-	if w.data == nil {
-		if int64(len(buf)) > w.trnc {
-			return buf[:w.trnc]
-		}
-		return append(buf, make([]byte, w.trnc-int64(len(buf)))...)
-	}
-	if end := w.off + int64(len(w.data)); end > int64(len(buf)) {
-		buf = append(buf, make([]byte, end-int64(len(buf)))...)
-	}
-	copy(buf[w.off:], w.data)
-	return buf
-}
-
-func (c *crashFile) WriteAt(p []byte, off int64) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.writes++
-	if off < 0 {
-		return 0, fmt.Errorf("negative offset %d", off)
-	}
-	if c.failAt > 0 && c.writes == c.failAt {
-		return 0, fmt.Errorf("injected write failure")
-	}
-	w := pendingWrite{off: off, data: append([]byte{}, p...)}
-	c.cur = apply(c.cur, w)
-	c.pending = append(c.pending, w)
-	return len(p), nil
-}
-
-func (c *crashFile) Punch(off, n int64) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	n = min(n, int64(len(c.cur))-off)
-	if n <= 0 {
-		return nil
-	}
-	w := pendingWrite{off: off, data: make([]byte, n)}
-	c.cur = apply(c.cur, w)
-	c.pending = append(c.pending, w)
-	return nil
-}
-
-func (c *crashFile) Sync() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, w := range c.pending {
-		c.durable = apply(c.durable, w)
-	}
-	c.pending = c.pending[:0]
-	c.syncs++
-	return nil
-}
-
-func (c *crashFile) Size() (int64, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return int64(len(c.cur)), nil
-}
-
-func (c *crashFile) Truncate(n int64) error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	w := pendingWrite{trnc: n}
-	c.cur = apply(c.cur, w)
-	c.pending = append(c.pending, w)
-	return nil
-}
-
-func (c *crashFile) Close() error { return nil }
-
-func (c *crashFile) crash(r *rand.Rand) []byte {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	out := append([]byte(nil), c.durable...)
-	for _, w := range c.pending {
-		if r.Intn(2) == 0 {
-			out = apply(out, w)
-		}
-	}
-	return out
-}
-
-func (c *crashFile) bytes() []byte {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return append([]byte(nil), c.cur...)
-}
+// newCrashFile is a durable in-memory host file holding b.
+func newCrashFile(b []byte) *crashfs.File { return crashfs.NewFile(b) }

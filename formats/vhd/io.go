@@ -493,10 +493,8 @@ func (img *Image) writeBatmapLocked() error {
 // punch deallocates [off, off+n) of the file, or writes zeros there when
 // the file system cannot.
 func (img *Image) punch(off, n int64, writeZ func([]byte, int64) error) error {
-	if p, ok := img.f.(puncher); ok {
-		if err := p.Punch(off, n); err == nil {
-			return nil
-		}
+	if err := img.f.PunchHole(off, n); err == nil {
+		return nil
 	}
 	return img.zeroRange(off, n, writeZ)
 }
@@ -593,14 +591,14 @@ func (img *Image) mapParent(off, n int64, add func(image.Extent)) error {
 // mapFixed reports a fixed disk's file holes as Zero (they read as
 // zeros but belong to the disk) and the rest as Data.
 func (img *Image) mapFixed(off, length int64, add func(image.Extent)) {
-	sf, ok := img.f.(sparseFile)
+	sf, ok := img.f.(hostfile.Sparse)
 	end := off + length
 	for pos := off; pos < end; {
 		if !ok {
 			add(image.Extent{Offset: pos, Length: end - pos, Kind: image.Data})
 			return
 		}
-		d, err := sf.dataAfter(pos)
+		d, err := sf.DataAfter(pos)
 		if err != nil {
 			ok = false
 			continue
@@ -611,7 +609,7 @@ func (img *Image) mapFixed(off, length int64, add func(image.Extent)) {
 			pos = z
 			continue
 		}
-		h, err := sf.holeAfter(pos)
+		h, err := sf.HoleAfter(pos)
 		if err != nil || h <= pos {
 			ok = false
 			continue

@@ -37,7 +37,7 @@ type Options struct {
 // Image is an open VHD. It implements image.Image and is safe for
 // concurrent use.
 type Image struct {
-	f        file
+	f        hostfile.File
 	path     string
 	ro       bool
 	log      *slog.Logger
@@ -102,7 +102,7 @@ func Open(path string, opts Options) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("vhd: open %s: %w", path, err)
 	}
-	img, err := openFile(osFile{f}, path, opts)
+	img, err := openFile(hostfile.OSFile{File: f}, path, opts)
 	if err != nil {
 		f.Close()
 		return nil, err
@@ -113,7 +113,7 @@ func Open(path string, opts Options) (*Image, error) {
 // readFooter finds the footer: at the end (512 bytes, or 511 for old
 // short footers), else the copy at offset 0 for dynamic disks. It says
 // whether the one at the end was good.
-func readFooter(f file, size int64) (ft *footer, atEnd bool, err error) {
+func readFooter(f hostfile.File, size int64) (ft *footer, atEnd bool, err error) {
 	if size < footerSize {
 		return nil, false, fmtErr(image.ErrWrongFormat, -1, "", "file of %d bytes is too small for a VHD", size)
 	}
@@ -149,7 +149,7 @@ func readFooter(f file, size int64) (ft *footer, atEnd bool, err error) {
 	return nil, false, endErr
 }
 
-func openFile(f file, path string, opts Options) (*Image, error) {
+func openFile(f hostfile.File, path string, opts Options) (*Image, error) {
 	size, err := f.Size()
 	if err != nil {
 		return nil, fmt.Errorf("vhd: stat %s: %w", path, err)
