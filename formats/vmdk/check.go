@@ -12,7 +12,7 @@ import (
 type CheckOptions struct {
 	AllowUnconfinedExtents bool // as Options.AllowUnconfinedExtents
 
-	fs fileSystem
+	fs hostfile.FS
 }
 
 // CheckResult is what `image check` reports. An image is clean when

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 	"github.com/blktap-go/blktap/internal/crashtest"
 )
 
@@ -32,7 +33,7 @@ func TestCrashConsistency(t *testing.T) {
 	}
 }
 
-func memOpener(fs *memFS) image.OpenFunc {
+func memOpener(fs *crashfs.FS) image.OpenFunc {
 	return func(name, format string) (image.Image, error) {
 		return Open(filepath.Join("/img", name), Options{ReadOnly: true, fs: fs})
 	}
@@ -41,16 +42,15 @@ func memOpener(fs *memFS) image.OpenFunc {
 func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 	const p = "/img/d.vmdk"
 	const size int64 = 2<<20 + 4096
-	fs := newMemFS(seed, -1)
+	fs := crashfs.New()
+	coin := rand.New(rand.NewPCG(seed, 99))
 	model, backing := newVariant(t, fs, p, size, variant)
 	r := rand.New(rand.NewPCG(seed, 1))
-	fs.mu.Lock()
-	if fs.syncOnly = seed%2 == 1; fs.syncOnly {
-		fs.budget = 1 + r.IntN(12)
+	if seed%2 == 1 {
+		fs.Schedule(1+r.IntN(12), crashfs.Syncs)
 	} else {
-		fs.budget = 1 + r.IntN(120)
+		fs.Schedule(1+r.IntN(120), crashfs.Writes|crashfs.Truncates|crashfs.Syncs)
 	}
-	fs.mu.Unlock()
 	img, err := Open(p, Options{fs: fs, GTCache: 8, Backing: backing})
 	if err != nil {
 		t.Fatal(err)
@@ -87,8 +87,9 @@ func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 			break
 		}
 	}
-	snap := fs.crashNow()
-	fs2 := fromSnapshot(snap)
+	// Each write since its file's last sync kept when the coin says so.
+	snap := fs.Crash(func() bool { return coin.IntN(2) != 0 })
+	fs2 := crashfs.FromImage(snap)
 	res, err := Check(p, CheckOptions{fs: fs2})
 	if err != nil {
 		t.Fatalf("after crash: %v", err)
@@ -128,7 +129,7 @@ func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 
 // newVariant creates image p of the variant on fs and returns what it
 // reads as and the opener of its parent (nil if none).
-func newVariant(t *testing.T, fs *memFS, p string, size int64, variant string) ([]byte, image.OpenFunc) {
+func newVariant(t *testing.T, fs *crashfs.FS, p string, size int64, variant string) ([]byte, image.OpenFunc) {
 	t.Helper()
 	model := make([]byte, size)
 	var backing image.OpenFunc
@@ -157,9 +158,7 @@ func newVariant(t *testing.T, fs *memFS, p string, size int64, variant string) (
 		t.Fatal(err)
 	}
 	if variant == "notables" {
-		f := fs.files[p]
-		f.data = dropTables(t, f.data)
-		f.durable = bytes.Clone(f.data)
+		fs.SetFile(p, dropTables(t, fs.ReadFile(p)))
 	}
 	return model, backing
 }

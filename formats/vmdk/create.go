@@ -16,6 +16,7 @@ import (
 	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
 
 // CreateOptions describe a new image.
@@ -30,7 +31,7 @@ type CreateOptions struct {
 	ZeroedGrain   bool   // sparse version 2 with zeroed-grain entries (discard of a child keeps zeros)
 	AdapterType   string // ddb.adapterType: ide (default), lsilogic, buslogic, legacyESX
 
-	fs fileSystem
+	fs hostfile.FS
 }
 
 const (
@@ -71,7 +72,7 @@ func createErr(format string, args ...any) error {
 func Create(path string, opts CreateOptions) error {
 	fs := opts.fs
 	if fs == nil {
-		fs = osFS{}
+		fs = hostfile.OSFS{}
 	}
 	sub := opts.Subformat
 	if sub == "" {
@@ -172,7 +173,7 @@ func dirBytes(h *sparseHeader, at uint64) []byte {
 	return b
 }
 
-func createSparse(fs fileSystem, path string, d *Descriptor, sectors, grainSec int64, zeroed bool) (err error) {
+func createSparse(fs hostfile.FS, path string, d *Descriptor, sectors, grainSec int64, zeroed bool) (err error) {
 	h := sparseLayout(sectors, grainSec, embedDescSec, zeroed)
 	if n := h.gdEntries(); n > maxGDEntries {
 		// Open refuses such a directory (parseSparseHeader): an image
@@ -189,7 +190,7 @@ func createSparse(fs fileSystem, path string, d *Descriptor, sectors, grainSec i
 	if len(desc) > embedDescSec*sectorSize {
 		return createErr("descriptor of %d bytes does not fit in %d", len(desc), embedDescSec*sectorSize)
 	}
-	f, err := fs.open(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	f, err := fs.Open(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return createErr("%w", err)
 	}
@@ -198,7 +199,7 @@ func createSparse(fs fileSystem, path string, d *Descriptor, sectors, grainSec i
 			err = createErr("%w", cerr)
 		}
 		if err != nil {
-			fs.remove(path)
+			fs.Remove(path)
 		}
 	}()
 	writes := []struct {
@@ -221,10 +222,10 @@ func createSparse(fs fileSystem, path string, d *Descriptor, sectors, grainSec i
 	if err := f.Sync(); err != nil {
 		return createErr("%w", err)
 	}
-	return fs.syncDir(filepath.Dir(path))
+	return fs.SyncDir(filepath.Dir(path))
 }
 
-func createFlat(fs fileSystem, path string, d *Descriptor, sectors int64) (err error) {
+func createFlat(fs hostfile.FS, path string, d *Descriptor, sectors int64) (err error) {
 	base := filepath.Base(path)
 	flat := strings.TrimSuffix(base, filepath.Ext(base)) + "-flat.vmdk"
 	if flat == base {
@@ -233,13 +234,13 @@ func createFlat(fs fileSystem, path string, d *Descriptor, sectors int64) (err e
 	d.Extents = []ExtentDesc{{Access: "RW", Sectors: sectors, Type: "FLAT", File: flat}}
 	desc := d.marshal()
 	dir := filepath.Dir(path)
-	df, err := fs.open(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	df, err := fs.Open(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return createErr("%w", err)
 	}
-	var ff file
+	var ff hostfile.File
 	defer func() {
-		for _, f := range []file{df, ff} {
+		for _, f := range []hostfile.File{df, ff} {
 			if f == nil {
 				continue
 			}
@@ -248,13 +249,13 @@ func createFlat(fs fileSystem, path string, d *Descriptor, sectors int64) (err e
 			}
 		}
 		if err != nil {
-			fs.remove(path)
+			fs.Remove(path)
 			if ff != nil {
-				fs.remove(filepath.Join(dir, flat))
+				fs.Remove(filepath.Join(dir, flat))
 			}
 		}
 	}()
-	ff, err = fs.open(filepath.Join(dir, flat), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	ff, err = fs.Open(filepath.Join(dir, flat), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		ff = nil
 		return createErr("flat extent: %w", err)
@@ -268,7 +269,7 @@ func createFlat(fs fileSystem, path string, d *Descriptor, sectors int64) (err e
 	if err := errors.Join(ff.Sync(), df.Sync()); err != nil {
 		return createErr("%w", err)
 	}
-	return fs.syncDir(dir)
+	return fs.SyncDir(dir)
 }
 
 // Stream markers (streamOptimized): a metadata marker fills one sector.
@@ -299,10 +300,10 @@ func metaMarker(val uint64, typ uint32) []byte {
 // grains with markers (all-zero grains omitted), grain tables, directory,
 // footer and end-of-stream marker. Never overwrites dst; durable on return.
 func WriteStreamOptimized(ctx context.Context, dst string, src image.Image) error {
-	return writeStream(ctx, osFS{}, dst, src)
+	return writeStream(ctx, hostfile.OSFS{}, dst, src)
 }
 
-func writeStream(ctx context.Context, fs fileSystem, dst string, src image.Image) (err error) {
+func writeStream(ctx context.Context, fs hostfile.FS, dst string, src image.Image) (err error) {
 	size := src.Size()
 	if size <= 0 {
 		return createErr("stream: source size %d", size)
@@ -320,7 +321,7 @@ func writeStream(ctx context.Context, fs fileSystem, dst string, src image.Image
 	}
 	d := newDescriptor("streamOptimized", sectors, "ide")
 	d.Extents = []ExtentDesc{{Access: "RW", Sectors: sectors, Type: "SPARSE", File: filepath.Base(dst)}}
-	f, err := fs.open(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	f, err := fs.Open(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return createErr("%w", err)
 	}
@@ -329,7 +330,7 @@ func writeStream(ctx context.Context, fs fileSystem, dst string, src image.Image
 			err = createErr("%w", cerr)
 		}
 		if err != nil {
-			fs.remove(dst)
+			fs.Remove(dst)
 		}
 	}()
 	pos := int64(h.GrainOffset) * sectorSize
@@ -451,7 +452,7 @@ func writeStream(ctx context.Context, fs fileSystem, dst string, src image.Image
 	if err := f.Sync(); err != nil {
 		return createErr("%w", err)
 	}
-	return fs.syncDir(filepath.Dir(dst))
+	return fs.SyncDir(filepath.Dir(dst))
 }
 
 func allZero(b []byte) bool {

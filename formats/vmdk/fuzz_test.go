@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 )
 
 var rewrite = flag.Bool("rewrite", false, "regenerate testdata/*.vmdk")
@@ -21,7 +22,7 @@ var rewrite = flag.Bool("rewrite", false, "regenerate testdata/*.vmdk")
 // tables) with grain 0 written: header @0, descriptor @1, RGD @21, its
 // tables @22, GD @30, its tables @31 and @35, grains from sector 40.
 func baseSparse(t testing.TB) []byte {
-	fs := newMemFS(1, -1)
+	fs := crashfs.New()
 	const p = "/t/base.vmdk"
 	if err := Create(p, CreateOptions{Size: 4 << 20, ClusterSize: 4096, fs: fs}); err != nil {
 		t.Fatal(err)
@@ -36,15 +37,14 @@ func baseSparse(t testing.TB) []byte {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	return fs.files[p].data
+	return fs.ReadFile(p)
 }
 
 // baseStream is a 1 MiB streamOptimized image with grain 0 written: grain
 // marker at 64 KiB, then tables, directory, footer, end-of-stream.
 func baseStream(t testing.TB) []byte {
-	fs := newMemFS(1, -1)
-	src := baseSparse(t)
-	fs.files["/t/src.vmdk"] = &memFile{data: src, durable: src}
+	fs := crashfs.New()
+	fs.SetFile("/t/src.vmdk", baseSparse(t))
 	in, err := Open("/t/src.vmdk", Options{ReadOnly: true, fs: fs})
 	if err != nil {
 		t.Fatal(err)
@@ -52,7 +52,7 @@ func baseStream(t testing.TB) []byte {
 	if err := writeStream(context.Background(), fs, "/t/so.vmdk", in); err != nil {
 		t.Fatal(err)
 	}
-	return fs.files["/t/so.vmdk"].data
+	return fs.ReadFile("/t/so.vmdk")
 }
 
 func mut(b []byte, f func(b []byte)) []byte {
@@ -223,7 +223,7 @@ func FuzzOpen(f *testing.F) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		fs := fromSnapshot(map[string][]byte{"/t/x.vmdk": data, "/t/good-flat-flat.vmdk": make([]byte, 4096)})
+		fs := crashfs.FromImage(map[string][]byte{"/t/x.vmdk": data, "/t/good-flat-flat.vmdk": make([]byte, 4096)})
 		img, err := Open("/t/x.vmdk", Options{ReadOnly: true, fs: fs})
 		if err != nil {
 			if !errors.Is(err, image.ErrCorrupt) && !errors.Is(err, image.ErrUnsupported) && !errors.Is(err, image.ErrWrongFormat) && !errors.Is(err, os.ErrNotExist) {

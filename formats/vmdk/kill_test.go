@@ -6,6 +6,8 @@ import (
 	"math/rand/v2"
 	"sync"
 	"testing"
+
+	"github.com/blktap-go/blktap/formats/internal/crashfs"
 )
 
 // TestKillKeepsAcknowledged kills the process that wrote the image right
@@ -27,7 +29,7 @@ func killOnce(t *testing.T, seed uint64, variant string) {
 	const p = "/img/d.vmdk"
 	const size int64 = 4<<20 + 4096
 	const writers = 4
-	fs := newMemFS(seed, -1)
+	fs := crashfs.New()
 	model, backing := newVariant(t, fs, p, size, variant)
 	img, err := Open(p, Options{fs: fs, GTCache: 4, Backing: backing})
 	if err != nil {
@@ -90,7 +92,8 @@ func killOnce(t *testing.T, seed uint64, variant string) {
 	if err := after.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	fs2 := fromSnapshot(fs.crashNow())
+	// Nothing is pending after the flush: no coin is needed.
+	fs2 := crashfs.FromImage(fs.Crash(func() bool { return true }))
 	if backing != nil {
 		backing = memOpener(fs2)
 	}

@@ -43,7 +43,7 @@ type gtable struct {
 // mu guards the grain-table cache, the allocation cursor and the in-flight
 // set; data I/O happens outside it.
 type sparse struct {
-	f        file
+	f        hostfile.File
 	name     string
 	h        *sparseHeader
 	readOnly bool
@@ -82,7 +82,7 @@ const defaultGTCache = 1024
 
 // openSparse reads and validates the header (following it to the footer for
 // streams) and the grain directory.
-func openSparse(f file, name string, readOnly bool, cacheCap int) (*sparse, error) {
+func openSparse(f hostfile.File, name string, readOnly bool, cacheCap int) (*sparse, error) {
 	size, err := f.Size()
 	if err != nil {
 		return nil, fmt.Errorf("vmdk: %s: %w", name, err)

@@ -32,8 +32,8 @@ type Options struct {
 	// disk at 64 KiB grains).
 	GTCache int
 
-	fs          fileSystem // tests substitute a crash-simulating file system
-	skipBacking bool       // Create reads a parent's CID and size only
+	fs          hostfile.FS // tests substitute crashfs
+	skipBacking bool        // Create reads a parent's CID and size only
 }
 
 // createTypes are the descriptor create types we open; each maps to
@@ -63,9 +63,9 @@ type extent struct {
 	d      ExtentDesc
 	start  int64 // virtual byte offset of the extent
 	length int64
-	f      file    // FLAT/VMFS data file, or the sparse extent's file
-	off    int64   // FLAT: byte offset of the extent in f
-	sp     *sparse // SPARSE
+	f      hostfile.File // FLAT/VMFS data file, or the sparse extent's file
+	off    int64         // FLAT: byte offset of the extent in f
+	sp     *sparse       // SPARSE
 }
 
 // Image is an open VMDK image. It implements image.Image and is safe for
@@ -74,14 +74,14 @@ type Image struct {
 	path     string
 	desc     *Descriptor // nil for a bare sparse extent without descriptor
 	extents  []*extent
-	files    []file // every file we opened, closed once
+	files    []hostfile.File // every file we opened, closed once
 	size     int64
 	readOnly bool
 	backing  image.Image
 	closed   atomic.Bool
 
 	// The descriptor's place, for the CID change on first write.
-	descFile file
+	descFile hostfile.File
 	descOff  int64
 	descCap  int64 // bytes available (embedded); -1: a file of its own
 	descText []byte
@@ -126,17 +126,17 @@ func looksLikeDescriptor(b []byte) bool {
 func Open(path string, opts Options) (*Image, error) {
 	fs := opts.fs
 	if fs == nil {
-		fs = osFS{}
+		fs = hostfile.OSFS{}
 	}
 	flag := os.O_RDWR
 	if opts.ReadOnly {
 		flag = os.O_RDONLY
 	}
-	f, err := fs.open(path, flag, 0)
+	f, err := fs.Open(path, flag, 0)
 	if err != nil {
 		return nil, fmt.Errorf("vmdk: open: %w", err)
 	}
-	img := &Image{path: path, readOnly: opts.ReadOnly, files: []file{f}}
+	img := &Image{path: path, readOnly: opts.ReadOnly, files: []hostfile.File{f}}
 	if err := img.open(f, fs, opts); err != nil {
 		img.closeFiles()
 		return nil, err
@@ -144,7 +144,7 @@ func Open(path string, opts Options) (*Image, error) {
 	return img, nil
 }
 
-func (img *Image) open(f file, fs fileSystem, opts Options) error {
+func (img *Image) open(f hostfile.File, fs hostfile.FS, opts Options) error {
 	head := make([]byte, sectorSize)
 	n, err := f.ReadAt(head, 0)
 	if n == 0 && err != nil && err != io.EOF {
@@ -241,7 +241,7 @@ func checkCreateType(t string) error {
 	return nil
 }
 
-func (img *Image) openExtents(fs fileSystem, opts Options, cacheCap int) error {
+func (img *Image) openExtents(fs hostfile.FS, opts Options, cacheCap int) error {
 	dir := filepath.Dir(img.path)
 	flag := os.O_RDWR
 	if opts.ReadOnly {
@@ -257,9 +257,9 @@ func (img *Image) openExtents(fs fileSystem, opts Options, cacheCap int) error {
 			if d.Access != "RW" {
 				fl = os.O_RDONLY
 			}
-			f, err := fs.inDir(dir, d.File, fl, 0, !opts.AllowUnconfinedExtents)
+			f, err := fs.OpenIn(dir, d.File, fl, 0, !opts.AllowUnconfinedExtents)
 			if err != nil {
-				if errors.Is(err, errEscape) {
+				if errors.Is(err, hostfile.ErrEscape) {
 					return descErr(d.Line, image.ErrUnsupported, "extent file %q: %v (Options.AllowUnconfinedExtents)", d.File, err)
 				}
 				return fmt.Errorf("vmdk: %s: descriptor line %d: extent %q: %w", img.path, d.Line, d.File, err)
@@ -519,10 +519,8 @@ func (img *Image) Discard(off, length int64) error {
 		case e.sp != nil:
 			return img.discardSparse(e, rel, n)
 		case e.f != nil:
-			if of, ok := e.f.(osFile); ok {
-				if err := of.punchHole(e.off+rel, n); err == nil {
-					return nil
-				}
+			if err := e.f.PunchHole(e.off+rel, n); err == nil {
+				return nil
 			}
 			return writeZeros(e.f, e.off+rel, n)
 		}
@@ -556,7 +554,7 @@ func (img *Image) discardSparse(e *extent, rel, n int64) error {
 	})
 }
 
-func writeZeros(f file, off, n int64) error {
+func writeZeros(f hostfile.File, off, n int64) error {
 	z := make([]byte, min(n, 1<<20))
 	for n > 0 {
 		k := min(n, int64(len(z)))
