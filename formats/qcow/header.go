@@ -151,22 +151,9 @@ func parseHeader(buf []byte, fileSize int64, readAt func([]byte, int64) error) (
 		return nil, unsupported(24, "size", "L1 table of %d bytes exceeds the %d-byte cap", l1Bytes, maxL1Bytes)
 	}
 	if h.backingOffset != 0 {
-		if h.backingSize == 0 || h.backingSize > maxBackingName {
-			return nil, corrupt(16, "backing_file_size", "%d outside 1..%d", h.backingSize, maxBackingName)
+		if err := h.readBackingName(fileSize, readAt); err != nil {
+			return nil, err
 		}
-		if h.backingOffset < headerSize || h.backingOffset > uint64(fileSize) ||
-			uint64(h.backingSize) > uint64(fileSize)-h.backingOffset {
-			return nil, corrupt(8, "backing_file_offset", "backing name [%d, +%d) not inside the %d-byte file",
-				h.backingOffset, h.backingSize, fileSize)
-		}
-		name := make([]byte, h.backingSize)
-		if err := readAt(name, int64(h.backingOffset)); err != nil {
-			return nil, fmt.Errorf("qcow: reading backing file name: %w", err)
-		}
-		if i := bytes.IndexByte(name, 0); i >= 0 {
-			return nil, corrupt(int64(h.backingOffset), "backing_file", "NUL byte inside the backing file name")
-		}
-		h.backingName = string(name)
 	}
 	// blktap1's extension: only when there is no backing file and the L1
 	// is 4096-aligned (so the 16 bytes at 48 are not the backing name or L1).
@@ -180,6 +167,28 @@ func parseHeader(buf []byte, fileSize int64, readAt func([]byte, int64) error) (
 		h.l1LittleEndian = h.xen.Flags&xenFlagL1BigEndian == 0
 	}
 	return h, nil
+}
+
+// readBackingName reads the backing file's name, bounded by the header's
+// own limits and the file, before allocating for it.
+func (h *header) readBackingName(fileSize int64, readAt func([]byte, int64) error) error {
+	if h.backingSize == 0 || h.backingSize > maxBackingName {
+		return corrupt(16, "backing_file_size", "%d outside 1..%d", h.backingSize, maxBackingName)
+	}
+	if h.backingOffset < headerSize || h.backingOffset > uint64(fileSize) ||
+		uint64(h.backingSize) > uint64(fileSize)-h.backingOffset {
+		return corrupt(8, "backing_file_offset", "backing name [%d, +%d) not inside the %d-byte file",
+			h.backingOffset, h.backingSize, fileSize)
+	}
+	name := make([]byte, h.backingSize)
+	if err := readAt(name, int64(h.backingOffset)); err != nil {
+		return fmt.Errorf("qcow: reading backing file name: %w", err)
+	}
+	if i := bytes.IndexByte(name, 0); i >= 0 {
+		return corrupt(int64(h.backingOffset), "backing_file", "NUL byte inside the backing file name")
+	}
+	h.backingName = string(name)
+	return nil
 }
 
 // encodeHeader writes the 48-byte v1 header.

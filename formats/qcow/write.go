@@ -103,7 +103,6 @@ type segment struct {
 // entries of new tables.
 func (img *Image) allocWrite(p []byte, pos int64) error {
 	h := img.h
-	cs := h.clusterSize
 	vc0, vcN := pos>>h.clusterBits, (pos+int64(len(p))-1)>>h.clusterBits
 
 	plans, tables, done, err := img.planAlloc(vc0, vcN)
@@ -112,7 +111,41 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 	}
 	defer img.release(plans, tables, done)
 
-	// 1. Data: build the segments, merging neighbours in file and buffer.
+	// 1. Data, then the new L2 tables: they are unreachable until their
+	// L1 entry is written, so they go out with the data, before the barrier.
+	if err := img.writeAllocData(p, pos, plans); err != nil {
+		return err
+	}
+	if err := img.writeNewTables(plans, tables); err != nil {
+		return err
+	}
+	// 2. Barrier: nothing may point at data that is not durable.
+	if err := img.barrier(); err != nil {
+		return err
+	}
+	// 3. Entries in existing L2 tables.
+	if err := img.writeL2Entries(plans); err != nil {
+		return err
+	}
+	// 4. L1 entries of new tables, in the image's L1 byte order.
+	var e8 [8]byte
+	for _, t := range tables {
+		h.l1Order().PutUint64(e8[:], t.off)
+		if err := hostfile.WriteFull(img.st, e8[:], int64(h.l1Offset)+t.l1i*8); err != nil {
+			return err
+		}
+	}
+	// 5. Memory, last: readers see the new clusters only once they are in
+	// the file.
+	img.publishAlloc(plans, tables)
+	return nil
+}
+
+// writeAllocData writes p's clusters where the plans put them, merging
+// neighbours in file and buffer into one write; a partly written new
+// cluster is filled from what it replaces (cowFill).
+func (img *Image) writeAllocData(p []byte, pos int64, plans []clusterPlan) error {
+	cs := img.h.clusterSize
 	var segs []segment
 	add := func(s segment) {
 		if n := len(segs); n > 0 {
@@ -152,8 +185,13 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 			return err
 		}
 	}
-	// New L2 tables are unreachable until their L1 entry is written, so
-	// they go out with the data, before the barrier.
+	return nil
+}
+
+// writeNewTables writes each new L2 table whole, holding the entries of
+// the clusters planned under it.
+func (img *Image) writeNewTables(plans []clusterPlan, tables []*newTable) error {
+	h := img.h
 	for _, t := range tables {
 		for _, pl := range plans {
 			if !pl.inPlace && pl.vc>>h.l2Bits == t.l1i {
@@ -168,11 +206,13 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 			return err
 		}
 	}
-	// 2. Barrier: nothing may point at data that is not durable.
-	if err := img.barrier(); err != nil {
-		return err
-	}
-	// 3. Entries in existing L2 tables, runs of neighbours in one write.
+	return nil
+}
+
+// writeL2Entries points existing L2 tables at the new clusters, a run of
+// neighbouring entries in one write.
+func (img *Image) writeL2Entries(plans []clusterPlan) error {
+	h := img.h
 	for i := 0; i < len(plans); {
 		pl := plans[i]
 		if pl.inPlace || pl.l2off == 0 {
@@ -192,17 +232,14 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 		}
 		i = j
 	}
-	// 4. L1 entries of new tables, in the image's L1 byte order.
-	var e8 [8]byte
-	for _, t := range tables {
-		h.l1Order().PutUint64(e8[:], t.off)
-		if err := hostfile.WriteFull(img.st, e8[:], int64(h.l1Offset)+t.l1i*8); err != nil {
-			return err
-		}
-	}
-	// 5. Memory, last: readers see the new clusters only once they are in
-	// the file.
+	return nil
+}
+
+// publishAlloc makes the new clusters and tables visible to readers.
+func (img *Image) publishAlloc(plans []clusterPlan, tables []*newTable) {
+	h := img.h
 	img.mu.Lock()
+	defer img.mu.Unlock()
 	for _, pl := range plans {
 		if pl.inPlace || pl.l2off == 0 {
 			continue
@@ -215,8 +252,6 @@ func (img *Image) allocWrite(p []byte, pos int64) error {
 		img.mu.l1[t.l1i] = t.off
 		img.cacheL2Locked(t.off, t.entries)
 	}
-	img.mu.Unlock()
-	return nil
 }
 
 // planAlloc claims what writing virtual clusters [vc0, vcN] needs: space
@@ -375,62 +410,20 @@ func (img *Image) zeroIfAllocated(from, to int64) error {
 
 // deallocate clears the L2 entries of virtual clusters [vc0, vcN) and
 // punches their data out of the file.
+// freedCluster is an allocated cluster a discard unmaps: its virtual
+// cluster, the L2 table holding its entry, and the entry.
+type freedCluster struct {
+	vc, l2off int64
+	host      uint64
+}
+
 func (img *Image) deallocate(vc0, vcN int64) error {
 	h := img.h
-	type freed struct {
-		vc, l2off int64
-		host      uint64
-	}
-	var fr []freed
 	done := make(chan struct{})
 	defer close(done)
-	for {
-		fr = fr[:0]
-		img.mu.Lock()
-		var wait chan struct{}
-		for vc := range img.mu.busy {
-			if vc >= vc0 && vc < vcN {
-				wait = img.mu.busy[vc]
-				break
-			}
-		}
-		if wait != nil {
-			img.mu.Unlock()
-			<-wait
-			continue
-		}
-		var err error
-		for vc := vc0; vc < vcN && err == nil; {
-			l1i := vc >> h.l2Bits
-			l2off := img.mu.l1[l1i]
-			tableEnd := (l1i + 1) << h.l2Bits
-			if l2off == 0 {
-				vc = tableEnd
-				continue
-			}
-			var t []uint64
-			if t, err = img.l2Locked(l2off); err != nil {
-				break
-			}
-			for ; vc < vcN && vc < tableEnd && err == nil; vc++ {
-				if e := t[vc&(h.l2Entries-1)]; e != 0 {
-					if e&flagCompressed == 0 && e >= img.l1End() {
-						// Its space is punched below: never through metadata.
-						err = img.refuseOverlapLocked(vc, e, uint64(h.clusterSize), "discard")
-					}
-					fr = append(fr, freed{vc: vc, l2off: int64(l2off), host: e})
-				}
-			}
-		}
-		if err != nil {
-			img.mu.Unlock()
-			return err
-		}
-		for _, f := range fr {
-			img.mu.busy[f.vc] = done
-		}
-		img.mu.Unlock()
-		break
+	fr, err := img.claimFreed(vc0, vcN, done)
+	if err != nil {
+		return err
 	}
 	defer func() {
 		img.mu.Lock()
@@ -457,6 +450,74 @@ func (img *Image) deallocate(vc0, vcN int64) error {
 	// loses an entry, that entry points at a hole, which reads as zeros
 	// too, and freed space is never handed out again (allocation only
 	// appends).
+	return img.punchFreed(fr)
+}
+
+// claimFreed waits until no write is allocating in [vc0, vcN), then
+// marks the range's allocated clusters busy with done and returns them.
+func (img *Image) claimFreed(vc0, vcN int64, done chan struct{}) ([]freedCluster, error) {
+	for {
+		img.mu.Lock()
+		var wait chan struct{}
+		for vc := range img.mu.busy {
+			if vc >= vc0 && vc < vcN {
+				wait = img.mu.busy[vc]
+				break
+			}
+		}
+		if wait != nil {
+			img.mu.Unlock()
+			<-wait
+			continue
+		}
+		fr, err := img.allocatedLocked(vc0, vcN)
+		if err == nil {
+			for _, f := range fr {
+				img.mu.busy[f.vc] = done
+			}
+		}
+		img.mu.Unlock()
+		return fr, err
+	}
+}
+
+// allocatedLocked lists the allocated clusters of [vc0, vcN), refusing
+// any whose space overlaps metadata (it is punched later).
+func (img *Image) allocatedLocked(vc0, vcN int64) ([]freedCluster, error) {
+	h := img.h
+	var fr []freedCluster
+	for vc := vc0; vc < vcN; {
+		l1i := vc >> h.l2Bits
+		l2off := img.mu.l1[l1i]
+		tableEnd := (l1i + 1) << h.l2Bits
+		if l2off == 0 {
+			vc = tableEnd
+			continue
+		}
+		t, err := img.l2Locked(l2off)
+		if err != nil {
+			return nil, err
+		}
+		for ; vc < vcN && vc < tableEnd; vc++ {
+			e := t[vc&(h.l2Entries-1)]
+			if e == 0 {
+				continue
+			}
+			if e&flagCompressed == 0 && e >= img.l1End() {
+				// Its space is punched later: never through metadata.
+				if err := img.refuseOverlapLocked(vc, e, uint64(h.clusterSize), "discard"); err != nil {
+					return nil, err
+				}
+			}
+			fr = append(fr, freedCluster{vc: vc, l2off: int64(l2off), host: e})
+		}
+	}
+	return fr, nil
+}
+
+// punchFreed gives the freed clusters' space back, a run of neighbours
+// in one punch. Compressed clusters share their space and stay.
+func (img *Image) punchFreed(fr []freedCluster) error {
 	hosts := make([]uint64, 0, len(fr))
 	for _, f := range fr {
 		if f.host&flagCompressed == 0 && f.host >= img.l1End() {
@@ -464,7 +525,7 @@ func (img *Image) deallocate(vc0, vcN int64) error {
 		}
 	}
 	slices.Sort(hosts)
-	cs := uint64(h.clusterSize)
+	cs := uint64(img.h.clusterSize)
 	for i := 0; i < len(hosts); {
 		j := i + 1
 		for j < len(hosts) && hosts[j] == hosts[j-1]+cs {
