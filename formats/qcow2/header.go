@@ -123,41 +123,9 @@ func readHeader(r io.ReaderAt, fileSize int64) (*header, error) {
 	if string(fixed[:4]) != magic {
 		return nil, ferr(image.ErrWrongFormat, 0, "magic", "not a qcow2 image (magic %q)", fixed[:4])
 	}
-	be := binary.BigEndian
-	h := &header{version: be.Uint32(fixed[4:])}
-	switch h.version {
-	case 2:
-		if n < v2HeaderLen {
-			return nil, corrupt(0, "header", "file ends inside the version 2 header (%d bytes)", n)
-		}
-	case 3:
-		if n < v3HeaderLen {
-			return nil, corrupt(0, "header", "file ends inside the version 3 header (%d bytes)", n)
-		}
-	case 1:
-		return nil, ferr(image.ErrWrongFormat, 4, "version", "version 1 is qcow, not qcow2")
-	default:
-		return nil, unsupported(4, "version", "version %d (only 2 and 3 exist)", h.version)
-	}
-	h.backingOffset = be.Uint64(fixed[8:])
-	h.backingSize = be.Uint32(fixed[16:])
-	h.clusterBits = be.Uint32(fixed[20:])
-	h.size = be.Uint64(fixed[24:])
-	h.cryptMethod = be.Uint32(fixed[32:])
-	h.l1Size = be.Uint32(fixed[36:])
-	h.l1Offset = be.Uint64(fixed[40:])
-	h.refTableOffset = be.Uint64(fixed[48:])
-	h.refTableClusters = be.Uint32(fixed[56:])
-	h.nbSnapshots = be.Uint32(fixed[60:])
-	h.snapshotsOffset = be.Uint64(fixed[64:])
-	h.refcountOrder = 4
-	h.headerLength = v2HeaderLen
-	if h.version == 3 {
-		h.incompatible = be.Uint64(fixed[72:])
-		h.compatible = be.Uint64(fixed[80:])
-		h.autoclear = be.Uint64(fixed[88:])
-		h.refcountOrder = be.Uint32(fixed[96:])
-		h.headerLength = be.Uint32(fixed[100:])
+	h, err := decodeFixed(fixed[:], n)
+	if err != nil {
+		return nil, err
 	}
 
 	if h.clusterBits < minClusterBits || h.clusterBits > maxClusterBits {
@@ -194,55 +162,115 @@ func readHeader(r io.ReaderAt, fileSize int64) (*header, error) {
 	}
 
 	if h.backingOffset != 0 {
-		if h.backingSize == 0 || h.backingSize > maxBackingName {
-			return nil, corrupt(16, "backing_file_size", "%d (must be 1..%d)", h.backingSize, maxBackingName)
+		if err := h.readBackingName(r, cs); err != nil {
+			return nil, err
 		}
-		if h.backingOffset >= cs || h.backingOffset+uint64(h.backingSize) > cs {
-			return nil, corrupt(8, "backing_file_offset", "backing name at %d+%d is outside the first cluster", h.backingOffset, h.backingSize)
-		}
-		name := make([]byte, h.backingSize)
-		if _, err := r.ReadAt(name, int64(h.backingOffset)); err != nil {
-			return nil, corrupt(int64(h.backingOffset), "backing_file_name", "unreadable: %v", err)
-		}
-		if bytes.IndexByte(name, 0) >= 0 {
-			return nil, corrupt(int64(h.backingOffset), "backing_file_name", "contains a NUL byte")
-		}
-		h.backingName = string(name)
 	}
 
+	if err := h.checkTables(fileSize, cs); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// decodeFixed decodes the fixed part of the header, n bytes of which the
+// file holds, refusing versions other than 2 and 3.
+func decodeFixed(fixed []byte, n int) (*header, error) {
+	be := binary.BigEndian
+	h := &header{version: be.Uint32(fixed[4:])}
+	switch h.version {
+	case 2:
+		if n < v2HeaderLen {
+			return nil, corrupt(0, "header", "file ends inside the version 2 header (%d bytes)", n)
+		}
+	case 3:
+		if n < v3HeaderLen {
+			return nil, corrupt(0, "header", "file ends inside the version 3 header (%d bytes)", n)
+		}
+	case 1:
+		return nil, ferr(image.ErrWrongFormat, 4, "version", "version 1 is qcow, not qcow2")
+	default:
+		return nil, unsupported(4, "version", "version %d (only 2 and 3 exist)", h.version)
+	}
+	h.backingOffset = be.Uint64(fixed[8:])
+	h.backingSize = be.Uint32(fixed[16:])
+	h.clusterBits = be.Uint32(fixed[20:])
+	h.size = be.Uint64(fixed[24:])
+	h.cryptMethod = be.Uint32(fixed[32:])
+	h.l1Size = be.Uint32(fixed[36:])
+	h.l1Offset = be.Uint64(fixed[40:])
+	h.refTableOffset = be.Uint64(fixed[48:])
+	h.refTableClusters = be.Uint32(fixed[56:])
+	h.nbSnapshots = be.Uint32(fixed[60:])
+	h.snapshotsOffset = be.Uint64(fixed[64:])
+	h.refcountOrder = 4
+	h.headerLength = v2HeaderLen
+	if h.version == 3 {
+		h.incompatible = be.Uint64(fixed[72:])
+		h.compatible = be.Uint64(fixed[80:])
+		h.autoclear = be.Uint64(fixed[88:])
+		h.refcountOrder = be.Uint32(fixed[96:])
+		h.headerLength = be.Uint32(fixed[100:])
+	}
+	return h, nil
+}
+
+// readBackingName reads the backing file's name, which must lie inside
+// the first cluster.
+func (h *header) readBackingName(r io.ReaderAt, cs uint64) error {
+	if h.backingSize == 0 || h.backingSize > maxBackingName {
+		return corrupt(16, "backing_file_size", "%d (must be 1..%d)", h.backingSize, maxBackingName)
+	}
+	if h.backingOffset >= cs || h.backingOffset+uint64(h.backingSize) > cs {
+		return corrupt(8, "backing_file_offset", "backing name at %d+%d is outside the first cluster", h.backingOffset, h.backingSize)
+	}
+	name := make([]byte, h.backingSize)
+	if _, err := r.ReadAt(name, int64(h.backingOffset)); err != nil {
+		return corrupt(int64(h.backingOffset), "backing_file_name", "unreadable: %v", err)
+	}
+	if bytes.IndexByte(name, 0) >= 0 {
+		return corrupt(int64(h.backingOffset), "backing_file_name", "contains a NUL byte")
+	}
+	h.backingName = string(name)
+	return nil
+}
+
+// checkTables: the L1 and refcount tables and the snapshot list aligned,
+// inside the file and capped before anything is allocated for them.
+func (h *header) checkTables(fileSize int64, cs uint64) error {
 	// Tables: aligned, inside the file, capped.
 	clusterAligned := func(off uint64) bool { return off&(cs-1) == 0 }
 	if h.l1Size > 0 || h.l1Offset != 0 {
 		if !clusterAligned(h.l1Offset) || h.l1Offset == 0 {
-			return nil, corrupt(40, "l1_table_offset", "%#x is not a cluster-aligned offset past the header", h.l1Offset)
+			return corrupt(40, "l1_table_offset", "%#x is not a cluster-aligned offset past the header", h.l1Offset)
 		}
 		if uint64(h.l1Size)*8 > maxL1Bytes {
-			return nil, corrupt(36, "l1_size", "%d entries is more than the %d-byte cap", h.l1Size, maxL1Bytes)
+			return corrupt(36, "l1_size", "%d entries is more than the %d-byte cap", h.l1Size, maxL1Bytes)
 		}
 		if h.l1Offset+uint64(h.l1Size)*8 > uint64(fileSize) {
-			return nil, corrupt(40, "l1_table_offset", "L1 table %#x+%d ends past the end of the file (%d)", h.l1Offset, uint64(h.l1Size)*8, fileSize)
+			return corrupt(40, "l1_table_offset", "L1 table %#x+%d ends past the end of the file (%d)", h.l1Offset, uint64(h.l1Size)*8, fileSize)
 		}
 	}
 	need := l1EntriesFor(h.size, h.clusterBits)
 	if uint64(h.l1Size) < need {
-		return nil, corrupt(36, "l1_size", "%d entries cannot cover a virtual size of %d (need %d)", h.l1Size, h.size, need)
+		return corrupt(36, "l1_size", "%d entries cannot cover a virtual size of %d (need %d)", h.l1Size, h.size, need)
 	}
 	if !clusterAligned(h.refTableOffset) || h.refTableOffset == 0 {
-		return nil, corrupt(48, "refcount_table_offset", "%#x is not a cluster-aligned offset past the header", h.refTableOffset)
+		return corrupt(48, "refcount_table_offset", "%#x is not a cluster-aligned offset past the header", h.refTableOffset)
 	}
 	if h.refTableClusters == 0 || uint64(h.refTableClusters)*cs > maxRefTable {
-		return nil, corrupt(56, "refcount_table_clusters", "%d clusters (must be 1..%d bytes)", h.refTableClusters, maxRefTable)
+		return corrupt(56, "refcount_table_clusters", "%d clusters (must be 1..%d bytes)", h.refTableClusters, maxRefTable)
 	}
 	if h.refTableOffset+uint64(h.refTableClusters)*cs > uint64(fileSize) {
-		return nil, corrupt(48, "refcount_table_offset", "refcount table ends past the end of the file")
+		return corrupt(48, "refcount_table_offset", "refcount table ends past the end of the file")
 	}
 	if h.nbSnapshots > maxSnapshots {
-		return nil, corrupt(60, "nb_snapshots", "%d (at most %d)", h.nbSnapshots, maxSnapshots)
+		return corrupt(60, "nb_snapshots", "%d (at most %d)", h.nbSnapshots, maxSnapshots)
 	}
 	if h.nbSnapshots > 0 && (h.snapshotsOffset&7 != 0 || h.snapshotsOffset == 0 || h.snapshotsOffset >= uint64(fileSize)) {
-		return nil, corrupt(64, "snapshots_offset", "%#x is not an 8-byte aligned offset inside the file", h.snapshotsOffset)
+		return corrupt(64, "snapshots_offset", "%#x is not an 8-byte aligned offset inside the file", h.snapshotsOffset)
 	}
-	return h, nil
+	return nil
 }
 
 // readExtensions walks {type, length, data, pad} records from off.
