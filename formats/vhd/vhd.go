@@ -288,9 +288,28 @@ func (img *Image) openDynamic(footerAtEnd bool) error {
 	if err := img.checkMetaOverlap(); err != nil {
 		return err
 	}
-	// Every allocated block must lie inside the file, clear of the
-	// metadata and of every other block: a writer trusting such a BAT
-	// would scribble over metadata or another block's data.
+	maxEnd, err := img.checkBlocks(endMeta, footerAtEnd)
+	if err != nil {
+		return err
+	}
+	footerPos := size - footerSize
+	if size%sectorSize == 511 {
+		footerPos = size - 511
+	}
+	if !footerAtEnd {
+		footerPos = roundUp(size, sectorSize)
+	}
+	img.nextFree = max(roundUp(footerPos, sectorSize), maxEnd)
+	return nil
+}
+
+// checkBlocks requires every allocated block to lie inside the file,
+// clear of the metadata (which ends at endMeta) and of every other block:
+// a writer trusting such a BAT would scribble over metadata or another
+// block's data. It returns where the last block ends, and drops a batmap
+// that a block overlaps.
+func (img *Image) checkBlocks(endMeta int64, footerAtEnd bool) (int64, error) {
+	h, size := img.hdr, img.fileSize
 	per := img.bmSize + img.blockSize
 	type span struct {
 		start int64
@@ -308,10 +327,10 @@ func (img *Image) openDynamic(footerAtEnd bool) error {
 		}
 		start := int64(e) * sectorSize
 		if start < endMeta {
-			return fmtErr(image.ErrCorrupt, int64(h.TableOffset)+4*int64(i), "bat", "block %d at %d overlaps the headers (which end at %d)", i, start, endMeta)
+			return 0, fmtErr(image.ErrCorrupt, int64(h.TableOffset)+4*int64(i), "bat", "block %d at %d overlaps the headers (which end at %d)", i, start, endMeta)
 		}
 		if start+per > limit {
-			return fmtErr(image.ErrCorrupt, int64(h.TableOffset)+4*int64(i), "bat", "block %d at %d (%d bytes) runs past the end of the file (%d bytes)", i, start, per, size)
+			return 0, fmtErr(image.ErrCorrupt, int64(h.TableOffset)+4*int64(i), "bat", "block %d at %d (%d bytes) runs past the end of the file (%d bytes)", i, start, per, size)
 		}
 		spans = append(spans, span{start, i})
 		maxEnd = max(maxEnd, start+per)
@@ -319,7 +338,7 @@ func (img *Image) openDynamic(footerAtEnd bool) error {
 	sort.Slice(spans, func(a, b int) bool { return spans[a].start < spans[b].start })
 	for i := 1; i < len(spans); i++ {
 		if spans[i].start < spans[i-1].start+per {
-			return fmtErr(image.ErrCorrupt, int64(h.TableOffset)+4*int64(spans[i].blk), "bat", "block %d at %d overlaps block %d at %d", spans[i].blk, spans[i].start, spans[i-1].blk, spans[i-1].start)
+			return 0, fmtErr(image.ErrCorrupt, int64(h.TableOffset)+4*int64(spans[i].blk), "bat", "block %d at %d overlaps block %d at %d", spans[i].blk, spans[i].start, spans[i-1].blk, spans[i-1].start)
 		}
 	}
 	if img.batmap.valid {
@@ -333,15 +352,7 @@ func (img *Image) openDynamic(footerAtEnd bool) error {
 			}
 		}
 	}
-	footerPos := size - footerSize
-	if size%sectorSize == 511 {
-		footerPos = size - 511
-	}
-	if !footerAtEnd {
-		footerPos = roundUp(size, sectorSize)
-	}
-	img.nextFree = max(roundUp(footerPos, sectorSize), maxEnd)
-	return nil
+	return maxEnd, nil
 }
 
 func (img *Image) readBatmap(hdrOff int64) {
