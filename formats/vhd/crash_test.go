@@ -18,7 +18,7 @@ import (
 
 func haveQemu() bool { _, err := exec.LookPath("qemu-img"); return err == nil }
 
-// memImage creates an image in memory and opens it on a crashFile.
+// memImage creates an image in memory and opens it on a crashfs file.
 func memImage(t testing.TB, opts CreateOptions, parent image.Image) (*crashfs.File, *Image) {
 	t.Helper()
 	opts.Now = func() time.Time { return time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) }

@@ -1,7 +1,10 @@
-// Package hostfile holds what the image formats need of the host file
-// under an image beyond *os.File: a sync that makes written data durable
-// without the inode's timestamps (fdatasync), the file's size, hole
-// punching, and reads and writes of exactly a whole buffer.
+// Package hostfile is the one layer through which the image formats reach
+// their host files: File (read, write, sync, size, truncate, punch) and
+// FS (open, confined open, remove, directory sync), with OSFile and OSFS
+// the real ones and formats/internal/crashfs the power-cut fake. It also
+// holds what every format needs on top: a sync that makes written data
+// durable without the inode's timestamps (fdatasync), reads and writes
+// of exactly a whole buffer, and GroupSync to share syncs.
 package hostfile
 
 import (
