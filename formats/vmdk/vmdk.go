@@ -157,49 +157,7 @@ func (img *Image) open(f hostfile.File, fs hostfile.FS, opts Options) error {
 	}
 	switch {
 	case n >= 4 && (string(head[:4]) == magicSparse || string(head[:4]) == magicCOWD):
-		sp, err := openSparse(f, img.path, opts.ReadOnly, cacheCap)
-		if err != nil {
-			return err
-		}
-		h := sp.h
-		if h.DescOffset == 0 {
-			img.extents = []*extent{{d: ExtentDesc{Access: "RW", Sectors: int64(h.Capacity), Type: "SPARSE", File: filepath.Base(img.path)},
-				length: int64(h.Capacity) * sectorSize, f: f, sp: sp}}
-			img.size = int64(h.Capacity) * sectorSize
-			return img.openBacking(opts)
-		}
-		dsize, _ := f.Size()
-		off := int64(h.DescOffset) * sectorSize
-		if off >= dsize {
-			return fmtErr(28, "desc_offset", image.ErrCorrupt, "descriptor at sector %d past the end of the file", h.DescOffset)
-		}
-		text := make([]byte, min(int64(h.DescSize)*sectorSize, dsize-off))
-		if err := hostfile.ReadFull(f, text, off); err != nil {
-			return fmtErr(off, "descriptor", image.ErrCorrupt, "%v", err)
-		}
-		d, err := ParseDescriptor(text)
-		if err != nil {
-			return err
-		}
-		if len(d.Extents) != 1 || d.Extents[0].Type != "SPARSE" {
-			return fmtErr(off, "descriptor", image.ErrCorrupt, "an embedded descriptor must name exactly one SPARSE extent (itself)")
-		}
-		img.desc = d
-		img.cid.Store(d.CID)
-		if i := bytes.IndexByte(text, 0); i >= 0 {
-			text = text[:i]
-		}
-		img.descFile, img.descOff, img.descCap, img.descText = f, off, int64(h.DescSize)*sectorSize, text
-		if err := checkCreateType(d.CreateType); err != nil {
-			return err
-		}
-		e := &extent{d: d.Extents[0], length: d.Extents[0].Sectors * sectorSize, f: f, sp: sp}
-		if uint64(e.d.Sectors) > h.Capacity {
-			return descErr(e.d.Line, image.ErrCorrupt, "extent of %d sectors exceeds its header's capacity %d", e.d.Sectors, h.Capacity)
-		}
-		img.extents = []*extent{e}
-		img.size = e.length
-		return img.openBacking(opts)
+		return img.openSparseFile(f, opts, cacheCap)
 	case looksLikeDescriptor(head):
 		size, err := f.Size()
 		if err != nil {
@@ -228,6 +186,54 @@ func (img *Image) open(f hostfile.File, fs hostfile.FS, opts Options) error {
 		return img.openBacking(opts)
 	}
 	return fmtErr(0, "magic", image.ErrWrongFormat, "%s: neither a sparse extent nor a descriptor", img.path)
+}
+
+// openSparseFile opens an image that starts as a sparse extent: bare, or
+// monolithicSparse with its descriptor embedded (naming itself alone).
+func (img *Image) openSparseFile(f hostfile.File, opts Options, cacheCap int) error {
+	sp, err := openSparse(f, img.path, opts.ReadOnly, cacheCap)
+	if err != nil {
+		return err
+	}
+	h := sp.h
+	if h.DescOffset == 0 {
+		img.extents = []*extent{{d: ExtentDesc{Access: "RW", Sectors: int64(h.Capacity), Type: "SPARSE", File: filepath.Base(img.path)},
+			length: int64(h.Capacity) * sectorSize, f: f, sp: sp}}
+		img.size = int64(h.Capacity) * sectorSize
+		return img.openBacking(opts)
+	}
+	dsize, _ := f.Size()
+	off := int64(h.DescOffset) * sectorSize
+	if off >= dsize {
+		return fmtErr(28, "desc_offset", image.ErrCorrupt, "descriptor at sector %d past the end of the file", h.DescOffset)
+	}
+	text := make([]byte, min(int64(h.DescSize)*sectorSize, dsize-off))
+	if err := hostfile.ReadFull(f, text, off); err != nil {
+		return fmtErr(off, "descriptor", image.ErrCorrupt, "%v", err)
+	}
+	d, err := ParseDescriptor(text)
+	if err != nil {
+		return err
+	}
+	if len(d.Extents) != 1 || d.Extents[0].Type != "SPARSE" {
+		return fmtErr(off, "descriptor", image.ErrCorrupt, "an embedded descriptor must name exactly one SPARSE extent (itself)")
+	}
+	img.desc = d
+	img.cid.Store(d.CID)
+	if i := bytes.IndexByte(text, 0); i >= 0 {
+		text = text[:i]
+	}
+	img.descFile, img.descOff, img.descCap, img.descText = f, off, int64(h.DescSize)*sectorSize, text
+	if err := checkCreateType(d.CreateType); err != nil {
+		return err
+	}
+	e := &extent{d: d.Extents[0], length: d.Extents[0].Sectors * sectorSize, f: f, sp: sp}
+	if uint64(e.d.Sectors) > h.Capacity {
+		return descErr(e.d.Line, image.ErrCorrupt, "extent of %d sectors exceeds its header's capacity %d", e.d.Sectors, h.Capacity)
+	}
+	img.extents = []*extent{e}
+	img.size = e.length
+	return img.openBacking(opts)
 }
 
 func checkCreateType(t string) error {
@@ -434,28 +440,9 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		if holeLen == 0 {
 			return nil
 		}
-		defer func() { holeLen = 0 }()
-		if img.backing == nil {
-			add(image.Extent{Offset: holeStart, Length: holeLen, Kind: image.Hole})
-			return nil
-		}
-		bs := img.backing.Size()
-		if holeStart < bs {
-			n := min(holeLen, bs-holeStart)
-			sub, err := img.backing.Map(holeStart, n)
-			if err != nil {
-				return fmt.Errorf("vmdk: map parent: %w", err)
-			}
-			for _, x := range sub {
-				x.Depth++
-				add(x)
-			}
-		}
-		if end := holeStart + holeLen; end > bs {
-			s := max(holeStart, bs)
-			add(image.Extent{Offset: s, Length: end - s, Kind: image.Hole, Depth: 1})
-		}
-		return nil
+		err := img.mapUnallocated(holeStart, holeLen, add)
+		holeLen = 0
+		return err
 	}
 	err := img.each(off, length, func(e *extent, rel, a, b int64) error {
 		vo := off + a
@@ -498,6 +485,32 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		err = flushHole()
 	}
 	return out, err
+}
+
+// mapUnallocated reports a run of unallocated grains: a hole without a
+// parent, else the parent's extents one level deeper and a hole past the
+// parent's end.
+func (img *Image) mapUnallocated(start, n int64, add func(image.Extent)) error {
+	if img.backing == nil {
+		add(image.Extent{Offset: start, Length: n, Kind: image.Hole})
+		return nil
+	}
+	bs := img.backing.Size()
+	if start < bs {
+		sub, err := img.backing.Map(start, min(n, bs-start))
+		if err != nil {
+			return fmt.Errorf("vmdk: map parent: %w", err)
+		}
+		for _, x := range sub {
+			x.Depth++
+			add(x)
+		}
+	}
+	if end := start + n; end > bs {
+		s := max(start, bs)
+		add(image.Extent{Offset: s, Length: end - s, Kind: image.Hole, Depth: 1})
+	}
+	return nil
 }
 
 // Flush makes every completed write durable: an fdatasync per extent
