@@ -92,6 +92,7 @@ func completeTree(root *cobra.Command) {
 	var helpFlags func(c *cobra.Command)
 	helpFlags = func(c *cobra.Command) {
 		c.InitDefaultHelpFlag()
+		c.DisableFlagsInUseLine = true // each Use spells its flags out
 		c.Flags().Lookup("help").Usage = "this help"
 		for _, sub := range c.Commands() {
 			helpFlags(sub)

@@ -50,7 +50,7 @@ func newImageCommand() *cobra.Command {
 			return usagef("want a subcommand (blktap image --help)")
 		}
 		if args[0] == "help" {
-			writeHelp(os.Stdout, c)
+			writeHelp(c.OutOrStdout(), c)
 			return nil
 		}
 		return usagef("unknown subcommand %q (blktap image --help)", args[0])

@@ -3,7 +3,6 @@ package main
 import (
 	"fmt"
 	"io"
-	"os"
 	"runtime/debug"
 
 	"github.com/spf13/cobra"
@@ -58,11 +57,11 @@ func versionString() string {
 
 func newVersionCommand() *cobra.Command {
 	c := leaf("version", "print the version and commit (also --version)")
-	c.RunE = func(_ *cobra.Command, args []string) error {
+	c.RunE = func(c *cobra.Command, args []string) error {
 		if len(args) > 0 {
 			return usagef("unexpected argument %q", args[0])
 		}
-		printVersion(os.Stdout)
+		printVersion(c.OutOrStdout())
 		return nil
 	}
 	return c

@@ -50,7 +50,7 @@ func newXenstoreCommand() *cobra.Command {
 	c.DisableFlagParsing = true
 	c.RunE = func(c *cobra.Command, args []string) error {
 		if len(args) == 1 && (args[0] == "--help" || args[0] == "-h") {
-			writeHelp(os.Stdout, c)
+			writeHelp(c.OutOrStdout(), c)
 			return nil
 		}
 		return cmdXenstore(args)
