@@ -18,7 +18,7 @@ DESTDIR   ?=
 SYSCONFDIR ?= /etc
 UNITDIR   ?= /lib/systemd/system
 
-.PHONY: all build run test crash xen-test vet lint fmt bench bench-memory fuzz oracles clean deb install uninstall
+.PHONY: all build docs run test crash xen-test vet lint fmt bench bench-memory fuzz oracles clean deb install uninstall
 
 all: build
 
@@ -28,6 +28,12 @@ build:
 	ln -sf blktap $(BIN)/img2qcow
 	ln -sf blktap $(BIN)/qcow2raw
 	ln -sf blktap $(BIN)/tap-ctl
+
+# The man page, the completions and README's command list, made from the
+# command tree (cmd/blktap/cli.go); `go test ./cmd/blktap` fails when a
+# shipped copy differs.
+docs:
+	$(GO) generate ./cmd/blktap
 
 run: build
 	$(BIN)/blktap run -c $(CONFIG) $(if $(STATE_DIR),--state-dir $(STATE_DIR))

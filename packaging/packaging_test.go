@@ -85,7 +85,11 @@ func roffText(s string) string {
 	return s
 }
 
-// The man page's synopsis is the help text's, command for command.
+// The man page's synopsis is the binary's, command for command: each
+// command `blktap help` lists (each image tool for image) has the usage
+// line its --help prints, and a paragraph. (cmd/blktap makes the page
+// from the command tree; this checks the shipped page against the binary
+// that is shipped with it.)
 func TestManPageMatchesHelp(t *testing.T) {
 	bin := buildBlktap(t)
 	b, err := os.ReadFile("man/blktap.8")
@@ -101,10 +105,24 @@ func TestManPageMatchesHelp(t *testing.T) {
 		}
 	}
 	cmds := helpCommands(t, bin)
-	for name, usage := range cmds {
-		want := strings.TrimSpace("blktap " + name + " " + usage)
-		if !slices.Contains(lines, want) {
-			t.Errorf("man page synopsis lacks %q", want)
+	want := 1 // blktap [global flags] COMMAND [ARGS]
+	for name := range cmds {
+		var tools []string
+		if name == "image" {
+			out, _ := exec.Command(bin, "image", "--help").Output()
+			tools = regexp.MustCompile(`(?m)^  blktap image ([a-z]+) `).FindAllString(string(out), -1)
+			if len(tools) < 7 {
+				t.Errorf("image --help lists %d tools:\n%s", len(tools), out)
+			}
+		} else {
+			tools = []string{"blktap " + name}
+		}
+		for _, tool := range tools {
+			usage := helpUsage(t, bin, strings.Fields(tool)[1:]...)
+			if !slices.Contains(lines, usage) {
+				t.Errorf("man page synopsis lacks %q", usage)
+			}
+			want++
 		}
 		described := false
 		for _, l := range strings.Split(man, "\n") {
@@ -116,12 +134,27 @@ func TestManPageMatchesHelp(t *testing.T) {
 			t.Errorf("man page does not describe %s", name)
 		}
 	}
-	if len(lines) != len(cmds) {
-		t.Errorf("man page synopsis has %d blktap lines, help %d commands", len(lines), len(cmds))
+	if len(lines) != want {
+		t.Errorf("man page synopsis has %d blktap lines, the binary %d commands", len(lines), want)
 	}
 	if !strings.Contains(man, `"blktap-go `+changelogVersion(t)+`"`) {
 		t.Errorf("man page .TH does not name version %s", changelogVersion(t))
 	}
+}
+
+// helpUsage is the usage line `blktap ARGS... --help` prints.
+func helpUsage(t *testing.T, bin string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(bin, append(args, "--help")...).Output()
+	if err != nil {
+		t.Fatalf("%v --help: %v", args, err)
+	}
+	first, _, _ := strings.Cut(string(out), "\n")
+	usage, ok := strings.CutPrefix(first, "usage: ")
+	if !ok {
+		t.Fatalf("%v --help starts %q", args, first)
+	}
+	return usage
 }
 
 func changelogVersion(t *testing.T) string {
@@ -136,18 +169,31 @@ func changelogVersion(t *testing.T) string {
 	return string(m[1])
 }
 
-// The completion offers exactly the commands `blktap help` lists.
+// The shipped completions are the binary's own (`blktap completion
+// SHELL`), which offer the commands `blktap help` lists.
 func TestCompletionCommands(t *testing.T) {
 	bin := buildBlktap(t)
-	b, err := os.ReadFile("completion/blktap")
+	for shell, file := range map[string]string{"bash": "completion/blktap", "zsh": "completion/_blktap", "fish": "completion/blktap.fish"} {
+		shipped, err := os.ReadFile(file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		made, err := exec.Command(bin, "completion", shell).Output()
+		if err != nil || !bytes.Equal(shipped, made) {
+			t.Errorf("%s is not `blktap completion %s` (%v): run make docs", file, shell, err)
+		}
+	}
+	// What the scripts ask the binary for when <TAB> follows "blktap ".
+	out, err := exec.Command(bin, "__complete", "").Output()
 	if err != nil {
 		t.Fatal(err)
 	}
-	m := regexp.MustCompile(`local commands="([^"]*)"`).FindSubmatch(b)
-	if m == nil {
-		t.Fatal("no command list in the completion")
+	var got []string
+	for _, l := range strings.Split(string(out), "\n") {
+		if name, _, _ := strings.Cut(l, "\t"); name != "" && !strings.HasPrefix(name, ":") {
+			got = append(got, name)
+		}
 	}
-	got := strings.Fields(string(m[1]))
 	var want []string
 	for name := range helpCommands(t, bin) {
 		want = append(want, name)
@@ -155,7 +201,7 @@ func TestCompletionCommands(t *testing.T) {
 	slices.Sort(got)
 	slices.Sort(want)
 	if !slices.Equal(got, want) {
-		t.Errorf("completion commands %v, help %v", got, want)
+		t.Errorf("completion offers %v, help lists %v", got, want)
 	}
 }
 

@@ -120,7 +120,7 @@ func TestAttachRealXenGuest(t *testing.T) {
 		t.Helper()
 		fakeXenDaemon(t, xs, be, mode)
 		return stdoutOf(t, func() error {
-			return cmdAttach([]string{"--xenstore", sock, "--state-dir", dir, "--timeout", "1s", "3", "aio:" + img, "xvdb", "w"})
+			return execute([]string{"attach", "--xenstore", sock, "--state-dir", dir, "--timeout", "1s", "3", "aio:" + img, "xvdb", "w"})
 		})
 	}
 

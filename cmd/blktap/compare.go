@@ -2,66 +2,61 @@ package main
 
 import (
 	"bytes"
-	"flag"
 	"fmt"
 	"io"
 	"os"
 
 	"github.com/blktap-go/blktap/formats"
+	"github.com/spf13/pflag"
 )
-
-const compareUsage = "blktap image compare [-f FMT] [-F FMT] [-s] [-q] FILE1 FILE2"
 
 // imageCompare is qemu-img compare: exit 0 when the guest sees the same
 // bytes in both (a longer image's tail must read as zeros), 1 when not,
 // 2 when the comparison could not be made.
-func imageCompare(args []string) error {
-	fs := flag.NewFlagSet("image compare", flag.ContinueOnError)
-	f1 := fs.String("f", "", "format of FILE1 (default: probe)")
-	f2 := fs.String("F", "", "format of FILE2 (default: probe)")
-	strict := fs.Bool("s", false, "strict: sizes and allocation must match too")
-	quiet := fs.Bool("q", false, "print nothing; the exit status says it")
-	fs.Bool("p", false, "accepted for qemu-img's sake; no progress is shown")
-	pos, err := parseInterleaved(fs, args)
-	if err == nil && len(pos) != 2 {
-		err = usagef("want FILE1 FILE2")
+func imageCompare(fs *pflag.FlagSet) func(pos []string) error {
+	f1 := fs.StringP("format", "f", "", "FILE1's `FMT` (default: probe)")
+	f2 := fs.StringP("second-format", "F", "", "FILE2's `FMT` (default: probe)")
+	strict := fs.BoolP("strict", "s", false, "strict: sizes and allocation must match too")
+	quiet := fs.BoolP("quiet", "q", false, "print nothing; the exit status says it")
+	fs.BoolP("progress", "p", false, "accepted for qemu-img's sake; no progress is shown")
+	return func(pos []string) error {
+		if len(pos) != 2 {
+			return usagef("want FILE1 FILE2")
+		}
+		out := io.Writer(os.Stdout)
+		if *quiet {
+			out = io.Discard
+		}
+		// Status 1 means "different", so anything that stops the comparison
+		// is 2, as in qemu-img.
+		fail := func(err error) error {
+			fmt.Fprintf(os.Stderr, "blktap image compare: %v\n", err)
+			return exitCode(2)
+		}
+		a, err := openProbed(pos[0], *f1, true)
+		if err != nil {
+			return fail(err)
+		}
+		defer a.Close()
+		b, err := openProbed(pos[1], *f2, true)
+		if err != nil {
+			return fail(err)
+		}
+		defer b.Close()
+		diff, why, err := compareImages(a, pos[0], b, pos[1], *strict)
+		if err != nil {
+			return fail(err)
+		}
+		if a.Size() != b.Size() && why != "Strict mode: Image size mismatch!" {
+			fmt.Fprintln(out, "Warning: Image size mismatch!")
+		}
+		if diff {
+			fmt.Fprintln(out, why)
+			return exitCode(1)
+		}
+		fmt.Fprintln(out, "Images are identical.")
+		return nil
 	}
-	if err != nil {
-		return err
-	}
-	out := io.Writer(os.Stdout)
-	if *quiet {
-		out = io.Discard
-	}
-	// Status 1 means "different", so anything that stops the comparison
-	// is 2, as in qemu-img.
-	fail := func(err error) error {
-		fmt.Fprintf(os.Stderr, "blktap image compare: %v\n", err)
-		return exitCode(2)
-	}
-	a, err := openProbed(pos[0], *f1, true)
-	if err != nil {
-		return fail(err)
-	}
-	defer a.Close()
-	b, err := openProbed(pos[1], *f2, true)
-	if err != nil {
-		return fail(err)
-	}
-	defer b.Close()
-	diff, why, err := compareImages(a, pos[0], b, pos[1], *strict)
-	if err != nil {
-		return fail(err)
-	}
-	if a.Size() != b.Size() && why != "Strict mode: Image size mismatch!" {
-		fmt.Fprintln(out, "Warning: Image size mismatch!")
-	}
-	if diff {
-		fmt.Fprintln(out, why)
-		return exitCode(1)
-	}
-	fmt.Fprintln(out, "Images are identical.")
-	return nil
 }
 
 // compareImages walks both images' maps together: runs zero in both are

@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -24,6 +23,7 @@ import (
 	"github.com/blktap-go/blktap/tapengine/nbdkernel"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
+	"github.com/spf13/cobra"
 )
 
 // dialXenstore connects to the xenstored the daemon uses: --xenstore if
@@ -52,11 +52,9 @@ func dialXenstore(ctx context.Context, stateDir, explicit string) (*xenstore.Cli
 	}
 }
 
-func stateFlags(fs *flag.FlagSet) (stateDir, xs *string) {
-	stateDir = fs.String("state-dir", defaultStateDir(), "the daemon's state directory")
-	xs = fs.String("xenstore", "", "xenstored socket (default: the daemon's)")
-	return
-}
+// daemonFlags are the global flags the commands that talk to the
+// daemon use: its state directory and the xenstored to reach it through.
+func daemonFlags() (stateDir, xs string) { return defaultStateDir(), global.xenstore }
 
 func parseDomid(s string) (uint32, error) {
 	n, err := strconv.ParseUint(s, 10, 32)
@@ -66,53 +64,75 @@ func parseDomid(s string) (uint32, error) {
 	return uint32(n), nil
 }
 
-func cmdAttach(args []string) error {
-	fs := flag.NewFlagSet("attach", flag.ContinueOnError)
-	stateDir, xsPath := stateFlags(fs)
-	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for Connected")
-	nbdDev := fs.String("nbd-device", "", "domain 0: also connect this kernel nbd device (/dev/nbdN) to the export")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
+func newAttachCommand() *cobra.Command {
+	c := leaf("attach DOMID TYPE:PATH VDEV MODE [--nbd-device /dev/nbdN] [--timeout 60s]",
+		"attach a disk; prints the NBD URI (on Xen: the guest's device; dom0: /dev/VDEV, then the URI)")
+	c.Long = c.Short + `
+
+MODE is r or w. The 2006 VM-config form is accepted too:
+  blktap attach DOMID tap:TYPE:PATH,VDEV,MODE`
+	timeout := c.Flags().Duration("timeout", 60*time.Second, "how long to wait for Connected")
+	nbdDev := c.Flags().String("nbd-device", "", "domain 0: also connect this kernel nbd `DEVICE` (/dev/nbdN) to the export")
+	c.RunE = func(_ *cobra.Command, pos []string) error {
+		stateDir, xsPath := daemonFlags()
+		return attach(pos, stateDir, xsPath, *timeout, *nbdDev)
 	}
+	return c
+}
+
+// attachRequest is attach's command line, checked.
+type attachRequest struct {
+	domid, devid       uint32
+	format, path, mode string
+}
+
+// attachArgs checks attach's DOMID TYPE:PATH VDEV MODE.
+func attachArgs(pos []string) (attachRequest, error) {
+	var r attachRequest
 	// The seed's VM-config form: tap:qcow:/img/a.qcow,xvdb,w
 	if len(pos) == 2 && strings.Count(pos[1], ",") == 2 {
 		parts := strings.Split(pos[1], ",")
 		pos = []string{pos[0], parts[0], parts[1], parts[2]}
 	}
 	if len(pos) != 4 {
-		return usagef("want DOMID TYPE:PATH VDEV MODE")
+		return r, usagef("want DOMID TYPE:PATH VDEV MODE")
 	}
-	domid, err := parseDomid(pos[0])
+	var err error
+	if r.domid, err = parseDomid(pos[0]); err != nil {
+		return r, err
+	}
+	if r.format, r.path, err = imageArg(pos[1]); err != nil {
+		return r, err
+	}
+	if r.devid, err = config.ParseVdev(strings.TrimPrefix(pos[2], "/dev/")); err != nil {
+		return r, usagef("VDEV: %v", err)
+	}
+	r.mode = pos[3]
+	if r.mode != "r" && r.mode != "w" {
+		return r, usagef("MODE %q: want r or w", r.mode)
+	}
+	return r, nil
+}
+
+func attach(pos []string, stateDir, xsPath string, timeout time.Duration, nbdDev string) error {
+	r, err := attachArgs(pos)
 	if err != nil {
 		return err
 	}
-	format, path, err := imageArg(pos[1])
-	if err != nil {
-		return err
-	}
-	vdev := strings.TrimPrefix(pos[2], "/dev/")
-	devid, err := config.ParseVdev(vdev)
-	if err != nil {
-		return usagef("VDEV: %v", err)
-	}
-	mode := pos[3]
-	if mode != "r" && mode != "w" {
-		return usagef("MODE %q: want r or w", mode)
-	}
-	if *nbdDev != "" {
+	domid, devid := r.domid, r.devid
+	if nbdDev != "" {
 		if domid != 0 {
 			return usagef("--nbd-device is for domain-0 disks")
 		}
-		if err := nbdkernel.Available(*nbdDev); err != nil {
+		if err := nbdkernel.Available(nbdDev); err != nil {
 			return err
 		}
 	}
 	ctx := context.Background()
-	if err := requireDaemon(ctx, *stateDir, *timeout); err != nil {
+	if err := requireDaemon(ctx, stateDir, timeout); err != nil {
 		return err
 	}
-	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
+	xs, err := dialXenstore(ctx, stateDir, xsPath)
 	if err != nil {
 		return err
 	}
@@ -120,14 +140,21 @@ func cmdAttach(args []string) error {
 	key := reconciler.Key{Kind: reconciler.KindVBD3, Domid: domid, Devid: devid}
 	name := fmt.Sprintf("d%d-%s", domid, config.VdevName(devid))
 	err = reconciler.WriteDevice(ctx, xs, reconciler.DeviceSpec{
-		Key: key, Name: name, Format: format, Path: path, Mode: mode,
-		Vdev: config.VdevName(devid), Source: "attach", NBDDevice: *nbdDev,
+		Key: key, Name: name, Format: r.format, Path: r.path, Mode: r.mode,
+		Vdev: config.VdevName(devid), Source: "attach", NBDDevice: nbdDev,
 	})
 	if err != nil {
 		return err
 	}
-	wctx, cancel := context.WithTimeout(ctx, *timeout)
+	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
+	return waitAttached(ctx, wctx, xs, key)
+}
+
+// waitAttached waits for the disk attach declared to connect, and prints
+// what its user reaches it by; a disk that fails is taken away again.
+func waitAttached(ctx, wctx context.Context, xs *xenstore.Client, key reconciler.Key) error {
+	domid, devid := key.Domid, key.Devid
 	// On Xen the domain's own xen-blkfront connects the disk, dom0's
 	// included. A real guest gets to it when it gets to it (it may be
 	// paused, or still booting): slowness there is no failure.
@@ -232,14 +259,15 @@ func imageArg(arg string) (format, path string, err error) {
 	return "raw", path, nil
 }
 
-func cmdDetach(args []string) error {
-	fs := flag.NewFlagSet("detach", flag.ContinueOnError)
-	stateDir, xsPath := stateFlags(fs)
-	timeout := fs.Duration("timeout", 60*time.Second, "how long to wait for the disk to close")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
+func newDetachCommand() *cobra.Command {
+	c := leaf("detach DOMID VDEV [--timeout 60s]", "detach a disk: drain, flush, remove")
+	timeout := c.Flags().Duration("timeout", 60*time.Second, "how long to wait for the disk to close")
+	c.RunE = func(_ *cobra.Command, pos []string) error { return detach(pos, *timeout) }
+	return c
+}
+
+func detach(pos []string, timeout time.Duration) error {
+	stateDir, xsPath := daemonFlags()
 	if len(pos) != 2 {
 		return usagef("want DOMID VDEV")
 	}
@@ -254,15 +282,15 @@ func cmdDetach(args []string) error {
 	ctx := context.Background()
 	// Without a daemon the disk never closes: fail now, not after the
 	// timeout with the device half removed.
-	if err := requireDaemon(ctx, *stateDir, *timeout); err != nil {
+	if err := requireDaemon(ctx, stateDir, timeout); err != nil {
 		return err
 	}
-	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
+	xs, err := dialXenstore(ctx, stateDir, xsPath)
 	if err != nil {
 		return err
 	}
 	defer xs.Close()
-	wctx, cancel := context.WithTimeout(ctx, *timeout)
+	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	// The disk may be declared under any kind the daemon serves.
 	self := reconciler.SelfDomid(ctx, xs)
@@ -275,61 +303,9 @@ func cmdDetach(args []string) error {
 	return fmt.Errorf("no disk %s attached to domain %d", pos[1], domid)
 }
 
-// lsSchema is the version of `blktap ls --json` (docs/LS-JSON.md): fields
-// are only ever added within a version; a removal or a change of meaning
-// makes a new one.
-const lsSchema = 1
-
-// lsEntry is one row of `blktap ls --json`; docs/LS-JSON.md documents
-// every field.
-type lsEntry struct {
-	Schema    int    `json:"schema"`
-	Name      string `json:"name"`
-	Kind      string `json:"kind"`
-	Domain    uint32 `json:"domain"`
-	Device    string `json:"device"`
-	Devid     uint32 `json:"devid"`
-	Image     string `json:"image"`
-	Format    string `json:"format"`
-	Mode      string `json:"mode"`
-	State     int    `json:"state"`
-	StateName string `json:"state_name"`
-	Frontend  int    `json:"frontend_state"`
-	Phase     string `json:"phase"`
-	Error     string `json:"error"`
-	Export    string `json:"export"`
-	WorkerPid int    `json:"worker_pid"`
-	Restarts  int    `json:"restarts"`
-	// IO holds the worker's counters, when the daemon answers.
-	IO *worker.Stats `json:"io,omitempty"`
-}
-
-func cmdLs(args []string) error {
-	fs := flag.NewFlagSet("ls", flag.ContinueOnError)
-	stateDir, xsPath := stateFlags(fs)
-	asJSON := fs.Bool("json", false, "JSON output, an array of devices (docs/LS-JSON.md)")
-	output := fs.String("o", "", "wide: every column (state, phase, worker, I/O, export, error)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) > 0 {
-		return usagef("unexpected argument %q", pos[0])
-	}
-	if *output != "" && *output != "wide" {
-		return usagef("-o %q: the only output is wide (or --json)", *output)
-	}
-	ctx := context.Background()
-	xs, err := dialXenstore(ctx, *stateDir, *xsPath)
-	if err != nil {
-		return err
-	}
-	defer xs.Close()
-	self := reconciler.SelfDomid(ctx, xs)
-	if msg, err := xs.Read(ctx, reconciler.ConfigErrorPath(self)); err == nil && msg != "" {
-		// On standard error: the table and the JSON keep their shape.
-		fmt.Fprintf(os.Stderr, "blktap: the daemon kept its previous desired state: %s\n", msg)
-	}
+// readLsEntries reads every device the daemon's domain backs, with the
+// worker's counters where the daemon answers, in domain and device order.
+func readLsEntries(ctx context.Context, xs *xenstore.Client, self uint32, stateDir string) ([]lsEntry, error) {
 	root := xenstore.DomainPath(self) + "/backend" // a driver domain's own
 	type found struct {
 		kind     string
@@ -341,7 +317,7 @@ func cmdLs(args []string) error {
 		if errors.Is(err, xenstore.ErrNotFound) {
 			continue
 		} else if err != nil {
-			return err
+			return nil, err
 		}
 		for _, dom := range doms {
 			ids, err := xs.Directory(ctx, root+"/"+kind+"/"+dom)
@@ -362,7 +338,7 @@ func cmdLs(args []string) error {
 	}
 	statsc := make(chan statsReply, 1)
 	go func() {
-		st, err := reconciler.FetchStats(ctx, *stateDir)
+		st, err := reconciler.FetchStats(ctx, stateDir)
 		statsc <- statsReply{st, err}
 	}()
 	entries := make([]lsEntry, len(devs))
@@ -397,12 +373,76 @@ func cmdLs(args []string) error {
 		}
 		return entries[i].Devid < entries[j].Devid
 	})
-	if *asJSON {
+	return entries, nil
+}
+
+// lsSchema is the version of `blktap ls --json` (docs/LS-JSON.md): fields
+// are only ever added within a version; a removal or a change of meaning
+// makes a new one.
+const lsSchema = 1
+
+// lsEntry is one row of `blktap ls --json`; docs/LS-JSON.md documents
+// every field.
+type lsEntry struct {
+	Schema    int    `json:"schema"`
+	Name      string `json:"name"`
+	Kind      string `json:"kind"`
+	Domain    uint32 `json:"domain"`
+	Device    string `json:"device"`
+	Devid     uint32 `json:"devid"`
+	Image     string `json:"image"`
+	Format    string `json:"format"`
+	Mode      string `json:"mode"`
+	State     int    `json:"state"`
+	StateName string `json:"state_name"`
+	Frontend  int    `json:"frontend_state"`
+	Phase     string `json:"phase"`
+	Error     string `json:"error"`
+	Export    string `json:"export"`
+	WorkerPid int    `json:"worker_pid"`
+	Restarts  int    `json:"restarts"`
+	// IO holds the worker's counters, when the daemon answers.
+	IO *worker.Stats `json:"io,omitempty"`
+}
+
+func newLsCommand() *cobra.Command {
+	c := leaf("ls [-o wide | --json]", "list devices (80 columns; -o wide: state, worker, I/O, export; --json: docs/LS-JSON.md)")
+	asJSON := c.Flags().Bool("json", false, "JSON output, an array of devices (docs/LS-JSON.md)")
+	output := c.Flags().StringP("output", "o", "", "`wide`: every column (state, phase, worker, I/O, export, error)")
+	fixedChoices(c, "output", "wide")
+	c.RunE = func(_ *cobra.Command, pos []string) error { return ls(pos, *asJSON, *output) }
+	return c
+}
+
+func ls(pos []string, asJSON bool, output string) error {
+	stateDir, xsPath := daemonFlags()
+	if len(pos) > 0 {
+		return usagef("unexpected argument %q", pos[0])
+	}
+	if output != "" && output != "wide" {
+		return usagef("-o %q: the only output is wide (or --json)", output)
+	}
+	ctx := context.Background()
+	xs, err := dialXenstore(ctx, stateDir, xsPath)
+	if err != nil {
+		return err
+	}
+	defer xs.Close()
+	self := reconciler.SelfDomid(ctx, xs)
+	if msg, err := xs.Read(ctx, reconciler.ConfigErrorPath(self)); err == nil && msg != "" {
+		// On standard error: the table and the JSON keep their shape.
+		fmt.Fprintf(os.Stderr, "blktap: the daemon kept its previous desired state: %s\n", msg)
+	}
+	entries, err := readLsEntries(ctx, xs, self, stateDir)
+	if err != nil {
+		return err
+	}
+	if asJSON {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
 		return enc.Encode(entries)
 	}
-	if *output == "wide" {
+	if output == "wide" {
 		return lsWide(os.Stdout, entries)
 	}
 	return lsShort(os.Stdout, entries, 80)

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"net"
 	"os"
@@ -13,6 +12,7 @@ import (
 
 	"github.com/blktap-go/blktap/reconciler"
 	"github.com/blktap-go/blktap/xenstore"
+	"github.com/spf13/cobra"
 )
 
 // cmdHotplug is what libxl runs, through scripts/xen/block-blktap, for a
@@ -22,17 +22,19 @@ import (
 // cannot; the daemon holds Connected until add has written
 // hotplug-status. `remove` runs after the backend reached Closed: the
 // daemon follows xenstore on its own, so nothing is left to do.
-func cmdHotplug(args []string) error {
-	fs := flag.NewFlagSet("hotplug", flag.ContinueOnError)
-	stateDir, xsPath := stateFlags(fs)
-	timeout := fs.Duration("timeout", 30*time.Second, "how long add waits for the daemon to open the image")
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	if fs.NArg() < 1 {
+func newHotplugCommand() *cobra.Command {
+	c := leaf("hotplug add|remove [--timeout 30s]", "libxl's hotplug script for disks the daemon serves (scripts/xen/block-blktap; needs XENBUS_PATH)")
+	timeout := c.Flags().Duration("timeout", 30*time.Second, "how long add waits for the daemon to open the image")
+	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdHotplug(pos, *timeout) }
+	return c
+}
+
+func cmdHotplug(pos []string, timeout time.Duration) error {
+	stateDir, xsPath := daemonFlags()
+	if len(pos) < 1 {
 		return usagef("want add or remove")
 	}
-	action := fs.Arg(0)
+	action := pos[0]
 	switch action {
 	case "remove", "offline":
 		return nil
@@ -44,9 +46,9 @@ func cmdHotplug(args []string) error {
 	if bePath == "" {
 		return usagef("XENBUS_PATH is not set (libxl sets it when it runs a hotplug script)")
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout+5*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout+5*time.Second)
 	defer cancel()
-	err := hotplugAdd(ctx, *stateDir, *xsPath, bePath, *timeout)
+	err := hotplugAdd(ctx, stateDir, xsPath, bePath, timeout)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "block-blktap: %s: %v\n", bePath, err)
 		return exitCode(1)

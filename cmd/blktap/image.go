@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -14,54 +13,76 @@ import (
 
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/worker"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 )
 
-const checkUsage = "blktap image check [--output=human|json] [-r leaks|all] [-f FMT] FILE"
+// imageNotes close `blktap image --help`.
+const imageNotes = `formats: raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk
+SIZE takes K, M, G, T suffixes (powers of 1024).
+docs/QEMU-IMG.md: qemu-img's flags and output, tested.`
 
-const imageUsage = `blktap image create -f FMT [-b BACKING [-F BFMT]] [-o KEY=VALUE,...|help] FILE [SIZE]
-blktap image info [--output=human|json] [--backing-chain] [--detail] [-f FMT] FILE
-` + checkUsage + `
-    exit status as qemu-img's: 0 clean, 1 check failed, 2 corruption, 3 leaks only
-blktap image map [--output=human|json] [-f FMT] FILE
-blktap image convert [-p] [-c] [-f FMT] -O FMT [-o KEY=VALUE,...|help] IN OUT
-` + compareUsage + `
-` + measureUsage + `
-    exit status as qemu-img's: 0 identical, 1 different, 2 could not compare
-formats: ` + "raw (alias aio), qcow, qcow2, vhd (alias vpc), vmdk" + `
-SIZE takes K, M, G, T suffixes (powers of 1024).`
+// imageCommands are the image tools, qemu-img's subcommands of the same
+// names: flags, output and exit status as qemu-img's.
+var imageCommands = []struct {
+	use, short, long string
+	setup            func(fs *pflag.FlagSet) func(pos []string) error
+}{
+	{"create [-f FMT] [-b BACKING [-F BFMT]] [-o KEY=VALUE,...|help] FILE [SIZE]", "create an image (SIZE, or -o size=, or the backing file's)", "", imageCreate},
+	{"info [--output=human|json] [--backing-chain] [--detail] [-f FMT] FILE", "describe an image as qemu-img info does", "", imageInfo},
+	{"check [--output=human|json] [-r leaks|all] [-f FMT] FILE", "check an image's metadata, and repair it with -r",
+		"exit status as qemu-img's: 0 clean, 1 check failed (or a mistyped command line), 2 corruption, 3 leaks only", imageCheck},
+	{"map [--output=human|json] [-f FMT] FILE", "list which ranges hold data, zeros or nothing", "", imageMap},
+	{"convert [-p] [-c] [-f FMT] [-O FMT] [-o KEY=VALUE,...|help] IN OUT", "copy an image into another, of any format", "", imageConvert},
+	{"compare [-f FMT] [-F FMT] [-s] [-q] FILE1 FILE2", "do two images show a guest the same bytes",
+		"exit status as qemu-img's: 0 identical, 1 different, 2 could not compare", imageCompare},
+	{"measure [--output=human|json] [-O FMT] [-o KEY=VALUE,...] (--size SIZE | [-f FMT] FILE)", "the file size an image needs", "", imageMeasure},
+}
 
-func cmdImage(args []string) error {
-	if len(args) == 0 {
-		return usagef("want a subcommand\n%s", imageUsage)
-	}
-	switch args[0] {
-	case "create":
-		return imageCreate(args[1:])
-	case "info":
-		return imageInfo(args[1:])
-	case "map":
-		return imageMap(args[1:])
-	case "check":
-		err := imageCheck(args[1:])
-		var ue *usageError
-		if errors.As(err, &ue) {
-			// check's status 2 means a corrupt image, so a mistyped
-			// command line is 1 here, as in qemu-img.
-			fmt.Fprintf(os.Stderr, "blktap image check: %s\nusage: %s\n", ue.msg, checkUsage)
-			return exitCode(1)
+func newImageCommand() *cobra.Command {
+	c := leaf("image create|info|check|map|convert|compare|measure ...", "image tools (`blktap image --help`)")
+	c.Long = "The image tools.\n\n" + imageNotes
+	// A missing or unknown subcommand is a usage error (cobra's own answer
+	// is the help text and status 0).
+	c.Args = cobra.ArbitraryArgs
+	c.RunE = func(c *cobra.Command, args []string) error {
+		if len(args) == 0 {
+			return usagef("want a subcommand (blktap image --help)")
 		}
-		return err
-	case "convert":
-		return imageConvert(args[1:])
-	case "compare":
-		return imageCompare(args[1:])
-	case "measure":
-		return imageMeasure(args[1:])
-	case "help", "-h", "--help":
-		fmt.Println(imageUsage)
-		return nil
+		if args[0] == "help" {
+			writeHelp(c.OutOrStdout(), c)
+			return nil
+		}
+		return usagef("unknown subcommand %q (blktap image --help)", args[0])
 	}
-	return usagef("unknown subcommand %q\n%s", args[0], imageUsage)
+	for _, ic := range imageCommands {
+		sub := leaf(ic.use, ic.short)
+		sub.Long = strings.TrimSpace(ic.short + "\n\n" + ic.long)
+		runImage := ic.setup(sub.Flags())
+		sub.RunE = func(_ *cobra.Command, pos []string) error { return runImage(pos) }
+		for _, name := range []string{"format", "second-format", "backing-format", "output-format"} {
+			if sub.Flags().Lookup(name) != nil {
+				fixedChoices(sub, name, imageFormats...)
+			}
+		}
+		c.AddCommand(sub)
+	}
+	check, _, _ := c.Find([]string{"check"})
+	runCheck := check.RunE
+	check.RunE = func(cc *cobra.Command, pos []string) error { return checkUsageError(cc, runCheck(cc, pos)) }
+	check.SetFlagErrorFunc(func(cc *cobra.Command, err error) error { return checkUsageError(cc, usagef("%v", err)) })
+	return c
+}
+
+// checkUsageError reports a mistyped check command line with status 1:
+// check's 2 means a corrupt image, as in qemu-img.
+func checkUsageError(c *cobra.Command, err error) error {
+	var ue *usageError
+	if errors.As(err, &ue) {
+		fmt.Fprintf(os.Stderr, "blktap image check: %s\nusage: %s\n", ue.msg, c.UseLine())
+		return exitCode(1)
+	}
+	return err
 }
 
 // applyOpts sets what -o names on co, as format takes it; a key or value
@@ -112,68 +133,65 @@ func parseOpts(s string) (map[string]string, error) {
 	return m, nil
 }
 
-func imageCreate(args []string) error {
-	fs := flag.NewFlagSet("image create", flag.ContinueOnError)
-	fmtName := fs.String("f", "raw", "format: raw, qcow, qcow2, vhd, vmdk")
-	backing := fs.String("b", "", "backing file (copy-on-write)")
-	bfmt := fs.String("F", "", "backing file format")
-	optStr := fs.String("o", "", "options key=value,... as qemu-img's (-o help lists them)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
-	format, err := formats.Normalize(*fmtName)
-	if err != nil {
-		return usagef("%v", err)
-	}
-	if done, err := optsHelp(format, *optStr); done {
-		return err
-	}
-	if len(pos) < 1 || len(pos) > 2 {
-		return usagef("want FILE SIZE")
-	}
-	opts, err := parseOpts(*optStr)
-	if err != nil {
-		return err
-	}
-	co := formats.CreateOptions{}
-	if err := applyOpts(format, &co, opts); err != nil {
-		return err
-	}
-	// -b and -F win over -o backing_file= and backing_fmt=, as in qemu-img.
-	if *backing != "" {
-		co.Backing = *backing
-	}
-	if *bfmt != "" {
-		co.BackingFormat = *bfmt
-	}
-	if len(pos) == 2 {
-		if co.Size, err = formats.ParseSize(pos[1]); err != nil {
-			return usagef("SIZE: %v", err)
-		}
-	} else if co.Size == 0 && co.Backing == "" {
-		return usagef("want SIZE (or -o size=, or -b BACKING to take its size)")
-	}
-	if co.Backing != "" && co.Size == 0 {
-		b, err := openProbed(formats.PathCombine(pos[0], co.Backing), co.BackingFormat, true)
+func imageCreate(fs *pflag.FlagSet) func(pos []string) error {
+	fmtName := fs.StringP("format", "f", "raw", "the image's `FMT`: raw, qcow, qcow2, vhd, vmdk")
+	backing := fs.StringP("backing", "b", "", "the `BACKING` file (copy-on-write)")
+	bfmt := fs.StringP("backing-format", "F", "", "the backing file's format, `BFMT`")
+	optStr := fs.StringP("options", "o", "", "`OPTIONS` key=value,... as qemu-img's (-o help lists them)")
+	return func(pos []string) error {
+		format, err := formats.Normalize(*fmtName)
 		if err != nil {
-			return fmt.Errorf("backing file: %w", err)
+			return usagef("%v", err)
 		}
-		co.Size = b.Size()
-		b.Close()
-	}
-	if err := formats.Create(format, pos[0], co); err != nil {
-		return err
-	}
-	fmt.Printf("Formatting '%s', fmt=%s size=%d", pos[0], format, co.Size)
-	if co.Backing != "" {
-		fmt.Printf(" backing_file=%s", co.Backing)
-		if co.BackingFormat != "" {
-			fmt.Printf(" backing_fmt=%s", co.BackingFormat)
+		if done, err := optsHelp(format, *optStr); done {
+			return err
 		}
+		if len(pos) < 1 || len(pos) > 2 {
+			return usagef("want FILE SIZE")
+		}
+		opts, err := parseOpts(*optStr)
+		if err != nil {
+			return err
+		}
+		co := formats.CreateOptions{}
+		if err := applyOpts(format, &co, opts); err != nil {
+			return err
+		}
+		// -b and -F win over -o backing_file= and backing_fmt=, as in qemu-img.
+		if *backing != "" {
+			co.Backing = *backing
+		}
+		if *bfmt != "" {
+			co.BackingFormat = *bfmt
+		}
+		if len(pos) == 2 {
+			if co.Size, err = formats.ParseSize(pos[1]); err != nil {
+				return usagef("SIZE: %v", err)
+			}
+		} else if co.Size == 0 && co.Backing == "" {
+			return usagef("want SIZE (or -o size=, or -b BACKING to take its size)")
+		}
+		if co.Backing != "" && co.Size == 0 {
+			b, err := openProbed(formats.PathCombine(pos[0], co.Backing), co.BackingFormat, true)
+			if err != nil {
+				return fmt.Errorf("backing file: %w", err)
+			}
+			co.Size = b.Size()
+			b.Close()
+		}
+		if err := formats.Create(format, pos[0], co); err != nil {
+			return err
+		}
+		fmt.Printf("Formatting '%s', fmt=%s size=%d", pos[0], format, co.Size)
+		if co.Backing != "" {
+			fmt.Printf(" backing_file=%s", co.Backing)
+			if co.BackingFormat != "" {
+				fmt.Printf(" backing_fmt=%s", co.BackingFormat)
+			}
+		}
+		fmt.Println()
+		return nil
 	}
-	fmt.Println()
-	return nil
 }
 
 // openProbed opens an image, probing its format when none is given, with
@@ -194,62 +212,63 @@ func openProbed(path, format string, readOnly bool) (formats.Image, error) {
 	})
 }
 
-func imageInfo(args []string) error {
-	fs := flag.NewFlagSet("image info", flag.ContinueOnError)
+func imageInfo(fs *pflag.FlagSet) func(pos []string) error {
 	out := addOutputFlag(fs)
-	fmtName := fs.String("f", "", "format (default: probe)")
+	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe)")
 	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
 	detail := fs.Bool("detail", false, "print blktap's own view of each image's metadata (JSON) after qemu-img's")
-	pos, asJSON, err := out.parse(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return usagef("want FILE")
-	}
-	var infos []*qemuInfo
-	path, format := pos[0], *fmtName
-	for depth := 0; ; depth++ {
-		info, backingFmt, err := describeImage(path, format)
+	return func(pos []string) error {
+		asJSON, err := out.isJSON()
 		if err != nil {
 			return err
 		}
-		infos = append(infos, info)
-		if !*chain || info.BackingFilename == "" {
-			break
+		if len(pos) != 1 {
+			return usagef("want FILE")
 		}
-		if depth >= 16 {
-			return fmt.Errorf("backing chain deeper than 16")
-		}
-		path, format = info.FullBackingFilename, backingFmt
-	}
-	if *detail {
-		// qemu-img's shape has no room for what only we read (a VHD's
-		// footer, a VMDK's extents, qcow2 feature bits), so it comes apart.
-		defer func() {
-			for _, in := range infos {
-				if img, err := openProbed(in.Filename, in.ourFormat, true); err == nil {
-					writeQemuJSON(os.Stdout, formats.Describe(img))
-					img.Close()
-				}
+		var infos []*qemuInfo
+		path, format := pos[0], *fmtName
+		for depth := 0; ; depth++ {
+			info, backingFmt, err := describeImage(path, format)
+			if err != nil {
+				return err
 			}
-		}()
-	}
-	if asJSON {
-		if *chain {
-			return writeQemuJSON(os.Stdout, infos)
+			infos = append(infos, info)
+			if !*chain || info.BackingFilename == "" {
+				break
+			}
+			if depth >= 16 {
+				return fmt.Errorf("backing chain deeper than 16")
+			}
+			path, format = info.FullBackingFilename, backingFmt
 		}
-		return writeQemuJSON(os.Stdout, infos[0])
-	}
-	for i, info := range infos {
-		if i > 0 {
-			fmt.Println()
+		if *detail {
+			// qemu-img's shape has no room for what only we read (a VHD's
+			// footer, a VMDK's extents, qcow2 feature bits), so it comes apart.
+			defer func() {
+				for _, in := range infos {
+					if img, err := openProbed(in.Filename, in.ourFormat, true); err == nil {
+						writeQemuJSON(os.Stdout, formats.Describe(img))
+						img.Close()
+					}
+				}
+			}()
 		}
-		if err := printInfoHuman(os.Stdout, info); err != nil {
-			return err
+		if asJSON {
+			if *chain {
+				return writeQemuJSON(os.Stdout, infos)
+			}
+			return writeQemuJSON(os.Stdout, infos[0])
 		}
+		for i, info := range infos {
+			if i > 0 {
+				fmt.Println()
+			}
+			if err := printInfoHuman(os.Stdout, info); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
-	return nil
 }
 
 // describeImage is what `image info` says of one image, and the format of
@@ -301,98 +320,100 @@ func describeImage(path, format string) (*qemuInfo, string, error) {
 	return info, backingFmt, nil
 }
 
-func imageCheck(args []string) error {
-	fs := flag.NewFlagSet("image check", flag.ContinueOnError)
+func imageCheck(fs *pflag.FlagSet) func(pos []string) error {
 	out := addOutputFlag(fs)
-	fmtName := fs.String("f", "", "format (default: probe)")
-	repairFlag := fs.String("r", "", "repair: leaks (only leaks; on a qcow2 marked corrupt, refcounts and copied flags too) or all (leaks and what else can be fixed)")
+	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe)")
+	repairFlag := fs.StringP("repair-level", "r", "", "repair `leaks|all`: leaks (only leaks; on a qcow2 marked corrupt, refcounts and copied flags too) or all (leaks and what else can be fixed)")
 	repairOld := fs.Bool("repair", false, "same as -r leaks")
-	pos, asJSON, err := out.parse(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return usagef("want FILE")
-	}
-	repair := formats.RepairNone
-	switch *repairFlag {
-	case "":
-		if *repairOld {
+	return func(pos []string) error {
+		asJSON, err := out.isJSON()
+		if err != nil {
+			return err
+		}
+		if len(pos) != 1 {
+			return usagef("want FILE")
+		}
+		repair := formats.RepairNone
+		switch *repairFlag {
+		case "":
+			if *repairOld {
+				repair = formats.RepairLeaks
+			}
+		case "leaks":
 			repair = formats.RepairLeaks
+		case "all":
+			repair = formats.RepairAll
+		default:
+			return usagef("-r %q: want leaks or all", *repairFlag)
 		}
-	case "leaks":
-		repair = formats.RepairLeaks
-	case "all":
-		repair = formats.RepairAll
-	default:
-		return usagef("-r %q: want leaks or all", *repairFlag)
-	}
-	format := *fmtName
-	if format == "" {
-		if format, err = formats.Probe(pos[0]); err != nil {
+		format := *fmtName
+		if format == "" {
+			if format, err = formats.Probe(pos[0]); err != nil {
+				return err
+			}
+		}
+		res, err := formats.Check(format, pos[0], repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
+		if err != nil {
+			// qemu-img's status 1: the check itself failed, which says
+			// nothing either way about the image.
 			return err
 		}
-	}
-	res, err := formats.Check(format, pos[0], repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
-	if err != nil {
-		// qemu-img's status 1: the check itself failed, which says
-		// nothing either way about the image.
-		return err
-	}
-	// Problems go to stderr, as qemu's drivers print theirs, so stdout
-	// holds only the summary (or the JSON).
-	for _, p := range res.Problems {
-		fmt.Fprintln(os.Stderr, p)
-	}
-	c := &qemuCheck{
-		Filename: pos[0], Format: formats.QemuName(format),
-		ImageEndOffset: res.ImageEndOffset,
-		Corruptions:    int64(res.Corruptions), Leaks: int64(res.Leaks),
-		CorruptionsFixed: int64(res.CorruptionsFixed), LeaksFixed: int64(res.LeaksFixed),
-		TotalClusters: res.TotalClusters, AllocatedClusters: res.AllocatedClusters,
-		FragmentedClusters: res.FragmentedClusters, CompressedClusters: res.CompressedClusters,
-	}
-	if asJSON {
-		if err := writeQemuJSON(os.Stdout, c); err != nil {
-			return err
+		// Problems go to stderr, as qemu's drivers print theirs, so stdout
+		// holds only the summary (or the JSON).
+		for _, p := range res.Problems {
+			fmt.Fprintln(os.Stderr, p)
 		}
-	} else {
-		printCheckHuman(os.Stdout, c)
+		c := &qemuCheck{
+			Filename: pos[0], Format: formats.QemuName(format),
+			ImageEndOffset: res.ImageEndOffset,
+			Corruptions:    int64(res.Corruptions), Leaks: int64(res.Leaks),
+			CorruptionsFixed: int64(res.CorruptionsFixed), LeaksFixed: int64(res.LeaksFixed),
+			TotalClusters: res.TotalClusters, AllocatedClusters: res.AllocatedClusters,
+			FragmentedClusters: res.FragmentedClusters, CompressedClusters: res.CompressedClusters,
+		}
+		if asJSON {
+			if err := writeQemuJSON(os.Stdout, c); err != nil {
+				return err
+			}
+		} else {
+			printCheckHuman(os.Stdout, c)
+		}
+		return checkExit(c)
 	}
-	return checkExit(c)
 }
 
-func imageMap(args []string) error {
-	fs := flag.NewFlagSet("image map", flag.ContinueOnError)
+func imageMap(fs *pflag.FlagSet) func(pos []string) error {
 	out := addOutputFlag(fs)
-	fmtName := fs.String("f", "", "format (default: probe)")
-	pos, asJSON, err := out.parse(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 {
-		return usagef("want FILE")
-	}
-	format := *fmtName
-	if format == "" {
-		if format, err = formats.Probe(pos[0]); err != nil {
+	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe)")
+	return func(pos []string) error {
+		asJSON, err := out.isJSON()
+		if err != nil {
 			return err
 		}
+		if len(pos) != 1 {
+			return usagef("want FILE")
+		}
+		format := *fmtName
+		if format == "" {
+			if format, err = formats.Probe(pos[0]); err != nil {
+				return err
+			}
+		}
+		img, err := openProbed(pos[0], format, true)
+		if err != nil {
+			return err
+		}
+		defer img.Close()
+		rows, err := qemuMap(img, pos[0])
+		if err != nil {
+			return err
+		}
+		if asJSON {
+			writeMapJSON(os.Stdout, rows)
+			return nil
+		}
+		return writeMapHuman(os.Stdout, rows)
 	}
-	img, err := openProbed(pos[0], format, true)
-	if err != nil {
-		return err
-	}
-	defer img.Close()
-	rows, err := qemuMap(img, pos[0])
-	if err != nil {
-		return err
-	}
-	if asJSON {
-		writeMapJSON(os.Stdout, rows)
-		return nil
-	}
-	return writeMapHuman(os.Stdout, rows)
 }
 
 // qemuMap lists the image's runs as qemu-img map does.
@@ -415,50 +436,47 @@ func qemuMap(img formats.Image, path string) ([]formats.QemuExtent, error) {
 	return rows, nil
 }
 
-func imageConvert(args []string) error {
-	fs := flag.NewFlagSet("image convert", flag.ContinueOnError)
-	progress := fs.Bool("p", false, "show progress")
-	compress := fs.Bool("c", false, "compress data clusters (qcow2 output)")
-	inFmt := fs.String("f", "", "input format (default: probe)")
-	outFmt := fs.String("O", "raw", "output format")
-	optStr := fs.String("o", "", "output options key=value,... as qemu-img's (-o help lists them)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
+func imageConvert(fs *pflag.FlagSet) func(pos []string) error {
+	progress := fs.BoolP("progress", "p", false, "show progress")
+	compress := fs.BoolP("compress", "c", false, "compress data clusters (qcow2 output)")
+	inFmt := fs.StringP("format", "f", "", "the input's `FMT` (default: probe)")
+	outFmt := fs.StringP("output-format", "O", "raw", "the output's `FMT`")
+	optStr := fs.StringP("options", "o", "", "the output's `OPTIONS` key=value,... as qemu-img's (-o help lists them)")
+	return func(pos []string) error {
+		of, err := formats.Normalize(*outFmt)
+		if err != nil {
+			return usagef("%v", err)
+		}
+		if done, err := optsHelp(of, *optStr); done {
+			return err
+		}
+		if len(pos) != 2 {
+			return usagef("want IN OUT")
+		}
+		opts, err := parseOpts(*optStr)
+		if err != nil {
+			return err
+		}
+		in, err := openProbed(pos[0], *inFmt, true)
+		if err != nil {
+			return err
+		}
+		defer in.Close()
+		co := formats.CreateOptions{}
+		if err := applyOpts(of, &co, opts); err != nil {
+			return err
+		}
+		if co.Size == 0 {
+			co.Size = in.Size()
+		}
+		// qemu-img's habit: progress with -p; we also show it on a terminal.
+		var pr io.Writer
+		if *progress || isTerminal(os.Stderr) {
+			pr = os.Stderr
+		}
+		return formats.ConvertWith(context.Background(), in, of, pos[1], co,
+			formats.ConvertOptions{Progress: progressFunc(pr), Compress: *compress})
 	}
-	of, err := formats.Normalize(*outFmt)
-	if err != nil {
-		return usagef("%v", err)
-	}
-	if done, err := optsHelp(of, *optStr); done {
-		return err
-	}
-	if len(pos) != 2 {
-		return usagef("want IN OUT")
-	}
-	opts, err := parseOpts(*optStr)
-	if err != nil {
-		return err
-	}
-	in, err := openProbed(pos[0], *inFmt, true)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	co := formats.CreateOptions{}
-	if err := applyOpts(of, &co, opts); err != nil {
-		return err
-	}
-	if co.Size == 0 {
-		co.Size = in.Size()
-	}
-	// qemu-img's habit: progress with -p; we also show it on a terminal.
-	var pr io.Writer
-	if *progress || isTerminal(os.Stderr) {
-		pr = os.Stderr
-	}
-	return formats.ConvertWith(context.Background(), in, of, pos[1], co,
-		formats.ConvertOptions{Progress: progressFunc(pr), Compress: *compress})
 }
 
 func progressFunc(w io.Writer) func(done, total int64) {

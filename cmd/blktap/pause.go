@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"path/filepath"
 	"strings"
@@ -10,6 +9,7 @@ import (
 
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/reconciler"
+	"github.com/spf13/cobra"
 )
 
 // findDevice returns the key of the disk VDEV of domain DOMID, under
@@ -37,62 +37,66 @@ func findDevice(ctx context.Context, stateDir, xsPath, dom, vdev string) (reconc
 	return reconciler.Key{}, fmt.Errorf("no disk %s attached to domain %d", vdev, domid)
 }
 
+func newPauseCommand() *cobra.Command {
+	c := leaf("pause DOMID VDEV", "hold the disk's I/O, flush and close its image (resume continues)")
+	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdPause(pos) }
+	return c
+}
+
 // cmdPause: blktap pause DOMID VDEV
-func cmdPause(args []string) error {
-	fs := flag.NewFlagSet("pause", flag.ContinueOnError)
-	stateDir, xsPath := stateFlags(fs)
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
+func cmdPause(pos []string) error {
+	stateDir, xsPath := daemonFlags()
 	if len(pos) != 2 {
 		return usagef("want DOMID VDEV")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	k, err := findDevice(ctx, *stateDir, *xsPath, pos[0], pos[1])
+	k, err := findDevice(ctx, stateDir, xsPath, pos[0], pos[1])
 	if err != nil {
 		return err
 	}
-	return reconciler.DeviceCall(ctx, *stateDir, k, "pause", reconciler.DeviceOp{})
+	return reconciler.DeviceCall(ctx, stateDir, k, "pause", reconciler.DeviceOp{})
+}
+
+func newResumeCommand() *cobra.Command {
+	c := leaf("resume DOMID VDEV [--image TYPE:PATH]", "reopen the image, or switch to another of the same size")
+	img := c.Flags().String("image", "", "switch to this image, `TYPE:PATH` of the same size, instead of reopening the old one")
+	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdResume(pos, *img) }
+	return c
 }
 
 // cmdResume: blktap resume DOMID VDEV [--image TYPE:PATH]
-func cmdResume(args []string) error {
-	fs := flag.NewFlagSet("resume", flag.ContinueOnError)
-	stateDir, xsPath := stateFlags(fs)
-	img := fs.String("image", "", "switch to this image (TYPE:PATH, same size) instead of reopening the old one")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
+func cmdResume(pos []string, img string) error {
+	stateDir, xsPath := daemonFlags()
+	var err error
 	if len(pos) != 2 {
 		return usagef("want DOMID VDEV [--image TYPE:PATH]")
 	}
 	var op reconciler.DeviceOp
-	if *img != "" {
-		if op.Format, op.Path, err = imageArg(*img); err != nil {
+	if img != "" {
+		if op.Format, op.Path, err = imageArg(img); err != nil {
 			return fmt.Errorf("--image: %w", err)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	k, err := findDevice(ctx, *stateDir, *xsPath, pos[0], pos[1])
+	k, err := findDevice(ctx, stateDir, xsPath, pos[0], pos[1])
 	if err != nil {
 		return err
 	}
-	return reconciler.DeviceCall(ctx, *stateDir, k, "resume", op)
+	return reconciler.DeviceCall(ctx, stateDir, k, "resume", op)
+}
+
+func newSnapshotCommand() *cobra.Command {
+	c := leaf("snapshot DOMID VDEV NEWFILE [-f FMT]", "live: the image becomes the base of a new overlay NEWFILE")
+	format := formatFlag(c, "format", "f", "qcow2", "the overlay's format, `FMT`: qcow2, qcow, vhd, vmdk")
+	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdSnapshot(pos, *format) }
+	return c
 }
 
 // cmdSnapshot: blktap snapshot DOMID VDEV NEWFILE [-f FMT]
-func cmdSnapshot(args []string) error {
-	fs := flag.NewFlagSet("snapshot", flag.ContinueOnError)
-	stateDir, xsPath := stateFlags(fs)
-	format := fs.String("f", "qcow2", "the overlay's format (qcow2, qcow, vhd, vmdk)")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
+func cmdSnapshot(pos []string, format string) error {
+	stateDir, xsPath := daemonFlags()
 	if len(pos) != 3 {
 		return usagef("want DOMID VDEV NEWFILE")
 	}
@@ -102,9 +106,9 @@ func cmdSnapshot(args []string) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	k, err := findDevice(ctx, *stateDir, *xsPath, pos[0], pos[1])
+	k, err := findDevice(ctx, stateDir, xsPath, pos[0], pos[1])
 	if err != nil {
 		return err
 	}
-	return reconciler.DeviceCall(ctx, *stateDir, k, "snapshot", reconciler.DeviceOp{Format: *format, Path: path})
+	return reconciler.DeviceCall(ctx, stateDir, k, "snapshot", reconciler.DeviceOp{Format: format, Path: path})
 }

@@ -3,13 +3,13 @@ package main
 import (
 	"bytes"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"io"
 	"strings"
 	"time"
 
 	"github.com/blktap-go/blktap/formats"
+	"github.com/spf13/pflag"
 )
 
 // outputFlag is qemu-img's --output=human|json, with our older --json
@@ -19,9 +19,9 @@ type outputFlag struct {
 	json   *bool
 }
 
-func addOutputFlag(fs *flag.FlagSet) outputFlag {
+func addOutputFlag(fs *pflag.FlagSet) outputFlag {
 	return outputFlag{
-		output: fs.String("output", "human", "output format: human or json (as qemu-img)"),
+		output: fs.String("output", "human", "print `human|json` (as qemu-img)"),
 		json:   fs.Bool("json", false, "same as --output=json"),
 	}
 }
@@ -36,17 +36,6 @@ func (o outputFlag) isJSON() (bool, error) {
 		return *o.json, nil
 	}
 	return false, usagef("--output %q: want human or json", *o.output)
-}
-
-// parse parses args with fs (on which o is registered) and says whether
-// JSON was asked for.
-func (o outputFlag) parse(fs *flag.FlagSet, args []string) ([]string, bool, error) {
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return nil, false, err
-	}
-	asJSON, err := o.isJSON()
-	return pos, asJSON, err
 }
 
 // writeQemuJSON prints v as qemu-img does: four-space indents, a newline

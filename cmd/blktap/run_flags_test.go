@@ -19,7 +19,7 @@ func TestRunLimitFlags(t *testing.T) {
 		{[]string{"--nbd-allow", "/run/nbd,host:0"}, "--nbd-allow \"host:0\""},
 		{[]string{"--nbd-allow", "/run/nbd,"}, "--nbd-allow: an empty entry"},
 	} {
-		err := cmdRun(append(c.args, "-c", "", "--state-dir", t.TempDir()))
+		err := execute(append(append([]string{"run"}, c.args...), "-c", "", "--state-dir", t.TempDir()))
 		var ue *usageError
 		if !errors.As(err, &ue) || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%v: %v; want a usage error with %q", c.args, err, c.want)

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"errors"
-	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -12,27 +11,28 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/reconciler"
+	"github.com/spf13/cobra"
 )
 
 // cmdShutdown asks the running daemon to flush and close every disk and
 // exit, and waits until it has. A plain SIGTERM (systemctl stop) leaves
 // the disks served instead.
-func cmdShutdown(args []string) error {
-	fs := flag.NewFlagSet("shutdown", flag.ContinueOnError)
-	stateDir := fs.String("state-dir", defaultStateDir(), "state directory of the daemon to stop")
-	timeout := fs.Duration("timeout", 5*time.Minute, "give up waiting after this long")
-	pos, err := parseInterleaved(fs, args)
-	if err != nil {
-		return err
-	}
+func newShutdownCommand() *cobra.Command {
+	c := leaf("shutdown [--timeout 5m]", "flush and close every disk, stop the daemon (host shutdown)")
+	timeout := c.Flags().Duration("timeout", 5*time.Minute, "give up waiting after this long")
+	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdShutdown(pos, *timeout) }
+	return c
+}
+
+func cmdShutdown(pos []string, timeout time.Duration) error {
 	if len(pos) > 0 {
 		return usagef("unexpected argument %q", pos[0])
 	}
-	sd, err := filepath.Abs(*stateDir)
+	sd, err := filepath.Abs(defaultStateDir())
 	if err != nil {
 		return err
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	rep, err := reconciler.Shutdown(ctx, sd)
 	if err != nil {
@@ -47,7 +47,7 @@ func cmdShutdown(args []string) error {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	fmt.Fprintf(os.Stderr, "closed %d disks, but daemon %d has not exited after %v\n", rep.Closed, rep.Pid, *timeout)
+	fmt.Fprintf(os.Stderr, "closed %d disks, but daemon %d has not exited after %v\n", rep.Closed, rep.Pid, timeout)
 	return exitCode(1)
 }
 

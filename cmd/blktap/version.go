@@ -3,8 +3,9 @@ package main
 import (
 	"fmt"
 	"io"
-	"os"
 	"runtime/debug"
+
+	"github.com/spf13/cobra"
 )
 
 // version and commit are set by `make` (-ldflags -X main.version=...
@@ -54,12 +55,16 @@ func versionString() string {
 	return s + ")"
 }
 
-func cmdVersion(args []string) error {
-	if len(args) > 0 {
-		return usagef("unexpected argument %q", args[0])
+func newVersionCommand() *cobra.Command {
+	c := leaf("version", "print the version and commit (also --version)")
+	c.RunE = func(c *cobra.Command, args []string) error {
+		if len(args) > 0 {
+			return usagef("unexpected argument %q", args[0])
+		}
+		printVersion(c.OutOrStdout())
+		return nil
 	}
-	printVersion(os.Stdout)
-	return nil
+	return c
 }
 
 func printVersion(w io.Writer) { fmt.Fprintln(w, versionString()) }

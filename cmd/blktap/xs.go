@@ -5,12 +5,14 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 
 	"github.com/blktap-go/blktap/reconciler"
 	"github.com/blktap-go/blktap/xenstore"
 	"github.com/blktap-go/blktap/xenstore/xscli"
+	"github.com/spf13/cobra"
 )
 
 // exitCode carries a subcommand's own exit status through run.
@@ -40,15 +42,31 @@ func recordedXenstore(stateDir string) string {
 	return strings.TrimSpace(string(b))
 }
 
+func newXenstoreCommand() *cobra.Command {
+	c := leaf("xenstore read|write|ls|list|rm|mkdir|chmod|exists|watch ...",
+		"a xenstore client for either xenstored (`blktap xenstore` alone for help)")
+	// The client has its own flags (xenstore-ls -f, ...): they are its to
+	// parse, and the global ones are picked out below.
+	c.DisableFlagParsing = true
+	c.RunE = func(c *cobra.Command, args []string) error {
+		if len(args) == 1 && (args[0] == "--help" || args[0] == "-h") {
+			writeHelp(c.OutOrStdout(), c)
+			return nil
+		}
+		return cmdXenstore(args)
+	}
+	return c
+}
+
 // cmdXenstore is `blktap xenstore [--state-dir DIR] [--xenstore SOCK] CMD ...`.
-// The daemon's flags may stand anywhere; the rest goes to the client.
+// The global flags may stand anywhere; the rest goes to the client.
 func cmdXenstore(args []string) error {
 	stateDir, sock := defaultStateDir(), ""
 	var rest []string
 	for i := 0; i < len(args); i++ {
 		a := args[i]
 		name, val, hasVal := strings.Cut(strings.TrimLeft(a, "-"), "=")
-		if !strings.HasPrefix(a, "-") || (name != "state-dir" && name != "xenstore" && name != "socket") {
+		if !strings.HasPrefix(a, "-") || !slices.Contains([]string{"state-dir", "xenstore", "socket", "log-format", "log-level"}, name) {
 			rest = append(rest, a)
 			continue
 		}
@@ -59,9 +77,10 @@ func cmdXenstore(args []string) error {
 			i++
 			val = args[i]
 		}
-		if name == "state-dir" {
+		switch name {
+		case "state-dir":
 			stateDir = val
-		} else {
+		case "xenstore", "socket":
 			sock = val
 		}
 	}
