@@ -8,3 +8,5 @@ require (
 	golang.org/x/sys v0.50.0
 	gopkg.in/yaml.v3 v3.0.1
 )
+
+require github.com/ceph/go-ceph v0.30.0 // indirect
