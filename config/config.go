@@ -1,5 +1,6 @@
 // Package config reads the desired-state YAML file: the disks the daemon
-// must serve. It imports nothing of the project.
+// must serve. It imports nothing of the project but the leaves
+// internal/units and internal/rbdspec (rbd image names).
 //
 // The file looks like this (examples/disks.yaml explains every key):
 //
@@ -57,6 +58,8 @@ import (
 	"syscall"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/blktap-go/blktap/internal/rbdspec"
 )
 
 // MaxFileSize bounds the YAML file: a desired-state file is small, and a
@@ -156,7 +159,7 @@ type QoS struct {
 }
 
 // formats lists the canonical format names this file may name.
-var formats = []string{"raw", "qcow", "qcow2", "vhd", "vmdk", "ram", "nbd"}
+var formats = []string{"raw", "qcow", "qcow2", "vhd", "vmdk", "ram", "nbd", "rbd"}
 
 func normalizeFormat(s string) (string, bool) {
 	switch s {
@@ -543,9 +546,14 @@ func (p *parser) disk(n *yaml.Node, i int) (Disk, map[string]*yaml.Node) {
 		p.errf(n, "%s: format is required (%s)", what, strings.Join(formats, ", "))
 	}
 	if v, ok := m["image"]; ok {
-		if d.Format == "nbd" || d.Format == "ram" {
-			// A URI, or a RAM disk's name: not paths.
+		if d.Format == "nbd" || d.Format == "ram" || d.Format == "rbd" {
+			// A URI, a RAM disk's name, or POOL/IMAGE: not paths.
 			d.Image, _ = p.str(v, what+": image")
+			if d.Format == "rbd" && d.Image != "" {
+				if _, err := rbdspec.Parse(d.Image); err != nil {
+					p.errf(v, "%s: image: %v", what, err)
+				}
+			}
 		} else {
 			d.Image, _ = p.path(v, what+": image")
 		}
@@ -609,7 +617,7 @@ func (p *parser) create(n *yaml.Node, what, format string) *Create {
 	}
 	if v, ok := m["backing-format"]; ok {
 		if s, ok := p.str(v, what+": create: backing-format"); ok {
-			if f, ok := normalizeFormat(s); ok && f != "ram" && f != "nbd" {
+			if f, ok := normalizeFormat(s); ok && f != "ram" && f != "nbd" && f != "rbd" {
 				c.BackingFormat = f
 			} else {
 				p.errf(v, "%s: create: backing-format %q is not an image file format", what, s)
@@ -622,9 +630,9 @@ func (p *parser) create(n *yaml.Node, what, format string) *Create {
 	switch format {
 	case "ram", "nbd":
 		p.errf(n, "%s: create: a %s disk has no image file to create", what, format)
-	case "raw":
+	case "raw", "rbd":
 		if c.Backing != "" {
-			p.errf(m["backing"], "%s: create: raw images cannot have a backing file", what)
+			p.errf(m["backing"], "%s: create: %s images cannot have a backing file", what, format)
 		}
 	}
 	return c
@@ -813,10 +821,16 @@ func (p *parser) crossCheck(disks []Disk) {
 		if d.Image == "" || d.Format == "nbd" || d.Format == "ram" {
 			continue
 		}
+		image := d.Image
+		if d.Format == "rbd" {
+			// One image, however the options that reach it are spelled.
+			spec, _ := rbdspec.Parse(d.Image)
+			image = "rbd:" + spec.WithoutSnap().Name()
+		}
 		// Two writers on one image corrupt it, and a reader beside a
 		// writer sees torn data: only read-only disks may share.
-		if prev, dup := images[d.Image]; !dup {
-			images[d.Image] = d
+		if prev, dup := images[image]; !dup {
+			images[image] = d
 		} else if prev.Mode == "w" || d.Mode == "w" {
 			at("image", "disk %q: image %q is also used by the disk at line %d; only read-only (mode r) disks may share an image",
 				d.Name, d.Image, prev.Line)

@@ -64,6 +64,9 @@ var badFixtures = map[string][]string{
 	"bad-name-chars.yaml":            {"2:11 has '/'"},
 	"bad-name-dotdot.yaml":           {"2:11 not a usable file name"},
 	"bad-name-mapping.yaml":          {"2:11 name must be a string, not a mapping"},
+	"bad-rbd-spec.yaml":              {"2:35 unknown option \"secret\""},
+	"bad-rbd-shared-writable.yaml":   {"3:35 image \"rbd/vm1:conf=/etc/ceph/ceph.conf\" is also used by the disk at line 2"},
+	"bad-rbd-create-backing.yaml":    {"6:33 rbd images cannot have a backing file"},
 	"bad-qos-negative.yaml":          {"6:17 iops must be an integer from 0", "6:32 bad size \"fast\""},
 	"bad-shared-writable-image.yaml": {"3:22 image \"/a.raw\" is also used by the disk at line 2"},
 	"bad-size-ambiguous.yaml":        {"6:20 \"GB\" is ambiguous"},
@@ -313,8 +316,9 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
-// DESIGN.md arrows: config imports nothing of the project but the leaf
-// internal/units (sizes, shared with formats).
+// DESIGN.md arrows: config imports nothing of the project but the leaves
+// internal/units (sizes, shared with formats) and internal/rbdspec (rbd
+// image names, shared with formats/rbd).
 func TestLayering(t *testing.T) {
 	files, _ := filepath.Glob("*.go")
 	for _, p := range files {
@@ -324,7 +328,7 @@ func TestLayering(t *testing.T) {
 		}
 		for _, imp := range f.Imports {
 			if path, _ := strconv.Unquote(imp.Path.Value); strings.HasPrefix(path, "github.com/blktap-go/blktap/") &&
-				path != "github.com/blktap-go/blktap/internal/units" {
+				path != "github.com/blktap-go/blktap/internal/units" && path != "github.com/blktap-go/blktap/internal/rbdspec" {
 				t.Errorf("%s imports %s", p, path)
 			}
 		}

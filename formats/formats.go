@@ -29,6 +29,7 @@ import (
 	"github.com/blktap-go/blktap/formats/qcow2"
 	"github.com/blktap-go/blktap/formats/ram"
 	"github.com/blktap-go/blktap/formats/raw"
+	"github.com/blktap-go/blktap/formats/rbd"
 	"github.com/blktap-go/blktap/formats/vhd"
 	"github.com/blktap-go/blktap/formats/vmdk"
 )
@@ -66,7 +67,7 @@ var ErrUnknownFormat = errors.New("unknown image format")
 // Names lists the canonical format names, in the order error messages
 // show them. Aliases: "aio" for raw, "vpc" (qemu-img's name) for vhd.
 func Names() []string {
-	return []string{"raw", "qcow", "qcow2", "vhd", "vmdk", "ram", "nbd"}
+	return []string{"raw", "qcow", "qcow2", "vhd", "vmdk", "ram", "nbd", "rbd"}
 }
 
 // Normalize returns the canonical name of a format name or alias.
@@ -76,7 +77,7 @@ func Normalize(format string) (string, error) {
 		return "raw", nil
 	case "vhd", "vpc":
 		return "vhd", nil
-	case "qcow", "qcow2", "vmdk", "ram", "nbd":
+	case "qcow", "qcow2", "vmdk", "ram", "nbd", "rbd":
 		return format, nil
 	}
 	return "", fmt.Errorf("%w %q: valid formats are %s (aliases: aio = raw, vpc = vhd)",
@@ -101,11 +102,11 @@ type Options struct {
 var ErrLocked = qcow2.ErrLocked
 
 // IsFile reports whether images of format live in a file named by a path
-// (so paths are checked, locked and confined); ram disks are named and
-// nbd images are URIs.
+// (so paths are checked, locked and confined); ram disks are named, nbd
+// images are URIs and rbd images are names in a Ceph pool.
 func IsFile(format string) bool {
 	name, err := Normalize(format)
-	return err == nil && name != "ram" && name != "nbd"
+	return err == nil && name != "ram" && name != "nbd" && name != "rbd"
 }
 
 // CreateOptions control Create.
@@ -176,6 +177,8 @@ func Open(format, path string, opts Options) (Image, error) {
 			return nil, err
 		}
 		return img, nil
+	case "rbd":
+		return rbd.Open(path, rbd.Options{ReadOnly: opts.ReadOnly, Logger: opts.Logger})
 	}
 	return nil, fmt.Errorf("open %s: %w: format %q is not built in yet", path, ErrUnsupported, name)
 }
@@ -248,6 +251,11 @@ func Create(format, path string, opts CreateOptions) error {
 		})
 	case "ram", "nbd":
 		return fmt.Errorf("create %s: %w: format %q has no image file to create", path, ErrUnsupported, name)
+	case "rbd":
+		if opts.Backing != "" || opts.ClusterSize != 0 || opts.Subformat != "" {
+			return fmt.Errorf("create rbd:%s: %w: rbd images take only a size here (clone a snapshot for a copy-on-write child)", path, ErrUnsupported)
+		}
+		return rbd.Create(path, rbd.CreateOptions{Size: opts.Size})
 	}
 	return fmt.Errorf("create %s: %w: creating format %q is not built in yet", path, ErrUnsupported, name)
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/blktap-go/blktap/formats/internal/hostfile"
 )
@@ -31,6 +32,10 @@ const (
 // Probe guesses the format of the image at path from its magic bytes,
 // trying raw last. See the package documentation before trusting it.
 func Probe(path string) (string, error) {
+	if strings.HasPrefix(path, "rbd:") {
+		// qemu's protocol prefix: a name in a Ceph pool, not a file.
+		return "rbd", nil
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("probe: %w", err)

@@ -675,8 +675,16 @@ func (d *Daemon) takeRetry(k Key) bool {
 // ensureImage creates a disk's image when it is missing and the YAML asks
 // for it. An existing file is never touched.
 func ensureImage(disk config.Disk) error {
+	if disk.Format == "rbd" && disk.Create != nil {
+		// The pool is the only judge of whether the image exists.
+		err := formats.Create("rbd", disk.Image, formats.CreateOptions{Size: disk.Create.Size})
+		if errors.Is(err, os.ErrExist) {
+			return nil
+		}
+		return err
+	}
 	if !formats.IsFile(disk.Format) {
-		return nil // a RAM disk is made on attach; an nbd image is remote
+		return nil // a RAM disk is made on attach; nbd and rbd images are remote
 	}
 	if _, err := os.Stat(disk.Image); err == nil {
 		return nil

@@ -13,6 +13,7 @@ import (
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/formats/ram"
+	"github.com/blktap-go/blktap/internal/rbdspec"
 )
 
 // Whoever can write a device's params (a toolstack, a YAML file, `blktap
@@ -36,6 +37,9 @@ func (d *Daemon) checkSource(format, path string) error {
 		return d.checkNBDSource(path)
 	case format == "ram":
 		return d.checkRAMSize(path)
+	case format == "rbd":
+		_, err := rbdspec.Parse(path)
+		return err
 	}
 	return nil
 }

@@ -18,6 +18,11 @@ need=(
   gcc:gcc
   /usr/include/xen/io/blkif.h:libxen-dev
   /usr/include/linux/nbd.h:linux-libc-dev /usr/include/xen/gntdev.h:linux-libc-dev
+  # the rbd format: librbd to build against, a throwaway cluster
+  # (scripts/ceph-dev.sh), and qemu's rbd driver as the oracle
+  /usr/include/rbd/librbd.h:librbd-dev /usr/include/rados/librados.h:librados-dev
+  ceph-mon:ceph-mon ceph-osd:ceph-osd rbd:ceph-common
+  /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so:qemu-block-extra
 )
 missing=()
 for pair in "${need[@]}"; do

@@ -285,16 +285,20 @@ func describeImage(path, format string) (*qemuInfo, string, error) {
 		return nil, "", err
 	}
 	defer img.Close()
-	st, err := os.Stat(path)
-	if err != nil {
-		return nil, "", err
-	}
 	d := formats.DescribeQemu(img, path)
-	used := diskUsage(st)
-	for _, f := range d.ExtentFiles {
-		if st, err := os.Stat(f); err == nil {
-			used += diskUsage(st)
+	var used *int64
+	if formats.IsFile(format) {
+		st, err := os.Stat(path)
+		if err != nil {
+			return nil, "", err
 		}
+		n := diskUsage(st)
+		for _, f := range d.ExtentFiles {
+			if st, err := os.Stat(f); err == nil {
+				n += diskUsage(st)
+			}
+		}
+		used = &n
 	}
 	info := &qemuInfo{
 		Filename:       path,

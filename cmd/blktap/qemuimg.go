@@ -126,7 +126,7 @@ type qemuInfo struct {
 	Filename              string                  `json:"filename"`
 	Format                string                  `json:"format"`
 	VirtualSize           int64                   `json:"virtual-size"`
-	ActualSize            int64                   `json:"actual-size"`
+	ActualSize            *int64                  `json:"actual-size,omitempty"` // nil: not a file (rbd), as qemu omits it
 	ClusterSize           int64                   `json:"cluster-size,omitempty"`
 	DirtyFlag             bool                    `json:"dirty-flag"`
 	BackingFilename       string                  `json:"backing-filename,omitempty"`
@@ -141,7 +141,7 @@ type qemuInfo struct {
 // printInfoHuman prints one image as qemu-img info does.
 func printInfoHuman(w io.Writer, in *qemuInfo) error {
 	fmt.Fprintf(w, "image: %s\nfile format: %s\nvirtual size: %s (%d bytes)\ndisk size: %s\n",
-		in.Filename, in.Format, humanSize(in.VirtualSize), in.VirtualSize, humanSize(in.ActualSize))
+		in.Filename, in.Format, humanSize(in.VirtualSize), in.VirtualSize, diskSize(in.ActualSize))
 	if in.ClusterSize != 0 {
 		fmt.Fprintf(w, "cluster_size: %d\n", in.ClusterSize)
 	}
@@ -284,4 +284,13 @@ func cHex(n int64) string {
 		return "0"
 	}
 	return fmt.Sprintf("%#x", n)
+}
+
+// diskSize is info's "disk size": qemu says "unavailable" where no file
+// holds the image.
+func diskSize(n *int64) string {
+	if n == nil {
+		return "unavailable"
+	}
+	return humanSize(*n)
 }

@@ -13,15 +13,15 @@ const module = "github.com/blktap-go/blktap"
 
 // The import arrows of DESIGN.md: cmd -> reconciler -> {tapengine, formats,
 // config, xenstore}; tapengine -> formats; formats, xenstore and config
-// import nothing of the project (but their own sub-packages and the leaf
-// internal/units, which imports nothing at all), tapengine
+// import nothing of the project (but their own sub-packages and the leaves
+// internal/units and internal/rbdspec, which import nothing at all), tapengine
 // never imports xenstore, and the pure Plan reads no clock and does no I/O.
 func TestLayering(t *testing.T) {
 	root := filepath.Join("..", "..")
 	rules := map[string][]string{ // top-level dir -> project packages it may import
-		"formats":   {"formats/", "internal/units/"},
+		"formats":   {"formats/", "internal/units/", "internal/rbdspec/"},
 		"xenstore":  {"xenstore/"},
-		"config":    {"config/", "internal/units/"},
+		"config":    {"config/", "internal/units/", "internal/rbdspec/"},
 		"tapengine": {"tapengine/", "formats/", "internal/units/"},
 	}
 	for dir, allowed := range rules {

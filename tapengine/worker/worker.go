@@ -38,6 +38,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/rbd"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/local"
 	"github.com/blktap-go/blktap/tapengine/nbd"
@@ -277,6 +278,10 @@ func ErrorClass(err error) string {
 		return "permission"
 	case errors.Is(err, ErrInUse), errors.Is(err, formats.ErrLocked):
 		return "in-use"
+	case errors.Is(err, rbd.ErrLocked):
+		// Another host writes the image: retried, since it lets go when
+		// it pauses, detaches or is fenced (live migration's handoff).
+		return "locked"
 	case errors.Is(err, ErrProtocol), errors.Is(err, errInvalid):
 		return "invalid"
 	}
