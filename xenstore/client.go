@@ -1,6 +1,7 @@
 package xenstore
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -448,7 +449,7 @@ func (o ops) directoryParts(ctx context.Context, path string) ([]string, error) 
 		if err != nil {
 			return nil, fmt.Errorf("directory %s: %w", path, err)
 		}
-		i := indexNUL(b)
+		i := bytes.IndexByte(b, 0)
 		if i < 0 {
 			return nil, fmt.Errorf("directory %s: %w: DIRECTORY_PART reply %q", path, ErrProtocol, b)
 		}
@@ -462,7 +463,7 @@ func (o ops) directoryParts(ctx context.Context, path string) ([]string, error) 
 		}
 		rest, consumed := b[i+1:], 0
 		for {
-			j := indexNUL(rest)
+			j := bytes.IndexByte(rest, 0)
 			if j < 0 {
 				return nil, fmt.Errorf("directory %s: %w: unterminated DIRECTORY_PART", path, ErrProtocol)
 			}
