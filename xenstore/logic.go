@@ -158,29 +158,26 @@ func (s *State) Handle(c ConnID, req Message) []Outgoing {
 }
 
 // handle finds the request's view of the tree, refuses privileged
-// operations to guests, parses the arguments, then runs the operation.
+// operations to guests, parses the arguments (an operation the State
+// does not serve fails there, with ENOSYS), then runs the operation.
 // That order is part of the protocol: it decides which error a request
-// that is wrong in several ways gets (an unknown transaction beats an
-// unknown operation, which beats a guest's privileged request, which
-// beats bad arguments).
+// that is wrong in several ways gets (an unknown transaction beats
+// everything, a guest's privileged request beats bad arguments, and only
+// well-formed requests look at the tree).
 func (s *State) handle(cs *connState, m Message) (response, error) {
 	v, err := s.viewFor(cs, m)
 	if err != nil {
 		return response{}, err
 	}
-	op, ok := operations[m.Type]
-	if !ok {
-		return response{}, ErrNotSupp
-	}
-	if op.privileged && !cs.priv {
+	if privileged(m.Type) && !cs.priv {
 		return response{}, ErrAccess
 	}
-	req, err := op.parse(newArgs(cs.domid, m.Payload))
+	req, err := parseArgs(m.Type, newArgs(cs.domid, m.Payload))
 	if err != nil {
 		return response{}, err
 	}
 	req.tx = m.TxID
-	return op.run(s, cs, v, &req)
+	return s.run(m.Type, cs, v, &req)
 }
 
 // viewFor returns the tree a request works on: its transaction's snapshot

@@ -13,38 +13,101 @@ type response struct {
 
 var okPayload = []byte("OK\x00")
 
-// operation is how the State serves one message type: parse the
-// arguments, then run with them. Privileged operations are refused to
-// guests before their arguments are read.
-type operation struct {
-	privileged bool
-	parse      func(args) (request, error)
-	run        func(s *State, cs *connState, v *view, r *request) (response, error)
+// The State serves the operations listed in parseArgs and run; any other
+// is answered ENOSYS. Both are plain switches rather than a table of
+// functions so that the compiler can keep each request's view and
+// arguments on the stack.
+
+// privileged reports whether only dom0 may send op. Guests are refused
+// before their arguments are read.
+func privileged(op Op) bool {
+	switch op {
+	case OpIntroduce, OpRelease, OpResume, OpSetTarget, OpControl:
+		return true
+	}
+	return false
 }
 
-// operations lists every message type the State serves; any other is
-// answered ENOSYS.
-var operations = map[Op]operation{
-	OpRead:               {parse: parseNode, run: (*State).opRead},
-	OpWrite:              {parse: parseWrite, run: (*State).opWrite},
-	OpMkdir:              {parse: parseNode, run: (*State).opMkdir},
-	OpRm:                 {parse: parseNode, run: (*State).opRm},
-	OpDirectory:          {parse: parseNode, run: (*State).opDirectory},
-	OpDirectoryPart:      {parse: parseDirectoryPart, run: (*State).opDirectoryPart},
-	OpGetPerms:           {parse: parseGetPerms, run: (*State).opGetPerms},
-	OpSetPerms:           {parse: parseSetPerms, run: (*State).opSetPerms},
-	OpWatch:              {parse: parseWatch, run: (*State).opWatch},
-	OpUnwatch:            {parse: parseWatch, run: (*State).opUnwatch},
-	OpTransactionStart:   {parse: parseNothing, run: (*State).opTransactionStart},
-	OpTransactionEnd:     {parse: parseTransactionEnd, run: (*State).opTransactionEnd},
-	OpGetDomainPath:      {parse: parseGetDomainPath, run: (*State).opGetDomainPath},
-	OpIsDomainIntroduced: {parse: parseIsDomainIntroduced, run: (*State).opIsDomainIntroduced},
-	OpIntroduce:          {privileged: true, parse: parseIntroduce, run: (*State).opIntroduce},
-	OpRelease:            {privileged: true, parse: parseRelease, run: (*State).opRelease},
-	OpResume:             {privileged: true, parse: parseDomains(1), run: (*State).opCheckDomains},
-	OpSetTarget:          {privileged: true, parse: parseDomains(2), run: (*State).opCheckDomains},
-	OpResetWatches:       {parse: parseNothing, run: (*State).opResetWatches},
-	OpControl:            {privileged: true, parse: parseControl, run: (*State).opControl},
+// parseArgs parses the arguments of op, or answers ENOSYS.
+func parseArgs(op Op, a args) (request, error) {
+	switch op {
+	case OpRead, OpMkdir, OpRm, OpDirectory:
+		return parseNode(a)
+	case OpWrite:
+		return parseWrite(a)
+	case OpDirectoryPart:
+		return parseDirectoryPart(a)
+	case OpGetPerms:
+		return parseGetPerms(a)
+	case OpSetPerms:
+		return parseSetPerms(a)
+	case OpWatch, OpUnwatch:
+		return parseWatch(a)
+	case OpTransactionStart, OpResetWatches:
+		return request{}, nil
+	case OpTransactionEnd:
+		return parseTransactionEnd(a)
+	case OpGetDomainPath:
+		return parseGetDomainPath(a)
+	case OpIsDomainIntroduced:
+		return parseIsDomainIntroduced(a)
+	case OpIntroduce:
+		return parseIntroduce(a)
+	case OpRelease:
+		return parseRelease(a)
+	case OpResume:
+		return parseDomains(a, 1)
+	case OpSetTarget:
+		return parseDomains(a, 2)
+	case OpControl:
+		return parseControl(a)
+	}
+	return request{}, ErrNotSupp
+}
+
+// run performs a parsed request of a type parseArgs accepted.
+func (s *State) run(op Op, cs *connState, v *view, r *request) (response, error) {
+	switch op {
+	case OpRead:
+		return s.opRead(v, r)
+	case OpWrite:
+		return s.applied(v, v.write(r.path, r.value))
+	case OpMkdir:
+		return s.applied(v, v.mkdir(r.path))
+	case OpRm:
+		return s.applied(v, v.rm(r.path))
+	case OpDirectory:
+		return s.opDirectory(v, r)
+	case OpDirectoryPart:
+		return s.opDirectoryPart(v, r)
+	case OpGetPerms:
+		return s.opGetPerms(v, r)
+	case OpSetPerms:
+		return s.opSetPerms(cs, v, r)
+	case OpWatch:
+		return s.opWatch(cs, r)
+	case OpUnwatch:
+		return s.opUnwatch(cs, r)
+	case OpTransactionStart:
+		return s.opTransactionStart(cs)
+	case OpTransactionEnd:
+		return s.opTransactionEnd(cs, r)
+	case OpGetDomainPath:
+		return response{payload: joinStrings(DomainPath(r.domids[0]))}, nil
+	case OpIsDomainIntroduced:
+		return s.opIsDomainIntroduced(r)
+	case OpIntroduce:
+		return s.opIntroduce(r)
+	case OpRelease:
+		return s.opRelease(r)
+	case OpResume, OpSetTarget:
+		return s.opCheckDomains(r)
+	case OpResetWatches:
+		return s.opResetWatches(cs)
+	case OpControl:
+		return s.opControl(r)
+	}
+	return response{}, ErrNotSupp
 }
 
 // applied finishes a tree-changing operation. On the live tree a success
@@ -61,7 +124,7 @@ func (s *State) applied(v *view, err error) (response, error) {
 	return response{payload: okPayload, changes: v.changes}, nil
 }
 
-func (s *State) opRead(_ *connState, v *view, r *request) (response, error) {
+func (s *State) opRead(v *view, r *request) (response, error) {
 	n, err := v.read(r.path)
 	if err != nil {
 		return response{}, err
@@ -69,19 +132,7 @@ func (s *State) opRead(_ *connState, v *view, r *request) (response, error) {
 	return response{payload: append([]byte(nil), n.value...)}, nil
 }
 
-func (s *State) opWrite(_ *connState, v *view, r *request) (response, error) {
-	return s.applied(v, v.write(r.path, r.value))
-}
-
-func (s *State) opMkdir(_ *connState, v *view, r *request) (response, error) {
-	return s.applied(v, v.mkdir(r.path))
-}
-
-func (s *State) opRm(_ *connState, v *view, r *request) (response, error) {
-	return s.applied(v, v.rm(r.path))
-}
-
-func (s *State) opDirectory(_ *connState, v *view, r *request) (response, error) {
+func (s *State) opDirectory(v *view, r *request) (response, error) {
 	n, err := v.read(r.path)
 	if err != nil {
 		return response{}, err
@@ -93,7 +144,7 @@ func (s *State) opDirectory(_ *connState, v *view, r *request) (response, error)
 	return response{payload: b}, nil
 }
 
-func (s *State) opDirectoryPart(_ *connState, v *view, r *request) (response, error) {
+func (s *State) opDirectoryPart(v *view, r *request) (response, error) {
 	n, err := v.read(r.path)
 	if err != nil {
 		return response{}, err
@@ -133,7 +184,7 @@ func directoryPart(n *node, off int) []byte {
 	return append(head, rest[:cut]...)
 }
 
-func (s *State) opGetPerms(_ *connState, v *view, r *request) (response, error) {
+func (s *State) opGetPerms(v *view, r *request) (response, error) {
 	if r.special != "" {
 		perms, ok := s.specialPerms[r.special]
 		if !ok {
@@ -176,7 +227,7 @@ func (cs *connState) findWatch(path, token string) int {
 
 // opWatch registers a watch. Its first event goes to the requester right
 // after the OK, with the path as given, whether or not the node exists.
-func (s *State) opWatch(cs *connState, _ *view, r *request) (response, error) {
+func (s *State) opWatch(cs *connState, r *request) (response, error) {
 	if cs.findWatch(r.path, r.token) >= 0 {
 		return response{}, ErrExists
 	}
@@ -187,7 +238,7 @@ func (s *State) opWatch(cs *connState, _ *view, r *request) (response, error) {
 	return response{payload: okPayload, event: joinStrings(r.asSent, r.token)}, nil
 }
 
-func (s *State) opUnwatch(cs *connState, _ *view, r *request) (response, error) {
+func (s *State) opUnwatch(cs *connState, r *request) (response, error) {
 	i := cs.findWatch(r.path, r.token)
 	if i < 0 {
 		return response{}, ErrNotFound
@@ -196,7 +247,7 @@ func (s *State) opUnwatch(cs *connState, _ *view, r *request) (response, error) 
 	return response{payload: okPayload}, nil
 }
 
-func (s *State) opTransactionStart(cs *connState, _ *view, _ *request) (response, error) {
+func (s *State) opTransactionStart(cs *connState) (response, error) {
 	if !cs.priv && len(cs.txs) >= s.Quota.Transactions {
 		return response{}, ErrNoSpace
 	}
@@ -213,7 +264,7 @@ func (s *State) opTransactionStart(cs *connState, _ *view, _ *request) (response
 
 // opTransactionEnd ends the transaction named in the header; a failed
 // commit ends it too.
-func (s *State) opTransactionEnd(cs *connState, _ *view, r *request) (response, error) {
+func (s *State) opTransactionEnd(cs *connState, r *request) (response, error) {
 	tx := cs.txs[r.tx]
 	if tx == nil {
 		return response{}, ErrNotFound
@@ -226,11 +277,7 @@ func (s *State) opTransactionEnd(cs *connState, _ *view, r *request) (response, 
 	return response{payload: okPayload, changes: changes}, err
 }
 
-func (s *State) opGetDomainPath(_ *connState, _ *view, r *request) (response, error) {
-	return response{payload: joinStrings(DomainPath(r.domids[0]))}, nil
-}
-
-func (s *State) opIsDomainIntroduced(_ *connState, _ *view, r *request) (response, error) {
+func (s *State) opIsDomainIntroduced(r *request) (response, error) {
 	if s.domains[r.domids[0]] {
 		return response{payload: joinStrings("T")}, nil
 	}
@@ -239,7 +286,7 @@ func (s *State) opIsDomainIntroduced(_ *connState, _ *view, r *request) (respons
 
 // opIntroduce records a domain. Introducing it again is success and
 // fires nothing.
-func (s *State) opIntroduce(_ *connState, _ *view, r *request) (response, error) {
+func (s *State) opIntroduce(r *request) (response, error) {
 	id := r.domids[0]
 	if s.domains[id] {
 		return response{payload: okPayload}, nil
@@ -248,7 +295,7 @@ func (s *State) opIntroduce(_ *connState, _ *view, r *request) (response, error)
 	return response{payload: okPayload, changes: []change{{path: WatchIntroduceDomain, exact: true}}}, nil
 }
 
-func (s *State) opRelease(_ *connState, _ *view, r *request) (response, error) {
+func (s *State) opRelease(r *request) (response, error) {
 	id := r.domids[0]
 	if !s.domains[id] {
 		return response{}, ErrNotFound
@@ -260,7 +307,7 @@ func (s *State) opRelease(_ *connState, _ *view, r *request) (response, error) {
 // opCheckDomains serves RESUME and SET_TARGET: with no ring to resume and
 // no target privileges to grant, all that is left is checking that the
 // domains named were introduced.
-func (s *State) opCheckDomains(_ *connState, _ *view, r *request) (response, error) {
+func (s *State) opCheckDomains(r *request) (response, error) {
 	for _, id := range r.domids {
 		if !s.domains[id] {
 			return response{}, ErrNotFound
@@ -274,13 +321,13 @@ func (s *State) opCheckDomains(_ *connState, _ *view, r *request) (response, err
 
 // opResetWatches forgets the connection's watches and open transactions,
 // as a guest's xenbus driver asks after a kexec.
-func (s *State) opResetWatches(cs *connState, _ *view, _ *request) (response, error) {
+func (s *State) opResetWatches(cs *connState) (response, error) {
 	cs.watches = nil
 	cs.txs = map[uint32]*txState{}
 	return response{payload: okPayload}, nil
 }
 
-func (s *State) opControl(_ *connState, _ *view, r *request) (response, error) {
+func (s *State) opControl(r *request) (response, error) {
 	switch r.control {
 	case "print":
 		s.logf("control print: %s", r.text)

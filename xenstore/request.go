@@ -3,6 +3,7 @@ package xenstore
 import (
 	"bytes"
 	"strconv"
+	"strings"
 )
 
 // request is a message's arguments after parsing: counted, converted and
@@ -33,32 +34,62 @@ type request struct {
 	text    string // CONTROL print: what to log
 }
 
-// args is a payload split into its NUL-terminated strings.
+// args are a payload's NUL-terminated strings. They are kept joined, as
+// one copy of the payload, and cut out on demand, so that reading a
+// request's arguments costs a single allocation.
 type args struct {
-	domid      uint32 // the requester's: relative paths resolve under its home
-	raw        []byte
-	list       []string
-	terminated bool // the payload ended with a NUL; if not, list is empty
+	domid  uint32 // the requester's: relative paths resolve under its home
+	raw    []byte
+	joined string // the strings without their final NUL
+	count  int    // how many strings; 0 when the payload lacks the final NUL
 }
 
 func newArgs(domid uint32, payload []byte) args {
 	a := args{domid: domid, raw: payload}
-	a.list, a.terminated = splitStrings(payload)
+	if n := len(payload); n > 0 && payload[n-1] == 0 {
+		a.joined = string(payload[:n-1])
+		a.count = strings.Count(a.joined, "\x00") + 1
+	}
 	return a
 }
 
-func (a args) exactly(n int) bool { return a.terminated && len(a.list) == n }
-func (a args) atLeast(n int) bool { return a.terminated && len(a.list) >= n }
+func (a args) exactly(n int) bool { return a.count == n }
+func (a args) atLeast(n int) bool { return a.count >= n }
+
+// arg returns string i; i must be below count.
+func (a args) arg(i int) string {
+	rest := a.joined
+	for ; i > 0; i-- {
+		_, rest, _ = strings.Cut(rest, "\x00")
+	}
+	s, _, _ := strings.Cut(rest, "\x00")
+	return s
+}
+
+// from returns the strings from i on, still joined, for nextArg.
+func (a args) from(i int) string {
+	rest := a.joined
+	for ; i > 0; i-- {
+		_, rest, _ = strings.Cut(rest, "\x00")
+	}
+	return rest
+}
+
+// nextArg cuts the first string off what from returned.
+func nextArg(rest string) (s, after string) {
+	s, after, _ = strings.Cut(rest, "\x00")
+	return s, after
+}
 
 // nodePath canonicalises argument i as the path of a node (no @ names).
 func (a args) nodePath(i int) (string, error) {
-	return CanonicalPath(a.domid, a.list[i], false)
+	return CanonicalPath(a.domid, a.arg(i), false)
 }
 
 // nodeOrSpecial reads the first argument of GET_PERMS and SET_PERMS,
 // which names a node or one of the @ pseudo-nodes.
 func (a args) nodeOrSpecial(r *request) error {
-	if s := a.list[0]; s != "" && s[0] == '@' {
+	if s := a.arg(0); s != "" && s[0] == '@' {
 		r.special = s
 		return nil
 	}
@@ -75,8 +106,6 @@ func parseDomid(s string, zeroOK bool) (uint32, error) {
 	}
 	return uint32(id), nil
 }
-
-func parseNothing(args) (request, error) { return request{}, nil }
 
 // parseNode serves the operations whose one argument is a node path.
 func parseNode(a args) (request, error) {
@@ -106,7 +135,7 @@ func parseDirectoryPart(a args) (request, error) {
 	if err != nil {
 		return request{}, err
 	}
-	off, err := strconv.ParseUint(a.list[1], 10, 31)
+	off, err := strconv.ParseUint(a.arg(1), 10, 31)
 	if err != nil {
 		return request{}, ErrInvalid
 	}
@@ -126,8 +155,11 @@ func parseSetPerms(a args) (request, error) {
 	if !a.atLeast(2) {
 		return request{}, ErrInvalid
 	}
-	r := request{perms: make([]Perm, 0, len(a.list)-1)}
-	for _, s := range a.list[1:] {
+	r := request{perms: make([]Perm, 0, a.count-1)}
+	rest := a.from(1)
+	for range a.count - 1 {
+		var s string
+		s, rest = nextArg(rest)
 		pm, err := ParsePerm(s)
 		if err != nil {
 			return request{}, ErrInvalid
@@ -144,15 +176,16 @@ func parseWatch(a args) (request, error) {
 	if !a.exactly(2) {
 		return request{}, ErrInvalid
 	}
-	p, err := CanonicalPath(a.domid, a.list[0], true)
-	return request{path: p, asSent: a.list[0], token: a.list[1]}, err
+	given := a.arg(0)
+	p, err := CanonicalPath(a.domid, given, true)
+	return request{path: p, asSent: given, token: a.arg(1)}, err
 }
 
 func parseTransactionEnd(a args) (request, error) {
-	if !a.exactly(1) || (a.list[0] != "T" && a.list[0] != "F") {
+	if !a.exactly(1) || (a.joined != "T" && a.joined != "F") {
 		return request{}, ErrInvalid
 	}
-	return request{commit: a.list[0] == "T"}, nil
+	return request{commit: a.joined == "T"}, nil
 }
 
 // parseGetDomainPath reads the number as atoi does, as both Xen daemons
@@ -161,7 +194,7 @@ func parseGetDomainPath(a args) (request, error) {
 	if !a.exactly(1) {
 		return request{}, ErrInvalid
 	}
-	return request{domids: []uint32{atoi(a.list[0])}}, nil
+	return request{domids: []uint32{atoi(a.arg(0))}}, nil
 }
 
 // atoi reads leading decimal digits; none gives 0.
@@ -177,7 +210,7 @@ func parseIsDomainIntroduced(a args) (request, error) {
 	if !a.exactly(1) {
 		return request{}, ErrInvalid
 	}
-	id, err := parseDomid(a.list[0], true)
+	id, err := parseDomid(a.arg(0), true)
 	return request{domids: []uint32{id}}, err
 }
 
@@ -188,14 +221,14 @@ func parseIntroduce(a args) (request, error) {
 	if !a.exactly(3) {
 		return request{}, ErrInvalid
 	}
-	id, err := parseDomid(a.list[0], false)
+	id, err := parseDomid(a.arg(0), false)
 	if err != nil {
 		return request{}, err
 	}
-	if _, err := strconv.ParseUint(a.list[1], 10, 64); err != nil {
+	if _, err := strconv.ParseUint(a.arg(1), 10, 64); err != nil {
 		return request{}, ErrInvalid
 	}
-	if _, err := strconv.ParseUint(a.list[2], 10, 32); err != nil {
+	if _, err := strconv.ParseUint(a.arg(2), 10, 32); err != nil {
 		return request{}, ErrInvalid
 	}
 	return request{domids: []uint32{id}}, nil
@@ -205,41 +238,42 @@ func parseRelease(a args) (request, error) {
 	if !a.exactly(1) {
 		return request{}, ErrInvalid
 	}
-	id, err := parseDomid(a.list[0], false)
+	id, err := parseDomid(a.arg(0), false)
 	return request{domids: []uint32{id}}, err
 }
 
-// parseDomains returns the parser of an operation taking exactly n
+// parseDomains reads the arguments of an operation taking exactly n
 // domain ids (RESUME 1, SET_TARGET 2); see request.badDomid.
-func parseDomains(n int) func(args) (request, error) {
-	return func(a args) (request, error) {
-		if !a.exactly(n) {
-			return request{}, ErrInvalid
-		}
-		var r request
-		for _, s := range a.list {
-			id, err := parseDomid(s, true)
-			if err != nil {
-				r.badDomid = true
-				break
-			}
-			r.domids = append(r.domids, id)
-		}
-		return r, nil
+func parseDomains(a args, n int) (request, error) {
+	if !a.exactly(n) {
+		return request{}, ErrInvalid
 	}
+	var r request
+	rest := a.joined
+	for range n {
+		var s string
+		s, rest = nextArg(rest)
+		id, err := parseDomid(s, true)
+		if err != nil {
+			r.badDomid = true
+			break
+		}
+		r.domids = append(r.domids, id)
+	}
+	return r, nil
 }
 
 func parseControl(a args) (request, error) {
 	if !a.atLeast(1) {
 		return request{}, ErrInvalid
 	}
-	r := request{control: a.list[0]}
+	r := request{control: a.arg(0)}
 	switch r.control {
 	case "print":
-		if len(a.list) < 2 {
+		if a.count < 2 {
 			return request{}, ErrInvalid
 		}
-		r.text = a.list[1]
+		r.text = a.arg(1)
 	case "check", "help":
 	default:
 		return request{}, ErrInvalid
