@@ -1,6 +1,7 @@
 package xenstore
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -181,7 +182,7 @@ func normalise(op Op, m Message) string {
 	case m.Type == OpTransactionStart && txNumber.Match(p):
 		p = []byte("ID\x00")
 	case m.Type == OpDirectoryPart:
-		if i := indexNUL(p); i >= 0 {
+		if i := bytes.IndexByte(p, 0); i >= 0 {
 			p = append([]byte("GEN"), p[i:]...)
 		}
 	}

@@ -49,7 +49,13 @@
 // # The embedded server
 //
 // The logic is State.Handle: one request in, the reply and the watch
-// events out, no I/O, tested with tables of requests and replies. Server
+// events out, no I/O, tested with tables of requests and replies. A
+// request goes through fixed stages, and the first that fails chooses
+// the error: its transaction is found (ENOENT; EBUSY for a nested
+// TRANSACTION_START), its operation looked up (ENOSYS), privilege checked
+// for dom0-only operations (EACCES), its arguments parsed into a typed
+// request with canonical paths (EINVAL), and only then does the
+// operation's own method look at the tree or the domain table. Server
 // puts it behind a unix socket (mode 0600; every socket client is domain
 // 0, privileged) or in-process connections bound to a guest domain
 // (ConnectDomain), to which permissions and quotas apply.

@@ -60,7 +60,7 @@ func Xenstore(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return 1
 	}
 	defer c.Close()
-	err = run(ctx, c, cmd, rest, stdout, stderr)
+	err = run(ctx, c, cmd, rest, stdout)
 	var ue usageError
 	switch {
 	case err == nil:
@@ -82,118 +82,154 @@ func (u usageError) Error() string { return string(u) }
 
 var errFalse = errors.New("false")
 
-func run(ctx context.Context, c *xenstore.Client, cmd string, args []string, stdout, stderr io.Writer) error {
-	need := func(min int, even bool) error {
-		if len(args) < min || even && len(args)%2 != 0 {
-			return usageError("wrong number of arguments")
-		}
-		return nil
-	}
-	switch cmd {
-	case "read":
-		if err := need(1, false); err != nil {
-			return err
-		}
-		for _, p := range args {
-			v, err := c.Read(ctx, p)
-			if err != nil {
-				return err
-			}
-			fmt.Fprintln(stdout, v)
-		}
-	case "write":
-		if err := need(2, true); err != nil {
-			return err
-		}
-		for i := 0; i < len(args); i += 2 {
-			if err := c.Write(ctx, args[i], args[i+1]); err != nil {
-				return err
-			}
-		}
-	case "rm":
-		if err := need(1, false); err != nil {
-			return err
-		}
-		for _, p := range args {
-			if err := c.Rm(ctx, p); err != nil {
-				return err
-			}
-		}
-	case "mkdir":
-		if err := need(1, false); err != nil {
-			return err
-		}
-		for _, p := range args {
-			if err := c.Mkdir(ctx, p); err != nil {
-				return err
-			}
-		}
-	case "exists":
-		if err := need(1, false); err != nil {
-			return err
-		}
-		ok, err := c.Exists(ctx, args[0])
-		if err != nil {
-			return err
-		}
-		if !ok {
-			return errFalse
-		}
-	case "list":
-		if err := need(1, false); err != nil {
-			return err
-		}
-		names, err := c.Directory(ctx, args[0])
-		if err != nil {
-			return err
-		}
-		for _, n := range names {
-			fmt.Fprintln(stdout, n)
-		}
-	case "ls":
-		perms := len(args) > 0 && args[0] == "-p"
-		if perms {
-			args = args[1:]
-		}
-		root := "/"
-		if len(args) > 0 {
-			root = args[0]
-		}
-		return ls(ctx, c, root, 0, perms, stdout)
-	case "chmod":
-		recursive := len(args) > 0 && args[0] == "-r"
-		if recursive {
-			args = args[1:]
-		}
-		if err := need(2, false); err != nil {
-			return err
-		}
-		perms := make([]xenstore.Perm, 0, len(args)-1)
-		for _, s := range args[1:] {
-			p, err := xenstore.ParsePerm(s)
-			if err != nil {
-				return usageError(err.Error())
-			}
-			perms = append(perms, p)
-		}
-		return chmod(ctx, c, args[0], perms, recursive)
-	case "watch":
-		n := -1
-		if len(args) > 1 && args[0] == "-n" {
-			v, err := strconv.Atoi(args[1])
-			if err != nil || v < 1 {
-				return usageError("-n wants a positive count")
-			}
-			n, args = v, args[2:]
-		}
-		if err := need(1, false); err != nil {
-			return err
-		}
-		return watch(ctx, c, args, n, stdout)
-	default:
+// command runs one subcommand on its arguments, printing to out.
+type command func(ctx context.Context, c *xenstore.Client, args []string, out io.Writer) error
+
+var commands = map[string]command{
+	"read":   cmdRead,
+	"write":  cmdWrite,
+	"rm":     cmdRm,
+	"mkdir":  cmdMkdir,
+	"exists": cmdExists,
+	"list":   cmdList,
+	"ls":     cmdLs,
+	"chmod":  cmdChmod,
+	"watch":  cmdWatch,
+}
+
+func run(ctx context.Context, c *xenstore.Client, cmd string, args []string, stdout io.Writer) error {
+	f, ok := commands[cmd]
+	if !ok {
 		return usageError("unknown command " + strconv.Quote(cmd))
 	}
+	return f(ctx, c, args, stdout)
+}
+
+// need checks the argument count: at least min, and in pairs if pairs.
+func need(args []string, min int, pairs bool) error {
+	if len(args) < min || pairs && len(args)%2 != 0 {
+		return usageError("wrong number of arguments")
+	}
 	return nil
+}
+
+// eachPath applies fn to every path argument, stopping at the first
+// failure: there must be at least one.
+func eachPath(args []string, fn func(p string) error) error {
+	if err := need(args, 1, false); err != nil {
+		return err
+	}
+	for _, p := range args {
+		if err := fn(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func cmdRead(ctx context.Context, c *xenstore.Client, args []string, out io.Writer) error {
+	return eachPath(args, func(p string) error {
+		v, err := c.Read(ctx, p)
+		if err == nil {
+			fmt.Fprintln(out, v)
+		}
+		return err
+	})
+}
+
+func cmdWrite(ctx context.Context, c *xenstore.Client, args []string, _ io.Writer) error {
+	if err := need(args, 2, true); err != nil {
+		return err
+	}
+	for i := 0; i < len(args); i += 2 {
+		if err := c.Write(ctx, args[i], args[i+1]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func cmdRm(ctx context.Context, c *xenstore.Client, args []string, _ io.Writer) error {
+	return eachPath(args, func(p string) error { return c.Rm(ctx, p) })
+}
+
+func cmdMkdir(ctx context.Context, c *xenstore.Client, args []string, _ io.Writer) error {
+	return eachPath(args, func(p string) error { return c.Mkdir(ctx, p) })
+}
+
+// cmdExists answers through the exit status only: errFalse becomes 1.
+func cmdExists(ctx context.Context, c *xenstore.Client, args []string, _ io.Writer) error {
+	if err := need(args, 1, false); err != nil {
+		return err
+	}
+	ok, err := c.Exists(ctx, args[0])
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return errFalse
+	}
+	return nil
+}
+
+func cmdList(ctx context.Context, c *xenstore.Client, args []string, out io.Writer) error {
+	if err := need(args, 1, false); err != nil {
+		return err
+	}
+	names, err := c.Directory(ctx, args[0])
+	if err != nil {
+		return err
+	}
+	for _, n := range names {
+		fmt.Fprintln(out, n)
+	}
+	return nil
+}
+
+func cmdLs(ctx context.Context, c *xenstore.Client, args []string, out io.Writer) error {
+	perms := len(args) > 0 && args[0] == "-p"
+	if perms {
+		args = args[1:]
+	}
+	root := "/"
+	if len(args) > 0 {
+		root = args[0]
+	}
+	return ls(ctx, c, root, 0, perms, out)
+}
+
+func cmdChmod(ctx context.Context, c *xenstore.Client, args []string, _ io.Writer) error {
+	recursive := len(args) > 0 && args[0] == "-r"
+	if recursive {
+		args = args[1:]
+	}
+	if err := need(args, 2, false); err != nil {
+		return err
+	}
+	perms := make([]xenstore.Perm, 0, len(args)-1)
+	for _, s := range args[1:] {
+		p, err := xenstore.ParsePerm(s)
+		if err != nil {
+			return usageError(err.Error())
+		}
+		perms = append(perms, p)
+	}
+	return chmod(ctx, c, args[0], perms, recursive)
+}
+
+func cmdWatch(ctx context.Context, c *xenstore.Client, args []string, out io.Writer) error {
+	n := -1
+	if len(args) > 1 && args[0] == "-n" {
+		v, err := strconv.Atoi(args[1])
+		if err != nil || v < 1 {
+			return usageError("-n wants a positive count")
+		}
+		n, args = v, args[2:]
+	}
+	if err := need(args, 1, false); err != nil {
+		return err
+	}
+	return watch(ctx, c, args, n, out)
 }
 
 func join(dir, name string) string {
