@@ -256,9 +256,6 @@ func (f *Frontend) RingRefs() []uint32 {
 // Protocol is the ring layout.
 func (f *Frontend) Protocol() blkif.Protocol { return f.opts.Protocol }
 
-// RingOrder is the ring's page order.
-func (f *Frontend) RingOrder() int { return f.opts.RingOrder }
-
 // BackendFDs are what the worker needs (the frontend keeps ownership: dup
 // them to send).
 func (f *Frontend) BackendFDs() (memfd, kickfd, notifyfd int) {
