@@ -59,12 +59,11 @@ func (f *Frontend) wait(id uint16, op uint8) error {
 // the disk's bytes [off, off+len(p)). It goes in chunks of up to f.chunk
 // bytes over the enclosing sectors, as many in flight as tags allow.
 type transfer struct {
-	f     *Frontend
-	op    uint8 // blkif.OpRead or blkif.OpWrite
-	p     []byte
-	off   int64
-	queue []chunk // in flight, oldest first
-	err   error   // the first failure; no chunk is started after it
+	f   *Frontend
+	op  uint8 // blkif.OpRead or blkif.OpWrite
+	p   []byte
+	off int64
+	err error // the first failure; no chunk is started after it
 }
 
 // chunk is one request of a transfer: its tag and the sector-aligned
@@ -80,10 +79,16 @@ type chunk struct {
 // writes must cover whole sectors.
 func (f *Frontend) rw(op uint8, p []byte, off int64) error {
 	x := transfer{f: f, op: op, p: p, off: off}
+	// The chunks in flight, oldest first. Most calls have a few: the
+	// queue lives in rw's frame, not in x, so those stay off the heap.
+	var inline [4]chunk
+	queue := inline[:0]
 	alo, ahi := off&^(sector-1), (off+int64(len(p))+sector-1)&^(sector-1)
 	for coff := alo; coff < ahi && x.err == nil; {
 		n := int(min(int64(f.chunk), ahi-coff))
-		id, err := x.takeTag()
+		var id uint16
+		var err error
+		id, queue, err = x.takeTag(queue)
 		if err != nil {
 			x.err = err
 			break
@@ -98,37 +103,38 @@ func (f *Frontend) rw(op uint8, p []byte, off int64) error {
 			x.err = err
 			break
 		}
-		x.queue = append(x.queue, c)
+		queue = append(queue, c)
 		coff += int64(n)
 	}
-	for len(x.queue) > 0 {
-		x.finishOldest()
+	for _, c := range queue {
+		x.finish(c)
 	}
 	return x.err
 }
 
 // takeTag takes a free tag, waiting for this transfer's own oldest chunk
-// rather than for another caller's tag while it holds some: that is what
-// keeps big calls from deadlocking each other.
-func (x *transfer) takeTag() (uint16, error) {
+// in queue rather than for another caller's tag while it holds some:
+// that is what keeps big calls from deadlocking each other. It returns
+// what is left of queue.
+func (x *transfer) takeTag(queue []chunk) (uint16, []chunk, error) {
 	for {
 		select {
 		case id := <-x.f.free:
-			return id, nil
+			return id, queue, nil
 		default:
 		}
-		if len(x.queue) == 0 {
-			return x.f.acquire()
+		if len(queue) == 0 {
+			id, err := x.f.acquire()
+			return id, queue, err
 		}
-		x.finishOldest()
+		x.finish(queue[0])
+		queue = queue[1:]
 	}
 }
 
-// finishOldest waits for the oldest chunk in flight, copies a read's
-// bytes out and gives its tag back.
-func (x *transfer) finishOldest() {
-	c := x.queue[0]
-	x.queue = x.queue[1:]
+// finish waits for chunk c's response, copies a read's bytes out and
+// gives its tag back.
+func (x *transfer) finish(c chunk) {
 	err := x.f.wait(c.id, x.op)
 	if err == nil && x.op == blkif.OpRead {
 		user, pages := x.overlap(c)
