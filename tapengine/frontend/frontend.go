@@ -162,8 +162,8 @@ type Frontend struct {
 	features Features
 	chunk    int // bytes per request: 11 pages, or the indirect size
 
-	// Set by Connect (under mu); afterwards the reaper reads notifyFile and
-	// Close both, once the reaper is gone.
+	// Set by Connect (under mu). The reaper reads notifyFile; Close
+	// closes it only once the reaper is gone.
 	notifyFile *os.File      // a dup of the notify eventfd, read through the netpoller
 	reaperDone chan struct{} // closed when the reaper returns
 
