@@ -43,23 +43,24 @@
 // sectors and copy the part asked for; writes do read-modify-write of the
 // partial head and tail sectors, serialised among themselves so disjoint
 // unaligned writes into one sector do not lose each other's bytes.
+//
+// The package's files, by concern: frontend.go (setup, connect, close),
+// tags.go (request tags and the free list), submit.go (putting a request
+// on the ring), reaper.go (collecting responses), blocking.go (ReadAt,
+// WriteAt, Flush, Discard), async.go (StartRead, StartWrite), lend.go
+// (tags lent as buffers) and trim.go (giving idle pages back).
 package frontend
 
 import (
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
-	"runtime"
-	"slices"
 	"sync"
 	"syscall"
-	"time"
 
 	"golang.org/x/sys/unix"
 
-	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/local"
 	"github.com/blktap-go/blktap/tapengine/ring"
@@ -111,26 +112,6 @@ const (
 	pageSize = blkif.PageSize
 )
 
-// tag is one request's worth of resources. A tag belongs to the caller
-// that took it from free until it gives it back.
-type tag struct {
-	first uint32 // first of Frontend.segs consecutive data pages
-	mem   []byte // the frontend's view of those pages
-	ind   uint32 // first of the indirect pages (if any)
-	done  chan int16
-	// Set by a Start call before the push, read by the reaper after the
-	// response (the ring's barriers order the two):
-	cb     Completer // nil for a blocking call
-	cookie uint64
-	op     uint8 // of a started request
-	n      int   // bytes of a started read
-	lent   bool  // owned by a TakeTag caller: the reaper does not free it
-	// Guarded by Frontend.mu:
-	busy    bool // pushed, response not yet consumed
-	nPages  int  // data pages granted for the request in flight
-	nIndPgs int  // indirect pages granted for it
-}
-
 // Completer receives the results of StartRead and StartWrite. Its methods
 // run on the goroutine that collects the responses: the frontend's reaper
 // or a caller of Poll, so possibly on two goroutines at once for
@@ -147,35 +128,54 @@ type Completer = interface {
 }
 
 // Frontend is one local guest frontend. Safe for concurrent use.
+//
+// Three locks, taken in this order (a goroutine holding one may take a
+// later one, never an earlier one):
+//
+//  1. life (read side): held by every call while it touches the shared
+//     memory; Close takes the write side to wait for them to leave
+//     before it unmaps. Not reentrant: with Close waiting, a second read
+//     lock blocks forever, so no call holding it calls another method
+//     that enters (Discard leaves before it writes zeros).
+//  2. rmw: serialises the read-modify-write of partial sectors, so
+//     disjoint unaligned writes into one sector keep each other's bytes.
+//     Held across the ring round trips of one read and one write.
+//  3. mu: the ring's producer side, the grant states and the fields
+//     below it. Never held across a wait, a channel send or a Completer
+//     call.
+//
+// The free list (free) is a channel, so it needs no lock; a tag taken
+// from it belongs to its taker (see tag).
 type Frontend struct {
-	opts  Options
-	log   *slog.Logger
-	gt    *local.GrantTable
-	ch    *local.Channel
-	rings uint32 // first ring ref
-	tags  []tag
-	free  chan uint16
-	segs  int // data pages per tag: 11, or more for indirect requests
+	// Fixed by New.
+	opts     Options
+	log      *slog.Logger
+	gt       *local.GrantTable
+	ch       *local.Channel
+	rings    uint32 // first ring ref
+	tags     []tag
+	free     chan uint16   // ids of the tags nobody holds
+	segs     int           // data pages per tag: 11, or more for indirect requests
+	closedCh chan struct{} // closed when the frontend stops (Done)
 
-	// Set before Connect, read-only afterwards.
+	// Set by SetFeatures (under mu) before Connect, read-only afterwards.
 	features Features
 	chunk    int // bytes per request: 11 pages, or the indirect size
 
+	// Set by Connect (under mu). The reaper reads notifyFile; Close
+	// closes it only once the reaper is gone.
 	notifyFile *os.File      // a dup of the notify eventfd, read through the netpoller
 	reaperDone chan struct{} // closed when the reaper returns
-	rmw        sync.Mutex    // serialises read-modify-write of partial sectors
 
-	// life is read-held by every call while it touches shared memory,
-	// so Close can unmap it only when no call is left inside.
-	life sync.RWMutex
+	life sync.RWMutex // see lock order 1
+	rmw  sync.Mutex   // see lock order 2
 
-	mu         sync.Mutex
+	mu         sync.Mutex // see lock order 3; guards what follows
 	front      *ring.Front
 	connected  bool
 	closed     bool
 	released   bool // Close ran: memory and descriptors go or went
 	closeErr   error
-	closedCh   chan struct{}
 	held       bool // requests pushed but not yet published (see Publish)
 	lent       int  // tags out with TakeTag callers
 	unmapLater bool // Close left the unmapping to the last PutTag
@@ -200,58 +200,48 @@ func New(opts Options) (*Frontend, error) {
 	}
 	ringPages := 1 << opts.RingOrder
 	f.segs = blkif.SegmentsMax
-	indPages := 0
 	if opts.MaxIndirectSegments > blkif.SegmentsMax {
 		f.segs = min(opts.MaxIndirectSegments, blkif.IndirectPagesMax*blkif.SegmentsPerIndirect, PageBudget/entries)
 		f.segs = max(f.segs, blkif.SegmentsMax)
-		if f.segs > blkif.SegmentsMax {
-			indPages = (f.segs + blkif.SegmentsPerIndirect - 1) / blkif.SegmentsPerIndirect
-		}
 	}
 	f.chunk = blkif.SegmentsMax * pageSize
-	gt, err := local.NewGrantTable(ringPages + entries*(f.segs+indPages))
+	gt, err := local.NewGrantTable(ringPages + entries*(f.segs+f.indirectPages()))
 	if err != nil {
 		return nil, err
 	}
 	f.gt = gt
-	fail := func(err error) (*Frontend, error) {
+	if err := f.setUp(ringPages, entries); err != nil {
 		if f.ch != nil {
 			f.ch.Close()
 		}
 		gt.Close()
 		return nil, err
 	}
-	if f.rings, err = gt.Alloc(ringPages); err != nil {
-		return fail(err)
+	return f, nil
+}
+
+// setUp lays out the grant table New allocated: the ring pages first
+// (initialised and granted), then each tag's pages; then it creates the
+// event channel.
+func (f *Frontend) setUp(ringPages, entries int) error {
+	var err error
+	if f.rings, err = f.gt.Alloc(ringPages); err != nil {
+		return err
 	}
-	if f.front, err = ring.NewFront(gt.Memory(f.rings, ringPages), opts.Protocol); err != nil {
-		return fail(err)
+	if f.front, err = ring.NewFront(f.gt.Memory(f.rings, ringPages), f.opts.Protocol); err != nil {
+		return err
 	}
 	f.front.Init()
 	for i := range ringPages {
-		if err := gt.Grant(f.rings+uint32(i), false); err != nil {
-			return fail(err)
+		if err := f.gt.Grant(f.rings+uint32(i), false); err != nil {
+			return err
 		}
 	}
-	f.tags = make([]tag, entries)
-	f.free = make(chan uint16, entries)
-	for i := range f.tags {
-		first, err := gt.Alloc(f.segs)
-		if err != nil {
-			return fail(err)
-		}
-		f.tags[i] = tag{first: first, mem: gt.Memory(first, f.segs), done: make(chan int16, 1)}
-		if indPages > 0 {
-			if f.tags[i].ind, err = gt.Alloc(indPages); err != nil {
-				return fail(err)
-			}
-		}
-		f.free <- uint16(i)
+	if err := f.allocTags(entries); err != nil {
+		return err
 	}
-	if f.ch, err = local.NewChannel(); err != nil {
-		return fail(err)
-	}
-	return f, nil
+	f.ch, err = local.NewChannel()
+	return err
 }
 
 // RingRefs are the grant refs of the ring pages, in order.
@@ -262,9 +252,6 @@ func (f *Frontend) RingRefs() []uint32 {
 	}
 	return refs
 }
-
-// RingOrder is the ring's page order.
-func (f *Frontend) RingOrder() int { return f.opts.RingOrder }
 
 // Protocol is the ring layout.
 func (f *Frontend) Protocol() blkif.Protocol { return f.opts.Protocol }
@@ -407,696 +394,10 @@ func (f *Frontend) failLocked(cause error) {
 	close(f.closedCh)
 }
 
-// reaper collects every response until the frontend closes: a blocking
-// call gets its status on its tag's channel, a started request its
-// Completer call. It sleeps reading the notify eventfd (which also
-// consumes the signal); a signal sent after the final check in
-// collectLocked wakes it.
-func (f *Frontend) reaper() {
-	defer close(f.reaperDone)
-	var r reaping
-	var buf [8]byte
-	for {
-		if f.reapOnce(&r) {
-			f.failStarted()
-			return
-		}
-		if _, err := f.notifyFile.Read(buf[:]); err != nil {
-			f.fail(fmt.Errorf("reading notify eventfd: %w", err))
-		}
-	}
-}
-
-// reaping is the scratch of one goroutine collecting responses.
-type reaping struct {
-	batch []reaped
-	sinks []Completer
-}
-
-// reapings recycles Poll's scratch, so polling allocates nothing.
-var reapings = sync.Pool{New: func() any { return new(reaping) }}
-
-type reaped struct {
-	id uint16
-	st int16
-}
-
-// reapOnce collects every published response and completes it: a blocking
-// call gets its status on its tag's channel, a started request its
-// Completer call. It reports whether the frontend is closed (or just
-// failed), so the caller stops.
-func (f *Frontend) reapOnce(r *reaping) (stop bool) {
-	r.batch = r.batch[:0]
-	f.mu.Lock()
-	closed := f.closed
-	var err error
-	if !closed {
-		err = f.collectLocked(func(id uint16, st int16) { r.batch = append(r.batch, reaped{id, st}) })
-	}
-	f.mu.Unlock()
-	if err != nil {
-		f.log.Error("frontend: backend broke the ring; failing the disk", "err", err)
-		f.fail(err)
-	}
-	r.sinks = r.sinks[:0]
-	for _, d := range r.batch {
-		t := &f.tags[d.id]
-		if t.cb == nil {
-			// Each done channel has room for its one response.
-			t.done <- d.st
-			continue
-		}
-		cb, cookie := t.cb, t.cookie
-		var data []byte
-		err := statusErr(d.st, t.op)
-		if err == nil && t.op == blkif.OpRead {
-			data = t.mem[:t.n]
-		}
-		lent := t.lent
-		t.cb = nil
-		cb.Complete(cookie, data, err)
-		if !lent {
-			f.release(d.id)
-		}
-		if !slices.Contains(r.sinks, cb) {
-			r.sinks = append(r.sinks, cb)
-		}
-	}
-	for _, cb := range r.sinks {
-		cb.CompleteBatch()
-	}
-	return closed || err != nil
-}
-
-// Poll waits up to spin, busy, for responses and completes them on the
-// calling goroutine (as the reaper would), reporting whether it found any.
-// A caller with one request in flight and nothing else to do (queue depth
-// 1) saves the reaper's wake-up from its latency: the backend answers a
-// cached read in a few microseconds, less than a sleep and a wake cost.
-func (f *Frontend) Poll(spin time.Duration) bool {
-	if _, _, err := f.enter(); err != nil {
-		return false
-	}
-	defer f.leave()
-	deadline := time.Now().Add(spin)
-	for {
-		f.mu.Lock()
-		n, err := f.front.Pending()
-		f.mu.Unlock()
-		if err != nil || n > 0 {
-			r := reapings.Get().(*reaping)
-			f.reapOnce(r)
-			clear(r.sinks)
-			reapings.Put(r)
-			return err == nil
-		}
-		if time.Now().After(deadline) {
-			return false
-		}
-		runtime.Gosched()
-	}
-}
-
-// failStarted completes every started request still in flight with the
-// close error; the frontend is closed, so none of them is answered later
-// and their tags are never reused.
-func (f *Frontend) failStarted() {
-	f.mu.Lock()
-	var sinks []Completer
-	type started struct {
-		cb     Completer
-		cookie uint64
-	}
-	var fail []started
-	for i := range f.tags {
-		t := &f.tags[i]
-		if t.busy && t.cb != nil {
-			fail = append(fail, started{t.cb, t.cookie})
-			t.cb = nil
-			t.busy = false
-		}
-	}
-	err := f.closeErr
-	f.mu.Unlock()
-	for _, s := range fail {
-		s.cb.Complete(s.cookie, nil, err)
-		if !slices.Contains(sinks, s.cb) {
-			sinks = append(sinks, s.cb)
-		}
-	}
-	for _, cb := range sinks {
-		cb.CompleteBatch()
-	}
-}
-
-// statusErr turns a response status into the error a call returns.
-func statusErr(st int16, op uint8) error {
-	switch st {
-	case blkif.StatusOK:
-		return nil
-	case blkif.StatusEOPNOTSUPP:
-		return fmt.Errorf("%s: %w", blkif.OpName(op), ErrNotSupported)
-	default:
-		return fmt.Errorf("%s: %w (status %d)", blkif.OpName(op), ErrIO, st)
-	}
-}
-
+// fail stops the frontend on its own (the backend broke the ring, the
+// notify eventfd failed); Close still has to release it.
 func (f *Frontend) fail(err error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.failLocked(err)
-}
-
-// collectLocked consumes every published response, with the final check.
-func (f *Frontend) collectLocked(complete func(uint16, int16)) error {
-	var rsp blkif.Response
-	for {
-		n, err := f.front.Pending()
-		if err != nil {
-			return err
-		}
-		for range n {
-			f.front.Next(&rsp)
-			if rsp.ID >= uint64(len(f.tags)) || !f.tags[rsp.ID].busy {
-				return fmt.Errorf("%w: response for id %d, which is not in flight", ring.ErrHostile, rsp.ID)
-			}
-			t := &f.tags[rsp.ID]
-			t.busy = false
-			for i := range t.nPages {
-				_ = f.gt.Revoke(t.first + uint32(i))
-			}
-			for i := range t.nIndPgs {
-				_ = f.gt.Revoke(t.ind + uint32(i))
-			}
-			complete(uint16(rsp.ID), rsp.Status)
-		}
-		more, err := f.front.FinalCheck()
-		if err != nil || !more {
-			return err
-		}
-	}
-}
-
-// acquire takes a free tag, or fails when the frontend closes.
-func (f *Frontend) acquire() (uint16, error) {
-	select {
-	case id := <-f.free:
-		return id, nil
-	default:
-	}
-	select {
-	case id := <-f.free:
-		return id, nil
-	case <-f.closedCh:
-		return 0, f.closeErr
-	}
-}
-
-func (f *Frontend) release(id uint16) { f.free <- id }
-
-// submit pushes one request on tag id: op over [off, off+n) of the disk,
-// with the data in the tag's pages. n is a multiple of 512, at most
-// f.chunk (0 for a flush). More than 11 pages go as an indirect request,
-// whose segment list the tag's indirect pages carry. Unless hold, it
-// publishes every request pushed so far (and kicks when the backend asks).
-func (f *Frontend) submit(id uint16, op uint8, off int64, n int, hold bool) error {
-	t := &f.tags[id]
-	req := blkif.Request{Op: op, ID: uint64(id), Sector: uint64(off) / sector}
-	pages := (n + pageSize - 1) / pageSize
-	indPages := 0
-	if op == blkif.OpDiscard {
-		req.NrSectors = uint64(n) / sector
-		pages = 0
-	} else if pages > blkif.SegmentsMax {
-		indPages = (pages + blkif.SegmentsPerIndirect - 1) / blkif.SegmentsPerIndirect
-		req = blkif.Request{Op: blkif.OpIndirect, IndirectOp: op, IndirectSegments: uint16(pages), ID: req.ID, Sector: req.Sector}
-		list := f.gt.Memory(t.ind, indPages)
-		for i := range pages {
-			sectors := min(n-i*pageSize, pageSize) / sector
-			blkif.EncodeSegment(list[i*blkif.SegmentSize:], &blkif.Segment{Gref: t.first + uint32(i), LastSect: uint8(sectors - 1)})
-		}
-		for i := range indPages {
-			req.IndirectGrefs[i] = t.ind + uint32(i)
-		}
-	} else {
-		for i := range pages {
-			sectors := min(n-i*pageSize, pageSize) / sector
-			req.Seg[i] = blkif.Segment{Gref: t.first + uint32(i), FirstSect: 0, LastSect: uint8(sectors - 1)}
-		}
-		req.NrSegments = uint8(pages)
-	}
-	f.mu.Lock()
-	if f.closed {
-		f.mu.Unlock()
-		return f.closeErr
-	}
-	for i := range pages {
-		// A write only lets the backend read the page.
-		if err := f.gt.Grant(t.first+uint32(i), op != blkif.OpRead); err != nil {
-			f.mu.Unlock()
-			return err
-		}
-	}
-	for i := range indPages {
-		if err := f.gt.Grant(t.ind+uint32(i), true); err != nil {
-			f.mu.Unlock()
-			return err
-		}
-	}
-	t.nPages, t.nIndPgs = pages, indPages
-	if err := f.front.Push(&req); err != nil {
-		f.mu.Unlock()
-		// One tag per slot: the ring cannot be full while we hold a tag.
-		return fmt.Errorf("frontend: %w", err)
-	}
-	t.busy = true
-	if hold {
-		f.held = true
-		f.mu.Unlock()
-		return nil
-	}
-	return f.publishLocked()
-}
-
-// publishLocked publishes the pushed requests and kicks the backend if it
-// asked; it releases f.mu.
-func (f *Frontend) publishLocked() error {
-	f.held = false
-	kick := f.front.PushRequests()
-	f.mu.Unlock()
-	if kick {
-		return f.ch.Kick()
-	}
-	return nil
-}
-
-// Publish lets the backend see the requests started so far. A caller of
-// StartRead / StartWrite calls it before it goes to sleep (e.g. waiting for
-// its client), so nothing it started is left held back.
-func (f *Frontend) Publish() error {
-	f.mu.Lock()
-	if !f.held || f.closed {
-		f.mu.Unlock()
-		return nil
-	}
-	return f.publishLocked()
-}
-
-// wait waits for tag id's response and turns its status into an error.
-// On error the tag is not given back if the request may still be in
-// flight (the frontend is closing and will never reuse it).
-func (f *Frontend) wait(id uint16, op uint8) error {
-	var st int16
-	select {
-	case st = <-f.tags[id].done:
-	case <-f.closedCh:
-		// The response may have raced the close; prefer it.
-		select {
-		case st := <-f.tags[id].done:
-			if st == blkif.StatusOK {
-				return nil
-			}
-		default:
-		}
-		return f.closeErr
-	}
-	return statusErr(st, op)
-}
-
-// enter admits a call: connected, not closed; it holds life.RLock until
-// leave.
-func (f *Frontend) enter() (size int64, ro bool, err error) {
-	f.life.RLock()
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	switch {
-	case f.closed:
-		err = f.closeErr
-	case !f.connected:
-		err = ErrNotConnected
-	}
-	if err != nil {
-		f.life.RUnlock()
-	}
-	return f.size, f.readOnly, err
-}
-
-func (f *Frontend) leave() { f.life.RUnlock() }
-
-// inflight is one chunk of a call: a tag and where its bytes go.
-type inflight struct {
-	id      uint16
-	off     int64 // disk offset of the chunk
-	n       int   // chunk length (sector multiple)
-	pOff    int   // where in p the wanted bytes start
-	skip, k int   // bytes to skip in the chunk, bytes to copy
-}
-
-// rw runs op over the sector-aligned range [alo, ahi) in chunks, keeping
-// as many in flight as tags allow. For reads, done copies each finished
-// chunk out; for writes, fill fills each chunk before it is pushed.
-func (f *Frontend) rw(op uint8, alo, ahi int64, fill func(c *inflight, mem []byte), done func(c *inflight, mem []byte), sub func(int64, int) inflight) error {
-	var queue []inflight
-	var firstErr error
-	finish := func() {
-		c := queue[0]
-		queue = queue[1:]
-		err := f.wait(c.id, op)
-		if err == nil && done != nil {
-			done(&c, f.tags[c.id].mem)
-		}
-		if err == nil || !errors.Is(err, ErrClosed) {
-			f.release(c.id)
-		}
-		if err != nil && firstErr == nil {
-			firstErr = err
-		}
-	}
-	for off := alo; off < ahi && firstErr == nil; {
-		n := int(min(int64(f.chunk), ahi-off))
-		var id uint16
-		var err error
-		// Wait for our own oldest chunk rather than block on a tag while
-		// holding others: that is what keeps big calls from deadlocking.
-		for {
-			select {
-			case id = <-f.free:
-			default:
-				if len(queue) > 0 {
-					finish()
-					continue
-				}
-				id, err = f.acquire()
-			}
-			break
-		}
-		if err != nil {
-			firstErr = err
-			break
-		}
-		c := sub(off, n)
-		c.id = id
-		if fill != nil {
-			fill(&c, f.tags[id].mem)
-		}
-		if err := f.submit(id, op, off, n, false); err != nil {
-			if !errors.Is(err, ErrClosed) {
-				f.release(id)
-			}
-			firstErr = err
-			break
-		}
-		queue = append(queue, c)
-		off += int64(n)
-	}
-	for len(queue) > 0 {
-		finish()
-	}
-	return firstErr
-}
-
-// ReadAt reads len(p) bytes of the guest's disk at off. Reads past the end
-// return the bytes up to it and io.EOF.
-func (f *Frontend) ReadAt(p []byte, off int64) (int, error) {
-	size, _, err := f.enter()
-	if err != nil {
-		return 0, err
-	}
-	defer f.leave()
-	if off < 0 {
-		return 0, fmt.Errorf("frontend: negative offset %d", off)
-	}
-	if off >= size {
-		if len(p) == 0 {
-			return 0, nil
-		}
-		return 0, io.EOF
-	}
-	want := p
-	if int64(len(p)) > size-off {
-		want = p[:size-off]
-	}
-	if len(want) == 0 {
-		return 0, nil
-	}
-	end := off + int64(len(want))
-	alo, ahi := off&^(sector-1), (end+sector-1)&^(sector-1)
-	sub := func(coff int64, n int) inflight {
-		lo, hi := max(coff, off), min(coff+int64(n), end)
-		return inflight{off: coff, n: n, pOff: int(lo - off), skip: int(lo - coff), k: int(hi - lo)}
-	}
-	err = f.rw(blkif.OpRead, alo, ahi, nil, func(c *inflight, mem []byte) {
-		copy(want[c.pOff:c.pOff+c.k], mem[c.skip:c.skip+c.k])
-	}, sub)
-	if err != nil {
-		return 0, err
-	}
-	if len(want) < len(p) {
-		return len(want), io.EOF
-	}
-	return len(p), nil
-}
-
-// WriteAt writes p to the guest's disk at off; it returns once the backend
-// has answered every request (the data is in the image).
-func (f *Frontend) WriteAt(p []byte, off int64) (int, error) {
-	size, ro, err := f.enter()
-	if err != nil {
-		return 0, err
-	}
-	defer f.leave()
-	if ro {
-		return 0, ErrReadOnly
-	}
-	if err := image.CheckRange(off, len(p), size); err != nil {
-		return 0, fmt.Errorf("frontend: %w", err)
-	}
-	if len(p) == 0 {
-		return 0, nil
-	}
-	end := off + int64(len(p))
-	// Split into an unaligned head, an aligned middle and an unaligned
-	// tail; head and tail are empty when their end is aligned.
-	headEnd := off
-	if off&(sector-1) != 0 {
-		headEnd = min(end, (off+sector-1)&^(sector-1))
-		if err := f.rmwRange(p[:headEnd-off], off); err != nil {
-			return 0, err
-		}
-	}
-	tailStart := max(headEnd, end&^(sector-1))
-	if headEnd < tailStart {
-		mid := p[headEnd-off : tailStart-off]
-		sub := func(coff int64, n int) inflight { return inflight{off: coff, n: n, pOff: int(coff - headEnd)} }
-		err := f.rw(blkif.OpWrite, headEnd, tailStart, func(c *inflight, mem []byte) {
-			copy(mem[:c.n], mid[c.pOff:c.pOff+c.n])
-		}, nil, sub)
-		if err != nil {
-			return 0, err
-		}
-	}
-	if tailStart < end {
-		if err := f.rmwRange(p[tailStart-off:], tailStart); err != nil {
-			return 0, err
-		}
-	}
-	return len(p), nil
-}
-
-// StartMax is the longest request StartRead and StartWrite take: one ring
-// request (11 pages, or the indirect size both sides agreed on).
-func (f *Frontend) StartMax() int { return f.chunk }
-
-// StartRead starts reading [off, off+n) and returns without waiting: off
-// and n are multiples of 512, 0 < n <= StartMax, inside the disk. c gets
-// the bytes (or the error) on the reaper goroutine, with cookie. The
-// request is held back until Publish (see the package doc). An error
-// returned here means nothing was started and c is not called. It blocks
-// only while every tag is in flight.
-func (f *Frontend) StartRead(off int64, n int, c Completer, cookie uint64) error {
-	return f.start(blkif.OpRead, off, n, nil, c, cookie)
-}
-
-// StartWrite is StartRead for writing p at off (p is copied before it
-// returns). Complete's error is nil once the data is in the image.
-func (f *Frontend) StartWrite(p []byte, off int64, c Completer, cookie uint64) error {
-	return f.start(blkif.OpWrite, off, len(p), p, c, cookie)
-}
-
-func (f *Frontend) start(op uint8, off int64, n int, p []byte, c Completer, cookie uint64) error {
-	if err := f.enterStart(op, off, n); err != nil {
-		return err
-	}
-	defer f.leave()
-	id, err := f.takeFree()
-	if err != nil {
-		return err
-	}
-	if p != nil {
-		copy(f.tags[id].mem, p)
-	}
-	err = f.launch(id, op, off, n, c, cookie)
-	if err != nil && !errors.Is(err, ErrClosed) {
-		f.release(id)
-	}
-	return err
-}
-
-// takeFree takes a free tag for a Start or TakeTag caller, which may hold
-// requests back: when every tag is in flight, those must go out first,
-// or no tag comes back.
-func (f *Frontend) takeFree() (uint16, error) {
-	select {
-	case id := <-f.free:
-		return id, nil
-	default:
-	}
-	if err := f.Publish(); err != nil {
-		return 0, err
-	}
-	return f.acquire()
-}
-
-// enterStart admits a Start call (enter) and checks its request; on
-// success the caller must leave.
-func (f *Frontend) enterStart(op uint8, off int64, n int) error {
-	size, ro, err := f.enter()
-	if err != nil {
-		return err
-	}
-	switch {
-	case op == blkif.OpWrite && ro:
-		err = ErrReadOnly
-	case n <= 0 || n > f.chunk || off%sector != 0 || n%sector != 0:
-		err = fmt.Errorf("frontend: %s of %d bytes at %d: not a single aligned request", blkif.OpName(op), n, off)
-	default:
-		if err = image.CheckRange(off, n, size); err != nil {
-			err = fmt.Errorf("frontend: %w", err)
-		}
-	}
-	if err != nil {
-		f.leave()
-	}
-	return err
-}
-
-// launch pushes a started request on tag id (held back until Publish);
-// the reaper runs c when it completes.
-func (f *Frontend) launch(id uint16, op uint8, off int64, n int, c Completer, cookie uint64) error {
-	t := &f.tags[id]
-	t.cb, t.cookie, t.op, t.n = c, cookie, op, n
-	if err := f.submit(id, op, off, n, true); err != nil {
-		t.cb = nil
-		return err
-	}
-	return nil
-}
-
-// rmwRange writes b at off, where [off, off+len(b)) lies within at most
-// two sectors and is not sector-aligned: read the sectors, patch, write.
-func (f *Frontend) rmwRange(b []byte, off int64) error {
-	f.rmw.Lock()
-	defer f.rmw.Unlock()
-	alo, ahi := off&^(sector-1), (off+int64(len(b))+sector-1)&^(sector-1)
-	buf := make([]byte, ahi-alo)
-	sub := func(coff int64, n int) inflight { return inflight{off: coff, n: n} }
-	if err := f.rw(blkif.OpRead, alo, ahi, nil, func(c *inflight, mem []byte) {
-		copy(buf, mem[:c.n])
-	}, sub); err != nil {
-		return err
-	}
-	copy(buf[off-alo:], b)
-	return f.rw(blkif.OpWrite, alo, ahi, func(c *inflight, mem []byte) {
-		copy(mem[:c.n], buf)
-	}, nil, sub)
-}
-
-// Flush asks the backend to make every completed write durable
-// (BLKIF_OP_FLUSH_DISKCACHE) and waits for its answer.
-func (f *Frontend) Flush() error {
-	if _, _, err := f.enter(); err != nil {
-		return err
-	}
-	defer f.leave()
-	return f.single(blkif.OpFlushDiskcache, 0, 0)
-}
-
-// single runs one request that carries no data.
-func (f *Frontend) single(op uint8, off int64, n int) error {
-	id, err := f.acquire()
-	if err != nil {
-		return err
-	}
-	if err := f.submit(id, op, off, n, false); err != nil {
-		if !errors.Is(err, ErrClosed) {
-			f.release(id)
-		}
-		return err
-	}
-	err = f.wait(id, op)
-	if err == nil || !errors.Is(err, ErrClosed) {
-		f.release(id)
-	}
-	return err
-}
-
-// maxDiscard keeps a discard request's byte count in an int.
-const maxDiscard = 1 << 30
-
-// Discard tells the backend [off, off+length) is no longer needed
-// (BLKIF_OP_DISCARD); afterwards the range reads as zeros. Partial
-// sectors at either end are written with zeros instead, and so is the
-// whole range when the backend did not publish feature-discard (slow but
-// true to the contract: NBD's WRITE_ZEROES falls back on Discard).
-func (f *Frontend) Discard(off, length int64) error {
-	size, ro, err := f.enter()
-	if err != nil {
-		return err
-	}
-	if ro {
-		f.leave()
-		return ErrReadOnly
-	}
-	if err := image.CheckRange64(off, length, size); err != nil {
-		f.leave()
-		return fmt.Errorf("frontend: discard: %w", err)
-	}
-	end := off + length
-	lo, hi := (off+sector-1)&^(sector-1), end&^(sector-1)
-	if lo >= hi || !f.features.Discard {
-		f.leave()
-		return f.writeZeros(off, length)
-	}
-	for o := lo; o < hi; o += maxDiscard {
-		if err := f.single(blkif.OpDiscard, o, int(min(maxDiscard, hi-o))); err != nil {
-			f.leave()
-			return err
-		}
-	}
-	f.leave()
-	// The edges, after leaving: WriteAt enters on its own.
-	if err := f.writeZeros(off, lo-off); err != nil {
-		return err
-	}
-	return f.writeZeros(hi, end-hi)
-}
-
-// zeroChunk bounds the buffer writeZeros allocates.
-const zeroChunk = 1 << 20
-
-// writeZeros writes zeros over [off, off+n) in chunks.
-func (f *Frontend) writeZeros(off, n int64) error {
-	if n <= 0 {
-		return nil
-	}
-	zeros := make([]byte, min(n, zeroChunk))
-	for n > 0 {
-		k := min(n, zeroChunk)
-		if _, err := f.WriteAt(zeros[:k], off); err != nil {
-			return err
-		}
-		off += k
-		n -= k
-	}
-	return nil
 }

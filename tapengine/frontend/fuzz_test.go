@@ -53,12 +53,14 @@ func FuzzResponses(f *testing.F) {
 		copy(r[blkif.RingHeaderSize:], b[6:])
 		binary.LittleEndian.PutUint32(r[blkif.OffRspProd:], binary.LittleEndian.Uint32(b[2:]))
 		seen := map[uint16]bool{}
-		err = fr.collectLocked(func(id uint16, _ int16) {
-			if seen[id] || int(id) >= inflight {
-				t.Fatalf("completed id %d twice or never sent", id)
+		var batch []reaped
+		batch, err = fr.collectLocked(batch)
+		for _, d := range batch {
+			if seen[d.id] || int(d.id) >= inflight {
+				t.Fatalf("completed id %d twice or never sent", d.id)
 			}
-			seen[id] = true
-		})
+			seen[d.id] = true
+		}
 		if err != nil && !errors.Is(err, ring.ErrHostile) {
 			t.Fatalf("unclassified error: %v", err)
 		}

@@ -1,9 +1,5 @@
 package frontend
 
-import (
-	"github.com/blktap-go/blktap/tapengine/blkif"
-)
-
 // Trim gives back the memory of the data pages (and indirect pages) of
 // every tag not in flight, so an idle disk stops holding what a burst of
 // big requests touched: a page of the grant table, once touched, stays
@@ -29,10 +25,7 @@ func (f *Frontend) Trim() error {
 	if closed {
 		return closeErr
 	}
-	indPages := 0
-	if f.segs > blkif.SegmentsMax {
-		indPages = (f.segs + blkif.SegmentsPerIndirect - 1) / blkif.SegmentsPerIndirect
-	}
+	indPages := f.indirectPages()
 	seen := make([]bool, len(f.tags))
 	for range f.tags {
 		var id uint16

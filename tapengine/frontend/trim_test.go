@@ -134,11 +134,7 @@ func TestTrimAfterClose(t *testing.T) {
 // dataPages counts the pages Trim may punch: every tag's data and
 // indirect pages.
 func (f *Frontend) dataPages() int {
-	ind := 0
-	if f.segs > blkif.SegmentsMax {
-		ind = (f.segs + blkif.SegmentsPerIndirect - 1) / blkif.SegmentsPerIndirect
-	}
-	return len(f.tags) * (f.segs + ind)
+	return len(f.tags) * (f.segs + f.indirectPages())
 }
 
 // BenchmarkTrim: the cost of one idle trim of a fully touched grant
