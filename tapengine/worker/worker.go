@@ -127,16 +127,13 @@ func (w *worker) run(c *net.UnixConn) int {
 			return 0
 		}
 		w.logger.Info("worker: daemon gone; serving on until a daemon adopts this disk")
-		for {
-			ac, err := w.adopt.AcceptUnix()
-			if err != nil {
-				w.logger.Error("worker: adopt socket", "err", err)
-				w.shutdown()
-				return 1
-			}
-			c = ac
-			break
+		ac, err := w.adopt.AcceptUnix()
+		if err != nil {
+			w.logger.Error("worker: adopt socket", "err", err)
+			w.shutdown()
+			return 1
 		}
+		c = ac
 		w.logger.Info("worker: adopted by a daemon")
 	}
 }
@@ -339,7 +336,8 @@ func (w *worker) shutdown() error {
 		w.idleStop = nil
 	}
 	if w.img != nil && w.paused {
-		// Consumers blocked in the gate must return before they stop.
+		// Consumers held in the gate must return before they can stop:
+		// they end with ErrClosed, and nothing is left to flush.
 		w.img.resume(closedImage{size: w.size})
 		w.paused = false
 	}
@@ -352,11 +350,6 @@ func (w *worker) shutdown() error {
 	}
 	if w.img == nil {
 		return nil
-	}
-	if w.paused {
-		// Held calls end with ErrClosed; nothing is left to flush.
-		w.img.resume(closedImage{size: w.size})
-		w.paused = false
 	}
 	img := w.img
 	w.img = nil

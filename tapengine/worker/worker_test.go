@@ -346,3 +346,32 @@ func TestWorkerEmptyMedium(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// A paused worker told to close ends cleanly: the held gate is released
+// onto a closed image, and there is nothing left to flush.
+func TestWorkerPausedClose(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "a.raw")
+	if err := formats.Create("raw", img, formats.CreateOptions{Size: 8 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	p := startTestWorker(t)
+	for _, req := range []Request{{Op: OpOpen, Name: "a", Format: "raw", Path: img}, {Op: OpPause}} {
+		if rep, err := p.Call(ctx(t), req); err != nil {
+			t.Fatalf("%s: %+v %v", req.Op, rep, err)
+		}
+	}
+	if rep, err := p.Call(ctx(t), Request{Op: OpStats}); err != nil || !rep.Paused {
+		t.Fatalf("stats while paused: %+v %v", rep, err)
+	}
+	if err := p.Close(ctx(t)); err != nil {
+		t.Fatalf("close while paused: %v", err)
+	}
+	select {
+	case <-p.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("a paused worker did not exit after close")
+	}
+	if p.ExitErr() != nil {
+		t.Fatalf("worker exit: %v", p.ExitErr())
+	}
+}
