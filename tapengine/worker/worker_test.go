@@ -78,6 +78,12 @@ func TestWorkerOpenStatsClose(t *testing.T) {
 	if err := p.Close(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
+	waitCleanExit(t, p)
+}
+
+// waitCleanExit waits for a closed worker to exit with status 0.
+func waitCleanExit(t *testing.T, p *Process) {
+	t.Helper()
 	select {
 	case <-p.Done():
 	case <-time.After(10 * time.Second):
@@ -366,12 +372,5 @@ func TestWorkerPausedClose(t *testing.T) {
 	if err := p.Close(ctx(t)); err != nil {
 		t.Fatalf("close while paused: %v", err)
 	}
-	select {
-	case <-p.Done():
-	case <-time.After(10 * time.Second):
-		t.Fatal("a paused worker did not exit after close")
-	}
-	if p.ExitErr() != nil {
-		t.Fatalf("worker exit: %v", p.ExitErr())
-	}
+	waitCleanExit(t, p)
 }
