@@ -1,9 +1,11 @@
 package reconciler
 
 import (
+	"math/rand"
 	"os"
 	"path/filepath"
 	"reflect"
+	"sync"
 	"testing"
 )
 
@@ -132,14 +134,63 @@ func TestPlan(t *testing.T) {
 	}
 }
 
-// Plan is pure: the same input gives the same output.
+// Plan is pure: its plan depends on its arguments and nothing else. Asking
+// again for one input, as this test once did, cannot catch a Plan that
+// remembers: no clock, no randomness and no map order reach it, so a
+// repeat sees the same hidden state every time. This asks for many
+// reachable inputs, then again in another order from several goroutines
+// (the race detector flags state shared between calls), and after
+// scribbling over the first answers (a plan must not be a cached slice
+// the caller can change).
 func TestPlanDeterministic(t *testing.T) {
-	o := Observed{Present: true, Online: true, LocalFrontend: true, FrontendPresent: true, Backend: StateInitWait, Frontend: StateInitialised, RingPublished: true}
-	a := Actual{Worker: true, LF: true}
-	first := Plan(o, a)
-	for range 100 {
-		if got := Plan(o, a); !reflect.DeepEqual(got, first) {
-			t.Fatalf("Plan changed: %v vs %v", got, first)
+	r := rand.New(rand.NewSource(1))
+	type input struct {
+		o Observed
+		a Actual
+	}
+	var inputs []input
+	for range 500 {
+		m, _ := randomReachable(r)
+		// The same observation with different workers behind it, and
+		// the other way round, side by side: a plan remembered from the
+		// previous call would be the wrong one here.
+		inputs = append(inputs, input{m.o, m.a}, input{m.o, Actual{}}, input{m.o, Actual{Worker: true}}, input{Observed{}, m.a})
+	}
+	first := make([][]Action, len(inputs))
+	want := make([][]Action, len(inputs))
+	kindsSeen := map[ActionKind]bool{}
+	for i, in := range inputs {
+		first[i] = Plan(in.o, in.a)
+		want[i] = append([]Action(nil), first[i]...)
+		for _, a := range first[i] {
+			kindsSeen[a.Kind] = true
+		}
+	}
+	if len(kindsSeen) < len(actionNames)-2 {
+		t.Fatalf("the inputs exercise only %d of %d actions", len(kindsSeen), len(actionNames))
+	}
+	for _, acts := range first {
+		for j := range acts {
+			acts[j] = Action{Kind: ActStopWorker, Reason: "scribbled"}
+		}
+	}
+	got := make([][]Action, len(inputs))
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for _, i := range rand.New(rand.NewSource(int64(w))).Perm(len(inputs)) {
+				if i%4 == w {
+					got[i] = Plan(inputs[i].o, inputs[i].a)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	for i := range inputs {
+		if !reflect.DeepEqual(got[i], want[i]) {
+			t.Fatalf("Plan(%+v, %+v) gave %v, then %v", inputs[i].o, inputs[i].a, want[i], got[i])
 		}
 	}
 }

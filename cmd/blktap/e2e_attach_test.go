@@ -266,16 +266,75 @@ func TestEndToEndYAMLEdits(t *testing.T) {
 	write("disks:\n" + disk("one", "xvdb") + disk("two", "xvdc"))
 	d.waitConnected("one", "two")
 
+	// A broken file: the daemon must say it refused it, and then the
+	// disks must be the ones it had, served by the same workers.
+	before := d.ls()
 	write("disks:\n  - {name: broken, image: /x, format: raw, device: xvdq, colour: blue}\n")
-	time.Sleep(1500 * time.Millisecond)
-	if rows := d.ls(); len(rows) != 2 {
-		t.Fatalf("a broken file changed the devices: %+v", rows)
+	d.waitRefused(`unknown key "colour"`)
+	if after := d.ls(); !sameDisks(before, after) {
+		t.Fatalf("a broken file changed the devices:\nbefore %+v\nafter  %+v", before, after)
 	}
 
 	write("disks:\n" + disk("two", "xvdc"))
 	d.waitGone("one", "disk dropped from the file is still attached")
-	if r, ok := d.row("two"); !ok || r.Phase != "connected" {
-		t.Fatalf("the remaining disk was disturbed: %+v", r)
+	if r, ok := d.row("two"); !ok || r.Phase != "connected" || r.WorkerPid != rowNamed(before, "two").WorkerPid {
+		t.Fatalf("the remaining disk was disturbed: %+v, was %+v", r, rowNamed(before, "two"))
+	}
+	if msg := d.lsStderr(); msg != "" {
+		t.Errorf("ls still reports a refusal after an accepted reload: %s", msg)
+	}
+}
+
+// sameDisks: the same disks, connected as before, by the same workers.
+func sameDisks(before, after []lsRow) bool {
+	if len(before) != len(after) {
+		return false
+	}
+	for _, b := range before {
+		a := rowNamed(after, b.Name)
+		if a.Name == "" || a.Phase != b.Phase || a.WorkerPid != b.WorkerPid || a.Export != b.Export {
+			return false
+		}
+	}
+	return true
+}
+
+func rowNamed(rows []lsRow, name string) lsRow {
+	for _, r := range rows {
+		if r.Name == name {
+			return r
+		}
+	}
+	return lsRow{}
+}
+
+// lsStderr is what `blktap ls` says on standard error: the daemon's
+// refusal of its YAML file, if it refused the last version.
+func (d *daemon) lsStderr() string {
+	d.t.Helper()
+	cmd := exec.Command(d.bin, "ls", "--state-dir", d.stateDir)
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		d.t.Fatalf("ls: %v: %s", err, stderr.String())
+	}
+	return stderr.String()
+}
+
+// waitRefused waits for `blktap ls` to report that the daemon refused its
+// YAML file, for a reason that mentions why.
+func (d *daemon) waitRefused(why string) {
+	d.t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		msg := d.lsStderr()
+		if strings.Contains(msg, "kept its previous desired state") && strings.Contains(msg, why) {
+			return
+		}
+		if time.Now().After(deadline) {
+			d.t.Fatalf("ls never reported a refused reload mentioning %s; it says %q", why, msg)
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 )
 
 // Issue 16 item 4 through the binary: an empty or half-written YAML file
@@ -22,30 +21,14 @@ func TestEndToEndDesiredStateSafety(t *testing.T) {
 	d := startDaemon(t, bin, cfg)
 	d.waitConnected("one")
 
-	lsStderr := func() string {
-		t.Helper()
-		cmd := exec.Command(bin, "ls", "--state-dir", d.stateDir)
-		var stderr strings.Builder
-		cmd.Stderr = &stderr
-		if err := cmd.Run(); err != nil {
-			t.Fatalf("ls: %v: %s", err, stderr.String())
-		}
-		return stderr.String()
-	}
 	for _, body := range []string{"", "disks:\n", "# all commented out\n"} {
 		write(body)
-		deadline := time.Now().Add(20 * time.Second)
-		for !strings.Contains(lsStderr(), "kept its previous desired state") {
-			if time.Now().After(deadline) {
-				t.Fatalf("file %q: ls never reported the refused reload", body)
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
+		d.waitRefused("")
 		if r, ok := d.row("one"); !ok || r.Phase != "connected" {
 			t.Fatalf("file %q took the disk away: %+v", body, r)
 		}
 	}
-	if msg := lsStderr(); !strings.Contains(msg, "disks: []") {
+	if msg := d.lsStderr(); !strings.Contains(msg, "disks: []") {
 		t.Errorf("the refusal does not say how to detach everything: %s", msg)
 	}
 
@@ -69,7 +52,7 @@ func TestEndToEndDesiredStateSafety(t *testing.T) {
 
 	write("disks: []\n")
 	d.waitGone("one", "disks: [] left the disk attached")
-	if msg := lsStderr(); msg != "" {
+	if msg := d.lsStderr(); msg != "" {
 		t.Errorf("ls still reports a refusal after an accepted reload: %s", msg)
 	}
 }

@@ -78,6 +78,12 @@ func TestWorkerOpenStatsClose(t *testing.T) {
 	if err := p.Close(ctx(t)); err != nil {
 		t.Fatal(err)
 	}
+	waitCleanExit(t, p)
+}
+
+// waitCleanExit waits for a closed worker to exit with status 0.
+func waitCleanExit(t *testing.T, p *Process) {
+	t.Helper()
 	select {
 	case <-p.Done():
 	case <-time.After(10 * time.Second):
@@ -345,4 +351,26 @@ func TestWorkerEmptyMedium(t *testing.T) {
 	if _, err := p.Call(ctx(t), Request{Op: OpFlush}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A paused worker told to close ends cleanly: the held gate is released
+// onto a closed image, and there is nothing left to flush.
+func TestWorkerPausedClose(t *testing.T) {
+	img := filepath.Join(t.TempDir(), "a.raw")
+	if err := formats.Create("raw", img, formats.CreateOptions{Size: 8 << 20}); err != nil {
+		t.Fatal(err)
+	}
+	p := startTestWorker(t)
+	for _, req := range []Request{{Op: OpOpen, Name: "a", Format: "raw", Path: img}, {Op: OpPause}} {
+		if rep, err := p.Call(ctx(t), req); err != nil {
+			t.Fatalf("%s: %+v %v", req.Op, rep, err)
+		}
+	}
+	if rep, err := p.Call(ctx(t), Request{Op: OpStats}); err != nil || !rep.Paused {
+		t.Fatalf("stats while paused: %+v %v", rep, err)
+	}
+	if err := p.Close(ctx(t)); err != nil {
+		t.Fatalf("close while paused: %v", err)
+	}
+	waitCleanExit(t, p)
 }

@@ -1,0 +1,145 @@
+package reconciler
+
+import (
+	"flag"
+	"fmt"
+	"math/rand"
+	"strings"
+	"testing"
+)
+
+var (
+	planSeed   = flag.Int64("plan.seed", 1, "first seed of the Plan property tests (0: from the clock)")
+	planStates = flag.Int("plan.states", 3000, "random reachable states the Plan property tests try")
+)
+
+// planStepLimit bounds convergence: the longest handshake (a libxl guest
+// disk from Initialising to Connected, or a torn-down one restarting) is
+// well under it, as for Model.Converge.
+const planStepLimit = 24
+
+// envEvent is something outside the daemon does to a device: the
+// toolstack, the frontend, the worker or the image. when says whether it
+// can happen in the model's state.
+type envEvent struct {
+	name string
+	when func(m *Model) bool
+	do   func(m *Model)
+}
+
+// guestFrontend: a real guest's blkfront drives the frontend half, not
+// the daemon.
+func guestFrontend(m *Model) bool { return !m.o.Domain0 && !m.o.LocalFrontend }
+
+var envEvents = []envEvent{
+	{"detach", func(m *Model) bool { return m.o.Present && m.o.Online },
+		func(m *Model) { m.o.Online, m.o.Backend = false, StateClosing }},
+	{"remove", func(m *Model) bool { return m.o.Present }, func(m *Model) { m.o = Observed{} }},
+	{"worker-dies", func(m *Model) bool { return m.a.Worker },
+		func(m *Model) { m.a.Worker, m.a.Export, m.a.Ring = false, false, false }},
+	{"ring-hostile", func(m *Model) bool { return m.a.Ring },
+		func(m *Model) { m.a.Ring, m.a.RingError = false, "hostile" }},
+	{"frontend-gives-up", func(m *Model) bool { return m.a.Ring && m.o.LocalFrontend },
+		func(m *Model) { m.a.RingError = "rsp_prod ran ahead" }},
+	{"fail-start", func(m *Model) bool { return !m.a.Worker }, func(m *Model) { m.failStart = "no such image" }},
+	{"hotplug-connected", func(m *Model) bool { return m.o.HotplugScript && m.o.Backend == StateInitWait },
+		func(m *Model) { m.o.HotplugConnected = true }},
+	{"ring-published", func(m *Model) bool {
+		return guestFrontend(m) && m.o.Backend == StateInitWait && m.o.FrontendPresent
+	}, func(m *Model) { m.o.Frontend, m.o.RingPublished = StateInitialised, true }},
+	{"frontend-connected", func(m *Model) bool { return guestFrontend(m) && m.o.Backend == StateConnected },
+		func(m *Model) { m.o.Frontend = StateConnected }},
+	{"frontend-closing", func(m *Model) bool { return guestFrontend(m) && m.o.FrontendPresent },
+		func(m *Model) { m.o.Frontend = StateClosing }},
+	{"frontend-closed", func(m *Model) bool { return guestFrontend(m) && m.o.Frontend == StateClosing },
+		func(m *Model) { m.o.Frontend = StateClosed }},
+	{"frontend-reconnects", func(m *Model) bool { return guestFrontend(m) && m.o.Frontend == StateClosed },
+		func(m *Model) { m.o.Frontend, m.o.RingPublished, m.o.FrontendError = StateInitialising, false, "" }},
+	{"frontend-gone", func(m *Model) bool { return guestFrontend(m) && m.o.FrontendPresent },
+		func(m *Model) { m.o.FrontendPresent, m.o.Frontend, m.o.RingPublished = false, StateUnknown, false }},
+	{"frontend-error", func(m *Model) bool { return guestFrontend(m) && m.o.RingPublished },
+		func(m *Model) { m.o.FrontendError = "bad ring-ref" }},
+	{"medium-change", func(m *Model) bool { return m.o.Cdrom && m.o.Present },
+		func(m *Model) { m.o.Params = fmt.Sprintf("aio:/iso/%d.iso", len(m.o.Params)) }},
+}
+
+// randomReachable builds a device state the daemon can meet: a device
+// declared the way one of the toolstacks declares it, then a random walk
+// that interleaves Plan's own steps with events from outside. Everything
+// a state can be made of is chosen here, so a new input to Plan needs a
+// change in this function only.
+func randomReachable(r *rand.Rand) (*Model, []string) {
+	domain0 := r.Intn(4) == 0
+	m := NewModel(domain0, !domain0 && r.Intn(2) == 0)
+	m.o.Params, m.o.Mode = "aio:/img", "w"
+	m.o.HotplugScript = !m.o.LocalFrontend && !domain0 && r.Intn(2) == 0
+	m.o.Declared = r.Intn(3) == 0
+	m.o.Cdrom = r.Intn(5) == 0
+	trace := []string{"start " + m.state() + fmt.Sprintf(" (script %v, declared %v, cdrom %v)",
+		m.o.HotplugScript, m.o.Declared, m.o.Cdrom)}
+	for range r.Intn(40) {
+		if r.Intn(3) > 0 {
+			// The daemon's turn: one step of the current plan.
+			if acts := Plan(m.o, m.a); len(acts) > 0 {
+				a := acts[r.Intn(len(acts))]
+				if r.Intn(2) == 0 {
+					a = acts[0]
+				}
+				m.apply(a)
+				trace = append(trace, "> "+a.String())
+				continue
+			}
+		}
+		var possible []envEvent
+		for _, e := range envEvents {
+			if e.when(m) {
+				possible = append(possible, e)
+			}
+		}
+		if len(possible) == 0 {
+			continue
+		}
+		e := possible[r.Intn(len(possible))]
+		e.do(m)
+		trace = append(trace, e.name)
+	}
+	return m, append(trace, "= "+m.state())
+}
+
+// TestPlanConverges: from any reachable state, applying Plan's actions
+// reaches a state where Plan asks for nothing, within planStepLimit
+// rounds: no oscillation, no action that never takes effect.
+func TestPlanConverges(t *testing.T) {
+	seed := *planSeed
+	if seed == 0 {
+		seed = rand.Int63()
+	}
+	r := rand.New(rand.NewSource(seed))
+	finals := map[string]bool{}
+	for i := range *planStates {
+		m, trace := randomReachable(r)
+		converged := false
+		for range planStepLimit {
+			acts := Plan(m.o, m.a)
+			if len(acts) == 0 {
+				converged = true
+				break
+			}
+			var kinds []string
+			for _, a := range acts {
+				m.apply(a)
+				kinds = append(kinds, a.Kind.String())
+			}
+			trace = append(trace, "plan: "+strings.Join(kinds, ", ")+" = "+m.state())
+		}
+		if !converged {
+			t.Fatalf("state %d of seed %d (-plan.seed=%d) does not converge in %d rounds:\n%s",
+				i, seed, seed, planStepLimit, strings.Join(trace, "\n"))
+		}
+		finals[m.state()] = true
+	}
+	// A generator that only ever builds one kind of state proves little.
+	if len(finals) < 10 {
+		t.Fatalf("seed %d: only %d distinct fixed points reached: %v", seed, len(finals), finals)
+	}
+}

@@ -1,0 +1,79 @@
+package worker
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"os"
+
+	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/tapengine/nbd"
+)
+
+// listenerFileOf duplicates the export's listening socket, so a daemon that
+// adopts this worker can keep the export alive across the worker's restart.
+func listenerFileOf(ln net.Listener) (*os.File, error) {
+	switch l := ln.(type) {
+	case *net.UnixListener:
+		return l.File()
+	case *net.TCPListener:
+		return l.File()
+	}
+	return nil, fmt.Errorf("listener %T cannot be handed over", ln)
+}
+
+// serveNBD serves the image as an NBD export on the listening socket the
+// daemon passed; the export calls the image through the throttle like the
+// ring does, so QoS and pause hold for both.
+func (w *worker) serveNBD(req *Request, fds []int) Reply {
+	if len(fds) != 1 {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: serve-nbd wants one listening socket, got %d descriptors", errInvalid, len(fds)))
+	}
+	if w.img == nil {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: no image open", errInvalid))
+	}
+	if w.nbdSrv != nil {
+		closeAll(fds)
+		return fail(fmt.Errorf("%w: already serving NBD", errInvalid))
+	}
+	var tlsConfig *tls.Config
+	if req.TLSCert != "" {
+		var err error
+		if tlsConfig, err = nbd.LoadTLSConfig(req.TLSCert, req.TLSKey, req.TLSCA); err != nil {
+			closeAll(fds)
+			return fail(fmt.Errorf("%w: %v", errInvalid, err))
+		}
+	}
+	f := os.NewFile(uintptr(fds[0]), "nbd-listener")
+	ln, err := net.FileListener(f)
+	f.Close()
+	if err != nil {
+		return fail(fmt.Errorf("nbd listener: %w", err))
+	}
+	w.nbdLn = ln
+	srv := &nbd.Server{
+		Export: nbd.Export{
+			Name:        req.Name,
+			Description: "blktap " + req.Name,
+			Backend:     w.io,
+			ReadOnly:    w.readOnly,
+			// A local file's writes never wait on a later request.
+			InlineWrites: formats.IsFile(w.format),
+		},
+		Logger:    w.logger,
+		TLSConfig: tlsConfig,
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := srv.Serve(ctx, ln); err != nil && ctx.Err() == nil {
+			w.logger.Error("worker: nbd export stopped", "err", err)
+		}
+	}()
+	w.nbdSrv, w.nbdCancel, w.nbdDone = srv, cancel, done
+	return Reply{OK: true}
+}
