@@ -36,26 +36,7 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 	rounds := crashtest.Rounds(1)
 	bin := buildBinary(t)
 	dir := t.TempDir()
-	ramPrefix := fmt.Sprintf("crashm-%d-", os.Getpid())
-
-	var disks []*crashDisk
-	var y strings.Builder
-	y.WriteString("disks:\n")
-	for i, k := range crashKinds {
-		for _, domain := range []int{0, 1} {
-			cd := &crashDisk{name: fmt.Sprintf("%s-dom%d", k.name, domain), kind: k.name, format: k.format, qemu: k.qemu, guest: domain != 0}
-			var image string
-			image, cd.image = makeImage(t, bin, dir, cd.name, fmt.Sprintf("%s%d", ramPrefix, len(disks)), k)
-			fmt.Fprintf(&y, "  - {name: %s, image: %q, format: %s, domain: %d, device: xvd%c}\n", cd.name, image, k.format, domain, 'b'+i)
-			cd.seed = uint32(len(disks) + 1)
-			cd.j = newJournal(crashSize / crashBlock)
-			disks = append(disks, cd)
-		}
-	}
-	cfg := filepath.Join(dir, "disks.yaml")
-	if err := os.WriteFile(cfg, []byte(y.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	disks, cfg := makeCrashDisks(t, bin, dir)
 	names := make([]string, len(disks))
 	for i, cd := range disks {
 		names[i] = cd.name
@@ -126,6 +107,38 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 		}
 	}
 
+	finishCrashMatrix(t, d, disks, report, bin, qemuImg)
+}
+
+// makeCrashDisks creates the matrix's images in dir, every writable format
+// for domain 0 and for domain 1, and the desired-state file serving them.
+func makeCrashDisks(t *testing.T, bin, dir string) (disks []*crashDisk, cfg string) {
+	t.Helper()
+	ramPrefix := fmt.Sprintf("crashm-%d-", os.Getpid())
+	var y strings.Builder
+	y.WriteString("disks:\n")
+	for i, k := range crashKinds {
+		for _, domain := range []int{0, 1} {
+			cd := &crashDisk{name: fmt.Sprintf("%s-dom%d", k.name, domain), kind: k.name, format: k.format, qemu: k.qemu, guest: domain != 0}
+			var image string
+			image, cd.image = makeImage(t, bin, dir, cd.name, fmt.Sprintf("%s%d", ramPrefix, len(disks)), k)
+			fmt.Fprintf(&y, "  - {name: %s, image: %q, format: %s, domain: %d, device: xvd%c}\n", cd.name, image, k.format, domain, 'b'+i)
+			cd.seed = uint32(len(disks) + 1)
+			cd.j = newJournal(crashSize / crashBlock)
+			disks = append(disks, cd)
+		}
+	}
+	cfg = filepath.Join(dir, "disks.yaml")
+	if err := os.WriteFile(cfg, []byte(y.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return disks, cfg
+}
+
+// finishCrashMatrix shuts the daemon down, checks every image at rest and
+// logs the tallies.
+func finishCrashMatrix(t *testing.T, d *daemon, disks []*crashDisk, report []string, bin, qemuImg string) {
+	t.Helper()
 	// Images checked at rest, after a clean shutdown.
 	for _, cd := range disks {
 		cd.img.Close()
