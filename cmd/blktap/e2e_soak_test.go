@@ -226,11 +226,9 @@ func (s *soak) startLoads(fio string) {
 	}
 }
 
-// killWorkers SIGKILLs one worker of the daemon's, chosen at random among
-// its child processes in /proc, every killEvery.
-func (s *soak) killWorkers(stop <-chan struct{}) {
-	rng := rand.New(rand.NewPCG(16, 8))
-	tick := time.NewTicker(s.killEvery)
+// every calls f every d until stop is closed.
+func every(stop <-chan struct{}, d time.Duration, f func()) {
+	tick := time.NewTicker(d)
 	defer tick.Stop()
 	for {
 		select {
@@ -238,55 +236,51 @@ func (s *soak) killWorkers(stop <-chan struct{}) {
 			return
 		case <-tick.C:
 		}
+		f()
+	}
+}
+
+// killWorkers SIGKILLs one worker of the daemon's, chosen at random among
+// its child processes in /proc, every killEvery.
+func (s *soak) killWorkers(stop <-chan struct{}) {
+	rng := rand.New(rand.NewPCG(16, 8))
+	every(stop, s.killEvery, func() {
 		kids := childrenOf(s.d.cmd.Process.Pid)
 		if len(kids) == 0 {
-			continue
+			return
 		}
 		if syscall.Kill(kids[rng.IntN(len(kids))], syscall.SIGKILL) == nil {
 			s.mu.Lock()
 			s.kills++
 			s.mu.Unlock()
 		}
-	}
+	})
 }
 
 // churn rewrites the file every churnEvery: two steps of three swap which
 // extras it declares, the third rewrites it unchanged (a rewrite that
 // must change nothing).
 func (s *soak) churn(stop <-chan struct{}) {
-	tick := time.NewTicker(s.churnEvery)
-	defer tick.Stop()
-	for n := 1; ; n++ {
-		select {
-		case <-stop:
-			return
-		case <-tick.C:
-		}
-		if n%3 != 0 {
+	n := 0
+	every(stop, s.churnEvery, func() {
+		if n++; n%3 != 0 {
 			s.mu.Lock()
 			s.churns++
 			s.mu.Unlock()
 		}
 		s.writeConfig(true)
-	}
+	})
 }
 
 func (s *soak) sampleEvery(stop <-chan struct{}) {
 	began := time.Now()
-	tick := time.NewTicker(10 * time.Second)
-	defer tick.Stop()
-	for {
-		select {
-		case <-stop:
-			return
-		case <-tick.C:
-		}
+	every(stop, 10*time.Second, func() {
 		smp := s.sample()
 		smp.at = time.Since(began)
 		s.mu.Lock()
 		s.samples = append(s.samples, smp)
 		s.mu.Unlock()
-	}
+	})
 }
 
 func (s *soak) sample() soakSample {
