@@ -13,6 +13,17 @@
 # `blktap detach`. It prints p50/p99/max per command and fio's throughput
 # during it, and writes them to $RESULTS.
 #
+# Whole commands pay their process start, 200-450 ms at p99 on a busy
+# shared machine, so beside them it reports the daemon's part alone:
+#   api ping rtt, api stats rtt   the HTTP round trip over the control
+#       socket as curl times it (%{time_total}: connect to last byte, curl's
+#       own start excluded); stats is what `ls` asks the daemon, ping is the
+#       API with no worker behind it
+#   attach (daemon), detach (daemon)   from the daemon's log: its first
+#       action on the new device (start-worker; frontend-close) to "disk
+#       connected" (the worker's "image closed"); the xenstore watch that
+#       wakes it is not included
+#
 # It measures, it does not judge: exit 0 even when 200 ms is missed;
 # non-zero when the daemon or fio fails, or a command fails.
 #
@@ -130,6 +141,11 @@ timed() { # name cmd...: run it, record its wall time; a failure fails the bench
 	t1=$(now_ns)
 	printf '%s\t%s\n' "$name" "$(((t1 - t0) / 1000))" >>"$TIMES"
 }
+rtt() { # name url: curl's own time for the round trip over the control socket
+	local name=$1 s
+	s=$(curl -sf -o /dev/null -w '%{time_total}' --unix-socket "$W/st/blktap.sock" "$2") || die "$name failed"
+	printf '%s\t%s\n' "$name" "$(awk -v s="$s" 'BEGIN { printf "%d", s * 1000000 }')" >>"$TIMES"
+}
 T0=$(date +%s.%N)
 for ((r = 1; r <= REPS; r++)); do
 	# The floor: starting the binary at all on a machine this busy.
@@ -138,6 +154,8 @@ for ((r = 1; r <= REPS; r++)); do
 	# worker's counters over the API socket (what ls asks for).
 	if command -v curl >/dev/null; then
 		timed "api stats" curl -sf --unix-socket "$W/st/blktap.sock" http://blktap/v1/stats
+		rtt "api stats rtt" http://blktap/v1/stats
+		rtt "api ping rtt" http://blktap/v1/ping
 	fi
 	timed ls "$BLKTAP" ls --state-dir "$W/st"
 	timed "ls --json" "$BLKTAP" ls --json --state-dir "$W/st"
@@ -151,6 +169,29 @@ for p in "${FIOS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
 for p in "${FIOS[@]}"; do wait "$p" || true; done
 FIOS=()
 
+# The daemon's own attach and detach times, from its log.
+python3 - "$W/daemon.log" >>"$TIMES" <<'EOF'
+import re, sys
+from datetime import datetime
+dev = "device=vbd3/0/%d" % (1 << 28 | 25 << 8)  # xvdz: disk 25, the extended numbering
+def when(line):
+    return datetime.fromisoformat(re.search(r"time=(\S+)", line).group(1).replace("Z", "+00:00"))
+began = name = None
+for line in open(sys.argv[1]):
+    words = line.split()
+    if dev in words and "action=start-worker" in words and name is None:
+        began = when(line)
+    elif began and name is None and dev in words and 'msg="disk connected"' in line:
+        name = re.search(r"disk=(\S+)", line).group(1)
+        print("attach (daemon)\t%d" % ((when(line) - began).total_seconds() * 1e6))
+        began = None
+    elif name and dev in words and "action=frontend-close" in words:
+        began = when(line)
+    elif name and began and "disk=" + name in words and 'msg="worker: image closed"' in line:
+        print("detach (daemon)\t%d" % ((when(line) - began).total_seconds() * 1e6))
+        began = name = None
+EOF
+
 python3 - "$RESULTS" "$DISKS" <<'EOF' | tee "$RESULTS/table.txt"
 import json, sys, collections
 res, disks = sys.argv[1], int(sys.argv[2])
@@ -161,9 +202,9 @@ for line in open(res + "/times.tsv").read().splitlines()[1:]:
 def pct(v, p):
     v = sorted(v)
     return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
-print(f"{'command':<10} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
+print(f"{'command':<16} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
 for name, v in ms.items():
-    print(f"{name:<10} {len(v):>4} {pct(v, 50):>8.1f} {pct(v, 99):>8.1f} {max(v):>8.1f}")
+    print(f"{name:<16} {len(v):>4} {pct(v, 50):>8.1f} {pct(v, 99):>8.1f} {max(v):>8.1f}")
 rd = wr = iops = 0.0
 errs = 0
 for i in range(disks):

@@ -59,40 +59,60 @@ func ParseVdev(s string) (uint32, error) {
 		}
 	}
 	rest := s[len(prefix):]
-	var disk, part uint64
+	var devid uint32
+	var why string
 	switch prefix {
 	case "":
 		return bad("unknown prefix (xvd, sd, hd or d)")
 	case "d":
-		i := strings.IndexByte(rest, 'p')
-		ds, ps := rest, ""
-		if i >= 0 {
-			ds, ps = rest[:i], rest[i+1:]
-			if ps == "" {
-				return bad("no partition number after p")
-			}
-		}
-		var err error
-		if disk, err = decimal(ds, maxExtDisk); err != nil {
-			return bad("disk number " + err.Error())
-		}
-		if ps != "" {
-			if part, err = decimal(ps, maxExtPart); err != nil || part == 0 {
-				return bad("partition number must be 1.." + strconv.Itoa(maxExtPart))
-			}
-		}
-		return xvd(disk, part), nil
+		devid, why = numberedVdev(rest)
+	default:
+		devid, why = letteredVdev(prefix, rest)
 	}
+	if why != "" {
+		return bad(why)
+	}
+	return devid, nil
+}
+
+// numberedVdev reads what follows "d" in d<D>[p<P>]; why says what is
+// wrong with it, "" when nothing is.
+func numberedVdev(rest string) (devid uint32, why string) {
+	i := strings.IndexByte(rest, 'p')
+	ds, ps := rest, ""
+	if i >= 0 {
+		ds, ps = rest[:i], rest[i+1:]
+		if ps == "" {
+			return 0, "no partition number after p"
+		}
+	}
+	disk, err := decimal(ds, maxExtDisk)
+	if err != nil {
+		return 0, "disk number " + err.Error()
+	}
+	var part uint64
+	if ps != "" {
+		if part, err = decimal(ps, maxExtPart); err != nil || part == 0 {
+			return 0, "partition number must be 1.." + strconv.Itoa(maxExtPart)
+		}
+	}
+	return xvd(disk, part), ""
+}
+
+// letteredVdev reads what follows prefix (xvd, sd or hd): disk letters
+// and an optional partition number; why says what is wrong with it.
+func letteredVdev(prefix, rest string) (devid uint32, why string) {
 	i := 0
 	for i < len(rest) && rest[i] >= 'a' && rest[i] <= 'z' {
 		i++
 	}
 	if i == 0 {
-		return bad("no disk letter after " + prefix)
+		return 0, "no disk letter after " + prefix
 	}
 	if i > maxLetterRuns {
-		return bad("disk letters too long")
+		return 0, "disk letters too long"
 	}
+	var disk, part uint64
 	for _, c := range rest[:i] {
 		disk = disk*26 + uint64(c-'a') + 1
 	}
@@ -100,28 +120,28 @@ func ParseVdev(s string) (uint32, error) {
 	if ps := rest[i:]; ps != "" {
 		var err error
 		if part, err = decimal(ps, 1<<20); err != nil || part == 0 {
-			return bad("partition must be a number from 1")
+			return 0, "partition must be a number from 1"
 		}
 	}
 	switch prefix {
 	case "xvd":
 		if disk > maxExtDisk || part > maxExtPart {
-			return bad(fmt.Sprintf("xvd disks go up to %d and partitions to %d", maxExtDisk, maxExtPart))
+			return 0, fmt.Sprintf("xvd disks go up to %d and partitions to %d", maxExtDisk, maxExtPart)
 		}
-		return xvd(disk, part), nil
+		return xvd(disk, part), ""
 	case "sd":
 		if disk > 15 || part > 15 {
-			return bad("sd disks are sda..sdp with partitions 1..15")
+			return 0, "sd disks are sda..sdp with partitions 1..15"
 		}
-		return sdMajor<<8 | uint32(disk)<<4 | uint32(part), nil
+		return sdMajor<<8 | uint32(disk)<<4 | uint32(part), ""
 	default: // hd
 		if disk > 3 || part > 63 {
-			return bad("hd disks are hda..hdd with partitions 1..63")
+			return 0, "hd disks are hda..hdd with partitions 1..63"
 		}
 		if disk < 2 {
-			return hdMajor01<<8 | uint32(disk)<<6 | uint32(part), nil
+			return hdMajor01<<8 | uint32(disk)<<6 | uint32(part), ""
 		}
-		return hdMajor23<<8 | uint32(disk-2)<<6 | uint32(part), nil
+		return hdMajor23<<8 | uint32(disk-2)<<6 | uint32(part), ""
 	}
 }
 

@@ -36,52 +36,7 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 	rounds := crashtest.Rounds(1)
 	bin := buildBinary(t)
 	dir := t.TempDir()
-	ramPrefix := fmt.Sprintf("crashm-%d-", os.Getpid())
-
-	kinds := []struct {
-		name, format, qemu string
-		parent             string // format of the parent image, "" none
-	}{
-		{"raw", "raw", "raw", ""},
-		{"qcow", "qcow", "qcow", ""},
-		{"qcow2", "qcow2", "qcow2", ""},
-		{"qcow2-overlay", "qcow2", "qcow2", "raw"},
-		{"vhd-dynamic", "vhd", "vpc", ""},
-		{"vhd-differencing", "vhd", "vpc", "vhd"},
-		{"vmdk", "vmdk", "vmdk", ""},
-		{"ram", "ram", "", ""},
-	}
-	var disks []*crashDisk
-	var y strings.Builder
-	y.WriteString("disks:\n")
-	for i, k := range kinds {
-		for _, domain := range []int{0, 1} {
-			cd := &crashDisk{name: fmt.Sprintf("%s-dom%d", k.name, domain), kind: k.name, format: k.format, qemu: k.qemu, guest: domain != 0}
-			image := fmt.Sprintf("%s%d?size=%d", ramPrefix, len(disks), crashSize)
-			if k.format == "ram" {
-				name := strings.TrimSuffix(image, fmt.Sprintf("?size=%d", crashSize))
-				t.Cleanup(func() { os.Remove("/dev/shm/blktap-ram-" + name) })
-			} else {
-				image = filepath.Join(dir, cd.name+"."+k.format)
-				args := []string{"image", "create", "-f", k.format}
-				if k.parent != "" {
-					parent := filepath.Join(dir, cd.name+"-base."+k.parent)
-					runTool(t, bin, "image", "create", "-f", k.parent, parent, fmt.Sprint(crashSize))
-					args = append(args, "-b", filepath.Base(parent), "-F", k.parent)
-				}
-				runTool(t, bin, append(args, image, fmt.Sprint(crashSize))...)
-				cd.image = image
-			}
-			fmt.Fprintf(&y, "  - {name: %s, image: %q, format: %s, domain: %d, device: xvd%c}\n", cd.name, image, k.format, domain, 'b'+i)
-			cd.seed = uint32(len(disks) + 1)
-			cd.j = newJournal(crashSize / crashBlock)
-			disks = append(disks, cd)
-		}
-	}
-	cfg := filepath.Join(dir, "disks.yaml")
-	if err := os.WriteFile(cfg, []byte(y.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	disks, cfg := makeCrashDisks(t, bin, dir)
 	names := make([]string, len(disks))
 	for i, cd := range disks {
 		names[i] = cd.name
@@ -152,6 +107,38 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 		}
 	}
 
+	finishCrashMatrix(t, d, disks, report, bin, qemuImg)
+}
+
+// makeCrashDisks creates the matrix's images in dir, every writable format
+// for domain 0 and for domain 1, and the desired-state file serving them.
+func makeCrashDisks(t *testing.T, bin, dir string) (disks []*crashDisk, cfg string) {
+	t.Helper()
+	ramPrefix := fmt.Sprintf("crashm-%d-", os.Getpid())
+	var y strings.Builder
+	y.WriteString("disks:\n")
+	for i, k := range crashKinds {
+		for _, domain := range []int{0, 1} {
+			cd := &crashDisk{name: fmt.Sprintf("%s-dom%d", k.name, domain), kind: k.name, format: k.format, qemu: k.qemu, guest: domain != 0}
+			var image string
+			image, cd.image = makeImage(t, bin, dir, cd.name, fmt.Sprintf("%s%d", ramPrefix, len(disks)), k)
+			fmt.Fprintf(&y, "  - {name: %s, image: %q, format: %s, domain: %d, device: xvd%c}\n", cd.name, image, k.format, domain, 'b'+i)
+			cd.seed = uint32(len(disks) + 1)
+			cd.j = newJournal(crashSize / crashBlock)
+			disks = append(disks, cd)
+		}
+	}
+	cfg = filepath.Join(dir, "disks.yaml")
+	if err := os.WriteFile(cfg, []byte(y.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return disks, cfg
+}
+
+// finishCrashMatrix shuts the daemon down, checks every image at rest and
+// logs the tallies.
+func finishCrashMatrix(t *testing.T, d *daemon, disks []*crashDisk, report []string, bin, qemuImg string) {
+	t.Helper()
 	// Images checked at rest, after a clean shutdown.
 	for _, cd := range disks {
 		cd.img.Close()
@@ -189,6 +176,46 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 	}
 }
 
+// imageKind is one writable format as the crash tests serve it.
+type imageKind struct {
+	name, format string
+	qemu         string // qemu-img's name for the format, "" for ram
+	parent       string // format of the parent image, "" none
+}
+
+// crashKinds is every writable format, overlays on both kinds of parent
+// included.
+var crashKinds = []imageKind{
+	{"raw", "raw", "raw", ""},
+	{"qcow", "qcow", "qcow", ""},
+	{"qcow2", "qcow2", "qcow2", ""},
+	{"qcow2-overlay", "qcow2", "qcow2", "raw"},
+	{"vhd-dynamic", "vhd", "vpc", ""},
+	{"vhd-differencing", "vhd", "vpc", "vhd"},
+	{"vmdk", "vmdk", "vmdk", ""},
+	{"ram", "ram", "", ""},
+}
+
+// makeImage creates the crashSize image of disk name, of kind k, in dir
+// (its parent too) and returns the YAML's image value and the file, ""
+// for a ram disk, which is ramName in /dev/shm, removed when the test ends.
+func makeImage(t *testing.T, bin, dir, name, ramName string, k imageKind) (image, file string) {
+	t.Helper()
+	if k.format == "ram" {
+		t.Cleanup(func() { os.Remove("/dev/shm/blktap-ram-" + ramName) })
+		return fmt.Sprintf("%s?size=%d", ramName, crashSize), ""
+	}
+	file = filepath.Join(dir, name+"."+k.format)
+	args := []string{"image", "create", "-f", k.format}
+	if k.parent != "" {
+		parent := filepath.Join(dir, name+"-base."+k.parent)
+		runTool(t, bin, "image", "create", "-f", k.parent, parent, fmt.Sprint(crashSize))
+		args = append(args, "-b", filepath.Base(parent), "-F", k.parent)
+	}
+	runTool(t, bin, append(args, file, fmt.Sprint(crashSize))...)
+	return file, file
+}
+
 const (
 	crashSize  = 8 << 20
 	crashBlock = 4096
@@ -204,7 +231,8 @@ type crashDisk struct {
 	img                      *nbd.Image
 	j                        *journal
 	cells                    map[string]cell
-	leaks                    int // clusters image check found leaked at the end
+	leaks                    int           // clusters image check found leaked at the end
+	pace                     time.Duration // pause between writes; 0 writes flat out
 
 	quit chan struct{}
 	done chan struct{}
@@ -290,7 +318,7 @@ func (cd *crashDisk) write(rng *rand.Rand) {
 		select {
 		case <-cd.quit:
 			return
-		default:
+		case <-time.After(cd.pace):
 		}
 		b := rng.IntN(blocks)
 		j.mu.Lock()
