@@ -85,13 +85,6 @@ type device struct {
 
 func (d *Daemon) reconcile(ctx context.Context, k Key) {
 	log := d.log.With("device", k.String())
-	defer func() {
-		// A bug in one device's reconcile must not take the daemon down.
-		if r := recover(); r != nil {
-			log.Error("reconcile panicked", "panic", r)
-			d.q.AddAfter(k, 5*time.Second)
-		}
-	}()
 	d.mu.Lock()
 	dev := d.devices[k]
 	if dev == nil {
@@ -99,119 +92,112 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		d.devices[k] = dev
 	}
 	d.mu.Unlock()
+	defer func() {
+		// A bug in one device's reconcile must not take the daemon down.
+		if r := recover(); r != nil {
+			log.Error("reconcile panicked", "panic", r)
+			d.retryFailed(ctx, dev, &stepError{err: retryIn(5 * time.Second)}, log)
+		}
+	}()
+	for range maxRounds {
+		done, err := d.reconcileRound(ctx, dev, log)
+		if err != nil {
+			d.retryFailed(ctx, dev, err, log)
+			return
+		}
+		if done {
+			return
+		}
+	}
+	// Still moving: the rest waits for a later pass, so that one device
+	// cannot keep a queue worker from the others.
+	d.retryFailed(ctx, dev, &stepError{err: retryIn(time.Second)}, log)
+}
 
-	for round := 0; round < 16; round++ {
-		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		snap, err := d.observe(sctx, dev)
+// maxRounds bounds the observe-plan-apply rounds of one reconcile pass.
+const maxRounds = 16
+
+// reconcileRound observes the device, plans and applies the plan. done:
+// nothing is left to do in this pass. A failed step comes back as a
+// *stepError for retryFailed.
+func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logger) (done bool, err error) {
+	k := dev.key
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	snap, err := d.observe(sctx, dev)
+	cancel()
+	if err != nil {
+		return true, &stepError{step: stepObserve, err: err}
+	}
+	if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) && dev.proc == nil && dev.lf == nil {
+		// Kernel blkback's disk, not ours: no worker, no status.
+		d.forget(dev)
+		return true, nil
+	}
+	d.foldObservation(ctx, dev, snap, log)
+	if fixed, err := d.resetOrphanRing(ctx, dev, snap, log); err != nil {
+		log.Warn("reset ring", "err", err)
+	} else if fixed {
+		return false, nil // observe again
+	}
+	acts := Plan(snap.Observed, dev.actual())
+	if len(acts) == 0 {
+		return true, d.converged(ctx, dev, snap, log)
+	}
+	for _, a := range acts {
+		log.Info("apply", "action", a.Kind.String(), "reason", a.Reason)
+		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := d.apply(actx, dev, snap, a, log)
 		cancel()
 		if err != nil {
-			log.Warn("observe", "err", err)
-			d.q.AddAfter(k, dev.bo.NextBackOff())
-			return
+			return true, &stepError{step: a.Kind.String(), action: true, snap: &snap, err: err}
 		}
-		if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) {
-			// Kernel blkback's disk, not ours: no worker, no status.
-			if dev.proc == nil && dev.lf == nil {
-				d.forget(dev)
-				return
-			}
-		}
-		if snap.name != "" {
-			dev.name = snap.name
-		}
-		if dev.name == "" {
-			dev.name = fmt.Sprintf("d%d-%d", k.Domid, k.Devid)
-		}
-		d.noticeExit(dev, log)
-		noticeFrontendGaveUp(dev, log)
-		if dev.failed != "" && dev.failedParams != snap.Params {
-			dev.failed, dev.failedParams = "", "" // params changed: try again
-		}
-		if d.takeRetry(k) {
-			dev.failed, dev.failedParams = "", ""
-		}
-		if dev.adopted != nil {
-			d.checkAdopted(ctx, dev, snap, log)
-		}
-		if fixed, err := d.resetOrphanRing(ctx, dev, snap, log); err != nil {
-			log.Warn("reset ring", "err", err)
-		} else if fixed {
-			continue // observe again
-		}
-		acts := Plan(snap.Observed, dev.actual())
-		if len(acts) == 0 {
-			d.applyQoS(ctx, dev, log)
-			if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
-				dev.lastErr = err.Error()
-				d.writeStatus(ctx, dev, snap)
-				d.q.AddAfter(k, dev.bo.NextBackOff())
-				return
-			}
-			d.writeStatus(ctx, dev, snap)
-			if !snap.Present {
-				d.forget(dev)
-			}
-			d.noticeStuck(ctx, dev, snap, log)
-			dev.bo.Reset()
-			return
-		}
-		for _, a := range acts {
-			log.Info("apply", "action", a.Kind.String(), "reason", a.Reason)
-			actx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			err := d.apply(actx, dev, snap, a, log)
-			cancel()
-			if err == nil {
-				continue
-			}
-			var retry *retryAt
-			switch {
-			case errors.As(err, &retry):
-				d.writeStatus(ctx, dev, snap)
-				d.q.AddAfter(k, time.Until(retry.t))
-			case isTerminal(err):
-				log.Error("terminal: not retrying until the device's params change", "action", a.Kind.String(), "err", err)
-				dev.failed, dev.failedParams = err.Error(), snap.Params
-				d.writeStatus(ctx, dev, snap)
-				if snap.awaitsHotplug() {
-					d.q.Add(k) // Plan still owes the toolstack its InitWait
-				}
-			default:
-				dev.lastErr = err.Error()
-				wait := dev.bo.NextBackOff()
-				log.Warn("retrying", "action", a.Kind.String(), "err", err, "in", wait)
-				d.writeStatus(ctx, dev, snap)
-				d.q.AddAfter(k, wait)
-			}
-			return
-		}
-		dev.lastErr = ""
 	}
-	d.q.AddAfter(k, time.Second)
+	dev.lastErr = ""
+	return false, nil
+}
+
+// foldObservation brings what the daemon holds for the device up to date
+// with a new observation and with what happened since the last one (a
+// worker or local frontend that stopped, a retry asked for).
+func (d *Daemon) foldObservation(ctx context.Context, dev *device, snap snapshot, log *slog.Logger) {
+	if snap.name != "" {
+		dev.name = snap.name
+	}
+	if dev.name == "" {
+		dev.name = fmt.Sprintf("d%d-%d", dev.key.Domid, dev.key.Devid)
+	}
+	d.noticeExit(dev, log)
+	noticeFrontendGaveUp(dev, log)
+	if dev.failed != "" && dev.failedParams != snap.Params {
+		dev.failed, dev.failedParams = "", "" // params changed: try again
+	}
+	if d.takeRetry(dev.key) {
+		dev.failed, dev.failedParams = "", ""
+	}
+	if dev.adopted != nil {
+		d.checkAdopted(ctx, dev, snap, log)
+	}
+}
+
+// converged finishes a pass whose plan is empty: the live settings, the
+// kernel device, the status.
+func (d *Daemon) converged(ctx context.Context, dev *device, snap snapshot, log *slog.Logger) error {
+	d.applyQoS(ctx, dev, log)
+	if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
+		return &stepError{step: stepKernelDevice, snap: &snap, err: err}
+	}
+	d.writeStatus(ctx, dev, snap)
+	if !snap.Present {
+		d.forget(dev)
+	}
+	d.noticeStuck(ctx, dev, snap, log)
+	dev.bo.Reset()
+	return nil
 }
 
 // stableAfter is how long a worker must run before its crash counts as a
 // fresh one for the restart backoff.
 const stableAfter = time.Minute
-
-type retryAt struct{ t time.Time }
-
-func (r *retryAt) Error() string { return "retry at " + r.t.Format(time.RFC3339) }
-
-type terminalError struct{ err error }
-
-func (e *terminalError) Error() string { return e.err.Error() }
-func (e *terminalError) Unwrap() error { return e.err }
-
-func terminal(err error) error { return &terminalError{err} }
-
-func isTerminal(err error) bool {
-	var t *terminalError
-	if errors.As(err, &t) {
-		return true
-	}
-	var we *worker.Error
-	return errors.As(err, &we) && we.Terminal()
-}
 
 func (dev *device) actual() Actual {
 	return Actual{
@@ -286,9 +272,7 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 		dev.lastErr = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
 		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
 	}
-	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
-	d.setProc(dev.key, nil)
-	os.Remove(d.adoptPath(dev.key))
+	d.dropWorker(dev, false)
 }
 
 // noticeFrontendGaveUp turns a local frontend that stopped on its own (it
@@ -328,411 +312,6 @@ func (d *Daemon) forget(dev *device) {
 	d.mu.Lock()
 	delete(d.devices, dev.key)
 	d.mu.Unlock()
-}
-
-func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, log *slog.Logger) error {
-	be := d.backendPath(dev.key)
-	switch a.Kind {
-	case ActStartWorker:
-		return d.startWorker(ctx, dev, s, log)
-
-	case ActServeExport:
-		if dev.export == nil {
-			ln, uri, err := d.listenExport(dev)
-			if err != nil {
-				return terminal(fmt.Errorf("export: %w", err))
-			}
-			dev.export, dev.exportURI = ln, uri
-		}
-		f, err := listenerFile(dev.export)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		req := worker.Request{Op: worker.OpServeNBD, Name: dev.name}
-		if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
-			req.TLSCert, req.TLSKey, req.TLSCA = disk.Export.TLSCert, disk.Export.TLSKey, disk.Export.TLSCA
-		}
-		if _, err := dev.proc.Call(ctx, req, int(f.Fd())); err != nil {
-			return err
-		}
-		dev.exportServed = true
-		log.Info("export ready", "uri", dev.exportURI)
-		if dev.readOnly && !s.Cdrom {
-			// libxl refuses to build an HVM guest's device model
-			// around a read-only emulated hard disk that has a local
-			// path ("qemu-xen doesn't support read-only IDE disk
-			// drivers"); without one the disk is PV-only.
-			return nil
-		}
-		return d.publishDevicePath(ctx, dev.key, be, dev.export)
-
-	case ActBackendInitWait:
-		ro := s.Mode == "r" || s.Mode == "ro"
-		err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, be); err != nil {
-				return err
-			}
-			if dev.feFatal != "" {
-				// The frontend starts over: its last fatal error is history.
-				if err := tx.Rm(ctx, d.errorNode(dev.key)); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
-					return err
-				}
-			}
-			// Transport limits first (WIRE.md section 2: what blkback
-			// publishes at probe), then InitWait.
-			probe, _ := worker.RingOptions(ro).Features()
-			probe = append(probe,
-				[2]string{"multi-queue-max-queues", strconv.Itoa(maxQueues())},
-				[2]string{"state", strconv.Itoa(int(StateInitWait))})
-			for _, kv := range probe {
-				if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err == nil {
-			dev.feFatal = ""
-		}
-		return err
-
-	case ActDom0Connect:
-		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, be); err != nil {
-				return err
-			}
-			// The block-tap hotplug script's keys: tapback waits for them.
-			// Where a hotplug script ran it wrote them already, and its
-			// physical-device-path (block-tap's tap-ctl link to the same
-			// export) stands.
-			kv := append([][2]string{{"hotplug-status", "connected"}}, diskKeys(dev, s)...)
-			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateConnected))})
-			for _, e := range kv {
-				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
-					return err
-				}
-			}
-			if s.FrontendPresent {
-				return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
-			}
-			return nil
-		})
-
-	case ActFrontendInit:
-		f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64, MaxIndirectSegments: 256})
-		if err != nil {
-			return err
-		}
-		port := d.allocPort()
-		refs := f.RingRefs()
-		err = d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, s.fePath); err != nil {
-				return err
-			}
-			kv := [][2]string{
-				{"event-channel", strconv.FormatUint(uint64(port), 10)},
-				{"protocol", f.Protocol().String()},
-			}
-			if len(refs) == 1 {
-				kv = append(kv, [2]string{"ring-ref", strconv.FormatUint(uint64(refs[0]), 10)})
-			} else {
-				order := 0
-				for 1<<order < len(refs) {
-					order++
-				}
-				kv = append(kv, [2]string{"ring-page-order", strconv.Itoa(order)})
-				for i, r := range refs {
-					kv = append(kv, [2]string{fmt.Sprintf("ring-ref%d", i), strconv.FormatUint(uint64(r), 10)})
-				}
-			}
-			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateInitialised))})
-			for _, e := range kv {
-				if err := tx.Write(ctx, s.fePath+"/"+e[0], e[1]); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			f.Close()
-			return err
-		}
-		dev.lf, dev.lfPort = f, port
-		k := dev.key
-		go func() {
-			<-f.Done()
-			d.q.Add(k) // it may have given up on its own: look
-		}()
-		return nil
-
-	case ActFrontendFatal:
-		return d.frontendFatal(ctx, dev, "frontend: "+s.FrontendError, log)
-
-	case ActConnectRing:
-		if !dev.ring {
-			if err := d.connectRing(ctx, dev, s); err != nil {
-				return err
-			}
-		}
-		if !s.LocalFrontend {
-			// A real guest's disk is back once its ring is (a local
-			// one's once its guest view is, at frontend-connect).
-			dev.ringLost = ""
-		}
-		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, be); err != nil {
-				return err
-			}
-			kv := append(diskKeys(dev, s), [2]string{"state", strconv.Itoa(int(StateConnected))})
-			for _, e := range kv {
-				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-
-	case ActFrontendConnect:
-		if dev.lf == nil {
-			return fmt.Errorf("local frontend missing")
-		}
-		sectors, ss := s.beSectors, s.beSectorSize
-		if ss == 0 {
-			ss = blkif.SectorSize
-		}
-		// A blkfront reads the backend's features before it connects.
-		if err := dev.lf.SetFeatures(frontend.Features{
-			Discard:             s.beDiscard,
-			MaxIndirectSegments: s.beMaxIndirect,
-		}); err != nil {
-			return err
-		}
-		if err := dev.lf.Connect(sectors, ss, s.beInfo&4 != 0); err != nil {
-			return err
-		}
-		if err := d.serveGuestView(dev, s.beInfo&4 != 0, log); err != nil {
-			return err
-		}
-		err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, s.fePath); err != nil {
-				return err
-			}
-			return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
-		})
-		if err == nil && dev.ringLost != "" {
-			log.Info("ring reconnected", "after", dev.ringLost)
-			dev.ringLost = ""
-		}
-		return err
-
-	case ActBackendClosing:
-		return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosing)))
-
-	case ActFrontendClose:
-		dev.closeKernelDevice(log)
-		dev.closeLocalFrontend(log)
-		if s.FrontendPresent {
-			return d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateClosed)))
-		}
-		return nil
-
-	case ActDisconnectRing:
-		if dev.ring && dev.proc != nil {
-			if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
-				return err
-			}
-		}
-		dev.ring = false
-		if dev.ringErr != "" {
-			// The ring it names is gone; what comes next is a new one,
-			// after a pause that lets the status say why (and grows if
-			// rings keep breaking).
-			dev.ringLost, dev.ringErr = dev.ringErr, ""
-			if time.Since(dev.feRestartedAt) > stableAfter {
-				dev.feRestartBo.Reset()
-			}
-			dev.feNotBefore = time.Now().Add(dev.feRestartBo.NextBackOff())
-		}
-		if s.Present {
-			return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosed)))
-		}
-		return nil
-
-	case ActFrontendRestart:
-		if t := dev.feNotBefore; time.Now().Before(t) {
-			return &retryAt{t}
-		}
-		if err := d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateInitialising))); err != nil {
-			return err
-		}
-		dev.feRestartedAt = time.Now()
-		log.Info("local frontend starting over", "after", dev.ringLost)
-		return nil
-
-	case ActStopWorker:
-		dev.stopping = true
-		err := dev.proc.Close(ctx)
-		<-dev.proc.Done()
-		os.Remove(d.adoptPath(dev.key))
-		dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
-		d.setProc(dev.key, nil)
-		if dev.export != nil {
-			dev.export.Close()
-			dev.export = nil
-		}
-		dev.ringErr, dev.ringLost = "", ""
-		return err
-	}
-	return fmt.Errorf("unknown action %v", a.Kind)
-}
-
-func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if t := dev.notBefore; time.Now().Before(t) {
-		return &retryAt{t}
-	}
-	if d.embedded == nil && !d.localFrontend {
-		if err := blkbackBound(dev.key); err != nil {
-			return terminal(err)
-		}
-	}
-	noMedium := s.Cdrom && emptyMedium(s.Params)
-	if strings.TrimSpace(s.Params) == "" && !noMedium {
-		// libxl 4.17's block-attach writes params after the rest of
-		// the backend directory: wait for it (its watch event requeues).
-		return errors.New("no params yet")
-	}
-	var format, path string
-	if !noMedium {
-		var err error
-		if format, path, err = ParseParams(s.Params); err != nil {
-			return terminal(err)
-		}
-		if format, err = formats.Normalize(format); err != nil {
-			return terminal(err)
-		}
-	}
-	if formats.IsFile(format) {
-		if !filepath.IsAbs(path) {
-			return terminal(fmt.Errorf("image path %q is not absolute", path))
-		}
-		if why := d.imageError(dev.key); why != "" {
-			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-				// The YAML asked for the image and making it failed:
-				// that is the reason to show, not "no such file".
-				return terminal(errors.New(why))
-			}
-		}
-	}
-	if err := d.checkSource(format, path); err != nil {
-		return terminal(err)
-	}
-	readOnly := false
-	switch s.Mode {
-	case "r", "ro":
-		readOnly = true
-	case "w", "rw", "":
-	default:
-		return terminal(fmt.Errorf("mode %q: want r or w", s.Mode))
-	}
-	readOnly = readOnly || noMedium
-	// The worker gets a socket of its own on which a restarted daemon
-	// adopts it; the path is the device's, under STATE/workers.
-	adoptPath := d.adoptPath(dev.key)
-	os.Remove(adoptPath)
-	if err := os.MkdirAll(filepath.Dir(adoptPath), 0o700); err != nil {
-		return err
-	}
-	aln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: adoptPath, Net: "unixpacket"})
-	if err != nil {
-		return fmt.Errorf("adopt socket: %w", err)
-	}
-	aln.SetUnlinkOnClose(false)
-	af, err := aln.File()
-	aln.Close()
-	if err != nil {
-		return err
-	}
-	p, err := worker.StartAdoptable(d.opts.Exe, []string{"__worker", "--name", dev.name, "--adopt"}, d.opts.WorkerStderr, af)
-	af.Close()
-	if err != nil {
-		os.Remove(adoptPath)
-		return err
-	}
-	allow, err := d.allowDirs(ctx, dev.key, path)
-	if err != nil {
-		p.Kill()
-		return err
-	}
-	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: format, Path: path, ReadOnly: readOnly, AllowDirs: allow})
-	if err != nil {
-		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		p.Close(cctx)
-		cancel()
-		return err
-	}
-	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
-	dev.qos = config.QoS{} // a new worker starts unlimited
-	dev.startedAt = time.Now()
-	d.setPaused(dev.key, false)
-	d.setProc(dev.key, p)
-	dev.ringErr = ""
-	k := dev.key
-	go func() {
-		<-p.Done()
-		d.q.Add(k)
-	}()
-	log.Info("worker started", "pid", p.Pid(), "format", format, "path", path, "size", rep.Size)
-	return nil
-}
-
-func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
-	if !s.LocalFrontend {
-		// A real guest on Xen: the worker maps its grants itself, one
-		// ring per queue.
-		queues := s.queues
-		if len(queues) == 0 {
-			queues = []queueRing{{refs: s.ringRefs, evtchn: s.eventChannel}}
-		}
-		for i, q := range queues {
-			_, err := dev.proc.Call(ctx, worker.Request{
-				Op: worker.OpConnect, Transport: "xen", Protocol: s.protocol, Queue: i,
-				RingRefs: q.refs, RingOrder: s.ringOrder, Domid: dev.key.Domid,
-				EventChannel: q.evtchn, Persistent: s.fePersistent,
-			})
-			if err != nil {
-				if i > 0 {
-					dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect})
-				}
-				return err
-			}
-		}
-		dev.ring = true
-		return nil
-	}
-	if len(s.queues) > 0 {
-		return terminal(fmt.Errorf("the local frontend serves one queue, the frontend asks for %d", len(s.queues)))
-	}
-	if dev.lf == nil || s.eventChannel != dev.lfPort {
-		return fmt.Errorf("event channel %d is not bound to this device's local frontend", s.eventChannel)
-	}
-	want := dev.lf.RingRefs()
-	if fmt.Sprint(want) != fmt.Sprint(s.ringRefs) {
-		return terminal(fmt.Errorf("frontend ring refs %v were not granted by the local frontend (%v)", s.ringRefs, want))
-	}
-	mem, kick, notify := dev.lf.BackendFDs()
-	_, err := dev.proc.Call(ctx, worker.Request{
-		Op:        worker.OpConnect,
-		Transport: "local",
-		Protocol:  s.protocol,
-		RingRefs:  s.ringRefs,
-		RingOrder: s.ringOrder,
-	}, mem, kick, notify)
-	if err != nil {
-		return err
-	}
-	dev.ring = true
-	return nil
 }
 
 // info bits (blkif.h).
