@@ -16,7 +16,6 @@ import (
 	"github.com/cenkalti/backoff/v4"
 
 	"github.com/blktap-go/blktap/config"
-	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/frontend"
 	"github.com/blktap-go/blktap/tapengine/nbd"
@@ -96,52 +95,57 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		// A bug in one device's reconcile must not take the daemon down.
 		if r := recover(); r != nil {
 			log.Error("reconcile panicked", "panic", r)
-			d.retryFailed(ctx, dev, &stepError{err: retryIn(5 * time.Second)}, log)
+			d.endPass(ctx, dev, nil, retryIn(5*time.Second), log)
 		}
 	}()
 	for range maxRounds {
-		done, err := d.reconcileRound(ctx, dev, log)
-		if err != nil {
-			d.retryFailed(ctx, dev, err, log)
-			return
+		snap, done, err := d.reconcileRound(ctx, dev, log)
+		if !done {
+			continue
 		}
-		if done {
-			return
+		d.endPass(ctx, dev, snap, err, log)
+		if err == nil && snap != nil {
+			d.settled(ctx, dev, *snap, log)
 		}
+		return
 	}
 	// Still moving: the rest waits for a later pass, so that one device
 	// cannot keep a queue worker from the others.
-	d.retryFailed(ctx, dev, &stepError{err: retryIn(time.Second)}, log)
+	d.endPass(ctx, dev, nil, retryIn(time.Second), log)
 }
 
 // maxRounds bounds the observe-plan-apply rounds of one reconcile pass.
 const maxRounds = 16
 
 // reconcileRound observes the device, plans and applies the plan. done:
-// nothing is left to do in this pass. A failed step comes back as a
-// *stepError for retryFailed.
-func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logger) (done bool, err error) {
+// this pass ends here, with the last observation (nil when there is
+// none, or the device is not the daemon's) and what failed.
+func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logger) (last *snapshot, done bool, err error) {
 	k := dev.key
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	snap, err := d.observe(sctx, dev)
 	cancel()
 	if err != nil {
-		return true, &stepError{step: stepObserve, err: err}
+		return nil, true, &stepError{step: stepObserve, err: err}
 	}
 	if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) && dev.proc == nil && dev.lf == nil {
 		// Kernel blkback's disk, not ours: no worker, no status.
 		d.forget(dev)
-		return true, nil
+		return nil, true, nil
 	}
 	d.foldObservation(ctx, dev, snap, log)
 	if fixed, err := d.resetOrphanRing(ctx, dev, snap, log); err != nil {
 		log.Warn("reset ring", "err", err)
 	} else if fixed {
-		return false, nil // observe again
+		return nil, false, nil // observe again
 	}
 	acts := Plan(snap.Observed, dev.actual())
 	if len(acts) == 0 {
-		return true, d.converged(ctx, dev, snap, log)
+		d.applyQoS(ctx, dev, log)
+		if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
+			return &snap, true, &stepError{step: stepKernelDevice, err: err}
+		}
+		return &snap, true, nil
 	}
 	for _, a := range acts {
 		log.Info("apply", "action", a.Kind.String(), "reason", a.Reason)
@@ -149,11 +153,11 @@ func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logg
 		err := d.apply(actx, dev, snap, a, log)
 		cancel()
 		if err != nil {
-			return true, &stepError{step: a.Kind.String(), action: true, snap: &snap, err: err}
+			return &snap, true, &stepError{step: a.Kind.String(), action: true, err: err}
 		}
 	}
 	dev.lastErr = ""
-	return false, nil
+	return nil, false, nil
 }
 
 // foldObservation brings what the daemon holds for the device up to date
@@ -179,20 +183,14 @@ func (d *Daemon) foldObservation(ctx context.Context, dev *device, snap snapshot
 	}
 }
 
-// converged finishes a pass whose plan is empty: the live settings, the
-// kernel device, the status.
-func (d *Daemon) converged(ctx context.Context, dev *device, snap snapshot, log *slog.Logger) error {
-	d.applyQoS(ctx, dev, log)
-	if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
-		return &stepError{step: stepKernelDevice, snap: &snap, err: err}
-	}
-	d.writeStatus(ctx, dev, snap)
+// settled follows a pass that left nothing to do, once its status is
+// written.
+func (d *Daemon) settled(ctx context.Context, dev *device, snap snapshot, log *slog.Logger) {
 	if !snap.Present {
 		d.forget(dev)
 	}
 	d.noticeStuck(ctx, dev, snap, log)
 	dev.bo.Reset()
-	return nil
 }
 
 // stableAfter is how long a worker must run before its crash counts as a
@@ -583,167 +581,6 @@ func (dev *device) release(ctx context.Context, log *slog.Logger) {
 		dev.export.Close()
 		dev.export = nil
 	}
-}
-
-// writeStatus publishes the device's status under its backend directory,
-// writing only keys whose value changed (every write fires watches).
-func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
-	if !s.Present {
-		return
-	}
-	if _, written := dev.status[keyPhase]; written && s.phase != dev.status[keyPhase] {
-		// The directory was removed and declared again between two
-		// observations (an unplug and a plug): what was written is
-		// gone, so everything is written again.
-		logged := dev.status["logged-uri"]
-		dev.status, dev.statusLocked = map[string]string{"logged-uri": logged}, false
-	}
-	phase := PhaseStarting
-	errMsg := dev.lastErr
-	export := ""
-	switch {
-	case s.Backend == StateClosed && dev.proc == nil:
-		phase = PhaseClosed
-		if dev.failed != "" {
-			errMsg = dev.failed
-		}
-	case dev.ringErr != "":
-		phase, errMsg = PhaseClosing, "ring stopped: "+dev.ringErr
-	case dev.feFatal != "":
-		phase, errMsg = PhaseClosing, dev.feFatal
-	case s.Backend == StateClosing || s.Backend == StateClosed || !s.Online:
-		phase = PhaseClosing
-	case dev.failed != "":
-		phase, errMsg = PhaseFailed, dev.failed
-	case d.isPaused(dev.key) && dev.proc != nil:
-		phase = PhasePaused
-	case !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore):
-		phase = PhaseRestarting
-	case dev.lastErr != "":
-		phase = PhaseRetrying
-	case s.Backend == StateConnected && (s.Domain0 || !s.LocalFrontend || dev.guest != nil) &&
-		(s.nbdDevice == "" || dev.kernel != nil):
-		phase = PhaseConnected
-	case dev.proc != nil && (!s.Export || dev.exportServed):
-		// With its export, if it has one: the hotplug script reports
-		// the device ready on this phase, and libxl hands the export's
-		// physical-device-path to QEMU right after.
-		phase = PhaseWaiting
-	}
-	if dev.ringLost != "" && errMsg == "" {
-		errMsg = "ring stopped: " + dev.ringLost
-	}
-	if c := d.conflict(dev.key); c != "" && errMsg == "" {
-		errMsg = c
-	}
-	if s.Export && dev.exportServed {
-		export = dev.exportURI
-	} else if dev.guest != nil {
-		export = dev.guestURI
-	}
-	pid := ""
-	if dev.proc != nil {
-		pid = strconv.Itoa(dev.proc.Pid())
-	}
-	format, path, _ := ParseParams(s.Params)
-	if f, err := formats.Normalize(format); err == nil {
-		format = f
-	}
-	want := map[string]string{
-		keyPhase:       phase,
-		keyError:       errMsg,
-		keyExport:      export,
-		keyWorkerPid:   pid,
-		keyRestarts:    strconv.Itoa(dev.restarts),
-		keyName:        dev.name,
-		keyImageFormat: format,
-		keyImagePath:   path,
-	}
-	// A device stopped by a fault also says why in the backend's `error`
-	// key, where xenbus drivers report fatal errors for the toolstack.
-	if phase == PhaseFailed || dev.ringErr != "" || dev.ringLost != "" {
-		want["error"] = errMsg
-	} else if _, had := dev.status["error"]; had {
-		want["error"] = ""
-	}
-	be := d.backendPath(dev.key)
-	changed := false
-	for k, v := range want {
-		if old, ok := dev.status[k]; !ok || old != v {
-			changed = true
-			break
-		}
-	}
-	if !changed {
-		return
-	}
-	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		if _, err := tx.Read(ctx, be); err != nil {
-			return err
-		}
-		if !dev.statusLocked {
-			if err := d.lockStatusDir(ctx, tx, be); err != nil {
-				return err
-			}
-		}
-		for k, v := range want {
-			if dev.status[k] == v {
-				if _, ok := dev.status[k]; ok {
-					continue
-				}
-			}
-			if err := tx.Write(ctx, be+"/"+k, v); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		if !errors.Is(err, xenstore.ErrNotFound) {
-			d.log.Warn("write status", "device", dev.key.String(), "err", err)
-		}
-		return
-	}
-	dev.statusLocked = true
-	for k, v := range want {
-		dev.status[k] = v
-	}
-	if phase == PhaseConnected && export != "" && dev.status["logged-uri"] != export {
-		dev.status["logged-uri"] = export
-		d.log.Info("disk connected", "disk", dev.name, "device", dev.key.String(), "uri", export)
-	}
-}
-
-// lockStatusDir makes be/blktap/ unreadable to the guest (it names host
-// paths and pids): owned by the backend domain, no access for others.
-// A node takes its parent's permissions when it is created, so the
-// directory is locked before new keys go in; keys that already exist (an
-// older daemon's, or the toolstack's) are locked one by one.
-func (d *Daemon) lockStatusDir(ctx context.Context, tx *xenstore.Tx, be string) error {
-	dir := be + "/" + statusDir
-	perms := statusPerms(d.self)
-	if err := tx.Mkdir(ctx, dir); err != nil {
-		return err
-	}
-	if err := tx.SetPerms(ctx, dir, perms); err != nil {
-		return err
-	}
-	keys, err := tx.Directory(ctx, dir)
-	if err != nil {
-		return err
-	}
-	for _, k := range keys {
-		if err := tx.SetPerms(ctx, dir+"/"+k, perms); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
-			return err
-		}
-	}
-	return nil
-}
-
-// statusPerms: the backend domain owns the blktap/ subtree; nobody else
-// may read it.
-func statusPerms(self uint32) []xenstore.Perm {
-	return []xenstore.Perm{{Domid: self, Access: xenstore.PermNone}}
 }
 
 // errorNode is where Linux xenbus_dev_fatal reports a device's fatal

@@ -9,10 +9,10 @@ import (
 	"github.com/blktap-go/blktap/tapengine/worker"
 )
 
-// A reconcile pass that cannot finish ends in one place, retryFailed,
-// whatever failed: observing, an action's effect, the kernel device, or nothing
-// (a pass that ran out of rounds, a panic). It decides when the key comes
-// back and what the status says meanwhile:
+// A reconcile pass ends in one place, endPass, however it ended: the
+// status is written there, from the pass's last observation, and a pass
+// that failed (observing, an action's effect, the kernel device; a pass
+// out of rounds, a panic) is requeued as retryPolicy decides:
 //
 //   - a *retryAt error: at that time (an effect waiting out a backoff of
 //     its own, such as a worker's restart);
@@ -29,9 +29,8 @@ const (
 
 // stepError is a failed step of a reconcile pass.
 type stepError struct {
-	step   string    // the action's name, or stepObserve, stepKernelDevice
-	action bool      // step is an action
-	snap   *snapshot // what the pass observed; nil when it observed nothing
+	step   string // the action's name, or stepObserve, stepKernelDevice
+	action bool   // step is an action
 	err    error
 }
 
@@ -60,38 +59,59 @@ func isTerminal(err error) bool {
 	return errors.As(err, &we) && we.Terminal()
 }
 
-// retryFailed requeues the device after a failed step, as the policy
-// above says.
-func (d *Daemon) retryFailed(ctx context.Context, dev *device, failure error, log *slog.Logger) {
+// requeue is when a device's key comes back.
+type requeue int
+
+const (
+	requeueNever requeue = iota // until something changes
+	requeueNow
+	requeueLater // after the wait retryPolicy returns
+)
+
+// endPass ends a reconcile pass: the status says where the device is
+// (snap nil: nothing was observed) and a failed pass is requeued.
+func (d *Daemon) endPass(ctx context.Context, dev *device, snap *snapshot, failure error, log *slog.Logger) {
+	when, wait := requeueNever, time.Duration(0)
+	if failure != nil {
+		when, wait = d.retryPolicy(dev, snap, failure, log)
+	}
+	if snap != nil {
+		d.writeStatus(ctx, dev, *snap)
+	}
+	switch when {
+	case requeueNow:
+		d.q.Add(dev.key)
+	case requeueLater:
+		d.q.AddAfter(dev.key, wait)
+	}
+}
+
+// retryPolicy records a failure in the device (its status shows it) and
+// says when to try again, as the policy above says.
+func (d *Daemon) retryPolicy(dev *device, snap *snapshot, failure error, log *slog.Logger) (requeue, time.Duration) {
 	var se *stepError
 	if !errors.As(failure, &se) {
 		se = &stepError{err: failure}
 	}
 	var at *retryAt
-	var wait time.Duration
 	switch {
 	case errors.As(se.err, &at):
-		wait = time.Until(at.t)
-	case se.snap == nil:
-		wait = dev.bo.NextBackOff()
+		return requeueLater, time.Until(at.t)
+	case snap == nil:
 		log.Warn(se.step, "err", se.err)
+		return requeueLater, dev.bo.NextBackOff()
 	case isTerminal(se.err):
 		log.Error("terminal: not retrying until the device's params change", "action", se.step, "err", se.err)
-		dev.failed, dev.failedParams = se.err.Error(), se.snap.Params
-		d.writeStatus(ctx, dev, *se.snap)
-		if se.snap.awaitsHotplug() {
-			d.q.Add(dev.key) // Plan still owes the toolstack its InitWait
+		dev.failed, dev.failedParams = se.err.Error(), snap.Params
+		if snap.awaitsHotplug() {
+			return requeueNow, 0 // Plan still owes the toolstack its InitWait
 		}
-		return
-	default:
-		dev.lastErr = se.err.Error()
-		wait = dev.bo.NextBackOff()
-		if se.action {
-			log.Warn("retrying", "action", se.step, "err", se.err, "in", wait)
-		}
+		return requeueNever, 0
 	}
-	if se.snap != nil {
-		d.writeStatus(ctx, dev, *se.snap)
+	dev.lastErr = se.err.Error()
+	wait := dev.bo.NextBackOff()
+	if se.action {
+		log.Warn("retrying", "action", se.step, "err", se.err, "in", wait)
 	}
-	d.q.AddAfter(dev.key, wait)
+	return requeueLater, wait
 }
