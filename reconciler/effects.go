@@ -329,60 +329,14 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 			return terminal(err)
 		}
 	}
-	noMedium := s.Cdrom && emptyMedium(s.Params)
-	if strings.TrimSpace(s.Params) == "" && !noMedium {
-		// libxl 4.17's block-attach writes params after the rest of
-		// the backend directory: wait for it (its watch event requeues).
-		return errors.New("no params yet")
+	img, err := d.imageToOpen(dev.key, s)
+	if err != nil {
+		return err
 	}
-	var format, path string
-	if !noMedium {
-		var err error
-		if format, path, err = ParseParams(s.Params); err != nil {
-			return terminal(err)
-		}
-		if format, err = formats.Normalize(format); err != nil {
-			return terminal(err)
-		}
-	}
-	if formats.IsFile(format) {
-		if !filepath.IsAbs(path) {
-			return terminal(fmt.Errorf("image path %q is not absolute", path))
-		}
-		if why := d.imageError(dev.key); why != "" {
-			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-				// The YAML asked for the image and making it failed:
-				// that is the reason to show, not "no such file".
-				return terminal(errors.New(why))
-			}
-		}
-	}
-	if err := d.checkSource(format, path); err != nil {
-		return terminal(err)
-	}
-	readOnly := false
-	switch s.Mode {
-	case "r", "ro":
-		readOnly = true
-	case "w", "rw", "":
-	default:
-		return terminal(fmt.Errorf("mode %q: want r or w", s.Mode))
-	}
-	readOnly = readOnly || noMedium
 	// The worker gets a socket of its own on which a restarted daemon
 	// adopts it; the path is the device's, under STATE/workers.
 	adoptPath := d.adoptPath(dev.key)
-	os.Remove(adoptPath)
-	if err := os.MkdirAll(filepath.Dir(adoptPath), 0o700); err != nil {
-		return err
-	}
-	aln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: adoptPath, Net: "unixpacket"})
-	if err != nil {
-		return fmt.Errorf("adopt socket: %w", err)
-	}
-	aln.SetUnlinkOnClose(false)
-	af, err := aln.File()
-	aln.Close()
+	af, err := adoptSocket(adoptPath)
 	if err != nil {
 		return err
 	}
@@ -392,19 +346,19 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		os.Remove(adoptPath)
 		return err
 	}
-	allow, err := d.allowDirs(ctx, dev.key, path)
+	allow, err := d.allowDirs(ctx, dev.key, img.path)
 	if err != nil {
 		p.Kill()
 		return err
 	}
-	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: format, Path: path, ReadOnly: readOnly, AllowDirs: allow})
+	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: img.format, Path: img.path, ReadOnly: img.readOnly, AllowDirs: allow})
 	if err != nil {
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		p.Close(cctx)
 		cancel()
 		return err
 	}
-	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
+	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, img.readOnly, rep.Size
 	dev.qos = config.QoS{} // a new worker starts unlimited
 	dev.startedAt = time.Now()
 	d.setPaused(dev.key, false)
@@ -415,8 +369,76 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		<-p.Done()
 		d.q.Add(k)
 	}()
-	log.Info("worker started", "pid", p.Pid(), "format", format, "path", path, "size", rep.Size)
+	log.Info("worker started", "pid", p.Pid(), "format", img.format, "path", img.path, "size", rep.Size)
 	return nil
+}
+
+// image is what a worker opens.
+type image struct {
+	format, path string
+	readOnly     bool
+}
+
+// imageToOpen checks what the device's params and mode ask the worker to
+// open. An image that can never open as asked is a terminal error.
+func (d *Daemon) imageToOpen(k Key, s snapshot) (image, error) {
+	var img image
+	noMedium := s.Cdrom && emptyMedium(s.Params)
+	if strings.TrimSpace(s.Params) == "" && !noMedium {
+		// libxl 4.17's block-attach writes params after the rest of
+		// the backend directory: wait for it (its watch event requeues).
+		return img, errors.New("no params yet")
+	}
+	if !noMedium {
+		var err error
+		if img.format, img.path, err = ParseParams(s.Params); err != nil {
+			return img, terminal(err)
+		}
+		if img.format, err = formats.Normalize(img.format); err != nil {
+			return img, terminal(err)
+		}
+	}
+	if formats.IsFile(img.format) {
+		if !filepath.IsAbs(img.path) {
+			return img, terminal(fmt.Errorf("image path %q is not absolute", img.path))
+		}
+		if why := d.imageError(k); why != "" {
+			if _, err := os.Stat(img.path); errors.Is(err, os.ErrNotExist) {
+				// The YAML asked for the image and making it failed:
+				// that is the reason to show, not "no such file".
+				return img, terminal(errors.New(why))
+			}
+		}
+	}
+	if err := d.checkSource(img.format, img.path); err != nil {
+		return img, terminal(err)
+	}
+	switch s.Mode {
+	case "r", "ro":
+		img.readOnly = true
+	case "w", "rw", "":
+	default:
+		return img, terminal(fmt.Errorf("mode %q: want r or w", s.Mode))
+	}
+	img.readOnly = img.readOnly || noMedium
+	return img, nil
+}
+
+// adoptSocket makes the listening socket a worker is adopted on, as a
+// file to hand it.
+func adoptSocket(path string) (*os.File, error) {
+	os.Remove(path)
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return nil, err
+	}
+	aln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("adopt socket: %w", err)
+	}
+	aln.SetUnlinkOnClose(false)
+	af, err := aln.File()
+	aln.Close()
+	return af, err
 }
 
 func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
