@@ -137,16 +137,7 @@ func (d *Daemon) checkAdopted(ctx context.Context, dev *device, s snapshot, log 
 		"serving", desc.Format+":"+desc.Path, "declared", s.Params)
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	dev.stopping = true
-	dev.proc.Close(cctx)
-	<-dev.proc.Done()
-	os.Remove(d.adoptPath(dev.key))
-	if dev.export != nil {
-		dev.export.Close()
-		dev.export = nil
-	}
-	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
-	d.setProc(dev.key, nil)
+	d.stopWorker(cctx, dev) // its error is the old worker's; the device starts afresh
 }
 
 // resetOrphanRing restarts the handshake of a guest whose local frontend

@@ -2,14 +2,10 @@ package reconciler
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
-	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -17,7 +13,6 @@ import (
 	"github.com/cenkalti/backoff/v4"
 
 	"github.com/blktap-go/blktap/config"
-	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/frontend"
 	"github.com/blktap-go/blktap/tapengine/nbd"
@@ -84,38 +79,8 @@ type device struct {
 	kernel *nbdkernel.Conn // the dom0 kernel nbd device connected to the export
 }
 
-// snapshot is one observation of a device in xenstore.
-type snapshot struct {
-	Observed
-	name          string
-	fePath        string
-	feID          string
-	ringRefs      []uint32
-	ringOrder     int
-	eventChannel  uint32
-	queues        []queueRing // blkif multi-queue (2 or more); nil: the classic keys
-	protocol      string
-	beSectors     uint64
-	beSectorSize  uint32
-	beInfo        int
-	beDiscard     bool
-	nbdDevice     string
-	fePersistent  bool
-	beMaxIndirect int
-	script        string // the hotplug script the toolstack runs for the device
-	discard       bool   // discard-enable is not "0" (libxl's default is 1)
-	phase         string // blktap/phase as xenstore has it
-}
-
 func (d *Daemon) reconcile(ctx context.Context, k Key) {
 	log := d.log.With("device", k.String())
-	defer func() {
-		// A bug in one device's reconcile must not take the daemon down.
-		if r := recover(); r != nil {
-			log.Error("reconcile panicked", "panic", r)
-			d.q.AddAfter(k, 5*time.Second)
-		}
-	}()
 	d.mu.Lock()
 	dev := d.devices[k]
 	if dev == nil {
@@ -123,119 +88,111 @@ func (d *Daemon) reconcile(ctx context.Context, k Key) {
 		d.devices[k] = dev
 	}
 	d.mu.Unlock()
+	defer func() {
+		// A bug in one device's reconcile must not take the daemon down.
+		if r := recover(); r != nil {
+			log.Error("reconcile panicked", "panic", r)
+			d.endPass(ctx, dev, nil, retryIn(5*time.Second), log)
+		}
+	}()
+	for range maxRounds {
+		snap, done, err := d.reconcileRound(ctx, dev, log)
+		if !done {
+			continue
+		}
+		d.endPass(ctx, dev, snap, err, log)
+		if err == nil && snap != nil {
+			d.settled(ctx, dev, *snap, log)
+		}
+		return
+	}
+	// Still moving: the rest waits for a later pass, so that one device
+	// cannot keep a queue worker from the others.
+	d.endPass(ctx, dev, nil, retryIn(time.Second), log)
+}
 
-	for round := 0; round < 16; round++ {
-		sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-		snap, err := d.observe(sctx, dev)
+// maxRounds bounds the observe-plan-apply rounds of one reconcile pass.
+const maxRounds = 16
+
+// reconcileRound observes the device, plans and applies the plan. done:
+// this pass ends here, with the last observation (nil when there is
+// none, or the device is not the daemon's) and what failed.
+func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logger) (last *snapshot, done bool, err error) {
+	k := dev.key
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	snap, err := d.observe(sctx, dev)
+	cancel()
+	if err != nil {
+		return nil, true, &stepError{step: stepObserve, err: err}
+	}
+	if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) && dev.proc == nil && dev.lf == nil {
+		// Kernel blkback's disk, not ours: no worker, no status.
+		d.forget(dev)
+		return nil, true, nil
+	}
+	d.foldObservation(ctx, dev, snap, log)
+	if fixed, err := d.resetOrphanRing(ctx, dev, snap, log); err != nil {
+		log.Warn("reset ring", "err", err)
+	} else if fixed {
+		return nil, false, nil // observe again
+	}
+	acts := Plan(snap.Observed, dev.actual())
+	if len(acts) == 0 {
+		d.applyQoS(ctx, dev, log)
+		if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
+			return &snap, true, &stepError{step: stepKernelDevice, err: err}
+		}
+		return &snap, true, nil
+	}
+	for _, a := range acts {
+		log.Info("apply", "action", a.Kind.String(), "reason", a.Reason)
+		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		err := d.apply(actx, dev, snap, a, log)
 		cancel()
 		if err != nil {
-			log.Warn("observe", "err", err)
-			d.q.AddAfter(k, dev.bo.NextBackOff())
-			return
+			return &snap, true, &stepError{step: a.Kind.String(), action: true, err: err}
 		}
-		if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) {
-			// Kernel blkback's disk, not ours: no worker, no status.
-			if dev.proc == nil && dev.lf == nil {
-				d.forget(dev)
-				return
-			}
-		}
-		if snap.name != "" {
-			dev.name = snap.name
-		}
-		if dev.name == "" {
-			dev.name = fmt.Sprintf("d%d-%d", k.Domid, k.Devid)
-		}
-		d.noticeExit(dev, log)
-		noticeFrontendGaveUp(dev, log)
-		if dev.failed != "" && dev.failedParams != snap.Params {
-			dev.failed, dev.failedParams = "", "" // params changed: try again
-		}
-		if d.takeRetry(k) {
-			dev.failed, dev.failedParams = "", ""
-		}
-		if dev.adopted != nil {
-			d.checkAdopted(ctx, dev, snap, log)
-		}
-		if fixed, err := d.resetOrphanRing(ctx, dev, snap, log); err != nil {
-			log.Warn("reset ring", "err", err)
-		} else if fixed {
-			continue // observe again
-		}
-		acts := Plan(snap.Observed, dev.actual())
-		if len(acts) == 0 {
-			d.applyQoS(ctx, dev, log)
-			if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
-				dev.lastErr = err.Error()
-				d.writeStatus(ctx, dev, snap)
-				d.q.AddAfter(k, dev.bo.NextBackOff())
-				return
-			}
-			d.writeStatus(ctx, dev, snap)
-			if !snap.Present {
-				d.forget(dev)
-			}
-			d.noticeStuck(ctx, dev, snap, log)
-			dev.bo.Reset()
-			return
-		}
-		for _, a := range acts {
-			log.Info("apply", "action", a.Kind.String(), "reason", a.Reason)
-			actx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			err := d.apply(actx, dev, snap, a, log)
-			cancel()
-			if err == nil {
-				continue
-			}
-			var retry *retryAt
-			switch {
-			case errors.As(err, &retry):
-				d.writeStatus(ctx, dev, snap)
-				d.q.AddAfter(k, time.Until(retry.t))
-			case isTerminal(err):
-				log.Error("terminal: not retrying until the device's params change", "action", a.Kind.String(), "err", err)
-				dev.failed, dev.failedParams = err.Error(), snap.Params
-				d.writeStatus(ctx, dev, snap)
-				if snap.awaitsHotplug() {
-					d.q.Add(k) // Plan still owes the toolstack its InitWait
-				}
-			default:
-				dev.lastErr = err.Error()
-				wait := dev.bo.NextBackOff()
-				log.Warn("retrying", "action", a.Kind.String(), "err", err, "in", wait)
-				d.writeStatus(ctx, dev, snap)
-				d.q.AddAfter(k, wait)
-			}
-			return
-		}
-		dev.lastErr = ""
 	}
-	d.q.AddAfter(k, time.Second)
+	dev.lastErr = ""
+	return nil, false, nil
+}
+
+// foldObservation brings what the daemon holds for the device up to date
+// with a new observation and with what happened since the last one (a
+// worker or local frontend that stopped, a retry asked for).
+func (d *Daemon) foldObservation(ctx context.Context, dev *device, snap snapshot, log *slog.Logger) {
+	if snap.name != "" {
+		dev.name = snap.name
+	}
+	if dev.name == "" {
+		dev.name = fmt.Sprintf("d%d-%d", dev.key.Domid, dev.key.Devid)
+	}
+	d.noticeExit(dev, log)
+	noticeFrontendGaveUp(dev, log)
+	if dev.failed != "" && dev.failedParams != snap.Params {
+		dev.failed, dev.failedParams = "", "" // params changed: try again
+	}
+	if d.takeRetry(dev.key) {
+		dev.failed, dev.failedParams = "", ""
+	}
+	if dev.adopted != nil {
+		d.checkAdopted(ctx, dev, snap, log)
+	}
+}
+
+// settled follows a pass that left nothing to do, once its status is
+// written.
+func (d *Daemon) settled(ctx context.Context, dev *device, snap snapshot, log *slog.Logger) {
+	if !snap.Present {
+		d.forget(dev)
+	}
+	d.noticeStuck(ctx, dev, snap, log)
+	dev.bo.Reset()
 }
 
 // stableAfter is how long a worker must run before its crash counts as a
 // fresh one for the restart backoff.
 const stableAfter = time.Minute
-
-type retryAt struct{ t time.Time }
-
-func (r *retryAt) Error() string { return "retry at " + r.t.Format(time.RFC3339) }
-
-type terminalError struct{ err error }
-
-func (e *terminalError) Error() string { return e.err.Error() }
-func (e *terminalError) Unwrap() error { return e.err }
-
-func terminal(err error) error { return &terminalError{err} }
-
-func isTerminal(err error) bool {
-	var t *terminalError
-	if errors.As(err, &t) {
-		return true
-	}
-	var we *worker.Error
-	return errors.As(err, &we) && we.Terminal()
-}
 
 func (dev *device) actual() Actual {
 	return Actual{
@@ -310,9 +267,7 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 		dev.lastErr = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
 		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
 	}
-	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
-	d.setProc(dev.key, nil)
-	os.Remove(d.adoptPath(dev.key))
+	d.dropWorker(dev, false)
 }
 
 // noticeFrontendGaveUp turns a local frontend that stopped on its own (it
@@ -337,239 +292,6 @@ func noticeFrontendGaveUp(dev *device, log *slog.Logger) {
 	log.Error("local frontend stopped", "err", err)
 }
 
-// testHookObserveRead, set by tests only, runs after observe reads each
-// backend key: a test changes xenstore between two reads with it.
-var testHookObserveRead func(key string)
-
-func (d *Daemon) observe(ctx context.Context, dev *device) (snapshot, error) {
-	var s snapshot
-	k := dev.key
-	be := d.backendPath(k)
-	read := func(p string) (string, error) {
-		v, err := d.xs.Read(ctx, p)
-		if errors.Is(err, xenstore.ErrNotFound) {
-			return "", nil
-		}
-		return v, err
-	}
-	if _, err := d.xs.Read(ctx, be); err != nil {
-		if errors.Is(err, xenstore.ErrNotFound) {
-			return s, nil
-		}
-		return s, err
-	}
-	s.Present = true
-	var err error
-	get := func(key string) string {
-		if err != nil {
-			return ""
-		}
-		var v string
-		v, err = read(be + "/" + key)
-		if testHookObserveRead != nil {
-			testHookObserveRead(key)
-		}
-		return v
-	}
-	s.Params = get("params")
-	s.Mode = get("mode")
-	s.Online = get("online") != "0"
-	s.Backend = ParseState(get("state"))
-	s.HotplugConnected = get("hotplug-status") == "connected"
-	s.script = get("script")
-	s.HotplugScript = s.script != ""
-	s.Declared = get(keySource) != ""
-	s.discard = get("discard-enable") != "0"
-	s.Cdrom = get("device-type") == "cdrom"
-	s.fePath = get("frontend")
-	s.feID = get("frontend-id")
-	s.name = get(keyName)
-	s.phase = get(keyPhase)
-	s.nbdDevice = get(keyNBDDevice)
-	s.beSectors, _ = strconv.ParseUint(get("sectors"), 10, 64)
-	ss, _ := strconv.ParseUint(get("sector-size"), 10, 32)
-	s.beSectorSize = uint32(ss)
-	s.beInfo = atoiDefault(get("info"), 0)
-	s.beDiscard = get("feature-discard") == "1"
-	s.beMaxIndirect = max(0, atoiDefault(get("feature-max-indirect-segments"), 0))
-	if err != nil {
-		return s, err
-	}
-	// The reads above are no transaction: a backend removed while they
-	// ran (a detach's last step) reads as keys gone missing, online and
-	// in state Unknown, perhaps with the params still read, which Plan
-	// takes for a new device and opens the image of again. Gone at the
-	// end is gone.
-	if _, err := d.xs.Read(ctx, be); errors.Is(err, xenstore.ErrNotFound) {
-		return snapshot{}, nil
-	} else if err != nil {
-		return s, err
-	}
-	s.Domain0 = k.Domid == 0 && d.localFrontend
-	s.LocalFrontend = d.localFrontend && !s.Domain0
-	s.Export = s.Domain0 || !d.localFrontend
-	if s.fePath == "" {
-		return s, nil
-	}
-	// The frontend path comes from the toolstack; the daemon only follows
-	// it where a frontend of this device may live.
-	if s.fePath != k.FrontendPath() {
-		return s, fmt.Errorf("backend %s names frontend %q, want %s", be, s.fePath, k.FrontendPath())
-	}
-	d.watchFrontend(ctx, dev, s.fePath)
-	feState, ferr := d.xs.Read(ctx, s.fePath+"/state")
-	switch {
-	case errors.Is(ferr, xenstore.ErrNotFound):
-		return s, nil
-	case ferr != nil:
-		return s, ferr
-	}
-	s.FrontendPresent = true
-	s.Frontend = ParseState(feState)
-	fget := func(key string) string {
-		if err != nil {
-			return ""
-		}
-		var v string
-		v, err = read(s.fePath + "/" + key)
-		return v
-	}
-	s.protocol = fget("protocol")
-	s.fePersistent = fget("feature-persistent") == "1"
-	if fget("device-type") == "cdrom" {
-		s.Cdrom = true
-	}
-	order, orderErr := d.xs.Read(ctx, s.fePath+"/ring-page-order")
-	hasOrder := orderErr == nil
-	if orderErr != nil && !errors.Is(orderErr, xenstore.ErrNotFound) && err == nil {
-		err = orderErr
-	}
-	ref := fget("ring-ref")
-	ev := fget("event-channel")
-	if err != nil {
-		return s, err
-	}
-	if _, perr := blkif.ParseProtocol(s.protocol); perr != nil {
-		s.FrontendError = fmt.Sprintf("protocol %q: want x86_32-abi, x86_64-abi or arm-abi", s.protocol)
-		return s, nil
-	}
-	s.ringOrder = 0
-	if hasOrder {
-		n, perr := strconv.Atoi(strings.TrimSpace(order))
-		if perr != nil || n < 0 || n > blkif.MaxRingOrder {
-			s.FrontendError = fmt.Sprintf("ring-page-order %q: want 0..%d", order, blkif.MaxRingOrder)
-			return s, nil
-		}
-		s.ringOrder = n
-	}
-	// As blkback: with ring-page-order present (even "0") the refs are
-	// ring-ref0..ring-ref(2^order-1); without it, one ring-ref.
-	if !hasOrder && ref != "" {
-		r, perr := strconv.ParseUint(ref, 10, 32)
-		if perr != nil {
-			s.FrontendError = fmt.Sprintf("ring-ref %q is not a number", ref)
-			return s, nil
-		}
-		s.ringRefs = []uint32{uint32(r)}
-	} else if hasOrder {
-		for i := 0; i < 1<<s.ringOrder; i++ {
-			v := fget(fmt.Sprintf("ring-ref%d", i))
-			r, perr := strconv.ParseUint(v, 10, 32)
-			if perr != nil {
-				if i > 0 || v != "" {
-					s.FrontendError = fmt.Sprintf("ring-ref%d %q is missing or not a number", i, v)
-				}
-				s.ringRefs = nil
-				break
-			}
-			s.ringRefs = append(s.ringRefs, uint32(r))
-		}
-	}
-	if p, perr := strconv.ParseUint(ev, 10, 32); perr == nil {
-		s.eventChannel = uint32(p)
-		s.RingPublished = len(s.ringRefs) > 0
-	}
-	if nq := fget("multi-queue-num-queues"); nq != "" && err == nil {
-		n, perr := strconv.Atoi(nq)
-		if perr != nil || n < 1 || n > maxQueues() {
-			s.FrontendError = fmt.Sprintf("multi-queue-num-queues %q: want 1..%d", nq, maxQueues())
-			s.RingPublished = true // so the error is reported
-			return s, nil
-		}
-		if n >= 2 {
-			s.RingPublished = true
-			for i := range n {
-				q, qerr := readQueue(fget, fmt.Sprintf("queue-%d/", i), s.ringOrder, hasOrder)
-				if qerr != "" {
-					s.FrontendError = qerr
-					return s, nil
-				}
-				s.queues = append(s.queues, q)
-			}
-		}
-	}
-	return s, err
-}
-
-// queueRing is one blkif queue: its ring refs and event channel.
-type queueRing struct {
-	refs   []uint32
-	evtchn uint32
-}
-
-// maxQueues is what the backend offers (multi-queue-max-queues): one per
-// CPU, at most the worker's limit.
-func maxQueues() int { return min(runtime.NumCPU(), 16) }
-
-// readQueue reads PREFIXring-ref (or ring-refN) and PREFIXevent-channel;
-// a problem comes back as text for the device's status.
-func readQueue(get func(string) string, prefix string, order int, hasOrder bool) (queueRing, string) {
-	var q queueRing
-	if !hasOrder {
-		r, err := strconv.ParseUint(get(prefix+"ring-ref"), 10, 32)
-		if err != nil {
-			return q, prefix + "ring-ref is missing or not a number"
-		}
-		q.refs = []uint32{uint32(r)}
-	} else {
-		for i := 0; i < 1<<order; i++ {
-			r, err := strconv.ParseUint(get(fmt.Sprintf("%sring-ref%d", prefix, i)), 10, 32)
-			if err != nil {
-				return q, fmt.Sprintf("%sring-ref%d is missing or not a number", prefix, i)
-			}
-			q.refs = append(q.refs, uint32(r))
-		}
-	}
-	ev, err := strconv.ParseUint(get(prefix+"event-channel"), 10, 32)
-	if err != nil {
-		return q, prefix + "event-channel is missing or not a number"
-	}
-	q.evtchn = uint32(ev)
-	return q, ""
-}
-
-func (d *Daemon) watchFrontend(ctx context.Context, dev *device, path string) {
-	if dev.feWatch != nil && dev.fePath == path {
-		return
-	}
-	if dev.feWatch != nil {
-		dev.feWatch.Close()
-		dev.feWatch = nil
-	}
-	w, err := d.xs.Watch(ctx, path, "frontend-"+dev.key.String())
-	if err != nil {
-		d.log.Warn("watch frontend", "path", path, "err", err)
-		return
-	}
-	dev.feWatch, dev.fePath = w, path
-	k := dev.key
-	go func() {
-		for range w.Events() {
-			d.q.Add(k)
-		}
-	}()
-}
-
 // forget drops a device whose backend directory is gone and whose
 // resources are all released.
 func (d *Daemon) forget(dev *device) {
@@ -585,411 +307,6 @@ func (d *Daemon) forget(dev *device) {
 	d.mu.Lock()
 	delete(d.devices, dev.key)
 	d.mu.Unlock()
-}
-
-func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, log *slog.Logger) error {
-	be := d.backendPath(dev.key)
-	switch a.Kind {
-	case ActStartWorker:
-		return d.startWorker(ctx, dev, s, log)
-
-	case ActServeExport:
-		if dev.export == nil {
-			ln, uri, err := d.listenExport(dev)
-			if err != nil {
-				return terminal(fmt.Errorf("export: %w", err))
-			}
-			dev.export, dev.exportURI = ln, uri
-		}
-		f, err := listenerFile(dev.export)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		req := worker.Request{Op: worker.OpServeNBD, Name: dev.name}
-		if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
-			req.TLSCert, req.TLSKey, req.TLSCA = disk.Export.TLSCert, disk.Export.TLSKey, disk.Export.TLSCA
-		}
-		if _, err := dev.proc.Call(ctx, req, int(f.Fd())); err != nil {
-			return err
-		}
-		dev.exportServed = true
-		log.Info("export ready", "uri", dev.exportURI)
-		if dev.readOnly && !s.Cdrom {
-			// libxl refuses to build an HVM guest's device model
-			// around a read-only emulated hard disk that has a local
-			// path ("qemu-xen doesn't support read-only IDE disk
-			// drivers"); without one the disk is PV-only.
-			return nil
-		}
-		return d.publishDevicePath(ctx, dev.key, be, dev.export)
-
-	case ActBackendInitWait:
-		ro := s.Mode == "r" || s.Mode == "ro"
-		err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, be); err != nil {
-				return err
-			}
-			if dev.feFatal != "" {
-				// The frontend starts over: its last fatal error is history.
-				if err := tx.Rm(ctx, d.errorNode(dev.key)); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
-					return err
-				}
-			}
-			// Transport limits first (WIRE.md section 2: what blkback
-			// publishes at probe), then InitWait.
-			probe, _ := worker.RingOptions(ro).Features()
-			probe = append(probe,
-				[2]string{"multi-queue-max-queues", strconv.Itoa(maxQueues())},
-				[2]string{"state", strconv.Itoa(int(StateInitWait))})
-			for _, kv := range probe {
-				if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err == nil {
-			dev.feFatal = ""
-		}
-		return err
-
-	case ActDom0Connect:
-		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, be); err != nil {
-				return err
-			}
-			// The block-tap hotplug script's keys: tapback waits for them.
-			// Where a hotplug script ran it wrote them already, and its
-			// physical-device-path (block-tap's tap-ctl link to the same
-			// export) stands.
-			kv := append([][2]string{{"hotplug-status", "connected"}}, diskKeys(dev, s)...)
-			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateConnected))})
-			for _, e := range kv {
-				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
-					return err
-				}
-			}
-			if s.FrontendPresent {
-				return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
-			}
-			return nil
-		})
-
-	case ActFrontendInit:
-		f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64, MaxIndirectSegments: 256})
-		if err != nil {
-			return err
-		}
-		port := d.allocPort()
-		refs := f.RingRefs()
-		err = d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, s.fePath); err != nil {
-				return err
-			}
-			kv := [][2]string{
-				{"event-channel", strconv.FormatUint(uint64(port), 10)},
-				{"protocol", f.Protocol().String()},
-			}
-			if len(refs) == 1 {
-				kv = append(kv, [2]string{"ring-ref", strconv.FormatUint(uint64(refs[0]), 10)})
-			} else {
-				order := 0
-				for 1<<order < len(refs) {
-					order++
-				}
-				kv = append(kv, [2]string{"ring-page-order", strconv.Itoa(order)})
-				for i, r := range refs {
-					kv = append(kv, [2]string{fmt.Sprintf("ring-ref%d", i), strconv.FormatUint(uint64(r), 10)})
-				}
-			}
-			kv = append(kv, [2]string{"state", strconv.Itoa(int(StateInitialised))})
-			for _, e := range kv {
-				if err := tx.Write(ctx, s.fePath+"/"+e[0], e[1]); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			f.Close()
-			return err
-		}
-		dev.lf, dev.lfPort = f, port
-		k := dev.key
-		go func() {
-			<-f.Done()
-			d.q.Add(k) // it may have given up on its own: look
-		}()
-		return nil
-
-	case ActFrontendFatal:
-		return d.frontendFatal(ctx, dev, "frontend: "+s.FrontendError, log)
-
-	case ActConnectRing:
-		if !dev.ring {
-			if err := d.connectRing(ctx, dev, s); err != nil {
-				return err
-			}
-		}
-		if !s.LocalFrontend {
-			// A real guest's disk is back once its ring is (a local
-			// one's once its guest view is, at frontend-connect).
-			dev.ringLost = ""
-		}
-		return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, be); err != nil {
-				return err
-			}
-			kv := append(diskKeys(dev, s), [2]string{"state", strconv.Itoa(int(StateConnected))})
-			for _, e := range kv {
-				if err := tx.Write(ctx, be+"/"+e[0], e[1]); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-
-	case ActFrontendConnect:
-		if dev.lf == nil {
-			return fmt.Errorf("local frontend missing")
-		}
-		sectors, ss := s.beSectors, s.beSectorSize
-		if ss == 0 {
-			ss = blkif.SectorSize
-		}
-		// A blkfront reads the backend's features before it connects.
-		if err := dev.lf.SetFeatures(frontend.Features{
-			Discard:             s.beDiscard,
-			MaxIndirectSegments: s.beMaxIndirect,
-		}); err != nil {
-			return err
-		}
-		if err := dev.lf.Connect(sectors, ss, s.beInfo&4 != 0); err != nil {
-			return err
-		}
-		if err := d.serveGuestView(dev, s.beInfo&4 != 0, log); err != nil {
-			return err
-		}
-		err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-			if err := requireDir(ctx, tx, s.fePath); err != nil {
-				return err
-			}
-			return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
-		})
-		if err == nil && dev.ringLost != "" {
-			log.Info("ring reconnected", "after", dev.ringLost)
-			dev.ringLost = ""
-		}
-		return err
-
-	case ActBackendClosing:
-		return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosing)))
-
-	case ActFrontendClose:
-		dev.closeKernelDevice(log)
-		dev.closeLocalFrontend(log)
-		if s.FrontendPresent {
-			return d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateClosed)))
-		}
-		return nil
-
-	case ActDisconnectRing:
-		if dev.ring && dev.proc != nil {
-			if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
-				return err
-			}
-		}
-		dev.ring = false
-		if dev.ringErr != "" {
-			// The ring it names is gone; what comes next is a new one,
-			// after a pause that lets the status say why (and grows if
-			// rings keep breaking).
-			dev.ringLost, dev.ringErr = dev.ringErr, ""
-			if time.Since(dev.feRestartedAt) > stableAfter {
-				dev.feRestartBo.Reset()
-			}
-			dev.feNotBefore = time.Now().Add(dev.feRestartBo.NextBackOff())
-		}
-		if s.Present {
-			return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosed)))
-		}
-		return nil
-
-	case ActFrontendRestart:
-		if t := dev.feNotBefore; time.Now().Before(t) {
-			return &retryAt{t}
-		}
-		if err := d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateInitialising))); err != nil {
-			return err
-		}
-		dev.feRestartedAt = time.Now()
-		log.Info("local frontend starting over", "after", dev.ringLost)
-		return nil
-
-	case ActStopWorker:
-		dev.stopping = true
-		err := dev.proc.Close(ctx)
-		<-dev.proc.Done()
-		os.Remove(d.adoptPath(dev.key))
-		dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
-		d.setProc(dev.key, nil)
-		if dev.export != nil {
-			dev.export.Close()
-			dev.export = nil
-		}
-		dev.ringErr, dev.ringLost = "", ""
-		return err
-	}
-	return fmt.Errorf("unknown action %v", a.Kind)
-}
-
-func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if t := dev.notBefore; time.Now().Before(t) {
-		return &retryAt{t}
-	}
-	if d.embedded == nil && !d.localFrontend {
-		if err := blkbackBound(dev.key); err != nil {
-			return terminal(err)
-		}
-	}
-	noMedium := s.Cdrom && emptyMedium(s.Params)
-	if strings.TrimSpace(s.Params) == "" && !noMedium {
-		// libxl 4.17's block-attach writes params after the rest of
-		// the backend directory: wait for it (its watch event requeues).
-		return errors.New("no params yet")
-	}
-	var format, path string
-	if !noMedium {
-		var err error
-		if format, path, err = ParseParams(s.Params); err != nil {
-			return terminal(err)
-		}
-		if format, err = formats.Normalize(format); err != nil {
-			return terminal(err)
-		}
-	}
-	if formats.IsFile(format) {
-		if !filepath.IsAbs(path) {
-			return terminal(fmt.Errorf("image path %q is not absolute", path))
-		}
-		if why := d.imageError(dev.key); why != "" {
-			if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
-				// The YAML asked for the image and making it failed:
-				// that is the reason to show, not "no such file".
-				return terminal(errors.New(why))
-			}
-		}
-	}
-	if err := d.checkSource(format, path); err != nil {
-		return terminal(err)
-	}
-	readOnly := false
-	switch s.Mode {
-	case "r", "ro":
-		readOnly = true
-	case "w", "rw", "":
-	default:
-		return terminal(fmt.Errorf("mode %q: want r or w", s.Mode))
-	}
-	readOnly = readOnly || noMedium
-	// The worker gets a socket of its own on which a restarted daemon
-	// adopts it; the path is the device's, under STATE/workers.
-	adoptPath := d.adoptPath(dev.key)
-	os.Remove(adoptPath)
-	if err := os.MkdirAll(filepath.Dir(adoptPath), 0o700); err != nil {
-		return err
-	}
-	aln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: adoptPath, Net: "unixpacket"})
-	if err != nil {
-		return fmt.Errorf("adopt socket: %w", err)
-	}
-	aln.SetUnlinkOnClose(false)
-	af, err := aln.File()
-	aln.Close()
-	if err != nil {
-		return err
-	}
-	p, err := worker.StartAdoptable(d.opts.Exe, []string{"__worker", "--name", dev.name, "--adopt"}, d.opts.WorkerStderr, af)
-	af.Close()
-	if err != nil {
-		os.Remove(adoptPath)
-		return err
-	}
-	allow, err := d.allowDirs(ctx, dev.key, path)
-	if err != nil {
-		p.Kill()
-		return err
-	}
-	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: format, Path: path, ReadOnly: readOnly, AllowDirs: allow})
-	if err != nil {
-		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		p.Close(cctx)
-		cancel()
-		return err
-	}
-	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, readOnly, rep.Size
-	dev.qos = config.QoS{} // a new worker starts unlimited
-	dev.startedAt = time.Now()
-	d.setPaused(dev.key, false)
-	d.setProc(dev.key, p)
-	dev.ringErr = ""
-	k := dev.key
-	go func() {
-		<-p.Done()
-		d.q.Add(k)
-	}()
-	log.Info("worker started", "pid", p.Pid(), "format", format, "path", path, "size", rep.Size)
-	return nil
-}
-
-func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
-	if !s.LocalFrontend {
-		// A real guest on Xen: the worker maps its grants itself, one
-		// ring per queue.
-		queues := s.queues
-		if len(queues) == 0 {
-			queues = []queueRing{{refs: s.ringRefs, evtchn: s.eventChannel}}
-		}
-		for i, q := range queues {
-			_, err := dev.proc.Call(ctx, worker.Request{
-				Op: worker.OpConnect, Transport: "xen", Protocol: s.protocol, Queue: i,
-				RingRefs: q.refs, RingOrder: s.ringOrder, Domid: dev.key.Domid,
-				EventChannel: q.evtchn, Persistent: s.fePersistent,
-			})
-			if err != nil {
-				if i > 0 {
-					dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect})
-				}
-				return err
-			}
-		}
-		dev.ring = true
-		return nil
-	}
-	if len(s.queues) > 0 {
-		return terminal(fmt.Errorf("the local frontend serves one queue, the frontend asks for %d", len(s.queues)))
-	}
-	if dev.lf == nil || s.eventChannel != dev.lfPort {
-		return fmt.Errorf("event channel %d is not bound to this device's local frontend", s.eventChannel)
-	}
-	want := dev.lf.RingRefs()
-	if fmt.Sprint(want) != fmt.Sprint(s.ringRefs) {
-		return terminal(fmt.Errorf("frontend ring refs %v were not granted by the local frontend (%v)", s.ringRefs, want))
-	}
-	mem, kick, notify := dev.lf.BackendFDs()
-	_, err := dev.proc.Call(ctx, worker.Request{
-		Op:        worker.OpConnect,
-		Transport: "local",
-		Protocol:  s.protocol,
-		RingRefs:  s.ringRefs,
-		RingOrder: s.ringOrder,
-	}, mem, kick, notify)
-	if err != nil {
-		return err
-	}
-	dev.ring = true
-	return nil
 }
 
 // info bits (blkif.h).
@@ -1041,207 +358,6 @@ func (d *Daemon) writeIfPresent(ctx context.Context, dir, key, value string) err
 	})
 }
 
-// exportSpec is where a device's NBD export listens: the YAML's export
-// settings, else STATE/NAME.sock.
-func (d *Daemon) exportSpec(dev *device) (socket, tcp string) {
-	if disk, ok := d.desiredFor(dev.key); ok {
-		if disk.Export.TCP != "" {
-			return "", disk.Export.TCP
-		}
-		if disk.Export.Socket != "" {
-			return disk.Export.Socket, ""
-		}
-	}
-	return filepath.Join(d.opts.StateDir, dev.name+".sock"), ""
-}
-
-func (d *Daemon) listenExport(dev *device) (net.Listener, string, error) {
-	sock, tcp := d.exportSpec(dev)
-	if tcp != "" {
-		ln, err := net.Listen("tcp", tcp)
-		if err != nil {
-			return nil, "", err
-		}
-		scheme := "nbd"
-		if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
-			scheme = "nbds" // config refuses plain TCP unless the YAML says insecure
-		}
-		return ln, scheme + "://" + ln.Addr().String() + "/", nil
-	}
-	ln, err := listenUnix(sock, 0o600)
-	if err != nil {
-		return nil, "", err
-	}
-	return ln, "nbd+unix:///?socket=" + sock, nil
-}
-
-// publishDevicePath writes where libxl finds a local path to the disk
-// (QEMU's emulated disk of an HVM guest): the export's socket, as libxl
-// wants it for the key's backend kind. A hotplug script that wrote one
-// (block-tap: its tap-ctl link to this same export) keeps it.
-func (d *Daemon) publishDevicePath(ctx context.Context, k Key, be string, ln net.Listener) error {
-	path := devicePath(k.Kind, exportSocket(ln))
-	if path == "" {
-		return nil
-	}
-	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		if err := requireDir(ctx, tx, be); err != nil {
-			return err
-		}
-		if cur, _ := tx.Read(ctx, be+"/physical-device-path"); cur != "" {
-			return nil
-		}
-		return tx.Write(ctx, be+"/physical-device-path", path)
-	})
-}
-
-// devicePath is physical-device-path for an export's unix socket (none
-// for a TCP export). A script-driven vbd disk's value goes to QEMU's
-// file= unchanged, so it is the URI; libxl wraps a tap (vbd3) disk's value
-// as nbd+unix:///?socket=VALUE itself, as tapdisk3 expects, and the 2006
-// backend/tap has no reader but tools that take the socket the same way.
-// libxl escapes nothing there: a comma would split QEMU's -drive option.
-func devicePath(kind, sock string) string {
-	switch {
-	case sock == "" || strings.Contains(sock, ","):
-		return ""
-	case kind == KindVBD:
-		return "nbd+unix:///?socket=" + sock
-	}
-	return sock
-}
-
-// exportSocket is the export's unix socket path, or "" for none or a TCP
-// export: libxl turns physical-device-path into nbd+unix:///?socket=PATH
-// for QEMU, so a "host:port" there would name a socket that does not exist.
-func exportSocket(ln net.Listener) string {
-	if ul, ok := ln.(*net.UnixListener); ok {
-		return ul.Addr().String()
-	}
-	return ""
-}
-
-func listenerFile(ln net.Listener) (*os.File, error) {
-	switch l := ln.(type) {
-	case *net.UnixListener:
-		return l.File()
-	case *net.TCPListener:
-		return l.File()
-	}
-	return nil, fmt.Errorf("listener %T cannot be handed over", ln)
-}
-
-// The guest view's reader starts reads and writes on the ring and the
-// frontend's reaper answers them (nbd.Starter).
-var _ nbd.Starter = (*frontend.Frontend)(nil)
-
-func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) error {
-	ln, uri, err := d.listenExport(dev)
-	if err != nil {
-		return terminal(fmt.Errorf("guest view export: %w", err))
-	}
-	var tlsConfig *tls.Config
-	if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
-		if tlsConfig, err = nbd.LoadTLSConfig(disk.Export.TLSCert, disk.Export.TLSKey, disk.Export.TLSCA); err != nil {
-			ln.Close()
-			return terminal(fmt.Errorf("guest view export: %w", err))
-		}
-	}
-	srv := &nbd.Server{
-		TLSConfig: tlsConfig,
-		Export: nbd.Export{
-			RoundTrip:   true, // every read is a ring round trip: keep many in flight
-			Name:        dev.name,
-			Description: "blktap guest view " + dev.name,
-			Backend:     dev.lf,
-			ReadOnly:    readOnly,
-		},
-		Logger: log,
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		if err := srv.Serve(ctx, ln); err != nil && ctx.Err() == nil {
-			log.Error("guest view export stopped", "err", err)
-		}
-	}()
-	go trimGuestWhenIdle(ctx, srv, dev.lf, log)
-	dev.guest, dev.guestStop, dev.guestDone, dev.guestURI = srv, cancel, done, uri
-	log.Info("guest view ready", "uri", uri)
-	return nil
-}
-
-// connectKernelDevice connects the kernel nbd device a domain-0 disk asks
-// for to its export, once the disk is connected.
-func (d *Daemon) connectKernelDevice(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if s.nbdDevice == "" || dev.kernel != nil || !s.Domain0 || !dev.exportServed || s.Backend != StateConnected {
-		return nil
-	}
-	ul, ok := dev.export.(*net.UnixListener)
-	if !ok {
-		return fmt.Errorf("%s: the kernel nbd client needs a unix socket export", s.nbdDevice)
-	}
-	if err := nbdkernel.Available(s.nbdDevice); err != nil {
-		return err
-	}
-	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	c, err := nbdkernel.Connect(cctx, s.nbdDevice, ul.Addr().String(), "")
-	if err != nil {
-		return err
-	}
-	dev.kernel = c
-	log.Info("kernel nbd device connected", "device", s.nbdDevice)
-	return nil
-}
-
-func (dev *device) closeKernelDevice(log *slog.Logger) {
-	if dev.kernel == nil {
-		return
-	}
-	if err := dev.kernel.Disconnect(); err != nil {
-		log.Warn("kernel nbd device disconnect", "err", err)
-	}
-	dev.kernel.Wait()
-	dev.kernel = nil
-}
-
-// guestDrain bounds how long the guest view may take to answer what it
-// has in flight before the local frontend is closed under it.
-const guestDrain = 15 * time.Second
-
-func (dev *device) closeLocalFrontend(log *slog.Logger) {
-	if dev.guest != nil {
-		dev.guestStop()
-		closed := make(chan struct{})
-		go func() {
-			dev.guest.Close()
-			close(closed)
-		}()
-		select {
-		case <-closed:
-		case <-time.After(guestDrain):
-			// Its connections wait on ring requests nobody answers (a
-			// worker stopped, dead or paused): closing the frontend fails
-			// them, so the export, and the daemon's shutdown, end.
-			log.Warn("guest view still busy: failing its ring requests", "after", guestDrain)
-			if dev.lf != nil {
-				dev.lf.CloseWithError(errors.New("guest view shut down with requests unanswered"))
-			}
-			<-closed
-		}
-		<-dev.guestDone
-		dev.guest, dev.guestURI = nil, ""
-	}
-	if dev.lf != nil {
-		if err := dev.lf.Close(); err != nil {
-			log.Warn("local frontend close", "err", err)
-		}
-		dev.lf = nil
-	}
-}
-
 // release stops everything the device runs: guest view, ring, worker
 // (which drains and flushes). Used at daemon shutdown.
 func (dev *device) release(ctx context.Context, log *slog.Logger) {
@@ -1261,167 +377,6 @@ func (dev *device) release(ctx context.Context, log *slog.Logger) {
 		dev.export.Close()
 		dev.export = nil
 	}
-}
-
-// writeStatus publishes the device's status under its backend directory,
-// writing only keys whose value changed (every write fires watches).
-func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
-	if !s.Present {
-		return
-	}
-	if _, written := dev.status[keyPhase]; written && s.phase != dev.status[keyPhase] {
-		// The directory was removed and declared again between two
-		// observations (an unplug and a plug): what was written is
-		// gone, so everything is written again.
-		logged := dev.status["logged-uri"]
-		dev.status, dev.statusLocked = map[string]string{"logged-uri": logged}, false
-	}
-	phase := PhaseStarting
-	errMsg := dev.lastErr
-	export := ""
-	switch {
-	case s.Backend == StateClosed && dev.proc == nil:
-		phase = PhaseClosed
-		if dev.failed != "" {
-			errMsg = dev.failed
-		}
-	case dev.ringErr != "":
-		phase, errMsg = PhaseClosing, "ring stopped: "+dev.ringErr
-	case dev.feFatal != "":
-		phase, errMsg = PhaseClosing, dev.feFatal
-	case s.Backend == StateClosing || s.Backend == StateClosed || !s.Online:
-		phase = PhaseClosing
-	case dev.failed != "":
-		phase, errMsg = PhaseFailed, dev.failed
-	case d.isPaused(dev.key) && dev.proc != nil:
-		phase = PhasePaused
-	case !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore):
-		phase = PhaseRestarting
-	case dev.lastErr != "":
-		phase = PhaseRetrying
-	case s.Backend == StateConnected && (s.Domain0 || !s.LocalFrontend || dev.guest != nil) &&
-		(s.nbdDevice == "" || dev.kernel != nil):
-		phase = PhaseConnected
-	case dev.proc != nil && (!s.Export || dev.exportServed):
-		// With its export, if it has one: the hotplug script reports
-		// the device ready on this phase, and libxl hands the export's
-		// physical-device-path to QEMU right after.
-		phase = PhaseWaiting
-	}
-	if dev.ringLost != "" && errMsg == "" {
-		errMsg = "ring stopped: " + dev.ringLost
-	}
-	if c := d.conflict(dev.key); c != "" && errMsg == "" {
-		errMsg = c
-	}
-	if s.Export && dev.exportServed {
-		export = dev.exportURI
-	} else if dev.guest != nil {
-		export = dev.guestURI
-	}
-	pid := ""
-	if dev.proc != nil {
-		pid = strconv.Itoa(dev.proc.Pid())
-	}
-	format, path, _ := ParseParams(s.Params)
-	if f, err := formats.Normalize(format); err == nil {
-		format = f
-	}
-	want := map[string]string{
-		keyPhase:       phase,
-		keyError:       errMsg,
-		keyExport:      export,
-		keyWorkerPid:   pid,
-		keyRestarts:    strconv.Itoa(dev.restarts),
-		keyName:        dev.name,
-		keyImageFormat: format,
-		keyImagePath:   path,
-	}
-	// A device stopped by a fault also says why in the backend's `error`
-	// key, where xenbus drivers report fatal errors for the toolstack.
-	if phase == PhaseFailed || dev.ringErr != "" || dev.ringLost != "" {
-		want["error"] = errMsg
-	} else if _, had := dev.status["error"]; had {
-		want["error"] = ""
-	}
-	be := d.backendPath(dev.key)
-	changed := false
-	for k, v := range want {
-		if old, ok := dev.status[k]; !ok || old != v {
-			changed = true
-			break
-		}
-	}
-	if !changed {
-		return
-	}
-	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		if _, err := tx.Read(ctx, be); err != nil {
-			return err
-		}
-		if !dev.statusLocked {
-			if err := d.lockStatusDir(ctx, tx, be); err != nil {
-				return err
-			}
-		}
-		for k, v := range want {
-			if dev.status[k] == v {
-				if _, ok := dev.status[k]; ok {
-					continue
-				}
-			}
-			if err := tx.Write(ctx, be+"/"+k, v); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		if !errors.Is(err, xenstore.ErrNotFound) {
-			d.log.Warn("write status", "device", dev.key.String(), "err", err)
-		}
-		return
-	}
-	dev.statusLocked = true
-	for k, v := range want {
-		dev.status[k] = v
-	}
-	if phase == PhaseConnected && export != "" && dev.status["logged-uri"] != export {
-		dev.status["logged-uri"] = export
-		d.log.Info("disk connected", "disk", dev.name, "device", dev.key.String(), "uri", export)
-	}
-}
-
-// lockStatusDir makes be/blktap/ unreadable to the guest (it names host
-// paths and pids): owned by the backend domain, no access for others.
-// A node takes its parent's permissions when it is created, so the
-// directory is locked before new keys go in; keys that already exist (an
-// older daemon's, or the toolstack's) are locked one by one.
-func (d *Daemon) lockStatusDir(ctx context.Context, tx *xenstore.Tx, be string) error {
-	dir := be + "/" + statusDir
-	perms := statusPerms(d.self)
-	if err := tx.Mkdir(ctx, dir); err != nil {
-		return err
-	}
-	if err := tx.SetPerms(ctx, dir, perms); err != nil {
-		return err
-	}
-	keys, err := tx.Directory(ctx, dir)
-	if err != nil {
-		return err
-	}
-	for _, k := range keys {
-		if err := tx.SetPerms(ctx, dir+"/"+k, perms); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
-			return err
-		}
-	}
-	return nil
-}
-
-// statusPerms: the backend domain owns the blktap/ subtree; nobody else
-// may read it.
-func statusPerms(self uint32) []xenstore.Perm {
-	return []xenstore.Perm{{Domid: self, Access: xenstore.PermNone}}
 }
 
 // errorNode is where Linux xenbus_dev_fatal reports a device's fatal

@@ -107,24 +107,9 @@ func (a Action) String() string { return a.Kind.String() + ": " + a.Reason }
 // again until the plan is empty; each step's effect is visible to the next
 // observation, so Plan only ever looks one handshake step ahead.
 func Plan(o Observed, a Actual) []Action {
-	var acts []Action
-	add := func(k ActionKind, why string) { acts = append(acts, Action{k, why}) }
-
 	if !o.Present {
-		// The toolstack removed the device: release everything.
-		if a.LF || a.LFConnected {
-			add(ActFrontendClose, "backend directory removed")
-		}
-		if a.Ring {
-			add(ActDisconnectRing, "backend directory removed")
-		}
-		if a.Worker {
-			add(ActStopWorker, "backend directory removed")
-		}
-		return acts
+		return planRemoved(a)
 	}
-
-	ownsFrontend := o.Domain0 || o.LocalFrontend
 	lost := o.frontendLost(a)
 	closing := !o.Online || o.Backend == StateClosing || o.Backend == StateClosed ||
 		o.Frontend == StateClosing || o.Frontend == StateClosed || a.RingError != "" || lost
@@ -132,49 +117,81 @@ func Plan(o Observed, a Actual) []Action {
 	// reconnect (xenbus.h): the backend starts over from InitWait.
 	reconnect := o.Online && o.Backend == StateClosed && a.RingError == "" &&
 		(o.Frontend == StateInitialising || o.Frontend == StateInitWait)
-	if reconnect {
-		closing = false
+	if closing && !reconnect {
+		return planClosing(o, a, lost)
 	}
+	return planHandshake(o, a, reconnect)
+}
 
-	if closing {
-		switch {
-		case a.RingError != "" && o.Backend != StateClosing && o.Backend != StateClosed:
-			add(ActBackendClosing, "ring stopped: "+a.RingError)
-		case (o.Frontend == StateClosing || o.Frontend == StateClosed) &&
-			o.Backend != StateClosing && o.Backend != StateClosed:
-			add(ActBackendClosing, "frontend is "+o.Frontend.String())
-		case !o.Online && o.Backend != StateClosing && o.Backend != StateClosed:
-			add(ActBackendClosing, "toolstack set online to 0")
-		case lost && !a.Ring && o.Backend == StateConnected:
-			add(ActDisconnectRing, "frontend is gone") // nothing mapped; backend -> Closed
-		}
-		if ownsFrontend && (a.LF || a.LFConnected || (o.FrontendPresent && o.Frontend != StateClosed)) &&
-			(o.Backend == StateClosing || o.Backend == StateClosed || len(acts) > 0) {
-			add(ActFrontendClose, "backend is closing; the daemon's frontend closes")
-		}
-		frontendGone := o.Frontend == StateClosed || !o.FrontendPresent || o.Frontend == StateUnknown
-		if frontendGone && (a.Ring || o.Backend == StateClosing) {
-			add(ActDisconnectRing, "frontend is "+o.Frontend.String())
-		}
-		if !o.Online && a.Worker && (o.Backend == StateClosed || (frontendGone && !a.Ring)) {
-			add(ActStopWorker, "device is offline and closed")
-		} else if lost && o.Declared && a.Worker && !a.Ring && o.Backend == StateClosed {
-			// No toolstack will remove a disk the daemon declared: the
-			// guest is gone, so is the reason to keep the image open.
-			add(ActStopWorker, "frontend is gone and nobody else will remove the device")
-		}
-		if o.LocalFrontend && o.Online && o.Backend == StateClosed && o.Frontend == StateClosed &&
-			a.RingLost != "" && !a.Ring && !a.LF && !a.LFConnected && a.RingError == "" && a.Failed == "" {
-			// Nobody but the daemon plays this guest's blkfront, and it
-			// closed only because the ring broke: it does what a blkfront
-			// does after Closed while the disk is still wanted, starts
-			// over, and the handshake reconnects. (A guest that went
-			// away is not brought back.)
-			add(ActFrontendRestart, "the ring was lost ("+a.RingLost+"); the local frontend starts over")
-		}
-		return acts
+// actions collects a plan's steps.
+type actions []Action
+
+func (acts *actions) add(k ActionKind, why string) { *acts = append(*acts, Action{k, why}) }
+
+// planRemoved: the toolstack removed the device; everything is released.
+func planRemoved(a Actual) []Action {
+	var acts actions
+	if a.LF || a.LFConnected {
+		acts.add(ActFrontendClose, "backend directory removed")
 	}
+	if a.Ring {
+		acts.add(ActDisconnectRing, "backend directory removed")
+	}
+	if a.Worker {
+		acts.add(ActStopWorker, "backend directory removed")
+	}
+	return acts
+}
 
+// planClosing takes a device that is going away, or whose frontend went
+// (lost), down the Closing/Closed handshake.
+func planClosing(o Observed, a Actual, lost bool) []Action {
+	var acts actions
+	add := acts.add
+	ownsFrontend := o.Domain0 || o.LocalFrontend
+	switch {
+	case a.RingError != "" && o.Backend != StateClosing && o.Backend != StateClosed:
+		add(ActBackendClosing, "ring stopped: "+a.RingError)
+	case (o.Frontend == StateClosing || o.Frontend == StateClosed) &&
+		o.Backend != StateClosing && o.Backend != StateClosed:
+		add(ActBackendClosing, "frontend is "+o.Frontend.String())
+	case !o.Online && o.Backend != StateClosing && o.Backend != StateClosed:
+		add(ActBackendClosing, "toolstack set online to 0")
+	case lost && !a.Ring && o.Backend == StateConnected:
+		add(ActDisconnectRing, "frontend is gone") // nothing mapped; backend -> Closed
+	}
+	if ownsFrontend && (a.LF || a.LFConnected || (o.FrontendPresent && o.Frontend != StateClosed)) &&
+		(o.Backend == StateClosing || o.Backend == StateClosed || len(acts) > 0) {
+		add(ActFrontendClose, "backend is closing; the daemon's frontend closes")
+	}
+	frontendGone := o.Frontend == StateClosed || !o.FrontendPresent || o.Frontend == StateUnknown
+	if frontendGone && (a.Ring || o.Backend == StateClosing) {
+		add(ActDisconnectRing, "frontend is "+o.Frontend.String())
+	}
+	if !o.Online && a.Worker && (o.Backend == StateClosed || (frontendGone && !a.Ring)) {
+		add(ActStopWorker, "device is offline and closed")
+	} else if lost && o.Declared && a.Worker && !a.Ring && o.Backend == StateClosed {
+		// No toolstack will remove a disk the daemon declared: the
+		// guest is gone, so is the reason to keep the image open.
+		add(ActStopWorker, "frontend is gone and nobody else will remove the device")
+	}
+	if o.LocalFrontend && o.Online && o.Backend == StateClosed && o.Frontend == StateClosed &&
+		a.RingLost != "" && !a.Ring && !a.LF && !a.LFConnected && a.RingError == "" && a.Failed == "" {
+		// Nobody but the daemon plays this guest's blkfront, and it
+		// closed only because the ring broke: it does what a blkfront
+		// does after Closed while the disk is still wanted, starts
+		// over, and the handshake reconnects. (A guest that went
+		// away is not brought back.)
+		add(ActFrontendRestart, "the ring was lost ("+a.RingLost+"); the local frontend starts over")
+	}
+	return acts
+}
+
+// planHandshake brings a device that is wanted up to Connected, one
+// handshake step at a time.
+func planHandshake(o Observed, a Actual, reconnect bool) []Action {
+	var acts actions
+	add := acts.add
 	if a.Failed != "" {
 		// libxl runs the hotplug script only once the backend is
 		// InitWait; the script is what reports the failure to it.
