@@ -62,6 +62,7 @@ type device struct {
 	notBefore    time.Time                   // restart backoff
 	bo           *backoff.ExponentialBackOff // retries of failed steps; reset on convergence
 	restartBo    *backoff.ExponentialBackOff // worker restarts; reset once a worker stays up
+	restartWait  time.Duration               // the restart delay the last worker waited
 	startedAt    time.Time
 	restarts     int
 	// The local frontend's restarts after its ring stopped: a ring that
@@ -194,6 +195,13 @@ func (d *Daemon) settled(ctx context.Context, dev *device, snap snapshot, log *s
 // fresh one for the restart backoff.
 const stableAfter = time.Minute
 
+// servedFactor: a worker that ran this many times longer than the delay
+// before its start was serving, not crash-looping, and its death too
+// counts as a fresh one. Without it, workers killed every few seconds
+// (an operator's kills, the crash matrix's rounds) came back ever more
+// slowly although each had served between the kills.
+const servedFactor = 10
+
 func (dev *device) actual() Actual {
 	return Actual{
 		Worker:      dev.proc != nil,
@@ -259,10 +267,11 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 		dev.restarts++
 		// A worker that crashes at once, again and again, is restarted
 		// ever more slowly; one that served for a while starts afresh.
-		if time.Since(dev.startedAt) > stableAfter {
+		if up := time.Since(dev.startedAt); up > stableAfter || up > servedFactor*dev.restartWait {
 			dev.restartBo.Reset()
 		}
 		wait := dev.restartBo.NextBackOff()
+		dev.restartWait = wait
 		dev.notBefore = time.Now().Add(wait)
 		dev.lastErr = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
 		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
