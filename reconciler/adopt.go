@@ -166,18 +166,21 @@ func (d *Daemon) resetOrphanRing(ctx context.Context, dev *device, s snapshot, l
 
 // newDevice makes the daemon's record of one device.
 func (d *Daemon) newDevice(k Key) *device {
-	bo := backoff.NewExponentialBackOff()
-	bo.InitialInterval = 500 * time.Millisecond
-	bo.MaxInterval = 30 * time.Second
-	bo.MaxElapsedTime = 0
-	rbo := backoff.NewExponentialBackOff()
-	rbo.InitialInterval = 500 * time.Millisecond
-	rbo.MaxInterval = 60 * time.Second
-	rbo.MaxElapsedTime = 0
-	fbo := backoff.NewExponentialBackOff()
-	fbo.InitialInterval = time.Second
-	fbo.RandomizationFactor = 0
-	fbo.MaxInterval = 60 * time.Second
-	fbo.MaxElapsedTime = 0
+	bo := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(500*time.Millisecond),
+		backoff.WithMaxInterval(30*time.Second),
+		backoff.WithMaxElapsedTime(0),
+	)
+	rbo := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(500*time.Millisecond),
+		backoff.WithMaxInterval(60*time.Second),
+		backoff.WithMaxElapsedTime(0),
+	)
+	fbo := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(time.Second),
+		backoff.WithRandomizationFactor(0),
+		backoff.WithMaxInterval(60*time.Second),
+		backoff.WithMaxElapsedTime(0),
+	)
 	return &device{key: k, bo: bo, restartBo: rbo, feRestartBo: fbo, status: map[string]string{}}
 }

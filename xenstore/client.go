@@ -213,10 +213,11 @@ func (c *Client) readLoop(conn net.Conn, gen uint64) {
 // redial reconnects with backoff, then re-registers every watch.
 func (c *Client) redial() {
 	defer c.wg.Done()
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval = 10 * time.Millisecond
-	b.MaxInterval = 2 * time.Second
-	b.MaxElapsedTime = 0
+	b := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(10*time.Millisecond),
+		backoff.WithMaxInterval(2*time.Second),
+		backoff.WithMaxElapsedTime(0),
+	)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	go func() {

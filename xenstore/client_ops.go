@@ -251,10 +251,13 @@ const MaxTxAttempts = 16
 // also retries). fn must have no effects outside tx, as it may run more
 // than once.
 func (c *Client) Transaction(ctx context.Context, fn func(tx *Tx) error) error {
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval = time.Millisecond
-	b.MaxInterval = 100 * time.Millisecond
-	b.MaxElapsedTime = 0
+	// Options, not fields set afterwards: the constructor starts the
+	// current interval from the defaults (500 ms) before fields could be.
+	b := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(time.Millisecond),
+		backoff.WithMaxInterval(100*time.Millisecond),
+		backoff.WithMaxElapsedTime(0),
+	)
 	var last error
 	for attempt := 0; attempt < MaxTxAttempts; attempt++ {
 		if attempt > 0 {

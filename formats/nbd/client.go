@@ -586,10 +586,11 @@ func (img *Image) connFailed(c *conn, err error) {
 // sending one twice (once before the drop, once now) is harmless.
 func (img *Image) reconnectLoop() {
 	defer img.wg.Done()
-	b := backoff.NewExponentialBackOff()
-	b.InitialInterval = 20 * time.Millisecond
-	b.MaxInterval = 2 * time.Second
-	b.MaxElapsedTime = 0 // until Close: each request has its own deadline
+	b := backoff.NewExponentialBackOff(
+		backoff.WithInitialInterval(20*time.Millisecond),
+		backoff.WithMaxInterval(2*time.Second),
+		backoff.WithMaxElapsedTime(0), // until Close: each request has its own deadline
+	)
 	attempt := 0
 	op := func() error {
 		attempt++
