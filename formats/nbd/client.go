@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"log/slog"
 	"net"
@@ -144,7 +145,7 @@ func OpenContext(ctx context.Context, uri string, opts Options) (*Image, error) 
 	if err != nil {
 		return nil, err
 	}
-	if c.info.flags&tfReadOnly != 0 && !opts.ReadOnly {
+	if c.info.flags&nbdwire.TransReadOnly != 0 && !opts.ReadOnly {
 		c.nc.Close()
 		return nil, fmt.Errorf("nbd: %s: %w: the export is read-only; open it with ReadOnly", u, image.ErrReadOnly)
 	}
@@ -226,7 +227,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if err := image.CheckRange(off, len(p), img.size); err != nil {
 		return 0, img.errf("%w", err)
 	}
-	if err := img.rw(cmdRead, p, off); err != nil {
+	if err := img.rw(nbdwire.CmdRead, p, off); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -240,7 +241,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := image.CheckRange(off, len(p), img.size); err != nil {
 		return 0, img.errf("%w", err)
 	}
-	if err := img.rw(cmdWrite, p, off); err != nil {
+	if err := img.rw(nbdwire.CmdWrite, p, off); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -294,10 +295,10 @@ func (img *Image) Flush() error {
 	if closed {
 		return img.errf("%w", image.ErrClosed)
 	}
-	if img.readOnly || flags&tfSendFlush == 0 {
+	if img.readOnly || flags&nbdwire.TransSendFlush == 0 {
 		return nil
 	}
-	if err := img.do(&request{cmd: cmdFlush}); err != nil {
+	if err := img.do(&request{cmd: nbdwire.CmdFlush}); err != nil {
 		return err
 	}
 	img.mu.Lock()
@@ -318,7 +319,7 @@ func (img *Image) Discard(off, length int64) error {
 	if img.readOnly {
 		return img.errf("discard: %w", image.ErrReadOnly)
 	}
-	return img.zeroish(cmdWriteZeroes, tfWriteZeroes, off, length)
+	return img.zeroish(nbdwire.CmdWriteZeroes, nbdwire.TransSendWriteZeroes, off, length)
 }
 
 // Trim sends TRIM: a hint that the range is unused, after which its
@@ -328,7 +329,7 @@ func (img *Image) Trim(off, length int64) error {
 	if img.readOnly {
 		return img.errf("trim: %w", image.ErrReadOnly)
 	}
-	return img.zeroish(cmdTrim, tfSendTrim, off, length)
+	return img.zeroish(nbdwire.CmdTrim, nbdwire.TransSendTrim, off, length)
 }
 
 func (img *Image) zeroish(cmd uint16, flag uint16, off, length int64) error {
@@ -342,7 +343,7 @@ func (img *Image) zeroish(cmd uint16, flag uint16, off, length int64) error {
 		return img.errf("%w", image.ErrClosed)
 	}
 	if flags&flag == 0 {
-		return img.errf("%s: %w: the server does not offer it", cmdName(cmd), image.ErrUnsupported)
+		return img.errf("%s: %w: the server does not offer it", nbdwire.CmdName(cmd), image.ErrUnsupported)
 	}
 	// The length field is 32 bits; 1 GiB pieces stay aligned.
 	const piece = 1 << 30
@@ -388,7 +389,7 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 	}
 	for cur, end := off, off+length; cur < end; {
 		ask := min(end-cur, 1<<30)
-		r := &request{cmd: cmdBlockStatus, off: cur, length: uint32(ask)}
+		r := &request{cmd: nbdwire.CmdBlockStatus, off: cur, length: uint32(ask)}
 		if err := img.do(r); err != nil {
 			return nil, err
 		}
@@ -399,10 +400,10 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 				break // the last extent may reach past what we asked
 			}
 			kind := image.Data
-			switch e.flags & (stateHole | stateZero) {
-			case stateHole | stateZero:
+			switch e.flags & (nbdwire.StateHole | nbdwire.StateZero) {
+			case nbdwire.StateHole | nbdwire.StateZero:
 				kind = image.Hole
-			case stateZero:
+			case nbdwire.StateZero:
 				kind = image.Zero
 			}
 			add(cur+got, n, kind)
@@ -433,7 +434,7 @@ func (img *Image) submit(r *request) {
 		if img.closed {
 			err = image.ErrClosed
 		}
-		r.finished, r.err = true, img.errf("%s: %w", cmdName(r.cmd), err)
+		r.finished, r.err = true, img.errf("%s: %w", nbdwire.CmdName(r.cmd), err)
 		close(r.done)
 		img.mu.Unlock()
 		return
@@ -454,11 +455,11 @@ func (img *Image) submit(r *request) {
 
 // send writes r on c; the caller has counted it in r.sending.
 func (img *Image) send(c *conn, r *request) {
-	var hdr [28]byte
-	putRequest(&hdr, r.flags, r.cmd, r.cookie, uint64(r.off), r.length)
+	var hdr [nbdwire.RequestSize]byte
+	nbdwire.PutRequest(hdr[:], nbdwire.Request{Flags: r.flags, Type: r.cmd, Cookie: r.cookie, Offset: uint64(r.off), Length: uint64(r.length)}, false)
 	c.wmu.Lock()
 	var err error
-	if r.cmd == cmdWrite {
+	if r.cmd == nbdwire.CmdWrite {
 		bufs := net.Buffers{hdr[:], r.buf}
 		_, err = bufs.WriteTo(c.nc)
 	} else {
@@ -472,7 +473,7 @@ func (img *Image) send(c *conn, r *request) {
 	}
 	img.mu.Unlock()
 	if err != nil {
-		img.connFailed(c, fmt.Errorf("send %s: %w", cmdName(r.cmd), err))
+		img.connFailed(c, fmt.Errorf("send %s: %w", nbdwire.CmdName(r.cmd), err))
 	}
 }
 
@@ -500,7 +501,7 @@ func (img *Image) wait(r *request) error {
 		// connection is stuck or the server is gone. Dropping it
 		// unblocks a reader or sender using r's buffer, and the next
 		// connection serves the other requests.
-		img.connFailed(c, fmt.Errorf("%s %d+%d: no answer within %v", cmdName(r.cmd), r.off, r.length, img.opts.Timeout))
+		img.connFailed(c, fmt.Errorf("%s %d+%d: no answer within %v", nbdwire.CmdName(r.cmd), r.off, r.length, img.opts.Timeout))
 	}
 	img.mu.Lock()
 	// The caller may reuse its buffer once we return: wait until no
@@ -509,7 +510,7 @@ func (img *Image) wait(r *request) error {
 		img.cond.Wait()
 	}
 	img.mu.Unlock()
-	return img.errf("%s %d+%d: %w: %w", cmdName(r.cmd), r.off, r.length, ErrTimeout, unix.EIO)
+	return img.errf("%s %d+%d: %w: %w", nbdwire.CmdName(r.cmd), r.off, r.length, ErrTimeout, unix.EIO)
 }
 
 // finishLocked answers r; mu is held.
@@ -519,7 +520,7 @@ func (img *Image) finishLocked(r *request, err error) {
 	}
 	r.finished, r.err = true, err
 	delete(img.pending, r.cookie)
-	if err == nil && (r.cmd == cmdWrite || r.cmd == cmdWriteZeroes || r.cmd == cmdTrim) {
+	if err == nil && (r.cmd == nbdwire.CmdWrite || r.cmd == nbdwire.CmdWriteZeroes || r.cmd == nbdwire.CmdTrim) {
 		// Counted at the acknowledgement, under the same lock a drop
 		// takes, so no acknowledged write escapes the lost-write check.
 		img.writeSeq++
@@ -542,7 +543,7 @@ func (img *Image) failAllLocked(err error) {
 		for r.claimed || r.sending > 0 {
 			img.cond.Wait()
 		}
-		img.finishLocked(r, img.errf("%s: %w", cmdName(r.cmd), err))
+		img.finishLocked(r, img.errf("%s: %w", nbdwire.CmdName(r.cmd), err))
 	}
 }
 
@@ -559,7 +560,7 @@ func (img *Image) connFailed(c *conn, err error) {
 	start := false
 	if img.conn == c {
 		img.conn = nil
-		if img.writeSeq > img.flushedSeq && c.info.flags&tfSendFlush != 0 {
+		if img.writeSeq > img.flushedSeq && c.info.flags&nbdwire.TransSendFlush != 0 {
 			img.lostWrites = true
 		}
 		if img.opts.noReconnect {
@@ -683,35 +684,37 @@ func (img *Image) lookupLocked(c *conn, cookie uint64) (*request, error) {
 	return r, nil
 }
 
-// readReply reads one simple reply or one structured chunk:
-//
-//	simple:  | 0x67446698 | u32 error | u64 cookie |            (+ data for a good READ)
-//	chunk:   | 0x668e33ef | u16 flags | u16 type | u64 cookie | u32 length | payload
+// readReply reads one simple reply or one structured chunk (layouts in
+// internal/nbdwire), and a good READ's data after a simple reply.
 func (img *Image) readReply(c *conn) error {
-	var h [20]byte
+	var h [nbdwire.ChunkHeaderSize]byte
 	if _, err := io.ReadFull(c.br, h[:4]); err != nil {
 		return err
 	}
-	switch m := binary.BigEndian.Uint32(h[0:4]); m {
-	case magicSimple:
-		if _, err := io.ReadFull(c.br, h[4:16]); err != nil {
-			return err
-		}
-		return img.simpleReply(c, binary.BigEndian.Uint32(h[4:8]), binary.BigEndian.Uint64(h[8:16]))
-	case magicChunk:
+	m := binary.BigEndian.Uint32(h[0:4])
+	switch m {
+	case nbdwire.MagicSimpleReply:
+	case nbdwire.MagicChunkReply:
 		if !c.info.structured {
 			return protoErr("structured reply chunk without negotiating structured replies")
 		}
-		if _, err := io.ReadFull(c.br, h[4:20]); err != nil {
-			return err
-		}
-		return img.chunk(c, binary.BigEndian.Uint16(h[4:6]), binary.BigEndian.Uint16(h[6:8]),
-			binary.BigEndian.Uint64(h[8:16]), binary.BigEndian.Uint32(h[16:20]))
-	case magicExtReply:
+	case nbdwire.MagicExtReply:
 		return protoErr("extended-header reply, which we never negotiated")
 	default:
 		return protoErr("reply magic %#x", m)
 	}
+	n := nbdwire.ReplySize(m)
+	if _, err := io.ReadFull(c.br, h[4:n]); err != nil {
+		return err
+	}
+	r, err := nbdwire.ParseReply(h[:n])
+	if err != nil {
+		return protoErr("%v", err)
+	}
+	if r.Magic == nbdwire.MagicSimpleReply {
+		return img.simpleReply(c, r.Error, r.Cookie)
+	}
+	return img.chunk(c, r.Flags, r.Type, r.Cookie, uint32(r.Length))
 }
 
 func (img *Image) simpleReply(c *conn, code uint32, cookie uint64) error {
@@ -722,15 +725,15 @@ func (img *Image) simpleReply(c *conn, code uint32, cookie uint64) error {
 		return err
 	}
 	if code != 0 {
-		img.finishLocked(r, &ServerError{Cmd: cmdName(r.cmd), Code: code, Errno: errnoOf(code)})
+		img.finishLocked(r, &ServerError{Cmd: nbdwire.CmdName(r.cmd), Code: code, Errno: errnoOf(code)})
 		img.mu.Unlock()
 		return nil
 	}
-	if r.cmd == cmdBlockStatus {
+	if r.cmd == nbdwire.CmdBlockStatus {
 		img.mu.Unlock()
 		return protoErr("simple reply to BLOCK_STATUS")
 	}
-	if r.cmd != cmdRead {
+	if r.cmd != nbdwire.CmdRead {
 		img.finishLocked(r, nil)
 		img.mu.Unlock()
 		return nil
@@ -760,13 +763,13 @@ func (img *Image) chunk(c *conn, flags, typ uint16, cookie uint64, length uint32
 	}
 	var perr error // a protocol error: the connection must go
 	switch {
-	case typ == chunkNone:
-		if length != 0 || flags&chunkDone == 0 {
+	case typ == nbdwire.ChunkNone:
+		if length != 0 || flags&nbdwire.ChunkFlagDone == 0 {
 			perr = protoErr("NONE chunk of %d bytes, flags %#x", length, flags)
 		}
-	case typ == chunkOffsetData || typ == chunkOffsetHole:
-		if r.cmd != cmdRead {
-			perr = protoErr("read data for %s", cmdName(r.cmd))
+	case typ == nbdwire.ChunkOffsetData || typ == nbdwire.ChunkOffsetHole:
+		if r.cmd != nbdwire.CmdRead {
+			perr = protoErr("read data for %s", nbdwire.CmdName(r.cmd))
 			break
 		}
 		r.claimed = true
@@ -775,9 +778,9 @@ func (img *Image) chunk(c *conn, flags, typ uint16, cookie uint64, length uint32
 		img.mu.Lock()
 		r.claimed = false
 		img.cond.Broadcast()
-	case typ == chunkBlockStatus:
-		if r.cmd != cmdBlockStatus {
-			perr = protoErr("block status for %s", cmdName(r.cmd))
+	case typ == nbdwire.ChunkBlockStatus:
+		if r.cmd != nbdwire.CmdBlockStatus {
+			perr = protoErr("block status for %s", nbdwire.CmdName(r.cmd))
 			break
 		}
 		img.mu.Unlock()
@@ -788,7 +791,7 @@ func (img *Image) chunk(c *conn, flags, typ uint16, cookie uint64, length uint32
 		} else if !r.abandoned && r.sentOn == c {
 			r.extents = append(r.extents, ext...)
 		}
-	case typ&chunkErrBit != 0:
+	case typ&nbdwire.ChunkErrorBit != 0:
 		img.mu.Unlock()
 		serr, err := readErrorChunk(c, r.cmd, typ, length)
 		img.mu.Lock()
@@ -804,7 +807,7 @@ func (img *Image) chunk(c *conn, flags, typ uint16, cookie uint64, length uint32
 		img.mu.Unlock()
 		return perr
 	}
-	if flags&chunkDone != 0 && !r.abandoned && r.sentOn == c {
+	if flags&nbdwire.ChunkFlagDone != 0 && !r.abandoned && r.sentOn == c {
 		img.finishLocked(r, img.replyResultLocked(r))
 	}
 	img.mu.Unlock()
@@ -818,7 +821,7 @@ func (img *Image) replyResultLocked(r *request) error {
 		return r.chunkEr
 	}
 	switch r.cmd {
-	case cmdRead:
+	case nbdwire.CmdRead:
 		slices.SortFunc(r.covered, func(a, b span) int { return cmp.Compare(a.off, b.off) })
 		next := r.off
 		for _, s := range r.covered {
@@ -831,7 +834,7 @@ func (img *Image) replyResultLocked(r *request) error {
 			return img.errf("READ %d+%d: %w: the reply did not cover byte %d: %w",
 				r.off, r.length, ErrProtocol, next, unix.EIO)
 		}
-	case cmdBlockStatus:
+	case nbdwire.CmdBlockStatus:
 		if len(r.extents) == 0 {
 			return img.errf("BLOCK_STATUS: %w: no extents: %w", ErrProtocol, unix.EIO)
 		}
@@ -846,11 +849,11 @@ func (img *Image) replyResultLocked(r *request) error {
 //	OFFSET_HOLE: | u64 offset | u32 hole size |
 func (img *Image) readChunk(c *conn, r *request, typ uint16, length uint32) error {
 	var b [12]byte
-	if length < 9 || (typ == chunkOffsetHole && length != 12) {
+	if length < 9 || (typ == nbdwire.ChunkOffsetHole && length != 12) {
 		return protoErr("%d-byte chunk of type %d", length, typ)
 	}
 	n := 8
-	if typ == chunkOffsetHole {
+	if typ == nbdwire.ChunkOffsetHole {
 		n = 12
 	}
 	if _, err := io.ReadFull(c.br, b[:n]); err != nil {
@@ -858,7 +861,7 @@ func (img *Image) readChunk(c *conn, r *request, typ uint16, length uint32) erro
 	}
 	off := binary.BigEndian.Uint64(b[0:8])
 	size := uint64(length) - 8
-	if typ == chunkOffsetHole {
+	if typ == nbdwire.ChunkOffsetHole {
 		size = uint64(binary.BigEndian.Uint32(b[8:12]))
 	}
 	start, end := uint64(r.off), uint64(r.off)+uint64(r.length)
@@ -866,7 +869,7 @@ func (img *Image) readChunk(c *conn, r *request, typ uint16, length uint32) erro
 		return protoErr("chunk for %d+%d outside READ %d+%d", off, size, r.off, r.length)
 	}
 	dst := r.buf[off-start : off-start+size]
-	if typ == chunkOffsetHole {
+	if typ == nbdwire.ChunkOffsetHole {
 		clear(dst)
 	} else if _, err := io.ReadFull(c.br, dst); err != nil {
 		return err
@@ -927,10 +930,10 @@ func readErrorChunk(c *conn, cmd uint16, typ uint16, length uint32) (*ServerErro
 		code = 5
 	}
 	msg := string(b[6 : 6+mlen])
-	if typ == chunkErrBit|2 && len(b)-6-mlen >= 8 {
+	if typ == nbdwire.ChunkErrorBit|2 && len(b)-6-mlen >= 8 {
 		msg += fmt.Sprintf(" (at offset %d)", binary.BigEndian.Uint64(b[6+mlen:]))
 	}
-	return &ServerError{Cmd: cmdName(cmd), Code: code, Errno: errnoOf(code), Message: msg}, nil
+	return &ServerError{Cmd: nbdwire.CmdName(cmd), Code: code, Errno: errnoOf(code), Message: msg}, nil
 }
 
 // Close flushes, says goodbye to the server and releases everything.
@@ -955,8 +958,8 @@ func (img *Image) Close() error {
 	img.cancel()
 	if c != nil {
 		// DISC has no reply; best effort, bounded by a deadline.
-		var hdr [28]byte
-		putRequest(&hdr, 0, cmdDisc, 0, 0, 0)
+		var hdr [nbdwire.RequestSize]byte
+		nbdwire.PutRequest(hdr[:], nbdwire.Request{Type: nbdwire.CmdDisc}, false)
 		c.wmu.Lock()
 		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		c.nc.Write(hdr[:])

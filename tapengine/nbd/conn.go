@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"log/slog"
 	"math/bits"
@@ -212,14 +213,14 @@ func (c *conn) serve(ctx context.Context) error {
 // everything after an inline request turned out slow (a page-cache miss
 // on a real disk), so one slow disk read does not serialise the queue.
 func (c *conn) readLoop() (err error) {
-	hsz := requestSize
+	hsz := nbdwire.RequestSize
 	if c.sess.extended {
-		hsz = extRequestSize
+		hsz = nbdwire.ExtRequestSize
 	}
 	// Replies and started requests held back must go out whatever ends
 	// the loop.
 	defer c.flushHeld()
-	var hb [extRequestSize]byte
+	var hb [nbdwire.ExtRequestSize]byte
 	// run counts the requests read since the reader last found its
 	// buffer empty, qd1 the times in a row that was one request with
 	// nothing else in flight: a client that waits for every answer.
@@ -253,7 +254,7 @@ func (c *conn) readLoop() (err error) {
 			return err
 		}
 		var plen uint64
-		if rq.Type == CmdWrite || (c.sess.extended && rq.Flags&CmdFlagPayloadLen != 0) {
+		if rq.Type == nbdwire.CmdWrite || (c.sess.extended && rq.Flags&nbdwire.CmdFlagPayloadLen != 0) {
 			plen = rq.Length
 		}
 		if plen > MaxStreamed {
@@ -261,7 +262,7 @@ func (c *conn) readLoop() (err error) {
 			// without it the stream is out of frame.
 			return fmt.Errorf("%w: payload of %d bytes exceeds %d", ErrProtocol, plen, MaxStreamed)
 		}
-		if rq.Type == CmdDisc {
+		if rq.Type == nbdwire.CmdDisc {
 			return nil
 		}
 		if len(c.free) == 0 {
@@ -273,7 +274,7 @@ func (c *conn) readLoop() (err error) {
 		if plen > 0 && c.refused(rq) || plen > MaxPayload {
 			need = 0 // its payload is dropped, or streamed, as it is read
 		}
-		if plen == 0 && rq.Type == CmdRead && rq.Length <= MaxPayload {
+		if plen == 0 && rq.Type == nbdwire.CmdRead && rq.Length <= MaxPayload {
 			need = int64(rq.Length)
 		}
 		if need > bigRequest {
@@ -341,7 +342,7 @@ func (c *conn) readPayload(r *req, plen uint64) error {
 		_, err := io.CopyN(io.Discard, c.br, int64(plen))
 		return err
 	}
-	if c.lendable(r.Request) && r.Type == CmdWrite {
+	if c.lendable(r.Request) && r.Type == nbdwire.CmdWrite {
 		for off := uint64(0); off < plen; off += c.stMax {
 			h, buf, err := c.lender.TakeTag()
 			if err != nil {
@@ -374,11 +375,11 @@ func (c *conn) startable(rq Request) bool {
 		return false
 	}
 	switch rq.Type {
-	case CmdRead:
+	case nbdwire.CmdRead:
 		// A sparse read asks the map first; a started read cannot.
-		return !c.sess.structured || c.mapper == nil || rq.Length < sparseMin || rq.Flags&CmdFlagDF != 0
-	case CmdWrite:
-		return rq.Flags&CmdFlagFUA == 0
+		return !c.sess.structured || c.mapper == nil || rq.Length < sparseMin || rq.Flags&nbdwire.CmdFlagDF != 0
+	case nbdwire.CmdWrite:
+		return rq.Flags&nbdwire.CmdFlagFUA == 0
 	}
 	return false
 }
@@ -392,7 +393,7 @@ func (c *conn) start(r *req) {
 	r.perr = nil
 	c.async.Add(1)
 	c.started.Add(1)
-	if r.Type == CmdRead {
+	if r.Type == nbdwire.CmdRead {
 		if c.lendable(r.Request) {
 			r.lent = true
 			r.lentData = slices.Grow(r.lentData[:0], int(parts))[:parts]
@@ -406,13 +407,13 @@ func (c *conn) start(r *req) {
 		cookie := uint64(r.idx) | uint64(i)<<32
 		var err error
 		switch {
-		case r.Type == CmdRead && r.lent:
+		case r.Type == nbdwire.CmdRead && r.lent:
 			var h uint64
 			if h, _, err = c.lender.TakeTag(); err == nil {
 				r.tags = append(r.tags, h)
 				err = c.lender.StartTagRead(h, int64(r.Offset+off), int(n), c, cookie)
 			}
-		case r.Type == CmdRead:
+		case r.Type == nbdwire.CmdRead:
 			err = c.st.StartRead(int64(r.Offset+off), int(n), c, cookie)
 		case r.lent:
 			err = c.lender.StartTagWrite(r.tags[i], int64(r.Offset+off), int(n), c, cookie)
@@ -431,7 +432,7 @@ func (c *conn) start(r *req) {
 // Starter's goroutine). The reply waits for CompleteBatch.
 func (c *conn) Complete(cookie uint64, data []byte, err error) {
 	r := c.reqs[uint32(cookie)]
-	if err == nil && r.Type == CmdRead {
+	if err == nil && r.Type == nbdwire.CmdRead {
 		if r.lent {
 			r.lentData[cookie>>32] = data
 		} else {
@@ -458,10 +459,10 @@ func (c *conn) partsDone(r *req, k int32, err error) {
 	r.emu.Unlock()
 	r.deferred = true
 	switch {
-	case r.Type == CmdRead && err == nil:
+	case r.Type == nbdwire.CmdRead && err == nil:
 		c.s.stats.bytesRead.Add(r.Length)
 		c.replyData(r)
-	case r.Type == CmdRead:
+	case r.Type == nbdwire.CmdRead:
 		c.replyBackendErr(r, "read", err)
 	case err == nil:
 		c.s.stats.bytesWritten.Add(r.Length)
@@ -485,9 +486,9 @@ func (c *conn) inlineable(rq Request) bool {
 		return false
 	}
 	switch rq.Type {
-	case CmdRead, CmdCache, CmdBlockStatus:
+	case nbdwire.CmdRead, nbdwire.CmdCache, nbdwire.CmdBlockStatus:
 		return rq.Length <= inlineMax
-	case CmdWrite:
+	case nbdwire.CmdWrite:
 		// With InlineWrites a page-cache write is cheaper here than a
 		// hand-off: buffered writes to one file serialise on its inode
 		// lock anyway, so workers add wake-ups, not parallelism
@@ -495,7 +496,7 @@ func (c *conn) inlineable(rq Request) bool {
 		// 0.05-0.12 switches per write inline, 9.1-10.3 us and 0.16 on
 		// the workers). A slow one (runInline) sends the next requests to
 		// the workers for a while.
-		return c.s.Export.InlineWrites && rq.Flags&CmdFlagFUA == 0 && rq.Length <= inlineMax
+		return c.s.Export.InlineWrites && rq.Flags&nbdwire.CmdFlagFUA == 0 && rq.Length <= inlineMax
 	}
 	return false
 }
@@ -561,28 +562,28 @@ func (c *conn) release(r *req) {
 func (c *conn) allowedFlags(typ uint16) uint16 {
 	var f uint16
 	switch typ {
-	case CmdRead:
-		f = CmdFlagDF
-	case CmdWrite:
-		f = CmdFlagFUA
-	case CmdTrim:
-		f = CmdFlagFUA
-	case CmdWriteZeroes:
-		f = CmdFlagFUA | CmdFlagNoHole | CmdFlagFastZero
-	case CmdBlockStatus:
-		f = CmdFlagReqOne
+	case nbdwire.CmdRead:
+		f = nbdwire.CmdFlagDF
+	case nbdwire.CmdWrite:
+		f = nbdwire.CmdFlagFUA
+	case nbdwire.CmdTrim:
+		f = nbdwire.CmdFlagFUA
+	case nbdwire.CmdWriteZeroes:
+		f = nbdwire.CmdFlagFUA | nbdwire.CmdFlagNoHole | nbdwire.CmdFlagFastZero
+	case nbdwire.CmdBlockStatus:
+		f = nbdwire.CmdFlagReqOne
 	}
-	if c.sess.extended && typ == CmdWrite {
-		f |= CmdFlagPayloadLen
+	if c.sess.extended && typ == nbdwire.CmdWrite {
+		f |= nbdwire.CmdFlagPayloadLen
 	}
 	// Clients may set FUA on any command; it only matters for writes.
-	return f | CmdFlagFUA
+	return f | nbdwire.CmdFlagFUA
 }
 
 // refused reports whether handle answers a request that carries a
 // payload with an error, whatever the backend would say.
 func (c *conn) refused(rq Request) bool {
-	return rq.Type != CmdWrite || rq.Flags&^c.allowedFlags(rq.Type) != 0 || c.ro || !c.inRange(rq.Offset, rq.Length)
+	return rq.Type != nbdwire.CmdWrite || rq.Flags&^c.allowedFlags(rq.Type) != 0 || c.ro || !c.inRange(rq.Offset, rq.Length)
 }
 
 // inRange reports whether [off, off+n) lies inside the export.
@@ -594,36 +595,36 @@ func (c *conn) inRange(off, n uint64) bool {
 func (c *conn) handle(r *req) {
 	st := &c.s.stats
 	if r.Flags&^c.allowedFlags(r.Type) != 0 {
-		c.replyErr(r, errInval, "unsupported command flags")
+		c.replyErr(r, nbdwire.ErrnoInval, "unsupported command flags")
 		return
 	}
-	if c.sess.extended && r.Flags&CmdFlagPayloadLen != 0 && r.Type != CmdWrite {
+	if c.sess.extended && r.Flags&nbdwire.CmdFlagPayloadLen != 0 && r.Type != nbdwire.CmdWrite {
 		// We do not advertise BLOCK_STATUS_PAYLOAD; the payload was read
 		// and is dropped.
-		c.replyErr(r, errInval, "unexpected payload")
+		c.replyErr(r, nbdwire.ErrnoInval, "unexpected payload")
 		return
 	}
 	switch r.Type {
-	case CmdRead:
+	case nbdwire.CmdRead:
 		st.reads.Add(1)
 		switch {
 		case r.Length > MaxStreamed:
-			c.replyErr(r, errInval, "read longer than the maximum payload")
+			c.replyErr(r, nbdwire.ErrnoInval, "read longer than the maximum payload")
 		case !c.inRange(r.Offset, r.Length):
-			c.replyErr(r, errInval, "read past the end of the export")
+			c.replyErr(r, nbdwire.ErrnoInval, "read past the end of the export")
 		case r.Length > MaxPayload:
 			c.streamRead(r)
 		default:
 			c.read(r)
 		}
 
-	case CmdWrite:
+	case nbdwire.CmdWrite:
 		st.writes.Add(1)
 		switch {
 		case c.ro:
-			c.replyErr(r, errPerm, "export is read-only")
+			c.replyErr(r, nbdwire.ErrnoPerm, "export is read-only")
 		case !c.inRange(r.Offset, r.Length):
-			c.replyErr(r, errNoSpc, "write past the end of the export")
+			c.replyErr(r, nbdwire.ErrnoNoSpace, "write past the end of the export")
 		case r.start:
 			c.start(r)
 		default:
@@ -635,7 +636,7 @@ func (c *conn) handle(r *req) {
 			c.finishWrite(r)
 		}
 
-	case CmdFlush:
+	case nbdwire.CmdFlush:
 		st.flushes.Add(1)
 		if err := c.be.Flush(); err != nil {
 			c.replyBackendErr(r, "flush", err)
@@ -643,15 +644,15 @@ func (c *conn) handle(r *req) {
 		}
 		c.replyOK(r)
 
-	case CmdTrim:
+	case nbdwire.CmdTrim:
 		st.trims.Add(1)
 		switch {
 		case c.ro:
-			c.replyErr(r, errPerm, "export is read-only")
+			c.replyErr(r, nbdwire.ErrnoPerm, "export is read-only")
 		case c.disc == nil:
-			c.replyErr(r, errInval, "trim not offered")
+			c.replyErr(r, nbdwire.ErrnoInval, "trim not offered")
 		case !c.inRange(r.Offset, r.Length):
-			c.replyErr(r, errInval, "trim past the end of the export")
+			c.replyErr(r, nbdwire.ErrnoInval, "trim past the end of the export")
 		case r.Length == 0:
 			c.replyOK(r)
 		default:
@@ -662,16 +663,16 @@ func (c *conn) handle(r *req) {
 			c.finishWrite(r)
 		}
 
-	case CmdWriteZeroes:
+	case nbdwire.CmdWriteZeroes:
 		st.zeroes.Add(1)
 		switch {
 		case c.ro:
-			c.replyErr(r, errPerm, "export is read-only")
+			c.replyErr(r, nbdwire.ErrnoPerm, "export is read-only")
 		case !c.inRange(r.Offset, r.Length):
-			c.replyErr(r, errNoSpc, "write past the end of the export")
+			c.replyErr(r, nbdwire.ErrnoNoSpace, "write past the end of the export")
 		default:
 			if e, err := c.writeZeroes(r); err != nil {
-				if e == errNotSup {
+				if e == nbdwire.ErrnoNotSup {
 					c.replyErr(r, e, "zeroing would not be fast")
 				} else {
 					c.replyBackendErr(r, "write zeroes", err)
@@ -681,26 +682,26 @@ func (c *conn) handle(r *req) {
 			c.finishWrite(r)
 		}
 
-	case CmdCache:
+	case nbdwire.CmdCache:
 		// Advisory; the page cache already does what a prefetch would.
 		if !c.inRange(r.Offset, r.Length) {
-			c.replyErr(r, errInval, "cache past the end of the export")
+			c.replyErr(r, nbdwire.ErrnoInval, "cache past the end of the export")
 			return
 		}
 		c.replyOK(r)
 
-	case CmdBlockStatus:
+	case nbdwire.CmdBlockStatus:
 		st.blockStatus.Add(1)
 		c.blockStatus(r)
 
 	default:
-		c.replyErr(r, errInval, fmt.Sprintf("unknown command %d", r.Type))
+		c.replyErr(r, nbdwire.ErrnoInval, fmt.Sprintf("unknown command %d", r.Type))
 	}
 }
 
 // finishWrite honours FUA once a write-like command is in the image.
 func (c *conn) finishWrite(r *req) {
-	if r.Flags&CmdFlagFUA != 0 {
+	if r.Flags&nbdwire.CmdFlagFUA != 0 {
 		if err := c.be.Flush(); err != nil {
 			c.replyBackendErr(r, "flush after FUA", err)
 			return
@@ -710,11 +711,11 @@ func (c *conn) finishWrite(r *req) {
 }
 
 // writeZeroes zeroes a request's range the fastest way the backend
-// offers. It returns errNotSup (and an error) when FAST_ZERO was asked and
+// offers. It returns nbdwire.ErrnoNotSup (and an error) when FAST_ZERO was asked and
 // only the slow way remains.
 func (c *conn) writeZeroes(r *req) (uint32, error) {
 	off, n := int64(r.Offset), int64(r.Length)
-	mayTrim := r.Flags&CmdFlagNoHole == 0
+	mayTrim := r.Flags&nbdwire.CmdFlagNoHole == 0
 	if n == 0 {
 		return 0, nil
 	}
@@ -728,8 +729,8 @@ func (c *conn) writeZeroes(r *req) (uint32, error) {
 		err := c.disc.Discard(off, n)
 		return errno(err), err
 	}
-	if r.Flags&CmdFlagFastZero != 0 {
-		return errNotSup, errors.ErrUnsupported
+	if r.Flags&nbdwire.CmdFlagFastZero != 0 {
+		return nbdwire.ErrnoNotSup, errors.ErrUnsupported
 	}
 	for n > 0 {
 		k := min(n, zeroChunk)
@@ -754,7 +755,7 @@ func (c *conn) read(r *req) {
 		return
 	}
 	r.buf, r.bufp = getBuf(n)
-	if c.sess.structured && c.mapper != nil && n >= sparseMin && r.Flags&CmdFlagDF == 0 {
+	if c.sess.structured && c.mapper != nil && n >= sparseMin && r.Flags&nbdwire.CmdFlagDF == 0 {
 		if c.sparseRead(r) {
 			return
 		}
@@ -822,15 +823,15 @@ func (c *conn) sparseRead(r *req) bool {
 	for i, sg := range segs {
 		var fl uint16
 		if i == len(segs)-1 {
-			fl = chunkFlagDone
+			fl = nbdwire.ChunkFlagDone
 		}
 		if sg.zero {
-			h := c.chunkHdr(r, fl, chunkOffsetHole, 12, 12)
+			h := c.chunkHdr(r, fl, nbdwire.ChunkOffsetHole, 12, 12)
 			h = binary.BigEndian.AppendUint64(h, uint64(sg.off))
 			h = binary.BigEndian.AppendUint32(h, uint32(sg.n))
 			r.iov = append(r.iov, h)
 		} else {
-			h := c.chunkHdr(r, fl, chunkOffsetData, 8+int(sg.n), 8)
+			h := c.chunkHdr(r, fl, nbdwire.ChunkOffsetData, 8+int(sg.n), 8)
 			h = binary.BigEndian.AppendUint64(h, uint64(sg.off))
 			r.iov = append(r.iov, h, r.buf[sg.off-off:sg.off-off+sg.n])
 		}
@@ -849,10 +850,10 @@ func (c *conn) blockStatus(r *req) {
 	}
 	switch {
 	case !c.sess.structured || !(c.sess.metaAlloc || c.sess.metaDepth):
-		c.replyErr(r, errInval, "no meta context selected")
+		c.replyErr(r, nbdwire.ErrnoInval, "no meta context selected")
 		return
 	case want == 0 || !c.inRange(r.Offset, want):
-		c.replyErr(r, errInval, "block status range outside the export")
+		c.replyErr(r, nbdwire.ErrnoInval, "block status range outside the export")
 		return
 	}
 	off := int64(r.Offset)
@@ -912,18 +913,18 @@ func (c *conn) blockStatus(r *req) {
 			}
 		}
 		if len(ds) == 0 {
-			c.replyErr(r, errIO, "backend map covers nothing")
+			c.replyErr(r, nbdwire.ErrnoIO, "backend map covers nothing")
 			return
 		}
-		if r.Flags&CmdFlagReqOne != 0 {
+		if r.Flags&nbdwire.CmdFlagReqOne != 0 {
 			ds = ds[:1]
 		}
 		var fl uint16
 		if i == k-1 {
-			fl = chunkFlagDone
+			fl = nbdwire.ChunkFlagDone
 		}
 		if c.sess.extended {
-			h := c.chunkHdr(r, fl, chunkBlockStatusEx, 8+16*len(ds), 8+16*len(ds))
+			h := c.chunkHdr(r, fl, nbdwire.ChunkBlockStatusExt, 8+16*len(ds), 8+16*len(ds))
 			h = binary.BigEndian.AppendUint32(h, cx.id)
 			h = binary.BigEndian.AppendUint32(h, uint32(len(ds)))
 			for _, d := range ds {
@@ -932,7 +933,7 @@ func (c *conn) blockStatus(r *req) {
 			}
 			r.iov = append(r.iov, h)
 		} else {
-			h := c.chunkHdr(r, fl, chunkBlockStatus, 4+8*len(ds), 4+8*len(ds))
+			h := c.chunkHdr(r, fl, nbdwire.ChunkBlockStatus, 4+8*len(ds), 4+8*len(ds))
 			h = binary.BigEndian.AppendUint32(h, cx.id)
 			for _, d := range ds {
 				h = binary.BigEndian.AppendUint32(h, uint32(d.n))
@@ -948,9 +949,9 @@ func (c *conn) blockStatus(r *req) {
 func allocFlags(e image.Extent) uint32 {
 	switch e.Kind {
 	case image.Hole:
-		return stateHole | stateZero
+		return nbdwire.StateHole | nbdwire.StateZero
 	case image.Zero:
-		return stateZero
+		return nbdwire.StateZero
 	}
 	return 0
 }
@@ -969,24 +970,24 @@ func depthFlags(e image.Extent) uint32 {
 // the caller appends exactly fixed bytes. Slices handed out earlier stay
 // valid if scratch grows, since they keep the old array.
 func (c *conn) chunkHdr(r *req, flags, typ uint16, n, fixed int) []byte {
-	hs := chunkHdrSize
+	hs := nbdwire.ChunkHeaderSize
 	if c.sess.extended {
-		hs = extReplySize
+		hs = nbdwire.ExtReplyHeaderSize
 	}
 	start := len(r.scratch)
 	r.scratch = slices.Grow(r.scratch, hs+fixed)[:start+hs+fixed]
 	if c.sess.extended {
-		putExtReply(r.scratch[start:], flags, typ, r.Cookie, r.Offset, uint64(n))
+		nbdwire.PutExtReplyHeader(r.scratch[start:], flags, typ, r.Cookie, r.Offset, uint64(n))
 	} else {
-		putChunk(r.scratch[start:], flags, typ, r.Cookie, uint32(n))
+		nbdwire.PutChunkHeader(r.scratch[start:], flags, typ, r.Cookie, uint32(n))
 	}
 	return r.scratch[start : start+hs : start+hs+fixed]
 }
 
 // replyOK answers success without payload.
 func (c *conn) replyOK(r *req) {
-	if c.sess.extended || (c.sess.structured && r.Type == CmdRead) {
-		r.iov = append(r.iov, c.chunkHdr(r, chunkFlagDone, chunkNone, 0, 0))
+	if c.sess.extended || (c.sess.structured && r.Type == nbdwire.CmdRead) {
+		r.iov = append(r.iov, c.chunkHdr(r, nbdwire.ChunkFlagDone, nbdwire.ChunkNone, 0, 0))
 	} else {
 		r.iov = append(r.iov, c.simpleHdr(r, 0))
 	}
@@ -996,7 +997,7 @@ func (c *conn) replyOK(r *req) {
 // replyData answers a READ with r.buf (or, lent, with r.lentData).
 func (c *conn) replyData(r *req) {
 	if c.sess.structured {
-		h := c.chunkHdr(r, chunkFlagDone, chunkOffsetData, 8+int(r.Length), 8)
+		h := c.chunkHdr(r, nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 8+int(r.Length), 8)
 		h = binary.BigEndian.AppendUint64(h, r.Offset)
 		r.iov = append(r.iov, h)
 	} else {
@@ -1018,11 +1019,11 @@ func (c *conn) replyBackendErr(r *req, what string, err error) {
 // replyErr answers with an NBD error; structured replies carry msg too.
 func (c *conn) replyErr(r *req, e uint32, msg string) {
 	c.s.stats.errors.Add(1)
-	if c.sess.extended || (c.sess.structured && (r.Type == CmdRead || r.Type == CmdBlockStatus)) {
-		if len(msg) > maxStringLen {
-			msg = msg[:maxStringLen]
+	if c.sess.extended || (c.sess.structured && (r.Type == nbdwire.CmdRead || r.Type == nbdwire.CmdBlockStatus)) {
+		if len(msg) > nbdwire.MaxStringLen {
+			msg = msg[:nbdwire.MaxStringLen]
 		}
-		h := c.chunkHdr(r, chunkFlagDone, chunkError, 6+len(msg), 6+len(msg))
+		h := c.chunkHdr(r, nbdwire.ChunkFlagDone, nbdwire.ChunkError, 6+len(msg), 6+len(msg))
 		h = binary.BigEndian.AppendUint32(h, e)
 		h = binary.BigEndian.AppendUint16(h, uint16(len(msg)))
 		h = append(h, msg...)
@@ -1035,8 +1036,8 @@ func (c *conn) replyErr(r *req, e uint32, msg string) {
 
 func (c *conn) simpleHdr(r *req, e uint32) []byte {
 	start := len(r.scratch)
-	r.scratch = slices.Grow(r.scratch, simpleSize)[:start+simpleSize]
-	putSimple(r.scratch[start:], e, r.Cookie)
+	r.scratch = slices.Grow(r.scratch, nbdwire.SimpleReplySize)[:start+nbdwire.SimpleReplySize]
+	nbdwire.PutSimpleReply(r.scratch[start:], e, r.Cookie)
 	return r.scratch[start:len(r.scratch):len(r.scratch)]
 }
 
@@ -1267,7 +1268,7 @@ func (c *conn) streamReadParts(r *req) error {
 			}
 			if c.sess.structured {
 				msg := "read failed"
-				hdr = c.chunkHdr(r, chunkFlagDone, chunkError, 6+len(msg), 6+len(msg))
+				hdr = c.chunkHdr(r, nbdwire.ChunkFlagDone, nbdwire.ChunkError, 6+len(msg), 6+len(msg))
 				hdr = binary.BigEndian.AppendUint32(hdr, errno(err))
 				hdr = binary.BigEndian.AppendUint16(hdr, uint16(len(msg)))
 				hdr = append(hdr, msg...)
@@ -1280,9 +1281,9 @@ func (c *conn) streamReadParts(r *req) error {
 		case c.sess.structured:
 			var flags uint16
 			if last {
-				flags = chunkFlagDone
+				flags = nbdwire.ChunkFlagDone
 			}
-			hdr = c.chunkHdr(r, flags, chunkOffsetData, 8+int(n), 8)
+			hdr = c.chunkHdr(r, flags, nbdwire.ChunkOffsetData, 8+int(n), 8)
 			hdr = binary.BigEndian.AppendUint64(hdr, r.Offset+off)
 		case off == 0:
 			hdr = c.simpleHdr(r, 0)

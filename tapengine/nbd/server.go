@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"log/slog"
 	"net"
@@ -206,20 +207,20 @@ func (s *Server) matches(name string) bool {
 // tflags computes the transmission flags for a session: what qemu-nbd
 // advertises (WIRE.md section 5), plus CAN_MULTI_CONN where honest.
 func (s *Server) tflags(sess *session) uint16 {
-	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendCache)
+	f := uint16(nbdwire.TransHasFlags | nbdwire.TransSendFlush | nbdwire.TransSendFUA | nbdwire.TransSendCache)
 	if s.Export.ReadOnly {
-		f |= tflagReadOnly
+		f |= nbdwire.TransReadOnly
 	} else {
-		f |= tflagSendWriteZeroes | tflagSendFastZero
+		f |= nbdwire.TransSendWriteZeroes | nbdwire.TransSendFastZero
 		if _, ok := s.Export.Backend.(Discarder); ok {
-			f |= tflagSendTrim
+			f |= nbdwire.TransSendTrim
 		}
 	}
 	if sess.structured {
-		f |= tflagSendDF
+		f |= nbdwire.TransSendDF
 	}
 	if !s.Export.NoMultiConn {
-		f |= tflagCanMultiConn
+		f |= nbdwire.TransCanMultiConn
 	}
 	return f
 }
@@ -459,17 +460,17 @@ func errno(err error) uint32 {
 	case err == nil:
 		return 0
 	case errors.Is(err, image.ErrOutOfRange):
-		return errInval
+		return nbdwire.ErrnoInval
 	case errors.Is(err, image.ErrReadOnly), errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EACCES):
-		return errPerm
+		return nbdwire.ErrnoPerm
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
-		return errNoSpc
+		return nbdwire.ErrnoNoSpace
 	case errors.Is(err, syscall.ENOMEM):
-		return errNoMem
+		return nbdwire.ErrnoNoMem
 	case errors.Is(err, errors.ErrUnsupported), errors.Is(err, syscall.EOPNOTSUPP):
-		return errNotSup
+		return nbdwire.ErrnoNotSup
 	case errors.Is(err, syscall.EOVERFLOW):
-		return errOverflow
+		return nbdwire.ErrnoOverflow
 	}
-	return errIO
+	return nbdwire.ErrnoIO
 }

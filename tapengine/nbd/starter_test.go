@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"sync"
 	"syscall"
 	"testing"
@@ -98,7 +99,7 @@ func TestStarterPath(t *testing.T) {
 		}
 		// Several requests in flight at once, answered out of order.
 		for i := range 4 {
-			if err := tc.send(Request{Type: CmdWrite, Cookie: uint64(i), Offset: uint64(i) * 64 << 10, Length: 64 << 10}, pat); err != nil {
+			if err := tc.send(Request{Type: nbdwire.CmdWrite, Cookie: uint64(i), Offset: uint64(i) * 64 << 10, Length: 64 << 10}, pat); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -118,26 +119,26 @@ func TestStarterPath(t *testing.T) {
 		if !landed {
 			t.Fatal("write did not reach the backend")
 		}
-		rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 10, Offset: 64 << 10, Length: 64 << 10}, nil))
+		rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 10, Offset: 64 << 10, Length: 64 << 10}, nil))
 		got, err := rep.readData(64<<10, 64<<10)
 		if err != nil || !bytes.Equal(got, pat) {
 			t.Fatalf("read back (structured %v): %v", structured, err)
 		}
 		// A request whose part touches badOff fails whole.
-		rep, err = tc.do(Request{Type: CmdRead, Cookie: 11, Offset: 500 << 10, Length: 64 << 10}, nil)
-		if err != nil || rep.errno != errIO {
+		rep, err = tc.do(Request{Type: nbdwire.CmdRead, Cookie: 11, Offset: 500 << 10, Length: 64 << 10}, nil)
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing read: %v errno %d", err, rep.errno)
 		}
-		rep, err = tc.do(Request{Type: CmdWrite, Cookie: 12, Offset: 510 << 10, Length: 4096}, make([]byte, 4096))
-		if err != nil || rep.errno != errIO {
+		rep, err = tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 12, Offset: 510 << 10, Length: 4096}, make([]byte, 4096))
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing write: %v errno %d", err, rep.errno)
 		}
 		be.mu.Lock()
 		startedBefore := be.started
 		be.mu.Unlock()
 		// Unaligned and FUA go the blocking way, and still work.
-		mustOK(t)(tc.do(Request{Type: CmdWrite, Cookie: 13, Offset: 700<<10 + 3, Length: 100}, pat[:100]))
-		mustOK(t)(tc.do(Request{Type: CmdWrite, Flags: CmdFlagFUA, Cookie: 14, Offset: 800 << 10, Length: 4096}, pat[:4096]))
+		mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 13, Offset: 700<<10 + 3, Length: 100}, pat[:100]))
+		mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 14, Offset: 800 << 10, Length: 4096}, pat[:4096]))
 		be.mu.Lock()
 		if be.started != startedBefore {
 			t.Errorf("unaligned or FUA write was started (%d -> %d)", startedBefore, be.started)
@@ -237,8 +238,8 @@ func TestLenderPath(t *testing.T) {
 		}
 		// 4 pages: lent; 16 pages: copied.
 		for i, n := range []int{4096, 16384, 65536} {
-			mustOK(t)(tc.do(Request{Type: CmdWrite, Cookie: uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, pat[:n]))
-			rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 10 + uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, nil))
+			mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Cookie: uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, pat[:n]))
+			rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 10 + uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, nil))
 			got, err := rep.readData(uint64(i)<<16, uint64(n))
 			if err != nil || !bytes.Equal(got, pat[:n]) {
 				t.Fatalf("%d bytes (structured %v): %v", n, structured, err)
@@ -246,7 +247,7 @@ func TestLenderPath(t *testing.T) {
 		}
 		// Many at once: more requests than buffers.
 		for i := range 16 {
-			tc.send(Request{Type: CmdRead, Cookie: 100 + uint64(i), Offset: uint64(i%3) << 16, Length: 8192}, nil)
+			tc.send(Request{Type: nbdwire.CmdRead, Cookie: 100 + uint64(i), Offset: uint64(i%3) << 16, Length: 8192}, nil)
 		}
 		for range 16 {
 			rep, err := tc.recv()
@@ -254,16 +255,16 @@ func TestLenderPath(t *testing.T) {
 				t.Fatalf("read: %v %+v", err, rep)
 			}
 		}
-		rep, err := tc.do(Request{Type: CmdRead, Cookie: 200, Offset: 510 << 10, Length: 8192}, nil)
-		if err != nil || rep.errno != errIO {
+		rep, err := tc.do(Request{Type: nbdwire.CmdRead, Cookie: 200, Offset: 510 << 10, Length: 8192}, nil)
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing lent read: %v errno %d", err, rep.errno)
 		}
-		rep, err = tc.do(Request{Type: CmdWrite, Cookie: 201, Offset: 510 << 10, Length: 8192}, make([]byte, 8192))
-		if err != nil || rep.errno != errIO {
+		rep, err = tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 201, Offset: 510 << 10, Length: 8192}, make([]byte, 8192))
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing lent write: %v errno %d", err, rep.errno)
 		}
 		// A refused write (past the end) gives its buffers back too.
-		tc.send(Request{Type: CmdWrite, Cookie: 202, Offset: size - 4096, Length: 8192}, make([]byte, 8192))
+		tc.send(Request{Type: nbdwire.CmdWrite, Cookie: 202, Offset: size - 4096, Length: 8192}, make([]byte, 8192))
 		if rep, err := tc.recv(); err != nil || rep.errno == 0 {
 			t.Errorf("write past the end: %v %+v", err, rep)
 		}
