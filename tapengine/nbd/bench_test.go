@@ -3,11 +3,12 @@ package nbd
 import (
 	"bufio"
 	"encoding/binary"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"net"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 func BenchmarkParseRequest(b *testing.B) {

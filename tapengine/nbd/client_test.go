@@ -4,11 +4,12 @@ import (
 	"bufio"
 	"encoding/binary"
 	"fmt"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"net"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // testClient is a minimal NBD client for byte-level tests: it speaks the

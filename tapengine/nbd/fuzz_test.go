@@ -7,7 +7,6 @@ import (
 	"encoding/binary"
 	"flag"
 	"fmt"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"net"
 	"os"
@@ -15,6 +14,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // Fuzz targets for every parser of peer bytes: the request header codec,

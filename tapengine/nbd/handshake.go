@@ -5,8 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // Meta context ids handed out by SET_META_CONTEXT. LIST answers with id 0
@@ -181,26 +182,7 @@ func (n *negotiator) option(opt uint32, data []byte) (done bool, err error) {
 	}
 	switch opt {
 	case nbdwire.OptExportName:
-		if n.sess.extended {
-			// It cannot say which header style follows; qemu drops
-			// such clients too, and GO is what they must use.
-			return false, fmt.Errorf("%w: EXPORT_NAME after EXTENDED_HEADERS", ErrProtocol)
-		}
-		name := string(data)
-		if !n.s.matches(name) {
-			// EXPORT_NAME has no way to say no but hanging up.
-			return false, fmt.Errorf("%w: unknown export %q", ErrProtocol, name)
-		}
-		n.finish(name)
-		// INFO_EXPORT's payload but its type, then the zero padding.
-		var b [2 + nbdwire.ExportNameReplySize + nbdwire.ExportNameZeroes]byte
-		nbdwire.PutInfoExport(b[:], uint64(n.s.Export.Backend.Size()), n.sess.tflags)
-		if n.sess.noZeroes {
-			n.w.Write(b[2 : 2+nbdwire.ExportNameReplySize])
-		} else {
-			n.w.Write(b[2:])
-		}
-		return true, nil
+		return n.exportName(data)
 
 	case nbdwire.OptAbort:
 		// The client hangs up after our ACK; some never read it, so a
@@ -210,43 +192,13 @@ func (n *negotiator) option(opt uint32, data []byte) (done bool, err error) {
 		return false, errAborted
 
 	case nbdwire.OptList:
-		if len(data) != 0 {
-			return false, n.replyErr(opt, nbdwire.RepErrInvalid, "LIST takes no data")
-		}
-		name := n.s.Export.Name
-		p := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		p = append(p, name...)
-		p = append(p, n.s.Export.Description...)
-		if err := n.reply(opt, nbdwire.RepServer, p); err != nil {
-			return false, err
-		}
-		return false, n.reply(opt, nbdwire.RepAck, nil)
+		return false, n.list(data)
 
 	case nbdwire.OptInfo, nbdwire.OptGo:
 		return n.infoGo(opt, data)
 
-	case nbdwire.OptStructuredReply:
-		switch {
-		case len(data) != 0:
-			return false, n.replyErr(opt, nbdwire.RepErrInvalid, "STRUCTURED_REPLY takes no data")
-		case n.sess.extended:
-			return false, n.replyErr(opt, nbdwire.RepErrInvalid, "extended headers already negotiated")
-		case n.sess.structured:
-			return false, n.replyErr(opt, nbdwire.RepErrInvalid, "structured replies already negotiated")
-		}
-		n.sess.structured = true
-		return false, n.reply(opt, nbdwire.RepAck, nil)
-
-	case nbdwire.OptExtendedHeaders:
-		switch {
-		case len(data) != 0:
-			return false, n.replyErr(opt, nbdwire.RepErrInvalid, "EXTENDED_HEADERS takes no data")
-		case n.sess.extended:
-			return false, n.replyErr(opt, nbdwire.RepErrInvalid, "extended headers already negotiated")
-		}
-		n.sess.extended = true
-		n.sess.structured = true
-		return false, n.reply(opt, nbdwire.RepAck, nil)
+	case nbdwire.OptStructuredReply, nbdwire.OptExtendedHeaders:
+		return false, n.headerStyle(opt, data)
 
 	case nbdwire.OptListMetaContext, nbdwire.OptSetMetaContext:
 		return false, n.metaContext(opt, data)
@@ -258,6 +210,66 @@ func (n *negotiator) option(opt uint32, data []byte) (done bool, err error) {
 		return false, n.replyErr(opt, nbdwire.RepErrPolicy, "TLS is not offered on this export")
 	}
 	return false, n.replyErr(opt, nbdwire.RepErrUnsupported, fmt.Sprintf("option %d not supported", opt))
+}
+
+// exportName answers NBD_OPT_EXPORT_NAME, which ends the negotiation
+// with the export's size and flags or, having no way to say no, with the
+// connection dropped.
+func (n *negotiator) exportName(data []byte) (done bool, err error) {
+	if n.sess.extended {
+		// It cannot say which header style follows; qemu drops such
+		// clients too, and GO is what they must use.
+		return false, fmt.Errorf("%w: EXPORT_NAME after EXTENDED_HEADERS", ErrProtocol)
+	}
+	name := string(data)
+	if !n.s.matches(name) {
+		return false, fmt.Errorf("%w: unknown export %q", ErrProtocol, name)
+	}
+	n.finish(name)
+	// INFO_EXPORT's payload but its type, then the zero padding.
+	var b [2 + nbdwire.ExportNameReplySize + nbdwire.ExportNameZeroes]byte
+	nbdwire.PutInfoExport(b[:], uint64(n.s.Export.Backend.Size()), n.sess.tflags)
+	if n.sess.noZeroes {
+		n.w.Write(b[2 : 2+nbdwire.ExportNameReplySize])
+	} else {
+		n.w.Write(b[2:])
+	}
+	return true, nil
+}
+
+// list answers NBD_OPT_LIST with the one export.
+func (n *negotiator) list(data []byte) error {
+	const opt = nbdwire.OptList
+	if len(data) != 0 {
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "LIST takes no data")
+	}
+	name := n.s.Export.Name
+	p := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	p = append(p, name...)
+	p = append(p, n.s.Export.Description...)
+	if err := n.reply(opt, nbdwire.RepServer, p); err != nil {
+		return err
+	}
+	return n.reply(opt, nbdwire.RepAck, nil)
+}
+
+// headerStyle answers NBD_OPT_STRUCTURED_REPLY and
+// NBD_OPT_EXTENDED_HEADERS; extended headers imply structured replies,
+// and neither may be asked for twice or after the other has been given.
+func (n *negotiator) headerStyle(opt uint32, data []byte) error {
+	switch {
+	case len(data) != 0 && opt == nbdwire.OptStructuredReply:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "STRUCTURED_REPLY takes no data")
+	case len(data) != 0:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "EXTENDED_HEADERS takes no data")
+	case n.sess.extended:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "extended headers already negotiated")
+	case n.sess.structured && opt == nbdwire.OptStructuredReply:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "structured replies already negotiated")
+	}
+	n.sess.structured = true
+	n.sess.extended = opt == nbdwire.OptExtendedHeaders
+	return n.reply(opt, nbdwire.RepAck, nil)
 }
 
 // infoGo answers NBD_OPT_INFO and NBD_OPT_GO.

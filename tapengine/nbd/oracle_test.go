@@ -5,13 +5,13 @@ import (
 	"crypto/rand"
 	"encoding/json"
 	"fmt"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 

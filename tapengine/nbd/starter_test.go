@@ -4,14 +4,15 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
-// starterBackend is a memBackend that also starts requests (Starter): a
+// starterBackend is a memBackend that also starts requests (AsyncBackend): a
 // goroutine of its own completes them in batches, in reverse order, and
 // fails every part that touches badOff.
 type starterBackend struct {
@@ -73,6 +74,27 @@ func (s *starterBackend) StartWrite(p []byte, off int64, c Completer, cookie uin
 	}, c, cookie)
 }
 
+// The starterBackend lends no buffers: TakeTag fails, as the frontend's
+// does once it is closing, so every request is started on a buffer of
+// the server's own.
+var errNoTags = errors.New("starterBackend lends no buffers")
+
+func (s *starterBackend) TakeTag() (uint64, []byte, error) { return 0, nil, errNoTags }
+
+func (s *starterBackend) StartTagRead(uint64, int64, int, Completer, uint64) error { return errNoTags }
+
+func (s *starterBackend) StartTagWrite(uint64, int64, int, Completer, uint64) error { return errNoTags }
+
+func (s *starterBackend) PutTag(h uint64) { panic(fmt.Sprintf("PutTag(%d) of a tag never lent", h)) }
+
+// Poll finds nothing: completions come from the backend's goroutine.
+func (s *starterBackend) Poll(time.Duration) bool { return false }
+
+var (
+	_ AsyncBackend = (*starterBackend)(nil)
+	_ AsyncBackend = (*lenderBackend)(nil)
+)
+
 func (s *starterBackend) Publish() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -83,7 +105,7 @@ func (s *starterBackend) Publish() error {
 	return nil
 }
 
-// TestStarterPath: with a RoundTrip Starter backend, aligned reads and
+// TestStarterPath: with a RoundTrip AsyncBackend that lends no buffers, aligned reads and
 // writes (one part or many) go through Start and come back right, the
 // failing part fails its whole request with EIO (simple and structured
 // replies), and unaligned or FUA requests take the blocking path.
@@ -153,7 +175,7 @@ func TestStarterPath(t *testing.T) {
 }
 
 // lenderBackend is a starterBackend that lends a fixed set of buffers
-// (Lender), checking that every one comes back and none is used twice.
+// (TakeTag), checking that every one comes back and none is used twice.
 type lenderBackend struct {
 	*starterBackend
 	free chan uint64

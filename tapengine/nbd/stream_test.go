@@ -2,13 +2,13 @@ package nbd
 
 import (
 	"bytes"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"os"
 	"os/exec"
 	"runtime"
 	"strings"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
