@@ -5,7 +5,6 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"net"
 	"sync"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // fakeServer is a small in-process NBD server for behaviours the real

@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"flag"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"net"
 	"os"
@@ -16,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/stream-*.bin seed files")

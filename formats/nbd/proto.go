@@ -5,13 +5,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
 	"io/fs"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 const (

@@ -5,8 +5,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"github.com/blktap-go/blktap/internal/nbdwire"
 	"io"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // maxReply bounds one option reply a server may send us; GO's replies are
