@@ -43,7 +43,9 @@ var ErrProtocol = errors.New("nbd: protocol violation")
 func ParseRequest(b []byte, ext bool) (Request, error) {
 	r, err := nbdwire.ParseRequest(b, ext)
 	if err != nil {
-		return r, fmt.Errorf("%w: %w", ErrProtocol, err)
+		err = protocolError(err)
 	}
-	return r, nil
+	return r, err
 }
+
+func protocolError(err error) error { return fmt.Errorf("%w: %w", ErrProtocol, err) }
