@@ -4,8 +4,9 @@
 // into and decoded from the caller's buffers. It does no I/O and
 // allocates nothing, so each side keeps its own reading, buffering and
 // policy (which options to send, what to refuse) and every side agrees on
-// the bytes. The numbers are proto.md's, checked against WIRE.md section
-// 5; all integers on the wire are big-endian.
+// the bytes. The numbers are those of the NBD project's doc/proto.md
+// (extended headers from its extension-ext-header branch, as qemu
+// implements them); all integers on the wire are big-endian.
 //
 // # Using it
 //

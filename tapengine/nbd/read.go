@@ -15,9 +15,9 @@ import (
 //
 // Small reads (and block status, cache) run right here, with their
 // replies held back until no complete request is left in the read
-// buffer; then one writev sends them all. That is DESIGN.md's measured
-// lesson: hand-offs and wake-ups, not copies, bound a block server on
-// these machines. Everything that may block for long (writes, flush,
+// buffer; then one writev sends them all. That is the lesson measured in
+// docs/PERFORMANCE.md ("Session 2"): hand-offs and wake-ups, not copies,
+// bound a block server on these machines. Everything that may block for long (writes, flush,
 // trim, zeroing, big transfers) goes to the workers, and so does
 // everything after an inline request turned out slow (a page-cache miss
 // on a real disk), so one slow disk read does not serialise the queue.

@@ -209,7 +209,7 @@ func (s *Server) matches(name string) bool {
 }
 
 // tflags computes the transmission flags for a session: what qemu-nbd
-// advertises (WIRE.md section 5), plus CAN_MULTI_CONN where honest.
+// advertises, plus CAN_MULTI_CONN where honest.
 func (s *Server) tflags(sess *session) uint16 {
 	f := uint16(nbdwire.TransHasFlags | nbdwire.TransSendFlush | nbdwire.TransSendFUA | nbdwire.TransSendCache)
 	if s.Export.ReadOnly {
