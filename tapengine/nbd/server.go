@@ -52,8 +52,8 @@ type ZeroWriter interface {
 	WriteZeroes(off, length int64, mayTrim bool) error
 }
 
-// Completer receives the results of a Starter's calls (the same type as
-// frontend.Completer: an alias of one interface literal).
+// Completer receives the results of an AsyncBackend's calls (the same
+// type as frontend.Completer: an alias of one interface literal).
 type Completer = interface {
 	// Complete reports one started request; data (reads) is valid only
 	// until it returns.
