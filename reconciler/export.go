@@ -114,8 +114,8 @@ func listenerFile(ln net.Listener) (*os.File, error) {
 }
 
 // The guest view's reader starts reads and writes on the ring and the
-// frontend's reaper answers them (nbd.Starter).
-var _ nbd.Starter = (*frontend.Frontend)(nil)
+// frontend's reaper answers them (nbd.AsyncBackend).
+var _ nbd.AsyncBackend = (*frontend.Frontend)(nil)
 
 func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) error {
 	ln, uri, err := d.listenExport(dev)

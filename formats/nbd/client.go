@@ -2,22 +2,18 @@ package nbd
 
 import (
 	"bufio"
-	"cmp"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
-	"slices"
 	"sync"
 	"time"
 
-	"github.com/cenkalti/backoff/v4"
 	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // Name is the format's canonical name.
@@ -144,7 +140,7 @@ func OpenContext(ctx context.Context, uri string, opts Options) (*Image, error) 
 	if err != nil {
 		return nil, err
 	}
-	if c.info.flags&tfReadOnly != 0 && !opts.ReadOnly {
+	if c.info.flags&nbdwire.TransReadOnly != 0 && !opts.ReadOnly {
 		c.nc.Close()
 		return nil, fmt.Errorf("nbd: %s: %w: the export is read-only; open it with ReadOnly", u, image.ErrReadOnly)
 	}
@@ -226,7 +222,7 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if err := image.CheckRange(off, len(p), img.size); err != nil {
 		return 0, img.errf("%w", err)
 	}
-	if err := img.rw(cmdRead, p, off); err != nil {
+	if err := img.rw(nbdwire.CmdRead, p, off); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -240,7 +236,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := image.CheckRange(off, len(p), img.size); err != nil {
 		return 0, img.errf("%w", err)
 	}
-	if err := img.rw(cmdWrite, p, off); err != nil {
+	if err := img.rw(nbdwire.CmdWrite, p, off); err != nil {
 		return 0, err
 	}
 	return len(p), nil
@@ -294,10 +290,10 @@ func (img *Image) Flush() error {
 	if closed {
 		return img.errf("%w", image.ErrClosed)
 	}
-	if img.readOnly || flags&tfSendFlush == 0 {
+	if img.readOnly || flags&nbdwire.TransSendFlush == 0 {
 		return nil
 	}
-	if err := img.do(&request{cmd: cmdFlush}); err != nil {
+	if err := img.do(&request{cmd: nbdwire.CmdFlush}); err != nil {
 		return err
 	}
 	img.mu.Lock()
@@ -318,7 +314,7 @@ func (img *Image) Discard(off, length int64) error {
 	if img.readOnly {
 		return img.errf("discard: %w", image.ErrReadOnly)
 	}
-	return img.zeroish(cmdWriteZeroes, tfWriteZeroes, off, length)
+	return img.zeroish(nbdwire.CmdWriteZeroes, nbdwire.TransSendWriteZeroes, off, length)
 }
 
 // Trim sends TRIM: a hint that the range is unused, after which its
@@ -328,7 +324,7 @@ func (img *Image) Trim(off, length int64) error {
 	if img.readOnly {
 		return img.errf("trim: %w", image.ErrReadOnly)
 	}
-	return img.zeroish(cmdTrim, tfSendTrim, off, length)
+	return img.zeroish(nbdwire.CmdTrim, nbdwire.TransSendTrim, off, length)
 }
 
 func (img *Image) zeroish(cmd uint16, flag uint16, off, length int64) error {
@@ -342,7 +338,7 @@ func (img *Image) zeroish(cmd uint16, flag uint16, off, length int64) error {
 		return img.errf("%w", image.ErrClosed)
 	}
 	if flags&flag == 0 {
-		return img.errf("%s: %w: the server does not offer it", cmdName(cmd), image.ErrUnsupported)
+		return img.errf("%s: %w: the server does not offer it", nbdwire.CmdName(cmd), image.ErrUnsupported)
 	}
 	// The length field is 32 bits; 1 GiB pieces stay aligned.
 	const piece = 1 << 30
@@ -388,7 +384,7 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 	}
 	for cur, end := off, off+length; cur < end; {
 		ask := min(end-cur, 1<<30)
-		r := &request{cmd: cmdBlockStatus, off: cur, length: uint32(ask)}
+		r := &request{cmd: nbdwire.CmdBlockStatus, off: cur, length: uint32(ask)}
 		if err := img.do(r); err != nil {
 			return nil, err
 		}
@@ -399,10 +395,10 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 				break // the last extent may reach past what we asked
 			}
 			kind := image.Data
-			switch e.flags & (stateHole | stateZero) {
-			case stateHole | stateZero:
+			switch e.flags & (nbdwire.StateHole | nbdwire.StateZero) {
+			case nbdwire.StateHole | nbdwire.StateZero:
 				kind = image.Hole
-			case stateZero:
+			case nbdwire.StateZero:
 				kind = image.Zero
 			}
 			add(cur+got, n, kind)
@@ -414,524 +410,6 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		cur += got
 	}
 	return out, nil
-}
-
-// do submits r and waits for its answer.
-func (img *Image) do(r *request) error {
-	img.submit(r)
-	return img.wait(r)
-}
-
-// submit registers r and sends it on the current connection; without one,
-// the reconnection sends it.
-func (img *Image) submit(r *request) {
-	r.done = make(chan struct{})
-	r.start = time.Now()
-	img.mu.Lock()
-	if img.closed || img.broken != nil {
-		err := img.broken
-		if img.closed {
-			err = image.ErrClosed
-		}
-		r.finished, r.err = true, img.errf("%s: %w", cmdName(r.cmd), err)
-		close(r.done)
-		img.mu.Unlock()
-		return
-	}
-	r.cookie = img.nextCookie
-	img.nextCookie++
-	img.pending[r.cookie] = r
-	c := img.conn
-	if c != nil {
-		r.sentOn = c
-		r.sending++
-	}
-	img.mu.Unlock()
-	if c != nil {
-		img.send(c, r)
-	}
-}
-
-// send writes r on c; the caller has counted it in r.sending.
-func (img *Image) send(c *conn, r *request) {
-	var hdr [28]byte
-	putRequest(&hdr, r.flags, r.cmd, r.cookie, uint64(r.off), r.length)
-	c.wmu.Lock()
-	var err error
-	if r.cmd == cmdWrite {
-		bufs := net.Buffers{hdr[:], r.buf}
-		_, err = bufs.WriteTo(c.nc)
-	} else {
-		_, err = c.nc.Write(hdr[:])
-	}
-	c.wmu.Unlock()
-	img.mu.Lock()
-	r.sending--
-	if r.abandoned {
-		img.cond.Broadcast()
-	}
-	img.mu.Unlock()
-	if err != nil {
-		img.connFailed(c, fmt.Errorf("send %s: %w", cmdName(r.cmd), err))
-	}
-}
-
-// wait blocks until r is answered or its deadline passes.
-func (img *Image) wait(r *request) error {
-	t := time.NewTimer(img.opts.Timeout - time.Since(r.start))
-	select {
-	case <-r.done:
-		t.Stop()
-		return r.err
-	case <-t.C:
-	}
-	img.mu.Lock()
-	if r.finished {
-		img.mu.Unlock()
-		<-r.done
-		return r.err
-	}
-	r.abandoned = true
-	delete(img.pending, r.cookie)
-	c := r.sentOn
-	img.mu.Unlock()
-	if c != nil {
-		// The server has not answered within the deadline: the
-		// connection is stuck or the server is gone. Dropping it
-		// unblocks a reader or sender using r's buffer, and the next
-		// connection serves the other requests.
-		img.connFailed(c, fmt.Errorf("%s %d+%d: no answer within %v", cmdName(r.cmd), r.off, r.length, img.opts.Timeout))
-	}
-	img.mu.Lock()
-	// The caller may reuse its buffer once we return: wait until no
-	// goroutine is reading or writing it.
-	for r.claimed || r.sending > 0 {
-		img.cond.Wait()
-	}
-	img.mu.Unlock()
-	return img.errf("%s %d+%d: %w: %w", cmdName(r.cmd), r.off, r.length, ErrTimeout, unix.EIO)
-}
-
-// finishLocked answers r; mu is held.
-func (img *Image) finishLocked(r *request, err error) {
-	if r.finished {
-		return
-	}
-	r.finished, r.err = true, err
-	delete(img.pending, r.cookie)
-	if err == nil && (r.cmd == cmdWrite || r.cmd == cmdWriteZeroes || r.cmd == cmdTrim) {
-		// Counted at the acknowledgement, under the same lock a drop
-		// takes, so no acknowledged write escapes the lost-write check.
-		img.writeSeq++
-	}
-	close(r.done)
-}
-
-// failAllLocked finishes every pending request with err. The connections
-// must already be closed: it waits (releasing mu) until no reader or sender
-// still uses a request's buffer, since its caller may reuse the buffer as
-// soon as the request is finished.
-func (img *Image) failAllLocked(err error) {
-	rs := make([]*request, 0, len(img.pending))
-	for _, r := range img.pending {
-		r.abandoned = true
-		rs = append(rs, r)
-	}
-	clear(img.pending)
-	for _, r := range rs {
-		for r.claimed || r.sending > 0 {
-			img.cond.Wait()
-		}
-		img.finishLocked(r, img.errf("%s: %w", cmdName(r.cmd), err))
-	}
-}
-
-// connFailed drops c (once) and starts reconnecting if c was current.
-func (img *Image) connFailed(c *conn, err error) {
-	img.mu.Lock()
-	if c.dead {
-		img.mu.Unlock()
-		return
-	}
-	c.dead = true
-	c.nc.Close()
-	closed := img.closed
-	start := false
-	if img.conn == c {
-		img.conn = nil
-		if img.writeSeq > img.flushedSeq && c.info.flags&tfSendFlush != 0 {
-			img.lostWrites = true
-		}
-		if img.opts.noReconnect {
-			img.broken = fmt.Errorf("%w: %w", ErrDisconnected, unix.EIO)
-			img.failAllLocked(img.broken)
-		} else if !closed && !img.reconnecting {
-			img.reconnecting, start = true, true
-			img.wg.Add(1)
-		}
-	}
-	img.cond.Broadcast()
-	img.mu.Unlock()
-	if !closed {
-		img.log.Warn("nbd connection dropped", "err", err)
-	}
-	if start {
-		go img.reconnectLoop()
-	}
-}
-
-// reconnectLoop connects again with exponential backoff until it
-// succeeds or the image is closed, then sends every pending request on
-// the new connection. Reads and writes are idempotent at block level, so
-// sending one twice (once before the drop, once now) is harmless.
-func (img *Image) reconnectLoop() {
-	defer img.wg.Done()
-	b := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(20*time.Millisecond),
-		backoff.WithMaxInterval(2*time.Second),
-		backoff.WithMaxElapsedTime(0), // until Close: each request has its own deadline
-	)
-	attempt := 0
-	op := func() error {
-		attempt++
-		c, err := img.connect(img.ctx)
-		if err != nil {
-			img.log.Debug("nbd reconnect failed", "attempt", attempt, "err", err)
-			return err
-		}
-		if c.info.size != img.size {
-			c.nc.Close()
-			img.log.Error("nbd export changed size; not using it", "was", img.size, "now", c.info.size)
-			return fmt.Errorf("export size changed from %d to %d", img.size, c.info.size)
-		}
-		img.install(c)
-		img.log.Info("nbd reconnected", "attempt", attempt)
-		return nil
-	}
-	if err := backoff.Retry(op, backoff.WithContext(b, img.ctx)); err != nil {
-		img.mu.Lock()
-		img.reconnecting = false
-		img.mu.Unlock()
-	}
-}
-
-// install makes c current and sends it every pending request.
-func (img *Image) install(c *conn) {
-	img.mu.Lock()
-	if img.closed {
-		img.reconnecting = false
-		img.mu.Unlock()
-		c.nc.Close()
-		return
-	}
-	// A reader of a dead connection may still be filling a buffer; the
-	// new reader must not start on the same request before it is done.
-	for img.anyClaimedLocked() {
-		img.cond.Wait()
-	}
-	img.conn = c
-	img.info = c.info
-	img.reconnecting = false
-	resend := make([]*request, 0, len(img.pending))
-	for _, r := range img.pending {
-		if r.sentOn != c {
-			r.sentOn = c
-			r.sending++
-			r.covered, r.chunkEr, r.extents = r.covered[:0], nil, nil
-			resend = append(resend, r)
-		}
-	}
-	img.wg.Add(1)
-	img.mu.Unlock()
-	go img.readLoop(c)
-	// In cookie order, so the server sees the original submission order.
-	slices.SortFunc(resend, func(a, b *request) int { return cmp.Compare(a.cookie, b.cookie) })
-	for _, r := range resend {
-		img.send(c, r)
-	}
-}
-
-func (img *Image) anyClaimedLocked() bool {
-	for _, r := range img.pending {
-		if r.claimed {
-			return true
-		}
-	}
-	return false
-}
-
-// readLoop reads replies on c until it fails, matching each to its
-// request by cookie.
-func (img *Image) readLoop(c *conn) {
-	defer img.wg.Done()
-	var err error
-	for err == nil {
-		err = img.readReply(c)
-	}
-	img.connFailed(c, err)
-}
-
-// lookup finds the pending request a reply names; it must have been sent
-// on c (a reply on the wrong connection is the server's fault).
-func (img *Image) lookupLocked(c *conn, cookie uint64) (*request, error) {
-	if c.dead {
-		return nil, errors.New("connection closed")
-	}
-	r := img.pending[cookie]
-	if r == nil || r.sentOn != c {
-		return nil, protoErr("reply for cookie %d, which has no request in flight", cookie)
-	}
-	return r, nil
-}
-
-// readReply reads one simple reply or one structured chunk:
-//
-//	simple:  | 0x67446698 | u32 error | u64 cookie |            (+ data for a good READ)
-//	chunk:   | 0x668e33ef | u16 flags | u16 type | u64 cookie | u32 length | payload
-func (img *Image) readReply(c *conn) error {
-	var h [20]byte
-	if _, err := io.ReadFull(c.br, h[:4]); err != nil {
-		return err
-	}
-	switch m := binary.BigEndian.Uint32(h[0:4]); m {
-	case magicSimple:
-		if _, err := io.ReadFull(c.br, h[4:16]); err != nil {
-			return err
-		}
-		return img.simpleReply(c, binary.BigEndian.Uint32(h[4:8]), binary.BigEndian.Uint64(h[8:16]))
-	case magicChunk:
-		if !c.info.structured {
-			return protoErr("structured reply chunk without negotiating structured replies")
-		}
-		if _, err := io.ReadFull(c.br, h[4:20]); err != nil {
-			return err
-		}
-		return img.chunk(c, binary.BigEndian.Uint16(h[4:6]), binary.BigEndian.Uint16(h[6:8]),
-			binary.BigEndian.Uint64(h[8:16]), binary.BigEndian.Uint32(h[16:20]))
-	case magicExtReply:
-		return protoErr("extended-header reply, which we never negotiated")
-	default:
-		return protoErr("reply magic %#x", m)
-	}
-}
-
-func (img *Image) simpleReply(c *conn, code uint32, cookie uint64) error {
-	img.mu.Lock()
-	r, err := img.lookupLocked(c, cookie)
-	if err != nil {
-		img.mu.Unlock()
-		return err
-	}
-	if code != 0 {
-		img.finishLocked(r, &ServerError{Cmd: cmdName(r.cmd), Code: code, Errno: errnoOf(code)})
-		img.mu.Unlock()
-		return nil
-	}
-	if r.cmd == cmdBlockStatus {
-		img.mu.Unlock()
-		return protoErr("simple reply to BLOCK_STATUS")
-	}
-	if r.cmd != cmdRead {
-		img.finishLocked(r, nil)
-		img.mu.Unlock()
-		return nil
-	}
-	r.claimed = true
-	img.mu.Unlock()
-	_, err = io.ReadFull(c.br, r.buf)
-	img.mu.Lock()
-	defer img.mu.Unlock()
-	r.claimed = false
-	img.cond.Broadcast()
-	if err != nil {
-		return err
-	}
-	if !r.abandoned && r.sentOn == c {
-		img.finishLocked(r, nil)
-	}
-	return nil
-}
-
-func (img *Image) chunk(c *conn, flags, typ uint16, cookie uint64, length uint32) error {
-	img.mu.Lock()
-	r, err := img.lookupLocked(c, cookie)
-	if err != nil {
-		img.mu.Unlock()
-		return err
-	}
-	var perr error // a protocol error: the connection must go
-	switch {
-	case typ == chunkNone:
-		if length != 0 || flags&chunkDone == 0 {
-			perr = protoErr("NONE chunk of %d bytes, flags %#x", length, flags)
-		}
-	case typ == chunkOffsetData || typ == chunkOffsetHole:
-		if r.cmd != cmdRead {
-			perr = protoErr("read data for %s", cmdName(r.cmd))
-			break
-		}
-		r.claimed = true
-		img.mu.Unlock()
-		perr = img.readChunk(c, r, typ, length)
-		img.mu.Lock()
-		r.claimed = false
-		img.cond.Broadcast()
-	case typ == chunkBlockStatus:
-		if r.cmd != cmdBlockStatus {
-			perr = protoErr("block status for %s", cmdName(r.cmd))
-			break
-		}
-		img.mu.Unlock()
-		ext, err := readBlockStatus(c, length)
-		img.mu.Lock()
-		if err != nil {
-			perr = err
-		} else if !r.abandoned && r.sentOn == c {
-			r.extents = append(r.extents, ext...)
-		}
-	case typ&chunkErrBit != 0:
-		img.mu.Unlock()
-		serr, err := readErrorChunk(c, r.cmd, typ, length)
-		img.mu.Lock()
-		if err != nil {
-			perr = err
-		} else if r.chunkEr == nil {
-			r.chunkEr = serr
-		}
-	default:
-		perr = protoErr("unknown chunk type %d", typ)
-	}
-	if perr != nil {
-		img.mu.Unlock()
-		return perr
-	}
-	if flags&chunkDone != 0 && !r.abandoned && r.sentOn == c {
-		img.finishLocked(r, img.replyResultLocked(r))
-	}
-	img.mu.Unlock()
-	return nil
-}
-
-// replyResultLocked decides a structured reply's outcome at its DONE
-// chunk: an error chunk wins; a read must have been covered exactly.
-func (img *Image) replyResultLocked(r *request) error {
-	if r.chunkEr != nil {
-		return r.chunkEr
-	}
-	switch r.cmd {
-	case cmdRead:
-		slices.SortFunc(r.covered, func(a, b span) int { return cmp.Compare(a.off, b.off) })
-		next := r.off
-		for _, s := range r.covered {
-			if s.off != next {
-				break
-			}
-			next = s.end
-		}
-		if next != r.off+int64(r.length) {
-			return img.errf("READ %d+%d: %w: the reply did not cover byte %d: %w",
-				r.off, r.length, ErrProtocol, next, unix.EIO)
-		}
-	case cmdBlockStatus:
-		if len(r.extents) == 0 {
-			return img.errf("BLOCK_STATUS: %w: no extents: %w", ErrProtocol, unix.EIO)
-		}
-	}
-	return nil
-}
-
-// readChunk reads an OFFSET_DATA or OFFSET_HOLE chunk into r's buffer;
-// the caller has claimed r.
-//
-//	OFFSET_DATA: | u64 offset | data (length-8 bytes) |
-//	OFFSET_HOLE: | u64 offset | u32 hole size |
-func (img *Image) readChunk(c *conn, r *request, typ uint16, length uint32) error {
-	var b [12]byte
-	if length < 9 || (typ == chunkOffsetHole && length != 12) {
-		return protoErr("%d-byte chunk of type %d", length, typ)
-	}
-	n := 8
-	if typ == chunkOffsetHole {
-		n = 12
-	}
-	if _, err := io.ReadFull(c.br, b[:n]); err != nil {
-		return err
-	}
-	off := binary.BigEndian.Uint64(b[0:8])
-	size := uint64(length) - 8
-	if typ == chunkOffsetHole {
-		size = uint64(binary.BigEndian.Uint32(b[8:12]))
-	}
-	start, end := uint64(r.off), uint64(r.off)+uint64(r.length)
-	if size == 0 || off < start || off > end || size > end-off {
-		return protoErr("chunk for %d+%d outside READ %d+%d", off, size, r.off, r.length)
-	}
-	dst := r.buf[off-start : off-start+size]
-	if typ == chunkOffsetHole {
-		clear(dst)
-	} else if _, err := io.ReadFull(c.br, dst); err != nil {
-		return err
-	}
-	for _, s := range r.covered {
-		if int64(off) < s.end && s.off < int64(off+size) {
-			return protoErr("READ chunks overlap at %d", off)
-		}
-	}
-	r.covered = append(r.covered, span{int64(off), int64(off + size)})
-	return nil
-}
-
-// readBlockStatus reads a BLOCK_STATUS chunk:
-//
-//	| u32 context id | { u32 length | u32 flags } ... |
-func readBlockStatus(c *conn, length uint32) ([]bsExtent, error) {
-	if length < 12 || (length-4)%8 != 0 || length > maxChunkMeta {
-		return nil, protoErr("BLOCK_STATUS chunk of %d bytes", length)
-	}
-	b := make([]byte, length)
-	if _, err := io.ReadFull(c.br, b); err != nil {
-		return nil, err
-	}
-	if id := binary.BigEndian.Uint32(b[0:4]); !c.info.hasMeta || id != c.info.metaID {
-		return nil, protoErr("block status for context %d, negotiated %d", id, c.info.metaID)
-	}
-	ext := make([]bsExtent, 0, (length-4)/8)
-	for p := 4; p < len(b); p += 8 {
-		e := bsExtent{binary.BigEndian.Uint32(b[p:]), binary.BigEndian.Uint32(b[p+4:])}
-		if e.length == 0 {
-			return nil, protoErr("zero-length block status extent")
-		}
-		ext = append(ext, e)
-	}
-	return ext, nil
-}
-
-// readErrorChunk reads an error chunk:
-//
-//	| u32 error | u16 message length | message | (ERROR_OFFSET: u64 offset) |
-func readErrorChunk(c *conn, cmd uint16, typ uint16, length uint32) (*ServerError, error) {
-	if length < 6 || length > maxChunkMeta {
-		return nil, protoErr("error chunk of %d bytes", length)
-	}
-	b := make([]byte, length)
-	if _, err := io.ReadFull(c.br, b); err != nil {
-		return nil, err
-	}
-	code := binary.BigEndian.Uint32(b[0:4])
-	mlen := int(binary.BigEndian.Uint16(b[4:6]))
-	if mlen > len(b)-6 {
-		return nil, protoErr("error message of %d bytes in a %d-byte chunk", mlen, length)
-	}
-	if code == 0 {
-		// An error chunk must carry an error; treat it as EIO rather
-		// than report success.
-		code = 5
-	}
-	msg := string(b[6 : 6+mlen])
-	if typ == chunkErrBit|2 && len(b)-6-mlen >= 8 {
-		msg += fmt.Sprintf(" (at offset %d)", binary.BigEndian.Uint64(b[6+mlen:]))
-	}
-	return &ServerError{Cmd: cmdName(cmd), Code: code, Errno: errnoOf(code), Message: msg}, nil
 }
 
 // Close flushes, says goodbye to the server and releases everything.
@@ -956,8 +434,8 @@ func (img *Image) Close() error {
 	img.cancel()
 	if c != nil {
 		// DISC has no reply; best effort, bounded by a deadline.
-		var hdr [28]byte
-		putRequest(&hdr, 0, cmdDisc, 0, 0, 0)
+		var hdr [nbdwire.RequestSize]byte
+		nbdwire.PutRequest(hdr[:], nbdwire.Request{Type: nbdwire.CmdDisc}, false)
 		c.wmu.Lock()
 		c.nc.SetWriteDeadline(time.Now().Add(time.Second))
 		c.nc.Write(hdr[:])

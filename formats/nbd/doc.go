@@ -48,7 +48,7 @@
 //  4. Close the image: it flushes, sends DISC and stops reconnecting;
 //     requests still waiting fail with image.ErrClosed.
 //
-// Wire facts are in shared/WIRE.md section 5. Every length a server sends
+// The wire format is internal/nbdwire's. Every length a server sends
 // is checked against the request it answers, or capped, before any
 // allocation; a server that breaks the protocol costs a reconnect, never
 // a panic or a hang.

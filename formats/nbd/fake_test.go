@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // fakeServer is a small in-process NBD server for behaviours the real
@@ -33,19 +34,19 @@ func (f *fakeServer) dial(context.Context) (net.Conn, error) {
 func (f *fakeServer) serve(c net.Conn) {
 	defer c.Close()
 	be := binary.BigEndian
-	hs := uint16(hsFixedNewstyle)
+	hs := uint16(nbdwire.FlagFixedNewstyle)
 	if f.noZeroes {
-		hs |= hsNoZeroes
+		hs |= nbdwire.FlagNoZeroes
 	}
-	b := be.AppendUint64(nil, magicNBD)
-	b = be.AppendUint64(b, magicOpt)
+	b := be.AppendUint64(nil, nbdwire.MagicNBD)
+	b = be.AppendUint64(b, nbdwire.MagicOption)
 	c.Write(be.AppendUint16(b, hs))
 	var cf [4]byte
 	if _, err := io.ReadFull(c, cf[:]); err != nil {
 		return
 	}
 	reply := func(opt, typ uint32, data []byte) {
-		b := be.AppendUint64(nil, magicOptReply)
+		b := be.AppendUint64(nil, nbdwire.MagicOptionReply)
 		b = be.AppendUint32(b, opt)
 		b = be.AppendUint32(b, typ)
 		b = be.AppendUint32(b, uint32(len(data)))
@@ -62,22 +63,22 @@ func (f *fakeServer) serve(c net.Conn) {
 		if _, err := io.ReadFull(c, data); err != nil {
 			return
 		}
-		info := be.AppendUint16(nil, infoExport)
+		info := be.AppendUint16(nil, nbdwire.InfoExport)
 		info = be.AppendUint64(info, uint64(len(f.disk)))
-		info = be.AppendUint16(info, tfHasFlags|tfSendFlush|tfWriteZeroes)
+		info = be.AppendUint16(info, nbdwire.TransHasFlags|nbdwire.TransSendFlush|nbdwire.TransSendWriteZeroes)
 		switch {
-		case opt == optStructuredRepl && !f.noGo:
+		case opt == nbdwire.OptStructuredReply && !f.noGo:
 			structured = true
-			reply(opt, repAck, nil)
-		case opt == optSetMetaContext:
-			reply(opt, repMetaContext, append(be.AppendUint32(nil, 7), metaAllocation...))
-			reply(opt, repAck, nil)
-		case opt == optGo && !f.noGo:
-			reply(opt, repInfo, info)
-			reply(opt, repInfo, be.AppendUint32(be.AppendUint32(be.AppendUint32(be.AppendUint16(nil, infoBlockSize), 1), 4096), 64<<10))
-			reply(opt, repAck, nil)
+			reply(opt, nbdwire.RepAck, nil)
+		case opt == nbdwire.OptSetMetaContext:
+			reply(opt, nbdwire.RepMetaContext, append(be.AppendUint32(nil, 7), nbdwire.MetaBaseAllocation...))
+			reply(opt, nbdwire.RepAck, nil)
+		case opt == nbdwire.OptGo && !f.noGo:
+			reply(opt, nbdwire.RepInfo, info)
+			reply(opt, nbdwire.RepInfo, be.AppendUint32(be.AppendUint32(be.AppendUint32(be.AppendUint16(nil, nbdwire.InfoBlockSize), 1), 4096), 64<<10))
+			reply(opt, nbdwire.RepAck, nil)
 			done = true
-		case opt == optExportName:
+		case opt == nbdwire.OptExportName:
 			out := info[2:]
 			if !f.noZeroes {
 				out = append(out, make([]byte, 124)...)
@@ -85,7 +86,7 @@ func (f *fakeServer) serve(c net.Conn) {
 			c.Write(out)
 			done = true
 		default:
-			reply(opt, repErrUnsup, []byte("not here"))
+			reply(opt, nbdwire.RepErrUnsupported, []byte("not here"))
 		}
 	}
 	var wmu sync.Mutex
@@ -101,7 +102,7 @@ func (f *fakeServer) serve(c net.Conn) {
 		for _, p := range payload {
 			n += len(p)
 		}
-		b := be.AppendUint32(nil, magicChunk)
+		b := be.AppendUint32(nil, nbdwire.MagicChunkReply)
 		b = be.AppendUint16(b, flags)
 		b = be.AppendUint16(b, typ)
 		b = be.AppendUint64(b, cookie)
@@ -120,29 +121,29 @@ func (f *fakeServer) serve(c net.Conn) {
 		}
 		cmd, cookie, off, n := be.Uint16(h[6:8]), be.Uint64(h[8:16]), be.Uint64(h[16:24]), be.Uint32(h[24:28])
 		var payload []byte
-		if cmd == cmdWrite {
+		if cmd == nbdwire.CmdWrite {
 			payload = make([]byte, n)
 			if _, err := io.ReadFull(c, payload); err != nil {
 				return
 			}
 		}
-		if cmd == cmdDisc {
+		if cmd == nbdwire.CmdDisc {
 			return
 		}
 		// Each request answered by its own goroutine: replies come
 		// back in whatever order they finish.
 		wg.Go(func() {
-			simple := be.AppendUint64(be.AppendUint32(be.AppendUint32(nil, magicSimple), 0), cookie)
+			simple := be.AppendUint64(be.AppendUint32(be.AppendUint32(nil, nbdwire.MagicSimpleReply), 0), cookie)
 			f.mu.Lock()
 			defer f.mu.Unlock()
 			switch cmd {
-			case cmdWrite:
+			case nbdwire.CmdWrite:
 				copy(f.disk[off:], payload)
 				send(simple)
-			case cmdWriteZeroes:
+			case nbdwire.CmdWriteZeroes:
 				clear(f.disk[off : off+uint64(n)])
 				send(simple)
-			case cmdRead:
+			case nbdwire.CmdRead:
 				data := f.disk[off : off+uint64(n)]
 				if !structured {
 					send(simple, data)
@@ -157,13 +158,13 @@ func (f *fakeServer) serve(c net.Conn) {
 					}
 					seg := data[p[0]:p[1]]
 					if bytes.Count(seg, []byte{0}) == len(seg) {
-						send(chunk(0, chunkOffsetHole, cookie, be.AppendUint32(be.AppendUint64(nil, off+p[0]), uint32(len(seg)))))
+						send(chunk(0, nbdwire.ChunkOffsetHole, cookie, be.AppendUint32(be.AppendUint64(nil, off+p[0]), uint32(len(seg)))))
 					} else {
-						send(chunk(0, chunkOffsetData, cookie, be.AppendUint64(nil, off+p[0]), seg))
+						send(chunk(0, nbdwire.ChunkOffsetData, cookie, be.AppendUint64(nil, off+p[0]), seg))
 					}
 				}
-				send(chunk(chunkDone, chunkNone, cookie))
-			case cmdBlockStatus:
+				send(chunk(nbdwire.ChunkFlagDone, nbdwire.ChunkNone, cookie))
+			case nbdwire.CmdBlockStatus:
 				// One extent per 4 KiB page, merged: zero pages are holes.
 				pl := be.AppendUint32(nil, 7)
 				var runLen, runFlags uint32
@@ -171,7 +172,7 @@ func (f *fakeServer) serve(c net.Conn) {
 					end := min(p+4096, off+uint64(n))
 					fl := uint32(0)
 					if bytes.Count(f.disk[p:end], []byte{0}) == int(end-p) {
-						fl = stateHole | stateZero
+						fl = nbdwire.StateHole | nbdwire.StateZero
 					}
 					if runLen > 0 && fl != runFlags {
 						pl = be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
@@ -181,7 +182,7 @@ func (f *fakeServer) serve(c net.Conn) {
 					runFlags = fl
 				}
 				pl = be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
-				send(chunk(chunkDone, chunkBlockStatus, cookie, pl))
+				send(chunk(nbdwire.ChunkFlagDone, nbdwire.ChunkBlockStatus, cookie, pl))
 			default:
 				send(simple)
 			}

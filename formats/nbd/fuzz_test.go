@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 var update = flag.Bool("update", false, "rewrite testdata/stream-*.bin seed files")
@@ -25,40 +27,40 @@ var update = flag.Bool("update", false, "rewrite testdata/stream-*.bin seed file
 var be = binary.BigEndian
 
 func greeting(structured, meta, goOK bool, size uint64, flags uint16) []byte {
-	b := be.AppendUint64(nil, magicNBD)
-	b = be.AppendUint64(b, magicOpt)
-	b = be.AppendUint16(b, hsFixedNewstyle|hsNoZeroes)
+	b := be.AppendUint64(nil, nbdwire.MagicNBD)
+	b = be.AppendUint64(b, nbdwire.MagicOption)
+	b = be.AppendUint16(b, nbdwire.FlagFixedNewstyle|nbdwire.FlagNoZeroes)
 	rep := func(b []byte, opt, typ uint32, data []byte) []byte {
-		b = be.AppendUint64(b, magicOptReply)
+		b = be.AppendUint64(b, nbdwire.MagicOptionReply)
 		b = be.AppendUint32(b, opt)
 		b = be.AppendUint32(b, typ)
 		b = be.AppendUint32(b, uint32(len(data)))
 		return append(b, data...)
 	}
 	if !structured {
-		b = rep(rep(b, optStructuredRepl, repErrUnsup, nil), optGo, repInfo,
-			be.AppendUint16(be.AppendUint64(be.AppendUint16(nil, infoExport), size), flags))
-		return rep(b, optGo, repAck, nil)
+		b = rep(rep(b, nbdwire.OptStructuredReply, nbdwire.RepErrUnsupported, nil), nbdwire.OptGo, nbdwire.RepInfo,
+			be.AppendUint16(be.AppendUint64(be.AppendUint16(nil, nbdwire.InfoExport), size), flags))
+		return rep(b, nbdwire.OptGo, nbdwire.RepAck, nil)
 	}
-	b = rep(b, optStructuredRepl, repAck, nil)
+	b = rep(b, nbdwire.OptStructuredReply, nbdwire.RepAck, nil)
 	if meta {
-		b = rep(b, optSetMetaContext, repMetaContext, append(be.AppendUint32(nil, 1), metaAllocation...))
+		b = rep(b, nbdwire.OptSetMetaContext, nbdwire.RepMetaContext, append(be.AppendUint32(nil, 1), nbdwire.MetaBaseAllocation...))
 	}
-	b = rep(b, optSetMetaContext, repAck, nil)
+	b = rep(b, nbdwire.OptSetMetaContext, nbdwire.RepAck, nil)
 	if !goOK {
-		b = rep(b, optGo, repErrUnsup, nil)
+		b = rep(b, nbdwire.OptGo, nbdwire.RepErrUnsupported, nil)
 		return be.AppendUint16(be.AppendUint64(b, size), flags)
 	}
-	b = rep(b, optGo, repInfo, be.AppendUint16(be.AppendUint64(be.AppendUint16(nil, infoExport), size), flags))
-	return rep(b, optGo, repAck, nil)
+	b = rep(b, nbdwire.OptGo, nbdwire.RepInfo, be.AppendUint16(be.AppendUint64(be.AppendUint16(nil, nbdwire.InfoExport), size), flags))
+	return rep(b, nbdwire.OptGo, nbdwire.RepAck, nil)
 }
 
 func simpleRep(code uint32, cookie uint64, data []byte) []byte {
-	return append(be.AppendUint64(be.AppendUint32(be.AppendUint32(nil, magicSimple), code), cookie), data...)
+	return append(be.AppendUint64(be.AppendUint32(be.AppendUint32(nil, nbdwire.MagicSimpleReply), code), cookie), data...)
 }
 
 func chunkRep(flags, typ uint16, cookie uint64, payload []byte) []byte {
-	b := be.AppendUint32(nil, magicChunk)
+	b := be.AppendUint32(nil, nbdwire.MagicChunkReply)
 	b = be.AppendUint16(b, flags)
 	b = be.AppendUint16(b, typ)
 	b = be.AppendUint64(b, cookie)
@@ -68,38 +70,38 @@ func chunkRep(flags, typ uint16, cookie uint64, payload []byte) []byte {
 
 // seedStreams: name -> {handshake bytes, reply bytes}.
 func seedStreams() map[string][2][]byte {
-	const flags = tfHasFlags | tfSendFlush | tfWriteZeroes | tfSendTrim
+	const flags = nbdwire.TransHasFlags | nbdwire.TransSendFlush | nbdwire.TransSendWriteZeroes | nbdwire.TransSendTrim
 	g := greeting(true, true, true, 1<<20, flags)
 	data := append(be.AppendUint64(nil, 0), make([]byte, 4096)...)
 	bs := func(ctx, n, fl uint32) []byte {
 		return be.AppendUint32(be.AppendUint32(be.AppendUint32(nil, ctx), n), fl)
 	}
-	goodRest := cat(chunkRep(chunkDone, chunkBlockStatus, 2, bs(1, 1<<20, 3)),
+	goodRest := cat(chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkBlockStatus, 2, bs(1, 1<<20, 3)),
 		simpleRep(0, 3, nil), simpleRep(0, 4, nil), simpleRep(0, 5, nil))
 	return map[string][2][]byte{
 		"stream-good-structured": {g, cat(
-			chunkRep(0, chunkOffsetData, 1, data[:8+2048]),
-			chunkRep(chunkDone, chunkOffsetHole, 1, be.AppendUint32(be.AppendUint64(nil, 2048), 2048)), goodRest)},
+			chunkRep(0, nbdwire.ChunkOffsetData, 1, data[:8+2048]),
+			chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetHole, 1, be.AppendUint32(be.AppendUint64(nil, 2048), 2048)), goodRest)},
 		"stream-good-simple": {greeting(false, false, true, 1<<20, flags),
 			cat(simpleRep(0, 1, make([]byte, 4096)), simpleRep(22, 2, nil), simpleRep(0, 3, nil), simpleRep(0, 4, nil), simpleRep(0, 5, nil))},
-		"stream-good-export-name":   {greeting(true, true, false, 1<<20, flags), cat(chunkRep(chunkDone, chunkOffsetData, 1, data), goodRest)},
-		"stream-oldstyle":           {cat(be.AppendUint64(nil, magicNBD), be.AppendUint64(nil, magicOldstyle), make([]byte, 136)), nil},
-		"stream-not-fixed-newstyle": {cat(be.AppendUint64(nil, magicNBD), be.AppendUint64(nil, magicOpt), []byte{0, 0}), nil},
-		"stream-huge-option-reply": {cat(g[:18], be.AppendUint64(nil, magicOptReply), be.AppendUint32(nil, optStructuredRepl),
-			be.AppendUint32(nil, repAck), be.AppendUint32(nil, 0xffffffff)), nil},
+		"stream-good-export-name":   {greeting(true, true, false, 1<<20, flags), cat(chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 1, data), goodRest)},
+		"stream-oldstyle":           {cat(be.AppendUint64(nil, nbdwire.MagicNBD), be.AppendUint64(nil, nbdwire.MagicOldstyle), make([]byte, 136)), nil},
+		"stream-not-fixed-newstyle": {cat(be.AppendUint64(nil, nbdwire.MagicNBD), be.AppendUint64(nil, nbdwire.MagicOption), []byte{0, 0}), nil},
+		"stream-huge-option-reply": {cat(g[:18], be.AppendUint64(nil, nbdwire.MagicOptionReply), be.AppendUint32(nil, nbdwire.OptStructuredReply),
+			be.AppendUint32(nil, nbdwire.RepAck), be.AppendUint32(nil, 0xffffffff)), nil},
 		"stream-bad-reply-magic":        {g, cat([]byte{0xde, 0xad, 0xbe, 0xef}, make([]byte, 12))},
 		"stream-unknown-cookie":         {g, simpleRep(0, 99, nil)},
-		"stream-chunk-outside-read":     {g, chunkRep(chunkDone, chunkOffsetData, 1, append(be.AppendUint64(nil, 1<<19), 1, 2, 3))},
-		"stream-hole-overflow":          {g, chunkRep(chunkDone, chunkOffsetHole, 1, be.AppendUint32(be.AppendUint64(nil, 0xfffffffffffff000), 0xffffffff))},
-		"stream-read-not-covered":       {g, chunkRep(chunkDone, chunkOffsetData, 1, data[:8+100])},
-		"stream-read-chunks-overlap":    {g, cat(chunkRep(0, chunkOffsetData, 1, data[:8+2048]), chunkRep(chunkDone, chunkOffsetData, 1, data[:8+4096]))},
-		"stream-error-chunk-long-msg":   {g, chunkRep(chunkDone, chunkErrBit|1, 1, append(be.AppendUint16(be.AppendUint32(nil, 5), 0xffff), "short"...))},
+		"stream-chunk-outside-read":     {g, chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 1, append(be.AppendUint64(nil, 1<<19), 1, 2, 3))},
+		"stream-hole-overflow":          {g, chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetHole, 1, be.AppendUint32(be.AppendUint64(nil, 0xfffffffffffff000), 0xffffffff))},
+		"stream-read-not-covered":       {g, chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 1, data[:8+100])},
+		"stream-read-chunks-overlap":    {g, cat(chunkRep(0, nbdwire.ChunkOffsetData, 1, data[:8+2048]), chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 1, data[:8+4096]))},
+		"stream-error-chunk-long-msg":   {g, chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkErrorBit|1, 1, append(be.AppendUint16(be.AppendUint32(nil, 5), 0xffff), "short"...))},
 		"stream-read-simple-truncated":  {greeting(false, false, true, 1<<20, flags), simpleRep(0, 1, make([]byte, 100))},
-		"stream-block-status-wrong-ctx": {g, cat(chunkRep(chunkDone, chunkOffsetData, 1, data), chunkRep(chunkDone, chunkBlockStatus, 2, bs(9, 4096, 0)))},
-		"stream-block-status-zero-len":  {g, cat(chunkRep(chunkDone, chunkOffsetData, 1, data), chunkRep(chunkDone, chunkBlockStatus, 2, bs(1, 0, 0)))},
-		"stream-block-status-huge":      {g, cat(chunkRep(chunkDone, chunkOffsetData, 1, data), be.AppendUint32(nil, magicChunk), []byte{0, 1, 0, 5}, be.AppendUint64(nil, 2), be.AppendUint32(nil, 0xfffffff4))},
+		"stream-block-status-wrong-ctx": {g, cat(chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 1, data), chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkBlockStatus, 2, bs(9, 4096, 0)))},
+		"stream-block-status-zero-len":  {g, cat(chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 1, data), chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkBlockStatus, 2, bs(1, 0, 0)))},
+		"stream-block-status-huge":      {g, cat(chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkOffsetData, 1, data), be.AppendUint32(nil, nbdwire.MagicChunkReply), []byte{0, 1, 0, 5}, be.AppendUint64(nil, 2), be.AppendUint32(nil, 0xfffffff4))},
 		"stream-size-huge":              {greeting(true, true, true, 1<<63, flags), nil},
-		"stream-ext-header-reply":       {g, cat(be.AppendUint32(nil, magicExtReply), make([]byte, 28))},
+		"stream-ext-header-reply":       {g, cat(be.AppendUint32(nil, nbdwire.MagicExtReply), make([]byte, 28))},
 	}
 }
 
@@ -173,7 +175,7 @@ func fuzzOps(hs, replies []byte, timeout time.Duration) (res opsResult) {
 			defer s.Close()
 			seen := make(chan struct{})
 			go func() {
-				magic := be.AppendUint32(nil, magicRequest)
+				magic := be.AppendUint32(nil, nbdwire.MagicRequest)
 				var got []byte
 				buf := make([]byte, 4096)
 				signalled := false
@@ -207,11 +209,11 @@ func fuzzOps(hs, replies []byte, timeout time.Duration) (res opsResult) {
 	n := uint32(min(img.Size(), 4096))
 	buf := make([]byte, n)
 	reqs := []*request{
-		{cmd: cmdRead, length: n, buf: buf},
-		{cmd: cmdBlockStatus, length: n},
-		{cmd: cmdWrite, length: n, buf: make([]byte, n)},
-		{cmd: cmdFlush},
-		{cmd: cmdWriteZeroes, length: n},
+		{cmd: nbdwire.CmdRead, length: n, buf: buf},
+		{cmd: nbdwire.CmdBlockStatus, length: n},
+		{cmd: nbdwire.CmdWrite, length: n, buf: make([]byte, n)},
+		{cmd: nbdwire.CmdFlush},
+		{cmd: nbdwire.CmdWriteZeroes, length: n},
 	}
 	for _, r := range reqs {
 		img.submit(r)

@@ -7,6 +7,8 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // ErrBadURI: an NBD URI that ParseURI refuses.
@@ -14,9 +16,6 @@ var ErrBadURI = errors.New("bad NBD URI")
 
 // DefaultPort is the NBD port IANA assigned; nbd://HOST/ uses it.
 const DefaultPort = 10809
-
-// maxExportName is the longest export name the protocol allows (bytes).
-const maxExportName = 4096
 
 // URI is a parsed NBD URI: where to connect and which export to ask for.
 type URI struct {
@@ -46,98 +45,120 @@ func (u URI) String() string {
 // nbds+unix), vsock, user info, fragments, unknown query keys, a host on
 // a unix URI and a socket on a TCP URI are errors that say what to write.
 func ParseURI(s string) (URI, error) {
-	bad := func(why string, args ...any) (URI, error) {
+	u, why := parseURI(s)
+	if why != "" {
 		return URI{}, fmt.Errorf("%w %q: %s (write nbd+unix:///EXPORT?socket=PATH or nbd://HOST:PORT/EXPORT)",
-			ErrBadURI, s, fmt.Sprintf(why, args...))
+			ErrBadURI, s, why)
 	}
+	return u, nil
+}
+
+// parseURI is ParseURI; it says why it refuses s, or "".
+func parseURI(s string) (URI, string) {
 	raw := s
 	if strings.HasPrefix(raw, "nbd:nbd") {
 		raw = raw[len("nbd:"):]
 	}
 	if strings.ContainsAny(raw, "\x00\n\r\t ") {
-		return bad("contains NUL, whitespace or a control character")
+		return URI{}, "contains NUL, whitespace or a control character"
 	}
 	u, err := url.Parse(raw)
 	if err != nil {
-		return bad("%v", err)
+		return URI{}, err.Error()
 	}
 	var out URI
-	switch u.Scheme {
-	case "nbd", "nbd+tcp":
-		out.Network = "tcp"
-	case "nbd+unix":
-		out.Network = "unix"
-	case "nbds", "nbds+tcp", "nbds+unix":
-		return bad("TLS is not supported; use a unix socket or a trusted network")
-	case "nbd+vsock", "nbds+vsock":
-		return bad("vsock is not supported")
-	case "":
-		return bad("no scheme")
-	default:
-		return bad("unknown scheme %q", u.Scheme)
-	}
-	if u.Opaque != "" {
-		return bad("missing // after the scheme")
-	}
-	if u.User != nil {
-		return bad("user info is not allowed")
-	}
-	if u.Fragment != "" || u.RawFragment != "" || strings.Contains(raw, "#") {
-		return bad("fragments are not allowed")
+	if out.Network, err = uriNetwork(u.Scheme); err != nil {
+		return URI{}, err.Error()
 	}
 	switch {
+	case u.Opaque != "":
+		return URI{}, "missing // after the scheme"
+	case u.User != nil:
+		return URI{}, "user info is not allowed"
+	case u.Fragment != "" || u.RawFragment != "" || strings.Contains(raw, "#"):
+		return URI{}, "fragments are not allowed"
 	case u.Path == "", u.Path == "/":
 	case strings.HasPrefix(u.Path, "/"):
 		out.Export = u.Path[1:]
 	default:
-		return bad("the export must follow a /")
+		return URI{}, "the export must follow a /"
 	}
-	if len(out.Export) > maxExportName {
-		return bad("export name of %d bytes; at most %d", len(out.Export), maxExportName)
+	if len(out.Export) > nbdwire.MaxStringLen {
+		return URI{}, fmt.Sprintf("export name of %d bytes; at most %d", len(out.Export), nbdwire.MaxStringLen)
 	}
 	q, err := url.ParseQuery(u.RawQuery)
 	if err != nil {
-		return bad("query: %v", err)
+		return URI{}, fmt.Sprintf("query: %v", err)
 	}
-	for k, v := range q {
-		if k != "socket" || out.Network != "unix" {
-			if k == "socket" {
-				return bad("socket= belongs to nbd+unix URIs")
-			}
-			return bad("unknown query parameter %q", k)
-		}
-		if len(v) != 1 || v[0] == "" {
-			return bad("give socket= exactly once, non-empty")
-		}
+	if why := checkQuery(q, out.Network); why != "" {
+		return URI{}, why
 	}
 	if out.Network == "unix" {
 		if u.Host != "" {
-			return bad("nbd+unix URIs have no host: write three slashes, nbd+unix:///EXPORT?socket=PATH")
+			return URI{}, "nbd+unix URIs have no host: write three slashes, nbd+unix:///EXPORT?socket=PATH"
 		}
-		out.Address = q.Get("socket")
-		if out.Address == "" {
-			return bad("nbd+unix needs ?socket=PATH")
+		if out.Address = q.Get("socket"); out.Address == "" {
+			return URI{}, "nbd+unix needs ?socket=PATH"
 		}
-		return out, nil
+		return out, ""
 	}
+	out.Address, err = tcpAddress(u)
+	if err != nil {
+		return URI{}, err.Error()
+	}
+	return out, ""
+}
+
+// uriNetwork maps a URI scheme to the network it dials.
+func uriNetwork(scheme string) (string, error) {
+	switch scheme {
+	case "nbd", "nbd+tcp":
+		return "tcp", nil
+	case "nbd+unix":
+		return "unix", nil
+	case "nbds", "nbds+tcp", "nbds+unix":
+		return "", errors.New("TLS is not supported; use a unix socket or a trusted network")
+	case "nbd+vsock", "nbds+vsock":
+		return "", errors.New("vsock is not supported")
+	case "":
+		return "", errors.New("no scheme")
+	}
+	return "", fmt.Errorf("unknown scheme %q", scheme)
+}
+
+// checkQuery allows socket= once on a unix URI and nothing else.
+func checkQuery(q url.Values, network string) string {
+	for k, v := range q {
+		switch {
+		case k == "socket" && network != "unix":
+			return "socket= belongs to nbd+unix URIs"
+		case k != "socket":
+			return fmt.Sprintf("unknown query parameter %q", k)
+		case len(v) != 1 || v[0] == "":
+			return "give socket= exactly once, non-empty"
+		}
+	}
+	return ""
+}
+
+// tcpAddress is a TCP URI's host:port, the port defaulting to 10809.
+func tcpAddress(u *url.URL) (string, error) {
 	host, port := u.Hostname(), u.Port()
-	if host == "" {
-		return bad("no host")
-	}
-	if strings.Contains(host, ":") && !strings.HasPrefix(u.Host, "[") {
-		return bad("an IPv6 address needs brackets: nbd://[::1]:10809/")
-	}
-	if strings.HasSuffix(u.Host, ":") {
-		return bad("empty port")
+	switch {
+	case host == "":
+		return "", errors.New("no host")
+	case strings.Contains(host, ":") && !strings.HasPrefix(u.Host, "["):
+		return "", errors.New("an IPv6 address needs brackets: nbd://[::1]:10809/")
+	case strings.HasSuffix(u.Host, ":"):
+		return "", errors.New("empty port")
 	}
 	p := DefaultPort
 	if port != "" {
 		n, err := strconv.Atoi(port)
 		if err != nil || n < 1 || n > 65535 {
-			return bad("port %q is not 1..65535", port)
+			return "", fmt.Errorf("port %q is not 1..65535", port)
 		}
 		p = n
 	}
-	out.Address = net.JoinHostPort(host, strconv.Itoa(p))
-	return out, nil
+	return net.JoinHostPort(host, strconv.Itoa(p)), nil
 }

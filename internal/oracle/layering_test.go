@@ -14,15 +14,16 @@ const module = "github.com/blktap-go/blktap"
 // The import arrows of DESIGN.md: cmd -> reconciler -> {tapengine, formats,
 // config, xenstore}; tapengine -> formats; formats, xenstore and config
 // import nothing of the project (but their own sub-packages and the leaves
-// internal/units and internal/rbdspec, which import nothing at all), tapengine
+// internal/units, internal/rbdspec and internal/nbdwire, which import
+// nothing at all), tapengine
 // never imports xenstore, and the pure Plan reads no clock and does no I/O.
 func TestLayering(t *testing.T) {
 	root := filepath.Join("..", "..")
 	rules := map[string][]string{ // top-level dir -> project packages it may import
-		"formats":   {"formats/", "internal/units/", "internal/rbdspec/"},
+		"formats":   {"formats/", "internal/units/", "internal/rbdspec/", "internal/nbdwire/"},
 		"xenstore":  {"xenstore/"},
 		"config":    {"config/", "internal/units/", "internal/rbdspec/"},
-		"tapengine": {"tapengine/", "formats/", "internal/units/"},
+		"tapengine": {"tapengine/", "formats/", "internal/units/", "internal/nbdwire/"},
 	}
 	for dir, allowed := range rules {
 		filepath.WalkDir(filepath.Join(root, dir), func(path string, d os.DirEntry, err error) error {

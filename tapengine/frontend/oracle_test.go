@@ -25,7 +25,7 @@ func serveNBD(t *testing.T, f *Frontend) string {
 		t.Fatal(err)
 	}
 	// RoundTrip, as the daemon sets it: reads and writes take the
-	// started (nbd.Starter) path.
+	// started (nbd.AsyncBackend) path.
 	srv := &nbd.Server{Export: nbd.Export{Name: "guest", Backend: f, RoundTrip: true}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)

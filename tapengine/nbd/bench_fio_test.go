@@ -14,7 +14,7 @@ import (
 
 // BenchmarkFio measures this server against qemu-nbd and nbdkit serving
 // the same warm raw file, with fio's nbd engine as the one client
-// (DESIGN.md "Performance lessons": 4k, QD32). Each iteration is a 5 s fio
+// (docs/PERFORMANCE.md: 4k, QD32). Each iteration is a 5 s fio
 // run; use -benchtime=1x. Metrics: IOPS per workload.
 //
 //	go test -run XXX -bench Fio -benchtime 1x ./tapengine/nbd

@@ -7,10 +7,12 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 func BenchmarkParseRequest(b *testing.B) {
-	hdr, _ := AppendRequest(nil, Request{Type: CmdRead, Cookie: 1, Offset: 4096, Length: 4096}, false)
+	hdr, _ := nbdwire.AppendRequest(nil, Request{Type: nbdwire.CmdRead, Cookie: 1, Offset: 4096, Length: 4096}, false)
 	b.ReportAllocs()
 	for b.Loop() {
 		if _, err := ParseRequest(hdr, false); err != nil {
@@ -41,7 +43,7 @@ func BenchmarkReplyWrite(b *testing.B) {
 			b.SetBytes(4096)
 			for b.Loop() {
 				r := <-c.free
-				r.Request = Request{Type: CmdRead, Cookie: 1, Offset: 8192, Length: 4096}
+				r.Request = Request{Type: nbdwire.CmdRead, Cookie: 1, Offset: 8192, Length: 4096}
 				c.handle(r)
 			}
 		})
@@ -55,7 +57,7 @@ func BenchmarkUnixSocket(b *testing.B) {
 	for _, op := range []struct {
 		name string
 		typ  uint16
-	}{{"read4k", CmdRead}, {"write4k", CmdWrite}} {
+	}{{"read4k", nbdwire.CmdRead}, {"write4k", nbdwire.CmdWrite}} {
 		b.Run(op.name, func(b *testing.B) {
 			_, sock, _ := startServer(b, Export{Name: "disk", Backend: newMem(64 << 20)})
 			tc := dial(b, sock)
@@ -66,7 +68,7 @@ func BenchmarkUnixSocket(b *testing.B) {
 			const qd, bs = 16, 4096
 			var out []byte
 			payload := make([]byte, bs)
-			rbuf := make([]byte, simpleSize+bs)
+			rbuf := make([]byte, nbdwire.SimpleReplySize+bs)
 			br := bufio.NewReaderSize(tc.c, 256<<10)
 			bw := bufio.NewWriterSize(tc.c, 256<<10)
 			b.SetBytes(bs)
@@ -75,18 +77,18 @@ func BenchmarkUnixSocket(b *testing.B) {
 			sent, recvd := 0, 0
 			for recvd < b.N {
 				for sent < b.N && sent-recvd < qd {
-					out, _ = AppendRequest(out[:0], Request{Type: op.typ, Cookie: uint64(sent),
+					out, _ = nbdwire.AppendRequest(out[:0], Request{Type: op.typ, Cookie: uint64(sent),
 						Offset: uint64(sent%16384) * bs, Length: bs}, false)
 					bw.Write(out)
-					if op.typ == CmdWrite {
+					if op.typ == nbdwire.CmdWrite {
 						bw.Write(payload)
 					}
 					sent++
 				}
 				bw.Flush()
 				for recvd < sent {
-					n := simpleSize
-					if op.typ == CmdRead {
+					n := nbdwire.SimpleReplySize
+					if op.typ == nbdwire.CmdRead {
 						n += bs
 					}
 					if _, err := io.ReadFull(br, rbuf[:n]); err != nil {
@@ -96,7 +98,7 @@ func BenchmarkUnixSocket(b *testing.B) {
 						b.Fatal("error reply")
 					}
 					recvd++
-					if br.Buffered() < simpleSize && sent < b.N {
+					if br.Buffered() < nbdwire.SimpleReplySize && sent < b.N {
 						break // refill the queue before waiting
 					}
 				}

@@ -8,6 +8,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // testClient is a minimal NBD client for byte-level tests: it speaks the
@@ -60,14 +62,14 @@ func (tc *testClient) greet(flags uint32) error {
 	if err != nil {
 		return err
 	}
-	if binary.BigEndian.Uint64(b) != magicNBD || binary.BigEndian.Uint64(b[8:]) != magicIHaveOpt {
+	if binary.BigEndian.Uint64(b) != nbdwire.MagicNBD || binary.BigEndian.Uint64(b[8:]) != nbdwire.MagicOption {
 		return fmt.Errorf("bad greeting % x", b)
 	}
 	return binary.Write(tc.c, binary.BigEndian, flags)
 }
 
 func (tc *testClient) sendOpt(opt uint32, data []byte) error {
-	b := binary.BigEndian.AppendUint64(nil, magicIHaveOpt)
+	b := binary.BigEndian.AppendUint64(nil, nbdwire.MagicOption)
 	b = binary.BigEndian.AppendUint32(b, opt)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(data)))
 	_, err := tc.c.Write(append(b, data...))
@@ -80,7 +82,7 @@ func (tc *testClient) optReply() (opt, typ uint32, data []byte, err error) {
 	if err != nil {
 		return 0, 0, nil, err
 	}
-	if m := binary.BigEndian.Uint64(h); m != magicOptReply {
+	if m := binary.BigEndian.Uint64(h); m != nbdwire.MagicOptionReply {
 		return 0, 0, nil, fmt.Errorf("bad option reply magic %#x", m)
 	}
 	opt, typ = binary.BigEndian.Uint32(h[8:]), binary.BigEndian.Uint32(h[12:])
@@ -99,16 +101,16 @@ func (tc *testClient) simpleOpt(opt uint32) (uint32, error) {
 
 // handshake negotiates as asked and GOes to export name.
 func (tc *testClient) handshake(name string, structured, ext bool, meta ...string) error {
-	if err := tc.greet(flagCFixedNewstyle | flagCNoZeroes); err != nil {
+	if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 		return err
 	}
 	if ext {
-		if typ, err := tc.simpleOpt(optExtendedHeaders); err != nil || typ != repAck {
+		if typ, err := tc.simpleOpt(nbdwire.OptExtendedHeaders); err != nil || typ != nbdwire.RepAck {
 			return fmt.Errorf("EXTENDED_HEADERS: %#x %v", typ, err)
 		}
 		tc.ext, tc.structured = true, true
 	} else if structured {
-		if typ, err := tc.simpleOpt(optStructuredReply); err != nil || typ != repAck {
+		if typ, err := tc.simpleOpt(nbdwire.OptStructuredReply); err != nil || typ != nbdwire.RepAck {
 			return fmt.Errorf("STRUCTURED_REPLY: %#x %v", typ, err)
 		}
 		tc.structured = true
@@ -121,7 +123,7 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 			d = binary.BigEndian.AppendUint32(d, uint32(len(m)))
 			d = append(d, m...)
 		}
-		if err := tc.sendOpt(optSetMetaContext, d); err != nil {
+		if err := tc.sendOpt(nbdwire.OptSetMetaContext, d); err != nil {
 			return err
 		}
 		for {
@@ -129,10 +131,10 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 			if err != nil {
 				return err
 			}
-			if typ == repAck {
+			if typ == nbdwire.RepAck {
 				break
 			}
-			if typ != repMetaContext {
+			if typ != nbdwire.RepMetaContext {
 				return fmt.Errorf("SET_META_CONTEXT reply %#x %q", typ, data)
 			}
 			tc.metaIDs[string(data[4:])] = binary.BigEndian.Uint32(data)
@@ -141,7 +143,7 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
 	d = append(d, name...)
 	d = binary.BigEndian.AppendUint16(d, 0)
-	if err := tc.sendOpt(optGo, d); err != nil {
+	if err := tc.sendOpt(nbdwire.OptGo, d); err != nil {
 		return err
 	}
 	for {
@@ -150,10 +152,10 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 			return err
 		}
 		switch typ {
-		case repAck:
+		case nbdwire.RepAck:
 			return nil
-		case repInfo:
-			if binary.BigEndian.Uint16(data) == infoExport {
+		case nbdwire.RepInfo:
+			if binary.BigEndian.Uint16(data) == nbdwire.InfoExport {
 				tc.size = binary.BigEndian.Uint64(data[2:])
 				tc.tflags = binary.BigEndian.Uint16(data[10:])
 			}
@@ -164,11 +166,11 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 }
 
 func (tc *testClient) send(r Request, payload []byte) error {
-	b, err := AppendRequest(nil, r, tc.ext)
+	b, err := nbdwire.AppendRequest(nil, r, tc.ext)
 	if err != nil {
 		return err
 	}
-	if r.Type == CmdRead {
+	if r.Type == nbdwire.CmdRead {
 		tc.reads[r.Cookie] = r.Length
 	}
 	_, err = tc.c.Write(append(b, payload...))
@@ -184,7 +186,7 @@ func (tc *testClient) recv() (*reply, error) {
 			return nil, err
 		}
 		switch binary.BigEndian.Uint32(m) {
-		case magicSimple:
+		case nbdwire.MagicSimpleReply:
 			b, err := tc.readN(12)
 			if err != nil {
 				return nil, err
@@ -198,7 +200,7 @@ func (tc *testClient) recv() (*reply, error) {
 			}
 			delete(tc.reads, rep.cookie)
 			return rep, nil
-		case magicChunk:
+		case nbdwire.MagicChunkReply:
 			b, err := tc.readN(16)
 			if err != nil {
 				return nil, err
@@ -211,7 +213,7 @@ func (tc *testClient) recv() (*reply, error) {
 			if err := rep.add(ch); err != nil {
 				return nil, err
 			}
-		case magicExtReply:
+		case nbdwire.MagicExtReply:
 			b, err := tc.readN(28)
 			if err != nil {
 				return nil, err
@@ -232,7 +234,7 @@ func (tc *testClient) recv() (*reply, error) {
 		default:
 			return nil, fmt.Errorf("bad reply magic % x", m)
 		}
-		if last := rep.chunks[len(rep.chunks)-1]; last.flags&chunkFlagDone != 0 {
+		if last := rep.chunks[len(rep.chunks)-1]; last.flags&nbdwire.ChunkFlagDone != 0 {
 			delete(tc.reads, rep.cookie)
 			return rep, nil
 		}
@@ -240,7 +242,7 @@ func (tc *testClient) recv() (*reply, error) {
 }
 
 func (rep *reply) add(ch chunk) error {
-	if ch.typ == chunkError || ch.typ == chunkErrorOffset {
+	if ch.typ == nbdwire.ChunkError || ch.typ == nbdwire.ChunkErrorOffset {
 		if len(ch.payload) < 6 {
 			return fmt.Errorf("short error chunk")
 		}
@@ -259,12 +261,12 @@ func (rep *reply) readData(off, length uint64) ([]byte, error) {
 	var covered uint64
 	for _, ch := range rep.chunks {
 		switch ch.typ {
-		case chunkOffsetData:
+		case nbdwire.ChunkOffsetData:
 			o := binary.BigEndian.Uint64(ch.payload) - off
 			covered += uint64(copy(out[o:], ch.payload[8:]))
-		case chunkOffsetHole:
+		case nbdwire.ChunkOffsetHole:
 			covered += uint64(binary.BigEndian.Uint32(ch.payload[8:]))
-		case chunkNone:
+		case nbdwire.ChunkNone:
 		default:
 			return nil, fmt.Errorf("chunk type %d in a read", ch.typ)
 		}

@@ -59,25 +59,11 @@
 //     loses the framing (a bad magic, a write payload above MaxStreamed)
 //     drops that connection only.
 //
-// # Wire layouts (all integers big-endian)
+// # Wire layouts
 //
-// Handshake (fixed newstyle):
-//
-//	S: +0 u64 "NBDMAGIC" | +8 u64 "IHAVEOPT" | +16 u16 flags (FIXED_NEWSTYLE|NO_ZEROES)
-//	C: u32 client flags
-//	C: +0 u64 "IHAVEOPT" | +8 u32 option | +12 u32 length | data      (repeated)
-//	S: +0 u64 0x3e889045565a9 | +8 u32 option | +12 u32 reply type | +16 u32 length | data
-//
-// Transmission, compact headers:
-//
-//	request  (28 B) +0 u32 0x25609513 | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u64 offset | +24 u32 length
-//	simple   (16 B) +0 u32 0x67446698 | +4 u32 error | +8 u64 cookie
-//	chunk    (20 B) +0 u32 0x668e33ef | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u32 payload length
-//
-// Transmission, extended headers (NBD_OPT_EXTENDED_HEADERS):
-//
-//	request  (32 B) +0 u32 0x21e41c71 | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u64 offset | +24 u64 length
-//	reply    (32 B) +0 u32 0x6e8a278c | +4 u16 flags | +6 u16 type | +8 u64 cookie | +16 u64 offset | +24 u64 payload length
+// The protocol's numbers and header layouts live in internal/nbdwire,
+// shared with the client (formats/nbd) and the kernel glue
+// (tapengine/nbdkernel); its package doc draws them.
 //
 // # Inside a connection
 //
@@ -88,4 +74,12 @@
 // is under way becomes the writer and sends every reply queued meanwhile
 // with one writev. A fixed set of request slots bounds the requests in
 // flight (MaxInFlight) and a byte budget bounds the memory large ones pin.
+// On an AsyncBackend (Export.RoundTrip) the reader starts aligned reads and
+// writes itself and the backend's goroutine answers them.
+//
+// The files follow these roles: conn.go the connection, its request slots
+// and memory; read.go the reader (decoding, payloads, where each request
+// runs); command.go running a command on the Backend; async.go starting
+// one on the AsyncBackend and completing it; reply.go encoding replies and
+// the writer role; handshake.go option haggling.
 package nbd

@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // Fuzz targets for every parser of peer bytes: the request header codec,
@@ -25,7 +27,7 @@ var writeSeeds = flag.Bool("write-seeds", false, "rewrite testdata/fuzz seed cor
 
 func FuzzParseRequest(f *testing.F) {
 	for _, ext := range []bool{false, true} {
-		b, _ := AppendRequest(nil, Request{Flags: CmdFlagFUA, Type: CmdWrite, Cookie: 7, Offset: 4096, Length: 512}, ext)
+		b, _ := nbdwire.AppendRequest(nil, Request{Flags: nbdwire.CmdFlagFUA, Type: nbdwire.CmdWrite, Cookie: 7, Offset: 4096, Length: 512}, ext)
 		f.Add(b, ext)
 	}
 	f.Add([]byte("garbage that is long enough to be a header"), false)
@@ -35,7 +37,7 @@ func FuzzParseRequest(f *testing.F) {
 			return
 		}
 		// Accepted headers round-trip byte for byte.
-		out, err := AppendRequest(nil, r, ext)
+		out, err := nbdwire.AppendRequest(nil, r, ext)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -54,7 +56,7 @@ func FuzzNegotiate(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		n := &negotiator{s: s, r: bytes.NewReader(data), w: bufio.NewWriter(io.Discard)}
 		sess, err := n.negotiate()
-		if err == nil && sess.tflags&tflagHasFlags == 0 {
+		if err == nil && sess.tflags&nbdwire.TransHasFlags == 0 {
 			t.Fatalf("negotiated session without HAS_FLAGS: %+v", sess)
 		}
 		if err == nil && sess.extended && !sess.structured {
@@ -145,7 +147,7 @@ type seedConv struct {
 // every option and command, and broken ones named for their fault.
 func seedConversations() []seedConv {
 	opt := func(b []byte, o uint32, d []byte) []byte {
-		b = binary.BigEndian.AppendUint64(b, magicIHaveOpt)
+		b = binary.BigEndian.AppendUint64(b, nbdwire.MagicOption)
 		b = binary.BigEndian.AppendUint32(b, o)
 		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
 		return append(b, d...)
@@ -170,60 +172,60 @@ func seedConversations() []seedConv {
 		return d
 	}
 	req := func(b []byte, ext bool, r Request, payload []byte) []byte {
-		b, _ = AppendRequest(b, r, ext)
+		b, _ = nbdwire.AppendRequest(b, r, ext)
 		return append(b, payload...)
 	}
-	flags := binary.BigEndian.AppendUint32(nil, flagCFixedNewstyle|flagCNoZeroes)
+	flags := binary.BigEndian.AppendUint32(nil, nbdwire.ClientFlagFixedNewstyle|nbdwire.ClientFlagNoZeroes)
 	commands := func(b []byte, ext bool) []byte {
-		b = req(b, ext, Request{Type: CmdWrite, Flags: CmdFlagFUA, Cookie: 1, Offset: 512, Length: 8}, []byte("abcdefgh"))
-		b = req(b, ext, Request{Type: CmdRead, Cookie: 2, Offset: 0, Length: 128 << 10}, nil)
-		b = req(b, ext, Request{Type: CmdRead, Flags: CmdFlagDF, Cookie: 3, Offset: 0, Length: 4096}, nil)
-		b = req(b, ext, Request{Type: CmdBlockStatus, Flags: CmdFlagReqOne, Cookie: 4, Length: 1 << 20}, nil)
-		b = req(b, ext, Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero | CmdFlagNoHole, Cookie: 5, Length: 4096}, nil)
-		b = req(b, ext, Request{Type: CmdWriteZeroes, Cookie: 6, Length: 4096}, nil)
-		b = req(b, ext, Request{Type: CmdTrim, Cookie: 7, Length: 4096}, nil)
-		b = req(b, ext, Request{Type: CmdCache, Cookie: 8, Length: 4096}, nil)
-		b = req(b, ext, Request{Type: CmdFlush, Cookie: 9}, nil)
-		b = req(b, ext, Request{Type: CmdRead, Cookie: 10, Offset: 1 << 30, Length: 1 << 30}, nil)
-		return req(b, ext, Request{Type: CmdDisc, Cookie: 11}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 1, Offset: 512, Length: 8}, []byte("abcdefgh"))
+		b = req(b, ext, Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 0, Length: 128 << 10}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdRead, Flags: nbdwire.CmdFlagDF, Cookie: 3, Offset: 0, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdBlockStatus, Flags: nbdwire.CmdFlagReqOne, Cookie: 4, Length: 1 << 20}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdWriteZeroes, Flags: nbdwire.CmdFlagFastZero | nbdwire.CmdFlagNoHole, Cookie: 5, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdWriteZeroes, Cookie: 6, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdTrim, Cookie: 7, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdCache, Cookie: 8, Length: 4096}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdFlush, Cookie: 9}, nil)
+		b = req(b, ext, Request{Type: nbdwire.CmdRead, Cookie: 10, Offset: 1 << 30, Length: 1 << 30}, nil)
+		return req(b, ext, Request{Type: nbdwire.CmdDisc, Cookie: 11}, nil)
 	}
 
 	var out []seedConv
-	b := opt(append([]byte(nil), flags...), optGo, goData("disk", infoName, infoDescription, infoBlockSize))
+	b := opt(append([]byte(nil), flags...), nbdwire.OptGo, goData("disk", nbdwire.InfoName, nbdwire.InfoDescription, nbdwire.InfoBlockSize))
 	out = append(out, seedConv{"simple-go", commands(b, false)})
 
-	b = opt(append([]byte(nil), flags...), optList, nil)
-	b = opt(b, optInfo, goData(""))
-	b = opt(b, optStructuredReply, nil)
-	b = opt(b, optListMetaContext, meta("disk"))
-	b = opt(b, optSetMetaContext, meta("disk", nameBaseAllocation, nameAllocDepth))
-	b = opt(b, optGo, goData("disk"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptList, nil)
+	b = opt(b, nbdwire.OptInfo, goData(""))
+	b = opt(b, nbdwire.OptStructuredReply, nil)
+	b = opt(b, nbdwire.OptListMetaContext, meta("disk"))
+	b = opt(b, nbdwire.OptSetMetaContext, meta("disk", nameBaseAllocation, nameAllocDepth))
+	b = opt(b, nbdwire.OptGo, goData("disk"))
 	out = append(out, seedConv{"structured-meta", commands(b, false)})
 
-	b = opt(append([]byte(nil), flags...), optExtendedHeaders, nil)
-	b = opt(b, optSetMetaContext, meta("disk", "base:"))
-	b = opt(b, optSetMetaContext, meta("disk", nameBaseAllocation))
-	b = opt(b, optGo, goData("disk"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptExtendedHeaders, nil)
+	b = opt(b, nbdwire.OptSetMetaContext, meta("disk", "base:"))
+	b = opt(b, nbdwire.OptSetMetaContext, meta("disk", nameBaseAllocation))
+	b = opt(b, nbdwire.OptGo, goData("disk"))
 	out = append(out, seedConv{"extended", commands(b, true)})
 
-	b = opt(append([]byte(nil), flags...), optExportName, []byte("disk"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptExportName, []byte("disk"))
 	out = append(out, seedConv{"export-name", commands(b, false)})
 
 	b = opt(append([]byte(nil), flags...), 42, []byte("?"))
-	b = opt(b, optAbort, nil)
+	b = opt(b, nbdwire.OptAbort, nil)
 	out = append(out, seedConv{"unknown-option-abort", b})
 
-	b = opt(append([]byte(nil), flags...), optGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})
+	b = opt(append([]byte(nil), flags...), nbdwire.OptGo, []byte{0xff, 0xff, 0xff, 0xff, 0, 0})
 	out = append(out, seedConv{"go-name-length-overflow", b})
 
-	b = opt(append([]byte(nil), flags...), optSetMetaContext, meta("disk", "x"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptSetMetaContext, meta("disk", "x"))
 	out = append(out, seedConv{"meta-without-structured", b})
 
-	b = opt(append([]byte(nil), flags...), optGo, goData("disk"))
-	b = req(b, false, Request{Type: CmdWrite, Cookie: 1, Length: 0xffffffff}, nil)
+	b = opt(append([]byte(nil), flags...), nbdwire.OptGo, goData("disk"))
+	b = req(b, false, Request{Type: nbdwire.CmdWrite, Cookie: 1, Length: 0xffffffff}, nil)
 	out = append(out, seedConv{"write-payload-too-big", b})
 
-	b = opt(append([]byte(nil), flags...), optGo, goData("disk"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptGo, goData("disk"))
 	b = append(b, bytes.Repeat([]byte{0x41}, 40)...)
 	out = append(out, seedConv{"request-bad-magic", b})
 
@@ -235,33 +237,33 @@ func seedConversations() []seedConv {
 // STARTTLS taken to leave the stream as it is (see FuzzNegotiateTLS).
 func seedTLSConversations() []seedConv {
 	opt := func(b []byte, o uint32, d []byte) []byte {
-		b = binary.BigEndian.AppendUint64(b, magicIHaveOpt)
+		b = binary.BigEndian.AppendUint64(b, nbdwire.MagicOption)
 		b = binary.BigEndian.AppendUint32(b, o)
 		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
 		return append(b, d...)
 	}
 	goData := binary.BigEndian.AppendUint32(nil, 4)
 	goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
-	flags := binary.BigEndian.AppendUint32(nil, flagCFixedNewstyle|flagCNoZeroes)
+	flags := binary.BigEndian.AppendUint32(nil, nbdwire.ClientFlagFixedNewstyle|nbdwire.ClientFlagNoZeroes)
 	var out []seedConv
 
-	b := opt(append([]byte(nil), flags...), optList, nil)
-	b = opt(b, optGo, goData)
-	b = opt(b, optStartTLS, []byte("x"))
-	b = opt(b, optStartTLS, nil)
-	b = opt(b, optStartTLS, nil)
-	b = opt(b, optStructuredReply, nil)
-	b = opt(b, optGo, goData)
+	b := opt(append([]byte(nil), flags...), nbdwire.OptList, nil)
+	b = opt(b, nbdwire.OptGo, goData)
+	b = opt(b, nbdwire.OptStartTLS, []byte("x"))
+	b = opt(b, nbdwire.OptStartTLS, nil)
+	b = opt(b, nbdwire.OptStartTLS, nil)
+	b = opt(b, nbdwire.OptStructuredReply, nil)
+	b = opt(b, nbdwire.OptGo, goData)
 	out = append(out, seedConv{"tls-refused-then-starttls-go", b})
 
-	b = opt(append([]byte(nil), flags...), optExportName, []byte("disk"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptExportName, []byte("disk"))
 	out = append(out, seedConv{"tls-export-name-before-starttls", b})
 
-	b = opt(binary.BigEndian.AppendUint32(nil, 0), optStartTLS, nil)
+	b = opt(binary.BigEndian.AppendUint32(nil, 0), nbdwire.OptStartTLS, nil)
 	out = append(out, seedConv{"tls-no-fixed-newstyle", b})
 
 	b = opt(append([]byte(nil), flags...), 99, []byte("?"))
-	b = opt(b, optAbort, nil)
+	b = opt(b, nbdwire.OptAbort, nil)
 	out = append(out, seedConv{"tls-unknown-option-abort", b})
 	return out
 }
@@ -282,7 +284,7 @@ func TestWriteSeeds(t *testing.T) {
 		}
 	}
 	for _, ext := range []bool{false, true} {
-		b, _ := AppendRequest(nil, Request{Flags: CmdFlagDF, Type: CmdRead, Cookie: 1, Offset: 1 << 40, Length: 1 << 31}, ext)
+		b, _ := nbdwire.AppendRequest(nil, Request{Flags: nbdwire.CmdFlagDF, Type: nbdwire.CmdRead, Cookie: 1, Offset: 1 << 40, Length: 1 << 31}, ext)
 		check(filepath.Join("testdata", "fuzz", "FuzzParseRequest", fmt.Sprintf("read-ext-%v", ext)),
 			fmt.Sprintf("go test fuzz v1\n[]byte(%s)\nbool(%v)\n", strconv.Quote(string(b)), ext))
 	}

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // Meta context ids handed out by SET_META_CONTEXT. LIST answers with id 0
@@ -65,10 +67,8 @@ type negotiator struct {
 // negotiated session, errAborted when the client left politely, or an
 // error wrapping ErrProtocol (or an I/O error) when it must be dropped.
 func (n *negotiator) negotiate() (*session, error) {
-	var hb [18]byte
-	binary.BigEndian.PutUint64(hb[0:], magicNBD)
-	binary.BigEndian.PutUint64(hb[8:], magicIHaveOpt)
-	binary.BigEndian.PutUint16(hb[16:], flagFixedNewstyle|flagNoZeroes)
+	var hb [nbdwire.GreetingSize]byte
+	nbdwire.PutGreeting(hb[:], nbdwire.FlagFixedNewstyle|nbdwire.FlagNoZeroes)
 	n.w.Write(hb[:])
 	if err := n.w.Flush(); err != nil {
 		return nil, err
@@ -78,42 +78,41 @@ func (n *negotiator) negotiate() (*session, error) {
 		return nil, fmt.Errorf("nbd: reading client flags: %w", err)
 	}
 	flags := binary.BigEndian.Uint32(cf[:])
-	if flags&^(flagCFixedNewstyle|flagCNoZeroes) != 0 {
+	if flags&^(nbdwire.ClientFlagFixedNewstyle|nbdwire.ClientFlagNoZeroes) != 0 {
 		// The protocol makes unknown client flags fatal.
 		return nil, fmt.Errorf("%w: unknown client flags %#x", ErrProtocol, flags)
 	}
-	n.sess.noZeroes = flags&flagCNoZeroes != 0
-	if n.tlsRequired && flags&flagCFixedNewstyle == 0 {
+	n.sess.noZeroes = flags&nbdwire.ClientFlagNoZeroes != 0
+	if n.tlsRequired && flags&nbdwire.ClientFlagFixedNewstyle == 0 {
 		// TLS needs fixed newstyle, and without TLS this server
 		// serves nothing: the client can never get anywhere.
 		return nil, fmt.Errorf("%w: TLS is required but the client did not set FIXED_NEWSTYLE", ErrProtocol)
 	}
 
 	for i := 0; i < maxOptions; i++ {
-		var oh [16]byte
+		var oh [nbdwire.OptionHeaderSize]byte
 		if _, err := io.ReadFull(n.r, oh[:]); err != nil {
 			if errors.Is(err, io.EOF) {
 				return nil, errAborted
 			}
 			return nil, fmt.Errorf("nbd: reading option header: %w", err)
 		}
-		if m := binary.BigEndian.Uint64(oh[:]); m != magicIHaveOpt {
-			return nil, fmt.Errorf("%w: bad option magic %#x", ErrProtocol, m)
+		opt, length, err := nbdwire.ParseOptionHeader(oh[:])
+		if err != nil {
+			return nil, fmt.Errorf("%w: %w", ErrProtocol, err)
 		}
-		opt := binary.BigEndian.Uint32(oh[8:])
-		length := binary.BigEndian.Uint32(oh[12:])
 		if length > maxOptionLen {
 			// Skip the data so the stream stays in frame, then refuse.
 			if _, err := io.CopyN(io.Discard, n.r, int64(length)); err != nil {
 				return nil, fmt.Errorf("nbd: skipping option %d: %w", opt, err)
 			}
-			if opt == optExportName {
+			if opt == nbdwire.OptExportName {
 				return nil, fmt.Errorf("%w: export name of %d bytes", ErrProtocol, length)
 			}
-			if n.tlsRequired && !n.tlsDone && opt != optAbort {
-				n.replyErr(opt, repErrTLSReqd, msgTLSReqd)
+			if n.tlsRequired && !n.tlsDone && opt != nbdwire.OptAbort {
+				n.replyErr(opt, nbdwire.RepErrTLSRequired, msgTLSReqd)
 			} else {
-				n.replyErr(opt, repErrTooBig, "option data too long")
+				n.replyErr(opt, nbdwire.RepErrTooBig, "option data too long")
 			}
 			if err := n.w.Flush(); err != nil {
 				return nil, err
@@ -148,16 +147,16 @@ const msgTLSReqd = "this export requires TLS: send NBD_OPT_STARTTLS first"
 // STARTTLS succeeded. handled false passes it on (ABORT).
 func (n *negotiator) beforeTLS(opt uint32, data []byte) (handled bool, err error) {
 	switch opt {
-	case optAbort:
+	case nbdwire.OptAbort:
 		return false, nil
-	case optExportName:
+	case nbdwire.OptExportName:
 		// The one option that cannot be answered with an error.
 		return true, fmt.Errorf("%w: EXPORT_NAME before STARTTLS on a TLS-only server", ErrProtocol)
-	case optStartTLS:
+	case nbdwire.OptStartTLS:
 		if len(data) != 0 {
-			return true, n.replyErr(opt, repErrInvalid, "STARTTLS takes no data")
+			return true, n.replyErr(opt, nbdwire.RepErrInvalid, "STARTTLS takes no data")
 		}
-		if err := n.reply(opt, repAck, nil); err != nil {
+		if err := n.reply(opt, nbdwire.RepAck, nil); err != nil {
 			return true, err
 		}
 		// The ACK must reach the client in clear before either side
@@ -171,7 +170,7 @@ func (n *negotiator) beforeTLS(opt uint32, data []byte) (handled bool, err error
 		n.tlsDone = true
 		return true, nil
 	}
-	return true, n.replyErr(opt, repErrTLSReqd, msgTLSReqd)
+	return true, n.replyErr(opt, nbdwire.RepErrTLSRequired, msgTLSReqd)
 }
 
 // option answers one option. done reports the move to transmission.
@@ -182,84 +181,95 @@ func (n *negotiator) option(opt uint32, data []byte) (done bool, err error) {
 		}
 	}
 	switch opt {
-	case optExportName:
-		if n.sess.extended {
-			// It cannot say which header style follows; qemu drops
-			// such clients too, and GO is what they must use.
-			return false, fmt.Errorf("%w: EXPORT_NAME after EXTENDED_HEADERS", ErrProtocol)
-		}
-		name := string(data)
-		if !n.s.matches(name) {
-			// EXPORT_NAME has no way to say no but hanging up.
-			return false, fmt.Errorf("%w: unknown export %q", ErrProtocol, name)
-		}
-		n.finish(name)
-		var b [8 + 2 + 124]byte
-		binary.BigEndian.PutUint64(b[0:], uint64(n.s.Export.Backend.Size()))
-		binary.BigEndian.PutUint16(b[8:], n.sess.tflags)
-		if n.sess.noZeroes {
-			n.w.Write(b[:10])
-		} else {
-			n.w.Write(b[:])
-		}
-		return true, nil
+	case nbdwire.OptExportName:
+		return n.exportName(data)
 
-	case optAbort:
+	case nbdwire.OptAbort:
 		// The client hangs up after our ACK; some never read it, so a
 		// failed write is no error.
-		n.reply(opt, repAck, nil)
+		n.reply(opt, nbdwire.RepAck, nil)
 		n.w.Flush()
 		return false, errAborted
 
-	case optList:
-		if len(data) != 0 {
-			return false, n.replyErr(opt, repErrInvalid, "LIST takes no data")
-		}
-		name := n.s.Export.Name
-		p := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		p = append(p, name...)
-		p = append(p, n.s.Export.Description...)
-		if err := n.reply(opt, repServer, p); err != nil {
-			return false, err
-		}
-		return false, n.reply(opt, repAck, nil)
+	case nbdwire.OptList:
+		return false, n.list(data)
 
-	case optInfo, optGo:
+	case nbdwire.OptInfo, nbdwire.OptGo:
 		return n.infoGo(opt, data)
 
-	case optStructuredReply:
-		switch {
-		case len(data) != 0:
-			return false, n.replyErr(opt, repErrInvalid, "STRUCTURED_REPLY takes no data")
-		case n.sess.extended:
-			return false, n.replyErr(opt, repErrInvalid, "extended headers already negotiated")
-		case n.sess.structured:
-			return false, n.replyErr(opt, repErrInvalid, "structured replies already negotiated")
-		}
-		n.sess.structured = true
-		return false, n.reply(opt, repAck, nil)
+	case nbdwire.OptStructuredReply, nbdwire.OptExtendedHeaders:
+		return false, n.headerStyle(opt, data)
 
-	case optExtendedHeaders:
-		switch {
-		case len(data) != 0:
-			return false, n.replyErr(opt, repErrInvalid, "EXTENDED_HEADERS takes no data")
-		case n.sess.extended:
-			return false, n.replyErr(opt, repErrInvalid, "extended headers already negotiated")
-		}
-		n.sess.extended = true
-		n.sess.structured = true
-		return false, n.reply(opt, repAck, nil)
-
-	case optListMetaContext, optSetMetaContext:
+	case nbdwire.OptListMetaContext, nbdwire.OptSetMetaContext:
 		return false, n.metaContext(opt, data)
 
-	case optStartTLS:
+	case nbdwire.OptStartTLS:
 		if n.tlsDone {
-			return false, n.replyErr(opt, repErrInvalid, "TLS is already running")
+			return false, n.replyErr(opt, nbdwire.RepErrInvalid, "TLS is already running")
 		}
-		return false, n.replyErr(opt, repErrPolicy, "TLS is not offered on this export")
+		return false, n.replyErr(opt, nbdwire.RepErrPolicy, "TLS is not offered on this export")
 	}
-	return false, n.replyErr(opt, repErrUnsup, fmt.Sprintf("option %d not supported", opt))
+	return false, n.replyErr(opt, nbdwire.RepErrUnsupported, fmt.Sprintf("option %d not supported", opt))
+}
+
+// exportName answers NBD_OPT_EXPORT_NAME, which ends the negotiation
+// with the export's size and flags or, having no way to say no, with the
+// connection dropped.
+func (n *negotiator) exportName(data []byte) (done bool, err error) {
+	if n.sess.extended {
+		// It cannot say which header style follows; qemu drops such
+		// clients too, and GO is what they must use.
+		return false, fmt.Errorf("%w: EXPORT_NAME after EXTENDED_HEADERS", ErrProtocol)
+	}
+	name := string(data)
+	if !n.s.matches(name) {
+		return false, fmt.Errorf("%w: unknown export %q", ErrProtocol, name)
+	}
+	n.finish(name)
+	// INFO_EXPORT's payload but its type, then the zero padding.
+	var b [2 + nbdwire.ExportNameReplySize + nbdwire.ExportNameZeroes]byte
+	nbdwire.PutInfoExport(b[:], uint64(n.s.Export.Backend.Size()), n.sess.tflags)
+	if n.sess.noZeroes {
+		n.w.Write(b[2 : 2+nbdwire.ExportNameReplySize])
+	} else {
+		n.w.Write(b[2:])
+	}
+	return true, nil
+}
+
+// list answers NBD_OPT_LIST with the one export.
+func (n *negotiator) list(data []byte) error {
+	const opt = nbdwire.OptList
+	if len(data) != 0 {
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "LIST takes no data")
+	}
+	name := n.s.Export.Name
+	p := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	p = append(p, name...)
+	p = append(p, n.s.Export.Description...)
+	if err := n.reply(opt, nbdwire.RepServer, p); err != nil {
+		return err
+	}
+	return n.reply(opt, nbdwire.RepAck, nil)
+}
+
+// headerStyle answers NBD_OPT_STRUCTURED_REPLY and
+// NBD_OPT_EXTENDED_HEADERS; extended headers imply structured replies,
+// and neither may be asked for twice or after the other has been given.
+func (n *negotiator) headerStyle(opt uint32, data []byte) error {
+	switch {
+	case len(data) != 0 && opt == nbdwire.OptStructuredReply:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "STRUCTURED_REPLY takes no data")
+	case len(data) != 0:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "EXTENDED_HEADERS takes no data")
+	case n.sess.extended:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "extended headers already negotiated")
+	case n.sess.structured && opt == nbdwire.OptStructuredReply:
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "structured replies already negotiated")
+	}
+	n.sess.structured = true
+	n.sess.extended = opt == nbdwire.OptExtendedHeaders
+	return n.reply(opt, nbdwire.RepAck, nil)
 }
 
 // infoGo answers NBD_OPT_INFO and NBD_OPT_GO.
@@ -268,64 +278,59 @@ func (n *negotiator) option(opt uint32, data []byte) (done bool, err error) {
 //	S: REP_INFO(EXPORT) [REP_INFO(NAME)] [REP_INFO(DESCRIPTION)] REP_INFO(BLOCK_SIZE) REP_ACK
 func (n *negotiator) infoGo(opt uint32, data []byte) (bool, error) {
 	if len(data) < 6 {
-		return false, n.replyErr(opt, repErrInvalid, "option data too short")
+		return false, n.replyErr(opt, nbdwire.RepErrInvalid, "option data too short")
 	}
 	nl := binary.BigEndian.Uint32(data)
 	if uint64(nl) > uint64(len(data)-6) {
-		return false, n.replyErr(opt, repErrInvalid, "name length past the option data")
+		return false, n.replyErr(opt, nbdwire.RepErrInvalid, "name length past the option data")
 	}
 	name := string(data[4 : 4+nl])
 	rest := data[4+nl:]
 	nreq := int(binary.BigEndian.Uint16(rest))
 	rest = rest[2:]
 	if len(rest) != 2*nreq {
-		return false, n.replyErr(opt, repErrInvalid, "info request count does not match the option length")
+		return false, n.replyErr(opt, nbdwire.RepErrInvalid, "info request count does not match the option length")
 	}
 	if !n.s.matches(name) {
-		return false, n.replyErr(opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
+		return false, n.replyErr(opt, nbdwire.RepErrUnknown, fmt.Sprintf("no export named %q", name))
 	}
 	var wantName, wantDesc bool
 	for i := 0; i < nreq; i++ {
 		switch binary.BigEndian.Uint16(rest[2*i:]) {
-		case infoName:
+		case nbdwire.InfoName:
 			wantName = true
-		case infoDescription:
+		case nbdwire.InfoDescription:
 			wantDesc = true
 		}
 	}
 	tflags := n.s.tflags(&n.sess)
-	var p [14]byte
-	binary.BigEndian.PutUint16(p[0:], infoExport)
-	binary.BigEndian.PutUint64(p[2:], uint64(n.s.Export.Backend.Size()))
-	binary.BigEndian.PutUint16(p[10:], tflags)
-	if err := n.reply(opt, repInfo, p[:12]); err != nil {
+	var p [nbdwire.InfoBlockSizeSize]byte
+	nbdwire.PutInfoExport(p[:], uint64(n.s.Export.Backend.Size()), tflags)
+	if err := n.reply(opt, nbdwire.RepInfo, p[:nbdwire.InfoExportSize]); err != nil {
 		return false, err
 	}
 	if wantName {
-		b := binary.BigEndian.AppendUint16(nil, infoName)
-		if err := n.reply(opt, repInfo, append(b, n.s.Export.Name...)); err != nil {
+		b := binary.BigEndian.AppendUint16(nil, nbdwire.InfoName)
+		if err := n.reply(opt, nbdwire.RepInfo, append(b, n.s.Export.Name...)); err != nil {
 			return false, err
 		}
 	}
 	if wantDesc && n.s.Export.Description != "" {
-		b := binary.BigEndian.AppendUint16(nil, infoDescription)
-		if err := n.reply(opt, repInfo, append(b, n.s.Export.Description...)); err != nil {
+		b := binary.BigEndian.AppendUint16(nil, nbdwire.InfoDescription)
+		if err := n.reply(opt, nbdwire.RepInfo, append(b, n.s.Export.Description...)); err != nil {
 			return false, err
 		}
 	}
 	// Always sent, as qemu does: clients that did not ask still learn the
 	// payload cap, which saves them from an EINVAL on a huge read.
-	binary.BigEndian.PutUint16(p[0:], infoBlockSize)
-	binary.BigEndian.PutUint32(p[2:], 1)
-	binary.BigEndian.PutUint32(p[6:], preferredBlock)
-	binary.BigEndian.PutUint32(p[10:], MaxPayload)
-	if err := n.reply(opt, repInfo, p[:14]); err != nil {
+	nbdwire.PutInfoBlockSize(p[:], nbdwire.BlockSize{Minimum: 1, Preferred: preferredBlock, MaxPayload: MaxPayload})
+	if err := n.reply(opt, nbdwire.RepInfo, p[:nbdwire.InfoBlockSizeSize]); err != nil {
 		return false, err
 	}
-	if err := n.reply(opt, repAck, nil); err != nil {
+	if err := n.reply(opt, nbdwire.RepAck, nil); err != nil {
 		return false, err
 	}
-	if opt == optGo {
+	if opt == nbdwire.OptGo {
 		n.finish(name)
 		return true, nil
 	}
@@ -344,15 +349,15 @@ func (n *negotiator) finish(name string) {
 //	C: u32 name length | name | u32 n | n x (u32 length | query)
 //	S: REP_META_CONTEXT (u32 id | name) per context ... REP_ACK
 func (n *negotiator) metaContext(opt uint32, data []byte) error {
-	if opt == optSetMetaContext && !n.sess.structured {
-		return n.replyErr(opt, repErrInvalid, "SET_META_CONTEXT needs structured replies")
+	if opt == nbdwire.OptSetMetaContext && !n.sess.structured {
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "SET_META_CONTEXT needs structured replies")
 	}
 	if len(data) < 8 {
-		return n.replyErr(opt, repErrInvalid, "option data too short")
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "option data too short")
 	}
 	nl := binary.BigEndian.Uint32(data)
-	if uint64(nl) > uint64(len(data)-8) || nl > maxStringLen {
-		return n.replyErr(opt, repErrInvalid, "bad export name length")
+	if uint64(nl) > uint64(len(data)-8) || nl > nbdwire.MaxStringLen {
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "bad export name length")
 	}
 	name := string(data[4 : 4+nl])
 	rest := data[4+nl:]
@@ -363,11 +368,11 @@ func (n *negotiator) metaContext(opt uint32, data []byte) error {
 	var alloc, depth bool
 	for i := uint32(0); i < nq; i++ {
 		if len(rest) < 4 {
-			return n.replyErr(opt, repErrInvalid, "query count past the option data")
+			return n.replyErr(opt, nbdwire.RepErrInvalid, "query count past the option data")
 		}
 		ql := binary.BigEndian.Uint32(rest)
-		if uint64(ql) > uint64(len(rest)-4) || ql > maxStringLen {
-			return n.replyErr(opt, repErrInvalid, "query length past the option data")
+		if uint64(ql) > uint64(len(rest)-4) || ql > nbdwire.MaxStringLen {
+			return n.replyErr(opt, nbdwire.RepErrInvalid, "query length past the option data")
 		}
 		q := string(rest[4 : 4+ql])
 		rest = rest[4+ql:]
@@ -377,30 +382,30 @@ func (n *negotiator) metaContext(opt uint32, data []byte) error {
 		case nameAllocDepth:
 			depth = true
 		case "base:":
-			if opt == optListMetaContext {
+			if opt == nbdwire.OptListMetaContext {
 				alloc = true
 			}
 		case "qemu:":
-			if opt == optListMetaContext {
+			if opt == nbdwire.OptListMetaContext {
 				depth = true
 			}
 		}
 	}
 	if len(rest) != 0 {
-		return n.replyErr(opt, repErrInvalid, "trailing bytes after the queries")
+		return n.replyErr(opt, nbdwire.RepErrInvalid, "trailing bytes after the queries")
 	}
 	if !n.s.matches(name) {
-		return n.replyErr(opt, repErrUnknown, fmt.Sprintf("no export named %q", name))
+		return n.replyErr(opt, nbdwire.RepErrUnknown, fmt.Sprintf("no export named %q", name))
 	}
-	if nq == 0 && opt == optListMetaContext {
+	if nq == 0 && opt == nbdwire.OptListMetaContext {
 		alloc, depth = true, true
 	}
 	send := func(id uint32, ctx string) error {
-		if opt == optListMetaContext {
+		if opt == nbdwire.OptListMetaContext {
 			id = 0
 		}
 		p := binary.BigEndian.AppendUint32(nil, id)
-		return n.reply(opt, repMetaContext, append(p, ctx...))
+		return n.reply(opt, nbdwire.RepMetaContext, append(p, ctx...))
 	}
 	if alloc {
 		if err := send(ctxBaseAllocation, nameBaseAllocation); err != nil {
@@ -412,21 +417,16 @@ func (n *negotiator) metaContext(opt uint32, data []byte) error {
 			return err
 		}
 	}
-	if opt == optSetMetaContext {
+	if opt == nbdwire.OptSetMetaContext {
 		n.sess.metaAlloc, n.sess.metaDepth, n.sess.metaFor = alloc, depth, name
 	}
-	return n.reply(opt, repAck, nil)
+	return n.reply(opt, nbdwire.RepAck, nil)
 }
 
 // reply queues one option reply.
-//
-//	+0 u64 magic 0x3e889045565a9 | +8 u32 option | +12 u32 type | +16 u32 length | data
 func (n *negotiator) reply(opt, typ uint32, data []byte) error {
-	var h [20]byte
-	binary.BigEndian.PutUint64(h[0:], magicOptReply)
-	binary.BigEndian.PutUint32(h[8:], opt)
-	binary.BigEndian.PutUint32(h[12:], typ)
-	binary.BigEndian.PutUint32(h[16:], uint32(len(data)))
+	var h [nbdwire.OptionReplyHeaderSize]byte
+	nbdwire.PutOptionReplyHeader(h[:], nbdwire.OptionReply{Option: opt, Type: typ, Length: uint32(len(data))})
 	n.w.Write(h[:])
 	_, err := n.w.Write(data)
 	return err

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -395,7 +396,7 @@ func TestNbdinfoMapMatchesQemuImgMap(t *testing.T) {
 	}
 	var a, b []mapEntry
 	for _, e := range nb {
-		a = append(a, mapEntry{e.Offset, e.Length, e.Type&stateHole == 0})
+		a = append(a, mapEntry{e.Offset, e.Length, e.Type&nbdwire.StateHole == 0})
 	}
 	for _, e := range qm {
 		b = append(b, mapEntry{e.Start, e.Length, e.Data})

@@ -12,10 +12,8 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
-
-// Byte-level tests of the protocol (NBD proto.md sections named per test)
-// with the in-package test client.
 
 func newMem(size int) *memBackend { return &memBackend{data: make([]byte, size)} }
 
@@ -74,10 +72,10 @@ func TestBadClientsDroppedOthersServed(t *testing.T) {
 	cases := map[string]func(tc *testClient){
 		"garbage magic": func(tc *testClient) { tc.c.Write(bytes.Repeat([]byte{0xde, 0xad}, 14)) },
 		"write above the streamed maximum": func(tc *testClient) {
-			tc.send(Request{Type: CmdWrite, Cookie: 1, Length: MaxStreamed + 1}, nil)
+			tc.send(Request{Type: nbdwire.CmdWrite, Cookie: 1, Length: MaxStreamed + 1}, nil)
 		},
 		"extended request without negotiation": func(tc *testClient) {
-			b, _ := AppendRequest(nil, Request{Type: CmdRead, Length: 512}, true)
+			b, _ := nbdwire.AppendRequest(nil, Request{Type: nbdwire.CmdRead, Length: 512}, true)
 			tc.c.Write(b)
 		},
 		"truncated header": func(tc *testClient) {
@@ -90,7 +88,7 @@ func TestBadClientsDroppedOthersServed(t *testing.T) {
 			tc := connected(t, sock, false, false)
 			f(tc)
 			expectClosed(t, tc)
-			rep := mustOK(t)(good.do(Request{Type: CmdRead, Cookie: 7, Offset: 4096, Length: 4096}, nil))
+			rep := mustOK(t)(good.do(Request{Type: nbdwire.CmdRead, Cookie: 7, Offset: 4096, Length: 4096}, nil))
 			if d, err := rep.readData(4096, 4096); err != nil || len(d) != 4096 {
 				t.Fatalf("good client read: %v", err)
 			}
@@ -116,14 +114,14 @@ func TestInFrameErrorsKeepConnection(t *testing.T) {
 				r     Request
 				errno uint32
 			}{
-				{Request{Type: CmdRead, Length: 0xffffffff}, errInval},
-				{Request{Type: CmdRead, Offset: 1<<64 - 1, Length: 2}, errInval},
-				{Request{Type: CmdRead, Offset: 1 << 20, Length: 1}, errInval},
-				{Request{Type: CmdCache, Offset: 1<<20 - 1, Length: 2}, errInval},
-				{Request{Type: 42, Length: 512}, errInval},
-				{Request{Type: CmdRead, Flags: 1 << 12, Length: 512}, errInval},
-				{Request{Type: CmdTrim, Length: 512}, errInval}, // memBackend cannot discard
-				{Request{Type: CmdBlockStatus, Length: 512}, errInval},
+				{Request{Type: nbdwire.CmdRead, Length: 0xffffffff}, nbdwire.ErrnoInval},
+				{Request{Type: nbdwire.CmdRead, Offset: 1<<64 - 1, Length: 2}, nbdwire.ErrnoInval},
+				{Request{Type: nbdwire.CmdRead, Offset: 1 << 20, Length: 1}, nbdwire.ErrnoInval},
+				{Request{Type: nbdwire.CmdCache, Offset: 1<<20 - 1, Length: 2}, nbdwire.ErrnoInval},
+				{Request{Type: 42, Length: 512}, nbdwire.ErrnoInval},
+				{Request{Type: nbdwire.CmdRead, Flags: 1 << 12, Length: 512}, nbdwire.ErrnoInval},
+				{Request{Type: nbdwire.CmdTrim, Length: 512}, nbdwire.ErrnoInval}, // memBackend cannot discard
+				{Request{Type: nbdwire.CmdBlockStatus, Length: 512}, nbdwire.ErrnoInval},
 			}
 			for i, b := range bad {
 				b.r.Cookie = uint64(100 + i)
@@ -138,12 +136,12 @@ func TestInFrameErrorsKeepConnection(t *testing.T) {
 			// A write past the end still carries its payload, which
 			// must be consumed to stay in frame.
 			p := bytes.Repeat([]byte{1}, 4096)
-			rep, err := tc.do(Request{Type: CmdWrite, Cookie: 9, Offset: 1<<20 - 2048, Length: 4096}, p)
-			if err != nil || rep.errno != errNoSpc {
+			rep, err := tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 9, Offset: 1<<20 - 2048, Length: 4096}, p)
+			if err != nil || rep.errno != nbdwire.ErrnoNoSpace {
 				t.Fatalf("write past end: %+v %v", rep, err)
 			}
-			mustOK(t)(tc.do(Request{Type: CmdWrite, Cookie: 10, Offset: 8192, Length: 4096}, p))
-			rep = mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 11, Offset: 8192, Length: 4096}, nil))
+			mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 10, Offset: 8192, Length: 4096}, p))
+			rep = mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 11, Offset: 8192, Length: 4096}, nil))
 			if d, err := rep.readData(8192, 4096); err != nil || !bytes.Equal(d, p) {
 				t.Fatalf("read back: %v", err)
 			}
@@ -181,9 +179,9 @@ func TestOutOfOrderAndGracefulClose(t *testing.T) {
 	g := &gateBackend{memBackend: newMem(1 << 20), gate: make(chan struct{}), entered: make(chan struct{}, 1)}
 	s, sock, _ := startServer(t, Export{Name: "disk", Backend: g})
 	tc := connected(t, sock, false, false)
-	tc.send(Request{Type: CmdWrite, Cookie: 1, Offset: 0, Length: 5}, []byte("hello"))
+	tc.send(Request{Type: nbdwire.CmdWrite, Cookie: 1, Offset: 0, Length: 5}, []byte("hello"))
 	<-g.entered
-	rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 2, Offset: 4096, Length: 512}, nil))
+	rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 4096, Length: 512}, nil))
 	if rep.cookie != 2 {
 		t.Fatalf("first reply is for cookie %d, want 2", rep.cookie)
 	}
@@ -215,9 +213,9 @@ func TestDiscAnswersInFlight(t *testing.T) {
 	tc := connected(t, sock, true, false)
 	p := bytes.Repeat([]byte{7}, 65536)
 	for i := 0; i < 8; i++ {
-		tc.send(Request{Type: CmdWrite, Cookie: uint64(i), Offset: uint64(i) * 65536, Length: 65536}, p)
+		tc.send(Request{Type: nbdwire.CmdWrite, Cookie: uint64(i), Offset: uint64(i) * 65536, Length: 65536}, p)
 	}
-	tc.send(Request{Type: CmdDisc}, nil)
+	tc.send(Request{Type: nbdwire.CmdDisc}, nil)
 	seen := map[uint64]bool{}
 	for i := 0; i < 8; i++ {
 		rep := mustOK(t)(tc.recv())
@@ -234,156 +232,6 @@ func TestDiscAnswersInFlight(t *testing.T) {
 			t.Fatalf("byte %d not written", i)
 		}
 	}
-}
-
-// Option haggling (proto.md "Option types", "Option reply types").
-func TestOptionHaggling(t *testing.T) {
-	be := newMem(1 << 20)
-	_, sock, _ := startServer(t, Export{Name: "disk", Description: "d", Backend: be})
-	nameData := func(name string, infos ...uint16) []byte {
-		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		d = append(d, name...)
-		d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
-		for _, i := range infos {
-			d = binary.BigEndian.AppendUint16(d, i)
-		}
-		return d
-	}
-	t.Run("errors then GO", func(t *testing.T) {
-		tc := dial(t, sock)
-		if err := tc.greet(flagCFixedNewstyle); err != nil {
-			t.Fatal(err)
-		}
-		steps := []struct {
-			opt  uint32
-			data []byte
-			want uint32
-		}{
-			{99, []byte("junk"), repErrUnsup},
-			{optStartTLS, nil, repErrPolicy},
-			{optList, []byte("x"), repErrInvalid},
-			{optStructuredReply, []byte("x"), repErrInvalid},
-			{optInfo, nameData("nosuch"), repErrUnknown},
-			{optGo, nameData("nosuch"), repErrUnknown},
-			{optGo, []byte{0, 0, 0, 9, 'a'}, repErrInvalid},
-			{optInfo, append(nameData("disk"), 0), repErrInvalid},
-			{optSetMetaContext, nil, repErrInvalid}, // before STRUCTURED_REPLY
-			{optInfo, nameData("disk", infoName, infoDescription), repAck},
-			{optStructuredReply, nil, repAck},
-			{optStructuredReply, nil, repErrInvalid}, // twice
-		}
-		for _, st := range steps {
-			if err := tc.sendOpt(st.opt, st.data); err != nil {
-				t.Fatal(err)
-			}
-			for {
-				opt, typ, data, err := tc.optReply()
-				if err != nil {
-					t.Fatal(err)
-				}
-				if opt != st.opt {
-					t.Fatalf("reply for option %d, want %d", opt, st.opt)
-				}
-				if typ == repInfo {
-					continue
-				}
-				if typ != st.want {
-					t.Fatalf("option %d: reply %#x %q, want %#x", st.opt, typ, data, st.want)
-				}
-				break
-			}
-		}
-		// A too-long option is skipped and refused; the stream stays in frame.
-		tc.sendOpt(optInfo, make([]byte, maxOptionLen+1))
-		if _, typ, _, err := tc.optReply(); err != nil || typ != repErrTooBig {
-			t.Fatalf("long option: %#x %v", typ, err)
-		}
-		tc.sendOpt(optGo, nameData("disk"))
-		for {
-			_, typ, _, err := tc.optReply()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if typ == repAck {
-				break
-			}
-		}
-		tc.structured = true
-		mustOK(t)(tc.do(Request{Type: CmdFlush, Cookie: 5}, nil))
-	})
-	t.Run("EXPORT_NAME with and without zeroes", func(t *testing.T) {
-		for _, noZeroes := range []bool{true, false} {
-			tc := dial(t, sock)
-			fl := uint32(flagCFixedNewstyle)
-			if noZeroes {
-				fl |= flagCNoZeroes
-			}
-			tc.greet(fl)
-			tc.sendOpt(optExportName, []byte("disk"))
-			n := 10
-			if !noZeroes {
-				n = 134
-			}
-			b, err := tc.readN(n)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if binary.BigEndian.Uint64(b) != 1<<20 {
-				t.Fatalf("size %d", binary.BigEndian.Uint64(b))
-			}
-			mustOK(t)(tc.do(Request{Type: CmdFlush, Cookie: 5}, nil))
-		}
-	})
-	t.Run("EXPORT_NAME unknown closes", func(t *testing.T) {
-		tc := dial(t, sock)
-		tc.greet(flagCFixedNewstyle)
-		tc.sendOpt(optExportName, []byte("nosuch"))
-		expectClosed(t, tc)
-	})
-	t.Run("unknown client flags close", func(t *testing.T) {
-		tc := dial(t, sock)
-		tc.greet(1 << 7)
-		expectClosed(t, tc)
-	})
-	t.Run("bad option magic closes", func(t *testing.T) {
-		tc := dial(t, sock)
-		tc.greet(flagCFixedNewstyle)
-		tc.c.Write(make([]byte, 16))
-		expectClosed(t, tc)
-	})
-	t.Run("ABORT is acknowledged", func(t *testing.T) {
-		tc := dial(t, sock)
-		tc.greet(flagCFixedNewstyle)
-		if typ, err := tc.simpleOpt(optAbort); err != nil || typ != repAck {
-			t.Fatalf("ABORT: %#x %v", typ, err)
-		}
-		expectClosed(t, tc)
-	})
-	t.Run("LIST_META_CONTEXT", func(t *testing.T) {
-		tc := dial(t, sock)
-		tc.greet(flagCFixedNewstyle)
-		d := binary.BigEndian.AppendUint32(nil, 4)
-		d = append(d, "disk"...)
-		d = binary.BigEndian.AppendUint32(d, 0)
-		tc.sendOpt(optListMetaContext, d)
-		var got []string
-		for {
-			_, typ, data, err := tc.optReply()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if typ == repAck {
-				break
-			}
-			if typ != repMetaContext || binary.BigEndian.Uint32(data) != 0 {
-				t.Fatalf("reply %#x % x", typ, data)
-			}
-			got = append(got, string(data[4:]))
-		}
-		if len(got) != 2 || got[0] != nameBaseAllocation || got[1] != nameAllocDepth {
-			t.Fatalf("contexts %q", got)
-		}
-	})
 }
 
 // layered is a backend with a fixed map: data in the top layer, data from
@@ -421,12 +269,12 @@ func TestSparseReadAndBlockStatus(t *testing.T) {
 		if tc.metaIDs[nameBaseAllocation] == 0 || tc.metaIDs[nameAllocDepth] == 0 {
 			t.Fatalf("meta ids %v", tc.metaIDs)
 		}
-		rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 1, Offset: 32 << 10, Length: 512 << 10}, nil))
+		rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 1, Offset: 32 << 10, Length: 512 << 10}, nil))
 		var types []uint16
 		for _, ch := range rep.chunks {
 			types = append(types, ch.typ)
 		}
-		if len(types) != 2 || types[0] != chunkOffsetData || types[1] != chunkOffsetHole {
+		if len(types) != 2 || types[0] != nbdwire.ChunkOffsetData || types[1] != nbdwire.ChunkOffsetHole {
 			t.Errorf("ext=%v sparse read chunks %v", ext, types)
 		}
 		d, err := rep.readData(32<<10, 512<<10)
@@ -434,25 +282,25 @@ func TestSparseReadAndBlockStatus(t *testing.T) {
 			t.Fatalf("sparse read data wrong: %v", err)
 		}
 		// DF: one data chunk.
-		rep = mustOK(t)(tc.do(Request{Type: CmdRead, Flags: CmdFlagDF, Cookie: 2, Offset: 32 << 10, Length: 512 << 10}, nil))
-		if len(rep.chunks) != 1 || rep.chunks[0].typ != chunkOffsetData {
+		rep = mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Flags: nbdwire.CmdFlagDF, Cookie: 2, Offset: 32 << 10, Length: 512 << 10}, nil))
+		if len(rep.chunks) != 1 || rep.chunks[0].typ != nbdwire.ChunkOffsetData {
 			t.Errorf("DF read: %d chunks", len(rep.chunks))
 		}
 
-		rep = mustOK(t)(tc.do(Request{Type: CmdBlockStatus, Cookie: 3, Offset: 32 << 10, Length: 1<<20 - 32<<10}, nil))
+		rep = mustOK(t)(tc.do(Request{Type: nbdwire.CmdBlockStatus, Cookie: 3, Offset: 32 << 10, Length: 1<<20 - 32<<10}, nil))
 		got := map[uint32][][2]uint64{}
 		for _, ch := range rep.chunks {
 			id := binary.BigEndian.Uint32(ch.payload)
 			p := ch.payload[4:]
 			if ext {
-				if ch.typ != chunkBlockStatusEx || binary.BigEndian.Uint32(p) != uint32(len(p)-4)/16 {
+				if ch.typ != nbdwire.ChunkBlockStatusExt || binary.BigEndian.Uint32(p) != uint32(len(p)-4)/16 {
 					t.Fatalf("ext block status chunk %d", ch.typ)
 				}
 				for p = p[4:]; len(p) > 0; p = p[16:] {
 					got[id] = append(got[id], [2]uint64{binary.BigEndian.Uint64(p), binary.BigEndian.Uint64(p[8:])})
 				}
 			} else {
-				if ch.typ != chunkBlockStatus {
+				if ch.typ != nbdwire.ChunkBlockStatus {
 					t.Fatalf("block status chunk %d", ch.typ)
 				}
 				for ; len(p) > 0; p = p[8:] {
@@ -460,12 +308,12 @@ func TestSparseReadAndBlockStatus(t *testing.T) {
 				}
 			}
 		}
-		wantAlloc := [][2]uint64{{96 << 10, 0}, {64 << 10, stateZero}, {1<<20 - 192<<10, stateHole | stateZero}}
+		wantAlloc := [][2]uint64{{96 << 10, 0}, {64 << 10, nbdwire.StateZero}, {1<<20 - 192<<10, nbdwire.StateHole | nbdwire.StateZero}}
 		wantDepth := [][2]uint64{{32 << 10, 1}, {64 << 10, 2}, {64 << 10, 1}, {1<<20 - 192<<10, 0}}
 		if a, b := got[tc.metaIDs[nameBaseAllocation]], got[tc.metaIDs[nameAllocDepth]]; !equalPairs(a, wantAlloc) || !equalPairs(b, wantDepth) {
 			t.Errorf("ext=%v block status\nalloc %v want %v\ndepth %v want %v", ext, a, wantAlloc, b, wantDepth)
 		}
-		rep = mustOK(t)(tc.do(Request{Type: CmdBlockStatus, Flags: CmdFlagReqOne, Cookie: 4, Offset: 0, Length: 1 << 20}, nil))
+		rep = mustOK(t)(tc.do(Request{Type: nbdwire.CmdBlockStatus, Flags: nbdwire.CmdFlagReqOne, Cookie: 4, Offset: 0, Length: 1 << 20}, nil))
 		for _, ch := range rep.chunks {
 			if n := len(ch.payload); (ext && n != 8+16) || (!ext && n != 4+8) {
 				t.Errorf("REQ_ONE reply payload %d bytes", n)
@@ -503,7 +351,7 @@ func TestConcurrentClients(t *testing.T) {
 			base := uint64(c) << 20
 			p := bytes.Repeat([]byte{byte(c + 1)}, 4096)
 			for i := 0; i < 64; i++ {
-				tc.send(Request{Type: CmdWrite, Cookie: uint64(i), Offset: base + uint64(i)*4096, Length: 4096}, p)
+				tc.send(Request{Type: nbdwire.CmdWrite, Cookie: uint64(i), Offset: base + uint64(i)*4096, Length: 4096}, p)
 			}
 			for i := 0; i < 64; i++ {
 				if rep, err := tc.recv(); err != nil || rep.errno != 0 {
@@ -512,7 +360,7 @@ func TestConcurrentClients(t *testing.T) {
 				}
 			}
 			for i := 0; i < 64; i++ {
-				tc.send(Request{Type: CmdRead, Cookie: uint64(i), Offset: base + uint64(i)*4096, Length: 4096}, nil)
+				tc.send(Request{Type: nbdwire.CmdRead, Cookie: uint64(i), Offset: base + uint64(i)*4096, Length: 4096}, nil)
 			}
 			for i := 0; i < 64; i++ {
 				rep, err := tc.recv()
@@ -544,7 +392,7 @@ func TestServeConnContext(t *testing.T) {
 	if err := tc.handshake("", false, false); err != nil {
 		t.Fatal(err)
 	}
-	mustOK(t)(tc.do(Request{Type: CmdFlush, Cookie: 1}, nil))
+	mustOK(t)(tc.do(Request{Type: nbdwire.CmdFlush, Cookie: 1}, nil))
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatalf("ServeConn after cancel: %v", err)
@@ -560,12 +408,12 @@ func TestWriteZeroesFallback(t *testing.T) {
 	}
 	_, sock, _ := startServer(t, Export{Name: "disk", Backend: be})
 	tc := connected(t, sock, true, false)
-	rep, err := tc.do(Request{Type: CmdWriteZeroes, Flags: CmdFlagFastZero, Cookie: 1, Offset: 4096, Length: 8192}, nil)
-	if err != nil || rep.errno != errNotSup {
+	rep, err := tc.do(Request{Type: nbdwire.CmdWriteZeroes, Flags: nbdwire.CmdFlagFastZero, Cookie: 1, Offset: 4096, Length: 8192}, nil)
+	if err != nil || rep.errno != nbdwire.ErrnoNotSup {
 		t.Fatalf("FAST_ZERO: %+v %v", rep, err)
 	}
-	mustOK(t)(tc.do(Request{Type: CmdWriteZeroes, Flags: CmdFlagFUA, Cookie: 2, Offset: 4096, Length: 1<<20 - 4096}, nil))
-	rep = mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 3, Offset: 0, Length: 1 << 20}, nil))
+	mustOK(t)(tc.do(Request{Type: nbdwire.CmdWriteZeroes, Flags: nbdwire.CmdFlagFUA, Cookie: 2, Offset: 4096, Length: 1<<20 - 4096}, nil))
+	rep = mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 3, Offset: 0, Length: 1 << 20}, nil))
 	d, _ := rep.readData(0, 1<<20)
 	for i, b := range d {
 		want := byte(0)
@@ -608,10 +456,10 @@ func TestSlowInlineReadHandsOffToWorkers(t *testing.T) {
 	g := &slowThenGate{memBackend: newMem(1 << 20), gate: make(chan struct{}), entered: make(chan struct{}, 1)}
 	_, sock, _ := startServer(t, Export{Name: "disk", Backend: g})
 	tc := connected(t, sock, false, false)
-	mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 1, Offset: 0, Length: 512}, nil))
-	tc.send(Request{Type: CmdRead, Cookie: 2, Offset: 8192, Length: 512}, nil)
+	mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 1, Offset: 0, Length: 512}, nil))
+	tc.send(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 8192, Length: 512}, nil)
 	<-g.entered
-	if rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 3, Offset: 4096, Length: 512}, nil)); rep.cookie != 3 {
+	if rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 3, Offset: 4096, Length: 512}, nil)); rep.cookie != 3 {
 		t.Fatalf("reply for cookie %d, want 3", rep.cookie)
 	}
 	close(g.gate)
@@ -627,30 +475,30 @@ func TestExtendedHeaders(t *testing.T) {
 	_, sock, _ := startServer(t, Export{Name: "disk", Backend: be})
 	t.Run("block status length is a hint", func(t *testing.T) {
 		tc := connected(t, sock, true, true, nameBaseAllocation)
-		rep := mustOK(t)(tc.do(Request{Type: CmdBlockStatus, Cookie: 1, Offset: 1<<20 - 4096, Length: 1 << 40}, nil))
+		rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdBlockStatus, Cookie: 1, Offset: 1<<20 - 4096, Length: 1 << 40}, nil))
 		p := rep.chunks[0].payload
-		if rep.chunks[0].typ != chunkBlockStatusEx || binary.BigEndian.Uint32(p[4:]) != 1 ||
-			binary.BigEndian.Uint64(p[8:]) != 4096 || binary.BigEndian.Uint64(p[16:]) != stateHole|stateZero {
+		if rep.chunks[0].typ != nbdwire.ChunkBlockStatusExt || binary.BigEndian.Uint32(p[4:]) != 1 ||
+			binary.BigEndian.Uint64(p[8:]) != 4096 || binary.BigEndian.Uint64(p[16:]) != nbdwire.StateHole|nbdwire.StateZero {
 			t.Fatalf("chunk %d payload % x", rep.chunks[0].typ, p)
 		}
 		if rep.chunks[0].offset != 1<<20-4096 {
 			t.Errorf("reply offset %d", rep.chunks[0].offset)
 		}
 		// A 64-bit write payload above the maximum loses the framing.
-		tc.send(Request{Type: CmdWrite, Cookie: 2, Length: 1 << 33}, nil)
+		tc.send(Request{Type: nbdwire.CmdWrite, Cookie: 2, Length: 1 << 33}, nil)
 		expectClosed(t, tc)
 	})
 	t.Run("options refused after EXTENDED_HEADERS", func(t *testing.T) {
 		tc := dial(t, sock)
-		tc.greet(flagCFixedNewstyle | flagCNoZeroes)
+		tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes)
 		for _, st := range []struct{ opt, want uint32 }{
-			{optExtendedHeaders, repAck}, {optExtendedHeaders, repErrInvalid}, {optStructuredReply, repErrInvalid},
+			{nbdwire.OptExtendedHeaders, nbdwire.RepAck}, {nbdwire.OptExtendedHeaders, nbdwire.RepErrInvalid}, {nbdwire.OptStructuredReply, nbdwire.RepErrInvalid},
 		} {
 			if typ, err := tc.simpleOpt(st.opt); err != nil || typ != st.want {
 				t.Fatalf("option %d: %#x %v, want %#x", st.opt, typ, err, st.want)
 			}
 		}
-		tc.sendOpt(optExportName, []byte("disk"))
+		tc.sendOpt(nbdwire.OptExportName, []byte("disk"))
 		expectClosed(t, tc)
 	})
 }
@@ -663,9 +511,9 @@ func TestInlineWrites(t *testing.T) {
 	g := &gateBackend{memBackend: newMem(1 << 20), gate: make(chan struct{}), entered: make(chan struct{}, 1)}
 	_, sock, _ := startServer(t, Export{Name: "disk", Backend: g, InlineWrites: true})
 	tc := connected(t, sock, false, false)
-	tc.send(Request{Type: CmdWrite, Cookie: 1, Offset: 0, Length: 5}, []byte("hello"))
+	tc.send(Request{Type: nbdwire.CmdWrite, Cookie: 1, Offset: 0, Length: 5}, []byte("hello"))
 	<-g.entered
-	tc.send(Request{Type: CmdRead, Cookie: 2, Offset: 4096, Length: 512}, nil)
+	tc.send(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 4096, Length: 512}, nil)
 	tc.c.SetReadDeadline(time.Now().Add(100 * time.Millisecond))
 	if _, err := tc.br.Peek(1); err == nil {
 		t.Fatal("a reply came while the inline write was blocked")
@@ -678,7 +526,7 @@ func TestInlineWrites(t *testing.T) {
 		}
 	}
 	// The slow write turned inlining off for a while; the data is there.
-	rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 3, Offset: 0, Length: 5}, nil))
+	rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 3, Offset: 0, Length: 5}, nil))
 	if string(rep.data) != "hello" {
 		t.Fatalf("read back %q", rep.data)
 	}
@@ -688,9 +536,9 @@ func TestInlineWrites(t *testing.T) {
 	g2 := &gateBackend{memBackend: newMem(1 << 20), gate: make(chan struct{}), entered: make(chan struct{}, 1)}
 	_, sock2, _ := startServer(t, Export{Name: "disk", Backend: g2, InlineWrites: true})
 	tc2 := connected(t, sock2, false, false)
-	tc2.send(Request{Type: CmdWrite, Flags: CmdFlagFUA, Cookie: 1, Offset: 0, Length: 5}, []byte("hello"))
+	tc2.send(Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 1, Offset: 0, Length: 5}, []byte("hello"))
 	<-g2.entered
-	if rep := mustOK(t)(tc2.do(Request{Type: CmdRead, Cookie: 2, Offset: 4096, Length: 512}, nil)); rep.cookie != 2 {
+	if rep := mustOK(t)(tc2.do(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 4096, Length: 512}, nil)); rep.cookie != 2 {
 		t.Fatalf("first reply is for cookie %d, want 2", rep.cookie)
 	}
 	close(g2.gate)

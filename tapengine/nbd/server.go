@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
 // Backend is what an export serves. image.Image satisfies it. It must be
@@ -51,8 +52,8 @@ type ZeroWriter interface {
 	WriteZeroes(off, length int64, mayTrim bool) error
 }
 
-// Completer receives the results of a Starter's calls (the same type as
-// frontend.Completer: an alias of one interface literal).
+// Completer receives the results of an AsyncBackend's calls (the same
+// type as frontend.Completer: an alias of one interface literal).
 type Completer = interface {
 	// Complete reports one started request; data (reads) is valid only
 	// until it returns.
@@ -61,38 +62,36 @@ type Completer = interface {
 	CompleteBatch()
 }
 
-// Starter is the optional capability of a RoundTrip backend that starts a
-// read or write and reports it later on a goroutine of its own (the local
-// frontend's reaper). The reader then starts every aligned READ and WRITE
-// (without FUA) of up to StartMax bytes itself and the reaper answers it,
-// so no request waits on a goroutine hand-off. Started requests may be
-// held back until Publish, which the reader calls before it waits for its
-// client.
-type Starter interface {
+// AsyncBackend is the optional capability of a RoundTrip backend (the
+// local frontend, whose ring is the round trip) that starts a read or
+// write and reports it later, on a goroutine of its own, to a Completer.
+// The reader then starts every aligned READ and WRITE (without FUA) of up
+// to MaxPayload itself, in parts of up to StartMax bytes, and the
+// backend's goroutine answers it: no request waits on a hand-off.
+//
+//  1. Buffers. The backend lends its request buffers (the frontend's
+//     granted pages), one per tag of StartMax bytes, the server's from
+//     TakeTag until PutTag: a WRITE's payload is read from the socket
+//     straight into them and a READ's reply written straight from the
+//     data StartTagRead completes with (valid until PutTag). A request
+//     needing more tags than a few is started with StartRead/StartWrite
+//     on a buffer of the server's instead, so that a few big requests
+//     cannot hold every tag. TakeTag may wait for a tag, but publishes
+//     what it holds back first; its error means the backend is gone.
+//  2. Publishing. Started requests may be held back until Publish, which
+//     the reader calls before it waits for its client.
+//  3. Polling. Poll collects completions on the caller's goroutine, busy,
+//     for up to spin (Completer calls then run there); the reader uses
+//     it when its client waits for every answer (queue depth 1).
+type AsyncBackend interface {
 	StartMax() int
 	StartRead(off int64, n int, c Completer, cookie uint64) error
 	StartWrite(p []byte, off int64, c Completer, cookie uint64) error
-	Publish() error
-}
-
-// Lender is the optional capability of a Starter whose request buffers
-// (the local frontend's granted pages) the server may use as its own: a
-// WRITE's payload is read from the socket straight into them and a READ's
-// reply written straight from them, saving a copy each way. A tag is a
-// buffer of StartMax bytes, the server's from TakeTag until PutTag; data a
-// StartTagRead completes with stays valid until then. TakeTag may wait for
-// a tag, but first publishes what it holds back (as Publish).
-type Lender interface {
 	TakeTag() (tag uint64, buf []byte, err error)
 	StartTagRead(tag uint64, off int64, n int, c Completer, cookie uint64) error
 	StartTagWrite(tag uint64, off int64, n int, c Completer, cookie uint64) error
 	PutTag(tag uint64)
-}
-
-// Poller is the optional capability of a Starter whose completions a
-// caller may collect itself, busy, for up to spin (on its own goroutine:
-// Completer calls then run there).
-type Poller interface {
+	Publish() error
 	Poll(spin time.Duration) bool
 }
 
@@ -204,22 +203,22 @@ func (s *Server) matches(name string) bool {
 }
 
 // tflags computes the transmission flags for a session: what qemu-nbd
-// advertises (WIRE.md section 5), plus CAN_MULTI_CONN where honest.
+// advertises, plus CAN_MULTI_CONN where honest.
 func (s *Server) tflags(sess *session) uint16 {
-	f := uint16(tflagHasFlags | tflagSendFlush | tflagSendFUA | tflagSendCache)
+	f := uint16(nbdwire.TransHasFlags | nbdwire.TransSendFlush | nbdwire.TransSendFUA | nbdwire.TransSendCache)
 	if s.Export.ReadOnly {
-		f |= tflagReadOnly
+		f |= nbdwire.TransReadOnly
 	} else {
-		f |= tflagSendWriteZeroes | tflagSendFastZero
+		f |= nbdwire.TransSendWriteZeroes | nbdwire.TransSendFastZero
 		if _, ok := s.Export.Backend.(Discarder); ok {
-			f |= tflagSendTrim
+			f |= nbdwire.TransSendTrim
 		}
 	}
 	if sess.structured {
-		f |= tflagSendDF
+		f |= nbdwire.TransSendDF
 	}
 	if !s.Export.NoMultiConn {
-		f |= tflagCanMultiConn
+		f |= nbdwire.TransCanMultiConn
 	}
 	return f
 }
@@ -459,17 +458,17 @@ func errno(err error) uint32 {
 	case err == nil:
 		return 0
 	case errors.Is(err, image.ErrOutOfRange):
-		return errInval
+		return nbdwire.ErrnoInval
 	case errors.Is(err, image.ErrReadOnly), errors.Is(err, syscall.EROFS), errors.Is(err, syscall.EPERM), errors.Is(err, syscall.EACCES):
-		return errPerm
+		return nbdwire.ErrnoPerm
 	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT), errors.Is(err, syscall.EFBIG):
-		return errNoSpc
+		return nbdwire.ErrnoNoSpace
 	case errors.Is(err, syscall.ENOMEM):
-		return errNoMem
+		return nbdwire.ErrnoNoMem
 	case errors.Is(err, errors.ErrUnsupported), errors.Is(err, syscall.EOPNOTSUPP):
-		return errNotSup
+		return nbdwire.ErrnoNotSup
 	case errors.Is(err, syscall.EOVERFLOW):
-		return errOverflow
+		return nbdwire.ErrnoOverflow
 	}
-	return errIO
+	return nbdwire.ErrnoIO
 }

@@ -8,9 +8,11 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
-// starterBackend is a memBackend that also starts requests (Starter): a
+// starterBackend is a memBackend that also starts requests (AsyncBackend): a
 // goroutine of its own completes them in batches, in reverse order, and
 // fails every part that touches badOff.
 type starterBackend struct {
@@ -72,6 +74,27 @@ func (s *starterBackend) StartWrite(p []byte, off int64, c Completer, cookie uin
 	}, c, cookie)
 }
 
+// The starterBackend lends no buffers: TakeTag fails, as the frontend's
+// does once it is closing, so every request is started on a buffer of
+// the server's own.
+var errNoTags = errors.New("starterBackend lends no buffers")
+
+func (s *starterBackend) TakeTag() (uint64, []byte, error) { return 0, nil, errNoTags }
+
+func (s *starterBackend) StartTagRead(uint64, int64, int, Completer, uint64) error { return errNoTags }
+
+func (s *starterBackend) StartTagWrite(uint64, int64, int, Completer, uint64) error { return errNoTags }
+
+func (s *starterBackend) PutTag(h uint64) { panic(fmt.Sprintf("PutTag(%d) of a tag never lent", h)) }
+
+// Poll finds nothing: completions come from the backend's goroutine.
+func (s *starterBackend) Poll(time.Duration) bool { return false }
+
+var (
+	_ AsyncBackend = (*starterBackend)(nil)
+	_ AsyncBackend = (*lenderBackend)(nil)
+)
+
 func (s *starterBackend) Publish() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -82,7 +105,7 @@ func (s *starterBackend) Publish() error {
 	return nil
 }
 
-// TestStarterPath: with a RoundTrip Starter backend, aligned reads and
+// TestStarterPath: with a RoundTrip AsyncBackend that lends no buffers, aligned reads and
 // writes (one part or many) go through Start and come back right, the
 // failing part fails its whole request with EIO (simple and structured
 // replies), and unaligned or FUA requests take the blocking path.
@@ -98,7 +121,7 @@ func TestStarterPath(t *testing.T) {
 		}
 		// Several requests in flight at once, answered out of order.
 		for i := range 4 {
-			if err := tc.send(Request{Type: CmdWrite, Cookie: uint64(i), Offset: uint64(i) * 64 << 10, Length: 64 << 10}, pat); err != nil {
+			if err := tc.send(Request{Type: nbdwire.CmdWrite, Cookie: uint64(i), Offset: uint64(i) * 64 << 10, Length: 64 << 10}, pat); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -118,26 +141,26 @@ func TestStarterPath(t *testing.T) {
 		if !landed {
 			t.Fatal("write did not reach the backend")
 		}
-		rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 10, Offset: 64 << 10, Length: 64 << 10}, nil))
+		rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 10, Offset: 64 << 10, Length: 64 << 10}, nil))
 		got, err := rep.readData(64<<10, 64<<10)
 		if err != nil || !bytes.Equal(got, pat) {
 			t.Fatalf("read back (structured %v): %v", structured, err)
 		}
 		// A request whose part touches badOff fails whole.
-		rep, err = tc.do(Request{Type: CmdRead, Cookie: 11, Offset: 500 << 10, Length: 64 << 10}, nil)
-		if err != nil || rep.errno != errIO {
+		rep, err = tc.do(Request{Type: nbdwire.CmdRead, Cookie: 11, Offset: 500 << 10, Length: 64 << 10}, nil)
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing read: %v errno %d", err, rep.errno)
 		}
-		rep, err = tc.do(Request{Type: CmdWrite, Cookie: 12, Offset: 510 << 10, Length: 4096}, make([]byte, 4096))
-		if err != nil || rep.errno != errIO {
+		rep, err = tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 12, Offset: 510 << 10, Length: 4096}, make([]byte, 4096))
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing write: %v errno %d", err, rep.errno)
 		}
 		be.mu.Lock()
 		startedBefore := be.started
 		be.mu.Unlock()
 		// Unaligned and FUA go the blocking way, and still work.
-		mustOK(t)(tc.do(Request{Type: CmdWrite, Cookie: 13, Offset: 700<<10 + 3, Length: 100}, pat[:100]))
-		mustOK(t)(tc.do(Request{Type: CmdWrite, Flags: CmdFlagFUA, Cookie: 14, Offset: 800 << 10, Length: 4096}, pat[:4096]))
+		mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 13, Offset: 700<<10 + 3, Length: 100}, pat[:100]))
+		mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 14, Offset: 800 << 10, Length: 4096}, pat[:4096]))
 		be.mu.Lock()
 		if be.started != startedBefore {
 			t.Errorf("unaligned or FUA write was started (%d -> %d)", startedBefore, be.started)
@@ -152,7 +175,7 @@ func TestStarterPath(t *testing.T) {
 }
 
 // lenderBackend is a starterBackend that lends a fixed set of buffers
-// (Lender), checking that every one comes back and none is used twice.
+// (TakeTag), checking that every one comes back and none is used twice.
 type lenderBackend struct {
 	*starterBackend
 	free chan uint64
@@ -237,8 +260,8 @@ func TestLenderPath(t *testing.T) {
 		}
 		// 4 pages: lent; 16 pages: copied.
 		for i, n := range []int{4096, 16384, 65536} {
-			mustOK(t)(tc.do(Request{Type: CmdWrite, Cookie: uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, pat[:n]))
-			rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 10 + uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, nil))
+			mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Cookie: uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, pat[:n]))
+			rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 10 + uint64(i), Offset: uint64(i) << 16, Length: uint64(n)}, nil))
 			got, err := rep.readData(uint64(i)<<16, uint64(n))
 			if err != nil || !bytes.Equal(got, pat[:n]) {
 				t.Fatalf("%d bytes (structured %v): %v", n, structured, err)
@@ -246,7 +269,7 @@ func TestLenderPath(t *testing.T) {
 		}
 		// Many at once: more requests than buffers.
 		for i := range 16 {
-			tc.send(Request{Type: CmdRead, Cookie: 100 + uint64(i), Offset: uint64(i%3) << 16, Length: 8192}, nil)
+			tc.send(Request{Type: nbdwire.CmdRead, Cookie: 100 + uint64(i), Offset: uint64(i%3) << 16, Length: 8192}, nil)
 		}
 		for range 16 {
 			rep, err := tc.recv()
@@ -254,16 +277,16 @@ func TestLenderPath(t *testing.T) {
 				t.Fatalf("read: %v %+v", err, rep)
 			}
 		}
-		rep, err := tc.do(Request{Type: CmdRead, Cookie: 200, Offset: 510 << 10, Length: 8192}, nil)
-		if err != nil || rep.errno != errIO {
+		rep, err := tc.do(Request{Type: nbdwire.CmdRead, Cookie: 200, Offset: 510 << 10, Length: 8192}, nil)
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing lent read: %v errno %d", err, rep.errno)
 		}
-		rep, err = tc.do(Request{Type: CmdWrite, Cookie: 201, Offset: 510 << 10, Length: 8192}, make([]byte, 8192))
-		if err != nil || rep.errno != errIO {
+		rep, err = tc.do(Request{Type: nbdwire.CmdWrite, Cookie: 201, Offset: 510 << 10, Length: 8192}, make([]byte, 8192))
+		if err != nil || rep.errno != nbdwire.ErrnoIO {
 			t.Errorf("failing lent write: %v errno %d", err, rep.errno)
 		}
 		// A refused write (past the end) gives its buffers back too.
-		tc.send(Request{Type: CmdWrite, Cookie: 202, Offset: size - 4096, Length: 8192}, make([]byte, 8192))
+		tc.send(Request{Type: nbdwire.CmdWrite, Cookie: 202, Offset: size - 4096, Length: 8192}, make([]byte, 8192))
 		if rep, err := tc.recv(); err != nil || rep.errno == 0 {
 			t.Errorf("write past the end: %v %+v", err, rep)
 		}

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -31,10 +32,10 @@ func TestStreamedRequests(t *testing.T) {
 			var tc *testClient
 			if mode.name == "export-name" {
 				tc = dial(t, sock)
-				if err := tc.greet(flagCFixedNewstyle | flagCNoZeroes); err != nil {
+				if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 					t.Fatal(err)
 				}
-				if err := tc.sendOpt(optExportName, []byte("disk")); err != nil {
+				if err := tc.sendOpt(nbdwire.OptExportName, []byte("disk")); err != nil {
 					t.Fatal(err)
 				}
 				if _, err := tc.readN(10); err != nil {
@@ -50,7 +51,7 @@ func TestStreamedRequests(t *testing.T) {
 			}
 			var before, after runtime.MemStats
 			runtime.ReadMemStats(&before)
-			hdr, err := AppendRequest(nil, Request{Type: CmdWrite, Cookie: 1, Offset: off, Length: n}, tc.ext)
+			hdr, err := nbdwire.AppendRequest(nil, Request{Type: nbdwire.CmdWrite, Cookie: 1, Offset: off, Length: n}, tc.ext)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -68,7 +69,7 @@ func TestStreamedRequests(t *testing.T) {
 			if grew := after.TotalAlloc - before.TotalAlloc; grew > 16<<20 {
 				t.Errorf("serving a %d-byte write allocated %d bytes: buffered, not streamed", n, grew)
 			}
-			rep = mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 2, Offset: off, Length: n}, nil))
+			rep = mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: off, Length: n}, nil))
 			got, err := rep.readData(off, n)
 			if err != nil {
 				t.Fatal(err)
@@ -77,13 +78,13 @@ func TestStreamedRequests(t *testing.T) {
 				t.Fatal("64 MiB read returned other bytes than the 64 MiB write")
 			}
 			// Refused whole (past the end); the connection goes on.
-			hdr, _ = AppendRequest(nil, Request{Type: CmdWrite, Cookie: 3, Offset: size - 4096, Length: n}, tc.ext)
+			hdr, _ = nbdwire.AppendRequest(nil, Request{Type: nbdwire.CmdWrite, Cookie: 3, Offset: size - 4096, Length: n}, tc.ext)
 			tc.c.Write(hdr)
 			tc.c.Write(payload[:n])
-			if rep, err := tc.recv(); err != nil || rep.errno != errNoSpc {
+			if rep, err := tc.recv(); err != nil || rep.errno != nbdwire.ErrnoNoSpace {
 				t.Fatalf("64 MiB write past the end: %+v, %v", rep, err)
 			}
-			rep = mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 4, Offset: off, Length: 4096}, nil))
+			rep = mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 4, Offset: off, Length: 4096}, nil))
 			if got, err := rep.readData(off, 4096); err != nil || !bytes.Equal(got, payload[:4096]) {
 				t.Fatalf("read after a refused 64 MiB write: %v", err)
 			}

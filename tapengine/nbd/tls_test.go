@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 	"github.com/blktap-go/blktap/internal/testpki"
 )
@@ -57,7 +58,7 @@ func dialTCP(t testing.TB, addr string) *testClient {
 
 // startTLS sends STARTTLS, expects the ACK and upgrades tc.
 func (tc *testClient) startTLS(cfg *tls.Config) error {
-	if typ, err := tc.simpleOpt(optStartTLS); err != nil || typ != repAck {
+	if typ, err := tc.simpleOpt(nbdwire.OptStartTLS); err != nil || typ != nbdwire.RepAck {
 		return fmt.Errorf("STARTTLS: reply %#x, %v", typ, err)
 	}
 	if tc.br.Buffered() != 0 {
@@ -92,7 +93,7 @@ func TestTLSForcedHaggling(t *testing.T) {
 
 	t.Run("options refused until STARTTLS, then served", func(t *testing.T) {
 		tc := dialTCP(t, addr)
-		if err := tc.greet(flagCFixedNewstyle | flagCNoZeroes); err != nil {
+		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 			t.Fatal(err)
 		}
 		goData := binary.BigEndian.AppendUint32(nil, 4)
@@ -102,13 +103,13 @@ func TestTLSForcedHaggling(t *testing.T) {
 			data []byte
 			want uint32
 		}{
-			{optList, nil, repErrTLSReqd},
-			{optInfo, goData, repErrTLSReqd},
-			{optGo, goData, repErrTLSReqd},
-			{optStructuredReply, nil, repErrTLSReqd},
-			{optExtendedHeaders, nil, repErrTLSReqd},
-			{99, []byte("junk"), repErrTLSReqd},
-			{optStartTLS, []byte("x"), repErrInvalid},
+			{nbdwire.OptList, nil, nbdwire.RepErrTLSRequired},
+			{nbdwire.OptInfo, goData, nbdwire.RepErrTLSRequired},
+			{nbdwire.OptGo, goData, nbdwire.RepErrTLSRequired},
+			{nbdwire.OptStructuredReply, nil, nbdwire.RepErrTLSRequired},
+			{nbdwire.OptExtendedHeaders, nil, nbdwire.RepErrTLSRequired},
+			{99, []byte("junk"), nbdwire.RepErrTLSRequired},
+			{nbdwire.OptStartTLS, []byte("x"), nbdwire.RepErrInvalid},
 		} {
 			if err := tc.sendOpt(st.opt, st.data); err != nil {
 				t.Fatal(err)
@@ -119,22 +120,22 @@ func TestTLSForcedHaggling(t *testing.T) {
 			}
 		}
 		// A too-long option is refused the same way before TLS.
-		tc.sendOpt(optList, make([]byte, maxOptionLen+1))
-		if _, typ, _, err := tc.optReply(); err != nil || typ != repErrTLSReqd {
+		tc.sendOpt(nbdwire.OptList, make([]byte, maxOptionLen+1))
+		if _, typ, _, err := tc.optReply(); err != nil || typ != nbdwire.RepErrTLSRequired {
 			t.Fatalf("long option before TLS: %#x %v", typ, err)
 		}
 		if err := tc.startTLS(clientCfg); err != nil {
 			t.Fatal(err)
 		}
-		if typ, err := tc.simpleOpt(optStartTLS); err != nil || typ != repErrInvalid {
+		if typ, err := tc.simpleOpt(nbdwire.OptStartTLS); err != nil || typ != nbdwire.RepErrInvalid {
 			t.Fatalf("second STARTTLS: %#x %v, want ERR_INVALID", typ, err)
 		}
 		// Inside TLS the handshake goes on as usual; greet is done.
-		if typ, err := tc.simpleOpt(optStructuredReply); err != nil || typ != repAck {
+		if typ, err := tc.simpleOpt(nbdwire.OptStructuredReply); err != nil || typ != nbdwire.RepAck {
 			t.Fatalf("STRUCTURED_REPLY in TLS: %#x %v", typ, err)
 		}
 		tc.structured = true
-		if err := tc.sendOpt(optGo, goData); err != nil {
+		if err := tc.sendOpt(nbdwire.OptGo, goData); err != nil {
 			t.Fatal(err)
 		}
 		for {
@@ -142,16 +143,16 @@ func TestTLSForcedHaggling(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if typ == repAck {
+			if typ == nbdwire.RepAck {
 				break
 			}
-			if typ != repInfo {
+			if typ != nbdwire.RepInfo {
 				t.Fatalf("GO: %#x %q", typ, data)
 			}
 		}
 		payload := []byte(strings.Repeat("tls!", 1024))
-		mustOK(t)(tc.do(Request{Type: CmdWrite, Flags: CmdFlagFUA, Cookie: 1, Offset: 8192, Length: 4096}, payload))
-		rep := mustOK(t)(tc.do(Request{Type: CmdRead, Cookie: 2, Offset: 8192, Length: 4096}, nil))
+		mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 1, Offset: 8192, Length: 4096}, payload))
+		rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 8192, Length: 4096}, nil))
 		got, err := rep.readData(8192, 4096)
 		if err != nil || string(got) != string(payload) {
 			t.Fatalf("read back over TLS: %v", err)
@@ -159,7 +160,7 @@ func TestTLSForcedHaggling(t *testing.T) {
 		if string(be.data[8192:8192+4096]) != string(payload) {
 			t.Fatal("write over TLS did not reach the backend")
 		}
-		if err := tc.send(Request{Type: CmdDisc, Cookie: 3}, nil); err != nil {
+		if err := tc.send(Request{Type: nbdwire.CmdDisc, Cookie: 3}, nil); err != nil {
 			t.Fatal(err)
 		}
 		expectClosed(t, tc)
@@ -167,10 +168,10 @@ func TestTLSForcedHaggling(t *testing.T) {
 
 	t.Run("ABORT before TLS is acknowledged", func(t *testing.T) {
 		tc := dialTCP(t, addr)
-		if err := tc.greet(flagCFixedNewstyle); err != nil {
+		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle); err != nil {
 			t.Fatal(err)
 		}
-		if typ, err := tc.simpleOpt(optAbort); err != nil || typ != repAck {
+		if typ, err := tc.simpleOpt(nbdwire.OptAbort); err != nil || typ != nbdwire.RepAck {
 			t.Fatalf("ABORT: %#x %v", typ, err)
 		}
 		expectClosed(t, tc)
@@ -189,10 +190,10 @@ func TestTLSForcedHaggling(t *testing.T) {
 	t.Run("EXPORT_NAME before TLS drops the client", func(t *testing.T) {
 		before := s.Stats().Dropped
 		tc := dialTCP(t, addr)
-		if err := tc.greet(flagCFixedNewstyle | flagCNoZeroes); err != nil {
+		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 			t.Fatal(err)
 		}
-		tc.sendOpt(optExportName, []byte("disk"))
+		tc.sendOpt(nbdwire.OptExportName, []byte("disk"))
 		expectClosed(t, tc)
 		dropped(t, before)
 	})
@@ -214,7 +215,7 @@ func TestTLSForcedHaggling(t *testing.T) {
 		t.Run(c.name+" fails the TLS handshake", func(t *testing.T) {
 			before := s.Stats().Dropped
 			tc := dialTCP(t, addr)
-			if err := tc.greet(flagCFixedNewstyle | flagCNoZeroes); err != nil {
+			if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 				t.Fatal(err)
 			}
 			err := tc.startTLS(c.cfg)
@@ -236,13 +237,13 @@ func TestTLSForcedHaggling(t *testing.T) {
 func TestNoTLSRefusesStartTLS(t *testing.T) {
 	_, addr := startTLSServer(t, Export{Name: "disk", Backend: newMem(1 << 20)}, nil)
 	tc := dialTCP(t, addr)
-	if err := tc.greet(flagCFixedNewstyle); err != nil {
+	if err := tc.greet(nbdwire.ClientFlagFixedNewstyle); err != nil {
 		t.Fatal(err)
 	}
-	if typ, err := tc.simpleOpt(optStartTLS); err != nil || typ != repErrPolicy {
+	if typ, err := tc.simpleOpt(nbdwire.OptStartTLS); err != nil || typ != nbdwire.RepErrPolicy {
 		t.Fatalf("STARTTLS: %#x %v, want ERR_POLICY", typ, err)
 	}
-	if typ, err := tc.simpleOpt(optStructuredReply); err != nil || typ != repAck {
+	if typ, err := tc.simpleOpt(nbdwire.OptStructuredReply); err != nil || typ != nbdwire.RepAck {
 		t.Fatalf("STRUCTURED_REPLY: %#x %v", typ, err)
 	}
 }
@@ -371,7 +372,7 @@ func BenchmarkTCPRead4k(b *testing.B) {
 			_, addr := startTLSServer(b, Export{Name: "disk", Backend: newMem(64 << 20)}, cfg)
 			tc := dialTCP(b, addr)
 			tc.c.SetDeadline(time.Time{})
-			if err := tc.greet(flagCFixedNewstyle | flagCNoZeroes); err != nil {
+			if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 				b.Fatal(err)
 			}
 			if useTLS {
@@ -382,26 +383,26 @@ func BenchmarkTCPRead4k(b *testing.B) {
 			}
 			goData := binary.BigEndian.AppendUint32(nil, 4)
 			goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
-			tc.sendOpt(optGo, goData)
+			tc.sendOpt(nbdwire.OptGo, goData)
 			for {
 				_, typ, _, err := tc.optReply()
 				if err != nil {
 					b.Fatal(err)
 				}
-				if typ == repAck {
+				if typ == nbdwire.RepAck {
 					break
 				}
 			}
 			const qd, bs = 16, 4096
 			var out []byte
-			rbuf := make([]byte, simpleSize+bs)
+			rbuf := make([]byte, nbdwire.SimpleReplySize+bs)
 			bw := bufio.NewWriterSize(tc.c, 64<<10)
 			b.SetBytes(bs)
 			b.ResetTimer()
 			sent, recvd := 0, 0
 			for recvd < b.N {
 				for sent < b.N && sent-recvd < qd {
-					out, _ = AppendRequest(out[:0], Request{Type: CmdRead, Cookie: uint64(sent),
+					out, _ = nbdwire.AppendRequest(out[:0], Request{Type: nbdwire.CmdRead, Cookie: uint64(sent),
 						Offset: uint64(sent%16384) * bs, Length: bs}, false)
 					bw.Write(out)
 					sent++
@@ -415,7 +416,7 @@ func BenchmarkTCPRead4k(b *testing.B) {
 						b.Fatal("error reply")
 					}
 					recvd++
-					if tc.br.Buffered() < simpleSize && sent < b.N {
+					if tc.br.Buffered() < nbdwire.SimpleReplySize && sent < b.N {
 						break
 					}
 				}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 	"github.com/blktap-go/blktap/tapengine/nbd"
 )
@@ -133,7 +134,7 @@ func TestHandshakeOwnServer(t *testing.T) {
 		if err != nil {
 			t.Fatalf("export %q: %v", name, err)
 		}
-		if e.Size != 3<<20+512 || e.Flags&FlagHasFlags == 0 || e.ReadOnly() || e.Flags&(1<<2) == 0 {
+		if e.Size != 3<<20+512 || e.Flags&nbdwire.TransHasFlags == 0 || e.ReadOnly() || e.Flags&(1<<2) == 0 {
 			t.Errorf("export %q: %+v", name, e)
 		}
 		if e.MinBlock != 1 || e.PreferredBlock != 4096 || e.MaxPayload != nbd.MaxPayload {
@@ -193,7 +194,7 @@ func TestHandshakeQemuNbd(t *testing.T) {
 		if err != nil {
 			t.Fatalf("qemu-nbd (ro=%v): %v\n%s", ro, err, stderr.String())
 		}
-		if e.Size != 8<<20 || e.ReadOnly() != ro || e.Flags&FlagHasFlags == 0 || e.MaxPayload == 0 {
+		if e.Size != 8<<20 || e.ReadOnly() != ro || e.Flags&nbdwire.TransHasFlags == 0 || e.MaxPayload == 0 {
 			t.Errorf("qemu-nbd ro=%v: %+v", ro, e)
 		}
 		// No structured replies were asked for, so qemu must not set
@@ -218,30 +219,30 @@ func TestHandshakeExportNameFallback(t *testing.T) {
 		go func() {
 			defer b.Close()
 			r := bufio.NewReader(b)
-			hf := uint16(flagFixedNewstyle)
+			hf := uint16(nbdwire.FlagFixedNewstyle)
 			if noZeroes {
-				hf |= flagNoZeroes
+				hf |= nbdwire.FlagNoZeroes
 			}
-			g := binary.BigEndian.AppendUint64(nil, magicNBD)
-			g = binary.BigEndian.AppendUint64(g, magicIHaveOpt)
+			g := binary.BigEndian.AppendUint64(nil, nbdwire.MagicNBD)
+			g = binary.BigEndian.AppendUint64(g, nbdwire.MagicOption)
 			b.Write(binary.BigEndian.AppendUint16(g, hf))
 			var cf [4]byte
 			io.ReadFull(r, cf[:])
 			var oh [16]byte
 			io.ReadFull(r, oh[:])
 			io.CopyN(io.Discard, r, int64(binary.BigEndian.Uint32(oh[12:])))
-			rep := binary.BigEndian.AppendUint64(nil, magicOptReply)
+			rep := binary.BigEndian.AppendUint64(nil, nbdwire.MagicOptionReply)
 			rep = binary.BigEndian.AppendUint32(rep, binary.BigEndian.Uint32(oh[8:]))
-			rep = binary.BigEndian.AppendUint32(rep, repErrUnsup)
+			rep = binary.BigEndian.AppendUint32(rep, nbdwire.RepErrUnsupported)
 			b.Write(binary.BigEndian.AppendUint32(rep, 0))
 			io.ReadFull(r, oh[:])
 			name := make([]byte, binary.BigEndian.Uint32(oh[12:]))
 			io.ReadFull(r, name)
-			if binary.BigEndian.Uint32(oh[8:]) != optExportName || string(name) != "old" {
+			if binary.BigEndian.Uint32(oh[8:]) != nbdwire.OptExportName || string(name) != "old" {
 				return
 			}
 			out := binary.BigEndian.AppendUint64(nil, 12345*512)
-			out = binary.BigEndian.AppendUint16(out, FlagHasFlags|FlagReadOnly)
+			out = binary.BigEndian.AppendUint16(out, nbdwire.TransHasFlags|nbdwire.TransReadOnly)
 			if !noZeroes {
 				out = append(out, make([]byte, 124)...)
 			}
@@ -312,7 +313,7 @@ int main(void) {
 		t.Fatal(err)
 	}
 	want := fmt.Sprintf("%d %d %d %d %d %d %d\n%d %d\n", ioctlSetSock, ioctlSetBlksize, ioctlSetSize, ioctlDoIt,
-		ioctlClearSock, ioctlDisconnect, ioctlSetFlags, FlagHasFlags, FlagReadOnly)
+		ioctlClearSock, ioctlDisconnect, ioctlSetFlags, nbdwire.TransHasFlags, nbdwire.TransReadOnly)
 	if string(out) != want {
 		t.Errorf("linux/nbd.h says\n%swe have\n%s", out, want)
 	}
@@ -382,7 +383,7 @@ func FuzzHandshake(f *testing.F) {
 		if err != nil {
 			return
 		}
-		if e.Flags&FlagHasFlags == 0 || e.Size < 0 {
+		if e.Flags&nbdwire.TransHasFlags == 0 || e.Size < 0 {
 			t.Fatalf("accepted %+v", e)
 		}
 		if _, err := blockSize(e); err != nil && e.MinBlock <= 4096 {
@@ -400,46 +401,46 @@ type seed struct {
 // every path, and broken ones named for their fault.
 func seedServerStreams() []seed {
 	greet := func(hf uint16) []byte {
-		g := binary.BigEndian.AppendUint64(nil, magicNBD)
-		g = binary.BigEndian.AppendUint64(g, magicIHaveOpt)
+		g := binary.BigEndian.AppendUint64(nil, nbdwire.MagicNBD)
+		g = binary.BigEndian.AppendUint64(g, nbdwire.MagicOption)
 		return binary.BigEndian.AppendUint16(g, hf)
 	}
 	reply := func(b []byte, typ uint32, d []byte) []byte {
-		b = binary.BigEndian.AppendUint64(b, magicOptReply)
-		b = binary.BigEndian.AppendUint32(b, optGo)
+		b = binary.BigEndian.AppendUint64(b, nbdwire.MagicOptionReply)
+		b = binary.BigEndian.AppendUint32(b, nbdwire.OptGo)
 		b = binary.BigEndian.AppendUint32(b, typ)
 		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
 		return append(b, d...)
 	}
 	exp := func(size uint64, flags uint16) []byte {
-		d := binary.BigEndian.AppendUint16(nil, infoExport)
+		d := binary.BigEndian.AppendUint16(nil, nbdwire.InfoExport)
 		d = binary.BigEndian.AppendUint64(d, size)
 		return binary.BigEndian.AppendUint16(d, flags)
 	}
 	bs := func(min, pref, max uint32) []byte {
-		d := binary.BigEndian.AppendUint16(nil, infoBlockSize)
+		d := binary.BigEndian.AppendUint16(nil, nbdwire.InfoBlockSize)
 		d = binary.BigEndian.AppendUint32(d, min)
 		d = binary.BigEndian.AppendUint32(d, pref)
 		return binary.BigEndian.AppendUint32(d, max)
 	}
-	both := flagFixedNewstyle | flagNoZeroes
+	both := nbdwire.FlagFixedNewstyle | nbdwire.FlagNoZeroes
 	var out []seed
-	b := reply(greet(uint16(both)), repInfo, exp(1<<30, 0x0d6d))
-	b = reply(b, repInfo, bs(1, 4096, 32<<20))
-	out = append(out, seed{"go-ok", reply(b, repAck, nil)})
+	b := reply(greet(uint16(both)), nbdwire.RepInfo, exp(1<<30, 0x0d6d))
+	b = reply(b, nbdwire.RepInfo, bs(1, 4096, 32<<20))
+	out = append(out, seed{"go-ok", reply(b, nbdwire.RepAck, nil)})
 
-	b = reply(greet(uint16(both)), repInfo, exp(1<<20, 3))
-	b = reply(b, repInfo, bs(8192, 8192, 1<<20))
-	out = append(out, seed{"go-min-block-too-big", reply(b, repAck, nil)})
+	b = reply(greet(uint16(both)), nbdwire.RepInfo, exp(1<<20, 3))
+	b = reply(b, nbdwire.RepInfo, bs(8192, 8192, 1<<20))
+	out = append(out, seed{"go-min-block-too-big", reply(b, nbdwire.RepAck, nil)})
 
-	b = reply(greet(uint16(both)), repErrUnsup, nil)
+	b = reply(greet(uint16(both)), nbdwire.RepErrUnsupported, nil)
 	b = binary.BigEndian.AppendUint64(b, 4096)
 	out = append(out, seed{"export-name-fallback", binary.BigEndian.AppendUint16(b, 1)})
 
-	out = append(out, seed{"go-refused-tls-required", reply(greet(uint16(both)), repErrBit|5, []byte("TLS required\n"))})
-	out = append(out, seed{"go-ack-without-export", reply(greet(uint16(both)), repAck, nil)})
-	out = append(out, seed{"go-reply-huge-length", reply(greet(uint16(both)), repInfo, nil)[:34]})
-	out = append(out, seed{"oldstyle-server", append(binary.BigEndian.AppendUint64(nil, magicNBD), 0, 0x42, 2, 0x81, 0x86, 0x12, 0x53, 0)})
+	out = append(out, seed{"go-refused-tls-required", reply(greet(uint16(both)), nbdwire.RepErrorBit|5, []byte("TLS required\n"))})
+	out = append(out, seed{"go-ack-without-export", reply(greet(uint16(both)), nbdwire.RepAck, nil)})
+	out = append(out, seed{"go-reply-huge-length", reply(greet(uint16(both)), nbdwire.RepInfo, nil)[:34]})
+	out = append(out, seed{"oldstyle-server", append(binary.BigEndian.AppendUint64(nil, nbdwire.MagicNBD), 0, 0x42, 2, 0x81, 0x86, 0x12, 0x53, 0)})
 	out = append(out, seed{"not-fixed-newstyle", greet(0)})
 	return out
 }
