@@ -171,8 +171,8 @@ func TestGoodEmpty(t *testing.T) {
 	}
 }
 
-// The example shipped for `make run` must load, and say what DESIGN.md
-// and issue 3 ask of it.
+// The example shipped for `make run` must load, and say what README.md
+// ("Desired state") and issue 3 ask of it.
 func TestExample(t *testing.T) {
 	f, err := Load("../examples/disks.yaml")
 	if err != nil {
@@ -201,7 +201,7 @@ func TestParseLimits(t *testing.T) {
 	}
 }
 
-// Devids from xen-vbd-interface(7) and WIRE.md section 3.
+// Devids from xen-vbd-interface(7) and docs/WIRE.md, section "Virtual-device numbers".
 var vdevs = map[string]uint32{
 	"xvda": 51712, "xvdb": 51728, "xvda1": 51713, "xvdp": 202<<8 | 15<<4, "xvdp15": 202<<8 | 15<<4 | 15,
 	"xvdq": 1<<28 | 16<<8, "xvdz": 1<<28 | 25<<8, "xvdaa": 1<<28 | 26<<8, "xvdaz": 1<<28 | 51<<8,
@@ -316,7 +316,7 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
-// DESIGN.md arrows: config imports nothing of the project but the leaves
+// docs/ARCHITECTURE.md, section "Arrows": config imports nothing of the project but the leaves
 // internal/units (sizes, shared with formats) and internal/rbdspec (rbd
 // image names, shared with formats/rbd).
 func TestLayering(t *testing.T) {

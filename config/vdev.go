@@ -6,7 +6,7 @@ import (
 	"strings"
 )
 
-// Virtual-device numbers (WIRE.md section 3, xen-vbd-interface(7)):
+// Virtual-device numbers (docs/WIRE.md, section "Virtual-device numbers"; xen-vbd-interface(7)):
 //
 //	name            disk      part     devid
 //	xvd[a-p][N]     0..15     0..15    202<<8 | disk<<4 | part

@@ -233,7 +233,7 @@ func TestOpenCreateDispatch(t *testing.T) {
 	}
 }
 
-// DESIGN.md arrows: formats imports nothing of the project outside
+// docs/ARCHITECTURE.md, section "Arrows": formats imports nothing of the project outside
 // formats/ but the leaves internal/units, internal/rbdspec and
 // internal/nbdwire, and no
 // format shells out (os/exec) outside tests.

@@ -1,7 +1,7 @@
 // Package reconciler is the daemon: it converges the real tap devices to
 // what xenstore (a toolstack, `blktap attach`) and the YAML file declare.
 //
-// The loop is level-triggered (STYLE.md 2): watch events and file changes
+// The loop is level-triggered (docs/ARCHITECTURE.md, section "Level-triggered reconcile"): watch events and file changes
 // only name a device key; a reconcile of that key observes xenstore and the
 // running worker afresh, asks the pure Plan for the next steps, applies
 // them, and repeats until the plan is empty. Keys are queued, never events,
@@ -19,7 +19,7 @@
 // backend domain is its own (SelfDomid), so it also runs in a driver
 // domain.
 //
-// With a real toolstack (XEN-HOST.md section 3):
+// With a real toolstack (docs/WIRE.md, section "Real Xen hosts"):
 //  1. A device whose backend names a `script` and has no blktap/source
 //     (libxl's) reaches InitWait, even when its image cannot be opened;
 //     libxl then runs the hotplug script, which waits for blktap/phase:

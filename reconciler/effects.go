@@ -99,8 +99,8 @@ func (d *Daemon) backendInitWait(ctx context.Context, dev *device, s snapshot, l
 				return err
 			}
 		}
-		// Transport limits first (WIRE.md section 2: what blkback
-		// publishes at probe), then InitWait.
+		// Transport limits first (docs/WIRE.md, "blkif feature keys":
+		// what blkback publishes at probe), then InitWait.
 		probe, _ := worker.RingOptions(ro).Features()
 		probe = append(probe,
 			[2]string{"multi-queue-max-queues", strconv.Itoa(maxQueues())},

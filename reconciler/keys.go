@@ -43,7 +43,7 @@ func ParseState(v string) State {
 	return State(n)
 }
 
-// Backend kinds the daemon serves (WIRE.md section 3).
+// Backend kinds the daemon serves (docs/WIRE.md, section "Toolstack keys").
 const (
 	KindVBD3 = "vbd3" // libxl's tap disks (tapback + tapdisk3 today)
 	KindTap  = "tap"  // the 2006 blktap path

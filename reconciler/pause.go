@@ -180,8 +180,8 @@ func (d *Daemon) allowDirs(ctx context.Context, k Key, image string, extra ...st
 	return append(dirs, extra...), nil
 }
 
-// imageDirs are the directories images may come from (DESIGN.md trust
-// rules): the state directory, every --image-dir, and the directories of
+// imageDirs are the directories images may come from (docs/ARCHITECTURE.md,
+// "Trust"): the state directory, every --image-dir, and the directories of
 // the images the YAML declares.
 func (d *Daemon) imageDirs() []string {
 	dirs := append([]string{d.opts.StateDir}, d.opts.ImageDirs...)

@@ -5,7 +5,7 @@ import (
 	"time"
 )
 
-// queue holds device keys, never events (STYLE.md 2): a key enqueued many
+// queue holds device keys, never events (docs/ARCHITECTURE.md, section "Level-triggered reconcile"): a key enqueued many
 // times before it is taken is reconciled once, a key enqueued while it is
 // being reconciled is reconciled once more afterwards, and no key is ever
 // reconciled by two goroutines at once.

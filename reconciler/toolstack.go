@@ -80,8 +80,8 @@ func SelfDomid(ctx context.Context, xs *xenstore.Client) uint32 {
 	return uint32(n)
 }
 
-// WriteDevice declares a disk the way libxl does for a tap disk (WIRE.md
-// section 3): the backend directory under backend/vbd3 (or the key's kind)
+// WriteDevice declares a disk the way libxl does for a tap disk (docs/WIRE.md,
+// "Toolstack keys"): the backend directory under backend/vbd3 (or the key's kind)
 // and the frontend directory, both in state Initialising, in one
 // transaction, with libxl's permissions.
 func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) error {

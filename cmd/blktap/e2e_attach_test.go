@@ -443,8 +443,8 @@ func TestEndToEndKernelNBDDevice(t *testing.T) {
 }
 
 // Trust: an image outside the allowed image directories is refused, even
-// when a toolstack names it (DESIGN.md: a tenant's image naming
-// /etc/shadow must never be served).
+// when a toolstack names it (docs/ARCHITECTURE.md, "Trust": a
+// tenant's image naming /etc/shadow must never be served).
 func TestEndToEndImageDirs(t *testing.T) {
 	bin := buildBinary(t)
 	d := startDaemon(t, bin, "")

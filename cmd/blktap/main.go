@@ -132,7 +132,7 @@ var global struct {
 	logLevel  string
 }
 
-// defaultStateDir is --state-dir, else DESIGN.md's: $BLKTAP_STATE_DIR, else /run/blktap for
+// defaultStateDir is --state-dir, else (docs/ARCHITECTURE.md, section "Process model"): $BLKTAP_STATE_DIR, else /run/blktap for
 // root, else $XDG_RUNTIME_DIR/blktap (or a directory under /tmp).
 func defaultStateDir() string {
 	if global.stateDir != "" {

@@ -3,7 +3,7 @@ package main
 // End-to-end: Xen's stock hotplug script for tap disks (Debian trixie's
 // /etc/xen/scripts/block-tap, Xen 4.20), run unchanged against the daemon
 // with our tap-ctl link first in PATH, on a vbd3 device written as libxl
-// 4.20 writes it (XEN-HOST.md section 3). The script is downloaded at test
+// 4.20 writes it (docs/WIRE.md, sections "Toolstack keys" and "Real Xen hosts"). The script is downloaded at test
 // time by scripts/fetch-xen-hotplug.sh, never committed.
 
 import (

@@ -23,7 +23,7 @@ const (
 	maxBackingName = 1023
 
 	// maxL1Bytes caps the L1 table we hold in memory whatever the header
-	// claims (STYLE.md 5). 32 MiB of L1 maps 2^22 L2 tables: at the qemu
+	// claims (docs/ARCHITECTURE.md, section "Trust": a header's sizes are capped before anything is allocated). 32 MiB of L1 maps 2^22 L2 tables: at the qemu
 	// defaults that is 8 TiB (4 KiB clusters) or 8 TiB (512 B / l2_bits 12).
 	maxL1Bytes = 32 << 20
 
@@ -65,7 +65,7 @@ type header struct {
 	compressedShift uint // 63 - clusterBits
 }
 
-// xenHeader is blktap1's extension (WIRE.md 4a).
+// xenHeader is blktap1's extension (docs/WIRE.md, section "QCOW").
 type xenHeader struct {
 	Checksum        uint32
 	MinClusterAlloc uint32

@@ -120,7 +120,7 @@ type Info struct {
 	Xen               *XenHeader `json:"blktap_extension,omitempty"`
 }
 
-// XenHeader describes blktap1's extension header (WIRE.md 4a).
+// XenHeader describes blktap1's extension header (docs/WIRE.md, section "QCOW").
 type XenHeader struct {
 	Checksum        uint32 `json:"checksum"`
 	MinClusterAlloc uint32 `json:"min_cluster_alloc"`

@@ -1,5 +1,5 @@
 // Package vhd reads and writes Virtual Hard Disk images: fixed, dynamic
-// and differencing (WIRE.md 4c). All integers are big-endian.
+// and differencing (docs/WIRE.md, section "VHD"). All integers are big-endian.
 //
 // A fixed disk is the raw data followed by a footer. A dynamic or
 // differencing disk is laid out as:

@@ -212,7 +212,7 @@ func chs(size uint64) (cyl uint16, heads, spt uint8) {
 	return uint16(cth / h), uint8(h), uint8(s)
 }
 
-// virtualSize follows qemu's rule (WIRE.md 4c), so that qemu-img and we
+// virtualSize follows qemu's rule (docs/WIRE.md, section "VHD", the size trap), so that qemu-img and we
 // agree on every image: creators known to mean current_size, and disks
 // at the maximum geometry, use current_size; the rest use the geometry.
 func (f *footer) virtualSize() (int64, string) {

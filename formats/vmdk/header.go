@@ -30,7 +30,7 @@ const (
 	compressDeflate = 1
 
 	// Caps on what a header may claim. Larger values are refused before any
-	// allocation sized by them happens (STYLE.md 5).
+	// allocation sized by them happens (docs/ARCHITECTURE.md, section "Trust").
 	maxGrainSectors  = 1 << 17 // 64 MiB grains
 	maxGTEsPerGT     = 512     // qemu's and VMware's limit
 	maxDescriptor    = 1 << 20 // bytes of descriptor text

@@ -11,7 +11,7 @@ import (
 
 const module = "github.com/blktap-go/blktap"
 
-// The import arrows of DESIGN.md: cmd -> reconciler -> {tapengine, formats,
+// The import arrows of docs/ARCHITECTURE.md, section "Arrows": cmd -> reconciler -> {tapengine, formats,
 // config, xenstore}; tapengine -> formats; formats, xenstore and config
 // import nothing of the project (but their own sub-packages and the leaves
 // internal/units, internal/rbdspec and internal/nbdwire, which import

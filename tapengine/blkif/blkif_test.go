@@ -14,7 +14,7 @@ import (
 )
 
 // field is one wire field of a request or response: how to set it to a
-// non-zero pattern, and where WIRE.md section 2 says it lives.
+// non-zero pattern, and where docs/WIRE.md, section "blkif requests", says it lives.
 type field struct {
 	name   string // C member path for offsetof(), as in blkif.h
 	cType  string // C struct for offsetof()
@@ -88,7 +88,7 @@ func measure(t *testing.T, p Protocol, f field) (off, width int) {
 	return first, last - first + 1
 }
 
-// TestWireOffsets checks every offset and size in WIRE.md section 2 for
+// TestWireOffsets checks every offset and size in docs/WIRE.md, sections "blkif ring" and "blkif requests", for
 // both layouts, byte by byte, against what the encoder writes.
 func TestWireOffsets(t *testing.T) {
 	for _, p := range []Protocol{X86_64, X86_32, ARM} {
@@ -122,7 +122,7 @@ func TestWireOffsets(t *testing.T) {
 	}
 	// Ring header (ring.h): four u32 indices, then pvt[4], pad[44].
 	if OffReqProd != 0 || OffReqEvent != 4 || OffRspProd != 8 || OffRspEvent != 12 || RingHeaderSize != 64 {
-		t.Error("ring header offsets differ from WIRE.md")
+		t.Error("ring header offsets differ from docs/WIRE.md, section \"blkif ring\"")
 	}
 }
 

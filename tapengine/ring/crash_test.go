@@ -69,7 +69,7 @@ func drainUntilCrash(t *testing.T, tr Transport, img *memImage, crashAt int64, o
 // rsp_prod). The new backend must find only the frontend's requests in
 // the unpublished slots, so every request gets exactly one response,
 // with its own id, and nothing is answered that was not asked
-// (XEN-HOST.md section 5 item 12).
+// (docs/WIRE.md, section "Grant mapping and event channels": a restarted worker resumes at the published response index).
 func TestCrashBeforePublish(t *testing.T) {
 	const n = publishEvery + 4
 	for _, c := range []struct {

@@ -7,7 +7,7 @@ import (
 )
 
 // Features lists the xenstore keys a backend publishes for a ring served
-// with these options (WIRE.md section 2), as key/value pairs for the
+// with these options (docs/WIRE.md, section "blkif feature keys"), as key/value pairs for the
 // reconciler to write: probe before InitWait, connect in the transaction
 // that moves the backend to Connected. tapengine never writes xenstore.
 // Keys for a feature Serve does not do are left out: a backend that

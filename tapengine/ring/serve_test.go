@@ -62,7 +62,7 @@ func TestServeReadWrite(t *testing.T) {
 	}
 }
 
-// TestHostileRequests: every validation case of STYLE.md 10 gets an error
+// TestHostileRequests: every bad request a guest can write (docs/ARCHITECTURE.md, section "Trust") gets an error
 // response for that request alone, touches nothing, and the ring goes on.
 func TestHostileRequests(t *testing.T) {
 	const size = 64 * 512
@@ -466,7 +466,7 @@ func (n *noDiscardImage) Discard(off, length int64) error { return n.err }
 
 // TestDiscardUnsupported: a discard the image cannot do answers
 // EOPNOTSUPP, which makes Linux blkfront stop sending them; any other
-// failure stays an I/O error (XEN-HOST.md section 5 item 10).
+// failure stays an I/O error (docs/WIRE.md, section "blkif requests").
 func TestDiscardUnsupported(t *testing.T) {
 	for _, c := range []struct {
 		name string

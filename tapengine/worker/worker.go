@@ -2,7 +2,7 @@
 // it. Each attached disk is served by its own process (the same binary,
 // re-executed as the hidden subcommand `blktap __worker`), so a crash or a
 // hostile guest is contained to one disk and each disk can be policed on
-// its own (DESIGN.md, "Process model").
+// its own (docs/ARCHITECTURE.md, section "Process model").
 //
 // The daemon and the worker talk over a SOCK_SEQPACKET socket pair, the
 // worker's end inherited as descriptor 3. Each message is one JSON datagram,

@@ -14,7 +14,7 @@ import (
 )
 
 // TestTransientBudget: the process budget of per-request maps stays well
-// below vm.max_map_count (XEN-HOST.md section 5 item 13), yet always
+// below vm.max_map_count (docs/WIRE.md, section "Grant mapping and event channels"), yet always
 // fits the largest request.
 func TestTransientBudget(t *testing.T) {
 	for _, c := range []struct{ mapCount, want int }{
