@@ -251,11 +251,15 @@ const MaxTxAttempts = 16
 // also retries). fn must have no effects outside tx, as it may run more
 // than once.
 func (c *Client) Transaction(ctx context.Context, fn func(tx *Tx) error) error {
-	// Options, not fields set afterwards: the constructor starts the
-	// current interval from the defaults (500 ms) before fields could be.
+	// The first retry comes soon (a lone conflict is the common case)
+	// and the wait doubles, with jitter, so that many clients conflicting
+	// on one node spread out instead of colliding again in step. Options,
+	// not fields set afterwards: the constructor starts the current
+	// interval from the defaults (500 ms) before fields could be set.
 	b := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(time.Millisecond),
-		backoff.WithMaxInterval(100*time.Millisecond),
+		backoff.WithInitialInterval(2*time.Millisecond),
+		backoff.WithMultiplier(2),
+		backoff.WithMaxInterval(250*time.Millisecond),
 		backoff.WithMaxElapsedTime(0),
 	)
 	var last error
