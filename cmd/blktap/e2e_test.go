@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -396,6 +397,25 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 
 // restartDaemon starts a new daemon on d's state directory (with extra
 // arguments and environment), stopped with `blktap shutdown` at the end.
+// waitAPI waits until the daemon's API socket accepts a connection, or
+// the daemon is gone.
+func waitAPI(t testing.TB, sock string, gone <-chan struct{}) {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("unix", sock); err == nil {
+			c.Close()
+			return
+		}
+		select {
+		case <-gone:
+			return
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatalf("the restarted daemon's API (%s) did not answer in 90 s", sock)
+}
+
 func restartDaemon(t testing.TB, d *daemon, config string, env ...string) *daemon {
 	t.Helper()
 	logf, err := os.Create(filepath.Join(t.TempDir(), "daemon2.log"))
@@ -414,11 +434,17 @@ func restartDaemon(t testing.TB, d *daemon, config string, env ...string) *daemo
 	}
 	d2 := &daemon{t: t, bin: d.bin, stateDir: d.stateDir, cmd: cmd, done: make(chan error, 1)}
 	exited := make(chan error, 1)
+	gone := make(chan struct{})
 	go func() {
 		err := cmd.Wait()
+		close(gone)
 		exited <- err
 		d2.done <- err
 	}()
+	// The restored xenstore tree says "connected" before the new daemon
+	// has adopted the workers; its API socket comes after adoption, so
+	// wait for it (or for the daemon to exit, which the caller sees).
+	waitAPI(t, filepath.Join(d.stateDir, "blktap.sock"), gone)
 	t.Cleanup(func() {
 		select {
 		case err := <-exited:
