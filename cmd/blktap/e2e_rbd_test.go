@@ -11,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/internal/cephdev"
+	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -113,4 +115,46 @@ func TestRBDImageTools(t *testing.T) {
 	if out, err := exec.Command(bin, "image", "create", "-f", "rbd", rbdName, "1M").CombinedOutput(); err == nil || !strings.Contains(string(out), "exists") {
 		t.Fatalf("create over an existing image: %v %s", err, out)
 	}
+}
+
+// TestEndToEndRBDCrash is the crash matrix for rbd disks, to dom0 (the
+// export) and to a guest view: journaling writers under SIGKILL of the
+// workers, the daemon and both; every flushed block must survive. A
+// killed worker's lock is broken at once by the worker that replaces it
+// (its process is gone), not after the OSDs' watch timeout.
+func TestEndToEndRBDCrash(t *testing.T) {
+	c := cephdev.Get(t)
+	bin := buildRBDBinary(t)
+	dir := t.TempDir()
+	var disks []*crashDisk
+	var names []string
+	var y strings.Builder
+	y.WriteString("disks:\n")
+	for _, domain := range []int{0, 1} {
+		base, _ := c.Name(t)
+		image := fmt.Sprintf("%s-dom%d", base, domain)
+		spec := "rbd/" + image + ":conf=" + c.Conf
+		t.Cleanup(func() { exec.Command("rbd", "-c", c.Conf, "rm", "--no-progress", "rbd/"+image).Run() })
+		cd := &crashDisk{name: fmt.Sprintf("rbd-dom%d", domain), kind: "rbd", format: "rbd", guest: domain != 0}
+		fmt.Fprintf(&y, "  - {name: %s, image: %q, format: rbd, domain: %d, device: xvdb, create: {size: %d}}\n", cd.name, spec, domain, crashSize)
+		cd.seed = uint32(len(disks) + 1)
+		cd.j = newJournal(crashSize / crashBlock)
+		disks = append(disks, cd)
+		names = append(names, cd.name)
+	}
+	cfg := filepath.Join(dir, "disks.yaml")
+	os.WriteFile(cfg, []byte(y.String()), 0o644)
+	d := startDaemon(t, bin, cfg)
+	rows := d.waitConnected(names...)
+	for _, cd := range disks {
+		cd.uri = rows[cd.name].Export
+		img, err := nbd.Open(cd.uri, nbd.Options{Timeout: 90 * time.Second})
+		if err != nil {
+			t.Fatalf("%s: %v", cd.name, err)
+		}
+		cd.img = img
+		t.Cleanup(func() { go img.Close() })
+	}
+	d, report := crashRounds(t, d, cfg, disks, names, crashtest.Rounds(1))
+	finishCrashMatrix(t, d, disks, report, bin, "")
 }
