@@ -56,6 +56,11 @@ func TestEndToEndRBDHandoff(t *testing.T) {
 		t.Fatalf("rbd info:\n%s", info)
 	}
 	runTool(t, qemuIO, "-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "flush", rowA.Export)
+	// fio writes verifiable blocks (checksummed headers) through A.
+	fio := oracle.Require(t, "fio")
+	fioJob := []string{"--name=handoff", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+		"--offset=2M", "--size=30M", "--randseed=42", "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0"}
+	runTool(t, fio, append(fioJob, "--uri="+rowA.Export, "--do_verify=0")...)
 
 	b := startDaemon(t, bin, yaml)
 	b.waitAnswering()
@@ -76,6 +81,8 @@ func TestEndToEndRBDHandoff(t *testing.T) {
 	if strings.Contains(out, "Pattern verification failed") {
 		t.Fatalf("the second host reads other data:\n%s", out)
 	}
+	// Every block fio wrote through A verifies through B.
+	runTool(t, fio, append(fioJob, "--uri="+rowB.Export, "--verify_only=1")...)
 	// The first host cannot take the image back while the second has it.
 	if out, err := a.blktap("resume", "0", "xvdb"); err == nil || !strings.Contains(err.Error()+out, "locked by") {
 		t.Fatalf("resume on the first host while the second writes: %v %s", err, out)
@@ -157,4 +164,36 @@ func TestEndToEndRBDCrash(t *testing.T) {
 	}
 	d, report := crashRounds(t, d, cfg, disks, names, crashtest.Rounds(1))
 	finishCrashMatrix(t, d, disks, report, bin, "")
+}
+
+// TestEndToEndRBDFioVerify: fio writes and verifies an rbd disk through
+// the dom0 export and through a guest view (the local frontend's ring)
+// at once.
+func TestEndToEndRBDFioVerify(t *testing.T) {
+	c := cephdev.Get(t)
+	fio := oracle.Require(t, "fio")
+	bin := buildRBDBinary(t)
+	var y strings.Builder
+	y.WriteString("disks:\n")
+	for _, domain := range []int{0, 1} {
+		base, _ := c.Name(t)
+		image := fmt.Sprintf("%s-dom%d", base, domain)
+		t.Cleanup(func() { exec.Command("rbd", "-c", c.Conf, "rm", "--no-progress", "rbd/"+image).Run() })
+		fmt.Fprintf(&y, "  - {name: fio%d, image: %q, format: rbd, domain: %d, device: xvdb, create: {size: 64M}}\n",
+			domain, "rbd/"+image+":conf="+c.Conf, domain)
+	}
+	cfg := filepath.Join(t.TempDir(), "disks.yaml")
+	os.WriteFile(cfg, []byte(y.String()), 0o644)
+	d := startDaemon(t, bin, cfg)
+	rows := d.waitConnected("fio0", "fio1")
+	results := make(chan fioResult, 2)
+	for _, n := range []string{"fio0", "fio1"} {
+		startFioVerify(t, fio, n, rows[n].Export, "32M", 100000, results)
+	}
+	for range 2 {
+		r := <-results
+		if r.err != nil || strings.Contains(r.out, "verify:") && strings.Contains(r.out, "bad") {
+			t.Errorf("fio on %s: %v\n%s", r.name, r.err, r.out)
+		}
+	}
 }
