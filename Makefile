@@ -104,6 +104,8 @@ bench: build
 	@if [ -x bench/run.sh ]; then bench/run.sh; fi
 	@# The control plane under load (issue 16): ls, attach, detach while fio runs on every disk.
 	@if [ -x bench/ctlplane.sh ]; then bench/ctlplane.sh; fi
+	@# An rbd image through our export and qemu-nbd, beside rbd bench (issue 19).
+	@if command -v ceph-osd >/dev/null && [ -e /usr/include/rbd/librbd.h ]; then bench/rbd.sh; else echo "bench: rbd skipped (make oracles installs Ceph)"; fi
 
 # Memory per disk (RSS, PSS, marginal cost; idle, after load, after idle):
 # bench/memory.sh builds this tree and writes bench/results/memory-*/.

@@ -57,6 +57,15 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 		t.Cleanup(func() { go img.Close() })
 	}
 
+	d, report := crashRounds(t, d, cfg, disks, names, rounds)
+	finishCrashMatrix(t, d, disks, report, bin, qemuImg)
+}
+
+// crashRounds kills the workers, the daemon and both, rounds times each,
+// while every disk's journaling writer runs, and checks every disk's
+// journal after each round. It returns the daemon serving now.
+func crashRounds(t *testing.T, d *daemon, cfg string, disks []*crashDisk, names []string, rounds int) (*daemon, []string) {
+	t.Helper()
 	var report []string
 	for _, kill := range []string{"worker", "daemon", "both"} {
 		for round := range rounds {
@@ -107,7 +116,7 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 		}
 	}
 
-	finishCrashMatrix(t, d, disks, report, bin, qemuImg)
+	return d, report
 }
 
 // makeCrashDisks creates the matrix's images in dir, every writable format

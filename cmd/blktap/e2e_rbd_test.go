@@ -11,7 +11,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/internal/cephdev"
+	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -54,6 +56,11 @@ func TestEndToEndRBDHandoff(t *testing.T) {
 		t.Fatalf("rbd info:\n%s", info)
 	}
 	runTool(t, qemuIO, "-f", "raw", "-c", "write -P 0x61 0 1M", "-c", "flush", rowA.Export)
+	// fio writes verifiable blocks (checksummed headers) through A.
+	fio := oracle.Require(t, "fio")
+	fioJob := []string{"--name=handoff", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+		"--offset=2M", "--size=30M", "--randseed=42", "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0"}
+	runTool(t, fio, append(fioJob, "--uri="+rowA.Export, "--do_verify=0")...)
 
 	b := startDaemon(t, bin, yaml)
 	b.waitAnswering()
@@ -74,6 +81,8 @@ func TestEndToEndRBDHandoff(t *testing.T) {
 	if strings.Contains(out, "Pattern verification failed") {
 		t.Fatalf("the second host reads other data:\n%s", out)
 	}
+	// Every block fio wrote through A verifies through B.
+	runTool(t, fio, append(fioJob, "--uri="+rowB.Export, "--verify_only=1")...)
 	// The first host cannot take the image back while the second has it.
 	if out, err := a.blktap("resume", "0", "xvdb"); err == nil || !strings.Contains(err.Error()+out, "locked by") {
 		t.Fatalf("resume on the first host while the second writes: %v %s", err, out)
@@ -112,5 +121,79 @@ func TestRBDImageTools(t *testing.T) {
 	// Creating over an existing image is refused.
 	if out, err := exec.Command(bin, "image", "create", "-f", "rbd", rbdName, "1M").CombinedOutput(); err == nil || !strings.Contains(string(out), "exists") {
 		t.Fatalf("create over an existing image: %v %s", err, out)
+	}
+}
+
+// TestEndToEndRBDCrash is the crash matrix for rbd disks, to dom0 (the
+// export) and to a guest view: journaling writers under SIGKILL of the
+// workers, the daemon and both; every flushed block must survive. A
+// killed worker's lock is broken at once by the worker that replaces it
+// (its process is gone), not after the OSDs' watch timeout.
+func TestEndToEndRBDCrash(t *testing.T) {
+	c := cephdev.Get(t)
+	bin := buildRBDBinary(t)
+	dir := t.TempDir()
+	var disks []*crashDisk
+	var names []string
+	var y strings.Builder
+	y.WriteString("disks:\n")
+	for _, domain := range []int{0, 1} {
+		base, _ := c.Name(t)
+		image := fmt.Sprintf("%s-dom%d", base, domain)
+		spec := "rbd/" + image + ":conf=" + c.Conf
+		t.Cleanup(func() { exec.Command("rbd", "-c", c.Conf, "rm", "--no-progress", "rbd/"+image).Run() })
+		cd := &crashDisk{name: fmt.Sprintf("rbd-dom%d", domain), kind: "rbd", format: "rbd", guest: domain != 0}
+		fmt.Fprintf(&y, "  - {name: %s, image: %q, format: rbd, domain: %d, device: xvdb, create: {size: %d}}\n", cd.name, spec, domain, crashSize)
+		cd.seed = uint32(len(disks) + 1)
+		cd.j = newJournal(crashSize / crashBlock)
+		disks = append(disks, cd)
+		names = append(names, cd.name)
+	}
+	cfg := filepath.Join(dir, "disks.yaml")
+	os.WriteFile(cfg, []byte(y.String()), 0o644)
+	d := startDaemon(t, bin, cfg)
+	rows := d.waitConnected(names...)
+	for _, cd := range disks {
+		cd.uri = rows[cd.name].Export
+		img, err := nbd.Open(cd.uri, nbd.Options{Timeout: 90 * time.Second})
+		if err != nil {
+			t.Fatalf("%s: %v", cd.name, err)
+		}
+		cd.img = img
+		t.Cleanup(func() { go img.Close() })
+	}
+	d, report := crashRounds(t, d, cfg, disks, names, crashtest.Rounds(1))
+	finishCrashMatrix(t, d, disks, report, bin, "")
+}
+
+// TestEndToEndRBDFioVerify: fio writes and verifies an rbd disk through
+// the dom0 export and through a guest view (the local frontend's ring)
+// at once.
+func TestEndToEndRBDFioVerify(t *testing.T) {
+	c := cephdev.Get(t)
+	fio := oracle.Require(t, "fio")
+	bin := buildRBDBinary(t)
+	var y strings.Builder
+	y.WriteString("disks:\n")
+	for _, domain := range []int{0, 1} {
+		base, _ := c.Name(t)
+		image := fmt.Sprintf("%s-dom%d", base, domain)
+		t.Cleanup(func() { exec.Command("rbd", "-c", c.Conf, "rm", "--no-progress", "rbd/"+image).Run() })
+		fmt.Fprintf(&y, "  - {name: fio%d, image: %q, format: rbd, domain: %d, device: xvdb, create: {size: 64M}}\n",
+			domain, "rbd/"+image+":conf="+c.Conf, domain)
+	}
+	cfg := filepath.Join(t.TempDir(), "disks.yaml")
+	os.WriteFile(cfg, []byte(y.String()), 0o644)
+	d := startDaemon(t, bin, cfg)
+	rows := d.waitConnected("fio0", "fio1")
+	results := make(chan fioResult, 2)
+	for _, n := range []string{"fio0", "fio1"} {
+		startFioVerify(t, fio, n, rows[n].Export, "32M", 100000, results)
+	}
+	for range 2 {
+		r := <-results
+		if r.err != nil || strings.Contains(r.out, "verify:") && strings.Contains(r.out, "bad") {
+			t.Errorf("fio on %s: %v\n%s", r.name, r.err, r.out)
+		}
 	}
 }

@@ -78,6 +78,10 @@ func connect(spec Spec) (*rados.Conn, *rados.IOContext, error) {
 		{"rbd_skip_partial_discard", "false"},
 		// A cluster that is down fails the open in seconds, not minutes.
 		{"client_mount_timeout", "15"},
+		// A request to an OSD that stopped answering fails (the guest gets
+		// EIO) after this long instead of hanging forever; the image stays
+		// open, and I/O resumes when the cluster comes back.
+		{"rados_osd_op_timeout", opTimeout(spec)},
 	}
 	if spec.Keyring != "" {
 		settings = append(settings, [2]string{"keyring", spec.Keyring})
@@ -93,7 +97,7 @@ func connect(spec Spec) (*rados.Conn, *rados.IOContext, error) {
 	}
 	if err := conn.Connect(); err != nil {
 		conn.Shutdown()
-		return nil, nil, fmt.Errorf("connect to the ceph cluster (%s, client.%s): %w", confName(spec), id, err)
+		return nil, nil, fmt.Errorf("connect to the ceph cluster (%s, client.%s): %w%s", confName(spec), id, err, connectHint(err))
 	}
 	ioctx, err := conn.OpenIOContext(spec.Pool)
 	if err != nil {
@@ -102,6 +106,43 @@ func connect(spec Spec) (*rados.Conn, *rados.IOContext, error) {
 	}
 	ioctx.SetNamespace(spec.Namespace)
 	return conn, ioctx, nil
+}
+
+// DefaultOpTimeout is rados_osd_op_timeout, in seconds, when the image
+// name does not set it.
+const DefaultOpTimeout = "60"
+
+func opTimeout(spec Spec) string {
+	if spec.OpTimeout != "" {
+		return spec.OpTimeout
+	}
+	return DefaultOpTimeout
+}
+
+func poolName(spec Spec) string {
+	if spec.Namespace != "" {
+		return spec.Pool + "/" + spec.Namespace
+	}
+	return spec.Pool
+}
+
+// connectHint says what a failed connection most often means.
+func connectHint(err error) string {
+	var coded interface{ ErrorCode() int }
+	if !errors.As(err, &coded) {
+		return ""
+	}
+	code := coded.ErrorCode()
+	if code < 0 {
+		code = -code
+	}
+	switch syscall.Errno(code) {
+	case syscall.EIO, syscall.EACCES, syscall.EPERM:
+		return " (the monitors refused us: check id= and keyring=)"
+	case syscall.ETIMEDOUT:
+		return " (no monitor answered in 15 s: check mon_host= or the conf file's mon host, and that the cluster is up)"
+	}
+	return ""
 }
 
 func confName(spec Spec) string {
@@ -132,7 +173,7 @@ func Open(name string, opts Options) (image.Image, error) {
 		ioctx.Destroy()
 		conn.Shutdown()
 		if errors.Is(err, librbd.ErrNotFound) {
-			return nil, fmt.Errorf("open rbd:%s: %w", spec.Name(), os.ErrNotExist)
+			return nil, fmt.Errorf("open rbd:%s: no image %q in pool %q: %w", spec.Name(), spec.Image, poolName(spec), os.ErrNotExist)
 		}
 		return nil, fmt.Errorf("open rbd:%s: %w", spec.Name(), err)
 	}
@@ -381,8 +422,12 @@ func (im *Image) describeHolder() string {
 	if err != nil || who == "" {
 		who = "another client"
 	}
-	if self, err := im.img.GetMetadata(holderKey); err == nil && self != "" {
-		who += " (" + self + ")"
+	// The holder's own record, if it is the current owner's (an old
+	// record may name an earlier holder).
+	if rec, err := im.img.GetMetadata(holderKey); err == nil && len(owners) == 1 {
+		if h, ok := parseHolder(rec); ok && h.client == owners[0].Owner {
+			who += fmt.Sprintf(" (blktap on host %s, pid %d)", h.host, h.pid)
+		}
 	}
 	return who
 }

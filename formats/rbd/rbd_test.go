@@ -245,7 +245,7 @@ func TestOneWriter(t *testing.T) {
 		t.Fatalf("second writer: %v, want a LockedError", err)
 	}
 	host, _ := os.Hostname()
-	if !strings.Contains(err.Error(), "host "+host) {
+	if !strings.Contains(err.Error(), "host "+host) || !strings.Contains(err.Error(), fmt.Sprintf("pid %d", os.Getpid())) {
 		t.Errorf("the error does not name the holder's client and host: %v", err)
 	}
 	t.Logf("refused in %v: %v", time.Since(start).Round(time.Millisecond), err)
@@ -361,4 +361,41 @@ func waitLine(t *testing.T, lines <-chan string, want string, within time.Durati
 func lastLines(s string, n int) string {
 	l := strings.Split(strings.TrimSpace(s), "\n")
 	return strings.Join(l[max(0, len(l)-n):], "\n")
+}
+
+// TestDeadLocalHolderBroken: a writer on this host killed -9 (a worker
+// the daemon restarts) does not hold the image for the OSDs' watch
+// timeout: the next writer here sees the holder's process is gone and
+// breaks the lock at once, blocklisting the dead client.
+func TestDeadLocalHolderBroken(t *testing.T) {
+	_, _, spec := newImage(t, 4<<20)
+	holder := exec.Command(os.Args[0], "-test.run=^$")
+	holder.Env = append(os.Environ(), "BLKTAP_RBD_HOLDER="+spec)
+	stdout, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 1000)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	waitLine(t, lines, "wrote 1", 60*time.Second)
+	holder.Process.Kill()
+	holder.Wait()
+	start := time.Now()
+	b, err := Open(spec, Options{})
+	if err != nil {
+		t.Fatalf("open after the holder was killed: %v", err)
+	}
+	defer b.Close()
+	if took := time.Since(start); took > 5*time.Second {
+		t.Errorf("took the lock of a dead local holder in %v, want it at once", took)
+	}
 }

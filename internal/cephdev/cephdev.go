@@ -113,12 +113,31 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// RBD runs the rbd tool against the cluster.
+// OSDPid is the process id of the cluster's OSD (the clusters that
+// scripts/ceph-dev.sh starts keep pid files beside their conf file).
+func (c *Cluster) OSDPid(t testing.TB) int {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(c.Conf), "osd.0.pid"))
+	if err != nil {
+		t.Skipf("no OSD pid file beside %s: %v", c.Conf, err)
+	}
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pid
+}
+
+// RBD runs the rbd tool against the cluster and returns its standard
+// output (its warnings on standard error stay out of JSON).
 func (c *Cluster) RBD(t testing.TB, args ...string) string {
 	t.Helper()
-	out, err := exec.Command("rbd", append([]string{"-c", c.Conf}, args...)...).CombinedOutput()
+	var stderr strings.Builder
+	cmd := exec.Command("rbd", append([]string{"-c", c.Conf}, args...)...)
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("rbd %s: %v\n%s", strings.Join(args, " "), err, out)
+		t.Fatalf("rbd %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
 	}
 	return string(out)
 }

@@ -7,6 +7,7 @@ package rbdspec
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 )
 
@@ -25,11 +26,15 @@ type Spec struct {
 	ID      string // client id without "client."; "" is "admin"
 	Keyring string // keyring path; "" is what the conf file says
 	MonHost string // monitor addresses, overriding the conf file's
+	// OpTimeout is rados_osd_op_timeout in seconds: how long a request
+	// waits for an OSD that does not answer before it fails. "" is the
+	// format's default (see formats/rbd).
+	OpTimeout string
 }
 
 // specKeys are the options a Spec carries, in the order String writes
 // them.
-var specKeys = []string{"conf", "id", "keyring", "mon_host"}
+var specKeys = []string{"conf", "id", "keyring", "mon_host", "rados_osd_op_timeout"}
 
 func (s *Spec) option(key string) *string {
 	switch key {
@@ -41,6 +46,8 @@ func (s *Spec) option(key string) *string {
 		return &s.Keyring
 	case "mon_host":
 		return &s.MonHost
+	case "rados_osd_op_timeout":
+		return &s.OpTimeout
 	}
 	return nil
 }
@@ -50,7 +57,8 @@ func (s *Spec) option(key string) *string {
 //
 //	POOL[/NAMESPACE]/IMAGE[@SNAP][:KEY=VALUE...]
 //
-// KEY is conf, id, keyring or mon_host. A backslash makes the next
+// KEY is conf, id, keyring, mon_host or rados_osd_op_timeout (seconds, a
+// whole number from 1). A backslash makes the next
 // character literal (qemu's escape for ':', '@', '/' and '=' in names).
 // The "rbd:" prefix of params is accepted too. Names are checked the way
 // the cluster would refuse them, so a typo fails here, at once, and not
@@ -91,6 +99,11 @@ func Parse(in string) (Spec, error) {
 		}
 		if value == "" {
 			return bad("option %q is empty", key)
+		}
+		if key == "rados_osd_op_timeout" {
+			if n, err := strconv.Atoi(value); err != nil || n < 1 || n > 86400 {
+				return bad("rados_osd_op_timeout %q: want whole seconds from 1 to 86400", value)
+			}
 		}
 		seen[key] = true
 		*p = value
@@ -162,7 +175,7 @@ func (s Spec) String() string {
 // Name is the image's name without options: what messages and `ls` show.
 func (s Spec) Name() string {
 	t := s
-	t.Conf, t.ID, t.Keyring, t.MonHost = "", "", "", ""
+	t.Conf, t.ID, t.Keyring, t.MonHost, t.OpTimeout = "", "", "", "", ""
 	return t.String()
 }
 

@@ -16,6 +16,7 @@ func TestParse(t *testing.T) {
 		{"pool/ns/disk@snap1", Spec{Pool: "pool", Namespace: "ns", Image: "disk", Snap: "snap1"}},
 		{"p/d:conf=/etc/ceph/x.conf:id=xen:keyring=/k", Spec{Pool: "p", Image: "d", Conf: "/etc/ceph/x.conf", ID: "xen", Keyring: "/k"}},
 		{`p/a\:b\@c:mon_host=10.0.0.1\:6789`, Spec{Pool: "p", Image: "a:b@c", MonHost: "10.0.0.1:6789"}},
+		{"p/d:rados_osd_op_timeout=30", Spec{Pool: "p", Image: "d", OpTimeout: "30"}},
 	}
 	for _, c := range good {
 		got, err := Parse(c.in)
@@ -38,8 +39,10 @@ func TestParse(t *testing.T) {
 		"/disk":                         "empty pool or image",
 		"p/d@":                          "empty snapshot",
 		"p/d@a@b":                       "more than one '@'",
-		"p/d:foo=1":                     `unknown option "foo" (valid: conf, id, keyring, mon_host)`,
+		"p/d:foo=1":                     `unknown option "foo" (valid: conf, id, keyring, mon_host, rados_osd_op_timeout)`,
 		"p/d:conf":                      "is not KEY=VALUE",
+		"p/d:rados_osd_op_timeout=0":    "whole seconds",
+		"p/d:rados_osd_op_timeout=x":    "whole seconds",
 		"p/d:id=a:id=b":                 "given twice",
 		"p/d:id=":                       "is empty",
 		`p/d\`:                          "trailing backslash",

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# bench/rbd.sh: an rbd image served over NBD by our dom0 export and by
+# qemu-nbd (qemu's own rbd driver), measured by one fio client in one run,
+# job by job in turn, beside the cluster's own ceiling (rbd bench, no NBD).
+#
+# The cluster is scripts/ceph-dev.sh's single node (one monitor, one OSD on
+# memstore): on a small machine it, not the servers, sets the ceiling, which
+# is why its own figure is printed next to theirs. Each server gets its own
+# copy of one image filled with random bytes (the exclusive lock lets only
+# one writer at a time use an image).
+#
+# Knobs: SIZE (default 256M), RUNTIME seconds per job (default 5), ROUNDS
+# (default 1), JOBS (subset of randread-4k-qd32 randwrite-4k-qd32
+# read-1m-qd8 write-1m-qd8), BLKTAP (a binary built with `make build-rbd`;
+# built when missing), CEPH_CONF (use a running cluster instead).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(dirname "$HERE")
+SIZE=${SIZE:-256M}
+RUNTIME=${RUNTIME:-5}
+ROUNDS=${ROUNDS:-1}
+JOBS=${JOBS:-"randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8 write-1m-qd8"}
+die() { echo "bench/rbd.sh: $*" >&2; exit 1; }
+for tool in fio jq qemu-nbd rbd ceph-mon ceph-osd; do
+	command -v $tool >/dev/null || die "$tool is missing (make oracles)"
+done
+work=$(mktemp -d /var/tmp/blktap-rbd-bench.XXXXXX)
+pids=()
+cleanup() {
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	[[ -n ${BLKTAP_STATE-} ]] && "$BLKTAP" shutdown --state-dir "$BLKTAP_STATE" >/dev/null 2>&1 || true
+	[[ -z ${CEPH_CONF-} ]] && "$REPO/scripts/ceph-dev.sh" stop "$work/ceph" >/dev/null 2>&1 || true
+	rm -rf "$work"
+}
+trap cleanup EXIT
+
+if [[ -z ${BLKTAP-} ]]; then
+	BLKTAP=$work/blktap
+	(cd "$REPO" && go build -tags 'rbd pacific' -o "$BLKTAP" ./cmd/blktap)
+fi
+if [[ -z ${CEPH_CONF-} ]]; then
+	CEPH_DEV_PORT=$((20000 + RANDOM % 20000)) CEPH_DEV_BYTES=$((3 << 30)) "$REPO/scripts/ceph-dev.sh" start "$work/ceph" | grep '^ceph-dev:'
+	CEPH_CONF=$work/ceph/ceph.conf
+fi
+r() { rbd -c "$CEPH_CONF" "$@" 2>/dev/null; }
+name=bench$$
+head -c "$SIZE" /dev/urandom >"$work/fill" 2>/dev/null || dd if=/dev/urandom of="$work/fill" bs=1M count=$(( ${SIZE%M} )) status=none
+r import --no-progress "$work/fill" rbd/$name-ours
+r import --no-progress "$work/fill" rbd/$name-qemu
+r import --no-progress "$work/fill" rbd/$name-ceiling
+rm -f "$work/fill"
+
+BLKTAP_STATE=$work/state
+mkdir -p "$BLKTAP_STATE"
+cat >"$work/disks.yaml" <<YAML
+disks:
+  - {name: ours, format: rbd, image: "rbd/$name-ours:conf=$CEPH_CONF", domain: 0, device: xvdb}
+YAML
+"$BLKTAP" run -c "$work/disks.yaml" --state-dir "$BLKTAP_STATE" >"$work/daemon.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+	uri=$("$BLKTAP" ls --json --state-dir "$BLKTAP_STATE" 2>/dev/null | jq -r '.[] | select(.phase=="connected") | .export' || true)
+	[[ -n $uri ]] && break
+	sleep 0.2
+done
+[[ -n $uri ]] || { cat "$work/daemon.log" >&2; die "our export did not come up"; }
+qemu-nbd -f raw -t -e 8 --cache=none -k "$work/qemu.sock" "rbd:rbd/$name-qemu:conf=$CEPH_CONF" &
+pids+=($!)
+for _ in $(seq 100); do [[ -S $work/qemu.sock ]] && break; sleep 0.1; done
+declare -A uris=([ours]=$uri [qemu-nbd]="nbd+unix:///?socket=$work/qemu.sock")
+
+args() {
+	case $1 in
+	randread-4k-qd32) echo "--rw=randread --bs=4k --iodepth=32" ;;
+	randwrite-4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+	read-1m-qd8) echo "--rw=read --bs=1M --iodepth=8" ;;
+	write-1m-qd8) echo "--rw=write --bs=1M --iodepth=8" ;;
+	*) die "unknown job $1" ;;
+	esac
+}
+ceiling() { # rbd bench on the third copy: the cluster without NBD
+	local type=read pattern=rand size=4K threads=32
+	case $1 in
+	randwrite-4k-qd32) type=write ;;
+	read-1m-qd8) pattern=seq size=1M threads=8 ;;
+	write-1m-qd8) type=write pattern=seq size=1M threads=8 ;;
+	esac
+	rbd -c "$CEPH_CONF" bench --io-type $type --io-pattern $pattern --io-size $size --io-threads $threads \
+		--io-total $((RUNTIME * 64))M rbd/$name-ceiling 2>/dev/null | awk '/^elapsed/ {print $6}'
+}
+printf '%-18s %12s %12s %8s %14s\n' job ours qemu-nbd ratio "rbd bench"
+for _ in $(seq "$ROUNDS"); do
+	for job in $JOBS; do
+		declare -A iops=()
+		for s in ours qemu-nbd; do
+			# shellcheck disable=SC2046
+			fio --name=$job --ioengine=nbd --uri="${uris[$s]}" $(args "$job") --time_based \
+				--runtime="$RUNTIME" --output-format=json --output="$work/$s-$job.json" >/dev/null
+			iops[$s]=$(jq '.jobs[0] | (.read.iops + .write.iops) | floor' "$work/$s-$job.json")
+		done
+		ratio=$(awk "BEGIN {printf \"%.2f\", ${iops[ours]} / (${iops[qemu-nbd]} > 0 ? ${iops[qemu-nbd]} : 1)}")
+		printf '%-18s %12s %12s %7sx %14s\n' "$job" "${iops[ours]} IOPS" "${iops[qemu-nbd]} IOPS" "$ratio" "$(ceiling "$job") IOPS"
+	done
+done
