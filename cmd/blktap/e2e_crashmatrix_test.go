@@ -42,6 +42,16 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 		names[i] = cd.name
 	}
 	d := startDaemon(t, bin, cfg)
+	openCrashClients(t, d, disks, names)
+
+	d, report := crashRounds(t, d, cfg, disks, names, rounds)
+	finishCrashMatrix(t, d, disks, report, bin, qemuImg)
+}
+
+// openCrashClients connects an NBD client to every disk's export once
+// all are connected.
+func openCrashClients(t *testing.T, d *daemon, disks []*crashDisk, names []string) {
+	t.Helper()
 	rows := d.waitConnected(names...)
 	for _, cd := range disks {
 		cd.uri = rows[cd.name].Export
@@ -56,9 +66,6 @@ func TestEndToEndCrashMatrix(t *testing.T) {
 		// not wait for it.
 		t.Cleanup(func() { go img.Close() })
 	}
-
-	d, report := crashRounds(t, d, cfg, disks, names, rounds)
-	finishCrashMatrix(t, d, disks, report, bin, qemuImg)
 }
 
 // crashRounds kills the workers, the daemon and both, rounds times each,

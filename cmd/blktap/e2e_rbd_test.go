@@ -11,7 +11,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/internal/cephdev"
 	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
@@ -152,16 +151,7 @@ func TestEndToEndRBDCrash(t *testing.T) {
 	cfg := filepath.Join(dir, "disks.yaml")
 	os.WriteFile(cfg, []byte(y.String()), 0o644)
 	d := startDaemon(t, bin, cfg)
-	rows := d.waitConnected(names...)
-	for _, cd := range disks {
-		cd.uri = rows[cd.name].Export
-		img, err := nbd.Open(cd.uri, nbd.Options{Timeout: 90 * time.Second})
-		if err != nil {
-			t.Fatalf("%s: %v", cd.name, err)
-		}
-		cd.img = img
-		t.Cleanup(func() { go img.Close() })
-	}
+	openCrashClients(t, d, disks, names)
 	d, report := crashRounds(t, d, cfg, disks, names, crashtest.Rounds(1))
 	finishCrashMatrix(t, d, disks, report, bin, "")
 }

@@ -294,25 +294,10 @@ func (im *Image) Flush() error {
 
 // Discard deallocates a range; it reads as zeros afterwards.
 func (im *Image) Discard(off, length int64) error {
-	if err := im.enter(); err != nil {
+	return im.zeroRange("discard", off, length, func(o, n uint64) error {
+		_, err := im.img.Discard(o, n)
 		return err
-	}
-	defer im.mu.RUnlock()
-	if im.readOnly {
-		return image.ErrReadOnly
-	}
-	if err := image.CheckRange64(off, length, im.size); err != nil {
-		return err
-	}
-	for length > 0 {
-		// librbd takes a length that fits an int (its return value).
-		n := min(length, 1<<30)
-		if _, err := im.img.Discard(uint64(off), uint64(n)); err != nil {
-			return fmt.Errorf("rbd discard %s at %d: %w", im.spec.Name(), off, err)
-		}
-		off, length = off+n, length-n
-	}
-	return nil
+	})
 }
 
 // zeroChunk is what WriteZeroes hands librbd's writesame per call: one
@@ -327,6 +312,15 @@ func (im *Image) WriteZeroes(off, length int64, mayTrim bool) error {
 	if mayTrim || off%512 != 0 || length%512 != 0 {
 		return im.Discard(off, length)
 	}
+	return im.zeroRange("write zeroes", off, length, func(o, n uint64) error {
+		_, err := im.img.WriteSame(o, n, zeroChunk, 0)
+		return err
+	})
+}
+
+// zeroRange checks a zeroing request and hands it to op in pieces of at
+// most 1 GiB: librbd returns the length done as an int.
+func (im *Image) zeroRange(what string, off, length int64, op func(off, n uint64) error) error {
 	if err := im.enter(); err != nil {
 		return err
 	}
@@ -339,8 +333,8 @@ func (im *Image) WriteZeroes(off, length int64, mayTrim bool) error {
 	}
 	for length > 0 {
 		n := min(length, 1<<30)
-		if _, err := im.img.WriteSame(uint64(off), uint64(n), zeroChunk, 0); err != nil {
-			return fmt.Errorf("rbd write zeroes %s at %d: %w", im.spec.Name(), off, err)
+		if err := op(uint64(off), uint64(n)); err != nil {
+			return fmt.Errorf("rbd %s %s at %d: %w", what, im.spec.Name(), off, err)
 		}
 		off, length = off+n, length-n
 	}

@@ -270,32 +270,15 @@ func TestOneWriter(t *testing.T) {
 // it wakes up its writes fail: never two writers.
 func TestStalledHolderFenced(t *testing.T) {
 	c, _, spec := newImage(t, 4<<20)
-	holder := exec.Command(os.Args[0], "-test.run=^$")
-	holder.Env = append(os.Environ(), "BLKTAP_RBD_HOLDER="+spec)
-	stdout, err := holder.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var holderErr bytes.Buffer
-	holder.Stderr = &holderErr
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
+	holder, lines, holderErr := startHolder(t, spec)
 	defer holder.Process.Kill()
-	lines := make(chan string, 1000)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-	}()
 	waitLine(t, lines, "wrote 2", 60*time.Second)
 	if err := holder.Process.Signal(syscall.SIGSTOP); err != nil {
 		t.Fatal(err)
 	}
 	stopped := time.Now()
 	var b image.Image
+	var err error
 	for {
 		b, err = Open(spec, Options{})
 		if err == nil {
@@ -337,6 +320,32 @@ func TestStalledHolderFenced(t *testing.T) {
 	}
 }
 
+// startHolder runs holdAndWrite in a child process on spec; its lines
+// arrive on the channel, closed when it exits.
+func startHolder(t *testing.T, spec string) (*exec.Cmd, <-chan string, *bytes.Buffer) {
+	t.Helper()
+	holder := exec.Command(os.Args[0], "-test.run=^$")
+	holder.Env = append(os.Environ(), "BLKTAP_RBD_HOLDER="+spec)
+	stdout, err := holder.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	holder.Stderr = &stderr
+	if err := holder.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan string, 1000)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			lines <- sc.Text()
+		}
+		close(lines)
+	}()
+	return holder, lines, &stderr
+}
+
 func waitLine(t *testing.T, lines <-chan string, want string, within time.Duration) {
 	t.Helper()
 	deadline := time.After(within)
@@ -369,23 +378,7 @@ func lastLines(s string, n int) string {
 // breaks the lock at once, blocklisting the dead client.
 func TestDeadLocalHolderBroken(t *testing.T) {
 	_, _, spec := newImage(t, 4<<20)
-	holder := exec.Command(os.Args[0], "-test.run=^$")
-	holder.Env = append(os.Environ(), "BLKTAP_RBD_HOLDER="+spec)
-	stdout, err := holder.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := holder.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lines := make(chan string, 1000)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		for sc.Scan() {
-			lines <- sc.Text()
-		}
-		close(lines)
-	}()
+	holder, lines, _ := startHolder(t, spec)
 	waitLine(t, lines, "wrote 1", 60*time.Second)
 	holder.Process.Kill()
 	holder.Wait()
