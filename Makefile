@@ -63,7 +63,11 @@ fmt:
 
 test: oracles lint build
 	$(GO) test -race -timeout 30m $(TESTFLAGS) ./...
-	$(GO) test -race -timeout 20m -tags '$(RBD_TAGS)' $(TESTFLAGS) ./formats/rbd/
+	@# Verbose into a file, so the test cluster's start time and memory
+	@# (the ceph-dev: line) reach the log; all of it on failure.
+	@mkdir -p $(BIN); echo "go test -race -tags '$(RBD_TAGS)' -v ./formats/rbd/ > $(BIN)/rbd-test.log"; \
+	$(GO) test -race -timeout 20m -tags '$(RBD_TAGS)' -v $(TESTFLAGS) ./formats/rbd/ >$(BIN)/rbd-test.log 2>&1; rc=$$?; \
+	if [ $$rc != 0 ]; then cat $(BIN)/rbd-test.log; else grep -E '^(ceph-dev:|ok )' $(BIN)/rbd-test.log; fi; exit $$rc
 	$(GO) test -race -timeout 20m -tags '$(RBD_TAGS)' -run RBD $(TESTFLAGS) ./cmd/blktap/
 
 # The crash matrix (docs/CRASH.md): every writable format on both paths
