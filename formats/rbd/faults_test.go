@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -62,21 +63,9 @@ func TestLockAndDiffAsRBDSeesThem(t *testing.T) {
 			theirs = append(theirs, [2]int64{d.Offset, d.Length})
 		}
 	}
-	if len(ours) == 0 || !equalRuns(ours, theirs) {
+	if len(ours) == 0 || !slices.Equal(ours, theirs) {
 		t.Errorf("our map %v, rbd diff %v", ours, theirs)
 	}
-}
-
-func equalRuns(a, b [][2]int64) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 // TestBadSources: each mistake fails with a clear error within a bound,
