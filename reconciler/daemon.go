@@ -337,8 +337,12 @@ func (d *Daemon) forward(ctx context.Context, w *xenstore.Watch, _ func(xenstore
 }
 
 // rescan enqueues every device xenstore declares and every device the
-// daemon runs: the level-triggered safety net under watches.
+// daemon runs: the level-triggered safety net under watches. Each key is
+// enqueued once, after the scan: a key added while its pass runs is
+// queued again, and the xenstore reads between two adds of one key let
+// its first pass start, so every device was reconciled twice per rescan.
 func (d *Daemon) rescan(ctx context.Context) {
+	keys := map[Key]struct{}{}
 	kinds := []string{KindVBD3, KindTap}
 	if d.opts.ServeVBD || d.embedded != nil {
 		kinds = append(kinds, KindVBD)
@@ -355,16 +359,19 @@ func (d *Daemon) rescan(ctx context.Context) {
 			}
 			for _, dev := range devs {
 				if k, ok := parseBackendPath(d.root, d.root+"/"+kind+"/"+dom+"/"+dev); ok {
-					d.q.Add(k)
+					keys[k] = struct{}{}
 				}
 			}
 		}
 	}
 	d.mu.Lock()
 	for k := range d.devices {
-		d.q.Add(k)
+		keys[k] = struct{}{}
 	}
 	d.mu.Unlock()
+	for k := range keys {
+		d.q.Add(k)
+	}
 }
 
 func (d *Daemon) connectXenstore(ctx context.Context) error {

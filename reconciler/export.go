@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/tapengine/frontend"
+	"github.com/blktap-go/blktap/tapengine/idle"
 	"github.com/blktap-go/blktap/tapengine/nbd"
 	"github.com/blktap-go/blktap/tapengine/nbdkernel"
 	"github.com/blktap-go/blktap/xenstore"
@@ -139,6 +140,7 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 			ReadOnly:    readOnly,
 		},
 		Logger: log,
+		Bell:   new(idle.Doorbell), // the idle trimmer sleeps on it
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

@@ -25,7 +25,7 @@ func trimGuestWhenIdle(ctx context.Context, srv *nbd.Server, lf *frontend.Fronte
 		s := srv.Stats()
 		return s.Reads + s.Writes + s.Flushes + s.Trims + s.Zeroes + s.BlockStatus + s.Errors, false
 	}
-	worker.TrimWhenIdle(ctx, worker.IdleTrim, activity, func() {
+	worker.TrimWhenIdle(ctx, worker.IdleTrim, activity, srv.Bell, func() {
 		if err := lf.Trim(); err != nil {
 			if !errors.Is(err, frontend.ErrClosed) {
 				log.Warn("guest view: trimming idle grant pages", "err", err)

@@ -8,6 +8,13 @@
 // everything that describes it is made from that tree: --help, the man
 // page, the completions and README's command list (docs_test.go checks the
 // shipped copies and rewrites them with -rewrite).
+
+// The runtime re-reads the CPU affinity and cgroup limit every second to
+// adjust GOMAXPROCS (Go 1.25's updatemaxprocs): a wake-up per second in
+// every idle worker, for a limit that does not change under a disk. The
+// limit is still read once at start.
+//
+//go:debug updatemaxprocs=0
 package main
 
 import (

@@ -57,6 +57,7 @@ func (c *conn) readLoop() error {
 		if rq.Type == nbdwire.CmdDisc {
 			return c.checkDisc(rq)
 		}
+		c.s.Bell.Ring()
 		r, err := c.readRequest(rq)
 		if err != nil {
 			return err

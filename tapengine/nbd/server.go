@@ -17,6 +17,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/internal/nbdwire"
+	"github.com/blktap-go/blktap/tapengine/idle"
 )
 
 // Backend is what an export serves. image.Image satisfies it. It must be
@@ -164,6 +165,9 @@ type Server struct {
 	// NBD_REP_ERR_POLICY). It needs a certificate; set ClientAuth and
 	// ClientCAs to require client certificates (LoadTLSConfig does).
 	TLSConfig *tls.Config
+	// Bell, when set, is rung for every request read: an idle-time
+	// poller over Stats (package idle) can sleep while nothing comes.
+	Bell *idle.Doorbell
 
 	stats counters
 

@@ -5,6 +5,8 @@ import (
 	"runtime"
 	"runtime/debug"
 	"time"
+
+	"github.com/blktap-go/blktap/tapengine/idle"
 )
 
 // IdleTrim is how long a disk must see no I/O after a burst before its
@@ -27,24 +29,67 @@ type Activity func() (ops uint64, busy bool)
 // TrimWhenIdle calls trim once each time the disk's activity has moved and
 // then stood still for idle, until ctx is done: once after each burst,
 // never again until there was I/O again, never while idle from the start.
-// It polls activity every idle/4, so trim runs between idle and 1.25 x
-// idle after the last operation.
-func TrimWhenIdle(ctx context.Context, idle time.Duration, activity Activity, trim func()) {
-	if idle <= 0 {
+// It polls activity every idle/4 while a burst may be ending, so trim runs
+// between idle and 1.25 x idle after the last operation. In between (idle
+// from the start, or trimmed already) it sleeps on bell, which the I/O path
+// rings: an idle disk costs no wake-ups. A nil bell polls throughout.
+func TrimWhenIdle(ctx context.Context, idleFor time.Duration, activity Activity, bell *idle.Doorbell, trim func()) {
+	if idleFor <= 0 {
 		return
 	}
 	ops, _ := activity()
-	s := idleState{idle: idle, last: ops}
-	tick := time.NewTicker(max(idle/4, time.Millisecond))
+	s := idleState{idle: idleFor, last: ops}
+	for {
+		if bell != nil && !s.armed && !sleep(ctx, bell, activity, &s) {
+			return
+		}
+		if !s.pollUntilTrim(ctx, activity, trim) {
+			return
+		}
+	}
+}
+
+// sleep waits on bell for the first operation after s last looked, and
+// reports false once ctx is done. The re-read after Sleep closes the race
+// with an operation that rang just before it (package idle).
+func sleep(ctx context.Context, bell *idle.Doorbell, activity Activity, s *idleState) bool {
+	bell.Sleep()
+	if ops, busy := activity(); ops != s.last || busy {
+		bell.Awake()
+		return true
+	}
+	select {
+	case <-ctx.Done():
+		return false
+	case <-bell.Wait():
+		return true
+	}
+}
+
+// pollUntilTrim polls activity every idle/4 until the disk has stood still
+// for idle after moving (it trims then) or has stood still since the poll
+// began; false once ctx is done.
+func (s *idleState) pollUntilTrim(ctx context.Context, activity Activity, trim func()) bool {
+	tick := time.NewTicker(max(s.idle/4, time.Millisecond))
 	defer tick.Stop()
+	quiet := 0
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return false
 		case now := <-tick.C:
 			ops, busy := activity()
 			if s.observe(now, ops, busy) {
 				trim()
+				return true
+			}
+			if !s.armed {
+				// Woken with nothing new (a ring that came before
+				// the counters moved is seen on the next poll):
+				// a few polls, then back to sleep.
+				if quiet++; quiet > 4 {
+					return true
+				}
 			}
 		}
 	}
@@ -89,7 +134,7 @@ func (m *meter) activity() (ops uint64, busy bool) {
 func (w *worker) startIdleTrim() context.CancelFunc {
 	ctx, cancel := context.WithCancel(context.Background())
 	m, log := &w.io.meter, w.logger
-	go TrimWhenIdle(ctx, IdleTrim, m.activity, func() {
+	go TrimWhenIdle(ctx, IdleTrim, m.activity, &m.bell, func() {
 		ReleaseMemory()
 		log.Debug("worker: idle after I/O; heap memory returned to the system")
 	})

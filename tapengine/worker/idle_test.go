@@ -56,7 +56,7 @@ func TestTrimWhenIdle(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		TrimWhenIdle(ctx, idle, m.activity, func() { trims.Add(1); trimmed <- struct{}{} })
+		TrimWhenIdle(ctx, idle, m.activity, &m.bell, func() { trims.Add(1); trimmed <- struct{}{} })
 	}()
 	// Idle from the start: many intervals pass without a trim.
 	time.Sleep(10 * idle)
@@ -84,7 +84,7 @@ func TestTrimWhenIdle(t *testing.T) {
 
 // TestTrimWhenIdleDisabled: IdleTrim <= 0 returns at once.
 func TestTrimWhenIdleDisabled(t *testing.T) {
-	TrimWhenIdle(context.Background(), 0, func() (uint64, bool) { return 0, false }, func() { t.Fatal("trimmed") })
+	TrimWhenIdle(context.Background(), 0, func() (uint64, bool) { return 0, false }, nil, func() { t.Fatal("trimmed") })
 }
 
 // TestMeterActivity: every operation kind moves the counter; in-flight
@@ -105,5 +105,37 @@ func TestMeterActivity(t *testing.T) {
 	ops, busy = m.activity()
 	if ops != numOps || busy {
 		t.Fatalf("after %d ops: %d ops, busy %v", numOps, ops, busy)
+	}
+}
+
+// TestTrimWhenIdleSleeps: with a doorbell, the trimmer does not poll an
+// idle disk at all (no wake-ups), neither idle from the start nor after
+// the trim that follows a burst; an operation wakes it.
+func TestTrimWhenIdleSleeps(t *testing.T) {
+	const idle = 20 * time.Millisecond
+	var m meter
+	var polls atomic.Int64
+	activity := func() (uint64, bool) { polls.Add(1); return m.activity() }
+	trimmed := make(chan struct{}, 10)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go TrimWhenIdle(ctx, idle, activity, &m.bell, func() { trimmed <- struct{}{} })
+	quiet := func(what string) {
+		time.Sleep(5 * idle) // let it settle into its sleep
+		before := polls.Load()
+		time.Sleep(20 * idle)
+		if n := polls.Load() - before; n != 0 {
+			t.Fatalf("%s: %d polls of an idle disk, want 0", what, n)
+		}
+	}
+	quiet("idle from the start")
+	for round := 1; round <= 2; round++ {
+		m.start(opRead)()
+		select {
+		case <-trimmed:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("round %d: no trim after the burst", round)
+		}
+		quiet("after the trim")
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/tapengine/idle"
 )
 
 // throttle limits one disk's I/O to an IOPS and a bandwidth budget, in the
@@ -107,6 +108,7 @@ var LatencyBounds = []float64{10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3,
 // meter counts the image operations in flight and times each one, for
 // the disk's metrics. Lock-free: typed atomics only.
 type meter struct {
+	bell     idle.Doorbell // wakes the idle trimmer (idle.go)
 	inFlight atomic.Int64
 	ops      [numOps]struct {
 		buckets [16]atomic.Uint64 // len(LatencyBounds)+1
@@ -116,6 +118,7 @@ type meter struct {
 
 func (m *meter) start(op int) func() {
 	m.inFlight.Add(1)
+	m.bell.Ring() // after inFlight: a trimmer about to sleep sees one or the other
 	t0 := time.Now()
 	return func() {
 		d := time.Since(t0)
