@@ -9,6 +9,8 @@
 # /proc/PID/status:
 #   Rss        resident pages, shared ones included in full
 #   Pss        each shared page divided among the processes mapping it
+#   Uss        pages no other process maps (Private_Clean + Private_Dirty):
+#              what killing the process would give back
 #   Anonymous  private heap and stacks (the Go runtime's share)
 #   Shmem      RssShmem: resident shared memory (a guest disk's grant
 #              table memfd, mapped by the daemon AND its worker)
@@ -16,7 +18,8 @@
 #   File       RssFile: resident file pages, mostly the blktap binary's
 #              text and rodata, the same pages in every process's Rss
 # and, per kind of disk, the MARGINAL cost of one more disk:
-#   (total(N=9) - total(N=1)) / 8, in RSS and in PSS.
+#   (total(N=9) - total(N=1)) / 8, in RSS, PSS and USS (issue 18's targets:
+#   <= 2 MiB PSS and <= 4 MiB USS for an idle disk).
 #
 # What it does, for KIND in dom0 and guest and for N in 1 and 9:
 #   1. N sparse raw images, one `blktap run` (embedded xenstored) serving
@@ -44,6 +47,9 @@
 #   LOAD_SECONDS=2       per fio job (two jobs)
 #   AFTER_IDLE=10        seconds of idle before the last measurement
 #   SETTLE=2             seconds between "every export answers" and "idle"
+#   WAKE_SECONDS=60      after "after-idle", seconds over which every
+#                        process's context switches are counted
+#                        (wakeups.tsv; 0 skips it)
 #   BLKTAP=PATH          the binary (default: `go build` of this tree into
 #                        the work dir, so the figures are this tree's)
 #   RESULTS=DIR          results dir
@@ -59,6 +65,7 @@ SIZE_MB=${SIZE_MB:-64}
 LOAD_SECONDS=${LOAD_SECONDS:-2}
 AFTER_IDLE=${AFTER_IDLE:-10}
 SETTLE=${SETTLE:-2}
+WAKE_SECONDS=${WAKE_SECONDS:-60}
 RESULTS=${RESULTS:-$HERE/results/memory-$(date -u +%Y%m%dT%H%M%SZ)}
 KEEP=${KEEP:-0}
 
@@ -68,7 +75,7 @@ die() {
 	exit 1
 }
 
-for v in SIZE_MB LOAD_SECONDS AFTER_IDLE SETTLE; do
+for v in SIZE_MB LOAD_SECONDS AFTER_IDLE SETTLE WAKE_SECONDS; do
 	[[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer, got '${!v}'"
 done
 ((SIZE_MB >= 16)) || die "SIZE_MB must be at least 16"
@@ -133,7 +140,8 @@ fi
 	echo "settings: NS='$NS' KINDS='$KINDS' SIZE_MB=$SIZE_MB LOAD_SECONDS=$LOAD_SECONDS AFTER_IDLE=$AFTER_IDLE SETTLE=$SETTLE"
 } >"$RESULTS/env.txt"
 
-printf 'kind\tn\tphase\trole\tpid\trss_kb\tpss_kb\tanon_kb\tshmem_kb\tpss_shmem_kb\tfile_kb\n' >"$RESULTS/procs.tsv"
+printf 'kind\tn\trole\tpid\tctxsw_per_s\n' >"$RESULTS/wakeups.tsv"
+printf 'kind\tn\tphase\trole\tpid\trss_kb\tpss_kb\tuss_kb\tanon_kb\tshmem_kb\tpss_shmem_kb\tfile_kb\n' >"$RESULTS/procs.tsv"
 
 # ---------------------------------------------------------------- measuring
 # sample KIND N PHASE DAEMON_PID STATE_DIR: one row per process.
@@ -153,11 +161,36 @@ sample() {
 		[[ -r /proc/$p/smaps_rollup ]] || die "$kind N=$n $phase: process $p is gone"
 		awk -v kind="$kind" -v n="$n" -v phase="$phase" -v role="$role" -v pid="$p" '
 			FNR == NR { if ($1 == "Rss:") rss = $2; if ($1 == "Pss:") pss = $2;
-			            if ($1 == "Anonymous:") anon = $2; if ($1 == "Pss_Shmem:") pshm = $2; next }
+			            if ($1 == "Anonymous:") anon = $2; if ($1 == "Pss_Shmem:") pshm = $2;
+			            if ($1 == "Private_Clean:" || $1 == "Private_Dirty:") uss += $2; next }
 			$1 == "RssShmem:" { shm = $2 }
 			$1 == "RssFile:" { file = $2 }
-			END { printf "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\n", kind, n, phase, role, pid, rss, pss, anon, shm, pshm, file }
+			END { printf "%s\t%s\t%s\t%s\t%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\n", kind, n, phase, role, pid, rss, pss, uss, anon, shm, pshm, file }
 		' "/proc/$p/smaps_rollup" "/proc/$p/status" >>"$RESULTS/procs.tsv"
+	done
+}
+
+# ctxsw PID: context switches so far, voluntary and not, over every thread.
+ctxsw() {
+	cat /proc/"$1"/task/*/status 2>/dev/null | awk '/ctxt_switches/ { s += $2 } END { print s + 0 }'
+}
+
+# wakeups KIND N DAEMON_PID: context switches per second of the daemon and
+# every worker over WAKE_SECONDS of idleness (issue 18: an idle worker
+# wakes less than once a second). Every thread counts: a wake-up of the
+# process is one switch or more.
+wakeups() {
+	local kind=$1 n=$2 daemon=$3 p
+	local -A before
+	((WAKE_SECONDS > 0)) || return 0
+	for p in "$daemon" "${WORKERS[@]: -$n}"; do before[$p]=$(ctxsw "$p"); done
+	sleep "$WAKE_SECONDS"
+	for p in "$daemon" "${WORKERS[@]: -$n}"; do
+		local role=worker
+		[[ $p == "$daemon" ]] && role=daemon
+		awk -v a="${before[$p]}" -v b="$(ctxsw "$p")" -v s="$WAKE_SECONDS" \
+			-v kind="$kind" -v n="$n" -v role="$role" -v pid="$p" \
+			'BEGIN { printf "%s\t%s\t%s\t%s\t%.2f\n", kind, n, role, pid, (b - a) / s }' >>"$RESULTS/wakeups.tsv"
 	done
 }
 
@@ -240,6 +273,7 @@ $(tail -20 "$d/daemon.log")"
 	sample "$kind" "$n" after-load "$daemon" "$d/st"
 	sleep "$AFTER_IDLE"
 	sample "$kind" "$n" after-idle "$daemon" "$d/st"
+	wakeups "$kind" "$n" "$daemon"
 	stop_pid "$daemon"
 	log "$kind N=$n: measured"
 }
@@ -255,7 +289,7 @@ python3 - "$RESULTS" "$NS" <<'PY' | tee "$RESULTS/table.txt"
 import csv, os, sys
 res, ns = sys.argv[1], [int(x) for x in sys.argv[2].split()]
 rows = list(csv.DictReader(open(os.path.join(res, "procs.tsv")), delimiter="\t"))
-F = ["rss_kb", "pss_kb", "anon_kb", "shmem_kb", "pss_shmem_kb", "file_kb"]
+F = ["rss_kb", "pss_kb", "uss_kb", "anon_kb", "shmem_kb", "pss_shmem_kb", "file_kb"]
 PH = ["idle", "after-load", "after-idle"]
 mib = lambda kb: f"{kb / 1024:.1f}"
 tot = {}
@@ -266,14 +300,14 @@ for r in rows:
         t[f] += int(r[f])
     t["procs"] += 1
 print("Per process (MiB; Shmem = RssShmem, part of Rss; File = RssFile, mostly the blktap binary's text):")
-print(f"{'kind':6} {'N':>2} {'phase':10} {'process':7} {'Rss':>7} {'Pss':>7} {'Anon':>7} {'Shmem':>7} {'PssShm':>7} {'File':>7}")
+print(f"{'kind':6} {'N':>2} {'phase':10} {'process':7} {'Rss':>7} {'Pss':>7} {'Uss':>7} {'Anon':>7} {'Shmem':>7} {'PssShm':>7} {'File':>7}")
 for r in rows:
     if r["role"] == "worker" and int(r["n"]) != min(ns):
         continue  # one line per role is enough; totals below count them all
     print(f"{r['kind']:6} {r['n']:>2} {r['phase']:10} {r['role']:7} " + " ".join(f"{mib(int(r[f])):>7}" for f in F))
 print()
 print("Totals over the daemon and every worker (MiB):")
-print(f"{'kind':6} {'N':>2} {'phase':10} {'procs':>5} {'Rss':>7} {'Pss':>7} {'Anon':>7} {'Shmem':>7} {'PssShm':>7} {'File':>7}")
+print(f"{'kind':6} {'N':>2} {'phase':10} {'procs':>5} {'Rss':>7} {'Pss':>7} {'Uss':>7} {'Anon':>7} {'Shmem':>7} {'PssShm':>7} {'File':>7}")
 with open(os.path.join(res, "totals.tsv"), "w") as out:
     out.write("kind\tn\tphase\tprocs\t" + "\t".join(F) + "\n")
     for (kind, n, ph), t in sorted(tot.items(), key=lambda kv: (kv[0][0], kv[0][1], PH.index(kv[0][2]))):
@@ -283,16 +317,24 @@ print()
 lo, hi = min(ns), max(ns)
 if lo != hi:
     print(f"Marginal cost of one more disk, (total(N={hi}) - total(N={lo})) / {hi - lo} (MiB):")
-    print(f"{'kind':6} {'phase':10} {'Rss':>7} {'Pss':>7} {'Anon':>7} {'Shmem':>7}")
+    print(f"{'kind':6} {'phase':10} {'Rss':>7} {'Pss':>7} {'Uss':>7} {'Anon':>7} {'Shmem':>7}")
     with open(os.path.join(res, "marginal.tsv"), "w") as out:
-        out.write("kind\tphase\trss_kb\tpss_kb\tanon_kb\tshmem_kb\n")
+        out.write("kind\tphase\trss_kb\tpss_kb\tuss_kb\tanon_kb\tshmem_kb\n")
         for kind in sorted({k[0] for k in tot}):
             for ph in PH:
                 a, b = tot.get((kind, lo, ph)), tot.get((kind, hi, ph))
                 if not a or not b:
                     continue
                 m = {f: (b[f] - a[f]) / (hi - lo) for f in F}
-                out.write(f"{kind}\t{ph}\t" + "\t".join(f"{m[f]:.0f}" for f in ["rss_kb", "pss_kb", "anon_kb", "shmem_kb"]) + "\n")
-                print(f"{kind:6} {ph:10} " + " ".join(f"{mib(m[f]):>7}" for f in ["rss_kb", "pss_kb", "anon_kb", "shmem_kb"]))
+                out.write(f"{kind}\t{ph}\t" + "\t".join(f"{m[f]:.0f}" for f in ["rss_kb", "pss_kb", "uss_kb", "anon_kb", "shmem_kb"]) + "\n")
+                print(f"{kind:6} {ph:10} " + " ".join(f"{mib(m[f]):>7}" for f in ["rss_kb", "pss_kb", "uss_kb", "anon_kb", "shmem_kb"]))
+print()
+w = list(csv.DictReader(open(os.path.join(res, "wakeups.tsv")), delimiter="\t"))
+if w:
+    print("Context switches per second over every thread, idle (wakeups.tsv): max over the workers, the daemon:")
+    for (kind, n) in sorted({(r["kind"], int(r["n"])) for r in w}):
+        ws = [float(r["ctxsw_per_s"]) for r in w if (r["kind"], int(r["n"])) == (kind, n) and r["role"] == "worker"]
+        dm = [float(r["ctxsw_per_s"]) for r in w if (r["kind"], int(r["n"])) == (kind, n) and r["role"] == "daemon"]
+        print(f"{kind:6} N={n:<2} worker max {max(ws):6.2f}/s  daemon {dm[0]:6.2f}/s")
 PY
 log "results in $RESULTS"
