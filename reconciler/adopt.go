@@ -93,6 +93,11 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 			}
 			cancel()
 		}
+		dev.ringWatch = d.watchRing(ctx, p, k, log)
+		if dev.ring && dev.ringWatch != nil {
+			// A fault from before the watch: the watch reports only new ones.
+			noticeRingFaultAsk(dev, log)
+		}
 		d.mu.Lock()
 		d.devices[k] = dev
 		d.mu.Unlock()

@@ -32,7 +32,8 @@ type device struct {
 	fePath  string
 
 	proc       *worker.Process
-	procParams string // the params the worker opened
+	ringWatch  *worker.RingWatch // the worker's ring faults as they happen; nil: poll stats
+	procParams string            // the params the worker opened
 	readOnly   bool
 	size       int64
 	stopping   bool // we asked the worker to exit
@@ -250,16 +251,7 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 	case <-dev.proc.Done():
 	default:
 		if dev.ring {
-			// A ring that stopped on its own (a hostile frontend) is
-			// reported by the worker; ask.
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			rep, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpStats})
-			cancel()
-			if err == nil && rep.RingError != "" && dev.ringErr == "" {
-				dev.ringErr = rep.RingError
-				dev.ring = false
-				log.Error("ring stopped", "err", rep.RingError)
-			}
+			noticeRingFault(dev, log)
 		}
 		return
 	}
@@ -277,6 +269,42 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
 	}
 	d.dropWorker(dev, false)
+}
+
+// noticeRingFault folds a ring that stopped on its own (a hostile
+// frontend) into the ring error. The worker reports it through its ring
+// watch as it happens, which requeues the device; only a worker that
+// cannot (adopted from an older version) is asked, at every pass.
+func noticeRingFault(dev *device, log *slog.Logger) {
+	if dev.ringWatch == nil {
+		noticeRingFaultAsk(dev, log)
+		return
+	}
+	setRingFault(dev, dev.ringWatch.Take(), log)
+}
+
+// noticeRingFaultAsk asks the worker for its rings' fault.
+func noticeRingFaultAsk(dev *device, log *slog.Logger) {
+	setRingFault(dev, askRingFault(dev.proc), log)
+}
+
+func setRingFault(dev *device, fault string, log *slog.Logger) {
+	if fault != "" && dev.ringErr == "" {
+		dev.ringErr = fault
+		dev.ring = false
+		log.Error("ring stopped", "err", fault)
+	}
+}
+
+// askRingFault asks a worker whether a ring of its stopped on its own.
+func askRingFault(p *worker.Process) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	rep, err := p.Call(ctx, worker.Request{Op: worker.OpStats})
+	if err != nil {
+		return ""
+	}
+	return rep.RingError
 }
 
 // noticeFrontendGaveUp turns a local frontend that stopped on its own (it

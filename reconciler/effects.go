@@ -365,12 +365,27 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	d.setProc(dev.key, p)
 	dev.ringErr = ""
 	k := dev.key
+	dev.ringWatch = d.watchRing(ctx, p, k, log)
 	go func() {
 		<-p.Done()
 		d.q.Add(k)
 	}()
 	log.Info("worker started", "pid", p.Pid(), "format", img.format, "path", img.path, "size", rep.Size)
 	return nil
+}
+
+// watchRing has the worker report its rings' faults as they happen, each
+// requeueing the device; nil (the device then polls stats) for a worker
+// that cannot.
+func (d *Daemon) watchRing(ctx context.Context, p *worker.Process, k Key, log *slog.Logger) *worker.RingWatch {
+	rw, err := p.WatchRing(ctx, func() { d.q.Add(k) })
+	if err != nil {
+		if !errors.Is(err, worker.ErrWatchUnsupported) {
+			log.Warn("worker will not report ring faults; polling its stats", "err", err)
+		}
+		return nil
+	}
+	return rw
 }
 
 // image is what a worker opens.
@@ -442,6 +457,9 @@ func adoptSocket(path string) (*os.File, error) {
 }
 
 func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
+	if dev.ringWatch != nil {
+		dev.ringWatch.Take() // a fault reported before is not this ring's
+	}
 	if !s.LocalFrontend {
 		// A real guest on Xen: the worker maps its grants itself, one
 		// ring per queue.
@@ -506,7 +524,7 @@ func (d *Daemon) stopWorker(ctx context.Context, dev *device) error {
 // serves the address clients and physical-device-path already know.
 func (d *Daemon) dropWorker(dev *device, closeExport bool) {
 	os.Remove(d.adoptPath(dev.key))
-	dev.proc, dev.exportServed, dev.ring, dev.stopping = nil, false, false, false
+	dev.proc, dev.ringWatch, dev.exportServed, dev.ring, dev.stopping = nil, nil, false, false, false
 	d.setProc(dev.key, nil)
 	if closeExport && dev.export != nil {
 		dev.export.Close()

@@ -35,6 +35,7 @@ const (
 	OpQoS        = "qos"        // set the disk's IOPS and bandwidth limits (0 = none)
 	OpDescribe   = "describe"   // what the worker serves (for a daemon adopting it)
 	OpExportFD   = "export-fd"  // a duplicate of the export's listening socket (in the reply)
+	OpWatchRing  = "watch-ring" // fd: a pipe the worker writes a ring's fault to (watch.go)
 	OpClose      = "close"      // drain everything, flush, close the image and exit
 )
 

@@ -3,6 +3,7 @@ package worker
 import (
 	"context"
 	"fmt"
+	"os"
 	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
@@ -17,7 +18,8 @@ import (
 type ringState struct {
 	mu     sync.Mutex
 	queues map[int]*queueState
-	err    error // why a ring stopped on its own
+	err    error    // why a ring stopped on its own
+	watch  *os.File // where that is reported as it happens (watch.go); nil: nowhere
 	stats  ring.Stats
 }
 
@@ -114,6 +116,7 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		qs.running = false
 		if err != nil && ctx.Err() == nil {
 			w.ring.err = err
+			w.ring.report(err)
 		}
 		w.ring.mu.Unlock()
 		if err != nil && ctx.Err() == nil {

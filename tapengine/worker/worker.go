@@ -260,6 +260,8 @@ func (w *worker) handle(req *Request, fds []int) (rep Reply) {
 	case OpStats:
 		closeAll(fds)
 		return w.statsReply()
+	case OpWatchRing:
+		return w.watchRing(fds)
 	case OpFlush:
 		closeAll(fds)
 		if w.img == nil {
