@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
 
@@ -164,6 +165,10 @@ func imageFormat(path, format string) (string, error) {
 	return name, nil
 }
 
+// quietLog drops what a format says of the stand-in backing file
+// backingChain gives it (a VHD's parent of no size, with no uuid).
+var quietLog = slog.New(slog.NewTextHandler(io.Discard, nil))
+
 // chainLayer is one image of a backing chain: its path with symlinks
 // resolved, and its format.
 type chainLayer struct{ real, format string }
@@ -180,7 +185,7 @@ func backingChain(path, format string) ([]chainLayer, error) {
 	none := func(string, string) (image.Image, error) { return image.Empty{}, nil }
 	for {
 		l := chain[len(chain)-1]
-		img, err := formats.Open(l.format, l.real, formats.Options{ReadOnly: true, Backing: none})
+		img, err := formats.Open(l.format, l.real, formats.Options{ReadOnly: true, Backing: none, Logger: quietLog})
 		if err != nil {
 			return nil, err
 		}

@@ -23,21 +23,11 @@ func (img *Image) SetBacking(name, format string) error {
 	if err := img.checkChangeable(); err != nil {
 		return err
 	}
+	if err := img.CheckBacking(name, format); err != nil {
+		return err
+	}
 	h := img.h
-	if h.xen != nil {
-		return unsupported(48, "xen_header", "a blktap1 image with the XEN extension keeps it where a backing name would go; convert it first")
-	}
-	if len(name) > maxBackingName {
-		return fmt.Errorf("qcow: backing file name of %d bytes (at most %d)", len(name), maxBackingName)
-	}
-	start := uint64(headerSize)
-	if h.backingOffset != 0 {
-		start = h.backingOffset
-	}
-	if start > h.l1Offset || uint64(len(name)) > h.l1Offset-start {
-		return unsupported(40, "l1_table_offset", "no room for a %d-byte backing file name: the L1 table starts at %d, %d bytes after where the name goes (convert to a new image instead)",
-			len(name), h.l1Offset, h.l1Offset-min(start, h.l1Offset))
-	}
+	start := h.nameSlot()
 	end := start + uint64(max(len(name), int(h.backingSize)))
 	buf := make([]byte, end-8)
 	if err := hostfile.ReadFull(img.st, buf, 8); err != nil {
@@ -90,4 +80,31 @@ func (img *Image) checkChangeable() error {
 		return image.ErrReadOnly
 	}
 	return img.brokenErr()
+}
+
+// CheckBacking says whether SetBacking(name, format) can be done, before
+// a rebase copies anything.
+func (img *Image) CheckBacking(name, format string) error {
+	h := img.h
+	if h.xen != nil {
+		return unsupported(48, "xen_header", "a blktap1 image with the XEN extension keeps it where a backing name would go; convert it first")
+	}
+	if len(name) > maxBackingName {
+		return fmt.Errorf("qcow: backing file name of %d bytes (at most %d)", len(name), maxBackingName)
+	}
+	start := h.nameSlot()
+	if start > h.l1Offset || uint64(len(name)) > h.l1Offset-start {
+		return unsupported(40, "l1_table_offset", "no room for a %d-byte backing file name: the L1 table starts at %d, %d bytes after where the name goes (convert to a new image instead)",
+			len(name), h.l1Offset, h.l1Offset-min(start, h.l1Offset))
+	}
+	return nil
+}
+
+// nameSlot is where the backing name goes: where it is, or right after
+// the header.
+func (h *header) nameSlot() uint64 {
+	if h.backingOffset != 0 {
+		return h.backingOffset
+	}
+	return headerSize
 }

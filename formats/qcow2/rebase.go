@@ -23,12 +23,6 @@ func (img *Image) SetBacking(name, format string) error {
 	if img.ro {
 		return image.ErrReadOnly
 	}
-	if len(name) > maxBackingName {
-		return fmt.Errorf("qcow2: backing file name of %d bytes (at most %d)", len(name), maxBackingName)
-	}
-	if name == "" && format != "" {
-		return fmt.Errorf("qcow2: a backing format without a backing file")
-	}
 	img.io.Lock()
 	defer img.io.Unlock()
 	img.mu.Lock()
@@ -39,11 +33,7 @@ func (img *Image) SetBacking(name, format string) error {
 	if img.mu.broken != nil {
 		return img.mu.broken
 	}
-	old := make([]byte, img.cs)
-	if err := hostfile.ReadFull(img.f, old, 0); err != nil {
-		return fmt.Errorf("qcow2: read header: %w", err)
-	}
-	neu, extEnd, err := patchBacking(old, img.hdr, name, format)
+	old, neu, extEnd, err := img.newHeaderLocked(name, format)
 	if err != nil {
 		return err
 	}
@@ -67,6 +57,33 @@ func (img *Image) SetBacking(name, format string) error {
 	h.backingOffset = binary.BigEndian.Uint64(neu[8:])
 	h.backingSize = binary.BigEndian.Uint32(neu[16:])
 	return nil
+}
+
+// CheckBacking says whether SetBacking(name, format) can be done (the
+// name and extensions fit in the first cluster), before a rebase copies
+// anything.
+func (img *Image) CheckBacking(name, format string) error {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	_, _, _, err := img.newHeaderLocked(name, format)
+	return err
+}
+
+// newHeaderLocked reads the first cluster and returns it with the new
+// header laid over a copy, and the new end of the extensions.
+func (img *Image) newHeaderLocked(name, format string) (old, neu []byte, extEnd int64, err error) {
+	if len(name) > maxBackingName {
+		return nil, nil, 0, fmt.Errorf("qcow2: backing file name of %d bytes (at most %d)", len(name), maxBackingName)
+	}
+	if name == "" && format != "" {
+		return nil, nil, 0, fmt.Errorf("qcow2: a backing format without a backing file")
+	}
+	old = make([]byte, img.cs)
+	if err := hostfile.ReadFull(img.f, old, 0); err != nil {
+		return nil, nil, 0, fmt.Errorf("qcow2: read header: %w", err)
+	}
+	neu, extEnd, err = patchBacking(old, img.hdr, name, format)
+	return old, neu, extEnd, err
 }
 
 // patchBacking returns the first cluster old with the backing name and

@@ -53,10 +53,17 @@ type Options struct {
 func Rebase(ctx context.Context, img, newBacking image.Image, name, format string, opt Options) error {
 	bs, ok := img.(backingSetter)
 	if !ok {
-		return fmt.Errorf("rebase: %w: %T cannot change its backing file here (qcow2 and qcow can)", image.ErrUnsupported, img)
+		return fmt.Errorf("rebase: %w: this format cannot change its backing file here (qcow2 and qcow can)", image.ErrUnsupported)
 	}
 	if (name == "") != (newBacking == nil) && !opt.Unsafe {
 		return fmt.Errorf("rebase: a backing file name wants its image open, and only it")
+	}
+	if c, ok := img.(interface {
+		CheckBacking(name, format string) error
+	}); ok {
+		if err := c.CheckBacking(name, format); err != nil {
+			return err
+		}
 	}
 	if !opt.Unsafe {
 		if err := copyDiffering(ctx, img, newBacking, opt.Progress); err != nil {
@@ -142,7 +149,7 @@ func Commit(ctx context.Context, top, base image.Image, depth int, empty bool, p
 	if empty {
 		var ok bool
 		if em, ok = top.(emptier); !ok {
-			return fmt.Errorf("commit: %w: %T cannot be emptied here (use -d to keep it as it is)", image.ErrUnsupported, top)
+			return fmt.Errorf("commit: %w: this format cannot be emptied here (qcow2 and qcow can; -d keeps the image as it is)", image.ErrUnsupported)
 		}
 	}
 	exts, err := MapAll(top)
