@@ -225,9 +225,10 @@ func TestQemuImgCommitOracle(t *testing.T) {
 	}
 }
 
-// TestImageRebaseCommitRefused: an image a worker holds (its lock), an
-// unknown backing format, a format that cannot change its backing file:
-// each refused with a reason and exit 1, the files unchanged.
+// TestImageRebaseCommitRefused: an image a worker holds (its lock), a
+// missing -b or -F, a format that cannot change its backing file or be
+// emptied, a qcow2 with an internal snapshot: each refused with a reason
+// (exit 1; 2 for a usage error), the files unchanged.
 func TestImageRebaseCommitRefused(t *testing.T) {
 	bin := imageBinary(t)
 	qi := oracle.Require(t, "qemu-img")
@@ -274,6 +275,14 @@ func TestImageRebaseCommitRefused(t *testing.T) {
 		t.Errorf("commit into a locked base: exit %d, %q", rc, se)
 	}
 	lock.Close()
+	// A qcow2 with an internal snapshot is not emptied: refused before
+	// old.qcow2 gets anything.
+	mustRun(t, dir, qi, "create", "-q", "-f", "qcow2", "-b", "old.qcow2", "-F", "qcow2", "snap.qcow2")
+	mustRun(t, dir, qio, "-c", "write -P 0x66 0 64k", "snap.qcow2")
+	mustRun(t, dir, qi, "snapshot", "-c", "s1", "snap.qcow2")
+	if _, se, rc := runIn(t, dir, bin, "image", "commit", "snap.qcow2"); rc != 1 || !strings.Contains(se, "internal snapshots") {
+		t.Errorf("commit of an image with a snapshot: exit %d, %q", rc, se)
+	}
 	for f, b := range read() {
 		if !bytes.Equal(before[f], b) {
 			t.Errorf("%s changed", f)

@@ -171,11 +171,8 @@ func (img *Image) MakeEmpty() error {
 	if m.broken != nil {
 		return m.broken
 	}
-	if len(img.snaps) > 0 {
-		// Clusters shared with a snapshot would need their L2 tables
-		// copied; qemu discards them one by one there too, but we have no
-		// test for it.
-		return unsupported(60, "nb_snapshots", "emptying an image with internal snapshots is not supported")
+	if err := img.CanEmpty(); err != nil {
+		return err
 	}
 	nclusters := (img.size + img.cs - 1) >> img.cbits
 	per := int64(1) << img.l2bits
@@ -197,4 +194,15 @@ func (img *Image) MakeEmpty() error {
 		}
 	}
 	return img.applyFreesLocked()
+}
+
+// CanEmpty says whether MakeEmpty can be done, before a commit writes
+// anything. Clusters shared with an internal snapshot would need their L2
+// tables copied first; qemu discards them one by one there, which we have
+// no test for, so it is refused.
+func (img *Image) CanEmpty() error {
+	if len(img.snaps) > 0 {
+		return unsupported(60, "nb_snapshots", "emptying an image with internal snapshots is not supported (commit -d keeps it)")
+	}
+	return nil
 }
