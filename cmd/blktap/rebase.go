@@ -75,6 +75,10 @@ func imageRebase(fs *pflag.FlagSet) func(pos []string) error {
 		if err != nil {
 			return err
 		}
+		if err := notItself(path, *backing); err != nil {
+			img.Close()
+			return err
+		}
 		var nb formats.Image
 		if *backing != "" && !*unsafe {
 			if nb, err = openProbed(formats.PathCombine(path, *backing), bf, true); err != nil {
@@ -277,4 +281,20 @@ func commitOpener(child string, depth int, target string, got *formats.Image) im
 		}
 		return img, err
 	}
+}
+
+// notItself refuses name as the backing file of the image at path when it
+// is that same file: every open of it would loop until the depth limit.
+func notItself(path, name string) error {
+	if name == "" {
+		return nil
+	}
+	self, err := filepath.EvalSymlinks(path)
+	if err != nil {
+		return err
+	}
+	if real, err := worker.ResolveBacking(self, name); err == nil && real == self {
+		return fmt.Errorf("%s cannot be its own backing file", path)
+	}
+	return nil
 }

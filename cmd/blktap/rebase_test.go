@@ -258,6 +258,7 @@ func TestImageRebaseCommitRefused(t *testing.T) {
 		{[]string{"commit", top}, 1, "in use"},
 		{[]string{"rebase", "-b", "new.qcow2", top}, 2, "-F"},
 		{[]string{"rebase", top}, 2, "must specify backing file"},
+		{[]string{"rebase", "-u", "-b", "./old.qcow2", "-F", "qcow2", "old.qcow2"}, 1, "its own backing file"},
 		{[]string{"rebase", "-b", "base.vhd", "-F", "vpc", "child.vhd"}, 1, "cannot change its backing file"},
 		{[]string{"commit", "child.vhd"}, 1, "cannot be emptied"},
 	} {
