@@ -26,7 +26,7 @@ func init() {
 		{"rebase [-f FMT] [-F BACKING_FMT] [-u] [-p] [-q] -b BACKING FILE", "make BACKING the image's backing file, keeping what it reads",
 			"Safe mode (the default) first copies into FILE every cluster it does not hold itself where the old backing chain and BACKING differ, flushes, and only then rewrites the header, so FILE reads the same before and after, and at every point of a crash. -u rewrites the name only. -b \"\" makes FILE standalone. BACKING is stored as given; a relative name is read from FILE's directory. Formats: qcow2 and qcow (where the name fits before the L1 table). Refused while a worker serves FILE.", imageRebase},
 		{"commit [-f FMT] [-b BASE] [-d] [-p] [-q] FILE", "write the image's data into its backing file",
-			"Every range FILE (and, with -b, each image between it and BASE) holds is written into BASE (default: FILE's backing file), which is flushed; then FILE is emptied, so it reads BASE through, unless -d is given or BASE is deeper than FILE's own backing file (as qemu-img 7.2 does). Refused while a worker serves FILE or BASE.", imageCommit},
+			"Every range FILE (and, with -b, each image between it and BASE) holds is written into BASE (default: FILE's backing file), which is flushed; then FILE is emptied, so it reads BASE through, unless -d or -b is given (-b implies -d, as in qemu-img 7.2). Refused while a worker serves FILE or BASE.", imageCommit},
 	}...)
 }
 
@@ -128,7 +128,7 @@ func imageCommit(fs *pflag.FlagSet) func(pos []string) error {
 		defer unlock()
 		var base formats.Image
 		top, err := formats.Open(format, path, formats.Options{
-			ReadOnly: *drop || depth > 1,
+			ReadOnly: *drop || *baseName != "",
 			Backing:  commitOpener(chain[0].real, 0, chain[depth].real, &base),
 		})
 		if err != nil {
@@ -138,7 +138,9 @@ func imageCommit(fs *pflag.FlagSet) func(pos []string) error {
 			top.Close()
 			return fmt.Errorf("commit: %s was not opened as part of %s's chain", chain[depth].real, path)
 		}
-		err = formats.Commit(context.Background(), top, base, depth, !*drop && depth == 1,
+		// qemu-img: "-b implies -d (so that the top image stays valid)",
+		// even when BASE is the image's own backing file.
+		err = formats.Commit(context.Background(), top, base, depth, !*drop && *baseName == "",
 			progressFunc(progressTo(*progress, *quiet)))
 		if err = errors.Join(err, top.Close()); err != nil {
 			return err

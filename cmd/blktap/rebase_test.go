@@ -165,7 +165,8 @@ func TestImageRebaseQcow(t *testing.T) {
 // TestQemuImgCommitOracle: `image commit` and `qemu-img commit` on copies
 // of one chain leave bases and overlays qemu-img compare calls identical,
 // clean by qemu-img check; the overlay is emptied (qemu-img map: nothing
-// at depth 0) as qemu-img empties it, except with -d or a deeper -b.
+// at depth 0) as qemu-img empties it, except with -d or -b (which implies
+// -d in qemu-img 7.2, even naming the image's own backing file).
 func TestQemuImgCommitOracle(t *testing.T) {
 	bin := imageBinary(t)
 	qi := oracle.Require(t, "qemu-img")
@@ -179,6 +180,8 @@ func TestQemuImgCommitOracle(t *testing.T) {
 		{"qcow2-drop", "qcow2", []string{"-d"}, false},
 		{"qcow", "qcow", nil, true},
 		{"qcow2-deeper-base", "qcow2", []string{"-b", "old.qcow2"}, false},
+		{"qcow2-b-own-backing", "qcow2", []string{"-b", "old.qcow2"}, false}, // -b implies -d
+		{"raw-base", "qcow2", nil, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			var sides [2]string
@@ -187,6 +190,11 @@ func TestQemuImgCommitOracle(t *testing.T) {
 				os.Mkdir(dir, 0o755)
 				sides[i] = dir
 				top := rebaseFixture(t, dir, qi, qio, tc.topFmt)
+				if tc.name == "raw-base" {
+					// old.qcow2's content in a raw file, as top's backing file.
+					mustRun(t, dir, qi, "convert", "-O", "raw", "old.qcow2", "old.raw")
+					mustRun(t, dir, qi, "rebase", "-u", "-b", "old.raw", "-F", "raw", top)
+				}
 				if tc.name == "qcow2-deeper-base" {
 					// old.qcow2 <- mid.qcow2 <- top2.qcow2
 					mustRun(t, dir, qi, "rebase", "-u", "-b", "old.qcow2", "-F", "qcow2", top)
@@ -212,13 +220,17 @@ func TestQemuImgCommitOracle(t *testing.T) {
 				}
 			}
 			top := "top." + tc.topFmt
-			for _, f := range []string{"old.qcow2", top} {
+			baseFile := "old.qcow2"
+			if tc.name == "raw-base" {
+				baseFile = "old.raw"
+			}
+			for _, f := range []string{baseFile, top} {
 				a, b := filepath.Join(sides[0], f), filepath.Join(sides[1], f)
 				if out, _, rc := runIn(t, sides[1], qi, "compare", a, b); rc != 0 {
 					t.Errorf("%s: ours and qemu-img's differ: %s", f, out)
 				}
 			}
-			if out, se, rc := runIn(t, sides[1], qi, "check", "old.qcow2"); rc != 0 {
+			if out, se, rc := runIn(t, sides[1], qi, "check", "old.qcow2"); rc != 0 && tc.name != "raw-base" {
 				t.Errorf("qemu-img check of our base: exit %d: %s%s", rc, out, se)
 			}
 		})

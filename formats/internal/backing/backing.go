@@ -137,7 +137,7 @@ func readPadded(img image.Image, p []byte, off int64) error {
 // writing (top reads through it), and depth is its place in the chain (1:
 // top's own backing file). base is flushed before Commit returns. With
 // empty, top is then emptied, so it reads base's (now equal) content
-// through; qemu-img empties only when base is top's own backing file.
+// through; qemu-img empties only when no -b names the base.
 //
 // Order for a crash: base gets the data and is flushed before top drops
 // any of it, so top's content is the same at every point.
