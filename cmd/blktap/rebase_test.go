@@ -302,3 +302,28 @@ func TestImageRebaseCommitRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestQemuImgRebaseLargerOverlay: an overlay larger than its old backing
+// file reads zeros past the old file's end; rebased onto a file with data
+// there, those zeros must be written into it. qemu-img compare: identical
+// with the overlay before and with qemu-img's own rebase.
+func TestQemuImgRebaseLargerOverlay(t *testing.T) {
+	bin := imageBinary(t)
+	qi := oracle.Require(t, "qemu-img")
+	qio := oracle.Require(t, "qemu-io")
+	dir := t.TempDir()
+	mustRun(t, dir, qi, "create", "-q", "-f", "qcow2", "old.qcow2", "2M")
+	mustRun(t, dir, qio, "-c", "write -P 0x11 0 2M", "old.qcow2")
+	mustRun(t, dir, qi, "create", "-q", "-f", "qcow2", "new.qcow2", "4M")
+	mustRun(t, dir, qio, "-c", "write -P 0x22 0 4M", "new.qcow2")
+	mustRun(t, dir, qi, "create", "-q", "-f", "qcow2", "-b", "old.qcow2", "-F", "qcow2", "t.qcow2", "4M")
+	copyFile(t, filepath.Join(dir, "t.qcow2"), filepath.Join(dir, "orig.qcow2"))
+	copyFile(t, filepath.Join(dir, "t.qcow2"), filepath.Join(dir, "q.qcow2"))
+	mustRun(t, dir, qi, "rebase", "-b", "new.qcow2", "-F", "qcow2", "q.qcow2")
+	mustRun(t, dir, bin, "image", "rebase", "-b", "new.qcow2", "-F", "qcow2", "t.qcow2")
+	sameAsQemu(t, dir, qi, "orig.qcow2", "t.qcow2")
+	sameAsQemu(t, dir, qi, "q.qcow2", "t.qcow2")
+	if out, _, rc := runIn(t, dir, qio, "-r", "-c", "read -P 0 2M 2M", "t.qcow2"); rc != 0 || strings.Contains(out, "failed") {
+		t.Errorf("past the old backing file's end: %s", out)
+	}
+}
