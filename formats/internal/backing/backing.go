@@ -8,9 +8,8 @@ package backing
 import (
 	"bytes"
 	"context"
-	"fmt"
-
 	"errors"
+	"fmt"
 
 	"github.com/blktap-go/blktap/formats/image"
 )
@@ -18,6 +17,12 @@ import (
 // backingSetter is an image whose header can name another backing file.
 type backingSetter interface {
 	SetBacking(name, format string) error
+}
+
+// backingChecker is a backingSetter that can say beforehand whether a
+// name can be stored, so nothing is copied for a rebase that would fail.
+type backingChecker interface {
+	CheckBacking(name, format string) error
 }
 
 // emptier is an image that can drop every cluster it allocates, to read
@@ -58,9 +63,7 @@ func Rebase(ctx context.Context, img, newBacking image.Image, name, format strin
 	if (name == "") != (newBacking == nil) && !opt.Unsafe {
 		return fmt.Errorf("rebase: a backing file name wants its image open, and only it")
 	}
-	if c, ok := img.(interface {
-		CheckBacking(name, format string) error
-	}); ok {
+	if c, ok := img.(backingChecker); ok {
 		if err := c.CheckBacking(name, format); err != nil {
 			return err
 		}
