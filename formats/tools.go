@@ -2,12 +2,12 @@ package formats
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/backing"
 	"github.com/blktap-go/blktap/formats/qcow"
 	"github.com/blktap-go/blktap/formats/qcow2"
 	"github.com/blktap-go/blktap/formats/raw"
@@ -299,23 +299,8 @@ feed:
 	return out.Flush()
 }
 
-// mapAll returns the extents of the whole image, in chunks so a large
-// image's map is never asked for at once.
-func mapAll(img Image) ([]Extent, error) {
-	var all []Extent
-	const chunk = 1 << 30
-	for off := int64(0); off < img.Size(); off += chunk {
-		exts, err := img.Map(off, min(chunk, img.Size()-off))
-		if err != nil {
-			if errors.Is(err, ErrUnsupported) {
-				return []Extent{{Offset: 0, Length: img.Size(), Kind: Data}}, nil
-			}
-			return nil, err
-		}
-		all = append(all, exts...)
-	}
-	return all, nil
-}
+// mapAll returns the extents of the whole image (see backing.MapAll).
+func mapAll(img Image) ([]Extent, error) { return backing.MapAll(img) }
 
 func allZero(b []byte) bool {
 	for len(b) >= 8 {

@@ -40,7 +40,11 @@ var imageCommands = []struct {
 }
 
 func newImageCommand() *cobra.Command {
-	c := leaf("image create|info|check|map|convert|compare|measure ...", "image tools (`blktap image --help`)")
+	names := make([]string, len(imageCommands))
+	for i, ic := range imageCommands {
+		names[i], _, _ = strings.Cut(ic.use, " ")
+	}
+	c := leaf("image "+strings.Join(names, "|")+" ...", "image tools (`blktap image --help`)")
 	c.Long = "The image tools.\n\n" + imageNotes
 	// A missing or unknown subcommand is a usage error (cobra's own answer
 	// is the help text and status 0).

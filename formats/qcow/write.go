@@ -449,7 +449,14 @@ func (img *Image) deallocate(vc0, vcN int64) error {
 	// Punch after the entries are cleared: if a crash keeps the punch but
 	// loses an entry, that entry points at a hole, which reads as zeros
 	// too, and freed space is never handed out again (allocation only
-	// appends).
+	// appends). Over a backing file (MakeEmpty) a cleared entry reads the
+	// backing file's data, not zeros, so the entries are made durable
+	// before the first punch.
+	if img.backing != nil {
+		if err := img.barrier(); err != nil {
+			return err
+		}
+	}
 	return img.punchFreed(fr)
 }
 

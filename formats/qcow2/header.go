@@ -405,16 +405,9 @@ func encodeHeader(h *header) ([]byte, error) {
 		buf[104] = h.compressionType
 		off = ourHdrLen
 	}
-	putExt := func(typ uint32, data []byte) error {
-		padded := (len(data) + 7) &^ 7
-		if off+8+padded+8 > cs {
-			return fmt.Errorf("qcow2: header extensions do not fit in one %d-byte cluster", cs)
-		}
-		be.PutUint32(buf[off:], typ)
-		be.PutUint32(buf[off+4:], uint32(len(data)))
-		copy(buf[off+8:], data)
-		off += 8 + padded
-		return nil
+	putExt := func(typ uint32, data []byte) (err error) {
+		off, err = putExtension(buf, off, typ, data)
+		return err
 	}
 	if h.backingFormat != "" {
 		if err := putExt(extBackingFmt, []byte(h.backingFormat)); err != nil {
@@ -455,4 +448,19 @@ func encodeHeader(h *header) ([]byte, error) {
 		copy(buf[off:], h.backingName)
 	}
 	return buf, nil
+}
+
+// putExtension lays one header extension record (type, length, data,
+// zero padding to 8 bytes) into the first cluster buf at off, leaving
+// room for the end marker, and returns the offset past it.
+func putExtension(buf []byte, off int, typ uint32, data []byte) (int, error) {
+	padded := (len(data) + 7) &^ 7
+	if off+8+padded+8 > len(buf) {
+		return off, fmt.Errorf("qcow2: header extensions do not fit in one %d-byte cluster", len(buf))
+	}
+	binary.BigEndian.PutUint32(buf[off:], typ)
+	binary.BigEndian.PutUint32(buf[off+4:], uint32(len(data)))
+	copy(buf[off+8:], data)
+	clear(buf[off+8+len(data) : off+8+padded])
+	return off + 8 + padded, nil
 }

@@ -138,13 +138,9 @@ func BackingOpener(child string, allow []string, depth int) image.OpenFunc {
 		if depth+1 >= maxChain {
 			return nil, fmt.Errorf("%w: backing chain deeper than %d", image.ErrUnsupported, maxChain)
 		}
-		p := name
-		if !filepath.IsAbs(p) {
-			p = filepath.Join(filepath.Dir(child), p)
-		}
-		real, err := filepath.EvalSymlinks(p)
+		real, err := ResolveBacking(child, name)
 		if err != nil {
-			return nil, fmt.Errorf("backing file %q: %w", name, err)
+			return nil, err
 		}
 		if !insideAny(real, allow) {
 			return nil, fmt.Errorf("%w: backing file %q lies outside the allowed directories %v", fs.ErrPermission, name, allow)
