@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -37,9 +38,16 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 //	frontend-error MESSAGE          the frontend published ring keys the backend cannot use
 //	cdrom                           the device is a CD-ROM drive (device-type cdrom)
 //	params [VALUE]                  the toolstack writes params (none: an empty drive)
+//	device N                        later commands are about the Nth device started
+//
+// The Model has one device per start. TestScenariosDaemon
+// (scenario_daemon_test.go) plays the same transcripts against the real
+// daemon; its own commands (fault, check, daemon-restart) change nothing
+// here: a fault the daemon must ride out leaves the Model's outcome.
 func runScenario(t *testing.T, lines []string) string {
 	var out strings.Builder
-	var m Model
+	m := &Model{}
+	var models []*Model
 	for n, line := range lines {
 		if strings.HasPrefix(line, "> ") || strings.HasPrefix(line, "= ") {
 			continue // output of the previous run
@@ -52,7 +60,7 @@ func runScenario(t *testing.T, lines []string) string {
 		arg := strings.Join(f[1:], " ")
 		switch f[0] {
 		case "start":
-			m = Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
+			m = &Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
 				Backend: StateInitialising, FrontendPresent: true, Frontend: StateInitialising}}
 			// On Xen every device is exported too (physical-device-path).
 			m.o.Export = true
@@ -69,9 +77,18 @@ func runScenario(t *testing.T, lines []string) string {
 			default:
 				t.Fatalf("line %d: start %q", n+1, arg)
 			}
+			models = append(models, m)
+		case "device":
+			i, err := strconv.Atoi(arg)
+			if err != nil || i < 1 || i > len(models) {
+				t.Fatalf("line %d: no device %q", n+1, arg)
+			}
+			m = models[i-1]
+		case "fault", "check", "daemon-restart":
 		case "converge":
 			steps := 0
 			for {
+				m.fold()
 				acts := Plan(m.o, m.a)
 				if len(acts) == 0 {
 					break
@@ -125,6 +142,23 @@ func runScenario(t *testing.T, lines []string) string {
 }
 
 func TestScenarios(t *testing.T) {
+	eachScenario(t, func(t *testing.T, file, in string) {
+		got := runScenario(t, strings.Split(in, "\n"))
+		if *rewrite {
+			if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if got != in+"\n" {
+			t.Errorf("transcript changed (go test ./reconciler -run Scenarios -rewrite to accept):\n--- want\n%s\n--- got\n%s", in, got)
+		}
+	})
+}
+
+// eachScenario runs fn, as a subtest, on every transcript's text (without
+// its last newline).
+func eachScenario(t *testing.T, fn func(t *testing.T, file, text string)) {
 	files, err := filepath.Glob("testdata/scenarios/*.txt")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no scenarios: %v", err)
@@ -135,17 +169,7 @@ func TestScenarios(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			in := strings.TrimRight(string(b), "\n")
-			got := runScenario(t, strings.Split(in, "\n"))
-			if *rewrite {
-				if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			if got != in+"\n" {
-				t.Errorf("transcript changed (go test ./reconciler -run Scenarios -rewrite to accept):\n--- want\n%s\n--- got\n%s", in, got)
-			}
+			fn(t, file, strings.TrimRight(string(b), "\n"))
 		})
 	}
 }
