@@ -167,8 +167,13 @@ func (p *Process) Close(ctx context.Context) error {
 	return nil
 }
 
-// Kill ends the worker at once (no flush): for a worker that stopped answering.
+// Kill ends the worker at once (no flush): for a worker that stopped
+// answering. Until Adopt learns the pid there is none to signal: kill(2)
+// with 0 would end the caller's whole process group.
 func (p *Process) Kill() {
+	if p.pid <= 0 {
+		return
+	}
 	select {
 	case <-p.done:
 	default:
