@@ -128,15 +128,39 @@ func (h *daemonHarness) start() {
 // stop ends the daemon, then closes every disk it left serving (Run
 // leaves workers running for the next daemon to adopt).
 func (h *daemonHarness) stop() {
-	if h.d == nil {
-		return
+	if d := h.exit(); d != nil {
+		d.shutdownAll()
+	}
+}
+
+// exit ends the daemon as a signal does: its workers keep serving.
+func (h *daemonHarness) exit() *Daemon {
+	d := h.d
+	if d == nil {
+		return nil
 	}
 	h.cancel()
 	if err := <-h.done; err != nil {
 		h.t.Errorf("daemon: %v", err)
 	}
-	h.d.shutdownAll()
 	h.d = nil
+	return d
+}
+
+// restart ends the daemon and starts a new one, which adopts the workers
+// (only domain-0 and Xen disks: a local frontend of the old daemon would
+// live on in this process, where a real restart ends it).
+func (h *daemonHarness) restart() {
+	if d := h.exit(); d != nil {
+		// What the old daemon's exit does: its control connections
+		// close, and each worker waits to be adopted.
+		for _, dev := range d.devices {
+			if dev.proc != nil {
+				dev.proc.Release()
+			}
+		}
+	}
+	h.start()
 }
 
 func (h *daemonHarness) record(k Key, r harnessRecord) {

@@ -34,7 +34,9 @@ import (
 //	fault xs-eagain N        the daemon's next N xenstore commits fail with EAGAIN
 //	fault xs-delay DURATION  every xenstore reply to the daemon waits DURATION (0: none)
 //	fault worker-slow DUR    this device's workers take DUR before answering the daemon
-//	check [N] KEY=VALUE      device N's (default: this one's) backend KEY is VALUE now
+//	check [N] KEY=VALUE      device N's (default: this one's) backend KEY is VALUE (within 10 s)
+//	check [N] starting       device N's first reconcile is still under way
+//	check [N] worker-kept    device N's worker is the one before the last daemon-restart
 //	daemon-restart           the daemon exits (its workers stay) and a new one starts
 func TestScenariosDaemon(t *testing.T) {
 	if testing.Short() {
@@ -59,6 +61,7 @@ type daemonRun struct {
 	msgs    []msgPending               // messages to learn at the next converge
 	subst   [][2]string                // the daemon's message -> the transcript's
 	eagains int                        // injected EAGAINs the next converge must see used
+	pids    map[Key]string             // worker pids at the last daemon-restart
 	out     strings.Builder
 }
 
@@ -115,8 +118,11 @@ func (r *daemonRun) command(cmd, arg string) error {
 		return r.check(arg)
 	case "daemon-restart":
 		r.flush()
-		r.h.stop()
-		r.h.start()
+		r.pids = map[Key]string{}
+		for _, k := range r.devs {
+			r.pids[k] = r.h.read(k.BackendPath(0) + "/" + keyWorkerPid)
+		}
+		r.h.restart()
 		return nil
 	}
 	return r.xenstoreCommand(cmd, arg)
@@ -293,11 +299,26 @@ func (r *daemonRun) converge() error {
 		}
 	}
 	r.out.WriteString(r.words("= " + r.h.stateLine(k, last.a) + "\n"))
-	if bad := r.h.statusMismatch(k, last.a); bad != "" {
+	// The status lags when its write was refused (an EAGAIN storm):
+	// the next pass, at the latest the 5 s resync, writes it.
+	bad := r.h.statusMismatch(k, last.a)
+	for deadline := time.Now().Add(10 * time.Second); bad != "" && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond)
+		bad = r.h.statusMismatch(k, last.a)
+	}
+	if bad != "" {
 		fmt.Fprintf(&r.out, "! status: %s\n", bad)
 	}
 	if r.eagains > 0 {
-		if left, _ := r.h.proxy.pending(); left > 0 {
+		left, injected := r.h.proxy.pending()
+		retried := 0
+		for _, rec := range rs {
+			if rec.err != nil && !isTerminal(rec.err) {
+				retried++
+			}
+		}
+		r.t.Logf("%s: %d EAGAINs injected in all; %d steps or passes failed and were retried", k, injected, retried)
+		if left > 0 {
 			fmt.Fprintf(&r.out, "! fault: %d of %d EAGAINs never injected\n", left, r.eagains)
 		}
 		r.eagains = 0
@@ -393,7 +414,9 @@ func (r *daemonRun) fault(arg string) error {
 	return nil
 }
 
-// check compares a backend key of a device with a value, now.
+// check compares a backend key of a device with a value, waiting up to
+// 10 s for it (status keys lag a pass whose write was refused); or, for
+// "starting", checks the device's first reconcile is still under way.
 func (r *daemonRun) check(arg string) error {
 	k := r.key()
 	if n, rest, ok := strings.Cut(arg, " "); ok {
@@ -403,11 +426,30 @@ func (r *daemonRun) check(arg string) error {
 		}
 		k, arg = r.devs[i-1], rest
 	}
+	if arg == "worker-kept" {
+		if got := r.h.read(k.BackendPath(0) + "/" + keyWorkerPid); got == "" || got != r.pids[k] {
+			fmt.Fprintf(&r.out, "! %s worker %q, was %q before the restart\n", k, got, r.pids[k])
+		}
+		return nil
+	}
+	if arg == "starting" {
+		rs, _ := r.h.records(k, 0)
+		if _, ended := lastPass(rs); ended || !r.h.busy(k) {
+			fmt.Fprintf(&r.out, "! %s is not starting: a pass ended %v, queued or reconciled %v\n", k, ended, r.h.busy(k))
+		}
+		return nil
+	}
 	key, want, ok := strings.Cut(arg, "=")
 	if !ok {
-		return fmt.Errorf("check %q: want KEY=VALUE", arg)
+		return fmt.Errorf("check %q: want KEY=VALUE or starting", arg)
 	}
-	if got := r.h.read(k.BackendPath(0) + "/" + key); got != want {
+	got := ""
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if got = r.h.read(k.BackendPath(0) + "/" + key); got == want || time.Now().After(deadline) {
+			break
+		}
+	}
+	if got != want {
 		fmt.Fprintf(&r.out, "! %s %s = %q\n", k, key, got)
 	}
 	return nil

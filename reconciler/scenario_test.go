@@ -39,6 +39,7 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 //	cdrom                           the device is a CD-ROM drive (device-type cdrom)
 //	params [VALUE]                  the toolstack writes params (none: an empty drive)
 //	device N                        later commands are about the Nth device started
+//	daemon-restart                  the daemon exits, its workers stay, a new daemon adopts them
 //
 // The Model has one device per start. TestScenariosDaemon
 // (scenario_daemon_test.go) plays the same transcripts against the real
@@ -84,7 +85,11 @@ func runScenario(t *testing.T, lines []string) string {
 				t.Fatalf("line %d: no device %q", n+1, arg)
 			}
 			m = models[i-1]
-		case "fault", "check", "daemon-restart":
+		case "daemon-restart":
+			for _, dm := range models {
+				adopted(dm)
+			}
+		case "fault", "check":
 		case "converge":
 			steps := 0
 			for {
@@ -139,6 +144,18 @@ func runScenario(t *testing.T, lines []string) string {
 		}
 	}
 	return out.String()
+}
+
+// adopted is what a new daemon holds of a device whose worker the old one
+// left running (adoptWorkers): the worker and its export; a ring only
+// where the worker maps a real guest's grants, since a local one lived
+// with the old daemon's frontend; no failure, no lost ring.
+func adopted(m *Model) {
+	a := m.a
+	m.a = Actual{Worker: a.Worker, Export: a.Export && a.Worker, Ring: a.Ring && a.Worker && !m.o.LocalFrontend, Params: a.Params}
+	if !a.Worker {
+		m.a.Params = ""
+	}
 }
 
 func TestScenarios(t *testing.T) {
