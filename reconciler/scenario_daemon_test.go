@@ -134,8 +134,7 @@ func (r *daemonRun) xenstoreCommand(cmd, arg string) error {
 	be, fe := k.BackendPath(0), k.FrontendPath()
 	switch cmd {
 	case "frontend":
-		st, ok := map[string]State{"Initialising": StateInitialising, "InitWait": StateInitWait,
-			"Initialised": StateInitialised, "Connected": StateConnected, "Closing": StateClosing, "Closed": StateClosed}[arg]
+		st, ok := frontendStates[arg]
 		if !ok {
 			return fmt.Errorf("frontend %q", arg)
 		}

@@ -61,21 +61,7 @@ func runScenario(t *testing.T, lines []string) string {
 		arg := strings.Join(f[1:], " ")
 		switch f[0] {
 		case "start":
-			m = &Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
-				Backend: StateInitialising, FrontendPresent: true, Frontend: StateInitialising}}
-			// On Xen every device is exported too (physical-device-path).
-			m.o.Export = true
-			switch arg {
-			case "domain0":
-				m.o.Domain0 = true
-			case "guest":
-				m.o.LocalFrontend, m.o.Export = true, false
-			case "xen-guest":
-			case "xen-libxl":
-				m.o.HotplugScript = true
-			case "xen-attach":
-				m.o.HotplugScript, m.o.Declared = true, true
-			default:
+			if m = startModel(arg); m == nil {
 				t.Fatalf("line %d: start %q", n+1, arg)
 			}
 			models = append(models, m)
@@ -91,26 +77,9 @@ func runScenario(t *testing.T, lines []string) string {
 			}
 		case "fault", "check":
 		case "converge":
-			steps := 0
-			for {
-				m.fold()
-				acts := Plan(m.o, m.a)
-				if len(acts) == 0 {
-					break
-				}
-				for _, a := range acts {
-					fmt.Fprintf(&out, "> %s\n", a)
-					m.apply(a)
-				}
-				if steps++; steps > 24 {
-					out.WriteString("> (does not converge)\n")
-					break
-				}
-			}
-			fmt.Fprintf(&out, "= %s\n", m.state())
+			convergeModel(m, &out)
 		case "frontend":
-			st, ok := map[string]State{"Initialising": StateInitialising, "InitWait": StateInitWait,
-				"Initialised": StateInitialised, "Connected": StateConnected, "Closing": StateClosing, "Closed": StateClosed}[arg]
+			st, ok := frontendStates[arg]
 			if !ok {
 				t.Fatalf("line %d: frontend %q", n+1, arg)
 			}
@@ -144,6 +113,54 @@ func runScenario(t *testing.T, lines []string) string {
 		}
 	}
 	return out.String()
+}
+
+// frontendStates are the states a transcript's frontend command names.
+var frontendStates = map[string]State{"Initialising": StateInitialising, "InitWait": StateInitWait,
+	"Initialised": StateInitialised, "Connected": StateConnected, "Closing": StateClosing, "Closed": StateClosed}
+
+// startModel is a new device as a toolstack declares it (both states
+// Initialising); nil for an unknown kind.
+func startModel(kind string) *Model {
+	m := &Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
+		Backend: StateInitialising, FrontendPresent: true, Frontend: StateInitialising}}
+	// On Xen every device is exported too (physical-device-path).
+	m.o.Export = true
+	switch kind {
+	case "domain0":
+		m.o.Domain0 = true
+	case "guest":
+		m.o.LocalFrontend, m.o.Export = true, false
+	case "xen-guest":
+	case "xen-libxl":
+		m.o.HotplugScript = true
+	case "xen-attach":
+		m.o.HotplugScript, m.o.Declared = true, true
+	default:
+		return nil
+	}
+	return m
+}
+
+// convergeModel plans and applies until nothing is left (at most 24
+// rounds), writing each action and the state reached.
+func convergeModel(m *Model, out *strings.Builder) {
+	for steps := 0; ; steps++ {
+		m.fold()
+		acts := Plan(m.o, m.a)
+		if len(acts) == 0 {
+			break
+		}
+		for _, a := range acts {
+			fmt.Fprintf(out, "> %s\n", a)
+			m.apply(a)
+		}
+		if steps == 24 {
+			out.WriteString("> (does not converge)\n")
+			break
+		}
+	}
+	fmt.Fprintf(out, "= %s\n", m.state())
 }
 
 // adopted is what a new daemon holds of a device whose worker the old one
