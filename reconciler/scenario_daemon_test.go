@@ -340,8 +340,8 @@ func (r *daemonRun) workerDies() error {
 	k := r.key()
 	be := k.BackendPath(0)
 	pid, err := strconv.Atoi(r.h.read(be + "/" + keyWorkerPid))
-	if err != nil {
-		return fmt.Errorf("no worker pid: %v", err)
+	if err != nil || pid <= 0 {
+		return fmt.Errorf("no worker pid (%v): a kill of 0 or less would signal a process group", err)
 	}
 	restarts := r.h.read(be + "/" + keyRestarts)
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
