@@ -84,7 +84,7 @@ func (r *daemonRun) run(lines []string) string {
 			continue
 		}
 		if err := r.command(f[0], strings.Join(f[1:], " ")); err != nil {
-			r.t.Fatalf("line %d %q: %v", n+1, line, err)
+			r.t.Fatalf("line %d %q: %v\n--- the daemon's transcript so far:\n%s", n+1, line, err, r.out.String())
 		}
 	}
 	return r.out.String()
@@ -277,6 +277,12 @@ func (r *daemonRun) converge() error {
 	k := r.key()
 	last, err := r.h.converge(k, time.Minute)
 	if err != nil {
+		rs, _ := r.h.records(k, r.mark[k])
+		for _, rec := range rs {
+			if rec.act != nil {
+				fmt.Fprintf(&r.out, "> %s (%v)\n", rec.act, rec.err)
+			}
+		}
 		return err
 	}
 	rs, n := r.h.records(k, r.mark[k])
