@@ -278,6 +278,7 @@ func (r *daemonRun) converge() error {
 	last, err := r.h.converge(k, time.Minute)
 	if err != nil {
 		rs, _ := r.h.records(k, r.mark[k])
+		rs = rs[max(0, len(rs)-40):] // a device that loops repeats itself
 		for _, rec := range rs {
 			if rec.act != nil {
 				fmt.Fprintf(&r.out, "> %s (%v)\n", rec.act, rec.err)
