@@ -1,6 +1,7 @@
 package reconciler
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -13,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/internal/ringfault"
 	"github.com/blktap-go/blktap/xenstore"
 )
@@ -37,6 +39,7 @@ import (
 //	check [N] KEY=VALUE      device N's (default: this one's) backend KEY is VALUE (within 10 s)
 //	check [N] starting       device N's first reconcile is still under way
 //	check [N] worker-kept    device N's worker is the one before the last daemon-restart
+//	check [N] io             through device N's export: write a new pattern, read back all so far
 //	daemon-restart           the daemon exits (its workers stay) and a new one starts
 func TestScenariosDaemon(t *testing.T) {
 	if testing.Short() {
@@ -61,6 +64,7 @@ type daemonRun struct {
 	msgs    []msgPending               // messages to learn at the next converge
 	subst   [][2]string                // the daemon's message -> the transcript's
 	eagains int                        // injected EAGAINs the next converge must see used
+	ios     map[Key]int                // patterns check io wrote on each device
 	pids    map[Key]string             // worker pids at the last daemon-restart
 	out     strings.Builder
 }
@@ -432,6 +436,12 @@ func (r *daemonRun) check(arg string) error {
 		}
 		k, arg = r.devs[i-1], rest
 	}
+	if arg == "io" {
+		if err := r.checkIO(k); err != nil {
+			fmt.Fprintf(&r.out, "! %s io: %v\n", k, err)
+		}
+		return nil
+	}
 	if arg == "worker-kept" {
 		if got := r.h.read(k.BackendPath(0) + "/" + keyWorkerPid); got == "" || got != r.pids[k] {
 			fmt.Fprintf(&r.out, "! %s worker %q, was %q before the restart\n", k, got, r.pids[k])
@@ -457,6 +467,46 @@ func (r *daemonRun) check(arg string) error {
 	}
 	if got != want {
 		fmt.Fprintf(&r.out, "! %s %s = %q\n", k, key, got)
+	}
+	return nil
+}
+
+// checkIO writes a pattern of its own at the device's next 64 KiB through
+// its export (a local guest's guest view, which goes through the ring; the
+// NBD export otherwise), flushes, and reads back every pattern written so
+// far: what was acknowledged before a worker died is there after.
+func (r *daemonRun) checkIO(k Key) error {
+	uri := r.h.read(k.BackendPath(0) + "/" + keyExport)
+	if uri == "" {
+		return fmt.Errorf("no export")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	img, err := nbd.OpenContext(ctx, uri, nbd.Options{})
+	if err != nil {
+		return err
+	}
+	defer img.Close()
+	if r.ios == nil {
+		r.ios = map[Key]int{}
+	}
+	const chunk = 64 << 10
+	n := r.ios[k]
+	if _, err := img.WriteAt(bytes.Repeat([]byte{byte(0x41 + n)}, chunk), int64(n)*chunk); err != nil {
+		return err
+	}
+	if err := img.Flush(); err != nil {
+		return err
+	}
+	r.ios[k] = n + 1
+	buf := make([]byte, chunk)
+	for i := 0; i <= n; i++ {
+		if _, err := img.ReadAt(buf, int64(i)*chunk); err != nil {
+			return err
+		}
+		if want := bytes.Repeat([]byte{byte(0x41 + i)}, chunk); !bytes.Equal(buf, want) {
+			return fmt.Errorf("pattern %d at %d KiB lost", i, i*chunk>>10)
+		}
 	}
 	return nil
 }
