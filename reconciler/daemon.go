@@ -78,6 +78,8 @@ type Options struct {
 	MetricsAddr  string
 	Logger       *slog.Logger
 	WorkerStderr io.Writer // where workers log; default os.Stderr
+
+	hooks *hooks // the in-process harness's (hooks.go); nil otherwise
 }
 
 // XenstorePathFile, in the state directory, names the xenstored socket the
@@ -263,6 +265,7 @@ func Run(ctx context.Context, opts Options) error {
 			d.log.Error("telling systemd the daemon is ready", "err", err)
 		}
 	}()
+	opts.hooks.running(d)
 	closeAll := false
 loop:
 	for {

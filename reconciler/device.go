@@ -151,6 +151,7 @@ func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logg
 		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
 		err := d.apply(actx, dev, snap, a, log)
 		cancel()
+		d.opts.hooks.applied(k, a, err)
 		if err != nil {
 			return &snap, true, &stepError{step: a.Kind.String(), action: true, err: err}
 		}

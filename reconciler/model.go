@@ -9,6 +9,8 @@ type Model struct {
 	o         Observed
 	a         Actual
 	failStart string
+	// failedParams are the params a.Failed happened with.
+	failedParams string
 }
 
 // NewModel starts a model of a device as a toolstack declares it.
@@ -23,6 +25,7 @@ func NewModel(domain0, localFrontend bool) *Model {
 func (m *Model) Converge() []Action {
 	var all []Action
 	for range 24 {
+		m.fold()
 		acts := Plan(m.o, m.a)
 		if len(acts) == 0 {
 			break
@@ -38,12 +41,21 @@ func (m *Model) Converge() []Action {
 // State summarises the model: xenstore states and what runs.
 func (m *Model) State() string { return m.state() }
 
+// fold does what the daemon does with an observation before it plans
+// (foldObservation): a terminal failure stands only for the params it
+// happened with; new params, or none once the device is removed, try again.
+func (m *Model) fold() {
+	if m.a.Failed != "" && m.failedParams != m.o.Params {
+		m.a.Failed, m.failedParams = "", ""
+	}
+}
+
 func (m *Model) apply(act Action) {
 	o, a := &m.o, &m.a
 	switch act.Kind {
 	case ActStartWorker:
 		if m.failStart != "" {
-			a.Failed, m.failStart = m.failStart, ""
+			a.Failed, m.failedParams, m.failStart = m.failStart, o.Params, ""
 			return
 		}
 		a.Worker, a.Params = true, o.Params

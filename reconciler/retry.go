@@ -84,6 +84,7 @@ func (d *Daemon) endPass(ctx context.Context, dev *device, snap *snapshot, failu
 	case requeueLater:
 		d.q.AddAfter(dev.key, wait)
 	}
+	d.opts.hooks.passEnded(dev.key, snap, dev.actual(), failure)
 }
 
 // retryPolicy records a failure in the device (its status shows it) and

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -37,9 +38,17 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 //	frontend-error MESSAGE          the frontend published ring keys the backend cannot use
 //	cdrom                           the device is a CD-ROM drive (device-type cdrom)
 //	params [VALUE]                  the toolstack writes params (none: an empty drive)
+//	device N                        later commands are about the Nth device started
+//	daemon-restart                  the daemon exits, its workers stay, a new daemon adopts them
+//
+// The Model has one device per start. TestScenariosDaemon
+// (scenario_daemon_test.go) plays the same transcripts against the real
+// daemon; its own commands (fault, check, daemon-restart) change nothing
+// here: a fault the daemon must ride out leaves the Model's outcome.
 func runScenario(t *testing.T, lines []string) string {
 	var out strings.Builder
-	var m Model
+	m := &Model{}
+	var models []*Model
 	for n, line := range lines {
 		if strings.HasPrefix(line, "> ") || strings.HasPrefix(line, "= ") {
 			continue // output of the previous run
@@ -52,43 +61,25 @@ func runScenario(t *testing.T, lines []string) string {
 		arg := strings.Join(f[1:], " ")
 		switch f[0] {
 		case "start":
-			m = Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
-				Backend: StateInitialising, FrontendPresent: true, Frontend: StateInitialising}}
-			// On Xen every device is exported too (physical-device-path).
-			m.o.Export = true
-			switch arg {
-			case "domain0":
-				m.o.Domain0 = true
-			case "guest":
-				m.o.LocalFrontend, m.o.Export = true, false
-			case "xen-guest":
-			case "xen-libxl":
-				m.o.HotplugScript = true
-			case "xen-attach":
-				m.o.HotplugScript, m.o.Declared = true, true
-			default:
+			if m = startModel(arg); m == nil {
 				t.Fatalf("line %d: start %q", n+1, arg)
 			}
-		case "converge":
-			steps := 0
-			for {
-				acts := Plan(m.o, m.a)
-				if len(acts) == 0 {
-					break
-				}
-				for _, a := range acts {
-					fmt.Fprintf(&out, "> %s\n", a)
-					m.apply(a)
-				}
-				if steps++; steps > 24 {
-					out.WriteString("> (does not converge)\n")
-					break
-				}
+			models = append(models, m)
+		case "device":
+			i, err := strconv.Atoi(arg)
+			if err != nil || i < 1 || i > len(models) {
+				t.Fatalf("line %d: no device %q", n+1, arg)
 			}
-			fmt.Fprintf(&out, "= %s\n", m.state())
+			m = models[i-1]
+		case "daemon-restart":
+			for _, dm := range models {
+				adopted(dm)
+			}
+		case "fault", "check":
+		case "converge":
+			convergeModel(m, &out)
 		case "frontend":
-			st, ok := map[string]State{"Initialising": StateInitialising, "InitWait": StateInitWait,
-				"Initialised": StateInitialised, "Connected": StateConnected, "Closing": StateClosing, "Closed": StateClosed}[arg]
+			st, ok := frontendStates[arg]
 			if !ok {
 				t.Fatalf("line %d: frontend %q", n+1, arg)
 			}
@@ -124,7 +115,84 @@ func runScenario(t *testing.T, lines []string) string {
 	return out.String()
 }
 
+// frontendStates are the states a transcript's frontend command names.
+var frontendStates = map[string]State{"Initialising": StateInitialising, "InitWait": StateInitWait,
+	"Initialised": StateInitialised, "Connected": StateConnected, "Closing": StateClosing, "Closed": StateClosed}
+
+// startModel is a new device as a toolstack declares it (both states
+// Initialising); nil for an unknown kind.
+func startModel(kind string) *Model {
+	m := &Model{o: Observed{Present: true, Online: true, Params: "aio:/img", Mode: "w",
+		Backend: StateInitialising, FrontendPresent: true, Frontend: StateInitialising}}
+	// On Xen every device is exported too (physical-device-path).
+	m.o.Export = true
+	switch kind {
+	case "domain0":
+		m.o.Domain0 = true
+	case "guest":
+		m.o.LocalFrontend, m.o.Export = true, false
+	case "xen-guest":
+	case "xen-libxl":
+		m.o.HotplugScript = true
+	case "xen-attach":
+		m.o.HotplugScript, m.o.Declared = true, true
+	default:
+		return nil
+	}
+	return m
+}
+
+// convergeModel plans and applies until nothing is left (at most 24
+// rounds), writing each action and the state reached.
+func convergeModel(m *Model, out *strings.Builder) {
+	for steps := 0; ; steps++ {
+		m.fold()
+		acts := Plan(m.o, m.a)
+		if len(acts) == 0 {
+			break
+		}
+		for _, a := range acts {
+			fmt.Fprintf(out, "> %s\n", a)
+			m.apply(a)
+		}
+		if steps == 24 {
+			out.WriteString("> (does not converge)\n")
+			break
+		}
+	}
+	fmt.Fprintf(out, "= %s\n", m.state())
+}
+
+// adopted is what a new daemon holds of a device whose worker the old one
+// left running (adoptWorkers): the worker and its export; a ring only
+// where the worker maps a real guest's grants, since a local one lived
+// with the old daemon's frontend; no failure, no lost ring.
+func adopted(m *Model) {
+	a := m.a
+	m.a = Actual{Worker: a.Worker, Export: a.Export && a.Worker, Ring: a.Ring && a.Worker && !m.o.LocalFrontend, Params: a.Params}
+	if !a.Worker {
+		m.a.Params = ""
+	}
+}
+
 func TestScenarios(t *testing.T) {
+	eachScenario(t, func(t *testing.T, file, in string) {
+		got := runScenario(t, strings.Split(in, "\n"))
+		if *rewrite {
+			if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+		if got != in+"\n" {
+			t.Errorf("transcript changed (go test ./reconciler -run Scenarios -rewrite to accept):\n--- want\n%s\n--- got\n%s", in, got)
+		}
+	})
+}
+
+// eachScenario runs fn, as a subtest, on every transcript's text (without
+// its last newline).
+func eachScenario(t *testing.T, fn func(t *testing.T, file, text string)) {
 	files, err := filepath.Glob("testdata/scenarios/*.txt")
 	if err != nil || len(files) == 0 {
 		t.Fatalf("no scenarios: %v", err)
@@ -135,17 +203,7 @@ func TestScenarios(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			in := strings.TrimRight(string(b), "\n")
-			got := runScenario(t, strings.Split(in, "\n"))
-			if *rewrite {
-				if err := os.WriteFile(file, []byte(got), 0o644); err != nil {
-					t.Fatal(err)
-				}
-				return
-			}
-			if got != in+"\n" {
-				t.Errorf("transcript changed (go test ./reconciler -run Scenarios -rewrite to accept):\n--- want\n%s\n--- got\n%s", in, got)
-			}
+			fn(t, file, strings.TrimRight(string(b), "\n"))
 		})
 	}
 }

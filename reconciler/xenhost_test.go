@@ -23,6 +23,7 @@ import (
 // starts `os.Args[0] __worker ...`, as `blktap run` starts `blktap __worker`.
 func TestMain(m *testing.M) {
 	if len(os.Args) > 1 && os.Args[1] == "__worker" {
+		harnessWorker(os.Args)
 		log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 		os.Exit(worker.Main(log, slices.Contains(os.Args, "--adopt")))
 	}

@@ -167,8 +167,18 @@ func (p *Process) Close(ctx context.Context) error {
 	return nil
 }
 
-// Kill ends the worker at once (no flush): for a worker that stopped answering.
+// Release closes the control connection and leaves the worker serving:
+// it then waits on its adoption socket for the next daemon, as after its
+// daemon's exit.
+func (p *Process) Release() error { return p.conn.Close() }
+
+// Kill ends the worker at once (no flush): for a worker that stopped
+// answering. Until Adopt learns the pid there is none to signal: kill(2)
+// with 0 would end the caller's whole process group.
 func (p *Process) Kill() {
+	if p.pid <= 0 {
+		return
+	}
 	select {
 	case <-p.done:
 	default:

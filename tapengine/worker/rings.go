@@ -30,6 +30,12 @@ type queueState struct {
 	transport string // Request.Transport of the connect
 }
 
+// OpenXen opens what a ring over the "xen" transport maps the guest's
+// pages and binds its event channel with: /dev/xen/gntdev and evtchn. A
+// test binary that runs workers on a machine without Xen sets it, before
+// Main, to a device that plays the hypervisor.
+var OpenXen = xen.OpenDevice
+
 // maxQueues bounds blkif multi-queue (Linux blkback allows one per CPU).
 const maxQueues = 16
 
@@ -87,7 +93,7 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		}
 	case "xen":
 		closeAll(fds)
-		dev, err := xen.OpenDevice()
+		dev, err := OpenXen()
 		if err != nil {
 			return fail(fmt.Errorf("%w: %v", image.ErrUnsupported, err))
 		}
