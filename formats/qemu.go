@@ -120,6 +120,7 @@ func DescribeQemu(img Image, path string) QemuDetails {
 				ID: sn.ID, Name: sn.Name, VMStateSize: sn.VMStateSize,
 				DateSec: sn.Date.Unix(), DateNsec: int64(sn.Date.Nanosecond()),
 				VMClockSec: sn.VMClockNanos / 1e9, VMClockNsec: sn.VMClockNanos % 1e9,
+				ICount: sn.ICount,
 			})
 		}
 	case *qcow.Image:

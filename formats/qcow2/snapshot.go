@@ -6,9 +6,8 @@ import (
 	"time"
 )
 
-// Snapshot is one internal snapshot as listed in the snapshot table. We
-// read the table (for Info and Check) but never revert to, create or
-// delete snapshots.
+// Snapshot is one internal snapshot as listed in the snapshot table
+// (snapshot_ops.go creates, applies and deletes them).
 type Snapshot struct {
 	ID           string    `json:"id"`
 	Name         string    `json:"name"`
@@ -18,6 +17,11 @@ type Snapshot struct {
 	VMClockNanos uint64    `json:"vm_clock_nsec"`
 	VMStateSize  uint64    `json:"vm_state_size"`
 	DiskSize     uint64    `json:"disk_size,omitempty"` // from the extra data; 0 if absent
+	ICount       uint64    `json:"icount,omitempty"`    // from the extra data; 0 if absent
+
+	// extra is the entry's extra data as read, kept whole when the table
+	// is rewritten: fields a newer qemu added are not ours to drop.
+	extra []byte
 }
 
 // snapshot table entry (8-byte aligned, big-endian):
@@ -74,6 +78,10 @@ func readSnapshots(r io.ReaderAt, off uint64, nb uint32, fileSize int64, cs int6
 		if extra >= 16 {
 			s.DiskSize = be.Uint64(v[8:])
 		}
+		if extra >= 24 {
+			s.ICount = be.Uint64(v[16:])
+		}
+		s.extra = v[:extra:extra]
 		s.ID = string(v[extra : extra+idLen])
 		s.Name = string(v[extra+idLen:])
 		if s.L1Offset%cs != 0 || uint64(s.L1Size)*8 > maxL1Bytes || s.L1Offset+int64(s.L1Size)*8 > fileSize {
