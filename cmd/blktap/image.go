@@ -40,7 +40,7 @@ var imageCommands = []struct {
 }
 
 func newImageCommand() *cobra.Command {
-	c := leaf("image create|info|check|map|convert|compare|measure ...", "image tools (`blktap image --help`)")
+	c := leaf("image create|info|check|map|convert|compare|measure|snapshot ...", "image tools (`blktap image --help`)")
 	c.Long = "The image tools.\n\n" + imageNotes
 	// A missing or unknown subcommand is a usage error (cobra's own answer
 	// is the help text and status 0).

@@ -17,7 +17,9 @@ type Snapshot struct {
 	VMClockNanos uint64    `json:"vm_clock_nsec"`
 	VMStateSize  uint64    `json:"vm_state_size"`
 	DiskSize     uint64    `json:"disk_size,omitempty"` // from the extra data; 0 if absent
-	ICount       uint64    `json:"icount,omitempty"`    // from the extra data; 0 if absent
+	// ICount is the instruction count from the extra data; nil when
+	// absent or all ones, which qemu prints as nothing.
+	ICount *uint64 `json:"icount,omitempty"`
 
 	// extra is the entry's extra data as read, kept whole when the table
 	// is rewritten: fields a newer qemu added are not ours to drop.
@@ -79,7 +81,9 @@ func readSnapshots(r io.ReaderAt, off uint64, nb uint32, fileSize int64, cs int6
 			s.DiskSize = be.Uint64(v[8:])
 		}
 		if extra >= 24 {
-			s.ICount = be.Uint64(v[16:])
+			if n := be.Uint64(v[16:]); n != ^uint64(0) {
+				s.ICount = &n
+			}
 		}
 		s.extra = v[:extra:extra]
 		s.ID = string(v[extra : extra+idLen])
