@@ -24,6 +24,9 @@ type Snapshot struct {
 	// extra is the entry's extra data as read, kept whole when the table
 	// is rewritten: fields a newer qemu added are not ours to drop.
 	extra []byte
+	// dateSec and dateNsec are the date fields as read: a rewritten table
+	// keeps them bit for bit even where Date cannot (nanoseconds >= 1e9).
+	dateSec, dateNsec uint32
 }
 
 // snapshot table entry (8-byte aligned, big-endian):
@@ -56,6 +59,8 @@ func readSnapshots(r io.ReaderAt, off uint64, nb uint32, fileSize int64, cs int6
 			L1Offset:     int64(be.Uint64(f[0:])),
 			L1Size:       be.Uint32(f[8:]),
 			Date:         time.Unix(int64(be.Uint32(f[16:])), int64(be.Uint32(f[20:]))).UTC(),
+			dateSec:      be.Uint32(f[16:]),
+			dateNsec:     be.Uint32(f[20:]),
 			VMClockNanos: be.Uint64(f[24:]),
 			VMStateSize:  uint64(be.Uint32(f[32:])),
 		}
@@ -69,7 +74,8 @@ func readSnapshots(r io.ReaderAt, off uint64, nb uint32, fileSize int64, cs int6
 			return nil, 0, corrupt(pos, "snapshot", "snapshot %d runs past the end of the file", i)
 		}
 		v := make([]byte, varLen) // at most 1024 + 2*65535
-		if _, err := r.ReadAt(v, pos+snapFixed); err != nil {
+		// An empty read at the end of a reader may say EOF.
+		if _, err := r.ReadAt(v, pos+snapFixed); err != nil && varLen > 0 {
 			return nil, 0, corrupt(pos, "snapshot", "snapshot %d unreadable: %v", i, err)
 		}
 		if extra >= 8 {

@@ -7,6 +7,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strconv"
+	"time"
 )
 
 // snapExtraLen is the extra data we write for a new snapshot, qemu's
@@ -27,8 +28,12 @@ func encodeSnapshots(snaps []Snapshot) ([]byte, error) {
 		be.PutUint32(f[8:], s.L1Size)
 		be.PutUint16(f[12:], uint16(len(s.ID)))
 		be.PutUint16(f[14:], uint16(len(s.Name)))
-		be.PutUint32(f[16:], uint32(s.Date.Unix()))
-		be.PutUint32(f[20:], uint32(s.Date.Nanosecond()))
+		sec, nsec := uint32(s.Date.Unix()), uint32(s.Date.Nanosecond())
+		if s.Date.Equal(time.Unix(int64(s.dateSec), int64(s.dateNsec))) {
+			sec, nsec = s.dateSec, s.dateNsec
+		}
+		be.PutUint32(f[16:], sec)
+		be.PutUint32(f[20:], nsec)
 		be.PutUint64(f[24:], s.VMClockNanos)
 		be.PutUint32(f[32:], uint32(min(s.VMStateSize, 0xffffffff)))
 		be.PutUint32(f[36:], uint32(len(s.extra)))
