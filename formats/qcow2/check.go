@@ -390,11 +390,6 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 	// counted, leaked ones included.
 	res.ImageEndOffset = (highest + 1) << img.cbits
 
-	// As qemu-img check -r leaks does, leaks-only repair also fixes copied
-	// flags when nothing else is wrong: the refcounts are then accurate,
-	// and a flag that disagrees with an accurate refcount is what a crash
-	// inside a snapshot operation leaves (snapshot_ops.go).
-	fixFlags := mode == RepairAll || (mode == RepairLeaks && res.Clean())
 	for _, fl := range copied {
 		if fl.target >= n || badRange[fl.target>>img.rbBits] {
 			continue
@@ -412,7 +407,7 @@ func (img *Image) check(mode RepairMode) (*CheckResult, error) {
 			continue
 		}
 		report(true, "OFLAG_COPIED: entry %#x at %#x, refcount of cluster %d is %d", fl.entry, fl.at, fl.target, stored)
-		if fixFlags && !img.ro {
+		if mode == RepairAll && !img.ro {
 			e := fl.entry ^ entryCopied
 			var b [8]byte
 			binary.BigEndian.PutUint64(b[:], e)

@@ -11,30 +11,13 @@ package qcow2
 //
 // # Write order
 //
-// Each operation reads and checks everything it will touch before its
-// first write, and raises refcounts before anything new refers to them:
-//
-//	create  1. new L1 copy (fresh clusters)  2. refcounts +1 on what the
-//	        active L1 reaches, sync  3. copied flags of the active tables
-//	        cleared, sync  4. new snapshot table, sync, header, sync
-//	apply   1. refcounts +1 on what the snapshot reaches, sync
-//	        2. copied flags of its tables cleared, sync  3. new active L1
-//	        (fresh clusters), sync  4. header l1_size + l1_table_offset in
-//	        one 12-byte write, sync  5. refcounts -1 on what the old active
-//	        L1 reached, old L1 freed, sync
-//	delete  1. new snapshot table without it, sync, header, sync
-//	        2. refcounts -1 on what it reached, its L1 freed, sync
-//	        3. copied flags of the active tables set where refcount is 1
-//
-// A crash anywhere leaves refcounts at or above the true references
-// (leaks), never below, and never a copied flag on a cluster two tables
-// share. Create and delete each have one window qemu-img check reports
-// as an OFLAG_COPIED error although no data is at risk: during create
-// step 3 (refcount 2, flag still set, one reference: a leak) and between
-// delete steps 2 and 3 (refcount 1, flag still clear: writes copy
-// needlessly). The flag lives in a table and the count in a refcount
-// block, two sectors no single write covers. `qemu-img check -r leaks`
-// and Check with RepairLeaks repair both.
+// Each operation reads and checks every table it touches, works out the
+// new active L1 (copying each L2 table whose copied flags must change),
+// the new snapshot table and every refcount change, and hands that to
+// commitLocked (snapshot_commit.go): all of it written in fresh clusters,
+// synced, then switched to by one header write. A crash leaves the image
+// as it was or as the operation leaves it, with no leak and no copied
+// flag out of step with a refcount.
 
 import (
 	"encoding/binary"
@@ -81,6 +64,8 @@ func (img *Image) beginSnapshotOp() (func(), error) {
 
 // CreateSnapshot records the disk as it is now as a new internal
 // snapshot named name (names need not be unique, as in qemu), dated now.
+// The snapshot takes over the active L1 table as it stands; the active
+// layer gets a new one.
 func (img *Image) CreateSnapshot(name string, now time.Time) (Snapshot, error) {
 	unlock, err := img.beginSnapshotOp()
 	if err != nil {
@@ -98,25 +83,18 @@ func (img *Image) CreateSnapshot(name string, now time.Time) (Snapshot, error) {
 	if err := img.reachLocked(m.l1, 1, d); err != nil {
 		return Snapshot{}, err
 	}
-	if err := img.checkDeltasLocked(d); err != nil {
-		return Snapshot{}, err
-	}
+	// The snapshot keeps the active L1 the header stops naming.
+	img.addSpan(d, int64(img.hdr.l1Offset), int64(len(m.l1))*8, 1)
 	now = now.UTC().Truncate(time.Microsecond) // what qemu stores
-	sn := Snapshot{ID: nextSnapshotID(img.snaps), Name: name, L1Size: uint32(len(m.l1)), Date: now,
+	sn := Snapshot{ID: nextSnapshotID(img.snaps), Name: name, Date: now,
+		L1Offset: int64(img.hdr.l1Offset), L1Size: uint32(len(m.l1)),
 		DiskSize: uint64(img.size), extra: newSnapshotExtra(img.size)}
-	if len(m.l1) > 0 {
-		if sn.L1Offset, err = img.writeL1CopyLocked(m.l1); err != nil {
-			return Snapshot{}, err
-		}
-	}
-	if err := img.applyDeltasLocked(d); err != nil {
+	t, err := img.planActiveLocked(m.l1, d)
+	if err != nil {
 		return Snapshot{}, err
 	}
-	if err := img.fixCopiedLocked(); err != nil {
-		return Snapshot{}, err
-	}
-	snaps := append(append([]Snapshot(nil), img.snaps...), sn)
-	return sn, img.writeSnapshotTableLocked(snaps)
+	t.snaps = append(append([]Snapshot(nil), img.snaps...), sn)
+	return sn, img.commitLocked(t)
 }
 
 // ApplySnapshot reverts the disk to the snapshot whose ID, or else name,
@@ -140,65 +118,21 @@ func (img *Image) ApplySnapshot(idOrName string) error {
 	if err != nil {
 		return err
 	}
-	up, down := map[int64]int64{}, map[int64]int64{}
-	if err := img.reachLocked(sl1, 1, up); err != nil {
+	d := map[int64]int64{}
+	if err := img.reachLocked(sl1, 1, d); err != nil {
 		return err
 	}
-	if err := img.reachLocked(m.l1, -1, down); err != nil {
+	if err := img.reachLocked(m.l1, -1, d); err != nil {
 		return err
 	}
-	oldOff, oldLen := int64(img.hdr.l1Offset), int64(len(m.l1))*8
-	if oldLen > 0 {
-		for c := oldOff >> img.cbits; c <= (oldOff+oldLen-1)>>img.cbits; c++ {
-			down[c]--
-		}
-	}
-	if err := img.checkDeltasLocked(up, down); err != nil {
+	src := make([]uint64, max(len(m.l1), len(sl1)))
+	copy(src, sl1)
+	t, err := img.planActiveLocked(src, d)
+	if err != nil {
 		return err
 	}
-	if err := img.applyDeltasLocked(up); err != nil {
-		return err
-	}
-	if err := img.clearCopiedLocked(sl1); err != nil {
-		return err
-	}
-	nl1 := make([]uint64, max(len(m.l1), len(sl1)))
-	copy(nl1, sl1)
-	return img.switchL1Locked(nl1, down)
-}
-
-// switchL1Locked makes l1 (entries without the copied flag) the active
-// L1 table in fresh clusters, then applies down, the references the old
-// active L1 held.
-func (img *Image) switchL1Locked(l1 []uint64, down map[int64]int64) error {
-	m := &img.mu
-	var off int64
-	if len(l1) > 0 {
-		var err error
-		if off, err = img.writeL1CopyLocked(l1); err != nil {
-			return err
-		}
-		if err := img.f.Sync(); err != nil {
-			return err
-		}
-	}
-	if err := img.switchHeaderLocked(36, uint32(len(l1)), off); err != nil {
-		return err
-	}
-	for i := range l1 {
-		l1[i] &^= entryCopied
-	}
-	m.l1 = l1
-	img.hdr.l1Offset, img.hdr.l1Size = uint64(off), uint32(len(l1))
-	m.l2set = map[int64]struct{}{}
-	for _, e := range l1 {
-		if o := int64(e & offsetMask); o != 0 {
-			m.l2set[o>>img.cbits] = struct{}{}
-		}
-	}
-	m.l2 = map[int64]*l2Table{}
-	m.lru.Init()
-	return img.applyDeltasLocked(down)
+	t.snaps = img.snaps
+	return img.commitLocked(t)
 }
 
 // DeleteSnapshot removes the first snapshot named name (by name only, as
@@ -209,6 +143,7 @@ func (img *Image) DeleteSnapshot(name string) error {
 		return err
 	}
 	defer unlock()
+	m := &img.mu
 	i := findSnapshot(img.snaps, name, false)
 	if i < 0 {
 		return fmt.Errorf("qcow2: %q: %w", name, ErrNoSnapshot)
@@ -218,26 +153,17 @@ func (img *Image) DeleteSnapshot(name string) error {
 	if err != nil {
 		return err
 	}
-	down := map[int64]int64{}
-	if err := img.reachLocked(sl1, -1, down); err != nil {
+	d := map[int64]int64{}
+	if err := img.reachLocked(sl1, -1, d); err != nil {
 		return err
 	}
-	if n := int64(sn.L1Size) * 8; n > 0 {
-		for c := sn.L1Offset >> img.cbits; c <= (sn.L1Offset+n-1)>>img.cbits; c++ {
-			down[c]--
-		}
-	}
-	if err := img.checkDeltasLocked(down); err != nil {
+	img.addSpan(d, sn.L1Offset, int64(sn.L1Size)*8, -1)
+	t, err := img.planActiveLocked(m.l1, d)
+	if err != nil {
 		return err
 	}
-	snaps := append(append([]Snapshot(nil), img.snaps[:i]...), img.snaps[i+1:]...)
-	if err := img.writeSnapshotTableLocked(snaps); err != nil {
-		return err
-	}
-	if err := img.applyDeltasLocked(down); err != nil {
-		return err
-	}
-	return img.fixCopiedLocked()
+	t.snaps = append(append([]Snapshot(nil), img.snaps[:i]...), img.snaps[i+1:]...)
+	return img.commitLocked(t)
 }
 
 // findSnapshot returns the index of the snapshot with ID s (when byID),
@@ -269,19 +195,4 @@ func (img *Image) readL1Locked(off int64, n uint32) ([]uint64, error) {
 		l1[i] = binary.BigEndian.Uint64(raw[i*8:])
 	}
 	return l1, nil
-}
-
-// writeL1CopyLocked writes l1, copied flags cleared, into fresh clusters
-// and returns where. The caller syncs before anything points there.
-func (img *Image) writeL1CopyLocked(l1 []uint64) (int64, error) {
-	n := int64(len(l1)) * 8
-	off, err := img.allocRunLocked((n + img.cs - 1) >> img.cbits)
-	if err != nil {
-		return 0, err
-	}
-	raw := make([]byte, n)
-	for i, e := range l1 {
-		binary.BigEndian.PutUint64(raw[i*8:], e&^entryCopied)
-	}
-	return off, img.writeMeta(raw, off, 0)
 }
