@@ -144,3 +144,48 @@ func layersAfterSnapshotCrash(t *testing.T, p, op string, active, snap []byte) {
 		t.Fatalf("active layer after crash is neither before nor after %s", op)
 	}
 }
+
+// A write error (not a crash) at the header switch: the Image refuses
+// every later write, and the file, reopened, is clean whichever
+// metadata its header names.
+func TestSnapshotCommitWriteError(t *testing.T) {
+	dir := t.TempDir()
+	tmpl := filepath.Join(dir, "tmpl.qcow2")
+	data, active, _ := snapshotCrashTemplate(t, tmpl, CreateOptions{Size: 1 << 20, ClusterSize: 4096})
+	probe := newMemFile(bytes.Clone(data))
+	img, err := openStorage(probe, tmpl, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := probe.FS().Writes()
+	if _, err := img.CreateSnapshot("s2", time.Now()); err != nil {
+		t.Fatal(err)
+	}
+	last := probe.FS().Writes() - w // the header write is the operation's last
+	mf := newMemFile(bytes.Clone(data))
+	if img, err = openStorage(mf, tmpl, Options{}); err != nil {
+		t.Fatal(err)
+	}
+	injected := errors.New("injected EIO")
+	mf.FS().FailWrites(func(nth int) error {
+		if nth == w+last {
+			return injected
+		}
+		return nil
+	})
+	if _, err := img.CreateSnapshot("s2", time.Now()); !errors.Is(err, injected) {
+		t.Fatalf("create with a failing header write: %v", err)
+	}
+	if _, err := img.WriteAt([]byte{1}, 0); err == nil || !strings.Contains(err.Error(), "reopen") {
+		t.Fatalf("a write after the failed commit: %v", err)
+	}
+	img.Close()
+	p := filepath.Join(dir, "after.qcow2")
+	if err := os.WriteFile(p, mf.Bytes(), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	checkAfterSnapshotCrash(t, p)
+	if !bytes.Equal(qemuRaw(t, p), active) {
+		t.Fatal("active layer changed")
+	}
+}

@@ -235,11 +235,15 @@ func (img *Image) commitLocked(t *txn) error {
 	be.PutUint32(hb[20:], uint32(lo.tc))
 	be.PutUint32(hb[24:], uint32(len(t.snaps)))
 	be.PutUint64(hb[28:], uint64(lo.stOff))
-	if err := img.writeMeta(hb[:], 36, mHeader); err != nil {
-		return err
+	err = img.writeMeta(hb[:], 36, mHeader)
+	if err == nil {
+		err = img.f.Sync()
 	}
-	if err := img.f.Sync(); err != nil {
-		return err
+	if err != nil {
+		// The file may now name either metadata: this Image writes
+		// nothing more (a fresh open reads whichever the disk holds).
+		img.mu.broken = fmt.Errorf("qcow2: %s: snapshot commit failed, reopen the image: %w", img.path, err)
+		return img.mu.broken
 	}
 	img.adoptLocked(t, lo, int64(len(st)), nt, blocks)
 	return nil
