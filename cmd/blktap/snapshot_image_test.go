@@ -4,6 +4,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/internal/oracle"
@@ -85,5 +86,43 @@ func TestImageSnapshotRefusals(t *testing.T) {
 	mustRun(t, dir, bin, "image", "create", "-f", "raw", raw, "1M")
 	if _, se, rc := runIn(t, dir, bin, "image", "snapshot", "-c", "x", raw); rc != 1 || !strings.Contains(se, "no internal snapshots") {
 		t.Fatalf("snapshot of a raw image: exit %d\n%s", rc, se)
+	}
+}
+
+// With a real worker serving the image (`attach`), `image snapshot`
+// refuses it; once detached, the snapshot is made and qemu-img finds the
+// image clean.
+func TestEndToEndImageSnapshotRefusedWhileAttached(t *testing.T) {
+	qimg := oracle.Require(t, "qemu-img")
+	bin := buildBinary(t)
+	dir := t.TempDir()
+	img := filepath.Join(dir, "live.qcow2")
+	mustRun(t, dir, bin, "image", "create", "-f", "qcow2", img, "16M")
+	d := startDaemon(t, bin, "")
+	d.waitAnswering()
+	d.attachURI("0", "qcow2:"+img, "xvdd", "w")
+	_, se, rc := runIn(t, dir, bin, "image", "snapshot", "-c", "while-served", img)
+	if rc != 1 || !strings.Contains(se, "in use by another process") {
+		t.Fatalf("snapshot of an attached image: exit %d\n%s", rc, se)
+	}
+	if _, err := d.blktap("detach", "0", "xvdd"); err != nil {
+		t.Fatal(err)
+	}
+	d.waitGone("d0-xvdd", "disk still listed after detach")
+	// The worker may still be closing the image when its row goes.
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		_, se, rc := runIn(t, dir, bin, "image", "snapshot", "-c", "after", img)
+		if rc == 0 {
+			break
+		}
+		if !strings.Contains(se, "in use") || time.Now().After(deadline) {
+			t.Fatalf("snapshot after detach: exit %d\n%s", rc, se)
+		}
+	}
+	if so, se, rc := runIn(t, dir, qimg, "check", img); rc != 0 {
+		t.Fatalf("qemu-img check: exit %d\n%s%s", rc, so, se)
+	}
+	if so, _, _ := runIn(t, dir, qimg, "snapshot", "-l", img); !strings.Contains(so, " after ") || strings.Contains(so, "while-served") {
+		t.Fatalf("qemu-img snapshot -l:\n%s", so)
 	}
 }
