@@ -216,3 +216,46 @@ func TestSnapshotRefcountOverflowRefused(t *testing.T) {
 	}
 	requireQemuClean(t, p)
 }
+
+// A snapshot whose L1 table names the refcount table as an L2 table is
+// refused by apply and delete before anything is written.
+func TestSnapshotOnMetadataRefused(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "bad.qcow2")
+	if err := Create(p, CreateOptions{Size: 1 << 20, ClusterSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	img, err := Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	snapWrite(t, img, 7, 0, 4096)
+	sn, err := img.CreateSnapshot("s", time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	refOff := img.hdr.refTableOffset
+	if err := img.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	be64(b, int(sn.L1Offset), refOff)
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	img, err = Open(p, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.Close()
+	for _, op := range []func() error{func() error { return img.ApplySnapshot("s") }, func() error { return img.DeleteSnapshot("s") }} {
+		if err := op(); !errors.Is(err, image.ErrCorrupt) {
+			t.Fatalf("operation on a snapshot whose L2 table is the refcount table: %v", err)
+		}
+		if after, _ := os.ReadFile(p); !bytes.Equal(after, b) {
+			t.Fatal("a refused operation changed the file")
+		}
+	}
+}

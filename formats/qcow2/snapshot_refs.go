@@ -23,6 +23,11 @@ func (img *Image) reachLocked(l1 []uint64, sign int64, d map[int64]int64) error 
 		if e&l1Reserved != 0 {
 			return corrupt(-1, "l1_entry", "L1 entry %d (%#x) has reserved bits set", i, e)
 		}
+		// A table where other metadata lives would have the commit count
+		// (and later write) that metadata as a table: refuse the image.
+		if hit := img.overlapLocked(off, img.cs, mL2); hit != 0 {
+			return corrupt(off, "l1_entry", "L1 entry %d names an L2 table at %#x, which holds the %v", i, off, hit)
+		}
 		t, err := img.l2Locked(off)
 		if err != nil {
 			return err
@@ -44,8 +49,9 @@ func (img *Image) reachLocked(l1 []uint64, sign int64, d map[int64]int64) error 
 			if host == 0 {
 				continue
 			}
-			if le&l2Reserved != 0 || host&(img.cs-1) != 0 || host < img.cs || host>>img.cbits >= fileClusters {
-				return corrupt(off+int64(j)*8, "l2_entry", "L2 entry %#x is not a valid data cluster", le)
+			if le&l2Reserved != 0 || host&(img.cs-1) != 0 || host < img.cs || host>>img.cbits >= fileClusters ||
+				img.metaAtLocked(host>>img.cbits) {
+				return corrupt(off+int64(j)*8, "l2_entry", "L2 entry %#x is not a valid data cluster (misaligned, outside the file or on metadata)", le)
 			}
 			d[host>>img.cbits] += sign
 		}
