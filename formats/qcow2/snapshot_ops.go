@@ -106,21 +106,12 @@ func (img *Image) ApplySnapshot(idOrName string) error {
 	}
 	defer unlock()
 	m := &img.mu
-	i := findSnapshot(img.snaps, idOrName, true)
-	if i < 0 {
-		return fmt.Errorf("qcow2: %q: %w", idOrName, ErrNoSnapshot)
-	}
-	sn := img.snaps[i]
-	if sn.DiskSize != 0 && int64(sn.DiskSize) != img.size {
-		return unsupported(-1, "snapshot", "snapshot %q is of a %d-byte disk, the image is %d bytes", sn.Name, sn.DiskSize, img.size)
-	}
-	sl1, err := img.readL1Locked(sn.L1Offset, sn.L1Size)
+	i, sl1, d, err := img.snapshotReachLocked(idOrName, true, 1)
 	if err != nil {
 		return err
 	}
-	d := map[int64]int64{}
-	if err := img.reachLocked(sl1, 1, d); err != nil {
-		return err
+	if sn := img.snaps[i]; sn.DiskSize != 0 && int64(sn.DiskSize) != img.size {
+		return unsupported(-1, "snapshot", "snapshot %q is of a %d-byte disk, the image is %d bytes", sn.Name, sn.DiskSize, img.size)
 	}
 	if err := img.reachLocked(m.l1, -1, d); err != nil {
 		return err
@@ -144,19 +135,11 @@ func (img *Image) DeleteSnapshot(name string) error {
 	}
 	defer unlock()
 	m := &img.mu
-	i := findSnapshot(img.snaps, name, false)
-	if i < 0 {
-		return fmt.Errorf("qcow2: %q: %w", name, ErrNoSnapshot)
-	}
-	sn := img.snaps[i]
-	sl1, err := img.readL1Locked(sn.L1Offset, sn.L1Size)
+	i, _, d, err := img.snapshotReachLocked(name, false, -1)
 	if err != nil {
 		return err
 	}
-	d := map[int64]int64{}
-	if err := img.reachLocked(sl1, -1, d); err != nil {
-		return err
-	}
+	sn := img.snaps[i]
 	img.addSpan(d, sn.L1Offset, int64(sn.L1Size)*8, -1)
 	t, err := img.planActiveLocked(m.l1, d)
 	if err != nil {
@@ -164,6 +147,25 @@ func (img *Image) DeleteSnapshot(name string) error {
 	}
 	t.snaps = append(append([]Snapshot(nil), img.snaps[:i]...), img.snaps[i+1:]...)
 	return img.commitLocked(t)
+}
+
+// snapshotReachLocked finds a snapshot (findSnapshot), reads its L1
+// table and counts the references it makes with sign (reachLocked).
+func (img *Image) snapshotReachLocked(key string, byID bool, sign int64) (int, []uint64, map[int64]int64, error) {
+	i := findSnapshot(img.snaps, key, byID)
+	if i < 0 {
+		return 0, nil, nil, fmt.Errorf("qcow2: %q: %w", key, ErrNoSnapshot)
+	}
+	sn := img.snaps[i]
+	l1, err := img.readL1Locked(sn.L1Offset, sn.L1Size)
+	if err != nil {
+		return 0, nil, nil, err
+	}
+	d := map[int64]int64{}
+	if err := img.reachLocked(l1, sign, d); err != nil {
+		return 0, nil, nil, err
+	}
+	return i, l1, d, nil
 }
 
 // findSnapshot returns the index of the snapshot with ID s (when byID),
