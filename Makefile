@@ -79,7 +79,7 @@ CRASH_SEEDS  ?= 1000
 crash: oracles build
 	CRASH_ROUNDS=$(CRASH_ROUNDS) $(GO) test -count=1 -timeout 60m -v -run '^TestEndToEndCrashMatrix$$' ./cmd/blktap
 	CRASH_ROUNDS=$(CRASH_ROUNDS) $(GO) test -count=1 -timeout 30m -run '^TestKillLosesNothingAcknowledged$$' ./formats
-	CRASH_SEEDS=$(CRASH_SEEDS) $(GO) test -count=1 -timeout 180m -run '^TestCrashConsistency$$' ./formats/qcow ./formats/qcow2 ./formats/vhd ./formats/vmdk
+	CRASH_SEEDS=$(CRASH_SEEDS) $(GO) test -count=1 -timeout 180m -run '^(TestCrashConsistency|TestCrashSnapshotOps)$$' ./formats/qcow ./formats/qcow2 ./formats/vhd ./formats/vmdk
 
 # The soak (docs/SOAK.md): SOAK_DISKS disks of every writable format on
 # both paths for SOAK_DURATION under fio verify and journaling writers, a

@@ -34,14 +34,14 @@ type FormatSpecific struct {
 
 // QemuSnapshot is one entry of qemu-img info's "snapshots".
 type QemuSnapshot struct {
-	ID          string `json:"id"`
-	Name        string `json:"name"`
-	VMStateSize uint64 `json:"vm-state-size"`
-	DateSec     int64  `json:"date-sec"`
-	DateNsec    int64  `json:"date-nsec"`
-	VMClockSec  uint64 `json:"vm-clock-sec"`
-	VMClockNsec uint64 `json:"vm-clock-nsec"`
-	ICount      uint64 `json:"icount"`
+	ID          string  `json:"id"`
+	Name        string  `json:"name"`
+	VMStateSize uint64  `json:"vm-state-size"`
+	DateSec     int64   `json:"date-sec"`
+	DateNsec    int64   `json:"date-nsec"`
+	VMClockSec  uint64  `json:"vm-clock-sec"`
+	VMClockNsec uint64  `json:"vm-clock-nsec"`
+	ICount      *uint64 `json:"icount,omitempty"` // nil: none recorded, left out as qemu leaves it
 }
 
 // qcow2Specific is qemu 7.2's ImageInfoSpecificQCow2; the v3-only keys
@@ -120,6 +120,7 @@ func DescribeQemu(img Image, path string) QemuDetails {
 				ID: sn.ID, Name: sn.Name, VMStateSize: sn.VMStateSize,
 				DateSec: sn.Date.Unix(), DateNsec: int64(sn.Date.Nanosecond()),
 				VMClockSec: sn.VMClockNanos / 1e9, VMClockNsec: sn.VMClockNanos % 1e9,
+				ICount: sn.ICount,
 			})
 		}
 	case *qcow.Image:

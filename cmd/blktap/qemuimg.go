@@ -158,18 +158,32 @@ func printInfoHuman(w io.Writer, in *qemuInfo) error {
 			fmt.Fprintf(w, "backing file format: %s\n", in.BackingFilenameFormat)
 		}
 	}
-	if len(in.Snapshots) > 0 {
-		fmt.Fprintf(w, "Snapshot list:\n%-9s %-17s %7s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
-		for _, s := range in.Snapshots {
-			clock := s.VMClockSec
-			fmt.Fprintf(w, "%-9s %-17s %7s%20s%13s%11d\n", s.ID, s.Name, humanSize(int64(s.VMStateSize)),
-				time.Unix(s.DateSec, s.DateNsec).Local().Format("2006-01-02 15:04:05"),
-				fmt.Sprintf("%02d:%02d:%02d.%03d", clock/3600, clock/60%60, clock%60, s.VMClockNsec/1e6), s.ICount)
-		}
-	}
+	printSnapshotList(w, in.Snapshots)
 	if in.FormatSpecific != nil {
 		fmt.Fprintf(w, "Format specific information:\n")
 		return dumpQemuHuman(w, in.FormatSpecific.Data, 4)
+	}
+	return nil
+}
+
+// printSnapshotList prints snapshots as qemu-img info and qemu-img
+// snapshot -l do: nothing at all when there are none.
+func printSnapshotList(w io.Writer, snaps []formats.QemuSnapshot) error {
+	if len(snaps) == 0 {
+		return nil
+	}
+	fmt.Fprintf(w, "Snapshot list:\n%-9s %-17s %7s%20s%13s%11s\n", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK", "ICOUNT")
+	for _, s := range snaps {
+		clock := s.VMClockSec
+		icount := ""
+		if s.ICount != nil {
+			icount = fmt.Sprint(*s.ICount)
+		}
+		// qemu 7.2's widths: a tag longer than the column still leaves a
+		// space before the size.
+		fmt.Fprintf(w, "%-9s %-16s %8s%20s%13s%11s\n", s.ID, s.Name, humanSize(int64(s.VMStateSize)),
+			time.Unix(s.DateSec, s.DateNsec).Local().Format("2006-01-02 15:04:05"),
+			fmt.Sprintf("%02d:%02d:%02d.%03d", clock/3600, clock/60%60, clock%60, s.VMClockNsec/1e6), icount)
 	}
 	return nil
 }

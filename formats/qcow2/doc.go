@@ -1,9 +1,9 @@
 // Package qcow2 reads and writes QEMU qcow2 images (versions 2 and 3) as
 // an image.Image: copy-on-write over a backing image, zero clusters,
 // compressed clusters (zlib; written by WriteCompressed for convert -c),
-// discard, lazy refcounts with the dirty bit, internal snapshots listed
-// (never applied), and a check that finds leaks and corruptions the way
-// `qemu-img check` does.
+// discard, lazy refcounts with the dirty bit, internal snapshots (listed,
+// created, applied and deleted: snapshot_ops.go), and a check that finds
+// leaks and corruptions the way `qemu-img check` does.
 //
 // Refused with image.ErrUnsupported naming the feature: encryption (AES,
 // LUKS), external data files, extended L2 entries (subclusters),

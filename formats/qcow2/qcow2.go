@@ -306,7 +306,11 @@ func (img *Image) BackingFile() (name, format string) {
 }
 
 // Snapshots lists the internal snapshots (read from the table only).
-func (img *Image) Snapshots() []Snapshot { return append([]Snapshot(nil), img.snaps...) }
+func (img *Image) Snapshots() []Snapshot {
+	img.mu.Lock()
+	defer img.mu.Unlock()
+	return append([]Snapshot(nil), img.snaps...)
+}
 
 // Info describes an image for `image info`.
 type Info struct {
@@ -342,7 +346,7 @@ func (img *Image) Info() Info {
 		LazyRefcounts: h.compatible&compatLazyRefcounts != 0,
 		Corrupt:       h.incompatible&incCorrupt != 0,
 		Incompatible:  h.incompatible, Compatible: h.compatible, Autoclear: h.autoclear,
-		L1Size: h.l1Size, FileSize: img.fileEnd.Load(), Snapshots: img.Snapshots(),
+		L1Size: h.l1Size, FileSize: img.fileEnd.Load(), Snapshots: append([]Snapshot(nil), img.snaps...),
 	}
 	if h.version == 3 {
 		in.Compat = "1.1"

@@ -6,9 +6,8 @@ import (
 	"time"
 )
 
-// Snapshot is one internal snapshot as listed in the snapshot table. We
-// read the table (for Info and Check) but never revert to, create or
-// delete snapshots.
+// Snapshot is one internal snapshot as listed in the snapshot table
+// (snapshot_ops.go creates, applies and deletes them).
 type Snapshot struct {
 	ID           string    `json:"id"`
 	Name         string    `json:"name"`
@@ -18,6 +17,16 @@ type Snapshot struct {
 	VMClockNanos uint64    `json:"vm_clock_nsec"`
 	VMStateSize  uint64    `json:"vm_state_size"`
 	DiskSize     uint64    `json:"disk_size,omitempty"` // from the extra data; 0 if absent
+	// ICount is the instruction count from the extra data; nil when
+	// absent or all ones, which qemu prints as nothing.
+	ICount *uint64 `json:"icount,omitempty"`
+
+	// extra is the entry's extra data as read, kept whole when the table
+	// is rewritten: fields a newer qemu added are not ours to drop.
+	extra []byte
+	// dateSec and dateNsec are the date fields as read: a rewritten table
+	// keeps them bit for bit even where Date cannot (nanoseconds >= 1e9).
+	dateSec, dateNsec uint32
 }
 
 // snapshot table entry (8-byte aligned, big-endian):
@@ -50,6 +59,8 @@ func readSnapshots(r io.ReaderAt, off uint64, nb uint32, fileSize int64, cs int6
 			L1Offset:     int64(be.Uint64(f[0:])),
 			L1Size:       be.Uint32(f[8:]),
 			Date:         time.Unix(int64(be.Uint32(f[16:])), int64(be.Uint32(f[20:]))).UTC(),
+			dateSec:      be.Uint32(f[16:]),
+			dateNsec:     be.Uint32(f[20:]),
 			VMClockNanos: be.Uint64(f[24:]),
 			VMStateSize:  uint64(be.Uint32(f[32:])),
 		}
@@ -63,7 +74,8 @@ func readSnapshots(r io.ReaderAt, off uint64, nb uint32, fileSize int64, cs int6
 			return nil, 0, corrupt(pos, "snapshot", "snapshot %d runs past the end of the file", i)
 		}
 		v := make([]byte, varLen) // at most 1024 + 2*65535
-		if _, err := r.ReadAt(v, pos+snapFixed); err != nil {
+		// An empty read at the end of a reader may say EOF.
+		if _, err := r.ReadAt(v, pos+snapFixed); err != nil && varLen > 0 {
 			return nil, 0, corrupt(pos, "snapshot", "snapshot %d unreadable: %v", i, err)
 		}
 		if extra >= 8 {
@@ -74,6 +86,12 @@ func readSnapshots(r io.ReaderAt, off uint64, nb uint32, fileSize int64, cs int6
 		if extra >= 16 {
 			s.DiskSize = be.Uint64(v[8:])
 		}
+		if extra >= 24 {
+			if n := be.Uint64(v[16:]); n != ^uint64(0) {
+				s.ICount = &n
+			}
+		}
+		s.extra = v[:extra:extra]
 		s.ID = string(v[extra : extra+idLen])
 		s.Name = string(v[extra+idLen:])
 		if s.L1Offset%cs != 0 || uint64(s.L1Size)*8 > maxL1Bytes || s.L1Offset+int64(s.L1Size)*8 > fileSize {
