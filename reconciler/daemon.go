@@ -48,7 +48,6 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/config"
-	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
 
@@ -89,14 +88,14 @@ type Daemon struct {
 
 	mu        sync.Mutex
 	devices   map[Key]*device
-	desired   map[Key]config.Disk     // from YAML
-	procs     map[Key]*worker.Process // running workers, for the API (devices are the reconcilers')
-	paused    map[Key]bool
-	conflicts map[Key]string     // YAML disks whose key another declaration holds
-	decl      map[Key]*declQueue // changes of YAML devices' declarations (desired.go)
-	imageErrs map[Key]string     // why a YAML disk's image could not be created
-	retry     map[Key]bool       // YAML disks a reload asks to try again
-	ports     uint32             // last local event-channel port handed out
+	desired   map[Key]config.Disk  // from YAML
+	views     map[Key]deviceView   // what the API sees of each device (devices are the reconcilers')
+	requests  map[Key][]*opRequest // operators' requests, oldest first (requests.go)
+	conflicts map[Key]string       // YAML disks whose key another declaration holds
+	decl      map[Key]*declQueue   // changes of YAML devices' declarations (desired.go)
+	imageErrs map[Key]string       // why a YAML disk's image could not be created
+	retry     map[Key]bool         // YAML disks a reload asks to try again
+	ports     uint32               // last local event-channel port handed out
 
 	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }
@@ -186,8 +185,8 @@ func newDaemon(opts Options) (*Daemon, *config.File, error) {
 		q:         newQueue(),
 		devices:   map[Key]*device{},
 		desired:   map[Key]config.Disk{},
-		procs:     map[Key]*worker.Process{},
-		paused:    map[Key]bool{},
+		views:     map[Key]deviceView{},
+		requests:  map[Key][]*opRequest{},
 		conflicts: map[Key]string{},
 		shutdown:  newShutdownState(),
 	}
@@ -430,16 +429,6 @@ func (d *Daemon) shutdownAll() int {
 }
 
 func (d *Daemon) backendPath(k Key) string { return k.BackendPath(d.self) }
-
-func (d *Daemon) setProc(k Key, p *worker.Process) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if p == nil {
-		delete(d.procs, k)
-	} else {
-		d.procs[k] = p
-	}
-}
 
 func (d *Daemon) allocPort() uint32 {
 	d.mu.Lock()
