@@ -42,6 +42,9 @@ func (d *Daemon) publish(dev *device) {
 
 // request queues an operator request for k and waits for its answer.
 func (d *Daemon) request(ctx context.Context, k Key, kind Request, op DeviceOp) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("device %s: %w", k, err) // nobody waits for the answer
+	}
 	r := &opRequest{kind: kind, format: op.Format, path: op.Path, done: make(chan error, 1)}
 	d.mu.Lock()
 	d.requests[k] = append(d.requests[k], r)
