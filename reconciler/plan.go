@@ -157,7 +157,8 @@ type Action struct {
 func (a Action) String() string { return a.Kind.String() + ": " + a.Reason }
 
 // Plan returns the steps that move one device from what runs (a) toward
-// what xenstore declares (o), in order. It is pure: the same input gives
+// what is asked of it (o: what xenstore declares, the YAML's limits, the
+// operator's requests), in order. It is pure: the same input gives
 // the same plan. The caller applies the steps, observes again and plans
 // again until the plan is empty; each step's effect is visible to the next
 // observation, so Plan only ever looks one handshake step ahead.
