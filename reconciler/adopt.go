@@ -13,7 +13,6 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 
-	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
@@ -101,7 +100,7 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 		d.mu.Lock()
 		d.devices[k] = dev
 		d.mu.Unlock()
-		d.setProc(k, p)
+		d.publish(dev)
 		go func() {
 			<-p.Done()
 			d.q.Add(k)
@@ -120,53 +119,28 @@ func keepAdoptedRing(desc *worker.Describe) bool {
 	return desc.Ring && desc.Transport == "xen"
 }
 
-// checkAdopted keeps an adopted worker only if it serves what xenstore
-// declares for its device; otherwise it is closed (flushing) and the
-// device starts afresh.
-func (d *Daemon) checkAdopted(ctx context.Context, dev *device, s snapshot, log *slog.Logger) {
-	desc := dev.adopted
-	dev.adopted = nil
-	if !s.Present || dev.proc == nil {
-		return // Plan stops it
-	}
-	format, path, err := ParseParams(s.Params)
-	if err == nil {
-		format, err = formats.Normalize(format)
-	}
-	ro := s.Mode == "r" || s.Mode == "ro"
-	if err == nil && format == desc.Format && path == desc.Path && ro == desc.ReadOnly && desc.Open {
-		dev.procParams = s.Params
-		return
-	}
-	log.Info("adopted worker serves something else than xenstore declares: closing it",
-		"serving", desc.Format+":"+desc.Path, "declared", s.Params)
-	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	d.stopWorker(cctx, dev) // its error is the old worker's; the device starts afresh
+// adoptWorker keeps an adopted worker that serves what xenstore declares
+// for its device: the params are the ones it opened.
+func (d *Daemon) adoptWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	dev.procParams, dev.adopted = s.Params, nil
+	log.Info("adopted worker kept: it serves what xenstore declares", "params", s.Params)
+	return nil
 }
 
 // resetOrphanRing restarts the handshake of a guest whose local frontend
-// is gone (it lived in a previous daemon) while xenstore still says
-// Connected: the backend goes to Closed and the frontend back to
-// Initialising, which is a frontend's request to reconnect (xenbus.h).
-func (d *Daemon) resetOrphanRing(ctx context.Context, dev *device, s snapshot, log *slog.Logger) (bool, error) {
-	if !s.Present || !s.Online || !s.LocalFrontend || dev.lf != nil || dev.ring || !s.FrontendPresent {
-		return false, nil
-	}
-	if s.Frontend != StateInitialised && s.Frontend != StateConnected {
-		return false, nil
-	}
-	if s.Backend != StateConnected && s.Backend != StateInitWait {
-		return false, nil
-	}
-	log.Info("the local frontend of this guest is gone: reconnecting its ring")
-	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+// is gone while xenstore still says Connected: the backend goes to Closed
+// and the frontend back to Initialising, which is a frontend's request to
+// reconnect (xenbus.h).
+func (d *Daemon) resetOrphanRing(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
+		if err := requireDir(ctx, tx, d.backendPath(dev.key)); err != nil {
+			return err
+		}
 		if err := tx.Write(ctx, d.backendPath(dev.key)+"/state", strconv.Itoa(int(StateClosed))); err != nil {
 			return err
 		}
 		return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateInitialising)))
 	})
-	return err == nil, err
 }
 
 // newDevice makes the daemon's record of one device.

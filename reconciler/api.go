@@ -64,11 +64,11 @@ func (d *Daemon) serveAPI() (stop func(), err error) {
 		defer cancel()
 		switch r.PathValue("op") {
 		case "pause":
-			err = d.pauseDevice(ctx, k)
+			err = d.request(ctx, k, RequestPause, req)
 		case "resume":
-			err = d.resumeDevice(ctx, k, req.Format, req.Path)
+			err = d.request(ctx, k, RequestResume, req)
 		case "snapshot":
-			err = d.snapshotDevice(ctx, k, req.Format, req.Path)
+			err = d.request(ctx, k, RequestSnapshot, req)
 		default:
 			http.Error(w, "unknown operation", http.StatusNotFound)
 			return
@@ -106,9 +106,9 @@ func (d *Daemon) serveAPI() (stop func(), err error) {
 
 func (d *Daemon) stats(ctx context.Context) []DeviceStats {
 	d.mu.Lock()
-	procs := make(map[Key]*worker.Process, len(d.procs))
-	for k, p := range d.procs {
-		procs[k] = p
+	procs := make(map[Key]*worker.Process, len(d.views))
+	for k, v := range d.views {
+		procs[k] = v.proc
 	}
 	d.mu.Unlock()
 	// Asked all at once: a worker busy serving answers late, and one after

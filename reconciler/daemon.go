@@ -36,16 +36,11 @@ package reconciler
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"os/signal"
-	"path"
-	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"sync"
@@ -53,8 +48,6 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/config"
-	"github.com/blktap-go/blktap/formats"
-	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
 
@@ -82,20 +75,6 @@ type Options struct {
 	hooks *hooks // the in-process harness's (hooks.go); nil otherwise
 }
 
-// XenstorePathFile, in the state directory, names the xenstored socket the
-// daemon uses, so the CLI finds the same one.
-const XenstorePathFile = "xenstore.path"
-
-// EmbeddedSocket is the embedded xenstored's socket in the state directory.
-const EmbeddedSocket = "xenstored.sock"
-
-// EmbeddedTree, in the state directory, is where the embedded xenstored
-// keeps its tree, so that a restarted daemon finds the devices `blktap
-// attach` declared. Saved at most treeSaveDelay after each change.
-const EmbeddedTree = "xenstored.db"
-
-const treeSaveDelay = 200 * time.Millisecond
-
 // Daemon is one running `blktap run`.
 type Daemon struct {
 	opts     Options
@@ -111,14 +90,14 @@ type Daemon struct {
 
 	mu        sync.Mutex
 	devices   map[Key]*device
-	desired   map[Key]config.Disk     // from YAML
-	procs     map[Key]*worker.Process // running workers, for the API (devices are the reconcilers')
-	paused    map[Key]bool
-	conflicts map[Key]string     // YAML disks whose key another declaration holds
-	decl      map[Key]*declQueue // changes of YAML devices' declarations (desired.go)
-	imageErrs map[Key]string     // why a YAML disk's image could not be created
-	retry     map[Key]bool       // YAML disks a reload asks to try again
-	ports     uint32             // last local event-channel port handed out
+	desired   map[Key]config.Disk  // from YAML
+	views     map[Key]deviceView   // what the API sees of each device (devices are the reconcilers')
+	requests  map[Key][]*opRequest // operators' requests, oldest first (requests.go)
+	conflicts map[Key]string       // YAML disks whose key another declaration holds
+	decl      map[Key]*declQueue   // changes of YAML devices' declarations (desired.go)
+	imageErrs map[Key]string       // why a YAML disk's image could not be created
+	retry     map[Key]bool         // YAML disks a reload asks to try again
+	ports     uint32               // last local event-channel port handed out
 
 	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }
@@ -128,44 +107,11 @@ type Daemon struct {
 // adopt; or until `blktap shutdown` asks it to flush and close every disk
 // first (lifecycle.go).
 func Run(ctx context.Context, opts Options) error {
-	if opts.Logger == nil {
-		opts.Logger = slog.Default()
-	}
-	if opts.WorkerStderr == nil {
-		opts.WorkerStderr = os.Stderr
-	}
-	if opts.Exe == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return err
-		}
-		opts.Exe = exe
-	}
-	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
-	d := &Daemon{
-		opts:      opts,
-		log:       opts.Logger,
-		root:      "/local/domain/0/backend",
-		q:         newQueue(),
-		devices:   map[Key]*device{},
-		desired:   map[Key]config.Disk{},
-		procs:     map[Key]*worker.Process{},
-		paused:    map[Key]bool{},
-		conflicts: map[Key]string{},
-		shutdown:  newShutdownState(),
+	d, cfg, err := newDaemon(opts)
+	if err != nil {
+		return err
 	}
 	sd := takeNotifySocket()
-	// Read the YAML before touching anything: a wrong file is a clear
-	// error at start, not a half-started daemon.
-	var cfg *config.File
-	if opts.ConfigPath != "" {
-		var err error
-		if cfg, err = config.Load(opts.ConfigPath); err != nil {
-			return err
-		}
-	}
 	if err := d.connectXenstore(ctx); err != nil {
 		return err
 	}
@@ -177,27 +123,13 @@ func Run(ctx context.Context, opts Options) error {
 	// finish before the daemon exits (ctx is cancelled only if they hang).
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT)
-	defer signal.Stop(sigs)
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
-
-	kinds := []string{KindVBD3, KindTap}
-	if opts.ServeVBD || d.embedded != nil {
-		kinds = append(kinds, KindVBD)
+	var sig signals
+	sig.start()
+	defer sig.stop()
+	events, err := d.watchBackends(ctx)
+	if err != nil {
+		return err
 	}
-	events := make(chan Key, 256)
-	for _, kind := range kinds {
-		w, err := d.xs.Watch(ctx, d.root+"/"+kind, "backend-"+kind)
-		if err != nil {
-			return fmt.Errorf("watch %s: %w", d.root+"/"+kind, err)
-		}
-		go d.forward(ctx, w, func(xenstore.Event) (Key, bool) { return Key{}, false }, events, kind)
-	}
-	d.watchReleaseDomain(ctx)
-
 	// Workers a previous daemon left running keep their disks served;
 	// take them over before declaring anything, so no image is opened
 	// twice.
@@ -205,9 +137,115 @@ func Run(ctx context.Context, opts Options) error {
 	if cfg != nil {
 		d.applyConfig(ctx, cfg)
 	}
+	wg := d.startReconcilers(ctx)
+	stop, err := d.serveEndpoints()
+	if err != nil {
+		return err
+	}
+	defer stop()
+	d.warnBlkback()
+	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
+		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)
+	d.rescan(ctx)
+	go d.notifyReady(ctx, sd)
+	opts.hooks.running(d)
+	closeAll := d.mainLoop(ctx, events, &sig)
+	sd.notify("STOPPING=1")
+	d.drain(wg, cancel)
+	if closeAll {
+		d.log.Info("shutting down: flushing and closing every disk")
+		d.shutdown.closed = d.shutdownAll()
+		d.log.Info("every disk closed", "disks", d.shutdown.closed)
+		close(d.shutdown.done)
+	}
+	return nil
+}
 
+// newDaemon fills in the options' defaults and reads the YAML before
+// touching anything: a wrong file is a clear error at start, not a
+// half-started daemon.
+func newDaemon(opts Options) (*Daemon, *config.File, error) {
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if opts.WorkerStderr == nil {
+		opts.WorkerStderr = os.Stderr
+	}
+	if opts.Exe == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, nil, err
+		}
+		opts.Exe = exe
+	}
+	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("state directory: %w", err)
+	}
+	d := &Daemon{
+		opts:      opts,
+		log:       opts.Logger,
+		root:      "/local/domain/0/backend",
+		q:         newQueue(),
+		devices:   map[Key]*device{},
+		desired:   map[Key]config.Disk{},
+		views:     map[Key]deviceView{},
+		requests:  map[Key][]*opRequest{},
+		conflicts: map[Key]string{},
+		shutdown:  newShutdownState(),
+	}
+	var cfg *config.File
+	if opts.ConfigPath != "" {
+		var err error
+		if cfg, err = config.Load(opts.ConfigPath); err != nil {
+			return nil, nil, err
+		}
+	}
+	return d, cfg, nil
+}
+
+// signals are the ones the main loop answers.
+type signals struct{ term, hup chan os.Signal }
+
+func (s *signals) start() {
+	s.term, s.hup = make(chan os.Signal, 1), make(chan os.Signal, 1)
+	signal.Notify(s.term, syscall.SIGTERM, syscall.SIGINT)
+	signal.Notify(s.hup, syscall.SIGHUP)
+}
+
+func (s *signals) stop() {
+	signal.Stop(s.term)
+	signal.Stop(s.hup)
+}
+
+// backendKinds are the backend directories the daemon serves.
+func (d *Daemon) backendKinds() []string {
+	kinds := []string{KindVBD3, KindTap}
+	if d.opts.ServeVBD || d.embedded != nil {
+		kinds = append(kinds, KindVBD)
+	}
+	return kinds
+}
+
+// watchBackends watches every backend directory the daemon serves; the
+// channel carries the keys of the devices that changed.
+func (d *Daemon) watchBackends(ctx context.Context) (<-chan Key, error) {
+	events := make(chan Key, 256)
+	for _, kind := range d.backendKinds() {
+		w, err := d.xs.Watch(ctx, d.root+"/"+kind, "backend-"+kind)
+		if err != nil {
+			return nil, fmt.Errorf("watch %s: %w", d.root+"/"+kind, err)
+		}
+		go d.forward(ctx, w, events)
+	}
+	d.watchReleaseDomain(ctx)
+	return events, nil
+}
+
+// reconcilers is how many devices are reconciled at once.
+const reconcilers = 4
+
+func (d *Daemon) startReconcilers(ctx context.Context) *sync.WaitGroup {
 	var wg sync.WaitGroup
-	const reconcilers = 4
 	for range reconcilers {
 		wg.Add(1)
 		go func() {
@@ -222,68 +260,75 @@ func Run(ctx context.Context, opts Options) error {
 			}
 		}()
 	}
+	return &wg
+}
 
+// serveEndpoints starts the API and, if asked for, the metrics.
+func (d *Daemon) serveEndpoints() (stop func(), err error) {
 	stopAPI, err := d.serveAPI()
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer stopAPI()
-	if opts.MetricsAddr != "" {
-		stopMetrics, err := d.serveMetrics(opts.MetricsAddr)
-		if err != nil {
-			return err
-		}
-		defer stopMetrics()
+	if d.opts.MetricsAddr == "" {
+		return stopAPI, nil
 	}
+	stopMetrics, err := d.serveMetrics(d.opts.MetricsAddr)
+	if err != nil {
+		stopAPI()
+		return nil, err
+	}
+	return func() { stopMetrics(); stopAPI() }, nil
+}
 
-	if opts.ServeVBD && d.embedded == nil && !d.localFrontend && blkbackLoaded() {
+func (d *Daemon) warnBlkback() {
+	if d.opts.ServeVBD && d.embedded == nil && !d.localFrontend && blkbackLoaded() {
 		// vbd3 disks coexist with blkback; script=block-blktap ones cannot.
 		d.log.Warn("xen-blkback is loaded: it binds every backend/vbd device, so disks with script=block-blktap will fail; " +
 			"to serve them, unload and blacklist it (modprobe -r xen-blkback; echo 'blacklist xen-blkback' >/etc/modprobe.d/blktap.conf)")
 	}
-	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
-		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)
+}
+
+// notifyReady tells systemd the daemon is ready once every disk declared
+// at start has converged or has its error (Type=notify).
+func (d *Daemon) notifyReady(ctx context.Context, sd notifier) {
+	if !waitConverged(ctx, d.q, readySettle, readyLimit) {
+		if ctx.Err() != nil {
+			return
+		}
+		d.log.Warn("some disks have not converged yet; telling systemd the daemon is ready anyway (see blktap ls)", "waited", readyLimit)
+	}
+	if err := sd.notify("READY=1"); err != nil {
+		d.log.Error("telling systemd the daemon is ready", "err", err)
+	}
+}
+
+// mainLoop feeds the queue until the daemon is to stop; closeAll: a
+// `blktap shutdown` asked for every disk to be closed first.
+func (d *Daemon) mainLoop(ctx context.Context, events <-chan Key, sig *signals) (closeAll bool) {
 	var fileChanged <-chan struct{}
-	if opts.ConfigPath != "" {
-		if fileChanged, err = watchFile(ctx, opts.ConfigPath, 300*time.Millisecond); err != nil {
+	if d.opts.ConfigPath != "" {
+		var err error
+		if fileChanged, err = watchFile(ctx, d.opts.ConfigPath, 300*time.Millisecond); err != nil {
 			d.log.Warn("not watching the YAML file (SIGHUP still reloads it)", "err", err)
 		}
 	}
 	resync := time.NewTicker(5 * time.Second)
 	defer resync.Stop()
-	d.rescan(ctx)
-	go func() {
-		// Ready for systemd once every disk declared at start has
-		// converged or has its error (Type=notify).
-		if !waitConverged(ctx, d.q, readySettle, readyLimit) {
-			if ctx.Err() != nil {
-				return
-			}
-			d.log.Warn("some disks have not converged yet; telling systemd the daemon is ready anyway (see blktap ls)", "waited", readyLimit)
-		}
-		if err := sd.notify("READY=1"); err != nil {
-			d.log.Error("telling systemd the daemon is ready", "err", err)
-		}
-	}()
-	opts.hooks.running(d)
-	closeAll := false
-loop:
 	for {
 		select {
 		case <-ctx.Done():
-			break loop
-		case sig := <-sigs:
-			d.log.Info("exiting on signal; workers keep serving their disks (the next `blktap run` adopts them; `blktap shutdown` closes them)", "signal", sig.String())
-			break loop
+			return false
+		case s := <-sig.term:
+			d.log.Info("exiting on signal; workers keep serving their disks (the next `blktap run` adopts them; `blktap shutdown` closes them)", "signal", s.String())
+			return false
 		case <-d.shutdown.requested:
-			closeAll = true
-			break loop
+			return true
 		case k := <-events:
 			d.q.Add(k)
 		case <-resync.C:
 			d.rescan(ctx)
-		case <-hup:
-			if opts.ConfigPath != "" {
+		case <-sig.hup:
+			if d.opts.ConfigPath != "" {
 				d.reload(ctx, "SIGHUP")
 			}
 		case _, ok := <-fileChanged:
@@ -294,7 +339,11 @@ loop:
 			d.reload(ctx, "file changed")
 		}
 	}
-	sd.notify("STOPPING=1")
+}
+
+// drain stops the queue and waits for the reconciles in flight, which
+// are cancelled if they take more than 30 s.
+func (d *Daemon) drain(wg *sync.WaitGroup, cancel context.CancelFunc) {
 	d.q.Close()
 	drained := make(chan struct{})
 	go func() { wg.Wait(); close(drained) }()
@@ -305,17 +354,10 @@ loop:
 		cancel()
 		<-drained
 	}
-	if closeAll {
-		d.log.Info("shutting down: flushing and closing every disk")
-		d.shutdown.closed = d.shutdownAll()
-		d.log.Info("every disk closed", "disks", d.shutdown.closed)
-		close(d.shutdown.done)
-	}
-	return nil
 }
 
 // forward turns one watch's events into device keys.
-func (d *Daemon) forward(ctx context.Context, w *xenstore.Watch, _ func(xenstore.Event) (Key, bool), out chan<- Key, what string) {
+func (d *Daemon) forward(ctx context.Context, w *xenstore.Watch, out chan<- Key) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -346,11 +388,7 @@ func (d *Daemon) forward(ctx context.Context, w *xenstore.Watch, _ func(xenstore
 // its first pass start, so every device was reconciled twice per rescan.
 func (d *Daemon) rescan(ctx context.Context) {
 	keys := map[Key]struct{}{}
-	kinds := []string{KindVBD3, KindTap}
-	if d.opts.ServeVBD || d.embedded != nil {
-		kinds = append(kinds, KindVBD)
-	}
-	for _, kind := range kinds {
+	for _, kind := range d.backendKinds() {
 		doms, err := d.xs.Directory(ctx, d.root+"/"+kind)
 		if err != nil {
 			continue
@@ -377,348 +415,6 @@ func (d *Daemon) rescan(ctx context.Context) {
 	}
 }
 
-func (d *Daemon) connectXenstore(ctx context.Context) error {
-	if f := ProbeHost(); f.Xen {
-		return d.connectRealXenstore(ctx, f)
-	}
-	path := d.opts.XenstorePath
-	if path == "" {
-		if p := xenstore.DefaultPath(); p != "" {
-			if st, err := os.Stat(p); err == nil && st.Mode()&os.ModeSocket != 0 {
-				dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-				c, err := xenstore.Dial(dctx, p)
-				cancel()
-				if err == nil {
-					d.xs, d.xsPath = c, p
-				} else {
-					d.log.Warn("xenstored socket present but not answering; embedding one", "path", p, "err", err)
-				}
-			}
-		}
-	} else {
-		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		c, err := xenstore.Dial(dctx, path)
-		cancel()
-		if err != nil {
-			return fmt.Errorf("xenstore %s: %w", path, err)
-		}
-		d.xs, d.xsPath = c, path
-	}
-	if d.xs == nil {
-		sock := filepath.Join(d.opts.StateDir, EmbeddedSocket)
-		srv := xenstore.NewServer(d.log.With("component", "xenstored"))
-		ln, err := listenUnix(sock, 0o600)
-		if err != nil {
-			return fmt.Errorf("embedded xenstored: %w", err)
-		}
-		// The socket is ours, so the saved tree is too.
-		db := filepath.Join(d.opts.StateDir, EmbeddedTree)
-		if ok, err := srv.LoadTree(db); err != nil {
-			aside := db + ".damaged"
-			if rerr := os.Rename(db, aside); rerr != nil {
-				ln.Close()
-				return fmt.Errorf("embedded xenstored: %w (and cannot move it aside: %v)", err, rerr)
-			}
-			d.log.Error("embedded xenstored: the saved tree is damaged; starting with a fresh one", "err", err, "kept_as", aside)
-		} else if ok {
-			d.log.Info("embedded xenstored: tree restored", "path", db)
-		}
-		srv.PersistTo(db, treeSaveDelay)
-		go func() {
-			if err := srv.Serve(ln); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, xenstore.ErrServerClosed) {
-				d.log.Error("embedded xenstored stopped", "err", err)
-			}
-		}()
-		dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		c, err := xenstore.Dial(dctx, sock)
-		cancel()
-		if err != nil {
-			srv.Close()
-			return fmt.Errorf("embedded xenstored: %w", err)
-		}
-		d.xs, d.xsPath, d.embedded = c, sock, srv
-		// What a booted Xen host has, so tools that look for dom0 find it.
-		for _, kv := range [][2]string{
-			{"/local/domain/0/name", "Domain-0"},
-			{"/local/domain/0/domid", "0"},
-			{"/local/domain/0/backend", ""},
-			{"/tool", ""},
-		} {
-			if err := d.xs.Write(ctx, kv[0], kv[1]); err != nil {
-				return fmt.Errorf("embedded xenstored: %w", err)
-			}
-		}
-	}
-	_, gntdev := os.Stat("/dev/xen/gntdev")
-	d.localFrontend = d.embedded != nil || gntdev != nil
-	if err := os.WriteFile(filepath.Join(d.opts.StateDir, XenstorePathFile), []byte(d.xsPath+"\n"), 0o600); err != nil {
-		return err
-	}
-	return nil
-}
-
-func (d *Daemon) closeXenstore() {
-	d.xs.Close()
-	if d.embedded != nil {
-		d.embedded.Close()
-		os.Remove(filepath.Join(d.opts.StateDir, XenstorePathFile))
-	}
-}
-
-// listenUnix listens on a unix socket at path, replacing a stale socket
-// (never another kind of file), with the given mode.
-func listenUnix(path string, mode os.FileMode) (*net.UnixListener, error) {
-	if st, err := os.Lstat(path); err == nil {
-		if st.Mode()&os.ModeSocket == 0 {
-			return nil, fmt.Errorf("%s exists and is not a socket", path)
-		}
-		if c, err := net.Dial("unix", path); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("%s is in use by another process", path)
-		}
-		os.Remove(path)
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, err
-	}
-	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
-	if err != nil {
-		return nil, err
-	}
-	if err := os.Chmod(path, mode); err != nil {
-		ln.Close()
-		return nil, err
-	}
-	return ln, nil
-}
-
-// applyConfig makes xenstore declare every YAML disk: it creates missing
-// images, writes the devices the file adds and detaches those it dropped.
-// Problems are logged per disk; one bad disk never stops the others.
-func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
-	want := map[Key]config.Disk{}
-	for _, disk := range cfg.Disks {
-		k := Key{Kind: KindVBD3, Domid: disk.Domain, Devid: disk.DevID}
-		want[k] = disk
-	}
-	d.mu.Lock()
-	old := d.desired
-	d.desired = want
-	d.mu.Unlock()
-
-	keys := make([]Key, 0, len(want))
-	for k := range want {
-		keys = append(keys, k)
-	}
-	sort.Slice(keys, func(i, j int) bool { return keys[i].String() < keys[j].String() })
-	for _, k := range keys {
-		disk := want[k]
-		log := d.log.With("disk", disk.Name)
-		if err := ensureImage(disk); err != nil {
-			log.Error("image", "err", err)
-			// The device is still declared: its status then says why it
-			// cannot start, where `blktap ls` shows it.
-			d.setImageError(k, err.Error())
-		} else {
-			d.setImageError(k, "")
-		}
-		// A reload is the operator's word that something was fixed: a
-		// disk that failed for good tries once more.
-		d.setRetry(k)
-		spec := yamlSpec(k, disk)
-		prev, had := old[k]
-		changed := had && (prev.Image != disk.Image || prev.Format != disk.Format || prev.Mode != disk.Mode)
-		if changed || d.declaring(k) {
-			// Image, format or mode changed: a controlled reconnect,
-			// as a toolstack would do it (unplug, then plug anew); or
-			// a change of this device is still running: this one
-			// waits its turn.
-			d.declare(ctx, k, declOp{spec: &spec, reconnect: changed})
-			continue
-		}
-		err := WriteDevice(ctx, d.xs, spec)
-		d.setConflict(k, "")
-		if errors.Is(err, ErrExists) {
-			if !had {
-				// Declared already, by someone else (an attach, a
-				// toolstack): both stand as they are and the device's
-				// status says so; nothing is torn down.
-				if why := d.declaredElsewhere(ctx, k, spec); why != "" {
-					log.Error("device declared twice", "why", why)
-					d.setConflict(k, why)
-				}
-			}
-		} else if err != nil {
-			log.Error("declare device in xenstore", "err", err)
-			continue
-		}
-		d.q.Add(k)
-	}
-	for k, disk := range old {
-		if _, still := want[k]; still {
-			continue
-		}
-		d.setImageError(k, "")
-		if d.conflict(k) != "" {
-			// The YAML never owned this device: someone else declared it.
-			d.setConflict(k, "")
-			d.q.Add(k)
-			continue
-		}
-		d.log.Info("disk removed from the desired state: detaching", "disk", disk.Name)
-		d.declare(ctx, k, declOp{})
-	}
-}
-
-// yamlSpec is how a YAML disk is declared in xenstore.
-func yamlSpec(k Key, disk config.Disk) DeviceSpec {
-	return DeviceSpec{
-		Key: k, Name: disk.Name, Format: disk.Format, Path: disk.Image,
-		Mode: disk.Mode, Vdev: config.VdevName(disk.DevID), Source: "yaml",
-	}
-}
-
-// reload reads the YAML file again and applies it, unless it cannot be
-// read, is invalid, or would detach every disk without saying so; then
-// the previous desired state stands, and the log and the daemon's status
-// (ConfigErrorPath, shown by `blktap ls`) say why.
-func (d *Daemon) reload(ctx context.Context, why string) {
-	c, err := config.Load(d.opts.ConfigPath)
-	if err == nil {
-		d.mu.Lock()
-		n := len(d.desired)
-		d.mu.Unlock()
-		err = c.CheckDropAll(n)
-	}
-	if err != nil {
-		d.log.Error("reload refused: keeping the previous desired state", "trigger", why, "err", err)
-		d.setConfigError(ctx, fmt.Sprintf("reload refused (%s, %s): %v", why, time.Now().UTC().Format(time.RFC3339), err))
-		return
-	}
-	d.setConfigError(ctx, "")
-	d.log.Info("reloaded the desired state", "trigger", why, "disks", len(c.Disks))
-	d.applyConfig(ctx, c)
-}
-
-// ConfigErrorPath is where the daemon whose backend domain is self says
-// why it refused the last version of its YAML file ("" or absent: it
-// took it).
-func ConfigErrorPath(self uint32) string {
-	return xenstore.DomainPath(self) + "/" + statusDir + "/config-error"
-}
-
-func (d *Daemon) setConfigError(ctx context.Context, msg string) {
-	p := ConfigErrorPath(d.self)
-	err := d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
-		if msg == "" {
-			if err := tx.Rm(ctx, p); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
-				return err
-			}
-			return nil
-		}
-		// It quotes the file's path and the parser's messages: the
-		// backend domain's to read, as every blktap/ status.
-		dir := path.Dir(p)
-		if err := tx.Mkdir(ctx, dir); err != nil {
-			return err
-		}
-		if err := tx.SetPerms(ctx, dir, statusPerms(d.self)); err != nil {
-			return err
-		}
-		if len(msg) > maxStatusValue {
-			msg = msg[:maxStatusValue]
-		}
-		return tx.Write(ctx, p, msg)
-	})
-	if err != nil {
-		d.log.Warn("write the desired state's status", "err", err)
-	}
-}
-
-// maxStatusValue keeps a status message well inside a xenstore value
-// (4096 bytes).
-const maxStatusValue = 2048
-
-func (d *Daemon) setImageError(k Key, msg string) { d.setNote(&d.imageErrs, k, msg) }
-
-// imageError is why the YAML's image for k could not be made, or "".
-func (d *Daemon) imageError(k Key) string { return d.note(&d.imageErrs, k) }
-
-// setNote records msg for k in *m, or forgets k's for "".
-func (d *Daemon) setNote(m *map[Key]string, k Key, msg string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if msg == "" {
-		delete(*m, k)
-		return
-	}
-	if *m == nil {
-		*m = map[Key]string{}
-	}
-	(*m)[k] = msg
-}
-
-func (d *Daemon) note(m *map[Key]string, k Key) string {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return (*m)[k]
-}
-
-func (d *Daemon) setRetry(k Key) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.retry == nil {
-		d.retry = map[Key]bool{}
-	}
-	d.retry[k] = true
-}
-
-// takeRetry reports, once, that k's disk should try again.
-func (d *Daemon) takeRetry(k Key) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	r := d.retry[k]
-	delete(d.retry, k)
-	return r
-}
-
-// ensureImage creates a disk's image when it is missing and the YAML asks
-// for it. An existing file is never touched.
-func ensureImage(disk config.Disk) error {
-	if disk.Format == "rbd" && disk.Create != nil {
-		// The pool is the only judge of whether the image exists.
-		err := formats.Create("rbd", disk.Image, formats.CreateOptions{Size: disk.Create.Size})
-		if errors.Is(err, os.ErrExist) {
-			return nil
-		}
-		return err
-	}
-	if !formats.IsFile(disk.Format) {
-		return nil // a RAM disk is made on attach; nbd and rbd images are remote
-	}
-	if _, err := os.Stat(disk.Image); err == nil {
-		return nil
-	} else if !errors.Is(err, os.ErrNotExist) {
-		return err
-	}
-	if disk.Create == nil {
-		return fmt.Errorf("image %s does not exist (add create: {size: ...} to create it)", disk.Image)
-	}
-	if err := os.MkdirAll(filepath.Dir(disk.Image), 0o755); err != nil {
-		return err
-	}
-	err := formats.Create(disk.Format, disk.Image, formats.CreateOptions{
-		Size:          disk.Create.Size,
-		Backing:       disk.Create.Backing,
-		BackingFormat: disk.Create.BackingFormat,
-	})
-	if errors.Is(err, os.ErrExist) {
-		return nil // created meanwhile by someone else: theirs stands
-	}
-	return err
-}
-
-// shutdownAll flushes and closes every disk and stops its worker; it
 // returns how many disks it closed.
 func (d *Daemon) shutdownAll() int {
 	d.mu.Lock()
@@ -742,56 +438,13 @@ func (d *Daemon) shutdownAll() int {
 	return len(devs)
 }
 
-// declaredElsewhere says how the device xenstore already has at k differs
-// from spec, or "" when it is the same disk.
-func (d *Daemon) declaredElsewhere(ctx context.Context, k Key, spec DeviceSpec) string {
-	be := d.backendPath(k)
-	params, _ := d.xs.Read(ctx, be+"/params")
-	mode, _ := d.xs.Read(ctx, be+"/mode")
-	source, _ := d.xs.Read(ctx, be+"/"+keySource)
-	format, path, err := ParseParams(params)
-	if err == nil {
-		format, err = formats.Normalize(format)
-	}
-	if err == nil && format == spec.Format && path == spec.Path && mode == spec.Mode {
-		return ""
-	}
-	if source == "" {
-		source = "a toolstack"
-	}
-	return fmt.Sprintf("declared twice: the YAML's disk %q (%s:%s %s) and %s's %s (mode %s); serving the latter",
-		spec.Name, spec.Format, spec.Path, spec.Mode, source, params, mode)
-}
-
-// backendPath is k's backend directory under the daemon's own domain.
 func (d *Daemon) backendPath(k Key) string { return k.BackendPath(d.self) }
-
-func (d *Daemon) setConflict(k Key, why string) { d.setNote(&d.conflicts, k, why) }
-
-func (d *Daemon) conflict(k Key) string { return d.note(&d.conflicts, k) }
-
-func (d *Daemon) setProc(k Key, p *worker.Process) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if p == nil {
-		delete(d.procs, k)
-	} else {
-		d.procs[k] = p
-	}
-}
 
 func (d *Daemon) allocPort() uint32 {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.ports++
 	return d.ports
-}
-
-func (d *Daemon) desiredFor(k Key) (config.Disk, bool) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	disk, ok := d.desired[k]
-	return disk, ok
 }
 
 func atoiDefault(s string, def int) int {

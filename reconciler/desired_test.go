@@ -92,7 +92,7 @@ func testYAMLSwaps(t *testing.T, dom uint32) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	h.d.mu.Lock()
-	procs := len(h.d.procs)
+	procs := len(h.d.views)
 	h.d.mu.Unlock()
 	if procs != 3 {
 		t.Errorf("%d workers for 3 disks\n%s", procs, h.dump())

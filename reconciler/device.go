@@ -12,7 +12,7 @@ import (
 
 	"github.com/cenkalti/backoff/v4"
 
-	"github.com/blktap-go/blktap/config"
+	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/frontend"
 	"github.com/blktap-go/blktap/tapengine/nbd"
@@ -74,7 +74,9 @@ type device struct {
 
 	status map[string]string // last status written, to write only changes
 
-	qos config.QoS // the limits the worker applies now
+	qos    QoS    // the limits the worker applies now
+	paused bool   // the worker holds I/O (the operator paused it)
+	exited string // the last worker exited on its own: why (until a new one starts)
 
 	adopted *worker.Describe // set when a previous daemon started the worker, until checked
 
@@ -130,25 +132,18 @@ func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logg
 	if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) && dev.proc == nil && dev.lf == nil {
 		// Kernel blkback's disk, not ours: no worker, no status.
 		d.forget(dev)
+		d.refuseAll(k, "is kernel blkback's, not blktap's")
 		return nil, true, nil
 	}
-	d.foldObservation(ctx, dev, snap, log)
-	if fixed, err := d.resetOrphanRing(ctx, dev, snap, log); err != nil {
-		log.Warn("reset ring", "err", err)
-	} else if fixed {
-		return nil, false, nil // observe again
-	}
-	acts := Plan(snap.Observed, dev.actual())
+	d.foldObservation(dev, snap, log)
+	d.observeRequests(dev, &snap)
+	acts := Plan(snap.Observed, dev.actual(snap))
 	if len(acts) == 0 {
-		d.applyQoS(ctx, dev, log)
-		if err := d.connectKernelDevice(ctx, dev, snap, log); err != nil {
-			return &snap, true, &stepError{step: stepKernelDevice, err: err}
-		}
 		return &snap, true, nil
 	}
 	for _, a := range acts {
 		log.Info("apply", "action", a.Kind.String(), "reason", a.Reason)
-		actx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		actx, cancel := context.WithTimeout(ctx, actionTimeout(a.Kind))
 		err := d.apply(actx, dev, snap, a, log)
 		cancel()
 		d.opts.hooks.applied(k, a, err)
@@ -163,7 +158,7 @@ func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logg
 // foldObservation brings what the daemon holds for the device up to date
 // with a new observation and with what happened since the last one (a
 // worker or local frontend that stopped, a retry asked for).
-func (d *Daemon) foldObservation(ctx context.Context, dev *device, snap snapshot, log *slog.Logger) {
+func (d *Daemon) foldObservation(dev *device, snap snapshot, log *slog.Logger) {
 	if snap.name != "" {
 		dev.name = snap.name
 	}
@@ -178,9 +173,31 @@ func (d *Daemon) foldObservation(ctx context.Context, dev *device, snap snapshot
 	if d.takeRetry(dev.key) {
 		dev.failed, dev.failedParams = "", ""
 	}
-	if dev.adopted != nil {
-		d.checkAdopted(ctx, dev, snap, log)
+}
+
+// observeRequests adds to the observation what the daemon's own users
+// ask of the device besides xenstore: the YAML's limits, the operator's
+// oldest request.
+func (d *Daemon) observeRequests(dev *device, snap *snapshot) {
+	if disk, ok := d.desiredFor(dev.key); ok {
+		snap.QoS = QoS{IOPS: disk.QoS.IOPS, Bandwidth: disk.QoS.Bandwidth}
 	}
+	snap.KernelNBD = snap.nbdDevice != ""
+	snap.request = d.nextRequest(dev.key)
+	if snap.request != nil {
+		snap.Request = snap.request.kind
+	}
+}
+
+// actionTimeout bounds one action's effect. An operator's request waits
+// for the worker to drain and flush what is in flight, which takes longer
+// on a loaded host.
+func actionTimeout(k ActionKind) time.Duration {
+	switch k {
+	case ActPause, ActResume, ActSnapshot:
+		return 2 * time.Minute
+	}
+	return 30 * time.Second
 }
 
 // settled follows a pass that left nothing to do, once its status is
@@ -204,7 +221,7 @@ const stableAfter = time.Minute
 // slowly although each had served between the kills.
 const servedFactor = 10
 
-func (dev *device) actual() Actual {
+func (dev *device) actual(s snapshot) Actual {
 	return Actual{
 		Worker:      dev.proc != nil,
 		Export:      dev.exportServed,
@@ -215,30 +232,31 @@ func (dev *device) actual() Actual {
 		LFConnected: dev.guest != nil,
 		Failed:      dev.failed,
 		Params:      dev.procParams,
+		QoS:         dev.qos,
+		KernelNBD:   dev.kernel != nil,
+		Paused:      dev.paused,
+		Adopted:     adoption(dev, s),
+		Exited:      dev.exited,
+		RestartDue:  !time.Now().Before(dev.notBefore),
 	}
 }
 
-// applyQoS gives the worker the YAML's limits when they differ from what
-// it applies: live, no reconnect.
-func (d *Daemon) applyQoS(ctx context.Context, dev *device, log *slog.Logger) {
-	if dev.proc == nil {
-		return
+// adoption compares what an adopted worker serves with what xenstore
+// declares for its device.
+func adoption(dev *device, s snapshot) Adoption {
+	desc := dev.adopted
+	if desc == nil || !s.Present || dev.proc == nil {
+		return AdoptionNone // a removed device's worker stops anyway
 	}
-	want := config.QoS{}
-	if disk, ok := d.desiredFor(dev.key); ok {
-		want = disk.QoS
+	format, path, err := ParseParams(s.Params)
+	if err == nil {
+		format, err = formats.Normalize(format)
 	}
-	if want == dev.qos {
-		return
+	ro := s.Mode == "r" || s.Mode == "ro"
+	if err == nil && format == desc.Format && path == desc.Path && ro == desc.ReadOnly && desc.Open {
+		return AdoptionMatches
 	}
-	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if _, err := dev.proc.Call(cctx, worker.Request{Op: worker.OpQoS, IOPS: want.IOPS, Bandwidth: want.Bandwidth}); err != nil {
-		log.Warn("qos", "err", err)
-		return
-	}
-	dev.qos = want
-	log.Info("qos applied", "iops", want.IOPS, "bandwidth", want.Bandwidth)
+	return AdoptionStale
 }
 
 // noticeExit folds a worker that exited on its own into the device's
@@ -266,7 +284,8 @@ func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
 		wait := dev.restartBo.NextBackOff()
 		dev.restartWait = wait
 		dev.notBefore = time.Now().Add(wait)
-		dev.lastErr = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
+		dev.exited = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
+		dev.lastErr = dev.exited
 		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
 	}
 	d.dropWorker(dev, false)

@@ -12,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/frontend"
@@ -42,6 +41,17 @@ var effects = [...]effect{
 	ActStopWorker:      (*Daemon).stopWorkerEffect,
 	ActFrontendFatal:   (*Daemon).frontendFatalEffect,
 	ActFrontendRestart: (*Daemon).frontendRestart,
+	ActAdoptWorker:     (*Daemon).adoptWorker,
+	ActResetOrphanRing: (*Daemon).resetOrphanRing,
+	ActApplyQoS:        (*Daemon).applyQoS,
+	ActAwaitRestart:    (*Daemon).awaitRestart,
+	ActRestartWorker:   (*Daemon).startWorker,
+	ActAttachKernelNBD: (*Daemon).connectKernelDevice,
+	ActDetachKernelNBD: (*Daemon).detachKernelDevice,
+	ActPause:           (*Daemon).pauseEffect,
+	ActResume:          (*Daemon).resumeEffect,
+	ActSnapshot:        (*Daemon).snapshotEffect,
+	ActRefuseRequest:   (*Daemon).refuseRequest,
 }
 
 func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, log *slog.Logger) error {
@@ -320,10 +330,23 @@ func (d *Daemon) stopWorkerEffect(ctx context.Context, dev *device, s snapshot, 
 	return err
 }
 
-func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if t := dev.notBefore; time.Now().Before(t) {
-		return &retryAt{t}
+// applyQoS gives the worker the desired limits: live, no reconnect.
+func (d *Daemon) applyQoS(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	want := s.QoS
+	if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpQoS, IOPS: want.IOPS, Bandwidth: want.Bandwidth}); err != nil {
+		return err
 	}
+	dev.qos = want
+	log.Info("qos applied", "iops", want.IOPS, "bandwidth", want.Bandwidth)
+	return nil
+}
+
+// awaitRestart waits out the backoff before a crashed worker's restart.
+func (d *Daemon) awaitRestart(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	return &retryAt{dev.notBefore}
+}
+
+func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	if d.embedded == nil && !d.localFrontend {
 		if err := blkbackBound(dev.key); err != nil {
 			return terminal(err)
@@ -359,10 +382,9 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		return err
 	}
 	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, img.readOnly, rep.Size
-	dev.qos = config.QoS{} // a new worker starts unlimited
+	dev.qos, dev.paused, dev.exited = QoS{}, false, "" // a new worker starts unlimited, serving
 	dev.startedAt = time.Now()
-	d.setPaused(dev.key, false)
-	d.setProc(dev.key, p)
+	d.publish(dev)
 	dev.ringErr = ""
 	k := dev.key
 	dev.ringWatch = d.watchRing(ctx, p, k, log)
@@ -525,7 +547,8 @@ func (d *Daemon) stopWorker(ctx context.Context, dev *device) error {
 func (d *Daemon) dropWorker(dev *device, closeExport bool) {
 	os.Remove(d.adoptPath(dev.key))
 	dev.proc, dev.ringWatch, dev.exportServed, dev.ring, dev.stopping = nil, nil, false, false, false
-	d.setProc(dev.key, nil)
+	dev.adopted, dev.paused = nil, false
+	d.publish(dev)
 	if closeExport && dev.export != nil {
 		dev.export.Close()
 		dev.export = nil

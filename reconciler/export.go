@@ -159,9 +159,6 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 // connectKernelDevice connects the kernel nbd device a domain-0 disk asks
 // for to its export, once the disk is connected.
 func (d *Daemon) connectKernelDevice(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if s.nbdDevice == "" || dev.kernel != nil || !s.Domain0 || !dev.exportServed || s.Backend != StateConnected {
-		return nil
-	}
 	ul, ok := dev.export.(*net.UnixListener)
 	if !ok {
 		return fmt.Errorf("%s: the kernel nbd client needs a unix socket export", s.nbdDevice)
@@ -169,14 +166,18 @@ func (d *Daemon) connectKernelDevice(ctx context.Context, dev *device, s snapsho
 	if err := nbdkernel.Available(s.nbdDevice); err != nil {
 		return err
 	}
-	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
-	c, err := nbdkernel.Connect(cctx, s.nbdDevice, ul.Addr().String(), "")
+	c, err := nbdkernel.Connect(ctx, s.nbdDevice, ul.Addr().String(), "")
 	if err != nil {
 		return err
 	}
 	dev.kernel = c
 	log.Info("kernel nbd device connected", "device", s.nbdDevice)
+	return nil
+}
+
+// detachKernelDevice disconnects the kernel nbd device from the export.
+func (d *Daemon) detachKernelDevice(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	dev.closeKernelDevice(log)
 	return nil
 }
 

@@ -133,14 +133,14 @@ func TestSourceConfinement(t *testing.T) {
 		t.Errorf("the refused RAM disk was made")
 	}
 	// The same rules hold for resume onto another image.
-	if err := h.d.pauseDevice(ctx, base); err != nil {
+	if err := h.d.request(ctx, base, RequestPause, DeviceOp{}); err != nil {
 		t.Fatal(err)
 	}
-	err = h.d.resumeDevice(ctx, base, "nbd", "nbd://192.0.2.1:10809/x")
+	err = h.d.request(ctx, base, RequestResume, DeviceOp{Format: "nbd", Path: "nbd://192.0.2.1:10809/x"})
 	if err == nil || !strings.Contains(err.Error(), "--nbd-allow") {
 		t.Errorf("resume onto a host not allowed: %v", err)
 	}
-	if err := h.d.resumeDevice(ctx, base, "", ""); err != nil {
+	if err := h.d.request(ctx, base, RequestResume, DeviceOp{}); err != nil {
 		t.Fatal(err)
 	}
 	// The client first: closing both at once leaves the client's last

@@ -58,7 +58,7 @@ func (m *Model) apply(act Action) {
 			a.Failed, m.failedParams, m.failStart = m.failStart, o.Params, ""
 			return
 		}
-		a.Worker, a.Params = true, o.Params
+		a.Worker, a.Params, a.QoS, a.Paused, a.Exited, a.RestartDue = true, o.Params, QoS{}, false, "", false
 	case ActServeExport:
 		a.Export = true
 	case ActBackendInitWait:
@@ -93,6 +93,38 @@ func (m *Model) apply(act Action) {
 		}
 	case ActStopWorker:
 		a.Worker, a.Export, a.Ring, a.Params, a.RingError, a.RingLost = false, false, false, "", "", ""
+		a.Adopted, a.QoS, a.Paused = AdoptionNone, QoS{}, false
+	default:
+		m.applyMore(act)
+	}
+}
+
+// applyMore models the actions beyond the handshake's.
+func (m *Model) applyMore(act Action) {
+	o, a := &m.o, &m.a
+	switch act.Kind {
+	case ActAdoptWorker:
+		a.Adopted, a.Params = AdoptionNone, o.Params
+	case ActResetOrphanRing:
+		o.Backend, o.Frontend = StateClosed, StateInitialising
+	case ActApplyQoS:
+		a.QoS = o.QoS
+	case ActAwaitRestart:
+		a.RestartDue = true // the backoff runs out
+	case ActRestartWorker:
+		m.apply(Action{Kind: ActStartWorker})
+	case ActAttachKernelNBD:
+		a.KernelNBD = true
+	case ActDetachKernelNBD:
+		a.KernelNBD = false
+	case ActPause, ActResume:
+		a.Paused, o.Request = act.Kind == ActPause, RequestNone
+	case ActSnapshot:
+		a.Paused, o.Request = false, RequestNone
+		o.Params += ".overlay" // the effect records the overlay in params
+		a.Params = o.Params
+	case ActRefuseRequest:
+		o.Request = RequestNone
 	}
 }
 
@@ -109,7 +141,8 @@ func (m *Model) state() string {
 	for _, f := range []struct {
 		on   bool
 		name string
-	}{{m.a.Worker, "worker"}, {m.a.Export, "export"}, {m.a.Ring, "ring"}, {m.a.LF, "local-frontend"}, {m.a.LFConnected, "guest-view"}} {
+	}{{m.a.Worker, "worker"}, {m.a.Export, "export"}, {m.a.Ring, "ring"}, {m.a.LF, "local-frontend"}, {m.a.LFConnected, "guest-view"},
+		{m.a.KernelNBD, "kernel-nbd"}, {m.a.Paused, "paused"}} {
 		if f.on {
 			parts = append(parts, f.name)
 		}

@@ -15,6 +15,7 @@ import (
 // snapshot is one observation of a device in xenstore.
 type snapshot struct {
 	Observed
+	request       *opRequest // the operator's request Observed.Request names
 	name          string
 	fePath        string
 	feID          string

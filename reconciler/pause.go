@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,150 +18,126 @@ import (
 // backing chain may use besides its image's own (a snapshot's base).
 const keyBackingDirs = statusDir + "/backing-dirs"
 
-func (d *Daemon) procFor(k Key) (*worker.Process, error) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	p := d.procs[k]
-	if p == nil {
-		return nil, fmt.Errorf("device %s has no running worker", k)
-	}
-	return p, nil
-}
-
-func (d *Daemon) setPaused(k Key, paused bool) {
-	d.mu.Lock()
-	if paused {
-		d.paused[k] = true
-	} else {
-		delete(d.paused, k)
-	}
-	d.mu.Unlock()
-	d.q.Add(k) // the status shows it
-}
-
-func (d *Daemon) isPaused(k Key) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.paused[k]
-}
-
-// pauseDevice holds the disk's I/O (ring and export alike) after what is
+// pauseEffect holds the disk's I/O (ring and export alike) after what is
 // in flight, flushes and closes the image.
-func (d *Daemon) pauseDevice(ctx context.Context, k Key) error {
-	p, err := d.procFor(k)
-	if err != nil {
-		return err
-	}
-	if _, err := p.Call(ctx, worker.Request{Op: worker.OpPause}); err != nil {
-		return err
-	}
-	d.setPaused(k, true)
-	d.log.Info("device paused", "device", k.String())
-	return nil
+func (d *Daemon) pauseEffect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	return d.answer(dev, s, func(*opRequest) error {
+		if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpPause}); err != nil {
+			return err
+		}
+		dev.paused = true
+		log.Info("device paused")
+		return nil
+	})
 }
 
-// resumeDevice reopens the disk's image, or switches it to the one named,
+// resumeEffect reopens the disk's image, or switches it to the one named,
 // and releases held I/O. A new image is recorded in the backend's params,
 // so a restarted worker opens it too.
-func (d *Daemon) resumeDevice(ctx context.Context, k Key, format, path string) error {
-	p, err := d.procFor(k)
-	if err != nil {
-		return err
-	}
-	req := worker.Request{Op: worker.OpResume}
-	if path != "" {
-		if format, err = formats.Normalize(format); err != nil {
+func (d *Daemon) resumeEffect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	return d.answer(dev, s, func(r *opRequest) (err error) {
+		req := worker.Request{Op: worker.OpResume}
+		format, path := r.format, r.path
+		if path != "" {
+			if format, err = formats.Normalize(format); err != nil {
+				return err
+			}
+			if err := d.checkSource(format, path); err != nil {
+				return err
+			}
+			req.Format, req.Path = format, path
+			if req.AllowDirs, err = d.allowDirs(ctx, dev.key, path); err != nil {
+				return err
+			}
+		}
+		if _, err := dev.proc.Call(ctx, req); err != nil {
 			return err
 		}
-		if err := d.checkSource(format, path); err != nil {
-			return err
+		if path != "" {
+			if err := d.setParams(ctx, dev, format, path, ""); err != nil {
+				return err
+			}
 		}
-		req.Format, req.Path = format, path
-		req.AllowDirs, err = d.allowDirs(ctx, k, path)
+		dev.paused = false
+		log.Info("device resumed", "image", path)
+		return nil
+	})
+}
+
+// snapshotEffect makes the disk's current image the read-only base of a
+// new overlay, live: pause, create the overlay over the image, resume on
+// the overlay. On any failure the disk resumes on its old image.
+func (d *Daemon) snapshotEffect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	return d.answer(dev, s, func(r *opRequest) error {
+		format, base, baseFmt, err := d.snapshotPlan(r, s)
 		if err != nil {
 			return err
 		}
-	}
-	if _, err := p.Call(ctx, req); err != nil {
-		return err
-	}
-	if path != "" {
-		if err := d.setParams(ctx, k, format, path, ""); err != nil {
+		p := dev.proc
+		rep, err := p.Call(ctx, worker.Request{Op: worker.OpPause})
+		if err != nil {
 			return err
 		}
-	}
-	d.setPaused(k, false)
-	d.log.Info("device resumed", "device", k.String(), "image", path)
-	return nil
+		dev.paused = true
+		resumeOld := func(cause error) error {
+			if _, rerr := p.Call(context.WithoutCancel(ctx), worker.Request{Op: worker.OpResume}); rerr != nil {
+				return fmt.Errorf("%w; and resuming on the old image failed: %v (the disk stays paused)", cause, rerr)
+			}
+			dev.paused = false
+			return cause
+		}
+		overlay := r.path
+		if err := formats.Create(format, overlay, formats.CreateOptions{
+			Size: rep.Size, Backing: base, BackingFormat: baseFmt,
+		}); err != nil {
+			return resumeOld(fmt.Errorf("create overlay: %w", err))
+		}
+		extra := filepath.Dir(base)
+		allow, err := d.allowDirs(ctx, dev.key, overlay, extra)
+		if err != nil {
+			os.Remove(overlay)
+			return resumeOld(err)
+		}
+		if _, err := p.Call(ctx, worker.Request{Op: worker.OpResume, Format: format, Path: overlay, AllowDirs: allow}); err != nil {
+			os.Remove(overlay)
+			return resumeOld(fmt.Errorf("resume on the overlay: %w", err))
+		}
+		if err := d.setParams(ctx, dev, format, overlay, extra); err != nil {
+			return err
+		}
+		dev.paused = false
+		log.Info("device snapshotted", "base", base, "overlay", overlay)
+		return nil
+	})
 }
 
-// snapshotDevice makes the disk's current image the read-only base of a
-// new overlay, live: pause, create the overlay over the image, resume on
-// the overlay. On any failure the disk resumes on its old image.
-func (d *Daemon) snapshotDevice(ctx context.Context, k Key, format, overlay string) (err error) {
+// snapshotPlan checks a snapshot request against the device's params:
+// the overlay's format, and the image it goes over.
+func (d *Daemon) snapshotPlan(r *opRequest, s snapshot) (format, base, baseFmt string, err error) {
+	format = r.format
 	if format == "" {
 		format = "qcow2"
 	}
 	if format, err = formats.Normalize(format); err != nil {
-		return err
+		return "", "", "", err
 	}
-	if !filepath.IsAbs(overlay) {
-		return fmt.Errorf("snapshot file %q is not absolute", overlay)
+	if !filepath.IsAbs(r.path) {
+		return "", "", "", fmt.Errorf("snapshot file %q is not absolute", r.path)
 	}
-	if err := d.checkImageDir(overlay); err != nil {
-		return err
+	if err := d.checkImageDir(r.path); err != nil {
+		return "", "", "", err
 	}
-	params, err := d.xs.Read(ctx, d.backendPath(k)+"/params")
+	baseFmt, base, err = ParseParams(s.Params)
 	if err != nil {
-		return err
-	}
-	baseFmt, base, err := ParseParams(params)
-	if err != nil {
-		return err
+		return "", "", "", err
 	}
 	if baseFmt, err = formats.Normalize(baseFmt); err != nil {
-		return err
+		return "", "", "", err
 	}
 	if !formats.IsFile(baseFmt) {
-		return fmt.Errorf("%w: a %s disk has no image file to snapshot", formats.ErrUnsupported, baseFmt)
+		return "", "", "", fmt.Errorf("%w: a %s disk has no image file to snapshot", formats.ErrUnsupported, baseFmt)
 	}
-	p, err := d.procFor(k)
-	if err != nil {
-		return err
-	}
-	rep, err := p.Call(ctx, worker.Request{Op: worker.OpPause})
-	if err != nil {
-		return err
-	}
-	d.setPaused(k, true)
-	resumeOld := func(cause error) error {
-		if _, rerr := p.Call(context.Background(), worker.Request{Op: worker.OpResume}); rerr != nil {
-			return fmt.Errorf("%w; and resuming on the old image failed: %v (the disk stays paused)", cause, rerr)
-		}
-		d.setPaused(k, false)
-		return cause
-	}
-	if err := formats.Create(format, overlay, formats.CreateOptions{
-		Size: rep.Size, Backing: base, BackingFormat: baseFmt,
-	}); err != nil {
-		return resumeOld(fmt.Errorf("create overlay: %w", err))
-	}
-	extra := filepath.Dir(base)
-	allow, err := d.allowDirs(ctx, k, overlay, extra)
-	if err != nil {
-		os.Remove(overlay)
-		return resumeOld(err)
-	}
-	if _, err := p.Call(ctx, worker.Request{Op: worker.OpResume, Format: format, Path: overlay, AllowDirs: allow}); err != nil {
-		os.Remove(overlay)
-		return resumeOld(fmt.Errorf("resume on the overlay: %w", err))
-	}
-	if err := d.setParams(ctx, k, format, overlay, extra); err != nil {
-		return err
-	}
-	d.setPaused(k, false)
-	d.log.Info("device snapshotted", "device", k.String(), "base", base, "overlay", overlay)
-	return nil
+	return format, base, baseFmt, nil
 }
 
 // allowDirs is where a device's backing chain may live: the allowed image
@@ -225,9 +202,11 @@ func (d *Daemon) checkImageDir(path string) error {
 }
 
 // setParams records the device's image in xenstore (and a directory its
-// backing chain may use).
-func (d *Daemon) setParams(ctx context.Context, k Key, format, path, backingDir string) error {
-	be := d.backendPath(k)
+// backing chain may use), and that its worker serves it: the params are
+// the ones the worker opened, not a change to act on.
+func (d *Daemon) setParams(ctx context.Context, dev *device, format, path, backingDir string) error {
+	be := d.backendPath(dev.key)
+	dev.procParams = format + ":" + path
 	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 		if backingDir != "" {
 			rec, err := tx.Read(ctx, be+"/"+keyBackingDirs)

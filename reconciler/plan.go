@@ -34,7 +34,37 @@ type Observed struct {
 	// FrontendError: the frontend published ring keys the backend cannot
 	// use (refs, queue count, protocol); fatal, as xenbus_dev_fatal.
 	FrontendError string
+	QoS           QoS  // the limits the YAML asks for (none for other disks)
+	KernelNBD     bool // a domain-0 disk names a kernel nbd device (nbd-device)
+	// Request is the oldest operator request (the API's pause, resume,
+	// snapshot) waiting for the device, observed with it.
+	Request Request
 }
+
+// QoS is a worker's I/O limits; zero is unlimited.
+type QoS struct {
+	IOPS      int64
+	Bandwidth int64 // bytes per second
+}
+
+// Request is an operator's request for a device.
+type Request int
+
+const (
+	RequestNone Request = iota
+	RequestPause
+	RequestResume // with or without a new image
+	RequestSnapshot
+)
+
+// Adoption is what became of a worker a previous daemon left running.
+type Adoption int
+
+const (
+	AdoptionNone    Adoption = iota // not adopted, or checked already
+	AdoptionMatches                 // it serves what xenstore declares: keep it
+	AdoptionStale                   // it serves something else: close it
+)
 
 // awaitsHotplug: a toolstack-declared device, whose Connected waits for
 // its hotplug script (libxl reacts to InitWait only, then runs it).
@@ -60,6 +90,15 @@ type Actual struct {
 	LFConnected bool   // ... and is connected, its guest view exported
 	Failed      string // a terminal error for these params: nothing starts until they change
 	Params      string // the params the worker opened
+	QoS         QoS    // the limits the worker applies
+	KernelNBD   bool   // the kernel nbd device is connected to the export
+	Paused      bool   // the worker holds the disk's I/O (a pause request)
+	Adopted     Adoption
+	// Exited: the last worker exited on its own, and why; set until a
+	// new one starts. RestartDue: its restart backoff has run out (the
+	// caller's clock says so; Plan has none).
+	Exited     string
+	RestartDue bool
 }
 
 // ActionKind is one step toward the desired state.
@@ -79,6 +118,17 @@ const (
 	ActStopWorker                            // drain, flush, close the image, stop the worker
 	ActFrontendFatal                         // the frontend's keys are unusable: error written, backend -> Closing
 	ActFrontendRestart                       // the local frontend, Closed, goes back to Initialising to reconnect
+	ActAdoptWorker                           // keep a previous daemon's worker: it serves what xenstore declares
+	ActResetOrphanRing                       // backend -> Closed, frontend -> Initialising: its local frontend is gone
+	ActApplyQoS                              // give the worker the desired limits, live
+	ActAwaitRestart                          // the worker exited; its restart waits out the backoff
+	ActRestartWorker                         // start a new worker after one exited
+	ActAttachKernelNBD                       // connect the kernel nbd device to the export
+	ActDetachKernelNBD                       // disconnect the kernel nbd device
+	ActPause                                 // the worker holds I/O, flushes and closes the image
+	ActResume                                // the worker reopens the image (or a new one) and releases I/O
+	ActSnapshot                              // pause, overlay over the image, resume on the overlay
+	ActRefuseRequest                         // answer the request: the device has no worker to do it
 )
 
 var actionNames = map[ActionKind]string{
@@ -88,7 +138,12 @@ var actionNames = map[ActionKind]string{
 	ActFrontendConnect: "frontend-connect", ActBackendClosing: "backend-closing",
 	ActFrontendClose: "frontend-close", ActDisconnectRing: "disconnect-ring",
 	ActStopWorker: "stop-worker", ActFrontendFatal: "frontend-fatal",
-	ActFrontendRestart: "frontend-restart",
+	ActFrontendRestart: "frontend-restart", ActAdoptWorker: "adopt-worker",
+	ActResetOrphanRing: "reset-orphan-ring", ActApplyQoS: "apply-qos",
+	ActAwaitRestart: "await-restart", ActRestartWorker: "restart-worker",
+	ActAttachKernelNBD: "attach-kernel-nbd", ActDetachKernelNBD: "detach-kernel-nbd",
+	ActPause: "pause", ActResume: "resume", ActSnapshot: "snapshot",
+	ActRefuseRequest: "refuse-request",
 }
 
 func (k ActionKind) String() string { return actionNames[k] }
@@ -102,13 +157,35 @@ type Action struct {
 func (a Action) String() string { return a.Kind.String() + ": " + a.Reason }
 
 // Plan returns the steps that move one device from what runs (a) toward
-// what xenstore declares (o), in order. It is pure: the same input gives
+// what is asked of it (o: what xenstore declares, the YAML's limits, the
+// operator's requests), in order. It is pure: the same input gives
 // the same plan. The caller applies the steps, observes again and plans
 // again until the plan is empty; each step's effect is visible to the next
 // observation, so Plan only ever looks one handshake step ahead.
 func Plan(o Observed, a Actual) []Action {
+	return planRequest(o, a, planDevice(o, a))
+}
+
+// planDevice is Plan without the operator's requests.
+func planDevice(o Observed, a Actual) []Action {
 	if !o.Present {
 		return planRemoved(a)
+	}
+	switch a.Adopted {
+	case AdoptionStale:
+		return []Action{{ActStopWorker, "the adopted worker serves something else than xenstore declares"}}
+	case AdoptionMatches:
+		return []Action{{ActAdoptWorker, "the adopted worker serves what xenstore declares"}}
+	}
+	if a.KernelNBD && !a.Worker {
+		// Its connection was to the worker that is gone; a new one
+		// connects it again once it serves the export.
+		return []Action{{ActDetachKernelNBD, "the worker it was connected to is gone"}}
+	}
+	if orphanRing(o, a) {
+		// Its grants died with the old frontend: mapping them again
+		// cannot work, so the guest starts the handshake over.
+		return []Action{{ActResetOrphanRing, "the local frontend of this guest is gone (it lived in a previous daemon)"}}
 	}
 	lost := o.frontendLost(a)
 	closing := !o.Online || o.Backend == StateClosing || o.Backend == StateClosed ||
@@ -117,10 +194,63 @@ func Plan(o Observed, a Actual) []Action {
 	// reconnect (xenbus.h): the backend starts over from InitWait.
 	reconnect := o.Online && o.Backend == StateClosed && a.RingError == "" &&
 		(o.Frontend == StateInitialising || o.Frontend == StateInitWait)
+	var acts []Action
 	if closing && !reconnect {
-		return planClosing(o, a, lost)
+		acts = planClosing(o, a, lost)
+	} else {
+		acts = planHandshake(o, a, reconnect)
 	}
-	return planHandshake(o, a, reconnect)
+	if len(acts) > 0 {
+		return acts
+	}
+	return planSettled(o, a)
+}
+
+// orphanRing: a guest the daemon plays the frontend of says it is
+// Initialised or Connected, but no local frontend exists, and no ring is
+// served: the frontend lived in a previous daemon.
+func orphanRing(o Observed, a Actual) bool {
+	return o.Online && o.LocalFrontend && !a.LF && !a.Ring && o.FrontendPresent &&
+		(o.Frontend == StateInitialised || o.Frontend == StateConnected) &&
+		(o.Backend == StateConnected || o.Backend == StateInitWait)
+}
+
+// planSettled: the handshake is done (or nothing can move); what is left
+// is what the disk's users asked for besides it.
+func planSettled(o Observed, a Actual) []Action {
+	var acts actions
+	if a.Worker && o.QoS != a.QoS {
+		acts.add(ActApplyQoS, "the desired I/O limits differ from the worker's")
+	}
+	switch {
+	case a.KernelNBD && !o.KernelNBD:
+		acts.add(ActDetachKernelNBD, "nbd-device is no longer asked for")
+	case o.KernelNBD && !a.KernelNBD && o.Domain0 && a.Export && o.Backend == StateConnected:
+		acts.add(ActAttachKernelNBD, "the disk is connected and nbd-device asks for a kernel device")
+	}
+	return acts
+}
+
+// planRequest puts the answer to the operator's oldest request first:
+// the worker does it, or, with no worker to do it (or one about to stop),
+// the request is refused.
+func planRequest(o Observed, a Actual, acts []Action) []Action {
+	if o.Request == RequestNone {
+		return acts
+	}
+	stopping := false
+	for _, act := range acts {
+		stopping = stopping || act.Kind == ActStopWorker
+	}
+	first := Action{ActRefuseRequest, "the device has no running worker"}
+	if a.Worker && !stopping {
+		first = map[Request]Action{
+			RequestPause:    {ActPause, "the operator asked to pause the disk"},
+			RequestResume:   {ActResume, "the operator asked to resume the disk"},
+			RequestSnapshot: {ActSnapshot, "the operator asked for a snapshot"},
+		}[o.Request]
+	}
+	return append([]Action{first}, acts...)
 }
 
 // actions collects a plan's steps.
@@ -131,6 +261,9 @@ func (acts *actions) add(k ActionKind, why string) { *acts = append(*acts, Actio
 // planRemoved: the toolstack removed the device; everything is released.
 func planRemoved(a Actual) []Action {
 	var acts actions
+	if a.KernelNBD {
+		acts.add(ActDetachKernelNBD, "backend directory removed")
+	}
 	if a.LF || a.LFConnected {
 		acts.add(ActFrontendClose, "backend directory removed")
 	}
@@ -159,6 +292,9 @@ func planClosing(o Observed, a Actual, lost bool) []Action {
 		add(ActBackendClosing, "toolstack set online to 0")
 	case lost && !a.Ring && o.Backend == StateConnected:
 		add(ActDisconnectRing, "frontend is gone") // nothing mapped; backend -> Closed
+	}
+	if a.KernelNBD && (o.Backend == StateClosing || o.Backend == StateClosed || len(acts) > 0) {
+		add(ActDetachKernelNBD, "the disk is closing")
 	}
 	if ownsFrontend && (a.LF || a.LFConnected || (o.FrontendPresent && o.Frontend != StateClosed)) &&
 		(o.Backend == StateClosing || o.Backend == StateClosed || len(acts) > 0) {
@@ -217,9 +353,27 @@ func planHandshake(o Observed, a Actual, reconnect bool) []Action {
 		return acts
 	}
 	if !a.Worker {
-		add(ActStartWorker, "no worker serves the disk")
-		return acts // everything else needs the image open
+		return append(acts, startWorker(a))
 	}
+	return planConnect(o, a, reconnect)
+}
+
+// startWorker: a worker that exited on its own is restarted once its
+// backoff ran out, so a worker that dies at once does not spin.
+func startWorker(a Actual) Action {
+	switch {
+	case a.Exited == "":
+		return Action{ActStartWorker, "no worker serves the disk"}
+	case !a.RestartDue:
+		return Action{ActAwaitRestart, "the worker exited (" + a.Exited + "); its restart waits for the backoff"}
+	}
+	return Action{ActRestartWorker, "the worker exited (" + a.Exited + ")"}
+}
+
+// planConnect takes a device whose worker runs through the handshake.
+func planConnect(o Observed, a Actual, reconnect bool) []Action {
+	var acts actions
+	add := acts.add
 	if o.Export && !a.Export {
 		add(ActServeExport, "no NBD export for physical-device-path")
 	}

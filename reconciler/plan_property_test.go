@@ -36,7 +36,24 @@ var envEvents = []envEvent{
 		func(m *Model) { m.o.Online, m.o.Backend = false, StateClosing }},
 	{"remove", func(m *Model) bool { return m.o.Present }, func(m *Model) { m.o = Observed{} }},
 	{"worker-dies", func(m *Model) bool { return m.a.Worker },
-		func(m *Model) { m.a.Worker, m.a.Export, m.a.Ring = false, false, false }},
+		func(m *Model) {
+			m.a.Worker, m.a.Export, m.a.Ring, m.a.Paused, m.a.QoS = false, false, false, false, QoS{}
+			m.a.Exited, m.a.RestartDue, m.a.Adopted = "killed", false, AdoptionNone
+		}},
+	{"restart-backoff-elapsed", func(m *Model) bool { return m.a.Exited != "" && !m.a.RestartDue },
+		func(m *Model) { m.a.RestartDue = true }},
+	// A new daemon adopts the worker; the local frontend, which lived in
+	// the old one, is gone, and with it the ring it drove.
+	{"daemon-restarts", func(m *Model) bool { return m.a.Worker }, func(m *Model) { daemonRestarts(m, AdoptionMatches) }},
+	{"daemon-restarts-declaration-changed", func(m *Model) bool { return m.a.Worker },
+		func(m *Model) { daemonRestarts(m, AdoptionStale) }},
+	{"qos-changed", func(m *Model) bool { return m.o.Present },
+		func(m *Model) { m.o.QoS = QoS{IOPS: 100 - m.o.QoS.IOPS} }},
+	{"nbd-device-toggled", func(m *Model) bool { return m.o.Present && m.o.Domain0 },
+		func(m *Model) { m.o.KernelNBD = !m.o.KernelNBD }},
+	{"request-pause", func(m *Model) bool { return m.o.Request == RequestNone }, func(m *Model) { m.o.Request = RequestPause }},
+	{"request-resume", func(m *Model) bool { return m.o.Request == RequestNone }, func(m *Model) { m.o.Request = RequestResume }},
+	{"request-snapshot", func(m *Model) bool { return m.o.Request == RequestNone }, func(m *Model) { m.o.Request = RequestSnapshot }},
 	{"ring-hostile", func(m *Model) bool { return m.a.Ring },
 		func(m *Model) { m.a.Ring, m.a.RingError = false, "hostile" }},
 	{"frontend-gives-up", func(m *Model) bool { return m.a.Ring && m.o.LocalFrontend },
@@ -63,6 +80,16 @@ var envEvents = []envEvent{
 		func(m *Model) { m.o.Params = fmt.Sprintf("aio:/iso/%d.iso", len(m.o.Params)) }},
 }
 
+// daemonRestarts: the daemon restarts and adopts the running worker,
+// whose check against xenstore comes out as adopted says.
+func daemonRestarts(m *Model, adopted Adoption) {
+	if m.o.LocalFrontend {
+		m.a.Ring = false
+	}
+	m.a.LF, m.a.LFConnected, m.a.KernelNBD, m.a.QoS, m.a.Paused = false, false, false, QoS{}, false
+	m.a.RingError, m.a.RingLost, m.a.Params, m.a.Adopted = "", "", "", adopted
+}
+
 // randomReachable builds a device state the daemon can meet: a device
 // declared the way one of the toolstacks declares it, then a random walk
 // that interleaves Plan's own steps with events from outside. Everything
@@ -75,6 +102,10 @@ func randomReachable(r *rand.Rand) (*Model, []string) {
 	m.o.HotplugScript = !m.o.LocalFrontend && !domain0 && r.Intn(2) == 0
 	m.o.Declared = r.Intn(3) == 0
 	m.o.Cdrom = r.Intn(5) == 0
+	m.o.KernelNBD = domain0 && r.Intn(3) == 0
+	if r.Intn(3) == 0 {
+		m.o.QoS = QoS{IOPS: 100, Bandwidth: 1 << 20}
+	}
 	trace := []string{"start " + m.state() + fmt.Sprintf(" (script %v, declared %v, cdrom %v)",
 		m.o.HotplugScript, m.o.Declared, m.o.Cdrom)}
 	for range r.Intn(40) {
@@ -136,10 +167,36 @@ func TestPlanConverges(t *testing.T) {
 			t.Fatalf("state %d of seed %d (-plan.seed=%d) does not converge in %d rounds:\n%s",
 				i, seed, seed, planStepLimit, strings.Join(trace, "\n"))
 		}
+		if bad := badFixedPoint(m); bad != "" {
+			t.Fatalf("state %d of seed %d (-plan.seed=%d) settles where %s:\n%s",
+				i, seed, seed, bad, strings.Join(trace, "\n"))
+		}
 		finals[m.state()] = true
 	}
 	// A generator that only ever builds one kind of state proves little.
 	if len(finals) < 10 {
 		t.Fatalf("seed %d: only %d distinct fixed points reached: %v", seed, len(finals), finals)
 	}
+}
+
+// badFixedPoint says what is wrong with a state Plan leaves as it is.
+func badFixedPoint(m *Model) string {
+	o, a := m.o, m.a
+	switch {
+	case o.Request != RequestNone:
+		return "an operator's request is never answered"
+	case a.Adopted != AdoptionNone:
+		return "an adopted worker is never checked"
+	case a.Worker && a.QoS != o.QoS:
+		return "the worker's limits are not the desired ones"
+	case a.KernelNBD && (!a.Worker || !o.Present || o.Backend != StateConnected):
+		return "a kernel nbd device stays connected to a disk that is not"
+	case o.KernelNBD && !a.KernelNBD && a.Export && o.Backend == StateConnected && o.Domain0:
+		return "the kernel nbd device asked for is never connected"
+	case a.Paused && !a.Worker:
+		return "a paused disk has no worker"
+	case orphanRing(o, a):
+		return "a guest's ring has no frontend"
+	}
+	return ""
 }

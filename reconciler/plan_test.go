@@ -17,14 +17,20 @@ func kinds(acts []Action) []ActionKind {
 	return ks
 }
 
+// The devices the Plan tables start from.
+var (
+	planDom0  = Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", Domain0: true, Export: true, FrontendPresent: true}
+	planGuest = Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", LocalFrontend: true, FrontendPresent: true}
+)
+
+func obsWith(o Observed, f func(*Observed)) Observed { f(&o); return o }
+
+func actWith(a Actual, f func(*Actual)) Actual { f(&a); return a }
+
 // Each case is one observation; the comment names the handshake step of
 // blkif.h's state diagram (or xenbus.h) it covers.
 func TestPlan(t *testing.T) {
-	dom0 := Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", Domain0: true, Export: true, FrontendPresent: true}
-	guest := Observed{Present: true, Online: true, Params: "aio:/x", Mode: "w", LocalFrontend: true, FrontendPresent: true}
-	running := Actual{Worker: true}
-	with := func(o Observed, f func(*Observed)) Observed { f(&o); return o }
-	act := func(a Actual, f func(*Actual)) Actual { f(&a); return a }
+	dom0, guest, running, with, act := planDom0, planGuest, Actual{Worker: true}, obsWith, actWith
 
 	tests := []struct {
 		name string
@@ -134,6 +140,75 @@ func TestPlan(t *testing.T) {
 	}
 }
 
+type planCase struct {
+	name string
+	o    Observed
+	a    Actual
+	want []ActionKind
+}
+
+func runPlanCases(t *testing.T, tests []planCase) {
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := kinds(Plan(tc.o, tc.a))
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("Plan = %v, want %v", got, tc.want)
+			}
+		})
+	}
+}
+
+// What Plan decides beyond the handshake: adoption, restarts, limits,
+// the kernel device, operators' requests. Each rule has a case that
+// fails without it.
+func TestPlanBeyondHandshake(t *testing.T) {
+	dom0, guest, running, with, act := planDom0, planGuest, Actual{Worker: true}, obsWith, actWith
+	dom0up := with(dom0, func(o *Observed) { o.Backend, o.Frontend, o.HotplugConnected = StateConnected, StateConnected, true })
+	served := Actual{Worker: true, Export: true}
+	runPlanCases(t, []planCase{
+		{"adopted worker serving the declared image: kept", dom0up, act(served, func(a *Actual) { a.Adopted = AdoptionMatches }),
+			[]ActionKind{ActAdoptWorker}},
+		{"adopted worker serving another image: closed", dom0up, act(served, func(a *Actual) { a.Adopted = AdoptionStale }),
+			[]ActionKind{ActStopWorker}},
+		{"guest Connected with no local frontend (it died with the old daemon): reset", with(guest, func(o *Observed) {
+			o.Backend, o.Frontend, o.RingPublished = StateConnected, StateConnected, true
+		}), running, []ActionKind{ActResetOrphanRing}},
+		{"a real guest's ring with no local frontend is not an orphan", with(guest, func(o *Observed) {
+			o.LocalFrontend, o.Backend, o.Frontend, o.RingPublished = false, StateConnected, StateConnected, true
+		}), act(running, func(a *Actual) { a.Ring = true }), nil},
+		{"desired limits differ: applied", with(dom0up, func(o *Observed) { o.QoS = QoS{IOPS: 100} }), served,
+			[]ActionKind{ActApplyQoS}},
+		{"desired limits applied: nothing", with(dom0up, func(o *Observed) { o.QoS = QoS{IOPS: 100} }), act(served, func(a *Actual) { a.QoS = QoS{IOPS: 100} }),
+			nil},
+		{"worker exited, backoff running: wait", with(dom0, func(o *Observed) { o.Backend = StateConnected }), Actual{Exited: "signal: killed"},
+			[]ActionKind{ActAwaitRestart}},
+		{"worker exited, backoff over: restart", with(dom0, func(o *Observed) { o.Backend = StateConnected }), Actual{Exited: "signal: killed", RestartDue: true},
+			[]ActionKind{ActRestartWorker}},
+		{"nbd-device asked for on a connected disk: attach", with(dom0up, func(o *Observed) { o.KernelNBD = true }), served,
+			[]ActionKind{ActAttachKernelNBD}},
+		{"nbd-device asked for, disk not connected yet: wait", with(dom0, func(o *Observed) { o.KernelNBD, o.Backend = true, StateInitWait; o.HotplugScript = true }), served,
+			nil},
+		{"nbd-device no longer asked for: detach", dom0up, act(served, func(a *Actual) { a.KernelNBD = true }),
+			[]ActionKind{ActDetachKernelNBD}},
+		{"kernel device of a disk going offline: detached before the frontend closes", with(dom0up, func(o *Observed) { o.KernelNBD, o.Online = true, false }), act(served, func(a *Actual) { a.KernelNBD = true }),
+			[]ActionKind{ActBackendClosing, ActDetachKernelNBD, ActFrontendClose}},
+		{"kernel device of a removed disk: detached before the worker stops", Observed{}, act(served, func(a *Actual) { a.KernelNBD = true }),
+			[]ActionKind{ActDetachKernelNBD, ActStopWorker}},
+		{"kernel device whose worker died: detached", with(dom0up, func(o *Observed) { o.KernelNBD = true }), Actual{KernelNBD: true, Exited: "killed"},
+			[]ActionKind{ActDetachKernelNBD}},
+		{"pause asked for: the worker pauses", with(dom0up, func(o *Observed) { o.Request = RequestPause }), served,
+			[]ActionKind{ActPause}},
+		{"resume asked for: the worker resumes", with(dom0up, func(o *Observed) { o.Request = RequestResume }), act(served, func(a *Actual) { a.Paused = true }),
+			[]ActionKind{ActResume}},
+		{"snapshot asked for, handshake still moving: answered first", with(dom0, func(o *Observed) { o.Request, o.Backend = RequestSnapshot, StateInitWait }), served,
+			[]ActionKind{ActSnapshot, ActDom0Connect}},
+		{"request with no worker: refused", with(dom0, func(o *Observed) { o.Request = RequestPause }), Actual{},
+			[]ActionKind{ActRefuseRequest, ActStartWorker}},
+		{"request to a disk being removed: refused", Observed{Request: RequestSnapshot}, served,
+			[]ActionKind{ActRefuseRequest, ActStopWorker}},
+	})
+}
+
 // Plan is pure: its plan depends on its arguments and nothing else. Asking
 // again for one input, as this test once did, cannot catch a Plan that
 // remembers: no clock, no randomness and no map order reach it, so a
@@ -167,7 +242,7 @@ func TestPlanDeterministic(t *testing.T) {
 		}
 	}
 	if len(kindsSeen) < len(actionNames)-2 {
-		t.Fatalf("the inputs exercise only %d of %d actions", len(kindsSeen), len(actionNames))
+		t.Fatalf("the inputs exercise only %d of %d actions: %v", len(kindsSeen), len(actionNames), kindsSeen)
 	}
 	for _, acts := range first {
 		for j := range acts {

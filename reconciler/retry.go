@@ -11,7 +11,7 @@ import (
 
 // A reconcile pass ends in one place, endPass, however it ended: the
 // status is written there, from the pass's last observation, and a pass
-// that failed (observing, an action's effect, the kernel device; a pass
+// that failed (observing, an action's effect; a pass
 // out of rounds, a panic) is requeued as retryPolicy decides:
 //
 //   - a *retryAt error: at that time (an effect waiting out a backoff of
@@ -21,15 +21,12 @@ import (
 //   - any other error: after the device's backoff, the status says
 //     retrying.
 
-// Steps that are not actions, for stepError.step.
-const (
-	stepObserve      = "observe"
-	stepKernelDevice = "kernel-device"
-)
+// stepObserve names the one step that is not an action, for stepError.step.
+const stepObserve = "observe"
 
 // stepError is a failed step of a reconcile pass.
 type stepError struct {
-	step   string // the action's name, or stepObserve, stepKernelDevice
+	step   string // the action's name, or stepObserve
 	action bool   // step is an action
 	err    error
 }
@@ -84,7 +81,13 @@ func (d *Daemon) endPass(ctx context.Context, dev *device, snap *snapshot, failu
 	case requeueLater:
 		d.q.AddAfter(dev.key, wait)
 	}
-	d.opts.hooks.passEnded(dev.key, snap, dev.actual(), failure)
+	if d.opts.hooks != nil {
+		var s snapshot
+		if snap != nil {
+			s = *snap
+		}
+		d.opts.hooks.passEnded(dev.key, snap, dev.actual(s), failure)
+	}
 }
 
 // retryPolicy records a failure in the device (its status shows it) and

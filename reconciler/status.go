@@ -47,7 +47,7 @@ func (d *Daemon) statusNotes(dev *device) statusNotes {
 		ringErr:      dev.ringErr,
 		ringLost:     dev.ringLost,
 		restarting:   !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore),
-		paused:       d.isPaused(dev.key),
+		paused:       dev.paused,
 		conflict:     d.conflict(dev.key),
 		restarts:     dev.restarts,
 		name:         dev.name,

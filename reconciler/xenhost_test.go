@@ -78,8 +78,8 @@ func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harne
 		q:             newQueue(),
 		devices:       map[Key]*device{},
 		desired:       map[Key]config.Disk{},
-		procs:         map[Key]*worker.Process{},
-		paused:        map[Key]bool{},
+		views:         map[Key]deviceView{},
+		requests:      map[Key][]*opRequest{},
 		conflicts:     map[Key]string{},
 	}
 	for _, o := range opts {
@@ -432,8 +432,8 @@ func bareDaemon(t *testing.T) (*Daemon, *xenstore.Server, string) {
 	t.Cleanup(func() { xs.Close(); srv.Close() })
 	log := slog.New(slog.DiscardHandler)
 	return &Daemon{opts: Options{StateDir: dir}, log: log, xs: xs, q: newQueue(), root: "/local/domain/0/backend",
-		devices: map[Key]*device{}, desired: map[Key]config.Disk{}, procs: map[Key]*worker.Process{},
-		paused: map[Key]bool{}, conflicts: map[Key]string{}}, srv, dir
+		devices: map[Key]*device{}, desired: map[Key]config.Disk{}, views: map[Key]deviceView{},
+		requests: map[Key][]*opRequest{}, conflicts: map[Key]string{}}, srv, dir
 }
 
 // XEN-HOST 5.6: @releaseDomain names no domain; every device of a domain
