@@ -23,6 +23,11 @@ need=(
   /usr/include/rbd/librbd.h:librbd-dev /usr/include/rados/librados.h:librados-dev
   ceph-mon:ceph-mon ceph-osd:ceph-osd rbd:ceph-common
   /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so:qemu-block-extra
+  # promtool checks the daemon's /metrics scrape; the package's server is
+  # never started by the tests
+  promtool:prometheus
+  # syntax checks of the shipped zsh and fish completions
+  zsh:zsh fish:fish
 )
 missing=()
 for pair in "${need[@]}"; do
