@@ -78,6 +78,9 @@ type Options struct {
 	MetricsAddr  string
 	Logger       *slog.Logger
 	WorkerStderr io.Writer // where workers log; default os.Stderr
+	// Version and Commit label blktap_build_info.
+	Version string
+	Commit  string
 }
 
 // XenstorePathFile, in the state directory, names the xenstored socket the
@@ -117,6 +120,7 @@ type Daemon struct {
 	imageErrs map[Key]string     // why a YAML disk's image could not be created
 	retry     map[Key]bool       // YAML disks a reload asks to try again
 	ports     uint32             // last local event-channel port handed out
+	rows      map[Key]deviceRow  // what the metrics show of each device (metrics.go)
 
 	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }

@@ -315,6 +315,7 @@ func (d *Daemon) forget(dev *device) {
 	}
 	d.mu.Lock()
 	delete(d.devices, dev.key)
+	delete(d.rows, dev.key)
 	d.mu.Unlock()
 }
 
