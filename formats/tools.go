@@ -195,7 +195,8 @@ func ConvertWith(ctx context.Context, in Image, outFormat, outPath string, co Cr
 			os.Remove(outPath)
 		}
 	}()
-	out, err := Open(outFormat, outPath, Options{})
+	// A failed convert deletes its output, and success ends in Flush.
+	out, err := Open(outFormat, outPath, Options{Scratch: true})
 	if err != nil {
 		return err
 	}
