@@ -57,3 +57,8 @@ if ! install; then
   $sudo apt-get update
   install
 fi
+# The prometheus package was installed for promtool alone: where systemd
+# started its server (containers' policy-rc.d forbids it), stop it again.
+if [[ " ${missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
+  $sudo systemctl disable --now prometheus.service || true
+fi
