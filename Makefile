@@ -108,6 +108,8 @@ bench: build
 	@if [ -x bench/run.sh ]; then bench/run.sh; fi
 	@# The control plane under load (issue 16): ls, attach, detach while fio runs on every disk.
 	@if [ -x bench/ctlplane.sh ]; then bench/ctlplane.sh; fi
+	@# image convert and convert -c beside qemu-img on the same 1 GiB images.
+	@if [ -x bench/convert.sh ]; then bench/convert.sh; fi
 	@# An rbd image through our export and qemu-nbd, beside rbd bench (issue 19).
 	@if command -v ceph-osd >/dev/null && [ -e /usr/include/rbd/librbd.h ]; then bench/rbd.sh; else echo "bench: rbd skipped (make oracles installs Ceph)"; fi
 

@@ -95,6 +95,10 @@ type Options struct {
 	// Logger receives what a format reports on its own (an nbd client's
 	// reconnects); nil discards it.
 	Logger *slog.Logger
+	// Scratch: the image is a tool's output, deleted if the tool fails, so
+	// writes need no ordering against a machine crash until Flush (qcow2
+	// skips its ordering fdatasyncs; Flush and Close still sync).
+	Scratch bool
 }
 
 // ErrLocked reports an image another program (qemu, say) holds open for
@@ -148,7 +152,7 @@ func Open(format, path string, opts Options) (Image, error) {
 		}
 		return img, nil
 	case "qcow2":
-		img, err := qcow2.Open(path, qcow2.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger})
+		img, err := qcow2.Open(path, qcow2.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger, Scratch: opts.Scratch})
 		if err != nil {
 			return nil, err
 		}

@@ -15,6 +15,14 @@ sbin=$dest$prefix/sbin
 ubin=$dest$prefix/bin
 man8=$dest$prefix/share/man/man8
 compl=$dest$prefix/share/bash-completion/completions
+# zsh's fpath has vendor-completions for the distribution's packages and
+# PREFIX/share/zsh/site-functions for the rest; fish reads
+# vendor_completions.d under each data directory.
+case $prefix in
+/usr) zcompl=$dest$prefix/share/zsh/vendor-completions ;;
+*) zcompl=$dest$prefix/share/zsh/site-functions ;;
+esac
+fcompl=$dest$prefix/share/fish/vendor_completions.d
 doc=$dest$prefix/share/doc/blktap
 units=$dest$unitdir
 hotplug=$dest$etc/xen/scripts
@@ -27,7 +35,7 @@ sbin_links="tap-ctl"
 case $op in
 install)
 	[ -x "$bin" ] || { echo "install.sh: $bin is not an executable (run make build)" >&2; exit 1; }
-	install -d "$sbin" "$ubin" "$man8" "$compl" "$doc" "$units" "$hotplug" "$conf"
+	install -d "$sbin" "$ubin" "$man8" "$compl" "$zcompl" "$fcompl" "$doc" "$units" "$hotplug" "$conf"
 	install -m 0755 "$bin" "$sbin/blktap"
 	for l in $bin_links; do ln -sfn ../sbin/blktap "$ubin/$l"; done
 	for l in $sbin_links; do ln -sfn blktap "$sbin/$l"; done
@@ -40,13 +48,16 @@ install)
 	gzip -9n <"$src/packaging/man/blktap.8" >"$man8/blktap.8.gz"
 	chmod 0644 "$man8/blktap.8.gz"
 	install -m 0644 "$src/packaging/completion/blktap" "$compl/blktap"
+	install -m 0644 "$src/packaging/completion/_blktap" "$zcompl/_blktap"
+	install -m 0644 "$src/packaging/completion/blktap.fish" "$fcompl/blktap.fish"
 	install -m 0644 "$src/packaging/debian/copyright" "$doc/copyright"
 	gzip -9n <"$src/CHANGELOG.md" >"$doc/changelog.gz"
 	chmod 0644 "$doc/changelog.gz"
 	;;
 uninstall)
 	rm -f "$sbin/blktap" "$units/blktap.service" "$hotplug/block-blktap" \
-		"$man8/blktap.8.gz" "$compl/blktap" "$doc/copyright" "$doc/changelog.gz"
+		"$man8/blktap.8.gz" "$compl/blktap" "$zcompl/_blktap" "$fcompl/blktap.fish" \
+		"$doc/copyright" "$doc/changelog.gz"
 	for l in $bin_links; do rm -f "$ubin/$l"; done
 	for l in $sbin_links; do rm -f "$sbin/$l"; done
 	if [ -f "$conf/disks.yaml" ] && cmp -s "$src/packaging/disks.yaml" "$conf/disks.yaml"; then

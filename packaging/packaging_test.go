@@ -205,6 +205,46 @@ func TestCompletionCommands(t *testing.T) {
 	}
 }
 
+// Each shell accepts its shipped script (-n: parse only), and rejects the
+// same script cut short, so the check can fail. fish also runs its script
+// and asks it what follows "blktap ", as a user's <TAB> would.
+func TestCompletionScriptsParse(t *testing.T) {
+	bin := buildBlktap(t)
+	for _, c := range []struct{ shell, file string }{
+		{"bash", "completion/blktap"}, {"zsh", "completion/_blktap"}, {"fish", "completion/blktap.fish"},
+	} {
+		sh := oracle.Require(t, c.shell)
+		b, err := os.ReadFile(c.file)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out, err := exec.Command(sh, "-n", c.file).CombinedOutput(); err != nil || len(out) > 0 {
+			t.Errorf("%s -n %s: %v\n%s", c.shell, c.file, err, out)
+		}
+		// Cut inside the first function: its closing brace or end is lost.
+		cut := filepath.Join(t.TempDir(), filepath.Base(c.file))
+		os.WriteFile(cut, b[:bytes.Index(b, []byte("\n}\n"))+1], 0o644)
+		if c.shell == "fish" {
+			os.WriteFile(cut, b[:bytes.Index(b, []byte("\nend\n"))+1], 0o644)
+		}
+		if err := exec.Command(sh, "-n", cut).Run(); err == nil {
+			t.Errorf("%s -n accepts %s cut short: the check cannot fail", c.shell, c.file)
+		}
+	}
+	fish := oracle.Require(t, "fish")
+	cmd := exec.Command(fish, "--no-config", "-c", `source completion/blktap.fish; complete -C"blktap "`)
+	cmd.Env = append(os.Environ(), "PATH="+filepath.Dir(bin)+":"+os.Getenv("PATH"))
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name := range helpCommands(t, bin) {
+		if !regexp.MustCompile(`(?m)^` + name + `\t`).Match(out) {
+			t.Errorf("fish completes %q without %s:\n%s", "blktap ", name, out)
+		}
+	}
+}
+
 // /etc/blktap/disks.yaml is a valid empty desired state, and so is its
 // commented example once uncommented.
 func TestDisksExample(t *testing.T) {
@@ -311,6 +351,7 @@ func TestDeb(t *testing.T) {
 		"./usr/bin/qcow2raw -> ../sbin/blktap", "./usr/sbin/tap-ctl -> blktap",
 		"./lib/systemd/system/blktap.service", "./etc/xen/scripts/block-blktap", "./etc/blktap/disks.yaml",
 		"./usr/share/man/man8/blktap.8.gz", "./usr/share/bash-completion/completions/blktap",
+		"./usr/share/zsh/vendor-completions/_blktap", "./usr/share/fish/vendor_completions.d/blktap.fish",
 		"./usr/share/doc/blktap/copyright", "./usr/share/doc/blktap/changelog.gz",
 	}
 	for _, w := range want {
@@ -404,7 +445,8 @@ func TestInstallUninstall(t *testing.T) {
 	runSh("install", bin, dest, "/usr/local", "/etc", "/lib/systemd/system")
 	for _, p := range []string{"usr/local/sbin/blktap", "usr/local/bin/qcow2raw", "usr/local/sbin/tap-ctl",
 		"lib/systemd/system/blktap.service", "etc/xen/scripts/block-blktap", "etc/blktap/disks.yaml",
-		"usr/local/share/man/man8/blktap.8.gz"} {
+		"usr/local/share/man/man8/blktap.8.gz", "usr/local/share/bash-completion/completions/blktap",
+		"usr/local/share/zsh/site-functions/_blktap", "usr/local/share/fish/vendor_completions.d/blktap.fish"} {
 		if _, err := os.Stat(filepath.Join(dest, p)); err != nil {
 			t.Errorf("make install: %v", err)
 		}

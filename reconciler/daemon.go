@@ -73,6 +73,9 @@ type Options struct {
 	WorkerStderr io.Writer // where workers log; default os.Stderr
 
 	hooks *hooks // the in-process harness's (hooks.go); nil otherwise
+	// Version and Commit label blktap_build_info.
+	Version string
+	Commit  string
 }
 
 // Daemon is one running `blktap run`.
@@ -98,6 +101,7 @@ type Daemon struct {
 	imageErrs map[Key]string       // why a YAML disk's image could not be created
 	retry     map[Key]bool         // YAML disks a reload asks to try again
 	ports     uint32               // last local event-channel port handed out
+	rows      map[Key]deviceRow    // what the metrics show of each device (metrics.go)
 
 	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }

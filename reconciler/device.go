@@ -363,6 +363,7 @@ func (d *Daemon) forget(dev *device) {
 	}
 	d.mu.Lock()
 	delete(d.devices, dev.key)
+	delete(d.rows, dev.key)
 	d.mu.Unlock()
 }
 

@@ -194,6 +194,7 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	for k, v := range changed {
 		dev.status[k] = v
 	}
+	d.publishRow(dev.key, deviceRow{name: dev.name, phase: want[keyPhase], restarts: dev.restarts})
 	if export := want[keyExport]; want[keyPhase] == PhaseConnected && export != "" && dev.status["logged-uri"] != export {
 		dev.status["logged-uri"] = export
 		d.log.Info("disk connected", "disk", dev.name, "device", dev.key.String(), "uri", export)

@@ -23,6 +23,11 @@ need=(
   /usr/include/rbd/librbd.h:librbd-dev /usr/include/rados/librados.h:librados-dev
   ceph-mon:ceph-mon ceph-osd:ceph-osd rbd:ceph-common
   /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so:qemu-block-extra
+  # promtool checks the daemon's /metrics scrape; the package's server is
+  # never started by the tests
+  promtool:prometheus
+  # syntax checks of the shipped zsh and fish completions
+  zsh:zsh fish:fish
 )
 missing=()
 for pair in "${need[@]}"; do
@@ -51,4 +56,9 @@ if ! install; then
   echo "apt-get install failed; refreshing the package lists and trying once more" >&2
   $sudo apt-get update
   install
+fi
+# The prometheus package was installed for promtool alone: where systemd
+# started its server (containers' policy-rc.d forbids it), stop it again.
+if [[ " ${missing[*]} " == *" prometheus "* && -d /run/systemd/system ]]; then
+  $sudo systemctl disable --now prometheus.service || true
 fi

@@ -83,7 +83,7 @@ func completeTree(root *cobra.Command) {
 		case "completion":
 			c.Use = "completion bash|zsh|fish|powershell"
 			c.DisableFlagsInUseLine = true
-			c.Short = "print the shell completion script (the packages ship bash's)"
+			c.Short = "print the shell completion script (the packages ship bash's, zsh's and fish's)"
 		case "help":
 			c.DisableFlagsInUseLine = true
 			c.Short = "a command's help (as COMMAND --help)"

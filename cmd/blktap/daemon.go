@@ -131,6 +131,7 @@ func cmdRun(pos []string, o runOptions) error {
 	if err != nil {
 		return err
 	}
+	ver, commit, _, _ := buildVersion()
 	return reconciler.Run(context.Background(), reconciler.Options{
 		StateDir:     sd,
 		ConfigPath:   cfg,
@@ -141,6 +142,8 @@ func cmdRun(pos []string, o runOptions) error {
 		RAMMax:       ramLimit,
 		MetricsAddr:  o.metrics,
 		Logger:       newLogger(),
+		Version:      ver,
+		Commit:       commit,
 	})
 }
 

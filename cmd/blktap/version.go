@@ -19,7 +19,18 @@ var (
 // versionString is `blktap --version`'s line: module path, version,
 // commit (with "+dirty" for a modified tree) and the Go release.
 func versionString() string {
-	v, c, dirty, goVer, path := version, commit, false, "", "github.com/blktap-go/blktap"
+	v, c, goVer, path := buildVersion()
+	s := fmt.Sprintf("blktap %s (%s, commit %s", v, path, c)
+	if goVer != "" {
+		s += ", " + goVer
+	}
+	return s + ")"
+}
+
+// buildVersion is this binary's version, commit, Go release and module
+// path, from -ldflags or else from the build information Go records.
+func buildVersion() (v, c, goVer, path string) {
+	v, c, dirty, path := version, commit, false, "github.com/blktap-go/blktap"
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		goVer = bi.GoVersion
 		if bi.Main.Path != "" {
@@ -48,11 +59,7 @@ func versionString() string {
 	if dirty {
 		c += "+dirty"
 	}
-	s := fmt.Sprintf("blktap %s (%s, commit %s", v, path, c)
-	if goVer != "" {
-		s += ", " + goVer
-	}
-	return s + ")"
+	return v, c, goVer, path
 }
 
 func newVersionCommand() *cobra.Command {

@@ -33,6 +33,9 @@ var packages = map[string]string{
 	"vhdiinfo":         "libvhdi-utils",
 	"vmdkinfo":         "libvmdk-utils",
 	"gcc":              "gcc",
+	"promtool":         "prometheus",
+	"zsh":              "zsh",
+	"fish":             "fish",
 }
 
 // InCI reports whether the tests run under CI, where oracles are mandatory.
