@@ -37,10 +37,12 @@ var imageCommands = []struct {
 	{"compare [-f FMT] [-F FMT] [-s] [-q] FILE1 FILE2", "do two images show a guest the same bytes",
 		"exit status as qemu-img's: 0 identical, 1 different, 2 could not compare", imageCompare},
 	{"measure [--output=human|json] [-O FMT] [-o KEY=VALUE,...] (--size SIZE | [-f FMT] FILE)", "the file size an image needs", "", imageMeasure},
+	{"resize [-f FMT] [--shrink] [--preallocation=off] [-q] FILE [+|-]SIZE", "change an image's virtual size (raw, qcow2)",
+		"a smaller size needs --shrink; an image a worker or qemu has open is refused", imageResize},
 }
 
 func newImageCommand() *cobra.Command {
-	c := leaf("image create|info|check|map|convert|compare|measure ...", "image tools (`blktap image --help`)")
+	c := leaf("image create|info|check|map|convert|compare|measure|resize ...", "image tools (`blktap image --help`)")
 	c.Long = "The image tools.\n\n" + imageNotes
 	// A missing or unknown subcommand is a usage error (cobra's own answer
 	// is the help text and status 0).

@@ -1,0 +1,143 @@
+package main
+
+import (
+	"encoding/json"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/blktap-go/blktap/internal/oracle"
+)
+
+// resizeImages makes the images the resize comparison starts from, each
+// with data written by qemu-io: file name, format, -o options, backing.
+var resizeImages = []struct{ name, fmt, opts, backing string }{
+	{"r.raw", "raw", "", ""},
+	{"v3.qcow2", "qcow2", "", ""},
+	{"v2.qcow2", "qcow2", "compat=0.10", ""},
+	{"cs512.qcow2", "qcow2", "cluster_size=512", ""},
+	{"over.qcow2", "qcow2", "cluster_size=4096", "base.raw"},
+	{"snap3.qcow2", "qcow2", "", ""},
+	{"snap2.qcow2", "qcow2", "compat=0.10", ""},
+	{"c.qcow", "qcow", "", ""},
+	{"d.vhd", "vpc", "", ""},
+	{"k.vmdk", "vmdk", "", ""},
+}
+
+// qemu-img resize and image resize on copies of the same files: the same
+// exit status (0 or not), the same stdout, and images qemu-img reads as
+// equal (info's virtual size, check clean, compare identical).
+func TestQemuImgResizeOracle(t *testing.T) {
+	bin := imageBinary(t)
+	qimg := oracle.Require(t, "qemu-img")
+	qio := oracle.Require(t, "qemu-io")
+	dir := t.TempDir()
+	mustRun(t, dir, qimg, "create", "-q", "-f", "raw", "base.raw", "8M")
+	mustRun(t, dir, qio, "-f", "raw", "-c", "write -P 0xee 0 8M", "base.raw")
+	cmds := [][]string{
+		{"4M"}, {"+3M"}, {"512K"}, {"--shrink", "512K"}, {"--shrink", "-256K"},
+		{"-q", "8M"}, {"--shrink", "1000"}, {"+0"}, {"--shrink", "1536K"},
+	}
+	for _, im := range resizeImages {
+		for _, cmd := range cmds {
+			name := im.name + "/" + strings.Join(cmd, "_")
+			t.Run(name, func(t *testing.T) {
+				sub := t.TempDir()
+				for _, who := range []string{"qemu", "ours"} {
+					args := []string{"create", "-q", "-f", im.fmt}
+					if im.opts != "" {
+						args = append(args, "-o", im.opts)
+					}
+					if im.backing != "" {
+						args = append(args, "-b", filepath.Join(dir, im.backing), "-F", "raw")
+					}
+					mustRun(t, sub, qimg, append(args, who+"-"+im.name, "1M")...)
+					mustRun(t, sub, qio, "-f", im.fmt, "-c", "write -P 0xa5 64K 900K", who+"-"+im.name)
+					if strings.HasPrefix(im.name, "snap") {
+						mustRun(t, sub, qimg, "snapshot", "-c", "s1", who+"-"+im.name)
+					}
+				}
+				qa := append([]string{"resize", "-f", im.fmt}, cmd[:len(cmd)-1]...)
+				qo, qe, qrc := runIn(t, sub, qimg, append(qa, "qemu-"+im.name, cmd[len(cmd)-1])...)
+				oa := append([]string{"image", "resize", "-f", im.fmt}, cmd[:len(cmd)-1]...)
+				oo, oe, orc := runIn(t, sub, bin, append(oa, "ours-"+im.name, cmd[len(cmd)-1])...)
+				if (qrc == 0) != (orc == 0) || qo != oo {
+					t.Fatalf("qemu-img: exit %d %q %q\nours: exit %d %q %q", qrc, qo, qe, orc, oo, oe)
+				}
+				if qrc != 0 {
+					return
+				}
+				qs, os := resizedSize(t, sub, qimg, im.fmt, "qemu-"+im.name), resizedSize(t, sub, qimg, im.fmt, "ours-"+im.name)
+				if qs != os {
+					t.Fatalf("virtual size: qemu-img %d, ours %d", qs, os)
+				}
+				if im.fmt == "qcow2" {
+					mustRun(t, sub, qimg, "check", "ours-"+im.name)
+					// Ours reads qemu's result as qemu-img does.
+					mustRun(t, sub, bin, "image", "check", "qemu-"+im.name)
+				}
+				mustRun(t, sub, qimg, "compare", "-f", im.fmt, "-F", im.fmt, "qemu-"+im.name, "ours-"+im.name)
+				mustRun(t, sub, bin, "image", "compare", "-f", im.fmt, "-F", im.fmt, "qemu-"+im.name, "ours-"+im.name)
+			})
+		}
+	}
+}
+
+func resizedSize(t *testing.T, dir, qimg, format, name string) int64 {
+	t.Helper()
+	so, se, rc := runIn(t, dir, qimg, "info", "-f", format, "--output=json", name)
+	if rc != 0 {
+		t.Fatalf("qemu-img info %s: %s", name, se)
+	}
+	var info struct {
+		VirtualSize int64 `json:"virtual-size"`
+	}
+	if err := json.Unmarshal([]byte(so), &info); err != nil {
+		t.Fatal(err)
+	}
+	return info.VirtualSize
+}
+
+// An image qemu (or a worker) has open is not resized, raw or qcow2.
+func TestImageResizeInUse(t *testing.T) {
+	bin := imageBinary(t)
+	qimg := oracle.Require(t, "qemu-img")
+	qio := oracle.Require(t, "qemu-io")
+	dir := t.TempDir()
+	for _, f := range []string{"raw", "qcow2"} {
+		name := "busy." + f
+		mustRun(t, dir, qimg, "create", "-q", "-f", f, name, "1M")
+		holder := exec.Command(qio, "-f", f, name)
+		holder.Dir = dir
+		stdin, err := holder.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := holder.Start(); err != nil {
+			t.Fatal(err)
+		}
+		// Held once a resize by +0, which changes nothing, is refused
+		// (qemu-io may take seconds to start on a loaded machine).
+		deadline := time.Now().Add(time.Minute)
+		for {
+			if _, _, rc := runIn(t, dir, bin, "image", "resize", "-f", f, name, "+0"); rc != 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("qemu-io never locked %s", name)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		_, se, rc := runIn(t, dir, bin, "image", "resize", "-f", f, name, "2M")
+		stdin.Close()
+		holder.Wait()
+		if rc != 1 || !strings.Contains(se, "is in use") {
+			t.Fatalf("%s held by qemu-io: exit %d %q, want 1 and \"is in use\"", f, rc, se)
+		}
+		if got := resizedSize(t, dir, qimg, f, name); got != 1<<20 {
+			t.Fatalf("%s resized to %d while in use", f, got)
+		}
+	}
+}

@@ -1,0 +1,76 @@
+package formats
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/blktap-go/blktap/formats/qcow2"
+	"golang.org/x/sys/unix"
+)
+
+// ErrNoResize: the format has no resize here (qemu-img's "Image format
+// driver does not support resize").
+var ErrNoResize = errors.New("image format driver does not support resize")
+
+// ResizeFunc is given the current virtual size and returns the new one,
+// or an error that stops the resize before anything is written.
+type ResizeFunc func(cur int64) (int64, error)
+
+// Resize changes the virtual size of the image at path, which must not be
+// in use: the file is locked as qemu locks it (qemu, or one of our
+// workers on a qcow2, holding it gives ErrLocked). newSize decides the
+// size from the current one. backing opens a qcow2's backing file, whose
+// length decides which new clusters must be written as zeros.
+func Resize(format, path string, backing OpenFunc, newSize ResizeFunc) error {
+	name, err := Normalize(format)
+	if err != nil {
+		return err
+	}
+	switch name {
+	case "raw":
+		return resizeRaw(path, newSize)
+	case "qcow2":
+		img, err := qcow2.Open(path, qcow2.Options{Backing: backing})
+		if err != nil {
+			return err
+		}
+		size, err := newSize(img.Size())
+		if err == nil {
+			err = img.Resize(size)
+		}
+		return errors.Join(err, img.Close())
+	}
+	return fmt.Errorf("resize %s: %w (%s)", path, ErrNoResize, name)
+}
+
+// resizeRaw truncates a regular file; a block device's size is the
+// device's.
+func resizeRaw(path string, newSize ResizeFunc) error {
+	f, err := os.OpenFile(path, os.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	defer f.Close()
+	if err := qcow2.LockFile(f); err != nil {
+		if errors.Is(err, ErrLocked) {
+			return fmt.Errorf("raw: %s: %w", path, ErrLocked)
+		}
+		return err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("raw: %s: %w: not a regular file (a device's size is the device's)", path, ErrUnsupported)
+	}
+	size, err := newSize(st.Size())
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		return fmt.Errorf("raw: %w", err)
+	}
+	return f.Sync()
+}
