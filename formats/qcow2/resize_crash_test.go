@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
@@ -40,37 +42,52 @@ func TestResizeCrash(t *testing.T) {
 		{"shrink-cs512", CreateOptions{Size: mib, ClusterSize: 512}, 100 << 10, false},
 		{"shrink-snapshot", CreateOptions{Size: mib, ClusterSize: 4096}, 200 << 10, true},
 	}
-	// Every operation when there are few; else the first and last six
-	// and a random draw between (CRASH_SEEDS per format raises the draw).
-	draw := crashtest.PerConfig(12*len(configs), len(configs))
 	for _, c := range configs {
 		t.Run(c.name, func(t *testing.T) {
 			tmpl := resizeTemplate(t, dir, c.name, c.o, c.snapshot)
-			total := resizeOps(t, dir, tmpl, c.newSize)
-			if total < 3 {
-				t.Fatalf("resize made only %d operations", total)
-			}
-			points := map[int]bool{}
-			rng := rand.New(rand.NewPCG(uint64(total), 3))
-			for n := 1; n <= total; n++ {
-				if n <= 6 || n > total-6 {
-					points[n] = true
+			op := func(img *Image) error { return img.Resize(c.newSize) }
+			for _, n := range cutPoints(t, dir, tmpl, op, len(configs)) {
+				p := cutAt(t, dir, tmpl, op, n)
+				checkCut(t, p, n, c.o.LazyRefcounts)
+				size := qemuSize(t, p)
+				if size != c.o.Size && size != c.newSize {
+					t.Fatalf("op %d: virtual size %d, neither %d nor %d", n, size, c.o.Size, c.newSize)
 				}
+				want := sectorPattern(min(c.o.Size, size))
+				want = append(want, make([]byte, size-int64(len(want)))...)
+				sameBytes(t, fmt.Sprintf("op %d, size %d", n, size), qemuRaw(t, p), want)
+				os.Remove(p)
 			}
-			for i := 0; i < draw; i++ {
-				points[1+rng.IntN(total)] = true
-			}
-			for n := range points {
-				resizeCrashOnce(t, dir, tmpl, c.o, c.newSize, n)
-			}
-			t.Logf("power cut at %d of %d operations", len(points), total)
 		})
 	}
 }
 
-// resizeOps counts the operations of an uncut resize: the least n at
-// which a power cut no longer comes first.
-func resizeOps(t *testing.T, dir string, tmpl []byte, newSize int64) int {
+// cutPoints are the operations of op to cut the power at: every one when
+// there are few; else the first and last six and a random draw between
+// (CRASH_SEEDS per format raises the draw; configs share it).
+func cutPoints(t *testing.T, dir string, tmpl []byte, op func(*Image) error, configs int) []int {
+	total := crashOps(t, dir, tmpl, op)
+	if total < 3 {
+		t.Fatalf("only %d operations", total)
+	}
+	draw := crashtest.PerConfig(12*configs, configs)
+	points := map[int]bool{}
+	rng := rand.New(rand.NewPCG(uint64(total), 3))
+	for n := 1; n <= total; n++ {
+		if n <= 6 || n > total-6 {
+			points[n] = true
+		}
+	}
+	for i := 0; i < draw; i++ {
+		points[1+rng.IntN(total)] = true
+	}
+	t.Logf("power cut at %d of %d operations", len(points), total)
+	return slices.Sorted(maps.Keys(points))
+}
+
+// crashOps counts the operations of an uncut op: the least n at which a
+// power cut no longer comes first.
+func crashOps(t *testing.T, dir string, tmpl []byte, op func(*Image) error) int {
 	finishes := func(n int) bool {
 		mf := newMemFile(tmpl)
 		img, err := openStorage(mf, filepath.Join(dir, "count.qcow2"), Options{Backing: openerFor(filepath.Join(dir, "x"))})
@@ -78,9 +95,9 @@ func resizeOps(t *testing.T, dir string, tmpl []byte, newSize int64) int {
 			t.Fatal(err)
 		}
 		mf.FS().Schedule(n, crashKinds)
-		err = img.Resize(newSize)
+		err = op(img)
 		if err != nil && !errors.Is(err, crashfs.ErrCrashed) {
-			t.Fatalf("resize, power cut at op %d: %v", n, err)
+			t.Fatalf("power cut at op %d: %v", n, err)
 		}
 		return err == nil
 	}
@@ -136,9 +153,9 @@ func sectorPattern(n int64) []byte {
 	return b
 }
 
-// resizeCrashOnce cuts the power at the n-th operation of a resize and
-// checks what is left.
-func resizeCrashOnce(t *testing.T, dir string, tmpl []byte, o CreateOptions, newSize int64, n int) {
+// cutAt cuts the power at the n-th operation of op on an image holding
+// tmpl and writes what the disk kept to a file, whose path it returns.
+func cutAt(t *testing.T, dir string, tmpl []byte, op func(*Image) error, n int) string {
 	t.Helper()
 	p := filepath.Join(dir, fmt.Sprintf("crash-%d.qcow2", n))
 	mf := newMemFile(tmpl)
@@ -147,16 +164,21 @@ func resizeCrashOnce(t *testing.T, dir string, tmpl []byte, o CreateOptions, new
 		t.Fatal(err)
 	}
 	mf.FS().Schedule(n, crashKinds)
-	if err := img.Resize(newSize); !errors.Is(err, crashfs.ErrCrashed) {
-		t.Fatalf("resize, power cut at op %d: %v", n, err)
+	if err := op(img); !errors.Is(err, crashfs.ErrCrashed) {
+		t.Fatalf("power cut at op %d: %v", n, err)
 	}
 	rng := rand.New(rand.NewPCG(uint64(n), 7))
 	if err := os.WriteFile(p, mf.Crash(func() bool { return rng.IntN(2) == 0 }), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	defer os.Remove(p)
-	if o.LazyRefcounts {
-		// A dirty image is repaired on a writable open.
+	return p
+}
+
+// checkCut: the image at p is valid (leaks allowed) and clean once its
+// leaks are repaired; a dirty one is repaired by a writable open first.
+func checkCut(t *testing.T, p string, n int, lazy bool) {
+	t.Helper()
+	if lazy {
 		img, err := Open(p, Options{})
 		if err != nil {
 			t.Fatalf("op %d: reopen: %v", n, err)
@@ -175,11 +197,4 @@ func resizeCrashOnce(t *testing.T, dir string, tmpl []byte, o CreateOptions, new
 		t.Fatalf("op %d: repair: %v %+v", n, err, res)
 	}
 	requireQemuClean(t, p)
-	size := qemuSize(t, p)
-	if size != o.Size && size != newSize {
-		t.Fatalf("op %d: virtual size %d, neither %d nor %d", n, size, o.Size, newSize)
-	}
-	want := sectorPattern(min(o.Size, size))
-	want = append(want, make([]byte, size-int64(len(want)))...)
-	sameBytes(t, fmt.Sprintf("op %d, size %d", n, size), qemuRaw(t, p), want)
 }

@@ -4,11 +4,11 @@ import (
 	"bytes"
 	"encoding/json"
 	"errors"
+	"io"
 	"os/exec"
 	"path/filepath"
 	"strconv"
 	"testing"
-	"time"
 
 	"github.com/blktap-go/blktap/internal/oracle"
 )
@@ -163,19 +163,22 @@ func TestResizeRefusesLockedImage(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	defer func() { stdin.Close(); cmd.Wait() }()
-	var lerr error
-	for i := 0; i < 100; i++ {
-		img, err := Open(p, Options{})
-		if err != nil {
-			lerr = err
-			break
-		}
+	// qemu-io prompts once the image is open (and locked).
+	prompt := make([]byte, 9)
+	if _, err := io.ReadFull(stdout, prompt); err != nil || string(prompt) != "qemu-io> " {
+		t.Fatalf("qemu-io did not open the image: %q %v", prompt, err)
+	}
+	img, lerr := Open(p, Options{})
+	if lerr == nil {
 		img.Close()
-		time.Sleep(20 * time.Millisecond)
 	}
 	if !errors.Is(lerr, ErrLocked) {
 		t.Fatalf("open while qemu-io holds the image: %v, want ErrLocked", lerr)
