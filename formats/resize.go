@@ -18,8 +18,8 @@ var ErrNoResize = errors.New("image format driver does not support resize")
 type ResizeFunc func(cur int64) (int64, error)
 
 // Resize changes the virtual size of the image at path, which must not be
-// in use: the file is locked as qemu locks it (qemu, or one of our
-// workers on a qcow2, holding it gives ErrLocked). newSize decides the
+// in use: the file is locked as our workers and qemu lock it (either
+// holding it gives ErrLocked). newSize decides the
 // size from the current one. backing opens a qcow2's backing file, whose
 // length decides which new clusters must be written as zeros.
 func Resize(format, path string, backing OpenFunc, newSize ResizeFunc) error {
@@ -27,6 +27,11 @@ func Resize(format, path string, backing OpenFunc, newSize ResizeFunc) error {
 	if err != nil {
 		return err
 	}
+	held, err := flockExclusive(path)
+	if err != nil {
+		return err
+	}
+	defer held.Close()
 	switch name {
 	case "raw":
 		return resizeRaw(path, newSize)
@@ -73,4 +78,58 @@ func resizeRaw(path string, newSize ResizeFunc) error {
 		return fmt.Errorf("raw: %w", err)
 	}
 	return f.Sync()
+}
+
+// AmendOptions say what Amend changes (qcow2 only).
+type AmendOptions = qcow2.AmendOptions
+
+// ErrNoAmend: the format has no settings to amend (qemu-img's "does not
+// support option amendment").
+var ErrNoAmend = errors.New("format driver does not support option amendment")
+
+// Amend changes a qcow2 image's settings in place, with the file locked
+// as Resize locks it.
+func Amend(format, path string, backing OpenFunc, o AmendOptions) error {
+	name, err := Normalize(format)
+	if err != nil {
+		return err
+	}
+	if name != "qcow2" {
+		return fmt.Errorf("amend %s: %w (%s)", path, ErrNoAmend, name)
+	}
+	held, err := flockExclusive(path)
+	if err != nil {
+		return err
+	}
+	defer held.Close()
+	img, err := qcow2.Open(path, qcow2.Options{Backing: backing})
+	if err != nil {
+		return err
+	}
+	return errors.Join(img.Amend(o), img.Close())
+}
+
+// flockExclusive takes, without waiting, the flock a blktap worker holds
+// on every image file it serves (tapengine/worker), so an image a disk is
+// using is refused whatever its format. The lock lives on its own open
+// file; closing it releases the lock.
+func flockExclusive(path string) (*os.File, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		if err == unix.EWOULDBLOCK {
+			return nil, fmt.Errorf("%s: %w (a blktap disk holds it)", path, ErrLocked)
+		}
+		return nil, fmt.Errorf("lock %s: %w", path, err)
+	}
+	return f, nil
 }

@@ -39,10 +39,12 @@ var imageCommands = []struct {
 	{"measure [--output=human|json] [-O FMT] [-o KEY=VALUE,...] (--size SIZE | [-f FMT] FILE)", "the file size an image needs", "", imageMeasure},
 	{"resize [-f FMT] [--shrink] [--preallocation=off] [-q] FILE [+|-]SIZE", "change an image's virtual size (raw, qcow2)",
 		"a smaller size needs --shrink; an image a worker or qemu has open is refused", imageResize},
+	{"amend [-f FMT] -o KEY=VALUE,...|help FILE", "change a qcow2 image's compat, lazy_refcounts or size in place",
+		"compat=0.10 turns zero clusters into zeros version 2 can read; lazy_refcounts=off leaves exact refcounts", imageAmend},
 }
 
 func newImageCommand() *cobra.Command {
-	c := leaf("image create|info|check|map|convert|compare|measure|resize ...", "image tools (`blktap image --help`)")
+	c := leaf("image create|info|check|map|convert|compare|measure|resize|amend ...", "image tools (`blktap image --help`)")
 	c.Long = "The image tools.\n\n" + imageNotes
 	// A missing or unknown subcommand is a usage error (cobra's own answer
 	// is the help text and status 0).

@@ -2,13 +2,15 @@ package main
 
 import (
 	"encoding/json"
+	"io"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/blktap-go/blktap/internal/oracle"
+	"golang.org/x/sys/unix"
 )
 
 // resizeImages makes the images the resize comparison starts from, each
@@ -30,12 +32,7 @@ var resizeImages = []struct{ name, fmt, opts, backing string }{
 // exit status (0 or not), the same stdout, and images qemu-img reads as
 // equal (info's virtual size, check clean, compare identical).
 func TestQemuImgResizeOracle(t *testing.T) {
-	bin := imageBinary(t)
-	qimg := oracle.Require(t, "qemu-img")
-	qio := oracle.Require(t, "qemu-io")
-	dir := t.TempDir()
-	mustRun(t, dir, qimg, "create", "-q", "-f", "raw", "base.raw", "8M")
-	mustRun(t, dir, qio, "-f", "raw", "-c", "write -P 0xee 0 8M", "base.raw")
+	bin, qimg, qio, dir := withBase(t, "8M")
 	cmds := [][]string{
 		{"4M"}, {"+3M"}, {"512K"}, {"--shrink", "512K"}, {"--shrink", "-256K"},
 		{"-q", "8M"}, {"--shrink", "1000"}, {"+0"}, {"--shrink", "1536K"},
@@ -85,6 +82,18 @@ func TestQemuImgResizeOracle(t *testing.T) {
 	}
 }
 
+// withBase builds our binary, finds qemu-img and qemu-io, and makes a
+// directory holding base.raw, a backing file of size filled with 0xee.
+func withBase(t *testing.T, size string) (bin, qimg, qio, dir string) {
+	bin = imageBinary(t)
+	qimg = oracle.Require(t, "qemu-img")
+	qio = oracle.Require(t, "qemu-io")
+	dir = t.TempDir()
+	mustRun(t, dir, qimg, "create", "-q", "-f", "raw", "base.raw", size)
+	mustRun(t, dir, qio, "-f", "raw", "-c", "write -P 0xee 0 "+size, "base.raw")
+	return bin, qimg, qio, dir
+}
+
 func resizedSize(t *testing.T, dir, qimg, format, name string) int64 {
 	t.Helper()
 	so, se, rc := runIn(t, dir, qimg, "info", "-f", format, "--output=json", name)
@@ -115,20 +124,17 @@ func TestImageResizeInUse(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		stdout, err := holder.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
 		if err := holder.Start(); err != nil {
 			t.Fatal(err)
 		}
-		// Held once a resize by +0, which changes nothing, is refused
-		// (qemu-io may take seconds to start on a loaded machine).
-		deadline := time.Now().Add(time.Minute)
-		for {
-			if _, _, rc := runIn(t, dir, bin, "image", "resize", "-f", f, name, "+0"); rc != 0 {
-				break
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("qemu-io never locked %s", name)
-			}
-			time.Sleep(20 * time.Millisecond)
+		// qemu-io prompts once the image is open (and locked).
+		prompt := make([]byte, 9)
+		if _, err := io.ReadFull(stdout, prompt); err != nil || string(prompt) != "qemu-io> " {
+			t.Fatalf("qemu-io did not open %s: %q %v", name, prompt, err)
 		}
 		_, se, rc := runIn(t, dir, bin, "image", "resize", "-f", f, name, "2M")
 		stdin.Close()
@@ -138,6 +144,31 @@ func TestImageResizeInUse(t *testing.T) {
 		}
 		if got := resizedSize(t, dir, qimg, f, name); got != 1<<20 {
 			t.Fatalf("%s resized to %d while in use", f, got)
+		}
+	}
+	// A worker holds a flock on every image it serves, whatever its
+	// format (tapengine/worker): held here as the worker holds it.
+	mustRun(t, dir, qimg, "create", "-q", "-f", "vpc", "served.vhd", "1M")
+	held, err := os.Open(filepath.Join(dir, "served.vhd"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer held.Close()
+	if err := unix.Flock(int(held.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{{"resize", "served.vhd", "2M"}, {"amend", "-o", "compat=0.10", "busy.qcow2"}} {
+		if args[0] == "amend" {
+			held.Close()
+			if held, err = os.Open(filepath.Join(dir, "busy.qcow2")); err != nil {
+				t.Fatal(err)
+			}
+			if err := unix.Flock(int(held.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if _, se, rc := runIn(t, dir, bin, append([]string{"image"}, args...)...); rc != 1 || !strings.Contains(se, "is in use") {
+			t.Fatalf("image %v on a flocked image: exit %d %q, want 1 and \"is in use\"", args, rc, se)
 		}
 	}
 }
