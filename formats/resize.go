@@ -6,6 +6,7 @@ import (
 	"os"
 
 	"github.com/blktap-go/blktap/formats/qcow2"
+	"github.com/blktap-go/blktap/formats/vhd"
 	"golang.org/x/sys/unix"
 )
 
@@ -40,13 +41,27 @@ func Resize(format, path string, backing OpenFunc, newSize ResizeFunc) error {
 		if err != nil {
 			return err
 		}
-		size, err := newSize(img.Size())
-		if err == nil {
-			err = img.Resize(size)
+		return resizeClose(img, newSize)
+	case "vhd":
+		img, err := vhd.Open(path, vhd.Options{Backing: backing})
+		if err != nil {
+			return err
 		}
-		return errors.Join(err, img.Close())
+		return resizeClose(img, newSize)
 	}
 	return fmt.Errorf("resize %s: %w (%s)", path, ErrNoResize, name)
+}
+
+// resizeClose resizes an open image to what newSize says, and closes it.
+func resizeClose(img interface {
+	Image
+	Resize(int64) error
+}, newSize ResizeFunc) error {
+	size, err := newSize(img.Size())
+	if err == nil {
+		err = img.Resize(size)
+	}
+	return errors.Join(err, img.Close())
 }
 
 // resizeRaw truncates a regular file; a block device's size is the

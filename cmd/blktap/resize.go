@@ -19,7 +19,7 @@ const (
 )
 
 func imageResize(fs *pflag.FlagSet) func(pos []string) error {
-	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe): raw or qcow2")
+	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe): raw, qcow2 or vhd")
 	shrink := fs.Bool("shrink", false, "allow a smaller size (the data past it is lost)")
 	prealloc := fs.String("preallocation", "off", "`MODE` of the new space: only off")
 	quiet := fs.BoolP("quiet", "q", false, "print nothing on success")

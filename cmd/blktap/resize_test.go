@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -24,7 +25,6 @@ var resizeImages = []struct{ name, fmt, opts, backing string }{
 	{"snap3.qcow2", "qcow2", "", ""},
 	{"snap2.qcow2", "qcow2", "compat=0.10", ""},
 	{"c.qcow", "qcow", "", ""},
-	{"d.vhd", "vpc", "", ""},
 	{"k.vmdk", "vmdk", "", ""},
 }
 
@@ -170,5 +170,46 @@ func TestImageResizeInUse(t *testing.T) {
 		if _, se, rc := runIn(t, dir, bin, append([]string{"image"}, args...)...); rc != 1 || !strings.Contains(se, "is in use") {
 			t.Fatalf("image %v on a flocked image: exit %d %q, want 1 and \"is in use\"", args, rc, se)
 		}
+	}
+}
+
+// VHD, which qemu-img cannot resize: ours grows and shrinks fixed disks
+// and dynamic ones within their BAT, and qemu-img and vhdiinfo read the
+// new size; a size a dynamic disk's BAT cannot hold, and one a CHS-sized
+// (qemu-made) disk cannot express, are refused.
+func TestImageResizeVHD(t *testing.T) {
+	bin, qimg, _, dir := withBase(t, "1M")
+	vhdi := oracle.Require(t, "vhdiinfo")
+	steps := []struct {
+		create []string // blktap image create arguments, nil: keep the file
+		resize []string
+		ok     bool
+		size   int64
+	}{
+		{[]string{"-f", "vhd", "-o", "subformat=fixed", "f.vhd", "1M"}, []string{"f.vhd", "3M"}, true, 3 << 20},
+		{nil, []string{"--shrink", "f.vhd", "512K"}, true, 512 << 10},
+		{[]string{"-f", "vhd", "d.vhd", "1M"}, []string{"d.vhd", "+1M"}, true, 2 << 20},
+		{nil, []string{"d.vhd", "3M"}, false, 2 << 20},
+		{nil, []string{"--shrink", "d.vhd", "1536K"}, true, 1536 << 10},
+	}
+	for _, st := range steps {
+		if st.create != nil {
+			mustRun(t, dir, bin, append([]string{"image", "create"}, st.create...)...)
+		}
+		name := st.resize[len(st.resize)-2]
+		_, se, rc := runIn(t, dir, bin, append([]string{"image", "resize"}, st.resize...)...)
+		if (rc == 0) != st.ok {
+			t.Fatalf("image resize %v: exit %d %s", st.resize, rc, se)
+		}
+		if got := resizedSize(t, dir, qimg, "vpc", name); got != st.size {
+			t.Fatalf("after image resize %v: qemu-img reads %d bytes, want %d", st.resize, got, st.size)
+		}
+		if so, se, rc := runIn(t, dir, vhdi, name); rc != 0 || !strings.Contains(so, "("+strconv.FormatInt(st.size, 10)+" bytes)") {
+			t.Fatalf("vhdiinfo after image resize %v: exit %d\n%s%s", st.resize, rc, so, se)
+		}
+	}
+	mustRun(t, dir, qimg, "create", "-q", "-f", "vpc", "q.vhd", "1M")
+	if _, se, rc := runIn(t, dir, bin, "image", "resize", "q.vhd", "2M"); rc != 1 || !strings.Contains(se, "CHS geometry") {
+		t.Fatalf("resize of a CHS-sized disk: exit %d %q", rc, se)
 	}
 }
