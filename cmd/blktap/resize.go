@@ -98,7 +98,12 @@ func resizeArgs(args []string) []string {
 			words = append(words, a)
 		}
 	}
-	if len(words) < 2 || words[0] != "image" || words[1] != "resize" || !negativeSize.MatchString(args[len(args)-1]) {
+	// Global flags may come first: `--state-dir D image resize F -1G`.
+	isResize := false
+	for i := 0; i+1 < len(words); i++ {
+		isResize = isResize || words[i] == "image" && words[i+1] == "resize"
+	}
+	if !isResize || !negativeSize.MatchString(args[len(args)-1]) {
 		return args
 	}
 	out := append([]string(nil), args[:len(args)-1]...)

@@ -213,3 +213,21 @@ func TestImageResizeVHD(t *testing.T) {
 		t.Fatalf("resize of a CHS-sized disk: exit %d %q", rc, se)
 	}
 }
+
+// A size starting with '-' is the size, not flags, wherever the command
+// words stand; other commands' arguments are left alone.
+func TestResizeArgs(t *testing.T) {
+	cases := []struct{ in, want string }{
+		{"image resize f -1G", "image resize f -- -1G"},
+		{"--state-dir d image resize --shrink f -512K", "--state-dir d image resize --shrink f -- -512K"},
+		{"image resize f -- -1G", "image resize f -- -1G"},
+		{"image resize f +1G", "image resize f +1G"},
+		{"image resize -q f 1G", "image resize -q f 1G"},
+		{"image create f -1", "image create f -1"},
+	}
+	for _, c := range cases {
+		if got := strings.Join(resizeArgs(strings.Fields(c.in)), " "); got != c.want {
+			t.Errorf("resizeArgs(%q) = %q, want %q", c.in, got, c.want)
+		}
+	}
+}
