@@ -37,6 +37,10 @@ var imageCommands = []struct {
 	{"compare [-f FMT] [-F FMT] [-s] [-q] FILE1 FILE2", "do two images show a guest the same bytes",
 		"exit status as qemu-img's: 0 identical, 1 different, 2 could not compare", imageCompare},
 	{"measure [--output=human|json] [-O FMT] [-o KEY=VALUE,...] (--size SIZE | [-f FMT] FILE)", "the file size an image needs", "", imageMeasure},
+	{"resize [-f FMT] [--shrink] [--preallocation=off] [-q] FILE [+|-]SIZE", "change an image's virtual size (raw, qcow2, vhd)",
+		"a smaller size needs --shrink; an image a worker or qemu has open is refused", imageResize},
+	{"amend [-f FMT] -o KEY=VALUE,...|help FILE", "change a qcow2 image's compat, lazy_refcounts or size in place",
+		"compat=0.10 turns zero clusters into zeros version 2 can read; lazy_refcounts=off leaves exact refcounts", imageAmend},
 }
 
 func newImageCommand() *cobra.Command {

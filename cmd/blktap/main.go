@@ -97,7 +97,7 @@ func execute(args []string) error {
 // were wrong), for its usage line.
 func executeC(args []string) (*cobra.Command, error) {
 	root := newRoot()
-	root.SetArgs(twoDashLongFlags(root, args))
+	root.SetArgs(twoDashLongFlags(root, resizeArgs(args)))
 	return root.ExecuteC()
 }
 

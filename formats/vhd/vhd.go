@@ -210,6 +210,12 @@ func openFile(f hostfile.File, path string, opts Options) (*Image, error) {
 			return nil, err
 		}
 	}
+	if atEnd && !img.ro {
+		if err := img.healFooterCopy(); err != nil {
+			img.closeParent()
+			return nil, err
+		}
+	}
 	if !atEnd && !img.ro {
 		// Put a footer back at the end so that readers which look only
 		// there (libvhd strict mode, vhd-util) accept the file again.
