@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -341,8 +342,12 @@ func (r *daemonRun) words(s string) string {
 	for _, p := range r.subst {
 		s = strings.ReplaceAll(s, p[0], p[1])
 	}
-	return s
+	return workerExited.ReplaceAllString(s, "(worker exited)")
 }
+
+// workerExited is how the daemon says why a worker exited (its pid, its
+// exit status), which the transcripts write as "(worker exited)".
+var workerExited = regexp.MustCompile(`(?m)\(worker \d+ exited: .*\)$`)
 
 // workerDies kills the device's worker and waits until the daemon has
 // noticed (its restart count went up).

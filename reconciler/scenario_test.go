@@ -92,6 +92,7 @@ func runScenario(t *testing.T, lines []string) string {
 			m.o = Observed{}
 		case "worker-dies":
 			m.a.Worker, m.a.Export, m.a.Ring = false, false, false
+			m.a.Exited, m.a.RestartDue = "worker exited", true // the first restart waits for no backoff
 		case "ring-hostile":
 			m.a.Ring, m.a.RingError = false, arg
 		case "frontend-gives-up":
@@ -172,6 +173,8 @@ func adopted(m *Model) {
 	m.a = Actual{Worker: a.Worker, Export: a.Export && a.Worker, Ring: a.Ring && a.Worker && !m.o.LocalFrontend, Params: a.Params}
 	if !a.Worker {
 		m.a.Params = ""
+	} else {
+		m.a.Adopted = AdoptionMatches // the transcripts restart the daemon over the same declarations
 	}
 }
 
