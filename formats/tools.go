@@ -321,7 +321,7 @@ func (c *copier) copyChunk(b []byte, off int64) error {
 	if _, err := c.in.ReadAt(b, off); err != nil {
 		return fmt.Errorf("read at %d: %w", off, err)
 	}
-	if allZero(b) {
+	if image.IsZero(b) {
 		return nil
 	}
 	var err error
@@ -352,19 +352,4 @@ func mapAll(img Image) ([]Extent, error) {
 		all = append(all, exts...)
 	}
 	return all, nil
-}
-
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if b[0]|b[1]|b[2]|b[3]|b[4]|b[5]|b[6]|b[7] != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
 }

@@ -98,3 +98,19 @@ func TestAppendExtent(t *testing.T) {
 		}
 	}
 }
+
+func TestIsZero(t *testing.T) {
+	for n := 0; n < 40; n++ {
+		b := make([]byte, n)
+		if !IsZero(b) {
+			t.Fatalf("%d zero bytes: not zero", n)
+		}
+		for i := range b {
+			b[i] = 1
+			if IsZero(b) {
+				t.Fatalf("%d bytes with byte %d set: zero", n, i)
+			}
+			b[i] = 0
+		}
+	}
+}

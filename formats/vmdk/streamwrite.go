@@ -228,21 +228,6 @@ func (w *streamWriter) writeTables() (uint64, error) {
 	return at, w.put(gd)
 }
 
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.NativeEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
-
 func allZero32(t []uint32) bool {
 	for _, v := range t {
 		if v != 0 {
@@ -275,7 +260,7 @@ func (c *grainCompressor) grain(src image.Image, g, n int64, lba uint64) ([]byte
 	if _, err := src.ReadAt(c.buf[:n], g*gb); err != nil {
 		return nil, createErr("stream: read source at %d: %w", g*gb, err)
 	}
-	if allZero(c.buf) {
+	if image.IsZero(c.buf) {
 		return nil, nil
 	}
 	c.zbuf.Reset()
