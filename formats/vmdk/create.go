@@ -58,6 +58,17 @@ func newDescriptor(createType string, sectors int64, adapter string) *Descriptor
 	}
 }
 
+// closeNew closes a file being created and removes it when *err says the
+// create failed (a failed Close fails it too).
+func closeNew(fs hostfile.FS, f hostfile.File, path string, err *error) {
+	if cerr := f.Close(); *err == nil && cerr != nil {
+		*err = createErr("%w", cerr)
+	}
+	if *err != nil {
+		fs.Remove(path)
+	}
+}
+
 func createErr(format string, args ...any) error {
 	return fmt.Errorf("vmdk: create: "+format, args...)
 }
@@ -189,14 +200,7 @@ func createSparse(fs hostfile.FS, path string, d *Descriptor, sectors, grainSec 
 	if err != nil {
 		return createErr("%w", err)
 	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = createErr("%w", cerr)
-		}
-		if err != nil {
-			fs.Remove(path)
-		}
-	}()
+	defer closeNew(fs, f, path, &err)
 	writes := []struct {
 		b   []byte
 		off uint64

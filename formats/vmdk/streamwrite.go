@@ -45,14 +45,7 @@ func writeStream(ctx context.Context, fs hostfile.FS, dst string, src image.Imag
 	if err != nil {
 		return createErr("%w", err)
 	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = createErr("%w", cerr)
-		}
-		if err != nil {
-			fs.Remove(dst)
-		}
-	}()
+	defer closeNew(fs, f, dst, &err)
 	if _, err := f.WriteAt(h.marshal(), 0); err != nil {
 		return createErr("%w", err)
 	}
