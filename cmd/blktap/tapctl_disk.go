@@ -146,6 +146,27 @@ func envDisk() (reconciler.Key, bool, error) {
 	return k, err == nil, err
 }
 
+// hotplugDisk is the disk XENBUS_PATH names, read from xenstore, for the
+// commands that work only inside a hotplug script; without XENBUS_PATH
+// they refuse, saying refusal.
+func (t *tapCtl) hotplugDisk(refusal string) (reconciler.Key, *tapDisk, error) {
+	k, ok, err := envDisk()
+	if err != nil {
+		return k, nil, err
+	}
+	if !ok {
+		return k, nil, refusef("%s", refusal)
+	}
+	d, ok, err := t.readDisk(k)
+	if err != nil {
+		return k, nil, err
+	}
+	if !ok {
+		return k, nil, fmt.Errorf("no disk at %s", k.BackendPath(0))
+	}
+	return k, d, nil
+}
+
 // target resolves -m (and XENBUS_PATH) to the disk: both may name it and
 // must then agree. A minor without a disk behind it is an error.
 func (t *tapCtl) target(o tapOpts, needMinor bool) (*tapDisk, error) {

@@ -80,17 +80,9 @@ func tapDevName(minor int64) string { return fmt.Sprintf("%s/tapdisk-%d", tapCtl
 
 // allocate prints the minor of the disk XENBUS_PATH names.
 func (t *tapCtl) allocate(o tapOpts) error {
-	k, ok, err := envDisk()
+	k, _, err := t.hotplugDisk("minors are not allocated: each disk in xenstore has one; run from a hotplug script (XENBUS_PATH) or see `tap-ctl list`")
 	if err != nil {
 		return err
-	}
-	if !ok {
-		return refusef("minors are not allocated: each disk in xenstore has one; run from a hotplug script (XENBUS_PATH) or see `tap-ctl list`")
-	}
-	if _, ok, err := t.readDisk(k); err != nil {
-		return err
-	} else if !ok {
-		return fmt.Errorf("no disk at %s", k.BackendPath(0))
 	}
 	fmt.Println(tapDevName(tapMinor(k)))
 	return nil
@@ -120,19 +112,9 @@ func (t *tapCtl) detach(o tapOpts) error {
 // or the daemon itself while no worker runs (open then says why).
 // Nothing is started: the daemon starts workers as xenstore declares disks.
 func (t *tapCtl) spawn(o tapOpts) error {
-	k, ok, err := envDisk()
+	_, d, err := t.hotplugDisk("tapdisk processes are started by `blktap run` for disks in xenstore; run from a hotplug script (XENBUS_PATH)")
 	if err != nil {
 		return err
-	}
-	if !ok {
-		return refusef("tapdisk processes are started by `blktap run` for disks in xenstore; run from a hotplug script (XENBUS_PATH)")
-	}
-	d, ok, err := t.readDisk(k)
-	if err != nil {
-		return err
-	}
-	if !ok {
-		return fmt.Errorf("no disk at %s", k.BackendPath(0))
 	}
 	pid := d.pid
 	if pid == 0 {
