@@ -1,7 +1,6 @@
 package formats
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"os"
@@ -170,22 +169,11 @@ type compressor interface {
 
 // ConvertWith is Convert with options.
 func ConvertWith(ctx context.Context, in Image, outFormat, outPath string, co CreateOptions, opt ConvertOptions) (err error) {
-	progress := opt.Progress
 	if co.Size == 0 {
 		co.Size = in.Size()
 	}
 	if name, _ := Normalize(outFormat); name == "vmdk" && co.Subformat == "streamOptimized" {
-		// A stream is written in one pass, never opened for writing.
-		if progress != nil {
-			progress(0, in.Size())
-		}
-		if err := vmdk.WriteStreamOptimized(ctx, outPath, in); err != nil {
-			return err
-		}
-		if progress != nil {
-			progress(in.Size(), in.Size())
-		}
-		return nil
+		return convertStream(ctx, in, outPath, opt.Progress)
 	}
 	if err := Create(outFormat, outPath, co); err != nil {
 		return err
@@ -214,109 +202,141 @@ func ConvertWith(ctx context.Context, in Image, outFormat, outPath string, co Cr
 			err = cerr
 		}
 	}()
-	total := in.Size()
 	exts, err := mapAll(in)
 	if err != nil {
 		return err
 	}
-	type job struct{ off, n int64 }
-	jobs := make(chan job)
-	var (
-		mu    sync.Mutex
-		done  int64
-		first error
-	)
-	fail := func(e error) {
-		mu.Lock()
-		if first == nil {
-			first = e
-		}
-		mu.Unlock()
+	cp := &copier{in: in, out: out, comp: comp, progress: opt.Progress, total: in.Size()}
+	if err := cp.run(ctx, exts); err != nil {
+		return err
 	}
+	if cp.progress != nil {
+		cp.progress(cp.total, cp.total)
+	}
+	return out.Flush()
+}
+
+// convertStream writes a streamOptimized VMDK, which is written in one
+// pass and never opened for writing.
+func convertStream(ctx context.Context, in Image, outPath string, progress func(done, total int64)) error {
+	if progress != nil {
+		progress(0, in.Size())
+	}
+	if err := vmdk.WriteStreamOptimized(ctx, outPath, in); err != nil {
+		return err
+	}
+	if progress != nil {
+		progress(in.Size(), in.Size())
+	}
+	return nil
+}
+
+// copier copies the data extents of in to out with four workers, on a
+// fixed grid of convertBlock chunks.
+type copier struct {
+	in, out  Image
+	comp     compressor // nil: plain writes
+	progress func(done, total int64)
+	total    int64
+
+	mu    sync.Mutex
+	done  int64 // bytes copied, guarded by mu
+	first error // the first failure, guarded by mu
+}
+
+type copyJob struct{ off, n int64 }
+
+func (c *copier) fail(e error) {
+	c.mu.Lock()
+	if c.first == nil {
+		c.first = e
+	}
+	c.mu.Unlock()
+}
+
+func (c *copier) failed() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.first
+}
+
+func (c *copier) run(ctx context.Context, exts []Extent) error {
+	jobs := make(chan copyJob)
 	var wg sync.WaitGroup
 	for range 4 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			buf := make([]byte, convertBlock)
-			for j := range jobs {
-				b := buf[:j.n]
-				if _, err := in.ReadAt(b, j.off); err != nil {
-					fail(fmt.Errorf("read at %d: %w", j.off, err))
-					continue
-				}
-				if !allZero(b) {
-					if comp != nil {
-						if err := comp.WriteCompressed(b, j.off); err != nil {
-							fail(fmt.Errorf("write at %d: %w", j.off, err))
-						}
-					} else if _, err := out.WriteAt(b, j.off); err != nil {
-						fail(fmt.Errorf("write at %d: %w", j.off, err))
-						continue
-					}
-				}
-				mu.Lock()
-				done += j.n
-				d := done
-				mu.Unlock()
-				if progress != nil {
-					progress(d, total)
-				}
-			}
+			c.work(jobs)
 		}()
 	}
-	// Work in chunks on a fixed grid, so every write is aligned for any
-	// output cluster size (compressed clusters must be); a chunk is read
-	// when any extent in it holds data.
+	c.feed(ctx, exts, jobs)
+	close(jobs)
+	wg.Wait()
+	if err := c.failed(); err != nil {
+		return err
+	}
+	return ctx.Err()
+}
+
+// feed works in chunks on a fixed grid, so every write is aligned for any
+// output cluster size (compressed clusters must be); a chunk is read when
+// any extent in it holds data. It stops at the first failure.
+func (c *copier) feed(ctx context.Context, exts []Extent, jobs chan<- copyJob) {
 	next := int64(0)
-feed:
 	for _, e := range exts {
 		if e.Kind != image.Data {
 			continue
 		}
 		start := max(next, e.Offset/convertBlock*convertBlock)
 		for off := start; off < e.Offset+e.Length; off += convertBlock {
-			n := min(convertBlock, total-off)
-			mu.Lock()
-			stop := first != nil
-			mu.Unlock()
-			if stop || ctx.Err() != nil {
-				break feed
+			if c.failed() != nil || ctx.Err() != nil {
+				return
 			}
-			jobs <- job{off, n}
+			jobs <- copyJob{off, min(convertBlock, c.total-off)}
 			next = off + convertBlock
 		}
 	}
-	close(jobs)
-	wg.Wait()
-	if first != nil {
-		return first
+}
+
+func (c *copier) work(jobs <-chan copyJob) {
+	buf := make([]byte, convertBlock)
+	for j := range jobs {
+		if err := c.copyChunk(buf[:j.n], j.off); err != nil {
+			c.fail(err)
+			continue
+		}
+		c.mu.Lock()
+		c.done += j.n
+		d := c.done
+		c.mu.Unlock()
+		if c.progress != nil {
+			c.progress(d, c.total)
+		}
 	}
-	if err := ctx.Err(); err != nil {
-		return err
+}
+
+// copyChunk copies one chunk; an all-zero chunk is not written, the new
+// image reads zeros there already.
+func (c *copier) copyChunk(b []byte, off int64) error {
+	if _, err := c.in.ReadAt(b, off); err != nil {
+		return fmt.Errorf("read at %d: %w", off, err)
 	}
-	if progress != nil {
-		progress(total, total)
+	if image.IsZero(b) {
+		return nil
 	}
-	return out.Flush()
+	var err error
+	if c.comp != nil {
+		err = c.comp.WriteCompressed(b, off)
+	} else {
+		_, err = c.out.WriteAt(b, off)
+	}
+	if err != nil {
+		return fmt.Errorf("write at %d: %w", off, err)
+	}
+	return nil
 }
 
 // mapAll returns the extents of the whole image (see backing.MapAll).
 func mapAll(img Image) ([]Extent, error) { return backing.MapAll(img) }
 
-// zeroBlock is what allZero compares with: bytes.Equal is vectorised,
-// about ten times the speed of a loop over the bytes, and the convert
-// profile's largest cost outside the kernel. Never written, so its pages
-// stay the kernel's shared zero page.
-var zeroBlock [convertBlock]byte
-
-func allZero(b []byte) bool {
-	for len(b) > 0 {
-		n := min(len(b), len(zeroBlock))
-		if !bytes.Equal(b[:n], zeroBlock[:n]) {
-			return false
-		}
-		b = b[n:]
-	}
-	return true
-}

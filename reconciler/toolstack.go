@@ -88,92 +88,96 @@ func WriteDevice(ctx context.Context, xs *xenstore.Client, spec DeviceSpec) erro
 	self := SelfDomid(ctx, xs)
 	be := spec.Key.BackendPath(self)
 	fe := spec.Key.FrontendPath()
-	dom := strconv.FormatUint(uint64(spec.Key.Domid), 10)
 	return xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 		if _, err := tx.Read(ctx, be); err == nil {
 			return fmt.Errorf("%w: %s", ErrExists, be)
 		} else if !errors.Is(err, xenstore.ErrNotFound) {
 			return err
 		}
-		params := spec.Params()
-		beKeys := [][2]string{
-			{"frontend", fe},
-			{"frontend-id", dom},
-			{"online", "1"},
-			{"removable", "0"},
-			{"bootable", "1"},
-			{"state", strconv.Itoa(int(StateInitialising))},
-			{"dev", spec.Vdev},
-			{"type", spec.Key.Kind},
-			{"mode", spec.Mode},
-			{"device-type", "disk"},
-			{"discard-enable", "1"}, // libxl's default: the guest may discard
-			{"specification", "xen"},
-			{"params", params},
-			{"script", "/etc/xen/scripts/block-tap"},
-		}
-		// blktap/ after the backend's permissions are set, under its own
-		// locked directory: a node inherits its parent's permissions.
-		status := [][2]string{{keyName, spec.Name}, {keySource, spec.Source}}
-		if spec.NBDDevice != "" {
-			status = append(status, [2]string{keyNBDDevice, spec.NBDDevice})
-		}
-		feKeys := [][2]string{
-			{"backend", be},
-			{"backend-id", strconv.FormatUint(uint64(self), 10)},
-			{"state", strconv.Itoa(int(StateInitialising))},
-			{"virtual-device", strconv.FormatUint(uint64(spec.Key.Devid), 10)},
-			{"device-type", "disk"},
-			{"trusted", "1"},
-		}
 		// libxl: the backend belongs to its domain and the guest may read
 		// it; the frontend belongs to the guest and the backend domain may
 		// read it. Set on the directories before the keys go in: a node
 		// takes its parent's permissions when it is created.
-		if err := tx.Mkdir(ctx, be); err != nil {
-			return err
-		}
-		if err := tx.SetPerms(ctx, be, []xenstore.Perm{
+		if err := txMkdirPerms(ctx, tx, be, []xenstore.Perm{
 			{Domid: self, Access: xenstore.PermNone},
 			{Domid: spec.Key.Domid, Access: xenstore.PermRead},
 		}); err != nil {
 			return err
 		}
 		if spec.Key.Domid != self {
-			if err := tx.Mkdir(ctx, fe); err != nil {
-				return err
-			}
-			if err := tx.SetPerms(ctx, fe, []xenstore.Perm{
+			if err := txMkdirPerms(ctx, tx, fe, []xenstore.Perm{
 				{Domid: spec.Key.Domid, Access: xenstore.PermNone},
 				{Domid: self, Access: xenstore.PermRead},
 			}); err != nil {
 				return err
 			}
 		}
-		for _, kv := range beKeys {
-			if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
-				return err
-			}
-		}
-		for _, kv := range feKeys {
-			if err := tx.Write(ctx, fe+"/"+kv[0], kv[1]); err != nil {
-				return err
-			}
-		}
-		dir := be + "/" + statusDir
-		if err := tx.Mkdir(ctx, dir); err != nil {
+		if err := txWriteKeys(ctx, tx, be, backendKeys(spec, fe)); err != nil {
 			return err
 		}
-		if err := tx.SetPerms(ctx, dir, statusPerms(self)); err != nil {
+		if err := txWriteKeys(ctx, tx, fe, frontendKeys(spec, be, self)); err != nil {
 			return err
 		}
-		for _, kv := range status {
-			if err := tx.Write(ctx, be+"/"+kv[0], kv[1]); err != nil {
-				return err
-			}
+		// blktap/ after the backend's permissions are set, under its own
+		// locked directory: a node inherits its parent's permissions.
+		if err := txMkdirPerms(ctx, tx, be+"/"+statusDir, statusPerms(self)); err != nil {
+			return err
 		}
-		return nil
+		status := [][2]string{{keyName, spec.Name}, {keySource, spec.Source}}
+		if spec.NBDDevice != "" {
+			status = append(status, [2]string{keyNBDDevice, spec.NBDDevice})
+		}
+		return txWriteKeys(ctx, tx, be, status)
 	})
+}
+
+// backendKeys are the keys libxl writes in a tap disk's backend directory.
+func backendKeys(spec DeviceSpec, fe string) [][2]string {
+	return [][2]string{
+		{"frontend", fe},
+		{"frontend-id", strconv.FormatUint(uint64(spec.Key.Domid), 10)},
+		{"online", "1"},
+		{"removable", "0"},
+		{"bootable", "1"},
+		{"state", strconv.Itoa(int(StateInitialising))},
+		{"dev", spec.Vdev},
+		{"type", spec.Key.Kind},
+		{"mode", spec.Mode},
+		{"device-type", "disk"},
+		{"discard-enable", "1"}, // libxl's default: the guest may discard
+		{"specification", "xen"},
+		{"params", spec.Params()},
+		{"script", "/etc/xen/scripts/block-tap"},
+	}
+}
+
+// frontendKeys are the keys libxl writes in the guest's frontend directory.
+func frontendKeys(spec DeviceSpec, be string, self uint32) [][2]string {
+	return [][2]string{
+		{"backend", be},
+		{"backend-id", strconv.FormatUint(uint64(self), 10)},
+		{"state", strconv.Itoa(int(StateInitialising))},
+		{"virtual-device", strconv.FormatUint(uint64(spec.Key.Devid), 10)},
+		{"device-type", "disk"},
+		{"trusted", "1"},
+	}
+}
+
+func txMkdirPerms(ctx context.Context, tx *xenstore.Tx, dir string, perms []xenstore.Perm) error {
+	if err := tx.Mkdir(ctx, dir); err != nil {
+		return err
+	}
+	return tx.SetPerms(ctx, dir, perms)
+}
+
+// txWriteKeys writes each key, a path relative to dir, in order.
+func txWriteKeys(ctx context.Context, tx *xenstore.Tx, dir string, kvs [][2]string) error {
+	for _, kv := range kvs {
+		if err := tx.Write(ctx, dir+"/"+kv[0], kv[1]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // ErrDeviceFailed: the daemon gave up on a device (phase failed, an error

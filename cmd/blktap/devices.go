@@ -129,10 +129,7 @@ func attach(pos []string, stateDir, xsPath string, timeout time.Duration, nbdDev
 		}
 	}
 	ctx := context.Background()
-	if err := requireDaemon(ctx, stateDir, timeout); err != nil {
-		return err
-	}
-	xs, err := dialXenstore(ctx, stateDir, xsPath)
+	xs, err := daemonXenstore(ctx, stateDir, xsPath, timeout)
 	if err != nil {
 		return err
 	}
@@ -282,10 +279,7 @@ func detach(pos []string, timeout time.Duration) error {
 	ctx := context.Background()
 	// Without a daemon the disk never closes: fail now, not after the
 	// timeout with the device half removed.
-	if err := requireDaemon(ctx, stateDir, timeout); err != nil {
-		return err
-	}
-	xs, err := dialXenstore(ctx, stateDir, xsPath)
+	xs, err := daemonXenstore(ctx, stateDir, xsPath, timeout)
 	if err != nil {
 		return err
 	}

@@ -86,6 +86,16 @@ func requireDaemon(ctx context.Context, stateDir string, answerWithin time.Durat
 	return nil
 }
 
+// daemonXenstore checks that the daemon answers (requireDaemon) and then
+// connects to its xenstored: what every command that declares or removes
+// a disk does first.
+func daemonXenstore(ctx context.Context, stateDir, xsPath string, answerWithin time.Duration) (*xenstore.Client, error) {
+	if err := requireDaemon(ctx, stateDir, answerWithin); err != nil {
+		return nil, err
+	}
+	return dialXenstore(ctx, stateDir, xsPath)
+}
+
 // stateDirHint names the state directory a client used and how to name
 // another: a daemon run with its own --state-dir is invisible otherwise.
 func stateDirHint(stateDir string) string {
@@ -93,10 +103,7 @@ func stateDirHint(stateDir string) string {
 }
 
 func hotplugAdd(ctx context.Context, stateDir, xsPath, bePath string, timeout time.Duration) error {
-	if err := requireDaemon(ctx, stateDir, timeout); err != nil {
-		return err
-	}
-	xs, err := dialXenstore(ctx, stateDir, xsPath)
+	xs, err := daemonXenstore(ctx, stateDir, xsPath, timeout)
 	if err != nil {
 		return err
 	}

@@ -55,6 +55,20 @@ type Extent struct {
 	Depth  int
 }
 
+// AppendExtent appends x to exts, or lengthens the last extent when x
+// continues it with the same kind and depth, so a map lists each run once.
+// An empty x is dropped.
+func AppendExtent(exts []Extent, x Extent) []Extent {
+	if x.Length <= 0 {
+		return exts
+	}
+	if k := len(exts) - 1; k >= 0 && exts[k].Kind == x.Kind && exts[k].Depth == x.Depth && exts[k].Offset+exts[k].Length == x.Offset {
+		exts[k].Length += x.Length
+		return exts
+	}
+	return append(exts, x)
+}
+
 // Image is one open disk image.
 type Image interface {
 	io.ReaderAt

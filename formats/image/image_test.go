@@ -72,3 +72,45 @@ func TestReadBacking(t *testing.T) {
 		}
 	}
 }
+
+// TestAppendExtent: runs merge only when contiguous with the same kind and
+// depth; empty runs vanish.
+func TestAppendExtent(t *testing.T) {
+	var got []Extent
+	for _, x := range []Extent{
+		{0, 512, Data, 0},
+		{512, 512, Data, 0},  // merges
+		{1024, 0, Zero, 0},   // dropped
+		{1024, 512, Data, 1}, // other depth
+		{1536, 512, Zero, 1}, // other kind
+		{2048, 512, Zero, 1}, // merges
+		{4096, 512, Zero, 1}, // a gap: not contiguous
+	} {
+		got = AppendExtent(got, x)
+	}
+	want := []Extent{{0, 1024, Data, 0}, {1024, 512, Data, 1}, {1536, 1024, Zero, 1}, {4096, 512, Zero, 1}}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+	}
+}
+
+func TestIsZero(t *testing.T) {
+	for n := 0; n < 40; n++ {
+		b := make([]byte, n)
+		if !IsZero(b) {
+			t.Fatalf("%d zero bytes: not zero", n)
+		}
+		for i := range b {
+			b[i] = 1
+			if IsZero(b) {
+				t.Fatalf("%d bytes with byte %d set: zero", n, i)
+			}
+			b[i] = 0
+		}
+	}
+}

@@ -257,11 +257,7 @@ func (img *Image) rw(cmd uint16, p []byte, off int64) error {
 		img.submit(r)
 		reqs = append(reqs, r)
 	}
-	var errs []error
-	for _, r := range reqs {
-		errs = append(errs, img.wait(r))
-	}
-	return errors.Join(errs...)
+	return img.waitAll(reqs)
 }
 
 func (img *Image) checkOpen() error {
@@ -348,11 +344,7 @@ func (img *Image) zeroish(cmd uint16, flag uint16, off, length int64) error {
 		img.submit(r)
 		reqs = append(reqs, r)
 	}
-	var errs []error
-	for _, r := range reqs {
-		errs = append(errs, img.wait(r))
-	}
-	return errors.Join(errs...)
+	return img.waitAll(reqs)
 }
 
 // Map describes [off, off+length) from the server's base:allocation block
@@ -447,4 +439,14 @@ func (img *Image) Close() error {
 	img.mu.Unlock()
 	img.wg.Wait()
 	return ferr
+}
+
+// waitAll waits for every request of a split command, all of them even
+// after one fails: a read or write part holds a slice of the caller's buffer.
+func (img *Image) waitAll(reqs []*request) error {
+	var errs []error
+	for _, r := range reqs {
+		errs = append(errs, img.wait(r))
+	}
+	return errors.Join(errs...)
 }

@@ -36,7 +36,7 @@ func (b *memImage) Map(off, n int64) ([]image.Extent, error) {
 	for pos := off; pos < off+n; {
 		end := min(off+n, (pos/grain+1)*grain)
 		kind := image.Hole
-		if !isZero(b.data[pos:end]) {
+		if !image.IsZero(b.data[pos:end]) {
 			kind = image.Data
 		}
 		if k := len(out); k > 0 && out[k-1].Kind == kind {

@@ -18,17 +18,7 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		return nil, fmt.Errorf("%w: map offset %d length %d size %d", image.ErrOutOfRange, off, length, img.Size())
 	}
 	var out []image.Extent
-	push := func(e image.Extent) {
-		if e.Length <= 0 {
-			return
-		}
-		if n := len(out); n > 0 && out[n-1].Kind == e.Kind && out[n-1].Depth == e.Depth &&
-			out[n-1].Offset+out[n-1].Length == e.Offset {
-			out[n-1].Length += e.Length
-			return
-		}
-		out = append(out, e)
-	}
+	push := func(e image.Extent) { out = image.AppendExtent(out, e) }
 	end := off + length
 	pos := off
 	for pos < end {

@@ -366,7 +366,7 @@ func TestSeedTools(t *testing.T) {
 	fi, _ := os.Stat(p("img.qcow"))
 	nonZero := 0
 	for i := 0; i < len(src); i += 4096 {
-		if !isZero(src[i : i+4096]) {
+		if !image.IsZero(src[i : i+4096]) {
 			nonZero++
 		}
 	}

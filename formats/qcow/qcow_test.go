@@ -121,7 +121,7 @@ func checkMap(t *testing.T, img *Image, model []byte) {
 		if e.Offset != pos || e.Length <= 0 {
 			t.Fatalf("map not contiguous at %d: %+v", pos, e)
 		}
-		if e.Kind == image.Hole && !isZero(model[e.Offset:e.Offset+e.Length]) {
+		if e.Kind == image.Hole && !image.IsZero(model[e.Offset:e.Offset+e.Length]) {
 			t.Fatalf("hole %+v holds data", e)
 		}
 		if e.Kind == image.Data && e.Depth == 0 {
@@ -252,7 +252,7 @@ func TestBlktapLittleEndianL1(t *testing.T) {
 	if _, err := img.ReadAt(got, 4096); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(got[:4096], bytes.Repeat([]byte{0x5A}, 4096)) || !isZero(got[4096:]) {
+	if !bytes.Equal(got[:4096], bytes.Repeat([]byte{0x5A}, 4096)) || !image.IsZero(got[4096:]) {
 		t.Fatal("little-endian L1 not followed")
 	}
 	info := img.Info()

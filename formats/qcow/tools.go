@@ -99,7 +99,7 @@ func copySparse(ctx context.Context, src image.Image, grain int64, write func([]
 				// Write runs of blocks that are not all zeros.
 				for i := int64(0); i < n; {
 					blk := min(grain-(off+i)%grain, n-i)
-					if isZero(p[i : i+blk]) {
+					if image.IsZero(p[i : i+blk]) {
 						if err := skip(off+i, blk); err != nil {
 							return err
 						}
@@ -109,7 +109,7 @@ func copySparse(ctx context.Context, src image.Image, grain int64, write func([]
 					j := i + blk
 					for j < n {
 						b := min(grain-(off+j)%grain, n-j)
-						if isZero(p[j : j+b]) {
+						if image.IsZero(p[j : j+b]) {
 							break
 						}
 						j += b
@@ -124,21 +124,6 @@ func copySparse(ctx context.Context, src image.Image, grain int64, write func([]
 		}
 	}
 	return nil
-}
-
-func isZero(p []byte) bool {
-	for len(p) >= 8 {
-		if p[0]|p[1]|p[2]|p[3]|p[4]|p[5]|p[6]|p[7] != 0 {
-			return false
-		}
-		p = p[8:]
-	}
-	for _, b := range p {
-		if b != 0 {
-			return false
-		}
-	}
-	return true
 }
 
 // Qcow2RawOptions tunes Qcow2RawWith.

@@ -44,14 +44,7 @@ func lockImage(f *os.File, writable bool) error {
 		return lk.Type != unix.F_UNLCK, nil
 	}
 	// Others refusing to share what we hold, or holding what we refuse.
-	var test []int64
-	for _, p := range held {
-		test = append(test, lockSharedBase+p)
-	}
-	for _, p := range unshared {
-		test = append(test, lockPermBase+p)
-	}
-	for _, b := range test {
+	for _, b := range lockBytes(held, lockSharedBase, unshared, lockPermBase) {
 		c, err := conflict(b)
 		if err != nil {
 			if errors.Is(err, unix.EINVAL) || errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EOPNOTSUPP) {
@@ -63,18 +56,25 @@ func lockImage(f *os.File, writable bool) error {
 			return fmt.Errorf("qcow2: %s: %w (a lock conflicts at byte %d)", f.Name(), ErrLocked, b)
 		}
 	}
-	var take []int64
-	for _, p := range held {
-		take = append(take, lockPermBase+p)
-	}
-	for _, p := range unshared {
-		take = append(take, lockSharedBase+p)
-	}
-	for _, b := range take {
+	for _, b := range lockBytes(held, lockPermBase, unshared, lockSharedBase) {
 		lk := unix.Flock_t{Type: unix.F_RDLCK, Whence: 0, Start: b, Len: 1}
 		if err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &lk); err != nil {
 			return fmt.Errorf("qcow2: %s: %w: %v", f.Name(), ErrLocked, err)
 		}
 	}
 	return nil
+}
+
+// lockBytes lists the lock bytes of the held permissions from heldBase on,
+// then those of the unshared ones from unsharedBase on. Testing and taking
+// use the two bases crossed.
+func lockBytes(held []int64, heldBase int64, unshared []int64, unsharedBase int64) []int64 {
+	var out []int64
+	for _, p := range held {
+		out = append(out, heldBase+p)
+	}
+	for _, p := range unshared {
+		out = append(out, unsharedBase+p)
+	}
+	return out
 }

@@ -251,16 +251,7 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		return nil, fmt.Errorf("qcow2: map: %w", err)
 	}
 	var out []image.Extent
-	add := func(x image.Extent) {
-		if x.Length == 0 {
-			return
-		}
-		if l := len(out) - 1; l >= 0 && out[l].Kind == x.Kind && out[l].Depth == x.Depth && out[l].Offset+out[l].Length == x.Offset {
-			out[l].Length += x.Length
-			return
-		}
-		out = append(out, x)
-	}
+	add := func(x image.Extent) { out = image.AppendExtent(out, x) }
 	const chunk = 64 << 20 // bound the segment list per lock hold
 	for pos := off; pos < off+length; {
 		n := min(chunk, off+length-pos)

@@ -509,13 +509,7 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		return nil, err
 	}
 	var out []image.Extent
-	err := img.walk(off, off+length, func(e image.Extent) {
-		if n := len(out); n > 0 && out[n-1].Kind == e.Kind && out[n-1].Offset+out[n-1].Length == e.Offset {
-			out[n-1].Length += e.Length
-			return
-		}
-		out = append(out, e)
-	})
+	err := img.walk(off, off+length, func(e image.Extent) { out = image.AppendExtent(out, e) })
 	if err != nil {
 		return nil, err
 	}

@@ -229,7 +229,7 @@ func checkFile(f hostfile.File, path string, opts CheckOptions) (*CheckResult, e
 			}
 		}
 	} else {
-		if !allZero(h.ParentName[:]) || h.ParentTime != 0 || h.ParentUUID != [16]byte{} {
+		if !image.IsZero(h.ParentName[:]) || h.ParentTime != 0 || h.ParentUUID != [16]byte{} {
 			c.bad("differencing header is invalid: non-null parent fields on a %s disk", c.r.Subformat)
 		}
 		for _, l := range h.Locators {
@@ -379,7 +379,7 @@ func (c *checker) checkFooter(ft *footer, what string) {
 	if ft.Hidden > 1 {
 		c.bad("%s invalid: 'hidden' state %d", what, ft.Hidden)
 	}
-	if !allZero(raw[86:]) {
+	if !image.IsZero(raw[86:]) {
 		c.warn("%s: reserved bytes are not zero", what)
 	}
 }

@@ -80,6 +80,9 @@ type piece struct {
 	data []byte
 }
 
+// planCreate computes the new file in steps: the parent (if any), the
+// footer, then for a dynamic or differencing disk the BAT, the batmap and
+// the parent locators, laid out one after another behind the header.
 func planCreate(path string, opts CreateOptions) (*createPlan, error) {
 	sub := strings.ToLower(opts.Subformat)
 	if sub == "" {
@@ -92,40 +95,13 @@ func planCreate(path string, opts CreateOptions) (*createPlan, error) {
 	if opts.Now != nil {
 		now = opts.Now
 	}
-	var parent *footer
-	var parentAbs, parentRel string
-	var parentMtime time.Time
+	var par *parentInfo
 	if opts.Backing != "" {
-		if sub == "fixed" {
-			return nil, fmt.Errorf("vhd: a fixed disk cannot have a parent: %w", image.ErrUnsupported)
+		var err error
+		if par, err = openParent(path, sub, opts); err != nil {
+			return nil, err
 		}
-		if opts.BackingFormat != "" && opts.BackingFormat != "vhd" {
-			return nil, fmt.Errorf("vhd: parent format %q: %w (a VHD's parent must be a VHD)", opts.BackingFormat, image.ErrUnsupported)
-		}
-		parentRel = opts.Backing
-		parentAbs = opts.Backing
-		if !filepath.IsAbs(parentAbs) {
-			parentAbs = filepath.Join(filepath.Dir(path), parentAbs)
-		}
-		abs, err := filepath.Abs(parentAbs)
-		if err != nil {
-			return nil, fmt.Errorf("vhd: parent %s: %w", opts.Backing, err)
-		}
-		parentAbs = abs
-		pf, err := os.Open(parentAbs)
-		if err != nil {
-			return nil, fmt.Errorf("vhd: parent: %w", err)
-		}
-		st, err := pf.Stat()
-		if err == nil {
-			parentMtime = st.ModTime()
-			parent, _, err = readFooter(hostfile.OSFile{File: pf}, st.Size())
-		}
-		pf.Close()
-		if err != nil {
-			return nil, fmt.Errorf("vhd: parent %s: %w", parentAbs, err)
-		}
-		ps, _ := parent.virtualSize()
+		ps, _ := par.foot.virtualSize()
 		if opts.Size != 0 && roundUp(opts.Size, sectorSize) != ps {
 			return nil, fmt.Errorf("vhd: size %d differs from the parent's %d; a differencing disk has its parent's size", opts.Size, ps)
 		}
@@ -139,10 +115,69 @@ func planCreate(path string, opts CreateOptions) (*createPlan, error) {
 		return nil, fmt.Errorf("vhd: size %d bytes exceeds the VHD limit of 2040 GiB (%d bytes): %w; use qcow2 for larger disks", opts.Size, int64(MaxSize), image.ErrUnsupported)
 	}
 	p := &createPlan{size: size}
-	ft := &p.foot
+	if err := p.foot.fillNew(size, now()); err != nil {
+		return nil, err
+	}
+	if sub == "fixed" {
+		p.foot.Type = typeFixed
+		p.foot.DataOffset = ^uint64(0)
+		p.fileEnd = size
+		return p, nil
+	}
+	if err := p.planSparse(path, opts.BlockSize, par); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// parentInfo is what a differencing child records of its parent.
+type parentInfo struct {
+	foot     *footer
+	abs, rel string // rel as the caller named it
+	mtime    time.Time
+}
+
+// openParent reads the parent's footer and modification time; the name is
+// taken relative to the child's directory.
+func openParent(path, sub string, opts CreateOptions) (*parentInfo, error) {
+	if sub == "fixed" {
+		return nil, fmt.Errorf("vhd: a fixed disk cannot have a parent: %w", image.ErrUnsupported)
+	}
+	if opts.BackingFormat != "" && opts.BackingFormat != "vhd" {
+		return nil, fmt.Errorf("vhd: parent format %q: %w (a VHD's parent must be a VHD)", opts.BackingFormat, image.ErrUnsupported)
+	}
+	par := &parentInfo{rel: opts.Backing}
+	name := opts.Backing
+	if !filepath.IsAbs(name) {
+		name = filepath.Join(filepath.Dir(path), name)
+	}
+	abs, err := filepath.Abs(name)
+	if err != nil {
+		return nil, fmt.Errorf("vhd: parent %s: %w", opts.Backing, err)
+	}
+	par.abs = abs
+	pf, err := os.Open(abs)
+	if err != nil {
+		return nil, fmt.Errorf("vhd: parent: %w", err)
+	}
+	st, err := pf.Stat()
+	if err == nil {
+		par.mtime = st.ModTime()
+		par.foot, _, err = readFooter(hostfile.OSFile{File: pf}, st.Size())
+	}
+	pf.Close()
+	if err != nil {
+		return nil, fmt.Errorf("vhd: parent %s: %w", abs, err)
+	}
+	return par, nil
+}
+
+// fillNew sets the fields every new footer has: this creator, the size and
+// its CHS geometry, a random (version 4) UUID.
+func (ft *footer) fillNew(size int64, now time.Time) error {
 	ft.Features = featureReserved
 	ft.Version = fileFormatV1
-	ft.Timestamp = vhdTime(now())
+	ft.Timestamp = vhdTime(now)
 	ft.CreatorApp = creatorTap
 	ft.CreatorVer = creatorTapVersion
 	ft.CreatorOS = 0
@@ -150,44 +185,59 @@ func planCreate(path string, opts CreateOptions) (*createPlan, error) {
 	ft.CurrentSize = uint64(size)
 	ft.Cylinders, ft.Heads, ft.SPT = chs(uint64(size))
 	if _, err := rand.Read(ft.UUID[:]); err != nil {
-		return nil, fmt.Errorf("vhd: uuid: %w", err)
+		return fmt.Errorf("vhd: uuid: %w", err)
 	}
 	ft.UUID[6] = ft.UUID[6]&0x0f | 0x40 // version 4
 	ft.UUID[8] = ft.UUID[8]&0x3f | 0x80
-	if sub == "fixed" {
-		ft.Type = typeFixed
-		ft.DataOffset = ^uint64(0)
-		p.fileEnd = size
-		return p, nil
+	return nil
+}
+
+// planSparse lays out a dynamic or differencing disk's header, BAT,
+// batmap and (for a child) parent locators.
+func (p *createPlan) planSparse(path string, bs int64, par *parentInfo) error {
+	p.foot.Type = typeDynamic
+	if par != nil {
+		p.foot.Type = typeDiff
 	}
-	ft.Type = typeDynamic
-	if parent != nil {
-		ft.Type = typeDiff
-	}
-	ft.DataOffset = footerSize
-	bs := opts.BlockSize
+	p.foot.DataOffset = footerSize
 	if bs == 0 {
 		bs = defaultBlockSize
 	}
 	if bs < sectorSize || bs > maxBlockSize || bs&(bs-1) != 0 {
-		return nil, fmt.Errorf("vhd: block size %d: must be a power of two from 512 to %d", bs, maxBlockSize)
+		return fmt.Errorf("vhd: block size %d: must be a power of two from 512 to %d", bs, maxBlockSize)
 	}
-	entries := (size + bs - 1) / bs
+	entries := (p.size + bs - 1) / bs
 	if entries > maxBATEntries {
-		return nil, fmt.Errorf("vhd: %d blocks of %d bytes exceed the BAT cap %d; use larger blocks", entries, bs, maxBATEntries)
+		return fmt.Errorf("vhd: %d blocks of %d bytes exceed the BAT cap %d; use larger blocks", entries, bs, maxBATEntries)
 	}
-	h := &header{DataOffset: ^uint64(0), TableOffset: footerSize + headerSize, Version: headerVersion, MaxEntries: uint32(entries), BlockSize: uint32(bs)}
-	p.hdr = h
-	batBytes := roundUp(4*entries, sectorSize)
-	bat := make([]byte, batBytes)
+	p.hdr = &header{DataOffset: ^uint64(0), TableOffset: footerSize + headerSize, Version: headerVersion, MaxEntries: uint32(entries), BlockSize: uint32(bs)}
+	off := int64(p.hdr.TableOffset)
+	off = p.addBAT(entries, off)
+	off = p.addBatmap(entries, off)
+	if par != nil {
+		var err error
+		if off, err = p.addParent(path, par, off); err != nil {
+			return err
+		}
+	}
+	p.fileEnd = off
+	return nil
+}
+
+// addBAT places a BAT with every entry unallocated at off and returns
+// where the next piece goes.
+func (p *createPlan) addBAT(entries, off int64) int64 {
+	bat := make([]byte, roundUp(4*entries, sectorSize))
 	for i := range bat {
 		bat[i] = 0xFF
 	}
-	off := int64(h.TableOffset)
 	p.pieces = append(p.pieces, piece{off, bat})
-	off += batBytes
-	// The batmap that creator tap 1.3 implies: all clear ("no block is
-	// known to be full"), which is always true enough for libvhd.
+	return off + int64(len(bat))
+}
+
+// addBatmap places the batmap that creator tap 1.3 implies: all clear ("no
+// block is known to be full"), which is always true enough for libvhd.
+func (p *createPlan) addBatmap(entries, off int64) int64 {
 	mapSecs := (entries + 8*sectorSize - 1) / (8 * sectorSize)
 	bits := make([]byte, mapSecs*sectorSize)
 	bmHdr := make([]byte, sectorSize)
@@ -197,41 +247,44 @@ func planCreate(path string, opts CreateOptions) (*createPlan, error) {
 	binary.BigEndian.PutUint32(bmHdr[20:], batmapVersion)
 	binary.BigEndian.PutUint32(bmHdr[24:], batmapChecksum(bits, batmapVersion))
 	p.pieces = append(p.pieces, piece{off, bmHdr}, piece{off + sectorSize, bits})
-	off += sectorSize + int64(len(bits))
-	if parent != nil {
-		h.ParentUUID = parent.UUID
-		h.ParentTime = vhdTime(parentMtime)
-		name := encodeUTF16(filepath.ToSlash(parentRel), true)
-		if len(name) > len(h.ParentName) {
-			return nil, fmt.Errorf("vhd: parent name %q is longer than 256 UTF-16 units", parentRel)
-		}
-		copy(h.ParentName[:], name)
-		rel := parentRel
-		if filepath.IsAbs(rel) {
-			if r, err := filepath.Rel(filepath.Dir(mustAbs(path)), parentAbs); err == nil {
-				rel = r
-			}
-		}
-		rel = filepath.ToSlash(filepath.Clean(rel))
-		locs := []struct {
-			code uint32
-			data []byte
-		}{
-			{platMacX, []byte("file://" + parentAbs)},
-			{platW2ku, encodeUTF16(strings.ReplaceAll(parentAbs, "/", `\`), false)},
-			{platW2ru, encodeUTF16(`.\`+strings.ReplaceAll(strings.TrimPrefix(rel, "./"), "/", `\`), false)},
-		}
-		for i, l := range locs {
-			space := roundUp(int64(len(l.data)), sectorSize)
-			h.Locators[i] = locator{Code: l.code, DataSpace: uint32(space / sectorSize), DataLength: uint32(len(l.data)), DataOffset: uint64(off)}
-			buf := make([]byte, space)
-			copy(buf, l.data)
-			p.pieces = append(p.pieces, piece{off, buf})
-			off += space
+	return off + sectorSize + int64(len(bits))
+}
+
+// addParent records the parent in the header and writes three locators
+// (MacX absolute URL, W2ku absolute, W2ru relative) from off on.
+func (p *createPlan) addParent(path string, par *parentInfo, off int64) (int64, error) {
+	h := p.hdr
+	h.ParentUUID = par.foot.UUID
+	h.ParentTime = vhdTime(par.mtime)
+	name := encodeUTF16(filepath.ToSlash(par.rel), true)
+	if len(name) > len(h.ParentName) {
+		return 0, fmt.Errorf("vhd: parent name %q is longer than 256 UTF-16 units", par.rel)
+	}
+	copy(h.ParentName[:], name)
+	rel := par.rel
+	if filepath.IsAbs(rel) {
+		if r, err := filepath.Rel(filepath.Dir(mustAbs(path)), par.abs); err == nil {
+			rel = r
 		}
 	}
-	p.fileEnd = off
-	return p, nil
+	rel = filepath.ToSlash(filepath.Clean(rel))
+	locs := []struct {
+		code uint32
+		data []byte
+	}{
+		{platMacX, []byte("file://" + par.abs)},
+		{platW2ku, encodeUTF16(strings.ReplaceAll(par.abs, "/", `\`), false)},
+		{platW2ru, encodeUTF16(`.\`+strings.ReplaceAll(strings.TrimPrefix(rel, "./"), "/", `\`), false)},
+	}
+	for i, l := range locs {
+		space := roundUp(int64(len(l.data)), sectorSize)
+		h.Locators[i] = locator{Code: l.code, DataSpace: uint32(space / sectorSize), DataLength: uint32(len(l.data)), DataOffset: uint64(off)}
+		buf := make([]byte, space)
+		copy(buf, l.data)
+		p.pieces = append(p.pieces, piece{off, buf})
+		off += space
+	}
+	return off, nil
 }
 
 func mustAbs(p string) string {

@@ -273,7 +273,7 @@ func parseHeader(b []byte, off int64) (*header, error) {
 		p := b[576+24*i:]
 		h.Locators[i] = locator{be.Uint32(p), be.Uint32(p[4:]), be.Uint32(p[8:]), be.Uint64(p[16:])}
 	}
-	h.reservedZero = be.Uint32(b[60:]) == 0 && allZero(b[768:1024])
+	h.reservedZero = be.Uint32(b[60:]) == 0 && image.IsZero(b[768:1024])
 	if sum := checksum(b[:headerSize], 36); sum != h.Checksum {
 		return nil, fmtErr(image.ErrCorrupt, off+36, "header checksum", "stored %#08x, computed %#08x", h.Checksum, sum)
 	}
@@ -324,15 +324,6 @@ func bitmapBytes(blockSize uint32) int64 {
 }
 
 func roundUp(n, to int64) int64 { return (n + to - 1) / to * to }
-
-func allZero(b []byte) bool {
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
 
 // decodeUTF16 turns UTF-16 bytes into a string, stopping at a NUL.
 func decodeUTF16(b []byte, bigEndian bool) (string, error) {

@@ -1,19 +1,14 @@
 package vmdk
 
 import (
-	"bytes"
-	"compress/zlib"
-	"context"
 	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
-	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/hostfile"
@@ -60,6 +55,17 @@ func newDescriptor(createType string, sectors int64, adapter string) *Descriptor
 			"ddb.geometry.sectors":   "63",
 			"ddb.adapterType":        adapter,
 		},
+	}
+}
+
+// closeNew closes a file being created and removes it when *err says the
+// create failed (a failed Close fails it too).
+func closeNew(fs hostfile.FS, f hostfile.File, path string, err *error) {
+	if cerr := f.Close(); *err == nil && cerr != nil {
+		*err = createErr("%w", cerr)
+	}
+	if *err != nil {
+		fs.Remove(path)
 	}
 }
 
@@ -194,14 +200,7 @@ func createSparse(fs hostfile.FS, path string, d *Descriptor, sectors, grainSec 
 	if err != nil {
 		return createErr("%w", err)
 	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = createErr("%w", cerr)
-		}
-		if err != nil {
-			fs.Remove(path)
-		}
-	}()
+	defer closeNew(fs, f, path, &err)
 	writes := []struct {
 		b   []byte
 		off uint64
@@ -287,233 +286,3 @@ const (
 	markerGD     = 2
 	markerFooter = 3
 )
-
-func metaMarker(val uint64, typ uint32) []byte {
-	b := make([]byte, sectorSize)
-	binary.LittleEndian.PutUint64(b, val)
-	binary.LittleEndian.PutUint32(b[12:], typ)
-	return b
-}
-
-// WriteStreamOptimized writes src to a new streamOptimized VMDK at dst (the
-// layout VMware imports): header with the directory at the end, compressed
-// grains with markers (all-zero grains omitted), grain tables, directory,
-// footer and end-of-stream marker. Never overwrites dst; durable on return.
-func WriteStreamOptimized(ctx context.Context, dst string, src image.Image) error {
-	return writeStream(ctx, hostfile.OSFS{}, dst, src)
-}
-
-func writeStream(ctx context.Context, fs hostfile.FS, dst string, src image.Image) (err error) {
-	size := src.Size()
-	if size <= 0 {
-		return createErr("stream: source size %d", size)
-	}
-	sectors := (size + sectorSize - 1) / sectorSize
-	grainSec := int64(defaultGrain / sectorSize)
-	h := &sparseHeader{
-		Version: 3, Flags: flagNLDetect | flagCompressed | flagMarkers,
-		Capacity: uint64(sectors), GrainSize: uint64(grainSec), NumGTEsPerGT: 512,
-		DescOffset: 1, DescSize: embedDescSec, GDOffset: gdAtEnd,
-		GrainOffset: uint64(grainSec), CompressAlgorithm: compressDeflate,
-	}
-	if h.gdEntries() > maxGDEntries {
-		return createErr("stream: %w: image too large", image.ErrUnsupported)
-	}
-	d := newDescriptor("streamOptimized", sectors, "ide")
-	d.Extents = []ExtentDesc{{Access: "RW", Sectors: sectors, Type: "SPARSE", File: filepath.Base(dst)}}
-	f, err := fs.Open(dst, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
-	if err != nil {
-		return createErr("%w", err)
-	}
-	defer func() {
-		if cerr := f.Close(); err == nil && cerr != nil {
-			err = createErr("%w", cerr)
-		}
-		if err != nil {
-			fs.Remove(dst)
-		}
-	}()
-	pos := int64(h.GrainOffset) * sectorSize
-	put := func(b []byte) error {
-		if _, err := f.WriteAt(b, pos); err != nil {
-			return createErr("stream: %w", err)
-		}
-		pos += (int64(len(b)) + sectorSize - 1) &^ (sectorSize - 1)
-		return nil
-	}
-	if _, err := f.WriteAt(h.marshal(), 0); err != nil {
-		return createErr("%w", err)
-	}
-	if _, err := f.WriteAt(d.marshal(), sectorSize); err != nil {
-		return createErr("%w", err)
-	}
-	gb := grainSec * sectorSize
-	nGrains := (sectors + grainSec - 1) / grainSec
-	gte := make([]uint32, h.gdEntries()*uint64(h.NumGTEsPerGT))
-	ext, err := src.Map(0, size)
-	if err != nil {
-		return createErr("stream: map source: %w", err)
-	}
-	// Grains are read and compressed by one worker per CPU, a batch at a
-	// time, and written in order so the stream stays sequential.
-	workers := max(1, min(runtime.GOMAXPROCS(0), 8))
-	type job struct {
-		g   int64
-		rec []byte // marker + zlib data; nil for an all-zero grain
-		err error
-	}
-	zws := make([]*grainCompressor, workers)
-	for i := range zws {
-		zws[i] = newGrainCompressor(gb)
-	}
-	batch := make([]job, 0, 16*workers)
-	flushBatch := func() error {
-		var wg sync.WaitGroup
-		for w := range workers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for i := w; i < len(batch); i += workers {
-					j := &batch[i]
-					n := min(gb, size-j.g*gb)
-					j.rec, j.err = zws[w].grain(src, j.g, n, uint64(j.g*grainSec))
-				}
-			}()
-		}
-		wg.Wait()
-		for _, j := range batch {
-			if j.err != nil {
-				return j.err
-			}
-			if j.rec == nil {
-				continue
-			}
-			if pos/sectorSize > 1<<32-1 {
-				return createErr("stream: %w: output passes 2 TiB", image.ErrUnsupported)
-			}
-			gte[j.g] = uint32(pos / sectorSize)
-			if err := put(j.rec); err != nil {
-				return err
-			}
-		}
-		batch = batch[:0]
-		return ctx.Err()
-	}
-	next := int64(0) // first grain not yet queued
-	for _, x := range ext {
-		if x.Kind != image.Data {
-			continue
-		}
-		for g := max(next, x.Offset/gb); g < nGrains && g*gb < x.Offset+x.Length; g++ {
-			next = g + 1
-			batch = append(batch, job{g: g})
-			if len(batch) == cap(batch) {
-				if err := flushBatch(); err != nil {
-					return err
-				}
-			}
-		}
-	}
-	if err := flushBatch(); err != nil {
-		return err
-	}
-	per := int(h.NumGTEsPerGT)
-	gd := make([]byte, (h.gdEntries()*4+sectorSize-1)/sectorSize*sectorSize)
-	tb := make([]byte, h.gtSectors()*sectorSize)
-	for i := 0; i < int(h.gdEntries()); i++ {
-		t := gte[i*per : (i+1)*per]
-		if allZero32(t) {
-			continue
-		}
-		for j, v := range t {
-			binary.LittleEndian.PutUint32(tb[4*j:], v)
-		}
-		if err := put(metaMarker(h.gtSectors(), markerGT)); err != nil {
-			return err
-		}
-		binary.LittleEndian.PutUint32(gd[4*i:], uint32(pos/sectorSize))
-		if err := put(tb); err != nil {
-			return err
-		}
-	}
-	if err := put(metaMarker(uint64(len(gd)/sectorSize), markerGD)); err != nil {
-		return err
-	}
-	fh := *h
-	fh.GDOffset = uint64(pos / sectorSize)
-	if err := put(gd); err != nil {
-		return err
-	}
-	for _, b := range [][]byte{metaMarker(1, markerFooter), fh.marshal(), metaMarker(0, markerEOS)} {
-		if err := put(b); err != nil {
-			return err
-		}
-	}
-	if err := f.Sync(); err != nil {
-		return createErr("%w", err)
-	}
-	return fs.SyncDir(filepath.Dir(dst))
-}
-
-func allZero(b []byte) bool {
-	for len(b) >= 8 {
-		if binary.NativeEndian.Uint64(b) != 0 {
-			return false
-		}
-		b = b[8:]
-	}
-	for _, c := range b {
-		if c != 0 {
-			return false
-		}
-	}
-	return true
-}
-
-func allZero32(t []uint32) bool {
-	for _, v := range t {
-		if v != 0 {
-			return false
-		}
-	}
-	return true
-}
-
-// grainCompressor reads and compresses grains for the stream writer; one
-// per worker, reused across grains.
-type grainCompressor struct {
-	buf  []byte
-	zbuf bytes.Buffer
-	zw   *zlib.Writer
-}
-
-func newGrainCompressor(gb int64) *grainCompressor {
-	c := &grainCompressor{buf: make([]byte, gb)}
-	c.zw, _ = zlib.NewWriterLevel(&c.zbuf, zlib.DefaultCompression)
-	return c
-}
-
-// grain returns grain g (n bytes of it in the source) as a grain marker and
-// its zlib data, or nil when the grain is all zeros. The result is a fresh
-// slice: the caller keeps it while the compressor moves on.
-func (c *grainCompressor) grain(src image.Image, g, n int64, lba uint64) ([]byte, error) {
-	gb := int64(len(c.buf))
-	clear(c.buf[n:])
-	if _, err := src.ReadAt(c.buf[:n], g*gb); err != nil {
-		return nil, createErr("stream: read source at %d: %w", g*gb, err)
-	}
-	if allZero(c.buf) {
-		return nil, nil
-	}
-	c.zbuf.Reset()
-	c.zbuf.Write(make([]byte, 12))
-	c.zw.Reset(&c.zbuf)
-	c.zw.Write(c.buf)
-	if err := c.zw.Close(); err != nil {
-		return nil, createErr("stream: compress: %w", err)
-	}
-	rec := bytes.Clone(c.zbuf.Bytes())
-	binary.LittleEndian.PutUint64(rec, lba)
-	binary.LittleEndian.PutUint32(rec[8:], uint32(len(rec)-12))
-	return rec, nil
-}

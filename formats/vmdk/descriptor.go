@@ -58,86 +58,120 @@ func ParseDescriptor(text []byte) (*Descriptor, error) {
 	if len(text) > maxDescriptor {
 		return nil, descErr(0, image.ErrCorrupt, "descriptor of %d bytes (limit %d)", len(text), maxDescriptor)
 	}
-	d := &Descriptor{DDB: map[string]string{}, Other: map[string]string{}, ParentCID: noParentCID}
-	seen := map[string]bool{}
-	var total uint64
+	p := descParser{d: &Descriptor{DDB: map[string]string{}, Other: map[string]string{}, ParentCID: noParentCID}, seen: map[string]bool{}}
 	for n, raw := range strings.Split(string(text), "\n") {
 		line := n + 1
 		s := strings.TrimSpace(strings.TrimSuffix(raw, "\r"))
 		if s == "" || s[0] == '#' {
 			continue
 		}
-		if acc, _, ok := strings.Cut(s, " "); ok && (acc == "RW" || acc == "RDONLY" || acc == "NOACCESS") {
-			e, err := parseExtentLine(s, line)
-			if err != nil {
-				return nil, err
-			}
-			if len(d.Extents) == maxExtents {
-				return nil, descErr(line, image.ErrUnsupported, "more than %d extents", maxExtents)
-			}
-			total += uint64(e.Sectors)
-			if total > maxCapacitySects {
-				return nil, descErr(line, image.ErrCorrupt, "extents total more than %d sectors", uint64(maxCapacitySects))
-			}
-			d.Extents = append(d.Extents, e)
-			continue
-		}
-		key, val, ok := strings.Cut(s, "=")
-		if !ok {
-			return nil, descErr(line, image.ErrCorrupt, "neither a comment, key=value nor an extent: %.60q", s)
-		}
-		key, val = strings.TrimSpace(key), strings.TrimSpace(val)
-		if key == "" || strings.ContainsAny(key, " \t\"") {
-			return nil, descErr(line, image.ErrCorrupt, "bad key %.60q", key)
-		}
-		if strings.HasPrefix(val, `"`) {
-			if len(val) < 2 || !strings.HasSuffix(val, `"`) || strings.Count(val, `"`) != 2 {
-				return nil, descErr(line, image.ErrCorrupt, "unterminated quoted value for %s", key)
-			}
-			val = val[1 : len(val)-1]
-		} else if strings.Contains(val, `"`) {
-			return nil, descErr(line, image.ErrCorrupt, "stray quote in the value of %s", key)
-		}
-		if seen[key] {
-			return nil, descErr(line, image.ErrCorrupt, "duplicate key %s", key)
-		}
-		seen[key] = true
 		var err error
-		switch key {
-		case "version":
-			d.Version, err = strconv.Atoi(val)
-			if err != nil || d.Version < 1 || d.Version > 3 {
-				return nil, descErr(line, image.ErrUnsupported, "descriptor version %q", val)
-			}
-		case "CID":
-			d.CID, err = parseCID(val)
-		case "parentCID":
-			d.ParentCID, err = parseCID(val)
-		case "createType":
-			d.CreateType = val
-		case "parentFileNameHint":
-			d.ParentFileNameHint = val
-		default:
-			if strings.HasPrefix(key, "ddb.") {
-				d.DDB[key] = val
-			} else {
-				d.Other[key] = val
-			}
+		if acc, _, ok := strings.Cut(s, " "); ok && (acc == "RW" || acc == "RDONLY" || acc == "NOACCESS") {
+			err = p.extent(s, line)
+		} else {
+			err = p.keyValue(s, line)
 		}
 		if err != nil {
-			return nil, descErr(line, image.ErrCorrupt, "%s: %v", key, err)
+			return nil, err
 		}
 	}
-	if !seen["version"] {
+	return p.complete()
+}
+
+// descParser holds what ParseDescriptor has read so far.
+type descParser struct {
+	d     *Descriptor
+	seen  map[string]bool // keys read, each allowed once
+	total uint64          // sectors of the extents read
+}
+
+func (p *descParser) extent(s string, line int) error {
+	e, err := parseExtentLine(s, line)
+	if err != nil {
+		return err
+	}
+	if len(p.d.Extents) == maxExtents {
+		return descErr(line, image.ErrUnsupported, "more than %d extents", maxExtents)
+	}
+	p.total += uint64(e.Sectors)
+	if p.total > maxCapacitySects {
+		return descErr(line, image.ErrCorrupt, "extents total more than %d sectors", uint64(maxCapacitySects))
+	}
+	p.d.Extents = append(p.d.Extents, e)
+	return nil
+}
+
+func (p *descParser) keyValue(s string, line int) error {
+	key, val, err := splitKeyValue(s, line)
+	if err != nil {
+		return err
+	}
+	if p.seen[key] {
+		return descErr(line, image.ErrCorrupt, "duplicate key %s", key)
+	}
+	p.seen[key] = true
+	d := p.d
+	switch key {
+	case "version":
+		d.Version, err = strconv.Atoi(val)
+		if err != nil || d.Version < 1 || d.Version > 3 {
+			return descErr(line, image.ErrUnsupported, "descriptor version %q", val)
+		}
+	case "CID":
+		d.CID, err = parseCID(val)
+	case "parentCID":
+		d.ParentCID, err = parseCID(val)
+	case "createType":
+		d.CreateType = val
+	case "parentFileNameHint":
+		d.ParentFileNameHint = val
+	default:
+		if strings.HasPrefix(key, "ddb.") {
+			d.DDB[key] = val
+		} else {
+			d.Other[key] = val
+		}
+	}
+	if err != nil {
+		return descErr(line, image.ErrCorrupt, "%s: %v", key, err)
+	}
+	return nil
+}
+
+// splitKeyValue reads `key = value` or `key = "value"`: one quoted value
+// per line, no quote anywhere else.
+func splitKeyValue(s string, line int) (key, val string, err error) {
+	key, val, ok := strings.Cut(s, "=")
+	if !ok {
+		return "", "", descErr(line, image.ErrCorrupt, "neither a comment, key=value nor an extent: %.60q", s)
+	}
+	key, val = strings.TrimSpace(key), strings.TrimSpace(val)
+	if key == "" || strings.ContainsAny(key, " \t\"") {
+		return "", "", descErr(line, image.ErrCorrupt, "bad key %.60q", key)
+	}
+	if strings.HasPrefix(val, `"`) {
+		if len(val) < 2 || !strings.HasSuffix(val, `"`) || strings.Count(val, `"`) != 2 {
+			return "", "", descErr(line, image.ErrCorrupt, "unterminated quoted value for %s", key)
+		}
+		val = val[1 : len(val)-1]
+	} else if strings.Contains(val, `"`) {
+		return "", "", descErr(line, image.ErrCorrupt, "stray quote in the value of %s", key)
+	}
+	return key, val, nil
+}
+
+// complete checks the keys and lines every descriptor must have.
+func (p *descParser) complete() (*Descriptor, error) {
+	if !p.seen["version"] {
 		return nil, descErr(0, image.ErrCorrupt, "no version= line")
 	}
-	if d.CreateType == "" {
+	if p.d.CreateType == "" {
 		return nil, descErr(0, image.ErrCorrupt, "no createType")
 	}
-	if len(d.Extents) == 0 {
+	if len(p.d.Extents) == 0 {
 		return nil, descErr(0, image.ErrCorrupt, "no extent lines")
 	}
-	return d, nil
+	return p.d, nil
 }
 
 func parseCID(s string) (uint32, error) {

@@ -425,16 +425,7 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 		return nil, err
 	}
 	var out []image.Extent
-	add := func(x image.Extent) {
-		if x.Length <= 0 {
-			return
-		}
-		if k := len(out) - 1; k >= 0 && out[k].Kind == x.Kind && out[k].Depth == x.Depth && out[k].Offset+out[k].Length == x.Offset {
-			out[k].Length += x.Length
-			return
-		}
-		out = append(out, x)
-	}
+	add := func(x image.Extent) { out = image.AppendExtent(out, x) }
 	var holeStart, holeLen int64 // a pending run of unallocated grains
 	flushHole := func() error {
 		if holeLen == 0 {

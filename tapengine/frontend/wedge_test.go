@@ -169,10 +169,17 @@ func TestRefusedWritesDoNotWedge(t *testing.T) {
 
 // TestGuestView64MiB: a client that negotiated no block size writes and
 // reads 64 MiB in one request each through the guest view (NBD ->
-// frontend -> ring -> image).
+// frontend -> ring -> image). Under -race the request is smaller but still
+// above nbd.MaxPayload, so it takes the same streamed path.
 func TestGuestView64MiB(t *testing.T) {
 	const size = 72 << 20
-	const n = 64 << 20
+	n := 64 << 20
+	if raceEnabled {
+		n = nbd.MaxPayload + 4<<20 + 8<<10
+	}
+	// Each step gets its own deadline: one set at dial for the whole test
+	// was missed under -race on a loaded machine. A stuck step still fails.
+	const step = 60 * time.Second
 	r := newRigOpts(t, Options{Protocol: blkif.X86_64, RingOrder: 2, MaxIndirectSegments: 256}, size, ring.Options{MaxIndirectSegments: 256})
 	uri := serveNBD(t, r.f)
 	sock := uri[strings.Index(uri, "socket=")+len("socket="):]
@@ -181,22 +188,24 @@ func TestGuestView64MiB(t *testing.T) {
 	for i := range payload {
 		payload[i] = byte(i>>9) ^ byte(i)
 	}
-	if _, err := oc.c.Write(request(nil, 1, 1, 4096, n, payload)); err != nil {
+	oc.c.SetDeadline(time.Now().Add(step))
+	if _, err := oc.c.Write(request(nil, 1, 1, 4096, uint32(n), payload)); err != nil {
 		t.Fatal(err)
 	}
 	if _, errno, _, err := oc.reply(0); err != nil || errno != 0 {
-		t.Fatalf("64 MiB write: errno %d, %v", errno, err)
+		t.Fatalf("%d-byte write: errno %d, %v", n, errno, err)
 	}
-	if _, err := oc.c.Write(request(nil, 0, 2, 4096, n, nil)); err != nil {
+	oc.c.SetDeadline(time.Now().Add(step))
+	if _, err := oc.c.Write(request(nil, 0, 2, 4096, uint32(n), nil)); err != nil {
 		t.Fatal(err)
 	}
 	_, errno, data, err := oc.reply(n)
 	if err != nil || errno != 0 || !bytes.Equal(data, payload) {
-		t.Fatalf("64 MiB read: errno %d, %v, same bytes %v", errno, err, bytes.Equal(data, payload))
+		t.Fatalf("%d-byte read: errno %d, %v, same bytes %v", n, errno, err, bytes.Equal(data, payload))
 	}
 	got := make([]byte, n)
 	if _, err := r.img.ReadAt(got, 4096); err != nil || !bytes.Equal(got, payload) {
-		t.Fatalf("the image does not hold the 64 MiB write: %v", err)
+		t.Fatalf("the image does not hold the %d-byte write: %v", n, err)
 	}
 }
 
