@@ -197,39 +197,50 @@ func openFile(f hostfile.File, path string, opts Options) (*Image, error) {
 		return nil, err
 	}
 	if ft.Type == typeDiff {
-		if opts.SkipParent {
-			if !opts.ReadOnly {
-				return nil, fmt.Errorf("vhd: SkipParent needs ReadOnly: %w", image.ErrReadOnly)
-			}
-			img.noParent = true
-			img.parentCandidates = img.parentCandidatesList()
-			if len(img.parentCandidates) > 0 {
-				img.parentName, img.parentFormat = img.parentCandidates[0], "vhd"
-			}
-		} else if err := img.openParent(opts.Backing); err != nil {
+		if err := img.openDiff(opts); err != nil {
 			return nil, err
 		}
 	}
-	if atEnd && !img.ro {
-		if err := img.healFooterCopy(); err != nil {
-			img.closeParent()
-			return nil, err
-		}
-	}
-	if !atEnd && !img.ro {
-		// Put a footer back at the end so that readers which look only
-		// there (libvhd strict mode, vhd-util) accept the file again.
-		// Appending never overwrites anything a BAT entry may reference.
-		if err := img.writeFooterLocked(img.nextFree); err != nil {
-			img.closeParent()
-			return nil, err
-		}
-		if err := img.f.Sync(); err != nil {
-			img.closeParent()
-			return nil, err
-		}
+	if err := img.mendFooters(atEnd); err != nil {
+		img.closeParent()
+		return nil, err
 	}
 	return img, nil
+}
+
+// openDiff finds a differencing disk's parent, or only its name when
+// opts.SkipParent (read-only: the chain is not followed).
+func (img *Image) openDiff(opts Options) error {
+	if !opts.SkipParent {
+		return img.openParent(opts.Backing)
+	}
+	if !opts.ReadOnly {
+		return fmt.Errorf("vhd: SkipParent needs ReadOnly: %w", image.ErrReadOnly)
+	}
+	img.noParent = true
+	img.parentCandidates = img.parentCandidatesList()
+	if len(img.parentCandidates) > 0 {
+		img.parentName, img.parentFormat = img.parentCandidates[0], "vhd"
+	}
+	return nil
+}
+
+// mendFooters, on a writable open, makes the two footer copies agree
+// again: the copy at offset 0 from the one at the end, or, the end's
+// being lost, a footer put back at the end so that readers which look
+// only there (libvhd strict mode, vhd-util) accept the file again.
+// Appending never overwrites anything a BAT entry may reference.
+func (img *Image) mendFooters(atEnd bool) error {
+	if img.ro {
+		return nil
+	}
+	if atEnd {
+		return img.healFooterCopy()
+	}
+	if err := img.writeFooterLocked(img.nextFree); err != nil {
+		return err
+	}
+	return img.f.Sync()
 }
 
 const footerLostWarning = "footer at the end of the file is missing or bad; using the copy at offset 0"
