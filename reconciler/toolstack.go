@@ -225,9 +225,27 @@ func WaitConnected(ctx context.Context, xs *xenstore.Client, key Key) (string, e
 			}
 			return "", fmt.Errorf("device %s not connected (state %s, phase %q): %w", key, ParseState(st), phase, ctx.Err())
 		case _, ok := <-w.Events():
-			if !ok {
+			if !ok || !drainEvents(w) {
 				return "", fmt.Errorf("xenstore connection lost while waiting for %s", key)
 			}
+		}
+	}
+}
+
+// drainEvents takes the watch events already queued behind the one just
+// received: the daemon writes a device's status keys in one transaction,
+// an event each, and one look at the device answers them all (on a busy
+// host each look is a round trip and a wait for the CPU). False: the
+// watch ended.
+func drainEvents(w *xenstore.Watch) bool {
+	for {
+		select {
+		case _, ok := <-w.Events():
+			if !ok {
+				return false
+			}
+		default:
+			return true
 		}
 	}
 }
@@ -283,7 +301,7 @@ func Detach(ctx context.Context, xs *xenstore.Client, key Key) error {
 		case <-ctx.Done():
 			return fmt.Errorf("device %s did not close (state %s, phase %q): %w", key, ParseState(st), phase, ctx.Err())
 		case _, ok := <-w.Events():
-			if !ok {
+			if !ok || !drainEvents(w) {
 				return fmt.Errorf("xenstore connection lost while detaching %s", key)
 			}
 		}
