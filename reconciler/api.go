@@ -68,7 +68,10 @@ func (d *Daemon) serveAPI() (stop func(), err error) {
 		case "resume":
 			err = d.resumeDevice(ctx, k, req.Format, req.Path)
 		case "snapshot":
-			err = d.snapshotDevice(ctx, k, req.Format, req.Path)
+			var native bool
+			if native, err = d.snapshotRBD(ctx, k, req); !native {
+				err = d.snapshotDevice(ctx, k, req.Format, req.Path)
+			}
 		default:
 			http.Error(w, "unknown operation", http.StatusNotFound)
 			return
@@ -146,6 +149,9 @@ func (d *Daemon) stats(ctx context.Context) []DeviceStats {
 type DeviceOp struct {
 	Format string `json:"format,omitempty"` // resume: the new image's; snapshot: the overlay's
 	Path   string `json:"path,omitempty"`
+	// Name is snapshot's NEWFILE as typed: for an rbd disk a snapshot
+	// name or an rbd: clone, which Path (made absolute) would spoil.
+	Name string `json:"name,omitempty"`
 }
 
 func keyFromPath(kind, dom, dev string) (Key, error) {

@@ -123,6 +123,7 @@ type lsRow struct {
 	Error     string `json:"error"`
 	Export    string `json:"export"`
 	WorkerPid int    `json:"worker_pid"`
+	Image     string `json:"image"`
 }
 
 // waitConnected polls `blktap ls --json` until every named disk is connected.

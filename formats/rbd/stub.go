@@ -38,3 +38,8 @@ func Create(name string, _ CreateOptions) error {
 	}
 	return fmt.Errorf("create rbd:%s: %w", name, ErrNotBuilt)
 }
+
+// SnapshotClone fails: this binary was built without librbd.
+func SnapshotClone(parent Spec, _ string, _ Spec) (func() error, error) {
+	return nil, fmt.Errorf("snapshot rbd:%s: %w", parent.Name(), ErrNotBuilt)
+}
