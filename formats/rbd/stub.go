@@ -18,11 +18,6 @@ type Options struct {
 	Logger   *slog.Logger
 }
 
-// CreateOptions control Create.
-type CreateOptions struct {
-	Size int64
-}
-
 // Open fails: this binary was built without librbd.
 func Open(name string, _ Options) (image.Image, error) {
 	if _, err := ParseSpec(name); err != nil {
