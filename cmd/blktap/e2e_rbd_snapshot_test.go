@@ -23,13 +23,7 @@ import (
 // and exports what each holds. A snapshot that fails leaves nothing behind
 // and the disk serving its old image.
 func TestEndToEndRBDSnapshot(t *testing.T) {
-	c := cephdev.Get(t)
-	qemuIO := oracle.Require(t, "qemu-io")
-	bin := buildRBDBinary(t)
-	name, spec := c.Name(t)
-	t.Cleanup(func() {
-		removeRBDTree(c.Conf, "rbd/"+name, name+"-s1-s2", "other-"+name)
-	})
+	c, qemuIO, bin, name, spec := rbdTest(t, "-s1-s2")
 	yaml := filepath.Join(t.TempDir(), "disks.yaml")
 	os.WriteFile(yaml, []byte(fmt.Sprintf("disks:\n  - {name: vm1, format: rbd, image: %q, domain: 0, device: xvdb, create: {size: 16M}}\n", spec)), 0o644)
 	d := startDaemon(t, bin, yaml)
@@ -95,6 +89,22 @@ func TestEndToEndRBDSnapshot(t *testing.T) {
 	if strings.Contains(out, "Pattern verification failed") {
 		t.Fatalf("the second clone reads other data:\n%s", out)
 	}
+}
+
+// rbdTest is what an rbd end-to-end test starts from: the cluster,
+// qemu-io, an rbd-enabled blktap, and a fresh image name (and its spec)
+// whose tree, and the images NAME+suffix, are removed at the end.
+func rbdTest(t *testing.T, suffixes ...string) (c *cephdev.Cluster, qemuIO, bin, name, spec string) {
+	c = cephdev.Get(t)
+	qemuIO = oracle.Require(t, "qemu-io")
+	bin = buildRBDBinary(t)
+	name, spec = c.Name(t)
+	var extra []string
+	for _, s := range suffixes {
+		extra = append(extra, name+s)
+	}
+	t.Cleanup(func() { removeRBDTree(c.Conf, "rbd/"+name, extra...) })
+	return c, qemuIO, bin, name, spec
 }
 
 type rbdSnap struct {
