@@ -27,9 +27,16 @@ done
 work=$(mktemp -d /var/tmp/blktap-rbd-bench.XXXXXX)
 pids=()
 cleanup() {
-	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	# shutdown before the kills: a daemon that gets SIGTERM leaves its
+	# workers serving (by design), and they would outlive the bench.
 	[[ -n ${BLKTAP_STATE-} ]] && "$BLKTAP" shutdown --state-dir "$BLKTAP_STATE" >/dev/null 2>&1 || true
-	[[ -z ${CEPH_CONF-} ]] && "$REPO/scripts/ceph-dev.sh" stop "$work/ceph" >/dev/null 2>&1 || true
+	for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+	wait "${pids[@]}" 2>/dev/null || true # qemu-nbd's watch must go before rbd rm
+	if [[ -n ${own_cluster-} ]]; then
+		"$REPO/scripts/ceph-dev.sh" stop "$work/ceph" >/dev/null 2>&1 || true
+	elif [[ -n ${name-} ]]; then # a cluster of the caller's: leave it as found
+		for s in ours qemu ceiling; do rbd -c "$CEPH_CONF" rm --no-progress "rbd/$name-$s" >/dev/null 2>&1 || true; done
+	fi
 	rm -rf "$work"
 }
 trap cleanup EXIT
@@ -41,6 +48,7 @@ fi
 if [[ -z ${CEPH_CONF-} ]]; then
 	CEPH_DEV_PORT=$((20000 + RANDOM % 20000)) CEPH_DEV_BYTES=$((3 << 30)) "$REPO/scripts/ceph-dev.sh" start "$work/ceph" | grep '^ceph-dev:'
 	CEPH_CONF=$work/ceph/ceph.conf
+	own_cluster=1
 fi
 r() { rbd -c "$CEPH_CONF" "$@" 2>/dev/null; }
 name=bench$$

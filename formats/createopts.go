@@ -109,6 +109,7 @@ var createKeys = map[string][]createKey{
 			"monolithicSparse", "monolithicFlat", "streamOptimized"),
 		keyBool("zeroed_grain", "Enable efficient zero writes using the zeroed-grain GTE feature", "", func(co *CreateOptions, b bool) { co.ZeroedGrain = b }),
 	},
+	"rbd": rbdCreateKeys,
 }
 
 // qemuOnlyKeys are keys qemu-img 7.2 accepts for a format that we do
@@ -117,6 +118,7 @@ var qemuOnlyKeys = map[string][]string{
 	"qcow":  {"encrypt.format", "encrypt.key-secret"},
 	"qcow2": {"data_file", "data_file_raw", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.format", "encrypt.hash-alg", "encrypt.iter-time", "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.key-secret"},
 	"vmdk":  {"hwversion", "toolsversion"},
+	"rbd":   {"encrypt.cipher-alg", "encrypt.format", "encrypt.key-secret", "password-secret"},
 }
 
 func withHelp(k createKey, help string) createKey { k.help = help; return k }

@@ -127,6 +127,11 @@ type CreateOptions struct {
 	CompressionType string
 	ZeroedGrain     bool   // vmdk sparse: zeroed-grain table entries
 	AdapterType     string // vmdk: ddb.adapterType; "" ide
+	// rbd (ClusterSize is its object size): rbd create's --image-feature,
+	// --stripe-unit, --stripe-count and --data-pool.
+	Features                []string
+	StripeUnit, StripeCount int64
+	DataPool                string
 	// OpenBacking opens the backing file when Size is 0, to take its
 	// size; nil then refuses a zero size.
 	OpenBacking image.OpenFunc
@@ -256,10 +261,13 @@ func Create(format, path string, opts CreateOptions) error {
 	case "ram", "nbd":
 		return fmt.Errorf("create %s: %w: format %q has no image file to create", path, ErrUnsupported, name)
 	case "rbd":
-		if opts.Backing != "" || opts.ClusterSize != 0 || opts.Subformat != "" {
-			return fmt.Errorf("create rbd:%s: %w: rbd images take only a size here (clone a snapshot for a copy-on-write child)", path, ErrUnsupported)
+		if opts.Backing != "" || opts.Subformat != "" {
+			return fmt.Errorf("create rbd:%s: %w: rbd images have no backing file or subformat (clone a snapshot for a copy-on-write child)", path, ErrUnsupported)
 		}
-		return rbd.Create(path, rbd.CreateOptions{Size: opts.Size})
+		return rbd.Create(path, rbd.CreateOptions{
+			Size: opts.Size, ObjectSize: opts.ClusterSize, Features: opts.Features,
+			StripeUnit: opts.StripeUnit, StripeCount: opts.StripeCount, DataPool: opts.DataPool,
+		})
 	}
 	return fmt.Errorf("create %s: %w: creating format %q is not built in yet", path, ErrUnsupported, name)
 }

@@ -146,6 +146,9 @@ func (d *Daemon) stats(ctx context.Context) []DeviceStats {
 type DeviceOp struct {
 	Format string `json:"format,omitempty"` // resume: the new image's; snapshot: the overlay's
 	Path   string `json:"path,omitempty"`
+	// Name is snapshot's NEWFILE as typed: for an rbd disk a snapshot
+	// name or an rbd: clone, which Path (made absolute) would spoil.
+	Name string `json:"name,omitempty"`
 }
 
 func keyFromPath(kind, dom, dev string) (Key, error) {

@@ -64,6 +64,9 @@ type Options struct {
 	// NBDAllow lists the NBD servers nbd: sources may name besides unix
 	// sockets in the image directories (CheckNBDAllow has the forms).
 	NBDAllow []string
+	// RBDAllow lists the pools rbd: sources may name besides the YAML's
+	// rbd disks' (ParseRBDAllow has the form).
+	RBDAllow []RBDRule
 	// RAMMax caps the size of a RAM disk created on attach, in bytes;
 	// 0 is DefaultRAMMax.
 	RAMMax int64

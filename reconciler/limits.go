@@ -13,7 +13,6 @@ import (
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/formats/ram"
-	"github.com/blktap-go/blktap/internal/rbdspec"
 )
 
 // Whoever can write a device's params (a toolstack, a YAML file, `blktap
@@ -38,8 +37,7 @@ func (d *Daemon) checkSource(format, path string) error {
 	case format == "ram":
 		return d.checkRAMSize(path)
 	case format == "rbd":
-		_, err := rbdspec.Parse(path)
-		return err
+		return d.checkRBDSource(path)
 	}
 	return nil
 }

@@ -69,6 +69,9 @@ func (d *Daemon) resumeEffect(ctx context.Context, dev *device, s snapshot, log 
 // the overlay. On any failure the disk resumes on its old image.
 func (d *Daemon) snapshotEffect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	return d.answer(dev, s, func(r *opRequest) error {
+		if format, base, err := ParseParams(s.Params); err == nil && format == "rbd" {
+			return d.snapshotClone(ctx, dev, base, r, log)
+		}
 		format, base, baseFmt, err := d.snapshotPlan(r, s)
 		if err != nil {
 			return err

@@ -19,6 +19,7 @@ import (
 type opRequest struct {
 	kind         Request
 	format, path string     // resume: a new image; snapshot: the overlay
+	name         string     // snapshot: NEWFILE as typed (an rbd disk's snapshot or clone name)
 	done         chan error // buffered: the effect never waits for the handler
 }
 
@@ -45,7 +46,7 @@ func (d *Daemon) request(ctx context.Context, k Key, kind Request, op DeviceOp) 
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("device %s: %w", k, err) // nobody waits for the answer
 	}
-	r := &opRequest{kind: kind, format: op.Format, path: op.Path, done: make(chan error, 1)}
+	r := &opRequest{kind: kind, format: op.Format, path: op.Path, name: op.Name, done: make(chan error, 1)}
 	d.mu.Lock()
 	d.requests[k] = append(d.requests[k], r)
 	d.mu.Unlock()

@@ -76,10 +76,11 @@ type runOptions struct {
 	serveVBD, dryRun    bool
 	metrics, ramMax     string
 	imageDirs, nbdAllow []string
+	rbdAllow            []string
 }
 
 func newRunCommand() *cobra.Command {
-	c := leaf("run [-c disks.yaml] [--image-dir DIR]... [--nbd-allow SERVER]... [--ram-max SIZE] [--serve-vbd] [--metrics ADDR] [--dry-run]",
+	c := leaf("run [-c disks.yaml] [--image-dir DIR]... [--nbd-allow SERVER]... [--rbd-allow POOL]... [--ram-max SIZE] [--serve-vbd] [--metrics ADDR] [--dry-run]",
 		"the daemon: serve every declared disk (SIGTERM: exit, disks stay served)")
 	c.Long = c.Short + "\n\n--ram-max defaults to half of this machine's memory: " + formats.FormatSize(reconciler.DefaultRAMMax()) + " here."
 	var o runOptions
@@ -90,6 +91,7 @@ func newRunCommand() *cobra.Command {
 	f.StringVar(&o.metrics, "metrics", "", "serve Prometheus metrics at http://`ADDR`/metrics (e.g. 127.0.0.1:9525)")
 	f.StringArrayVar(&o.imageDirs, "image-dir", nil, "a `DIR` images and backing files may come from (repeatable; the state dir and the YAML images' directories always may)")
 	f.StringArrayVar(&o.nbdAllow, "nbd-allow", nil, "a `SERVER` nbd: disks may use: a socket or a directory of sockets (absolute path), HOST, HOST:PORT or an address block like 10.0.0.0/8 (repeatable, or a comma list; sockets in the image directories are always allowed)")
+	f.StringArrayVar(&o.rbdAllow, "rbd-allow", nil, "a `POOL` rbd: disks may use: POOL, POOL/NAMESPACE or POOL/*, with the :conf=..:id=..:keyring=.. a source must carry (repeatable; the pools of the YAML's rbd disks always may)")
 	f.StringVar(&o.ramMax, "ram-max", "", "the largest RAM disk (ram:NAME?size=SIZE) an attach may create, a `SIZE` like 4G (default: half of this machine's memory)")
 	c.MarkFlagFilename("config", "yaml", "yml")
 	c.MarkFlagDirname("image-dir")
@@ -111,6 +113,10 @@ func cmdRun(pos []string, o runOptions) error {
 		}
 	}
 	if err := reconciler.CheckNBDAllow(allow); err != nil {
+		return usagef("%v", err)
+	}
+	rbdAllow, err := reconciler.ParseRBDAllow(o.rbdAllow)
+	if err != nil {
 		return usagef("%v", err)
 	}
 	ramLimit := reconciler.DefaultRAMMax()
@@ -139,6 +145,7 @@ func cmdRun(pos []string, o runOptions) error {
 		ServeVBD:     o.serveVBD,
 		ImageDirs:    absPaths(o.imageDirs),
 		NBDAllow:     allow,
+		RBDAllow:     rbdAllow,
 		RAMMax:       ramLimit,
 		MetricsAddr:  o.metrics,
 		Logger:       newLogger(),

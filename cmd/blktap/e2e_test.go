@@ -51,7 +51,7 @@ type lockedBuffer struct {
 	bytes.Buffer
 }
 
-func startDaemon(t testing.TB, bin, config string) *daemon {
+func startDaemon(t testing.TB, bin, config string, runFlags ...string) *daemon {
 	t.Helper()
 	state, err := os.MkdirTemp("", "bt-state-") // short: unix socket paths are limited to 108 bytes
 	if err != nil {
@@ -63,7 +63,7 @@ func startDaemon(t testing.TB, bin, config string) *daemon {
 		t.Fatal(err)
 	}
 	// Test images live in t.TempDir(), under the system's temp directory.
-	cmd := exec.Command(bin, "run", "-c", config, "--state-dir", state, "--image-dir", os.TempDir())
+	cmd := exec.Command(bin, append([]string{"run", "-c", config, "--state-dir", state, "--image-dir", os.TempDir()}, runFlags...)...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -123,6 +123,7 @@ type lsRow struct {
 	Error     string `json:"error"`
 	Export    string `json:"export"`
 	WorkerPid int    `json:"worker_pid"`
+	Image     string `json:"image"`
 }
 
 // waitConnected polls `blktap ls --json` until every named disk is connected.

@@ -88,8 +88,8 @@ func cmdResume(pos []string, img string) error {
 }
 
 func newSnapshotCommand() *cobra.Command {
-	c := leaf("snapshot DOMID VDEV NEWFILE [-f FMT]", "live: the image becomes the base of a new overlay NEWFILE")
-	format := formatFlag(c, "format", "f", "qcow2", "the overlay's format, `FMT`: qcow2, qcow, vhd, vmdk")
+	c := leaf("snapshot DOMID VDEV NEWFILE [-f FMT]", "live: the image becomes the base of a new overlay NEWFILE (rbd: a snapshot and clone)")
+	format := formatFlag(c, "format", "f", "", "the overlay's format, `FMT`: qcow2 (default), qcow, vhd, vmdk; an rbd disk's NEWFILE is NAME or rbd:POOL/CLONE[@NAME]")
 	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdSnapshot(pos, *format) }
 	return c
 }
@@ -110,5 +110,5 @@ func cmdSnapshot(pos []string, format string) error {
 	if err != nil {
 		return err
 	}
-	return reconciler.DeviceCall(ctx, stateDir, k, "snapshot", reconciler.DeviceOp{Format: format, Path: path})
+	return reconciler.DeviceCall(ctx, stateDir, k, "snapshot", reconciler.DeviceOp{Format: format, Path: path, Name: pos[2]})
 }

@@ -18,6 +18,8 @@ func TestRunLimitFlags(t *testing.T) {
 		{[]string{"--nbd-allow", "relative/dir"}, "--nbd-allow"},
 		{[]string{"--nbd-allow", "/run/nbd,host:0"}, "--nbd-allow \"host:0\""},
 		{[]string{"--nbd-allow", "/run/nbd,"}, "--nbd-allow: an empty entry"},
+		{[]string{"--rbd-allow", "a/b/c"}, "--rbd-allow \"a/b/c\""},
+		{[]string{"--rbd-allow", "rbd:bogus=1"}, "--rbd-allow"},
 	} {
 		err := execute(append(append([]string{"run"}, c.args...), "-c", "", "--state-dir", t.TempDir()))
 		var ue *usageError

@@ -26,6 +26,12 @@
 //     killed worker loses nothing it acknowledged. Flush still asks librbd
 //     to flush, which is then cheap.
 //  3. Snapshots (SPEC@SNAP) open read-only.
+//  4. ReadAt and WriteAt go through librbd's aio calls (aio.go): a call in
+//     flight parks its goroutine instead of holding an OS thread in a
+//     synchronous cgo call, so the number in flight is the callers' to
+//     choose. go-ceph binds no aio call, so aio.go does, on go-ceph's
+//     image handle; should a go-ceph release hide that handle, I/O falls
+//     back to the synchronous calls (TestAIOManyInFlight fails then).
 //
 // ParseSpec and Spec, the image naming, are built in every build.
 package rbd

@@ -2,6 +2,9 @@
 
 package rbd
 
+// #include <rbd/librbd.h>
+import "C"
+
 import (
 	"errors"
 	"fmt"
@@ -39,6 +42,8 @@ type Image struct {
 	img      *librbd.Image
 	size     int64
 	readOnly bool
+	raw      C.rbd_image_t // img's librbd handle, for aio (aio.go)
+	aio      bool
 
 	mu     sync.RWMutex // guards closed against calls racing Close
 	closed bool
@@ -202,6 +207,7 @@ func (im *Image) init() error {
 		return fmt.Errorf("%w: size %d", image.ErrUnsupported, size)
 	}
 	im.size = int64(size)
+	im.setupAIO()
 	if im.readOnly {
 		return nil
 	}
@@ -242,7 +248,7 @@ func (im *Image) ReadAt(p []byte, off int64) (int, error) {
 	if err := image.CheckRange(off, len(p), im.size); err != nil {
 		return 0, err
 	}
-	n, err := im.img.ReadAt(p, off)
+	n, err := im.readAt(p, off)
 	if n == len(p) {
 		return n, nil
 	}
@@ -264,12 +270,10 @@ func (im *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := image.CheckRange(off, len(p), im.size); err != nil {
 		return 0, err
 	}
-	n, err := im.img.WriteAt(p, off)
+	n, err := im.writeAt(p, off)
 	if err != nil || n != len(p) {
-		// go-ceph reports every failed write as EPERM; librbd's count
-		// is the errno when negative.
-		if n < 0 {
-			return 0, fmt.Errorf("rbd write %s at %d: %w", im.spec.Name(), off, describeErrno(-n))
+		if n <= 0 && err != nil {
+			return 0, fmt.Errorf("rbd write %s at %d: %w", im.spec.Name(), off, err)
 		}
 		return 0, fmt.Errorf("rbd write %s at %d: wrote %d of %d bytes: %v", im.spec.Name(), off, n, len(p), err)
 	}

@@ -131,12 +131,7 @@ func TestReadWriteDiscardMap(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The rbd tool reads what we wrote.
-	exported := filepath.Join(t.TempDir(), "export")
-	c.RBD(t, "export", "--no-progress", "rbd/"+name, exported)
-	b, err := os.ReadFile(exported)
-	if err != nil {
-		t.Fatal(err)
-	}
+	b := exportImage(t, c, name)
 	if !bytes.Equal(b[8<<20:8<<20+len(want)], want) || !bytes.Equal(b[64<<20-512:], a[:512]) {
 		t.Fatal("rbd export differs from what we wrote")
 	}

@@ -5,6 +5,7 @@ package rbd
 import (
 	"fmt"
 	"log/slog"
+	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
 )
@@ -16,11 +17,6 @@ const Built = false
 type Options struct {
 	ReadOnly bool
 	Logger   *slog.Logger
-}
-
-// CreateOptions control Create.
-type CreateOptions struct {
-	Size int64
 }
 
 // Open fails: this binary was built without librbd.
@@ -38,3 +34,28 @@ func Create(name string, _ CreateOptions) error {
 	}
 	return fmt.Errorf("create rbd:%s: %w", name, ErrNotBuilt)
 }
+
+// SnapshotClone fails: this binary was built without librbd.
+func SnapshotClone(parent Spec, _ string, _ Spec) (func() error, error) {
+	return nil, fmt.Errorf("snapshot rbd:%s: %w", parent.Name(), ErrNotBuilt)
+}
+
+// SnapInfo describes one snapshot of an image.
+type SnapInfo struct {
+	ID        uint64
+	Name      string
+	Size      int64
+	Protected bool
+	Time      time.Time
+}
+
+// Snapshots fails: this binary was built without librbd.
+func Snapshots(name string) ([]SnapInfo, error) {
+	return nil, fmt.Errorf("rbd:%s: %w", name, ErrNotBuilt)
+}
+
+// CreateSnapshot fails: this binary was built without librbd.
+func CreateSnapshot(name, _ string) error { return fmt.Errorf("rbd:%s: %w", name, ErrNotBuilt) }
+
+// DeleteSnapshot fails: this binary was built without librbd.
+func DeleteSnapshot(name, _ string) error { return fmt.Errorf("rbd:%s: %w", name, ErrNotBuilt) }

@@ -169,7 +169,11 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 // fails, then waits until every request read has been answered.
 func (c *conn) serve(ctx context.Context) error {
 	var wg sync.WaitGroup
-	for i := 0; i < min(c.s.maxInFlight(), maxWorkers); i++ {
+	workers := maxWorkers
+	if c.s.Export.Workers > 0 {
+		workers = c.s.Export.Workers
+	}
+	for i := 0; i < min(c.s.maxInFlight(), workers); i++ {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -121,6 +121,10 @@ type Export struct {
 	// pages, a cluster allocation) sends the next requests to the workers
 	// for a while.
 	InlineWrites bool
+	// Workers bounds the goroutines that run one connection's requests
+	// (0: 16, at most MaxInFlight). A backend whose calls wait on a network
+	// while holding no thread (rbd's aio) wants one per request in flight.
+	Workers int
 }
 
 // Stats are cumulative counters of a Server.

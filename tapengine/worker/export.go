@@ -62,6 +62,11 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 			ReadOnly:    w.readOnly,
 			// A local file's writes never wait on a later request.
 			InlineWrites: formats.IsFile(w.format),
+			// Every rbd call is a round trip to the OSDs, and one in
+			// flight parks a goroutine (librbd's aio): keep every request
+			// the client sent in flight.
+			RoundTrip: w.format == "rbd",
+			Workers:   rbdWorkers(w.format),
 		},
 		Logger:    w.logger,
 		TLSConfig: tlsConfig,
@@ -76,4 +81,13 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 	}()
 	w.nbdSrv, w.nbdCancel, w.nbdDone = srv, cancel, done
 	return Reply{OK: true}
+}
+
+// rbdWorkers: an rbd export runs as many requests at once as a
+// connection may have in flight (nbd.Server's default MaxInFlight).
+func rbdWorkers(format string) int {
+	if format == "rbd" {
+		return 64
+	}
+	return 0
 }

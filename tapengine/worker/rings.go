@@ -117,6 +117,11 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 		defer t.Close()
 		opts := RingOptions(w.readOnly)
 		opts.Logger, opts.Stats = w.logger.With("queue", req.Queue), &w.ring.stats
+		if w.format == "rbd" {
+			// Each request is an OSD round trip: a batch's requests
+			// overlap instead of waiting one after another on the loop.
+			opts.Workers = 32
+		}
 		err := ring.Serve(ctx, t, proto, w.io, opts)
 		w.ring.mu.Lock()
 		qs.running = false
