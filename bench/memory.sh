@@ -183,6 +183,10 @@ wakeups() {
 	local kind=$1 n=$2 daemon=$3 p
 	local -A before
 	((WAKE_SECONDS > 0)) || return 0
+	# The last sample's `ls --json` asked every worker for its stats: a
+	# Go process spins down over a few seconds after any work (some 50
+	# switches), which would be counted as idle wake-ups.
+	sleep 10
 	for p in "$daemon" "${WORKERS[@]: -$n}"; do before[$p]=$(ctxsw "$p"); done
 	sleep "$WAKE_SECONDS"
 	for p in "$daemon" "${WORKERS[@]: -$n}"; do
