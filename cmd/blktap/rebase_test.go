@@ -272,7 +272,6 @@ func TestImageRebaseCommitRefused(t *testing.T) {
 		{[]string{"rebase", top}, 2, "must specify backing file"},
 		{[]string{"rebase", "-u", "-b", "./old.qcow2", "-F", "qcow2", "old.qcow2"}, 1, "its own backing file"},
 		{[]string{"rebase", "-b", "base.vhd", "-F", "vpc", "child.vhd"}, 1, "cannot change its backing file"},
-		{[]string{"commit", "child.vhd"}, 1, "cannot be emptied"},
 	} {
 		_, se, rc := runIn(t, dir, bin, append([]string{"image"}, c.args...)...)
 		if rc != c.rc || !strings.Contains(se, c.want) {
