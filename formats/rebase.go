@@ -18,8 +18,8 @@ type RebaseOptions = backing.Options
 // does not allocate itself where the old chain and newBacking differ is
 // first written into img, img is flushed, and only then is the header
 // rewritten, so a crash at any point leaves img reading the same content.
-// qcow2 and qcow images can be rebased; other formats get ErrUnsupported
-// before anything is written.
+// qcow2, qcow and VHD differencing images can be rebased; other formats
+// get ErrUnsupported before anything is written.
 func Rebase(ctx context.Context, img, newBacking Image, name, format string, opt RebaseOptions) error {
 	return backing.Rebase(ctx, img, newBacking, name, format, opt)
 }

@@ -37,19 +37,14 @@ func (img *Image) CanEmpty() error {
 // entry still names would read zeros. The space stays in the file (the
 // footer does not move): check reports it as leaked.
 func (img *Image) MakeEmpty() error {
-	if img.ro {
-		return image.ErrReadOnly
+	unlock, err := img.exclusive()
+	if err != nil {
+		return err
 	}
-	img.life.Lock()
-	defer img.life.Unlock()
-	if img.closed {
-		return image.ErrClosed
-	}
+	defer unlock()
 	if err := img.CanEmpty(); err != nil {
 		return err
 	}
-	img.allocMu.Lock()
-	defer img.allocMu.Unlock()
 	img.mu.RLock()
 	var blocks []int64
 	for i, e := range img.bat {

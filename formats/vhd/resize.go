@@ -23,13 +23,11 @@ func (img *Image) Resize(size int64) error {
 	if size <= 0 || size%sectorSize != 0 || size > 1<<44 {
 		return fmt.Errorf("vhd: the new size must be a positive multiple of 512 up to 16 TiB (not %d)", size)
 	}
-	img.life.Lock()
-	defer img.life.Unlock()
-	if img.closed {
-		return image.ErrClosed
+	unlock, err := img.exclusive()
+	if err != nil {
+		return err
 	}
-	img.allocMu.Lock()
-	defer img.allocMu.Unlock()
+	defer unlock()
 	if img.sizeFrom != "current_size" {
 		if c, h, s := chs(uint64(size)); int64(c)*int64(h)*int64(s)*sectorSize != size {
 			return fmt.Errorf("vhd: %s: %w: its creator sizes disks by CHS geometry, which cannot express %d bytes", img.path, image.ErrUnsupported, size)
@@ -125,4 +123,20 @@ func (img *Image) healFooterCopy() error {
 		return fmt.Errorf("vhd: write footer copy: %w", err)
 	}
 	return img.f.Sync()
+}
+
+// exclusive waits out every call in flight and keeps others and block
+// allocation out until unlock, for the calls that rewrite metadata
+// wholesale (resize, rebase, emptying).
+func (img *Image) exclusive() (unlock func(), err error) {
+	if img.ro {
+		return nil, image.ErrReadOnly
+	}
+	img.life.Lock()
+	if img.closed {
+		img.life.Unlock()
+		return nil, image.ErrClosed
+	}
+	img.allocMu.Lock()
+	return func() { img.allocMu.Unlock(); img.life.Unlock() }, nil
 }

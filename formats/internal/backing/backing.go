@@ -58,7 +58,7 @@ type Options struct {
 func Rebase(ctx context.Context, img, newBacking image.Image, name, format string, opt Options) error {
 	bs, ok := img.(backingSetter)
 	if !ok {
-		return fmt.Errorf("rebase: %w: this format cannot change its backing file here (qcow2 and qcow can)", image.ErrUnsupported)
+		return fmt.Errorf("rebase: %w: this format cannot change its backing file here (qcow2, qcow and VHD differencing disks can)", image.ErrUnsupported)
 	}
 	if (name == "") != (newBacking == nil) && !opt.Unsafe {
 		return fmt.Errorf("rebase: a backing file name wants its image open, and only it")

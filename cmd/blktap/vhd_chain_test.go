@@ -2,8 +2,10 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
@@ -56,7 +58,7 @@ func TestImageCommitVHD(t *testing.T) {
 			if drop != bytes.Equal(childBefore, childAfter) {
 				t.Errorf("-d %v: child unchanged %v", drop, !drop)
 			}
-			if own := childOwnsData(t, dir); own != drop {
+			if own := len(ownRanges(t, filepath.Join(dir, "child.vhd"))) > 0; own != drop {
 				t.Errorf("-d %v: child holds data %v", drop, own)
 			}
 		})
@@ -93,13 +95,60 @@ func vhdChainFixture(t *testing.T, dir, bin string) {
 	write(child, parent, 3<<20, 512<<10, 0x44)
 }
 
-// childOwnsData says whether child.vhd, opened over base.vhd, maps any
-// range at depth 0.
-func childOwnsData(t *testing.T, dir string) bool {
+// TestImageRebaseVHD: `image rebase` of a VHD differencing disk onto
+// another VHD, safe (the child reads the same, through libvhdi's
+// vhdimount, which follows the new chain) and with -u (only the names
+// change: the child's own sectors over the new parent). vhdiinfo and
+// `image info` name the new parent; check accepts the child.
+func TestImageRebaseVHD(t *testing.T) {
+	bin := imageBinary(t)
+	vi := oracle.Require(t, "vhdiinfo")
+	for _, unsafe := range []bool{false, true} {
+		t.Run(fmt.Sprintf("unsafe=%v", unsafe), func(t *testing.T) {
+			dir := t.TempDir()
+			vhdChainFixture(t, dir, bin)
+			mustRun(t, dir, bin, "image", "create", "-f", "vhd", "-o", "block_size=524288", "other.vhd", "4M")
+			other := filepath.Join(dir, "other.vhd")
+			img, err := vhd.Open(other, vhd.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := img.WriteAt(bytes.Repeat([]byte{0x55}, 2<<20), 512<<10); err != nil {
+				t.Fatal(err)
+			}
+			img.Close()
+			child := filepath.Join(dir, "child.vhd")
+			want := oracle.VHDIMount(t, child)
+			args := []string{"image", "rebase", "-b", "other.vhd", "-F", "vpc", "child.vhd"}
+			if unsafe {
+				// The child's own sectors over the new parent.
+				own := ownRanges(t, child)
+				next := oracle.VHDIMount(t, other)
+				for _, e := range own {
+					copy(next[e.Offset:e.Offset+e.Length], want[e.Offset:])
+				}
+				want = next
+				args = []string{"image", "rebase", "-u", "-b", "other.vhd", "-F", "vpc", "child.vhd"}
+			}
+			mustRun(t, dir, bin, args...)
+			if got := oracle.VHDIMount(t, child); !bytes.Equal(got, want) {
+				t.Error("vhdimount reads the rebased child differently")
+			}
+			if out, _, _ := runIn(t, dir, vi, "child.vhd"); !strings.Contains(out, "other.vhd") {
+				t.Errorf("vhdiinfo does not name other.vhd:\n%s", out)
+			}
+			if out, _, _ := runIn(t, dir, bin, "image", "info", "child.vhd"); !strings.Contains(out, "backing file: other.vhd") {
+				t.Errorf("image info:\n%s", out)
+			}
+			mustRun(t, dir, bin, "image", "check", "child.vhd")
+		})
+	}
+}
+
+// ownRanges is what the VHD child at path holds itself.
+func ownRanges(t *testing.T, path string) []image.Extent {
 	t.Helper()
-	base := filepath.Join(dir, "base.vhd")
-	img, err := vhd.Open(filepath.Join(dir, "child.vhd"), vhd.Options{ReadOnly: true,
-		Backing: func(string, string) (image.Image, error) { return vhd.Open(base, vhd.Options{ReadOnly: true}) }})
+	img, err := vhd.Open(path, vhd.Options{ReadOnly: true, SkipParent: true})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,10 +157,11 @@ func childOwnsData(t *testing.T, dir string) bool {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var own []image.Extent
 	for _, e := range exts {
 		if e.Depth == 0 {
-			return true
+			own = append(own, e)
 		}
 	}
-	return false
+	return own
 }
