@@ -165,3 +165,48 @@ func ownRanges(t *testing.T, path string) []image.Extent {
 	}
 	return own
 }
+
+// TestImageResizeVHDPastBAT: a dynamic VHD with data grows far past what
+// its BAT can name (the BAT and batmap are laid out anew, the blocks in
+// their way moved): qemu-img reads the old data and zeros after it, and a
+// block written past the old end afterwards; vhdiinfo reads the new size;
+// check accepts it.
+func TestImageResizeVHDPastBAT(t *testing.T) {
+	bin := imageBinary(t)
+	qi := oracle.Require(t, "qemu-img")
+	vi := oracle.Require(t, "vhdiinfo")
+	dir := t.TempDir()
+	mustRun(t, dir, bin, "image", "create", "-f", "vhd", "-o", "block_size=524288", "d.vhd", "1M")
+	p := filepath.Join(dir, "d.vhd")
+	const size = 300 << 20 // 600 entries: a BAT of five sectors
+	want := make([]byte, size)
+	for i := range 1 << 20 {
+		want[i] = byte(i*7 + i>>9)
+	}
+	writeVHD := func(off, n int64) {
+		img, err := vhd.Open(p, vhd.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := img.WriteAt(want[off:off+n], off); err != nil {
+			t.Fatal(err)
+		}
+		if err := img.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeVHD(0, 1<<20)
+	mustRun(t, dir, bin, "image", "resize", "d.vhd", "300M")
+	copy(want[299<<20:], bytes.Repeat([]byte{0x5a}, 4096))
+	writeVHD(299<<20, 4096)
+	if err := os.WriteFile(filepath.Join(dir, "want.raw"), want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, _, rc := runIn(t, dir, qi, "compare", "-f", "vpc", "-F", "raw", "d.vhd", "want.raw"); rc != 0 {
+		t.Errorf("qemu-img compare after the grow: %s", out)
+	}
+	if out, _, _ := runIn(t, dir, vi, "d.vhd"); !strings.Contains(out, fmt.Sprintf("(%d bytes)", size)) {
+		t.Errorf("vhdiinfo:\n%s", out)
+	}
+	mustRun(t, dir, bin, "image", "check", "d.vhd")
+}

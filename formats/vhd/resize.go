@@ -2,9 +2,10 @@ package vhd
 
 // Changing the virtual size (`image resize`; qemu's vpc driver has none).
 // A fixed disk's footer moves: the new one is written and synced first,
-// so the file always ends in a valid footer. A dynamic disk only changes
-// its footer's size fields, within the blocks its BAT can name; a shrink
-// drops no data block (one past the new end is refused).
+// so the file always ends in a valid footer. A dynamic disk changes its
+// footer's size fields, after a larger BAT when its BAT cannot name the
+// new size's blocks (grow.go); a shrink drops no data block (one past the
+// new end is refused).
 
 import (
 	"bytes"
@@ -82,8 +83,9 @@ func (img *Image) resizeFixed(size int64) error {
 func (img *Image) resizeDynamic(size int64) error {
 	blocks := (size + img.blockSize - 1) / img.blockSize
 	if blocks > int64(len(img.bat)) {
-		return fmt.Errorf("vhd: %s: %w: %d bytes need %d blocks of %d bytes; the BAT has room for %d (%d bytes)",
-			img.path, image.ErrUnsupported, size, blocks, img.blockSize, len(img.bat), int64(len(img.bat))*img.blockSize)
+		if err := img.growTables(blocks); err != nil {
+			return err
+		}
 	}
 	img.mu.RLock()
 	for i := size / img.blockSize; size < img.size && i*img.blockSize < img.size; i++ {
