@@ -60,6 +60,9 @@ func (img *Image) planRebase(name, format string) (*rebasePlan, error) {
 	if par.foot.UUID == img.foot.UUID {
 		return nil, fmt.Errorf("vhd: %s cannot be its own parent", img.path)
 	}
+	if ps, _ := par.foot.virtualSize(); ps != img.size {
+		return nil, fmt.Errorf("vhd: %s: %w: the new parent is %d bytes, the disk %d (a differencing disk has its parent's size)", img.path, image.ErrUnsupported, ps, img.size)
+	}
 	p := &rebasePlan{par: par, data: map[int][]byte{}, lens: map[int]int{}, pivot: -1}
 	if p.name = encodeUTF16(name, true); len(p.name) > len(img.hdr.ParentName) {
 		return nil, fmt.Errorf("vhd: parent name %q is longer than 256 UTF-16 units", name)

@@ -147,7 +147,8 @@ func checkRebased(t *testing.T, p, dir string, want []byte) string {
 }
 
 // Refused before anything is written: a disk without parent, no new
-// name, a parent that is not a VHD, the child itself.
+// name, a parent that is not a VHD, the child itself, a missing file, a
+// parent of another size.
 func TestSetBackingRefused(t *testing.T) {
 	dir := t.TempDir()
 	_, child := rebaseFixture(t, dir)
@@ -160,9 +161,26 @@ func TestSetBackingRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer img.Close()
-	for _, c := range []struct{ name, format string }{{"", ""}, {"p2.vhd", "qcow2"}, {"c.vhd", "vpc"}, {"missing.vhd", "vpc"}} {
-		if err := img.SetBacking(c.name, c.format); err == nil {
-			t.Errorf("SetBacking(%q, %q) accepted", c.name, c.format)
+	if err := Create(filepath.Join(dir, "small.vhd"), CreateOptions{Size: 512 << 10}); err != nil {
+		t.Fatal(err)
+	}
+	// The same parent under a name too long for the locators' space.
+	long := strings.Repeat("d", 200) + "/" + strings.Repeat("e", 40) + "/p2.vhd" // 248 units; W2ku holds the absolute name
+	os.MkdirAll(filepath.Dir(filepath.Join(dir, long)), 0o755)
+	b2, _ := os.ReadFile(filepath.Join(dir, "p2.vhd"))
+	if err := os.WriteFile(filepath.Join(dir, long), b2, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct{ name, format, want string }{
+		{long, "vpc", "has room for"},
+		{"", "", "standalone"},
+		{"p2.vhd", "qcow2", "must be a VHD"},
+		{"c.vhd", "vpc", "its own parent"},
+		{"missing.vhd", "vpc", "no such file"},
+		{"small.vhd", "vpc", "parent's size"},
+	} {
+		if err := img.SetBacking(c.name, c.format); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("SetBacking(%q, %q): %v, want %q", c.name, c.format, err, c.want)
 		}
 	}
 	p1, err := Open(filepath.Join(dir, "p1.vhd"), Options{})
