@@ -65,6 +65,55 @@ func TestImageCommitVHD(t *testing.T) {
 	}
 }
 
+// TestImageCommitVHDDeeper: `image commit -b base.vhd top.vhd` over
+// base.vhd <- mid.vhd <- top.vhd writes what top and mid hold into base
+// (-b implies -d: top and mid are left as they are); qemu-img compare
+// finds base equal to what top read before, through vhdimount.
+func TestImageCommitVHDDeeper(t *testing.T) {
+	bin := imageBinary(t)
+	qi := oracle.Require(t, "qemu-img")
+	dir := t.TempDir()
+	vhdChainFixture(t, dir, bin)
+	if err := os.Rename(filepath.Join(dir, "child.vhd"), filepath.Join(dir, "mid.vhd")); err != nil {
+		t.Fatal(err)
+	}
+	mustRun(t, dir, bin, "image", "create", "-f", "vhd", "-b", "mid.vhd", "-F", "vhd", "top.vhd")
+	var open image.OpenFunc
+	open = func(name, _ string) (image.Image, error) {
+		return vhd.Open(filepath.Join(dir, name), vhd.Options{ReadOnly: true, Backing: open})
+	}
+	top, err := vhd.Open(filepath.Join(dir, "top.vhd"), vhd.Options{Backing: open})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := top.WriteAt(bytes.Repeat([]byte{0x66}, 100<<10), 2<<20+512); err != nil {
+		t.Fatal(err)
+	}
+	if err := top.Close(); err != nil {
+		t.Fatal(err)
+	}
+	want := oracle.VHDIMount(t, filepath.Join(dir, "top.vhd"))
+	if err := os.WriteFile(filepath.Join(dir, "want.raw"), want, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	before := map[string][]byte{}
+	for _, f := range []string{"mid.vhd", "top.vhd"} {
+		before[f], _ = os.ReadFile(filepath.Join(dir, f))
+	}
+	if so, se, rc := runIn(t, dir, bin, "image", "commit", "-b", "base.vhd", "top.vhd"); rc != 0 || so != "Image committed.\n" {
+		t.Fatalf("commit -b: exit %d: %q %s", rc, so, se)
+	}
+	if out, _, rc := runIn(t, dir, qi, "compare", "-f", "vpc", "-F", "raw", "base.vhd", "want.raw"); rc != 0 {
+		t.Errorf("qemu-img compare of base.vhd with top's old content: %s", out)
+	}
+	for f, b := range before {
+		if after, _ := os.ReadFile(filepath.Join(dir, f)); !bytes.Equal(after, b) {
+			t.Errorf("%s changed", f)
+		}
+	}
+	mustRun(t, dir, bin, "image", "check", "base.vhd")
+}
+
 // vhdChainFixture makes base.vhd (data in its first MiB) and child.vhd
 // over it with data of its own: partial blocks and sectors over base's
 // data, and a whole block.
