@@ -26,8 +26,47 @@ import (
 // the new, never a mix. The finished rebase names p2.vhd, and libvhdi
 // (vhdiinfo, vhdimount) follows it there and reads the same content.
 func TestRebaseCrash(t *testing.T) {
-	dir := t.TempDir()
-	want, child := rebaseFixture(t, dir)
+	for _, vhdUtil := range []bool{false, true} {
+		t.Run(fmt.Sprintf("vhd-util-locators=%v", vhdUtil), func(t *testing.T) {
+			dir := t.TempDir()
+			want, child := rebaseFixture(t, dir)
+			if vhdUtil {
+				child = asVHDUtilLocators(t, dir, child)
+			}
+			rebaseEveryCut(t, dir, child, want)
+		})
+	}
+}
+
+// asVHDUtilLocators rewrites the child's header as vhd-util lays it out:
+// no MacX locator, data_space in bytes (the fixture already stores the
+// parent's base name, as vhd-util does).
+func asVHDUtilLocators(t *testing.T, dir string, child []byte) []byte {
+	t.Helper()
+	f := newCrashFile(child)
+	img, err := openFile(f, filepath.Join(dir, "child.vhd"), Options{Backing: fileOpener(dir), Logger: discardLogger()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := *img.hdr
+	for i, l := range h.Locators {
+		switch l.Code {
+		case platMacX:
+			h.Locators[i] = locator{}
+		case platW2ku, platW2ru:
+			h.Locators[i].DataSpace = l.DataSpace * sectorSize
+		}
+	}
+	if err := img.writeHeaderSynced(&h); err != nil {
+		t.Fatal(err)
+	}
+	img.Close()
+	return f.Bytes()
+}
+
+// rebaseEveryCut runs the safe rebase of child onto p2.vhd with a cut at
+// each operation in turn, and checks what each cut leaves.
+func rebaseEveryCut(t *testing.T, dir string, child, want []byte) {
 	for n := 1; ; n++ {
 		fs := crashfs.FromImage(map[string][]byte{"/c": child})
 		f, err := fs.Open("/c", os.O_RDWR, 0)
