@@ -18,8 +18,8 @@ type RebaseOptions = backing.Options
 // does not allocate itself where the old chain and newBacking differ is
 // first written into img, img is flushed, and only then is the header
 // rewritten, so a crash at any point leaves img reading the same content.
-// qcow2 and qcow images can be rebased; other formats get ErrUnsupported
-// before anything is written.
+// qcow2, qcow and VHD differencing images can be rebased; other formats
+// get ErrUnsupported before anything is written.
 func Rebase(ctx context.Context, img, newBacking Image, name, format string, opt RebaseOptions) error {
 	return backing.Rebase(ctx, img, newBacking, name, format, opt)
 }
@@ -28,7 +28,7 @@ func Rebase(ctx context.Context, img, newBacking Image, name, format string, opt
 // as qemu-img commit: base is the image at depth in top's chain (1: top's
 // own backing file), opened for writing as part of that chain. base is
 // flushed, and then, with empty, top is emptied so it reads base through
-// (qcow2 and qcow can be emptied).
+// (qcow2, qcow and VHD differencing disks can be emptied).
 func Commit(ctx context.Context, top, base Image, depth int, empty bool, progress func(done, total int64)) error {
 	return backing.Commit(ctx, top, base, depth, empty, progress)
 }

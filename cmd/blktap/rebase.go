@@ -24,9 +24,9 @@ func init() {
 		setup            func(fs *pflag.FlagSet) func(pos []string) error
 	}{
 		{"rebase [-f FMT] [-F BACKING_FMT] [-u] [-p] [-q] -b BACKING FILE", "make BACKING the image's backing file, keeping what it reads",
-			"Safe mode (the default) first copies into FILE every cluster it does not hold itself where the old backing chain and BACKING differ, flushes, and only then rewrites the header, so FILE reads the same before and after, and at every point of a crash. -u rewrites the name only. -b \"\" makes FILE standalone. BACKING is stored as given; a relative name is read from FILE's directory. Formats: qcow2 and qcow (where the name fits before the L1 table). Refused while a worker serves FILE.", imageRebase},
+			"Safe mode (the default) first copies into FILE every cluster it does not hold itself where the old backing chain and BACKING differ, flushes, and only then rewrites the header, so FILE reads the same before and after, and at every point of a crash. -u rewrites the name only. -b \"\" makes FILE standalone. BACKING is stored as given; a relative name is read from FILE's directory. Formats: qcow2, qcow (where the name fits before the L1 table) and VHD differencing disks (onto a VHD, where the new names fit the space of the parent locators; the parent's uuid and time are taken from it). Refused while a worker serves FILE.", imageRebase},
 		{"commit [-f FMT] [-b BASE] [-d] [-p] [-q] FILE", "write the image's data into its backing file",
-			"Every range FILE (and, with -b, each image between it and BASE) holds is written into BASE (default: FILE's backing file), which is flushed; then FILE is emptied, so it reads BASE through, unless -d or -b is given (-b implies -d, as in qemu-img 7.2). Refused while a worker serves FILE or BASE.", imageCommit},
+			"Every range FILE (and, with -b, each image between it and BASE) holds is written into BASE (default: FILE's backing file), which is flushed; then FILE is emptied, so it reads BASE through, unless -d or -b is given (-b implies -d, as in qemu-img 7.2). A VHD differencing disk is committed too (vhd-util coalesce), then emptied the same way. Refused while a worker serves FILE or BASE.", imageCommit},
 	}...)
 }
 

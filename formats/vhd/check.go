@@ -322,7 +322,7 @@ func checkFile(f hostfile.File, path string, opts CheckOptions) (*CheckResult, e
 // repair fixes what a crash or a batmap-unaware writer leaves (a lost
 // footer at the end; a block over the batmap), then checks again.
 func (c *checker) repair(f hostfile.File, path string, opts CheckOptions) (*CheckResult, error) {
-	img, err := openFile(f, path, Options{Logger: discardLogger()})
+	img, err := openFile(f, path, Options{Backing: opts.Backing, Logger: discardLogger()})
 	if err != nil {
 		// Not something a repair may touch: report as found.
 		return c.r, nil

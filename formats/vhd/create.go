@@ -261,21 +261,7 @@ func (p *createPlan) addParent(path string, par *parentInfo, off int64) (int64, 
 		return 0, fmt.Errorf("vhd: parent name %q is longer than 256 UTF-16 units", par.rel)
 	}
 	copy(h.ParentName[:], name)
-	rel := par.rel
-	if filepath.IsAbs(rel) {
-		if r, err := filepath.Rel(filepath.Dir(mustAbs(path)), par.abs); err == nil {
-			rel = r
-		}
-	}
-	rel = filepath.ToSlash(filepath.Clean(rel))
-	locs := []struct {
-		code uint32
-		data []byte
-	}{
-		{platMacX, []byte("file://" + par.abs)},
-		{platW2ku, encodeUTF16(strings.ReplaceAll(par.abs, "/", `\`), false)},
-		{platW2ru, encodeUTF16(`.\`+strings.ReplaceAll(strings.TrimPrefix(rel, "./"), "/", `\`), false)},
-	}
+	locs := locatorData(path, par)
 	for i, l := range locs {
 		space := roundUp(int64(len(l.data)), sectorSize)
 		h.Locators[i] = locator{Code: l.code, DataSpace: uint32(space / sectorSize), DataLength: uint32(len(l.data)), DataOffset: uint64(off)}
@@ -285,6 +271,30 @@ func (p *createPlan) addParent(path string, par *parentInfo, off int64) (int64, 
 		off += space
 	}
 	return off, nil
+}
+
+// locatorData is what each platform's locator holds of the parent's name,
+// in the order a new child stores them: MacX absolute URL, W2ku absolute,
+// W2ru relative to the child's directory.
+func locatorData(path string, par *parentInfo) []struct {
+	code uint32
+	data []byte
+} {
+	rel := par.rel
+	if filepath.IsAbs(rel) {
+		if r, err := filepath.Rel(filepath.Dir(mustAbs(path)), par.abs); err == nil {
+			rel = r
+		}
+	}
+	rel = filepath.ToSlash(filepath.Clean(rel))
+	return []struct {
+		code uint32
+		data []byte
+	}{
+		{platMacX, []byte("file://" + par.abs)},
+		{platW2ku, encodeUTF16(strings.ReplaceAll(par.abs, "/", `\`), false)},
+		{platW2ru, encodeUTF16(`.\`+strings.ReplaceAll(strings.TrimPrefix(rel, "./"), "/", `\`), false)},
+	}
 }
 
 func mustAbs(p string) string {

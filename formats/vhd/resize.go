@@ -2,9 +2,10 @@ package vhd
 
 // Changing the virtual size (`image resize`; qemu's vpc driver has none).
 // A fixed disk's footer moves: the new one is written and synced first,
-// so the file always ends in a valid footer. A dynamic disk only changes
-// its footer's size fields, within the blocks its BAT can name; a shrink
-// drops no data block (one past the new end is refused).
+// so the file always ends in a valid footer. A dynamic disk changes its
+// footer's size fields, after a larger BAT when its BAT cannot name the
+// new size's blocks (grow.go); a shrink drops no data block (one past the
+// new end is refused).
 
 import (
 	"bytes"
@@ -23,13 +24,11 @@ func (img *Image) Resize(size int64) error {
 	if size <= 0 || size%sectorSize != 0 || size > 1<<44 {
 		return fmt.Errorf("vhd: the new size must be a positive multiple of 512 up to 16 TiB (not %d)", size)
 	}
-	img.life.Lock()
-	defer img.life.Unlock()
-	if img.closed {
-		return image.ErrClosed
+	unlock, err := img.exclusive()
+	if err != nil {
+		return err
 	}
-	img.allocMu.Lock()
-	defer img.allocMu.Unlock()
+	defer unlock()
 	if img.sizeFrom != "current_size" {
 		if c, h, s := chs(uint64(size)); int64(c)*int64(h)*int64(s)*sectorSize != size {
 			return fmt.Errorf("vhd: %s: %w: its creator sizes disks by CHS geometry, which cannot express %d bytes", img.path, image.ErrUnsupported, size)
@@ -84,8 +83,9 @@ func (img *Image) resizeFixed(size int64) error {
 func (img *Image) resizeDynamic(size int64) error {
 	blocks := (size + img.blockSize - 1) / img.blockSize
 	if blocks > int64(len(img.bat)) {
-		return fmt.Errorf("vhd: %s: %w: %d bytes need %d blocks of %d bytes; the BAT has room for %d (%d bytes)",
-			img.path, image.ErrUnsupported, size, blocks, img.blockSize, len(img.bat), int64(len(img.bat))*img.blockSize)
+		if err := img.growTables(blocks); err != nil {
+			return err
+		}
 	}
 	img.mu.RLock()
 	for i := size / img.blockSize; size < img.size && i*img.blockSize < img.size; i++ {
@@ -125,4 +125,20 @@ func (img *Image) healFooterCopy() error {
 		return fmt.Errorf("vhd: write footer copy: %w", err)
 	}
 	return img.f.Sync()
+}
+
+// exclusive waits out every call in flight and keeps others and block
+// allocation out until unlock, for the calls that rewrite metadata
+// wholesale (resize, rebase, emptying).
+func (img *Image) exclusive() (unlock func(), err error) {
+	if img.ro {
+		return nil, image.ErrReadOnly
+	}
+	img.life.Lock()
+	if img.closed {
+		img.life.Unlock()
+		return nil, image.ErrClosed
+	}
+	img.allocMu.Lock()
+	return func() { img.allocMu.Unlock(); img.life.Unlock() }, nil
 }

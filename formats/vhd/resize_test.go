@@ -30,6 +30,8 @@ func TestResizeCrash(t *testing.T) {
 		{"fixed-grow", "fixed", 768 * kib, 2048*kib + 512},
 		{"fixed-shrink", "fixed", 768 * kib, 300 * kib},
 		{"dynamic-grow", "dynamic", 300 * kib, 512 * kib}, // within the BAT's two blocks
+		// 160 blocks: a new BAT of two sectors and batmap where block 0 was.
+		{"dynamic-grow-past-bat", "dynamic", 300 * kib, 40 << 20},
 		{"dynamic-shrink", "dynamic", 1000 * kib, 512 * kib},
 	}
 	for _, c := range cases {
@@ -38,7 +40,10 @@ func TestResizeCrash(t *testing.T) {
 			// 300 or 512 KiB drops no block.
 			data := make([]byte, 256*kib)
 			pattern(data, 7)
-			for n := 1; ; n++ {
+			// Three cuts at each operation: two random draws of the
+			// unsynced writes, and the newest alone.
+			for step := 3; ; step++ {
+				n, coin := step/3, step%3
 				f, img := memImage(t, CreateOptions{Size: c.old, BlockSize: 256 * kib, Subformat: c.sub}, nil)
 				if _, err := img.WriteAt(data, 0); err != nil {
 					t.Fatal(err)
@@ -56,8 +61,16 @@ func TestResizeCrash(t *testing.T) {
 				if !errors.Is(err, crashfs.ErrCrashed) {
 					t.Fatalf("op %d: %v", n, err)
 				}
-				r := rand.New(rand.NewSource(int64(n)))
-				cf := newCrashFile(f.Crash(func() bool { return r.Intn(2) == 0 }))
+				var kept []byte
+				if coin == 1 {
+					for _, b := range f.FS().CrashNewestOnly() {
+						kept = b
+					}
+				} else {
+					r := rand.New(rand.NewSource(int64(step)))
+					kept = f.Crash(func() bool { return r.Intn(2) == 0 })
+				}
+				cf := newCrashFile(kept)
 				// Writable: a dynamic disk's footer copy left behind the
 				// footer at the end is rewritten by the open.
 				img2, err := openFile(cf, "crashed.vhd", Options{Logger: discardLogger()})
@@ -112,15 +125,14 @@ func checkResized(t *testing.T, b []byte, size int64, data []byte) {
 	}
 }
 
-// Refused: a differencing disk, a dynamic disk whose BAT cannot name the
-// new size's blocks, a shrink past an allocated block, a size that is not
-// whole sectors.
+// Refused: a differencing disk, a shrink past an allocated block, a size
+// that is not whole sectors.
 func TestResizeRefused(t *testing.T) {
 	_, dyn := memImage(t, CreateOptions{Size: 1 << 20, BlockSize: 256 << 10}, nil)
 	if _, err := dyn.WriteAt(make([]byte, 512), 900<<10); err != nil {
 		t.Fatal(err)
 	}
-	for _, size := range []int64{2 << 20, 512 << 10, 1000, 0} {
+	for _, size := range []int64{512 << 10, 1000, 0} {
 		if err := dyn.Resize(size); err == nil {
 			t.Fatalf("resize of a dynamic 1 MiB disk to %d accepted", size)
 		}

@@ -31,6 +31,7 @@ var packages = map[string]string{
 	"xenstore-chmod":   "xenstore-utils",
 	"qcowinfo":         "libqcow-utils",
 	"vhdiinfo":         "libvhdi-utils",
+	"vhdimount":        "libvhdi-utils",
 	"vmdkinfo":         "libvmdk-utils",
 	"gcc":              "gcc",
 	"promtool":         "prometheus",

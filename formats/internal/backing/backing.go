@@ -58,7 +58,7 @@ type Options struct {
 func Rebase(ctx context.Context, img, newBacking image.Image, name, format string, opt Options) error {
 	bs, ok := img.(backingSetter)
 	if !ok {
-		return fmt.Errorf("rebase: %w: this format cannot change its backing file here (qcow2 and qcow can)", image.ErrUnsupported)
+		return fmt.Errorf("rebase: %w: this format cannot change its backing file here (qcow2, qcow and VHD differencing disks can)", image.ErrUnsupported)
 	}
 	if (name == "") != (newBacking == nil) && !opt.Unsafe {
 		return fmt.Errorf("rebase: a backing file name wants its image open, and only it")
@@ -152,7 +152,7 @@ func Commit(ctx context.Context, top, base image.Image, depth int, empty bool, p
 	if empty {
 		var ok bool
 		if em, ok = top.(emptier); !ok {
-			return fmt.Errorf("commit: %w: this format cannot be emptied here (qcow2 and qcow can; -d keeps the image as it is)", image.ErrUnsupported)
+			return fmt.Errorf("commit: %w: this format cannot be emptied here (qcow2, qcow and VHD differencing disks can; -d keeps the image as it is)", image.ErrUnsupported)
 		}
 		if c, ok := top.(interface{ CanEmpty() error }); ok {
 			if err := c.CanEmpty(); err != nil {

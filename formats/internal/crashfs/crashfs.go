@@ -179,6 +179,26 @@ func (fs *FS) Crash(keep func() bool) map[string][]byte {
 	return out
 }
 
+// CrashNewestOnly cuts the power and keeps, of each file's pending
+// operations, the newest alone: the harshest reordering a disk cache may
+// do, since everything that was to precede it is lost.
+func (fs *FS) CrashNewestOnly() map[string][]byte {
+	fs.mu.Lock()
+	var last []int
+	for _, name := range slices.Sorted(maps.Keys(fs.files)) {
+		last = append(last, len(fs.files[name].pending))
+	}
+	fs.mu.Unlock()
+	file, i := 0, 0
+	return fs.Crash(func() bool {
+		for file < len(last) && i == last[file] {
+			file, i = file+1, 0
+		}
+		i++
+		return file < len(last) && i == last[file]
+	})
+}
+
 // tickLocked counts one mutation of kind k against the schedule and says
 // whether it may run.
 func (fs *FS) tickLocked(k Kind) error {
