@@ -122,6 +122,28 @@ func optsHelp(format, opt string) (bool, error) {
 	return true, nil
 }
 
+// outputFormat is the common start of create and convert: the output format,
+// then -o help (answered before the operands are checked, so that it works
+// alone, as in qemu-img), then the operands, then the -o pairs. done says
+// -o help was answered and there is nothing more to do.
+func outputFormat(fmtName, optStr string, operandsOK bool, want string) (string, map[string]string, bool, error) {
+	format, err := formats.Normalize(fmtName)
+	if err != nil {
+		return "", nil, false, usagef("%v", err)
+	}
+	if done, err := optsHelp(format, optStr); done {
+		return "", nil, true, err
+	}
+	if !operandsOK {
+		return "", nil, false, usagef("%s", want)
+	}
+	opts, err := parseOpts(optStr)
+	if err != nil {
+		return "", nil, false, err
+	}
+	return format, opts, false, nil
+}
+
 // parseOpts reads qemu-img style -o key=value,key=value.
 func parseOpts(s string) (map[string]string, error) {
 	m := map[string]string{}
@@ -147,18 +169,8 @@ func imageCreate(fs *pflag.FlagSet) func(pos []string) error {
 	bfmt := fs.StringP("backing-format", "F", "", "the backing file's format, `BFMT`")
 	optStr := fs.StringP("options", "o", "", "`OPTIONS` key=value,... as qemu-img's (-o help lists them)")
 	return func(pos []string) error {
-		format, err := formats.Normalize(*fmtName)
-		if err != nil {
-			return usagef("%v", err)
-		}
-		if done, err := optsHelp(format, *optStr); done {
-			return err
-		}
-		if len(pos) < 1 || len(pos) > 2 {
-			return usagef("want FILE SIZE")
-		}
-		opts, err := parseOpts(*optStr)
-		if err != nil {
+		format, opts, done, err := outputFormat(*fmtName, *optStr, len(pos) >= 1 && len(pos) <= 2, "want FILE SIZE")
+		if done || err != nil {
 			return err
 		}
 		co := formats.CreateOptions{}
@@ -455,18 +467,8 @@ func imageConvert(fs *pflag.FlagSet) func(pos []string) error {
 	outFmt := fs.StringP("output-format", "O", "raw", "the output's `FMT`")
 	optStr := fs.StringP("options", "o", "", "the output's `OPTIONS` key=value,... as qemu-img's (-o help lists them)")
 	return func(pos []string) error {
-		of, err := formats.Normalize(*outFmt)
-		if err != nil {
-			return usagef("%v", err)
-		}
-		if done, err := optsHelp(of, *optStr); done {
-			return err
-		}
-		if len(pos) != 2 {
-			return usagef("want IN OUT")
-		}
-		opts, err := parseOpts(*optStr)
-		if err != nil {
+		of, opts, done, err := outputFormat(*outFmt, *optStr, len(pos) == 2, "want IN OUT")
+		if done || err != nil {
 			return err
 		}
 		in, err := openProbed(pos[0], *inFmt, true)
