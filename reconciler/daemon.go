@@ -254,17 +254,23 @@ func (d *Daemon) startReconcilers(ctx context.Context) *sync.WaitGroup {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for {
-				k, ok := d.q.Get()
-				if !ok {
-					return
-				}
-				d.reconcile(ctx, k)
-				d.q.Done(k)
-			}
+			d.reconcileQueued(ctx)
 		}()
 	}
 	return &wg
+}
+
+// reconcileQueued reconciles the devices the queue hands out, one at a
+// time, until the queue is shut down.
+func (d *Daemon) reconcileQueued(ctx context.Context) {
+	for {
+		k, ok := d.q.Get()
+		if !ok {
+			return
+		}
+		d.reconcile(ctx, k)
+		d.q.Done(k)
+	}
 }
 
 // serveEndpoints starts the API and, if asked for, the metrics.

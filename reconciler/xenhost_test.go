@@ -88,14 +88,7 @@ func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harne
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		for {
-			k, ok := d.q.Get()
-			if !ok {
-				return
-			}
-			d.reconcile(ctx, k)
-			d.q.Done(k)
-		}
+		d.reconcileQueued(ctx)
 	}()
 	go func() {
 		defer wg.Done()
