@@ -238,12 +238,9 @@ func imageInfo(fs *pflag.FlagSet) func(pos []string) error {
 	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
 	detail := fs.Bool("detail", false, "print blktap's own view of each image's metadata (JSON) after qemu-img's")
 	return func(pos []string) error {
-		asJSON, err := out.isJSON()
+		asJSON, err := out.isJSONForFile(pos)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("want FILE")
 		}
 		var infos []*qemuInfo
 		path, format := pos[0], *fmtName
@@ -350,12 +347,9 @@ func imageCheck(fs *pflag.FlagSet) func(pos []string) error {
 	repairFlag := fs.StringP("repair-level", "r", "", "repair `leaks|all`: leaks (only leaks; on a qcow2 marked corrupt, refcounts and copied flags too) or all (leaks and what else can be fixed)")
 	repairOld := fs.Bool("repair", false, "same as -r leaks")
 	return func(pos []string) error {
-		asJSON, err := out.isJSON()
+		asJSON, err := out.isJSONForFile(pos)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("want FILE")
 		}
 		repair := formats.RepairNone
 		switch *repairFlag {
@@ -410,12 +404,9 @@ func imageMap(fs *pflag.FlagSet) func(pos []string) error {
 	out := addOutputFlag(fs)
 	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe)")
 	return func(pos []string) error {
-		asJSON, err := out.isJSON()
+		asJSON, err := out.isJSONForFile(pos)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("want FILE")
 		}
 		format := *fmtName
 		if format == "" {
