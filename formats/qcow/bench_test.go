@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -61,29 +62,11 @@ func BenchmarkLookupParallel(b *testing.B) {
 }
 
 func BenchmarkReadAt4K(b *testing.B) {
-	img := benchImage(b, CreateOptions{Size: 64 << 20})
-	buf := make([]byte, 4096)
-	rng := rand.New(rand.NewPCG(2, 2))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := img.ReadAt(buf, rng.Int64N(img.Size()/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, benchImage(b, CreateOptions{Size: 64 << 20}), 2, false)
 }
 
 func BenchmarkWriteAt4KInPlace(b *testing.B) {
-	img := benchImage(b, CreateOptions{Size: 64 << 20})
-	buf := make([]byte, 4096)
-	rng := rand.New(rand.NewPCG(3, 3))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := img.WriteAt(buf, rng.Int64N(img.Size()/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, benchImage(b, CreateOptions{Size: 64 << 20}), 3, true)
 }
 
 // BenchmarkWriteAt64KAllocating pays one fdatasync per allocating write.
