@@ -95,19 +95,25 @@ func FuzzServeConn(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		be := layered{newMem(1 << 20)}
 		s := &Server{Export: Export{Name: "disk", Backend: be}, HandshakeTimeout: 5 * time.Second, MaxInFlight: 4}
-		a, b := net.Pipe()
-		done := make(chan error, 1)
-		go func() { done <- s.ServeConn(context.Background(), a) }()
-		go io.Copy(io.Discard, b)
-		b.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		b.Write(data)
-		b.Close()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("server did not finish after the client hung up")
-		}
+		serveBytes(t, s, data)
 	})
+}
+
+// serveBytes plays data to s as a client that then hangs up, and fails
+// the test if the server does not finish soon after.
+func serveBytes(t *testing.T, s *Server, data []byte) {
+	a, b := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- s.ServeConn(context.Background(), a) }()
+	go io.Copy(io.Discard, b)
+	b.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	b.Write(data)
+	b.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("server did not finish after the client hung up")
+	}
 }
 
 // FuzzServeConnStarter is FuzzServeConn against the paths a guest view
@@ -123,18 +129,7 @@ func FuzzServeConnStarter(f *testing.F) {
 		defer close(be.queue)
 		s := &Server{Export: Export{Name: "disk", Backend: be, RoundTrip: true, InlineWrites: true},
 			HandshakeTimeout: 5 * time.Second, MaxInFlight: 4}
-		a, b := net.Pipe()
-		done := make(chan error, 1)
-		go func() { done <- s.ServeConn(context.Background(), a) }()
-		go io.Copy(io.Discard, b)
-		b.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		b.Write(data)
-		b.Close()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("server did not finish after the client hung up")
-		}
+		serveBytes(t, s, data)
 	})
 }
 
