@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/parallel"
 )
 
 func testCtx(t testing.TB) context.Context {
@@ -35,23 +37,11 @@ func dial(t testing.TB, sock string, opts ...Option) *Client {
 // client's index with it; the test fails on any fn's error.
 func eachClient(t *testing.T, sock string, n int, fn func(i int, c *Client) error) {
 	t.Helper()
-	var wg sync.WaitGroup
-	errc := make(chan error, n)
-	for i := range n {
-		c := dial(t, sock)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := fn(i, c); err != nil {
-				errc <- err
-			}
-		}()
+	cs := make([]*Client, n)
+	for i := range cs {
+		cs[i] = dial(t, sock)
 	}
-	wg.Wait()
-	close(errc)
-	for err := range errc {
-		t.Fatal(err)
-	}
+	parallel.Run(t, n, func(i int) error { return fn(i, cs[i]) })
 }
 
 func TestClientBasics(t *testing.T) {
