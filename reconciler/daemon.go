@@ -185,18 +185,8 @@ func newDaemon(opts Options) (*Daemon, *config.File, error) {
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("state directory: %w", err)
 	}
-	d := &Daemon{
-		opts:      opts,
-		log:       opts.Logger,
-		root:      "/local/domain/0/backend",
-		q:         newQueue(),
-		devices:   map[Key]*device{},
-		desired:   map[Key]config.Disk{},
-		views:     map[Key]deviceView{},
-		requests:  map[Key][]*opRequest{},
-		conflicts: map[Key]string{},
-		shutdown:  newShutdownState(),
-	}
+	d := emptyDaemon(opts, opts.Logger)
+	d.shutdown = newShutdownState()
 	var cfg *config.File
 	if opts.ConfigPath != "" {
 		var err error
@@ -243,6 +233,22 @@ func (d *Daemon) watchBackends(ctx context.Context) (<-chan Key, error) {
 	}
 	d.watchReleaseDomain(ctx)
 	return events, nil
+}
+
+// emptyDaemon is a Daemon with its tables made and nothing started; the
+// test rigs build theirs from it too.
+func emptyDaemon(opts Options, log *slog.Logger) *Daemon {
+	return &Daemon{
+		opts:      opts,
+		log:       log,
+		root:      "/local/domain/0/backend",
+		q:         newQueue(),
+		devices:   map[Key]*device{},
+		desired:   map[Key]config.Disk{},
+		views:     map[Key]deviceView{},
+		requests:  map[Key][]*opRequest{},
+		conflicts: map[Key]string{},
+	}
 }
 
 // reconcilers is how many devices are reconciled at once.
