@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"encoding/binary"
+	"fmt"
 	"testing"
 
 	"github.com/blktap-go/blktap/internal/nbdwire"
@@ -70,14 +71,8 @@ func TestOptionHaggling(t *testing.T) {
 			t.Fatalf("long option: %#x %v", typ, err)
 		}
 		tc.sendOpt(nbdwire.OptGo, nameData("disk"))
-		for {
-			_, typ, _, err := tc.optReply()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if typ == nbdwire.RepAck {
-				break
-			}
+		if err := tc.untilAck(nil); err != nil {
+			t.Fatal(err)
 		}
 		tc.structured = true
 		mustOK(t)(tc.do(Request{Type: nbdwire.CmdFlush, Cookie: 5}, nil))
@@ -138,18 +133,15 @@ func TestOptionHaggling(t *testing.T) {
 		d = binary.BigEndian.AppendUint32(d, 0)
 		tc.sendOpt(nbdwire.OptListMetaContext, d)
 		var got []string
-		for {
-			_, typ, data, err := tc.optReply()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if typ == nbdwire.RepAck {
-				break
-			}
+		err := tc.untilAck(func(typ uint32, data []byte) error {
 			if typ != nbdwire.RepMetaContext || binary.BigEndian.Uint32(data) != 0 {
-				t.Fatalf("reply %#x % x", typ, data)
+				return fmt.Errorf("reply %#x % x", typ, data)
 			}
 			got = append(got, string(data[4:]))
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
 		}
 		if len(got) != 2 || got[0] != nameBaseAllocation || got[1] != nameAllocDepth {
 			t.Fatalf("contexts %q", got)
