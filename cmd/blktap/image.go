@@ -216,12 +216,19 @@ func imageCreate(fs *pflag.FlagSet) func(pos []string) error {
 
 // openProbed opens an image, probing its format when none is given, with
 // backing files confined to the image's own directory tree.
+// formatOrProbe is the format the user named, or else the one the file's
+// contents say.
+func formatOrProbe(format, path string) (string, error) {
+	if format != "" {
+		return format, nil
+	}
+	return formats.Probe(path)
+}
+
 func openProbed(path, format string, readOnly bool) (formats.Image, error) {
-	var err error
-	if format == "" {
-		if format, err = formats.Probe(path); err != nil {
-			return nil, err
-		}
+	format, err := formatOrProbe(format, path)
+	if err != nil {
+		return nil, err
 	}
 	if format, err = formats.Normalize(format); err != nil {
 		return nil, err
@@ -364,11 +371,9 @@ func imageCheck(fs *pflag.FlagSet) func(pos []string) error {
 		default:
 			return usagef("-r %q: want leaks or all", *repairFlag)
 		}
-		format := *fmtName
-		if format == "" {
-			if format, err = formats.Probe(pos[0]); err != nil {
-				return err
-			}
+		format, err := formatOrProbe(*fmtName, pos[0])
+		if err != nil {
+			return err
 		}
 		res, err := formats.Check(format, pos[0], repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
 		if err != nil {
@@ -408,11 +413,9 @@ func imageMap(fs *pflag.FlagSet) func(pos []string) error {
 		if err != nil {
 			return err
 		}
-		format := *fmtName
-		if format == "" {
-			if format, err = formats.Probe(pos[0]); err != nil {
-				return err
-			}
+		format, err := formatOrProbe(*fmtName, pos[0])
+		if err != nil {
+			return err
 		}
 		img, err := openProbed(pos[0], format, true)
 		if err != nil {
