@@ -339,4 +339,3 @@ func (c *copier) copyChunk(b []byte, off int64) error {
 
 // mapAll returns the extents of the whole image (see backing.MapAll).
 func mapAll(img Image) ([]Extent, error) { return backing.MapAll(img) }
-
