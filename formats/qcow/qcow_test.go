@@ -92,21 +92,9 @@ func checkWhole(t *testing.T, img *Image, model []byte) {
 	if _, err := img.ReadAt(got, 0); err != nil {
 		t.Fatal(err)
 	}
-	if i := firstDiff(got, model); i >= 0 {
+	if i := imagetest.FirstDiff(got, model); i >= 0 {
 		t.Fatalf("image differs from the model at %d", i)
 	}
-}
-
-func firstDiff(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	if len(a) != len(b) {
-		return min(len(a), len(b))
-	}
-	return -1
 }
 
 // checkMap: the extents tile the range, holes read as zeros, and data at

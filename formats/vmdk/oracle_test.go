@@ -69,18 +69,6 @@ func readAll(t *testing.T, img image.Image) []byte {
 	return b
 }
 
-func diffAt(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	if len(a) != len(b) {
-		return min(len(a), len(b))
-	}
-	return -1
-}
-
 // patternRaw writes a raw file of size bytes: random runs, a zero run
 // inside allocated space, holes.
 func patternRaw(t *testing.T, path string, size int64, seed uint64) []byte {
@@ -126,7 +114,7 @@ func TestReadQemuSubformats(t *testing.T) {
 			}
 			defer img.Close()
 			if got := readAll(t, img); !bytes.Equal(got, want) {
-				t.Fatalf("differs from the source at byte %d", diffAt(got, want))
+				t.Fatalf("differs from the source at byte %d", imagetest.FirstDiff(got, want))
 			}
 			if ci := img.Info(); ci.CreateType != tc.name && !strings.HasPrefix(tc.opts, "zeroed") && !strings.HasPrefix(tc.opts, "adapter") {
 				t.Errorf("create type %q", ci.CreateType)
@@ -142,7 +130,7 @@ func checkMapCovers(t *testing.T, img image.Image, want []byte) {
 	t.Helper()
 	for _, x := range imagetest.MapAll(t, img) {
 		if x.Kind != image.Data {
-			if i := diffAt(want[x.Offset:x.Offset+x.Length], make([]byte, x.Length)); i >= 0 {
+			if i := imagetest.FirstDiff(want[x.Offset:x.Offset+x.Length], make([]byte, x.Length)); i >= 0 {
 				t.Fatalf("%v extent %+v holds data at +%d", x.Kind, x, i)
 			}
 		}
@@ -224,7 +212,7 @@ func TestReadQemuChain(t *testing.T) {
 		t.Fatalf("backing %q %q", name, f)
 	}
 	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("differs at %d", diffAt(got, want))
+		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
 	}
 	ext, err := img.Map(0, img.Size())
 	if err != nil {
@@ -258,7 +246,7 @@ func TestReadQemuZeroWrites(t *testing.T) {
 	}
 	defer img.Close()
 	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("differs at %d", diffAt(got, want))
+		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
 	}
 	ext, _ := img.Map(0, img.Size())
 	var zero int64

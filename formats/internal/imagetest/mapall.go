@@ -33,3 +33,17 @@ func Tiles(t testing.TB, ext []image.Extent, size int64) {
 		t.Fatalf("map covers %d of %d", pos, size)
 	}
 }
+
+// FirstDiff is the first offset where a and b differ, counting a length
+// difference as one at the shorter's end, or -1 when they are equal.
+func FirstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	return -1
+}
