@@ -13,6 +13,22 @@ import (
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
+// emptyImage is a new 1 TiB image with nothing allocated, so every write
+// allocates; it is closed when the benchmark ends.
+func emptyImage(b *testing.B) *Image {
+	b.Helper()
+	path := filepath.Join(b.TempDir(), "empty.qcow")
+	if err := Create(path, CreateOptions{Size: 1 << 40}); err != nil {
+		b.Fatal(err)
+	}
+	img, err := Open(path, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { img.Close() })
+	return img
+}
+
 // benchImage makes a 64 MiB image on disk with every cluster allocated.
 func benchImage(b *testing.B, opts CreateOptions) *Image {
 	b.Helper()
@@ -71,15 +87,7 @@ func BenchmarkWriteAt4KInPlace(b *testing.B) {
 
 // BenchmarkWriteAt64KAllocating pays one fdatasync per allocating write.
 func BenchmarkWriteAt64KAllocating(b *testing.B) {
-	path := filepath.Join(b.TempDir(), "alloc.qcow")
-	if err := Create(path, CreateOptions{Size: 1 << 40}); err != nil {
-		b.Fatal(err)
-	}
-	img, err := Open(path, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer img.Close()
+	img := emptyImage(b)
 	buf := make([]byte, 64<<10)
 	b.SetBytes(int64(len(buf)))
 	off := int64(0)
@@ -95,15 +103,7 @@ func BenchmarkWriteAt64KAllocating(b *testing.B) {
 // BenchmarkWriteAt4KAllocatingParallel: concurrent writers to fresh
 // clusters share fdatasync barriers (group commit).
 func BenchmarkWriteAt4KAllocatingParallel(b *testing.B) {
-	path := filepath.Join(b.TempDir(), "allocp.qcow")
-	if err := Create(path, CreateOptions{Size: 1 << 40}); err != nil {
-		b.Fatal(err)
-	}
-	img, err := Open(path, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer img.Close()
+	img := emptyImage(b)
 	var next atomic.Int64
 	b.SetBytes(4096)
 	b.SetParallelism(16)
