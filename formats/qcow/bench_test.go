@@ -13,12 +13,12 @@ import (
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
-// emptyImage is a new 1 TiB image with nothing allocated, so every write
+// emptyImage is a new image with nothing allocated, so every write to it
 // allocates; it is closed when the benchmark ends.
-func emptyImage(b *testing.B) *Image {
+func emptyImage(b *testing.B, opts CreateOptions) *Image {
 	b.Helper()
-	path := filepath.Join(b.TempDir(), "empty.qcow")
-	if err := Create(path, CreateOptions{Size: 1 << 40}); err != nil {
+	path := filepath.Join(b.TempDir(), "bench.qcow")
+	if err := Create(path, opts); err != nil {
 		b.Fatal(err)
 	}
 	img, err := Open(path, Options{})
@@ -32,14 +32,7 @@ func emptyImage(b *testing.B) *Image {
 // benchImage makes a 64 MiB image on disk with every cluster allocated.
 func benchImage(b *testing.B, opts CreateOptions) *Image {
 	b.Helper()
-	path := filepath.Join(b.TempDir(), "bench.qcow")
-	if err := Create(path, opts); err != nil {
-		b.Fatal(err)
-	}
-	img, err := Open(path, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
+	img := emptyImage(b, opts)
 	buf := make([]byte, 4<<20)
 	for off := int64(0); off < img.Size(); off += int64(len(buf)) {
 		buf[0] = 1 // not zero, so it is a real cluster
@@ -47,7 +40,6 @@ func benchImage(b *testing.B, opts CreateOptions) *Image {
 			b.Fatal(err)
 		}
 	}
-	b.Cleanup(func() { img.Close() })
 	return img
 }
 
@@ -87,7 +79,7 @@ func BenchmarkWriteAt4KInPlace(b *testing.B) {
 
 // BenchmarkWriteAt64KAllocating pays one fdatasync per allocating write.
 func BenchmarkWriteAt64KAllocating(b *testing.B) {
-	img := emptyImage(b)
+	img := emptyImage(b, CreateOptions{Size: 1 << 40})
 	buf := make([]byte, 64<<10)
 	b.SetBytes(int64(len(buf)))
 	off := int64(0)
@@ -103,7 +95,7 @@ func BenchmarkWriteAt64KAllocating(b *testing.B) {
 // BenchmarkWriteAt4KAllocatingParallel: concurrent writers to fresh
 // clusters share fdatasync barriers (group commit).
 func BenchmarkWriteAt4KAllocatingParallel(b *testing.B) {
-	img := emptyImage(b)
+	img := emptyImage(b, CreateOptions{Size: 1 << 40})
 	var next atomic.Int64
 	b.SetBytes(4096)
 	b.SetParallelism(16)
