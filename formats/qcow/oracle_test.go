@@ -21,11 +21,7 @@ import (
 
 func run(t *testing.T, prog string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(prog, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return oracle.Run(t, prog, args...)
 }
 
 // testOpener opens backing files the way a caller must: relative names

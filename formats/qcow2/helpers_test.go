@@ -108,12 +108,7 @@ func openerFor(path string) image.OpenFunc {
 // run runs an oracle program and fails the test on error.
 func run(t testing.TB, prog string, args ...string) string {
 	t.Helper()
-	p := oracle.Require(t, prog)
-	out, err := exec.Command(p, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return oracle.Run(t, prog, args...)
 }
 
 // qemuCheck runs qemu-img check and returns its exit code and output.

@@ -18,12 +18,7 @@ import (
 
 func run(t *testing.T, prog string, args ...string) string {
 	t.Helper()
-	p := oracle.Require(t, prog)
-	out, err := exec.Command(p, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return oracle.Run(t, prog, args...)
 }
 
 // opener opens parents relative to dir, read-only, the way the lead's
