@@ -99,6 +99,18 @@ func (tc *testClient) simpleOpt(opt uint32) (uint32, error) {
 	return typ, err
 }
 
+// infoData is the data of NBD_OPT_INFO and NBD_OPT_GO: the export name and
+// the information requests.
+func infoData(name string, infos ...uint16) []byte {
+	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	d = append(d, name...)
+	d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
+	for _, i := range infos {
+		d = binary.BigEndian.AppendUint16(d, i)
+	}
+	return d
+}
+
 // untilAck reads option replies up to the ACK that ends them, handing
 // each other reply to each (nil: ignore them); each's error stops it.
 func (tc *testClient) untilAck(each func(typ uint32, data []byte) error) error {
@@ -156,10 +168,7 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 			return err
 		}
 	}
-	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	d = append(d, name...)
-	d = binary.BigEndian.AppendUint16(d, 0)
-	if err := tc.sendOpt(nbdwire.OptGo, d); err != nil {
+	if err := tc.sendOpt(nbdwire.OptGo, infoData(name)); err != nil {
 		return err
 	}
 	for {

@@ -12,15 +12,6 @@ import (
 func TestOptionHaggling(t *testing.T) {
 	be := newMem(1 << 20)
 	_, sock, _ := startServer(t, Export{Name: "disk", Description: "d", Backend: be})
-	nameData := func(name string, infos ...uint16) []byte {
-		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		d = append(d, name...)
-		d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
-		for _, i := range infos {
-			d = binary.BigEndian.AppendUint16(d, i)
-		}
-		return d
-	}
 	t.Run("errors then GO", func(t *testing.T) {
 		tc := dial(t, sock)
 		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle); err != nil {
@@ -35,12 +26,12 @@ func TestOptionHaggling(t *testing.T) {
 			{nbdwire.OptStartTLS, nil, nbdwire.RepErrPolicy},
 			{nbdwire.OptList, []byte("x"), nbdwire.RepErrInvalid},
 			{nbdwire.OptStructuredReply, []byte("x"), nbdwire.RepErrInvalid},
-			{nbdwire.OptInfo, nameData("nosuch"), nbdwire.RepErrUnknown},
-			{nbdwire.OptGo, nameData("nosuch"), nbdwire.RepErrUnknown},
+			{nbdwire.OptInfo, infoData("nosuch"), nbdwire.RepErrUnknown},
+			{nbdwire.OptGo, infoData("nosuch"), nbdwire.RepErrUnknown},
 			{nbdwire.OptGo, []byte{0, 0, 0, 9, 'a'}, nbdwire.RepErrInvalid},
-			{nbdwire.OptInfo, append(nameData("disk"), 0), nbdwire.RepErrInvalid},
+			{nbdwire.OptInfo, append(infoData("disk"), 0), nbdwire.RepErrInvalid},
 			{nbdwire.OptSetMetaContext, nil, nbdwire.RepErrInvalid}, // before STRUCTURED_REPLY
-			{nbdwire.OptInfo, nameData("disk", nbdwire.InfoName, nbdwire.InfoDescription), nbdwire.RepAck},
+			{nbdwire.OptInfo, infoData("disk", nbdwire.InfoName, nbdwire.InfoDescription), nbdwire.RepAck},
 			{nbdwire.OptStructuredReply, nil, nbdwire.RepAck},
 			{nbdwire.OptStructuredReply, nil, nbdwire.RepErrInvalid}, // twice
 		}
@@ -70,7 +61,7 @@ func TestOptionHaggling(t *testing.T) {
 		if _, typ, _, err := tc.optReply(); err != nil || typ != nbdwire.RepErrTooBig {
 			t.Fatalf("long option: %#x %v", typ, err)
 		}
-		tc.sendOpt(nbdwire.OptGo, nameData("disk"))
+		tc.sendOpt(nbdwire.OptGo, infoData("disk"))
 		if err := tc.untilAck(nil); err != nil {
 			t.Fatal(err)
 		}

@@ -96,8 +96,7 @@ func TestTLSForcedHaggling(t *testing.T) {
 		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 			t.Fatal(err)
 		}
-		goData := binary.BigEndian.AppendUint32(nil, 4)
-		goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
+		goData := infoData("disk")
 		for _, st := range []struct {
 			opt  uint32
 			data []byte
@@ -378,9 +377,7 @@ func BenchmarkTCPRead4k(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			goData := binary.BigEndian.AppendUint32(nil, 4)
-			goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
-			tc.sendOpt(nbdwire.OptGo, goData)
+			tc.sendOpt(nbdwire.OptGo, infoData("disk"))
 			if err := tc.untilAck(nil); err != nil {
 				b.Fatal(err)
 			}
