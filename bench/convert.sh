@@ -34,11 +34,9 @@ ROUNDS=${ROUNDS:-3}
 CASES=${CASES:-raw-qcow2 qcow2-raw qcow2-zlib}
 RESULTS=${RESULTS:-$HERE/results/convert-$(date -u +%Y%m%dT%H%M%SZ)}
 
-log() { printf '%s convert: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() {
-	log "FATAL: $*"
-	exit 1
-}
+BENCH=convert
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -ge 1 ]] || die "ROUNDS must be a positive integer"
 case $SIZE in
 *M) mib=${SIZE%M} ;;
@@ -57,11 +55,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 mkdir -p "$RESULTS"
 
-BLKTAP=${BLKTAP:-$REPO/bin/blktap}
-if [[ ! -x $BLKTAP ]]; then
-	(cd "$REPO" && go build -o "$W/blktap" ./cmd/blktap) || die "go build ./cmd/blktap failed"
-	BLKTAP=$W/blktap
-fi
+build_blktap "$W"
 
 # makeSource writes $W/src.raw: random | compressible | zeros | hole.
 makeSource() {

@@ -48,11 +48,9 @@ FIO_ARGS=${FIO_ARGS:---rw=randrw --rwmixread=50 --bs=4k --iodepth=16}
 RESULTS=${RESULTS:-$HERE/results/ctlplane-$(date -u +%Y%m%dT%H%M%SZ)}
 KEEP=${KEEP:-0}
 
-log() { printf '%s ctlplane: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() {
-	log "FATAL: $*"
-	exit 1
-}
+BENCH=ctlplane
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 [[ $DISKS =~ ^[0-9]+$ && $DISKS -ge 1 ]] || die "DISKS must be a positive integer"
 [[ $REPS =~ ^[0-9]+$ && $REPS -ge 1 ]] || die "REPS must be a positive integer"
 LETTERS=bcdefghijklmnopqrstuvwxy # xvdz is the attached one
@@ -69,12 +67,7 @@ cleanup() {
 	local rc=$? p
 	set +e
 	for p in "${FIOS[@]}"; do kill -TERM "$p" 2>/dev/null; done
-	if [[ -n $DAEMON ]]; then
-		# shutdown flushes and stops every worker; the daemon's SIGTERM
-		# would leave them running for adoption.
-		"$BLKTAP" shutdown --state-dir "$W/st" --timeout 30s >/dev/null 2>&1 || kill -KILL "$DAEMON" 2>/dev/null
-		wait "$DAEMON" 2>/dev/null
-	fi
+	shutdown_daemon "$W/st"
 	wait 2>/dev/null
 	if [[ $KEEP == 1 ]]; then log "kept work dir $W"; else rm -rf "$W"; fi
 	exit "$rc"
@@ -83,11 +76,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-BLKTAP=${BLKTAP:-$REPO/bin/blktap}
-if [[ ! -x $BLKTAP ]]; then
-	(cd "$REPO" && nice -n 19 go build -o "$W/blktap" ./cmd/blktap) || die "go build ./cmd/blktap failed"
-	BLKTAP=$W/blktap
-fi
+build_blktap "$W"
 mkdir -p "$RESULTS" "$W/st" "$W/img"
 RESULTS=$(cd "$RESULTS" && pwd)
 

@@ -69,11 +69,9 @@ WAKE_SECONDS=${WAKE_SECONDS:-60}
 RESULTS=${RESULTS:-$HERE/results/memory-$(date -u +%Y%m%dT%H%M%SZ)}
 KEEP=${KEEP:-0}
 
-log() { printf '%s memory: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() {
-	log "FATAL: $*"
-	exit 1
-}
+BENCH=memory
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 for v in SIZE_MB LOAD_SECONDS AFTER_IDLE SETTLE WAKE_SECONDS; do
 	[[ ${!v} =~ ^[0-9]+$ ]] || die "$v must be a non-negative integer, got '${!v}'"

@@ -26,6 +26,9 @@ SIZE_MB=${SIZE_MB:-256}
 BLKTAP=${BLKTAP:-$REPO/bin/blktap}
 OUT=${OUT:-$HERE/results/profile-$SERVER-$JOB-$(date -u +%Y%m%dT%H%M%SZ)}
 
+BENCH=profile
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 die() {
 	echo "profile: $*" >&2
 	exit 1
@@ -33,30 +36,15 @@ die() {
 for t in perf fio jq nbdinfo; do command -v "$t" >/dev/null || die "$t not found"; done
 [[ $SECS =~ ^[0-9]+$ && $SECS -gt 0 ]] || die "SECONDS must be a positive integer"
 
-case $JOB in
-randread-4k-qd1) JA=(--rw=randread --bs=4k --iodepth=1) ;;
-randread-4k-qd32) JA=(--rw=randread --bs=4k --iodepth=32) ;;
-randwrite-4k-qd1) JA=(--rw=randwrite --bs=4k --iodepth=1) ;;
-randwrite-4k-qd32) JA=(--rw=randwrite --bs=4k --iodepth=32) ;;
-read-1m-qd8) JA=(--rw=read --bs=1M --iodepth=8) ;;
-write-1m-qd8) JA=(--rw=write --bs=1M --iodepth=8) ;;
-randrw70-4k-qd32x4) JA=(--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 --numjobs=4) ;;
-*) die "unknown job $JOB" ;;
-esac
+JA_WORDS=$(job_args "$JOB")
+read -ra JA <<<"$JA_WORDS"
 
 STARTED=()
 W=""
 cleanup() {
 	local rc=$? p
 	set +e
-	for p in "${STARTED[@]}"; do kill -TERM "$p" 2>/dev/null; done
-	for _ in $(seq 100); do
-		local alive=0
-		for p in "${STARTED[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-		((alive)) || break
-		sleep 0.1
-	done
-	for p in "${STARTED[@]}"; do kill -KILL "$p" 2>/dev/null; done
+	stop_pids "${STARTED[@]}"
 	wait 2>/dev/null
 	[[ -n $W ]] && rm -rf "$W"
 	exit "$rc"

@@ -20,6 +20,9 @@ SIZE=${SIZE:-256M}
 RUNTIME=${RUNTIME:-5}
 ROUNDS=${ROUNDS:-1}
 JOBS=${JOBS:-"randread-4k-qd32 randwrite-4k-qd32 read-1m-qd8 write-1m-qd8"}
+BENCH=rbd
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 die() { echo "bench/rbd.sh: $*" >&2; exit 1; }
 for tool in fio jq qemu-nbd rbd ceph-mon ceph-osd; do
 	command -v $tool >/dev/null || die "$tool is missing (make oracles)"
@@ -77,15 +80,6 @@ pids+=($!)
 for _ in $(seq 100); do [[ -S $work/qemu.sock ]] && break; sleep 0.1; done
 declare -A uris=([ours]=$uri [qemu-nbd]="nbd+unix:///?socket=$work/qemu.sock")
 
-args() {
-	case $1 in
-	randread-4k-qd32) echo "--rw=randread --bs=4k --iodepth=32" ;;
-	randwrite-4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
-	read-1m-qd8) echo "--rw=read --bs=1M --iodepth=8" ;;
-	write-1m-qd8) echo "--rw=write --bs=1M --iodepth=8" ;;
-	*) die "unknown job $1" ;;
-	esac
-}
 ceiling() { # rbd bench on the third copy: the cluster without NBD
 	local type=read pattern=rand size=4K threads=32
 	case $1 in
@@ -102,7 +96,7 @@ for _ in $(seq "$ROUNDS"); do
 		declare -A iops=()
 		for s in ours qemu-nbd; do
 			# shellcheck disable=SC2046
-			fio --name=$job --ioengine=nbd --uri="${uris[$s]}" $(args "$job") --time_based \
+			fio --name=$job --ioengine=nbd --uri="${uris[$s]}" $(job_args "$job") --time_based \
 				--runtime="$RUNTIME" --output-format=json --output="$work/$s-$job.json" >/dev/null
 			iops[$s]=$(jq '.jobs[0] | (.read.iops + .write.iops) | floor' "$work/$s-$job.json")
 		done

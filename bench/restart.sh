@@ -28,11 +28,9 @@ ROUNDS=${ROUNDS:-6}
 GAP=${GAP:-10}
 RESULTS=${RESULTS:-$HERE/results/restart-$(date -u +%Y%m%dT%H%M%SZ)}
 
-log() { printf '%s restart: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() {
-	log "FATAL: $*"
-	exit 1
-}
+BENCH=restart
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 for v in DISKS ROUNDS GAP; do
 	[[ ${!v} =~ ^[0-9]+$ && ${!v} -ge 1 ]] || die "$v must be a positive integer"
 done
@@ -43,10 +41,7 @@ DAEMON=""
 cleanup() {
 	local rc=$?
 	set +e
-	if [[ -n $DAEMON ]]; then
-		"$BLKTAP" shutdown --state-dir "$W/st" --timeout 30s >/dev/null 2>&1 || kill -KILL "$DAEMON" 2>/dev/null
-		wait "$DAEMON" 2>/dev/null
-	fi
+	shutdown_daemon "$W/st"
 	rm -rf "$W"
 	exit "$rc"
 }
@@ -54,11 +49,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-BLKTAP=${BLKTAP:-$REPO/bin/blktap}
-if [[ ! -x $BLKTAP ]]; then
-	(cd "$REPO" && nice -n 19 go build -o "$W/blktap" ./cmd/blktap) || die "go build ./cmd/blktap failed"
-	BLKTAP=$W/blktap
-fi
+build_blktap "$W"
 mkdir -p "$RESULTS" "$W/st"
 {
 	echo "disks:"

@@ -75,11 +75,9 @@ RESULTS=${RESULTS:-$HERE/results/$(date -u +%Y%m%dT%H%M%SZ)}
 KEEP=${KEEP:-0}
 CLK_TCK=$(getconf CLK_TCK)
 
-log() { printf '%s bench: %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
-die() {
-	log "FATAL: $*"
-	exit 1
-}
+BENCH=bench
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 
 [[ $RUNTIME =~ ^[0-9]+$ && $RUNTIME -gt 0 ]] || die "RUNTIME must be a positive integer (seconds), got '$RUNTIME'"
 [[ $ROUNDS =~ ^[0-9]+$ && $ROUNDS -gt 0 ]] || die "ROUNDS must be a positive integer, got '$ROUNDS'"
@@ -105,16 +103,7 @@ cleanup() {
 	local rc=$?
 	set +e
 	local p
-	# Polite first (our daemon flushes and closes its disks on SIGTERM),
-	# then forceful for whatever is still there after 10 s.
-	for p in "${STARTED[@]}"; do kill -TERM "$p" 2>/dev/null; done
-	for _ in $(seq 100); do
-		local alive=0
-		for p in "${STARTED[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-		((alive)) || break
-		sleep 0.1
-	done
-	for p in "${STARTED[@]}"; do kill -KILL "$p" 2>/dev/null; done
+	stop_pids "${STARTED[@]}"
 	wait 2>/dev/null
 	# A worker still running after its daemon is gone (a daemon that
 	# leaves workers for adoption, or one killed above) goes too, if the
@@ -149,12 +138,7 @@ mkdir -p "$RESULTS/fio"
 RESULTS=$(cd "$RESULTS" && pwd)
 log "work dir $W, results $RESULTS, size $SIZE, ${RUNTIME}s per run"
 
-BLKTAP=${BLKTAP:-$REPO/bin/blktap}
-if [[ ! -x $BLKTAP ]]; then
-	log "building $BLKTAP is missing: go build into the work dir"
-	(cd "$REPO" && go build -o "$W/blktap" ./cmd/blktap) || die "go build ./cmd/blktap failed"
-	BLKTAP=$W/blktap
-fi
+build_blktap "$W"
 
 want_server() { [[ " $SERVERS " == *" $1 "* ]]; }
 
@@ -407,17 +391,7 @@ for fmt in $FORMATS; do
 done
 
 # ---------------------------------------------------------------- jobs
-job_args() {
-	case $1 in
-	randread-4k-qd1) echo "--rw=randread --bs=4k --iodepth=1" ;;
-	randread-4k-qd32) echo "--rw=randread --bs=4k --iodepth=32" ;;
-	randwrite-4k-qd1) echo "--rw=randwrite --bs=4k --iodepth=1" ;;
-	randwrite-4k-qd32) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
-	read-1m-qd8) echo "--rw=read --bs=1M --iodepth=8" ;;
-	write-1m-qd8) echo "--rw=write --bs=1M --iodepth=8" ;;
-	randrw70-4k-qd32x4) echo "--rw=randrw --rwmixread=70 --bs=4k --iodepth=32 --numjobs=4" ;;
-	esac
-}
+# job_args (bench/lib.sh) names each job's fio arguments.
 
 printf 'round\tjob\tformat\tserver\tstatus\tcpu_ticks\tclk_tck\tpids\tjson\n' >"$RESULTS/runs.tsv"
 FIO_ERRORS=0

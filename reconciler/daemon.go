@@ -188,18 +188,8 @@ func newDaemon(opts Options) (*Daemon, *config.File, error) {
 	if err := os.MkdirAll(opts.StateDir, 0o700); err != nil {
 		return nil, nil, fmt.Errorf("state directory: %w", err)
 	}
-	d := &Daemon{
-		opts:      opts,
-		log:       opts.Logger,
-		root:      "/local/domain/0/backend",
-		q:         newQueue(),
-		devices:   map[Key]*device{},
-		desired:   map[Key]config.Disk{},
-		views:     map[Key]deviceView{},
-		requests:  map[Key][]*opRequest{},
-		conflicts: map[Key]string{},
-		shutdown:  newShutdownState(),
-	}
+	d := emptyDaemon(opts, opts.Logger)
+	d.shutdown = newShutdownState()
 	var cfg *config.File
 	if opts.ConfigPath != "" {
 		var err error
@@ -248,6 +238,22 @@ func (d *Daemon) watchBackends(ctx context.Context) (<-chan Key, error) {
 	return events, nil
 }
 
+// emptyDaemon is a Daemon with its tables made and nothing started; the
+// test rigs build theirs from it too.
+func emptyDaemon(opts Options, log *slog.Logger) *Daemon {
+	return &Daemon{
+		opts:      opts,
+		log:       log,
+		root:      "/local/domain/0/backend",
+		q:         newQueue(),
+		devices:   map[Key]*device{},
+		desired:   map[Key]config.Disk{},
+		views:     map[Key]deviceView{},
+		requests:  map[Key][]*opRequest{},
+		conflicts: map[Key]string{},
+	}
+}
+
 // reconcilers is how many devices are reconciled at once.
 const reconcilers = 4
 
@@ -257,17 +263,23 @@ func (d *Daemon) startReconcilers(ctx context.Context) *sync.WaitGroup {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for {
-				k, ok := d.q.Get()
-				if !ok {
-					return
-				}
-				d.reconcile(ctx, k)
-				d.q.Done(k)
-			}
+			d.reconcileQueued(ctx)
 		}()
 	}
 	return &wg
+}
+
+// reconcileQueued reconciles the devices the queue hands out, one at a
+// time, until the queue is shut down.
+func (d *Daemon) reconcileQueued(ctx context.Context) {
+	for {
+		k, ok := d.q.Get()
+		if !ok {
+			return
+		}
+		d.reconcile(ctx, k)
+		d.q.Done(k)
+	}
 }
 
 // serveEndpoints starts the API and, if asked for, the metrics.

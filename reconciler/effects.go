@@ -71,7 +71,7 @@ func (d *Daemon) serveExport(ctx context.Context, dev *device, s snapshot, log *
 		}
 		dev.export, dev.exportURI = ln, uri
 	}
-	f, err := listenerFile(dev.export)
+	f, err := worker.ListenerFile(dev.export)
 	if err != nil {
 		return err
 	}

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"time"
@@ -102,16 +101,6 @@ func exportSocket(ln net.Listener) string {
 		return ul.Addr().String()
 	}
 	return ""
-}
-
-func listenerFile(ln net.Listener) (*os.File, error) {
-	switch l := ln.(type) {
-	case *net.UnixListener:
-		return l.File()
-	case *net.TCPListener:
-		return l.File()
-	}
-	return nil, fmt.Errorf("listener %T cannot be handed over", ln)
 }
 
 // The guest view's reader starts reads and writes on the ring and the

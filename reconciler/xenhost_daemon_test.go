@@ -11,33 +11,17 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
 
 func bareDaemon(t *testing.T) (*Daemon, *xenstore.Server, string) {
 	t.Helper()
-	dir, err := os.MkdirTemp("", "bt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	srv := xenstore.NewServer(slog.New(slog.DiscardHandler))
-	ln, err := net.Listen("unix", filepath.Join(dir, "xs.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	go srv.Serve(ln)
-	xs, err := xenstore.Dial(context.Background(), filepath.Join(dir, "xs.sock"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	dir, srv, xs := startXenstore(t)
 	t.Cleanup(func() { xs.Close(); srv.Close() })
-	log := slog.New(slog.DiscardHandler)
-	return &Daemon{opts: Options{StateDir: dir}, log: log, xs: xs, q: newQueue(), root: "/local/domain/0/backend",
-		devices: map[Key]*device{}, desired: map[Key]config.Disk{}, views: map[Key]deviceView{},
-		requests: map[Key][]*opRequest{}, conflicts: map[Key]string{}}, srv, dir
+	d := emptyDaemon(Options{StateDir: dir}, slog.New(slog.DiscardHandler))
+	d.xs = xs
+	return d, srv, dir
 }
 
 // XEN-HOST 5.6: @releaseDomain names no domain; every device of a domain

@@ -13,7 +13,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
 )
@@ -39,9 +38,11 @@ type harness struct {
 	dir string
 }
 
-func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harness {
+// startXenstore serves a fresh xenstore on a socket in a new directory
+// (short: a unix socket path is at most 108 bytes) and dials it. The
+// directory goes when the test ends; closing srv and xs is the caller's.
+func startXenstore(t *testing.T) (string, *xenstore.Server, *xenstore.Client) {
 	t.Helper()
-	// Short: a unix socket path is at most 108 bytes.
 	dir, err := os.MkdirTemp("", "bt")
 	if err != nil {
 		t.Fatal(err)
@@ -53,11 +54,18 @@ func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harne
 		t.Fatal(err)
 	}
 	go srv.Serve(ln)
-	ctx, cancel := context.WithCancel(context.Background())
-	xs, err := xenstore.Dial(ctx, filepath.Join(dir, "xs.sock"))
+	xs, err := xenstore.Dial(context.Background(), filepath.Join(dir, "xs.sock"))
 	if err != nil {
+		srv.Close()
 		t.Fatal(err)
 	}
+	return dir, srv, xs
+}
+
+func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harness {
+	t.Helper()
+	dir, srv, xs := startXenstore(t)
+	ctx, cancel := context.WithCancel(context.Background())
 	for _, kv := range [][2]string{{"/local/domain/0/domid", "0"}, {"/local/domain/0/backend", ""}} {
 		if err := xs.Write(ctx, kv[0], kv[1]); err != nil {
 			t.Fatal(err)
@@ -67,20 +75,10 @@ func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harne
 	if testing.Verbose() {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	d := &Daemon{
-		opts:          Options{StateDir: dir, Exe: os.Args[0], WorkerStderr: io.Discard, Logger: log},
-		log:           log,
-		xs:            xs,
-		xsPath:        filepath.Join(dir, "xs.sock"),
-		localFrontend: localFrontend,
-		root:          "/local/domain/0/backend",
-		q:             newQueue(),
-		devices:       map[Key]*device{},
-		desired:       map[Key]config.Disk{},
-		views:         map[Key]deviceView{},
-		requests:      map[Key][]*opRequest{},
-		conflicts:     map[Key]string{},
-	}
+	d := emptyDaemon(Options{StateDir: dir, Exe: os.Args[0], WorkerStderr: io.Discard, Logger: log}, log)
+	d.xs = xs
+	d.xsPath = filepath.Join(dir, "xs.sock")
+	d.localFrontend = localFrontend
 	for _, o := range opts {
 		o(&d.opts)
 	}
@@ -88,14 +86,7 @@ func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harne
 	wg.Add(2)
 	go func() {
 		defer wg.Done()
-		for {
-			k, ok := d.q.Get()
-			if !ok {
-				return
-			}
-			d.reconcile(ctx, k)
-			d.q.Done(k)
-		}
+		d.reconcileQueued(ctx)
 	}()
 	go func() {
 		defer wg.Done()

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/internal/parallel"
 )
 
 func testCtx(t testing.TB) context.Context {
@@ -29,6 +31,17 @@ func dial(t testing.TB, sock string, opts ...Option) *Client {
 	}
 	t.Cleanup(func() { c.Close() })
 	return c
+}
+
+// eachClient dials n clients to sock and runs fn on each at once, the
+// client's index with it; the test fails on any fn's error.
+func eachClient(t *testing.T, sock string, n int, fn func(i int, c *Client) error) {
+	t.Helper()
+	cs := make([]*Client, n)
+	for i := range cs {
+		cs[i] = dial(t, sock)
+	}
+	parallel.Run(t, n, func(i int) error { return fn(i, cs[i]) })
 }
 
 func TestClientBasics(t *testing.T) {
@@ -190,44 +203,32 @@ func TestTransactionCounter(t *testing.T) {
 	sock, _ := startServer(t)
 	ctx := testCtx(t)
 	const clients, incs = 4, 15
-	var wg sync.WaitGroup
 	var conflicts atomic.Int32
-	errc := make(chan error, clients)
-	for i := 0; i < clients; i++ {
-		c := dial(t, sock)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for j := 0; j < incs; j++ {
-				first := true
-				err := c.Transaction(ctx, func(tx *Tx) error {
-					if !first {
-						conflicts.Add(1)
-					}
-					first = false
-					v, err := tx.Read(ctx, "/counter")
-					if errors.Is(err, ErrNotFound) {
-						v, err = "0", nil
-					}
-					if err != nil {
-						return err
-					}
-					var n int
-					fmt.Sscan(v, &n)
-					return tx.Write(ctx, "/counter", fmt.Sprint(n+1))
-				})
-				if err != nil {
-					errc <- err
-					return
+	eachClient(t, sock, clients, func(_ int, c *Client) error {
+		for j := 0; j < incs; j++ {
+			first := true
+			err := c.Transaction(ctx, func(tx *Tx) error {
+				if !first {
+					conflicts.Add(1)
 				}
+				first = false
+				v, err := tx.Read(ctx, "/counter")
+				if errors.Is(err, ErrNotFound) {
+					v, err = "0", nil
+				}
+				if err != nil {
+					return err
+				}
+				var n int
+				fmt.Sscan(v, &n)
+				return tx.Write(ctx, "/counter", fmt.Sprint(n+1))
+			})
+			if err != nil {
+				return err
 			}
-		}()
-	}
-	wg.Wait()
-	close(errc)
-	for err := range errc {
-		t.Fatal(err)
-	}
+		}
+		return nil
+	})
 	c := dial(t, sock)
 	if v, err := c.Read(ctx, "/counter"); err != nil || v != fmt.Sprint(clients*incs) {
 		t.Fatalf("counter %q %v", v, err)

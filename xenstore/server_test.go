@@ -111,51 +111,38 @@ func TestStress(t *testing.T) {
 			}
 		}
 	}()
-	var wg sync.WaitGroup
-	errc := make(chan error, clients)
-	for i := 0; i < clients; i++ {
-		c := dial(t, sock)
-		wg.Add(1)
+	eachClient(t, sock, clients, func(i int, c *Client) error {
+		// Each client also watches its own subtree.
+		own, err := c.Watch(ctx, fmt.Sprintf("/stress/%d", i), "own")
+		if err != nil {
+			return err
+		}
+		defer own.Close()
 		go func() {
-			defer wg.Done()
-			// Each client also watches its own subtree.
-			own, err := c.Watch(ctx, fmt.Sprintf("/stress/%d", i), "own")
-			if err != nil {
-				errc <- err
-				return
-			}
-			defer own.Close()
-			go func() {
-				for range own.Events() {
-				}
-			}()
-			for j := 0; j < writes; j++ {
-				p := fmt.Sprintf("/stress/%d/%d", i, j)
-				if j%3 == 0 {
-					err = c.Transaction(ctx, func(tx *Tx) error {
-						if _, err := tx.Read(ctx, "/stress/shared"); err != nil && !errors.Is(err, ErrNotFound) {
-							return err
-						}
-						if err := tx.Write(ctx, "/stress/shared", p); err != nil {
-							return err
-						}
-						return tx.Write(ctx, p, "tx")
-					})
-				} else {
-					err = c.Write(ctx, p, "w")
-				}
-				if err != nil {
-					errc <- err
-					return
-				}
+			for range own.Events() {
 			}
 		}()
-	}
-	wg.Wait()
-	close(errc)
-	for err := range errc {
-		t.Fatal(err)
-	}
+		for j := 0; j < writes; j++ {
+			p := fmt.Sprintf("/stress/%d/%d", i, j)
+			if j%3 == 0 {
+				err = c.Transaction(ctx, func(tx *Tx) error {
+					if _, err := tx.Read(ctx, "/stress/shared"); err != nil && !errors.Is(err, ErrNotFound) {
+						return err
+					}
+					if err := tx.Write(ctx, "/stress/shared", p); err != nil {
+						return err
+					}
+					return tx.Write(ctx, p, "tx")
+				})
+			} else {
+				err = c.Write(ctx, p, "w")
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 	// Fence: the watcher's events arrive in order, so once this one is
 	// seen every earlier one has been delivered (or collapsed).
 	if err := watcher.Write(ctx, "/stress/fence", "x"); err != nil {

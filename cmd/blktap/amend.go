@@ -45,11 +45,9 @@ func imageAmend(fs *pflag.FlagSet) func(pos []string) error {
 		if err != nil {
 			return err
 		}
-		format := *fmtName
-		if format == "" {
-			if format, err = formats.Probe(pos[0]); err != nil {
-				return err
-			}
+		format, err := formatOrProbe(*fmtName, pos[0])
+		if err != nil {
+			return err
 		}
 		err = formats.Amend(format, pos[0], worker.BackingOpener(pos[0], []string{"/"}, 0), o)
 		if errors.Is(err, formats.ErrLocked) {

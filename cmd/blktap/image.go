@@ -122,6 +122,28 @@ func optsHelp(format, opt string) (bool, error) {
 	return true, nil
 }
 
+// outputFormat is the common start of create and convert: the output format,
+// then -o help (answered before the operands are checked, so that it works
+// alone, as in qemu-img), then the operands, then the -o pairs. done says
+// -o help was answered and there is nothing more to do.
+func outputFormat(fmtName, optStr string, operandsOK bool, want string) (string, map[string]string, bool, error) {
+	format, err := formats.Normalize(fmtName)
+	if err != nil {
+		return "", nil, false, usagef("%v", err)
+	}
+	if done, err := optsHelp(format, optStr); done {
+		return "", nil, true, err
+	}
+	if !operandsOK {
+		return "", nil, false, usagef("%s", want)
+	}
+	opts, err := parseOpts(optStr)
+	if err != nil {
+		return "", nil, false, err
+	}
+	return format, opts, false, nil
+}
+
 // parseOpts reads qemu-img style -o key=value,key=value.
 func parseOpts(s string) (map[string]string, error) {
 	m := map[string]string{}
@@ -147,18 +169,8 @@ func imageCreate(fs *pflag.FlagSet) func(pos []string) error {
 	bfmt := fs.StringP("backing-format", "F", "", "the backing file's format, `BFMT`")
 	optStr := fs.StringP("options", "o", "", "`OPTIONS` key=value,... as qemu-img's (-o help lists them)")
 	return func(pos []string) error {
-		format, err := formats.Normalize(*fmtName)
-		if err != nil {
-			return usagef("%v", err)
-		}
-		if done, err := optsHelp(format, *optStr); done {
-			return err
-		}
-		if len(pos) < 1 || len(pos) > 2 {
-			return usagef("want FILE SIZE")
-		}
-		opts, err := parseOpts(*optStr)
-		if err != nil {
+		format, opts, done, err := outputFormat(*fmtName, *optStr, len(pos) >= 1 && len(pos) <= 2, "want FILE SIZE")
+		if done || err != nil {
 			return err
 		}
 		co := formats.CreateOptions{}
@@ -204,12 +216,19 @@ func imageCreate(fs *pflag.FlagSet) func(pos []string) error {
 
 // openProbed opens an image, probing its format when none is given, with
 // backing files confined to the image's own directory tree.
+// formatOrProbe is the format the user named, or else the one the file's
+// contents say.
+func formatOrProbe(format, path string) (string, error) {
+	if format != "" {
+		return format, nil
+	}
+	return formats.Probe(path)
+}
+
 func openProbed(path, format string, readOnly bool) (formats.Image, error) {
-	var err error
-	if format == "" {
-		if format, err = formats.Probe(path); err != nil {
-			return nil, err
-		}
+	format, err := formatOrProbe(format, path)
+	if err != nil {
+		return nil, err
 	}
 	if format, err = formats.Normalize(format); err != nil {
 		return nil, err
@@ -226,12 +245,9 @@ func imageInfo(fs *pflag.FlagSet) func(pos []string) error {
 	chain := fs.Bool("backing-chain", false, "also describe every backing file, top first")
 	detail := fs.Bool("detail", false, "print blktap's own view of each image's metadata (JSON) after qemu-img's")
 	return func(pos []string) error {
-		asJSON, err := out.isJSON()
+		asJSON, err := out.isJSONForFile(pos)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("want FILE")
 		}
 		var infos []*qemuInfo
 		path, format := pos[0], *fmtName
@@ -338,12 +354,9 @@ func imageCheck(fs *pflag.FlagSet) func(pos []string) error {
 	repairFlag := fs.StringP("repair-level", "r", "", "repair `leaks|all`: leaks (only leaks; on a qcow2 marked corrupt, refcounts and copied flags too) or all (leaks and what else can be fixed)")
 	repairOld := fs.Bool("repair", false, "same as -r leaks")
 	return func(pos []string) error {
-		asJSON, err := out.isJSON()
+		asJSON, err := out.isJSONForFile(pos)
 		if err != nil {
 			return err
-		}
-		if len(pos) != 1 {
-			return usagef("want FILE")
 		}
 		repair := formats.RepairNone
 		switch *repairFlag {
@@ -358,11 +371,9 @@ func imageCheck(fs *pflag.FlagSet) func(pos []string) error {
 		default:
 			return usagef("-r %q: want leaks or all", *repairFlag)
 		}
-		format := *fmtName
-		if format == "" {
-			if format, err = formats.Probe(pos[0]); err != nil {
-				return err
-			}
+		format, err := formatOrProbe(*fmtName, pos[0])
+		if err != nil {
+			return err
 		}
 		res, err := formats.Check(format, pos[0], repair, worker.BackingOpener(pos[0], []string{"/"}, 0))
 		if err != nil {
@@ -398,18 +409,13 @@ func imageMap(fs *pflag.FlagSet) func(pos []string) error {
 	out := addOutputFlag(fs)
 	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe)")
 	return func(pos []string) error {
-		asJSON, err := out.isJSON()
+		asJSON, err := out.isJSONForFile(pos)
 		if err != nil {
 			return err
 		}
-		if len(pos) != 1 {
-			return usagef("want FILE")
-		}
-		format := *fmtName
-		if format == "" {
-			if format, err = formats.Probe(pos[0]); err != nil {
-				return err
-			}
+		format, err := formatOrProbe(*fmtName, pos[0])
+		if err != nil {
+			return err
 		}
 		img, err := openProbed(pos[0], format, true)
 		if err != nil {
@@ -455,18 +461,8 @@ func imageConvert(fs *pflag.FlagSet) func(pos []string) error {
 	outFmt := fs.StringP("output-format", "O", "raw", "the output's `FMT`")
 	optStr := fs.StringP("options", "o", "", "the output's `OPTIONS` key=value,... as qemu-img's (-o help lists them)")
 	return func(pos []string) error {
-		of, err := formats.Normalize(*outFmt)
-		if err != nil {
-			return usagef("%v", err)
-		}
-		if done, err := optsHelp(of, *optStr); done {
-			return err
-		}
-		if len(pos) != 2 {
-			return usagef("want IN OUT")
-		}
-		opts, err := parseOpts(*optStr)
-		if err != nil {
+		of, opts, done, err := outputFormat(*outFmt, *optStr, len(pos) == 2, "want IN OUT")
+		if done || err != nil {
 			return err
 		}
 		in, err := openProbed(pos[0], *inFmt, true)

@@ -38,6 +38,19 @@ func (o outputFlag) isJSON() (bool, error) {
 	return false, usagef("--output %q: want human or json", *o.output)
 }
 
+// isJSONForFile is isJSON for the commands that take one FILE operand
+// (info, check, map): the --output check comes first, as it did in each.
+func (o outputFlag) isJSONForFile(pos []string) (bool, error) {
+	asJSON, err := o.isJSON()
+	if err != nil {
+		return false, err
+	}
+	if len(pos) != 1 {
+		return false, usagef("want FILE")
+	}
+	return asJSON, nil
+}
+
 // writeQemuJSON prints v as qemu-img does: four-space indents, a newline
 // at the end.
 func writeQemuJSON(w io.Writer, v any) error {

@@ -34,11 +34,9 @@ func imageResize(fs *pflag.FlagSet) func(pos []string) error {
 		if err != nil {
 			return usagef("SIZE: %v", err)
 		}
-		format := *fmtName
-		if format == "" {
-			if format, err = formats.Probe(pos[0]); err != nil {
-				return err
-			}
+		format, err := formatOrProbe(*fmtName, pos[0])
+		if err != nil {
+			return err
 		}
 		err = formats.Resize(format, pos[0], worker.BackingOpener(pos[0], []string{"/"}, 0), func(cur int64) (int64, error) {
 			size := n

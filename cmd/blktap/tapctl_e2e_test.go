@@ -100,15 +100,7 @@ func newBlockTapRig(t *testing.T) *blockTapRig {
 		t.Fatal(err)
 	}
 	d := startDaemon(t, bin, "")
-	d.waitAnswering()
-	sock := filepath.Join(d.stateDir, "xenstored.sock")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	xs, err := xenstore.Dial(ctx, sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { xs.Close() })
+	sock, xs := d.dialXenstore()
 	env := []string{
 		"PATH=" + links + ":" + os.Getenv("PATH"),
 		"XENSTORED_PATH=" + sock,

@@ -131,6 +131,22 @@ func tapCtlRun(t *testing.T, link string, env []string, args ...string) (stdout,
 // The commands a toolstack or an operator runs by hand, against a live
 // daemon: list, stats, pause and unpause work on the disk; what cannot be
 // emulated is refused in one line with a non-zero status.
+// dialXenstore waits until the daemon answers and dials the xenstore it
+// serves; it returns the socket and the client, closed when the test ends.
+func (d *daemon) dialXenstore() (string, *xenstore.Client) {
+	d.t.Helper()
+	d.waitAnswering()
+	sock := filepath.Join(d.stateDir, "xenstored.sock")
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	xs, err := xenstore.Dial(ctx, sock)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	d.t.Cleanup(func() { xs.Close() })
+	return sock, xs
+}
+
 func TestTapCtlCommands(t *testing.T) {
 	bin := buildBinary(t)
 	link := filepath.Join(t.TempDir(), "tap-ctl")
@@ -138,15 +154,7 @@ func TestTapCtlCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := startDaemon(t, bin, "")
-	d.waitAnswering()
-	sock := filepath.Join(d.stateDir, "xenstored.sock")
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	xs, err := xenstore.Dial(ctx, sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer xs.Close()
+	_, xs := d.dialXenstore()
 	img := filepath.Join(t.TempDir(), "disk.raw")
 	if err := os.WriteFile(img, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)

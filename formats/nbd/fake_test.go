@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/nbdwire"
 )
 
@@ -233,7 +234,7 @@ func TestFakeChunkedReads(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got, f.disk) {
-		t.Fatalf("chunked read differs at %d", firstDiff(got, f.disk))
+		t.Fatalf("chunked read differs at %d", imagetest.FirstDiff(got, f.disk))
 	}
 	var wg sync.WaitGroup
 	for i := range 16 {

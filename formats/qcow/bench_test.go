@@ -9,11 +9,13 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
-// benchImage makes a 64 MiB image on disk with every cluster allocated.
-func benchImage(b *testing.B, opts CreateOptions) *Image {
+// emptyImage is a new image with nothing allocated, so every write to it
+// allocates; it is closed when the benchmark ends.
+func emptyImage(b *testing.B, opts CreateOptions) *Image {
 	b.Helper()
 	path := filepath.Join(b.TempDir(), "bench.qcow")
 	if err := Create(path, opts); err != nil {
@@ -23,6 +25,14 @@ func benchImage(b *testing.B, opts CreateOptions) *Image {
 	if err != nil {
 		b.Fatal(err)
 	}
+	b.Cleanup(func() { img.Close() })
+	return img
+}
+
+// benchImage makes a 64 MiB image on disk with every cluster allocated.
+func benchImage(b *testing.B, opts CreateOptions) *Image {
+	b.Helper()
+	img := emptyImage(b, opts)
 	buf := make([]byte, 4<<20)
 	for off := int64(0); off < img.Size(); off += int64(len(buf)) {
 		buf[0] = 1 // not zero, so it is a real cluster
@@ -30,7 +40,6 @@ func benchImage(b *testing.B, opts CreateOptions) *Image {
 			b.Fatal(err)
 		}
 	}
-	b.Cleanup(func() { img.Close() })
 	return img
 }
 
@@ -61,42 +70,16 @@ func BenchmarkLookupParallel(b *testing.B) {
 }
 
 func BenchmarkReadAt4K(b *testing.B) {
-	img := benchImage(b, CreateOptions{Size: 64 << 20})
-	buf := make([]byte, 4096)
-	rng := rand.New(rand.NewPCG(2, 2))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := img.ReadAt(buf, rng.Int64N(img.Size()/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, benchImage(b, CreateOptions{Size: 64 << 20}), 2, false)
 }
 
 func BenchmarkWriteAt4KInPlace(b *testing.B) {
-	img := benchImage(b, CreateOptions{Size: 64 << 20})
-	buf := make([]byte, 4096)
-	rng := rand.New(rand.NewPCG(3, 3))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := img.WriteAt(buf, rng.Int64N(img.Size()/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, benchImage(b, CreateOptions{Size: 64 << 20}), 3, true)
 }
 
 // BenchmarkWriteAt64KAllocating pays one fdatasync per allocating write.
 func BenchmarkWriteAt64KAllocating(b *testing.B) {
-	path := filepath.Join(b.TempDir(), "alloc.qcow")
-	if err := Create(path, CreateOptions{Size: 1 << 40}); err != nil {
-		b.Fatal(err)
-	}
-	img, err := Open(path, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer img.Close()
+	img := emptyImage(b, CreateOptions{Size: 1 << 40})
 	buf := make([]byte, 64<<10)
 	b.SetBytes(int64(len(buf)))
 	off := int64(0)
@@ -112,15 +95,7 @@ func BenchmarkWriteAt64KAllocating(b *testing.B) {
 // BenchmarkWriteAt4KAllocatingParallel: concurrent writers to fresh
 // clusters share fdatasync barriers (group commit).
 func BenchmarkWriteAt4KAllocatingParallel(b *testing.B) {
-	path := filepath.Join(b.TempDir(), "allocp.qcow")
-	if err := Create(path, CreateOptions{Size: 1 << 40}); err != nil {
-		b.Fatal(err)
-	}
-	img, err := Open(path, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer img.Close()
+	img := emptyImage(b, CreateOptions{Size: 1 << 40})
 	var next atomic.Int64
 	b.SetBytes(4096)
 	b.SetParallelism(16)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/crashtest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
@@ -124,7 +125,7 @@ func TestCrashConsistency(t *testing.T) {
 				if backing != nil {
 					os.WriteFile(filepath.Join(dir, "base.raw"), backing.data, 0o644)
 				}
-				if i := firstDiff(qemuRaw(t, qemuImg, path), got); i >= 0 {
+				if i := imagetest.FirstDiff(qemuRaw(t, qemuImg, path), got); i >= 0 {
 					t.Fatalf("qemu reads the crashed image differently at %d", i)
 				}
 			}

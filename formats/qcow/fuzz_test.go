@@ -13,6 +13,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -267,16 +268,7 @@ func runFuzzBody(t *testing.T, data []byte) {
 		}
 		ext, err := img.Map(0, img.Size())
 		if err == nil {
-			var pos int64
-			for _, e := range ext {
-				if e.Offset != pos || e.Length <= 0 {
-					t.Fatalf("bad extent %+v at %d", e, pos)
-				}
-				pos += e.Length
-			}
-			if pos != img.Size() {
-				t.Fatalf("map covers %d of %d", pos, img.Size())
-			}
+			imagetest.Tiles(t, ext, img.Size())
 		}
 		buf := make([]byte, min(img.Size(), 65536))
 		img.ReadAt(buf, 0)

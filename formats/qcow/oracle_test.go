@@ -15,16 +15,13 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
 func run(t *testing.T, prog string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(prog, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return oracle.Run(t, prog, args...)
 }
 
 // testOpener opens backing files the way a caller must: relative names
@@ -148,12 +145,12 @@ func TestQemuImagesReadIdentically(t *testing.T) {
 			want := qemuRaw(t, qi, p(c.name))
 			if strings.HasPrefix(c.name, "compressed") {
 				src, _ := os.ReadFile(p("base.raw"))
-				if i := firstDiff(want, src); i >= 0 {
+				if i := imagetest.FirstDiff(want, src); i >= 0 {
 					t.Fatalf("qemu's compressed image differs from its source at %d", i)
 				}
 			}
 			got := readAll(t, p(c.name))
-			if i := firstDiff(got, want); i >= 0 {
+			if i := imagetest.FirstDiff(got, want); i >= 0 {
 				t.Fatalf("differs from qemu at byte %d (sizes %d, %d)", i, len(got), len(want))
 			}
 			res, err := Check(p(c.name), CheckOptions{})
@@ -179,7 +176,7 @@ func TestQemuImagesReadIdentically(t *testing.T) {
 	img.Close()
 	want, _ := os.ReadFile(p("base.raw"))
 	copy(want[10000:], bytes.Repeat([]byte{0xC3}, 100))
-	if i := firstDiff(qemuRaw(t, qi, p("compressed.qcow")), want); i >= 0 {
+	if i := imagetest.FirstDiff(qemuRaw(t, qi, p("compressed.qcow")), want); i >= 0 {
 		t.Fatalf("qemu sees our write into a compressed cluster wrong at %d", i)
 	}
 }
@@ -257,7 +254,7 @@ func TestOurImagesAcceptedByQemu(t *testing.T) {
 			if !strings.Contains(qout, fmt.Sprintf("(%d bytes)", c.opts.Size)) {
 				t.Fatalf("qcowinfo:\n%s", qout)
 			}
-			if i := firstDiff(qemuRaw(t, qi, p(c.name)), model); i >= 0 {
+			if i := imagetest.FirstDiff(qemuRaw(t, qi, p(c.name)), model); i >= 0 {
 				t.Fatalf("qemu reads our image differently at byte %d", i)
 			}
 			compareTopLayerMap(t, qi, p(c.name))
@@ -296,7 +293,7 @@ func TestCreateMatchesQemu(t *testing.T) {
 		a, _ := os.ReadFile(ours)
 		b, _ := os.ReadFile(theirs)
 		if !bytes.Equal(a, b) {
-			t.Fatalf("case %d: our file (%d bytes) differs from qemu-img's (%d bytes) at %d", i, len(a), len(b), firstDiff(a, b))
+			t.Fatalf("case %d: our file (%d bytes) differs from qemu-img's (%d bytes) at %d", i, len(a), len(b), imagetest.FirstDiff(a, b))
 		}
 	}
 }
@@ -336,7 +333,7 @@ func TestMixedWriters(t *testing.T) {
 		pat2 := byte(0x80 + step)
 		run(t, qio, "-f", "qcow", "-c", fmt.Sprintf("write -P %d %d %d", pat2, off2, n2), path)
 		copy(model[off2:off2+n2], bytes.Repeat([]byte{pat2}, int(n2)))
-		if i := firstDiff(readAll(t, path), model); i >= 0 {
+		if i := imagetest.FirstDiff(readAll(t, path), model); i >= 0 {
 			t.Fatalf("step %d: we read differently from the model at %d", step, i)
 		}
 		res, err := Check(path, CheckOptions{})
@@ -344,7 +341,7 @@ func TestMixedWriters(t *testing.T) {
 			t.Fatalf("step %d check: %v %+v", step, err, res)
 		}
 	}
-	if i := firstDiff(qemuRaw(t, qi, path), model); i >= 0 {
+	if i := imagetest.FirstDiff(qemuRaw(t, qi, path), model); i >= 0 {
 		t.Fatalf("qemu reads differently from the model at %d", i)
 	}
 }
@@ -374,7 +371,7 @@ func TestSeedTools(t *testing.T) {
 	if limit := int64(nonZero*4096 + 64<<10); fi.Size() > limit {
 		t.Fatalf("img2qcow output is %d bytes, more than %d: not sparse", fi.Size(), limit)
 	}
-	if i := firstDiff(qemuRaw(t, qi, p("img.qcow")), src); i >= 0 {
+	if i := imagetest.FirstDiff(qemuRaw(t, qi, p("img.qcow")), src); i >= 0 {
 		t.Fatalf("qemu reads img2qcow output differently at %d", i)
 	}
 	if out := run(t, oracle.Require(t, "qcowinfo"), p("img.qcow")); !strings.Contains(out, "(8388608 bytes)") {
@@ -385,7 +382,7 @@ func TestSeedTools(t *testing.T) {
 	}
 	back, _ := os.ReadFile(p("back.raw"))
 	if !bytes.Equal(back, src) {
-		t.Fatalf("round trip differs at %d", firstDiff(back, src))
+		t.Fatalf("round trip differs at %d", imagetest.FirstDiff(back, src))
 	}
 	var st syscall.Stat_t
 	syscall.Stat(p("back.raw"), &st)
@@ -414,7 +411,7 @@ func TestSeedTools(t *testing.T) {
 	if info := openInfo(t, p("cow.qcow")); info.VirtualSize != 8<<20 || info.BackingFile != p("img.qcow") || info.ClusterSize != 512 {
 		t.Fatalf("qcow-create with backing: %+v", info)
 	}
-	if i := firstDiff(qemuRaw(t, qi, p("cow.qcow")), src); i >= 0 {
+	if i := imagetest.FirstDiff(qemuRaw(t, qi, p("cow.qcow")), src); i >= 0 {
 		t.Fatalf("qemu reads the new overlay differently at %d", i)
 	}
 	// qcow2raw of an overlay needs the caller's opener.

@@ -90,20 +90,9 @@ var _ image.Image = (*Image)(nil)
 
 // Open opens the qcow image at path.
 func Open(path string, opts Options) (*Image, error) {
-	flag := os.O_RDWR
-	if opts.ReadOnly {
-		flag = os.O_RDONLY
-	}
-	f, err := os.OpenFile(path, flag, 0)
-	if err != nil {
-		return nil, fmt.Errorf("qcow: open: %w", err)
-	}
-	img, err := openStorage(hostfile.OSFile{File: f}, path, opts)
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return img, nil
+	return hostfile.OpenWith(path, opts.ReadOnly, "qcow: open", func(f *os.File) (*Image, error) {
+		return openStorage(hostfile.OSFile{File: f}, path, opts)
+	})
 }
 
 // openStorage opens an image on any host file (tests use crashfs ones).
@@ -318,34 +307,55 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if err := image.CheckRange(off, len(p), img.Size()); err != nil {
 		return 0, err
 	}
+	return img.eachRun(off, len(p), "read", func(r span) error {
+		dst := p[r.lo:r.hi]
+		switch r.kind {
+		case runUnalloc:
+			return img.readBacking(dst, r.pos)
+		case runData:
+			return hostfile.ReadZeroed(img.st, dst, int64(r.host)+r.in)
+		case runCompressed:
+			return img.readCompressed(r.host, dst, r.in)
+		}
+		return nil
+	})
+}
+
+// span is one stretch of a request that maps one way: up to n clusters
+// in a row of one kind, and the part of the caller's buffer they hold.
+type span struct {
+	pos    int64 // the virtual offset of the stretch
+	vc     int64 // its first virtual cluster
+	in     int64 // its offset inside that cluster
+	kind   runKind
+	host   uint64 // host offset of cluster vc, for runData and runCompressed
+	n      int64  // clusters in the run
+	lo, hi int    // the buffer's slice [lo, hi)
+}
+
+// eachRun cuts [off, off+length) into runs and calls fn on each in order;
+// it returns how many bytes were done before the first error, which is
+// resolve's own or fn's, the latter naming op and the offset.
+func (img *Image) eachRun(off int64, length int, op string, fn func(span) error) (int, error) {
 	cs := img.h.clusterSize
 	done := 0
-	for done < len(p) {
+	for done < length {
 		pos := off + int64(done)
 		vc := pos >> img.h.clusterBits
 		in := pos & (cs - 1)
-		left := int64(len(p) - done)
-		maxCl := (in + left + cs - 1) / cs
-		kind, host, n, err := img.resolve(vc, maxCl)
+		left := int64(length - done)
+		kind, host, n, err := img.resolve(vc, (in+left+cs-1)/cs)
 		if err != nil {
 			return done, err
 		}
-		m := min(n*cs-in, left)
-		dst := p[done : done+int(m)]
-		switch kind {
-		case runUnalloc:
-			err = img.readBacking(dst, pos)
-		case runData:
-			err = hostfile.ReadZeroed(img.st, dst, int64(host)+in)
-		case runCompressed:
-			err = img.readCompressed(host, dst, in)
+		m := int(min(n*cs-in, left))
+		r := span{pos: pos, vc: vc, in: in, kind: kind, host: host, n: n, lo: done, hi: done + m}
+		if err := fn(r); err != nil {
+			return done, fmt.Errorf("qcow: %s at %d: %w", op, pos, err)
 		}
-		if err != nil {
-			return done, fmt.Errorf("qcow: read at %d: %w", pos, err)
-		}
-		done += int(m)
+		done += m
 	}
-	return len(p), nil
+	return length, nil
 }
 
 // readBacking fills dst with what the backing image holds at off: zeros

@@ -48,32 +48,15 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := img.brokenErr(); err != nil {
 		return 0, err
 	}
-	cs := img.h.clusterSize
-	done := 0
-	for done < len(p) {
-		pos := off + int64(done)
-		vc := pos >> img.h.clusterBits
-		in := pos & (cs - 1)
-		left := int64(len(p) - done)
-		kind, host, n, err := img.resolve(vc, (in+left+cs-1)/cs)
-		if err != nil {
-			return done, err
+	return img.eachRun(off, len(p), "write", func(r span) error {
+		if r.kind != runData {
+			return img.allocWrite(p[r.lo:r.hi], r.pos)
 		}
-		m := int(min(n*cs-in, left))
-		if kind == runData {
-			if err := img.checkWritable(vc, host, n); err != nil {
-				return done, err
-			}
-			err = hostfile.WriteFull(img.st, p[done:done+m], int64(host)+in)
-		} else {
-			err = img.allocWrite(p[done:done+m], pos)
+		if err := img.checkWritable(r.vc, r.host, r.n); err != nil {
+			return err
 		}
-		if err != nil {
-			return done, fmt.Errorf("qcow: write at %d: %w", pos, err)
-		}
-		done += m
-	}
-	return len(p), nil
+		return hostfile.WriteFull(img.st, p[r.lo:r.hi], int64(r.host)+r.in)
+	})
 }
 
 // clusterPlan is what the allocation path does with one virtual cluster.

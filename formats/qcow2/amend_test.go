@@ -69,15 +69,7 @@ func amendTemplate(t *testing.T, dir, name string, o CreateOptions) []byte {
 	if err := Create(tmpl, o); err != nil {
 		t.Fatal(err)
 	}
-	data, err := os.ReadFile(tmpl)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mf := newMemFile(data)
-	img, err := openStorage(mf, tmpl, Options{Backing: openerFor(tmpl)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mf, img := openOnCrashFS(t, tmpl, readFile(t, tmpl))
 	if _, err := img.WriteAt(sectorPattern(512<<10), 0); err != nil {
 		t.Fatal(err)
 	}

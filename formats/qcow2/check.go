@@ -65,21 +65,13 @@ const (
 // an error (a *image.FormatError).
 func Check(path string, opts CheckOptions) (*CheckResult, error) {
 	ro := opts.Repair == RepairNone
-	flag := os.O_RDWR
-	if ro {
-		flag = os.O_RDONLY
-	}
-	f, err := os.OpenFile(path, flag, 0)
+	img, err := hostfile.OpenWith(path, ro, "qcow2", func(f *os.File) (*Image, error) {
+		if err := lockImage(f, !ro); err != nil {
+			return nil, err
+		}
+		return openStorage(hostfile.OSFile{File: f}, path, Options{ReadOnly: ro, checkOnly: true})
+	})
 	if err != nil {
-		return nil, fmt.Errorf("qcow2: %w", err)
-	}
-	if err := lockImage(f, !ro); err != nil {
-		f.Close()
-		return nil, err
-	}
-	img, err := openStorage(hostfile.OSFile{File: f}, path, Options{ReadOnly: ro, checkOnly: true})
-	if err != nil {
-		f.Close()
 		return nil, err
 	}
 	mode := opts.Repair

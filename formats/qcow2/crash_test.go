@@ -95,15 +95,7 @@ func crashOnce(t *testing.T, dir string, o CreateOptions, name string, seed uint
 		}
 		run(t, "qemu-img", "snapshot", "-c", "s1", tmpl)
 	}
-	data, err := os.ReadFile(tmpl)
-	if err != nil {
-		t.Fatal(err)
-	}
-	mf := newMemFile(data)
-	img, err := openStorage(mf, tmpl, Options{Backing: openerFor(tmpl)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mf, img := openOnCrashFS(t, tmpl, readFile(t, tmpl))
 	sectors := int(o.Size / 512)
 	cur := make([]byte, sectors)
 	allowed := make([]sectorSet, sectors)

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/corpus"
 )
 
 var updateTestdata = flag.Bool("update-testdata", false, "rewrite the crafted images in testdata/")
@@ -184,12 +185,8 @@ func TestBadImages(t *testing.T) {
 }
 
 func seedCorpus(f *testing.F) {
-	files, _ := filepath.Glob(filepath.Join("testdata", "*.qcow2"))
-	for _, p := range files {
-		b, err := os.ReadFile(p)
-		if err == nil {
-			f.Add(b)
-		}
+	for _, b := range corpus.Files(f, "*.qcow2") {
+		f.Add(b)
 	}
 }
 

@@ -1,7 +1,6 @@
 package qcow2
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -108,12 +108,7 @@ func openerFor(path string) image.OpenFunc {
 // run runs an oracle program and fails the test on error.
 func run(t testing.TB, prog string, args ...string) string {
 	t.Helper()
-	p := oracle.Require(t, prog)
-	out, err := exec.Command(p, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return oracle.Run(t, prog, args...)
 }
 
 // qemuCheck runs qemu-img check and returns its exit code and output.
@@ -171,21 +166,9 @@ func sameBytes(t testing.TB, what string, got, want []byte) {
 	if len(got) != len(want) {
 		t.Fatalf("%s: length %d, want %d", what, len(got), len(want))
 	}
-	if i := firstDiff(got, want); i >= 0 {
+	if i := imagetest.FirstDiff(got, want); i >= 0 {
 		t.Fatalf("%s: first difference at byte %d (got %#x want %#x)", what, i, got[i], want[i])
 	}
-}
-
-func firstDiff(a, b []byte) int {
-	if bytes.Equal(a, b) {
-		return -1
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	return len(a)
 }
 
 func fill(rng *rand.Rand, n int) []byte {
@@ -198,3 +181,24 @@ func fill(rng *rand.Rand, n int) []byte {
 
 // newMemFile is a durable in-memory host file holding b.
 func newMemFile(b []byte) *crashfs.File { return crashfs.NewFile(b) }
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return data
+}
+
+// openOnCrashFS opens data, the bytes of the image tmpl, on a crashfs
+// file, with tmpl's backing file.
+func openOnCrashFS(t *testing.T, tmpl string, data []byte) (*crashfs.File, *Image) {
+	t.Helper()
+	mf := newMemFile(data)
+	img, err := openStorage(mf, tmpl, Options{Backing: openerFor(tmpl)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mf, img
+}

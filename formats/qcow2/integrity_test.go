@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -332,7 +333,7 @@ func TestRefusalWritesNoRefcounts(t *testing.T) {
 	now, _ := os.ReadFile(p)
 	be64(b, 72, incCorrupt)
 	if !bytes.Equal(now[:len(b)], b) {
-		t.Fatalf("bytes changed beyond the corrupt bit (first at %#x)", firstDiff(now, b))
+		t.Fatalf("bytes changed beyond the corrupt bit (first at %#x)", imagetest.FirstDiff(now, b))
 	}
 	if c, l := qemuCounts(t, p); c != cBefore || l != lBefore {
 		t.Fatalf("qemu-img check: %d corruptions, %d leaks; before %d, %d", c, l, cBefore, lBefore)

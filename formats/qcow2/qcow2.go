@@ -130,26 +130,14 @@ var _ image.Image = (*Image)(nil)
 
 // Open opens the qcow2 image at path.
 func Open(path string, opts Options) (*Image, error) {
-	flag := os.O_RDWR
-	if opts.ReadOnly {
-		flag = os.O_RDONLY
-	}
-	f, err := os.OpenFile(path, flag, 0)
-	if err != nil {
-		return nil, fmt.Errorf("qcow2: %w", err)
-	}
-	if !opts.NoLock {
-		if err := lockImage(f, !opts.ReadOnly); err != nil {
-			f.Close()
-			return nil, err
+	return hostfile.OpenWith(path, opts.ReadOnly, "qcow2", func(f *os.File) (*Image, error) {
+		if !opts.NoLock {
+			if err := lockImage(f, !opts.ReadOnly); err != nil {
+				return nil, err
+			}
 		}
-	}
-	img, err := openStorage(hostfile.OSFile{File: f}, path, opts)
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return img, nil
+		return openStorage(hostfile.OSFile{File: f}, path, opts)
+	})
 }
 
 func openStorage(f hostfile.File, path string, opts Options) (*Image, error) {

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // qemuIO runs qemu-io commands against an image.
@@ -125,20 +126,7 @@ func TestQemuPreallocLayouts(t *testing.T) {
 // data, and where qemu says zero we say zero or hole.
 func compareMap(t *testing.T, img *Image, path string) {
 	t.Helper()
-	ext, err := img.Map(0, img.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var pos int64
-	for _, x := range ext {
-		if x.Offset != pos || x.Length <= 0 {
-			t.Fatalf("map not contiguous at %d: %+v", pos, x)
-		}
-		pos += x.Length
-	}
-	if pos != img.Size() {
-		t.Fatalf("map covers %d of %d", pos, img.Size())
-	}
+	ext := imagetest.MapAll(t, img)
 	out := run(t, "qemu-img", "map", "-f", "qcow2", "--output=json", path)
 	kindAt := func(off int64) image.ExtentKind {
 		for _, x := range ext {

@@ -117,17 +117,13 @@ func mustOpenRaw(t *testing.T, p string) image.Image {
 // rebase, if it made fewer) and save gets what the disk kept.
 func rebaseOnCrashFS(t *testing.T, tmpl string, data []byte, nb image.Image, name, format string, crashAt int, save func([]byte), keep *rand.Rand, lastOnly bool) int {
 	t.Helper()
-	mf := newMemFile(data)
-	img, err := openStorage(mf, tmpl, Options{Backing: openerFor(tmpl)})
-	if err != nil {
-		t.Fatal(err)
-	}
+	mf, img := openOnCrashFS(t, tmpl, data)
 	fs := mf.FS()
 	w0, s0 := fs.Writes(), fs.Syncs()
 	if crashAt > 0 {
 		fs.Schedule(crashAt, crashfs.Writes|crashfs.Syncs)
 	}
-	err = backing.Rebase(context.Background(), img, nb, name, format, backing.Options{})
+	err := backing.Rebase(context.Background(), img, nb, name, format, backing.Options{})
 	if crashAt == 0 {
 		if err != nil {
 			t.Fatal(err)

@@ -9,10 +9,10 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/parallel"
 	"golang.org/x/sys/unix"
 )
 
@@ -268,38 +268,26 @@ func TestConcurrentWriters(t *testing.T) {
 		t.Fatal(err)
 	}
 	const workers = 8
-	var wg sync.WaitGroup
-	errs := make(chan error, workers)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			// Worker w owns sector w of every cluster: all workers race to
-			// allocate each cluster.
-			b := make([]byte, 512)
-			for i := range b {
-				b[i] = byte(w + 1)
+	parallel.Run(t, workers, func(w int) error {
+		// Worker w owns sector w of every cluster: all workers race to
+		// allocate each cluster.
+		b := make([]byte, 512)
+		for i := range b {
+			b[i] = byte(w + 1)
+		}
+		for c := int64(0); c < 256; c++ {
+			if _, err := img.WriteAt(b, c*4096+int64(w)*512); err != nil {
+				return err
 			}
-			for c := int64(0); c < 256; c++ {
-				if _, err := img.WriteAt(b, c*4096+int64(w)*512); err != nil {
-					errs <- err
-					return
-				}
-				if c%64 == 0 {
-					buf := make([]byte, 4096)
-					if _, err := img.ReadAt(buf, c*4096); err != nil {
-						errs <- err
-						return
-					}
+			if c%64 == 0 {
+				buf := make([]byte, 4096)
+				if _, err := img.ReadAt(buf, c*4096); err != nil {
+					return err
 				}
 			}
-		}(w)
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
+		}
+		return nil
+	})
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -494,49 +482,38 @@ func TestConcurrentMixedOps(t *testing.T) {
 	}
 	const workers = 4
 	region := int64(1<<20) / workers
-	var wg sync.WaitGroup
-	errs := make(chan error, workers)
-	for w := 0; w < workers; w++ {
-		wg.Add(1)
-		go func(w int) {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 77))
-			lo := int64(w) * region
-			model := want[lo : lo+region]
-			for i := 0; i < 150; i++ {
-				off := rng.Int64N(region - 1)
-				n := min(rng.Int64N(9000)+1, region-off)
-				var err error
-				switch rng.IntN(8) {
-				case 0:
-					err = img.Discard(lo+off, n)
-					clear(model[off : off+n])
-				case 1:
-					err = img.Flush()
-				case 2:
-					_, err = img.Map(lo, region)
-				case 3:
-					got := make([]byte, n)
-					if _, err = img.ReadAt(got, lo+off); err == nil && !bytes.Equal(got, model[off:off+n]) {
-						err = fmt.Errorf("worker %d: read %d+%d differs", w, lo+off, n)
-					}
-				default:
-					b := fill(rng, int(n))
-					_, err = img.WriteAt(b, lo+off)
-					copy(model[off:], b)
+	parallel.Run(t, workers, func(w int) error {
+		rng := rand.New(rand.NewPCG(uint64(w), 77))
+		lo := int64(w) * region
+		model := want[lo : lo+region]
+		for i := 0; i < 150; i++ {
+			off := rng.Int64N(region - 1)
+			n := min(rng.Int64N(9000)+1, region-off)
+			var err error
+			switch rng.IntN(8) {
+			case 0:
+				err = img.Discard(lo+off, n)
+				clear(model[off : off+n])
+			case 1:
+				err = img.Flush()
+			case 2:
+				_, err = img.Map(lo, region)
+			case 3:
+				got := make([]byte, n)
+				if _, err = img.ReadAt(got, lo+off); err == nil && !bytes.Equal(got, model[off:off+n]) {
+					err = fmt.Errorf("worker %d: read %d+%d differs", w, lo+off, n)
 				}
-				if err != nil {
-					errs <- err
-					return
-				}
+			default:
+				b := fill(rng, int(n))
+				_, err = img.WriteAt(b, lo+off)
+				copy(model[off:], b)
 			}
-		}(w)
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Fatal(err)
-	}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}

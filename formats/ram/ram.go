@@ -68,13 +68,13 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/guard"
 )
 
 // Name is the format's canonical name.
@@ -142,7 +142,7 @@ type Image struct {
 	size     int64
 	readOnly bool
 	maxBytes int64
-	closed   atomic.Bool
+	guard    guard.Guard // closed, read-only and range checks
 }
 
 var _ image.Image = (*Image)(nil)
@@ -213,6 +213,7 @@ func attach(name, path string, size int64, opts Options) (*Image, error) {
 		return nil, fmt.Errorf("ram: open: %w", err)
 	}
 	img := &Image{f: f, name: name, path: path, readOnly: opts.ReadOnly, maxBytes: opts.MaxBytes}
+	img.guard.SetLabel("ram: " + name)
 	ok := false
 	defer func() {
 		if !ok {
@@ -364,20 +365,6 @@ func (img *Image) ioErr(op string, err error) error {
 	return fmt.Errorf("ram: %s: %s: %w", img.name, op, err)
 }
 
-func (img *Image) checkOpen() error {
-	if img.closed.Load() {
-		return fmt.Errorf("ram: %s: %w", img.name, image.ErrClosed)
-	}
-	return nil
-}
-
-func (img *Image) checkRange64(off, length int64) error {
-	if err := image.CheckRange64(off, length, img.size); err != nil {
-		return fmt.Errorf("ram: %s: %w", img.name, err)
-	}
-	return nil
-}
-
 // Name returns the disk's name.
 func (img *Image) Name() string { return img.name }
 
@@ -392,11 +379,8 @@ func (img *Image) ReadOnly() bool { return img.readOnly }
 
 // ReadAt reads len(p) bytes at off; holes read as zeros.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if err := img.checkOpen(); err != nil {
+	if err := img.guard.Span(off, int64(len(p)), img.size); err != nil {
 		return 0, err
-	}
-	if err := image.CheckRange(off, len(p), img.size); err != nil {
-		return 0, fmt.Errorf("ram: %s: %w", img.name, err)
 	}
 	n, err := img.f.ReadAt(p, HeaderSize+off)
 	if n == len(p) {
@@ -413,14 +397,8 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 // WriteAt writes p at off. The data is visible to every attached device
 // when it returns.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
-	if err := img.checkOpen(); err != nil {
+	if err := img.guard.Change("write", img.readOnly, off, int64(len(p)), img.size); err != nil {
 		return 0, err
-	}
-	if img.readOnly {
-		return 0, fmt.Errorf("ram: %s: write: %w", img.name, image.ErrReadOnly)
-	}
-	if err := image.CheckRange(off, len(p), img.size); err != nil {
-		return 0, fmt.Errorf("ram: %s: %w", img.name, err)
 	}
 	if len(p) == 0 {
 		return 0, nil
@@ -471,18 +449,12 @@ func (img *Image) reserve(off, n int64) error {
 
 // Flush succeeds at once: a RAM disk is volatile by design, and every
 // completed write is already visible to all attached devices.
-func (img *Image) Flush() error { return img.checkOpen() }
+func (img *Image) Flush() error { return img.guard.Open() }
 
 // Discard punches a hole: the range reads as zeros and whole pages in it
 // return their memory.
 func (img *Image) Discard(off, length int64) error {
-	if err := img.checkOpen(); err != nil {
-		return err
-	}
-	if img.readOnly {
-		return fmt.Errorf("ram: %s: discard: %w", img.name, image.ErrReadOnly)
-	}
-	if err := img.checkRange64(off, length); err != nil {
+	if err := img.guard.Change("discard", img.readOnly, off, length, img.size); err != nil {
 		return err
 	}
 	if length == 0 {
@@ -502,10 +474,7 @@ func (img *Image) Discard(off, length int64) error {
 
 // Map describes [off, off+length) as Data and Hole extents.
 func (img *Image) Map(off, length int64) ([]image.Extent, error) {
-	if err := img.checkOpen(); err != nil {
-		return nil, err
-	}
-	if err := img.checkRange64(off, length); err != nil {
+	if err := img.guard.Span(off, length, img.size); err != nil {
 		return nil, err
 	}
 	var out []image.Extent
@@ -577,7 +546,7 @@ func (img *Image) walk(start, end int64, fn func(image.Extent)) error {
 // Close detaches: the disk and its data stay until Remove. A second Close
 // returns image.ErrClosed.
 func (img *Image) Close() error {
-	if img.closed.Swap(true) {
+	if img.guard.Close() {
 		return fmt.Errorf("ram: %s: %w", img.name, image.ErrClosed)
 	}
 	// Closing the descriptor drops our flock: our reference is gone.

@@ -29,11 +29,11 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/guard"
 )
 
 // Name is the format's canonical name.
@@ -52,7 +52,7 @@ type Image struct {
 	size     int64
 	readOnly bool
 	blockDev bool
-	closed   atomic.Bool
+	guard    guard.Guard // closed, read-only and range checks
 }
 
 var _ image.Image = (*Image)(nil)
@@ -81,6 +81,7 @@ func newImage(f *os.File, path string, opts Options) (*Image, error) {
 		return nil, fmt.Errorf("raw: stat %s: %w", path, err)
 	}
 	img := &Image{f: f, path: path, readOnly: opts.ReadOnly}
+	img.guard.SetLabel("raw: " + path)
 	mode := st.Mode()
 	switch {
 	case mode.IsRegular():
@@ -146,28 +147,13 @@ func (img *Image) control(fn func(fd int) error) error {
 	}
 	var ferr error
 	if err := rc.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
-		if img.closed.Load() {
+		if img.guard.Closed() {
 			// Close won the race; say so the way a later call would.
 			return fmt.Errorf("%w: %w", image.ErrClosed, err)
 		}
 		return err
 	}
 	return ferr
-}
-
-func (img *Image) checkOpen() error {
-	if img.closed.Load() {
-		return fmt.Errorf("raw: %s: %w", img.path, image.ErrClosed)
-	}
-	return nil
-}
-
-// checkRange64 is image.CheckRange for lengths that may not fit an int.
-func (img *Image) checkRange64(off, length int64) error {
-	if err := image.CheckRange64(off, length, img.size); err != nil {
-		return fmt.Errorf("raw: %s: %w", img.path, err)
-	}
-	return nil
 }
 
 // Size returns the virtual size in bytes.
@@ -179,11 +165,8 @@ func (img *Image) ReadOnly() bool { return img.readOnly }
 // ReadAt reads len(p) bytes at off. It never returns io.EOF for a range
 // inside Size.
 func (img *Image) ReadAt(p []byte, off int64) (int, error) {
-	if err := img.checkOpen(); err != nil {
+	if err := img.guard.Span(off, int64(len(p)), img.size); err != nil {
 		return 0, err
-	}
-	if err := image.CheckRange(off, len(p), img.size); err != nil {
-		return 0, fmt.Errorf("raw: %s: %w", img.path, err)
 	}
 	n, err := img.f.ReadAt(p, off)
 	if n == len(p) {
@@ -208,14 +191,8 @@ func (img *Image) ioErr(op string, err error) error {
 
 // WriteAt writes p at off; the data is in the page cache when it returns.
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
-	if err := img.checkOpen(); err != nil {
+	if err := img.guard.Change("write", img.readOnly, off, int64(len(p)), img.size); err != nil {
 		return 0, err
-	}
-	if img.readOnly {
-		return 0, fmt.Errorf("raw: %s: write: %w", img.path, image.ErrReadOnly)
-	}
-	if err := image.CheckRange(off, len(p), img.size); err != nil {
-		return 0, fmt.Errorf("raw: %s: %w", img.path, err)
 	}
 	n, err := img.f.WriteAt(p, off)
 	if err != nil {
@@ -226,7 +203,7 @@ func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 
 // Flush makes every completed write durable (fdatasync).
 func (img *Image) Flush() error {
-	if err := img.checkOpen(); err != nil {
+	if err := img.guard.Open(); err != nil {
 		return err
 	}
 	if img.readOnly {
@@ -243,13 +220,7 @@ func (img *Image) Flush() error {
 // rather than leaving stale data. Both return image.ErrUnsupported when the
 // file system or device cannot do it.
 func (img *Image) Discard(off, length int64) error {
-	if err := img.checkOpen(); err != nil {
-		return err
-	}
-	if img.readOnly {
-		return fmt.Errorf("raw: %s: discard: %w", img.path, image.ErrReadOnly)
-	}
-	if err := img.checkRange64(off, length); err != nil {
+	if err := img.guard.Change("discard", img.readOnly, off, length, img.size); err != nil {
 		return err
 	}
 	if length == 0 {
@@ -276,10 +247,7 @@ func (img *Image) Discard(off, length int64) error {
 // lseek(SEEK_DATA/SEEK_HOLE). Where the file system or device cannot
 // answer, the whole range is reported as Data, which is always safe.
 func (img *Image) Map(off, length int64) ([]image.Extent, error) {
-	if err := img.checkOpen(); err != nil {
-		return nil, err
-	}
-	if err := img.checkRange64(off, length); err != nil {
+	if err := img.guard.Span(off, length, img.size); err != nil {
 		return nil, err
 	}
 	end := off + length
@@ -359,7 +327,7 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 // Close flushes and closes the image. A second Close returns
 // image.ErrClosed.
 func (img *Image) Close() error {
-	if img.closed.Swap(true) {
+	if img.guard.Close() {
 		return fmt.Errorf("raw: %s: %w", img.path, image.ErrClosed)
 	}
 	var ferr error

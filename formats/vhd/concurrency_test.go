@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -140,17 +141,9 @@ func benchImage(b *testing.B, allocated bool) (*Image, int64) {
 // BenchmarkReadAt4K: random 4 KiB reads of allocated blocks (BAT and
 // bitmap lookup plus one pread from the page cache).
 func BenchmarkReadAt4K(b *testing.B) {
-	img, size := benchImage(b, true)
+	img, _ := benchImage(b, true)
 	defer img.Close()
-	buf := make([]byte, 4096)
-	r := rand.New(rand.NewSource(1))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if _, err := img.ReadAt(buf, r.Int63n(size/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, img, 1, false)
 }
 
 // BenchmarkLookup: the block lookup alone (BAT entry + cached bitmap).
@@ -169,17 +162,9 @@ func BenchmarkLookup(b *testing.B) {
 
 // BenchmarkWriteAt4KAllocated: random 4 KiB overwrites (the fast path).
 func BenchmarkWriteAt4KAllocated(b *testing.B) {
-	img, size := benchImage(b, true)
+	img, _ := benchImage(b, true)
 	defer img.Close()
-	buf := make([]byte, 4096)
-	r := rand.New(rand.NewSource(1))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for i := 0; i < b.N; i++ {
-		if _, err := img.WriteAt(buf, r.Int63n(size/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, img, 1, true)
 }
 
 // BenchmarkReadAt4KParallel: the lookup path under contention.

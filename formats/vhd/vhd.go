@@ -92,20 +92,9 @@ var _ image.Image = (*Image)(nil)
 
 // Open opens the VHD at path.
 func Open(path string, opts Options) (*Image, error) {
-	flag := os.O_RDWR
-	if opts.ReadOnly {
-		flag = os.O_RDONLY
-	}
-	f, err := os.OpenFile(path, flag, 0)
-	if err != nil {
-		return nil, fmt.Errorf("vhd: open %s: %w", path, err)
-	}
-	img, err := openFile(hostfile.OSFile{File: f}, path, opts)
-	if err != nil {
-		f.Close()
-		return nil, err
-	}
-	return img, nil
+	return hostfile.OpenWith(path, opts.ReadOnly, "vhd: open "+path, func(f *os.File) (*Image, error) {
+		return openFile(hostfile.OSFile{File: f}, path, opts)
+	})
 }
 
 // readFooter finds the footer: at the end (512 bytes, or 511 for old

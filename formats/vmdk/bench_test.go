@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // benchImage is a 256 MiB monolithicSparse image on disk with every grain
@@ -61,15 +63,7 @@ func BenchmarkLookup(b *testing.B) {
 func BenchmarkReadAt4K(b *testing.B) {
 	img := benchImage(b)
 	defer img.Close()
-	buf := make([]byte, 4096)
-	r := rand.New(rand.NewPCG(1, 1))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := img.ReadAt(buf, r.Int64N(img.Size()/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, img, 1, false)
 }
 
 // BenchmarkReadAt4KParallel: the same from many goroutines (lock contention).
@@ -93,15 +87,7 @@ func BenchmarkReadAt4KParallel(b *testing.B) {
 func BenchmarkWriteAt4K(b *testing.B) {
 	img := benchImage(b)
 	defer img.Close()
-	buf := make([]byte, 4096)
-	r := rand.New(rand.NewPCG(1, 1))
-	b.SetBytes(4096)
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := img.WriteAt(buf, r.Int64N(img.Size()/4096)*4096); err != nil {
-			b.Fatal(err)
-		}
-	}
+	imagetest.Random4K(b, img, 1, true)
 }
 
 // BenchmarkAllocate64K appends new grains (whole-grain writes).

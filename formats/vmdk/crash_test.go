@@ -11,6 +11,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/crashtest"
 )
 
@@ -122,7 +123,7 @@ func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 		run(t, "qemu-img", "check", "-f", "vmdk", f)
 		raw := toRaw(t, f, "vmdk")
 		if !slices.Equal(raw, got) {
-			t.Fatalf("qemu reads the crashed image differently at %d", diffAt(raw, got))
+			t.Fatalf("qemu reads the crashed image differently at %d", imagetest.FirstDiff(raw, got))
 		}
 	}
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/internal/corpus"
 )
 
 var rewrite = flag.Bool("rewrite", false, "regenerate testdata/*.vmdk")
@@ -203,23 +204,10 @@ func TestTestdata(t *testing.T) {
 	}
 }
 
-func seeds(f *testing.F) [][]byte {
-	m, _ := filepath.Glob("testdata/*.vmdk")
-	var out [][]byte
-	for _, p := range m {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			f.Fatal(err)
-		}
-		out = append(out, b)
-	}
-	return out
-}
-
 // FuzzOpen: any bytes, as a sparse extent or a descriptor, give an image
 // or a clear error; an image reads, maps and checks without panic.
 func FuzzOpen(f *testing.F) {
-	for _, b := range seeds(f) {
+	for _, b := range corpus.Files(f, "*.vmdk") {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -261,7 +249,7 @@ func FuzzOpen(f *testing.F) {
 func FuzzDescriptor(f *testing.F) {
 	f.Add([]byte(goodDesc))
 	f.Add([]byte(flatDesc))
-	for _, b := range seeds(f) {
+	for _, b := range corpus.Files(f, "*.vmdk") {
 		if len(b) > 21*512 && string(b[:4]) == magicSparse {
 			b = b[512 : 21*512]
 		}
@@ -291,7 +279,7 @@ func FuzzDescriptor(f *testing.F) {
 
 // FuzzSparseHeader: an accepted header round-trips through marshal.
 func FuzzSparseHeader(f *testing.F) {
-	for _, b := range seeds(f) {
+	for _, b := range corpus.Files(f, "*.vmdk") {
 		if len(b) >= 512 {
 			f.Add(b[:512])
 		}

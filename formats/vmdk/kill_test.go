@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // TestKillKeepsAcknowledged kills the process that wrote the image right
@@ -86,7 +87,7 @@ func killOnce(t *testing.T, seed uint64, variant string) {
 		t.Fatal(err)
 	}
 	if got := readAll(t, after); !bytes.Equal(got, model) {
-		t.Fatalf("after kill: acknowledged byte %d lost", diffAt(got, model))
+		t.Fatalf("after kill: acknowledged byte %d lost", imagetest.FirstDiff(got, model))
 	}
 	// The new process answers the flush the dead one had in flight.
 	if err := after.Flush(); err != nil {
@@ -106,6 +107,6 @@ func killOnce(t *testing.T, seed uint64, variant string) {
 		t.Fatal(err)
 	}
 	if got := readAll(t, cut); !bytes.Equal(got, model) {
-		t.Fatalf("after kill, flush and power cut: flushed byte %d lost", diffAt(got, model))
+		t.Fatalf("after kill, flush and power cut: flushed byte %d lost", imagetest.FirstDiff(got, model))
 	}
 }

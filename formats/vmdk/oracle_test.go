@@ -12,17 +12,13 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
 func run(t *testing.T, prog string, args ...string) string {
 	t.Helper()
-	p := oracle.Require(t, prog)
-	out, err := exec.Command(p, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", prog, strings.Join(args, " "), err, out)
-	}
-	return string(out)
+	return oracle.Run(t, prog, args...)
 }
 
 // opener opens parents relative to dir, read-only, the way the lead's
@@ -66,18 +62,6 @@ func readAll(t *testing.T, img image.Image) []byte {
 		off += n
 	}
 	return b
-}
-
-func diffAt(a, b []byte) int {
-	for i := range min(len(a), len(b)) {
-		if a[i] != b[i] {
-			return i
-		}
-	}
-	if len(a) != len(b) {
-		return min(len(a), len(b))
-	}
-	return -1
 }
 
 // patternRaw writes a raw file of size bytes: random runs, a zero run
@@ -125,7 +109,7 @@ func TestReadQemuSubformats(t *testing.T) {
 			}
 			defer img.Close()
 			if got := readAll(t, img); !bytes.Equal(got, want) {
-				t.Fatalf("differs from the source at byte %d", diffAt(got, want))
+				t.Fatalf("differs from the source at byte %d", imagetest.FirstDiff(got, want))
 			}
 			if ci := img.Info(); ci.CreateType != tc.name && !strings.HasPrefix(tc.opts, "zeroed") && !strings.HasPrefix(tc.opts, "adapter") {
 				t.Errorf("create type %q", ci.CreateType)
@@ -139,24 +123,12 @@ func TestReadQemuSubformats(t *testing.T) {
 // data extents reads as zeros.
 func checkMapCovers(t *testing.T, img image.Image, want []byte) {
 	t.Helper()
-	ext, err := img.Map(0, img.Size())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var pos int64
-	for _, x := range ext {
-		if x.Offset != pos || x.Length <= 0 {
-			t.Fatalf("map gap or overlap at %d: %+v", pos, x)
-		}
+	for _, x := range imagetest.MapAll(t, img) {
 		if x.Kind != image.Data {
-			if i := diffAt(want[x.Offset:x.Offset+x.Length], make([]byte, x.Length)); i >= 0 {
+			if i := imagetest.FirstDiff(want[x.Offset:x.Offset+x.Length], make([]byte, x.Length)); i >= 0 {
 				t.Fatalf("%v extent %+v holds data at +%d", x.Kind, x, i)
 			}
 		}
-		pos += x.Length
-	}
-	if pos != img.Size() {
-		t.Fatalf("map covers %d of %d", pos, img.Size())
 	}
 }
 
@@ -235,7 +207,7 @@ func TestReadQemuChain(t *testing.T) {
 		t.Fatalf("backing %q %q", name, f)
 	}
 	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("differs at %d", diffAt(got, want))
+		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
 	}
 	ext, err := img.Map(0, img.Size())
 	if err != nil {
@@ -269,7 +241,7 @@ func TestReadQemuZeroWrites(t *testing.T) {
 	}
 	defer img.Close()
 	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("differs at %d", diffAt(got, want))
+		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
 	}
 	ext, _ := img.Map(0, img.Size())
 	var zero int64

@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // model applies the same operations to an image and to a byte slice.
@@ -60,7 +61,7 @@ func (m *model) randomOps(r *rand.Rand, n int) {
 func (m *model) verify() {
 	m.t.Helper()
 	if got := readAll(m.t, m.img); !bytes.Equal(got, m.want) {
-		m.t.Fatalf("image differs from model at %d", diffAt(got, m.want))
+		m.t.Fatalf("image differs from model at %d", imagetest.FirstDiff(got, m.want))
 	}
 	checkMapCovers(m.t, m.img, m.want)
 }
@@ -95,7 +96,7 @@ func acceptByOracles(t *testing.T, p string, want []byte, check bool) {
 		}
 	}
 	if got := toRaw(t, p, "vmdk"); !bytes.Equal(got, want) {
-		t.Fatalf("qemu-img convert differs at %d", diffAt(got, want))
+		t.Fatalf("qemu-img convert differs at %d", imagetest.FirstDiff(got, want))
 	}
 	out := run(t, "vmdkinfo", p)
 	if !strings.Contains(out, fmt.Sprintf("(%d bytes)", len(want))) {
@@ -105,7 +106,7 @@ func acceptByOracles(t *testing.T, p string, want []byte, check bool) {
 	// says "Unsupported disk type" (qemu's own included).
 	if check {
 		if got := vmdkMount(t, p); !bytes.Equal(got, want) {
-			t.Fatalf("vmdkmount reads differently at %d", diffAt(got, want))
+			t.Fatalf("vmdkmount reads differently at %d", imagetest.FirstDiff(got, want))
 		}
 	}
 }
@@ -229,7 +230,7 @@ func TestCreateChild(t *testing.T) {
 	}
 	run(t, "qemu-img", "check", "-f", "vmdk", child)
 	if got := toRaw(t, child, "vmdk"); !bytes.Equal(got, m.want) {
-		t.Fatalf("qemu reads the chain differently at %d", diffAt(got, m.want))
+		t.Fatalf("qemu reads the chain differently at %d", imagetest.FirstDiff(got, m.want))
 	}
 	// Not vmdkmount: libvmdk 20200926 shows the parent's data even where
 	// qemu's own child images have allocated grains.
@@ -262,7 +263,7 @@ func TestStreamOptimizedRoundTrip(t *testing.T) {
 	}
 	defer img.Close()
 	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("differs at %d", diffAt(got, want))
+		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
 	}
 	if _, err := Open(out, Options{}); err == nil {
 		t.Fatal("opened a stream writable")
@@ -320,7 +321,7 @@ func TestConcurrentWriters(t *testing.T) {
 	}
 	run(t, "qemu-img", "check", "-f", "vmdk", p)
 	if got := toRaw(t, p, "vmdk"); !bytes.Equal(got, want) {
-		t.Fatalf("qemu differs at %d", diffAt(got, want))
+		t.Fatalf("qemu differs at %d", imagetest.FirstDiff(got, want))
 	}
 }
 
@@ -351,7 +352,7 @@ func TestWriteQemuSubformats(t *testing.T) {
 				run(t, "qemu-img", "check", "-f", "vmdk", p)
 			}
 			if got := toRaw(t, p, "vmdk"); !bytes.Equal(got, m.want) {
-				t.Fatalf("qemu reads differently at %d", diffAt(got, m.want))
+				t.Fatalf("qemu reads differently at %d", imagetest.FirstDiff(got, m.want))
 			}
 			img, err = Open(p, Options{ReadOnly: true})
 			if err != nil {

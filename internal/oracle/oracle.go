@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"strings"
 	"testing"
 	"time"
 )
@@ -63,6 +64,18 @@ func Require(t testing.TB, program string) string {
 	}
 	t.Skipf("oracle %s missing (apt-get install %s)", program, pkg)
 	return ""
+}
+
+// Run runs program (found as Require finds it) with args and returns
+// its combined output; a failure to start or a non-zero exit fails t,
+// with the command line and the output.
+func Run(t testing.TB, program string, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(Require(t, program), args...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", program, strings.Join(args, " "), err, out)
+	}
+	return string(out)
 }
 
 // WaitListening waits until a server accepts connections on the Unix

@@ -20,6 +20,14 @@ func ctxsw() int64 {
 	return ru.Nvcsw + ru.Nivcsw
 }
 
+// ioOf is f's ReadAt for op "read", its WriteAt otherwise.
+func ioOf(f *Frontend, op string) func([]byte, int64) (int, error) {
+	if op == "read" {
+		return f.ReadAt
+	}
+	return f.WriteAt
+}
+
 // BenchmarkRoundTrip4k: a local frontend -> ring -> Serve -> file image
 // 4 KiB round trip in one process, at QD1 and with many callers.
 func BenchmarkRoundTrip4k(b *testing.B) {
@@ -32,14 +40,7 @@ func BenchmarkRoundTrip4k(b *testing.B) {
 			cs := ctxsw()
 			defer func() { b.ReportMetric(float64(ctxsw()-cs)/float64(b.N), "ctxsw/op") }()
 			for i := 0; b.Loop(); i++ {
-				off := int64(i%16384) * 4096
-				var err error
-				if op == "read" {
-					_, err = r.f.ReadAt(buf, off)
-				} else {
-					_, err = r.f.WriteAt(buf, off)
-				}
-				if err != nil {
+				if _, err := ioOf(r.f, op)(buf, int64(i%16384)*4096); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -58,13 +59,7 @@ func BenchmarkRoundTrip4k(b *testing.B) {
 					for pb.Next() {
 						off := int64(i%16384) * 4096
 						i += 7
-						var err error
-						if op == "read" {
-							_, err = r.f.ReadAt(buf, off)
-						} else {
-							_, err = r.f.WriteAt(buf, off)
-						}
-						if err != nil {
+						if _, err := ioOf(r.f, op)(buf, off); err != nil {
 							b.Error(err)
 							return
 						}

@@ -9,7 +9,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -17,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/parallel"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/local"
 	"github.com/blktap-go/blktap/tapengine/ring"
@@ -201,22 +201,9 @@ func TestEndToEnd(t *testing.T) {
 			const workers, region = 8, 512 << 10
 			r := newRigOpts(t, Options{Protocol: c.proto, RingOrder: c.order, MaxIndirectSegments: c.indirect}, workers*region,
 				ring.Options{MaxIndirectSegments: c.indirect, Workers: c.workers})
-			var wg sync.WaitGroup
-			errs := make(chan error, workers)
-			for w := range workers {
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					errs <- exercise(r.f, int64(w)*region, region, uint64(w))
-				}()
-			}
-			wg.Wait()
-			close(errs)
-			for err := range errs {
-				if err != nil {
-					t.Fatal(err)
-				}
-			}
+			parallel.Run(t, workers, func(w int) error {
+				return exercise(r.f, int64(w)*region, region, uint64(w))
+			})
 			if err := r.f.Flush(); err != nil {
 				t.Fatalf("Flush: %v", err)
 			}

@@ -4,10 +4,9 @@ import (
 	"encoding/binary"
 	"errors"
 	"log/slog"
-	"os"
-	"path/filepath"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/corpus"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/ring"
 )
@@ -18,11 +17,8 @@ import (
 // backend hostile. Input: byte 0 = protocol, 1 = requests in flight,
 // 2..5 = rsp_prod, then the ring slots (112 or 108 bytes each).
 func FuzzResponses(f *testing.F) {
-	files, _ := filepath.Glob(filepath.Join("testdata", "*.rsp"))
-	for _, p := range files {
-		if b, err := os.ReadFile(p); err == nil {
-			f.Add(b)
-		}
+	for _, b := range corpus.Files(f, "*.rsp") {
+		f.Add(b)
 	}
 	f.Add([]byte{1, 2, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0})
 	f.Fuzz(func(t *testing.T, b []byte) {

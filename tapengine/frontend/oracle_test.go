@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"net"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -40,11 +39,8 @@ func serveNBD(t *testing.T, f *Frontend) string {
 
 func run(t *testing.T, name string, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(name, args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
-	}
-	if strings.Contains(string(out), "verification failed") || strings.Contains(string(out), "verify: bad") {
+	out := oracle.Run(t, name, args...)
+	if strings.Contains(out, "verification failed") || strings.Contains(string(out), "verify: bad") {
 		t.Fatalf("%s %s: verification failed\n%s", name, strings.Join(args, " "), out)
 	}
 	return string(out)

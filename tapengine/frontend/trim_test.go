@@ -7,6 +7,7 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/parallel"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/ring"
 )
@@ -84,7 +85,7 @@ func TestTrimWhileBusy(t *testing.T) {
 	r := newRigOpts(t, Options{Protocol: blkif.X86_64, RingOrder: 1, MaxIndirectSegments: 64}, workers*region,
 		ring.Options{MaxIndirectSegments: 64})
 	stop := make(chan struct{})
-	trims := make(chan int)
+	trims := make(chan int, 1) // buffered: a failed run does not read it
 	go func() {
 		n := 0
 		defer func() { trims <- n }()
@@ -101,24 +102,14 @@ func TestTrimWhileBusy(t *testing.T) {
 			n++
 		}
 	}()
-	var wg sync.WaitGroup
-	errs := make(chan error, workers)
-	for w := range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs <- exercise(r.f, int64(w)*region, region, uint64(w)+100)
-		}()
-	}
-	wg.Wait()
-	close(stop)
+	func() {
+		// The trimmer stops even when a worker fails the test.
+		defer close(stop)
+		parallel.Run(t, workers, func(w int) error {
+			return exercise(r.f, int64(w)*region, region, uint64(w)+100)
+		})
+	}()
 	t.Logf("%d trims during the run", <-trims)
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
 }
 
 // TestTrimAfterClose: Trim on a closed frontend returns the close error

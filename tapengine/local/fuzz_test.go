@@ -2,22 +2,19 @@ package local
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/internal/corpus"
 )
 
 // FuzzAttach: whatever a memfd holds (header, flags, size) and whatever
 // ring refs come with it, Attach either refuses with a clear error or
 // gives a transport whose Page answers every ref without panicking.
 func FuzzAttach(f *testing.F) {
-	files, _ := filepath.Glob(filepath.Join("testdata", "*.mem"))
-	for _, p := range files {
-		if b, err := os.ReadFile(p); err == nil {
-			f.Add(b, uint32(1), uint8(1))
-		}
+	for _, b := range corpus.Files(f, "*.mem") {
+		f.Add(b, uint32(1), uint8(1))
 	}
 	g, err := NewGrantTable(3)
 	if err != nil {

@@ -99,6 +99,37 @@ func (tc *testClient) simpleOpt(opt uint32) (uint32, error) {
 	return typ, err
 }
 
+// infoData is the data of NBD_OPT_INFO and NBD_OPT_GO: the export name and
+// the information requests.
+func infoData(name string, infos ...uint16) []byte {
+	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
+	d = append(d, name...)
+	d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
+	for _, i := range infos {
+		d = binary.BigEndian.AppendUint16(d, i)
+	}
+	return d
+}
+
+// untilAck reads option replies up to the ACK that ends them, handing
+// each other reply to each (nil: ignore them); each's error stops it.
+func (tc *testClient) untilAck(each func(typ uint32, data []byte) error) error {
+	for {
+		_, typ, data, err := tc.optReply()
+		if err != nil {
+			return err
+		}
+		if typ == nbdwire.RepAck {
+			return nil
+		}
+		if each != nil {
+			if err := each(typ, data); err != nil {
+				return err
+			}
+		}
+	}
+}
+
 // handshake negotiates as asked and GOes to export name.
 func (tc *testClient) handshake(name string, structured, ext bool, meta ...string) error {
 	if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
@@ -126,24 +157,18 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 		if err := tc.sendOpt(nbdwire.OptSetMetaContext, d); err != nil {
 			return err
 		}
-		for {
-			_, typ, data, err := tc.optReply()
-			if err != nil {
-				return err
-			}
-			if typ == nbdwire.RepAck {
-				break
-			}
+		err := tc.untilAck(func(typ uint32, data []byte) error {
 			if typ != nbdwire.RepMetaContext {
 				return fmt.Errorf("SET_META_CONTEXT reply %#x %q", typ, data)
 			}
 			tc.metaIDs[string(data[4:])] = binary.BigEndian.Uint32(data)
+			return nil
+		})
+		if err != nil {
+			return err
 		}
 	}
-	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	d = append(d, name...)
-	d = binary.BigEndian.AppendUint16(d, 0)
-	if err := tc.sendOpt(nbdwire.OptGo, d); err != nil {
+	if err := tc.sendOpt(nbdwire.OptGo, infoData(name)); err != nil {
 		return err
 	}
 	for {

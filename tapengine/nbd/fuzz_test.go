@@ -95,19 +95,25 @@ func FuzzServeConn(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte) {
 		be := layered{newMem(1 << 20)}
 		s := &Server{Export: Export{Name: "disk", Backend: be}, HandshakeTimeout: 5 * time.Second, MaxInFlight: 4}
-		a, b := net.Pipe()
-		done := make(chan error, 1)
-		go func() { done <- s.ServeConn(context.Background(), a) }()
-		go io.Copy(io.Discard, b)
-		b.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		b.Write(data)
-		b.Close()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("server did not finish after the client hung up")
-		}
+		serveBytes(t, s, data)
 	})
+}
+
+// serveBytes plays data to s as a client that then hangs up, and fails
+// the test if the server does not finish soon after.
+func serveBytes(t *testing.T, s *Server, data []byte) {
+	a, b := net.Pipe()
+	done := make(chan error, 1)
+	go func() { done <- s.ServeConn(context.Background(), a) }()
+	go io.Copy(io.Discard, b)
+	b.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	b.Write(data)
+	b.Close()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("server did not finish after the client hung up")
+	}
 }
 
 // FuzzServeConnStarter is FuzzServeConn against the paths a guest view
@@ -123,18 +129,7 @@ func FuzzServeConnStarter(f *testing.F) {
 		defer close(be.queue)
 		s := &Server{Export: Export{Name: "disk", Backend: be, RoundTrip: true, InlineWrites: true},
 			HandshakeTimeout: 5 * time.Second, MaxInFlight: 4}
-		a, b := net.Pipe()
-		done := make(chan error, 1)
-		go func() { done <- s.ServeConn(context.Background(), a) }()
-		go io.Copy(io.Discard, b)
-		b.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		b.Write(data)
-		b.Close()
-		select {
-		case <-done:
-		case <-time.After(10 * time.Second):
-			t.Fatal("server did not finish after the client hung up")
-		}
+		serveBytes(t, s, data)
 	})
 }
 
@@ -151,15 +146,6 @@ func seedConversations() []seedConv {
 		b = binary.BigEndian.AppendUint32(b, o)
 		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
 		return append(b, d...)
-	}
-	goData := func(name string, infos ...uint16) []byte {
-		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		d = append(d, name...)
-		d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
-		for _, i := range infos {
-			d = binary.BigEndian.AppendUint16(d, i)
-		}
-		return d
 	}
 	meta := func(name string, qs ...string) []byte {
 		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
@@ -191,21 +177,21 @@ func seedConversations() []seedConv {
 	}
 
 	var out []seedConv
-	b := opt(append([]byte(nil), flags...), nbdwire.OptGo, goData("disk", nbdwire.InfoName, nbdwire.InfoDescription, nbdwire.InfoBlockSize))
+	b := opt(append([]byte(nil), flags...), nbdwire.OptGo, infoData("disk", nbdwire.InfoName, nbdwire.InfoDescription, nbdwire.InfoBlockSize))
 	out = append(out, seedConv{"simple-go", commands(b, false)})
 
 	b = opt(append([]byte(nil), flags...), nbdwire.OptList, nil)
-	b = opt(b, nbdwire.OptInfo, goData(""))
+	b = opt(b, nbdwire.OptInfo, infoData(""))
 	b = opt(b, nbdwire.OptStructuredReply, nil)
 	b = opt(b, nbdwire.OptListMetaContext, meta("disk"))
 	b = opt(b, nbdwire.OptSetMetaContext, meta("disk", nameBaseAllocation, nameAllocDepth))
-	b = opt(b, nbdwire.OptGo, goData("disk"))
+	b = opt(b, nbdwire.OptGo, infoData("disk"))
 	out = append(out, seedConv{"structured-meta", commands(b, false)})
 
 	b = opt(append([]byte(nil), flags...), nbdwire.OptExtendedHeaders, nil)
 	b = opt(b, nbdwire.OptSetMetaContext, meta("disk", "base:"))
 	b = opt(b, nbdwire.OptSetMetaContext, meta("disk", nameBaseAllocation))
-	b = opt(b, nbdwire.OptGo, goData("disk"))
+	b = opt(b, nbdwire.OptGo, infoData("disk"))
 	out = append(out, seedConv{"extended", commands(b, true)})
 
 	b = opt(append([]byte(nil), flags...), nbdwire.OptExportName, []byte("disk"))
@@ -221,11 +207,11 @@ func seedConversations() []seedConv {
 	b = opt(append([]byte(nil), flags...), nbdwire.OptSetMetaContext, meta("disk", "x"))
 	out = append(out, seedConv{"meta-without-structured", b})
 
-	b = opt(append([]byte(nil), flags...), nbdwire.OptGo, goData("disk"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptGo, infoData("disk"))
 	b = req(b, false, Request{Type: nbdwire.CmdWrite, Cookie: 1, Length: 0xffffffff}, nil)
 	out = append(out, seedConv{"write-payload-too-big", b})
 
-	b = opt(append([]byte(nil), flags...), nbdwire.OptGo, goData("disk"))
+	b = opt(append([]byte(nil), flags...), nbdwire.OptGo, infoData("disk"))
 	b = append(b, bytes.Repeat([]byte{0x41}, 40)...)
 	out = append(out, seedConv{"request-bad-magic", b})
 
@@ -242,8 +228,7 @@ func seedTLSConversations() []seedConv {
 		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
 		return append(b, d...)
 	}
-	goData := binary.BigEndian.AppendUint32(nil, 4)
-	goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
+	goData := infoData("disk")
 	flags := binary.BigEndian.AppendUint32(nil, nbdwire.ClientFlagFixedNewstyle|nbdwire.ClientFlagNoZeroes)
 	var out []seedConv
 

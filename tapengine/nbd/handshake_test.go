@@ -2,6 +2,7 @@ package nbd
 
 import (
 	"encoding/binary"
+	"fmt"
 	"testing"
 
 	"github.com/blktap-go/blktap/internal/nbdwire"
@@ -11,15 +12,6 @@ import (
 func TestOptionHaggling(t *testing.T) {
 	be := newMem(1 << 20)
 	_, sock, _ := startServer(t, Export{Name: "disk", Description: "d", Backend: be})
-	nameData := func(name string, infos ...uint16) []byte {
-		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		d = append(d, name...)
-		d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
-		for _, i := range infos {
-			d = binary.BigEndian.AppendUint16(d, i)
-		}
-		return d
-	}
 	t.Run("errors then GO", func(t *testing.T) {
 		tc := dial(t, sock)
 		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle); err != nil {
@@ -34,12 +26,12 @@ func TestOptionHaggling(t *testing.T) {
 			{nbdwire.OptStartTLS, nil, nbdwire.RepErrPolicy},
 			{nbdwire.OptList, []byte("x"), nbdwire.RepErrInvalid},
 			{nbdwire.OptStructuredReply, []byte("x"), nbdwire.RepErrInvalid},
-			{nbdwire.OptInfo, nameData("nosuch"), nbdwire.RepErrUnknown},
-			{nbdwire.OptGo, nameData("nosuch"), nbdwire.RepErrUnknown},
+			{nbdwire.OptInfo, infoData("nosuch"), nbdwire.RepErrUnknown},
+			{nbdwire.OptGo, infoData("nosuch"), nbdwire.RepErrUnknown},
 			{nbdwire.OptGo, []byte{0, 0, 0, 9, 'a'}, nbdwire.RepErrInvalid},
-			{nbdwire.OptInfo, append(nameData("disk"), 0), nbdwire.RepErrInvalid},
+			{nbdwire.OptInfo, append(infoData("disk"), 0), nbdwire.RepErrInvalid},
 			{nbdwire.OptSetMetaContext, nil, nbdwire.RepErrInvalid}, // before STRUCTURED_REPLY
-			{nbdwire.OptInfo, nameData("disk", nbdwire.InfoName, nbdwire.InfoDescription), nbdwire.RepAck},
+			{nbdwire.OptInfo, infoData("disk", nbdwire.InfoName, nbdwire.InfoDescription), nbdwire.RepAck},
 			{nbdwire.OptStructuredReply, nil, nbdwire.RepAck},
 			{nbdwire.OptStructuredReply, nil, nbdwire.RepErrInvalid}, // twice
 		}
@@ -69,15 +61,9 @@ func TestOptionHaggling(t *testing.T) {
 		if _, typ, _, err := tc.optReply(); err != nil || typ != nbdwire.RepErrTooBig {
 			t.Fatalf("long option: %#x %v", typ, err)
 		}
-		tc.sendOpt(nbdwire.OptGo, nameData("disk"))
-		for {
-			_, typ, _, err := tc.optReply()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if typ == nbdwire.RepAck {
-				break
-			}
+		tc.sendOpt(nbdwire.OptGo, infoData("disk"))
+		if err := tc.untilAck(nil); err != nil {
+			t.Fatal(err)
 		}
 		tc.structured = true
 		mustOK(t)(tc.do(Request{Type: nbdwire.CmdFlush, Cookie: 5}, nil))
@@ -138,18 +124,15 @@ func TestOptionHaggling(t *testing.T) {
 		d = binary.BigEndian.AppendUint32(d, 0)
 		tc.sendOpt(nbdwire.OptListMetaContext, d)
 		var got []string
-		for {
-			_, typ, data, err := tc.optReply()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if typ == nbdwire.RepAck {
-				break
-			}
+		err := tc.untilAck(func(typ uint32, data []byte) error {
 			if typ != nbdwire.RepMetaContext || binary.BigEndian.Uint32(data) != 0 {
-				t.Fatalf("reply %#x % x", typ, data)
+				return fmt.Errorf("reply %#x % x", typ, data)
 			}
 			got = append(got, string(data[4:]))
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
 		}
 		if len(got) != 2 || got[0] != nameBaseAllocation || got[1] != nameAllocDepth {
 			t.Fatalf("contexts %q", got)

@@ -96,8 +96,7 @@ func TestTLSForcedHaggling(t *testing.T) {
 		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
 			t.Fatal(err)
 		}
-		goData := binary.BigEndian.AppendUint32(nil, 4)
-		goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
+		goData := infoData("disk")
 		for _, st := range []struct {
 			opt  uint32
 			data []byte
@@ -138,17 +137,14 @@ func TestTLSForcedHaggling(t *testing.T) {
 		if err := tc.sendOpt(nbdwire.OptGo, goData); err != nil {
 			t.Fatal(err)
 		}
-		for {
-			_, typ, data, err := tc.optReply()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if typ == nbdwire.RepAck {
-				break
-			}
+		err := tc.untilAck(func(typ uint32, data []byte) error {
 			if typ != nbdwire.RepInfo {
-				t.Fatalf("GO: %#x %q", typ, data)
+				return fmt.Errorf("GO: %#x %q", typ, data)
 			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
 		}
 		payload := []byte(strings.Repeat("tls!", 1024))
 		mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 1, Offset: 8192, Length: 4096}, payload))
@@ -381,17 +377,9 @@ func BenchmarkTCPRead4k(b *testing.B) {
 					b.Fatal(err)
 				}
 			}
-			goData := binary.BigEndian.AppendUint32(nil, 4)
-			goData = binary.BigEndian.AppendUint16(append(goData, "disk"...), 0)
-			tc.sendOpt(nbdwire.OptGo, goData)
-			for {
-				_, typ, _, err := tc.optReply()
-				if err != nil {
-					b.Fatal(err)
-				}
-				if typ == nbdwire.RepAck {
-					break
-				}
+			tc.sendOpt(nbdwire.OptGo, infoData("disk"))
+			if err := tc.untilAck(nil); err != nil {
+				b.Fatal(err)
 			}
 			const qd, bs = 16, 4096
 			var out []byte

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/corpus"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 )
 
@@ -75,12 +76,8 @@ func TestWriteSeeds(t *testing.T) {
 // runs one drain of the backend: it must not panic or hang, and must
 // either answer every request it consumed or stop with ErrHostile.
 func FuzzServeRing(f *testing.F) {
-	files, _ := filepath.Glob(filepath.Join("testdata", "seeds", "*.ring"))
-	for _, p := range files {
-		b, err := os.ReadFile(p)
-		if err == nil {
-			f.Add(b)
-		}
+	for _, b := range corpus.Files(f, "seeds/*.ring") {
+		f.Add(b)
 	}
 	for _, b := range seeds() {
 		f.Add(b)

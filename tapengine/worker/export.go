@@ -11,9 +11,10 @@ import (
 	"github.com/blktap-go/blktap/tapengine/nbd"
 )
 
-// listenerFileOf duplicates the export's listening socket, so a daemon that
-// adopts this worker can keep the export alive across the worker's restart.
-func listenerFileOf(ln net.Listener) (*os.File, error) {
+// ListenerFile duplicates an export's listening socket, so that it can be
+// handed to another process (a worker, or a daemon adopting one) and the
+// export stays alive across either's restart.
+func ListenerFile(ln net.Listener) (*os.File, error) {
 	switch l := ln.(type) {
 	case *net.UnixListener:
 		return l.File()

@@ -175,7 +175,7 @@ func (w *worker) handleFDs(req *Request, fds []int) (Reply, []int) {
 		if w.nbdLn == nil {
 			return fail(fmt.Errorf("%w: no export served", errInvalid)), nil
 		}
-		f, err := listenerFileOf(w.nbdLn)
+		f, err := ListenerFile(w.nbdLn)
 		if err != nil {
 			return fail(err), nil
 		}

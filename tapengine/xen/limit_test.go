@@ -67,26 +67,8 @@ func TestBudgetOrder(t *testing.T) {
 // would be a failed I/O in the guest), and the next Serve answers it.
 func TestStopWhileWaitingForMappings(t *testing.T) {
 	budget := newMapBudget(4)
-	other := newFakeXen(t, testDomid, 8)
-	other.grant(100, 0, false)
-	other.grant(7, 7, false)
-	ot, err := Attach(other.device(), Options{Domid: testDomid, RingRefs: []uint32{100}, EventChannel: other.remotePort, budget: budget})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ot.Close()
-	for range 3 {
-		if _, err := ot.Page(7, false); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	f := newFakeXen(t, testDomid, 32)
-	g := newGuestRing(t, f, []int{0}, blkif.X86_64)
-	f.grant(500, 0, false)
-	for p := 16; p < 20; p++ {
-		f.grant(uint32(1000+p), p, false)
-	}
+	other := holdMappings(t, budget, 3)
+	f, g := guestWithFourPages(t)
 	img := &zeroImage{size: 1 << 20}
 	tr, err := Attach(f.device(), Options{Domid: testDomid, RingRefs: []uint32{500}, EventChannel: f.remotePort, budget: budget})
 	if err != nil {
@@ -125,7 +107,7 @@ func TestStopWhileWaitingForMappings(t *testing.T) {
 		t.Fatalf("%d mappings counted after the stop, want the other ring's 3", n)
 	}
 
-	if err := ot.(*Transport).ReleasePages(); err != nil {
+	if err := other.ReleasePages(); err != nil {
 		t.Fatal(err)
 	}
 	cancel, done = serve()
@@ -171,26 +153,8 @@ func TestServeWaitsForMappings(t *testing.T) {
 	budget := newMapBudget(4)
 
 	// Another ring of the process holds 3 of the 4.
-	other := newFakeXen(t, testDomid, 8)
-	other.grant(100, 0, false)
-	other.grant(7, 7, false)
-	ot, err := Attach(other.device(), Options{Domid: testDomid, RingRefs: []uint32{100}, EventChannel: other.remotePort, budget: budget})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ot.Close()
-	for range 3 {
-		if _, err := ot.Page(7, false); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	f := newFakeXen(t, testDomid, 32)
-	g := newGuestRing(t, f, []int{0}, blkif.X86_64)
-	f.grant(500, 0, false)
-	for p := 16; p < 20; p++ {
-		f.grant(uint32(1000+p), p, false)
-	}
+	other := holdMappings(t, budget, 3)
+	f, g := guestWithFourPages(t)
 	path := filepath.Join(t.TempDir(), "disk.raw")
 	if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
@@ -228,11 +192,42 @@ func TestServeWaitsForMappings(t *testing.T) {
 		case <-time.After(time.Millisecond):
 		}
 	}
-	if err := ot.(*Transport).ReleasePages(); err != nil {
+	if err := other.ReleasePages(); err != nil {
 		t.Fatal(err)
 	}
 	expectOK(t, <-rsp, 9)
 	if n := budget.inUse(); n != 0 {
 		t.Errorf("%d mappings still counted after the batch", n)
 	}
+}
+
+// holdMappings attaches another ring of the process that takes n of the
+// budget's mappings and keeps them until it releases them or the test ends.
+func holdMappings(t *testing.T, budget *mapBudget, n int) *Transport {
+	other := newFakeXen(t, testDomid, 8)
+	other.grant(100, 0, false)
+	other.grant(7, 7, false)
+	ot, err := Attach(other.device(), Options{Domid: testDomid, RingRefs: []uint32{100}, EventChannel: other.remotePort, budget: budget})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ot.Close() })
+	for range n {
+		if _, err := ot.Page(7, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ot.(*Transport)
+}
+
+// guestWithFourPages is a guest ring on ref 500 whose data pages 16-19 are
+// granted as refs 1016-1019.
+func guestWithFourPages(t *testing.T) (*fakeXen, *guestRing) {
+	f := newFakeXen(t, testDomid, 32)
+	g := newGuestRing(t, f, []int{0}, blkif.X86_64)
+	f.grant(500, 0, false)
+	for p := 16; p < 20; p++ {
+		f.grant(uint32(1000+p), p, false)
+	}
+	return f, g
 }

@@ -136,3 +136,25 @@ func (g *GroupSync) Sync(sync func() error) error {
 	}
 	return g.err
 }
+
+// OpenWith opens the image file at path, read-only or read-write, and
+// hands it to use; when use fails the file is closed, since nothing else
+// holds it. An error from the open itself is prefixed with errPrefix, one
+// from use is returned as it is. Every format opens its file this way.
+func OpenWith[T any](path string, readOnly bool, errPrefix string, use func(*os.File) (T, error)) (T, error) {
+	var zero T
+	flag := os.O_RDWR
+	if readOnly {
+		flag = os.O_RDONLY
+	}
+	f, err := os.OpenFile(path, flag, 0)
+	if err != nil {
+		return zero, fmt.Errorf("%s: %w", errPrefix, err)
+	}
+	v, err := use(f)
+	if err != nil {
+		f.Close()
+		return zero, err
+	}
+	return v, nil
+}
