@@ -112,30 +112,34 @@ func (w *worker) connect(req *Request, fds []int) Reply {
 	w.ring.mu.Lock()
 	w.ring.queues[req.Queue], w.ring.err = qs, nil
 	w.ring.mu.Unlock()
-	go func() {
-		defer close(qs.done)
-		defer t.Close()
-		opts := RingOptions(w.readOnly)
-		opts.Logger, opts.Stats = w.logger.With("queue", req.Queue), &w.ring.stats
-		if w.format == "rbd" {
-			// Each request is an OSD round trip: a batch's requests
-			// overlap instead of waiting one after another on the loop.
-			opts.Workers = 32
-		}
-		err := ring.Serve(ctx, t, proto, w.io, opts)
-		w.ring.mu.Lock()
-		qs.running = false
-		if err != nil && ctx.Err() == nil {
-			w.ring.err = err
-			w.ring.report(err)
-		}
-		w.ring.mu.Unlock()
-		if err != nil && ctx.Err() == nil {
-			w.logger.Error("worker: ring stopped", "queue", req.Queue, "err", err)
-		}
-	}()
+	go w.serveQueue(ctx, qs, req.Queue, t, proto)
 	w.logger.Info("worker: ring connected", "queue", req.Queue, "protocol", proto.String(), "refs", req.RingRefs)
 	return Reply{OK: true}
+}
+
+// serveQueue serves one queue's ring until it stops: on the daemon's
+// word (ctx), or on its own, a fault recorded and reported (watch.go).
+func (w *worker) serveQueue(ctx context.Context, qs *queueState, queue int, t ring.Transport, proto blkif.Protocol) {
+	defer close(qs.done)
+	defer t.Close()
+	opts := RingOptions(w.readOnly)
+	opts.Logger, opts.Stats = w.logger.With("queue", queue), &w.ring.stats
+	if w.format == "rbd" {
+		// Each request is an OSD round trip: a batch's requests
+		// overlap instead of waiting one after another on the loop.
+		opts.Workers = 32
+	}
+	err := ring.Serve(ctx, t, proto, w.io, opts)
+	w.ring.mu.Lock()
+	qs.running = false
+	if err != nil && ctx.Err() == nil {
+		w.ring.err = err
+		w.ring.report(err)
+	}
+	w.ring.mu.Unlock()
+	if err != nil && ctx.Err() == nil {
+		w.logger.Error("worker: ring stopped", "queue", queue, "err", err)
+	}
 }
 
 // RingOptions are what a worker serves a ring with; the daemon publishes
