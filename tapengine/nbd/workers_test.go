@@ -14,6 +14,7 @@ import (
 type barrierBackend struct {
 	memBackend
 	need int
+	wait time.Duration // how long a read waits for the others
 	mu   sync.Mutex
 	in   int
 	all  chan struct{}
@@ -28,7 +29,7 @@ func (b *barrierBackend) ReadAt(p []byte, off int64) (int, error) {
 	select {
 	case <-b.all:
 		return b.memBackend.ReadAt(p, off)
-	case <-time.After(3 * time.Second):
+	case <-time.After(b.wait):
 		return 0, errors.New("fewer reads than wanted ran at once")
 	}
 }
@@ -36,13 +37,27 @@ func (b *barrierBackend) ReadAt(p []byte, off int64) (int, error) {
 // Export.Workers: a backend that waits on a network (rbd's aio) gets as
 // many requests of one connection running at once as it asks for, beyond
 // the default 16; without it the same reads cannot all run together.
+//
+// Each read is larger than inlineMax: a small read that arrives with
+// nothing behind it in the socket runs on the reader goroutine (the
+// queue-depth-1 path), and here it would hold the reader at the barrier,
+// so that the others are never read, whatever Workers says.
 func TestExportWorkers(t *testing.T) {
 	const need = 40
+	const size = inlineMax + 4096
 	for _, c := range []struct {
 		workers int
 		ok      bool
 	}{{need, true}, {0, false}} {
-		be := &barrierBackend{memBackend: memBackend{data: make([]byte, 1<<20)}, need: need, all: make(chan struct{})}
+		// Where all must run at once, a read waits long: under -race on
+		// a loaded machine the 40 reach the backend slowly, and only a
+		// server that never runs them together fails. Where they cannot,
+		// no wait is long enough, so a short one ends the case soon.
+		wait := 2 * time.Second
+		if c.ok {
+			wait = 30 * time.Second
+		}
+		be := &barrierBackend{memBackend: memBackend{data: make([]byte, need*size)}, need: need, wait: wait, all: make(chan struct{})}
 		_, _, uri := startServer(t, Export{Backend: be, RoundTrip: true, Workers: c.workers})
 		img, err := nbdclient.Open(uri, nbdclient.Options{})
 		if err != nil {
@@ -54,7 +69,7 @@ func TestExportWorkers(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				if _, err := img.ReadAt(make([]byte, 4096), int64(i)*4096); err != nil {
+				if _, err := img.ReadAt(make([]byte, size), int64(i)*size); err != nil {
 					errs <- err
 				}
 			}()
