@@ -22,8 +22,12 @@ UNITDIR   ?= /lib/systemd/system
 
 all: build
 
+# blktap and its worker binary (scripts/build.sh says why they go together).
+# $(call build-pair,ENV,DIR,FLAGS)
+build-pair = $(1) GO=$(GO) LDFLAGS='$(LDFLAGS)' scripts/build.sh $(2) $(3)
+
 build:
-	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/blktap ./cmd/blktap
+	$(call build-pair,,$(BIN))
 	ln -sf blktap $(BIN)/qcow-create
 	ln -sf blktap $(BIN)/img2qcow
 	ln -sf blktap $(BIN)/qcow2raw
@@ -45,7 +49,7 @@ run: build
 RBD_TAGS  ?= rbd pacific
 RBD_PKGS  := ./formats/rbd/ ./cmd/blktap/
 build-rbd:
-	$(GO) build -tags '$(RBD_TAGS)' -ldflags "$(LDFLAGS)" -o $(BIN)/blktap ./cmd/blktap
+	$(call build-pair,,$(BIN),-tags '$(RBD_TAGS)')
 
 oracles:
 	./scripts/install-oracles.sh
@@ -99,9 +103,9 @@ soak: oracles
 # Linux blkfront; one PASS/FAIL line per scenario (test/xen/run.sh). The
 # packages and images are cached in XEN_TEST_CACHE (/var/cache/blktap-xen-test).
 xen-test:
-	mkdir -p $(BIN)
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN)/blktap-static ./cmd/blktap
-	BLKTAP_BIN=$(BIN)/blktap-static test/xen/run.sh
+	mkdir -p $(BIN)/static
+	$(call build-pair,CGO_ENABLED=0,$(BIN)/static,-trimpath)
+	BLKTAP_BIN=$(BIN)/static/blktap test/xen/run.sh
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchmem ./...
@@ -130,7 +134,7 @@ fuzz:
 # The binary in it is static (CGO_ENABLED=0): no Depends on a libc version.
 deb:
 	mkdir -p dist
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "$(LDFLAGS)" -o dist/blktap ./cmd/blktap
+	$(call build-pair,CGO_ENABLED=0,dist,-trimpath)
 	VERSION=$(VERSION) packaging/deb.sh dist/blktap dist
 
 # For hosts without dpkg (same files as the .deb). The example desired

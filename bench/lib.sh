@@ -48,11 +48,11 @@ shutdown_daemon() {
 }
 
 # build_blktap sets BLKTAP: the one given, else $REPO/bin/blktap, else a
-# build of this tree into the work dir $1.
+# build of this tree (blktap and its worker) into the work dir $1.
 build_blktap() {
 	BLKTAP=${BLKTAP:-$REPO/bin/blktap}
 	[[ -x $BLKTAP ]] && return 0
 	log "$BLKTAP is missing: go build into the work dir"
-	(cd "$REPO" && nice -n 19 go build -o "$1/blktap" ./cmd/blktap) || die "go build ./cmd/blktap failed"
+	nice -n 19 "$REPO/scripts/build.sh" "$1" || die "scripts/build.sh failed"
 	BLKTAP=$1/blktap
 }

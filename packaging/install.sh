@@ -3,6 +3,9 @@
 # used by `make install`/`make uninstall` and by packaging/deb.sh.
 #
 #   install.sh install   BIN DESTDIR PREFIX SYSCONFDIR UNITDIR
+#
+# BIN is blktap as scripts/build.sh builds it, with blktap-worker beside it;
+# the worker goes to PREFIX/libexec/blktap, where blktap looks for it.
 #   install.sh uninstall ""  DESTDIR PREFIX SYSCONFDIR UNITDIR
 #
 # The example desired state is installed only where none exists, and removed
@@ -12,6 +15,7 @@ op=$1 bin=$2 dest=$3 prefix=$4 etc=$5 unitdir=$6
 src=$(cd "$(dirname "$0")/.." && pwd)
 
 sbin=$dest$prefix/sbin
+libexec=$dest$prefix/libexec/blktap
 ubin=$dest$prefix/bin
 man8=$dest$prefix/share/man/man8
 compl=$dest$prefix/share/bash-completion/completions
@@ -35,8 +39,11 @@ sbin_links="tap-ctl"
 case $op in
 install)
 	[ -x "$bin" ] || { echo "install.sh: $bin is not an executable (run make build)" >&2; exit 1; }
-	install -d "$sbin" "$ubin" "$man8" "$compl" "$zcompl" "$fcompl" "$doc" "$units" "$hotplug" "$conf"
+	worker=$(dirname "$bin")/blktap-worker
+	[ -x "$worker" ] || { echo "install.sh: $worker is not an executable (run make build)" >&2; exit 1; }
+	install -d "$sbin" "$libexec" "$ubin" "$man8" "$compl" "$zcompl" "$fcompl" "$doc" "$units" "$hotplug" "$conf"
 	install -m 0755 "$bin" "$sbin/blktap"
+	install -m 0755 "$worker" "$libexec/blktap-worker"
 	for l in $bin_links; do ln -sfn ../sbin/blktap "$ubin/$l"; done
 	for l in $sbin_links; do ln -sfn blktap "$sbin/$l"; done
 	sed "s|/usr/sbin/blktap|$prefix/sbin/blktap|g" "$src/packaging/systemd/blktap.service" >"$units/blktap.service"
@@ -55,7 +62,7 @@ install)
 	chmod 0644 "$doc/changelog.gz"
 	;;
 uninstall)
-	rm -f "$sbin/blktap" "$units/blktap.service" "$hotplug/block-blktap" \
+	rm -f "$sbin/blktap" "$libexec/blktap-worker" "$units/blktap.service" "$hotplug/block-blktap" \
 		"$man8/blktap.8.gz" "$compl/blktap" "$zcompl/_blktap" "$fcompl/blktap.fish" \
 		"$doc/copyright" "$doc/changelog.gz"
 	for l in $bin_links; do rm -f "$ubin/$l"; done
@@ -65,7 +72,7 @@ uninstall)
 	elif [ -e "$conf/disks.yaml" ]; then
 		echo "install.sh: keeping $conf/disks.yaml (edited)" >&2
 	fi
-	rmdir "$doc" "$conf" 2>/dev/null || true
+	rmdir "$libexec" "$doc" "$conf" 2>/dev/null || true
 	;;
 *)
 	echo "usage: install.sh install|uninstall BIN DESTDIR PREFIX SYSCONFDIR UNITDIR" >&2

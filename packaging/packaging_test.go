@@ -44,9 +44,9 @@ func buildBlktap(t *testing.T) string {
 			return
 		}
 		built.bin = filepath.Join(built.dir, "blktap")
-		out, err := exec.Command("go", "build", "-o", built.bin, "../cmd/blktap").CombinedOutput()
+		out, err := exec.Command("../scripts/build.sh", built.dir).CombinedOutput()
 		if err != nil {
-			built.err = fmt.Errorf("go build: %v\n%s", err, out)
+			built.err = fmt.Errorf("scripts/build.sh: %v\n%s", err, out)
 		}
 	})
 	if built.err != nil {
@@ -347,7 +347,7 @@ func TestDeb(t *testing.T) {
 		t.Fatal(err)
 	}
 	want := []string{
-		"./usr/sbin/blktap", "./usr/bin/qcow-create -> ../sbin/blktap", "./usr/bin/img2qcow -> ../sbin/blktap",
+		"./usr/sbin/blktap", "./usr/libexec/blktap/blktap-worker", "./usr/bin/qcow-create -> ../sbin/blktap", "./usr/bin/img2qcow -> ../sbin/blktap",
 		"./usr/bin/qcow2raw -> ../sbin/blktap", "./usr/sbin/tap-ctl -> blktap",
 		"./lib/systemd/system/blktap.service", "./etc/xen/scripts/block-blktap", "./etc/blktap/disks.yaml",
 		"./usr/share/man/man8/blktap.8.gz", "./usr/share/bash-completion/completions/blktap",
@@ -443,7 +443,7 @@ func TestInstallUninstall(t *testing.T) {
 		}
 	}
 	runSh("install", bin, dest, "/usr/local", "/etc", "/lib/systemd/system")
-	for _, p := range []string{"usr/local/sbin/blktap", "usr/local/bin/qcow2raw", "usr/local/sbin/tap-ctl",
+	for _, p := range []string{"usr/local/sbin/blktap", "usr/local/libexec/blktap/blktap-worker", "usr/local/bin/qcow2raw", "usr/local/sbin/tap-ctl",
 		"lib/systemd/system/blktap.service", "etc/xen/scripts/block-blktap", "etc/blktap/disks.yaml",
 		"usr/local/share/man/man8/blktap.8.gz", "usr/local/share/bash-completion/completions/blktap",
 		"usr/local/share/zsh/site-functions/_blktap", "usr/local/share/fish/vendor_completions.d/blktap.fish"} {

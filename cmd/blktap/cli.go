@@ -114,7 +114,7 @@ func addGlobalFlags(root *cobra.Command) {
 }
 
 // applyGlobalFlags checks the global flags and hands the logging ones to
-// newLogger (and the workers) through the environment.
+// logsetup.New (and the workers) through the environment.
 func applyGlobalFlags(c *cobra.Command, _ []string) error {
 	flags := c.Flags()
 	if flags.Changed("state-dir") && global.stateDir == "" {

@@ -3,8 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -13,45 +11,13 @@ import (
 
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
+	"github.com/blktap-go/blktap/internal/logsetup"
 	"github.com/blktap-go/blktap/internal/units"
 	"github.com/blktap-go/blktap/reconciler"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore/xscli"
 	"github.com/spf13/cobra"
 )
-
-// newLogger logs to standard error as text, or JSON when BLKTAP_LOG_FORMAT
-// (or --log-format, which sets it for the workers too) says json, at the
-// level BLKTAP_LOG_LEVEL (--log-level) names, else info (debug with
-// BLKTAP_DEBUG).
-// When standard error is journald's stream, each line starts with its
-// syslog priority and goes without a time (journald adds its own).
-func newLogger() *slog.Logger {
-	level := slog.LevelInfo
-	if os.Getenv("BLKTAP_DEBUG") != "" {
-		level = slog.LevelDebug
-	}
-	if l := os.Getenv("BLKTAP_LOG_LEVEL"); l != "" {
-		level.UnmarshalText([]byte(l)) // --log-level checked it; a bad inherited one keeps the default
-	}
-	opts := &slog.HandlerOptions{Level: level}
-	newHandler := func(w io.Writer) slog.Handler {
-		if os.Getenv("BLKTAP_LOG_FORMAT") == "json" {
-			return slog.NewJSONHandler(w, opts)
-		}
-		return slog.NewTextHandler(w, opts)
-	}
-	if stderrIsJournal() {
-		opts.ReplaceAttr = func(groups []string, a slog.Attr) slog.Attr {
-			if len(groups) == 0 && a.Key == slog.TimeKey {
-				return slog.Attr{}
-			}
-			return a
-		}
-		return slog.New(newJournalHandler(os.Stderr, newHandler))
-	}
-	return slog.New(newHandler(os.Stderr))
-}
 
 // DefaultConfig is the desired-state file `blktap run` reads when -c is
 // not given and the file exists (the Debian package installs an empty one).
@@ -138,6 +104,7 @@ func cmdRun(pos []string, o runOptions) error {
 		return err
 	}
 	ver, commit, _, _ := buildVersion()
+	log := logsetup.New()
 	return reconciler.Run(context.Background(), reconciler.Options{
 		StateDir:     sd,
 		ConfigPath:   cfg,
@@ -148,7 +115,8 @@ func cmdRun(pos []string, o runOptions) error {
 		RBDAllow:     rbdAllow,
 		RAMMax:       ramLimit,
 		MetricsAddr:  o.metrics,
-		Logger:       newLogger(),
+		Logger:       log,
+		Exe:          workerExe(log),
 		Version:      ver,
 		Commit:       commit,
 	})
@@ -191,7 +159,7 @@ func newWorkerCommand() *cobra.Command {
 		// The daemon closes each disk in order on SIGTERM; a signal that
 		// reaches the worker directly (a process-group kill) means the same.
 		signal.Ignore(syscall.SIGINT, syscall.SIGHUP)
-		log := newLogger().With("worker", *name, "pid", os.Getpid())
+		log := logsetup.New().With("worker", *name, "pid", os.Getpid())
 		os.Exit(worker.Main(log, *adopt))
 		return nil
 	}

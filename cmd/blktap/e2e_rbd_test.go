@@ -16,15 +16,10 @@ import (
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
-// buildRBDBinary builds cmd/blktap with the rbd format.
+// buildRBDBinary builds blktap and its worker with the rbd format.
 func buildRBDBinary(t testing.TB) string {
 	t.Helper()
-	bin := filepath.Join(t.TempDir(), "blktap")
-	out, err := exec.Command("go", "build", "-tags", "rbd pacific", "-o", bin, ".").CombinedOutput()
-	if err != nil {
-		t.Fatalf("go build -tags rbd: %v\n%s", err, out)
-	}
-	return bin
+	return buildPair(t, "-tags", "rbd pacific")
 }
 
 // TestEndToEndRBDHandoff plays two hosts (two daemons with their own state

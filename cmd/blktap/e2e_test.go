@@ -27,13 +27,20 @@ import (
 // buildBinary builds cmd/blktap once per test binary run.
 func buildBinary(t testing.TB) string {
 	t.Helper()
+	return buildPair(t)
+}
+
+// buildPair builds blktap and its worker binary as make build does
+// (scripts/build.sh), so the daemons under test run their workers from
+// blktap-worker; the go build flags are passed on (tags).
+func buildPair(t testing.TB, flags ...string) string {
+	t.Helper()
 	dir := t.TempDir()
-	bin := filepath.Join(dir, "blktap")
-	out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput()
+	out, err := exec.Command("../../scripts/build.sh", append([]string{dir}, flags...)...).CombinedOutput()
 	if err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+		t.Fatalf("scripts/build.sh %v: %v\n%s", flags, err, out)
 	}
-	return bin
+	return filepath.Join(dir, "blktap")
 }
 
 type daemon struct {

@@ -117,6 +117,9 @@ if [ -n "${XT_PKG_DIR:-}" ]; then
   install -m 0755 "$XT_PKG_DIR/systemctl" "$R/usr/bin/systemctl"
 else
   install -m 0755 "$blktap" "$R/usr/sbin/blktap"; ln -s blktap "$R/usr/sbin/tap-ctl"   # docs/TAP-CTL.md
+  # the worker binary, where an installed blktap looks for it (cmd/blktap/workerexe.go)
+  [ ! -f "$(dirname "$blktap")/blktap-worker" ] ||
+    install -D -m 0755 "$(dirname "$blktap")/blktap-worker" "$R/usr/libexec/blktap/blktap-worker"
   install -m 0755 "$repo/scripts/xen/block-blktap" "$R/etc/xen/scripts/block-blktap"
 fi
 cp "$here/dom0/init" "$R/init"; chmod +x "$R/init"

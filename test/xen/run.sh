@@ -18,7 +18,9 @@
 #   XEN_TEST_CPU     qemu's -cpu (default qemu64; see below)
 #   XEN_TEST_STRESS  N: instead of the scenarios, N rounds of short-lived
 #                    programs in dom0, counting the ones that die (flake rate)
-#   BLKTAP_BIN       the (static) blktap binary to put in dom0 (default: built here)
+#   BLKTAP_BIN       the (static) blktap binary to put in dom0, with the
+#                    blktap-worker beside it if there is one (default: both
+#                    built here by scripts/build.sh)
 #   XEN_TEST_HVM     1 (default): per version with a device model (4.17), a
 #                    boot on an SVM CPU model running an HVM guest (hvm)
 #   XEN_TEST_PKG     1 (default): dom0 installs the .deb of `make deb` with
@@ -74,8 +76,11 @@ work=${XEN_TEST_WORK:-$cache}
 w=$work/work-4.17; mkdir -p "$w"
 if [ -n "${BLKTAP_BIN:-}" ]; then
   cp "$BLKTAP_BIN" "$w/blktap" || die "no $BLKTAP_BIN"
+  # its worker binary, when built beside it (scripts/build.sh)
+  rm -f "$w/blktap-worker"
+  [ ! -f "$(dirname "$BLKTAP_BIN")/blktap-worker" ] || cp "$(dirname "$BLKTAP_BIN")/blktap-worker" "$w/blktap-worker"
 else
-  (cd "$repo" && CGO_ENABLED=0 go build -trimpath -o "$w/blktap" ./cmd/blktap) || die "go build failed"
+  CGO_ENABLED=0 "$repo/scripts/build.sh" "$w" -trimpath || die "go build failed"
 fi
 if [ "${XEN_TEST_PKG:-1}" = 1 ]; then
   # The package of this tree (make deb), the previous version's package
@@ -112,6 +117,7 @@ declare -A XEN=([4.17]=$w/xen.elf) KERNEL=([4.17]=$kroot/boot/vmlinuz-$kver) INI
 # (never installed on the host); the same dom0 and guest images around them.
 if [[ " $versions " == *" 4.20 "* ]]; then
   w20=$work/work-4.20; mkdir -p "$w20"; cp "$w/blktap" "$w20/blktap"
+  rm -f "$w20/blktap-worker"; [ ! -f "$w/blktap-worker" ] || cp "$w/blktap-worker" "$w20/blktap-worker"
   line=$("$here/trixie/build.sh" "$cache" "$w20" "$w20/blktap" 2>"$out/build-4.20.log" | tail -n 1)
   [[ $line == XEN=* ]] || { tail -n 20 "$out/build-4.20.log" >&2; die "building the Xen 4.20 images failed (see $out/build-4.20.log)"; }
   for kv in $line; do
