@@ -476,3 +476,33 @@ func TestInstallUninstall(t *testing.T) {
 		t.Errorf("edited desired state lost: %v", err)
 	}
 }
+
+// debian/copyright names every Go module compiled into the two programs
+// the package ships (`go version -m` lists what the linker took).
+func TestCopyrightNamesEveryModule(t *testing.T) {
+	bin := buildBlktap(t)
+	text, err := os.ReadFile("debian/copyright")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, exe := range []string{bin, filepath.Join(filepath.Dir(bin), "blktap-worker")} {
+		out, err := exec.Command("go", "version", "-m", exe).Output()
+		if err != nil {
+			t.Fatalf("go version -m %s: %v", exe, err)
+		}
+		deps := 0
+		for _, line := range strings.Split(string(out), "\n") {
+			f := strings.Fields(line)
+			if len(f) < 2 || f[0] != "dep" {
+				continue
+			}
+			deps++
+			if !bytes.Contains(text, []byte(" "+f[1]+"/*\n")) {
+				t.Errorf("debian/copyright has no Files stanza for %s, compiled into %s", f[1], filepath.Base(exe))
+			}
+		}
+		if deps == 0 {
+			t.Errorf("go version -m %s lists no module: %s", exe, out)
+		}
+	}
+}
