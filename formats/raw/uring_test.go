@@ -1,0 +1,100 @@
+package raw
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"testing"
+
+	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/oracle"
+)
+
+// needURing fails under CI unless the runner declares io_uring off
+// (BLKTAP_NO_URING), so the uring path cannot silently go untested.
+func needURing(t *testing.T) {
+	t.Helper()
+	if err := URingSupported(); err != nil {
+		if os.Getenv("CI") == "true" && os.Getenv("BLKTAP_NO_URING") == "" {
+			t.Fatalf("io_uring unavailable under CI: %v", err)
+		}
+		t.Skipf("io_uring unavailable: %v", err)
+	}
+}
+
+// The image tests again, every read and write through io_uring.
+func TestURingImage(t *testing.T) {
+	needURing(t)
+	testURing = true
+	defer func() { testURing = false }()
+	_, img := newRaw(t, mib)
+	if img.rings == nil {
+		t.Fatal("Options.URing opened an image without rings")
+	}
+	for name, fn := range map[string]func(*testing.T){
+		"ReadWriteRange": TestReadWriteRange, "ShrunkFileIsNotEOF": TestShrunkFileIsNotEOF,
+		"Concurrent": TestConcurrent, "QemuInterop": TestQemuInterop, "CloseRacesIO": TestCloseRacesIO,
+		"Batch": TestBatchQemuIO,
+	} {
+		t.Run(name, fn)
+	}
+}
+
+// Batch writes land where qemu-io reads them, and Batch reads what qemu-io
+// wrote, in one call mixing reads, writes and bad ops; each op gets its
+// own error and a bad one spoils no other.
+func TestBatchQemuIO(t *testing.T) {
+	qio := oracle.Require(t, "qemu-io")
+	p, img := newRaw(t, 8*mib)
+	run := func(args ...string) {
+		t.Helper()
+		out, err := exec.Command(qio, args...).CombinedOutput()
+		if err != nil || bytes.Contains(out, []byte("Pattern verification failed")) {
+			t.Fatalf("qemu-io %v: %v\n%s", args, err, out)
+		}
+	}
+	run("-f", "raw", "-c", "write -P 0x11 0 64k", "-c", "write -P 0x22 4M 1M", p)
+	ops := []image.BatchOp{
+		{Buf: make([]byte, 64<<10)},
+		{Buf: make([]byte, mib), Off: 4 * mib},
+		{Write: true, Buf: bytes.Repeat([]byte{0x33}, 128<<10), Off: 2 * mib},
+		{Buf: make([]byte, 4096), Off: 8*mib - 512}, // past the end
+	}
+	for i := range 40 {
+		ops = append(ops, image.BatchOp{Write: true, Buf: bytes.Repeat([]byte{byte(0x40 + i)}, 4096), Off: 6*mib + int64(i)*4096})
+	}
+	img.Batch(ops)
+	for i, op := range ops {
+		want := error(nil)
+		if i == 3 {
+			want = image.ErrOutOfRange
+		}
+		if !errors.Is(op.Err, want) || (want == nil && op.Err != nil) {
+			t.Fatalf("op %d: %v, want %v", i, op.Err, want)
+		}
+	}
+	if !bytes.Equal(ops[0].Buf, bytes.Repeat([]byte{0x11}, 64<<10)) || !bytes.Equal(ops[1].Buf, bytes.Repeat([]byte{0x22}, mib)) {
+		t.Fatal("batch read differs from what qemu-io wrote")
+	}
+	if err := img.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"-f", "raw", "-r", "-c", "read -P 0x33 2M 128k", "-c", "read -P 0 2176k 64k"}
+	for i := range 40 {
+		args = append(args, "-c", fmt.Sprintf("read -P %#x %d 4k", 0x40+i, 6*mib+i*4096))
+	}
+	run(append(args, p)...)
+	// A read-only image refuses the batch's writes and still does its reads.
+	ro, err := Open(p, Options{ReadOnly: true, URing: testURing})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ro.Close()
+	rops := []image.BatchOp{{Write: true, Buf: make([]byte, 512)}, {Buf: make([]byte, 512)}}
+	ro.Batch(rops)
+	if !errors.Is(rops[0].Err, image.ErrReadOnly) || rops[1].Err != nil || rops[1].Buf[0] != 0x11 {
+		t.Fatalf("read-only batch: %v, %v", rops[0].Err, rops[1].Err)
+	}
+}
