@@ -64,7 +64,7 @@ func (s *server) serveBatch(n int) error {
 	}
 	jobs := s.batch[:n]
 	var r blkif.Request
-	if s.pool == nil {
+	if s.pool == nil && s.batcher == nil {
 		for i := range jobs {
 			s.back.Next(&r)
 			if !s.prepare(&r, &jobs[i]) {
@@ -117,18 +117,27 @@ func (s *server) runJobs(jobs []job) {
 	for i := range jobs {
 		if jobs[i].ordered() {
 			if i > start {
-				s.pool.run(jobs[start:i])
+				s.overlap(jobs[start:i])
 			}
 			s.exec(&jobs[i])
 			start = i + 1
 		}
 	}
 	if start < len(jobs) {
-		s.pool.run(jobs[start:])
+		s.overlap(jobs[start:])
 	}
 	for i := range jobs {
 		s.respond(&jobs[i])
 	}
+}
+
+// overlap runs jobs that may overlap: as one batch, or on the pool.
+func (s *server) overlap(jobs []job) {
+	if s.batcher != nil {
+		s.runBatch(jobs)
+		return
+	}
+	s.pool.run(jobs)
 }
 
 func (s *server) respond(j *job) {
