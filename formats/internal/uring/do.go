@@ -12,8 +12,9 @@ import (
 
 // Do runs every op on fd, as many at once as the ring holds, and returns
 // once all have completed. Each op's N and Err say how it went; the
-// returned error is the ring's own failure (io_uring_enter refused), after
-// which the ops not done carry it too. Ops may overlap in any order: the
+// returned error is the ring's own failure (io_uring_enter refused): then
+// every op short of len(Buf) carries it, and the ring is broken (a Pool
+// closes it on Put). Ops may overlap in any order: the
 // caller puts nothing in one call that must happen after another op of it.
 func (r *Ring) Do(fd int, ops []Op) error {
 	if len(ops) == 0 {
@@ -52,7 +53,10 @@ func (r *Ring) Do(fd int, ops []Op) error {
 		}
 		r.q.publish(tail)
 		if err := r.enter(tail, inflight+queued); err != nil {
-			failPending(ops, r.pending, err)
+			// Ops may still be in the kernel's hands: this ring must
+			// never be used again (the Pool closes it).
+			r.broken = true
+			failShort(ops, err)
 			return err
 		}
 		inflight += queued
@@ -112,8 +116,10 @@ func (r *Ring) complete(ops []Op, i int, res int32) {
 	}
 }
 
-func failPending(ops []Op, pending []int, err error) {
-	for _, i := range pending {
-		ops[i].Err = err
+func failShort(ops []Op, err error) {
+	for i := range ops {
+		if ops[i].Err == nil && ops[i].N < len(ops[i].Buf) {
+			ops[i].Err = err
+		}
 	}
 }

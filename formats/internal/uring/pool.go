@@ -49,7 +49,7 @@ func (p *Pool) Get() *Ring {
 // Put returns a ring Get lent.
 func (p *Pool) Put(r *Ring) {
 	p.mu.Lock()
-	if p.closed {
+	if p.closed || r.broken {
 		p.made--
 		p.mu.Unlock()
 		r.Close()

@@ -48,6 +48,7 @@ type Ring struct {
 	q       *queues
 	pending []int // ops still to submit (their index in the Do call)
 	pinner  runtime.Pinner
+	broken  bool // io_uring_enter failed: the ring's state is unknown
 }
 
 // ringEntries bounds one submission: a ring batch of 32 requests of 11

@@ -217,3 +217,32 @@ func TestPoolConcurrent(t *testing.T) {
 		t.Fatalf("%d rings made, limit 3", made)
 	}
 }
+
+// A ring whose io_uring_enter fails is broken: Do says so, its ops carry
+// the error, and the pool closes it instead of lending it again.
+func TestBrokenRingLeavesPool(t *testing.T) {
+	needRing(t)
+	p := NewPool(2)
+	defer p.Close()
+	r := p.Get()
+	unix.Close(r.fd)
+	r.fd = -1 // enter now fails with EBADF
+	ops := []Op{{Buf: make([]byte, 8)}, {Buf: make([]byte, 8)}}
+	if err := r.Do(0, ops); !errors.Is(err, unix.EBADF) || !r.broken {
+		t.Fatalf("Do on a closed ring: %v, broken %v", err, r.broken)
+	}
+	for i, op := range ops {
+		if !errors.Is(op.Err, unix.EBADF) {
+			t.Fatalf("op %d: %v", i, op.Err)
+		}
+	}
+	p.Put(r)
+	if p.made != 0 || len(p.free) != 0 {
+		t.Fatalf("broken ring kept: made %d, free %d", p.made, len(p.free))
+	}
+	if r2 := p.Get(); r2 == nil || r2 == r {
+		t.Fatal("no fresh ring after a broken one")
+	} else {
+		p.Put(r2)
+	}
+}
