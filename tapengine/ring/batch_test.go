@@ -86,4 +86,20 @@ func TestBatchOption(t *testing.T) {
 	if h.stats.Errors.Load() != 2 {
 		t.Fatalf("%d errors counted, want 2", h.stats.Errors.Load())
 	}
+	// A long batch goes in submissions of publishEvery, each answered
+	// (and published) before the next starts.
+	img.mu.Lock()
+	img.log = nil
+	img.mu.Unlock()
+	reqs = reqs[:0]
+	for i := range 20 {
+		reqs = append(reqs, rw(blkif.OpRead, uint64(100+i), uint64(i*8), seg(uint32(200+i%6), 0, 7)))
+	}
+	h.do(reqs...)
+	img.mu.Lock()
+	log = fmt.Sprint(img.log)
+	img.mu.Unlock()
+	if log != "[batch 8 batch 8 batch 4]" {
+		t.Fatalf("20 reads went to the image as %s, want [batch 8 batch 8 batch 4]", log)
+	}
 }

@@ -51,7 +51,7 @@ func (p *pool) run(jobs []job) {
 }
 
 // publishEvery: a long batch publishes its responses every this many
-// requests (the pool-less loop only).
+// requests (the pool-less loop, and a Batcher's submissions).
 const publishEvery = 8
 
 // serveBatch consumes n requests and writes their responses (the last
@@ -101,6 +101,15 @@ func (s *server) serveBatch(n int) error {
 				return err
 			}
 			if err := s.prepareReserved(&r, &jobs[i]); err != nil {
+				return err
+			}
+		}
+		if s.batcher != nil && i+1-start == publishEvery && i+1 < len(jobs) {
+			// As the pool-less loop does: the frontend takes these
+			// answers while the next submission runs.
+			s.runJobs(jobs[start : i+1])
+			start = i + 1
+			if err := s.publish(); err != nil {
 				return err
 			}
 		}
