@@ -157,3 +157,54 @@ func BenchmarkBatch(b *testing.B) {
 		img.Close()
 	}
 }
+
+// BenchmarkSingle is the NBD export's path: one ReadAt or WriteAt per
+// request, from parallel goroutines (as the export's workers call it).
+func BenchmarkSingle(b *testing.B) {
+	const size = 64 * mib
+	p := filepath.Join(b.TempDir(), "bench.raw")
+	if err := Create(p, size); err != nil {
+		b.Fatal(err)
+	}
+	fill, err := Open(p, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for off := int64(0); off < size; off += mib {
+		fill.WriteAt(bytes.Repeat([]byte{1}, mib), off)
+	}
+	fill.Close()
+	for _, engine := range []string{"threads", "uring"} {
+		img, err := Open(p, Options{URing: engine == "uring"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, c := range []struct {
+			name  string
+			bs    int
+			write bool
+		}{{"4k-read", 4096, false}, {"4k-write", 4096, true}, {"1M-read", mib, false}, {"1M-write", mib, true}} {
+			b.Run(engine+"/"+c.name, func(b *testing.B) {
+				b.SetBytes(int64(c.bs))
+				b.RunParallel(func(pb *testing.PB) {
+					buf := make([]byte, c.bs)
+					r := rand.New(rand.NewPCG(rand.Uint64(), 2))
+					for pb.Next() {
+						off := r.Int64N(size/int64(c.bs)) * int64(c.bs)
+						var err error
+						if c.write {
+							_, err = img.WriteAt(buf, off)
+						} else {
+							_, err = img.ReadAt(buf, off)
+						}
+						if err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			})
+		}
+		img.Close()
+	}
+}

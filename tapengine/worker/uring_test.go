@@ -2,6 +2,7 @@ package worker
 
 import (
 	"bytes"
+	"fmt"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -17,6 +18,50 @@ import (
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/frontend"
 )
+
+// noURingEnv makes a test worker act as on a host where io_uring is
+// disabled (sysctl kernel.io_uring_disabled, a seccomp profile).
+const noURingEnv = "BLKTAP_WORKER_TEST_NO_URING"
+
+// Asking for io_uring never fails a disk: another format, or a host that
+// forbids io_uring, gets threads (and a disk that works); auto means
+// threads; an engine nobody knows is refused.
+func TestURingFallback(t *testing.T) {
+	dir := t.TempDir()
+	for _, c := range []struct {
+		format, io string
+		noURing    bool
+		want       bool
+	}{
+		{"raw", IOURing, false, raw.URingSupported() == nil},
+		{"raw", IOURing, true, false},
+		{"qcow2", IOURing, false, false},
+		{"raw", IOAuto, false, false},
+		{"raw", "", false, false},
+		{"raw", IOThreads, false, false},
+	} {
+		img := filepath.Join(dir, fmt.Sprintf("%s-%s-%v.img", c.format, c.io, c.noURing))
+		if err := formats.Create(c.format, img, formats.CreateOptions{Size: 1 << 20}); err != nil {
+			t.Fatal(err)
+		}
+		if c.noURing {
+			t.Setenv(noURingEnv, "1")
+		}
+		p := startTestWorker(t)
+		os.Unsetenv(noURingEnv)
+		if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "d", Format: c.format, Path: img, IO: c.io}); err != nil {
+			t.Fatalf("%+v: open: %v", c, err)
+		}
+		rep, err := p.Call(ctx(t), Request{Op: OpDescribe})
+		if err != nil || rep.Describe.URing != c.want {
+			t.Fatalf("%+v: describe %+v, %v; want uring %v", c, rep.Describe, err, c.want)
+		}
+	}
+	p := startTestWorker(t)
+	if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "d", Format: "raw", Path: filepath.Join(dir, "raw-uring-false.img"), IO: "aio"}); err == nil {
+		t.Fatal("io: aio accepted")
+	}
+}
 
 // TestURingKill: a raw disk served with io: uring takes writes from
 // several writers at once (so ring batches hold many requests, submitted
