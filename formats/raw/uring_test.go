@@ -106,27 +106,8 @@ func TestBatchQemuIO(t *testing.T) {
 // without rings (one pread/pwrite after another, as the ring loop does
 // them), "uring" one io_uring submission for the lot.
 func BenchmarkBatch(b *testing.B) {
-	const size = 64 * mib
-	p := filepath.Join(b.TempDir(), "bench.raw")
-	if err := Create(p, size); err != nil {
-		b.Fatal(err)
-	}
-	fill, err := Open(p, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	for off := int64(0); off < size; off += mib {
-		fill.WriteAt(bytes.Repeat([]byte{1}, mib), off)
-	}
-	fill.Close()
-	for _, engine := range []string{"threads", "uring"} {
-		img, err := Open(p, Options{URing: engine == "uring"})
-		if err != nil {
-			b.Fatal(err)
-		}
-		if engine == "uring" && img.rings == nil {
-			b.Skip("io_uring unavailable")
-		}
+	const size = benchSize
+	forEngines(b, func(engine string, img *Image) {
 		for _, c := range []struct {
 			name   string
 			bs, qd int
@@ -154,31 +135,14 @@ func BenchmarkBatch(b *testing.B) {
 				}
 			})
 		}
-		img.Close()
-	}
+	})
 }
 
 // BenchmarkSingle is the NBD export's path: one ReadAt or WriteAt per
 // request, from parallel goroutines (as the export's workers call it).
 func BenchmarkSingle(b *testing.B) {
-	const size = 64 * mib
-	p := filepath.Join(b.TempDir(), "bench.raw")
-	if err := Create(p, size); err != nil {
-		b.Fatal(err)
-	}
-	fill, err := Open(p, Options{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	for off := int64(0); off < size; off += mib {
-		fill.WriteAt(bytes.Repeat([]byte{1}, mib), off)
-	}
-	fill.Close()
-	for _, engine := range []string{"threads", "uring"} {
-		img, err := Open(p, Options{URing: engine == "uring"})
-		if err != nil {
-			b.Fatal(err)
-		}
+	const size = benchSize
+	forEngines(b, func(engine string, img *Image) {
 		for _, c := range []struct {
 			name  string
 			bs    int
@@ -205,6 +169,44 @@ func BenchmarkSingle(b *testing.B) {
 				})
 			})
 		}
+	})
+}
+
+const benchSize = 64 * mib
+
+// benchFile makes a raw image of benchSize with every block written, so
+// the benchmarks read data in the page cache, never holes.
+func benchFile(b *testing.B) string {
+	p := filepath.Join(b.TempDir(), "bench.raw")
+	if err := Create(p, benchSize); err != nil {
+		b.Fatal(err)
+	}
+	fill, err := Open(p, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer fill.Close()
+	for off := int64(0); off < benchSize; off += mib {
+		if _, err := fill.WriteAt(bytes.Repeat([]byte{1}, mib), off); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return p
+}
+
+// forEngines runs fn on a benchFile image opened each way.
+func forEngines(b *testing.B, fn func(engine string, img *Image)) {
+	p := benchFile(b)
+	for _, engine := range []string{"threads", "uring"} {
+		img, err := Open(p, Options{URing: engine == "uring"})
+		if err != nil {
+			b.Fatal(err)
+		}
+		if engine == "uring" && img.rings == nil {
+			img.Close()
+			b.Skip("io_uring unavailable")
+		}
+		fn(engine, img)
 		img.Close()
 	}
 }
