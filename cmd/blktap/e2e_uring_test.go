@@ -16,12 +16,7 @@ import (
 // (the guest's through the ring), and their workers hold an io_uring
 // afterwards while a threads disk's worker holds none.
 func TestEndToEndURing(t *testing.T) {
-	if err := raw.URingSupported(); err != nil {
-		if os.Getenv("CI") == "true" && os.Getenv("BLKTAP_NO_URING") == "" {
-			t.Fatalf("io_uring unavailable under CI: %v", err)
-		}
-		t.Skipf("io_uring unavailable: %v", err)
-	}
+	oracle.RequireURing(t, raw.URingSupported())
 	qemuIO := oracle.Require(t, "qemu-io")
 	bin := buildBinary(t)
 	dir := t.TempDir()

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"testing"
@@ -18,12 +17,7 @@ import (
 // (BLKTAP_NO_URING), so the uring path cannot silently go untested.
 func needURing(t *testing.T) {
 	t.Helper()
-	if err := URingSupported(); err != nil {
-		if os.Getenv("CI") == "true" && os.Getenv("BLKTAP_NO_URING") == "" {
-			t.Fatalf("io_uring unavailable under CI: %v", err)
-		}
-		t.Skipf("io_uring unavailable: %v", err)
-	}
+	oracle.RequireURing(t, URingSupported())
 }
 
 // The image tests again, every read and write through io_uring.

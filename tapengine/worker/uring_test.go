@@ -70,12 +70,7 @@ func TestURingFallback(t *testing.T) {
 // qemu-img compare sees it against what the writers were told; a write in
 // flight at the kill may or may not be.
 func TestURingKill(t *testing.T) {
-	if err := raw.URingSupported(); err != nil {
-		if os.Getenv("CI") == "true" && os.Getenv("BLKTAP_NO_URING") == "" {
-			t.Fatalf("io_uring unavailable under CI: %v", err)
-		}
-		t.Skipf("io_uring unavailable: %v", err)
-	}
+	oracle.RequireURing(t, raw.URingSupported())
 	qimg := oracle.Require(t, "qemu-img")
 	const size, block, writers = 8 << 20, 16 << 10, 8
 	dir := t.TempDir()

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/blktap-go/blktap/internal/oracle"
 )
 
 // needRing skips only where the kernel refuses io_uring, which the caller's
@@ -20,12 +22,7 @@ import (
 // io_uring off.
 func needRing(t *testing.T) *Ring {
 	t.Helper()
-	if err := Supported(); err != nil {
-		if os.Getenv("CI") == "true" && os.Getenv("BLKTAP_NO_URING") == "" {
-			t.Fatalf("io_uring unavailable under CI (set BLKTAP_NO_URING=1 where it is off by design): %v", err)
-		}
-		t.Skipf("io_uring unavailable: %v", err)
-	}
+	oracle.RequireURing(t, Supported())
 	r, err := New()
 	if err != nil {
 		t.Fatal(err)
