@@ -178,10 +178,15 @@ func (q *queues) unmap() {
 	unix.Munmap(q.ringMem)
 }
 
+// maxLen caps one submission's length (the SQE field is 32 bits); the
+// rest of a longer buffer goes in again as a short transfer's would.
+var maxLen = 1 << 30
+
 // push fills the next submission slot; the caller has checked there is
 // room. The buffer's address goes to the kernel: the caller keeps the
 // slice alive (Do holds it) until the completion arrives.
 func (q *queues) push(tail uint32, op uint8, fd int32, buf []byte, off int64, tag uint64) {
+	buf = buf[:min(len(buf), maxLen)]
 	e := &q.sqes[tail&q.sqMask]
 	*e = sqe{opcode: op, fd: fd, off: uint64(off), len: uint32(len(buf)), userData: tag}
 	if len(buf) > 0 {

@@ -243,3 +243,19 @@ func TestBrokenRingLeavesPool(t *testing.T) {
 		p.Put(r2)
 	}
 }
+
+// A buffer longer than one submission may carry goes in as pieces, each
+// continuing where the last stopped.
+func TestLongBufferInPieces(t *testing.T) {
+	r := needRing(t)
+	f, want := tempFile(t, 64<<10)
+	defer func(n int) { maxLen = n }(maxLen)
+	maxLen = 1000
+	ops := []Op{{Buf: make([]byte, 60000), Off: 100}}
+	if err := r.Do(int(f.Fd()), ops); err != nil {
+		t.Fatal(err)
+	}
+	if ops[0].Err != nil || ops[0].N != 60000 || !bytes.Equal(ops[0].Buf, want[100:60100]) {
+		t.Fatalf("n=%d err=%v", ops[0].N, ops[0].Err)
+	}
+}
