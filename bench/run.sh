@@ -51,6 +51,7 @@
 #   BLKTAP=PATH      the binary (default bin/blktap; built into the work dir
 #                    with `go build` when missing)
 #   KEEP=1           keep the work dir (images, daemon logs)
+#   IO=uring         our disks' io key (auto|threads|uring; default: none)
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -73,6 +74,7 @@ QEMU_CACHE=${QEMU_CACHE:-writeback}
 ROUNDS=${ROUNDS:-1}
 RESULTS=${RESULTS:-$HERE/results/$(date -u +%Y%m%dT%H%M%SZ)}
 KEEP=${KEEP:-0}
+IO=${IO:-}
 CLK_TCK=$(getconf CLK_TCK)
 
 BENCH=bench
@@ -254,6 +256,7 @@ start_ours() { # fmt srv
 		    domain: $dom
 		    device: xvdb
 	EOF
+	[[ -n $IO ]] && echo "    io: $IO" >>"$d/disks.yaml"
 	"$BLKTAP" run -c "$d/disks.yaml" --state-dir "$d/st" >"$W/$fmt-$srv.log" 2>&1 &
 	PID[$key]=$!
 	STARTED+=("$!")

@@ -114,7 +114,8 @@ type Disk struct {
 	Create *Create
 	Export Export
 	QoS    QoS
-	Line   int // where the disk's entry starts
+	IO     string // I/O engine: "" (auto), or one of IOEngines
+	Line   int    // where the disk's entry starts
 }
 
 // ReadOnly reports whether the disk is exported read-only.

@@ -49,6 +49,7 @@ var badFixtures = map[string][]string{
 	"bad-export-tls-no-key.yaml":        {"8:12 tls: key is required", "8:31 tls: unknown key \"password\" (valid: cert, key, ca)"},
 	"bad-format.yaml":                   {"4:13 unknown format \"qed\""},
 	"bad-image-null.yaml":               {"3:11 image must be a string, not nothing"},
+	"bad-io.yaml":                       {"6:9 io \"aio\": want one of auto, threads, uring"},
 	"bad-many-errors.yaml": {
 		"5:11 mode must be r or w",
 		"9:13 unknown format \"vhdx\"",
@@ -141,7 +142,7 @@ func TestGoodFull(t *testing.T) {
 		Device: "d20p3", DevID: 1<<28 | 20<<8 | 3, Line: 21,
 	}, {
 		Name: "local-tcp", Image: "/abs/local.img", Format: "raw", Mode: "w", Device: "xvdc", DevID: 51744,
-		Export: Export{TCP: "[::1]:10810", Insecure: true}, Line: 26,
+		Export: Export{TCP: "[::1]:10810", Insecure: true}, IO: "uring", Line: 26,
 	}}
 	if !reflect.DeepEqual(f.Disks, want) {
 		t.Errorf("got\n%+v\nwant\n%+v", f.Disks, want)

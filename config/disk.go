@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"math"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -43,7 +44,10 @@ func (p *parser) top(root *yaml.Node) (disks []Disk, explicit bool) {
 	return disks, len(dn.Content) == 0
 }
 
-var diskKeys = []string{"name", "image", "format", "mode", "domain", "device", "create", "export", "qos"}
+var diskKeys = []string{"name", "image", "format", "mode", "domain", "device", "create", "export", "qos", "io"}
+
+// IOEngines are the values of a disk's io key.
+var IOEngines = []string{"auto", "threads", "uring"}
 
 // disk decodes one entry and returns its key -> value nodes, nil when it
 // is not a mapping. Fields with errors are left zero, and crossCheck skips
@@ -65,6 +69,15 @@ func (p *parser) disk(n *yaml.Node, i int) (Disk, map[string]*yaml.Node) {
 	}
 	if v, ok := m["qos"]; ok {
 		d.QoS = p.qos(v, what)
+	}
+	if v, ok := m["io"]; ok {
+		if s, ok := p.str(v, what+": io"); ok {
+			if slices.Contains(IOEngines, s) {
+				d.IO = s
+			} else {
+				p.errf(v, "%s: io %q: want one of %s", what, s, strings.Join(IOEngines, ", "))
+			}
+		}
 	}
 	return d, m
 }

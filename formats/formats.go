@@ -99,6 +99,9 @@ type Options struct {
 	// writes need no ordering against a machine crash until Flush (qcow2
 	// skips its ordering fdatasyncs; Flush and Close still sync).
 	Scratch bool
+	// URing does a raw image's reads and writes through io_uring where
+	// the kernel allows (raw.Options.URing); other formats ignore it.
+	URing bool
 }
 
 // ErrLocked reports an image another program (qemu, say) holds open for
@@ -145,7 +148,7 @@ func Open(format, path string, opts Options) (Image, error) {
 	}
 	switch name {
 	case "raw":
-		img, err := raw.Open(path, raw.Options{ReadOnly: opts.ReadOnly})
+		img, err := raw.Open(path, raw.Options{ReadOnly: opts.ReadOnly, URing: opts.URing})
 		if err != nil {
 			return nil, err
 		}

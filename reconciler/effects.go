@@ -374,7 +374,11 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		p.Kill()
 		return err
 	}
-	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: img.format, Path: img.path, ReadOnly: img.readOnly, AllowDirs: allow})
+	var engine string // the YAML's, read at each start: a change applies at the next
+	if disk, ok := d.desiredFor(dev.key); ok {
+		engine = disk.IO
+	}
+	rep, err := p.Call(ctx, worker.Request{Op: worker.OpOpen, Name: dev.name, Format: img.format, Path: img.path, ReadOnly: img.readOnly, AllowDirs: allow, IO: engine})
 	if err != nil {
 		cctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		p.Close(cctx)

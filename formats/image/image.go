@@ -173,3 +173,23 @@ func ReadBacking(backing Image, p []byte, off int64) error {
 // function must then probe safely and must not let the result be written.
 // A backing image is always opened read-only.
 type OpenFunc func(path, format string) (Image, error)
+
+// BatchOp is one read or write of a Batch.
+type BatchOp struct {
+	Write bool
+	Buf   []byte
+	Off   int64
+	// Err is set by Batch: nil once all of Buf was read or written, else
+	// what ReadAt or WriteAt would have returned.
+	Err error
+}
+
+// Batcher is an Image that does many reads and writes in one call, with
+// fewer system calls than one ReadAt or WriteAt each (an io_uring). Batch
+// returns once every op is done; the ops may run in any order and at
+// once, so a caller puts in one batch only ops it would also run
+// concurrently. Optional: callers type-assert, and loop over ReadAt and
+// WriteAt otherwise.
+type Batcher interface {
+	Batch(ops []BatchOp)
+}

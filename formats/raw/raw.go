@@ -34,6 +34,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/guard"
+	"github.com/blktap-go/blktap/formats/internal/uring"
 )
 
 // Name is the format's canonical name.
@@ -43,6 +44,9 @@ const Name = "raw"
 type Options struct {
 	// ReadOnly opens the file O_RDONLY and refuses writes and discards.
 	ReadOnly bool
+	// URing does reads and writes through io_uring (uring.go) where
+	// URingSupported says it works, and pread/pwrite elsewhere.
+	URing bool
 }
 
 // Image is an open raw image. It implements image.Image.
@@ -53,6 +57,7 @@ type Image struct {
 	readOnly bool
 	blockDev bool
 	guard    guard.Guard // closed, read-only and range checks
+	rings    *uring.Pool // nil: pread/pwrite only
 }
 
 var _ image.Image = (*Image)(nil)
@@ -82,6 +87,9 @@ func newImage(f *os.File, path string, opts Options) (*Image, error) {
 	}
 	img := &Image{f: f, path: path, readOnly: opts.ReadOnly}
 	img.guard.SetLabel("raw: " + path)
+	if opts.URing && URingSupported() == nil {
+		img.rings = uring.NewPool(maxRings)
+	}
 	mode := st.Mode()
 	switch {
 	case mode.IsRegular():
@@ -168,6 +176,11 @@ func (img *Image) ReadAt(p []byte, off int64) (int, error) {
 	if err := img.guard.Span(off, int64(len(p)), img.size); err != nil {
 		return 0, err
 	}
+	if img.rings != nil {
+		if n, ok, err := img.ioURing(false, p, off); ok {
+			return n, err
+		}
+	}
 	n, err := img.f.ReadAt(p, off)
 	if n == len(p) {
 		return n, nil
@@ -193,6 +206,11 @@ func (img *Image) ioErr(op string, err error) error {
 func (img *Image) WriteAt(p []byte, off int64) (int, error) {
 	if err := img.guard.Change("write", img.readOnly, off, int64(len(p)), img.size); err != nil {
 		return 0, err
+	}
+	if img.rings != nil {
+		if n, ok, err := img.ioURing(true, p, off); ok {
+			return n, err
+		}
 	}
 	n, err := img.f.WriteAt(p, off)
 	if err != nil {
@@ -329,6 +347,9 @@ func (img *Image) Map(off, length int64) ([]image.Extent, error) {
 func (img *Image) Close() error {
 	if img.guard.Close() {
 		return fmt.Errorf("raw: %s: %w", img.path, image.ErrClosed)
+	}
+	if img.rings != nil {
+		img.rings.Close()
 	}
 	var ferr error
 	if !img.readOnly {

@@ -25,13 +25,17 @@ func newRaw(t *testing.T, size int64) (string, *Image) {
 	if err := Create(p, size); err != nil {
 		t.Fatal(err)
 	}
-	img, err := Open(p, Options{})
+	img, err := Open(p, Options{URing: testURing})
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { img.Close() })
 	return p, img
 }
+
+// testURing makes newRaw open images with Options.URing (uring_test.go
+// runs the tests again with it set).
+var testURing bool
 
 func TestCreateNeverOverwrites(t *testing.T) {
 	p := filepath.Join(t.TempDir(), "x.raw")

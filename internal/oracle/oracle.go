@@ -96,3 +96,18 @@ func WaitListening(t testing.TB, path string, within time.Duration) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// RequireURing ends the test when io_uring is unavailable (err, from
+// raw.URingSupported): Skip, or Fatal under CI unless the runner declares
+// io_uring off by design (BLKTAP_NO_URING=1), so the uring path cannot go
+// untested without anyone saying so.
+func RequireURing(t testing.TB, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	if InCI() && os.Getenv("BLKTAP_NO_URING") == "" {
+		t.Fatalf("io_uring unavailable under CI (set BLKTAP_NO_URING=1 where it is off by design): %v", err)
+	}
+	t.Skipf("io_uring unavailable: %v", err)
+}

@@ -179,17 +179,24 @@ type harness struct {
 
 func newHarness(t testing.TB, proto blkif.Protocol, order int, size int, opts Options) *harness {
 	t.Helper()
+	mem := &memImage{data: make([]byte, size)}
+	return newHarnessImage(t, proto, order, mem, mem, opts)
+}
+
+// newHarnessImage serves img, which keeps its data in mem.
+func newHarnessImage(t testing.TB, proto blkif.Protocol, order int, mem *memImage, img image.Image, opts Options) *harness {
+	t.Helper()
 	tr := newMemTransport(t, order)
 	front, err := NewFront(tr.ring, proto)
 	if err != nil {
 		t.Fatal(err)
 	}
 	front.Init()
-	h := &harness{t: t, tr: tr, front: front, img: &memImage{data: make([]byte, size)}, stats: new(Stats), done: make(chan error, 1)}
+	h := &harness{t: t, tr: tr, front: front, img: mem, stats: new(Stats), done: make(chan error, 1)}
 	opts.Stats = h.stats
 	ctx, cancel := context.WithCancel(context.Background())
 	h.stop = cancel
-	go func() { h.done <- Serve(ctx, tr, proto, h.img, opts) }()
+	go func() { h.done <- Serve(ctx, tr, proto, img, opts) }()
 	t.Cleanup(func() {
 		if h.stop != nil {
 			h.stop()

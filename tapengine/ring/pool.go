@@ -51,7 +51,7 @@ func (p *pool) run(jobs []job) {
 }
 
 // publishEvery: a long batch publishes its responses every this many
-// requests (the pool-less loop only).
+// requests (the pool-less loop, and a Batcher's submissions).
 const publishEvery = 8
 
 // serveBatch consumes n requests and writes their responses (the last
@@ -64,7 +64,7 @@ func (s *server) serveBatch(n int) error {
 	}
 	jobs := s.batch[:n]
 	var r blkif.Request
-	if s.pool == nil {
+	if s.pool == nil && s.batcher == nil {
 		for i := range jobs {
 			s.back.Next(&r)
 			if !s.prepare(&r, &jobs[i]) {
@@ -104,6 +104,15 @@ func (s *server) serveBatch(n int) error {
 				return err
 			}
 		}
+		if s.batcher != nil && i+1-start == publishEvery && i+1 < len(jobs) {
+			// As the pool-less loop does: the frontend takes these
+			// answers while the next submission runs.
+			s.runJobs(jobs[start : i+1])
+			start = i + 1
+			if err := s.publish(); err != nil {
+				return err
+			}
+		}
 	}
 	s.runJobs(jobs[start:])
 	return nil
@@ -117,18 +126,27 @@ func (s *server) runJobs(jobs []job) {
 	for i := range jobs {
 		if jobs[i].ordered() {
 			if i > start {
-				s.pool.run(jobs[start:i])
+				s.overlap(jobs[start:i])
 			}
 			s.exec(&jobs[i])
 			start = i + 1
 		}
 	}
 	if start < len(jobs) {
-		s.pool.run(jobs[start:])
+		s.overlap(jobs[start:])
 	}
 	for i := range jobs {
 		s.respond(&jobs[i])
 	}
+}
+
+// overlap runs jobs that may overlap: as one batch, or on the pool.
+func (s *server) overlap(jobs []job) {
+	if s.batcher != nil {
+		s.runBatch(jobs)
+		return
+	}
+	s.pool.run(jobs)
 }
 
 func (s *server) respond(j *job) {

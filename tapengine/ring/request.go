@@ -312,7 +312,12 @@ func (s *server) exec(j *job) {
 	if j.kind == kindNone {
 		return
 	}
-	if err := s.do(j); err != nil {
+	s.finish(j, s.do(j))
+}
+
+// finish sets a job's status from the outcome of its I/O and counts it.
+func (s *server) finish(j *job, err error) {
+	if err != nil {
 		s.stats.Errors.Add(1)
 		if j.kind == kindDiscard && unsupported(err) {
 			// Linux blkfront turns discard off for the disk on

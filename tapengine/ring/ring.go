@@ -127,6 +127,11 @@ type Options struct {
 	// on the loop's thread, which is fastest when the image is in the
 	// page cache.
 	Workers int
+	// Batch hands the reads and writes of a batch to the image in one
+	// call, where it implements image.Batcher (an io_uring raw image),
+	// instead of Workers; a flush or barrier still runs alone after
+	// everything before it.
+	Batch bool
 	// Persistent advertises feature-persistent: the transport keeps a
 	// frontend's grants mapped across requests (the Xen transport does;
 	// Serve itself is unaffected).

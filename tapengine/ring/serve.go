@@ -114,6 +114,8 @@ type server struct {
 	stats    *Stats
 	maxInd   int
 	pool     *pool
+	batcher  image.Batcher   // Options.Batch: the image's, else nil
+	ops      []image.BatchOp // runBatch's, reused
 	batch    []job
 	indBuf   []byte // one copy of an indirect request's segment pages
 	indSegs  []blkif.Segment
@@ -149,7 +151,9 @@ func newServer(t Transport, proto blkif.Protocol, img image.Image, opts Options)
 	if s.maxInd > 0 {
 		s.indSegs = make([]blkif.Segment, s.maxInd)
 	}
-	if opts.Workers > 1 {
+	if b, ok := img.(image.Batcher); ok && opts.Batch {
+		s.batcher = b
+	} else if opts.Workers > 1 {
 		s.pool = newPool(opts.Workers - 1)
 		s.pool.s = s
 	}

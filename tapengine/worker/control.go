@@ -53,6 +53,9 @@ type Request struct {
 	// AllowDirs confines backing files: a backing file outside these
 	// directories is refused. Empty: the image's own directory.
 	AllowDirs []string `json:"allow_dirs,omitempty"`
+	// IO picks the I/O engine (IOEngines; "" is IOAuto). It holds for
+	// the worker's life: a resume reopens with the same engine.
+	IO string `json:"io,omitempty"`
 
 	// serve-nbd: a TCP export's TLS files (a tls.Config cannot cross
 	// processes); no cert means plain text, which the daemon allows only
@@ -108,9 +111,10 @@ type Describe struct {
 	ReadOnly bool   `json:"readonly"`
 	Size     int64  `json:"size"`
 	Paused   bool   `json:"paused"`
-	Open     bool   `json:"open"` // an image is open
-	NBD      bool   `json:"nbd"`  // the export is served
-	Ring     bool   `json:"ring"` // a ring is connected
+	Open     bool   `json:"open"`            // an image is open
+	NBD      bool   `json:"nbd"`             // the export is served
+	Ring     bool   `json:"ring"`            // a ring is connected
+	URing    bool   `json:"uring,omitempty"` // the image does its I/O through io_uring
 	// Transport is the connected ring's ("xen" or "local"; "" without a
 	// ring). A daemon adopting the worker can leave a Xen ring running:
 	// the guest's grants and event channel are the same as before, and

@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/blktap-go/blktap/formats"
@@ -22,8 +23,12 @@ func (w *worker) open(req *Request) Reply {
 	if w.img != nil {
 		return fail(fmt.Errorf("%w: an image is already open", errInvalid))
 	}
+	if !slices.Contains(IOEngines, req.IO) && req.IO != "" {
+		return fail(fmt.Errorf("%w: io %q (want one of %v)", errInvalid, req.IO, IOEngines))
+	}
 	w.name = req.Name
 	w.logger = w.logger.With("disk", req.Name)
+	w.uring = w.useURing(req.IO, req.Format)
 	img, lock, err := w.openImage(req.Format, req.Path, req.ReadOnly, req.AllowDirs)
 	if err != nil {
 		return fail(err)
@@ -33,7 +38,7 @@ func (w *worker) open(req *Request) Reply {
 	w.idleStop = w.startIdleTrim()
 	_, noMedium := img.(image.Empty)
 	w.readOnly, w.format, w.path, w.size = req.ReadOnly || noMedium, req.Format, req.Path, img.Size()
-	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", w.readOnly)
+	w.logger.Info("worker: image open", "format", req.Format, "path", req.Path, "size", img.Size(), "readonly", w.readOnly, "uring", w.uring)
 	return Reply{OK: true, Size: img.Size(), SectorSize: blkif.SectorSize}
 }
 
@@ -65,6 +70,7 @@ func (w *worker) openImage(format, path string, readOnly bool, allow []string) (
 		ReadOnly: readOnly,
 		Backing:  BackingOpener(path, allow, 0),
 		Logger:   w.logger,
+		URing:    w.uring && format == "raw",
 	})
 	if err != nil {
 		if lock != nil {

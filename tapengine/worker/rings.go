@@ -129,6 +129,7 @@ func (w *worker) serveQueue(ctx context.Context, qs *queueState, queue int, t ri
 		// overlap instead of waiting one after another on the loop.
 		opts.Workers = 32
 	}
+	opts.Batch = w.uring
 	err := ring.Serve(ctx, t, proto, w.io, opts)
 	w.ring.mu.Lock()
 	qs.running = false

@@ -121,17 +121,24 @@ func (m *meter) start(op int) func() {
 	m.bell.Ring() // after inFlight: a trimmer about to sleep sees one or the other
 	t0 := time.Now()
 	return func() {
-		d := time.Since(t0)
 		m.inFlight.Add(-1)
-		o := &m.ops[op]
-		o.sumNs.Add(uint64(d))
-		sec := d.Seconds()
-		i := 0
-		for i < len(LatencyBounds) && sec > LatencyBounds[i] {
-			i++
-		}
-		o.buckets[i].Add(1)
+		m.record(op, time.Since(t0), 1)
 	}
+}
+
+// record counts n operations of kind op that took d each.
+func (m *meter) record(op int, d time.Duration, n int) {
+	if n == 0 {
+		return
+	}
+	o := &m.ops[op]
+	o.sumNs.Add(uint64(d) * uint64(n))
+	sec := d.Seconds()
+	i := 0
+	for i < len(LatencyBounds) && sec > LatencyBounds[i] {
+		i++
+	}
+	o.buckets[i].Add(uint64(n))
 }
 
 // Histogram is one operation's latencies: Buckets[i] counts operations no

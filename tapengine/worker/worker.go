@@ -97,6 +97,7 @@ type worker struct {
 	readOnly bool
 	paused   bool
 	format   string // of the image behind the gate
+	uring    bool   // raw images do their I/O through io_uring (uring.go)
 	path     string
 	size     int64 // fixed for the worker's life: consumers know it
 
@@ -195,7 +196,7 @@ func (w *worker) describe() Reply {
 	return Reply{OK: true, Describe: &Describe{
 		Pid: os.Getpid(), Name: w.name, Format: w.format, Path: w.path,
 		ReadOnly: w.readOnly, Size: w.size, Paused: w.paused,
-		Open: w.img != nil, NBD: w.nbdSrv != nil, Ring: ring, Transport: transport,
+		Open: w.img != nil, NBD: w.nbdSrv != nil, Ring: ring, Transport: transport, URing: w.uring,
 	}}
 }
 

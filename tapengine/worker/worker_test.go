@@ -27,6 +27,9 @@ const workerEnv = "BLKTAP_WORKER_TEST_CHILD"
 
 func TestMain(m *testing.M) {
 	if os.Getenv(workerEnv) == "1" {
+		if os.Getenv(noURingEnv) == "1" {
+			uringSupported = func() error { return errors.New("io_uring_setup: operation not permitted (test)") }
+		}
 		os.Exit(Main(slog.New(slog.NewTextHandler(os.Stderr, nil)), os.Getenv(workerEnv+"_ADOPT") == "1"))
 	}
 	os.Exit(m.Run())
