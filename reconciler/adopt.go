@@ -62,7 +62,8 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 		log := d.log.With("device", k.String())
 		dev := d.newDevice(k)
 		dev.name, dev.proc, dev.adopted = desc.Name, p, desc
-		dev.readOnly, dev.size, dev.startedAt = desc.ReadOnly, desc.Size, time.Now()
+		dev.readOnly, dev.size = desc.ReadOnly, desc.Size
+		dev.workerRestart.started(time.Now(), 0)
 		if desc.NBD {
 			rep, fds, err := p.CallFDs(ctx, worker.Request{Op: worker.OpExportFD})
 			_ = rep
@@ -81,17 +82,10 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 				}
 			}
 		}
-		if keepAdoptedRing(desc) {
-			dev.ring = true
-		} else if desc.Ring {
-			// The local frontend that drove this ring lived in the old
-			// daemon; the ring is reconnected to a new one.
-			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			if _, err := p.Call(cctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
-				log.Warn("adopt: disconnect orphaned ring", "err", err)
-			}
-			cancel()
-		}
+		// A local ring's frontend lived in the old daemon: Plan has the
+		// worker let go of it (disconnect-stray-ring), and the guest
+		// reconnects to a new one.
+		dev.ring, dev.strayRing = keepAdoptedRing(desc), desc.Ring && !keepAdoptedRing(desc)
 		dev.ringWatch = d.watchRing(ctx, p, k, log)
 		if dev.ring && dev.ringWatch != nil {
 			// A fault from before the watch: the watch reports only new ones.
@@ -127,6 +121,16 @@ func (d *Daemon) adoptWorker(ctx context.Context, dev *device, s snapshot, log *
 	return nil
 }
 
+// disconnectStrayRing has an adopted worker let go of a local ring whose
+// frontend died with the previous daemon.
+func (d *Daemon) disconnectStrayRing(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
+		return err
+	}
+	dev.strayRing = false
+	return nil
+}
+
 // resetOrphanRing restarts the handshake of a guest whose local frontend
 // is gone while xenstore still says Connected: the backend goes to Closed
 // and the frontend back to Initialising, which is a frontend's request to
@@ -150,16 +154,5 @@ func (d *Daemon) newDevice(k Key) *device {
 		backoff.WithMaxInterval(30*time.Second),
 		backoff.WithMaxElapsedTime(0),
 	)
-	rbo := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(500*time.Millisecond),
-		backoff.WithMaxInterval(60*time.Second),
-		backoff.WithMaxElapsedTime(0),
-	)
-	fbo := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(time.Second),
-		backoff.WithRandomizationFactor(0),
-		backoff.WithMaxInterval(60*time.Second),
-		backoff.WithMaxElapsedTime(0),
-	)
-	return &device{key: k, bo: bo, restartBo: rbo, feRestartBo: fbo, status: map[string]string{}}
+	return &device{key: k, bo: bo, status: map[string]string{}}
 }

@@ -60,17 +60,14 @@ type device struct {
 	failedParams string
 	lastErr      string
 	stuckSince   time.Time                   // first seen offline and Closed with no worker (desired.go)
-	notBefore    time.Time                   // restart backoff
 	bo           *backoff.ExponentialBackOff // retries of failed steps; reset on convergence
-	restartBo    *backoff.ExponentialBackOff // worker restarts; reset once a worker stays up
-	restartWait  time.Duration               // the restart delay the last worker waited
-	startedAt    time.Time
-	restarts     int
-	// The local frontend's restarts after its ring stopped: a ring that
-	// breaks again at once is retried ever more slowly.
-	feRestartBo   *backoff.ExponentialBackOff
-	feRestartedAt time.Time
-	feNotBefore   time.Time
+
+	restarts      int          // workers that exited on their own
+	workerRestart restartFacts // the worker's, for its restart's delay
+	restartDue    time.Time    // a worker's restart waits until then (the status says restarting)
+	// The local frontend's restarts after its ring stopped, for their
+	// delay.
+	ringRestart restartFacts
 
 	status map[string]string // last status written, to write only changes
 
@@ -79,6 +76,9 @@ type device struct {
 	exited string // the last worker exited on its own: why (until a new one starts)
 
 	adopted *worker.Describe // set when a previous daemon started the worker, until checked
+	// strayRing: the adopted worker serves a local ring whose frontend
+	// lived in the previous daemon, until it lets go of it.
+	strayRing bool
 
 	kernel *nbdkernel.Conn // the dom0 kernel nbd device connected to the export
 }
@@ -210,19 +210,8 @@ func (d *Daemon) settled(ctx context.Context, dev *device, snap snapshot, log *s
 	dev.bo.Reset()
 }
 
-// stableAfter is how long a worker must run before its crash counts as a
-// fresh one for the restart backoff.
-const stableAfter = time.Minute
-
-// servedFactor: a worker that ran this many times longer than the delay
-// before its start was serving, not crash-looping, and its death too
-// counts as a fresh one. Without it, workers killed every few seconds
-// (an operator's kills, the crash matrix's rounds) came back ever more
-// slowly although each had served between the kills.
-const servedFactor = 10
-
 func (dev *device) actual(s snapshot) Actual {
-	return Actual{
+	a := Actual{
 		Worker:      dev.proc != nil,
 		Export:      dev.exportServed,
 		Ring:        dev.ring,
@@ -236,9 +225,12 @@ func (dev *device) actual(s snapshot) Actual {
 		KernelNBD:   dev.kernel != nil,
 		Paused:      dev.paused,
 		Adopted:     adoption(dev, s),
+		StrayRing:   dev.strayRing,
 		Exited:      dev.exited,
-		RestartDue:  !time.Now().Before(dev.notBefore),
 	}
+	now := time.Now()
+	a.WorkerBackoff, a.RingBackoff = dev.workerRestart.backoff(now), dev.ringRestart.backoff(now)
+	return a
 }
 
 // adoption compares what an adopted worker serves with what xenstore
@@ -257,38 +249,6 @@ func adoption(dev *device, s snapshot) Adoption {
 		return AdoptionMatches
 	}
 	return AdoptionStale
-}
-
-// noticeExit folds a worker that exited on its own into the device's
-// state: nothing it served is served any more, and the restart waits for
-// the backoff.
-func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
-	if dev.proc == nil {
-		return
-	}
-	select {
-	case <-dev.proc.Done():
-	default:
-		if dev.ring {
-			noticeRingFault(dev, log)
-		}
-		return
-	}
-	if !dev.stopping {
-		dev.restarts++
-		// A worker that crashes at once, again and again, is restarted
-		// ever more slowly; one that served for a while starts afresh.
-		if up := time.Since(dev.startedAt); up > stableAfter || up > servedFactor*dev.restartWait {
-			dev.restartBo.Reset()
-		}
-		wait := dev.restartBo.NextBackOff()
-		dev.restartWait = wait
-		dev.notBefore = time.Now().Add(wait)
-		dev.exited = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
-		dev.lastErr = dev.exited
-		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
-	}
-	d.dropWorker(dev, false)
 }
 
 // noticeRingFault folds a ring that stopped on its own (a hostile

@@ -26,7 +26,8 @@ import (
 // a step to retry with backoff apart.
 type effect func(d *Daemon, ctx context.Context, dev *device, s snapshot, log *slog.Logger) error
 
-// effects is indexed by ActionKind; every kind has one.
+// effects is indexed by ActionKind; every kind has one here or in
+// waitEffects.
 var effects = [...]effect{
 	ActStartWorker:     (*Daemon).startWorker,
 	ActServeExport:     (*Daemon).serveExport,
@@ -40,21 +41,24 @@ var effects = [...]effect{
 	ActDisconnectRing:  (*Daemon).disconnectRing,
 	ActStopWorker:      (*Daemon).stopWorkerEffect,
 	ActFrontendFatal:   (*Daemon).frontendFatalEffect,
-	ActFrontendRestart: (*Daemon).frontendRestart,
 	ActAdoptWorker:     (*Daemon).adoptWorker,
 	ActResetOrphanRing: (*Daemon).resetOrphanRing,
 	ActApplyQoS:        (*Daemon).applyQoS,
-	ActAwaitRestart:    (*Daemon).awaitRestart,
-	ActRestartWorker:   (*Daemon).startWorker,
 	ActAttachKernelNBD: (*Daemon).connectKernelDevice,
 	ActDetachKernelNBD: (*Daemon).detachKernelDevice,
 	ActPause:           (*Daemon).pauseEffect,
 	ActResume:          (*Daemon).resumeEffect,
 	ActSnapshot:        (*Daemon).snapshotEffect,
 	ActRefuseRequest:   (*Daemon).refuseRequest,
+	// ActAwaitRestart, ActRestartWorker, ActAwaitFrontendRestart and
+	// ActFrontendRestart: waitEffects.
+	ActDisconnectStrayRing: (*Daemon).disconnectStrayRing,
 }
 
 func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, log *slog.Logger) error {
+	if we := waitEffects[a.Kind]; we != nil {
+		return we(d, ctx, dev, s, time.Duration(a.Wait), log)
+	}
 	if a.Kind <= 0 || int(a.Kind) >= len(effects) || effects[a.Kind] == nil {
 		return fmt.Errorf("unknown action %v", a.Kind)
 	}
@@ -297,29 +301,13 @@ func (d *Daemon) disconnectRing(ctx context.Context, dev *device, s snapshot, lo
 	if dev.ringErr != "" {
 		// The ring it names is gone; what comes next is a new one,
 		// after a pause that lets the status say why (and grows if
-		// rings keep breaking).
+		// rings keep breaking: Plan decides it).
 		dev.ringLost, dev.ringErr = dev.ringErr, ""
-		if time.Since(dev.feRestartedAt) > stableAfter {
-			dev.feRestartBo.Reset()
-		}
-		dev.feNotBefore = time.Now().Add(dev.feRestartBo.NextBackOff())
+		dev.ringRestart.stopped(time.Now())
 	}
 	if s.Present {
 		return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosed)))
 	}
-	return nil
-}
-
-// frontendRestart sends a Closed local frontend back to Initialising, once its backoff allows.
-func (d *Daemon) frontendRestart(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if t := dev.feNotBefore; time.Now().Before(t) {
-		return &retryAt{t}
-	}
-	if err := d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateInitialising))); err != nil {
-		return err
-	}
-	dev.feRestartedAt = time.Now()
-	log.Info("local frontend starting over", "after", dev.ringLost)
 	return nil
 }
 
@@ -339,11 +327,6 @@ func (d *Daemon) applyQoS(ctx context.Context, dev *device, s snapshot, log *slo
 	dev.qos = want
 	log.Info("qos applied", "iops", want.IOPS, "bandwidth", want.Bandwidth)
 	return nil
-}
-
-// awaitRestart waits out the backoff before a crashed worker's restart.
-func (d *Daemon) awaitRestart(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	return &retryAt{dev.notBefore}
 }
 
 func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
@@ -383,7 +366,7 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 	}
 	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, img.readOnly, rep.Size
 	dev.qos, dev.paused, dev.exited = QoS{}, false, "" // a new worker starts unlimited, serving
-	dev.startedAt = time.Now()
+	dev.workerRestart.started(time.Now(), 0)
 	d.publish(dev)
 	dev.ringErr = ""
 	k := dev.key
@@ -547,7 +530,7 @@ func (d *Daemon) stopWorker(ctx context.Context, dev *device) error {
 func (d *Daemon) dropWorker(dev *device, closeExport bool) {
 	os.Remove(d.adoptPath(dev.key))
 	dev.proc, dev.ringWatch, dev.exportServed, dev.ring, dev.stopping = nil, nil, false, false, false
-	dev.adopted, dev.paused = nil, false
+	dev.adopted, dev.paused, dev.strayRing = nil, false, false
 	d.publish(dev)
 	if closeExport && dev.export != nil {
 		dev.export.Close()

@@ -46,7 +46,7 @@ func (d *Daemon) statusNotes(dev *device) statusNotes {
 		lastErr:      dev.lastErr,
 		ringErr:      dev.ringErr,
 		ringLost:     dev.ringLost,
-		restarting:   !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore),
+		restarting:   dev.exited != "" && time.Now().Before(dev.restartDue),
 		paused:       dev.paused,
 		conflict:     d.conflict(dev.key),
 		restarts:     dev.restarts,
