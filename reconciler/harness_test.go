@@ -156,8 +156,8 @@ func (h *daemonHarness) restart() {
 		// waits to be adopted.
 		for _, dev := range d.devices {
 			dev.closeLocalFrontend(d.log)
-			if dev.proc != nil {
-				dev.proc.Release()
+			if dev.worker.proc != nil {
+				dev.worker.proc.Release()
 			}
 		}
 	}

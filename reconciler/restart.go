@@ -43,24 +43,24 @@ func (r *restartFacts) backoff(now time.Time) Backoff {
 // state: nothing it served is served any more, and Plan decides when a new
 // one starts from the facts recorded here.
 func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
-	if dev.proc == nil {
+	if dev.worker.proc == nil {
 		return
 	}
 	select {
-	case <-dev.proc.Done():
+	case <-dev.worker.proc.Done():
 	default:
-		if dev.ring {
+		if dev.rings.ring {
 			noticeRingFault(dev, log)
 		}
 		return
 	}
-	if !dev.stopping {
-		dev.restarts++
-		dev.workerRestart.stopped(time.Now())
-		dev.exited = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
-		dev.lastErr = dev.exited
-		log.Error("worker exited", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts,
-			"served", dev.workerRestart.served.Round(time.Millisecond))
+	if !dev.worker.stopping {
+		dev.retry.restarts++
+		dev.retry.workerRestart.stopped(time.Now())
+		dev.worker.exited = fmt.Sprintf("worker %d exited: %v", dev.worker.proc.Pid(), dev.worker.proc.ExitErr())
+		dev.st.lastErr = dev.worker.exited
+		log.Error("worker exited", "pid", dev.worker.proc.Pid(), "err", dev.worker.proc.ExitErr(), "restarts", dev.retry.restarts,
+			"served", dev.retry.workerRestart.served.Round(time.Millisecond))
 	}
 	d.dropWorker(dev, false)
 }
@@ -80,8 +80,8 @@ var waitEffects = map[ActionKind]waitEffect{
 // awaitRestart requeues the device when a crashed worker's delay runs out;
 // the status says restarting meanwhile.
 func (d *Daemon) awaitRestart(ctx context.Context, dev *device, s snapshot, wait time.Duration, log *slog.Logger) error {
-	dev.restartDue = time.Now().Add(wait)
-	return &retryAt{dev.restartDue}
+	dev.retry.restartDue = time.Now().Add(wait)
+	return &retryAt{dev.retry.restartDue}
 }
 
 // restartWorker starts a new worker after one exited, wait after.
@@ -89,8 +89,8 @@ func (d *Daemon) restartWorker(ctx context.Context, dev *device, s snapshot, wai
 	if err := d.startWorker(ctx, dev, s, log); err != nil {
 		return err
 	}
-	dev.workerRestart.lastWait = wait // startWorker recorded a start with no delay
-	log.Info("worker restarted", "after", wait, "restarts", dev.restarts)
+	dev.retry.workerRestart.lastWait = wait // startWorker recorded a start with no delay
+	log.Info("worker restarted", "after", wait, "restarts", dev.retry.restarts)
 	return nil
 }
 
@@ -105,7 +105,7 @@ func (d *Daemon) frontendRestart(ctx context.Context, dev *device, s snapshot, w
 	if err := d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateInitialising))); err != nil {
 		return err
 	}
-	dev.ringRestart.started(time.Now(), wait)
-	log.Info("local frontend starting over", "after", dev.ringLost, "waited", wait)
+	dev.retry.ringRestart.started(time.Now(), wait)
+	log.Info("local frontend starting over", "after", dev.rings.ringLost, "waited", wait)
 	return nil
 }

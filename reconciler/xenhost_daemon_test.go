@@ -239,12 +239,12 @@ func TestAdoptKeepsXenRing(t *testing.T) {
 			if dev == nil {
 				t.Fatal("not adopted")
 			}
-			if dev.ring != tc.keep {
-				t.Errorf("dev.ring = %v, want %v", dev.ring, tc.keep)
+			if dev.rings.ring != tc.keep {
+				t.Errorf("dev.ring = %v, want %v", dev.rings.ring, tc.keep)
 			}
 			// A ring not kept is Plan's to release (disconnect-stray-ring).
-			if dev.strayRing != tc.disconnect {
-				t.Errorf("strayRing = %v, want %v", dev.strayRing, tc.disconnect)
+			if dev.worker.strayRing != tc.disconnect {
+				t.Errorf("strayRing = %v, want %v", dev.worker.strayRing, tc.disconnect)
 			}
 			if acts := Plan(Observed{Present: true, Online: true}, dev.actual(snapshot{})); tc.disconnect {
 				if len(acts) == 0 || acts[0].Kind != ActDisconnectStrayRing {
