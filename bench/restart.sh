@@ -7,8 +7,8 @@
 # for domain 0. Each of ROUNDS rounds SIGKILLs every worker, measures the
 # time until `blktap ls --json` shows every disk connected again with a new
 # worker, and waits GAP seconds before the next round. Per round it prints
-# the time back and the restart delays the daemon chose ("worker exited;
-# restarting ... in=") from its log; the table goes to $RESULTS too.
+# the time back and the restart delays the daemon chose ("worker
+# restarted ... after=") from its log; the table goes to $RESULTS too.
 #
 # It measures, it does not judge: exit 0 whatever the times; non-zero when
 # the daemon fails or a disk does not come back within 60 s.
@@ -84,7 +84,7 @@ for ((r = 1; r <= ROUNDS; r++)); do
 	while read -r _ pid; do kill -KILL "$pid"; done <"$W/old"
 	wait_all "$(date +%s)" "$W/old"
 	t1=$(date +%s%N)
-	delays=$(tail -n +"$((lines + 1))" "$W/daemon.log" | grep 'worker exited; restarting' | sed -n 's/.* in=\([^ ]*\).*/\1/p' | tr '\n' ' ')
+	delays=$(tail -n +"$((lines + 1))" "$W/daemon.log" | grep 'worker restarted' | sed -n 's/.* after=\([^ ]*\).*/\1/p' | tr '\n' ' ')
 	printf '%-6s %8.2f  %s\n' "$r" "$(echo "($t1 - $t0) / 1000000000" | bc -l)" "$delays" | tee -a "$TABLE"
 	((r == ROUNDS)) || sleep "$GAP"
 done

@@ -61,8 +61,9 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 		}
 		log := d.log.With("device", k.String())
 		dev := d.newDevice(k)
-		dev.name, dev.proc, dev.adopted = desc.Name, p, desc
-		dev.readOnly, dev.size, dev.startedAt = desc.ReadOnly, desc.Size, time.Now()
+		dev.name, dev.worker.proc, dev.worker.adopted = desc.Name, p, desc
+		dev.worker.readOnly, dev.worker.size = desc.ReadOnly, desc.Size
+		dev.retry.workerRestart.started(time.Now(), 0)
 		if desc.NBD {
 			rep, fds, err := p.CallFDs(ctx, worker.Request{Op: worker.OpExportFD})
 			_ = rep
@@ -73,27 +74,20 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 				if lerr == nil {
 					if ul, ok := ln.(*net.UnixListener); ok {
 						ul.SetUnlinkOnClose(true) // ours again: removed when the disk goes
-						dev.exportURI = "nbd+unix:///?socket=" + ul.Addr().String()
+						dev.exp.exportURI = "nbd+unix:///?socket=" + ul.Addr().String()
 					} else {
-						dev.exportURI = "nbd://" + ln.Addr().String() + "/"
+						dev.exp.exportURI = "nbd://" + ln.Addr().String() + "/"
 					}
-					dev.export, dev.exportServed = ln, true
+					dev.exp.export, dev.exp.exportServed = ln, true
 				}
 			}
 		}
-		if keepAdoptedRing(desc) {
-			dev.ring = true
-		} else if desc.Ring {
-			// The local frontend that drove this ring lived in the old
-			// daemon; the ring is reconnected to a new one.
-			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-			if _, err := p.Call(cctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
-				log.Warn("adopt: disconnect orphaned ring", "err", err)
-			}
-			cancel()
-		}
-		dev.ringWatch = d.watchRing(ctx, p, k, log)
-		if dev.ring && dev.ringWatch != nil {
+		// A local ring's frontend lived in the old daemon: Plan has the
+		// worker let go of it (disconnect-stray-ring), and the guest
+		// reconnects to a new one.
+		dev.rings.ring, dev.worker.strayRing = keepAdoptedRing(desc), desc.Ring && !keepAdoptedRing(desc)
+		dev.worker.ringWatch = d.watchRing(ctx, p, k, log)
+		if dev.rings.ring && dev.worker.ringWatch != nil {
 			// A fault from before the watch: the watch reports only new ones.
 			noticeRingFaultAsk(dev, log)
 		}
@@ -105,7 +99,7 @@ func (d *Daemon) adoptWorkers(ctx context.Context) {
 			<-p.Done()
 			d.q.Add(k)
 		}()
-		log.Info("adopted a running worker", "pid", p.Pid(), "image", desc.Path, "export", dev.exportURI)
+		log.Info("adopted a running worker", "pid", p.Pid(), "image", desc.Path, "export", dev.exp.exportURI)
 		d.q.Add(k)
 	}
 }
@@ -122,8 +116,18 @@ func keepAdoptedRing(desc *worker.Describe) bool {
 // adoptWorker keeps an adopted worker that serves what xenstore declares
 // for its device: the params are the ones it opened.
 func (d *Daemon) adoptWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	dev.procParams, dev.adopted = s.Params, nil
+	dev.worker.procParams, dev.worker.adopted = s.Params, nil
 	log.Info("adopted worker kept: it serves what xenstore declares", "params", s.Params)
+	return nil
+}
+
+// disconnectStrayRing has an adopted worker let go of a local ring whose
+// frontend died with the previous daemon.
+func (d *Daemon) disconnectStrayRing(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
+	if _, err := dev.worker.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
+		return err
+	}
+	dev.worker.strayRing = false
 	return nil
 }
 
@@ -150,16 +154,5 @@ func (d *Daemon) newDevice(k Key) *device {
 		backoff.WithMaxInterval(30*time.Second),
 		backoff.WithMaxElapsedTime(0),
 	)
-	rbo := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(500*time.Millisecond),
-		backoff.WithMaxInterval(60*time.Second),
-		backoff.WithMaxElapsedTime(0),
-	)
-	fbo := backoff.NewExponentialBackOff(
-		backoff.WithInitialInterval(time.Second),
-		backoff.WithRandomizationFactor(0),
-		backoff.WithMaxInterval(60*time.Second),
-		backoff.WithMaxElapsedTime(0),
-	)
-	return &device{key: k, bo: bo, restartBo: rbo, feRestartBo: fbo, status: map[string]string{}}
+	return &device{key: k, retry: retryState{bo: bo}, st: statusState{status: map[string]string{}}}
 }

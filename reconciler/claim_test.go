@@ -30,7 +30,7 @@ func TestVBDClaimsOnlyOwnScript(t *testing.T) {
 	h.d.mu.Lock()
 	dev := h.d.devices[theirs]
 	h.d.mu.Unlock()
-	if dev != nil && dev.proc != nil {
+	if dev != nil && dev.worker.proc != nil {
 		t.Fatal("a worker serves blkback's disk")
 	}
 }

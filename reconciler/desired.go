@@ -146,24 +146,24 @@ var stuckGrace = 10 * time.Second
 // Closed, with no worker and nothing running to change it: an unplug that
 // nobody finishes.
 func (d *Daemon) noticeStuck(ctx context.Context, dev *device, s snapshot, log *slog.Logger) {
-	stuck := s.Present && !s.Online && s.Backend == StateClosed && dev.proc == nil && dev.lf == nil
+	stuck := s.Present && !s.Online && s.Backend == StateClosed && dev.worker.proc == nil && dev.rings.lf == nil
 	if !stuck || d.declaring(dev.key) || d.conflict(dev.key) != "" {
-		dev.stuckSince = time.Time{}
+		dev.st.stuckSince = time.Time{}
 		return
 	}
 	disk, ok := d.desiredFor(dev.key)
 	if !ok {
-		dev.stuckSince = time.Time{}
+		dev.st.stuckSince = time.Time{}
 		return
 	}
-	if dev.stuckSince.IsZero() {
-		dev.stuckSince = time.Now()
+	if dev.st.stuckSince.IsZero() {
+		dev.st.stuckSince = time.Now()
 	}
-	if wait := time.Until(dev.stuckSince.Add(stuckGrace)); wait > 0 {
+	if wait := time.Until(dev.st.stuckSince.Add(stuckGrace)); wait > 0 {
 		d.q.AddAfter(dev.key, wait)
 		return
 	}
-	dev.stuckSince = time.Time{}
+	dev.st.stuckSince = time.Time{}
 	spec := yamlSpec(dev.key, disk)
 	log.Warn("YAML disk offline and Closed with no worker since the grace ran out: converging", "disk", disk.Name, "grace", stuckGrace)
 	d.declare(ctx, dev.key, declOp{spec: &spec, force: true})

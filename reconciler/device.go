@@ -23,64 +23,93 @@ import (
 
 // device is what the daemon runs for one key. Only the goroutine that
 // reconciles the key touches it (the queue guarantees one at a time), and
-// shutdown, which runs after every reconciler stopped.
+// shutdown, which runs after every reconciler stopped. Its state is kept
+// by concern, one sub-struct each, so that an effect's reach shows.
 type device struct {
 	key  Key
 	name string
 
-	feWatch *xenstore.Watch
+	feWatch *xenstore.Watch // the frontend directory's watch (observe.go)
 	fePath  string
 
+	worker workerState // the worker process
+	exp    exportState // the NBD export and the kernel nbd device on it
+	rings  ringState   // the guest's ring, and the local frontend driving it
+	view   guestView   // the local guest's view, exported over NBD
+	ctl    ioControl   // what the operator and the YAML set: limits, pause
+	st     statusState // errors and the status last written
+	retry  retryState  // failed steps' backoff; restarts' facts
+}
+
+// workerState is the worker process and what it opened.
+type workerState struct {
 	proc       *worker.Process
 	ringWatch  *worker.RingWatch // the worker's ring faults as they happen; nil: poll stats
 	procParams string            // the params the worker opened
 	readOnly   bool
 	size       int64
-	stopping   bool // we asked the worker to exit
+	stopping   bool             // we asked the worker to exit
+	adopted    *worker.Describe // set when a previous daemon started the worker, until checked
+	// strayRing: the adopted worker serves a local ring whose frontend
+	// lived in the previous daemon, until it lets go of it.
+	strayRing bool
+	exited    string // the last worker exited on its own: why (until a new one starts)
+}
 
-	export       net.Listener // domain-0: kept by the daemon, a dup handed to each worker
+// exportState is the device's NBD export (domain 0's disk, or every
+// disk on Xen for physical-device-path) and the kernel device on it.
+type exportState struct {
+	export       net.Listener // kept by the daemon, a dup handed to each worker
 	exportURI    string
 	exportServed bool
-	ring         bool
-	ringErr      string
+	kernel       *nbdkernel.Conn // the dom0 kernel nbd device connected to the export
+}
+
+// ringState is the guest's ring as the worker serves it and, without
+// Xen, the local frontend that plays the guest's blkfront.
+type ringState struct {
+	ring    bool
+	ringErr string
 	// ringLost is the last ring error, kept once the ring is torn down
 	// so the status says why the disk is away until it reconnects.
 	ringLost string
+	lf       *frontend.Frontend
+	lfPort   uint32
+}
 
-	lf        *frontend.Frontend
-	lfPort    uint32
+// guestView is the local frontend's disk exported over NBD.
+type guestView struct {
 	guest     *nbd.Server
 	guestStop context.CancelFunc
 	guestDone chan struct{}
 	guestURI  string
+}
 
+// ioControl is what the worker was told besides serving.
+type ioControl struct {
+	qos    QoS  // the limits the worker applies now
+	paused bool // the worker holds I/O (the operator paused it)
+}
+
+// statusState is what went wrong and what the status says.
+type statusState struct {
 	failed       string // terminal error
 	feFatal      string // the frontend's keys were unusable; cleared when the backend starts over
 	statusLocked bool   // the blktap/ subtree's permissions are set (the guest cannot read it)
 	failedParams string
 	lastErr      string
-	stuckSince   time.Time                   // first seen offline and Closed with no worker (desired.go)
-	notBefore    time.Time                   // restart backoff
-	bo           *backoff.ExponentialBackOff // retries of failed steps; reset on convergence
-	restartBo    *backoff.ExponentialBackOff // worker restarts; reset once a worker stays up
-	restartWait  time.Duration               // the restart delay the last worker waited
-	startedAt    time.Time
-	restarts     int
-	// The local frontend's restarts after its ring stopped: a ring that
-	// breaks again at once is retried ever more slowly.
-	feRestartBo   *backoff.ExponentialBackOff
-	feRestartedAt time.Time
-	feNotBefore   time.Time
+	stuckSince   time.Time         // first seen offline and Closed with no worker (desired.go)
+	status       map[string]string // last status written, to write only changes
+}
 
-	status map[string]string // last status written, to write only changes
-
-	qos    QoS    // the limits the worker applies now
-	paused bool   // the worker holds I/O (the operator paused it)
-	exited string // the last worker exited on its own: why (until a new one starts)
-
-	adopted *worker.Describe // set when a previous daemon started the worker, until checked
-
-	kernel *nbdkernel.Conn // the dom0 kernel nbd device connected to the export
+// retryState is when things are tried again: failed steps, and the
+// facts Plan decides restarts from.
+type retryState struct {
+	bo            *backoff.ExponentialBackOff // retries of failed steps; reset on convergence
+	restarts      int                         // workers that exited on their own
+	workerRestart restartFacts
+	restartDue    time.Time // a worker's restart waits until then (the status says restarting)
+	ringRestart   restartFacts
 }
 
 func (d *Daemon) reconcile(ctx context.Context, k Key) {
@@ -129,7 +158,7 @@ func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logg
 	if err != nil {
 		return nil, true, &stepError{step: stepObserve, err: err}
 	}
-	if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) && dev.proc == nil && dev.lf == nil {
+	if k.Kind == KindVBD && snap.Present && !d.claimsVBD(snap) && dev.worker.proc == nil && dev.rings.lf == nil {
 		// Kernel blkback's disk, not ours: no worker, no status.
 		d.forget(dev)
 		d.refuseAll(k, "is kernel blkback's, not blktap's")
@@ -151,7 +180,7 @@ func (d *Daemon) reconcileRound(ctx context.Context, dev *device, log *slog.Logg
 			return &snap, true, &stepError{step: a.Kind.String(), action: true, err: err}
 		}
 	}
-	dev.lastErr = ""
+	dev.st.lastErr = ""
 	return nil, false, nil
 }
 
@@ -167,11 +196,11 @@ func (d *Daemon) foldObservation(dev *device, snap snapshot, log *slog.Logger) {
 	}
 	d.noticeExit(dev, log)
 	noticeFrontendGaveUp(dev, log)
-	if dev.failed != "" && dev.failedParams != snap.Params {
-		dev.failed, dev.failedParams = "", "" // params changed: try again
+	if dev.st.failed != "" && dev.st.failedParams != snap.Params {
+		dev.st.failed, dev.st.failedParams = "", "" // params changed: try again
 	}
 	if d.takeRetry(dev.key) {
-		dev.failed, dev.failedParams = "", ""
+		dev.st.failed, dev.st.failedParams = "", ""
 	}
 }
 
@@ -207,45 +236,37 @@ func (d *Daemon) settled(ctx context.Context, dev *device, snap snapshot, log *s
 		d.forget(dev)
 	}
 	d.noticeStuck(ctx, dev, snap, log)
-	dev.bo.Reset()
+	dev.retry.bo.Reset()
 }
 
-// stableAfter is how long a worker must run before its crash counts as a
-// fresh one for the restart backoff.
-const stableAfter = time.Minute
-
-// servedFactor: a worker that ran this many times longer than the delay
-// before its start was serving, not crash-looping, and its death too
-// counts as a fresh one. Without it, workers killed every few seconds
-// (an operator's kills, the crash matrix's rounds) came back ever more
-// slowly although each had served between the kills.
-const servedFactor = 10
-
 func (dev *device) actual(s snapshot) Actual {
-	return Actual{
-		Worker:      dev.proc != nil,
-		Export:      dev.exportServed,
-		Ring:        dev.ring,
-		RingError:   dev.ringErr,
-		RingLost:    dev.ringLost,
-		LF:          dev.lf != nil,
-		LFConnected: dev.guest != nil,
-		Failed:      dev.failed,
-		Params:      dev.procParams,
-		QoS:         dev.qos,
-		KernelNBD:   dev.kernel != nil,
-		Paused:      dev.paused,
+	a := Actual{
+		Worker:      dev.worker.proc != nil,
+		Export:      dev.exp.exportServed,
+		Ring:        dev.rings.ring,
+		RingError:   dev.rings.ringErr,
+		RingLost:    dev.rings.ringLost,
+		LF:          dev.rings.lf != nil,
+		LFConnected: dev.view.guest != nil,
+		Failed:      dev.st.failed,
+		Params:      dev.worker.procParams,
+		QoS:         dev.ctl.qos,
+		KernelNBD:   dev.exp.kernel != nil,
+		Paused:      dev.ctl.paused,
 		Adopted:     adoption(dev, s),
-		Exited:      dev.exited,
-		RestartDue:  !time.Now().Before(dev.notBefore),
+		StrayRing:   dev.worker.strayRing,
+		Exited:      dev.worker.exited,
 	}
+	now := time.Now()
+	a.WorkerBackoff, a.RingBackoff = dev.retry.workerRestart.backoff(now), dev.retry.ringRestart.backoff(now)
+	return a
 }
 
 // adoption compares what an adopted worker serves with what xenstore
 // declares for its device.
 func adoption(dev *device, s snapshot) Adoption {
-	desc := dev.adopted
-	if desc == nil || !s.Present || dev.proc == nil {
+	desc := dev.worker.adopted
+	if desc == nil || !s.Present || dev.worker.proc == nil {
 		return AdoptionNone // a removed device's worker stops anyway
 	}
 	format, path, err := ParseParams(s.Params)
@@ -259,59 +280,27 @@ func adoption(dev *device, s snapshot) Adoption {
 	return AdoptionStale
 }
 
-// noticeExit folds a worker that exited on its own into the device's
-// state: nothing it served is served any more, and the restart waits for
-// the backoff.
-func (d *Daemon) noticeExit(dev *device, log *slog.Logger) {
-	if dev.proc == nil {
-		return
-	}
-	select {
-	case <-dev.proc.Done():
-	default:
-		if dev.ring {
-			noticeRingFault(dev, log)
-		}
-		return
-	}
-	if !dev.stopping {
-		dev.restarts++
-		// A worker that crashes at once, again and again, is restarted
-		// ever more slowly; one that served for a while starts afresh.
-		if up := time.Since(dev.startedAt); up > stableAfter || up > servedFactor*dev.restartWait {
-			dev.restartBo.Reset()
-		}
-		wait := dev.restartBo.NextBackOff()
-		dev.restartWait = wait
-		dev.notBefore = time.Now().Add(wait)
-		dev.exited = fmt.Sprintf("worker %d exited: %v", dev.proc.Pid(), dev.proc.ExitErr())
-		dev.lastErr = dev.exited
-		log.Error("worker exited; restarting", "pid", dev.proc.Pid(), "err", dev.proc.ExitErr(), "restarts", dev.restarts, "in", wait)
-	}
-	d.dropWorker(dev, false)
-}
-
 // noticeRingFault folds a ring that stopped on its own (a hostile
 // frontend) into the ring error. The worker reports it through its ring
 // watch as it happens, which requeues the device; only a worker that
 // cannot (adopted from an older version) is asked, at every pass.
 func noticeRingFault(dev *device, log *slog.Logger) {
-	if dev.ringWatch == nil {
+	if dev.worker.ringWatch == nil {
 		noticeRingFaultAsk(dev, log)
 		return
 	}
-	setRingFault(dev, dev.ringWatch.Take(), log)
+	setRingFault(dev, dev.worker.ringWatch.Take(), log)
 }
 
 // noticeRingFaultAsk asks the worker for its rings' fault.
 func noticeRingFaultAsk(dev *device, log *slog.Logger) {
-	setRingFault(dev, askRingFault(dev.proc), log)
+	setRingFault(dev, askRingFault(dev.worker.proc), log)
 }
 
 func setRingFault(dev *device, fault string, log *slog.Logger) {
-	if fault != "" && dev.ringErr == "" {
-		dev.ringErr = fault
-		dev.ring = false
+	if fault != "" && dev.rings.ringErr == "" {
+		dev.rings.ringErr = fault
+		dev.rings.ring = false
 		log.Error("ring stopped", "err", fault)
 	}
 }
@@ -331,35 +320,35 @@ func askRingFault(p *worker.Process) string {
 // found the ring broken: a response it never asked for, a producer index
 // past its requests) into the device's ring error, which closes the device
 // and, once closed, restarts the frontend. The daemon's own closes set
-// dev.lf to nil first, so a stopped frontend still held was not one.
+// dev.rings.lf to nil first, so a stopped frontend still held was not one.
 func noticeFrontendGaveUp(dev *device, log *slog.Logger) {
-	if dev.lf == nil || dev.ringErr != "" {
+	if dev.rings.lf == nil || dev.rings.ringErr != "" {
 		return
 	}
 	select {
-	case <-dev.lf.Done():
+	case <-dev.rings.lf.Done():
 	default:
 		return
 	}
-	err := dev.lf.Err()
+	err := dev.rings.lf.Err()
 	if err == nil {
 		err = frontend.ErrClosed
 	}
-	dev.ringErr = "local frontend gave up: " + err.Error()
+	dev.rings.ringErr = "local frontend gave up: " + err.Error()
 	log.Error("local frontend stopped", "err", err)
 }
 
 // forget drops a device whose backend directory is gone and whose
 // resources are all released.
 func (d *Daemon) forget(dev *device) {
-	if dev.proc != nil || dev.lf != nil || dev.guest != nil {
+	if dev.worker.proc != nil || dev.rings.lf != nil || dev.view.guest != nil {
 		return
 	}
 	if dev.feWatch != nil {
 		dev.feWatch.Close()
 	}
-	if dev.export != nil {
-		dev.export.Close()
+	if dev.exp.export != nil {
+		dev.exp.export.Close()
 	}
 	d.mu.Lock()
 	delete(d.devices, dev.key)
@@ -376,19 +365,19 @@ const (
 // diskKeys are what a backend publishes about the disk at connect.
 func diskKeys(dev *device, s snapshot) [][2]string {
 	info := 0
-	if dev.readOnly {
+	if dev.worker.readOnly {
 		info |= vdiskReadOnly
 	}
 	if s.Cdrom {
 		info |= vdiskCDROM
 	}
-	opts := worker.RingOptions(dev.readOnly)
+	opts := worker.RingOptions(dev.worker.readOnly)
 	// The toolstack's discard-enable=0 (xl's no-discard) withdraws the
 	// feature, as blkback does.
 	opts.Discard = opts.Discard && s.discard
 	_, features := opts.Features()
 	return append(features, [][2]string{
-		{"sectors", strconv.FormatInt(dev.size/blkif.SectorSize, 10)},
+		{"sectors", strconv.FormatInt(dev.worker.size/blkif.SectorSize, 10)},
 		{"info", strconv.Itoa(info)},
 		{"sector-size", strconv.Itoa(blkif.SectorSize)},
 		{"physical-sector-size", strconv.Itoa(blkif.SectorSize)},
@@ -422,18 +411,18 @@ func (dev *device) release(ctx context.Context, log *slog.Logger) {
 	log = log.With("device", dev.key.String())
 	dev.closeKernelDevice(log)
 	dev.closeLocalFrontend(log)
-	if dev.proc != nil {
-		dev.stopping = true
-		if err := dev.proc.Close(ctx); err != nil {
+	if dev.worker.proc != nil {
+		dev.worker.stopping = true
+		if err := dev.worker.proc.Close(ctx); err != nil {
 			log.Error("worker close", "err", err)
 		} else {
 			log.Info("disk flushed and closed", "name", dev.name)
 		}
-		dev.proc = nil
+		dev.worker.proc = nil
 	}
-	if dev.export != nil {
-		dev.export.Close()
-		dev.export = nil
+	if dev.exp.export != nil {
+		dev.exp.export.Close()
+		dev.exp.export = nil
 	}
 }
 
@@ -474,7 +463,7 @@ func (d *Daemon) frontendFatal(ctx context.Context, dev *device, msg string, log
 	if err != nil {
 		return err
 	}
-	dev.feFatal = msg
+	dev.st.feFatal = msg
 	log.Error("frontend error: backend closing", "err", msg)
 	return nil
 }

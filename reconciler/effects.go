@@ -26,7 +26,8 @@ import (
 // a step to retry with backoff apart.
 type effect func(d *Daemon, ctx context.Context, dev *device, s snapshot, log *slog.Logger) error
 
-// effects is indexed by ActionKind; every kind has one.
+// effects is indexed by ActionKind; every kind has one here or in
+// waitEffects.
 var effects = [...]effect{
 	ActStartWorker:     (*Daemon).startWorker,
 	ActServeExport:     (*Daemon).serveExport,
@@ -40,21 +41,24 @@ var effects = [...]effect{
 	ActDisconnectRing:  (*Daemon).disconnectRing,
 	ActStopWorker:      (*Daemon).stopWorkerEffect,
 	ActFrontendFatal:   (*Daemon).frontendFatalEffect,
-	ActFrontendRestart: (*Daemon).frontendRestart,
 	ActAdoptWorker:     (*Daemon).adoptWorker,
 	ActResetOrphanRing: (*Daemon).resetOrphanRing,
 	ActApplyQoS:        (*Daemon).applyQoS,
-	ActAwaitRestart:    (*Daemon).awaitRestart,
-	ActRestartWorker:   (*Daemon).startWorker,
 	ActAttachKernelNBD: (*Daemon).connectKernelDevice,
 	ActDetachKernelNBD: (*Daemon).detachKernelDevice,
 	ActPause:           (*Daemon).pauseEffect,
 	ActResume:          (*Daemon).resumeEffect,
 	ActSnapshot:        (*Daemon).snapshotEffect,
 	ActRefuseRequest:   (*Daemon).refuseRequest,
+	// ActAwaitRestart, ActRestartWorker, ActAwaitFrontendRestart and
+	// ActFrontendRestart: waitEffects.
+	ActDisconnectStrayRing: (*Daemon).disconnectStrayRing,
 }
 
 func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, log *slog.Logger) error {
+	if we := waitEffects[a.Kind]; we != nil {
+		return we(d, ctx, dev, s, time.Duration(a.Wait), log)
+	}
 	if a.Kind <= 0 || int(a.Kind) >= len(effects) || effects[a.Kind] == nil {
 		return fmt.Errorf("unknown action %v", a.Kind)
 	}
@@ -64,14 +68,14 @@ func (d *Daemon) apply(ctx context.Context, dev *device, s snapshot, a Action, l
 // serveExport hands the export listener to the worker; the toolstack finds it at physical-device-path.
 func (d *Daemon) serveExport(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	be := d.backendPath(dev.key)
-	if dev.export == nil {
+	if dev.exp.export == nil {
 		ln, uri, err := d.listenExport(dev)
 		if err != nil {
 			return terminal(fmt.Errorf("export: %w", err))
 		}
-		dev.export, dev.exportURI = ln, uri
+		dev.exp.export, dev.exp.exportURI = ln, uri
 	}
-	f, err := worker.ListenerFile(dev.export)
+	f, err := worker.ListenerFile(dev.exp.export)
 	if err != nil {
 		return err
 	}
@@ -80,19 +84,19 @@ func (d *Daemon) serveExport(ctx context.Context, dev *device, s snapshot, log *
 	if disk, ok := d.desiredFor(dev.key); ok && disk.Export.TLSCert != "" {
 		req.TLSCert, req.TLSKey, req.TLSCA = disk.Export.TLSCert, disk.Export.TLSKey, disk.Export.TLSCA
 	}
-	if _, err := dev.proc.Call(ctx, req, int(f.Fd())); err != nil {
+	if _, err := dev.worker.proc.Call(ctx, req, int(f.Fd())); err != nil {
 		return err
 	}
-	dev.exportServed = true
-	log.Info("export ready", "uri", dev.exportURI)
-	if dev.readOnly && !s.Cdrom {
+	dev.exp.exportServed = true
+	log.Info("export ready", "uri", dev.exp.exportURI)
+	if dev.worker.readOnly && !s.Cdrom {
 		// libxl refuses to build an HVM guest's device model
 		// around a read-only emulated hard disk that has a local
 		// path ("qemu-xen doesn't support read-only IDE disk
 		// drivers"); without one the disk is PV-only.
 		return nil
 	}
-	return d.publishDevicePath(ctx, dev.key, be, dev.export)
+	return d.publishDevicePath(ctx, dev.key, be, dev.exp.export)
 }
 
 // backendInitWait publishes the transport limits, then InitWait.
@@ -103,7 +107,7 @@ func (d *Daemon) backendInitWait(ctx context.Context, dev *device, s snapshot, l
 		if err := requireDir(ctx, tx, be); err != nil {
 			return err
 		}
-		if dev.feFatal != "" {
+		if dev.st.feFatal != "" {
 			// The frontend starts over: its last fatal error is history.
 			if err := tx.Rm(ctx, d.errorNode(dev.key)); err != nil && !errors.Is(err, xenstore.ErrNotFound) {
 				return err
@@ -123,7 +127,7 @@ func (d *Daemon) backendInitWait(ctx context.Context, dev *device, s snapshot, l
 		return nil
 	})
 	if err == nil {
-		dev.feFatal = ""
+		dev.st.feFatal = ""
 	}
 	return err
 }
@@ -193,7 +197,7 @@ func (d *Daemon) frontendInit(ctx context.Context, dev *device, s snapshot, log 
 		f.Close()
 		return err
 	}
-	dev.lf, dev.lfPort = f, port
+	dev.rings.lf, dev.rings.lfPort = f, port
 	k := dev.key
 	go func() {
 		<-f.Done()
@@ -210,7 +214,7 @@ func (d *Daemon) frontendFatalEffect(ctx context.Context, dev *device, s snapsho
 // connectRingEffect has the worker serve the ring, then publishes the disk and Connected.
 func (d *Daemon) connectRingEffect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	be := d.backendPath(dev.key)
-	if !dev.ring {
+	if !dev.rings.ring {
 		if err := d.connectRing(ctx, dev, s); err != nil {
 			return err
 		}
@@ -218,7 +222,7 @@ func (d *Daemon) connectRingEffect(ctx context.Context, dev *device, s snapshot,
 	if !s.LocalFrontend {
 		// A real guest's disk is back once its ring is (a local
 		// one's once its guest view is, at frontend-connect).
-		dev.ringLost = ""
+		dev.rings.ringLost = ""
 	}
 	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 		if err := requireDir(ctx, tx, be); err != nil {
@@ -236,7 +240,7 @@ func (d *Daemon) connectRingEffect(ctx context.Context, dev *device, s snapshot,
 
 // frontendConnect connects the local frontend and exports its guest view.
 func (d *Daemon) frontendConnect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if dev.lf == nil {
+	if dev.rings.lf == nil {
 		return fmt.Errorf("local frontend missing")
 	}
 	sectors, ss := s.beSectors, s.beSectorSize
@@ -244,13 +248,13 @@ func (d *Daemon) frontendConnect(ctx context.Context, dev *device, s snapshot, l
 		ss = blkif.SectorSize
 	}
 	// A blkfront reads the backend's features before it connects.
-	if err := dev.lf.SetFeatures(frontend.Features{
+	if err := dev.rings.lf.SetFeatures(frontend.Features{
 		Discard:             s.beDiscard,
 		MaxIndirectSegments: s.beMaxIndirect,
 	}); err != nil {
 		return err
 	}
-	if err := dev.lf.Connect(sectors, ss, s.beInfo&4 != 0); err != nil {
+	if err := dev.rings.lf.Connect(sectors, ss, s.beInfo&4 != 0); err != nil {
 		return err
 	}
 	if err := d.serveGuestView(dev, s.beInfo&4 != 0, log); err != nil {
@@ -262,9 +266,9 @@ func (d *Daemon) frontendConnect(ctx context.Context, dev *device, s snapshot, l
 		}
 		return tx.Write(ctx, s.fePath+"/state", strconv.Itoa(int(StateConnected)))
 	})
-	if err == nil && dev.ringLost != "" {
-		log.Info("ring reconnected", "after", dev.ringLost)
-		dev.ringLost = ""
+	if err == nil && dev.rings.ringLost != "" {
+		log.Info("ring reconnected", "after", dev.rings.ringLost)
+		dev.rings.ringLost = ""
 	}
 	return err
 }
@@ -288,21 +292,18 @@ func (d *Daemon) frontendClose(ctx context.Context, dev *device, s snapshot, log
 // disconnectRing has the worker drain and unmap the ring; the backend goes Closed.
 func (d *Daemon) disconnectRing(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	be := d.backendPath(dev.key)
-	if dev.ring && dev.proc != nil {
-		if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
+	if dev.rings.ring && dev.worker.proc != nil {
+		if _, err := dev.worker.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect}); err != nil {
 			return err
 		}
 	}
-	dev.ring = false
-	if dev.ringErr != "" {
+	dev.rings.ring = false
+	if dev.rings.ringErr != "" {
 		// The ring it names is gone; what comes next is a new one,
 		// after a pause that lets the status say why (and grows if
-		// rings keep breaking).
-		dev.ringLost, dev.ringErr = dev.ringErr, ""
-		if time.Since(dev.feRestartedAt) > stableAfter {
-			dev.feRestartBo.Reset()
-		}
-		dev.feNotBefore = time.Now().Add(dev.feRestartBo.NextBackOff())
+		// rings keep breaking: Plan decides it).
+		dev.rings.ringLost, dev.rings.ringErr = dev.rings.ringErr, ""
+		dev.retry.ringRestart.stopped(time.Now())
 	}
 	if s.Present {
 		return d.writeIfPresent(ctx, be, "state", strconv.Itoa(int(StateClosed)))
@@ -310,40 +311,22 @@ func (d *Daemon) disconnectRing(ctx context.Context, dev *device, s snapshot, lo
 	return nil
 }
 
-// frontendRestart sends a Closed local frontend back to Initialising, once its backoff allows.
-func (d *Daemon) frontendRestart(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	if t := dev.feNotBefore; time.Now().Before(t) {
-		return &retryAt{t}
-	}
-	if err := d.writeIfPresent(ctx, s.fePath, "state", strconv.Itoa(int(StateInitialising))); err != nil {
-		return err
-	}
-	dev.feRestartedAt = time.Now()
-	log.Info("local frontend starting over", "after", dev.ringLost)
-	return nil
-}
-
 // stopWorkerEffect drains, flushes and stops the worker.
 func (d *Daemon) stopWorkerEffect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	err := d.stopWorker(ctx, dev)
-	dev.ringErr, dev.ringLost = "", ""
+	dev.rings.ringErr, dev.rings.ringLost = "", ""
 	return err
 }
 
 // applyQoS gives the worker the desired limits: live, no reconnect.
 func (d *Daemon) applyQoS(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	want := s.QoS
-	if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpQoS, IOPS: want.IOPS, Bandwidth: want.Bandwidth}); err != nil {
+	if _, err := dev.worker.proc.Call(ctx, worker.Request{Op: worker.OpQoS, IOPS: want.IOPS, Bandwidth: want.Bandwidth}); err != nil {
 		return err
 	}
-	dev.qos = want
+	dev.ctl.qos = want
 	log.Info("qos applied", "iops", want.IOPS, "bandwidth", want.Bandwidth)
 	return nil
-}
-
-// awaitRestart waits out the backoff before a crashed worker's restart.
-func (d *Daemon) awaitRestart(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	return &retryAt{dev.notBefore}
 }
 
 func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
@@ -385,13 +368,13 @@ func (d *Daemon) startWorker(ctx context.Context, dev *device, s snapshot, log *
 		cancel()
 		return err
 	}
-	dev.proc, dev.procParams, dev.readOnly, dev.size = p, s.Params, img.readOnly, rep.Size
-	dev.qos, dev.paused, dev.exited = QoS{}, false, "" // a new worker starts unlimited, serving
-	dev.startedAt = time.Now()
+	dev.worker.proc, dev.worker.procParams, dev.worker.readOnly, dev.worker.size = p, s.Params, img.readOnly, rep.Size
+	dev.ctl.qos, dev.ctl.paused, dev.worker.exited = QoS{}, false, "" // a new worker starts unlimited, serving
+	dev.retry.workerRestart.started(time.Now(), 0)
 	d.publish(dev)
-	dev.ringErr = ""
+	dev.rings.ringErr = ""
 	k := dev.key
-	dev.ringWatch = d.watchRing(ctx, p, k, log)
+	dev.worker.ringWatch = d.watchRing(ctx, p, k, log)
 	go func() {
 		<-p.Done()
 		d.q.Add(k)
@@ -483,8 +466,8 @@ func adoptSocket(path string) (*os.File, error) {
 }
 
 func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error {
-	if dev.ringWatch != nil {
-		dev.ringWatch.Take() // a fault reported before is not this ring's
+	if dev.worker.ringWatch != nil {
+		dev.worker.ringWatch.Take() // a fault reported before is not this ring's
 	}
 	if !s.LocalFrontend {
 		// A real guest on Xen: the worker maps its grants itself, one
@@ -494,33 +477,33 @@ func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error
 			queues = []queueRing{{refs: s.ringRefs, evtchn: s.eventChannel}}
 		}
 		for i, q := range queues {
-			_, err := dev.proc.Call(ctx, worker.Request{
+			_, err := dev.worker.proc.Call(ctx, worker.Request{
 				Op: worker.OpConnect, Transport: "xen", Protocol: s.protocol, Queue: i,
 				RingRefs: q.refs, RingOrder: s.ringOrder, Domid: dev.key.Domid,
 				EventChannel: q.evtchn, Persistent: s.fePersistent,
 			})
 			if err != nil {
 				if i > 0 {
-					dev.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect})
+					dev.worker.proc.Call(ctx, worker.Request{Op: worker.OpDisconnect})
 				}
 				return err
 			}
 		}
-		dev.ring = true
+		dev.rings.ring = true
 		return nil
 	}
 	if len(s.queues) > 0 {
 		return terminal(fmt.Errorf("the local frontend serves one queue, the frontend asks for %d", len(s.queues)))
 	}
-	if dev.lf == nil || s.eventChannel != dev.lfPort {
+	if dev.rings.lf == nil || s.eventChannel != dev.rings.lfPort {
 		return fmt.Errorf("event channel %d is not bound to this device's local frontend", s.eventChannel)
 	}
-	want := dev.lf.RingRefs()
+	want := dev.rings.lf.RingRefs()
 	if fmt.Sprint(want) != fmt.Sprint(s.ringRefs) {
 		return terminal(fmt.Errorf("frontend ring refs %v were not granted by the local frontend (%v)", s.ringRefs, want))
 	}
-	mem, kick, notify := dev.lf.BackendFDs()
-	_, err := dev.proc.Call(ctx, worker.Request{
+	mem, kick, notify := dev.rings.lf.BackendFDs()
+	_, err := dev.worker.proc.Call(ctx, worker.Request{
 		Op:        worker.OpConnect,
 		Transport: "local",
 		Protocol:  s.protocol,
@@ -530,16 +513,16 @@ func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error
 	if err != nil {
 		return err
 	}
-	dev.ring = true
+	dev.rings.ring = true
 	return nil
 }
 
 // stopWorker closes the worker, which drains and flushes, and drops it
 // with its export.
 func (d *Daemon) stopWorker(ctx context.Context, dev *device) error {
-	dev.stopping = true
-	err := dev.proc.Close(ctx)
-	<-dev.proc.Done()
+	dev.worker.stopping = true
+	err := dev.worker.proc.Close(ctx)
+	<-dev.worker.proc.Done()
 	d.dropWorker(dev, true)
 	return err
 }
@@ -550,11 +533,11 @@ func (d *Daemon) stopWorker(ctx context.Context, dev *device) error {
 // serves the address clients and physical-device-path already know.
 func (d *Daemon) dropWorker(dev *device, closeExport bool) {
 	os.Remove(d.adoptPath(dev.key))
-	dev.proc, dev.ringWatch, dev.exportServed, dev.ring, dev.stopping = nil, nil, false, false, false
-	dev.adopted, dev.paused = nil, false
+	dev.worker.proc, dev.worker.ringWatch, dev.exp.exportServed, dev.rings.ring, dev.worker.stopping = nil, nil, false, false, false
+	dev.worker.adopted, dev.ctl.paused, dev.worker.strayRing = nil, false, false
 	d.publish(dev)
-	if closeExport && dev.export != nil {
-		dev.export.Close()
-		dev.export = nil
+	if closeExport && dev.exp.export != nil {
+		dev.exp.export.Close()
+		dev.exp.export = nil
 	}
 }

@@ -125,7 +125,7 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 			RoundTrip:   true, // every read is a ring round trip: keep many in flight
 			Name:        dev.name,
 			Description: "blktap guest view " + dev.name,
-			Backend:     dev.lf,
+			Backend:     dev.rings.lf,
 			ReadOnly:    readOnly,
 		},
 		Logger: log,
@@ -139,8 +139,8 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 			log.Error("guest view export stopped", "err", err)
 		}
 	}()
-	go trimGuestWhenIdle(ctx, srv, dev.lf, log)
-	dev.guest, dev.guestStop, dev.guestDone, dev.guestURI = srv, cancel, done, uri
+	go trimGuestWhenIdle(ctx, srv, dev.rings.lf, log)
+	dev.view.guest, dev.view.guestStop, dev.view.guestDone, dev.view.guestURI = srv, cancel, done, uri
 	log.Info("guest view ready", "uri", uri)
 	return nil
 }
@@ -148,7 +148,7 @@ func (d *Daemon) serveGuestView(dev *device, readOnly bool, log *slog.Logger) er
 // connectKernelDevice connects the kernel nbd device a domain-0 disk asks
 // for to its export, once the disk is connected.
 func (d *Daemon) connectKernelDevice(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
-	ul, ok := dev.export.(*net.UnixListener)
+	ul, ok := dev.exp.export.(*net.UnixListener)
 	if !ok {
 		return fmt.Errorf("%s: the kernel nbd client needs a unix socket export", s.nbdDevice)
 	}
@@ -159,7 +159,7 @@ func (d *Daemon) connectKernelDevice(ctx context.Context, dev *device, s snapsho
 	if err != nil {
 		return err
 	}
-	dev.kernel = c
+	dev.exp.kernel = c
 	log.Info("kernel nbd device connected", "device", s.nbdDevice)
 	return nil
 }
@@ -171,14 +171,14 @@ func (d *Daemon) detachKernelDevice(ctx context.Context, dev *device, s snapshot
 }
 
 func (dev *device) closeKernelDevice(log *slog.Logger) {
-	if dev.kernel == nil {
+	if dev.exp.kernel == nil {
 		return
 	}
-	if err := dev.kernel.Disconnect(); err != nil {
+	if err := dev.exp.kernel.Disconnect(); err != nil {
 		log.Warn("kernel nbd device disconnect", "err", err)
 	}
-	dev.kernel.Wait()
-	dev.kernel = nil
+	dev.exp.kernel.Wait()
+	dev.exp.kernel = nil
 }
 
 // guestDrain bounds how long the guest view may take to answer what it
@@ -186,11 +186,11 @@ func (dev *device) closeKernelDevice(log *slog.Logger) {
 const guestDrain = 15 * time.Second
 
 func (dev *device) closeLocalFrontend(log *slog.Logger) {
-	if dev.guest != nil {
-		dev.guestStop()
+	if dev.view.guest != nil {
+		dev.view.guestStop()
 		closed := make(chan struct{})
 		go func() {
-			dev.guest.Close()
+			dev.view.guest.Close()
 			close(closed)
 		}()
 		select {
@@ -200,18 +200,18 @@ func (dev *device) closeLocalFrontend(log *slog.Logger) {
 			// worker stopped, dead or paused): closing the frontend fails
 			// them, so the export, and the daemon's shutdown, end.
 			log.Warn("guest view still busy: failing its ring requests", "after", guestDrain)
-			if dev.lf != nil {
-				dev.lf.CloseWithError(errors.New("guest view shut down with requests unanswered"))
+			if dev.rings.lf != nil {
+				dev.rings.lf.CloseWithError(errors.New("guest view shut down with requests unanswered"))
 			}
 			<-closed
 		}
-		<-dev.guestDone
-		dev.guest, dev.guestURI = nil, ""
+		<-dev.view.guestDone
+		dev.view.guest, dev.view.guestURI = nil, ""
 	}
-	if dev.lf != nil {
-		if err := dev.lf.Close(); err != nil {
+	if dev.rings.lf != nil {
+		if err := dev.rings.lf.Close(); err != nil {
 			log.Warn("local frontend close", "err", err)
 		}
-		dev.lf = nil
+		dev.rings.lf = nil
 	}
 }

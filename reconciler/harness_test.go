@@ -147,16 +147,17 @@ func (h *daemonHarness) exit() *Daemon {
 	return d
 }
 
-// restart ends the daemon and starts a new one, which adopts the workers
-// (only domain-0 and Xen disks: a local frontend of the old daemon would
-// live on in this process, where a real restart ends it).
+// restart ends the daemon and starts a new one, which adopts the workers.
 func (h *daemonHarness) restart() {
 	if d := h.exit(); d != nil {
-		// What the old daemon's exit does: its control connections
-		// close, and each worker waits to be adopted.
+		// What the old daemon's exit does: its local frontends and
+		// guest views end with it (here they would live on in this
+		// process), its control connections close, and each worker
+		// waits to be adopted.
 		for _, dev := range d.devices {
-			if dev.proc != nil {
-				dev.proc.Release()
+			dev.closeLocalFrontend(d.log)
+			if dev.worker.proc != nil {
+				dev.worker.proc.Release()
 			}
 		}
 	}

@@ -58,7 +58,8 @@ func (m *Model) apply(act Action) {
 			a.Failed, m.failedParams, m.failStart = m.failStart, o.Params, ""
 			return
 		}
-		a.Worker, a.Params, a.QoS, a.Paused, a.Exited, a.RestartDue = true, o.Params, QoS{}, false, "", false
+		a.Worker, a.Params, a.QoS, a.Paused, a.Exited = true, o.Params, QoS{}, false, ""
+		a.WorkerBackoff.LastWait = 0 // ActRestartWorker sets it
 	case ActServeExport:
 		a.Export = true
 	case ActBackendInitWait:
@@ -82,10 +83,12 @@ func (m *Model) apply(act Action) {
 			o.Frontend = StateClosed
 		}
 	case ActFrontendRestart:
-		o.Frontend = StateInitialising
+		o.Frontend, a.RingBackoff.LastWait = StateInitialising, act.Wait
 	case ActDisconnectRing:
 		if a.RingError != "" {
-			a.RingLost = a.RingError
+			// The frontend served no time at all since its restart:
+			// the next one waits longer.
+			a.RingLost, a.RingBackoff.Served, a.RingBackoff.Since = a.RingError, 0, 0
 		}
 		a.Ring, a.RingError = false, ""
 		if o.Present {
@@ -93,7 +96,7 @@ func (m *Model) apply(act Action) {
 		}
 	case ActStopWorker:
 		a.Worker, a.Export, a.Ring, a.Params, a.RingError, a.RingLost = false, false, false, "", "", ""
-		a.Adopted, a.QoS, a.Paused = AdoptionNone, QoS{}, false
+		a.Adopted, a.QoS, a.Paused, a.StrayRing = AdoptionNone, QoS{}, false, false
 	default:
 		m.applyMore(act)
 	}
@@ -110,9 +113,16 @@ func (m *Model) applyMore(act Action) {
 	case ActApplyQoS:
 		a.QoS = o.QoS
 	case ActAwaitRestart:
-		a.RestartDue = true // the backoff runs out
+		a.WorkerBackoff.Since += act.Wait // the backoff runs out
+	case ActAwaitFrontendRestart:
+		a.RingBackoff.Since += act.Wait
 	case ActRestartWorker:
 		m.apply(Action{Kind: ActStartWorker})
+		if a.Worker {
+			a.WorkerBackoff.LastWait = act.Wait
+		}
+	case ActDisconnectStrayRing:
+		a.StrayRing = false
 	case ActAttachKernelNBD:
 		a.KernelNBD = true
 	case ActDetachKernelNBD:

@@ -22,10 +22,10 @@ const keyBackingDirs = statusDir + "/backing-dirs"
 // in flight, flushes and closes the image.
 func (d *Daemon) pauseEffect(ctx context.Context, dev *device, s snapshot, log *slog.Logger) error {
 	return d.answer(dev, s, func(*opRequest) error {
-		if _, err := dev.proc.Call(ctx, worker.Request{Op: worker.OpPause}); err != nil {
+		if _, err := dev.worker.proc.Call(ctx, worker.Request{Op: worker.OpPause}); err != nil {
 			return err
 		}
-		dev.paused = true
+		dev.ctl.paused = true
 		log.Info("device paused")
 		return nil
 	})
@@ -50,7 +50,7 @@ func (d *Daemon) resumeEffect(ctx context.Context, dev *device, s snapshot, log 
 				return err
 			}
 		}
-		if _, err := dev.proc.Call(ctx, req); err != nil {
+		if _, err := dev.worker.proc.Call(ctx, req); err != nil {
 			return err
 		}
 		if path != "" {
@@ -58,7 +58,7 @@ func (d *Daemon) resumeEffect(ctx context.Context, dev *device, s snapshot, log 
 				return err
 			}
 		}
-		dev.paused = false
+		dev.ctl.paused = false
 		log.Info("device resumed", "image", path)
 		return nil
 	})
@@ -76,17 +76,17 @@ func (d *Daemon) snapshotEffect(ctx context.Context, dev *device, s snapshot, lo
 		if err != nil {
 			return err
 		}
-		p := dev.proc
+		p := dev.worker.proc
 		rep, err := p.Call(ctx, worker.Request{Op: worker.OpPause})
 		if err != nil {
 			return err
 		}
-		dev.paused = true
+		dev.ctl.paused = true
 		resumeOld := func(cause error) error {
 			if _, rerr := p.Call(context.WithoutCancel(ctx), worker.Request{Op: worker.OpResume}); rerr != nil {
 				return fmt.Errorf("%w; and resuming on the old image failed: %v (the disk stays paused)", cause, rerr)
 			}
-			dev.paused = false
+			dev.ctl.paused = false
 			return cause
 		}
 		overlay := r.path
@@ -108,7 +108,7 @@ func (d *Daemon) snapshotEffect(ctx context.Context, dev *device, s snapshot, lo
 		if err := d.setParams(ctx, dev, format, overlay, extra); err != nil {
 			return err
 		}
-		dev.paused = false
+		dev.ctl.paused = false
 		log.Info("device snapshotted", "base", base, "overlay", overlay)
 		return nil
 	})
@@ -209,7 +209,7 @@ func (d *Daemon) checkImageDir(path string) error {
 // the ones the worker opened, not a change to act on.
 func (d *Daemon) setParams(ctx context.Context, dev *device, format, path, backingDir string) error {
 	be := d.backendPath(dev.key)
-	dev.procParams = format + ":" + path
+	dev.worker.procParams = format + ":" + path
 	return d.xs.Transaction(ctx, func(tx *xenstore.Tx) error {
 		if backingDir != "" {
 			rec, err := tx.Read(ctx, be+"/"+keyBackingDirs)

@@ -94,41 +94,97 @@ type Actual struct {
 	KernelNBD   bool   // the kernel nbd device is connected to the export
 	Paused      bool   // the worker holds the disk's I/O (a pause request)
 	Adopted     Adoption
+	// StrayRing: an adopted worker still serves a local ring whose
+	// frontend lived in the previous daemon; nobody drives it any more.
+	StrayRing bool
 	// Exited: the last worker exited on its own, and why; set until a
-	// new one starts. RestartDue: its restart backoff has run out (the
-	// caller's clock says so; Plan has none).
-	Exited     string
-	RestartDue bool
+	// new one starts. WorkerBackoff: the facts its restart's delay is
+	// decided from.
+	Exited        string
+	WorkerBackoff Backoff
+	// RingBackoff: the facts the local frontend's restart after RingLost
+	// waits on.
+	RingBackoff Backoff
+}
+
+// Nanos is a span of time in nanoseconds, as time.Duration counts it:
+// Plan gets times as facts, it reads no clock.
+type Nanos int64
+
+const second Nanos = 1e9
+
+// Backoff is what a restart's delay is decided from: something (a worker,
+// the local frontend's ring) stopped on its own and comes back after a
+// delay that grows while it keeps stopping at once.
+type Backoff struct {
+	Served   Nanos // how long it had run since its last start
+	LastWait Nanos // the delay that start had waited (0: none, it was no restart)
+	Since    Nanos // how long ago it stopped, by the caller's clock
+}
+
+// backoffPolicy turns a Backoff into the next delay.
+type backoffPolicy struct {
+	initial, max Nanos
+	// servedFactor: something that ran this many times longer than the
+	// delay before its start was serving, not crash-looping; its stop
+	// counts as a fresh one (0: only stableAfter counts).
+	servedFactor Nanos
+}
+
+// stableAfter is how long something must run before its stop counts as a
+// fresh one, whatever its last delay.
+const stableAfter = 60 * second
+
+var (
+	// A worker that crashes at once, again and again, is restarted ever
+	// more slowly; one that served for a while starts afresh. Without
+	// servedFactor, workers killed every few seconds (an operator's
+	// kills, the crash matrix's rounds) came back ever more slowly
+	// although each had served between the kills.
+	workerRestart = backoffPolicy{initial: second / 2, max: 60 * second, servedFactor: 10}
+	// A local ring that breaks again at once is retried ever more slowly.
+	ringRestart = backoffPolicy{initial: second, max: 60 * second}
+)
+
+// delay is how long after b's stop the restart waits: the initial delay
+// for a fresh stop, half as long again as the last one otherwise.
+func (p backoffPolicy) delay(b Backoff) Nanos {
+	if b.LastWait <= 0 || b.Served > stableAfter || (p.servedFactor > 0 && b.Served > p.servedFactor*b.LastWait) {
+		return p.initial
+	}
+	return min(b.LastWait*3/2, p.max)
 }
 
 // ActionKind is one step toward the desired state.
 type ActionKind int
 
 const (
-	ActStartWorker     ActionKind = iota + 1 // start the worker and open the image
-	ActServeExport                           // hand the domain-0 export socket to the worker
-	ActBackendInitWait                       // publish features, backend -> InitWait
-	ActDom0Connect                           // hotplug keys, disk keys, both halves -> Connected
-	ActFrontendInit                          // local frontend: ring, grants, keys -> Initialised
-	ActConnectRing                           // the worker maps the ring; disk keys; backend -> Connected
-	ActFrontendConnect                       // local frontend starts, guest view exported, -> Connected
-	ActBackendClosing                        // backend -> Closing
-	ActFrontendClose                         // the daemon's frontend half tears down -> Closed
-	ActDisconnectRing                        // the worker drains and unmaps the ring; backend -> Closed
-	ActStopWorker                            // drain, flush, close the image, stop the worker
-	ActFrontendFatal                         // the frontend's keys are unusable: error written, backend -> Closing
-	ActFrontendRestart                       // the local frontend, Closed, goes back to Initialising to reconnect
-	ActAdoptWorker                           // keep a previous daemon's worker: it serves what xenstore declares
-	ActResetOrphanRing                       // backend -> Closed, frontend -> Initialising: its local frontend is gone
-	ActApplyQoS                              // give the worker the desired limits, live
-	ActAwaitRestart                          // the worker exited; its restart waits out the backoff
-	ActRestartWorker                         // start a new worker after one exited
-	ActAttachKernelNBD                       // connect the kernel nbd device to the export
-	ActDetachKernelNBD                       // disconnect the kernel nbd device
-	ActPause                                 // the worker holds I/O, flushes and closes the image
-	ActResume                                // the worker reopens the image (or a new one) and releases I/O
-	ActSnapshot                              // pause, overlay over the image, resume on the overlay
-	ActRefuseRequest                         // answer the request: the device has no worker to do it
+	ActStartWorker          ActionKind = iota + 1 // start the worker and open the image
+	ActServeExport                                // hand the domain-0 export socket to the worker
+	ActBackendInitWait                            // publish features, backend -> InitWait
+	ActDom0Connect                                // hotplug keys, disk keys, both halves -> Connected
+	ActFrontendInit                               // local frontend: ring, grants, keys -> Initialised
+	ActConnectRing                                // the worker maps the ring; disk keys; backend -> Connected
+	ActFrontendConnect                            // local frontend starts, guest view exported, -> Connected
+	ActBackendClosing                             // backend -> Closing
+	ActFrontendClose                              // the daemon's frontend half tears down -> Closed
+	ActDisconnectRing                             // the worker drains and unmaps the ring; backend -> Closed
+	ActStopWorker                                 // drain, flush, close the image, stop the worker
+	ActFrontendFatal                              // the frontend's keys are unusable: error written, backend -> Closing
+	ActFrontendRestart                            // the local frontend, Closed, goes back to Initialising to reconnect
+	ActAdoptWorker                                // keep a previous daemon's worker: it serves what xenstore declares
+	ActResetOrphanRing                            // backend -> Closed, frontend -> Initialising: its local frontend is gone
+	ActApplyQoS                                   // give the worker the desired limits, live
+	ActAwaitRestart                               // the worker exited; its restart waits Action.Wait more
+	ActRestartWorker                              // start a new worker after one exited, Action.Wait after
+	ActAttachKernelNBD                            // connect the kernel nbd device to the export
+	ActDetachKernelNBD                            // disconnect the kernel nbd device
+	ActPause                                      // the worker holds I/O, flushes and closes the image
+	ActResume                                     // the worker reopens the image (or a new one) and releases I/O
+	ActSnapshot                                   // pause, overlay over the image, resume on the overlay
+	ActRefuseRequest                              // answer the request: the device has no worker to do it
+	ActDisconnectStrayRing                        // an adopted worker lets go of a ring nobody drives any more
+	ActAwaitFrontendRestart                       // the local frontend's restart waits Action.Wait more
 )
 
 var actionNames = map[ActionKind]string{
@@ -143,7 +199,8 @@ var actionNames = map[ActionKind]string{
 	ActAwaitRestart: "await-restart", ActRestartWorker: "restart-worker",
 	ActAttachKernelNBD: "attach-kernel-nbd", ActDetachKernelNBD: "detach-kernel-nbd",
 	ActPause: "pause", ActResume: "resume", ActSnapshot: "snapshot",
-	ActRefuseRequest: "refuse-request",
+	ActRefuseRequest: "refuse-request", ActDisconnectStrayRing: "disconnect-stray-ring",
+	ActAwaitFrontendRestart: "await-frontend-restart",
 }
 
 func (k ActionKind) String() string { return actionNames[k] }
@@ -152,6 +209,10 @@ func (k ActionKind) String() string { return actionNames[k] }
 type Action struct {
 	Kind   ActionKind
 	Reason string
+	// Wait: for the await actions, how much longer to wait; for the
+	// restarts, the delay the restart waited (the next delay grows
+	// from it).
+	Wait Nanos
 }
 
 func (a Action) String() string { return a.Kind.String() + ": " + a.Reason }
@@ -173,19 +234,25 @@ func planDevice(o Observed, a Actual) []Action {
 	}
 	switch a.Adopted {
 	case AdoptionStale:
-		return []Action{{ActStopWorker, "the adopted worker serves something else than xenstore declares"}}
+		return []Action{{Kind: ActStopWorker, Reason: "the adopted worker serves something else than xenstore declares"}}
 	case AdoptionMatches:
-		return []Action{{ActAdoptWorker, "the adopted worker serves what xenstore declares"}}
+		return []Action{{Kind: ActAdoptWorker, Reason: "the adopted worker serves what xenstore declares"}}
+	}
+	if a.StrayRing && a.Worker {
+		// Before anything maps a ring again: the worker serves one
+		// ring at a time, and this one's grants died with the old
+		// frontend.
+		return []Action{{Kind: ActDisconnectStrayRing, Reason: "the adopted worker serves a ring whose local frontend lived in the previous daemon"}}
 	}
 	if a.KernelNBD && !a.Worker {
 		// Its connection was to the worker that is gone; a new one
 		// connects it again once it serves the export.
-		return []Action{{ActDetachKernelNBD, "the worker it was connected to is gone"}}
+		return []Action{{Kind: ActDetachKernelNBD, Reason: "the worker it was connected to is gone"}}
 	}
 	if orphanRing(o, a) {
 		// Its grants died with the old frontend: mapping them again
 		// cannot work, so the guest starts the handshake over.
-		return []Action{{ActResetOrphanRing, "the local frontend of this guest is gone (it lived in a previous daemon)"}}
+		return []Action{{Kind: ActResetOrphanRing, Reason: "the local frontend of this guest is gone (it lived in a previous daemon)"}}
 	}
 	lost := o.frontendLost(a)
 	closing := !o.Online || o.Backend == StateClosing || o.Backend == StateClosed ||
@@ -242,12 +309,12 @@ func planRequest(o Observed, a Actual, acts []Action) []Action {
 	for _, act := range acts {
 		stopping = stopping || act.Kind == ActStopWorker
 	}
-	first := Action{ActRefuseRequest, "the device has no running worker"}
+	first := Action{Kind: ActRefuseRequest, Reason: "the device has no running worker"}
 	if a.Worker && !stopping {
 		first = map[Request]Action{
-			RequestPause:    {ActPause, "the operator asked to pause the disk"},
-			RequestResume:   {ActResume, "the operator asked to resume the disk"},
-			RequestSnapshot: {ActSnapshot, "the operator asked for a snapshot"},
+			RequestPause:    {Kind: ActPause, Reason: "the operator asked to pause the disk"},
+			RequestResume:   {Kind: ActResume, Reason: "the operator asked to resume the disk"},
+			RequestSnapshot: {Kind: ActSnapshot, Reason: "the operator asked for a snapshot"},
 		}[o.Request]
 	}
 	return append([]Action{first}, acts...)
@@ -256,7 +323,9 @@ func planRequest(o Observed, a Actual, acts []Action) []Action {
 // actions collects a plan's steps.
 type actions []Action
 
-func (acts *actions) add(k ActionKind, why string) { *acts = append(*acts, Action{k, why}) }
+func (acts *actions) add(k ActionKind, why string) {
+	*acts = append(*acts, Action{Kind: k, Reason: why})
+}
 
 // planRemoved: the toolstack removed the device; everything is released.
 func planRemoved(a Actual) []Action {
@@ -318,9 +387,23 @@ func planClosing(o Observed, a Actual, lost bool) []Action {
 		// does after Closed while the disk is still wanted, starts
 		// over, and the handshake reconnects. (A guest that went
 		// away is not brought back.)
-		add(ActFrontendRestart, "the ring was lost ("+a.RingLost+"); the local frontend starts over")
+		acts = append(acts, restartAfter(ringRestart, a.RingBackoff,
+			Action{Kind: ActAwaitFrontendRestart, Reason: "the ring was lost (" + a.RingLost + "); the local frontend's restart waits for the backoff"},
+			Action{Kind: ActFrontendRestart, Reason: "the ring was lost (" + a.RingLost + "); the local frontend starts over"}))
 	}
 	return acts
+}
+
+// restartAfter is the restart, once b's delay under p ran out, or the wait
+// for it.
+func restartAfter(p backoffPolicy, b Backoff, await, restart Action) Action {
+	wait := p.delay(b)
+	if b.Since < wait {
+		await.Wait = wait - b.Since
+		return await
+	}
+	restart.Wait = wait
+	return restart
 }
 
 // planHandshake brings a device that is wanted up to Connected, one
@@ -361,13 +444,12 @@ func planHandshake(o Observed, a Actual, reconnect bool) []Action {
 // startWorker: a worker that exited on its own is restarted once its
 // backoff ran out, so a worker that dies at once does not spin.
 func startWorker(a Actual) Action {
-	switch {
-	case a.Exited == "":
-		return Action{ActStartWorker, "no worker serves the disk"}
-	case !a.RestartDue:
-		return Action{ActAwaitRestart, "the worker exited (" + a.Exited + "); its restart waits for the backoff"}
+	if a.Exited == "" {
+		return Action{Kind: ActStartWorker, Reason: "no worker serves the disk"}
 	}
-	return Action{ActRestartWorker, "the worker exited (" + a.Exited + ")"}
+	return restartAfter(workerRestart, a.WorkerBackoff,
+		Action{Kind: ActAwaitRestart, Reason: "the worker exited (" + a.Exited + "); its restart waits for the backoff"},
+		Action{Kind: ActRestartWorker, Reason: "the worker exited (" + a.Exited + ")"})
 }
 
 // planConnect takes a device whose worker runs through the handshake.

@@ -36,12 +36,15 @@ var envEvents = []envEvent{
 		func(m *Model) { m.o.Online, m.o.Backend = false, StateClosing }},
 	{"remove", func(m *Model) bool { return m.o.Present }, func(m *Model) { m.o = Observed{} }},
 	{"worker-dies", func(m *Model) bool { return m.a.Worker },
-		func(m *Model) {
-			m.a.Worker, m.a.Export, m.a.Ring, m.a.Paused, m.a.QoS = false, false, false, false, QoS{}
-			m.a.Exited, m.a.RestartDue, m.a.Adopted = "killed", false, AdoptionNone
-		}},
-	{"restart-backoff-elapsed", func(m *Model) bool { return m.a.Exited != "" && !m.a.RestartDue },
-		func(m *Model) { m.a.RestartDue = true }},
+		func(m *Model) { workerDies(m, 0) }},
+	{"worker-dies-after-serving", func(m *Model) bool { return m.a.Worker },
+		func(m *Model) { workerDies(m, 2*stableAfter) }},
+	{"restart-backoff-elapsed", func(m *Model) bool {
+		return m.a.Exited != "" && m.a.WorkerBackoff.Since < workerRestart.delay(m.a.WorkerBackoff)
+	}, func(m *Model) { m.a.WorkerBackoff.Since = workerRestart.delay(m.a.WorkerBackoff) }},
+	{"ring-backoff-elapsed", func(m *Model) bool {
+		return m.a.RingLost != "" && m.a.RingBackoff.Since < ringRestart.delay(m.a.RingBackoff)
+	}, func(m *Model) { m.a.RingBackoff.Since = ringRestart.delay(m.a.RingBackoff) }},
 	// A new daemon adopts the worker; the local frontend, which lived in
 	// the old one, is gone, and with it the ring it drove.
 	{"daemon-restarts", func(m *Model) bool { return m.a.Worker }, func(m *Model) { daemonRestarts(m, AdoptionMatches) }},
@@ -80,11 +83,19 @@ var envEvents = []envEvent{
 		func(m *Model) { m.o.Params = fmt.Sprintf("aio:/iso/%d.iso", len(m.o.Params)) }},
 }
 
+// workerDies: the worker exits on its own after serving for served.
+func workerDies(m *Model, served Nanos) {
+	m.a.Worker, m.a.Export, m.a.Ring, m.a.Paused, m.a.QoS = false, false, false, false, QoS{}
+	m.a.Exited, m.a.Adopted, m.a.StrayRing = "killed", AdoptionNone, false
+	m.a.WorkerBackoff.Served, m.a.WorkerBackoff.Since = served, 0
+}
+
 // daemonRestarts: the daemon restarts and adopts the running worker,
 // whose check against xenstore comes out as adopted says.
 func daemonRestarts(m *Model, adopted Adoption) {
 	if m.o.LocalFrontend {
-		m.a.Ring = false
+		// The worker still serves the ring, which nobody drives.
+		m.a.Ring, m.a.StrayRing = false, m.a.Ring || m.a.StrayRing
 	}
 	m.a.LF, m.a.LFConnected, m.a.KernelNBD, m.a.QoS, m.a.Paused = false, false, false, QoS{}, false
 	m.a.RingError, m.a.RingLost, m.a.Params, m.a.Adopted = "", "", "", adopted
@@ -147,8 +158,14 @@ func TestPlanConverges(t *testing.T) {
 	}
 	r := rand.New(rand.NewSource(seed))
 	finals := map[string]bool{}
+	seen := map[ActionKind]bool{}
 	for i := range *planStates {
 		m, trace := randomReachable(r)
+		for _, line := range trace {
+			if k, ok := planned(line); ok {
+				seen[k] = true
+			}
+		}
 		converged := false
 		for range planStepLimit {
 			acts := Plan(m.o, m.a)
@@ -160,6 +177,7 @@ func TestPlanConverges(t *testing.T) {
 			for _, a := range acts {
 				m.apply(a)
 				kinds = append(kinds, a.Kind.String())
+				seen[a.Kind] = true
 			}
 			trace = append(trace, "plan: "+strings.Join(kinds, ", ")+" = "+m.state())
 		}
@@ -177,6 +195,28 @@ func TestPlanConverges(t *testing.T) {
 	if len(finals) < 10 {
 		t.Fatalf("seed %d: only %d distinct fixed points reached: %v", seed, len(finals), finals)
 	}
+	// Nor does one that never reaches a rule: every action is planned
+	// from some state, and shown to converge from there.
+	for k, name := range actionNames {
+		if !seen[k] && *planStates >= 3000 {
+			t.Errorf("seed %d: no reachable state plans %s", seed, name)
+		}
+	}
+}
+
+// planned is the action a trace line of randomReachable says was applied.
+func planned(line string) (ActionKind, bool) {
+	rest, ok := strings.CutPrefix(line, "> ")
+	if !ok {
+		return 0, false
+	}
+	name, _, _ := strings.Cut(rest, ":")
+	for k, n := range actionNames {
+		if n == name {
+			return k, true
+		}
+	}
+	return 0, false
 }
 
 // badFixedPoint says what is wrong with a state Plan leaves as it is.
@@ -197,6 +237,8 @@ func badFixedPoint(m *Model) string {
 		return "a paused disk has no worker"
 	case orphanRing(o, a):
 		return "a guest's ring has no frontend"
+	case a.StrayRing && a.Worker:
+		return "an adopted worker keeps serving a ring nobody drives"
 	}
 	return ""
 }

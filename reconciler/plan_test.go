@@ -78,7 +78,7 @@ func TestPlan(t *testing.T) {
 			[]ActionKind{ActBackendInitWait}},
 		{"hostile ring -> Closing with the reason", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.LFConnected = true; a.RingError = "producer index ran ahead" }),
 			[]ActionKind{ActBackendClosing, ActFrontendClose}},
-		{"local frontend Closed after its ring was lost -> the frontend starts over", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), act(running, func(a *Actual) { a.RingLost = "rsp_prod ran ahead" }),
+		{"local frontend Closed after its ring was lost -> the frontend starts over", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), act(running, func(a *Actual) { a.RingLost = "rsp_prod ran ahead"; a.RingBackoff.Since = 2 * second }),
 			[]ActionKind{ActFrontendRestart}},
 		{"local frontend Closed, no ring lost (the guest went away) -> stays closed", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), running,
 			nil},
@@ -182,7 +182,7 @@ func TestPlanBeyondHandshake(t *testing.T) {
 			nil},
 		{"worker exited, backoff running: wait", with(dom0, func(o *Observed) { o.Backend = StateConnected }), Actual{Exited: "signal: killed"},
 			[]ActionKind{ActAwaitRestart}},
-		{"worker exited, backoff over: restart", with(dom0, func(o *Observed) { o.Backend = StateConnected }), Actual{Exited: "signal: killed", RestartDue: true},
+		{"worker exited, backoff over: restart", with(dom0, func(o *Observed) { o.Backend = StateConnected }), Actual{Exited: "signal: killed", WorkerBackoff: Backoff{Since: second}},
 			[]ActionKind{ActRestartWorker}},
 		{"nbd-device asked for on a connected disk: attach", with(dom0up, func(o *Observed) { o.KernelNBD = true }), served,
 			[]ActionKind{ActAttachKernelNBD}},
@@ -224,7 +224,7 @@ func TestPlanDeterministic(t *testing.T) {
 		a Actual
 	}
 	var inputs []input
-	for range 500 {
+	for range 1000 {
 		m, _ := randomReachable(r)
 		// The same observation with different workers behind it, and
 		// the other way round, side by side: a plan remembered from the

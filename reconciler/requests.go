@@ -34,11 +34,11 @@ type deviceView struct {
 func (d *Daemon) publish(dev *device) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if dev.proc == nil {
+	if dev.worker.proc == nil {
 		delete(d.views, dev.key)
 		return
 	}
-	d.views[dev.key] = deviceView{proc: dev.proc, paused: dev.paused}
+	d.views[dev.key] = deviceView{proc: dev.worker.proc, paused: dev.ctl.paused}
 }
 
 // request queues an operator request for k and waits for its answer.

@@ -103,17 +103,17 @@ func (d *Daemon) retryPolicy(dev *device, snap *snapshot, failure error, log *sl
 		return requeueLater, time.Until(at.t)
 	case snap == nil:
 		log.Warn(se.step, "err", se.err)
-		return requeueLater, dev.bo.NextBackOff()
+		return requeueLater, dev.retry.bo.NextBackOff()
 	case isTerminal(se.err):
 		log.Error("terminal: not retrying until the device's params change", "action", se.step, "err", se.err)
-		dev.failed, dev.failedParams = se.err.Error(), snap.Params
+		dev.st.failed, dev.st.failedParams = se.err.Error(), snap.Params
 		if snap.awaitsHotplug() {
 			return requeueNow, 0 // Plan still owes the toolstack its InitWait
 		}
 		return requeueNever, 0
 	}
-	dev.lastErr = se.err.Error()
-	wait := dev.bo.NextBackOff()
+	dev.st.lastErr = se.err.Error()
+	wait := dev.retry.bo.NextBackOff()
 	if se.action {
 		log.Warn("retrying", "action", se.step, "err", se.err, "in", wait)
 	}

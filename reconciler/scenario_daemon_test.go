@@ -41,6 +41,8 @@ import (
 //	check [N] starting       device N's first reconcile is still under way
 //	check [N] worker-kept    device N's worker is the one before the last daemon-restart
 //	check [N] io             through device N's export: write a new pattern, read back all so far
+//	check [N] restart-wait=D device N's last worker restart waited D (Plan's backoff)
+//	serve DURATION           the device's worker serves that long (the test sleeps)
 //	daemon-restart           the daemon exits (its workers stay) and a new one starts
 func TestScenariosDaemon(t *testing.T) {
 	if testing.Short() {
@@ -119,6 +121,8 @@ func (r *daemonRun) command(cmd, arg string) error {
 		return r.breakRing(cmd, arg)
 	case "fault":
 		return r.fault(arg)
+	case "serve":
+		return r.serve(arg)
 	case "check":
 		return r.check(arg)
 	case "daemon-restart":
@@ -463,6 +467,9 @@ func (r *daemonRun) check(arg string) error {
 	key, want, ok := strings.Cut(arg, "=")
 	if !ok {
 		return fmt.Errorf("check %q: want KEY=VALUE or starting", arg)
+	}
+	if key == "restart-wait" {
+		return r.checkRestartWait(k, want)
 	}
 	got := ""
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {

@@ -43,7 +43,7 @@ var rewrite = flag.Bool("rewrite", false, "rewrite the scenario transcripts in t
 //
 // The Model has one device per start. TestScenariosDaemon
 // (scenario_daemon_test.go) plays the same transcripts against the real
-// daemon; its own commands (fault, check, daemon-restart) change nothing
+// daemon; its own commands (fault, check, serve) change nothing
 // here: a fault the daemon must ride out leaves the Model's outcome.
 func runScenario(t *testing.T, lines []string) string {
 	var out strings.Builder
@@ -75,7 +75,7 @@ func runScenario(t *testing.T, lines []string) string {
 			for _, dm := range models {
 				adopted(dm)
 			}
-		case "fault", "check":
+		case "fault", "check", "serve":
 		case "converge":
 			convergeModel(m, &out)
 		case "frontend":
@@ -92,7 +92,7 @@ func runScenario(t *testing.T, lines []string) string {
 			m.o = Observed{}
 		case "worker-dies":
 			m.a.Worker, m.a.Export, m.a.Ring = false, false, false
-			m.a.Exited, m.a.RestartDue = "worker exited", true // the first restart waits for no backoff
+			m.a.Exited, m.a.WorkerBackoff.Served, m.a.WorkerBackoff.Since = "worker exited", 0, 0
 		case "ring-hostile":
 			m.a.Ring, m.a.RingError = false, arg
 		case "frontend-gives-up":
@@ -153,7 +153,11 @@ func convergeModel(m *Model, out *strings.Builder) {
 			break
 		}
 		for _, a := range acts {
-			fmt.Fprintf(out, "> %s\n", a)
+			if !isAwait(a.Kind) {
+				// As the daemon's transcript: a wait is a pass
+				// requeued for later, not a step taken.
+				fmt.Fprintf(out, "> %s\n", a)
+			}
 			m.apply(a)
 		}
 		if steps == 24 {
@@ -164,13 +168,16 @@ func convergeModel(m *Model, out *strings.Builder) {
 	fmt.Fprintf(out, "= %s\n", m.state())
 }
 
+func isAwait(k ActionKind) bool { return k == ActAwaitRestart || k == ActAwaitFrontendRestart }
+
 // adopted is what a new daemon holds of a device whose worker the old one
 // left running (adoptWorkers): the worker and its export; a ring only
 // where the worker maps a real guest's grants, since a local one lived
 // with the old daemon's frontend; no failure, no lost ring.
 func adopted(m *Model) {
 	a := m.a
-	m.a = Actual{Worker: a.Worker, Export: a.Export && a.Worker, Ring: a.Ring && a.Worker && !m.o.LocalFrontend, Params: a.Params}
+	m.a = Actual{Worker: a.Worker, Export: a.Export && a.Worker, Ring: a.Ring && a.Worker && !m.o.LocalFrontend, Params: a.Params,
+		StrayRing: a.Ring && a.Worker && m.o.LocalFrontend}
 	if !a.Worker {
 		m.a.Params = ""
 	} else {

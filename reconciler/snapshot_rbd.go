@@ -40,13 +40,13 @@ func (d *Daemon) snapshotClone(ctx context.Context, dev *device, base string, r 
 	if err := d.checkSource("rbd", clone.String()); err != nil {
 		return err
 	}
-	p := dev.proc
+	p := dev.worker.proc
 	// Paused, the worker has flushed and closed the image and released its
 	// lock: the snapshot holds every acknowledged write, and nobody writes.
 	if _, err := p.Call(ctx, worker.Request{Op: worker.OpPause}); err != nil {
 		return err
 	}
-	dev.paused = true
+	dev.ctl.paused = true
 	undo, err := rbd.SnapshotClone(parent, snap, clone)
 	if err == nil {
 		_, err = p.Call(ctx, worker.Request{Op: worker.OpResume, Format: "rbd", Path: clone.String()})
@@ -61,13 +61,13 @@ func (d *Daemon) snapshotClone(ctx context.Context, dev *device, base string, r 
 		if _, rerr := p.Call(context.WithoutCancel(ctx), worker.Request{Op: worker.OpResume}); rerr != nil {
 			return fmt.Errorf("%w; and resuming on the old image failed: %v (the disk stays paused)", err, rerr)
 		}
-		dev.paused = false
+		dev.ctl.paused = false
 		return err
 	}
 	if err := d.setParams(ctx, dev, "rbd", clone.String(), ""); err != nil {
 		return err
 	}
-	dev.paused = false
+	dev.ctl.paused = false
 	log.Info("device snapshotted", "snapshot", parent.Name()+"@"+snap, "clone", clone.Name())
 	return nil
 }

@@ -35,27 +35,27 @@ type statusNotes struct {
 
 func (d *Daemon) statusNotes(dev *device) statusNotes {
 	n := statusNotes{
-		worker:       dev.proc != nil,
-		exportServed: dev.exportServed,
-		exportURI:    dev.exportURI,
-		guestView:    dev.guest != nil,
-		guestURI:     dev.guestURI,
-		kernelDevice: dev.kernel != nil,
-		failed:       dev.failed,
-		feFatal:      dev.feFatal,
-		lastErr:      dev.lastErr,
-		ringErr:      dev.ringErr,
-		ringLost:     dev.ringLost,
-		restarting:   !dev.notBefore.IsZero() && time.Now().Before(dev.notBefore),
-		paused:       dev.paused,
+		worker:       dev.worker.proc != nil,
+		exportServed: dev.exp.exportServed,
+		exportURI:    dev.exp.exportURI,
+		guestView:    dev.view.guest != nil,
+		guestURI:     dev.view.guestURI,
+		kernelDevice: dev.exp.kernel != nil,
+		failed:       dev.st.failed,
+		feFatal:      dev.st.feFatal,
+		lastErr:      dev.st.lastErr,
+		ringErr:      dev.rings.ringErr,
+		ringLost:     dev.rings.ringLost,
+		restarting:   dev.worker.exited != "" && time.Now().Before(dev.retry.restartDue),
+		paused:       dev.ctl.paused,
 		conflict:     d.conflict(dev.key),
-		restarts:     dev.restarts,
+		restarts:     dev.retry.restarts,
 		name:         dev.name,
 	}
-	if dev.proc != nil {
-		n.workerPid = dev.proc.Pid()
+	if dev.worker.proc != nil {
+		n.workerPid = dev.worker.proc.Pid()
 	}
-	_, n.hadError = dev.status["error"]
+	_, n.hadError = dev.st.status["error"]
 	return n
 }
 
@@ -155,15 +155,15 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	if !s.Present {
 		return
 	}
-	if _, written := dev.status[keyPhase]; written && s.phase != dev.status[keyPhase] {
+	if _, written := dev.st.status[keyPhase]; written && s.phase != dev.st.status[keyPhase] {
 		// The directory was removed and declared again between two
 		// observations (an unplug and a plug): what was written is
 		// gone, so everything is written again.
-		logged := dev.status["logged-uri"]
-		dev.status, dev.statusLocked = map[string]string{"logged-uri": logged}, false
+		logged := dev.st.status["logged-uri"]
+		dev.st.status, dev.st.statusLocked = map[string]string{"logged-uri": logged}, false
 	}
 	want := deviceStatus(s, d.statusNotes(dev))
-	changed := statusChanges(dev.status, want)
+	changed := statusChanges(dev.st.status, want)
 	if len(changed) == 0 {
 		return
 	}
@@ -172,7 +172,7 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		if _, err := tx.Read(ctx, be); err != nil {
 			return err
 		}
-		if !dev.statusLocked {
+		if !dev.st.statusLocked {
 			if err := d.lockStatusDir(ctx, tx, be); err != nil {
 				return err
 			}
@@ -190,13 +190,13 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 		}
 		return
 	}
-	dev.statusLocked = true
+	dev.st.statusLocked = true
 	for k, v := range changed {
-		dev.status[k] = v
+		dev.st.status[k] = v
 	}
-	d.publishRow(dev.key, deviceRow{name: dev.name, phase: want[keyPhase], restarts: dev.restarts})
-	if export := want[keyExport]; want[keyPhase] == PhaseConnected && export != "" && dev.status["logged-uri"] != export {
-		dev.status["logged-uri"] = export
+	d.publishRow(dev.key, deviceRow{name: dev.name, phase: want[keyPhase], restarts: dev.retry.restarts})
+	if export := want[keyExport]; want[keyPhase] == PhaseConnected && export != "" && dev.st.status["logged-uri"] != export {
+		dev.st.status["logged-uri"] = export
 		d.log.Info("disk connected", "disk", dev.name, "device", dev.key.String(), "uri", export)
 	}
 }

@@ -12,7 +12,7 @@ import (
 // Every action Plan can emit has an effect.
 func TestEveryActionHasAnEffect(t *testing.T) {
 	for k := range actionNames {
-		if int(k) >= len(effects) || effects[k] == nil {
+		if waitEffects[k] == nil && (int(k) >= len(effects) || effects[k] == nil) {
 			t.Errorf("%v has no effect", k)
 		}
 	}
@@ -93,14 +93,14 @@ func TestRetryPolicy(t *testing.T) {
 	} {
 		dev := d.newDevice(Key{KindVBD3, 1, 51712})
 		when, wait := d.retryPolicy(dev, tc.snap, tc.err, log)
-		if when != tc.when || dev.failed != tc.failed || dev.lastErr != tc.lastErr {
-			t.Errorf("%s: requeue %v failed %q lastErr %q, want %v %q %q", tc.name, when, dev.failed, dev.lastErr, tc.when, tc.failed, tc.lastErr)
+		if when != tc.when || dev.st.failed != tc.failed || dev.st.lastErr != tc.lastErr {
+			t.Errorf("%s: requeue %v failed %q lastErr %q, want %v %q %q", tc.name, when, dev.st.failed, dev.st.lastErr, tc.when, tc.failed, tc.lastErr)
 		}
 		if tc.name == "wait asked for" && (wait < 59*time.Minute || wait > time.Hour) {
 			t.Errorf("%s: wait %v, want the hour asked for", tc.name, wait)
 		}
-		if tc.failed != "" && dev.failedParams != tc.snap.Params {
-			t.Errorf("%s: failed for params %q", tc.name, dev.failedParams)
+		if tc.failed != "" && dev.st.failedParams != tc.snap.Params {
+			t.Errorf("%s: failed for params %q", tc.name, dev.st.failedParams)
 		}
 	}
 }

@@ -222,7 +222,8 @@ func fakeAdoptable(t *testing.T, path, transport string) <-chan string {
 }
 
 // XEN-HOST 5 (adoption): a worker serving a real guest's ring keeps it
-// through a daemon restart; a local-frontend ring is reconnected.
+// through a daemon restart; a local-frontend ring is let go of, as Plan's
+// first step, and reconnected.
 func TestAdoptKeepsXenRing(t *testing.T) {
 	for _, tc := range []struct {
 		transport  string
@@ -238,8 +239,20 @@ func TestAdoptKeepsXenRing(t *testing.T) {
 			if dev == nil {
 				t.Fatal("not adopted")
 			}
-			if dev.ring != tc.keep {
-				t.Errorf("dev.ring = %v, want %v", dev.ring, tc.keep)
+			if dev.rings.ring != tc.keep {
+				t.Errorf("dev.ring = %v, want %v", dev.rings.ring, tc.keep)
+			}
+			// A ring not kept is Plan's to release (disconnect-stray-ring).
+			if dev.worker.strayRing != tc.disconnect {
+				t.Errorf("strayRing = %v, want %v", dev.worker.strayRing, tc.disconnect)
+			}
+			if acts := Plan(Observed{Present: true, Online: true}, dev.actual(snapshot{})); tc.disconnect {
+				if len(acts) == 0 || acts[0].Kind != ActDisconnectStrayRing {
+					t.Fatalf("Plan = %v, want disconnect-stray-ring first", acts)
+				}
+				if err := d.apply(context.Background(), dev, snapshot{}, acts[0], d.log); err != nil {
+					t.Fatal(err)
+				}
 			}
 			var got []string
 			for len(ops) > 0 {

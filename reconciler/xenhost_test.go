@@ -329,7 +329,7 @@ func TestObserveXenKeys(t *testing.T) {
 }
 
 func TestDiskKeysDiscardAndCDROM(t *testing.T) {
-	dev := &device{size: 1 << 20}
+	dev := &device{worker: workerState{size: 1 << 20}}
 	keys := func(s snapshot) map[string]string {
 		m := map[string]string{}
 		for _, kv := range diskKeys(dev, s) {
@@ -343,7 +343,7 @@ func TestDiskKeysDiscardAndCDROM(t *testing.T) {
 	if m := keys(snapshot{discard: false, Observed: Observed{Cdrom: true}}); m["feature-discard"] != "" || m["info"] != "1" {
 		t.Fatalf("discard-enable=0 cdrom: %v", m)
 	}
-	dev.readOnly = true
+	dev.worker.readOnly = true
 	if m := keys(snapshot{Observed: Observed{Cdrom: true}}); m["info"] != "5" {
 		t.Fatalf("read-only cdrom: info %s", m["info"])
 	}
