@@ -141,22 +141,8 @@ type seedConv struct {
 // seedConversations are client byte streams: well-formed ones that reach
 // every option and command, and broken ones named for their fault.
 func seedConversations() []seedConv {
-	opt := func(b []byte, o uint32, d []byte) []byte {
-		b = binary.BigEndian.AppendUint64(b, nbdwire.MagicOption)
-		b = binary.BigEndian.AppendUint32(b, o)
-		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
-		return append(b, d...)
-	}
-	meta := func(name string, qs ...string) []byte {
-		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		d = append(d, name...)
-		d = binary.BigEndian.AppendUint32(d, uint32(len(qs)))
-		for _, q := range qs {
-			d = binary.BigEndian.AppendUint32(d, uint32(len(q)))
-			d = append(d, q...)
-		}
-		return d
-	}
+	opt := nbdwire.AppendOption
+	meta := func(name string, qs ...string) []byte { return nbdwire.AppendMetaContextQuery(nil, name, qs...) }
 	req := func(b []byte, ext bool, r Request, payload []byte) []byte {
 		b, _ = nbdwire.AppendRequest(b, r, ext)
 		return append(b, payload...)
