@@ -18,6 +18,7 @@ import (
 	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 	"github.com/blktap-go/blktap/internal/testpki"
+	"github.com/blktap-go/blktap/internal/testutil"
 )
 
 // TLS (proto.md "TLS support", FORCEDTLS mode) checked three ways: a
@@ -34,25 +35,13 @@ func startTLSServer(t testing.TB, exp Export, cfg *tls.Config) (*Server, string)
 		t.Fatal(err)
 	}
 	s := &Server{Export: exp, TLSConfig: cfg, HandshakeTimeout: 20 * time.Second}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(context.Background(), ln) }()
-	t.Cleanup(func() {
-		s.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	testutil.Serve(t, s, ln)
 	return s, ln.Addr().String()
 }
 
 func dialTCP(t testing.TB, addr string) *testClient {
 	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c := testutil.Dial(t, "tcp", addr, 30*time.Second)
 	return &testClient{c: c, br: bufio.NewReader(c), reads: map[uint64]uint64{}, metaIDs: map[string]uint32{}}
 }
 
