@@ -4,10 +4,8 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -370,34 +368,7 @@ func BenchmarkTCPRead4k(b *testing.B) {
 			if err := tc.untilAck(nil); err != nil {
 				b.Fatal(err)
 			}
-			const qd, bs = 16, 4096
-			var out []byte
-			rbuf := make([]byte, nbdwire.SimpleReplySize+bs)
-			bw := bufio.NewWriterSize(tc.c, 64<<10)
-			b.SetBytes(bs)
-			b.ResetTimer()
-			sent, recvd := 0, 0
-			for recvd < b.N {
-				for sent < b.N && sent-recvd < qd {
-					out, _ = nbdwire.AppendRequest(out[:0], Request{Type: nbdwire.CmdRead, Cookie: uint64(sent),
-						Offset: uint64(sent%16384) * bs, Length: bs}, false)
-					bw.Write(out)
-					sent++
-				}
-				bw.Flush()
-				for recvd < sent {
-					if _, err := io.ReadFull(tc.br, rbuf); err != nil {
-						b.Fatal(err)
-					}
-					if binary.BigEndian.Uint32(rbuf[4:]) != 0 {
-						b.Fatal("error reply")
-					}
-					recvd++
-					if tc.br.Buffered() < nbdwire.SimpleReplySize && sent < b.N {
-						break
-					}
-				}
-			}
+			pipeline(b, tc.br, bufio.NewWriterSize(tc.c, 64<<10), nbdwire.CmdRead)
 		})
 	}
 }
