@@ -33,6 +33,14 @@ func dial(t testing.TB, sock string, opts ...Option) *Client {
 	return c
 }
 
+// served starts a server and dials it: its socket, a client closed when
+// the test ends, and the test's context.
+func served(t testing.TB) (string, *Client, context.Context) {
+	t.Helper()
+	sock, _ := startServer(t)
+	return sock, dial(t, sock), testCtx(t)
+}
+
 // eachClient dials n clients to sock and runs fn on each at once, the
 // client's index with it; the test fails on any fn's error.
 func eachClient(t *testing.T, sock string, n int, fn func(i int, c *Client) error) {
@@ -45,9 +53,7 @@ func eachClient(t *testing.T, sock string, n int, fn func(i int, c *Client) erro
 }
 
 func TestClientBasics(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	if err := c.Write(ctx, "/b/x", "1"); err != nil {
 		t.Fatal(err)
 	}
@@ -113,9 +119,7 @@ func TestClientBigDirectory(t *testing.T) {
 }
 
 func TestClientConcurrent(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	var wg sync.WaitGroup
 	errc := make(chan error, 64)
 	for g := 0; g < 32; g++ {
@@ -237,9 +241,7 @@ func TestTransactionCounter(t *testing.T) {
 }
 
 func TestWatchEvents(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	w, err := c.Watch(ctx, "/we", "tok")
 	if err != nil {
 		t.Fatal(err)
@@ -287,9 +289,7 @@ func TestWatchEvents(t *testing.T) {
 // TestWatchOverflow: a consumer that does not read never blocks the
 // client; it gets one Overflow event instead of the backlog.
 func TestWatchOverflow(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	slow, err := c.Watch(ctx, "/ov", "slow")
 	if err != nil {
 		t.Fatal(err)
