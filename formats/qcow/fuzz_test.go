@@ -104,19 +104,8 @@ func badImages(t *testing.T) map[string][]byte {
 func TestTestdata(t *testing.T) {
 	imgs := badImages(t)
 	for name, b := range imgs {
-		path := filepath.Join("testdata", name)
-		if *update {
-			os.MkdirAll("testdata", 0o755)
-			if err := os.WriteFile(path, b, 0o644); err != nil {
-				t.Fatal(err)
-			}
-			continue
-		}
-		got, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatalf("%v (run go test -run TestTestdata -update)", err)
-		}
-		if !bytes.Equal(got, b) {
+		got := imagetest.Stored(t, name, b, *update, "go test -run TestTestdata -update")
+		if got != nil && !bytes.Equal(got, b) {
 			t.Errorf("testdata/%s is stale (run go test -run TestTestdata -update)", name)
 		}
 	}

@@ -136,16 +136,9 @@ func seedImages(t testing.TB) map[string][]byte {
 // (run with -update-testdata after changing it).
 func TestTestdataCurrent(t *testing.T) {
 	for name, b := range seedImages(t) {
-		p := filepath.Join("testdata", name)
-		if *updateTestdata {
-			if err := os.WriteFile(p, b, 0o644); err != nil {
-				t.Fatal(err)
-			}
+		got := imagetest.Stored(t, name, b, *updateTestdata, "go test -run TestTestdataCurrent -update-testdata")
+		if got == nil {
 			continue
-		}
-		got, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatalf("%v (run go test -run TestTestdataCurrent -update-testdata)", err)
 		}
 		// UUIDs are random; compare everything else.
 		if len(got) != len(b) {

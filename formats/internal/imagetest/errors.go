@@ -31,3 +31,26 @@ func Testdata(t testing.TB, name string) []byte {
 	}
 	return b
 }
+
+// Stored is the golden step of a test that keeps generated seeds in
+// testdata: with update it writes b to testdata/name and returns nil;
+// otherwise it returns what testdata/name holds, failing t, with how to
+// regenerate it (run), when it cannot be read.
+func Stored(t testing.TB, name string, b []byte, update bool, run string) []byte {
+	t.Helper()
+	p := filepath.Join("testdata", name)
+	if update {
+		if err := os.MkdirAll("testdata", 0o755); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		return nil
+	}
+	got, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatalf("%v (run %s)", err, run)
+	}
+	return got
+}
