@@ -262,15 +262,7 @@ func commitTemplate(t *testing.T, dir string, o CreateOptions, rng *rand.Rand) (
 	if err := ti.Close(); err != nil {
 		t.Fatal(err)
 	}
-	files := map[string][]byte{}
-	for _, p := range []string{base, top} {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		files["/d/"+filepath.Base(p)] = b
-	}
-	return files, want
+	return imagetest.OnDisk(t, base, top), want
 }
 
 // commitOnCrashFS commits top.qcow2 into base.qcow2, both on one crashfs

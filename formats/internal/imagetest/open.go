@@ -2,6 +2,7 @@ package imagetest
 
 import (
 	"os"
+	"path/filepath"
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
@@ -27,4 +28,19 @@ func OpenOn[T, O any](t testing.TB, fs hostfile.FS, path string, open func(hostf
 // Fixed is a backing opener that hands out img whatever is asked for.
 func Fixed(img image.Image) image.OpenFunc {
 	return func(string, string) (image.Image, error) { return img, nil }
+}
+
+// OnDisk reads the files at paths into a crash-test disk's contents, each
+// under /d/ by its base name (crashfs.FromImage takes it).
+func OnDisk(t testing.TB, paths ...string) map[string][]byte {
+	t.Helper()
+	files := map[string][]byte{}
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files["/d/"+filepath.Base(p)] = b
+	}
+	return files
 }
