@@ -160,22 +160,7 @@ func TestTransactionRetriesOnConflict(t *testing.T) {
 	if err := c.Write(ctx, "/tx/n", "0"); err != nil {
 		t.Fatal(err)
 	}
-	runs := 0
-	err := c.Transaction(ctx, func(tx *Tx) error {
-		runs++
-		v, err := tx.Read(ctx, "/tx/n")
-		if err != nil {
-			return err
-		}
-		if runs == 1 {
-			// Someone else changes what we read: the commit must fail
-			// and fn must run again on the new value.
-			if err := other.Write(ctx, "/tx/n", "10"); err != nil {
-				return err
-			}
-		}
-		return tx.Write(ctx, "/tx/n", v+"+1")
-	})
+	runs, err := raceTx(ctx, c, other, "/tx/n", "10", "+1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -246,19 +231,7 @@ func TestWatchEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	next := func() Event {
-		t.Helper()
-		select {
-		case ev, ok := <-w.Events():
-			if !ok {
-				t.Fatal("events closed")
-			}
-			return ev
-		case <-ctx.Done():
-			t.Fatal("no event")
-		}
-		return Event{}
-	}
+	next := func() Event { t.Helper(); return recv(t, ctx, w) }
 	if ev := next(); ev != (Event{Path: "/we", Token: "tok"}) {
 		t.Fatalf("initial event %+v", ev)
 	}
@@ -368,6 +341,28 @@ func TestConnLostAndReconnect(t *testing.T) {
 	}
 	for recv(t, ctx, w).Path != "/r/after" {
 	}
+}
+
+// raceTx runs a transaction on c that appends suffix to the value at
+// path, while other writes theirs there during its first run: the commit
+// must fail and the transaction run again on the new value. It returns
+// how many runs it took.
+func raceTx(ctx context.Context, c, other *Client, path, theirs, suffix string) (int, error) {
+	runs := 0
+	err := c.Transaction(ctx, func(tx *Tx) error {
+		runs++
+		v, err := tx.Read(ctx, path)
+		if err != nil {
+			return err
+		}
+		if runs == 1 {
+			if err := other.Write(ctx, path, theirs); err != nil {
+				return err
+			}
+		}
+		return tx.Write(ctx, path, v+suffix)
+	})
+	return runs, err
 }
 
 // recv returns w's next event, failing the test if none comes before
