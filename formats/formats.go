@@ -148,51 +148,32 @@ func Open(format, path string, opts Options) (Image, error) {
 	}
 	switch name {
 	case "raw":
-		img, err := raw.Open(path, raw.Options{ReadOnly: opts.ReadOnly, URing: opts.URing})
-		if err != nil {
-			return nil, err
-		}
-		return img, nil
+		return opened(raw.Open(path, raw.Options{ReadOnly: opts.ReadOnly, URing: opts.URing}))
 	case "qcow":
-		img, err := qcow.Open(path, qcow.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing})
-		if err != nil {
-			return nil, err
-		}
-		return img, nil
+		return opened(qcow.Open(path, qcow.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing}))
 	case "qcow2":
-		img, err := qcow2.Open(path, qcow2.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger, Scratch: opts.Scratch})
-		if err != nil {
-			return nil, err
-		}
-		return img, nil
+		return opened(qcow2.Open(path, qcow2.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger, Scratch: opts.Scratch}))
 	case "vmdk":
-		img, err := vmdk.Open(path, vmdk.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing})
-		if err != nil {
-			return nil, err
-		}
-		return img, nil
+		return opened(vmdk.Open(path, vmdk.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing}))
 	case "vhd":
-		img, err := vhd.Open(path, vhd.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger})
-		if err != nil {
-			return nil, err
-		}
-		return img, nil
+		return opened(vhd.Open(path, vhd.Options{ReadOnly: opts.ReadOnly, Backing: opts.Backing, Logger: opts.Logger}))
 	case "ram":
-		img, err := ram.OpenParams(path, ram.Options{ReadOnly: opts.ReadOnly})
-		if err != nil {
-			return nil, err
-		}
-		return img, nil
+		return opened(ram.OpenParams(path, ram.Options{ReadOnly: opts.ReadOnly}))
 	case "nbd":
-		img, err := nbd.Open(path, nbd.Options{ReadOnly: opts.ReadOnly, Logger: opts.Logger})
-		if err != nil {
-			return nil, err
-		}
-		return img, nil
+		return opened(nbd.Open(path, nbd.Options{ReadOnly: opts.ReadOnly, Logger: opts.Logger}))
 	case "rbd":
 		return rbd.Open(path, rbd.Options{ReadOnly: opts.ReadOnly, Logger: opts.Logger})
 	}
 	return nil, fmt.Errorf("open %s: %w: format %q is not built in yet", path, ErrUnsupported, name)
+}
+
+// opened passes on a format's Open result as an Image; a nil *T on error
+// would otherwise become a non-nil Image.
+func opened[T Image](img T, err error) (Image, error) {
+	if err != nil {
+		return nil, err
+	}
+	return img, nil
 }
 
 // Create makes a new image of format at path. It never overwrites: an

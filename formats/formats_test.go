@@ -237,6 +237,22 @@ func TestOpenCreateDispatch(t *testing.T) {
 // formats/ but the leaves internal/units, internal/rbdspec and
 // internal/nbdwire, and no
 // format shells out (os/exec) outside tests.
+// TestOpenErrorIsNilImage: a format that fails to open gives a nil Image,
+// not an Image holding a nil pointer (which a caller's img != nil check
+// would take for an open image, and Close would crash on).
+func TestOpenErrorIsNilImage(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "missing")
+	for _, c := range []struct{ format, path string }{
+		{"raw", missing}, {"qcow", missing}, {"qcow2", missing}, {"vmdk", missing},
+		{"vhd", missing}, {"ram", "?size=x"}, {"nbd", "nbd+unix:///x?socket=" + missing},
+	} {
+		img, err := Open(c.format, c.path, Options{})
+		if err == nil || img != nil {
+			t.Errorf("%s %s: %v, %#v; want an error and a nil Image", c.format, c.path, err, img)
+		}
+	}
+}
+
 func TestLayering(t *testing.T) {
 	const module = "github.com/blktap-go/blktap/"
 	err := filepath.WalkDir(".", func(path string, d fs.DirEntry, err error) error {

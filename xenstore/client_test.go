@@ -33,6 +33,14 @@ func dial(t testing.TB, sock string, opts ...Option) *Client {
 	return c
 }
 
+// served starts a server and dials it: its socket, a client closed when
+// the test ends, and the test's context.
+func served(t testing.TB) (string, *Client, context.Context) {
+	t.Helper()
+	sock, _ := startServer(t)
+	return sock, dial(t, sock), testCtx(t)
+}
+
 // eachClient dials n clients to sock and runs fn on each at once, the
 // client's index with it; the test fails on any fn's error.
 func eachClient(t *testing.T, sock string, n int, fn func(i int, c *Client) error) {
@@ -45,9 +53,7 @@ func eachClient(t *testing.T, sock string, n int, fn func(i int, c *Client) erro
 }
 
 func TestClientBasics(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	if err := c.Write(ctx, "/b/x", "1"); err != nil {
 		t.Fatal(err)
 	}
@@ -113,9 +119,7 @@ func TestClientBigDirectory(t *testing.T) {
 }
 
 func TestClientConcurrent(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	var wg sync.WaitGroup
 	errc := make(chan error, 64)
 	for g := 0; g < 32; g++ {
@@ -156,22 +160,7 @@ func TestTransactionRetriesOnConflict(t *testing.T) {
 	if err := c.Write(ctx, "/tx/n", "0"); err != nil {
 		t.Fatal(err)
 	}
-	runs := 0
-	err := c.Transaction(ctx, func(tx *Tx) error {
-		runs++
-		v, err := tx.Read(ctx, "/tx/n")
-		if err != nil {
-			return err
-		}
-		if runs == 1 {
-			// Someone else changes what we read: the commit must fail
-			// and fn must run again on the new value.
-			if err := other.Write(ctx, "/tx/n", "10"); err != nil {
-				return err
-			}
-		}
-		return tx.Write(ctx, "/tx/n", v+"+1")
-	})
+	runs, err := raceTx(ctx, c, other, "/tx/n", "10", "+1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,26 +226,12 @@ func TestTransactionCounter(t *testing.T) {
 }
 
 func TestWatchEvents(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	w, err := c.Watch(ctx, "/we", "tok")
 	if err != nil {
 		t.Fatal(err)
 	}
-	next := func() Event {
-		t.Helper()
-		select {
-		case ev, ok := <-w.Events():
-			if !ok {
-				t.Fatal("events closed")
-			}
-			return ev
-		case <-ctx.Done():
-			t.Fatal("no event")
-		}
-		return Event{}
-	}
+	next := func() Event { t.Helper(); return recv(t, ctx, w) }
 	if ev := next(); ev != (Event{Path: "/we", Token: "tok"}) {
 		t.Fatalf("initial event %+v", ev)
 	}
@@ -287,9 +262,7 @@ func TestWatchEvents(t *testing.T) {
 // TestWatchOverflow: a consumer that does not read never blocks the
 // client; it gets one Overflow event instead of the backlog.
 func TestWatchOverflow(t *testing.T) {
-	sock, _ := startServer(t)
-	c := dial(t, sock)
-	ctx := testCtx(t)
+	_, c, ctx := served(t)
 	slow, err := c.Watch(ctx, "/ov", "slow")
 	if err != nil {
 		t.Fatal(err)
@@ -368,6 +341,28 @@ func TestConnLostAndReconnect(t *testing.T) {
 	}
 	for recv(t, ctx, w).Path != "/r/after" {
 	}
+}
+
+// raceTx runs a transaction on c that appends suffix to the value at
+// path, while other writes theirs there during its first run: the commit
+// must fail and the transaction run again on the new value. It returns
+// how many runs it took.
+func raceTx(ctx context.Context, c, other *Client, path, theirs, suffix string) (int, error) {
+	runs := 0
+	err := c.Transaction(ctx, func(tx *Tx) error {
+		runs++
+		v, err := tx.Read(ctx, path)
+		if err != nil {
+			return err
+		}
+		if runs == 1 {
+			if err := other.Write(ctx, path, theirs); err != nil {
+				return err
+			}
+		}
+		return tx.Write(ctx, path, v+suffix)
+	})
+	return runs, err
 }
 
 // recv returns w's next event, failing the test if none comes before

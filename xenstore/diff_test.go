@@ -470,20 +470,7 @@ func TestClientAgainstRealXenstored(t *testing.T) {
 			if _, err := c.Read(ctx, "/cl/none"); !errors.Is(err, ErrNotFound) {
 				t.Fatalf("missing: %v", err)
 			}
-			runs := 0
-			err = c.Transaction(ctx, func(tx *Tx) error {
-				runs++
-				v, err := tx.Read(ctx, "/cl/a")
-				if err != nil {
-					return err
-				}
-				if runs == 1 {
-					if err := other.Write(ctx, "/cl/a", "2"); err != nil {
-						return err
-					}
-				}
-				return tx.Write(ctx, "/cl/a", v+"+")
-			})
+			runs, err := raceTx(ctx, c, other, "/cl/a", "2", "+")
 			if err != nil || runs != 2 {
 				t.Fatalf("transaction: %v after %d runs", err, runs)
 			}

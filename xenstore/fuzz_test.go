@@ -1,9 +1,9 @@
 package xenstore
 
 import (
-	"os"
-	"path/filepath"
 	"testing"
+
+	"github.com/blktap-go/blktap/internal/corpus"
 )
 
 // FuzzState feeds arbitrary packets to the server's reply function, from
@@ -12,15 +12,8 @@ import (
 // echoing its ids), every message encodes within PayloadMax, and the
 // tree's invariants hold after each request.
 func FuzzState(f *testing.F) {
-	for _, dir := range []string{"testdata/sequences/*.bin", "testdata/wire/*.bin"} {
-		seeds, _ := filepath.Glob(dir)
-		for _, s := range seeds {
-			b, err := os.ReadFile(s)
-			if err != nil {
-				f.Fatal(err)
-			}
-			f.Add(b)
-		}
+	for _, b := range append(corpus.Files(f, "sequences/*.bin"), corpus.Files(f, "wire/*.bin")...) {
+		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
 		st := NewState()

@@ -53,9 +53,7 @@ func TestSocketModeAndStale(t *testing.T) {
 // TestOversizeDropsOnlyThatConnection: a header announcing more than
 // 4096 bytes closes that connection; others carry on.
 func TestOversizeDropsOnlyThatConnection(t *testing.T) {
-	sock, _ := startServer(t)
-	good := dial(t, sock)
-	ctx := testCtx(t)
+	sock, good, ctx := served(t)
 	if err := good.Write(ctx, "/o", "1"); err != nil {
 		t.Fatal(err)
 	}

@@ -4,10 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"os"
-	"path/filepath"
 	"syscall"
 	"testing"
+
+	"github.com/blktap-go/blktap/internal/corpus"
 )
 
 func TestMessageAppendLayout(t *testing.T) {
@@ -182,12 +182,7 @@ func TestCanonicalPath(t *testing.T) {
 // FuzzDecoder: no input panics; every accepted message re-encodes to the
 // bytes it came from.
 func FuzzDecoder(f *testing.F) {
-	seeds, _ := filepath.Glob("testdata/wire/*.bin")
-	for _, s := range seeds {
-		b, err := os.ReadFile(s)
-		if err != nil {
-			f.Fatal(err)
-		}
+	for _, b := range corpus.Files(f, "wire/*.bin") {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
@@ -160,6 +161,14 @@ func formatFlag(c *cobra.Command, name, short, def, usage string) *string {
 // so that --help, usage errors, the man page and README show one text.
 func leaf(use, short string) *cobra.Command {
 	return &cobra.Command{Use: use, Short: short, DisableFlagsInUseLine: true}
+}
+
+// timed gives c a --timeout flag (def, usage) and runs run with its value:
+// the commands that wait on the daemon.
+func timed(c *cobra.Command, def time.Duration, usage string, run func([]string, time.Duration) error) *cobra.Command {
+	timeout := c.Flags().Duration("timeout", def, usage)
+	c.RunE = func(_ *cobra.Command, pos []string) error { return run(pos, *timeout) }
+	return c
 }
 
 // writeHelp is every command's --help: its synopsis, what it does, its

@@ -257,10 +257,8 @@ func imageArg(arg string) (format, path string, err error) {
 }
 
 func newDetachCommand() *cobra.Command {
-	c := leaf("detach DOMID VDEV [--timeout 60s]", "detach a disk: drain, flush, remove")
-	timeout := c.Flags().Duration("timeout", 60*time.Second, "how long to wait for the disk to close")
-	c.RunE = func(_ *cobra.Command, pos []string) error { return detach(pos, *timeout) }
-	return c
+	return timed(leaf("detach DOMID VDEV [--timeout 60s]", "detach a disk: drain, flush, remove"),
+		60*time.Second, "how long to wait for the disk to close", detach)
 }
 
 func detach(pos []string, timeout time.Duration) error {

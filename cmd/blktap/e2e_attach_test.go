@@ -59,10 +59,7 @@ func (d *daemon) waitRow(name string, what string, cond func(lsRow) bool) lsRow 
 func TestEndToEndAttachCrashDetach(t *testing.T) {
 	qemuIO := oracle.Require(t, "qemu-io")
 	nbdinfo := oracle.Require(t, "nbdinfo")
-	bin := buildBinary(t)
-	dir := t.TempDir()
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, dir, d := idleDaemon(t)
 	imgs := rawImages(t, bin, dir, "32M", "a.raw", "b.raw")
 	a, b := imgs[0], imgs[1]
 	attach := func(args ...string) string {
@@ -163,10 +160,7 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 	xsRm := oracle.Require(t, "xenstore-rm")
 	xsRead := oracle.Require(t, "xenstore-read")
 	nbdinfo := oracle.Require(t, "nbdinfo")
-	bin := buildBinary(t)
-	dir := t.TempDir()
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, dir, d := idleDaemon(t)
 	img := filepath.Join(dir, "t.qcow")
 	if out, err := exec.Command(bin, "image", "create", "-f", "qcow", img, "16M").CombinedOutput(); err != nil {
 		t.Fatalf("image create: %v %s", err, out)
@@ -446,9 +440,7 @@ func TestEndToEndKernelNBDDevice(t *testing.T) {
 // when a toolstack names it (docs/ARCHITECTURE.md, "Trust": a
 // tenant's image naming /etc/shadow must never be served).
 func TestEndToEndImageDirs(t *testing.T) {
-	bin := buildBinary(t)
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	_, _, d := idleDaemon(t)
 	_, err := d.blktap("attach", "0", "aio:/etc/passwd", "xvdc", "r")
 	if err == nil || !strings.Contains(err.Error(), "outside the allowed image directories") {
 		t.Fatalf("attach of /etc/passwd: %v", err)

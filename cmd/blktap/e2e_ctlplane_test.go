@@ -16,10 +16,7 @@ import (
 // load in issue 16) must not hold up another disk's attach, and a client
 // that gives up waiting must not get it killed.
 func TestEndToEndAttachWhileAWorkerIsStopped(t *testing.T) {
-	bin := buildBinary(t)
-	dir := t.TempDir()
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, dir, d := idleDaemon(t)
 	imgs := rawImages(t, bin, dir, "16M", "a.raw", "b.raw")
 	a, b := imgs[0], imgs[1]
 	if _, err := d.blktap("attach", "0", "raw:"+a, "xvdc", "w"); err != nil {

@@ -18,10 +18,7 @@ import (
 func TestEndToEndFormats(t *testing.T) {
 	qemuIO := oracle.Require(t, "qemu-io")
 	qemuImg := oracle.Require(t, "qemu-img")
-	bin := buildBinary(t)
-	dir := t.TempDir()
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, dir, d := idleDaemon(t)
 	// format as we name it -> as qemu-img names it
 	cases := []struct{ ours, qemu string }{
 		{"raw", "raw"},
@@ -78,9 +75,7 @@ func TestEndToEndFormats(t *testing.T) {
 // RAM disk by name and see each other's writes at once.
 func TestEndToEndSharedRAMDisk(t *testing.T) {
 	qemuIO := oracle.Require(t, "qemu-io")
-	bin := buildBinary(t)
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	_, _, d := idleDaemon(t)
 	name := fmt.Sprintf("e2e-%d", time.Now().UnixNano())
 	uri0 := d.attachURI("0", "ram:"+name+"?size=64M", "xvdc", "w")
 	uri1 := d.attachURI("1", "ram:"+name, "xvdc", "w")

@@ -19,10 +19,7 @@ import (
 // them.
 func TestEndToEndAttachSurvivesRestart(t *testing.T) {
 	qemuIO := oracle.Require(t, "qemu-io")
-	bin := buildBinary(t)
-	dir := t.TempDir()
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, dir, d := idleDaemon(t)
 	imgs := rawImages(t, bin, dir, "16M", "a.raw", "b.raw")
 	a, b := imgs[0], imgs[1]
 	uriA := d.attachURI("0", "aio:"+a, "xvdc", "w")

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"os"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -31,15 +30,7 @@ func TestEndToEndMetrics(t *testing.T) {
 	bin := buildBinary(t)
 	dir := t.TempDir()
 	addr := freeLoopbackPort(t)
-	state, _ := os.MkdirTemp("", "bt-state-")
-	defer os.RemoveAll(state)
-	cmd := exec.Command(bin, "run", "--state-dir", state, "--image-dir", dir, "--metrics", addr)
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	d := &daemon{t: t, bin: bin, stateDir: state, cmd: cmd, done: make(chan error, 1)}
-	go func() { d.done <- cmd.Wait() }()
-	defer stopDaemon(t, bin, state, cmd, d.done)
+	d := startDaemon(t, bin, "", "--metrics", addr)
 	d.waitAnswering()
 	imgs := rawImages(t, bin, dir, "8M", "guest.raw", "dom0.raw")
 	ringURI := d.attachURI("1", "aio:"+imgs[0], "xvdb", "w")

@@ -15,9 +15,7 @@ import (
 // A malformed nbd: source fails the attach at once with the parser's
 // reason, and the device is not retried.
 func TestEndToEndBadNBDURI(t *testing.T) {
-	bin := buildBinary(t)
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	_, _, d := idleDaemon(t)
 	for _, uri := range []string{"nbd:nbd+unix:///", "nbd:nbd://host:99999/", "nbd:nbds+unix:///?socket=/x"} {
 		start := time.Now()
 		_, err := d.blktap("attach", "0", uri, "xvdc", "r", "--timeout", "20s")
@@ -44,9 +42,7 @@ func TestEndToEndBadNBDURI(t *testing.T) {
 // Detach is the normal end of a disk: nothing in the daemon's log is an
 // ERROR, and the image is opened once per attach, never again after a detach.
 func TestEndToEndDetachQuiet(t *testing.T) {
-	bin := buildBinary(t)
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, _, d := idleDaemon(t)
 	img := filepath.Join(t.TempDir(), "q.raw")
 	if out, err := exec.Command(bin, "image", "create", "-f", "raw", img, "8M").CombinedOutput(); err != nil {
 		t.Fatalf("image create: %v %s", err, out)

@@ -10,10 +10,7 @@ import (
 // A disk the daemon serves is not resized, whatever its format: the
 // worker's lock refuses it; once detached, it is resized.
 func TestEndToEndResizeInUse(t *testing.T) {
-	bin := buildBinary(t)
-	dir := t.TempDir()
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, dir, d := idleDaemon(t)
 	for i, f := range []string{"raw", "vhd", "qcow2"} {
 		img := filepath.Join(dir, "served."+f)
 		args := []string{"image", "create", "-f", f, img, "8M"}

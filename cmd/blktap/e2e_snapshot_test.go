@@ -16,10 +16,7 @@ func TestEndToEndLiveSnapshot(t *testing.T) {
 	fio := oracle.Require(t, "fio")
 	qemuImg := oracle.Require(t, "qemu-img")
 	qemuIO := oracle.Require(t, "qemu-io")
-	bin := buildBinary(t)
-	dir := t.TempDir()
-	d := startDaemon(t, bin, "")
-	d.waitAnswering()
+	bin, dir, d := idleDaemon(t)
 	for _, domid := range []string{"0", "1"} {
 		t.Run("dom"+domid, func(t *testing.T) {
 			base := filepath.Join(dir, "base"+domid+".raw")

@@ -16,7 +16,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -48,16 +47,12 @@ type daemon struct {
 	bin      string
 	stateDir string
 	cmd      *exec.Cmd
-	log      *bytes.Buffer
-	logPath  string // the daemon's log file
-	done     chan error
+	logPath  string        // the daemon's log file
+	done     chan error    // its exit status, for the test to read
+	gone     chan struct{} // closed when it has exited
 }
 
-// syncBuffer lets the test read the daemon's log while it writes.
-type lockedBuffer struct {
-	bytes.Buffer
-}
-
+// startDaemon starts `blktap run` with config on a fresh state directory.
 func startDaemon(t testing.TB, bin, config string, runFlags ...string) *daemon {
 	t.Helper()
 	state, err := os.MkdirTemp("", "bt-state-") // short: unix socket paths are limited to 108 bytes
@@ -65,30 +60,57 @@ func startDaemon(t testing.TB, bin, config string, runFlags ...string) *daemon {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(state) })
+	return spawnDaemon(t, bin, state, nil, append([]string{"-c", config}, runFlags...)...)
+}
+
+// idleDaemon builds the binary and starts a daemon with no disks
+// configured, answering its API; dir is for the test's images.
+func idleDaemon(t *testing.T) (bin, dir string, d *daemon) {
+	t.Helper()
+	bin = buildBinary(t)
+	dir = t.TempDir() // before the daemon: removed after it has stopped
+	d = startDaemon(t, bin, "")
+	d.waitAnswering()
+	return bin, dir, d
+}
+
+// spawnDaemon is every test daemon's start: `blktap run` on stateDir with
+// args (and env added to the test's), its output in a log file shown if
+// the test fails, stopped with `blktap shutdown` at the end unless it
+// has exited.
+func spawnDaemon(t testing.TB, bin, stateDir string, env []string, args ...string) *daemon {
+	t.Helper()
 	logf, err := os.Create(filepath.Join(t.TempDir(), "daemon.log"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	// Test images live in t.TempDir(), under the system's temp directory.
-	cmd := exec.Command(bin, append([]string{"run", "-c", config, "--state-dir", state, "--image-dir", os.TempDir()}, runFlags...)...)
+	cmd := exec.Command(bin, append([]string{"run", "--state-dir", stateDir, "--image-dir", os.TempDir()}, args...)...)
+	if len(env) > 0 {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, bin: bin, stateDir: state, cmd: cmd, logPath: logf.Name(), done: make(chan error, 1)}
-	var exited atomic.Bool // cmd.ProcessState is Wait's to write
+	d := &daemon{t: t, bin: bin, stateDir: stateDir, cmd: cmd, logPath: logf.Name(),
+		done: make(chan error, 1), gone: make(chan struct{})}
+	exited := make(chan error, 1) // the cleanup's copy: the test may have read done
 	go func() {
 		err := cmd.Wait()
-		exited.Store(true)
+		close(d.gone)
+		exited <- err
 		d.done <- err
 	}()
 	t.Cleanup(func() {
-		if !exited.Load() {
-			stopDaemon(t, bin, state, cmd, d.done)
+		select {
+		case <-d.gone:
+		default:
+			stopDaemon(t, bin, stateDir, cmd, exited)
 		}
 		if t.Failed() {
 			b, _ := os.ReadFile(logf.Name())
-			t.Logf("daemon log:\n%s", b)
+			t.Logf("daemon log (%s):\n%s", logf.Name(), b)
 		}
 	})
 	return d
@@ -340,14 +362,7 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	// worker keeps serving its disk.
 	pids := []int{rows["dom0disk"].WorkerPid, rows["guestdisk"].WorkerPid}
 	d.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-d.done:
-		if err != nil {
-			t.Fatalf("daemon exit: %v", err)
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("daemon did not exit on SIGTERM")
-	}
+	d.waitExit(30*time.Second, "SIGTERM")
 	for _, pid := range pids {
 		if pid <= 0 {
 			t.Fatalf("no worker pid in ls")
@@ -384,14 +399,7 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	}
 	// shutdown returned once the daemon had exited (here, a zombie until
 	// the test reaps it).
-	select {
-	case err := <-d2.done:
-		if err != nil {
-			t.Fatalf("daemon exit after blktap shutdown: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Fatal("blktap shutdown returned, the daemon still runs")
-	}
+	d2.waitExit(5*time.Second, "blktap shutdown returned")
 	for _, pid := range []int{rows2["dom0disk"].WorkerPid, rows2["guestdisk"].WorkerPid} {
 		if !processGone(pid) {
 			t.Errorf("worker %d still running after blktap shutdown", pid)
@@ -403,8 +411,6 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	_ = strconv.Itoa
 }
 
-// restartDaemon starts a new daemon on d's state directory (with extra
-// arguments and environment), stopped with `blktap shutdown` at the end.
 // waitAPI waits until the daemon's API socket accepts a connection, or
 // the daemon is gone.
 func waitAPI(t testing.TB, sock string, gone <-chan struct{}) {
@@ -424,47 +430,33 @@ func waitAPI(t testing.TB, sock string, gone <-chan struct{}) {
 	t.Fatalf("the restarted daemon's API (%s) did not answer in 90 s", sock)
 }
 
+// waitExit fails the test unless the daemon exits 0 within limit of
+// after, what should have ended it.
+func (d *daemon) waitExit(limit time.Duration, after string) {
+	d.t.Helper()
+	select {
+	case err := <-d.done:
+		if err != nil {
+			d.t.Fatalf("daemon exit after %s: %v", after, err)
+		}
+	case <-time.After(limit):
+		d.t.Fatalf("daemon still running %v after %s", limit, after)
+	}
+}
+
+// restartDaemon starts a new daemon on d's state directory (with extra
+// arguments and environment), stopped with `blktap shutdown` at the end.
 func restartDaemon(t testing.TB, d *daemon, config string, env ...string) *daemon {
 	t.Helper()
-	logf, err := os.Create(filepath.Join(t.TempDir(), "daemon2.log"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	args := []string{"run", "--state-dir", d.stateDir, "--image-dir", os.TempDir()}
+	var args []string
 	if config != "" {
-		args = append(args, "-c", config)
+		args = []string{"-c", config}
 	}
-	cmd := exec.Command(d.bin, args...)
-	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	d2 := &daemon{t: t, bin: d.bin, stateDir: d.stateDir, cmd: cmd, done: make(chan error, 1)}
-	exited := make(chan error, 1)
-	gone := make(chan struct{})
-	go func() {
-		err := cmd.Wait()
-		close(gone)
-		exited <- err
-		d2.done <- err
-	}()
+	d2 := spawnDaemon(t, d.bin, d.stateDir, env, args...)
 	// The restored xenstore tree says "connected" before the new daemon
 	// has adopted the workers; its API socket comes after adoption, so
 	// wait for it (or for the daemon to exit, which the caller sees).
-	waitAPI(t, filepath.Join(d.stateDir, "blktap.sock"), gone)
-	t.Cleanup(func() {
-		select {
-		case err := <-exited:
-			_ = err
-		default:
-			stopDaemon(t, d.bin, d.stateDir, cmd, exited)
-		}
-		if t.Failed() {
-			b, _ := os.ReadFile(logf.Name())
-			t.Logf("next daemon's log:\n%s", b)
-		}
-	})
+	waitAPI(t, filepath.Join(d.stateDir, "blktap.sock"), d2.gone)
 	return d2
 }
 

@@ -23,10 +23,8 @@ import (
 // hotplug-status. `remove` runs after the backend reached Closed: the
 // daemon follows xenstore on its own, so nothing is left to do.
 func newHotplugCommand() *cobra.Command {
-	c := leaf("hotplug add|remove [--timeout 30s]", "libxl's hotplug script for disks the daemon serves (scripts/xen/block-blktap; needs XENBUS_PATH)")
-	timeout := c.Flags().Duration("timeout", 30*time.Second, "how long add waits for the daemon to open the image")
-	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdHotplug(pos, *timeout) }
-	return c
+	return timed(leaf("hotplug add|remove [--timeout 30s]", "libxl's hotplug script for disks the daemon serves (scripts/xen/block-blktap; needs XENBUS_PATH)"),
+		30*time.Second, "how long add waits for the daemon to open the image", cmdHotplug)
 }
 
 func cmdHotplug(pos []string, timeout time.Duration) error {

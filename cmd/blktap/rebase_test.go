@@ -59,15 +59,20 @@ func rebaseFixture(t *testing.T, dir, qi, qio, topFmt string, topOpts ...string)
 	return top
 }
 
+// qemuTools builds the binary and finds qemu-img and qemu-io: what the
+// image tests run side by side with the binary.
+func qemuTools(t *testing.T) (bin, qemuImg, qemuIO string) {
+	t.Helper()
+	return imageBinary(t), oracle.Require(t, "qemu-img"), oracle.Require(t, "qemu-io")
+}
+
 // TestQemuImgRebaseOracle: on copies of one qcow2 overlay, `image rebase`
 // and `qemu-img rebase` (onto another image, onto none, -u, a relative
 // name from a subdirectory) leave images qemu-img compare calls identical,
 // reading what the overlay read before (safe mode), clean by qemu-img
 // check, with the same backing fields in qemu-img info.
 func TestQemuImgRebaseOracle(t *testing.T) {
-	bin := imageBinary(t)
-	qi := oracle.Require(t, "qemu-img")
-	qio := oracle.Require(t, "qemu-io")
+	bin, qi, qio := qemuTools(t)
 	for _, tc := range []struct {
 		name string
 		opts []string // of the overlay
@@ -130,9 +135,7 @@ func equalJSON(a, b any) bool {
 // qemu-img then reads the same content and the new name. A name that
 // does not fit is refused and changes nothing.
 func TestImageRebaseQcow(t *testing.T) {
-	bin := imageBinary(t)
-	qi := oracle.Require(t, "qemu-img")
-	qio := oracle.Require(t, "qemu-io")
+	bin, qi, qio := qemuTools(t)
 	dir := t.TempDir()
 	top := rebaseFixture(t, dir, qi, qio, "qcow")
 	copyFile(t, filepath.Join(dir, top), filepath.Join(dir, "orig.qcow"))
@@ -168,9 +171,7 @@ func TestImageRebaseQcow(t *testing.T) {
 // at depth 0) as qemu-img empties it, except with -d or -b (which implies
 // -d in qemu-img 7.2, even naming the image's own backing file).
 func TestQemuImgCommitOracle(t *testing.T) {
-	bin := imageBinary(t)
-	qi := oracle.Require(t, "qemu-img")
-	qio := oracle.Require(t, "qemu-io")
+	bin, qi, qio := qemuTools(t)
 	for _, tc := range []struct {
 		name, topFmt string
 		args         []string
@@ -242,9 +243,7 @@ func TestQemuImgCommitOracle(t *testing.T) {
 // emptied, a qcow2 with an internal snapshot: each refused with a reason
 // (exit 1; 2 for a usage error), the files unchanged.
 func TestImageRebaseCommitRefused(t *testing.T) {
-	bin := imageBinary(t)
-	qi := oracle.Require(t, "qemu-img")
-	qio := oracle.Require(t, "qemu-io")
+	bin, qi, qio := qemuTools(t)
 	dir := t.TempDir()
 	top := rebaseFixture(t, dir, qi, qio, "qcow2")
 	mustRun(t, dir, bin, "image", "create", "-f", "vhd", "base.vhd", "4M")
@@ -307,9 +306,7 @@ func TestImageRebaseCommitRefused(t *testing.T) {
 // there, those zeros must be written into it. qemu-img compare: identical
 // with the overlay before and with qemu-img's own rebase.
 func TestQemuImgRebaseLargerOverlay(t *testing.T) {
-	bin := imageBinary(t)
-	qi := oracle.Require(t, "qemu-img")
-	qio := oracle.Require(t, "qemu-io")
+	bin, qi, qio := qemuTools(t)
 	dir := t.TempDir()
 	mustRun(t, dir, qi, "create", "-q", "-f", "qcow2", "old.qcow2", "2M")
 	mustRun(t, dir, qio, "-c", "write -P 0x11 0 2M", "old.qcow2")

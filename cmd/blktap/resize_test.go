@@ -85,9 +85,7 @@ func TestQemuImgResizeOracle(t *testing.T) {
 // withBase builds our binary, finds qemu-img and qemu-io, and makes a
 // directory holding base.raw, a backing file of size filled with 0xee.
 func withBase(t *testing.T, size string) (bin, qimg, qio, dir string) {
-	bin = imageBinary(t)
-	qimg = oracle.Require(t, "qemu-img")
-	qio = oracle.Require(t, "qemu-io")
+	bin, qimg, qio = qemuTools(t)
 	dir = t.TempDir()
 	mustRun(t, dir, qimg, "create", "-q", "-f", "raw", "base.raw", size)
 	mustRun(t, dir, qio, "-f", "raw", "-c", "write -P 0xee 0 "+size, "base.raw")

@@ -18,10 +18,8 @@ import (
 // exit, and waits until it has. A plain SIGTERM (systemctl stop) leaves
 // the disks served instead.
 func newShutdownCommand() *cobra.Command {
-	c := leaf("shutdown [--timeout 5m]", "flush and close every disk, stop the daemon (host shutdown)")
-	timeout := c.Flags().Duration("timeout", 5*time.Minute, "give up waiting after this long")
-	c.RunE = func(_ *cobra.Command, pos []string) error { return cmdShutdown(pos, *timeout) }
-	return c
+	return timed(leaf("shutdown [--timeout 5m]", "flush and close every disk, stop the daemon (host shutdown)"),
+		5*time.Minute, "give up waiting after this long", cmdShutdown)
 }
 
 func cmdShutdown(pos []string, timeout time.Duration) error {

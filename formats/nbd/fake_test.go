@@ -208,7 +208,7 @@ func TestFakeExportNameFallback(t *testing.T) {
 		if img.Size() != 1<<20 {
 			t.Fatalf("size %d", img.Size())
 		}
-		p := pattern(5, 70000)
+		p := imagetest.Pattern(5, 70000)
 		if _, err := img.WriteAt(p, 999); err != nil {
 			t.Fatal(err)
 		}
@@ -224,8 +224,8 @@ func TestFakeExportNameFallback(t *testing.T) {
 
 func TestFakeChunkedReads(t *testing.T) {
 	f := &fakeServer{disk: make([]byte, 1<<20)}
-	copy(f.disk[300000:], pattern(6, 100000))
-	copy(f.disk[700000:], pattern(7, 5))
+	copy(f.disk[300000:], imagetest.Pattern(6, 100000))
+	copy(f.disk[700000:], imagetest.Pattern(7, 5))
 	img := openFake(t, f)
 	// Larger than the 64 KiB maximum payload the fake announces, so the
 	// read is split too, and every piece comes back in three chunks.
@@ -240,7 +240,7 @@ func TestFakeChunkedReads(t *testing.T) {
 	for i := range 16 {
 		wg.Go(func() {
 			off := int64(i * 65536)
-			p := pattern(uint64(100+i), 4096*(i+1))
+			p := imagetest.Pattern(uint64(100+i), 4096*(i+1))
 			if _, err := img.WriteAt(p, off); err != nil {
 				t.Error(err)
 				return

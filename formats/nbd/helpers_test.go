@@ -3,7 +3,6 @@ package nbd
 import (
 	"bytes"
 	"errors"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -96,15 +95,6 @@ func nbdkit(t testing.TB, args ...string) *server {
 	sock := sockPath(t, "nbdkit.sock")
 	argv := append([]string{nk, "-f", "--exit-with-parent", "-U", sock}, args...)
 	return startServer(t, sock, argv...)
-}
-
-func pattern(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, 7))
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(r.Uint32())
-	}
-	return b
 }
 
 func mustOpen(t testing.TB, uri string, opts Options) *Image {

@@ -57,7 +57,7 @@ func TestQemuNBDRoundTrip(t *testing.T) {
 	}{{12345, 7777}, {4 << 20, 1 << 20}, {size - 4096, 4096}, {8<<20 + 1, 300000}}
 	var wg sync.WaitGroup
 	for i, w := range writes {
-		p := pattern(uint64(i), w.n)
+		p := imagetest.Pattern(uint64(i), w.n)
 		copy(want[w.off:], p)
 		wg.Go(func() {
 			if _, err := img.WriteAt(p, w.off); err != nil {
@@ -160,7 +160,7 @@ func TestNbdkitMemory(t *testing.T) {
 				if i%3 == 0 {
 					continue // leave holes
 				}
-				p := pattern(uint64(w*8+i), 64<<10+i*512)
+				p := imagetest.Pattern(uint64(w*8+i), 64<<10+i*512)
 				copy(want[off:], p)
 				if _, err := img.WriteAt(p, off); err != nil {
 					t.Error(err)
@@ -235,7 +235,7 @@ func TestNbdkitMemory(t *testing.T) {
 func TestNbdkitFeatureless(t *testing.T) {
 	srv := nbdkit(t, "--no-sr", "--filter=nozero", "memory", "1M")
 	img := mustOpen(t, srv.uri(""), Options{})
-	p := pattern(3, 100000)
+	p := imagetest.Pattern(3, 100000)
 	if _, err := img.WriteAt(p, 4321); err != nil {
 		t.Fatal(err)
 	}

@@ -166,11 +166,7 @@ func structuredReplies(br *bufio.Reader, w io.Writer) (bool, error) {
 // setMetaContext selects base:allocation and returns its context id, if
 // the server has it; without it Map says Data everywhere.
 func setMetaContext(br *bufio.Reader, w io.Writer, export string) (ok bool, id uint32, err error) {
-	q := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
-	q = append(q, export...)
-	q = binary.BigEndian.AppendUint32(q, 1)
-	q = binary.BigEndian.AppendUint32(q, uint32(len(nbdwire.MetaBaseAllocation)))
-	q = append(q, nbdwire.MetaBaseAllocation...)
+	q := nbdwire.AppendMetaContextQuery(nil, export, nbdwire.MetaBaseAllocation)
 	if err := sendOpt(w, nbdwire.OptSetMetaContext, q); err != nil {
 		return false, 0, err
 	}
@@ -196,10 +192,7 @@ func setMetaContext(br *bufio.Reader, w io.Writer, export string) (ok bool, id u
 // honour the server's minimum alignment; the server then accepts any
 // alignment, and a BLOCK_SIZE it volunteers still caps our payloads.
 func goExport(br *bufio.Reader, w io.Writer, export string, noZeroes bool, info exportInfo) (exportInfo, error) {
-	g := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
-	g = append(g, export...)
-	g = binary.BigEndian.AppendUint16(g, 0)
-	if err := sendOpt(w, nbdwire.OptGo, g); err != nil {
+	if err := sendOpt(w, nbdwire.OptGo, nbdwire.AppendInfoQuery(nil, export)); err != nil {
 		return info, err
 	}
 	gotExport := false

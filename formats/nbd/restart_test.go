@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // watchdog fails the test if fn does not return: the property under test
@@ -74,7 +75,7 @@ func TestKillRestartMidRun(t *testing.T) {
 				slot := i % slots
 				off := int64(w*slots+slot) * slotSize
 				seed := w*100000 + i
-				p := pattern(uint64(seed), slotSize)
+				p := imagetest.Pattern(uint64(seed), slotSize)
 				ph := int(phase.Load())
 				_, err := img.WriteAt(p, off)
 				mu.Lock()
@@ -173,7 +174,7 @@ func TestKillRestartMidRun(t *testing.T) {
 			case -2:
 				want = make([]byte, slotSize)
 			default:
-				want = pattern(uint64(seed), slotSize)
+				want = imagetest.Pattern(uint64(seed), slotSize)
 			}
 			got := make([]byte, slotSize)
 			if _, err := img.ReadAt(got, off); err != nil {

@@ -104,19 +104,8 @@ func badImages(t *testing.T) map[string][]byte {
 func TestTestdata(t *testing.T) {
 	imgs := badImages(t)
 	for name, b := range imgs {
-		path := filepath.Join("testdata", name)
-		if *update {
-			os.MkdirAll("testdata", 0o755)
-			if err := os.WriteFile(path, b, 0o644); err != nil {
-				t.Fatal(err)
-			}
-			continue
-		}
-		got, err := os.ReadFile(path)
-		if err != nil {
-			t.Fatalf("%v (run go test -run TestTestdata -update)", err)
-		}
-		if !bytes.Equal(got, b) {
+		got := imagetest.Stored(t, name, b, *update, "go test -run TestTestdata -update")
+		if got != nil && !bytes.Equal(got, b) {
 			t.Errorf("testdata/%s is stale (run go test -run TestTestdata -update)", name)
 		}
 	}
@@ -156,17 +145,10 @@ func TestBadImages(t *testing.T) {
 		"bad-backing-name-past-eof.qcow": image.ErrCorrupt,
 	}
 	for name, class := range openErr {
-		b, err := os.ReadFile(filepath.Join("testdata", name))
-		if err != nil {
-			t.Fatal(err)
+		_, err := openStorage(newMemFile(imagetest.Testdata(t, name)), name, Options{})
+		if imagetest.Classed(t, name, err, class) {
+			t.Logf("%s: %v", name, err)
 		}
-		_, err = openStorage(newMemFile(b), name, Options{})
-		var fe *image.FormatError
-		if !errors.Is(err, class) || !errors.As(err, &fe) {
-			t.Errorf("%s: got %v, want a FormatError of class %v", name, err, class)
-			continue
-		}
-		t.Logf("%s: %v", name, err)
 	}
 	if _, err := os.ReadFile("testdata/bad-aes-encrypted.qcow"); err == nil {
 		_, err := Open("testdata/bad-aes-encrypted.qcow", Options{ReadOnly: true})

@@ -9,9 +9,9 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/backing"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // TestCommitCrash cuts the power at every write and sync of a commit
@@ -85,19 +85,8 @@ func TestCommitCrash(t *testing.T) {
 // openPair opens /d/base.qcow and /d/top.qcow (over it) on fs.
 func openPair(t *testing.T, fs *crashfs.FS) (*Image, *Image) {
 	t.Helper()
-	open := func(p string, o Options) *Image {
-		f, err := fs.Open(p, os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		img, err := openStorage(f, p, o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return img
-	}
-	base := open("/d/base.qcow", Options{})
-	top := open("/d/top.qcow", Options{Backing: func(string, string) (image.Image, error) { return base, nil }})
+	base := imagetest.OpenOn(t, fs, "/d/base.qcow", openStorage, Options{})
+	top := imagetest.OpenOn(t, fs, "/d/top.qcow", openStorage, Options{Backing: imagetest.Fixed(base)})
 	return base, top
 }
 
@@ -118,8 +107,7 @@ func checkCommittedQcow(t *testing.T, out map[string][]byte, want []byte) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	top, err := Open(filepath.Join(dir, "top.qcow"), Options{ReadOnly: true,
-		Backing: func(string, string) (image.Image, error) { return base, nil }})
+	top, err := Open(filepath.Join(dir, "top.qcow"), Options{ReadOnly: true, Backing: imagetest.Fixed(base)})
 	if err != nil {
 		t.Fatal(err)
 	}

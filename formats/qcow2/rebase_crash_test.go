@@ -13,6 +13,7 @@ import (
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/backing"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // TestRebaseCrash cuts the power at every write and every sync a safe
@@ -261,15 +262,7 @@ func commitTemplate(t *testing.T, dir string, o CreateOptions, rng *rand.Rand) (
 	if err := ti.Close(); err != nil {
 		t.Fatal(err)
 	}
-	files := map[string][]byte{}
-	for _, p := range []string{base, top} {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		files["/d/"+filepath.Base(p)] = b
-	}
-	return files, want
+	return imagetest.OnDisk(t, base, top), want
 }
 
 // commitOnCrashFS commits top.qcow2 into base.qcow2, both on one crashfs
@@ -279,19 +272,8 @@ func commitTemplate(t *testing.T, dir string, o CreateOptions, rng *rand.Rand) (
 func commitOnCrashFS(t *testing.T, files map[string][]byte, crashAt int, keep *rand.Rand, lastOnly bool) (map[string][]byte, int) {
 	t.Helper()
 	fs := crashfs.FromImage(files)
-	open := func(p string, o Options) *Image {
-		f, err := fs.Open(p, os.O_RDWR, 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		img, err := openStorage(f, p, o)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return img
-	}
-	base := open("/d/base.qcow2", Options{})
-	top := open("/d/top.qcow2", Options{Backing: func(string, string) (image.Image, error) { return base, nil }})
+	base := imagetest.OpenOn(t, fs, "/d/base.qcow2", openStorage, Options{})
+	top := imagetest.OpenOn(t, fs, "/d/top.qcow2", openStorage, Options{Backing: imagetest.Fixed(base)})
 	w0, s0 := fs.Writes(), fs.Syncs()
 	if crashAt > 0 {
 		fs.Schedule(crashAt, crashfs.Writes|crashfs.Syncs)

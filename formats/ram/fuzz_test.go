@@ -2,23 +2,17 @@ package ram
 
 import (
 	"errors"
-	"os"
-	"path/filepath"
 	"testing"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/corpus"
 )
 
 // FuzzParseHeader feeds arbitrary header pages (and file sizes) to the
 // parser: it must never panic, must classify every refusal, and what it
 // accepts must re-encode to the same fields.
 func FuzzParseHeader(f *testing.F) {
-	seeds, _ := filepath.Glob("testdata/ram-*.hdr")
-	for _, s := range seeds {
-		b, err := os.ReadFile(s)
-		if err != nil {
-			f.Fatal(err)
-		}
+	for _, b := range corpus.Files(f, "ram-*.hdr") {
 		f.Add(b, int64(HeaderSize+65536))
 	}
 	f.Add(header{size: 1 << 20}.encode(), int64(HeaderSize+1<<20))

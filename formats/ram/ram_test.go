@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"sync"
@@ -45,15 +44,6 @@ func mustOpen(t testing.TB, name string, size int64, opts Options) *Image {
 	return img
 }
 
-func pattern(seed uint64, n int) []byte {
-	r := rand.New(rand.NewPCG(seed, 1))
-	b := make([]byte, n)
-	for i := range b {
-		b[i] = byte(r.Uint32())
-	}
-	return b
-}
-
 func TestSharedBetweenAttachments(t *testing.T) {
 	opts := Options{Dir: shmDir(t)}
 	a := mustOpen(t, "shared", 1<<20, opts)
@@ -61,7 +51,7 @@ func TestSharedBetweenAttachments(t *testing.T) {
 	if b.Size() != 1<<20 {
 		t.Fatalf("second attach size %d, want %d", b.Size(), 1<<20)
 	}
-	want := pattern(1, 12345)
+	want := imagetest.Pattern(1, 12345)
 	if _, err := a.WriteAt(want, 7777); err != nil {
 		t.Fatal(err)
 	}
@@ -97,11 +87,11 @@ func child(dir string) int {
 		return 2
 	}
 	got := make([]byte, 8192)
-	if _, err := img.ReadAt(got, 4096); err != nil || !bytes.Equal(got, pattern(10, 8192)) {
+	if _, err := img.ReadAt(got, 4096); err != nil || !bytes.Equal(got, imagetest.Pattern(10, 8192)) {
 		fmt.Fprintln(os.Stderr, "child: parent's write not visible", err)
 		return 3
 	}
-	if _, err := img.WriteAt(pattern(11, 8192), 1<<20); err != nil {
+	if _, err := img.WriteAt(imagetest.Pattern(11, 8192), 1<<20); err != nil {
 		fmt.Fprintln(os.Stderr, "child write:", err)
 		return 4
 	}
@@ -116,7 +106,7 @@ func child(dir string) int {
 func TestTwoProcesses(t *testing.T) {
 	dir := shmDir(t)
 	img := mustOpen(t, "xproc", 4<<20, Options{Dir: dir})
-	if _, err := img.WriteAt(pattern(10, 8192), 4096); err != nil {
+	if _, err := img.WriteAt(imagetest.Pattern(10, 8192), 4096); err != nil {
 		t.Fatal(err)
 	}
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
@@ -128,7 +118,7 @@ func TestTwoProcesses(t *testing.T) {
 	if _, err := img.ReadAt(got, 1<<20); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(got, pattern(11, 8192)) {
+	if !bytes.Equal(got, imagetest.Pattern(11, 8192)) {
 		t.Fatal("the child's write is not visible in the parent")
 	}
 	// The child exited without Close; only our reference remains.
@@ -220,7 +210,7 @@ func TestReadOnlyAndRange(t *testing.T) {
 func TestMemoryLimit(t *testing.T) {
 	opts := Options{Dir: shmDir(t), MaxBytes: 64 << 10}
 	img := mustOpen(t, "lim", 1<<30, opts) // declared size far above the limit: sparse
-	if _, err := img.WriteAt(pattern(2, 64<<10), 0); err != nil {
+	if _, err := img.WriteAt(imagetest.Pattern(2, 64<<10), 0); err != nil {
 		t.Fatalf("write up to the limit: %v", err)
 	}
 	_, err := img.WriteAt(make([]byte, 4096), 1<<20)
@@ -228,7 +218,7 @@ func TestMemoryLimit(t *testing.T) {
 		t.Fatalf("write past the limit: %v, want ErrMemoryLimit and ENOSPC", err)
 	}
 	// Rewriting allocated memory allocates nothing and must succeed.
-	if _, err := img.WriteAt(pattern(3, 32<<10), 16<<10); err != nil {
+	if _, err := img.WriteAt(imagetest.Pattern(3, 32<<10), 16<<10); err != nil {
 		t.Fatalf("rewrite within the limit: %v", err)
 	}
 	if err := img.Discard(0, 8192); err != nil {
@@ -386,7 +376,7 @@ func TestConcurrent(t *testing.T) {
 			img := imgs[w%2]
 			for i := range 16 {
 				off := int64((w*16 + i) * chunk)
-				p := pattern(uint64(w*100+i), chunk)
+				p := imagetest.Pattern(uint64(w*100+i), chunk)
 				if _, err := img.WriteAt(p, off); err != nil {
 					t.Error(err)
 					return
@@ -440,7 +430,7 @@ func TestRacingCreators(t *testing.T) {
 
 func BenchmarkWrite4K(b *testing.B) {
 	img := mustOpen(b, "bench", 256<<20, Options{Dir: shmDir(b)})
-	p := pattern(1, 4096)
+	p := imagetest.Pattern(1, 4096)
 	b.SetBytes(4096)
 	for i := 0; b.Loop(); i++ {
 		if _, err := img.WriteAt(p, int64(i%65536)*4096); err != nil {

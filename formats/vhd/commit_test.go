@@ -10,9 +10,10 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/backing"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/hostfile"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 // TestCommitCrash commits a differencing disk into its parent (as
@@ -125,15 +126,7 @@ func vhdCommitTemplate(t *testing.T, dir string, batmap bool) (map[string][]byte
 	if err := c.Close(); err != nil {
 		t.Fatal(err)
 	}
-	files := map[string][]byte{}
-	for _, p := range []string{parent, child} {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatal(err)
-		}
-		files["/d/"+filepath.Base(p)] = b
-	}
-	return files, want
+	return imagetest.OnDisk(t, parent, child), want
 }
 
 // vhdCommitOnCrashFS commits child.vhd into parent.vhd on one crashfs
@@ -143,25 +136,14 @@ func vhdCommitTemplate(t *testing.T, dir string, batmap bool) (map[string][]byte
 func vhdCommitOnCrashFS(t *testing.T, files map[string][]byte, crashAt int, keep *rand.Rand, lastOnly bool) (map[string][]byte, bool) {
 	t.Helper()
 	fs := crashfs.FromImage(files)
-	open := func(p string, o Options) (*Image, error) {
-		f, err := fs.Open(p, os.O_RDWR, 0)
-		if err != nil {
-			return nil, err
-		}
+	quiet := func(f hostfile.File, p string, o Options) (*Image, error) {
 		o.Logger = discardLogger()
 		return openFile(f, p, o)
 	}
-	parent, err := open("/d/parent.vhd", Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	child, err := open("/d/child.vhd", Options{
-		Backing: func(string, string) (image.Image, error) { return parent, nil }})
-	if err != nil {
-		t.Fatal(err)
-	}
+	parent := imagetest.OpenOn(t, fs, "/d/parent.vhd", quiet, Options{})
+	child := imagetest.OpenOn(t, fs, "/d/child.vhd", quiet, Options{Backing: imagetest.Fixed(parent)})
 	fs.Schedule(crashAt, crashfs.Writes|crashfs.Syncs|crashfs.Punches)
-	err = backing.Commit(context.Background(), child, parent, 1, true, nil)
+	err := backing.Commit(context.Background(), child, parent, 1, true, nil)
 	if err == nil {
 		if err = child.Close(); err == nil {
 			return fs.Crash(func() bool { return true }), true

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 )
 
 var updateTestdata = flag.Bool("update-testdata", false, "rewrite testdata/*.vhd seed images")
@@ -135,16 +136,9 @@ func seedImages(t testing.TB) map[string][]byte {
 // (run with -update-testdata after changing it).
 func TestTestdataCurrent(t *testing.T) {
 	for name, b := range seedImages(t) {
-		p := filepath.Join("testdata", name)
-		if *updateTestdata {
-			if err := os.WriteFile(p, b, 0o644); err != nil {
-				t.Fatal(err)
-			}
+		got := imagetest.Stored(t, name, b, *updateTestdata, "go test -run TestTestdataCurrent -update-testdata")
+		if got == nil {
 			continue
-		}
-		got, err := os.ReadFile(p)
-		if err != nil {
-			t.Fatalf("%v (run go test -run TestTestdataCurrent -update-testdata)", err)
 		}
 		// UUIDs are random; compare everything else.
 		if len(got) != len(b) {
@@ -175,14 +169,9 @@ func TestBadImages(t *testing.T) {
 		"vhd-truncated.vhd":                   image.ErrCorrupt,
 	}
 	for name, class := range want {
-		b, err := os.ReadFile(filepath.Join("testdata", name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		_, err = openFile(newCrashFile(b), name, Options{ReadOnly: true, Logger: discardLogger()})
-		var fe *image.FormatError
-		if !errors.Is(err, class) || !errors.As(err, &fe) {
-			t.Errorf("%s: got %v, want a FormatError of class %v", name, err, class)
+		b := imagetest.Testdata(t, name)
+		_, err := openFile(newCrashFile(b), name, Options{ReadOnly: true, Logger: discardLogger()})
+		if !imagetest.Classed(t, name, err, class) {
 			continue
 		}
 		if res, cerr := checkFile(newCrashFile(b), name, CheckOptions{}); cerr == nil && res.OK() {

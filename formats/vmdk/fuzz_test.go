@@ -14,6 +14,7 @@ import (
 
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/internal/crashfs"
+	"github.com/blktap-go/blktap/formats/internal/imagetest"
 	"github.com/blktap-go/blktap/internal/corpus"
 )
 
@@ -179,10 +180,7 @@ func TestTestdata(t *testing.T) {
 			}
 			img, err := Open(p, Options{ReadOnly: true})
 			if tc.openErr != nil {
-				var fe *image.FormatError
-				if !errors.Is(err, tc.openErr) || !errors.As(err, &fe) {
-					t.Fatalf("Open: %v, want a FormatError wrapping %v", err, tc.openErr)
-				}
+				imagetest.Classed(t, "Open", err, tc.openErr)
 				return
 			}
 			if err != nil {

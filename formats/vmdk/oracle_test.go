@@ -64,6 +64,32 @@ func readAll(t *testing.T, img image.Image) []byte {
 	return b
 }
 
+// qemuParent makes base.vmdk of size, filled with 0xaa by qemu-io, in a
+// fresh directory, and names child.vmdk beside it.
+func qemuParent(t *testing.T, size string) (base, child string) {
+	t.Helper()
+	dir := t.TempDir()
+	base, child = filepath.Join(dir, "base.vmdk"), filepath.Join(dir, "child.vmdk")
+	run(t, "qemu-img", "create", "-q", "-f", "vmdk", base, size)
+	run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0xaa 0 "+size, base)
+	return base, child
+}
+
+// openReading opens p read-only, closed when the test ends, and fails t
+// unless it reads want.
+func openReading(t *testing.T, p string, want []byte) *Image {
+	t.Helper()
+	img, err := Open(p, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { img.Close() })
+	if got := readAll(t, img); !bytes.Equal(got, want) {
+		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
+	}
+	return img
+}
+
 // patternRaw writes a raw file of size bytes: random runs, a zero run
 // inside allocated space, holes.
 func patternRaw(t *testing.T, path string, size int64, seed uint64) []byte {
@@ -187,18 +213,14 @@ func jsonNum(i int64) string {
 // TestReadQemuChain: a child qemu made over a parent, written by qemu-io in
 // partial grains, reads like qemu's own raw conversion.
 func TestReadQemuChain(t *testing.T) {
-	dir := t.TempDir()
-	base := filepath.Join(dir, "base.vmdk")
-	child := filepath.Join(dir, "child.vmdk")
-	run(t, "qemu-img", "create", "-q", "-f", "vmdk", base, "4M")
-	run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0xaa 0 4M", base)
+	base, child := qemuParent(t, "4M")
 	run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", child)
 	run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x55 1000 3000", "-c", "write -P 0x66 1M 64k", child)
 	want := toRaw(t, child, "vmdk")
 	if _, err := Open(child, Options{ReadOnly: true}); err == nil {
 		t.Fatal("opened a child without a backing opener")
 	}
-	img, err := Open(child, Options{ReadOnly: true, Backing: opener(dir)})
+	img, err := Open(child, Options{ReadOnly: true, Backing: opener(filepath.Dir(base))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -234,15 +256,7 @@ func TestReadQemuZeroWrites(t *testing.T) {
 	p := filepath.Join(dir, "z.vmdk")
 	run(t, "qemu-img", "create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", p, "4M")
 	run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0x77 0 1M", "-c", "write -z 128k 256k", p)
-	want := toRaw(t, p, "vmdk")
-	img, err := Open(p, Options{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
-	}
+	img := openReading(t, p, toRaw(t, p, "vmdk"))
 	ext, _ := img.Map(0, img.Size())
 	var zero int64
 	for _, x := range ext {

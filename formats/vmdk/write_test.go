@@ -202,11 +202,7 @@ func TestMixedWriters(t *testing.T) {
 // TestCreateChild: a child we create over a qemu parent; writes copy the
 // rest of the grain from the parent; qemu reads the chain like we do.
 func TestCreateChild(t *testing.T) {
-	dir := t.TempDir()
-	base := filepath.Join(dir, "base.vmdk")
-	child := filepath.Join(dir, "child.vmdk")
-	run(t, "qemu-img", "create", "-q", "-f", "vmdk", base, "3M")
-	run(t, "qemu-io", "-f", "vmdk", "-c", "write -P 0xaa 0 3M", base)
+	base, child := qemuParent(t, "3M")
 	if err := Create(child, CreateOptions{Backing: "base.vmdk", BackingFormat: "vmdk"}); err != nil {
 		t.Fatal(err)
 	}
@@ -214,7 +210,7 @@ func TestCreateChild(t *testing.T) {
 	if qi.VirtualSize != 3<<20 || qi.Backing != "base.vmdk" {
 		t.Fatalf("qemu-img info: %+v", qi)
 	}
-	img, err := Open(child, Options{Backing: opener(dir)})
+	img, err := Open(child, Options{Backing: opener(filepath.Dir(base))})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -257,14 +253,7 @@ func TestStreamOptimizedRoundTrip(t *testing.T) {
 		t.Fatal("overwrote")
 	}
 	acceptByOracles(t, out, want, true)
-	img, err := Open(out, Options{ReadOnly: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
-	if got := readAll(t, img); !bytes.Equal(got, want) {
-		t.Fatalf("differs at %d", imagetest.FirstDiff(got, want))
-	}
+	openReading(t, out, want)
 	if _, err := Open(out, Options{}); err == nil {
 		t.Fatal("opened a stream writable")
 	}

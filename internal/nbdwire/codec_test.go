@@ -128,6 +128,20 @@ func TestHandshakeGolden(t *testing.T) {
 	}
 }
 
+func TestQueryGolden(t *testing.T) {
+	q := AppendMetaContextQuery([]byte{9}, "ab", "c", "")
+	if want := "09" + "00000002" + "6162" + "00000002" + "00000001" + "63" + "00000000"; hex.EncodeToString(q) != want {
+		t.Errorf("query %x, want %s", q, want)
+	}
+	if q := AppendMetaContextQuery(nil, ""); hex.EncodeToString(q) != "0000000000000000" {
+		t.Errorf("empty query %x", q)
+	}
+	g := AppendInfoQuery([]byte{9}, "ab", InfoBlockSize, InfoExport)
+	if want := "09" + "00000002" + "6162" + "0002" + "0003" + "0000"; hex.EncodeToString(g) != want {
+		t.Errorf("info query %x, want %s", g, want)
+	}
+}
+
 func TestCmdName(t *testing.T) {
 	if CmdName(CmdBlockStatus) != "BLOCK_STATUS" || CmdName(99) != "CMD_99" {
 		t.Errorf("CmdName: %q %q", CmdName(CmdBlockStatus), CmdName(99))

@@ -152,3 +152,30 @@ func ParseBlockSize(b []byte) (BlockSize, error) {
 	}
 	return BlockSize{be.Uint32(b), be.Uint32(b[4:]), be.Uint32(b[8:])}, nil
 }
+
+// AppendMetaContextQuery appends the data of a LIST_META_CONTEXT or
+// SET_META_CONTEXT option to b: the export name and the queries, each a
+// 32-bit length and its bytes, the queries after their 32-bit count.
+func AppendMetaContextQuery(b []byte, export string, queries ...string) []byte {
+	b = be.AppendUint32(b, uint32(len(export)))
+	b = append(b, export...)
+	b = be.AppendUint32(b, uint32(len(queries)))
+	for _, q := range queries {
+		b = be.AppendUint32(b, uint32(len(q)))
+		b = append(b, q...)
+	}
+	return b
+}
+
+// AppendInfoQuery appends the data of an INFO or GO option to b: the
+// export name (32-bit length, bytes) and the information requests after
+// their 16-bit count.
+func AppendInfoQuery(b []byte, export string, infos ...uint16) []byte {
+	b = be.AppendUint32(b, uint32(len(export)))
+	b = append(b, export...)
+	b = be.AppendUint16(b, uint16(len(infos)))
+	for _, i := range infos {
+		b = be.AppendUint16(b, i)
+	}
+	return b
+}

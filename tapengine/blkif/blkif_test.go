@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/blktap-go/blktap/internal/corpus"
 	"github.com/blktap-go/blktap/internal/oracle"
 )
 
@@ -241,12 +242,8 @@ func TestParseProtocol(t *testing.T) {
 // FuzzDecodeRequest: any slot contents decode without panic, and what an
 // encoder writes back decodes to the same request.
 func FuzzDecodeRequest(f *testing.F) {
-	seeds, _ := filepath.Glob("testdata/*.bin")
-	for _, s := range seeds {
-		b, err := os.ReadFile(s)
-		if err == nil {
-			f.Add(b)
-		}
+	for _, b := range corpus.Files(f, "*.bin") {
+		f.Add(b)
 	}
 	f.Add(make([]byte, 112))
 	f.Fuzz(func(t *testing.T, b []byte) {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/blktap-go/blktap/internal/nbdwire"
+	"github.com/blktap-go/blktap/internal/testutil"
 )
 
 // testClient is a minimal NBD client for byte-level tests: it speaks the
@@ -41,12 +42,7 @@ type reply struct {
 
 func dial(t testing.TB, sock string) *testClient {
 	t.Helper()
-	c, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c := testutil.Dial(t, "unix", sock, 30*time.Second)
 	return &testClient{c: c, br: bufio.NewReader(c), reads: map[uint64]uint64{}, metaIDs: map[string]uint32{}}
 }
 
@@ -102,13 +98,7 @@ func (tc *testClient) simpleOpt(opt uint32) (uint32, error) {
 // infoData is the data of NBD_OPT_INFO and NBD_OPT_GO: the export name and
 // the information requests.
 func infoData(name string, infos ...uint16) []byte {
-	d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-	d = append(d, name...)
-	d = binary.BigEndian.AppendUint16(d, uint16(len(infos)))
-	for _, i := range infos {
-		d = binary.BigEndian.AppendUint16(d, i)
-	}
-	return d
+	return nbdwire.AppendInfoQuery(nil, name, infos...)
 }
 
 // untilAck reads option replies up to the ACK that ends them, handing
@@ -147,14 +137,7 @@ func (tc *testClient) handshake(name string, structured, ext bool, meta ...strin
 		tc.structured = true
 	}
 	if len(meta) > 0 {
-		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		d = append(d, name...)
-		d = binary.BigEndian.AppendUint32(d, uint32(len(meta)))
-		for _, m := range meta {
-			d = binary.BigEndian.AppendUint32(d, uint32(len(m)))
-			d = append(d, m...)
-		}
-		if err := tc.sendOpt(nbdwire.OptSetMetaContext, d); err != nil {
+		if err := tc.sendOpt(nbdwire.OptSetMetaContext, nbdwire.AppendMetaContextQuery(nil, name, meta...)); err != nil {
 			return err
 		}
 		err := tc.untilAck(func(typ uint32, data []byte) error {

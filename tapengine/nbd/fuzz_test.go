@@ -47,15 +47,24 @@ func FuzzParseRequest(f *testing.F) {
 	})
 }
 
-func FuzzNegotiate(f *testing.F) {
-	for _, s := range seedConversations() {
+// fuzzNegotiator negotiates each seed, and what the fuzzer makes of
+// them, with a server on a 1 MiB disk, and hands the outcome to check.
+// prepare sets the negotiator up (TLS, say) before it runs.
+func fuzzNegotiator(f *testing.F, seeds []seedConv, prepare func(*negotiator), check func(*testing.T, *negotiator, *session, error)) {
+	for _, s := range seeds {
 		f.Add(s.data)
 	}
-	be := newMem(1 << 20)
-	s := &Server{Export: Export{Name: "disk", Backend: be}}
+	s := &Server{Export: Export{Name: "disk", Backend: newMem(1 << 20)}}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		n := &negotiator{s: s, r: bytes.NewReader(data), w: bufio.NewWriter(io.Discard)}
+		prepare(n)
 		sess, err := n.negotiate()
+		check(t, n, sess, err)
+	})
+}
+
+func FuzzNegotiate(f *testing.F) {
+	fuzzNegotiator(f, seedConversations(), func(*negotiator) {}, func(t *testing.T, _ *negotiator, sess *session, err error) {
 		if err == nil && sess.tflags&nbdwire.TransHasFlags == 0 {
 			t.Fatalf("negotiated session without HAS_FLAGS: %+v", sess)
 		}
@@ -69,16 +78,13 @@ func FuzzNegotiate(f *testing.F) {
 // itself is Go's; here STARTTLS "upgrades" to the same plain stream, so
 // the fuzzer reaches the options before and after it.
 func FuzzNegotiateTLS(f *testing.F) {
-	for _, s := range seedTLSConversations() {
-		f.Add(s.data)
-	}
-	be := newMem(1 << 20)
-	s := &Server{Export: Export{Name: "disk", Backend: be}}
-	f.Fuzz(func(t *testing.T, data []byte) {
-		n := &negotiator{s: s, r: bytes.NewReader(data), w: bufio.NewWriter(io.Discard), tlsRequired: true}
-		upgrades := 0
+	upgrades := 0
+	prepare := func(n *negotiator) {
+		n.tlsRequired = true
+		upgrades = 0
 		n.startTLS = func() error { upgrades++; return nil }
-		sess, err := n.negotiate()
+	}
+	fuzzNegotiator(f, seedTLSConversations(), prepare, func(t *testing.T, n *negotiator, sess *session, err error) {
 		if upgrades > 1 {
 			t.Fatalf("TLS started %d times", upgrades)
 		}
@@ -141,22 +147,8 @@ type seedConv struct {
 // seedConversations are client byte streams: well-formed ones that reach
 // every option and command, and broken ones named for their fault.
 func seedConversations() []seedConv {
-	opt := func(b []byte, o uint32, d []byte) []byte {
-		b = binary.BigEndian.AppendUint64(b, nbdwire.MagicOption)
-		b = binary.BigEndian.AppendUint32(b, o)
-		b = binary.BigEndian.AppendUint32(b, uint32(len(d)))
-		return append(b, d...)
-	}
-	meta := func(name string, qs ...string) []byte {
-		d := binary.BigEndian.AppendUint32(nil, uint32(len(name)))
-		d = append(d, name...)
-		d = binary.BigEndian.AppendUint32(d, uint32(len(qs)))
-		for _, q := range qs {
-			d = binary.BigEndian.AppendUint32(d, uint32(len(q)))
-			d = append(d, q...)
-		}
-		return d
-	}
+	opt := nbdwire.AppendOption
+	meta := func(name string, qs ...string) []byte { return nbdwire.AppendMetaContextQuery(nil, name, qs...) }
 	req := func(b []byte, ext bool, r Request, payload []byte) []byte {
 		b, _ = nbdwire.AppendRequest(b, r, ext)
 		return append(b, payload...)

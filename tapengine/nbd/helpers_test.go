@@ -1,7 +1,6 @@
 package nbd
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/blktap-go/blktap/formats/image"
+	"github.com/blktap-go/blktap/internal/testutil"
 )
 
 // fileBackend is a raw file served as is: the test's stand-in for
@@ -157,13 +157,6 @@ func startServer(t testing.TB, exp Export) (*Server, string, string) {
 		t.Fatal(err)
 	}
 	s := &Server{Export: exp}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(context.Background(), ln) }()
-	t.Cleanup(func() {
-		s.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	testutil.Serve(t, s, ln)
 	return s, sock, fmt.Sprintf("nbd+unix:///%s?socket=%s", exp.Name, sock)
 }

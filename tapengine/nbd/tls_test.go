@@ -4,10 +4,8 @@ import (
 	"bufio"
 	"context"
 	"crypto/tls"
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -18,6 +16,7 @@ import (
 	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
 	"github.com/blktap-go/blktap/internal/testpki"
+	"github.com/blktap-go/blktap/internal/testutil"
 )
 
 // TLS (proto.md "TLS support", FORCEDTLS mode) checked three ways: a
@@ -34,25 +33,13 @@ func startTLSServer(t testing.TB, exp Export, cfg *tls.Config) (*Server, string)
 		t.Fatal(err)
 	}
 	s := &Server{Export: exp, TLSConfig: cfg, HandshakeTimeout: 20 * time.Second}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(context.Background(), ln) }()
-	t.Cleanup(func() {
-		s.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	testutil.Serve(t, s, ln)
 	return s, ln.Addr().String()
 }
 
 func dialTCP(t testing.TB, addr string) *testClient {
 	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(30 * time.Second))
+	c := testutil.Dial(t, "tcp", addr, 30*time.Second)
 	return &testClient{c: c, br: bufio.NewReader(c), reads: map[uint64]uint64{}, metaIDs: map[string]uint32{}}
 }
 
@@ -381,34 +368,7 @@ func BenchmarkTCPRead4k(b *testing.B) {
 			if err := tc.untilAck(nil); err != nil {
 				b.Fatal(err)
 			}
-			const qd, bs = 16, 4096
-			var out []byte
-			rbuf := make([]byte, nbdwire.SimpleReplySize+bs)
-			bw := bufio.NewWriterSize(tc.c, 64<<10)
-			b.SetBytes(bs)
-			b.ResetTimer()
-			sent, recvd := 0, 0
-			for recvd < b.N {
-				for sent < b.N && sent-recvd < qd {
-					out, _ = nbdwire.AppendRequest(out[:0], Request{Type: nbdwire.CmdRead, Cookie: uint64(sent),
-						Offset: uint64(sent%16384) * bs, Length: bs}, false)
-					bw.Write(out)
-					sent++
-				}
-				bw.Flush()
-				for recvd < sent {
-					if _, err := io.ReadFull(tc.br, rbuf); err != nil {
-						b.Fatal(err)
-					}
-					if binary.BigEndian.Uint32(rbuf[4:]) != 0 {
-						b.Fatal("error reply")
-					}
-					recvd++
-					if tc.br.Buffered() < nbdwire.SimpleReplySize && sent < b.N {
-						break
-					}
-				}
-			}
+			pipeline(b, tc.br, bufio.NewWriterSize(tc.c, 64<<10), nbdwire.CmdRead)
 		})
 	}
 }

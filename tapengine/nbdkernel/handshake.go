@@ -54,11 +54,7 @@ func handshake(rw io.ReadWriter, export string) (Export, error) {
 	}
 	// Client flags and GO go out in one write.
 	b := binary.BigEndian.AppendUint32(nil, clientFlags)
-	g := binary.BigEndian.AppendUint32(nil, uint32(len(export)))
-	g = append(g, export...)
-	g = binary.BigEndian.AppendUint16(g, 1)
-	g = binary.BigEndian.AppendUint16(g, nbdwire.InfoBlockSize)
-	b = nbdwire.AppendOption(b, nbdwire.OptGo, g)
+	b = nbdwire.AppendOption(b, nbdwire.OptGo, nbdwire.AppendInfoQuery(nil, export, nbdwire.InfoBlockSize))
 	if _, err := rw.Write(b); err != nil {
 		return Export{}, fmt.Errorf("nbdkernel: sending NBD_OPT_GO: %w", err)
 	}

@@ -22,6 +22,7 @@ import (
 
 	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/internal/oracle"
+	"github.com/blktap-go/blktap/internal/testutil"
 	"github.com/blktap-go/blktap/tapengine/nbd"
 )
 
@@ -59,25 +60,13 @@ func serve(t *testing.T, exp nbd.Export) string {
 		t.Fatal(err)
 	}
 	s := &nbd.Server{Export: exp}
-	done := make(chan error, 1)
-	go func() { done <- s.Serve(context.Background(), ln) }()
-	t.Cleanup(func() {
-		s.Close()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-	})
+	testutil.Serve(t, s, ln)
 	return sock
 }
 
 func dialHandshake(t *testing.T, sock, export string) (net.Conn, Export, error) {
 	t.Helper()
-	c, err := net.Dial("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	c.SetDeadline(time.Now().Add(20 * time.Second))
+	c := testutil.Dial(t, "unix", sock, 20*time.Second)
 	e, err := handshake(c, export)
 	return c, e, err
 }
