@@ -23,6 +23,7 @@ func isRBDTarget(path, format string) bool {
 // rbdImageSnapshot runs one of -l, -c, -a, -d (action) on an rbd image.
 // -a refuses an image a worker has open for writing (rbd.RollbackSnapshot).
 func rbdImageSnapshot(w io.Writer, path, action, snap string) error {
+	path = strings.TrimPrefix(path, "rbd:") // the messages add it back
 	switch action {
 	case "list":
 		snaps, err := rbd.Snapshots(path)
