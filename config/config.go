@@ -50,6 +50,7 @@ import (
 	"path/filepath"
 	"syscall"
 
+	"github.com/blktap-go/blktap/internal/rbdspec"
 	"gopkg.in/yaml.v3"
 )
 
@@ -126,6 +127,9 @@ type Create struct {
 	Size          int64 // bytes
 	Backing       string
 	BackingFormat string // canonical, or "" (then the backing must be probed)
+	// RBD holds an rbd disk's options (object size, features, striping,
+	// data pool), checked; its Size is Size.
+	RBD rbdspec.CreateOptions
 }
 
 // Export says where the disk's NBD export listens. Socket and TCP both

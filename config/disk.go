@@ -169,7 +169,7 @@ func (p *parser) diskPlace(n *yaml.Node, m map[string]*yaml.Node, what string, d
 }
 
 func (p *parser) create(n *yaml.Node, what, format string) *Create {
-	m := p.fields(n, what+": create", "size", "backing", "backing-format")
+	m := p.fields(n, what+": create", append([]string{"size", "backing", "backing-format"}, rbdCreateKeys...)...)
 	if m == nil {
 		return nil
 	}
@@ -206,6 +206,13 @@ func (p *parser) create(n *yaml.Node, what, format string) *Create {
 		if c.Backing != "" {
 			p.errf(m["backing"], "%s: create: %s images cannot have a backing file", what, format)
 		}
+	}
+	switch format {
+	case "rbd":
+		p.rbdCreate(m, what, c)
+	case "ram", "nbd": // refused whole above
+	default:
+		p.notRBDCreate(m, what, format)
 	}
 	return c
 }

@@ -210,7 +210,11 @@ func (d *Daemon) takeRetry(k Key) bool {
 func ensureImage(disk config.Disk) error {
 	if disk.Format == "rbd" && disk.Create != nil {
 		// The pool is the only judge of whether the image exists.
-		err := formats.Create("rbd", disk.Image, formats.CreateOptions{Size: disk.Create.Size})
+		o := disk.Create.RBD
+		err := formats.Create("rbd", disk.Image, formats.CreateOptions{
+			Size: disk.Create.Size, ClusterSize: o.ObjectSize, Features: o.Features,
+			StripeUnit: o.StripeUnit, StripeCount: o.StripeCount, DataPool: o.DataPool,
+		})
 		if errors.Is(err, os.ErrExist) {
 			return nil
 		}

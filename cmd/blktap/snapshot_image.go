@@ -23,10 +23,12 @@ func init() {
 		setup            func(fs *pflag.FlagSet) func(pos []string) error
 	}{
 		"snapshot [-q] [-f FMT] [-l | -a SNAPSHOT | -c SNAPSHOT | -d SNAPSHOT] FILE",
-		"list, create, apply or delete a qcow2 image's internal snapshots",
+		"list, create, apply or delete a qcow2 image's internal snapshots, or an rbd image's snapshots",
 		"-l lists; -c creates SNAPSHOT (names need not be unique); -a reverts the disk to the snapshot whose ID, " +
 			"or else name, is SNAPSHOT; -d deletes the first snapshot named SNAPSHOT. " +
 			"Refused while anyone (a blktap worker, qemu) has the image open for writing. " +
+			"On an rbd: image they are its RBD snapshots (rbd snap ls, create, rollback, rm); names are unique there, " +
+			"-c and -d work while a worker writes the image (the snapshot is crash-consistent) and -a is refused. " +
 			"Not `blktap snapshot`, which puts a live disk under a new overlay file.",
 		imageSnapshot,
 	})
@@ -38,7 +40,7 @@ func imageSnapshot(fs *pflag.FlagSet) func(pos []string) error {
 	create := fs.StringP("create", "c", "", "create `SNAPSHOT` of the disk as it is")
 	del := fs.StringP("delete", "d", "", "delete `SNAPSHOT` (by name)")
 	fs.BoolP("quiet", "q", false, "quiet (there is nothing to silence; taken as qemu-img takes it)")
-	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe); only qcow2 has internal snapshots")
+	fmtName := fs.StringP("format", "f", "", "the image's `FMT` (default: probe); qcow2 or rbd")
 	return func(pos []string) error {
 		actions := 0
 		for _, name := range []string{"list", "apply", "create", "delete"} {
@@ -54,6 +56,18 @@ func imageSnapshot(fs *pflag.FlagSet) func(pos []string) error {
 		}
 		if actions == 0 {
 			return nil // qemu-img does nothing, successfully
+		}
+		if isRBDTarget(pos[0], *fmtName) {
+			action, snap := "list", ""
+			switch {
+			case fs.Changed("create"):
+				action, snap = "create", *create
+			case fs.Changed("apply"):
+				action, snap = "apply", *apply
+			case fs.Changed("delete"):
+				action, snap = "delete", *del
+			}
+			return rbdImageSnapshot(os.Stdout, pos[0], action, snap)
 		}
 		img, err := openForSnapshots(pos[0], *fmtName, *list)
 		if err != nil {

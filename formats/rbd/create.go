@@ -26,7 +26,7 @@ func Create(name string, opts CreateOptions) error {
 	if opts.Size <= 0 {
 		return fmt.Errorf("create rbd:%s: size %d: an rbd image needs a size above 0", spec.Name(), opts.Size)
 	}
-	if err := opts.check(); err != nil {
+	if err := opts.Check(); err != nil {
 		return fmt.Errorf("create rbd:%s: %w", spec.Name(), err)
 	}
 	conn, ioctx, err := connect(spec)

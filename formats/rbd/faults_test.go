@@ -18,7 +18,8 @@ import (
 )
 
 // TestLockAndDiffAsRBDSeesThem: `rbd lock ls` shows a writer's lock, and
-// `rbd diff` reports exactly the runs our Map calls data.
+// `rbd diff --whole-object` (the object map, as our Map reads it) reports
+// exactly the runs our Map calls data.
 func TestLockAndDiffAsRBDSeesThem(t *testing.T) {
 	c, name, spec := newImage(t, 64<<20)
 	im, err := Open(spec, Options{})
@@ -49,7 +50,7 @@ func TestLockAndDiffAsRBDSeesThem(t *testing.T) {
 		Length int64  `json:"length"`
 		Exists string `json:"exists"`
 	}
-	if err := json.Unmarshal([]byte(c.RBD(t, "diff", "--format", "json", "rbd/"+name)), &diff); err != nil {
+	if err := json.Unmarshal([]byte(c.RBD(t, "diff", "--whole-object", "--format", "json", "rbd/"+name)), &diff); err != nil {
 		t.Fatal(err)
 	}
 	var theirs [][2]int64

@@ -361,11 +361,16 @@ func (im *Image) Map(off, length int64) ([]image.Extent, error) {
 		return nil, nil
 	}
 	var data []image.Extent
+	// Whole objects: with fast-diff librbd answers from the object map,
+	// which the lock holder keeps in memory. Exact extents would cost a
+	// list-snaps round trip to an OSD per object, and the NBD export asks
+	// before every read of 64K or more (a sparse read): measured, a 1M
+	// read then took two OSD operations instead of one.
 	err := im.img.DiffIterate(librbd.DiffIterateConfig{
 		Offset:        uint64(off),
 		Length:        uint64(length),
 		IncludeParent: librbd.IncludeParent,
-		WholeObject:   librbd.DisableWholeObject,
+		WholeObject:   librbd.EnableWholeObject,
 		Callback: func(o, l uint64, exists int, _ interface{}) int {
 			if exists != 0 {
 				data = append(data, image.Extent{Offset: int64(o), Length: int64(l), Kind: image.Data})

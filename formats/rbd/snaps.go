@@ -119,3 +119,30 @@ func DeleteSnapshot(name, snap string) error {
 		return nil
 	})
 }
+
+// RollbackSnapshot rewrites name's head to what snapshot snap holds (rbd
+// snap rollback). It holds the image's exclusive lock meanwhile, taken
+// explicitly, so an image a worker has open for writing is refused naming
+// its holder: rolling back under a served disk would change what the
+// guest reads with no write of its own, and librbd would otherwise ask
+// the holder to let go. A worker that opens the image meanwhile is
+// refused in turn and retries once the rollback is done.
+func RollbackSnapshot(name, snap string) error {
+	return withImage(name, true, func(spec Spec, img *librbd.Image) error {
+		s := img.GetSnapshot(snap)
+		if _, err := s.IsProtected(); errors.Is(err, librbd.ErrNotFound) {
+			return fmt.Errorf("rbd:%s@%s: no such snapshot: %w", spec.Name(), snap, os.ErrNotExist)
+		} else if err != nil {
+			return fmt.Errorf("rbd:%s@%s: %w", spec.Name(), snap, err)
+		}
+		im := &Image{img: img, spec: spec}
+		if err := img.LockAcquire(librbd.LockModeExclusive); err != nil {
+			return fmt.Errorf("roll rbd:%s back to @%s: %w", spec.Name(), snap, &LockedError{Image: spec.Name(), Holder: im.describeHolder()})
+		}
+		defer img.LockRelease()
+		if err := s.Rollback(); err != nil {
+			return fmt.Errorf("roll rbd:%s back to @%s: %w", spec.Name(), snap, err)
+		}
+		return nil
+	})
+}

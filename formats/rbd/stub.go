@@ -59,3 +59,6 @@ func CreateSnapshot(name, _ string) error { return fmt.Errorf("rbd:%s: %w", name
 
 // DeleteSnapshot fails: this binary was built without librbd.
 func DeleteSnapshot(name, _ string) error { return fmt.Errorf("rbd:%s: %w", name, ErrNotBuilt) }
+
+// RollbackSnapshot fails: this binary was built without librbd.
+func RollbackSnapshot(name, _ string) error { return fmt.Errorf("rbd:%s: %w", name, ErrNotBuilt) }
