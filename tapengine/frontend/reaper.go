@@ -141,29 +141,60 @@ func (f *Frontend) collectLocked(batch []reaped) ([]reaped, error) {
 	}
 }
 
-// Poll waits up to spin, busy, for responses and completes them on the
-// calling goroutine (as the reaper would), reporting whether it found any.
-// A caller with one request in flight and nothing else to do (queue depth
-// 1) saves the reaper's wake-up from its latency: the backend answers a
-// cached read in a few microseconds, less than a sleep and a wake cost.
+// Poll publishes the requests started so far (as Publish does), then
+// waits up to spin, busy, for responses and completes them on the
+// calling goroutine (as the reaper would), reporting whether it found
+// any. A caller with one request in flight and nothing else to do (queue
+// depth 1) saves the reaper's wake-up from its latency: the backend
+// answers a cached read in a few microseconds, less than a sleep and a
+// wake cost.
+//
+// Before it publishes, the ring asks the backend for no notification
+// (Quiet): the answer often comes before the kick's system call returns,
+// and its signal would only cost the backend a write and wake the reaper
+// for a response the poller takes. Poll ends, found or not, with a
+// collection whose final check asks again, so the reaper hears of
+// whatever is left.
 func (f *Frontend) Poll(spin time.Duration) bool {
 	if _, _, err := f.enter(); err != nil {
 		return false
 	}
 	defer f.leave()
-	deadline := time.Now().Add(spin)
-	for {
+	f.mu.Lock()
+	if f.closed {
+		f.mu.Unlock()
+		return false
+	}
+	f.front.Quiet()
+	if !f.held {
+		f.mu.Unlock()
+	} else if err := f.publishLocked(); err != nil {
+		f.log.Debug("frontend: kicking the backend", "err", err)
+	}
+	found := f.spin(spin)
+	r := reapings.Get().(*reaping)
+	f.reapOnce(r)
+	clear(r.sinks)
+	reapings.Put(r)
+	return found
+}
+
+// spin waits up to d, yielding, for a published response, and reports
+// whether one came.
+func (f *Frontend) spin(d time.Duration) bool {
+	deadline := time.Now().Add(d)
+	for i := 0; ; i++ {
 		f.mu.Lock()
 		n, err := f.front.Pending()
 		f.mu.Unlock()
-		if err != nil || n > 0 {
-			r := reapings.Get().(*reaping)
-			f.reapOnce(r)
-			clear(r.sinks)
-			reapings.Put(r)
-			return err == nil
+		if err != nil {
+			return false // reapOnce fails the ring
 		}
-		if time.Now().After(deadline) {
+		if n > 0 {
+			return true
+		}
+		// The clock costs more than a look at the ring.
+		if i%8 == 7 && time.Now().After(deadline) {
 			return false
 		}
 		runtime.Gosched()
