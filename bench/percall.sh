@@ -68,9 +68,12 @@ events=context-switches,task-clock
 for s in read write writev epoll_pwait futex nanosleep; do events+=,syscalls:sys_enter_$s; done
 stats=()
 for p in "$DAEMON" "$WORKER"; do
-	perf stat -x, -e "$events" -p "$p" -o "$W/stat.$p" -- sleep "$((SECS + 1))" &
+	perf stat -x, -e "$events" -p "$p" -o "$W/stat.$p" -- sleep "$((SECS + 4))" &
 	stats+=("$!")
 done
+# perf takes a while to attach on a loaded machine; a request made before
+# it counts would make every figure too low.
+sleep 2
 fio_run "$SECS" "$W/fio.json"
 wait "${stats[@]}" || true
 
