@@ -12,6 +12,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -30,6 +31,7 @@ type fileImage struct {
 	ro      bool
 	flushes atomic.Int64
 	failAt  atomic.Int64 // a read or write touching this offset fails (0 = never)
+	delay   atomic.Int64 // each read sleeps this long (ns) first
 }
 
 func newFileImage(t testing.TB, size int64) *fileImage {
@@ -57,6 +59,7 @@ func (m *fileImage) ReadAt(p []byte, off int64) (int, error) {
 	if m.hits(p, off) {
 		return 0, fmt.Errorf("injected: %w", syscall.EIO)
 	}
+	time.Sleep(time.Duration(m.delay.Load()))
 	return m.f.ReadAt(p, off)
 }
 

@@ -277,3 +277,46 @@ func TestPoll(t *testing.T) {
 	}
 	t.Logf("Poll collected %d of %d", polled, n)
 }
+
+// TestPollQuiet: for requests Poll publishes, the backend sends no
+// notification (the reaper would wake for nothing), and a Poll that gives up before
+// the answer leaves the ring asking again, so the reaper still completes
+// it (without that, the read below would never complete).
+func TestPollQuiet(t *testing.T) {
+	r := newRig(t, blkif.X86_64, 0, 4<<20, ring.Options{})
+	f := r.f
+	const n = 50
+	rec := newRecorder(n)
+	before := r.stats.Notifies.Load()
+	for i := range n {
+		if err := f.StartRead(8192, 4096, rec, uint64(i)); err != nil {
+			t.Fatal(err)
+		}
+		f.Poll(time.Second) // publishes it
+		<-rec.done
+	}
+	// Before Poll asked for quiet, every response was notified: the
+	// reaper's or Poll's final check had just asked for the next one.
+	got := r.stats.Notifies.Load() - before
+	if got > n/2 {
+		t.Errorf("%d notifications for %d polled requests", got, n)
+	}
+	t.Logf("%d notifications for %d polled requests", got, n)
+	r.img.delay.Store(int64(20 * time.Millisecond))
+	for i := range 3 {
+		if err := f.StartRead(8192, 4096, rec, uint64(n+i)); err != nil {
+			t.Fatal(err)
+		}
+		if f.Poll(time.Microsecond) {
+			t.Fatal("Poll found an answer the image had not given yet")
+		}
+		select {
+		case <-rec.done:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the reaper was never told of the answer Poll gave up on")
+		}
+	}
+	if err := rec.errs[uint64(n)]; err != nil {
+		t.Error(err)
+	}
+}

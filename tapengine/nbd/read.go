@@ -32,13 +32,17 @@ func (c *conn) readLoop() error {
 	var depth queueDepth
 	for {
 		if c.br.Buffered() < headerSize {
-			c.flushHeld() // about to wait for the client: send what we have
+			// About to wait for the client: send what we have.
 			if depth.waiting(c.started.Load()) && c.async != nil {
 				// Queue depth 1: the answer comes before a sleeping
-				// reaper could be woken for it. Deeper queues leave
-				// it to the reaper: a poller beside it there costs
-				// more wake-ups than it saves.
+				// reaper could be woken for it, so Poll publishes
+				// the request and collects it here. Deeper queues
+				// leave it to the reaper: a poller beside it there
+				// costs more wake-ups than it saves.
+				c.kick()
 				c.async.Poll(pollSpin)
+			} else {
+				c.flushHeld()
 			}
 		}
 		depth.read()

@@ -81,9 +81,10 @@ type Completer = interface {
 //     what it holds back first; its error means the backend is gone.
 //  2. Publishing. Started requests may be held back until Publish, which
 //     the reader calls before it waits for its client.
-//  3. Polling. Poll collects completions on the caller's goroutine, busy,
-//     for up to spin (Completer calls then run there); the reader uses
-//     it when its client waits for every answer (queue depth 1).
+//  3. Polling. Poll publishes what is held back, as Publish, then
+//     collects completions on the caller's goroutine, busy, for up to
+//     spin (Completer calls then run there); the reader calls it instead
+//     of Publish when its client waits for every answer (queue depth 1).
 type AsyncBackend interface {
 	StartMax() int
 	StartRead(off int64, n int, c Completer, cookie uint64) error

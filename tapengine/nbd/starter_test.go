@@ -87,8 +87,12 @@ func (s *starterBackend) StartTagWrite(uint64, int64, int, Completer, uint64) er
 
 func (s *starterBackend) PutTag(h uint64) { panic(fmt.Sprintf("PutTag(%d) of a tag never lent", h)) }
 
-// Poll finds nothing: completions come from the backend's goroutine.
-func (s *starterBackend) Poll(time.Duration) bool { return false }
+// Poll publishes and finds nothing: completions come from the backend's
+// goroutine.
+func (s *starterBackend) Poll(time.Duration) bool {
+	_ = s.Publish()
+	return false
+}
 
 var (
 	_ AsyncBackend = (*starterBackend)(nil)

@@ -104,5 +104,11 @@ func (f *Front) FinalCheck() (more bool, err error) {
 	return n > 0, err
 }
 
+// Quiet asks not to be notified of responses: rsp_event at rsp_cons,
+// which rsp_prod has already reached, so no publish crosses it. The
+// caller consumes by polling instead, and must end with FinalCheck
+// (which asks again) before anyone sleeps on the notifications.
+func (f *Front) Quiet() { store32(f.ring, blkif.OffRspEvent, f.rspCons) }
+
 // InFlight is the number of pushed requests without a consumed response.
 func (f *Front) InFlight() int { return int(f.reqProdPvt - f.rspCons) }
