@@ -44,6 +44,9 @@ W=""
 cleanup() {
 	local rc=$? p
 	set +e
+	# shutdown first: a daemon that gets SIGTERM leaves its workers
+	# serving, for the next daemon to adopt (by design).
+	[[ -n $W && -d $W/st ]] && "$BLKTAP" shutdown --state-dir "$W/st" >/dev/null 2>&1
 	stop_pids "${STARTED[@]}"
 	wait 2>/dev/null
 	[[ -n $W ]] && rm -rf "$W"
