@@ -309,14 +309,82 @@ func isUnderRel(p, base string) bool {
 // request sends one message and waits for its reply. XS_ERROR becomes an
 // *Error.
 func (c *Client) request(ctx context.Context, op Op, tx uint32, payload []byte) ([]byte, error) {
-	if len(payload) > PayloadMax {
-		return nil, fmt.Errorf("%w: %s request of %d bytes", ErrPayloadTooBig, op, len(payload))
+	rs, err := c.requests(ctx, op, tx, [][]byte{payload})
+	if err != nil {
+		return nil, err
 	}
+	return rs[0].payload, rs[0].err
+}
+
+// reply is one answer of a batch: its payload, or the XS_ERROR it got.
+type reply struct {
+	payload []byte
+	err     error
+}
+
+// requests sends one message per payload, all in one write, and waits for
+// every reply: a batch costs one round trip, not one per message. err is
+// what failed the batch as a whole (the connection, ctx); each reply
+// carries its own XS_ERROR.
+func (c *Client) requests(ctx context.Context, op Op, tx uint32, payloads [][]byte) ([]reply, error) {
+	var b []byte
+	for _, payload := range payloads {
+		if len(payload) > PayloadMax {
+			return nil, fmt.Errorf("%w: %s request of %d bytes", ErrPayloadTooBig, op, len(payload))
+		}
+	}
+	conn, ids, calls, err := c.register(ctx, len(payloads))
+	if err != nil {
+		return nil, err
+	}
+	for i, payload := range payloads {
+		m := Message{Type: op, ReqID: ids[i], TxID: tx, Payload: payload}
+		b, _ = m.Append(b)
+	}
+	c.wmu.Lock()
+	if d, ok := ctx.Deadline(); ok {
+		conn.SetWriteDeadline(d)
+	}
+	_, err = conn.Write(b)
+	if _, ok := ctx.Deadline(); ok {
+		conn.SetWriteDeadline(time.Time{})
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.forget(ids...)
+		// A half-written message desynchronises the stream: drop it.
+		conn.Close()
+		return nil, fmt.Errorf("%w: %s: %w", ErrConnLost, op, err)
+	}
+	out := make([]reply, len(calls))
+	for i, p := range calls {
+		select {
+		case r, ok := <-p.reply:
+			switch {
+			case !ok:
+				return nil, fmt.Errorf("%s: %w", op, p.err)
+			case r.Type == OpError:
+				out[i].err = parseErrorPayload(r.Payload)
+			case r.Type != op:
+				return nil, fmt.Errorf("%w: %s answered with %s", ErrProtocol, op, r.Type)
+			default:
+				out[i].payload = r.Payload
+			}
+		case <-ctx.Done():
+			c.forget(ids[i:]...)
+			return nil, ctx.Err()
+		}
+	}
+	return out, nil
+}
+
+// register waits for a connection and records n pending calls on it.
+func (c *Client) register(ctx context.Context, n int) (net.Conn, []uint32, []*call, error) {
 	for {
 		c.mu.Lock()
 		if c.mu.closed {
 			c.mu.Unlock()
-			return nil, ErrClosed
+			return nil, nil, nil, ErrClosed
 		}
 		if c.mu.conn != nil {
 			break
@@ -326,56 +394,26 @@ func (c *Client) request(ctx context.Context, op Op, tx uint32, payload []byte) 
 		select {
 		case <-ready:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, nil, nil, ctx.Err()
 		}
 	}
-	// Still holding c.mu.
-	id := c.nextReq.Add(1)
-	for c.mu.pending[id] != nil {
-		id = c.nextReq.Add(1)
-	}
-	p := &call{gen: c.mu.gen, reply: make(chan Message, 1)}
-	c.mu.pending[id] = p
-	conn := c.mu.conn
-	c.mu.Unlock()
-
-	m := Message{Type: op, ReqID: id, TxID: tx, Payload: payload}
-	b, _ := m.Append(nil)
-	c.wmu.Lock()
-	if d, ok := ctx.Deadline(); ok {
-		conn.SetWriteDeadline(d)
-	}
-	_, err := conn.Write(b)
-	if _, ok := ctx.Deadline(); ok {
-		conn.SetWriteDeadline(time.Time{})
-	}
-	c.wmu.Unlock()
-	if err != nil {
-		c.forget(id)
-		// A half-written message desynchronises the stream: drop it.
-		conn.Close()
-		return nil, fmt.Errorf("%w: %s: %w", ErrConnLost, op, err)
-	}
-	select {
-	case r, ok := <-p.reply:
-		if !ok {
-			return nil, fmt.Errorf("%s: %w", op, p.err)
+	defer c.mu.Unlock()
+	ids, calls := make([]uint32, n), make([]*call, n)
+	for i := range n {
+		id := c.nextReq.Add(1)
+		for c.mu.pending[id] != nil {
+			id = c.nextReq.Add(1)
 		}
-		if r.Type == OpError {
-			return nil, parseErrorPayload(r.Payload)
-		}
-		if r.Type != op {
-			return nil, fmt.Errorf("%w: %s answered with %s", ErrProtocol, op, r.Type)
-		}
-		return r.Payload, nil
-	case <-ctx.Done():
-		c.forget(id)
-		return nil, ctx.Err()
+		calls[i] = &call{gen: c.mu.gen, reply: make(chan Message, 1)}
+		c.mu.pending[id], ids[i] = calls[i], id
 	}
+	return c.mu.conn, ids, calls, nil
 }
 
-func (c *Client) forget(id uint32) {
+func (c *Client) forget(ids ...uint32) {
 	c.mu.Lock()
-	delete(c.mu.pending, id)
+	for _, id := range ids {
+		delete(c.mu.pending, id)
+	}
 	c.mu.Unlock()
 }

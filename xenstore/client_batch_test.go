@@ -1,0 +1,56 @@
+package xenstore
+
+import (
+	"errors"
+	"fmt"
+	"testing"
+)
+
+// TestReadMany: a batch answers each path as Read does (values, a missing
+// key's ENOENT), across more paths than one batch holds, and its reads
+// count in the transaction: a key it read that changes before the commit
+// makes the transaction run again.
+func TestReadMany(t *testing.T) {
+	sock, _ := startServer(t)
+	c, other := dial(t, sock), dial(t, sock)
+	ctx := testCtx(t)
+	var paths []string
+	for i := range readBatchMax*2 + 3 {
+		p := fmt.Sprintf("/m/k%d", i)
+		paths = append(paths, p)
+		if i%3 == 0 {
+			continue // left missing
+		}
+		if err := c.Write(ctx, p, fmt.Sprint("v", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	runs := 0
+	err := c.Transaction(ctx, func(tx *Tx) error {
+		runs++
+		vals, errs := tx.ReadMany(ctx, paths)
+		if runs == 1 {
+			// Only the batch read k1: the commit must see the change.
+			return other.Write(ctx, "/m/k1", "changed")
+		}
+		for i, p := range paths {
+			want, werr := tx.Read(ctx, p)
+			if vals[i] != want || errors.Is(errs[i], ErrNotFound) != errors.Is(werr, ErrNotFound) || (errs[i] == nil) != (werr == nil) {
+				return fmt.Errorf("%s: batch %q %v, Read %q %v", p, vals[i], errs[i], want, werr)
+			}
+			if i%3 == 0 && !errors.Is(errs[i], ErrNotFound) {
+				return fmt.Errorf("%s: want ENOENT, got %q %v", p, vals[i], errs[i])
+			}
+		}
+		if vals[1] != "changed" {
+			return fmt.Errorf("second run read %q", vals[1])
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if runs != 2 {
+		t.Fatalf("transaction ran %d times, want 2 (the batch's read of a changed key must conflict)", runs)
+	}
+}
