@@ -254,8 +254,13 @@ func emptyDaemon(opts Options, log *slog.Logger) *Daemon {
 	}
 }
 
-// reconcilers is how many devices are reconciled at once.
-const reconcilers = 4
+// reconcilers is how many devices are reconciled at once. A reconcile
+// mostly waits: on xenstore round trips, and above all on a worker
+// process starting, which a loaded host stretches from tens of
+// milliseconds to hundreds while it costs the CPU a few; with four, a
+// fleet's convergence took that latency N/4 times in a row
+// (docs/PERFORMANCE.md, "Convergence").
+const reconcilers = 32
 
 func (d *Daemon) startReconcilers(ctx context.Context) *sync.WaitGroup {
 	var wg sync.WaitGroup
