@@ -66,7 +66,7 @@ type Client struct {
 		conn    net.Conn // nil while reconnecting
 		gen     uint64   // connection generation
 		pending map[uint32]*call
-		watches map[*Watch]struct{}
+		watches watchSet
 		closed  bool
 		ready   chan struct{} // closed when conn is set again
 	}
@@ -111,7 +111,7 @@ func NewClient(conn net.Conn, opts ...Option) *Client {
 
 func newClient(c *Client, conn net.Conn) *Client {
 	c.mu.pending = map[uint32]*call{}
-	c.mu.watches = map[*Watch]struct{}{}
+	c.mu.watches = watchSet{}
 	c.mu.conn = conn
 	c.mu.gen = 1
 	c.mu.ready = make(chan struct{})
@@ -134,12 +134,12 @@ func (c *Client) Close() error {
 	conn := c.mu.conn
 	c.failPendingLocked(ErrClosed, 0)
 	ws := c.mu.watches
-	c.mu.watches = map[*Watch]struct{}{}
+	c.mu.watches = watchSet{}
 	c.mu.Unlock()
 	if conn != nil {
 		conn.Close()
 	}
-	for w := range ws {
+	for _, w := range ws.all() {
 		w.stop()
 	}
 	c.wg.Wait()
@@ -196,9 +196,9 @@ func (c *Client) readLoop(conn net.Conn, gen uint64) {
 		c.mu.closed = true
 		close(c.done)
 		ws := c.mu.watches
-		c.mu.watches = map[*Watch]struct{}{}
+		c.mu.watches = watchSet{}
 		c.mu.Unlock()
-		for w := range ws {
+		for _, w := range ws.all() {
 			w.stop()
 		}
 		return
@@ -240,10 +240,7 @@ func (c *Client) redial() {
 			gen := c.mu.gen
 			c.mu.conn = conn
 			close(c.mu.ready)
-			ws := make([]*Watch, 0, len(c.mu.watches))
-			for w := range c.mu.watches {
-				ws = append(ws, w)
-			}
+			ws := c.mu.watches.all()
 			c.mu.Unlock()
 			c.wg.Add(1)
 			go c.readLoop(conn, gen)
@@ -276,8 +273,8 @@ func (c *Client) deliver(m Message) {
 		ev := Event{Path: parts[0], Token: parts[1]}
 		c.mu.Lock()
 		var targets []*Watch
-		for w := range c.mu.watches {
-			if w.token == ev.Token && (isUnderRel(ev.Path, w.path) || strings.HasPrefix(w.path, "@") && ev.Path == w.path) {
+		for w := range c.mu.watches[ev.Token] {
+			if isUnderRel(ev.Path, w.path) || strings.HasPrefix(w.path, "@") && ev.Path == w.path {
 				targets = append(targets, w)
 			}
 		}
