@@ -20,6 +20,9 @@
 #   remove   from writing `disks: []` over the file to `ls --json` showing
 #            no device (every worker flushed, closed and gone).
 #   add      from writing the N disks back to every export answering again.
+#   cpu-daemon, cpu-workers  CPU seconds the daemon and its workers had
+#            used once every disk was connected: on a host others load,
+#            the wall clock measures their load as much as our work.
 # The daemon notices file edits by polling every 300 ms, which remove and
 # add include.
 #
@@ -168,6 +171,34 @@ check_sizes() { # n: nbdinfo --size on every export
 	done
 }
 
+# cpu_seconds: CPU time so far of the daemon (every thread) and, summed,
+# of its children (the workers), from /proc/PID/task/*/schedstat: on a
+# loaded host the wall clock is mostly the others' CPU, this is ours.
+cpu_seconds() {
+	python3 - "$DAEMON" <<'EOF'
+import os, sys
+d = sys.argv[1]
+def cpu(pid):
+    t = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            t += int(open(f"/proc/{pid}/task/{tid}/schedstat").read().split()[0])
+        except OSError:
+            pass
+    return t / 1e9
+def ppid(pid):
+    return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+kids = 0.0
+for p in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        if ppid(p) == d:
+            kids += cpu(p)
+    except OSError:
+        pass
+print(f"{cpu(d):.3f} {kids:.3f}")
+EOF
+}
+
 TABLE=$RESULTS/converge.tsv
 printf 'n\tphase\tseconds\tms_per_disk\n' >"$TABLE"
 record() { # n phase seconds
@@ -187,8 +218,11 @@ for n in "${NS[@]}"; do
 	t1=$(now)
 	wait_ls '[.[] | select(.phase == "connected")] | length' "$n"
 	t2=$(now)
+	read -r cpu_d cpu_w < <(cpu_seconds)
 	record "$n" start "$(elapsed "$t0" "$t1")"
 	record "$n" connected "$(elapsed "$t0" "$t2")"
+	record "$n" cpu-daemon "$cpu_d"
+	record "$n" cpu-workers "$cpu_w"
 	check_sizes "$n"
 	if [[ $EDITS == 1 ]]; then
 		t0=$(now)
