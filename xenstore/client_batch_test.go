@@ -3,6 +3,7 @@ package xenstore
 import (
 	"errors"
 	"fmt"
+	"strings"
 	"testing"
 )
 
@@ -52,5 +53,41 @@ func TestReadMany(t *testing.T) {
 	}
 	if runs != 2 {
 		t.Fatalf("transaction ran %d times, want 2 (the batch's read of a changed key must conflict)", runs)
+	}
+}
+
+// TestWriteMany: a batch writes every pair, in order (the same key twice:
+// the last value stands), across more pairs than one batch holds; the
+// first failure is the error, and aborting the transaction keeps every
+// write of the batch out.
+func TestWriteMany(t *testing.T) {
+	sock, _ := startServer(t)
+	c := dial(t, sock)
+	ctx := testCtx(t)
+	var kvs [][2]string
+	for i := range readBatchMax + 5 {
+		kvs = append(kvs, [2]string{fmt.Sprintf("/w/k%d", i), fmt.Sprint("v", i)})
+	}
+	kvs = append(kvs, [2]string{"/w/k0", "last"})
+	if err := c.Transaction(ctx, func(tx *Tx) error { return tx.WriteMany(ctx, kvs) }); err != nil {
+		t.Fatal(err)
+	}
+	for _, kv := range kvs[1:] {
+		if v, err := c.Read(ctx, kv[0]); err != nil || v != kv[1] && kv[0] != "/w/k0" {
+			t.Fatalf("%s: %q %v, want %q", kv[0], v, err, kv[1])
+		}
+	}
+	if v, _ := c.Read(ctx, "/w/k0"); v != "last" {
+		t.Fatalf("/w/k0 is %q, want the batch's last write", v)
+	}
+	bad := [][2]string{{"/w/a", "1"}, {"/w/bad//path", "x"}, {"/w/b", "2"}}
+	err := c.Transaction(ctx, func(tx *Tx) error { return tx.WriteMany(ctx, bad) })
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "/w/bad//path") {
+		t.Fatalf("batch with a bad path: %v, want EINVAL naming it", err)
+	}
+	for _, p := range []string{"/w/a", "/w/b"} {
+		if _, err := c.Read(ctx, p); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("%s after the aborted batch: %v, want ENOENT", p, err)
+		}
 	}
 }

@@ -58,6 +58,30 @@ func (o ops) ReadMany(ctx context.Context, paths []string) (vals []string, errs 
 	return vals, errs
 }
 
+// WriteMany writes every key, value pair in order, sending them together
+// as ReadMany sends reads. The server applies each write on its own: in a
+// transaction, abort it on an error; outside one, the writes before and
+// after the one that failed may have landed. The error is the first one.
+func (o ops) WriteMany(ctx context.Context, kvs [][2]string) error {
+	for lo := 0; lo < len(kvs); lo += readBatchMax {
+		hi := min(lo+readBatchMax, len(kvs))
+		payloads := make([][]byte, hi-lo)
+		for i, kv := range kvs[lo:hi] {
+			payloads[i] = append(append([]byte(kv[0]), 0), kv[1]...)
+		}
+		rs, err := o.c.requests(ctx, OpWrite, o.tx, payloads)
+		if err != nil {
+			return fmt.Errorf("write %s: %w", kvs[lo][0], err)
+		}
+		for i, r := range rs {
+			if r.err != nil {
+				return fmt.Errorf("write %s: %w", kvs[lo+i][0], r.err)
+			}
+		}
+	}
+	return nil
+}
+
 func (o ops) Write(ctx context.Context, path, value string) error {
 	p := append(append([]byte(path), 0), value...)
 	if _, err := o.c.request(ctx, OpWrite, o.tx, p); err != nil {
@@ -242,6 +266,9 @@ type Tx struct{ o ops }
 
 // Read returns the value at path as the transaction sees it.
 func (t *Tx) Read(ctx context.Context, path string) (string, error) { return t.o.Read(ctx, path) }
+
+// WriteMany writes every pair in the transaction in one round trip.
+func (t *Tx) WriteMany(ctx context.Context, kvs [][2]string) error { return t.o.WriteMany(ctx, kvs) }
 
 // ReadMany reads every path in the transaction in one round trip.
 func (t *Tx) ReadMany(ctx context.Context, paths []string) ([]string, []error) {
