@@ -18,7 +18,7 @@ DESTDIR   ?=
 SYSCONFDIR ?= /etc
 UNITDIR   ?= /lib/systemd/system
 
-.PHONY: all build build-rbd docs run test crash soak xen-test vet lint fmt bench bench-memory fuzz oracles clean deb install uninstall
+.PHONY: all build build-rbd docs run test crash soak xen-test vet lint fmt bench bench-memory bench-converge fuzz oracles clean deb install uninstall
 
 all: build
 
@@ -121,6 +121,11 @@ bench: build
 # bench/memory.sh builds this tree and writes bench/results/memory-*/.
 bench-memory:
 	bench/memory.sh
+
+# Convergence (issue 18): N YAML disks from `blktap run` to every export
+# answering, and the remove-all / add-all edits; NS="16 64 256 1024".
+bench-converge: build
+	bench/converge.sh
 
 # Every fuzz target, FUZZTIME each.
 fuzz:

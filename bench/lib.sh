@@ -56,3 +56,22 @@ build_blktap() {
 	nice -n 19 "$REPO/scripts/build.sh" "$1" || die "scripts/build.sh failed"
 	BLKTAP=$1/blktap
 }
+
+# setup_workdir NAME makes the work dir W under /var/tmp and arranges
+# that any exit stops the daemon DAEMON (whose state dir is $W/st) and
+# removes W, unless KEEP=1.
+setup_workdir() {
+	W=$(mktemp -d "/var/tmp/$1.XXXXXX")
+	DAEMON=""
+	trap cleanup_workdir EXIT
+	trap 'exit 130' INT
+	trap 'exit 143' TERM
+}
+
+cleanup_workdir() {
+	local rc=$?
+	set +e
+	shutdown_daemon "$W/st"
+	if [[ ${KEEP:-0} == 1 ]]; then log "kept work dir $W"; else rm -rf "$W"; fi
+	exit "$rc"
+}

@@ -153,7 +153,7 @@ func Run(ctx context.Context, opts Options) error {
 	d.warnBlkback()
 	d.log.Info("blktap daemon running", "state_dir", opts.StateDir, "xenstore", d.xsPath,
 		"embedded_xenstored", d.embedded != nil, "local_frontend", d.localFrontend)
-	d.rescan(ctx)
+	d.rescan(ctx, d.q.Add)
 	go d.notifyReady(ctx, sd)
 	opts.hooks.running(d)
 	closeAll := d.mainLoop(ctx, events, &sig)
@@ -254,8 +254,13 @@ func emptyDaemon(opts Options, log *slog.Logger) *Daemon {
 	}
 }
 
-// reconcilers is how many devices are reconciled at once.
-const reconcilers = 4
+// reconcilers is how many devices are reconciled at once. A reconcile
+// mostly waits: on xenstore round trips, and above all on a worker
+// process starting, which a loaded host stretches from tens of
+// milliseconds to hundreds while it costs the CPU a few; with four, a
+// fleet's convergence took that latency N/4 times in a row
+// (docs/PERFORMANCE.md, "Convergence").
+const reconcilers = 32
 
 func (d *Daemon) startReconcilers(ctx context.Context) *sync.WaitGroup {
 	var wg sync.WaitGroup
@@ -321,6 +326,10 @@ func (d *Daemon) notifyReady(ctx context.Context, sd notifier) {
 	}
 }
 
+// resyncEvery is how often the daemon observes every device again, in
+// case a watch event was lost.
+var resyncEvery = 5 * time.Second
+
 // mainLoop feeds the queue until the daemon is to stop; closeAll: a
 // `blktap shutdown` asked for every disk to be closed first.
 func (d *Daemon) mainLoop(ctx context.Context, events <-chan Key, sig *signals) (closeAll bool) {
@@ -331,7 +340,7 @@ func (d *Daemon) mainLoop(ctx context.Context, events <-chan Key, sig *signals) 
 			d.log.Warn("not watching the YAML file (SIGHUP still reloads it)", "err", err)
 		}
 	}
-	resync := time.NewTicker(5 * time.Second)
+	resync := time.NewTicker(resyncEvery)
 	defer resync.Stop()
 	for {
 		select {
@@ -345,7 +354,9 @@ func (d *Daemon) mainLoop(ctx context.Context, events <-chan Key, sig *signals) 
 		case k := <-events:
 			d.q.Add(k)
 		case <-resync.C:
-			d.rescan(ctx)
+			// After whatever watches asked for: a resync in the same
+			// lane made convergence quadratic (queue.go).
+			d.rescan(ctx, d.q.AddLow)
 		case <-sig.hup:
 			if d.opts.ConfigPath != "" {
 				d.reload(ctx, "SIGHUP")
@@ -386,7 +397,7 @@ func (d *Daemon) forward(ctx context.Context, w *xenstore.Watch, out chan<- Key)
 				return
 			}
 			if ev.Overflow {
-				d.rescan(ctx)
+				d.rescan(ctx, d.q.Add)
 				continue
 			}
 			if k, ok := parseBackendPath(d.root, ev.Path); ok {
@@ -405,7 +416,8 @@ func (d *Daemon) forward(ctx context.Context, w *xenstore.Watch, out chan<- Key)
 // enqueued once, after the scan: a key added while its pass runs is
 // queued again, and the xenstore reads between two adds of one key let
 // its first pass start, so every device was reconciled twice per rescan.
-func (d *Daemon) rescan(ctx context.Context) {
+// add is the queue's lane the keys go to.
+func (d *Daemon) rescan(ctx context.Context, add func(Key)) {
 	keys := map[Key]struct{}{}
 	for _, kind := range d.backendKinds() {
 		doms, err := d.xs.Directory(ctx, d.root+"/"+kind)
@@ -430,7 +442,7 @@ func (d *Daemon) rescan(ctx context.Context) {
 	}
 	d.mu.Unlock()
 	for k := range keys {
-		d.q.Add(k)
+		add(k)
 	}
 }
 

@@ -17,7 +17,7 @@ import (
 	"github.com/blktap-go/blktap/xenstore"
 )
 
-// daemonHarness runs the real daemon (Run: its watches, queue, four
+// daemonHarness runs the real daemon (Run: its watches, queue,
 // reconcilers, workers started as `os.Args[0] __worker`, adoption
 // sockets, API) in process, on a xenstored also in process, and lets a
 // test play the toolstack and the guest by writing xenstore keys. The

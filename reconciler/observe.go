@@ -94,6 +94,7 @@ func (d *Daemon) readSnapshot(ctx context.Context, tx *xenstore.Tx, k Key) (snap
 // readBackend reads the toolstack's and the daemon's keys of the backend
 // directory.
 func readBackend(r *dirReader, s *snapshot) {
+	r.prefetch("", statusDir)
 	s.Params = r.get("params")
 	s.Mode = r.get("mode")
 	s.Online = r.get("online") != "0"
@@ -124,6 +125,7 @@ func readFrontend(r *dirReader, s *snapshot) error {
 	if !r.has("state") {
 		return r.err
 	}
+	r.prefetch("")
 	feState := r.get("state")
 	if r.err != nil {
 		return r.err
@@ -236,12 +238,46 @@ type dirReader struct {
 	tx     *xenstore.Tx
 	dir    string
 	listed map[string]map[string]bool // relative directory -> its children
+	cache  map[string]string          // key -> value, read ahead by prefetch
 	err    error
 	onRead func(key string) // testHookObserveRead, for the backend's keys
 }
 
 func newDirReader(ctx context.Context, tx *xenstore.Tx, dir string) *dirReader {
-	return &dirReader{ctx: ctx, tx: tx, dir: dir, listed: map[string]map[string]bool{}}
+	return &dirReader{ctx: ctx, tx: tx, dir: dir, listed: map[string]map[string]bool{}, cache: map[string]string{}}
+}
+
+// prefetch reads every key of the directories rels ("" is the reader's
+// own) in one batch, so that the gets after it cost no round trip: one
+// observation is then a handful of round trips, not one per key, which
+// is most of what a device's convergence waits for on a busy host
+// (docs/PERFORMANCE.md, "Convergence"). It reads the values of
+// subdirectories too (empty, and harmless).
+func (r *dirReader) prefetch(rels ...string) {
+	var keys, paths []string
+	for _, rel := range rels {
+		for name := range r.children(rel) {
+			k := name
+			if rel != "" {
+				k = rel + "/" + name
+			}
+			keys, paths = append(keys, k), append(paths, r.dir+"/"+k)
+		}
+	}
+	if r.err != nil || len(keys) == 0 {
+		return
+	}
+	vals, errs := r.tx.ReadMany(r.ctx, paths)
+	for i, k := range keys {
+		switch {
+		case errs[i] == nil:
+			r.cache[k] = vals[i]
+		case errors.Is(errs[i], xenstore.ErrNotFound):
+			r.cache[k] = ""
+		case r.err == nil:
+			r.err = errs[i]
+		}
+	}
 }
 
 // exists lists the directory itself: false when it is gone.
@@ -287,8 +323,8 @@ func (r *dirReader) has(key string) bool {
 
 // get reads key, "" when it is missing.
 func (r *dirReader) get(key string) string {
-	v := ""
-	if r.has(key) {
+	v, cached := r.cache[key]
+	if !cached && r.has(key) {
 		var err error
 		v, err = r.tx.Read(r.ctx, r.dir+"/"+key)
 		if err != nil && !errors.Is(err, xenstore.ErrNotFound) && r.err == nil {

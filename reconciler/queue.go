@@ -9,11 +9,20 @@ import (
 // times before it is taken is reconciled once, a key enqueued while it is
 // being reconciled is reconciled once more afterwards, and no key is ever
 // reconciled by two goroutines at once.
+//
+// Keys come in two lanes: Add's, taken first, and AddLow's (the periodic
+// resync's), taken only when Add's lane is empty. A resync enqueues every
+// device; in one lane, the next step of each device still converging
+// waited behind all of them, and a resync every few seconds of a
+// convergence whose length grows with the number of disks made it
+// quadratic (docs/PERFORMANCE.md, "Convergence").
 type queue struct {
 	mu      sync.Mutex
 	cond    *sync.Cond
 	order   []Key
-	pending map[Key]bool // in order, not yet taken
+	later   []Key        // AddLow's lane; keys no longer in low are stale
+	low     map[Key]bool // pending keys whose turn is in later
+	pending map[Key]bool // in order or later, not yet taken
 	active  map[Key]bool // being reconciled
 	again   map[Key]bool // enqueued while active
 	closed  bool
@@ -22,7 +31,7 @@ type queue struct {
 }
 
 func newQueue() *queue {
-	q := &queue{pending: map[Key]bool{}, active: map[Key]bool{}, again: map[Key]bool{}}
+	q := &queue{pending: map[Key]bool{}, low: map[Key]bool{}, active: map[Key]bool{}, again: map[Key]bool{}}
 	q.cond = sync.NewCond(&q.mu)
 	return q
 }
@@ -38,11 +47,25 @@ func (q *queue) Add(k Key) {
 		q.again[k] = true
 		return
 	}
-	if q.pending[k] {
+	if q.pending[k] && !q.low[k] {
 		return
 	}
+	delete(q.low, k) // its entry in later goes stale
 	q.pending[k] = true
 	q.order = append(q.order, k)
+	q.cond.Signal()
+}
+
+// AddLow schedules a reconcile of k once no Add's key waits. A key being
+// reconciled is left alone: its pass observes afresh anyway.
+func (q *queue) AddLow(k Key) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.closed || q.active[k] || q.pending[k] {
+		return
+	}
+	q.pending[k], q.low[k] = true, true
+	q.later = append(q.later, k)
 	q.cond.Signal()
 }
 
@@ -55,14 +78,23 @@ func (q *queue) AddAfter(k Key, d time.Duration) {
 func (q *queue) Get() (k Key, ok bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	for len(q.order) == 0 && !q.closed {
-		q.cond.Wait()
+	for {
+		for len(q.order) == 0 && len(q.later) == 0 && !q.closed {
+			q.cond.Wait()
+		}
+		if q.closed {
+			return Key{}, false
+		}
+		if len(q.order) > 0 {
+			k, q.order = q.order[0], q.order[1:]
+			break
+		}
+		k, q.later = q.later[0], q.later[1:]
+		if q.low[k] {
+			delete(q.low, k)
+			break
+		}
 	}
-	if q.closed {
-		return Key{}, false
-	}
-	k = q.order[0]
-	q.order = q.order[1:]
 	delete(q.pending, k)
 	q.active[k] = true
 	q.gets++
@@ -102,11 +134,11 @@ func (q *queue) Idle() <-chan struct{} {
 func (q *queue) quiet() (idle bool, gets uint64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return len(q.order) == 0 && len(q.active) == 0, q.gets
+	return len(q.pending) == 0 && len(q.active) == 0, q.gets
 }
 
 func (q *queue) wakeIdlersLocked() {
-	if len(q.order) > 0 || len(q.active) > 0 {
+	if len(q.pending) > 0 || len(q.active) > 0 {
 		return
 	}
 	for _, ch := range q.idlers {

@@ -193,3 +193,40 @@ func TestQueueClose(t *testing.T) {
 		t.Fatal("Get on a closed queue returned a key")
 	}
 }
+
+// TestQueueLowLane: the resync's keys wait for every Add's key, an Add of
+// a key waiting in the low lane moves it ahead and it is taken once, a key
+// being reconciled ignores AddLow, and the queue is idle only once the
+// low lane is empty too.
+func TestQueueLowLane(t *testing.T) {
+	q := newQueue()
+	q.AddLow(qa)
+	q.AddLow(qb)
+	q.AddLow(qa) // already waiting: once
+	q.Add(qc)
+	q.Add(qb) // promoted out of the low lane
+	for i, want := range []Key{qc, qb, qa} {
+		if isIdle(q) {
+			t.Fatalf("idle with %v still waiting", want)
+		}
+		got := mustGet(t, q)
+		if got != want {
+			t.Fatalf("take %d: got %v, want %v", i, got, want)
+		}
+		if got == qa {
+			q.AddLow(qa) // being reconciled: nothing to add
+		}
+		q.Done(got)
+	}
+	if !isIdle(q) {
+		t.Fatalf("not idle after every key was taken; stale low-lane entries counted: %v", q.later)
+	}
+	q.AddLow(qb)
+	if got := mustGet(t, q); got != qb {
+		t.Fatalf("got %v, want %v", got, qb)
+	}
+	q.Done(qb)
+	if !isIdle(q) {
+		t.Fatal("not idle")
+	}
+}

@@ -177,12 +177,11 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 				return err
 			}
 		}
+		kvs := make([][2]string, 0, len(changed))
 		for k, v := range changed {
-			if err := tx.Write(ctx, be+"/"+k, v); err != nil {
-				return err
-			}
+			kvs = append(kvs, [2]string{k, v})
 		}
-		return nil
+		return txWriteKeys(ctx, tx, be, kvs)
 	})
 	if err != nil {
 		if !errors.Is(err, xenstore.ErrNotFound) {

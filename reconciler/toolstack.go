@@ -172,12 +172,13 @@ func txMkdirPerms(ctx context.Context, tx *xenstore.Tx, dir string, perms []xens
 
 // txWriteKeys writes each key, a path relative to dir, in order.
 func txWriteKeys(ctx context.Context, tx *xenstore.Tx, dir string, kvs [][2]string) error {
-	for _, kv := range kvs {
-		if err := tx.Write(ctx, dir+"/"+kv[0], kv[1]); err != nil {
-			return err
-		}
+	abs := make([][2]string, len(kvs))
+	for i, kv := range kvs {
+		abs[i] = [2]string{dir + "/" + kv[0], kv[1]}
 	}
-	return nil
+	// One round trip, not one per key: a YAML of many disks declares
+	// them one after another (docs/PERFORMANCE.md, "Convergence").
+	return tx.WriteMany(ctx, abs)
 }
 
 // ErrDeviceFailed: the daemon gave up on a device (phase failed, an error

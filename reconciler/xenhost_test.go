@@ -97,7 +97,7 @@ func newHarness(t *testing.T, localFrontend bool, opts ...func(*Options)) *harne
 			case <-ctx.Done():
 				return
 			case <-tick.C:
-				d.rescan(ctx)
+				d.rescan(ctx, d.q.Add)
 			}
 		}
 	}()

@@ -32,6 +32,16 @@ type xsProxy struct {
 	injected int // commits answered EAGAIN so far
 	delay    time.Duration
 	conns    []net.Conn
+	requests int // messages the daemon sent
+	events   int // watch events the daemon was sent
+}
+
+// counts reports the requests the daemon sent and the watch events it
+// received so far.
+func (p *xsProxy) counts() (requests, events int) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.requests, p.events
 }
 
 func startXSProxy(t *testing.T, path, upstream string) *xsProxy {
@@ -105,6 +115,9 @@ type reqSet struct {
 }
 
 func (p *xsProxy) request(m xenstore.Message, failed *reqSet) xenstore.Message {
+	p.mu.Lock()
+	p.requests++
+	p.mu.Unlock()
 	if m.Type != xenstore.OpTransactionEnd || !bytes.Equal(m.Payload, []byte("T\x00")) {
 		return m
 	}
@@ -128,6 +141,9 @@ func (p *xsProxy) request(m xenstore.Message, failed *reqSet) xenstore.Message {
 func (p *xsProxy) reply(m xenstore.Message, failed *reqSet) xenstore.Message {
 	p.mu.Lock()
 	delay := p.delay
+	if m.Type == xenstore.OpWatchEvent {
+		p.events++
+	}
 	p.mu.Unlock()
 	if delay > 0 {
 		time.Sleep(delay)

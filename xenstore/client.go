@@ -66,7 +66,7 @@ type Client struct {
 		conn    net.Conn // nil while reconnecting
 		gen     uint64   // connection generation
 		pending map[uint32]*call
-		watches map[*Watch]struct{}
+		watches watchSet
 		closed  bool
 		ready   chan struct{} // closed when conn is set again
 	}
@@ -111,7 +111,7 @@ func NewClient(conn net.Conn, opts ...Option) *Client {
 
 func newClient(c *Client, conn net.Conn) *Client {
 	c.mu.pending = map[uint32]*call{}
-	c.mu.watches = map[*Watch]struct{}{}
+	c.mu.watches = watchSet{}
 	c.mu.conn = conn
 	c.mu.gen = 1
 	c.mu.ready = make(chan struct{})
@@ -134,12 +134,12 @@ func (c *Client) Close() error {
 	conn := c.mu.conn
 	c.failPendingLocked(ErrClosed, 0)
 	ws := c.mu.watches
-	c.mu.watches = map[*Watch]struct{}{}
+	c.mu.watches = watchSet{}
 	c.mu.Unlock()
 	if conn != nil {
 		conn.Close()
 	}
-	for w := range ws {
+	for _, w := range ws.all() {
 		w.stop()
 	}
 	c.wg.Wait()
@@ -196,9 +196,9 @@ func (c *Client) readLoop(conn net.Conn, gen uint64) {
 		c.mu.closed = true
 		close(c.done)
 		ws := c.mu.watches
-		c.mu.watches = map[*Watch]struct{}{}
+		c.mu.watches = watchSet{}
 		c.mu.Unlock()
-		for w := range ws {
+		for _, w := range ws.all() {
 			w.stop()
 		}
 		return
@@ -240,10 +240,7 @@ func (c *Client) redial() {
 			gen := c.mu.gen
 			c.mu.conn = conn
 			close(c.mu.ready)
-			ws := make([]*Watch, 0, len(c.mu.watches))
-			for w := range c.mu.watches {
-				ws = append(ws, w)
-			}
+			ws := c.mu.watches.all()
 			c.mu.Unlock()
 			c.wg.Add(1)
 			go c.readLoop(conn, gen)
@@ -276,8 +273,8 @@ func (c *Client) deliver(m Message) {
 		ev := Event{Path: parts[0], Token: parts[1]}
 		c.mu.Lock()
 		var targets []*Watch
-		for w := range c.mu.watches {
-			if w.token == ev.Token && (isUnderRel(ev.Path, w.path) || strings.HasPrefix(w.path, "@") && ev.Path == w.path) {
+		for w := range c.mu.watches[ev.Token] {
+			if isUnderRel(ev.Path, w.path) || strings.HasPrefix(w.path, "@") && ev.Path == w.path {
 				targets = append(targets, w)
 			}
 		}
@@ -309,14 +306,82 @@ func isUnderRel(p, base string) bool {
 // request sends one message and waits for its reply. XS_ERROR becomes an
 // *Error.
 func (c *Client) request(ctx context.Context, op Op, tx uint32, payload []byte) ([]byte, error) {
-	if len(payload) > PayloadMax {
-		return nil, fmt.Errorf("%w: %s request of %d bytes", ErrPayloadTooBig, op, len(payload))
+	rs, err := c.requests(ctx, op, tx, [][]byte{payload})
+	if err != nil {
+		return nil, err
 	}
+	return rs[0].payload, rs[0].err
+}
+
+// reply is one answer of a batch: its payload, or the XS_ERROR it got.
+type reply struct {
+	payload []byte
+	err     error
+}
+
+// requests sends one message per payload, all in one write, and waits for
+// every reply: a batch costs one round trip, not one per message. err is
+// what failed the batch as a whole (the connection, ctx); each reply
+// carries its own XS_ERROR.
+func (c *Client) requests(ctx context.Context, op Op, tx uint32, payloads [][]byte) ([]reply, error) {
+	var b []byte
+	for _, payload := range payloads {
+		if len(payload) > PayloadMax {
+			return nil, fmt.Errorf("%w: %s request of %d bytes", ErrPayloadTooBig, op, len(payload))
+		}
+	}
+	conn, ids, calls, err := c.register(ctx, len(payloads))
+	if err != nil {
+		return nil, err
+	}
+	for i, payload := range payloads {
+		m := Message{Type: op, ReqID: ids[i], TxID: tx, Payload: payload}
+		b, _ = m.Append(b)
+	}
+	c.wmu.Lock()
+	if d, ok := ctx.Deadline(); ok {
+		conn.SetWriteDeadline(d)
+	}
+	_, err = conn.Write(b)
+	if _, ok := ctx.Deadline(); ok {
+		conn.SetWriteDeadline(time.Time{})
+	}
+	c.wmu.Unlock()
+	if err != nil {
+		c.forget(ids...)
+		// A half-written message desynchronises the stream: drop it.
+		conn.Close()
+		return nil, fmt.Errorf("%w: %s: %w", ErrConnLost, op, err)
+	}
+	out := make([]reply, len(calls))
+	for i, p := range calls {
+		select {
+		case r, ok := <-p.reply:
+			switch {
+			case !ok:
+				return nil, fmt.Errorf("%s: %w", op, p.err)
+			case r.Type == OpError:
+				out[i].err = parseErrorPayload(r.Payload)
+			case r.Type != op:
+				return nil, fmt.Errorf("%w: %s answered with %s", ErrProtocol, op, r.Type)
+			default:
+				out[i].payload = r.Payload
+			}
+		case <-ctx.Done():
+			c.forget(ids[i:]...)
+			return nil, ctx.Err()
+		}
+	}
+	return out, nil
+}
+
+// register waits for a connection and records n pending calls on it.
+func (c *Client) register(ctx context.Context, n int) (net.Conn, []uint32, []*call, error) {
 	for {
 		c.mu.Lock()
 		if c.mu.closed {
 			c.mu.Unlock()
-			return nil, ErrClosed
+			return nil, nil, nil, ErrClosed
 		}
 		if c.mu.conn != nil {
 			break
@@ -326,56 +391,26 @@ func (c *Client) request(ctx context.Context, op Op, tx uint32, payload []byte) 
 		select {
 		case <-ready:
 		case <-ctx.Done():
-			return nil, ctx.Err()
+			return nil, nil, nil, ctx.Err()
 		}
 	}
-	// Still holding c.mu.
-	id := c.nextReq.Add(1)
-	for c.mu.pending[id] != nil {
-		id = c.nextReq.Add(1)
-	}
-	p := &call{gen: c.mu.gen, reply: make(chan Message, 1)}
-	c.mu.pending[id] = p
-	conn := c.mu.conn
-	c.mu.Unlock()
-
-	m := Message{Type: op, ReqID: id, TxID: tx, Payload: payload}
-	b, _ := m.Append(nil)
-	c.wmu.Lock()
-	if d, ok := ctx.Deadline(); ok {
-		conn.SetWriteDeadline(d)
-	}
-	_, err := conn.Write(b)
-	if _, ok := ctx.Deadline(); ok {
-		conn.SetWriteDeadline(time.Time{})
-	}
-	c.wmu.Unlock()
-	if err != nil {
-		c.forget(id)
-		// A half-written message desynchronises the stream: drop it.
-		conn.Close()
-		return nil, fmt.Errorf("%w: %s: %w", ErrConnLost, op, err)
-	}
-	select {
-	case r, ok := <-p.reply:
-		if !ok {
-			return nil, fmt.Errorf("%s: %w", op, p.err)
+	defer c.mu.Unlock()
+	ids, calls := make([]uint32, n), make([]*call, n)
+	for i := range n {
+		id := c.nextReq.Add(1)
+		for c.mu.pending[id] != nil {
+			id = c.nextReq.Add(1)
 		}
-		if r.Type == OpError {
-			return nil, parseErrorPayload(r.Payload)
-		}
-		if r.Type != op {
-			return nil, fmt.Errorf("%w: %s answered with %s", ErrProtocol, op, r.Type)
-		}
-		return r.Payload, nil
-	case <-ctx.Done():
-		c.forget(id)
-		return nil, ctx.Err()
+		calls[i] = &call{gen: c.mu.gen, reply: make(chan Message, 1)}
+		c.mu.pending[id], ids[i] = calls[i], id
 	}
+	return c.mu.conn, ids, calls, nil
 }
 
-func (c *Client) forget(id uint32) {
+func (c *Client) forget(ids ...uint32) {
 	c.mu.Lock()
-	delete(c.mu.pending, id)
+	for _, id := range ids {
+		delete(c.mu.pending, id)
+	}
 	c.mu.Unlock()
 }

@@ -26,6 +26,62 @@ func (o ops) Read(ctx context.Context, path string) (string, error) {
 	return string(b), nil
 }
 
+// readBatchMax bounds one batch of ReadMany, well inside a server's
+// queue of replies for one connection.
+const readBatchMax = 128
+
+// ReadMany reads every path, sending the requests together so that they
+// cost one round trip per readBatchMax paths instead of one each. vals[i]
+// and errs[i] are what Read(paths[i]) would return; a failure of the
+// connection fails every path it left unread.
+func (o ops) ReadMany(ctx context.Context, paths []string) (vals []string, errs []error) {
+	vals, errs = make([]string, len(paths)), make([]error, len(paths))
+	for lo := 0; lo < len(paths); lo += readBatchMax {
+		hi := min(lo+readBatchMax, len(paths))
+		payloads := make([][]byte, hi-lo)
+		for i, p := range paths[lo:hi] {
+			payloads[i] = joinStrings(p)
+		}
+		rs, err := o.c.requests(ctx, OpRead, o.tx, payloads)
+		for i := lo; i < hi; i++ {
+			e := err
+			if e == nil {
+				e = rs[i-lo].err
+			}
+			if e != nil {
+				errs[i] = fmt.Errorf("read %s: %w", paths[i], e)
+				continue
+			}
+			vals[i] = string(rs[i-lo].payload)
+		}
+	}
+	return vals, errs
+}
+
+// WriteMany writes every key, value pair in order, sending them together
+// as ReadMany sends reads. The server applies each write on its own: in a
+// transaction, abort it on an error; outside one, the writes before and
+// after the one that failed may have landed. The error is the first one.
+func (o ops) WriteMany(ctx context.Context, kvs [][2]string) error {
+	for lo := 0; lo < len(kvs); lo += readBatchMax {
+		hi := min(lo+readBatchMax, len(kvs))
+		payloads := make([][]byte, hi-lo)
+		for i, kv := range kvs[lo:hi] {
+			payloads[i] = append(append([]byte(kv[0]), 0), kv[1]...)
+		}
+		rs, err := o.c.requests(ctx, OpWrite, o.tx, payloads)
+		if err != nil {
+			return fmt.Errorf("write %s: %w", kvs[lo][0], err)
+		}
+		for i, r := range rs {
+			if r.err != nil {
+				return fmt.Errorf("write %s: %w", kvs[lo+i][0], r.err)
+			}
+		}
+	}
+	return nil
+}
+
 func (o ops) Write(ctx context.Context, path, value string) error {
 	p := append(append([]byte(path), 0), value...)
 	if _, err := o.c.request(ctx, OpWrite, o.tx, p); err != nil {
@@ -210,6 +266,14 @@ type Tx struct{ o ops }
 
 // Read returns the value at path as the transaction sees it.
 func (t *Tx) Read(ctx context.Context, path string) (string, error) { return t.o.Read(ctx, path) }
+
+// WriteMany writes every pair in the transaction in one round trip.
+func (t *Tx) WriteMany(ctx context.Context, kvs [][2]string) error { return t.o.WriteMany(ctx, kvs) }
+
+// ReadMany reads every path in the transaction in one round trip.
+func (t *Tx) ReadMany(ctx context.Context, paths []string) ([]string, []error) {
+	return t.o.ReadMany(ctx, paths)
+}
 
 // Write sets path's value inside the transaction.
 func (t *Tx) Write(ctx context.Context, path, value string) error {

@@ -44,11 +44,11 @@ func (c *Client) Watch(ctx context.Context, path, token string) (*Watch, error) 
 		c.mu.Unlock()
 		return nil, ErrClosed
 	}
-	c.mu.watches[w] = struct{}{}
+	c.mu.watches.add(w)
 	c.mu.Unlock()
 	if _, err := c.request(ctx, OpWatch, 0, joinStrings(path, token)); err != nil {
 		c.mu.Lock()
-		delete(c.mu.watches, w)
+		c.mu.watches.remove(w)
 		c.mu.Unlock()
 		return nil, fmt.Errorf("watch %s: %w", path, err)
 	}
@@ -108,8 +108,7 @@ func (w *Watch) stop() { w.once.Do(func() { close(w.stopped) }) }
 func (w *Watch) Close() error {
 	c := w.c
 	c.mu.Lock()
-	_, live := c.mu.watches[w]
-	delete(c.mu.watches, w)
+	live := c.mu.watches.remove(w)
 	c.mu.Unlock()
 	w.stop()
 	if !live {
@@ -124,4 +123,39 @@ func (w *Watch) Close() error {
 		return fmt.Errorf("unwatch %s: %w", w.path, err)
 	}
 	return nil
+}
+
+// watchSet is a client's watches by token. An event names its token, and
+// a daemon with a watch per disk looked at every watch for every event:
+// quadratic in the disks over a fleet's convergence.
+type watchSet map[string]map[*Watch]struct{}
+
+func (s watchSet) add(w *Watch) {
+	m := s[w.token]
+	if m == nil {
+		m = map[*Watch]struct{}{}
+		s[w.token] = m
+	}
+	m[w] = struct{}{}
+}
+
+// remove reports whether w was there.
+func (s watchSet) remove(w *Watch) bool {
+	m := s[w.token]
+	_, ok := m[w]
+	delete(m, w)
+	if len(m) == 0 {
+		delete(s, w.token)
+	}
+	return ok
+}
+
+func (s watchSet) all() []*Watch {
+	var ws []*Watch
+	for _, m := range s {
+		for w := range m {
+			ws = append(ws, w)
+		}
+	}
+	return ws
 }

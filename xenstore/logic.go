@@ -15,6 +15,7 @@ type State struct {
 	gen     uint64
 	conns   map[ConnID]*connState
 	nextTx  uint32
+	watchN  uint64 // watches registered so far: their seq
 	domains map[uint32]bool
 	// specialPerms are the permissions of the @ pseudo-nodes.
 	specialPerms map[string][]Perm
@@ -50,6 +51,7 @@ type connState struct {
 	domid   uint32
 	priv    bool
 	watches []*watchReg
+	byPath  map[string][]*watchReg // the same watches by path (watchindex.go)
 	txs     map[uint32]*txState
 }
 
@@ -57,6 +59,7 @@ type watchReg struct {
 	path  string // canonical
 	orig  string // as the client sent it: event paths are reported in its form
 	token string
+	seq   uint64 // registration order
 }
 
 type txState struct {
@@ -222,14 +225,8 @@ func (s *State) fire(changes []change) []Outgoing {
 	for _, ch := range changes {
 		for _, id := range ids {
 			cs := s.conns[id]
-			for _, w := range cs.watches {
-				var hit bool
-				if ch.exact {
-					hit = ch.path == w.path
-				} else {
-					hit = isUnder(ch.path, w.path)
-				}
-				if !hit || sent[key{w, ch.path}] {
+			for _, w := range cs.watchesFor(ch) {
+				if sent[key{w, ch.path}] {
 					continue
 				}
 				if !cs.priv {

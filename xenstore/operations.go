@@ -234,7 +234,8 @@ func (s *State) opWatch(cs *connState, r *request) (response, error) {
 	if !cs.priv && len(cs.watches) >= s.Quota.Watches {
 		return response{}, ErrNoSpace
 	}
-	cs.watches = append(cs.watches, &watchReg{path: r.path, orig: r.asSent, token: r.token})
+	s.watchN++
+	cs.addWatch(&watchReg{path: r.path, orig: r.asSent, token: r.token}, s.watchN)
 	return response{payload: okPayload, event: joinStrings(r.asSent, r.token)}, nil
 }
 
@@ -243,7 +244,7 @@ func (s *State) opUnwatch(cs *connState, r *request) (response, error) {
 	if i < 0 {
 		return response{}, ErrNotFound
 	}
-	cs.watches = append(cs.watches[:i:i], cs.watches[i+1:]...)
+	cs.removeWatch(i)
 	return response{payload: okPayload}, nil
 }
 
@@ -322,7 +323,7 @@ func (s *State) opCheckDomains(r *request) (response, error) {
 // opResetWatches forgets the connection's watches and open transactions,
 // as a guest's xenbus driver asks after a kexec.
 func (s *State) opResetWatches(cs *connState) (response, error) {
-	cs.watches = nil
+	cs.resetWatches()
 	cs.txs = map[uint32]*txState{}
 	return response{payload: okPayload}, nil
 }

@@ -163,6 +163,8 @@ type persister struct {
 	done  chan struct{}
 	once  sync.Once
 	saved *node // the root last written (or loaded)
+	// encodeCost is what encoding the last save took; persistLoop's own.
+	encodeCost time.Duration
 }
 
 // PersistTo makes the server save its tree to path after every change,
@@ -209,12 +211,18 @@ func (s *Server) persistLoop(p *persister) {
 			return
 		}
 		select {
-		case <-time.After(p.delay):
+		case <-time.After(max(p.delay, p.encodeCost*saveCostFactor)):
 		case <-p.stop:
 		}
 		s.saveTree(p)
 	}
 }
+
+// saveCostFactor spaces saves by at least this many times what encoding
+// the last one cost: each save encodes the whole tree, so at a fixed
+// delay a tree growing with the disks, changing throughout a convergence
+// that also grows with them, cost time quadratic in the disks.
+const saveCostFactor = 10
 
 // saveTree writes the current tree if it changed since the last save.
 func (s *Server) saveTree(p *persister) {
@@ -225,7 +233,9 @@ func (s *Server) saveTree(p *persister) {
 	if same {
 		return
 	}
+	began := time.Now()
 	data, err := encodeTree(root)
+	p.encodeCost = time.Since(began) // only persistLoop reads it
 	if err == nil {
 		err = writeFileSynced(p.path, data, 0o600)
 	}

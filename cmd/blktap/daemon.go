@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 
@@ -105,6 +106,11 @@ func cmdRun(pos []string, o runOptions) error {
 	}
 	ver, commit, _, _ := buildVersion()
 	log := logsetup.New()
+	stopProfile, err := startCPUProfile(os.Getenv("BLKTAP_CPUPROFILE"))
+	if err != nil {
+		return err
+	}
+	defer stopProfile()
 	return reconciler.Run(context.Background(), reconciler.Options{
 		StateDir:     sd,
 		ConfigPath:   cfg,
@@ -120,6 +126,25 @@ func cmdRun(pos []string, o runOptions) error {
 		Version:      ver,
 		Commit:       commit,
 	})
+}
+
+// startCPUProfile profiles the daemon's CPU into file until stop, for
+// finding where convergence spends its time (docs/PERFORMANCE.md); ""
+// profiles nothing. An environment variable, not a flag: it is a
+// developer's tool, and the workers, which never read it, stay unprofiled.
+func startCPUProfile(file string) (stop func(), err error) {
+	if file == "" {
+		return func() {}, nil
+	}
+	f, err := os.Create(file)
+	if err != nil {
+		return nil, fmt.Errorf("BLKTAP_CPUPROFILE: %w", err)
+	}
+	if err := pprof.StartCPUProfile(f); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("BLKTAP_CPUPROFILE: %w", err)
+	}
+	return func() { pprof.StopCPUProfile(); f.Close() }, nil
 }
 
 // dryRun is a free dry run (the plan is pure): what the daemon would do
