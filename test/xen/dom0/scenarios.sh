@@ -269,6 +269,30 @@ sc_boot_g2() { # no persistent grants, a qcow2 disk
   gx g2 30 errors
 }
 
+# perf_disk GUEST VDEV LABEL: the 32 MiB write and read of `perf` on a fresh
+# raw disk hot-attached to GUEST, timed inside the guest (issue 18 item 5)
+perf_disk() {
+  local g=$1 vdev=$2 label=$3 f=/images/perf-$1.raw be
+  guest_ensure $g
+  rm -f $f; truncate -s 64M $f || fail "truncate $f"
+  xl block-attach $g "$DISK, vdev=$vdev, target=aio:$f" || fail "xl block-attach $g $f failed"
+  be=$(be_path $g $(vdevnum $vdev))
+  wait_key $be/state 4 60
+  gx $g 60 wait-disk $vdev
+  gx $g 400 perf $vdev 16 32
+  echo "INFO $label: $GX"
+  timeout 90 xl block-detach $g $vdev || fail "xl block-detach $g $vdev failed"
+  wait_gone $be 30
+  rm -f $f
+}
+
+sc_grant_perf() { # the same 32 MiB, with persistent grants (g1) and without (g2), in this boot
+  perf_disk g1 xvdp "g1 persistent grants, 32 MiB"
+  perf_disk g2 xvdp "g2 no persistent grants, 32 MiB"
+  gx g2 30 errors
+  gx g1 30 errors
+}
+
 sc_reboot_g2() { # the frontend closes and comes back: the backend reconnects
   local d0 d1 i=0; d0=$(domid g2)
   xl reboot g2 || fail "xl reboot failed"
@@ -388,7 +412,7 @@ hvm_plan() { [[ "+$XT_ONLY+" == *+hvm+* ]] && echo hvm; }
 # ---- this boot --------------------------------------------------------------
 xt_plan images boot-g1 attach-qcow2 attach-qcow attach-vhd attach-vhd-diff attach-vmdk attach-ram \
   attach-qcow2-overlay kill-worker restart-daemon hotplug-error blktap-attach dom0-attach cdrom \
-  $(tap_plan) boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1 $(hvm_plan) \
+  $(tap_plan) boot-g2-nopersist grant-perf reboot-g2 hostile-frontend destroy-g2 shutdown-g1 $(hvm_plan) \
   $(type pkg_plan >/dev/null 2>&1 && pkg_plan)
 daemon_start
 xt_info "daemon: $(blktap --version 2>/dev/null || echo unknown version)"
@@ -426,6 +450,7 @@ xt_run dom0-attach 240 sc_dom0_attach
 xt_run cdrom 200 sc_cdrom
 tap_run
 xt_run boot-g2-nopersist 300 sc_boot_g2
+xt_run grant-perf 900 sc_grant_perf
 xt_run reboot-g2 300 sc_reboot_g2
 xt_run hostile-frontend 180 sc_hostile
 xt_run destroy-g2 120 sc_destroy_g2
