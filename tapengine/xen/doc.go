@@ -40,6 +40,16 @@
 //	| Close: unmap                 |        | Close: unmap what is left         |
 //	+------------------------------+        +-----------------------------------+
 //
+// Grant copy (gntcopy.go). For a frontend without feature-persistent the
+// transport is a ring.Copier when the kernel has IOCTL_GNTDEV_GRANT_COPY
+// (probed once at Attach; without it, ENOTTY, the per-request mappings
+// above remain, and the process logs it once): no data page is mapped at
+// all. ring.Serve gives each request one buffer; a write's segments are
+// copied into it by one ioctl before the image write, a read's copied out
+// by one ioctl after the image read, and an indirect request's descriptor
+// pages come in by one more. A segment whose status is not GNTST_okay
+// fails its request with BLKIF_RSP_ERROR; the ring goes on.
+//
 // A release point is a moment with no request in flight: ReleasePages,
 // and Ack and Notify, which ring.Serve calls only between batches. The
 // cache holds DefaultMaxPersistent (1056) grants, as Linux blkback does.
