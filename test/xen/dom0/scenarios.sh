@@ -293,6 +293,31 @@ sc_grant_perf() { # the same 32 MiB, with persistent grants (g1) and without (g2
   gx g1 30 errors
 }
 
+# qdisk-perf: one guest with a QEMU xen-block disk (libxl backendtype=qdisk,
+# the device model the 4.17 image carries for hvm) and one of ours, both
+# fresh raw files: the same 32 MiB write and read on each, alternating,
+# twice (issue 18 item 5: ours within 1.0x of qdisk's time).
+qdisk_plan() { [ -x /usr/libexec/xen-qemu-system-i386 ] && echo qdisk-perf; }
+sc_qdisk_perf() {
+  local i
+  [ -x /usr/libexec/xen-qemu-system-i386 ] || fail "no device model (qemu-system-xen) in this dom0"
+  xl destroy gq >/dev/null 2>&1
+  rm -f /images/perf-q.raw /images/perf-o.raw
+  truncate -s 64M /images/perf-q.raw /images/perf-o.raw || fail "truncate"
+  guest_create gq 1 "" "format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=/images/perf-q.raw" \
+    "$DISK, vdev=xvdb, target=aio:/images/perf-o.raw"
+  wait_key "$(be_path gq 51712 qdisk)/state" 4 120
+  wait_key "$(be_path gq 51728)/state" 4 60
+  gx gq 60 wait-disk xvda
+  gx gq 60 wait-disk xvdb
+  for i in 1 2; do
+    gx gq 400 perf xvda 16 32; echo "INFO qdisk (QEMU xen-block), 32 MiB, round $i: $GX"
+    gx gq 400 perf xvdb 16 32; echo "INFO ours, 32 MiB, round $i: $GX"
+  done
+  gx gq 30 errors
+  xl destroy gq || fail "xl destroy gq failed"
+}
+
 sc_reboot_g2() { # the frontend closes and comes back: the backend reconnects
   local d0 d1 i=0; d0=$(domid g2)
   xl reboot g2 || fail "xl reboot failed"
@@ -412,7 +437,7 @@ hvm_plan() { [[ "+$XT_ONLY+" == *+hvm+* ]] && echo hvm; }
 # ---- this boot --------------------------------------------------------------
 xt_plan images boot-g1 attach-qcow2 attach-qcow attach-vhd attach-vhd-diff attach-vmdk attach-ram \
   attach-qcow2-overlay kill-worker restart-daemon hotplug-error blktap-attach dom0-attach cdrom \
-  $(tap_plan) boot-g2-nopersist grant-perf reboot-g2 hostile-frontend destroy-g2 shutdown-g1 $(hvm_plan) \
+  $(tap_plan) boot-g2-nopersist grant-perf reboot-g2 hostile-frontend destroy-g2 $(qdisk_plan) shutdown-g1 $(hvm_plan) \
   $(type pkg_plan >/dev/null 2>&1 && pkg_plan)
 daemon_start
 xt_info "daemon: $(blktap --version 2>/dev/null || echo unknown version)"
@@ -454,6 +479,7 @@ xt_run grant-perf 900 sc_grant_perf
 xt_run reboot-g2 300 sc_reboot_g2
 xt_run hostile-frontend 180 sc_hostile
 xt_run destroy-g2 120 sc_destroy_g2
+[ -z "$(qdisk_plan)" ] || xt_run qdisk-perf 900 sc_qdisk_perf
 xt_run shutdown-g1 180 sc_shutdown_g1
 [ -z "$(hvm_plan)" ] || xt_run hvm 240 sc_hvm
 type pkg_run >/dev/null 2>&1 && pkg_run
