@@ -222,8 +222,7 @@ run_version() {
   failed=$(grep '^FAIL' "$out/verdict-$name.txt" | grep -v 'DATA MISMATCH' | awk '{print $3}' | tr -d ':' | paste -sd, -)
   if [ -n "$failed" ] && ! grep -q '^FAIL.*DATA MISMATCH' "$out/verdict-$name.txt"; then
     case $name in *-hvm) again=images ;; *) again=images,boot-g1 ;; esac
-    [[ ",$failed," == *,reboot-g2,* || ",$failed," == *,hostile-frontend,* || ",$failed," == *,destroy-g2,* ||
-      ",$failed," == *,grant-perf,* ]] &&
+    [[ ",$failed," == *,reboot-g2,* || ",$failed," == *,hostile-frontend,* || ",$failed," == *,destroy-g2,* ]] &&
       again=$again,boot-g2-nopersist
     again=$again,$failed
     echo "xen-test: $name: running again in a boot of their own: $failed" >&2
