@@ -236,21 +236,14 @@ func (s *server) prepareIndirect(r *blkif.Request, j *job) error {
 	}
 	// Copy the segment descriptors out of the indirect pages once.
 	segs := s.indSegs[:n]
+	var err error
 	if s.copier != nil {
-		if err := s.readIndirect(r, n, segs); err != nil {
-			return err
-		}
+		err = s.readIndirect(r, n, segs)
+	} else {
+		err = s.mapIndirect(r, n, segs)
 	}
-	for p := 0; s.copier == nil && p*blkif.SegmentsPerIndirect < n; p++ {
-		page, err := s.t.Page(r.IndirectGrefs[p], false)
-		if err != nil {
-			return fmt.Errorf("%w: indirect page %d (gref %d): %w", errInvalid, p, r.IndirectGrefs[p], err)
-		}
-		lo := p * blkif.SegmentsPerIndirect
-		hi := min(n, lo+blkif.SegmentsPerIndirect)
-		for i := lo; i < hi; i++ {
-			blkif.DecodeSegment(page[(i-lo)*blkif.SegmentSize:], &segs[i])
-		}
+	if err != nil {
+		return err
 	}
 	if cap(j.ind) < n {
 		j.ind = make([]ioSeg, 0, s.maxInd)
@@ -261,6 +254,23 @@ func (s *server) prepareIndirect(r *blkif.Request, j *job) error {
 		j.kind = kindWrite
 	}
 	return s.mapSegments(segs, r.Sector, write, j)
+}
+
+// mapIndirect maps an indirect request's descriptor pages and decodes its
+// n segments into segs.
+func (s *server) mapIndirect(r *blkif.Request, n int, segs []blkif.Segment) error {
+	for p := 0; p*blkif.SegmentsPerIndirect < n; p++ {
+		page, err := s.t.Page(r.IndirectGrefs[p], false)
+		if err != nil {
+			return fmt.Errorf("%w: indirect page %d (gref %d): %w", errInvalid, p, r.IndirectGrefs[p], err)
+		}
+		lo := p * blkif.SegmentsPerIndirect
+		hi := min(n, lo+blkif.SegmentsPerIndirect)
+		for i := lo; i < hi; i++ {
+			blkif.DecodeSegment(page[(i-lo)*blkif.SegmentSize:], &segs[i])
+		}
+	}
+	return nil
 }
 
 // sectorRange converts a 512-byte sector range to bytes, refusing any
