@@ -279,7 +279,7 @@ perf_guests() { # NAME BLKFRONT_ARGS [NAME BLKFRONT_ARGS...]: created, disk conn
     local g=$1 bf=$2; shift 2
     domid $g >/dev/null && { timeout 60 xl destroy $g; sleep 1; }   # a first attempt's guest
     rm -f /images/perf-$g.raw; truncate -s 64M /images/perf-$g.raw || fail "truncate perf-$g.raw"
-    guest_create $g 1 "$bf" "$DISK, vdev=xvda, target=aio:/images/perf-$g.raw"
+    XT_CREATE_TMO=600 XT_READY_TMO=400 guest_create $g 1 "$bf" "$DISK, vdev=xvda, target=aio:/images/perf-$g.raw"
     wait_key "$(be_path $g 51712)/state" 4 120
     gx $g 120 wait-disk xvda
   done
@@ -315,7 +315,7 @@ sc_qdisk_perf() {
   domid gq >/dev/null && { timeout 60 xl destroy gq; sleep 1; }
   rm -f /images/perf-gq.raw /images/perf-gq-ours.raw
   truncate -s 64M /images/perf-gq.raw /images/perf-gq-ours.raw || fail "truncate"
-  guest_create gq 1 "" "format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=/images/perf-gq.raw" \
+  XT_CREATE_TMO=600 XT_READY_TMO=400 guest_create gq 1 "" "format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=/images/perf-gq.raw" \
     "$DISK, vdev=xvdb, target=aio:/images/perf-gq-ours.raw"
   wait_key "$(be_path gq 51712 qdisk)/state" 4 120
   wait_key "$(be_path gq 51728)/state" 4 120
