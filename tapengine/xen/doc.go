@@ -83,9 +83,10 @@
 // worker (not daemon) restart resuming a live ring, discard from a
 // guest, many rings against the mapping budget, and any of it on real
 // hardware with several vCPUs, where races TCG hides could show. Grant
-// copy (commit 385b8f5 on): its probe passed on Xen 4.17 with a Linux 6.1
-// dom0 and a feature_persistent=0 guest connected over it; see
-// docs/PERFORMANCE.md for what its timing runs showed.
+// copy has run there too (Xen 4.17, Linux 6.1 dom0 and guests, the
+// harness's grant-perf): 32 MiB written and read back intact by a
+// feature_persistent=0 guest, within 2x of a persistent one's time
+// (docs/PERFORMANCE.md); indirect requests included, x86_32 not.
 //
 // Events. Reading the evtchn fd yields the u32 local ports that fired;
 // each stays masked until its port is written back (Unmask). Ack reads
