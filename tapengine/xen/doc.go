@@ -86,7 +86,8 @@
 // copy has run there too (Xen 4.17, Linux 6.1 dom0 and guests, the
 // harness's grant-perf): 32 MiB written and read back intact by a
 // feature_persistent=0 guest, within 2x of a persistent one's time
-// (docs/PERFORMANCE.md); indirect requests included, x86_32 not.
+// (docs/PERFORMANCE.md); its 1 MiB O_DIRECT requests are, as blkfront
+// sends them, indirect ones (inferred, not counted); x86_32 not run.
 //
 // Events. Reading the evtchn fd yields the u32 local ports that fired;
 // each stays masked until its port is written back (Unmask). Ack reads
