@@ -15,7 +15,7 @@ import (
 var rewrite = flag.Bool("rewrite", false, "rewrite testdata/seeds")
 
 // Seed layout: byte 0 = protocol (even x86_32, odd x86_64), byte 1 = flags
-// (bit0 read-only, bit1 discard, bit2 indirect), bytes 2..5 = req_prod,
+// (bit0 read-only, bit1 discard, bit2 indirect, bit3 a Copier transport), bytes 2..5 = req_prod,
 // 6..9 = rsp_prod (where a previous backend stopped), then the ring slots.
 const seedHeader = 10
 
@@ -54,6 +54,9 @@ func seeds() map[string][]byte {
 		"bad-past-the-end":              seedRing(blkif.X86_64, 0, 1, rw(blkif.OpRead, 1, 1<<40, seg(1, 0, 7))),
 		"bad-prod-too-far-ahead":        seedRing(blkif.X86_64, 0, 33, w),
 		"bad-op-reserved":               seedRing(blkif.X86_32, 0, 1, blkif.Request{Op: blkif.OpReserved1, ID: 1}),
+		"copy-write-read-flush":         seedRing(blkif.X86_64, 8, 3, w, r, blkif.Request{Op: blkif.OpFlushDiskcache, ID: 3}),
+		"copy-indirect-write":           seedRing(blkif.X86_64, 12, 1, blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, IndirectSegments: 2, ID: 5, IndirectGrefs: [8]uint32{4}}),
+		"copy-bad-read-into-read-only":  seedRing(blkif.X86_64, 8, 2, rw(blkif.OpRead, 1, 0, seg(5, 0, 7)), rw(blkif.OpRead, 2, 0, seg(2, 1, 3), seg(77, 0, 7))),
 	}
 }
 
@@ -106,7 +109,11 @@ func FuzzServeRing(f *testing.F) {
 		if b[1]&4 != 0 {
 			opts.MaxIndirectSegments = 256
 		}
-		s, err := newServer(tr, proto, img, opts)
+		var via Transport = tr
+		if b[1]&8 != 0 {
+			via = copyTransport{tr} // data by copy, as Xen's grant copy
+		}
+		s, err := newServer(via, proto, img, opts)
 		if err != nil {
 			t.Fatal(err)
 		}

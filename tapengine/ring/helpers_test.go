@@ -100,6 +100,43 @@ func (m *memTransport) Notify() error {
 }
 func (m *memTransport) Close() error { return nil }
 
+// copyTransport is a memTransport that moves data as a Copier does (Xen's
+// grant copy): Serve must never map one of its pages, and a copy refused
+// for a grant fails with ErrBadGrant. It checks that the ring hands it
+// segments within a page that add up to the buffer.
+type copyTransport struct{ *memTransport }
+
+func (c copyTransport) Copying() bool { return true }
+func (c copyTransport) Page(ref uint32, _ bool) ([]byte, error) {
+	panic(fmt.Sprintf("Page(%d) on a Copier", ref))
+}
+func (c copyTransport) CopyIn(segs []CopySeg, buf []byte) error  { return c.copy(segs, buf, false) }
+func (c copyTransport) CopyOut(segs []CopySeg, buf []byte) error { return c.copy(segs, buf, true) }
+
+func (c copyTransport) copy(segs []CopySeg, buf []byte, out bool) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, s := range segs {
+		if s.Len == 0 || int(s.Off)+int(s.Len) > blkif.PageSize || int(s.Len) > len(buf) {
+			panic(fmt.Sprintf("bad copy segment %+v for %d bytes left", s, len(buf)))
+		}
+		p, ok := c.pages[s.Ref]
+		if !ok || out && c.ro[s.Ref] {
+			return fmt.Errorf("%w: %w: ref %d", ErrBadGrant, errNotGranted, s.Ref)
+		}
+		if out {
+			copy(p[s.Off:], buf[:s.Len])
+		} else {
+			copy(buf, p[s.Off:][:s.Len])
+		}
+		buf = buf[s.Len:]
+	}
+	if len(buf) != 0 {
+		panic(fmt.Sprintf("copy segments short of the buffer by %d bytes", len(buf)))
+	}
+	return nil
+}
+
 func (m *memTransport) kickBackend() {
 	if _, err := unix.Write(m.kick, []byte{1, 0, 0, 0, 0, 0, 0, 0}); err != nil {
 		panic(err)

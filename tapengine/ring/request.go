@@ -38,7 +38,8 @@ type job struct {
 	bytes       uint64
 	segs        []ioSeg
 	inline      [blkif.SegmentsMax]ioSeg
-	ind         []ioSeg // indirect requests, allocated on first use
+	ind         []ioSeg   // indirect requests, allocated on first use
+	copies      []CopySeg // a Copier's segments, allocated on first use
 }
 
 // errInvalid marks a request the frontend got wrong.
@@ -50,7 +51,7 @@ var errInvalid = errors.New("invalid request")
 // (ErrPagesBusy): the caller releases the pages it holds and calls
 // prepareReserved.
 func (s *server) prepare(r *blkif.Request, j *job) bool {
-	*j = job{id: r.ID, op: r.Op, ind: j.ind}
+	*j = job{id: r.ID, op: r.Op, ind: j.ind, copies: j.copies[:0]}
 	j.segs = j.inline[:0]
 	var err error
 	switch r.Op {
@@ -235,6 +236,29 @@ func (s *server) prepareIndirect(r *blkif.Request, j *job) error {
 	}
 	// Copy the segment descriptors out of the indirect pages once.
 	segs := s.indSegs[:n]
+	var err error
+	if s.copier != nil {
+		err = s.readIndirect(r, n, segs)
+	} else {
+		err = s.mapIndirect(r, n, segs)
+	}
+	if err != nil {
+		return err
+	}
+	if cap(j.ind) < n {
+		j.ind = make([]ioSeg, 0, s.maxInd)
+	}
+	j.segs = j.ind[:0]
+	j.kind = kindRead
+	if write {
+		j.kind = kindWrite
+	}
+	return s.mapSegments(segs, r.Sector, write, j)
+}
+
+// mapIndirect maps an indirect request's descriptor pages and decodes its
+// n segments into segs.
+func (s *server) mapIndirect(r *blkif.Request, n int, segs []blkif.Segment) error {
 	for p := 0; p*blkif.SegmentsPerIndirect < n; p++ {
 		page, err := s.t.Page(r.IndirectGrefs[p], false)
 		if err != nil {
@@ -246,15 +270,7 @@ func (s *server) prepareIndirect(r *blkif.Request, j *job) error {
 			blkif.DecodeSegment(page[(i-lo)*blkif.SegmentSize:], &segs[i])
 		}
 	}
-	if cap(j.ind) < n {
-		j.ind = make([]ioSeg, 0, s.maxInd)
-	}
-	j.segs = j.ind[:0]
-	j.kind = kindRead
-	if write {
-		j.kind = kindWrite
-	}
-	return s.mapSegments(segs, r.Sector, write, j)
+	return nil
 }
 
 // sectorRange converts a 512-byte sector range to bytes, refusing any
@@ -283,6 +299,11 @@ func (s *server) mapSegments(segs []blkif.Segment, sector uint64, write bool, j 
 	if err != nil {
 		return err
 	}
+	j.bytes = total * blkif.SectorSize
+	if s.copier != nil {
+		s.copySegments(segs, off, j)
+		return nil
+	}
 	for i := range segs {
 		sg := &segs[i]
 		// A read fills the guest's page, so it must be writable.
@@ -302,7 +323,6 @@ func (s *server) mapSegments(segs []blkif.Segment, sector uint64, write bool, j 
 		}
 		off += int64(hi - lo)
 	}
-	j.bytes = total * blkif.SectorSize
 	return nil
 }
 
@@ -319,6 +339,12 @@ func (s *server) exec(j *job) {
 func (s *server) finish(j *job, err error) {
 	if err != nil {
 		s.stats.Errors.Add(1)
+		if errors.Is(err, ErrBadGrant) {
+			s.stats.Invalid.Add(1)
+			j.status = blkif.StatusError
+			s.log.Debug("ring: refused request", "op", blkif.OpName(j.op), "id", j.id, "err", err)
+			return
+		}
 		if j.kind == kindDiscard && unsupported(err) {
 			// Linux blkfront turns discard off for the disk on
 			// EOPNOTSUPP, and logs every other failure as an I/O error.
@@ -350,8 +376,12 @@ func unsupported(err error) bool {
 }
 
 func (s *server) do(j *job) error {
+	copied := len(j.copies) > 0
 	switch j.kind {
 	case kindRead:
+		if copied {
+			return s.readCopied(j)
+		}
 		for _, sg := range j.segs {
 			if n, err := s.img.ReadAt(sg.buf, sg.off); n != len(sg.buf) {
 				return fmt.Errorf("read %d bytes at %d: got %d: %w", len(sg.buf), sg.off, n, err)
@@ -363,10 +393,8 @@ func (s *server) do(j *job) error {
 				return fmt.Errorf("flush before barrier: %w", err)
 			}
 		}
-		for _, sg := range j.segs {
-			if n, err := s.img.WriteAt(sg.buf, sg.off); err != nil || n != len(sg.buf) {
-				return fmt.Errorf("write %d bytes at %d: wrote %d: %w", len(sg.buf), sg.off, n, err)
-			}
+		if err := s.writeSegs(j, copied); err != nil {
+			return err
 		}
 		if j.flushAfter {
 			if err := s.img.Flush(); err != nil {
@@ -380,6 +408,18 @@ func (s *server) do(j *job) error {
 	case kindDiscard:
 		if err := s.img.Discard(j.off, j.length); err != nil {
 			return fmt.Errorf("discard %d bytes at %d: %w", j.length, j.off, err)
+		}
+	}
+	return nil
+}
+
+func (s *server) writeSegs(j *job, copied bool) error {
+	if copied {
+		return s.writeCopied(j)
+	}
+	for _, sg := range j.segs {
+		if n, err := s.img.WriteAt(sg.buf, sg.off); err != nil || n != len(sg.buf) {
+			return fmt.Errorf("write %d bytes at %d: wrote %d: %w", len(sg.buf), sg.off, n, err)
 		}
 	}
 	return nil

@@ -73,6 +73,31 @@ type PageReserver interface {
 	ReservePages(ctx context.Context, n int) error
 }
 
+// Copier is a Transport that can move a request's data by copying
+// between the frontend's granted pages and the backend's own memory (Xen's
+// grant copy) instead of mapping the pages. When Copying reports true at
+// the start of Serve, Serve never calls Page: each read or write request
+// gets one buffer of its length, filled by one CopyIn before a write
+// reaches the image, or copied out by one CopyOut after a read, and
+// indirect descriptor pages come in through CopyIn too. A copy error fails
+// that request (StatusError); it never stops the ring. CopyIn and CopyOut
+// may run on several goroutines at once.
+type Copier interface {
+	Copying() bool
+	// CopyIn fills buf from the frontend's pages: segs in order, each
+	// Len bytes, back to back in buf (len(buf) is their sum).
+	CopyIn(segs []CopySeg, buf []byte) error
+	// CopyOut is CopyIn's reverse: buf into the frontend's pages, which
+	// must be granted writable.
+	CopyOut(segs []CopySeg, buf []byte) error
+}
+
+// CopySeg is a byte range of one granted page.
+type CopySeg struct {
+	Ref      uint32
+	Off, Len uint16 // Off+Len <= 4096
+}
+
 // Transport is how the backend reaches the frontend's memory and signals.
 // The ring loop knows nothing else of Xen (or of its absence).
 type Transport interface {
@@ -104,6 +129,10 @@ var (
 	// ErrPagesBusy: a PageReserver has no mapping to spare until the
 	// loop releases the pages it holds (not a fault of the request).
 	ErrPagesBusy = errors.New("ring: page mappings busy")
+	// ErrBadGrant: a Copier's copy failed because the frontend's grant
+	// was refused (not granted, read-only, its own ring): the request's
+	// fault, counted as invalid, not an I/O error of the backend.
+	ErrBadGrant = errors.New("ring: grant refused")
 )
 
 // Options tunes Serve.

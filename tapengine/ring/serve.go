@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime"
+	"sync"
 
 	"golang.org/x/sys/unix"
 
@@ -121,6 +122,8 @@ type server struct {
 	indSegs  []blkif.Segment
 	notifyFn func() error
 	reserver PageReserver // t, if it is one
+	copier   Copier       // t, if it copies rather than maps
+	bufs     sync.Pool    // of *[]byte, one request's data (copier)
 	noWait   bool         // prepare: ErrPagesBusy fails the request
 	ctx      context.Context
 }
@@ -158,6 +161,9 @@ func newServer(t Transport, proto blkif.Protocol, img image.Image, opts Options)
 		s.pool.s = s
 	}
 	s.reserver, _ = t.(PageReserver)
+	if c, ok := t.(Copier); ok && c.Copying() {
+		s.initCopy(c)
+	}
 	s.batch = make([]job, back.Entries())
 	return s, nil
 }

@@ -14,7 +14,8 @@ import (
 )
 
 // abiProbe prints, from the installed uapi headers (linux-libc-dev's
-// /usr/include/xen/{gntdev,evtchn}.h), every number and layout abi.go
+// /usr/include/xen/{gntdev,evtchn}.h, and libxen-dev's grant_table.h for
+// the grant copy flags), every number and layout abi.go
 // hard-codes, one "name value" per line.
 const abiProbe = `#include <stdio.h>
 #include <stddef.h>
@@ -26,6 +27,9 @@ typedef __u32 grant_ref_t;
 typedef __u16 domid_t;
 #include <xen/gntdev.h>
 #include <xen/evtchn.h>
+/* GNTCOPY_* are Xen's own (libxen-dev), not in the uapi headers. */
+#include <stdint.h>
+#include <xen/grant_table.h>
 #define P(name, v) printf("%s %llu\n", name, (unsigned long long)(v))
 int main(void) {
 	P("IOCTL_GNTDEV_MAP_GRANT_REF", IOCTL_GNTDEV_MAP_GRANT_REF);
@@ -48,6 +52,21 @@ int main(void) {
 	P("offsetof bind.remote_port", offsetof(struct ioctl_evtchn_bind_interdomain, remote_port));
 	P("sizeof unbind", sizeof(struct ioctl_evtchn_unbind));
 	P("sizeof notify", sizeof(struct ioctl_evtchn_notify));
+	P("IOCTL_GNTDEV_GRANT_COPY", IOCTL_GNTDEV_GRANT_COPY);
+	P("sizeof grant_copy", sizeof(struct ioctl_gntdev_grant_copy));
+	P("offsetof copy.count", offsetof(struct ioctl_gntdev_grant_copy, count));
+	P("offsetof copy.segments", offsetof(struct ioctl_gntdev_grant_copy, segments));
+	P("sizeof copy_segment", sizeof(struct gntdev_grant_copy_segment));
+	P("offsetof seg.source", offsetof(struct gntdev_grant_copy_segment, source));
+	P("offsetof seg.dest", offsetof(struct gntdev_grant_copy_segment, dest));
+	P("offsetof seg.source.ref", offsetof(struct gntdev_grant_copy_segment, source.foreign.ref));
+	P("offsetof seg.source.offset", offsetof(struct gntdev_grant_copy_segment, source.foreign.offset));
+	P("offsetof seg.source.domid", offsetof(struct gntdev_grant_copy_segment, source.foreign.domid));
+	P("offsetof seg.len", offsetof(struct gntdev_grant_copy_segment, len));
+	P("offsetof seg.flags", offsetof(struct gntdev_grant_copy_segment, flags));
+	P("offsetof seg.status", offsetof(struct gntdev_grant_copy_segment, status));
+	P("GNTCOPY_source_gref", GNTCOPY_source_gref);
+	P("GNTCOPY_dest_gref", GNTCOPY_dest_gref);
 	return 0;
 }
 `
@@ -56,12 +75,12 @@ int main(void) {
 // with ours, so a wrong ioctl number cannot reach a real dom0.
 func TestABIAgainstHeaders(t *testing.T) {
 	gcc := oracle.Require(t, "gcc")
-	for _, h := range []string{"/usr/include/xen/gntdev.h", "/usr/include/xen/evtchn.h"} {
+	for _, h := range []string{"/usr/include/xen/gntdev.h", "/usr/include/xen/evtchn.h", "/usr/include/xen/grant_table.h"} {
 		if _, err := os.Stat(h); err != nil {
 			if oracle.InCI() {
-				t.Fatalf("%s missing (apt-get install linux-libc-dev)", h)
+				t.Fatalf("%s missing (apt-get install linux-libc-dev libxen-dev)", h)
 			}
-			t.Skipf("%s missing (apt-get install linux-libc-dev)", h)
+			t.Skipf("%s missing (apt-get install linux-libc-dev libxen-dev)", h)
 		}
 	}
 	dir := t.TempDir()
@@ -97,6 +116,21 @@ func TestABIAgainstHeaders(t *testing.T) {
 		"offsetof bind.remote_port":     4,
 		"sizeof unbind":                 sizeEvtchnPort,
 		"sizeof notify":                 sizeEvtchnPort,
+		"IOCTL_GNTDEV_GRANT_COPY":       uint64(ioctlGntdevGrantCopy),
+		"sizeof grant_copy":             sizeGrantCopy,
+		"offsetof copy.count":           offCopyCount,
+		"offsetof copy.segments":        offCopySegs,
+		"sizeof copy_segment":           sizeGrantCopySeg,
+		"offsetof seg.source":           offCopySource,
+		"offsetof seg.dest":             offCopyDest,
+		"offsetof seg.source.ref":       offCopySource,
+		"offsetof seg.source.offset":    offCopySource + 4,
+		"offsetof seg.source.domid":     offCopySource + 6,
+		"offsetof seg.len":              offCopyLen,
+		"offsetof seg.flags":            offCopyFlags,
+		"offsetof seg.status":           offCopyStatus,
+		"GNTCOPY_source_gref":           gntcopySourceGref,
+		"GNTCOPY_dest_gref":             gntcopyDestGref,
 	}
 	got := map[string]uint64{}
 	sc := bufio.NewScanner(bytes.NewReader(out))

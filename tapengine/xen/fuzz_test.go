@@ -1,9 +1,12 @@
 package xen
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"testing"
+
+	"github.com/blktap-go/blktap/tapengine/ring"
 )
 
 // FuzzTransport feeds guest-controlled values (the xenstore parameters
@@ -15,7 +18,8 @@ import (
 //	+-------+----------------+---------+-------+-----------------------+
 //
 // flags bit0 persistent, bits1-3 MaxPersistent, bits4-6 MaxTransient.
-// Nothing may panic; every error carries a class; mappings stay within
+// Ops: 0-2 Page, 3 kick, 4 Ack, 5 Notify, 6 ReleasePages, 7 revoke, 8 a
+// grant copy (fuzzCopy). Nothing may panic; every error carries a class; mappings stay within
 // ring + MaxPersistent + MaxTransient; Close leaves nothing mapped or
 // bound.
 func FuzzTransport(f *testing.F) {
@@ -57,7 +61,7 @@ func FuzzTransport(f *testing.F) {
 		x := tr.(*Transport)
 		limit := n + opts.MaxPersistent + opts.MaxTransient
 		for len(data) > 0 {
-			op, arg := next()%8, next()
+			op, arg := next()%9, next()
 			switch op {
 			case 0, 1, 2:
 				p, err := x.Page(uint32(arg%128), op == 1)
@@ -80,6 +84,8 @@ func FuzzTransport(f *testing.F) {
 				err = x.ReleasePages()
 			case 7:
 				fx.revoke(uint32(arg % 128))
+			case 8:
+				fuzzCopy(t, fx, x, arg, next)
 			}
 			if err != nil {
 				t.Fatalf("op %d: %v", op, err)
@@ -105,4 +111,51 @@ func classed(t *testing.T, err error) {
 		}
 	}
 	t.Fatalf("error without a class: %v", err)
+}
+
+// fuzzCopy is a grant copy of up to four segments the input describes
+// (any offset and length, so some are refused before the kernel): it
+// either fails with a classed error or copies exactly the guest's bytes,
+// and never maps a page.
+func fuzzCopy(t *testing.T, fx *fakeXen, x *Transport, arg byte, next func() byte) {
+	segs := make([]ring.CopySeg, arg%4+1)
+	n := 0
+	for i := range segs {
+		segs[i] = ring.CopySeg{Ref: uint32(next() % 128), Off: uint16(next()) * 32, Len: uint16(next()) * 32}
+		n += int(segs[i].Len)
+	}
+	buf := make([]byte, n)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	live := fx.liveMappings()
+	var err error
+	if arg&4 != 0 {
+		err = x.CopyOut(segs, buf)
+	} else {
+		err = x.CopyIn(segs, buf)
+	}
+	if fx.liveMappings() != live {
+		t.Fatal("a grant copy changed the live mappings")
+	}
+	if err != nil {
+		classed(t, err)
+		return
+	}
+	fx.mu.Lock()
+	defer fx.mu.Unlock()
+	pages := map[int]bool{}
+	for _, sg := range segs {
+		pages[fx.grants[sg.Ref].page] = true
+	}
+	if len(pages) < len(segs) {
+		return // a later segment may have overwritten an earlier one's page
+	}
+	for _, sg := range segs {
+		g := fx.grants[sg.Ref]
+		if !bytes.Equal(buf[:sg.Len], fx.guest[g.page*pageSize+int(sg.Off):][:sg.Len]) {
+			t.Fatalf("segment %+v: buffer and guest page differ after the copy", sg)
+		}
+		buf = buf[sg.Len:]
+	}
 }

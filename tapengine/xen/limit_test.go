@@ -2,13 +2,10 @@ package xen
 
 import (
 	"context"
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
 	"github.com/blktap-go/blktap/formats/image"
-	"github.com/blktap-go/blktap/formats/raw"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/ring"
 )
@@ -155,15 +152,7 @@ func TestServeWaitsForMappings(t *testing.T) {
 	// Another ring of the process holds 3 of the 4.
 	other := holdMappings(t, budget, 3)
 	f, g := guestWithFourPages(t)
-	path := filepath.Join(t.TempDir(), "disk.raw")
-	if err := os.WriteFile(path, make([]byte, 1<<20), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	img, err := raw.Open(path, raw.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
+	_, img := tempRaw(t, 1<<20)
 	tr, err := Attach(f.device(), Options{Domid: testDomid, RingRefs: []uint32{500}, EventChannel: f.remotePort, budget: budget})
 	if err != nil {
 		t.Fatal(err)
@@ -224,6 +213,7 @@ func holdMappings(t *testing.T, budget *mapBudget, n int) *Transport {
 // granted as refs 1016-1019.
 func guestWithFourPages(t *testing.T) (*fakeXen, *guestRing) {
 	f := newFakeXen(t, testDomid, 32)
+	f.noCopy = true // the budget is for mappings, which grant copy never makes
 	g := newGuestRing(t, f, []int{0}, blkif.X86_64)
 	f.grant(500, 0, false)
 	for p := 16; p < 20; p++ {

@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/blktap-go/blktap/formats/raw"
 	"github.com/blktap-go/blktap/internal/oracle"
 	"github.com/blktap-go/blktap/tapengine/blkif"
 	"github.com/blktap-go/blktap/tapengine/ring"
@@ -90,9 +89,10 @@ func fill(p []byte, seed byte) {
 func TestServeRoundTrip(t *testing.T) {
 	for _, proto := range []blkif.Protocol{blkif.X86_64, blkif.X86_32} {
 		for _, order := range []int{0, 2} {
-			// maxPersistent -1: no persistent grants; 4: a cache that
-			// overflows and evicts while serving; 0: the default.
-			for _, maxPersistent := range []int{-1, 4, 0} {
+			// maxPersistent -1: no persistent grants (grant copy); -2:
+			// none, on a kernel without grant copy (map per request); 4: a
+			// cache that overflows and evicts while serving; 0: the default.
+			for _, maxPersistent := range []int{-1, -2, 4, 0} {
 				name := fmt.Sprintf("%v/order%d/persistent=%d", proto, order, maxPersistent)
 				t.Run(name, func(t *testing.T) { roundTrip(t, proto, order, maxPersistent) })
 			}
@@ -111,6 +111,7 @@ func roundTrip(t *testing.T, proto blkif.Protocol, order int, maxPersistent int)
 		roRef     = 900
 	)
 	f := newFakeXen(t, testDomid, 128)
+	f.noCopy = maxPersistent == -2
 	var ringPages []int
 	for i := range 1 << order {
 		ringPages = append(ringPages, 10-2*i) // scattered, descending
@@ -127,15 +128,7 @@ func roundTrip(t *testing.T, proto blkif.Protocol, order int, maxPersistent int)
 	}
 	f.grant(roRef, readPage, true)
 
-	path := filepath.Join(t.TempDir(), "disk.raw")
-	if err := os.WriteFile(path, make([]byte, size), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	img, err := raw.Open(path, raw.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
+	path, img := tempRaw(t, size)
 
 	tr, err := Attach(f.device(), Options{Domid: testDomid, RingRefs: refs, EventChannel: f.remotePort, PersistentGrants: persistent, MaxPersistent: max(maxPersistent, 0)})
 	if err != nil {
@@ -218,6 +211,9 @@ func roundTrip(t *testing.T, proto blkif.Protocol, order int, maxPersistent int)
 		}
 	} else if st.Persistent != 0 || st.Hits != 0 {
 		t.Errorf("cache used without persistent grants: %+v", st)
+	} else if copied := !f.noCopy; copied != x.Copying() || copied != (st.Copies > 0) || copied != (st.Maps == 0) {
+		// Grant copy maps no data page at all; the fallback copies none.
+		t.Errorf("grant copy %v (kernel has it: %v) but stats %+v", x.Copying(), copied, st)
 	}
 	stop()
 	// Serve ended after a release point: only the ring and the
@@ -287,15 +283,7 @@ func TestServeHostileOverXen(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	path := filepath.Join(t.TempDir(), "disk.raw")
-	if err := os.WriteFile(path, make([]byte, 1<<16), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	img, err := raw.Open(path, raw.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer img.Close()
+	_, img := tempRaw(t, 1<<16)
 	done := make(chan error, 1)
 	go func() { done <- ring.Serve(context.Background(), tr, blkif.X86_64, img, ring.Options{}) }()
 	// req_prod at offset 0 of the guest's ring page, far past a ring.

@@ -60,12 +60,13 @@ type Options struct {
 
 // Stats are a transport's mapping counters.
 type Stats struct {
-	Maps, Unmaps        uint64 // device map and unmap calls for data pages
-	Hits                uint64 // Page answered from the persistent cache
-	Persistent          int    // live cached mappings
-	Transient           int    // live per-request mappings
-	Evictions           uint64 // cached mappings dropped to make room
-	Events, StrayEvents uint64 // ports read by Ack: ours, and others
+	Maps, Unmaps         uint64 // device map and unmap calls for data pages
+	Hits                 uint64 // Page answered from the persistent cache
+	Persistent           int    // live cached mappings
+	Transient            int    // live per-request mappings
+	Evictions            uint64 // cached mappings dropped to make room
+	Events, StrayEvents  uint64 // ports read by Ack: ours, and others
+	Copies, CopyFailures uint64 // grant copy calls (one per request), and failed ones
 }
 
 // Transport is the ring.Transport over a Device. Safe for concurrent
@@ -88,6 +89,7 @@ type Transport struct {
 	stats     Stats
 	ports     [64]uint32
 	one       [1]uint32 // the ref of a one-page MapGrants, without an allocation
+	copy      bool      // no persistent grants: data moves by grant copy (gntcopy.go)
 }
 
 type cached struct {
@@ -96,7 +98,10 @@ type cached struct {
 	writable bool
 }
 
-var _ ring.PageReserver = (*Transport)(nil)
+var (
+	_ ring.PageReserver = (*Transport)(nil)
+	_ ring.Copier       = (*Transport)(nil)
+)
 
 // Attach maps the frontend's ring and binds its event channel. It takes
 // ownership of dev: Close closes it, and so does a failed Attach.
@@ -148,11 +153,15 @@ func attach(dev Device, opts Options) (_ *Transport, err error) {
 		return nil, errors.Join(fmt.Errorf("xen: bind event channel of domain %d: %w", opts.Domid, err), dev.Unmap(t.ringM))
 	}
 	if !opts.PersistentGrants {
-		// Correct (pages are unmapped before each response is
-		// published) but a map and an unmap per page: worth a note when
-		// a guest is slow.
-		t.log.Info("xen: frontend without feature-persistent; every data page is mapped per request",
-			"domid", opts.Domid)
+		t.probeCopy(dev)
+		// Without grant copy: correct (pages are unmapped before each
+		// response is published) but a map and an unmap per page, worth a
+		// note when a guest is slow.
+		how := "every data page is mapped per request"
+		if t.copy {
+			how = "data is copied per request (grant copy)"
+		}
+		t.log.Info("xen: frontend without feature-persistent; "+how, "domid", opts.Domid)
 	}
 	return t, nil
 }

@@ -151,7 +151,8 @@ wait_gone() { # PATH SECONDS
 
 # ---- guests -----------------------------------------------------------------
 # guest_create NAME VCPUS "BLKFRONT_ARGS" DISKSPEC...: a PV guest running
-# the test initramfs; returns once it serves commands.
+# the test initramfs; returns once it serves commands. XT_CREATE_TMO and
+# XT_READY_TMO (240 and 150 s) bound xl create and the guest's boot.
 guest_create() {
   local name=$1 vcpus=$2 bf=$3; shift 3
   local disks="" d
@@ -169,14 +170,14 @@ on_poweroff = "destroy"
 on_reboot = "restart"
 on_crash = "destroy"
 CFG
-  timeout 240 xl create /etc/xen/$name.cfg >/var/log/xen/xl-create-$name.log 2>&1 ||
+  timeout ${XT_CREATE_TMO:-240} xl create /etc/xen/$name.cfg >/var/log/xen/xl-create-$name.log 2>&1 ||
     fail "xl create $name failed: $(grep -iE 'error|fail' /var/log/xen/xl-create-$name.log | tail -n 2 | tr '\n' ' ')"
   guest_ready "$name"
 }
 guest_ready() { # NAME: wait until the guest's command loop runs
   local t0 d; t0=$(up)
   until d=$(xl domid "$1" 2>/dev/null) && [ -n "$(xsr /local/domain/$d/data/ready)" ]; do
-    elapsed "$t0" 150 && fail "guest $1 did not come up within 150 s"
+    elapsed "$t0" ${XT_READY_TMO:-150} && fail "guest $1 did not come up within ${XT_READY_TMO:-150} s"
     sleep 0.5
   done
 }

@@ -269,6 +269,66 @@ sc_boot_g2() { # no persistent grants, a qcow2 disk
   gx g2 30 errors
 }
 
+# grant-perf: the same 32 MiB write and read (the guest's perf command,
+# timed inside the guest) with persistent grants (guest pp) and without
+# (pn, feature_persistent=0), each on a fresh raw disk it boots with (a
+# hot attach would add libxl's 10 s InitWait deadline, which a loaded TCG
+# host misses), alternating, twice (issue 18 item 5: without at most 2x).
+perf_guests() { # NAME BLKFRONT_ARGS [NAME BLKFRONT_ARGS...]: created, disk connected
+  while [ $# -gt 0 ]; do
+    local g=$1 bf=$2; shift 2
+    domid $g >/dev/null && { timeout 60 xl destroy $g; sleep 1; }   # a first attempt's guest
+    rm -f /images/perf-$g.raw; truncate -s 64M /images/perf-$g.raw || fail "truncate perf-$g.raw"
+    XT_CREATE_TMO=600 XT_READY_TMO=400 guest_create $g 1 "$bf" "$DISK, vdev=xvda, target=aio:/images/perf-$g.raw"
+    wait_key "$(be_path $g 51712)/state" 4 120
+    gx $g 120 wait-disk xvda
+  done
+}
+perf_done() { # NAME...: no I/O error logged, destroyed
+  local g
+  for g in "$@"; do
+    gx $g 30 errors
+    timeout 60 xl destroy $g || fail "xl destroy $g failed"
+    rm -f /images/perf-$g.raw
+  done
+}
+sc_grant_perf() {
+  local i
+  perf_guests pp "" pn "feature_persistent=0"
+  gx pp 30 dmesg 'persistent grants: enabled'
+  gx pn 30 dmesg 'persistent grants: disabled'
+  for i in 1 2; do
+    gx pp 600 perf xvda 16 32; echo "INFO persistent grants, 32 MiB, round $i: $GX"
+    gx pn 600 perf xvda 16 32; echo "INFO no persistent grants, 32 MiB, round $i: $GX"
+  done
+  perf_done pp pn
+}
+
+# qdisk-perf: one guest with a QEMU xen-block disk (libxl backendtype=qdisk,
+# the device model the 4.17 image carries for hvm) and one of ours, both
+# fresh raw files: the same 32 MiB write and read on each, alternating,
+# twice (issue 18 item 5: ours within 1.0x of qdisk's time).
+qdisk_plan() { [ -x /usr/libexec/xen-qemu-system-i386 ] && echo qdisk-perf; }
+sc_qdisk_perf() {
+  local i
+  [ -x /usr/libexec/xen-qemu-system-i386 ] || fail "no device model (qemu-system-xen) in this dom0"
+  domid gq >/dev/null && { timeout 60 xl destroy gq; sleep 1; }
+  rm -f /images/perf-gq.raw /images/perf-gq-ours.raw
+  truncate -s 64M /images/perf-gq.raw /images/perf-gq-ours.raw || fail "truncate"
+  XT_CREATE_TMO=600 XT_READY_TMO=400 guest_create gq 1 "" "format=raw, vdev=xvda, access=rw, backendtype=qdisk, target=/images/perf-gq.raw" \
+    "$DISK, vdev=xvdb, target=aio:/images/perf-gq-ours.raw"
+  wait_key "$(be_path gq 51712 qdisk)/state" 4 120
+  wait_key "$(be_path gq 51728)/state" 4 120
+  gx gq 120 wait-disk xvda
+  gx gq 120 wait-disk xvdb
+  for i in 1 2; do
+    gx gq 600 perf xvda 16 32; echo "INFO qdisk (QEMU xen-block), 32 MiB, round $i: $GX"
+    gx gq 600 perf xvdb 16 32; echo "INFO ours, 32 MiB, round $i: $GX"
+  done
+  rm -f /images/perf-gq-ours.raw
+  perf_done gq
+}
+
 sc_reboot_g2() { # the frontend closes and comes back: the backend reconnects
   local d0 d1 i=0; d0=$(domid g2)
   xl reboot g2 || fail "xl reboot failed"
@@ -397,7 +457,7 @@ hvm_plan() { [[ "+$XT_ONLY+" == *+hvm+* ]] && echo hvm; }
 # ---- this boot --------------------------------------------------------------
 xt_plan images boot-g1 attach-qcow2 attach-qcow attach-vhd attach-vhd-diff attach-vmdk attach-ram \
   attach-qcow2-overlay kill-worker restart-daemon hotplug-error blktap-attach dom0-attach cdrom \
-  $(tap_plan) boot-g2-nopersist reboot-g2 hostile-frontend destroy-g2 shutdown-g1 $(hvm_plan) \
+  $(tap_plan) boot-g2-nopersist grant-perf reboot-g2 hostile-frontend destroy-g2 $(qdisk_plan) shutdown-g1 $(hvm_plan) \
   $(type pkg_plan >/dev/null 2>&1 && pkg_plan)
 daemon_start
 xt_info "daemon: $(blktap --version 2>/dev/null || echo unknown version)"
@@ -435,9 +495,11 @@ xt_run dom0-attach 240 sc_dom0_attach
 xt_run cdrom 200 sc_cdrom
 tap_run
 xt_run boot-g2-nopersist 300 sc_boot_g2
+xt_run grant-perf 1800 sc_grant_perf
 xt_run reboot-g2 300 sc_reboot_g2
 xt_run hostile-frontend 180 sc_hostile
 xt_run destroy-g2 120 sc_destroy_g2
+[ -z "$(qdisk_plan)" ] || xt_run qdisk-perf 1500 sc_qdisk_perf
 xt_run shutdown-g1 180 sc_shutdown_g1
 [ -z "$(hvm_plan)" ] || xt_run hvm 240 sc_hvm
 type pkg_run >/dev/null 2>&1 && pkg_run
