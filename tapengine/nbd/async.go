@@ -1,6 +1,7 @@
 package nbd
 
 import (
+	"io"
 	"slices"
 
 	"github.com/blktap-go/blktap/internal/nbdwire"
@@ -141,3 +142,27 @@ func (c *conn) partsDone(r *req, k int32, err error) {
 
 // CompleteBatch sends the replies of a batch of completions in one write.
 func (c *conn) CompleteBatch() { c.kick() }
+
+// readLent reads a WRITE's payload into tags taken from the backend, one
+// per part. If the backend is gone (no tag to give), it gives back what
+// it took and reports false: the payload is then read into a buffer of
+// the request's own, to stay in frame, and the request fails when
+// started.
+func (c *conn) readLent(r *req, plen uint64) (bool, error) {
+	for off := uint64(0); off < plen; off += c.partMax {
+		h, buf, err := c.async.TakeTag()
+		if err != nil {
+			for _, h := range r.tags {
+				c.async.PutTag(h)
+			}
+			r.tags, r.lent = r.tags[:0], false
+			return false, nil
+		}
+		r.tags, r.lent = append(r.tags, h), true
+		n := min(c.partMax, plen-off)
+		if _, err := io.ReadFull(c.br, buf[:n]); err != nil {
+			return true, err
+		}
+	}
+	return true, nil
+}

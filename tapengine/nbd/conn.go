@@ -102,6 +102,7 @@ type conn struct {
 	discarder  Discarder
 	mapper     Mapper
 	zeroWriter ZeroWriter
+	eng        engine       // where the reader starts each request
 	async      AsyncBackend // only when Export.RoundTrip is set
 	partMax    uint64       // async.StartMax()
 	// started counts started requests not yet answered; unfinished
@@ -146,8 +147,10 @@ func newConn(s *Server, nc net.Conn, br *bufio.Reader, sess *session) *conn {
 	c.discarder, _ = c.be.(Discarder)
 	c.mapper, _ = c.be.(Mapper)
 	c.zeroWriter, _ = c.be.(ZeroWriter)
+	c.eng = syncEngine{c}
 	if ab, ok := c.be.(AsyncBackend); ok && s.Export.RoundTrip {
 		c.async, c.partMax = ab, uint64(ab.StartMax())
+		c.eng = asyncEngine{c, ab}
 	}
 	if _, ok := nc.(*tls.Conn); ok {
 		c.tlsWriter = bufio.NewWriterSize(nc, 64<<10)
@@ -185,10 +188,7 @@ func (c *conn) serve(ctx context.Context) error {
 	err := c.readLoop()
 	close(c.work)
 	wg.Wait()
-	if c.async != nil {
-		c.unfinished.Wait()
-		c.kick() // the last batch's replies, if its CompleteBatch lost the race
-	}
+	c.eng.drain()
 	if err == nil {
 		c.writeMu.Lock()
 		err = c.writeErr

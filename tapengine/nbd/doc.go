@@ -67,19 +67,22 @@
 //
 // # Inside a connection
 //
-// One reader goroutine decodes requests and reads write payloads into
-// pooled buffers. Small reads it runs itself, holding their replies until
-// it has no complete request left to decode; everything else goes to a
-// small fixed pool of workers. Whoever has a reply to send while no write
+// One reader goroutine decodes requests, reads write payloads into
+// pooled buffers and starts each request on the connection's engine
+// (engine.go), its one request path; only the engine knows which kind of
+// backend it serves. For a plain Backend the engine runs small reads on
+// the reader itself, holding their replies until it has no complete
+// request left to decode; everything else goes to a small fixed pool of
+// workers. Whoever has a reply to send while no write
 // is under way becomes the writer and sends every reply queued meanwhile
 // with one writev. A fixed set of request slots bounds the requests in
 // flight (MaxInFlight) and a byte budget bounds the memory large ones pin.
-// On an AsyncBackend (Export.RoundTrip) the reader starts aligned reads and
-// writes itself and the backend's goroutine answers them.
+// On an AsyncBackend (Export.RoundTrip) the engine starts aligned reads
+// and writes on the backend and the backend's goroutine answers them.
 //
 // The files follow these roles: conn.go the connection, its request slots
-// and memory; read.go the reader (decoding, payloads, where each request
-// runs); command.go running a command on the Backend; async.go starting
-// one on the AsyncBackend and completing it; reply.go encoding replies and
-// the writer role; handshake.go option haggling.
+// and memory; read.go the reader (decoding, payloads); engine.go where
+// each request runs; command.go running a command on the Backend;
+// async.go starting one on the AsyncBackend and completing it; reply.go
+// encoding replies and the writer role; handshake.go option haggling.
 package nbd

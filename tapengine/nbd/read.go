@@ -33,17 +33,7 @@ func (c *conn) readLoop() error {
 	for {
 		if c.br.Buffered() < headerSize {
 			// About to wait for the client: send what we have.
-			if depth.waiting(c.started.Load()) && c.async != nil {
-				// Queue depth 1: the answer comes before a sleeping
-				// reaper could be woken for it, so Poll publishes
-				// the request and collects it here. Deeper queues
-				// leave it to the reaper: a poller beside it there
-				// costs more wake-ups than it saves.
-				c.kick()
-				c.async.Poll(pollSpin)
-			} else {
-				c.flushHeld()
-			}
+			c.eng.idle(depth.waiting(c.started.Load()))
 		}
 		depth.read()
 		if _, err := io.ReadFull(c.br, header[:headerSize]); err != nil {
@@ -67,7 +57,7 @@ func (c *conn) readLoop() error {
 			return err
 		}
 		if r != nil { // nil: streamed, and answered already
-			c.dispatch(r)
+			c.eng.start(r)
 		}
 	}
 }
@@ -153,29 +143,19 @@ func (c *conn) readRequest(rq Request) (*req, error) {
 	return r, nil
 }
 
-// dispatch starts r on the async backend, runs it here, or queues it for
-// a worker.
-func (c *conn) dispatch(r *req) {
-	switch {
-	case c.startable(r.Request):
-		c.handleAsync(r)
-	case c.inlineable(r.Request):
+// runOrQueue runs r here or queues it for a worker: the engines' way
+// with every request they do not start on the backend.
+func (c *conn) runOrQueue(r *req) {
+	if c.inlineable(r.Request) {
 		c.runInline(r)
-	default:
+	} else {
 		c.work <- r
 	}
 }
 
 // flushHeld sends the replies the reader held back and publishes the
 // requests it started.
-func (c *conn) flushHeld() {
-	c.kick()
-	if c.async != nil {
-		if err := c.async.Publish(); err != nil {
-			c.log.Debug("nbd: publishing started requests", "err", err)
-		}
-	}
-}
+func (c *conn) flushHeld() { c.eng.flush() }
 
 // inlineable reports whether the reader should run rq itself.
 func (c *conn) inlineable(rq Request) bool {
@@ -253,7 +233,7 @@ const maxLentParts = 4
 
 // lendable reports whether a started rq uses the backend's buffers.
 func (c *conn) lendable(rq Request) bool {
-	return c.async != nil && c.startable(rq) && (rq.Length+c.partMax-1)/c.partMax <= maxLentParts
+	return c.startable(rq) && (rq.Length+c.partMax-1)/c.partMax <= maxLentParts
 }
 
 // readPayload reads a WRITE's payload: into the backend's buffers when the
@@ -267,26 +247,10 @@ func (c *conn) readPayload(r *req, plen uint64) error {
 		_, err := io.CopyN(io.Discard, c.br, int64(plen))
 		return err
 	}
-	if c.lendable(r.Request) && r.Type == nbdwire.CmdWrite {
-		for off := uint64(0); off < plen; off += c.partMax {
-			h, buf, err := c.async.TakeTag()
-			if err != nil {
-				// The backend is gone; the request fails when started.
-				// The payload must still be read to stay in frame.
-				for _, h := range r.tags {
-					c.async.PutTag(h)
-				}
-				r.tags, r.lent = r.tags[:0], false
-				break
-			}
-			r.tags, r.lent = append(r.tags, h), true
-			n := min(c.partMax, plen-off)
-			if _, err := io.ReadFull(c.br, buf[:n]); err != nil {
-				return err
-			}
-		}
-		if r.lent {
-			return nil
+	if r.Type == nbdwire.CmdWrite {
+		lent, err := c.eng.lendPayload(r, plen)
+		if lent || err != nil {
+			return err
 		}
 	}
 	r.buf, r.bufp = getBuf(int(plen))
