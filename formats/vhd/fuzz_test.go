@@ -28,7 +28,7 @@ func seedImages(t testing.TB) map[string][]byte {
 		"vhd-fixed-good.vhd":   seedImage(t, CreateOptions{Size: 8192, Subformat: "fixed"}),
 	}
 	// A differencing child (its parent is not in the corpus).
-	plan, _ := planCreate("/nonexistent/c.vhd", CreateOptions{Size: size, BlockSize: 4096, Now: seedNow})
+	plan, _ := planCreate("/nonexistent/c.vhd", CreateOptions{Size: size, BlockSize: 4096, Now: func() time.Time { return time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) }})
 	plan.foot.Type = typeDiff
 	copy(plan.hdr.ParentName[:], encodeUTF16("parent.vhd", true))
 	cf := newCrashFile(nil)
@@ -40,30 +40,14 @@ func seedImages(t testing.TB) map[string][]byte {
 	return out
 }
 
-func seedNow() time.Time { return time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) }
-
 // seedImage creates an image with opts in memory and writes 1000 bytes of
 // byte(off) at each of writes.
 func seedImage(t testing.TB, opts CreateOptions, writes ...int64) []byte {
-	opts.Now = seedNow
-	plan, err := planCreate("/nonexistent/x.vhd", opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := newCrashFile(nil)
-	if err := plan.write(f); err != nil {
-		t.Fatal(err)
-	}
-	if len(writes) > 0 {
-		img, err := openFile(f, "x.vhd", Options{Logger: discardLogger()})
-		if err != nil {
+	f, img := memImage(t, opts, nil)
+	for _, off := range writes {
+		b := bytes.Repeat([]byte{byte(off)}, 1000)
+		if _, err := img.WriteAt(b, off); err != nil {
 			t.Fatal(err)
-		}
-		for _, off := range writes {
-			b := bytes.Repeat([]byte{byte(off)}, 1000)
-			if _, err := img.WriteAt(b, off); err != nil {
-				t.Fatal(err)
-			}
 		}
 	}
 	return f.Bytes()
