@@ -19,7 +19,7 @@ import (
 func haveQemu() bool { _, err := exec.LookPath("qemu-img"); return err == nil }
 
 // memImage creates an image in memory and opens it on a crashfs file.
-func memImage(t testing.TB, opts CreateOptions, parent image.Image) (*crashfs.File, *Image) {
+func memImage(t testing.TB, opts CreateOptions, parent *Image) (*crashfs.File, *Image) {
 	t.Helper()
 	opts.Now = func() time.Time { return time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) }
 	plan, err := planCreate("/nonexistent/mem.vhd", opts)
@@ -30,15 +30,20 @@ func memImage(t testing.TB, opts CreateOptions, parent image.Image) (*crashfs.Fi
 	if err := plan.write(f); err != nil {
 		t.Fatal(err)
 	}
-	var open image.OpenFunc
-	if parent != nil {
-		open = func(string, string) (image.Image, error) { return nopClose{parent}, nil }
-	}
+	open := parentOpener(parent)
 	img, err := openFile(f, "mem.vhd", Options{Backing: open, Logger: discardLogger()})
 	if err != nil {
 		t.Fatal(err)
 	}
 	return f, img
+}
+
+// parentOpener opens parent for a child (nil: no parent).
+func parentOpener(parent *Image) image.OpenFunc {
+	if parent == nil {
+		return nil
+	}
+	return func(string, string) (image.Image, error) { return nopClose{parent}, nil }
 }
 
 // nopClose lets several children share one parent.
@@ -90,10 +95,7 @@ func crashOnce(t *testing.T, kind string, seed int64) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var open image.OpenFunc
-	if parent != nil {
-		open = func(string, string) (image.Image, error) { return nopClose{parent}, nil }
-	}
+	open := parentOpener(parent)
 	img2, err := openFile(after, "crashed.vhd", Options{Backing: open, Logger: discardLogger()})
 	if err != nil {
 		t.Fatalf("reopen after crash: %v (check: %+v)", err, res)
@@ -177,7 +179,7 @@ func memChild(t testing.TB, parent *Image, opts CreateOptions) (*crashfs.File, *
 	if err := plan.write(f); err != nil {
 		t.Fatal(err)
 	}
-	open := func(string, string) (image.Image, error) { return nopClose{parent}, nil }
+	open := parentOpener(parent)
 	img, err := openFile(f, "child.vhd", Options{Backing: open, Logger: discardLogger()})
 	if err != nil {
 		t.Fatal(err)
@@ -217,10 +219,7 @@ func TestWriteFailures(t *testing.T) {
 			if werr == nil && n <= 3 {
 				t.Fatalf("%s: failing write %d went unreported", kind, n)
 			}
-			var open image.OpenFunc
-			if parent != nil {
-				open = func(string, string) (image.Image, error) { return nopClose{parent}, nil }
-			}
+			open := parentOpener(parent)
 			again, err := openFile(newCrashFile(f.Bytes()), "x", Options{Backing: open, Logger: discardLogger()})
 			if err != nil {
 				t.Fatalf("%s: reopen after failed write %d: %v", kind, n, err)
