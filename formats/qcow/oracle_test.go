@@ -406,9 +406,16 @@ func TestSeedTools(t *testing.T) {
 	if err := Img2Qcow(ctx, p("img.qcow"), &memImage{data: src}); err == nil {
 		t.Fatal("img2qcow overwrote an existing file")
 	}
+	seedQcowCreate(t, qi, dir, src)
+}
 
-	// qcow-create: size in MB; with a backing file the backing's size and
-	// its absolute path; -r reserves space.
+// seedQcowCreate: qcow-create takes the size in MB; with a backing file
+// the backing's size and its absolute path; -r reserves space. img.qcow in
+// dir holds src.
+func seedQcowCreate(t *testing.T, qi, dir string, src []byte) {
+	p := func(n string) string { return filepath.Join(dir, n) }
+	ctx := context.Background()
+	var st syscall.Stat_t
 	if err := QcowCreate(16, p("new.qcow"), "", false); err != nil {
 		t.Fatal(err)
 	}
