@@ -62,8 +62,8 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	bin, dir, d := idleDaemon(t)
 	imgs := rawImages(t, bin, dir, "32M", "a.raw", "b.raw")
 	a, b := imgs[0], imgs[1]
-	uriA := attachURI(t, d, "0", "aio:"+a, "xvdc", "w")
-	uriB := attachURI(t, d, "1", "aio:"+b, "xvdd", "w")
+	uriA := d.attachURI("0", "aio:"+a, "xvdc", "w")
+	uriB := d.attachURI("1", "aio:"+b, "xvdd", "w")
 	for _, u := range []string{uriA, uriB} {
 		runTool(t, qemuIO, "-f", "raw", u, "-c", "write -P 0x3c 0 1M")
 	}
@@ -89,22 +89,6 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	if _, err := d.blktap("detach", "0", "xvdc"); err == nil {
 		t.Fatal("detaching a detached disk succeeded")
 	}
-}
-
-// attachURI runs blktap attach args and returns the NBD URI it prints last.
-func attachURI(t *testing.T, d *daemon, args ...string) string {
-	t.Helper()
-	t.Helper()
-	out, err := d.blktap(append([]string{"attach"}, args...)...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.Split(strings.TrimSpace(out), "\n")
-	uri := lines[len(lines)-1]
-	if !strings.HasPrefix(uri, "nbd+unix:///?socket=") {
-		t.Fatalf("attach printed %q, want an NBD URI last", out)
-	}
-	return uri
 }
 
 // crashEachWorker crashes each worker in turn: it is restarted and serves
@@ -151,7 +135,7 @@ func attachReadOnly(t *testing.T, d *daemon, bin, dir, a, qemuIO, nbdinfo string
 	if _, err := d.blktap("attach", "0", "tap:aio:"+a+",xvde,r"); err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("read-only attach of an image another disk writes: %v", err)
 	}
-	uriR := attachURI(t, d, "0", "tap:aio:"+c+",xvde,r")
+	uriR := d.attachURI("0", "tap:aio:"+c+",xvde,r")
 	out := runTool(t, nbdinfo, uriR)
 	if !strings.Contains(out, "is_read_only: true") {
 		t.Fatalf("r disk not read-only:\n%s", out)
