@@ -71,10 +71,19 @@ func TestKillLosesNothingAcknowledged(t *testing.T) {
 func parentPattern(off int64) byte { return byte(off>>12) | 0x80 }
 
 func killRound(t *testing.T, kc killCase, seed uint64) {
+	path, model, backing := killImage(t, kc, seed)
+	acks, inFlight := killWriter(t, kc, path, seed, model)
+	killVerify(t, kc, path, backing, model, inFlight, acks)
+	t.Logf("round %d: killed after %d acknowledged operations; all verified", seed, acks)
+	killCheck(t, kc, path, backing)
+}
+
+// killImage creates the image a round writes (and its parent, filled with
+// parentPattern); model starts as what the new image reads.
+func killImage(t *testing.T, kc killCase, seed uint64) (path string, model []byte, backing OpenFunc) {
 	dir := t.TempDir()
-	path := filepath.Join(dir, "d."+kc.format)
-	model := make([]byte, killSize)
-	var backing OpenFunc
+	path = filepath.Join(dir, "d."+kc.format)
+	model = make([]byte, killSize)
 	if kc.format == "ram" {
 		path = fmt.Sprintf("blktaptest-kill-%d-%d?size=%d", os.Getpid(), seed, killSize)
 	}
@@ -113,7 +122,13 @@ func killRound(t *testing.T, kc killCase, seed uint64) {
 	if kc.format == "ram" {
 		t.Cleanup(func() { removeRAM(t, path) })
 	}
+	return path, model, backing
+}
 
+// killWriter runs the writer process, applies each operation it
+// acknowledges to model, and kills it with SIGKILL after a random number
+// of them. inFlight holds the ranges begun and not acknowledged.
+func killWriter(t *testing.T, kc killCase, path string, seed uint64, model []byte) (acks int, inFlight [killWriters][2]int64) {
 	cmd := exec.Command(os.Args[0], "-test.run=^TestKillWriterProcess$")
 	cmd.Env = append(os.Environ(), "BLKTAP_KILL_WRITER="+strings.Join([]string{kc.format, path, kc.backing, strconv.FormatUint(seed, 10)}, "\n"))
 	cmd.Stderr = os.Stderr
@@ -125,7 +140,6 @@ func killRound(t *testing.T, kc killCase, seed uint64) {
 		t.Fatal(err)
 	}
 	r := rand.New(rand.NewPCG(seed, 7))
-	acks := 0
 	want := 20 + r.IntN(400)
 	// A writer that stops acknowledging (stuck or failed) is killed too,
 	// and the test fails below.
@@ -136,7 +150,6 @@ func killRound(t *testing.T, kc killCase, seed uint64) {
 	var other []string
 	// An operation begun and not acknowledged when the writer died may
 	// have happened in part or not at all: its bytes are not checked.
-	var inFlight [killWriters][2]int64
 	for sc.Scan() {
 		var what, op string
 		var w int
@@ -173,7 +186,13 @@ func killRound(t *testing.T, kc killCase, seed uint64) {
 	if acks < want {
 		t.Fatalf("the writer acknowledged only %d operations before it stopped:\n%s", acks, strings.Join(other, "\n"))
 	}
+	return acks, inFlight
+}
 
+// killVerify reopens what the dead writer left and compares it with model,
+// apart from the ranges in flight; then flushes (as the restarted worker
+// answers the flush in flight) and closes.
+func killVerify(t *testing.T, kc killCase, path string, backing OpenFunc, model []byte, inFlight [killWriters][2]int64, acks int) {
 	img, err := Open(kc.format, path, Options{Backing: backing})
 	if err != nil {
 		t.Fatalf("reopen after the kill: %v", err)
@@ -189,32 +208,35 @@ func killRound(t *testing.T, kc killCase, seed uint64) {
 	if i := firstDiffAt(got, model); i >= 0 {
 		t.Fatalf("%d operations acknowledged before the kill; byte %d reads %#x, acknowledged %#x", acks, i, got[i], model[i])
 	}
-	t.Logf("round %d: killed after %d acknowledged operations; all verified", seed, acks)
-	// The restarted worker's flush (answering the one in flight) then
-	// close; the image must check clean apart from leaked space.
 	if err := img.Flush(); err != nil {
 		t.Fatal(err)
 	}
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if kc.format != "ram" {
-		res, err := Check(kc.format, path, RepairNone, backing)
-		if err != nil || res.Corruptions != 0 {
-			t.Fatalf("check after the kill: %+v, %v", res, err)
+}
+
+// killCheck: the image must check clean apart from leaked space, by our
+// checker and by qemu-img.
+func killCheck(t *testing.T, kc killCase, path string, backing OpenFunc) {
+	if kc.format == "ram" {
+		return
+	}
+	res, err := Check(kc.format, path, RepairNone, backing)
+	if err != nil || res.Corruptions != 0 {
+		t.Fatalf("check after the kill: %+v, %v", res, err)
+	}
+	if q, err := exec.LookPath("qemu-img"); err == nil && kc.format != "raw" {
+		qf := map[string]string{"vhd": "vpc"}[kc.format]
+		if qf == "" {
+			qf = kc.format
 		}
-		if q, err := exec.LookPath("qemu-img"); err == nil && kc.format != "raw" {
-			qf := map[string]string{"vhd": "vpc"}[kc.format]
-			if qf == "" {
-				qf = kc.format
-			}
-			c := exec.Command(q, "check", "-f", qf, path)
-			b, err := c.CombinedOutput()
-			// 3: leaked clusters only, which a kill may leave; 63: qemu
-			// cannot check the format (qcow, vpc).
-			if code := c.ProcessState.ExitCode(); err != nil && code != 3 && code != 63 {
-				t.Fatalf("qemu-img check after the kill: %v\n%s", err, b)
-			}
+		c := exec.Command(q, "check", "-f", qf, path)
+		b, err := c.CombinedOutput()
+		// 3: leaked clusters only, which a kill may leave; 63: qemu
+		// cannot check the format (qcow, vpc).
+		if code := c.ProcessState.ExitCode(); err != nil && code != 3 && code != 63 {
+			t.Fatalf("qemu-img check after the kill: %v\n%s", err, b)
 		}
 	}
 }

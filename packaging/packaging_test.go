@@ -342,6 +342,13 @@ func TestDeb(t *testing.T) {
 	if filepath.Base(deb) != "blktap_"+changelogVersion(t)+"_amd64.deb" && !strings.HasSuffix(deb, ".deb") {
 		t.Fatalf("deb.sh made %q", deb)
 	}
+	debContents(t, dpkgDeb, deb)
+	debInstallPurge(t, dpkg, deb)
+}
+
+// debContents: dpkg-deb shows the files, owners, control fields and
+// conffiles the package must have.
+func debContents(t *testing.T, dpkgDeb, deb string) {
 	listing, err := exec.Command(dpkgDeb, "-c", deb).Output()
 	if err != nil {
 		t.Fatal(err)
@@ -378,6 +385,11 @@ func TestDeb(t *testing.T) {
 		t.Errorf("conffiles %q, %v", conffiles, err)
 	}
 
+}
+
+// debInstallPurge installs into a scratch root (the scripts see DPKG_ROOT
+// and leave the running system alone), removes and purges.
+func debInstallPurge(t *testing.T, dpkg, deb string) {
 	// Install into a scratch root; the scripts see DPKG_ROOT and leave the
 	// running system alone.
 	root := t.TempDir()

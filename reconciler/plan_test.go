@@ -29,115 +29,103 @@ func actWith(a Actual, f func(*Actual)) Actual { f(&a); return a }
 
 // Each case is one observation; the comment names the handshake step of
 // blkif.h's state diagram (or xenbus.h) it covers.
-func TestPlan(t *testing.T) {
-	dom0, guest, running, with, act := planDom0, planGuest, Actual{Worker: true}, obsWith, actWith
+func TestPlan(t *testing.T) { runPlanCases(t, planHandshakeCases) }
 
-	tests := []struct {
-		name string
-		o    Observed
-		a    Actual
-		want []ActionKind
-	}{
-		{"absent and idle: nothing", Observed{}, Actual{}, nil},
-		{"removed while running: release all", Observed{}, Actual{Worker: true, Ring: true, LF: true},
-			[]ActionKind{ActFrontendClose, ActDisconnectRing, ActStopWorker}},
-		{"toolstack wrote Initialising: start the worker first", with(dom0, func(o *Observed) { o.Backend = StateInitialising; o.Frontend = StateInitialising }), Actual{},
-			[]ActionKind{ActStartWorker}},
-		{"dom0: export, then InitWait", with(dom0, func(o *Observed) { o.Backend = StateInitialising; o.Frontend = StateInitialising }), running,
-			[]ActionKind{ActServeExport, ActBackendInitWait}},
-		{"dom0: InitWait -> both halves Connected", with(dom0, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialising }), act(running, func(a *Actual) { a.Export = true }),
-			[]ActionKind{ActDom0Connect}},
-		{"dom0: connected is stable", with(dom0, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.HotplugConnected = true }), act(running, func(a *Actual) { a.Export = true }),
-			nil},
-		{"guest: backend InitWait, local frontend allocates the ring", with(guest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialising }), running,
-			[]ActionKind{ActFrontendInit}},
-		{"guest: frontend Initialised with ring -> connect", with(guest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialised; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true }),
-			[]ActionKind{ActConnectRing}},
-		{"guest: frontend Initialised without ring keys waits", with(guest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialised }), act(running, func(a *Actual) { a.LF = true }),
-			nil},
-		{"guest: frontend skipped Initialised (Connected) still connects", with(guest, func(o *Observed) {
-			o.LocalFrontend = false
-			o.Backend = StateInitWait
-			o.Frontend = StateConnected
-			o.RingPublished = true
-		}), running,
-			[]ActionKind{ActConnectRing}},
-		{"guest: backend Connected, local frontend connects", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateInitialised; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.Ring = true }),
-			[]ActionKind{ActFrontendConnect}},
-		{"guest: all connected is stable", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.Ring = true; a.LFConnected = true }),
-			nil},
-		{"frontend Closing -> backend Closing", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateConnected; o.Frontend = StateClosing }), act(running, func(a *Actual) { a.Ring = true }),
-			[]ActionKind{ActBackendClosing}},
-		{"frontend Closed -> disconnect, backend Closed", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosing; o.Frontend = StateClosed }), act(running, func(a *Actual) { a.Ring = true }),
-			[]ActionKind{ActDisconnectRing}},
-		{"detach: online 0 -> Closing, local frontend closes", with(guest, func(o *Observed) { o.Online = false; o.Backend = StateConnected; o.Frontend = StateConnected }), act(running, func(a *Actual) { a.Ring = true; a.LF = true; a.LFConnected = true }),
-			[]ActionKind{ActBackendClosing, ActFrontendClose}},
-		{"detach: closed and offline -> stop the worker", with(guest, func(o *Observed) { o.Online = false; o.Backend = StateClosed; o.Frontend = StateClosed }), running,
-			[]ActionKind{ActStopWorker}},
-		{"reconnect: frontend Initialising after Closed -> InitWait", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosed; o.Frontend = StateInitialising }), running,
-			[]ActionKind{ActBackendInitWait}},
-		{"hostile ring -> Closing with the reason", with(guest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), act(running, func(a *Actual) { a.LF = true; a.LFConnected = true; a.RingError = "producer index ran ahead" }),
-			[]ActionKind{ActBackendClosing, ActFrontendClose}},
-		{"local frontend Closed after its ring was lost -> the frontend starts over", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), act(running, func(a *Actual) { a.RingLost = "rsp_prod ran ahead"; a.RingBackoff.Since = 2 * second }),
-			[]ActionKind{ActFrontendRestart}},
-		{"local frontend Closed, no ring lost (the guest went away) -> stays closed", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), running,
-			nil},
-		{"local frontend Closed, disk failed -> no restart", with(guest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed }), Actual{Failed: "no such image", RingLost: "x"},
-			nil},
-		{"local frontend Closed, ring still mapped -> disconnect first", with(guest, func(o *Observed) { o.Backend = StateClosing; o.Frontend = StateClosed }), act(running, func(a *Actual) { a.Ring = true }),
-			[]ActionKind{ActDisconnectRing}},
-		{"a real guest's frontend Closed -> the backend waits for it", with(guest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosed; o.Frontend = StateClosed }), running,
-			nil},
-		// XEN-HOST 5.4: libxl runs the hotplug script on InitWait only.
-		{"libxl disk: Connected waits for hotplug-status", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.HotplugScript = false, true
-			o.Backend, o.Frontend, o.RingPublished = StateInitWait, StateInitialised, true
-		}), running, nil},
-		{"libxl dom0 disk: Connected waits for hotplug-status", with(dom0, func(o *Observed) { o.HotplugScript = true; o.Backend = StateInitWait }), act(running, func(a *Actual) { a.Export = true }),
-			nil},
-		{"own disk with a script key: no hotplug wait", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.HotplugScript, o.Declared = false, true, true
-			o.Backend, o.Frontend, o.RingPublished = StateInitWait, StateInitialised, true
-		}), running, []ActionKind{ActConnectRing}},
-		{"libxl disk whose start failed still reaches InitWait", with(guest, func(o *Observed) { o.LocalFrontend, o.HotplugScript = false, true; o.Backend = StateInitialising }), Actual{Failed: "no such file"},
-			[]ActionKind{ActBackendInitWait}},
-		{"own disk whose start failed stays put", with(guest, func(o *Observed) { o.LocalFrontend, o.Declared = false, true; o.Backend = StateInitialising }), Actual{Failed: "no such file"},
-			nil},
-		// XEN-HOST 5.6: blkback unregisters on a frontend gone Unknown.
-		{"frontend vanished after connect: unmap", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.FrontendPresent, o.Frontend = false, false, StateUnknown
-			o.Backend = StateConnected
-		}), act(running, func(a *Actual) { a.Ring = true }), []ActionKind{ActDisconnectRing}},
-		{"frontend went Unknown after connect: unmap", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.Frontend, o.Backend = false, StateUnknown, StateConnected
-		}), act(running, func(a *Actual) { a.Ring = true }), []ActionKind{ActDisconnectRing}},
-		{"frontend vanished, own disk: stop the worker", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.FrontendPresent, o.Frontend, o.Declared = false, false, StateUnknown, true
-			o.Backend = StateClosed
-		}), running, []ActionKind{ActStopWorker}},
-		{"frontend vanished, libxl disk: the worker waits for libxl", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.FrontendPresent, o.Frontend, o.HotplugScript = false, false, StateUnknown, true
-			o.Backend = StateClosed
-		}), running, nil},
-		{"frontend not there yet before connect: wait", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.FrontendPresent, o.Frontend, o.Backend = false, false, StateUnknown, StateInitWait
-		}), running, nil},
-		// XEN-HOST 5.11: xenbus_dev_fatal.
-		{"unusable ring keys: fatal, backend Closing", with(guest, func(o *Observed) {
-			o.LocalFrontend, o.Backend, o.Frontend, o.RingPublished = false, StateInitWait, StateInitialised, true
-			o.FrontendError = "multi-queue-num-queues \"99\": want 1..4"
-		}), running, []ActionKind{ActFrontendFatal}},
-		{"terminal failure: nothing until params change", with(dom0, func(o *Observed) { o.Backend = StateInitialising }), Actual{Failed: "corrupt image"},
-			nil},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			got := kinds(Plan(tc.o, tc.a))
-			if !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("Plan = %v, want %v", got, tc.want)
-			}
-		})
-	}
+// planRunning is a disk whose worker runs and nothing else is set up.
+var planRunning = Actual{Worker: true}
+
+var planHandshakeCases = []planCase{
+	{"absent and idle: nothing", Observed{}, Actual{}, nil},
+	{"removed while running: release all", Observed{}, Actual{Worker: true, Ring: true, LF: true},
+		[]ActionKind{ActFrontendClose, ActDisconnectRing, ActStopWorker}},
+	{"toolstack wrote Initialising: start the worker first", obsWith(planDom0, func(o *Observed) { o.Backend = StateInitialising; o.Frontend = StateInitialising }), Actual{},
+		[]ActionKind{ActStartWorker}},
+	{"dom0: export, then InitWait", obsWith(planDom0, func(o *Observed) { o.Backend = StateInitialising; o.Frontend = StateInitialising }), planRunning,
+		[]ActionKind{ActServeExport, ActBackendInitWait}},
+	{"dom0: InitWait -> both halves Connected", obsWith(planDom0, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialising }), actWith(planRunning, func(a *Actual) { a.Export = true }),
+		[]ActionKind{ActDom0Connect}},
+	{"dom0: connected is stable", obsWith(planDom0, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.HotplugConnected = true }), actWith(planRunning, func(a *Actual) { a.Export = true }),
+		nil},
+	{"guest: backend InitWait, local frontend allocates the ring", obsWith(planGuest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialising }), planRunning,
+		[]ActionKind{ActFrontendInit}},
+	{"guest: frontend Initialised with ring -> connect", obsWith(planGuest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialised; o.RingPublished = true }), actWith(planRunning, func(a *Actual) { a.LF = true }),
+		[]ActionKind{ActConnectRing}},
+	{"guest: frontend Initialised without ring keys waits", obsWith(planGuest, func(o *Observed) { o.Backend = StateInitWait; o.Frontend = StateInitialised }), actWith(planRunning, func(a *Actual) { a.LF = true }),
+		nil},
+	{"guest: frontend skipped Initialised (Connected) still connects", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend = false
+		o.Backend = StateInitWait
+		o.Frontend = StateConnected
+		o.RingPublished = true
+	}), planRunning,
+		[]ActionKind{ActConnectRing}},
+	{"guest: backend Connected, local frontend connects", obsWith(planGuest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateInitialised; o.RingPublished = true }), actWith(planRunning, func(a *Actual) { a.LF = true; a.Ring = true }),
+		[]ActionKind{ActFrontendConnect}},
+	{"guest: all connected is stable", obsWith(planGuest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), actWith(planRunning, func(a *Actual) { a.LF = true; a.Ring = true; a.LFConnected = true }),
+		nil},
+	{"frontend Closing -> backend Closing", obsWith(planGuest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateConnected; o.Frontend = StateClosing }), actWith(planRunning, func(a *Actual) { a.Ring = true }),
+		[]ActionKind{ActBackendClosing}},
+	{"frontend Closed -> disconnect, backend Closed", obsWith(planGuest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosing; o.Frontend = StateClosed }), actWith(planRunning, func(a *Actual) { a.Ring = true }),
+		[]ActionKind{ActDisconnectRing}},
+	{"detach: online 0 -> Closing, local frontend closes", obsWith(planGuest, func(o *Observed) { o.Online = false; o.Backend = StateConnected; o.Frontend = StateConnected }), actWith(planRunning, func(a *Actual) { a.Ring = true; a.LF = true; a.LFConnected = true }),
+		[]ActionKind{ActBackendClosing, ActFrontendClose}},
+	{"detach: closed and offline -> stop the worker", obsWith(planGuest, func(o *Observed) { o.Online = false; o.Backend = StateClosed; o.Frontend = StateClosed }), planRunning,
+		[]ActionKind{ActStopWorker}},
+	{"reconnect: frontend Initialising after Closed -> InitWait", obsWith(planGuest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosed; o.Frontend = StateInitialising }), planRunning,
+		[]ActionKind{ActBackendInitWait}},
+	{"hostile ring -> Closing with the reason", obsWith(planGuest, func(o *Observed) { o.Backend = StateConnected; o.Frontend = StateConnected; o.RingPublished = true }), actWith(planRunning, func(a *Actual) { a.LF = true; a.LFConnected = true; a.RingError = "producer index ran ahead" }),
+		[]ActionKind{ActBackendClosing, ActFrontendClose}},
+	{"local frontend Closed after its ring was lost -> the frontend starts over", obsWith(planGuest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), actWith(planRunning, func(a *Actual) { a.RingLost = "rsp_prod ran ahead"; a.RingBackoff.Since = 2 * second }),
+		[]ActionKind{ActFrontendRestart}},
+	{"local frontend Closed, no ring lost (the guest went away) -> stays closed", obsWith(planGuest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed; o.RingPublished = true }), planRunning,
+		nil},
+	{"local frontend Closed, disk failed -> no restart", obsWith(planGuest, func(o *Observed) { o.Backend = StateClosed; o.Frontend = StateClosed }), Actual{Failed: "no such image", RingLost: "x"},
+		nil},
+	{"local frontend Closed, ring still mapped -> disconnect first", obsWith(planGuest, func(o *Observed) { o.Backend = StateClosing; o.Frontend = StateClosed }), actWith(planRunning, func(a *Actual) { a.Ring = true }),
+		[]ActionKind{ActDisconnectRing}},
+	{"a real guest's frontend Closed -> the backend waits for it", obsWith(planGuest, func(o *Observed) { o.LocalFrontend = false; o.Backend = StateClosed; o.Frontend = StateClosed }), planRunning,
+		nil},
+	// XEN-HOST 5.4: libxl runs the hotplug script on InitWait only.
+	{"libxl disk: Connected waits for hotplug-status", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.HotplugScript = false, true
+		o.Backend, o.Frontend, o.RingPublished = StateInitWait, StateInitialised, true
+	}), planRunning, nil},
+	{"libxl dom0 disk: Connected waits for hotplug-status", obsWith(planDom0, func(o *Observed) { o.HotplugScript = true; o.Backend = StateInitWait }), actWith(planRunning, func(a *Actual) { a.Export = true }),
+		nil},
+	{"own disk with a script key: no hotplug wait", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.HotplugScript, o.Declared = false, true, true
+		o.Backend, o.Frontend, o.RingPublished = StateInitWait, StateInitialised, true
+	}), planRunning, []ActionKind{ActConnectRing}},
+	{"libxl disk whose start failed still reaches InitWait", obsWith(planGuest, func(o *Observed) { o.LocalFrontend, o.HotplugScript = false, true; o.Backend = StateInitialising }), Actual{Failed: "no such file"},
+		[]ActionKind{ActBackendInitWait}},
+	{"own disk whose start failed stays put", obsWith(planGuest, func(o *Observed) { o.LocalFrontend, o.Declared = false, true; o.Backend = StateInitialising }), Actual{Failed: "no such file"},
+		nil},
+	// XEN-HOST 5.6: blkback unregisters on a frontend gone Unknown.
+	{"frontend vanished after connect: unmap", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.FrontendPresent, o.Frontend = false, false, StateUnknown
+		o.Backend = StateConnected
+	}), actWith(planRunning, func(a *Actual) { a.Ring = true }), []ActionKind{ActDisconnectRing}},
+	{"frontend went Unknown after connect: unmap", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.Frontend, o.Backend = false, StateUnknown, StateConnected
+	}), actWith(planRunning, func(a *Actual) { a.Ring = true }), []ActionKind{ActDisconnectRing}},
+	{"frontend vanished, own disk: stop the worker", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.FrontendPresent, o.Frontend, o.Declared = false, false, StateUnknown, true
+		o.Backend = StateClosed
+	}), planRunning, []ActionKind{ActStopWorker}},
+	{"frontend vanished, libxl disk: the worker waits for libxl", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.FrontendPresent, o.Frontend, o.HotplugScript = false, false, StateUnknown, true
+		o.Backend = StateClosed
+	}), planRunning, nil},
+	{"frontend not there yet before connect: wait", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.FrontendPresent, o.Frontend, o.Backend = false, false, StateUnknown, StateInitWait
+	}), planRunning, nil},
+	// XEN-HOST 5.11: xenbus_dev_fatal.
+	{"unusable ring keys: fatal, backend Closing", obsWith(planGuest, func(o *Observed) {
+		o.LocalFrontend, o.Backend, o.Frontend, o.RingPublished = false, StateInitWait, StateInitialised, true
+		o.FrontendError = "multi-queue-num-queues \"99\": want 1..4"
+	}), planRunning, []ActionKind{ActFrontendFatal}},
+	{"terminal failure: nothing until params change", obsWith(planDom0, func(o *Observed) { o.Backend = StateInitialising }), Actual{Failed: "corrupt image"},
+		nil},
 }
 
 type planCase struct {

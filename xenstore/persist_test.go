@@ -2,6 +2,7 @@ package xenstore
 
 import (
 	"bytes"
+	"context"
 	"net"
 	"os"
 	"path/filepath"
@@ -56,18 +57,7 @@ func TestPersistAcrossRestart(t *testing.T) {
 	if err := c.SetPerms(ctx, "/local/domain/1/device/vbd/51712", perms); err != nil {
 		t.Fatal(err)
 	}
-	// Saved after the delay, with no Close: what a SIGKILL leaves.
-	deadline := time.Now().Add(5 * time.Second)
-	for {
-		b, _ := os.ReadFile(db)
-		if bytes.Contains(b, []byte(`"/empty"`)) && bytes.Contains(b, []byte(`"b1"`)) || bytes.Contains(b, []byte(`"n1"`)) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("tree not saved within 5s:\n%s", b)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitSaved(t, db)
 	if err := c.Write(ctx, "/last", "x"); err != nil {
 		t.Fatal(err)
 	}
@@ -100,8 +90,28 @@ func TestPersistAcrossRestart(t *testing.T) {
 	if got, err := c2.GetPerms(ctx, "/"); err != nil || !slices.Equal(got, []Perm{{Domid: 0, Access: PermNone}}) {
 		t.Errorf("root perms %v, %v", got, err)
 	}
-	// Loaded nodes exist for transactions: a tx that read one conflicts
-	// with its removal.
+	loadedNodeConflicts(t, ctx, c2)
+}
+
+// waitSaved: the tree is saved after the delay, with no Close: what a
+// SIGKILL leaves.
+func waitSaved(t *testing.T, db string) {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b, _ := os.ReadFile(db)
+		if bytes.Contains(b, []byte(`"/empty"`)) && bytes.Contains(b, []byte(`"b1"`)) || bytes.Contains(b, []byte(`"n1"`)) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("tree not saved within 5s:\n%s", b)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// loadedNodeConflicts: loaded nodes exist for transactions: a tx that
+// read one conflicts with its removal.
+func loadedNodeConflicts(t *testing.T, ctx context.Context, c2 *Client) {
 	attempts := 0
 	err := c2.Transaction(ctx, func(tx *Tx) error {
 		attempts++

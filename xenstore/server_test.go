@@ -1,6 +1,7 @@
 package xenstore
 
 import (
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -88,71 +89,16 @@ func TestStress(t *testing.T) {
 		t.Fatal(err)
 	}
 	recv(t, ctx, w)
-	seen := map[string]bool{}
-	overflowed := false
-	var mu sync.Mutex
-	collectorDone := make(chan struct{})
-	stopCollect := make(chan struct{})
-	go func() {
-		defer close(collectorDone)
-		for {
-			select {
-			case ev := <-w.Events():
-				mu.Lock()
-				if ev.Overflow {
-					overflowed = true
-				}
-				seen[ev.Path] = true
-				mu.Unlock()
-			case <-stopCollect:
-				return
-			}
-		}
-	}()
+	col := collect(w)
 	eachClient(t, sock, clients, func(i int, c *Client) error {
-		// Each client also watches its own subtree.
-		own, err := c.Watch(ctx, fmt.Sprintf("/stress/%d", i), "own")
-		if err != nil {
-			return err
-		}
-		defer own.Close()
-		go func() {
-			for range own.Events() {
-			}
-		}()
-		for j := 0; j < writes; j++ {
-			p := fmt.Sprintf("/stress/%d/%d", i, j)
-			if j%3 == 0 {
-				err = c.Transaction(ctx, func(tx *Tx) error {
-					if _, err := tx.Read(ctx, "/stress/shared"); err != nil && !errors.Is(err, ErrNotFound) {
-						return err
-					}
-					if err := tx.Write(ctx, "/stress/shared", p); err != nil {
-						return err
-					}
-					return tx.Write(ctx, p, "tx")
-				})
-			} else {
-				err = c.Write(ctx, p, "w")
-			}
-			if err != nil {
-				return err
-			}
-		}
-		return nil
+		return stressClient(ctx, i, c, writes)
 	})
 	// Fence: the watcher's events arrive in order, so once this one is
 	// seen every earlier one has been delivered (or collapsed).
 	if err := watcher.Write(ctx, "/stress/fence", "x"); err != nil {
 		t.Fatal(err)
 	}
-	for {
-		mu.Lock()
-		done := seen["/stress/fence"]
-		mu.Unlock()
-		if done {
-			break
-		}
+	for !col.saw("/stress/fence") {
 		select {
 		case <-ctx.Done():
 			t.Fatal("fence event never arrived")
@@ -160,11 +106,10 @@ func TestStress(t *testing.T) {
 			watcher.Read(ctx, "/stress/fence") // yield to the collector
 		}
 	}
-	close(stopCollect)
-	<-collectorDone
+	col.stop()
 	for i := 0; i < clients; i++ {
 		var names []string
-		if overflowed {
+		if col.overflowed {
 			// Level-triggered: after an Overflow the consumer re-reads.
 			if names, err = watcher.Directory(ctx, fmt.Sprintf("/stress/%d", i)); err != nil {
 				t.Fatal(err)
@@ -172,11 +117,86 @@ func TestStress(t *testing.T) {
 		}
 		for j := 0; j < writes; j++ {
 			p := fmt.Sprintf("/stress/%d/%d", i, j)
-			if !seen[p] && !slices.Contains(names, fmt.Sprint(j)) {
-				t.Fatalf("write of %s never reported (overflow: %v)", p, overflowed)
+			if !col.seen[p] && !slices.Contains(names, fmt.Sprint(j)) {
+				t.Fatalf("write of %s never reported (overflow: %v)", p, col.overflowed)
 			}
 		}
 	}
+}
+
+// collector records the paths a watch reports, and whether it overflowed.
+type collector struct {
+	mu         sync.Mutex
+	seen       map[string]bool
+	overflowed bool
+	halt, done chan struct{}
+}
+
+func collect(w *Watch) *collector {
+	c := &collector{seen: map[string]bool{}, halt: make(chan struct{}), done: make(chan struct{})}
+	go func() {
+		defer close(c.done)
+		for {
+			select {
+			case ev := <-w.Events():
+				c.mu.Lock()
+				if ev.Overflow {
+					c.overflowed = true
+				}
+				c.seen[ev.Path] = true
+				c.mu.Unlock()
+			case <-c.halt:
+				return
+			}
+		}
+	}()
+	return c
+}
+
+func (c *collector) saw(path string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.seen[path]
+}
+
+// stop ends the collection; seen and overflowed are then final.
+func (c *collector) stop() {
+	close(c.halt)
+	<-c.done
+}
+
+// stressClient watches its own subtree and writes writes nodes under it,
+// every third in a transaction that also rewrites a shared node.
+func stressClient(ctx context.Context, i int, c *Client, writes int) error {
+	own, err := c.Watch(ctx, fmt.Sprintf("/stress/%d", i), "own")
+	if err != nil {
+		return err
+	}
+	defer own.Close()
+	go func() {
+		for range own.Events() {
+		}
+	}()
+	for j := 0; j < writes; j++ {
+		p := fmt.Sprintf("/stress/%d/%d", i, j)
+		if j%3 == 0 {
+			err = c.Transaction(ctx, func(tx *Tx) error {
+				if _, err := tx.Read(ctx, "/stress/shared"); err != nil && !errors.Is(err, ErrNotFound) {
+					return err
+				}
+				if err := tx.Write(ctx, "/stress/shared", p); err != nil {
+					return err
+				}
+				return tx.Write(ctx, p, "tx")
+			})
+		} else {
+			err = c.Write(ctx, p, "w")
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // TestFileConn: the xenbus device path (a *os.File, no deadlines) works

@@ -62,21 +62,8 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	bin, dir, d := idleDaemon(t)
 	imgs := rawImages(t, bin, dir, "32M", "a.raw", "b.raw")
 	a, b := imgs[0], imgs[1]
-	attach := func(args ...string) string {
-		t.Helper()
-		out, err := d.blktap(append([]string{"attach"}, args...)...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		lines := strings.Split(strings.TrimSpace(out), "\n")
-		uri := lines[len(lines)-1]
-		if !strings.HasPrefix(uri, "nbd+unix:///?socket=") {
-			t.Fatalf("attach printed %q, want an NBD URI last", out)
-		}
-		return uri
-	}
-	uriA := attach("0", "aio:"+a, "xvdc", "w")
-	uriB := attach("1", "aio:"+b, "xvdd", "w")
+	uriA := d.attachURI("0", "aio:"+a, "xvdc", "w")
+	uriB := d.attachURI("1", "aio:"+b, "xvdd", "w")
 	for _, u := range []string{uriA, uriB} {
 		runTool(t, qemuIO, "-f", "raw", u, "-c", "write -P 0x3c 0 1M")
 	}
@@ -85,8 +72,28 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	if rowA.WorkerPid <= 0 || rowB.WorkerPid <= 0 || rowA.WorkerPid == rowB.WorkerPid {
 		t.Fatalf("want one worker per disk: %+v %+v", rowA, rowB)
 	}
+	crashEachWorker(t, d, qemuIO, uriA, uriB)
+	attachReadOnly(t, d, bin, dir, a, qemuIO, nbdinfo)
+	for _, dv := range [][2]string{{"0", "xvdc"}, {"1", "xvdd"}, {"0", "xvde"}} {
+		if _, err := d.blktap("detach", dv[0], dv[1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if rows := d.ls(); len(rows) != 0 {
+		t.Fatalf("devices left after detach: %+v", rows)
+	}
+	sock := strings.TrimPrefix(uriA, "nbd+unix:///?socket=")
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Fatalf("export socket %s left after detach: %v", sock, err)
+	}
+	if _, err := d.blktap("detach", "0", "xvdc"); err == nil {
+		t.Fatal("detaching a detached disk succeeded")
+	}
+}
 
-	// Crash each worker in turn: it is restarted and serves the same URI
+// crashEachWorker crashes each worker in turn: it is restarted and serves
+// the same URI again; the other disk's worker is untouched.
+func crashEachWorker(t *testing.T, d *daemon, qemuIO, uriA, uriB string) {
 	// again; the other disk's worker is untouched.
 	for _, c := range []struct {
 		name, uri, other string
@@ -115,10 +122,12 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	if !strings.Contains(out, `"restarts": 1`) {
 		t.Fatalf("ls does not count the restarts:\n%s %v", out, restarts)
 	}
+}
 
-	// The seed's VM-config form, read-only.
-	// (On its own image: a read-only user of an image another disk writes
-	// is refused like a second writer.)
+// attachReadOnly: the seed's VM-config form, read-only. (On its own image:
+// a read-only user of an image another disk writes is refused like a
+// second writer.)
+func attachReadOnly(t *testing.T, d *daemon, bin, dir, a, qemuIO, nbdinfo string) {
 	c := filepath.Join(dir, "c.raw")
 	if out, err := exec.Command(bin, "image", "create", "-f", "raw", c, "1M").CombinedOutput(); err != nil {
 		t.Fatalf("image create: %v %s", err, out)
@@ -126,29 +135,13 @@ func TestEndToEndAttachCrashDetach(t *testing.T) {
 	if _, err := d.blktap("attach", "0", "tap:aio:"+a+",xvde,r"); err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("read-only attach of an image another disk writes: %v", err)
 	}
-	uriR := attach("0", "tap:aio:"+c+",xvde,r")
-	out = runTool(t, nbdinfo, uriR)
+	uriR := d.attachURI("0", "tap:aio:"+c+",xvde,r")
+	out := runTool(t, nbdinfo, uriR)
 	if !strings.Contains(out, "is_read_only: true") {
 		t.Fatalf("r disk not read-only:\n%s", out)
 	}
 	if o, err := exec.Command(qemuIO, "-f", "raw", uriR, "-c", "write 0 4k").CombinedOutput(); err == nil && !strings.Contains(string(o), "failed") {
 		t.Fatalf("write to a read-only disk succeeded: %s", o)
-	}
-
-	for _, dv := range [][2]string{{"0", "xvdc"}, {"1", "xvdd"}, {"0", "xvde"}} {
-		if _, err := d.blktap("detach", dv[0], dv[1]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if rows := d.ls(); len(rows) != 0 {
-		t.Fatalf("devices left after detach: %+v", rows)
-	}
-	sock := strings.TrimPrefix(uriA, "nbd+unix:///?socket=")
-	if _, err := os.Stat(sock); !os.IsNotExist(err) {
-		t.Fatalf("export socket %s left after detach: %v", sock, err)
-	}
-	if _, err := d.blktap("detach", "0", "xvdc"); err == nil {
-		t.Fatal("detaching a detached disk succeeded")
 	}
 }
 
@@ -193,37 +186,9 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 		t.Fatalf("nbdinfo --size: %s", out)
 	}
 
-	// The same image, writable, on a second device: refused, with a reason,
-	// and attach cleans up after itself.
-	start := time.Now()
-	out, err := d.blktap("attach", "0", "qcow:"+img, "xvdd", "w")
-	if err == nil {
-		t.Fatalf("second writable attach of one image succeeded: %s", out)
-	}
-	if !strings.Contains(err.Error(), "in use") {
-		t.Fatalf("second attach error lacks the reason: %v", err)
-	}
-	if time.Since(start) > 30*time.Second {
-		t.Fatalf("refusal took %v", time.Since(start))
-	}
-	if _, ok := d.row("d0-xvdd"); ok {
-		t.Fatal("refused attach left its device behind")
-	}
+	secondWriterRefused(t, d, img)
 
-	// A device whose image is missing fails terminally and says why in
-	// the backend's `error` key, as xenbus drivers do.
-	be2 := "/local/domain/0/backend/tap/0/51760" // xvdd
-	fe2 := "/local/domain/0/device/vbd/51760"
-	xs(xsWrite,
-		be2+"/frontend", fe2, be2+"/frontend-id", "0", be2+"/online", "1",
-		be2+"/params", "aio:"+filepath.Join(dir, "missing.raw"), be2+"/mode", "w",
-		fe2+"/backend", be2, fe2+"/backend-id", "0", fe2+"/state", "1", be2+"/state", "1")
-	d.waitRow("d0-51760", "terminal failure", func(r lsRow) bool { return r.Phase == "failed" })
-	if msg := xs(xsRead, be2+"/error"); !strings.Contains(msg, "no such file") {
-		t.Fatalf("backend error key: %q", msg)
-	}
-	xs(xsRm, be2)
-	xs(xsRm, fe2)
+	missingImageFails(t, d, dir, xs, xsWrite, xsRead, xsRm)
 
 	// The toolstack detaches: online 0 and Closing, then waits for Closed.
 	xs(xsWrite, be+"/online", "0", be+"/state", "5")
@@ -239,6 +204,42 @@ func TestEndToEndToolstackWrites(t *testing.T) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// secondWriterRefused: the same image, writable, on a second device is
+// refused, with a reason, and attach cleans up after itself.
+func secondWriterRefused(t *testing.T, d *daemon, img string) {
+	start := time.Now()
+	out, err := d.blktap("attach", "0", "qcow:"+img, "xvdd", "w")
+	if err == nil {
+		t.Fatalf("second writable attach of one image succeeded: %s", out)
+	}
+	if !strings.Contains(err.Error(), "in use") {
+		t.Fatalf("second attach error lacks the reason: %v", err)
+	}
+	if time.Since(start) > 30*time.Second {
+		t.Fatalf("refusal took %v", time.Since(start))
+	}
+	if _, ok := d.row("d0-xvdd"); ok {
+		t.Fatal("refused attach left its device behind")
+	}
+}
+
+// missingImageFails: a device whose image is missing fails terminally and
+// says why in the backend's `error` key, as xenbus drivers do.
+func missingImageFails(t *testing.T, d *daemon, dir string, xs func(tool string, args ...string) string, xsWrite, xsRead, xsRm string) {
+	be2 := "/local/domain/0/backend/tap/0/51760" // xvdd
+	fe2 := "/local/domain/0/device/vbd/51760"
+	xs(xsWrite,
+		be2+"/frontend", fe2, be2+"/frontend-id", "0", be2+"/online", "1",
+		be2+"/params", "aio:"+filepath.Join(dir, "missing.raw"), be2+"/mode", "w",
+		fe2+"/backend", be2, fe2+"/backend-id", "0", fe2+"/state", "1", be2+"/state", "1")
+	d.waitRow("d0-51760", "terminal failure", func(r lsRow) bool { return r.Phase == "failed" })
+	if msg := xs(xsRead, be2+"/error"); !strings.Contains(msg, "no such file") {
+		t.Fatalf("backend error key: %q", msg)
+	}
+	xs(xsRm, be2)
+	xs(xsRm, fe2)
 }
 
 // GitOps: the daemon follows edits of its YAML file (an editor's

@@ -378,47 +378,9 @@ func TestEndToEndHVMDeviceModel(t *testing.T) {
 			q.qemuIO(drive, "read -P 0x5b 4M 1M")
 			q.qemuIO(drive, "read -P 0 0 1M")
 
-			// Acknowledged means at our worker: a second client (the PV
-			// path's stand-in, another connection to the same worker) reads
-			// it at once, with no flush in between.
-			before := d.counters(name).IO
-			q.qemuIO(drive, "write -P 0xa5 0 1M")
-			verify(t, qemuIO, "-f", "raw", uri, "-c", "read -P 0xa5 0 1M")
-			if got := d.counters(name).IO; got.NBDWrites <= before.NBDWrites {
-				t.Fatalf("QEMU's write never reached the export: nbd_writes %d -> %d", before.NBDWrites, got.NBDWrites)
-			}
+			ackAndFlushReachUs(t, d, q, qemuIO, drive, name, uri)
 
-			// The guest's cache flush (IDE FLUSH CACHE, which cache=writeback
-			// passes down) is an NBD flush to us.
-			before = d.counters(name).IO
-			q.qemuIO(drive, "flush")
-			after := d.counters(name).IO
-			if after.NBDFlushes <= before.NBDFlushes || after.Flushes <= before.Flushes {
-				t.Fatalf("QEMU's flush did not reach the worker: nbd_flushes %d -> %d, flushes %d -> %d",
-					before.NBDFlushes, after.NBDFlushes, before.Flushes, after.Flushes)
-			}
-
-			// The switch: writes in flight on the emulated disk, then the
-			// unplug. QEMU's Xen unplug (xen_platform.c) drains, flushes and
-			// drops the drive's block backend; drive_del is that removal.
-			q.qemuIO(drive, "aio_write -P 0xc3 8M 2M")
-			q.qemuIO(drive, "aio_write -P 0x3c 12M 64k")
-			before = d.counters(name).IO
-			if out := q.hmp("drive_del " + drive); strings.TrimSpace(out) != "" {
-				t.Fatalf("drive_del %s: %s", drive, out)
-			}
-			after = d.counters(name).IO
-			if after.NBDFlushes <= before.NBDFlushes {
-				t.Errorf("the unplug closed QEMU's drive without a flush reaching us: nbd_flushes %d -> %d",
-					before.NBDFlushes, after.NBDFlushes)
-			}
-			if info := q.hmp("info block"); strings.Contains(info, drive+" ") {
-				t.Fatalf("%s still in QEMU after drive_del:\n%s", drive, info)
-			}
-			// The other path sees every write the emulated disk made.
-			verify(t, qemuIO, "-f", "raw", uri,
-				"-c", "read -P 0xa5 0 1M", "-c", "read -P 0x5b 4M 1M",
-				"-c", "read -P 0xc3 8M 2M", "-c", "read -P 0x3c 12M 64k")
+			unplugLosesNothing(t, d, q, qemuIO, drive, name, uri)
 			// and writes of its own, as the PV driver does after the unplug
 			runTool(t, qemuIO, "-f", "raw", uri, "-c", "write -P 0x77 16M 1M")
 			killDM() // as at domain destroy: the model goes, the disk stays
@@ -436,6 +398,50 @@ func TestEndToEndHVMDeviceModel(t *testing.T) {
 			}
 		})
 	}
+}
+
+// ackAndFlushReachUs: acknowledged means at our worker: a second client
+// (the PV path's stand-in, another connection to the same worker) reads
+// it at once, with no flush in between; and the guest's cache flush (IDE
+// FLUSH CACHE, which cache=writeback passes down) is an NBD flush to us.
+func ackAndFlushReachUs(t *testing.T, d *daemon, q *qmp, qemuIO, drive, name, uri string) {
+	before := d.counters(name).IO
+	q.qemuIO(drive, "write -P 0xa5 0 1M")
+	verify(t, qemuIO, "-f", "raw", uri, "-c", "read -P 0xa5 0 1M")
+	if got := d.counters(name).IO; got.NBDWrites <= before.NBDWrites {
+		t.Fatalf("QEMU's write never reached the export: nbd_writes %d -> %d", before.NBDWrites, got.NBDWrites)
+	}
+	before = d.counters(name).IO
+	q.qemuIO(drive, "flush")
+	after := d.counters(name).IO
+	if after.NBDFlushes <= before.NBDFlushes || after.Flushes <= before.Flushes {
+		t.Fatalf("QEMU's flush did not reach the worker: nbd_flushes %d -> %d, flushes %d -> %d",
+			before.NBDFlushes, after.NBDFlushes, before.Flushes, after.Flushes)
+	}
+}
+
+// unplugLosesNothing: the switch: writes in flight on the emulated disk,
+// then the unplug. QEMU's Xen unplug (xen_platform.c) drains, flushes and
+// drops the drive's block backend; drive_del is that removal. The other
+// path then sees every write the emulated disk made.
+func unplugLosesNothing(t *testing.T, d *daemon, q *qmp, qemuIO, drive, name, uri string) {
+	q.qemuIO(drive, "aio_write -P 0xc3 8M 2M")
+	q.qemuIO(drive, "aio_write -P 0x3c 12M 64k")
+	before := d.counters(name).IO
+	if out := q.hmp("drive_del " + drive); strings.TrimSpace(out) != "" {
+		t.Fatalf("drive_del %s: %s", drive, out)
+	}
+	after := d.counters(name).IO
+	if after.NBDFlushes <= before.NBDFlushes {
+		t.Errorf("the unplug closed QEMU's drive without a flush reaching us: nbd_flushes %d -> %d",
+			before.NBDFlushes, after.NBDFlushes)
+	}
+	if info := q.hmp("info block"); strings.Contains(info, drive+" ") {
+		t.Fatalf("%s still in QEMU after drive_del:\n%s", drive, info)
+	}
+	verify(t, qemuIO, "-f", "raw", uri,
+		"-c", "read -P 0xa5 0 1M", "-c", "read -P 0x5b 4M 1M",
+		"-c", "read -P 0xc3 8M 2M", "-c", "read -P 0x3c 12M 64k")
 }
 
 // bootSectorHex is the code of a boot sector (its source is in

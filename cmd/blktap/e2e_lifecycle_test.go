@@ -69,23 +69,7 @@ func TestEndToEndSdNotify(t *testing.T) {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "notify")
-	ln, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	msgs := make(chan string, 16)
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, err := ln.Read(buf)
-			if err != nil {
-				close(msgs)
-				return
-			}
-			msgs <- string(buf[:n])
-		}
-	}()
+	msgs := notifySocket(t, sock)
 
 	// A daemon that has never started (restartDaemon needs only the state
 	// directory and the binary).
@@ -139,4 +123,26 @@ func TestEndToEndSdNotify(t *testing.T) {
 	// Leave nothing running: a new daemon adopts them, and the test's
 	// cleanup shuts it down.
 	restartDaemon(t, d, cfg).waitConnected("n0", "n1")
+}
+
+// notifySocket listens as systemd does on sock and passes on each message.
+func notifySocket(t *testing.T, sock string) <-chan string {
+	ln, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	msgs := make(chan string, 16)
+	go func() {
+		buf := make([]byte, 4096)
+		for {
+			n, err := ln.Read(buf)
+			if err != nil {
+				close(msgs)
+				return
+			}
+			msgs <- string(buf[:n])
+		}
+	}()
+	return msgs
 }

@@ -52,27 +52,7 @@ func TestEndToEndFrontendGivesUp(t *testing.T) {
 	if n, err := ringfault.BreakRings(d.cmd.Process.Pid, ringfault.Responses); err != nil || n != 1 {
 		t.Fatalf("BreakRings: %d rings, %v", n, err)
 	}
-	var seen lsRow
-	deadline := time.Now().Add(15 * time.Second)
-	for seen.Phase != "closing" {
-		if time.Now().After(deadline) {
-			t.Fatalf("the broken ring never showed in ls: last %+v", seen)
-		}
-		out, err := d.blktap("ls", "--json")
-		if err != nil {
-			t.Fatal(err)
-		}
-		var rows []lsRow
-		if err := json.Unmarshal([]byte(out), &rows); err != nil {
-			t.Fatalf("ls --json: %v\n%s", err, out)
-		}
-		for _, r := range rows {
-			if r.Name == "g" {
-				seen = r
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	seen := waitClosing(t, d, "g")
 	if !strings.Contains(seen.Error, "local frontend gave up") || !strings.Contains(seen.Error, "rsp_prod") {
 		t.Errorf("ls while closing: error %q, want the frontend's reason", seen.Error)
 	}
@@ -98,4 +78,31 @@ func TestEndToEndFrontendGivesUp(t *testing.T) {
 	t.Logf("client held across the break:\n%s", heldOut)
 	runTool(t, qemuIO, "-f", "raw", after.Export, "-c", "read -P 0x71 0 1M", "-c", "read -P 0x72 8M 1M",
 		"-c", "write -P 0x73 4M 1M", "-c", "flush", "-c", "read -P 0x73 4M 1M")
+}
+
+// waitClosing polls ls --json (often: the phase is brief) until disk name
+// shows closing, and returns its row then.
+func waitClosing(t *testing.T, d *daemon, name string) lsRow {
+	var seen lsRow
+	deadline := time.Now().Add(15 * time.Second)
+	for seen.Phase != "closing" {
+		if time.Now().After(deadline) {
+			t.Fatalf("the broken ring never showed in ls: last %+v", seen)
+		}
+		out, err := d.blktap("ls", "--json")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var rows []lsRow
+		if err := json.Unmarshal([]byte(out), &rows); err != nil {
+			t.Fatalf("ls --json: %v\n%s", err, out)
+		}
+		for _, r := range rows {
+			if r.Name == name {
+				seen = r
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return seen
 }

@@ -26,33 +26,7 @@ func TestEndToEndLiveSnapshot(t *testing.T) {
 			}
 			uri := d.attachURI(domid, "aio:"+base, "xvdc", "w")
 
-			// Pause holds I/O; resume lets it through.
-			if _, err := d.blktap("pause", domid, "xvdc"); err != nil {
-				t.Fatal(err)
-			}
-			d.waitRow("d"+domid+"-xvdc", "paused", func(r lsRow) bool { return r.Phase == "paused" })
-			held := exec.Command(qemuIO, "-f", "raw", uri, "-c", "write -P 0x44 0 64k")
-			done := make(chan error, 1)
-			if err := held.Start(); err != nil {
-				t.Fatal(err)
-			}
-			go func() { done <- held.Wait() }()
-			select {
-			case err := <-done:
-				t.Fatalf("a write went through a paused disk: %v", err)
-			case <-time.After(500 * time.Millisecond):
-			}
-			if _, err := d.blktap("resume", domid, "xvdc"); err != nil {
-				t.Fatal(err)
-			}
-			select {
-			case err := <-done:
-				if err != nil {
-					t.Fatalf("held write failed after resume: %v", err)
-				}
-			case <-time.After(20 * time.Second):
-				t.Fatal("held write never completed after resume")
-			}
+			pauseHoldsIO(t, d, qemuIO, domid, uri)
 
 			// Snapshot under load.
 			job := exec.Command(fio, "--name=snap", "--ioengine=nbd", "--uri="+uri, "--rw=randwrite",
@@ -91,5 +65,35 @@ func TestEndToEndLiveSnapshot(t *testing.T) {
 			runTool(t, qemuIO, "-f", "qcow2", overlay, "-c", "read -P 0x44 0 64k")
 			runTool(t, qemuImg, "check", "-f", "qcow2", overlay)
 		})
+	}
+}
+
+// pauseHoldsIO: pause holds I/O; resume lets it through.
+func pauseHoldsIO(t *testing.T, d *daemon, qemuIO, domid, uri string) {
+	if _, err := d.blktap("pause", domid, "xvdc"); err != nil {
+		t.Fatal(err)
+	}
+	d.waitRow("d"+domid+"-xvdc", "paused", func(r lsRow) bool { return r.Phase == "paused" })
+	held := exec.Command(qemuIO, "-f", "raw", uri, "-c", "write -P 0x44 0 64k")
+	done := make(chan error, 1)
+	if err := held.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { done <- held.Wait() }()
+	select {
+	case err := <-done:
+		t.Fatalf("a write went through a paused disk: %v", err)
+	case <-time.After(500 * time.Millisecond):
+	}
+	if _, err := d.blktap("resume", domid, "xvdc"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("held write failed after resume: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("held write never completed after resume")
 	}
 }

@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -251,86 +250,103 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	for _, name := range []string{"dom0disk", "guestdisk"} {
 		t.Run(name, func(t *testing.T) {
 			uri := rows[name].Export
-			file := files[name]
 			if !strings.HasPrefix(uri, "nbd+unix:///?socket=") {
 				t.Fatalf("export %q is not an nbd+unix URI", uri)
 			}
-			// A pattern written through NBD lands in the image file.
-			out := runTool(t, qemuIO, "-f", "raw", uri, "-c", "write -P 0xa5 1M 4M")
-			if !strings.Contains(out, "wrote 4194304/4194304 bytes") {
-				t.Fatalf("qemu-io write: %s", out)
-			}
-			b, err := os.ReadFile(file)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if int64(len(b)) != e2eSize {
-				t.Fatalf("image file is %d bytes, want %d", len(b), e2eSize)
-			}
-			for i, c := range b[1<<20 : 5<<20] {
-				if c != 0xa5 {
-					t.Fatalf("image byte %d = %#x, want 0xa5", (1<<20)+i, c)
-				}
-			}
-			if b[(1<<20)-1] != 0 || b[5<<20] != 0 {
-				t.Fatalf("write spilled outside 1M..5M")
-			}
-			out = runTool(t, qemuIO, "-f", "raw", uri, "-c", "read -P 0xa5 1M 4M")
-			if strings.Contains(out, "verification failed") || !strings.Contains(out, "read 4194304/4194304 bytes") {
-				t.Fatalf("qemu-io read: %s", out)
-			}
-			// A pattern that is not there must fail verification: the check can fail.
-			bad, _ := exec.Command(qemuIO, "-f", "raw", uri, "-c", "read -P 0x5a 1M 4K").CombinedOutput()
-			if !strings.Contains(string(bad), "verification failed") {
-				t.Fatalf("qemu-io accepted a wrong pattern: %s", bad)
-			}
-
-			// nbdinfo reports the declared size.
-			var info struct {
-				Exports []struct {
-					Size int64 `json:"export-size"`
-				} `json:"exports"`
-			}
-			out = runTool(t, nbdinfo, "--json", uri)
-			if err := json.Unmarshal([]byte(out), &info); err != nil || len(info.Exports) != 1 {
-				t.Fatalf("nbdinfo --json: %v\n%s", err, out)
-			}
-			if info.Exports[0].Size != e2eSize {
-				t.Fatalf("nbdinfo size %d, want %d", info.Exports[0].Size, e2eSize)
-			}
-			runTool(t, qemuImg, "compare", "-f", "raw", "-F", "raw", uri, file)
-
-			// fio through the export: random 4k read/write with verification.
-			out = runTool(t, fio, "--name=e2e", "--ioengine=nbd", "--uri="+uri,
-				"--rw=randrw", "--rwmixread=50", "--bs=4k", "--iodepth=32", "--size=64M",
-				"--time_based", "--runtime=20", "--verify=crc32c", "--verify_backlog=1024",
-				"--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
-			var res struct {
-				Jobs []struct {
-					Error int `json:"error"`
-					Read  struct {
-						IOPS float64 `json:"iops"`
-					} `json:"read"`
-					Write struct {
-						IOPS float64 `json:"iops"`
-					} `json:"write"`
-				} `json:"jobs"`
-			}
-			js := out[strings.Index(out, "{"):]
-			if err := json.Unmarshal([]byte(js), &res); err != nil || len(res.Jobs) != 1 {
-				t.Fatalf("fio output: %v\n%s", err, out)
-			}
-			if res.Jobs[0].Error != 0 {
-				t.Fatalf("fio error %d:\n%s", res.Jobs[0].Error, out)
-			}
-			if res.Jobs[0].Write.IOPS == 0 || res.Jobs[0].Read.IOPS == 0 {
-				t.Fatalf("fio did no I/O:\n%s", out)
-			}
-			t.Logf("fio 4k randrw QD32 verify=crc32c via %s: read %.0f IOPS, write %.0f IOPS", name, res.Jobs[0].Read.IOPS, res.Jobs[0].Write.IOPS)
+			skeletonQemuIO(t, qemuIO, uri, files[name])
+			skeletonNbdinfo(t, nbdinfo, uri)
+			runTool(t, qemuImg, "compare", "-f", "raw", "-F", "raw", uri, files[name])
+			skeletonFio(t, fio, name, uri)
 		})
 	}
+	skeletonXenstore(t, xsls, d, rows)
+	pids := skeletonSigterm(t, d, rows, qemuIO)
+	skeletonAdoptShutdown(t, bin, d, cfg, files, pids)
+}
 
-	// Xen's own xenstore-ls on the embedded xenstored.
+// skeletonQemuIO: a pattern written through NBD lands in the image file,
+// reads back, and a wrong pattern fails verification.
+func skeletonQemuIO(t *testing.T, qemuIO, uri, file string) {
+	out := runTool(t, qemuIO, "-f", "raw", uri, "-c", "write -P 0xa5 1M 4M")
+	if !strings.Contains(out, "wrote 4194304/4194304 bytes") {
+		t.Fatalf("qemu-io write: %s", out)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if int64(len(b)) != e2eSize {
+		t.Fatalf("image file is %d bytes, want %d", len(b), e2eSize)
+	}
+	for i, c := range b[1<<20 : 5<<20] {
+		if c != 0xa5 {
+			t.Fatalf("image byte %d = %#x, want 0xa5", (1<<20)+i, c)
+		}
+	}
+	if b[(1<<20)-1] != 0 || b[5<<20] != 0 {
+		t.Fatalf("write spilled outside 1M..5M")
+	}
+	out = runTool(t, qemuIO, "-f", "raw", uri, "-c", "read -P 0xa5 1M 4M")
+	if strings.Contains(out, "verification failed") || !strings.Contains(out, "read 4194304/4194304 bytes") {
+		t.Fatalf("qemu-io read: %s", out)
+	}
+	// A pattern that is not there must fail verification: the check can fail.
+	bad, _ := exec.Command(qemuIO, "-f", "raw", uri, "-c", "read -P 0x5a 1M 4K").CombinedOutput()
+	if !strings.Contains(string(bad), "verification failed") {
+		t.Fatalf("qemu-io accepted a wrong pattern: %s", bad)
+	}
+}
+
+// skeletonNbdinfo: nbdinfo reports the declared size.
+func skeletonNbdinfo(t *testing.T, nbdinfo, uri string) {
+	var info struct {
+		Exports []struct {
+			Size int64 `json:"export-size"`
+		} `json:"exports"`
+	}
+	out := runTool(t, nbdinfo, "--json", uri)
+	if err := json.Unmarshal([]byte(out), &info); err != nil || len(info.Exports) != 1 {
+		t.Fatalf("nbdinfo --json: %v\n%s", err, out)
+	}
+	if info.Exports[0].Size != e2eSize {
+		t.Fatalf("nbdinfo size %d, want %d", info.Exports[0].Size, e2eSize)
+	}
+}
+
+// skeletonFio: fio through the export, random 4k read/write with
+// verification.
+func skeletonFio(t *testing.T, fio, name, uri string) {
+	out := runTool(t, fio, "--name=e2e", "--ioengine=nbd", "--uri="+uri,
+		"--rw=randrw", "--rwmixread=50", "--bs=4k", "--iodepth=32", "--size=64M",
+		"--time_based", "--runtime=20", "--verify=crc32c", "--verify_backlog=1024",
+		"--verify_fatal=1", "--verify_state_save=0", "--output-format=json")
+	var res struct {
+		Jobs []struct {
+			Error int `json:"error"`
+			Read  struct {
+				IOPS float64 `json:"iops"`
+			} `json:"read"`
+			Write struct {
+				IOPS float64 `json:"iops"`
+			} `json:"write"`
+		} `json:"jobs"`
+	}
+	js := out[strings.Index(out, "{"):]
+	if err := json.Unmarshal([]byte(js), &res); err != nil || len(res.Jobs) != 1 {
+		t.Fatalf("fio output: %v\n%s", err, out)
+	}
+	if res.Jobs[0].Error != 0 {
+		t.Fatalf("fio error %d:\n%s", res.Jobs[0].Error, out)
+	}
+	if res.Jobs[0].Write.IOPS == 0 || res.Jobs[0].Read.IOPS == 0 {
+		t.Fatalf("fio did no I/O:\n%s", out)
+	}
+	t.Logf("fio 4k randrw QD32 verify=crc32c via %s: read %.0f IOPS, write %.0f IOPS", name, res.Jobs[0].Read.IOPS, res.Jobs[0].Write.IOPS)
+}
+
+// skeletonXenstore: Xen's own xenstore-ls on the embedded xenstored shows
+// both disks connected and the dom0 one naming its export.
+func skeletonXenstore(t *testing.T, xsls string, d *daemon, rows map[string]lsRow) {
 	cmd := exec.Command(xsls, "-f", "/local/domain")
 	cmd.Env = append(os.Environ(), "XENSTORED_PATH="+filepath.Join(d.stateDir, "xenstored.sock"))
 	out, err := cmd.CombinedOutput()
@@ -357,8 +373,11 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	if t.Failed() {
 		t.Logf("xenstore-ls:\n%s", tree)
 	}
+}
 
-	// SIGTERM (systemctl stop or restart): the daemon exits 0 and every
+// skeletonSigterm: on SIGTERM (systemctl stop or restart) the daemon exits
+// 0 and every worker keeps serving its disk; it returns their pids.
+func skeletonSigterm(t *testing.T, d *daemon, rows map[string]lsRow, qemuIO string) []int {
 	// worker keeps serving its disk.
 	pids := []int{rows["dom0disk"].WorkerPid, rows["guestdisk"].WorkerPid}
 	d.cmd.Process.Signal(syscall.SIGTERM)
@@ -382,14 +401,19 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	// Still served, with no daemon (fio wrote below 64M).
 	runTool(t, qemuIO, "-f", "raw", rows["dom0disk"].Export, "-c", "write -P 0x3c 128M 1M", "-c", "read -P 0x3c 128M 1M")
 
-	// The next daemon adopts them; `blktap shutdown` flushes and closes
+	return pids
+}
+
+// skeletonAdoptShutdown: the next daemon adopts the workers; `blktap
+// shutdown` flushes and closes every disk, stops the workers and the daemon.
+func skeletonAdoptShutdown(t *testing.T, bin string, d *daemon, cfg string, files map[string]string, pids []int) {
 	// every disk, stops the workers and the daemon.
 	d2 := restartDaemon(t, d, cfg)
 	rows2 := d2.waitConnected("dom0disk", "guestdisk")
 	if rows2["dom0disk"].WorkerPid != pids[0] {
 		t.Errorf("dom0disk: worker %d replaced by %d; want it adopted", pids[0], rows2["dom0disk"].WorkerPid)
 	}
-	out, err = exec.Command(bin, "shutdown", "--state-dir", d.stateDir).CombinedOutput()
+	out, err := exec.Command(bin, "shutdown", "--state-dir", d.stateDir).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "closed 2 disks") {
 		t.Fatalf("blktap shutdown: %v\n%s", err, out)
 	}
@@ -408,7 +432,6 @@ func TestEndToEndWalkingSkeleton(t *testing.T) {
 	if _, err := exec.Command(bin, "shutdown", "--state-dir", d.stateDir).CombinedOutput(); err == nil {
 		t.Error("blktap shutdown with no daemon running succeeded")
 	}
-	_ = strconv.Itoa
 }
 
 // waitAPI waits until the daemon's API socket accepts a connection, or

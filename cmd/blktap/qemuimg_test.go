@@ -326,93 +326,113 @@ func TestQemuImgCheckOracle(t *testing.T) {
 	for name, hurt := range damage {
 		for _, repair := range []string{"", "leaks", "all"} {
 			t.Run(name+"-r"+repair, func(t *testing.T) {
-				mine, theirs := name+repair+".ours.qcow2", name+repair+".qemu.qcow2"
-				for _, p := range []string{mine, theirs} {
-					copyFile(t, filepath.Join(dir, "base.qcow2"), filepath.Join(dir, p))
-					hurt(filepath.Join(dir, p))
-				}
-				args := []string{"--output=json"}
-				if repair != "" {
-					args = append(args, "-r", repair)
-				}
-				want, werr, wrc := runIn(t, dir, qi, append(append([]string{"check"}, args...), theirs)...)
-				got, gerr, grc := runIn(t, dir, bin, append(append([]string{"image", "check"}, args...), mine)...)
-				if wrc != grc {
-					t.Errorf("exit: qemu-img %d (%s), ours %d (%s)", wrc, werr, grc, gerr)
-				}
-				if repair == "" && grc != wantRC[name] {
-					t.Errorf("exit %d, want %d", grc, wantRC[name])
-				}
-				// The file names differ; everything else must not, but for
-				// one thing: where a cluster in use has refcount 0, qemu's
-				// -r all writes new refcount structures at the end of the
-				// file and we fix the one entry in place, so the image ends
-				// in a different place.
-				want = strings.ReplaceAll(want, theirs, mine)
-				if repair == "all" && (name == "corrupt" || name == "both") {
-					want, got = dropKey(t, want, "image-end-offset"), dropKey(t, got, "image-end-offset")
-				}
-				compareJSON(t, "check", want, got)
-				// After the repair both files must check the same again.
-				want, _, wrc = runIn(t, dir, qi, "check", theirs)
-				got, _, grc = runIn(t, dir, bin, "image", "check", mine)
-				if repair == "all" && (name == "corrupt" || name == "both") {
-					want, got = dropLine(want, "Image end offset:"), dropLine(got, "Image end offset:")
-				}
-				if wrc != grc || want != got {
-					t.Errorf("human check after -r %q: qemu-img exit %d:\n%sours exit %d:\n%s", repair, wrc, want, grc, got)
-				}
+				checkOracleDamage(t, bin, qi, dir, name, repair, hurt, wantRC[name])
 			})
 		}
 	}
 	t.Run("formats", func(t *testing.T) {
-		for _, im := range imgs {
-			name, f := im[0], im[1]
-			fa := []string{}
-			if f != "" {
-				fa = []string{"-f", f}
-			}
-			want, _, wrc := runIn(t, dir, qi, append(append([]string{"check", "--output=json"}, fa...), name)...)
-			if wrc == 63 {
-				// qemu-img has no check for qcow, vpc or raw; ours must
-				// still pass a clean image.
-				if _, gerr, grc := runIn(t, dir, bin, append(append([]string{"image", "check"}, fa...), name)...); grc != 0 {
-					t.Errorf("%s: exit %d (%s)", name, grc, gerr)
-				}
-				continue
-			}
-			got, gerr, grc := runIn(t, dir, bin, append(append([]string{"image", "check", "--output=json"}, fa...), name)...)
-			if wrc != grc {
-				t.Errorf("%s: exit qemu-img %d, ours %d (%s)", name, wrc, grc, gerr)
-			}
-			compareJSON(t, name, want, got)
-			want, _, _ = runIn(t, dir, qi, append(append([]string{"check"}, fa...), name)...)
-			got, _, _ = runIn(t, dir, bin, append(append([]string{"image", "check"}, fa...), name)...)
-			if want != got {
-				t.Errorf("%s: human check:\nqemu-img:\n%sours:\n%s", name, want, got)
-			}
-		}
+		checkOracleFormats(t, bin, qi, dir, imgs)
 	})
 	t.Run("cannot-check", func(t *testing.T) {
-		if err := os.WriteFile(filepath.Join(dir, "short.qcow2"), []byte("QFI\xfb\x00\x00\x00\x03"), 0o644); err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range []string{"missing.qcow2", "short.qcow2"} {
-			_, _, wrc := runIn(t, dir, qi, "check", p)
-			_, gerr, grc := runIn(t, dir, bin, "image", "check", p)
-			if wrc != 1 || grc != 1 {
-				t.Errorf("%s: exit qemu-img %d, ours %d (%s); want 1", p, wrc, grc, gerr)
-			}
-		}
-		// A mistyped command line is status 1 too: 2 would say corrupt.
-		for _, args := range [][]string{{"--output=yaml", "a.qcow2"}, {"-r", "some", "a.qcow2"}} {
-			_, _, wrc := runIn(t, dir, qi, append([]string{"check"}, args...)...)
-			_, gerr, grc := runIn(t, dir, bin, append([]string{"image", "check"}, args...)...)
-			if wrc != 1 || grc != 1 {
-				t.Errorf("%v: exit qemu-img %d, ours %d (%s); want 1", args, wrc, grc, gerr)
-			}
-		}
+		checkOracleCannotCheck(t, bin, qi, dir)
 	})
+}
+
+// checkOracleDamage gives one copy of base.qcow2 to qemu-img and one to
+// us, both hurt the same way, and compares check [-r repair] and the
+// check after it.
+func checkOracleDamage(t *testing.T, bin, qi, dir, name, repair string, hurt func(string), wantRC int) {
+	mine, theirs := name+repair+".ours.qcow2", name+repair+".qemu.qcow2"
+	for _, p := range []string{mine, theirs} {
+		copyFile(t, filepath.Join(dir, "base.qcow2"), filepath.Join(dir, p))
+		hurt(filepath.Join(dir, p))
+	}
+	args := []string{"--output=json"}
+	if repair != "" {
+		args = append(args, "-r", repair)
+	}
+	want, werr, wrc := runIn(t, dir, qi, append(append([]string{"check"}, args...), theirs)...)
+	got, gerr, grc := runIn(t, dir, bin, append(append([]string{"image", "check"}, args...), mine)...)
+	if wrc != grc {
+		t.Errorf("exit: qemu-img %d (%s), ours %d (%s)", wrc, werr, grc, gerr)
+	}
+	if repair == "" && grc != wantRC {
+		t.Errorf("exit %d, want %d", grc, wantRC)
+	}
+	// The file names differ; everything else must not, but for
+	// one thing: where a cluster in use has refcount 0, qemu's
+	// -r all writes new refcount structures at the end of the
+	// file and we fix the one entry in place, so the image ends
+	// in a different place.
+	want = strings.ReplaceAll(want, theirs, mine)
+	if repair == "all" && (name == "corrupt" || name == "both") {
+		want, got = dropKey(t, want, "image-end-offset"), dropKey(t, got, "image-end-offset")
+	}
+	compareJSON(t, "check", want, got)
+	// After the repair both files must check the same again.
+	want, _, wrc = runIn(t, dir, qi, "check", theirs)
+	got, _, grc = runIn(t, dir, bin, "image", "check", mine)
+	if repair == "all" && (name == "corrupt" || name == "both") {
+		want, got = dropLine(want, "Image end offset:"), dropLine(got, "Image end offset:")
+	}
+	if wrc != grc || want != got {
+		t.Errorf("human check after -r %q: qemu-img exit %d:\n%sours exit %d:\n%s", repair, wrc, want, grc, got)
+	}
+}
+
+// checkOracleFormats: on every image qemuImages makes, the same check
+// JSON, human summary and exit status as qemu-img (or, where qemu-img
+// cannot check the format, a clean pass).
+func checkOracleFormats(t *testing.T, bin, qi, dir string, imgs [][2]string) {
+	for _, im := range imgs {
+		name, f := im[0], im[1]
+		fa := []string{}
+		if f != "" {
+			fa = []string{"-f", f}
+		}
+		want, _, wrc := runIn(t, dir, qi, append(append([]string{"check", "--output=json"}, fa...), name)...)
+		if wrc == 63 {
+			// qemu-img has no check for qcow, vpc or raw; ours must
+			// still pass a clean image.
+			if _, gerr, grc := runIn(t, dir, bin, append(append([]string{"image", "check"}, fa...), name)...); grc != 0 {
+				t.Errorf("%s: exit %d (%s)", name, grc, gerr)
+			}
+			continue
+		}
+		got, gerr, grc := runIn(t, dir, bin, append(append([]string{"image", "check", "--output=json"}, fa...), name)...)
+		if wrc != grc {
+			t.Errorf("%s: exit qemu-img %d, ours %d (%s)", name, wrc, grc, gerr)
+		}
+		compareJSON(t, name, want, got)
+		want, _, _ = runIn(t, dir, qi, append(append([]string{"check"}, fa...), name)...)
+		got, _, _ = runIn(t, dir, bin, append(append([]string{"image", "check"}, fa...), name)...)
+		if want != got {
+			t.Errorf("%s: human check:\nqemu-img:\n%sours:\n%s", name, want, got)
+		}
+	}
+}
+
+// checkOracleCannotCheck: a missing or short image, and a mistyped
+// command line, exit 1 with both.
+func checkOracleCannotCheck(t *testing.T, bin, qi, dir string) {
+	if err := os.WriteFile(filepath.Join(dir, "short.qcow2"), []byte("QFI\xfb\x00\x00\x00\x03"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"missing.qcow2", "short.qcow2"} {
+		_, _, wrc := runIn(t, dir, qi, "check", p)
+		_, gerr, grc := runIn(t, dir, bin, "image", "check", p)
+		if wrc != 1 || grc != 1 {
+			t.Errorf("%s: exit qemu-img %d, ours %d (%s); want 1", p, wrc, grc, gerr)
+		}
+	}
+	// A mistyped command line is status 1 too: 2 would say corrupt.
+	for _, args := range [][]string{{"--output=yaml", "a.qcow2"}, {"-r", "some", "a.qcow2"}} {
+		_, _, wrc := runIn(t, dir, qi, append([]string{"check"}, args...)...)
+		_, gerr, grc := runIn(t, dir, bin, append([]string{"image", "check"}, args...)...)
+		if wrc != 1 || grc != 1 {
+			t.Errorf("%v: exit qemu-img %d, ours %d (%s); want 1", args, wrc, grc, gerr)
+		}
+	}
 }
 
 // dropKey removes key from a JSON object (empty text stays empty: a

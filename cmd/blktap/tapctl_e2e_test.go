@@ -261,8 +261,14 @@ func TestBlockTapAddRemove(t *testing.T) {
 	r.xs.Rm(ctx, be)
 	r.xs.Rm(ctx, fe)
 
-	// Domain 0's disk (pygrub's local attach): the daemon serves an NBD
-	// export, and the physical-device-path block-tap writes reaches it.
+	blockTapDom0(t, r, nbdinfo)
+}
+
+// blockTapDom0: for domain 0's disk (pygrub's local attach) the daemon
+// serves an NBD export, and the physical-device-path block-tap writes
+// reaches it.
+func blockTapDom0(t *testing.T, r *blockTapRig, nbdinfo string) {
+	ctx := context.Background()
 	img0 := filepath.Join(t.TempDir(), "dom0.raw")
 	if err := os.WriteFile(img0, nil, 0o644); err != nil {
 		t.Fatal(err)

@@ -166,6 +166,19 @@ func TestTapCtlCommands(t *testing.T) {
 	if err := xs.Write(context.Background(), be+"/hotplug-status", "connected"); err != nil {
 		t.Fatal(err)
 	}
+	waitTapConnected(t, xs, be)
+	pid, _ := xs.Read(context.Background(), be+"/blktap/worker-pid")
+	minor := strconv.Itoa(domid<<29 | devid)
+	c := &tapCtlUser{t: t, link: link, env: []string{"BLKTAP_STATE_DIR=" + d.stateDir, "XENBUS_PATH="}}
+	c.list(pid, minor, img)
+	c.statsPause(pid, minor)
+	pid, _ = xs.Read(context.Background(), be+"/blktap/worker-pid")
+	c.refusals(pid, minor, img)
+	c.hotplugSequence(pid, minor, img)
+	os.Remove(nbdLinkPath(pid, int64(domid<<29|devid))) // open's link, if root made one
+}
+
+func waitTapConnected(t *testing.T, xs *xenstore.Client, be string) {
 	deadline := time.Now().Add(60 * time.Second)
 	for {
 		st, _ := xs.Read(context.Background(), be+"/state")
@@ -178,88 +191,114 @@ func TestTapCtlCommands(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	pid, _ := xs.Read(context.Background(), be+"/blktap/worker-pid")
-	minor := strconv.Itoa(domid<<29 | devid)
-	env := []string{"BLKTAP_STATE_DIR=" + d.stateDir, "XENBUS_PATH="}
+}
 
-	ok := func(args ...string) string {
-		t.Helper()
-		out, errs, code := tapCtlRun(t, link, env, args...)
-		if code != 0 {
-			t.Fatalf("tap-ctl %v: exit %d: %s", args, code, errs)
-		}
-		return out
-	}
-	fails := func(code int, want string, extra []string, args ...string) {
-		t.Helper()
-		out, errs, got := tapCtlRun(t, link, append(append([]string{}, env...), extra...), args...)
-		if got != code || !strings.Contains(errs, want) || out != "" {
-			t.Fatalf("tap-ctl %v: exit %d, stdout %q, stderr %q; want exit %d and %q", args, got, out, errs, code, want)
-		}
-		if n := strings.Count(strings.TrimSpace(errs), "\n"); code == 1 && n != 0 {
-			t.Fatalf("tap-ctl %v: %d lines of error, want one: %q", args, n+1, errs)
-		}
-	}
+// tapCtlUser runs the tap-ctl link with env, expecting success (ok) or an
+// error (fails).
+type tapCtlUser struct {
+	t    *testing.T
+	link string
+	env  []string
+}
 
+func (c *tapCtlUser) ok(args ...string) string {
+	c.t.Helper()
+	out, errs, code := tapCtlRun(c.t, c.link, c.env, args...)
+	if code != 0 {
+		c.t.Fatalf("tap-ctl %v: exit %d: %s", args, code, errs)
+	}
+	return out
+}
+
+// fails: tap-ctl args exits with code and says want on stderr, in one
+// line when code is 1, and nothing on stdout.
+func (c *tapCtlUser) fails(code int, want string, extra []string, args ...string) {
+	c.t.Helper()
+	out, errs, got := tapCtlRun(c.t, c.link, append(append([]string{}, c.env...), extra...), args...)
+	if got != code || !strings.Contains(errs, want) || out != "" {
+		c.t.Fatalf("tap-ctl %v: exit %d, stdout %q, stderr %q; want exit %d and %q", args, got, out, errs, code, want)
+	}
+	if n := strings.Count(strings.TrimSpace(errs), "\n"); code == 1 && n != 0 {
+		c.t.Fatalf("tap-ctl %v: %d lines of error, want one: %q", args, n+1, errs)
+	}
+}
+
+// list: the disk is listed in tapdisk's format, with and without
+// filters that match it, and not with filters that do not.
+func (c *tapCtlUser) list(pid, minor, img string) {
+	t := c.t
 	line := fmt.Sprintf("pid=%s minor=%s state=0 args=aio:%s\n", pid, minor, img)
-	if got := ok("list"); got != line {
+	if got := c.ok("list"); got != line {
 		t.Fatalf("list: %q, want %q", got, line)
 	}
 	for _, f := range [][]string{{"-m", minor}, {"-p", pid}, {"-t", "raw"}, {"-f", img}} {
-		if got := ok(append([]string{"list"}, f...)...); got != line {
+		if got := c.ok(append([]string{"list"}, f...)...); got != line {
 			t.Fatalf("list %v: %q", f, got)
 		}
 	}
 	for _, f := range [][]string{{"-m", "1"}, {"-t", "vhd"}, {"-f", img + "x"}} {
-		if got := ok(append([]string{"list"}, f...)...); got != "" {
+		if got := c.ok(append([]string{"list"}, f...)...); got != "" {
 			t.Fatalf("list %v: %q, want nothing", f, got)
 		}
 	}
 	// Inside the disk's own hotplug script, the disk is not listed yet.
-	if out, errs, code := tapCtlRun(t, link, append(env, "XENBUS_PATH=backend/vbd3/3/51712"), "list"); code != 0 || out != "" {
+	if out, errs, code := tapCtlRun(t, c.link, append(c.env, "XENBUS_PATH=backend/vbd3/3/51712"), "list"); code != 0 || out != "" {
 		t.Fatalf("list under XENBUS_PATH: %d %q %q", code, out, errs)
 	}
+}
 
+// statsPause: stats reports the disk; pause and unpause show in list.
+func (c *tapCtlUser) statsPause(pid, minor string) {
+	t := c.t
 	var st struct {
 		Minor int64           `json:"minor"`
 		Pid   int             `json:"pid"`
 		Stats json.RawMessage `json:"stats"`
 	}
-	if err := json.Unmarshal([]byte(ok("stats", "-p", pid, "-m", minor)), &st); err != nil || strconv.FormatInt(st.Minor, 10) != minor ||
+	if err := json.Unmarshal([]byte(c.ok("stats", "-p", pid, "-m", minor)), &st); err != nil || strconv.FormatInt(st.Minor, 10) != minor ||
 		strconv.Itoa(st.Pid) != pid || len(st.Stats) == 0 {
 		t.Fatalf("stats: %+v %v", st, err)
 	}
 
-	ok("pause", "-p", pid, "-m", minor)
-	if got := ok("list", "-m", minor); !strings.Contains(got, " state=0x2 ") {
+	c.ok("pause", "-p", pid, "-m", minor)
+	if got := c.ok("list", "-m", minor); !strings.Contains(got, " state=0x2 ") {
 		t.Fatalf("list of a paused disk: %q", got)
 	}
-	ok("unpause", "-p", pid, "-m", minor)
-	if got := ok("list", "-m", minor); !strings.Contains(got, " state=0 ") {
+	c.ok("unpause", "-p", pid, "-m", minor)
+	if got := c.ok("list", "-m", minor); !strings.Contains(got, " state=0 ") {
 		t.Fatalf("list after unpause: %q", got)
 	}
-	pid, _ = xs.Read(context.Background(), be+"/blktap/worker-pid")
+}
 
+// refusals: what blktap-go does not do, and wrong arguments, fail with a
+// clear message and the exit code tapdisk's tap-ctl uses.
+func (c *tapCtlUser) refusals(pid, minor, img string) {
 	hotplug := []string{"XENBUS_PATH=backend/vbd3/3/51712"}
-	fails(1, "not supported by blktap-go", nil, "allocate")
-	fails(1, "not supported by blktap-go", nil, "spawn")
-	fails(1, "not supported by blktap-go", nil, "create", "-a", "aio:"+img)
-	fails(1, "not supported by blktap-go", nil, "frobnicate")
-	fails(1, "not supported by blktap-go", hotplug, "open", "-p", pid, "-m", minor, "-a", "aio:"+img, "-e", "4")
-	fails(1, "still online", nil, "destroy", "-p", pid, "-m", minor)
-	fails(1, "is not the minor of", hotplug, "open", "-p", pid, "-m", "5", "-a", "aio:"+img)
-	fails(1, "is not the image xenstore declares", hotplug, "open", "-p", pid, "-m", minor, "-a", "vhd:"+img)
-	fails(1, "serves no disk", nil, "attach", "-p", "1", "-m", minor)
-	fails(1, "no such disk", nil, "stats", "-m", "7")
-	fails(2, "usage: tap-ctl open", hotplug, "open", "-p", pid, "-m", minor)
-	fails(2, "unknown option -x", nil, "list", "-x")
-	fails(2, "usage: tap-ctl", nil)
+	c.fails(1, "not supported by blktap-go", nil, "allocate")
+	c.fails(1, "not supported by blktap-go", nil, "spawn")
+	c.fails(1, "not supported by blktap-go", nil, "create", "-a", "aio:"+img)
+	c.fails(1, "not supported by blktap-go", nil, "frobnicate")
+	c.fails(1, "not supported by blktap-go", hotplug, "open", "-p", pid, "-m", minor, "-a", "aio:"+img, "-e", "4")
+	c.fails(1, "still online", nil, "destroy", "-p", pid, "-m", minor)
+	c.fails(1, "is not the minor of", hotplug, "open", "-p", pid, "-m", "5", "-a", "aio:"+img)
+	c.fails(1, "is not the image xenstore declares", hotplug, "open", "-p", pid, "-m", minor, "-a", "vhd:"+img)
+	c.fails(1, "serves no disk", nil, "attach", "-p", "1", "-m", minor)
+	c.fails(1, "no such disk", nil, "stats", "-m", "7")
+	c.fails(2, "usage: tap-ctl open", hotplug, "open", "-p", pid, "-m", minor)
+	c.fails(2, "unknown option -x", nil, "list", "-x")
+	c.fails(2, "usage: tap-ctl", nil)
+}
 
+// hotplugSequence: inside the hotplug script, the sequence block-tap runs
+// succeeds.
+func (c *tapCtlUser) hotplugSequence(pid, minor, img string) {
+	t := c.t
+	hotplug := []string{"XENBUS_PATH=backend/vbd3/3/51712"}
 	// Inside the hotplug script, the sequence block-tap runs succeeds.
-	if got, _, _ := tapCtlRun(t, link, append(env, hotplug...), "allocate"); got != "/run/blktap-control/tapdisk/tapdisk-"+minor+"\n" {
+	if got, _, _ := tapCtlRun(t, c.link, append(c.env, hotplug...), "allocate"); got != "/run/blktap-control/tapdisk/tapdisk-"+minor+"\n" {
 		t.Fatalf("allocate: %q", got)
 	}
-	if got, _, _ := tapCtlRun(t, link, append(env, hotplug...), "spawn"); got != pid+"\n" {
+	if got, _, _ := tapCtlRun(t, c.link, append(c.env, hotplug...), "spawn"); got != pid+"\n" {
 		t.Fatalf("spawn: %q, want the worker %s", got, pid)
 	}
 	for _, args := range [][]string{
@@ -268,7 +307,7 @@ func TestTapCtlCommands(t *testing.T) {
 		{"detach", "-p", pid, "-m", minor},
 		{"free", "-m", minor},
 	} {
-		if out, errs, code := tapCtlRun(t, link, append(env, hotplug...), args...); code != 0 {
+		if out, errs, code := tapCtlRun(t, c.link, append(c.env, hotplug...), args...); code != 0 {
 			t.Fatalf("tap-ctl %v: %d %q %q", args, code, out, errs)
 		}
 	}
@@ -276,9 +315,8 @@ func TestTapCtlCommands(t *testing.T) {
 	// says (a stub domain's disk stores the shared disk's): a minor whose
 	// disk is gone has nothing left to release.
 	for _, args := range [][]string{{"destroy", "-p", pid, "-m", "7"}, {"free", "-m", "7"}, {"detach", "-p", pid, "-m", "7"}} {
-		if out, errs, code := tapCtlRun(t, link, append(env, hotplug...), args...); code != 0 {
+		if out, errs, code := tapCtlRun(t, c.link, append(c.env, hotplug...), args...); code != 0 {
 			t.Fatalf("tap-ctl %v: %d %q %q", args, code, out, errs)
 		}
 	}
-	os.Remove(nbdLinkPath(pid, int64(domid<<29|devid))) // open's link, if root made one
 }

@@ -3,7 +3,6 @@ package nbd
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
 	"io"
 	"net"
@@ -34,85 +33,11 @@ func (f *fakeServer) dial(context.Context) (net.Conn, error) {
 
 func (f *fakeServer) serve(c net.Conn) {
 	defer c.Close()
-	be := binary.BigEndian
-	hs := uint16(nbdwire.FlagFixedNewstyle)
-	if f.noZeroes {
-		hs |= nbdwire.FlagNoZeroes
-	}
-	b := be.AppendUint64(nil, nbdwire.MagicNBD)
-	b = be.AppendUint64(b, nbdwire.MagicOption)
-	c.Write(be.AppendUint16(b, hs))
-	var cf [4]byte
-	if _, err := io.ReadFull(c, cf[:]); err != nil {
+	structured, ok := f.handshake(c)
+	if !ok {
 		return
 	}
-	reply := func(opt, typ uint32, data []byte) {
-		b := be.AppendUint64(nil, nbdwire.MagicOptionReply)
-		b = be.AppendUint32(b, opt)
-		b = be.AppendUint32(b, typ)
-		b = be.AppendUint32(b, uint32(len(data)))
-		c.Write(append(b, data...))
-	}
-	structured := false
-	for done := false; !done; {
-		var h [16]byte
-		if _, err := io.ReadFull(c, h[:]); err != nil {
-			return
-		}
-		opt, n := be.Uint32(h[8:12]), be.Uint32(h[12:16])
-		data := make([]byte, n)
-		if _, err := io.ReadFull(c, data); err != nil {
-			return
-		}
-		info := be.AppendUint16(nil, nbdwire.InfoExport)
-		info = be.AppendUint64(info, uint64(len(f.disk)))
-		info = be.AppendUint16(info, nbdwire.TransHasFlags|nbdwire.TransSendFlush|nbdwire.TransSendWriteZeroes)
-		switch {
-		case opt == nbdwire.OptStructuredReply && !f.noGo:
-			structured = true
-			reply(opt, nbdwire.RepAck, nil)
-		case opt == nbdwire.OptSetMetaContext:
-			reply(opt, nbdwire.RepMetaContext, append(be.AppendUint32(nil, 7), nbdwire.MetaBaseAllocation...))
-			reply(opt, nbdwire.RepAck, nil)
-		case opt == nbdwire.OptGo && !f.noGo:
-			reply(opt, nbdwire.RepInfo, info)
-			reply(opt, nbdwire.RepInfo, be.AppendUint32(be.AppendUint32(be.AppendUint32(be.AppendUint16(nil, nbdwire.InfoBlockSize), 1), 4096), 64<<10))
-			reply(opt, nbdwire.RepAck, nil)
-			done = true
-		case opt == nbdwire.OptExportName:
-			out := info[2:]
-			if !f.noZeroes {
-				out = append(out, make([]byte, 124)...)
-			}
-			c.Write(out)
-			done = true
-		default:
-			reply(opt, nbdwire.RepErrUnsupported, []byte("not here"))
-		}
-	}
-	var wmu sync.Mutex
-	send := func(parts ...[]byte) {
-		wmu.Lock()
-		defer wmu.Unlock()
-		for _, p := range parts {
-			c.Write(p)
-		}
-	}
-	chunk := func(flags, typ uint16, cookie uint64, payload ...[]byte) []byte {
-		n := 0
-		for _, p := range payload {
-			n += len(p)
-		}
-		b := be.AppendUint32(nil, nbdwire.MagicChunkReply)
-		b = be.AppendUint16(b, flags)
-		b = be.AppendUint16(b, typ)
-		b = be.AppendUint64(b, cookie)
-		b = be.AppendUint32(b, uint32(n))
-		for _, p := range payload {
-			b = append(b, p...)
-		}
-		return b
-	}
+	fc := &fakeConn{f: f, c: c, structured: structured}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	for {
@@ -133,62 +58,150 @@ func (f *fakeServer) serve(c net.Conn) {
 		}
 		// Each request answered by its own goroutine: replies come
 		// back in whatever order they finish.
-		wg.Go(func() {
-			simple := be.AppendUint64(be.AppendUint32(be.AppendUint32(nil, nbdwire.MagicSimpleReply), 0), cookie)
-			f.mu.Lock()
-			defer f.mu.Unlock()
-			switch cmd {
-			case nbdwire.CmdWrite:
-				copy(f.disk[off:], payload)
-				send(simple)
-			case nbdwire.CmdWriteZeroes:
-				clear(f.disk[off : off+uint64(n)])
-				send(simple)
-			case nbdwire.CmdRead:
-				data := f.disk[off : off+uint64(n)]
-				if !structured {
-					send(simple, data)
-					return
-				}
-				// Three pieces, last first; an all-zero piece as a hole.
-				cut1, cut2 := uint64(n)/3, 2*uint64(n)/3
-				pieces := [][2]uint64{{cut2, uint64(n)}, {cut1, cut2}, {0, cut1}}
-				for _, p := range pieces {
-					if p[0] == p[1] {
-						continue
-					}
-					seg := data[p[0]:p[1]]
-					if bytes.Count(seg, []byte{0}) == len(seg) {
-						send(chunk(0, nbdwire.ChunkOffsetHole, cookie, be.AppendUint32(be.AppendUint64(nil, off+p[0]), uint32(len(seg)))))
-					} else {
-						send(chunk(0, nbdwire.ChunkOffsetData, cookie, be.AppendUint64(nil, off+p[0]), seg))
-					}
-				}
-				send(chunk(nbdwire.ChunkFlagDone, nbdwire.ChunkNone, cookie))
-			case nbdwire.CmdBlockStatus:
-				// One extent per 4 KiB page, merged: zero pages are holes.
-				pl := be.AppendUint32(nil, 7)
-				var runLen, runFlags uint32
-				for p := off; p < off+uint64(n); p += 4096 {
-					end := min(p+4096, off+uint64(n))
-					fl := uint32(0)
-					if bytes.Count(f.disk[p:end], []byte{0}) == int(end-p) {
-						fl = nbdwire.StateHole | nbdwire.StateZero
-					}
-					if runLen > 0 && fl != runFlags {
-						pl = be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
-						runLen = 0
-					}
-					runLen += uint32(end - p)
-					runFlags = fl
-				}
-				pl = be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
-				send(chunk(nbdwire.ChunkFlagDone, nbdwire.ChunkBlockStatus, cookie, pl))
-			default:
-				send(simple)
-			}
-		})
+		wg.Go(func() { fc.answer(cmd, cookie, off, n, payload) })
 	}
+}
+
+// handshake runs the fixed-newstyle negotiation; it reports whether the
+// client asked for structured replies, and false once the connection fails.
+func (f *fakeServer) handshake(c net.Conn) (structured, ok bool) {
+	hs := uint16(nbdwire.FlagFixedNewstyle)
+	if f.noZeroes {
+		hs |= nbdwire.FlagNoZeroes
+	}
+	b := be.AppendUint64(nil, nbdwire.MagicNBD)
+	b = be.AppendUint64(b, nbdwire.MagicOption)
+	c.Write(be.AppendUint16(b, hs))
+	var cf [4]byte
+	if _, err := io.ReadFull(c, cf[:]); err != nil {
+		return false, false
+	}
+	reply := func(opt, typ uint32, data []byte) {
+		b := be.AppendUint64(nil, nbdwire.MagicOptionReply)
+		b = be.AppendUint32(b, opt)
+		b = be.AppendUint32(b, typ)
+		b = be.AppendUint32(b, uint32(len(data)))
+		c.Write(append(b, data...))
+	}
+	for {
+		var h [16]byte
+		if _, err := io.ReadFull(c, h[:]); err != nil {
+			return false, false
+		}
+		opt, n := be.Uint32(h[8:12]), be.Uint32(h[12:16])
+		data := make([]byte, n)
+		if _, err := io.ReadFull(c, data); err != nil {
+			return false, false
+		}
+		info := be.AppendUint16(nil, nbdwire.InfoExport)
+		info = be.AppendUint64(info, uint64(len(f.disk)))
+		info = be.AppendUint16(info, nbdwire.TransHasFlags|nbdwire.TransSendFlush|nbdwire.TransSendWriteZeroes)
+		switch {
+		case opt == nbdwire.OptStructuredReply && !f.noGo:
+			structured = true
+			reply(opt, nbdwire.RepAck, nil)
+		case opt == nbdwire.OptSetMetaContext:
+			reply(opt, nbdwire.RepMetaContext, append(be.AppendUint32(nil, 7), nbdwire.MetaBaseAllocation...))
+			reply(opt, nbdwire.RepAck, nil)
+		case opt == nbdwire.OptGo && !f.noGo:
+			reply(opt, nbdwire.RepInfo, info)
+			reply(opt, nbdwire.RepInfo, be.AppendUint32(be.AppendUint32(be.AppendUint32(be.AppendUint16(nil, nbdwire.InfoBlockSize), 1), 4096), 64<<10))
+			reply(opt, nbdwire.RepAck, nil)
+			return structured, true
+		case opt == nbdwire.OptExportName:
+			out := info[2:]
+			if !f.noZeroes {
+				out = append(out, make([]byte, 124)...)
+			}
+			c.Write(out)
+			return structured, true
+		default:
+			reply(opt, nbdwire.RepErrUnsupported, []byte("not here"))
+		}
+	}
+}
+
+// fakeConn is one negotiated connection of the fake server in its
+// transmission phase; wmu keeps each reply's parts together on the wire.
+type fakeConn struct {
+	f          *fakeServer
+	c          net.Conn
+	structured bool
+	wmu        sync.Mutex
+}
+
+func (fc *fakeConn) send(parts ...[]byte) {
+	fc.wmu.Lock()
+	defer fc.wmu.Unlock()
+	for _, p := range parts {
+		fc.c.Write(p)
+	}
+}
+
+func (fc *fakeConn) answer(cmd uint16, cookie, off uint64, n uint32, payload []byte) {
+	f := fc.f
+	simple := simpleRep(0, cookie, nil)
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch cmd {
+	case nbdwire.CmdWrite:
+		copy(f.disk[off:], payload)
+		fc.send(simple)
+	case nbdwire.CmdWriteZeroes:
+		clear(f.disk[off : off+uint64(n)])
+		fc.send(simple)
+	case nbdwire.CmdRead:
+		if !fc.structured {
+			fc.send(simple, f.disk[off:off+uint64(n)])
+			return
+		}
+		fc.readChunks(cookie, off, n)
+	case nbdwire.CmdBlockStatus:
+		fc.send(chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkBlockStatus, cookie, f.extents(off, n)))
+	default:
+		fc.send(simple)
+	}
+}
+
+// readChunks answers a read in three pieces, last first; an all-zero piece
+// as a hole.
+func (fc *fakeConn) readChunks(cookie, off uint64, n uint32) {
+	data := fc.f.disk[off : off+uint64(n)]
+	cut1, cut2 := uint64(n)/3, 2*uint64(n)/3
+	pieces := [][2]uint64{{cut2, uint64(n)}, {cut1, cut2}, {0, cut1}}
+	for _, p := range pieces {
+		if p[0] == p[1] {
+			continue
+		}
+		seg := data[p[0]:p[1]]
+		if bytes.Count(seg, []byte{0}) == len(seg) {
+			fc.send(chunkRep(0, nbdwire.ChunkOffsetHole, cookie, be.AppendUint32(be.AppendUint64(nil, off+p[0]), uint32(len(seg)))))
+		} else {
+			fc.send(chunkRep(0, nbdwire.ChunkOffsetData, cookie, append(be.AppendUint64(nil, off+p[0]), seg...)))
+		}
+	}
+	fc.send(chunkRep(nbdwire.ChunkFlagDone, nbdwire.ChunkNone, cookie, nil))
+}
+
+// extents is a block-status payload for the base:allocation context: one
+// extent per 4 KiB page, merged; zero pages are holes. Callers hold f.mu.
+func (f *fakeServer) extents(off uint64, n uint32) []byte {
+	pl := be.AppendUint32(nil, 7)
+	var runLen, runFlags uint32
+	for p := off; p < off+uint64(n); p += 4096 {
+		end := min(p+4096, off+uint64(n))
+		fl := uint32(0)
+		if bytes.Count(f.disk[p:end], []byte{0}) == int(end-p) {
+			fl = nbdwire.StateHole | nbdwire.StateZero
+		}
+		if runLen > 0 && fl != runFlags {
+			pl = be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
+			runLen = 0
+		}
+		runLen += uint32(end - p)
+		runFlags = fl
+	}
+	return be.AppendUint32(be.AppendUint32(pl, runLen), runFlags)
 }
 
 func openFake(t *testing.T, f *fakeServer) *Image {

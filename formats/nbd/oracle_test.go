@@ -90,7 +90,12 @@ func TestQemuNBDRoundTrip(t *testing.T) {
 	if _, err := img.ReadAt(make([]byte, 2), size-1); !errors.Is(err, image.ErrOutOfRange) {
 		t.Fatalf("read past the end: %v", err)
 	}
+	compareQemuImgMap(t, qimg, file, img, size)
+}
 
+// compareQemuImgMap compares img's Map with qemu-img map of the file it
+// serves.
+func compareQemuImgMap(t *testing.T, qimg, file string, img *Image, size int64) {
 	out, err := exec.Command(qimg, "map", "--output=json", "-f", "raw", file).Output()
 	if err != nil {
 		t.Fatalf("qemu-img map: %v", err)
@@ -109,6 +114,32 @@ func TestQemuNBDRoundTrip(t *testing.T) {
 	comparePages(t, size, ext, func(set func(off, n int64, data bool)) {
 		for _, e := range qm {
 			set(e.Start, e.Length, e.Data)
+		}
+	}, string(out))
+}
+
+// compareNbdinfoMap compares img's Map with nbdinfo --map of uri, a
+// second client of the same server.
+func compareNbdinfoMap(t *testing.T, ninfo, uri string, img *Image, size int64) {
+	ext, err := img.Map(0, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(ninfo, "--map", uri[len("nbd:"):]).Output()
+	if err != nil {
+		t.Fatalf("nbdinfo --map: %v", err)
+	}
+	comparePages(t, size, ext, func(set func(off, n int64, data bool)) {
+		sc := bufio.NewScanner(bytes.NewReader(out))
+		for sc.Scan() {
+			f := strings.Fields(sc.Text())
+			if len(f) < 3 {
+				continue
+			}
+			off, _ := strconv.ParseInt(f[0], 10, 64)
+			n, _ := strconv.ParseInt(f[1], 10, 64)
+			typ, _ := strconv.Atoi(f[2])
+			set(off, n, typ&1 == 0) // bit 0 = hole
 		}
 	}, string(out))
 }
@@ -186,27 +217,7 @@ func TestNbdkitMemory(t *testing.T) {
 	if err := img.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	ext, err := img.Map(0, size)
-	if err != nil {
-		t.Fatal(err)
-	}
-	out, err := exec.Command(ninfo, "--map", srv.uri("")[len("nbd:"):]).Output()
-	if err != nil {
-		t.Fatalf("nbdinfo --map: %v", err)
-	}
-	comparePages(t, size, ext, func(set func(off, n int64, data bool)) {
-		sc := bufio.NewScanner(bytes.NewReader(out))
-		for sc.Scan() {
-			f := strings.Fields(sc.Text())
-			if len(f) < 3 {
-				continue
-			}
-			off, _ := strconv.ParseInt(f[0], 10, 64)
-			n, _ := strconv.ParseInt(f[1], 10, 64)
-			typ, _ := strconv.Atoi(f[2])
-			set(off, n, typ&1 == 0) // bit 0 = hole
-		}
-	}, string(out))
+	compareNbdinfoMap(t, ninfo, srv.uri(""), img, size)
 	// Discard is WRITE_ZEROES: zeros afterwards, and nbdkit's memory
 	// plugin frees the pages, so the map shows a hole.
 	if err := img.Discard(1<<20, 512<<10); err != nil {

@@ -45,142 +45,163 @@ func rawFile(t *testing.T, size int64) string {
 // last successful write of each slot left (a slot whose last write
 // failed is undefined and not checked).
 func TestKillRestartMidRun(t *testing.T) {
-	const size, workers, slots, slotSize = 8 << 20, 4, 8, 64 << 10
-	file := rawFile(t, size)
+	file := rawFile(t, restartSize)
 	srv := qemuNBD(t, file)
-	img := mustOpen(t, srv.uri(""), Options{Timeout: time.Second})
-
-	var phase atomic.Int32 // 0 before kill, 1 killed, 2 restarted
-	var mu sync.Mutex
-	okBy := map[[2]int]int{} // [phase, worker] -> successes
-	failures := 0
-	known := make([][]int, workers) // slot -> seed of its content, -1 unknown
-	for w := range known {
-		known[w] = make([]int, slots)
-		for s := range known[w] {
-			known[w][s] = -2 // never written: zeros
-		}
-	}
-	stop := make(chan struct{})
-	progress := make(chan struct{}, 1000)
+	r := newRestartRun(mustOpen(t, srv.uri(""), Options{Timeout: time.Second}))
 	var wg sync.WaitGroup
-	for w := range workers {
-		wg.Go(func() {
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				slot := i % slots
-				off := int64(w*slots+slot) * slotSize
-				seed := w*100000 + i
-				p := imagetest.Pattern(uint64(seed), slotSize)
-				ph := int(phase.Load())
-				_, err := img.WriteAt(p, off)
-				mu.Lock()
-				if err != nil {
-					known[w][slot] = -1
-					failures++
-					if !isEIO(err) {
-						t.Errorf("worker %d write: %v (want an EIO-class error)", w, err)
-					}
-					mu.Unlock()
-					continue
-				}
-				known[w][slot] = seed
-				mu.Unlock()
-				got := make([]byte, slotSize)
-				if _, err := img.ReadAt(got, off); err != nil {
-					if !isEIO(err) {
-						t.Errorf("worker %d read: %v", w, err)
-					}
-					mu.Lock()
-					failures++
-					mu.Unlock()
-					continue
-				}
-				if !bytes.Equal(got, p) {
-					t.Errorf("worker %d slot %d: read back differs", w, slot)
-					return
-				}
-				mu.Lock()
-				okBy[[2]int{ph, w}]++
-				mu.Unlock()
-				select {
-				case progress <- struct{}{}:
-				default:
-				}
-			}
-		})
-	}
-	waitFor := func(cond func() bool) {
-		for {
-			mu.Lock()
-			ok := cond()
-			mu.Unlock()
-			if ok || t.Failed() {
-				return
-			}
-			<-progress
-		}
-	}
-	allDid := func(ph, n int) func() bool {
-		return func() bool {
-			for w := range workers {
-				if okBy[[2]int{ph, w}] < n {
-					return false
-				}
-			}
-			return true
-		}
+	for w := range restartWorkers {
+		wg.Go(func() { r.worker(t, w) })
 	}
 	watchdog(t, 60*time.Second, func() {
-		waitFor(allDid(0, 3))
+		r.waitFor(t, r.allDid(0, 3))
 		srv.kill()
-		phase.Store(1)
+		r.phase.Store(1)
 		// With the server gone, requests fail after their deadline.
 		for {
-			mu.Lock()
-			f := failures
-			mu.Unlock()
-			if f >= workers || t.Failed() {
+			r.mu.Lock()
+			f := r.failures
+			r.mu.Unlock()
+			if f >= restartWorkers || t.Failed() {
 				break
 			}
 			time.Sleep(50 * time.Millisecond)
 		}
-		phase.Store(2)
+		r.phase.Store(2)
 		srv.start()
-		waitFor(allDid(2, 3))
-		close(stop)
+		r.waitFor(t, r.allDid(2, 3))
+		close(r.stop)
 		wg.Wait()
 	})
 	if t.Failed() {
 		return
 	}
-	t.Logf("failures while the server was down: %d", failures)
-	// Check every slot through the client and in the file.
+	t.Logf("failures while the server was down: %d", r.failures)
+	r.verify(t, file)
+}
+
+const restartSize, restartWorkers, restartSlots, restartSlotSize = 8 << 20, 4, 8, 64 << 10
+
+// restartRun is the shared state of TestKillRestartMidRun's workers.
+type restartRun struct {
+	img      *Image
+	phase    atomic.Int32 // 0 before kill, 1 killed, 2 restarted
+	mu       sync.Mutex
+	okBy     map[[2]int]int // [phase, worker] -> successes
+	failures int
+	known    [][]int // [worker][slot] -> seed of its content, -1 unknown
+	stop     chan struct{}
+	progress chan struct{}
+}
+
+func newRestartRun(img *Image) *restartRun {
+	r := &restartRun{img: img, okBy: map[[2]int]int{}, known: make([][]int, restartWorkers),
+		stop: make(chan struct{}), progress: make(chan struct{}, 1000)}
+	for w := range r.known {
+		r.known[w] = make([]int, restartSlots)
+		for s := range r.known[w] {
+			r.known[w][s] = -2 // never written: zeros
+		}
+	}
+	return r
+}
+
+// worker writes and reads back its own slots in turn until stop.
+func (r *restartRun) worker(t *testing.T, w int) {
+	for i := 0; ; i++ {
+		select {
+		case <-r.stop:
+			return
+		default:
+		}
+		slot := i % restartSlots
+		off := int64(w*restartSlots+slot) * restartSlotSize
+		seed := w*100000 + i
+		p := imagetest.Pattern(uint64(seed), restartSlotSize)
+		ph := int(r.phase.Load())
+		_, err := r.img.WriteAt(p, off)
+		r.mu.Lock()
+		if err != nil {
+			r.known[w][slot] = -1
+			r.failures++
+			if !isEIO(err) {
+				t.Errorf("worker %d write: %v (want an EIO-class error)", w, err)
+			}
+			r.mu.Unlock()
+			continue
+		}
+		r.known[w][slot] = seed
+		r.mu.Unlock()
+		got := make([]byte, restartSlotSize)
+		if _, err := r.img.ReadAt(got, off); err != nil {
+			if !isEIO(err) {
+				t.Errorf("worker %d read: %v", w, err)
+			}
+			r.mu.Lock()
+			r.failures++
+			r.mu.Unlock()
+			continue
+		}
+		if !bytes.Equal(got, p) {
+			t.Errorf("worker %d slot %d: read back differs", w, slot)
+			return
+		}
+		r.mu.Lock()
+		r.okBy[[2]int{ph, w}]++
+		r.mu.Unlock()
+		select {
+		case r.progress <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (r *restartRun) waitFor(t *testing.T, cond func() bool) {
+	for {
+		r.mu.Lock()
+		ok := cond()
+		r.mu.Unlock()
+		if ok || t.Failed() {
+			return
+		}
+		<-r.progress
+	}
+}
+
+// allDid: every worker has had n successes in phase ph.
+func (r *restartRun) allDid(ph, n int) func() bool {
+	return func() bool {
+		for w := range restartWorkers {
+			if r.okBy[[2]int{ph, w}] < n {
+				return false
+			}
+		}
+		return true
+	}
+}
+
+// verify checks every slot through the client and in the file.
+func (r *restartRun) verify(t *testing.T, file string) {
 	disk, err := os.ReadFile(file)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for w := range workers {
-		for s := range slots {
-			off := int64(w*slots+s) * slotSize
+	for w := range restartWorkers {
+		for s := range restartSlots {
+			off := int64(w*restartSlots+s) * restartSlotSize
 			var want []byte
-			switch seed := known[w][s]; seed {
+			switch seed := r.known[w][s]; seed {
 			case -1:
 				continue
 			case -2:
-				want = make([]byte, slotSize)
+				want = make([]byte, restartSlotSize)
 			default:
-				want = imagetest.Pattern(uint64(seed), slotSize)
+				want = imagetest.Pattern(uint64(seed), restartSlotSize)
 			}
-			got := make([]byte, slotSize)
-			if _, err := img.ReadAt(got, off); err != nil {
+			got := make([]byte, restartSlotSize)
+			if _, err := r.img.ReadAt(got, off); err != nil {
 				t.Fatal(err)
 			}
-			if !bytes.Equal(got, want) || !bytes.Equal(disk[off:off+slotSize], want) {
+			if !bytes.Equal(got, want) || !bytes.Equal(disk[off:off+restartSlotSize], want) {
 				t.Errorf("worker %d slot %d: not the last acknowledged write", w, s)
 			}
 		}

@@ -133,34 +133,45 @@ func TestQemuImagesReadIdentically(t *testing.T) {
 		}},
 	}
 	for _, c := range cases {
-		t.Run(c.name, func(t *testing.T) {
-			for _, cmd := range c.setup {
-				if cmd[0] == "-qemu-img" {
-					exec.Command(qi, cmd[1:]...).Run()
-					continue
-				}
-				prog := map[string]string{"qemu-img": qi, "qemu-io": qio}[cmd[0]]
-				run(t, prog, cmd[1:]...)
-			}
-			want := qemuRaw(t, qi, p(c.name))
-			if strings.HasPrefix(c.name, "compressed") {
-				src, _ := os.ReadFile(p("base.raw"))
-				if i := imagetest.FirstDiff(want, src); i >= 0 {
-					t.Fatalf("qemu's compressed image differs from its source at %d", i)
-				}
-			}
-			got := readAll(t, p(c.name))
-			if i := imagetest.FirstDiff(got, want); i >= 0 {
-				t.Fatalf("differs from qemu at byte %d (sizes %d, %d)", i, len(got), len(want))
-			}
-			res, err := Check(p(c.name), CheckOptions{})
-			if err != nil || !res.OK() || res.LeakedClusters != 0 {
-				t.Fatalf("check: %v %+v", err, res)
-			}
-			compareTopLayerMap(t, qi, p(c.name))
-		})
+		t.Run(c.name, func(t *testing.T) { qemuImageReadsSame(t, qi, qio, dir, c.name, c.setup) })
 	}
-	// The compressed image really holds compressed clusters.
+	compressedWrite(t, qi, dir)
+}
+
+// qemuImageReadsSame makes image name in dir with the setup commands and
+// compares what we read, check and map with qemu's view of it.
+func qemuImageReadsSame(t *testing.T, qi, qio, dir, name string, setup [][]string) {
+	p := func(n string) string { return filepath.Join(dir, n) }
+	for _, cmd := range setup {
+		if cmd[0] == "-qemu-img" {
+			exec.Command(qi, cmd[1:]...).Run()
+			continue
+		}
+		prog := map[string]string{"qemu-img": qi, "qemu-io": qio}[cmd[0]]
+		run(t, prog, cmd[1:]...)
+	}
+	want := qemuRaw(t, qi, p(name))
+	if strings.HasPrefix(name, "compressed") {
+		src, _ := os.ReadFile(p("base.raw"))
+		if i := imagetest.FirstDiff(want, src); i >= 0 {
+			t.Fatalf("qemu's compressed image differs from its source at %d", i)
+		}
+	}
+	got := readAll(t, p(name))
+	if i := imagetest.FirstDiff(got, want); i >= 0 {
+		t.Fatalf("differs from qemu at byte %d (sizes %d, %d)", i, len(got), len(want))
+	}
+	res, err := Check(p(name), CheckOptions{})
+	if err != nil || !res.OK() || res.LeakedClusters != 0 {
+		t.Fatalf("check: %v %+v", err, res)
+	}
+	compareTopLayerMap(t, qi, p(name))
+}
+
+// compressedWrite: the compressed image really holds compressed clusters,
+// and writing into them, partial writes keep the rest.
+func compressedWrite(t *testing.T, qi, dir string) {
+	p := func(n string) string { return filepath.Join(dir, n) }
 	res, err := Check(p("compressed.qcow"), CheckOptions{})
 	if err != nil || res.CompressedClusters == 0 {
 		t.Fatalf("compressed image: %v %+v", err, res)
@@ -395,9 +406,16 @@ func TestSeedTools(t *testing.T) {
 	if err := Img2Qcow(ctx, p("img.qcow"), &memImage{data: src}); err == nil {
 		t.Fatal("img2qcow overwrote an existing file")
 	}
+	seedQcowCreate(t, qi, dir, src)
+}
 
-	// qcow-create: size in MB; with a backing file the backing's size and
-	// its absolute path; -r reserves space.
+// seedQcowCreate: qcow-create takes the size in MB; with a backing file
+// the backing's size and its absolute path; -r reserves space. img.qcow in
+// dir holds src.
+func seedQcowCreate(t *testing.T, qi, dir string, src []byte) {
+	p := func(n string) string { return filepath.Join(dir, n) }
+	ctx := context.Background()
+	var st syscall.Stat_t
 	if err := QcowCreate(16, p("new.qcow"), "", false); err != nil {
 		t.Fatal(err)
 	}

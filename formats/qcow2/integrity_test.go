@@ -108,101 +108,116 @@ func TestDamagedImagesRefuseWrites(t *testing.T) {
 	for _, compat := range []string{"1.1", "0.10"} {
 		for _, d := range damages {
 			t.Run(d.name+"/compat="+compat, func(t *testing.T) {
-				p := damaged(t, compat, d.make)
-				qBefore, oBefore := qemuCorruptions(t, p), ourCorruptions(t, p)
-				if qBefore == 0 || oBefore == 0 {
-					t.Fatalf("the damage went unnoticed: qemu %d, ours %d corruptions", qBefore, oBefore)
-				}
-				orig, err := os.ReadFile(p)
-				if err != nil {
-					t.Fatal(err)
-				}
-				// qemu refuses the same allocating write on a copy.
-				qp := filepath.Join(t.TempDir(), "q.qcow2")
-				if err := os.WriteFile(qp, orig, 0o644); err != nil {
-					t.Fatal(err)
-				}
-				qout, _ := exec.Command(oracle.Require(t, "qemu-io"), "-f", "qcow2", "-c", "write -P 0xcc 2M 4k", qp).CombinedOutput()
-				if !strings.Contains(string(qout), "write failed") {
-					t.Fatalf("qemu-io wrote to the damaged image:\n%s", qout)
-				}
-
-				want := make([]byte, 4<<20)
-				copy(want, bytes.Repeat([]byte{0xaa}, 64<<10))
-				copy(want[1<<20:], bytes.Repeat([]byte{0xbb}, 64<<10))
-				img, err := Open(p, Options{})
-				if err == nil {
-					// Rewriting an allocated cluster touches no metadata
-					// and is acknowledged; a new cluster is refused.
-					if _, err := img.WriteAt(bytes.Repeat([]byte{0x11}, 4096), 8192); err != nil {
-						t.Fatalf("in-place write: %v", err)
-					}
-					copy(want[8192:], bytes.Repeat([]byte{0x11}, 4096))
-					_, err = img.WriteAt(bytes.Repeat([]byte{0xcc}, 4096), 2<<20)
-					wantRefused(t, "allocating write", err)
-					_, err = img.WriteAt([]byte{1}, 8192)
-					wantRefused(t, "write after the refusal", err)
-					wantRefused(t, "discard after the refusal", img.Discard(0, 64<<10))
-					if err := img.Flush(); err != nil {
-						t.Fatalf("flush: %v", err)
-					}
-					if err := img.Close(); err != nil {
-						t.Fatalf("close: %v", err)
-					}
-				} else {
-					wantRefused(t, "open", err)
-				}
-				if compat == "1.1" {
-					if !markedCorrupt(t, p) {
-						t.Fatal("corrupt bit not set")
-					}
-					_, err = Open(p, Options{})
-					wantRefused(t, "read-write open of a marked image", err)
-				} else if now, _ := os.ReadFile(p); len(now) < len(orig) {
-					t.Fatal("file shrank")
-				}
-
-				ro, err := Open(p, Options{ReadOnly: true})
-				if err != nil {
-					t.Fatalf("read-only open: %v", err)
-				}
-				got := make([]byte, len(want))
-				_, rerr := ro.ReadAt(got, 0)
-				ro.Close()
-				if d.name == "l2-refcount-zero" {
-					if rerr != nil {
-						t.Fatal(rerr)
-					}
-					sameBytes(t, "after the refused write", got, want)
-				}
-				if q := qemuCorruptions(t, p); q != qBefore {
-					t.Fatalf("qemu-img check: %d corruptions, %d before", q, qBefore)
-				}
-				if o := ourCorruptions(t, p); o != oBefore {
-					t.Fatalf("our check: %d corruptions, %d before", o, oBefore)
-				}
-				// Only the header's feature word and the acknowledged
-				// in-place write may have changed.
-				now, err := os.ReadFile(p)
-				if err != nil {
-					t.Fatal(err)
-				}
-				for off := 0; off < len(orig); off++ {
-					if now[off] != orig[off] && !(off >= 72 && off < 80) && !(off >= 0x50000+8192 && off < 0x50000+12288) {
-						t.Fatalf("byte %#x changed (%#x -> %#x)", off, orig[off], now[off])
-					}
-				}
-
-				// A repair that cannot fix the damage leaves it as it was.
-				if _, err := Check(p, CheckOptions{Repair: RepairLeaks}); err != nil {
-					t.Logf("repair: %v", err)
-				}
-				if q := qemuCorruptions(t, p); q > qBefore {
-					t.Fatalf("after our repair qemu-img check finds %d corruptions, %d before", q, qBefore)
-				}
+				damagedRefuses(t, compat, d.name, d.make)
 			})
 		}
 	}
+}
+
+func damagedRefuses(t *testing.T, compat, name string, damage func([]byte)) {
+	p := damaged(t, compat, damage)
+	qBefore, oBefore := qemuCorruptions(t, p), ourCorruptions(t, p)
+	if qBefore == 0 || oBefore == 0 {
+		t.Fatalf("the damage went unnoticed: qemu %d, ours %d corruptions", qBefore, oBefore)
+	}
+	orig, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	qemuRefusesToo(t, orig)
+	want := refusedWrites(t, p)
+	if compat == "1.1" {
+		if !markedCorrupt(t, p) {
+			t.Fatal("corrupt bit not set")
+		}
+		_, err := Open(p, Options{})
+		wantRefused(t, "read-write open of a marked image", err)
+	} else if now, _ := os.ReadFile(p); len(now) < len(orig) {
+		t.Fatal("file shrank")
+	}
+
+	ro, err := Open(p, Options{ReadOnly: true})
+	if err != nil {
+		t.Fatalf("read-only open: %v", err)
+	}
+	got := make([]byte, len(want))
+	_, rerr := ro.ReadAt(got, 0)
+	ro.Close()
+	if name == "l2-refcount-zero" {
+		if rerr != nil {
+			t.Fatal(rerr)
+		}
+		sameBytes(t, "after the refused write", got, want)
+	}
+	if q := qemuCorruptions(t, p); q != qBefore {
+		t.Fatalf("qemu-img check: %d corruptions, %d before", q, qBefore)
+	}
+	if o := ourCorruptions(t, p); o != oBefore {
+		t.Fatalf("our check: %d corruptions, %d before", o, oBefore)
+	}
+	// Only the header's feature word and the acknowledged
+	// in-place write may have changed.
+	now, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for off := 0; off < len(orig); off++ {
+		if now[off] != orig[off] && !(off >= 72 && off < 80) && !(off >= 0x50000+8192 && off < 0x50000+12288) {
+			t.Fatalf("byte %#x changed (%#x -> %#x)", off, orig[off], now[off])
+		}
+	}
+
+	// A repair that cannot fix the damage leaves it as it was.
+	if _, err := Check(p, CheckOptions{Repair: RepairLeaks}); err != nil {
+		t.Logf("repair: %v", err)
+	}
+	if q := qemuCorruptions(t, p); q > qBefore {
+		t.Fatalf("after our repair qemu-img check finds %d corruptions, %d before", q, qBefore)
+	}
+}
+
+// qemuRefusesToo: qemu refuses the same allocating write on a copy.
+func qemuRefusesToo(t *testing.T, orig []byte) {
+	qp := filepath.Join(t.TempDir(), "q.qcow2")
+	if err := os.WriteFile(qp, orig, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	qout, _ := exec.Command(oracle.Require(t, "qemu-io"), "-f", "qcow2", "-c", "write -P 0xcc 2M 4k", qp).CombinedOutput()
+	if !strings.Contains(string(qout), "write failed") {
+		t.Fatalf("qemu-io wrote to the damaged image:\n%s", qout)
+	}
+}
+
+// refusedWrites: rewriting an allocated cluster touches no metadata and
+// is acknowledged; a new cluster is refused, and so is everything after.
+// It returns what the image must read as.
+func refusedWrites(t *testing.T, p string) []byte {
+	want := make([]byte, 4<<20)
+	copy(want, bytes.Repeat([]byte{0xaa}, 64<<10))
+	copy(want[1<<20:], bytes.Repeat([]byte{0xbb}, 64<<10))
+	img, err := Open(p, Options{})
+	if err == nil {
+		// Rewriting an allocated cluster touches no metadata
+		// and is acknowledged; a new cluster is refused.
+		if _, err := img.WriteAt(bytes.Repeat([]byte{0x11}, 4096), 8192); err != nil {
+			t.Fatalf("in-place write: %v", err)
+		}
+		copy(want[8192:], bytes.Repeat([]byte{0x11}, 4096))
+		_, err = img.WriteAt(bytes.Repeat([]byte{0xcc}, 4096), 2<<20)
+		wantRefused(t, "allocating write", err)
+		_, err = img.WriteAt([]byte{1}, 8192)
+		wantRefused(t, "write after the refusal", err)
+		wantRefused(t, "discard after the refusal", img.Discard(0, 64<<10))
+		if err := img.Flush(); err != nil {
+			t.Fatalf("flush: %v", err)
+		}
+		if err := img.Close(); err != nil {
+			t.Fatalf("close: %v", err)
+		}
+	} else {
+		wantRefused(t, "open", err)
+	}
+	return want
 }
 
 // TestCorruptBitRepair: a marked image whose damage a repair fixes gets

@@ -16,6 +16,38 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// qemuQcow2Info is what TestCreateAccepted reads of qemu-img info's JSON.
+type qemuQcow2Info struct {
+	Format      string `json:"format"`
+	VirtualSize int64  `json:"virtual-size"`
+	ClusterSize int64  `json:"cluster-size"`
+	Backing     string `json:"backing-filename"`
+	BackingFmt  string `json:"backing-filename-format"`
+	Specific    struct {
+		Data struct {
+			Compat        string `json:"compat"`
+			RefcountBits  int    `json:"refcount-bits"`
+			LazyRefcounts bool   `json:"lazy-refcounts"`
+		} `json:"data"`
+	} `json:"format-specific"`
+}
+
+// createDefaults: the cluster size, compat and refcount width an image
+// created with c must have.
+func createDefaults(c CreateOptions) (cs int64, compat string, refcountBits int) {
+	cs, compat, refcountBits = c.ClusterSize, c.Compat, c.RefcountBits
+	if cs == 0 {
+		cs = 65536
+	}
+	if compat == "" {
+		compat = "1.1"
+	}
+	if refcountBits == 0 {
+		refcountBits = 16
+	}
+	return cs, compat, refcountBits
+}
+
 // Images we create are accepted by qemu-img info and check and by
 // qcowinfo, with and without a backing file.
 func TestCreateAccepted(t *testing.T) {
@@ -43,36 +75,12 @@ func TestCreateAccepted(t *testing.T) {
 		if err := Create(p, c); err == nil || !errors.Is(err, os.ErrExist) {
 			t.Fatalf("second create over %s: %v", p, err)
 		}
-		var info struct {
-			Format      string `json:"format"`
-			VirtualSize int64  `json:"virtual-size"`
-			ClusterSize int64  `json:"cluster-size"`
-			Backing     string `json:"backing-filename"`
-			BackingFmt  string `json:"backing-filename-format"`
-			Specific    struct {
-				Data struct {
-					Compat        string `json:"compat"`
-					RefcountBits  int    `json:"refcount-bits"`
-					LazyRefcounts bool   `json:"lazy-refcounts"`
-				} `json:"data"`
-			} `json:"format-specific"`
-		}
+		var info qemuQcow2Info
 		out := run(t, "qemu-img", "info", "--output=json", p)
 		if err := json.Unmarshal([]byte(out), &info); err != nil {
 			t.Fatal(err)
 		}
-		wantCS := c.ClusterSize
-		if wantCS == 0 {
-			wantCS = 65536
-		}
-		wantCompat := c.Compat
-		if wantCompat == "" {
-			wantCompat = "1.1"
-		}
-		wantRB := c.RefcountBits
-		if wantRB == 0 {
-			wantRB = 16
-		}
+		wantCS, wantCompat, wantRB := createDefaults(c)
 		if info.Format != "qcow2" || info.VirtualSize != (c.Size+511)&^511 || info.ClusterSize != wantCS ||
 			info.Backing != c.Backing || info.BackingFmt != c.BackingFormat || info.Specific.Data.Compat != wantCompat ||
 			info.Specific.Data.RefcountBits != wantRB || info.Specific.Data.LazyRefcounts != c.LazyRefcounts {

@@ -21,51 +21,56 @@ var updateTestdata = flag.Bool("update-testdata", false, "rewrite testdata/*.vhd
 // seedImages builds the seed corpus: small good images of each type and
 // crafted bad ones, each named for its fault.
 func seedImages(t testing.TB) map[string][]byte {
-	now := func() time.Time { return time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) }
-	mk := func(opts CreateOptions, writes ...int64) []byte {
-		opts.Now = now
-		plan, err := planCreate("/nonexistent/x.vhd", opts)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := newCrashFile(nil)
-		if err := plan.write(f); err != nil {
-			t.Fatal(err)
-		}
-		if len(writes) > 0 {
-			img, err := openFile(f, "x.vhd", Options{Logger: discardLogger()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			for _, off := range writes {
-				b := bytes.Repeat([]byte{byte(off)}, 1000)
-				if _, err := img.WriteAt(b, off); err != nil {
-					t.Fatal(err)
-				}
-			}
-		}
-		return f.Bytes()
-	}
 	const size = 32 << 10
-	dyn := mk(CreateOptions{Size: size, BlockSize: 4096}, 0, 9000, size-1000)
+	dyn := seedImage(t, CreateOptions{Size: size, BlockSize: 4096}, 0, 9000, size-1000)
 	out := map[string][]byte{
 		"vhd-dynamic-good.vhd": dyn,
-		"vhd-fixed-good.vhd":   mk(CreateOptions{Size: 8192, Subformat: "fixed"}),
+		"vhd-fixed-good.vhd":   seedImage(t, CreateOptions{Size: 8192, Subformat: "fixed"}),
 	}
 	// A differencing child (its parent is not in the corpus).
-	plan, _ := planCreate("/nonexistent/c.vhd", CreateOptions{Size: size, BlockSize: 4096, Now: now})
+	plan, _ := planCreate("/nonexistent/c.vhd", CreateOptions{Size: size, BlockSize: 4096, Now: func() time.Time { return time.Date(2024, 1, 1, 0, 0, 0, 0, time.UTC) }})
 	plan.foot.Type = typeDiff
 	copy(plan.hdr.ParentName[:], encodeUTF16("parent.vhd", true))
 	cf := newCrashFile(nil)
 	plan.write(cf)
 	out["vhd-differencing-good.vhd"] = cf.Bytes()
 
-	be := binary.BigEndian
-	resumF := func(b []byte, off int) {
-		be.PutUint32(b[off+64:], 0)
-		be.PutUint32(b[off+64:], checksum(b[off:off+512], 64))
+	seedDynamicFaults(out, dyn)
+	seedOtherFaults(out)
+	return out
+}
+
+// seedImage creates an image with opts in memory and writes 1000 bytes of
+// byte(off) at each of writes.
+func seedImage(t testing.TB, opts CreateOptions, writes ...int64) []byte {
+	f, img := memImage(t, opts, nil)
+	for _, off := range writes {
+		b := bytes.Repeat([]byte{byte(off)}, 1000)
+		if _, err := img.WriteAt(b, off); err != nil {
+			t.Fatal(err)
+		}
 	}
-	resumH := func(b []byte) { be.PutUint32(b[512+36:], 0); be.PutUint32(b[512+36:], checksum(b[512:1536], 36)) }
+	return f.Bytes()
+}
+
+// resumFooter and resumHeader recompute the checksum of the footer at
+// off and of the dynamic header after a crafted change.
+func resumFooter(b []byte, off int) {
+	be := binary.BigEndian
+	be.PutUint32(b[off+64:], 0)
+	be.PutUint32(b[off+64:], checksum(b[off:off+512], 64))
+}
+
+func resumHeader(b []byte) {
+	be := binary.BigEndian
+	be.PutUint32(b[512+36:], 0)
+	be.PutUint32(b[512+36:], checksum(b[512:1536], 36))
+}
+
+// seedDynamicFaults adds the faults crafted on a copy of the good dynamic
+// image dyn.
+func seedDynamicFaults(out map[string][]byte, dyn []byte) {
+	be := binary.BigEndian
 	mut := func(name string, f func(b []byte) []byte) {
 		b := f(append([]byte(nil), dyn...))
 		out[name] = b
@@ -73,27 +78,27 @@ func seedImages(t testing.TB) map[string][]byte {
 	end := len(dyn) - 512
 	mut("vhd-footer-bad-checksum.vhd", func(b []byte) []byte { b[end+50] ^= 1; b[50] ^= 1; return b })
 	mut("vhd-header-bad-checksum.vhd", func(b []byte) []byte { b[512+30] ^= 1; return b })
-	mut("vhd-huge-max-table-entries.vhd", func(b []byte) []byte { be.PutUint32(b[512+28:], 0xFFFFFFF0); resumH(b); return b })
-	mut("vhd-block-size-not-power-of-two.vhd", func(b []byte) []byte { be.PutUint32(b[512+32:], 3000); resumH(b); return b })
+	mut("vhd-huge-max-table-entries.vhd", func(b []byte) []byte { be.PutUint32(b[512+28:], 0xFFFFFFF0); resumHeader(b); return b })
+	mut("vhd-block-size-not-power-of-two.vhd", func(b []byte) []byte { be.PutUint32(b[512+32:], 3000); resumHeader(b); return b })
 	mut("vhd-bat-past-eof.vhd", func(b []byte) []byte { be.PutUint32(b[1536:], 0x00FFFFFF); return b })
 	mut("vhd-block-clobbers-header.vhd", func(b []byte) []byte { be.PutUint32(b[1536:], 1); return b })
 	mut("vhd-overlapping-blocks.vhd", func(b []byte) []byte { copy(b[1536+8:], b[1536:1540]); return b })
 	// The BAT over the dynamic header: allocating block 0 would
 	// overwrite the header's first bytes.
-	mut("vhd-bat-over-header.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 512); resumH(b); return b })
-	mut("vhd-table-offset-past-eof.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 1<<40); resumH(b); return b })
-	mut("vhd-table-offset-negative.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 0xffff000000000600); resumH(b); return b })
+	mut("vhd-bat-over-header.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 512); resumHeader(b); return b })
+	mut("vhd-table-offset-past-eof.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 1<<40); resumHeader(b); return b })
+	mut("vhd-table-offset-negative.vhd", func(b []byte) []byte { be.PutUint64(b[512+16:], 0xffff000000000600); resumHeader(b); return b })
 	mut("vhd-data-offset-past-eof.vhd", func(b []byte) []byte {
 		for _, o := range []int{0, end} {
 			be.PutUint64(b[o+16:], 1<<40)
-			resumF(b, o)
+			resumFooter(b, o)
 		}
 		return b
 	})
 	mut("vhd-unknown-disk-type.vhd", func(b []byte) []byte {
 		for _, o := range []int{0, end} {
 			be.PutUint32(b[o+60:], 7)
-			resumF(b, o)
+			resumFooter(b, o)
 		}
 		return b
 	})
@@ -102,23 +107,27 @@ func seedImages(t testing.TB) map[string][]byte {
 	mut("vhd-size-beyond-bat.vhd", func(b []byte) []byte {
 		for _, o := range []int{0, end} {
 			be.PutUint64(b[o+48:], 1<<40)
-			resumF(b, o)
+			resumFooter(b, o)
 		}
 		return b
 	})
+}
+
+// seedOtherFaults adds the faults crafted on the good fixed and
+// differencing images.
+func seedOtherFaults(out map[string][]byte) {
+	be := binary.BigEndian
 	fixed := out["vhd-fixed-good.vhd"]
 	fb := append([]byte(nil), fixed...)
 	be.PutUint64(fb[len(fb)-512+48:], 1<<30)
-	resumF(fb, len(fb)-512)
+	resumFooter(fb, len(fb)-512)
 	out["vhd-fixed-size-larger-than-file.vhd"] = fb
 	diff := append([]byte(nil), out["vhd-differencing-good.vhd"]...)
-	dend := len(diff) - 512
-	_ = dend
 	be.PutUint32(diff[512+576:], platW2ru)
 	be.PutUint32(diff[512+576+4:], 1)
 	be.PutUint32(diff[512+576+8:], 100)
 	be.PutUint64(diff[512+576+16:], 1<<33)
-	resumH(diff)
+	resumHeader(diff)
 	out["vhd-locator-past-eof.vhd"] = diff
 	// A locator stored over the BAT: a BAT update would rewrite the
 	// parent's name.
@@ -127,9 +136,8 @@ func seedImages(t testing.TB) map[string][]byte {
 	be.PutUint32(lob[512+576+4:], 1)
 	be.PutUint32(lob[512+576+8:], 20)
 	be.PutUint64(lob[512+576+16:], 1536)
-	resumH(lob)
+	resumHeader(lob)
 	out["vhd-locator-over-bat.vhd"] = lob
-	return out
 }
 
 // TestTestdataCurrent keeps testdata/ equal to what seedImages builds

@@ -169,6 +169,39 @@ func TestDifferencing(t *testing.T) {
 	vi := oracle.Require(t, "vhdiinfo")
 	dir := t.TempDir()
 	const size = 12 << 20
+	parent, model := diffParent(t, dir, size)
+	child := filepath.Join(dir, "sub", "child.vhd")
+	os.Mkdir(filepath.Dir(child), 0o755)
+	if err := Create(child, CreateOptions{Backing: "../parent.vhd", BackingFormat: "vhd"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(child, Options{}); err == nil {
+		t.Fatal("a differencing disk opened without a backing opener")
+	}
+	diffChildAlone(t, child)
+	diffChildWrites(t, child, model)
+	out := runCmd(t, vi, child)
+	if !strings.Contains(out, "Differential") || !strings.Contains(out, "parent.vhd") {
+		t.Fatalf("vhdiinfo on the child:\n%s", out)
+	}
+	mustEqual(t, "vhdimount of the child", vhdimount(t, child), model)
+	if r, err := Check(child, CheckOptions{Backing: fileOpener(filepath.Dir(child))}); err != nil || !r.OK() {
+		t.Fatalf("check child: %+v %v", r, err)
+	}
+	// A parent with another uuid is refused.
+	other := filepath.Join(dir, "other.vhd")
+	if err := Create(other, CreateOptions{Size: size}); err != nil {
+		t.Fatal(err)
+	}
+	os.Rename(other, parent)
+	if _, err := Open(child, Options{ReadOnly: true, Backing: fileOpener(filepath.Dir(child))}); err == nil || !strings.Contains(err.Error(), "uuid") {
+		t.Fatalf("open with a wrong parent: %v", err)
+	}
+}
+
+// diffParent creates parent.vhd in dir with a pattern at 1 MiB and
+// returns its path and what it reads as.
+func diffParent(t *testing.T, dir string, size int64) (string, []byte) {
 	parent := filepath.Join(dir, "parent.vhd")
 	if err := Create(parent, CreateOptions{Size: size}); err != nil {
 		t.Fatal(err)
@@ -186,14 +219,12 @@ func TestDifferencing(t *testing.T) {
 	copy(model[1<<20:], pb)
 	pimg.Close()
 
-	child := filepath.Join(dir, "sub", "child.vhd")
-	os.Mkdir(filepath.Dir(child), 0o755)
-	if err := Create(child, CreateOptions{Backing: "../parent.vhd", BackingFormat: "vhd"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := Open(child, Options{}); err == nil {
-		t.Fatal("a differencing disk opened without a backing opener")
-	}
+	return parent, model
+}
+
+// diffChildAlone: a child opened without its parent reports its locators
+// and refuses a read that needs the parent.
+func diffChildAlone(t *testing.T, child string) {
 	alone, err := Open(child, Options{ReadOnly: true, SkipParent: true})
 	if err != nil {
 		t.Fatal(err)
@@ -205,6 +236,12 @@ func TestDifferencing(t *testing.T) {
 		t.Fatalf("read needing the missing parent: %v", err)
 	}
 	alone.Close()
+}
+
+// diffChildWrites: the child reads its parent's data until written, its
+// own after, maps both layers, and reads the same once reopened.
+func diffChildWrites(t *testing.T, child string, model []byte) {
+	size := int64(len(model))
 	cimg, err := Open(child, Options{Backing: fileOpener(filepath.Dir(child))})
 	if err != nil {
 		t.Fatal(err)
@@ -240,23 +277,6 @@ func TestDifferencing(t *testing.T) {
 	}
 	mustEqual(t, "child reopened", readAll(t, cimg), model)
 	cimg.Close()
-	out := runCmd(t, vi, child)
-	if !strings.Contains(out, "Differential") || !strings.Contains(out, "parent.vhd") {
-		t.Fatalf("vhdiinfo on the child:\n%s", out)
-	}
-	mustEqual(t, "vhdimount of the child", vhdimount(t, child), model)
-	if r, err := Check(child, CheckOptions{Backing: fileOpener(filepath.Dir(child))}); err != nil || !r.OK() {
-		t.Fatalf("check child: %+v %v", r, err)
-	}
-	// A parent with another uuid is refused.
-	other := filepath.Join(dir, "other.vhd")
-	if err := Create(other, CreateOptions{Size: size}); err != nil {
-		t.Fatal(err)
-	}
-	os.Rename(other, parent)
-	if _, err := Open(child, Options{ReadOnly: true, Backing: fileOpener(filepath.Dir(child))}); err == nil || !strings.Contains(err.Error(), "uuid") {
-		t.Fatalf("open with a wrong parent: %v", err)
-	}
 }
 
 // vhdimount reads a VHD (its whole chain) through libvhdi.

@@ -56,38 +56,7 @@ func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	flushed := bytes.Clone(model)
-	touched := make([]bool, size/sectorSize+1) // sectors, since the last completed flush
-	touch := func(off, n int64) {
-		for j := off / sectorSize; j <= (off+n-1)/sectorSize; j++ {
-			touched[j] = true
-		}
-	}
-	for i := 0; i < 100; i++ {
-		off := r.Int64N(size)
-		n := min(r.Int64N(20000)+1, size-off)
-		switch k := r.IntN(10); {
-		case k == 0:
-			if err = img.Flush(); err == nil {
-				copy(flushed, model)
-				clear(touched)
-			}
-		case k == 1:
-			touch(off, n)
-			if err = img.Discard(off, n); err == nil {
-				clear(model[off : off+n])
-			}
-		default:
-			touch(off, n)
-			b := bytes.Repeat([]byte{byte(i + 1)}, int(n))
-			if _, err = img.WriteAt(b, off); err == nil {
-				copy(model[off:], b)
-			}
-		}
-		if err != nil {
-			break
-		}
-	}
+	flushed, touched := crashOps(img, r, model)
 	// Each write since its file's last sync kept when the coin says so.
 	snap := fs.Crash(func() bool { return coin.IntN(2) != 0 })
 	fs2 := crashfs.FromImage(snap)
@@ -113,18 +82,65 @@ func crashOnce(t *testing.T, seed uint64, variant string, qemu bool) {
 		}
 	}
 	if qemu {
-		dir := t.TempDir()
-		f := filepath.Join(dir, "d.vmdk")
-		for k, v := range snap {
-			if err := os.WriteFile(filepath.Join(dir, filepath.Base(k)), v, 0o644); err != nil {
-				t.Fatal(err)
+		qemuReadsCrashed(t, snap, got)
+	}
+}
+
+// crashOps runs 100 random writes, discards and flushes on img (until one
+// fails at the scheduled crash), keeping model; it returns what img held
+// at the last completed flush and the sectors touched since.
+func crashOps(img *Image, r *rand.Rand, model []byte) (flushed []byte, touched []bool) {
+	size := int64(len(model))
+	flushed = bytes.Clone(model)
+	touched = make([]bool, size/sectorSize+1) // sectors, since the last completed flush
+	touch := func(off, n int64) {
+		for j := off / sectorSize; j <= (off+n-1)/sectorSize; j++ {
+			touched[j] = true
+		}
+	}
+	var err error
+	for i := 0; i < 100; i++ {
+		off := r.Int64N(size)
+		n := min(r.Int64N(20000)+1, size-off)
+		switch k := r.IntN(10); {
+		case k == 0:
+			if err = img.Flush(); err == nil {
+				copy(flushed, model)
+				clear(touched)
+			}
+		case k == 1:
+			touch(off, n)
+			if err = img.Discard(off, n); err == nil {
+				clear(model[off : off+n])
+			}
+		default:
+			touch(off, n)
+			b := bytes.Repeat([]byte{byte(i + 1)}, int(n))
+			if _, err = img.WriteAt(b, off); err == nil {
+				copy(model[off:], b)
 			}
 		}
-		run(t, "qemu-img", "check", "-f", "vmdk", f)
-		raw := toRaw(t, f, "vmdk")
-		if !slices.Equal(raw, got) {
-			t.Fatalf("qemu reads the crashed image differently at %d", imagetest.FirstDiff(raw, got))
+		if err != nil {
+			break
 		}
+	}
+	return flushed, touched
+}
+
+// qemuReadsCrashed: qemu-img checks the crashed files snap and reads them
+// as got.
+func qemuReadsCrashed(t *testing.T, snap map[string][]byte, got []byte) {
+	dir := t.TempDir()
+	f := filepath.Join(dir, "d.vmdk")
+	for k, v := range snap {
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(k)), v, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	run(t, "qemu-img", "check", "-f", "vmdk", f)
+	raw := toRaw(t, f, "vmdk")
+	if !slices.Equal(raw, got) {
+		t.Fatalf("qemu reads the crashed image differently at %d", imagetest.FirstDiff(raw, got))
 	}
 }
 

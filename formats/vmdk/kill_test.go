@@ -29,49 +29,13 @@ func TestKillKeepsAcknowledged(t *testing.T) {
 func killOnce(t *testing.T, seed uint64, variant string) {
 	const p = "/img/d.vmdk"
 	const size int64 = 4<<20 + 4096
-	const writers = 4
 	fs := crashfs.New()
 	model, backing := newVariant(t, fs, p, size, variant)
 	img, err := Open(p, Options{fs: fs, GTCache: 4, Backing: backing})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Each writer owns a quarter of the disk, so the model needs no lock
-	// while the writers race on shared grain tables and syncs.
-	var wg sync.WaitGroup
-	errs := make([]error, writers)
-	for w := range writers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			r := rand.New(rand.NewPCG(seed, uint64(w)))
-			lo, span := int64(w)*size/writers, int64(size/writers)
-			for i := 0; i < 60; i++ {
-				off := lo + r.Int64N(span)
-				n := min(r.Int64N(20000)+1, lo+span-off)
-				if r.IntN(8) == 0 {
-					if err := img.Discard(off, n); err != nil {
-						errs[w] = err
-						return
-					}
-					clear(model[off : off+n])
-					continue
-				}
-				b := bytes.Repeat([]byte{byte(w<<6 | i + 1)}, int(n))
-				if _, err := img.WriteAt(b, off); err != nil {
-					errs[w] = err
-					return
-				}
-				copy(model[off:], b)
-			}
-		}()
-	}
-	wg.Wait()
-	for _, err := range errs {
-		if err != nil {
-			t.Fatal(err)
-		}
-	}
+	killWriters(t, img, model, seed)
 	// The kill: img is never used again.
 	img = nil
 
@@ -108,5 +72,47 @@ func killOnce(t *testing.T, seed uint64, variant string) {
 	}
 	if got := readAll(t, cut); !bytes.Equal(got, model) {
 		t.Fatalf("after kill, flush and power cut: flushed byte %d lost", imagetest.FirstDiff(got, model))
+	}
+}
+
+// killWriters runs four goroutines of random writes and discards on img,
+// keeping model. Each writer owns a quarter of the disk, so the model needs
+// no lock while the writers race on shared grain tables and syncs.
+func killWriters(t *testing.T, img *Image, model []byte, seed uint64) {
+	const writers = 4
+	size := int64(len(model))
+	var wg sync.WaitGroup
+	errs := make([]error, writers)
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := rand.New(rand.NewPCG(seed, uint64(w)))
+			lo, span := int64(w)*size/writers, int64(size/writers)
+			for i := 0; i < 60; i++ {
+				off := lo + r.Int64N(span)
+				n := min(r.Int64N(20000)+1, lo+span-off)
+				if r.IntN(8) == 0 {
+					if err := img.Discard(off, n); err != nil {
+						errs[w] = err
+						return
+					}
+					clear(model[off : off+n])
+					continue
+				}
+				b := bytes.Repeat([]byte{byte(w<<6 | i + 1)}, int(n))
+				if _, err := img.WriteAt(b, off); err != nil {
+					errs[w] = err
+					return
+				}
+				copy(model[off:], b)
+			}
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
 	}
 }

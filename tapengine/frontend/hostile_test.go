@@ -37,40 +37,9 @@ func TestHostileBackend(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer f.Close()
-			memfd, kick, notify := f.BackendFDs()
-			fds := make([]int, 3)
-			for i, fd := range []int{memfd, kick, notify} {
-				if fds[i], err = unix.Dup(fd); err != nil {
-					t.Fatal(err)
-				}
-			}
-			tr, err := local.Attach(fds[0], f.RingRefs(), fds[1], fds[2])
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer tr.Close()
-			back, err := ring.NewBack(tr.Ring(), blkif.X86_64)
-			if err != nil {
-				t.Fatal(err)
-			}
-			gdone := make(chan struct{})
-			go func() {
-				defer close(gdone)
-				// Wait for the request, then misbehave once.
-				pfd := []unix.PollFd{{Fd: int32(tr.WaitFD()), Events: unix.POLLIN}}
-				for {
-					n, err := back.Pending()
-					if err != nil || n > 0 {
-						break
-					}
-					unix.Poll(pfd, -1)
-					tr.Ack()
-				}
-				var req blkif.Request
-				back.Next(&req)
-				misbehave(tr, back, &req)
-				tr.Notify()
-			}()
+			memfd, _, _ := f.BackendFDs()
+			tr, back := hostileBack(t, f)
+			gdone := misbehaveOnce(tr, back, misbehave)
 			if err := f.Connect(2048, 512, false); err != nil {
 				t.Fatal(err)
 			}
@@ -104,4 +73,50 @@ func TestHostileBackend(t *testing.T) {
 			}
 		})
 	}
+}
+
+// hostileBack attaches a backend's view of f's ring, on duplicates of
+// f's file descriptors.
+func hostileBack(t *testing.T, f *Frontend) (ring.Transport, *ring.Back) {
+	memfd, kick, notify := f.BackendFDs()
+	fds := make([]int, 3)
+	var err error
+	for i, fd := range []int{memfd, kick, notify} {
+		if fds[i], err = unix.Dup(fd); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tr, err := local.Attach(fds[0], f.RingRefs(), fds[1], fds[2])
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { tr.Close() })
+	back, err := ring.NewBack(tr.Ring(), blkif.X86_64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tr, back
+}
+
+// misbehaveOnce waits for the first request, then misbehaves once; the
+// channel closes when it has.
+func misbehaveOnce(tr ring.Transport, back *ring.Back, misbehave func(ring.Transport, *ring.Back, *blkif.Request)) <-chan struct{} {
+	gdone := make(chan struct{})
+	go func() {
+		defer close(gdone)
+		pfd := []unix.PollFd{{Fd: int32(tr.WaitFD()), Events: unix.POLLIN}}
+		for {
+			n, err := back.Pending()
+			if err != nil || n > 0 {
+				break
+			}
+			unix.Poll(pfd, -1)
+			tr.Ack()
+		}
+		var req blkif.Request
+		back.Next(&req)
+		misbehave(tr, back, &req)
+		tr.Notify()
+	}()
+	return gdone
 }

@@ -79,74 +79,7 @@ func TestTLSForcedHaggling(t *testing.T) {
 	clientCfg := &tls.Config{RootCAs: p.Roots, ServerName: "localhost", Certificates: []tls.Certificate{p.Client}}
 
 	t.Run("options refused until STARTTLS, then served", func(t *testing.T) {
-		tc := dialTCP(t, addr)
-		if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
-			t.Fatal(err)
-		}
-		goData := infoData("disk")
-		for _, st := range []struct {
-			opt  uint32
-			data []byte
-			want uint32
-		}{
-			{nbdwire.OptList, nil, nbdwire.RepErrTLSRequired},
-			{nbdwire.OptInfo, goData, nbdwire.RepErrTLSRequired},
-			{nbdwire.OptGo, goData, nbdwire.RepErrTLSRequired},
-			{nbdwire.OptStructuredReply, nil, nbdwire.RepErrTLSRequired},
-			{nbdwire.OptExtendedHeaders, nil, nbdwire.RepErrTLSRequired},
-			{99, []byte("junk"), nbdwire.RepErrTLSRequired},
-			{nbdwire.OptStartTLS, []byte("x"), nbdwire.RepErrInvalid},
-		} {
-			if err := tc.sendOpt(st.opt, st.data); err != nil {
-				t.Fatal(err)
-			}
-			opt, typ, msg, err := tc.optReply()
-			if err != nil || opt != st.opt || typ != st.want {
-				t.Fatalf("option %d: reply to %d type %#x %q, %v; want %#x", st.opt, opt, typ, msg, err, st.want)
-			}
-		}
-		// A too-long option is refused the same way before TLS.
-		tc.sendOpt(nbdwire.OptList, make([]byte, maxOptionLen+1))
-		if _, typ, _, err := tc.optReply(); err != nil || typ != nbdwire.RepErrTLSRequired {
-			t.Fatalf("long option before TLS: %#x %v", typ, err)
-		}
-		if err := tc.startTLS(clientCfg); err != nil {
-			t.Fatal(err)
-		}
-		if typ, err := tc.simpleOpt(nbdwire.OptStartTLS); err != nil || typ != nbdwire.RepErrInvalid {
-			t.Fatalf("second STARTTLS: %#x %v, want ERR_INVALID", typ, err)
-		}
-		// Inside TLS the handshake goes on as usual; greet is done.
-		if typ, err := tc.simpleOpt(nbdwire.OptStructuredReply); err != nil || typ != nbdwire.RepAck {
-			t.Fatalf("STRUCTURED_REPLY in TLS: %#x %v", typ, err)
-		}
-		tc.structured = true
-		if err := tc.sendOpt(nbdwire.OptGo, goData); err != nil {
-			t.Fatal(err)
-		}
-		err := tc.untilAck(func(typ uint32, data []byte) error {
-			if typ != nbdwire.RepInfo {
-				return fmt.Errorf("GO: %#x %q", typ, data)
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		payload := []byte(strings.Repeat("tls!", 1024))
-		mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 1, Offset: 8192, Length: 4096}, payload))
-		rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 8192, Length: 4096}, nil))
-		got, err := rep.readData(8192, 4096)
-		if err != nil || string(got) != string(payload) {
-			t.Fatalf("read back over TLS: %v", err)
-		}
-		if string(be.data[8192:8192+4096]) != string(payload) {
-			t.Fatal("write over TLS did not reach the backend")
-		}
-		if err := tc.send(Request{Type: nbdwire.CmdDisc, Cookie: 3}, nil); err != nil {
-			t.Fatal(err)
-		}
-		expectClosed(t, tc)
+		tlsRefusedThenServed(t, addr, clientCfg, be)
 	})
 
 	t.Run("ABORT before TLS is acknowledged", func(t *testing.T) {
@@ -160,16 +93,6 @@ func TestTLSForcedHaggling(t *testing.T) {
 		expectClosed(t, tc)
 	})
 
-	dropped := func(t *testing.T, before uint64) {
-		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
-		for s.Stats().Dropped == before && time.Now().Before(deadline) {
-			time.Sleep(10 * time.Millisecond)
-		}
-		if s.Stats().Dropped == before {
-			t.Error("the server did not count the client as dropped")
-		}
-	}
 	t.Run("EXPORT_NAME before TLS drops the client", func(t *testing.T) {
 		before := s.Stats().Dropped
 		tc := dialTCP(t, addr)
@@ -178,7 +101,7 @@ func TestTLSForcedHaggling(t *testing.T) {
 		}
 		tc.sendOpt(nbdwire.OptExportName, []byte("disk"))
 		expectClosed(t, tc)
-		dropped(t, before)
+		waitDropped(t, s, before)
 	})
 	t.Run("no FIXED_NEWSTYLE drops the client", func(t *testing.T) {
 		tc := dialTCP(t, addr)
@@ -210,8 +133,99 @@ func TestTLSForcedHaggling(t *testing.T) {
 			if err == nil {
 				t.Fatal("the server accepted the client")
 			}
-			dropped(t, before)
+			waitDropped(t, s, before)
 		})
+	}
+}
+
+// tlsRefusedThenServed: before STARTTLS every option is refused with
+// ERR_TLS_REQD; after it the handshake and transmission go on as usual.
+func tlsRefusedThenServed(t *testing.T, addr string, clientCfg *tls.Config, be *memBackend) {
+	tc := dialTCP(t, addr)
+	if err := tc.greet(nbdwire.ClientFlagFixedNewstyle | nbdwire.ClientFlagNoZeroes); err != nil {
+		t.Fatal(err)
+	}
+	goData := infoData("disk")
+	for _, st := range []struct {
+		opt  uint32
+		data []byte
+		want uint32
+	}{
+		{nbdwire.OptList, nil, nbdwire.RepErrTLSRequired},
+		{nbdwire.OptInfo, goData, nbdwire.RepErrTLSRequired},
+		{nbdwire.OptGo, goData, nbdwire.RepErrTLSRequired},
+		{nbdwire.OptStructuredReply, nil, nbdwire.RepErrTLSRequired},
+		{nbdwire.OptExtendedHeaders, nil, nbdwire.RepErrTLSRequired},
+		{99, []byte("junk"), nbdwire.RepErrTLSRequired},
+		{nbdwire.OptStartTLS, []byte("x"), nbdwire.RepErrInvalid},
+	} {
+		if err := tc.sendOpt(st.opt, st.data); err != nil {
+			t.Fatal(err)
+		}
+		opt, typ, msg, err := tc.optReply()
+		if err != nil || opt != st.opt || typ != st.want {
+			t.Fatalf("option %d: reply to %d type %#x %q, %v; want %#x", st.opt, opt, typ, msg, err, st.want)
+		}
+	}
+	// A too-long option is refused the same way before TLS.
+	tc.sendOpt(nbdwire.OptList, make([]byte, maxOptionLen+1))
+	if _, typ, _, err := tc.optReply(); err != nil || typ != nbdwire.RepErrTLSRequired {
+		t.Fatalf("long option before TLS: %#x %v", typ, err)
+	}
+	tlsServed(t, tc, clientCfg, be, goData)
+}
+
+// tlsServed upgrades tc, which has greeted, and then negotiates, writes and
+// reads over TLS.
+func tlsServed(t *testing.T, tc *testClient, clientCfg *tls.Config, be *memBackend, goData []byte) {
+	if err := tc.startTLS(clientCfg); err != nil {
+		t.Fatal(err)
+	}
+	if typ, err := tc.simpleOpt(nbdwire.OptStartTLS); err != nil || typ != nbdwire.RepErrInvalid {
+		t.Fatalf("second STARTTLS: %#x %v, want ERR_INVALID", typ, err)
+	}
+	// Inside TLS the handshake goes on as usual; greet is done.
+	if typ, err := tc.simpleOpt(nbdwire.OptStructuredReply); err != nil || typ != nbdwire.RepAck {
+		t.Fatalf("STRUCTURED_REPLY in TLS: %#x %v", typ, err)
+	}
+	tc.structured = true
+	if err := tc.sendOpt(nbdwire.OptGo, goData); err != nil {
+		t.Fatal(err)
+	}
+	err := tc.untilAck(func(typ uint32, data []byte) error {
+		if typ != nbdwire.RepInfo {
+			return fmt.Errorf("GO: %#x %q", typ, data)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload := []byte(strings.Repeat("tls!", 1024))
+	mustOK(t)(tc.do(Request{Type: nbdwire.CmdWrite, Flags: nbdwire.CmdFlagFUA, Cookie: 1, Offset: 8192, Length: 4096}, payload))
+	rep := mustOK(t)(tc.do(Request{Type: nbdwire.CmdRead, Cookie: 2, Offset: 8192, Length: 4096}, nil))
+	got, err := rep.readData(8192, 4096)
+	if err != nil || string(got) != string(payload) {
+		t.Fatalf("read back over TLS: %v", err)
+	}
+	if string(be.data[8192:8192+4096]) != string(payload) {
+		t.Fatal("write over TLS did not reach the backend")
+	}
+	if err := tc.send(Request{Type: nbdwire.CmdDisc, Cookie: 3}, nil); err != nil {
+		t.Fatal(err)
+	}
+	expectClosed(t, tc)
+}
+
+// waitDropped waits for s to count a dropped client beyond before.
+func waitDropped(t *testing.T, s *Server, before uint64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for s.Stats().Dropped == before && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if s.Stats().Dropped == before {
+		t.Error("the server did not count the client as dropped")
 	}
 }
 

@@ -31,19 +31,8 @@ func TestFlushInFlightAtWorkerDeath(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	attach := func(p *Process) {
-		t.Helper()
-		if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "d", Format: "vmdk", Path: img}); err != nil {
-			t.Fatal(err)
-		}
-		mem, kick, notify := f.BackendFDs()
-		if _, err := p.Call(ctx(t), Request{Op: OpConnect, Transport: "local", Protocol: "x86_64-abi",
-			RingRefs: f.RingRefs()}, mem, kick, notify); err != nil {
-			t.Fatal(err)
-		}
-	}
 	p1 := startTestWorker(t)
-	attach(p1)
+	attachVMDK(t, p1, f, img)
 	if err := f.Connect(size/512, 512, false); err != nil {
 		t.Fatal(err)
 	}
@@ -74,7 +63,7 @@ func TestFlushInFlightAtWorkerDeath(t *testing.T) {
 	<-p1.Done()
 
 	p2 := startTestWorker(t)
-	attach(p2)
+	attachVMDK(t, p2, f, img)
 	select {
 	case err := <-flushed:
 		if err != nil {
@@ -99,5 +88,19 @@ func TestFlushInFlightAtWorkerDeath(t *testing.T) {
 	}
 	if !bytes.Equal(got, want) {
 		t.Fatal("writes the dead worker acknowledged are lost")
+	}
+}
+
+// attachVMDK opens the vmdk image img in worker p and connects it to f's
+// ring.
+func attachVMDK(t *testing.T, p *Process, f *frontend.Frontend, img string) {
+	t.Helper()
+	if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "d", Format: "vmdk", Path: img}); err != nil {
+		t.Fatal(err)
+	}
+	mem, kick, notify := f.BackendFDs()
+	if _, err := p.Call(ctx(t), Request{Op: OpConnect, Transport: "local", Protocol: "x86_64-abi",
+		RingRefs: f.RingRefs()}, mem, kick, notify); err != nil {
+		t.Fatal(err)
 	}
 }

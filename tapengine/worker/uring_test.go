@@ -72,17 +72,41 @@ func TestURingFallback(t *testing.T) {
 func TestURingKill(t *testing.T) {
 	oracle.RequireURing(t, raw.URingSupported())
 	qimg := oracle.Require(t, "qemu-img")
-	const size, block, writers = 8 << 20, 16 << 10, 8
+	const writers = 8
 	dir := t.TempDir()
 	img := filepath.Join(dir, "d.raw")
-	if err := formats.Create("raw", img, formats.CreateOptions{Size: size}); err != nil {
+	if err := formats.Create("raw", img, formats.CreateOptions{Size: uringSize}); err != nil {
 		t.Fatal(err)
 	}
+	f, p := uringDisk(t, img)
+
+	l := &uringLedger{acked: make([]byte, uringBlocks), inFlight: make([]bool, uringBlocks), stop: make(chan struct{})}
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Go(func() { l.writer(f, w, writers) })
+	}
+	time.Sleep(time.Duration(300+rand.IntN(400)) * time.Millisecond)
+	if err := syscall.Kill(p.Pid(), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-p.Done()
+	f.Close() // fails the writers still waiting
+	close(l.stop)
+	wg.Wait()
+	l.verify(t, qimg, dir, img, writers)
+}
+
+const uringSize, uringBlock = 8 << 20, 16 << 10
+const uringBlocks = uringSize / uringBlock
+
+// uringDisk opens img with io: uring in a new worker and connects a local
+// frontend to it.
+func uringDisk(t *testing.T, img string) (*frontend.Frontend, *Process) {
 	f, err := frontend.New(frontend.Options{Protocol: blkif.X86_64})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	t.Cleanup(func() { f.Close() })
 	p := startTestWorker(t)
 	if _, err := p.Call(ctx(t), Request{Op: OpOpen, Name: "d", Format: "raw", Path: img, IO: IOURing}); err != nil {
 		t.Fatal(err)
@@ -95,65 +119,64 @@ func TestURingKill(t *testing.T) {
 		RingRefs: f.RingRefs()}, mem, kick, notify); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.Connect(size/512, 512, false); err != nil {
+	if err := f.Connect(uringSize/512, 512, false); err != nil {
 		t.Fatal(err)
 	}
+	return f, p
+}
 
-	// Writer w owns blocks w, w+writers, ...; acked[b] is the last
-	// pattern acknowledged there, inFlight[b] one not yet answered.
-	var mu sync.Mutex
-	acked := make([]byte, size/block)
-	inFlight := make([]bool, size/block)
-	var wg sync.WaitGroup
-	stop := make(chan struct{})
-	for w := range writers {
-		wg.Go(func() {
-			r := rand.New(rand.NewPCG(uint64(w), 7))
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				b := r.IntN(size/block/writers)*writers + w
-				pat := byte(1 + r.IntN(250))
-				mu.Lock()
-				inFlight[b] = true
-				mu.Unlock()
-				if _, err := f.WriteAt(bytes.Repeat([]byte{pat}, block), int64(b)*block); err != nil {
-					return // the worker is dead
-				}
-				mu.Lock()
-				acked[b], inFlight[b] = pat, false
-				mu.Unlock()
-				if i%16 == 15 && f.Flush() != nil {
-					return
-				}
-			}
-		})
-	}
-	time.Sleep(time.Duration(300+rand.IntN(400)) * time.Millisecond)
-	if err := syscall.Kill(p.Pid(), syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	<-p.Done()
-	f.Close() // fails the writers still waiting
-	close(stop)
-	wg.Wait()
+// uringLedger: writer w owns blocks w, w+writers, ...; acked[b] is the
+// last pattern acknowledged there, inFlight[b] one not yet answered.
+type uringLedger struct {
+	mu       sync.Mutex
+	acked    []byte
+	inFlight []bool
+	stop     chan struct{}
+}
 
+// writer writes random patterns to its own blocks, flushing every 16th
+// write, until stop or the worker dies.
+func (l *uringLedger) writer(f *frontend.Frontend, w, writers int) {
+	r := rand.New(rand.NewPCG(uint64(w), 7))
+	for i := 0; ; i++ {
+		select {
+		case <-l.stop:
+			return
+		default:
+		}
+		b := r.IntN(uringBlocks/writers)*writers + w
+		pat := byte(1 + r.IntN(250))
+		l.mu.Lock()
+		l.inFlight[b] = true
+		l.mu.Unlock()
+		if _, err := f.WriteAt(bytes.Repeat([]byte{pat}, uringBlock), int64(b)*uringBlock); err != nil {
+			return // the worker is dead
+		}
+		l.mu.Lock()
+		l.acked[b], l.inFlight[b] = pat, false
+		l.mu.Unlock()
+		if i%16 == 15 && f.Flush() != nil {
+			return
+		}
+	}
+}
+
+// verify: every write acknowledged before the kill is in img, as qemu-img
+// compare sees it against what the writers were told.
+func (l *uringLedger) verify(t *testing.T, qimg, dir, img string, writers int) {
 	want, err := os.ReadFile(img)
 	if err != nil {
 		t.Fatal(err)
 	}
 	written := 0
-	for b, pat := range acked {
-		if inFlight[b] {
+	for b, pat := range l.acked {
+		if l.inFlight[b] {
 			continue // the image's block may hold either; take what it has
 		}
 		if pat != 0 {
 			written++
 		}
-		copy(want[b*block:(b+1)*block], bytes.Repeat([]byte{pat}, block))
+		copy(want[b*uringBlock:(b+1)*uringBlock], bytes.Repeat([]byte{pat}, uringBlock))
 	}
 	if written < writers {
 		t.Fatalf("only %d blocks written before the kill: the test proves nothing", written)
