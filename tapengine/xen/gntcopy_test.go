@@ -42,35 +42,8 @@ func TestGrantCopyFailedSegment(t *testing.T) {
 	f.grant(badInd, indPage, false)
 	f.copyStatus = map[uint32]int16{badRef: -1, badRead: -9, badInd: -3}
 	path, img := tempRaw(t, 1<<20)
-	tr, err := Attach(f.device(), Options{Domid: testDomid, RingRefs: []uint32{500}, EventChannel: f.remotePort})
-	if err != nil {
-		t.Fatal(err)
-	}
-	x := tr.(*Transport)
-	if !x.Copying() {
-		t.Fatal("a frontend without persistent grants on a device with grant copy does not copy")
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	stats := new(ring.Stats)
-	go func() {
-		done <- ring.Serve(ctx, tr, blkif.X86_64, img, ring.Options{MaxIndirectSegments: 32, Stats: stats, Workers: 2})
-	}()
-	defer func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Serve: %v", err)
-		}
-		tr.Close()
-	}()
-
-	rw := func(id uint64, op uint8, sector uint64, first uint32) blkif.Request {
-		q := blkif.Request{Op: op, NrSegments: blkif.SegmentsMax, ID: id, Sector: sector}
-		for i := range blkif.SegmentsMax {
-			q.Seg[i] = blkif.Segment{Gref: first + uint32(i), LastSect: 7}
-		}
-		return q
-	}
+	x, stats := serveCopying(t, f, img)
+	rw := fullRW
 	for i := range blkif.SegmentsMax {
 		fill(f.page(dataPage+i), byte(40+i))
 	}
@@ -111,6 +84,45 @@ func TestGrantCopyFailedSegment(t *testing.T) {
 	if stats.Invalid.Load() != 3 || stats.Errors.Load() != 3 {
 		t.Errorf("ring counted %d invalid, %d errors; want the 3 refused grants, as invalid", stats.Invalid.Load(), stats.Errors.Load())
 	}
+}
+
+// serveCopying attaches to f's one-page ring (ref 500) without persistent
+// grants, checks that the transport copies, and serves img on 2 workers
+// until the test ends.
+func serveCopying(t *testing.T, f *fakeXen, img *raw.Image) (*Transport, *ring.Stats) {
+	t.Helper()
+	tr, err := Attach(f.device(), Options{Domid: testDomid, RingRefs: []uint32{500}, EventChannel: f.remotePort})
+	if err != nil {
+		t.Fatal(err)
+	}
+	x := tr.(*Transport)
+	if !x.Copying() {
+		t.Fatal("a frontend without persistent grants on a device with grant copy does not copy")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	stats := new(ring.Stats)
+	go func() {
+		done <- ring.Serve(ctx, tr, blkif.X86_64, img, ring.Options{MaxIndirectSegments: 32, Stats: stats, Workers: 2})
+	}()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Serve: %v", err)
+		}
+		tr.Close()
+	})
+	return x, stats
+}
+
+// fullRW is a request of SegmentsMax whole pages at sector, the refs
+// first, first+1, ...
+func fullRW(id uint64, op uint8, sector uint64, first uint32) blkif.Request {
+	q := blkif.Request{Op: op, NrSegments: blkif.SegmentsMax, ID: id, Sector: sector}
+	for i := range blkif.SegmentsMax {
+		q.Seg[i] = blkif.Segment{Gref: first + uint32(i), LastSect: 7}
+	}
+	return q
 }
 
 // tempRaw is a zeroed raw image of size bytes, closed at the test's end.

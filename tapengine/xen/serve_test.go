@@ -100,49 +100,77 @@ func TestServeRoundTrip(t *testing.T) {
 	}
 }
 
+// Guest page layout of roundTrip's fake guest.
+const (
+	rtSize      = 1 << 20
+	rtDataPage  = 16 // guest pages 16.. hold data
+	rtReadPage  = 64 // and 64.. read buffers
+	rtIndPage   = 120
+	rtNIndirect = 40
+	rtRORef     = 900
+)
+
+// rtRig is roundTrip's fake Xen, guest, image and serving transport.
+type rtRig struct {
+	f         *fakeXen
+	g         *guestRing
+	ringPages []int
+	refs      []uint32
+	path      string
+	x         *Transport
+	stats     *ring.Stats
+	stop      func()
+}
+
 func roundTrip(t *testing.T, proto blkif.Protocol, order int, maxPersistent int) {
-	persistent := maxPersistent >= 0
-	const (
-		size      = 1 << 20
-		dataPage  = 16 // guest pages 16.. hold data
-		readPage  = 64 // and 64.. read buffers
-		indPage   = 120
-		nIndirect = 40
-		roRef     = 900
-	)
+	r := newRTRig(t, proto, order, maxPersistent)
+	rtDirectAndIndirect(t, r)
+	rtBadRefs(t, r)
+	rtCheckCache(t, r, maxPersistent)
+	r.stop()
+	rtCheckMappings(t, r)
+	rtCheckImage(t, r)
+	// Writes 1, 3 and refused 10; reads 2, 11-14; 10-12 invalid.
+	if s := r.stats; s.Writes.Load() != 3 || s.Reads.Load() != 5 || s.Indirects.Load() != 1 || s.Invalid.Load() != 3 {
+		t.Errorf("ring stats: writes %d reads %d indirects %d invalid %d", s.Writes.Load(), s.Reads.Load(), s.Indirects.Load(), s.Invalid.Load())
+	}
+}
+
+// newRTRig grants a ring of 2^order scattered pages and the data pages
+// (ref 1000+p names guest page p; rtRORef a read-only one), and serves a
+// fresh raw image on it; maxPersistent -1: no persistent grants, -2: no
+// persistent grants and a kernel without grant copy.
+func newRTRig(t *testing.T, proto blkif.Protocol, order int, maxPersistent int) *rtRig {
 	f := newFakeXen(t, testDomid, 128)
 	f.noCopy = maxPersistent == -2
-	var ringPages []int
+	r := &rtRig{f: f, stats: new(ring.Stats)}
 	for i := range 1 << order {
-		ringPages = append(ringPages, 10-2*i) // scattered, descending
+		r.ringPages = append(r.ringPages, 10-2*i) // scattered, descending
 	}
-	g := newGuestRing(t, f, ringPages, proto)
-	refs := make([]uint32, len(ringPages))
-	for i, p := range ringPages {
-		refs[i] = uint32(500 + i)
-		f.grant(refs[i], p, false)
+	r.g = newGuestRing(t, f, r.ringPages, proto)
+	r.refs = make([]uint32, len(r.ringPages))
+	for i, p := range r.ringPages {
+		r.refs[i] = uint32(500 + i)
+		f.grant(r.refs[i], p, false)
 	}
-	// Data refs: ref 1000+p names guest page p.
-	for p := dataPage; p < indPage+1; p++ {
+	for p := rtDataPage; p < rtIndPage+1; p++ {
 		f.grant(uint32(1000+p), p, false)
 	}
-	f.grant(roRef, readPage, true)
-
-	path, img := tempRaw(t, size)
-
-	tr, err := Attach(f.device(), Options{Domid: testDomid, RingRefs: refs, EventChannel: f.remotePort, PersistentGrants: persistent, MaxPersistent: max(maxPersistent, 0)})
+	f.grant(rtRORef, rtReadPage, true)
+	path, img := tempRaw(t, rtSize)
+	r.path = path
+	tr, err := Attach(f.device(), Options{Domid: testDomid, RingRefs: r.refs, EventChannel: f.remotePort, PersistentGrants: maxPersistent >= 0, MaxPersistent: max(maxPersistent, 0)})
 	if err != nil {
 		t.Fatal(err)
 	}
-	x := tr.(*Transport)
+	r.x = tr.(*Transport)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	stats := new(ring.Stats)
 	go func() {
-		done <- ring.Serve(ctx, tr, proto, img, ring.Options{MaxIndirectSegments: 256, Stats: stats})
+		done <- ring.Serve(ctx, tr, proto, img, ring.Options{MaxIndirectSegments: 256, Stats: r.stats})
 	}()
 	stopped := false
-	stop := func() {
+	r.stop = func() {
 		if !stopped {
 			stopped = true
 			cancel()
@@ -151,56 +179,66 @@ func roundTrip(t *testing.T, proto blkif.Protocol, order int, maxPersistent int)
 			}
 		}
 	}
-	defer func() { stop(); tr.Close() }()
+	t.Cleanup(func() { r.stop(); tr.Close() })
+	return r
+}
 
-	// Direct write of 11 pages at sector 8, then read them back.
+// rtDirectAndIndirect: a direct write of 11 pages at sector 8, read back;
+// then an indirect write of rtNIndirect pages (segment list in guest page
+// rtIndPage) right after it, and a flush.
+func rtDirectAndIndirect(t *testing.T, r *rtRig) {
+	f := r.f
 	w := blkif.Request{Op: blkif.OpWrite, NrSegments: blkif.SegmentsMax, ID: 1, Sector: 8}
-	r := blkif.Request{Op: blkif.OpRead, NrSegments: blkif.SegmentsMax, ID: 2, Sector: 8}
+	rd := blkif.Request{Op: blkif.OpRead, NrSegments: blkif.SegmentsMax, ID: 2, Sector: 8}
 	for i := range blkif.SegmentsMax {
-		fill(f.page(dataPage+i), byte(i))
-		w.Seg[i] = blkif.Segment{Gref: uint32(1000 + dataPage + i), FirstSect: 0, LastSect: 7}
-		r.Seg[i] = blkif.Segment{Gref: uint32(1000 + readPage + i), FirstSect: 0, LastSect: 7}
+		fill(f.page(rtDataPage+i), byte(i))
+		w.Seg[i] = blkif.Segment{Gref: uint32(1000 + rtDataPage + i), FirstSect: 0, LastSect: 7}
+		rd.Seg[i] = blkif.Segment{Gref: uint32(1000 + rtReadPage + i), FirstSect: 0, LastSect: 7}
 	}
-	expectOK(t, g.do(w), 1)
-	expectOK(t, g.do(r), 2)
+	expectOK(t, r.g.do(w), 1)
+	expectOK(t, r.g.do(rd), 2)
 	for i := range blkif.SegmentsMax {
-		if !bytes.Equal(f.page(readPage+i), f.page(dataPage+i)) {
+		if !bytes.Equal(f.page(rtReadPage+i), f.page(rtDataPage+i)) {
 			t.Fatalf("segment %d read back differs", i)
 		}
 	}
-
-	// An indirect write of nIndirect pages (segment list in guest page
-	// indPage) right after the direct one, and a flush.
-	ind := f.page(indPage)
-	for i := range nIndirect {
-		p := dataPage + i%48
+	ind := f.page(rtIndPage)
+	for i := range rtNIndirect {
+		p := rtDataPage + i%48
 		blkif.EncodeSegment(ind[i*blkif.SegmentSize:], &blkif.Segment{Gref: uint32(1000 + p), LastSect: 7})
 	}
-	iw := blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, IndirectSegments: nIndirect,
+	iw := blkif.Request{Op: blkif.OpIndirect, IndirectOp: blkif.OpWrite, IndirectSegments: rtNIndirect,
 		ID: 3, Sector: 8 + blkif.SegmentsMax*8}
-	iw.IndirectGrefs[0] = 1000 + indPage
+	iw.IndirectGrefs[0] = 1000 + rtIndPage
 	fl := blkif.Request{Op: blkif.OpFlushDiskcache, ID: 4}
-	expectOK(t, g.do(iw, fl), 3, 4)
+	expectOK(t, r.g.do(iw, fl), 3, 4)
+}
 
-	// Bad refs get an error for that request alone: ungranted, a read into
-	// a read-only grant, the ring's own page, a ref of the wrong size.
+// rtBadRefs: bad refs get an error for that request alone: ungranted, a
+// read into a read-only grant, the ring's own page, a ref of the wrong size.
+func rtBadRefs(t *testing.T, r *rtRig) {
 	bad := func(id uint64, ref uint32, op uint8) blkif.Request {
 		q := blkif.Request{Op: op, NrSegments: 1, ID: id, Sector: 0}
 		q.Seg[0] = blkif.Segment{Gref: ref, LastSect: 7}
 		return q
 	}
-	good := bad(14, 1000+readPage+20, blkif.OpRead)
-	rsp := g.do(bad(10, 77777, blkif.OpWrite), bad(11, roRef, blkif.OpRead), bad(12, refs[0], blkif.OpRead),
-		bad(13, 1000+readPage+21, blkif.OpRead), good)
+	good := bad(14, 1000+rtReadPage+20, blkif.OpRead)
+	rsp := r.g.do(bad(10, 77777, blkif.OpWrite), bad(11, rtRORef, blkif.OpRead), bad(12, r.refs[0], blkif.OpRead),
+		bad(13, 1000+rtReadPage+21, blkif.OpRead), good)
 	for id := uint64(10); id <= 12; id++ {
 		if rsp[id].Status != blkif.StatusError {
 			t.Errorf("request %d: status %d, want error", id, rsp[id].Status)
 		}
 	}
 	expectOK(t, rsp, 13, 14)
+}
 
-	st := x.Stats()
-	if persistent {
+// rtCheckCache: persistent grants hit (and a small cache evicts); without
+// them nothing is cached, and grant copy maps no data page at all while
+// the fallback copies none.
+func rtCheckCache(t *testing.T, r *rtRig, maxPersistent int) {
+	st := r.x.Stats()
+	if maxPersistent >= 0 {
 		// The read buffers of request 2 and the pages reused by the
 		// indirect write were cache hits.
 		if st.Hits == 0 || st.Persistent == 0 {
@@ -211,54 +249,52 @@ func roundTrip(t *testing.T, proto blkif.Protocol, order int, maxPersistent int)
 		}
 	} else if st.Persistent != 0 || st.Hits != 0 {
 		t.Errorf("cache used without persistent grants: %+v", st)
-	} else if copied := !f.noCopy; copied != x.Copying() || copied != (st.Copies > 0) || copied != (st.Maps == 0) {
-		// Grant copy maps no data page at all; the fallback copies none.
-		t.Errorf("grant copy %v (kernel has it: %v) but stats %+v", x.Copying(), copied, st)
+	} else if copied := !r.f.noCopy; copied != r.x.Copying() || copied != (st.Copies > 0) || copied != (st.Maps == 0) {
+		t.Errorf("grant copy %v (kernel has it: %v) but stats %+v", r.x.Copying(), copied, st)
 	}
-	stop()
-	// Serve ended after a release point: only the ring and the
-	// persistent cache stay mapped.
-	if got, want := f.liveMappings(), len(ringPages)+x.Stats().Persistent; got != want {
+}
+
+// rtCheckMappings: Serve ended after a release point, so only the ring and
+// the persistent cache stay mapped, and Close unmaps those.
+func rtCheckMappings(t *testing.T, r *rtRig) {
+	if got, want := r.f.liveMappings(), len(r.ringPages)+r.x.Stats().Persistent; got != want {
 		t.Errorf("%d pages mapped after Serve, want %d (ring + cache)", got, want)
 	}
-	if err := tr.Close(); err != nil {
+	if err := r.x.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if f.liveMappings() != 0 {
-		t.Fatalf("%d pages mapped after Close", f.liveMappings())
+	if r.f.liveMappings() != 0 {
+		t.Fatalf("%d pages mapped after Close", r.f.liveMappings())
 	}
+}
 
-	// The image holds what the guest wrote: 11 direct pages then the
-	// indirect ones, checked by an independent reader.
-	want := make([]byte, 0, (blkif.SegmentsMax+nIndirect)*pageSize)
+// rtCheckImage: the image holds what the guest wrote, 11 direct pages then
+// the indirect ones, and an independent reader (qemu-img compare against a
+// reference holding exactly those bytes at sector 8) agrees.
+func rtCheckImage(t *testing.T, r *rtRig) {
+	want := make([]byte, 0, (blkif.SegmentsMax+rtNIndirect)*pageSize)
 	for i := range blkif.SegmentsMax {
-		want = append(want, f.page(dataPage+i)...)
+		want = append(want, r.f.page(rtDataPage+i)...)
 	}
-	for i := range nIndirect {
-		want = append(want, f.page(dataPage+i%48)...)
+	for i := range rtNIndirect {
+		want = append(want, r.f.page(rtDataPage+i%48)...)
 	}
-	got, err := os.ReadFile(path)
+	got, err := os.ReadFile(r.path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !bytes.Equal(got[8*512:8*512+len(want)], want) {
 		t.Fatal("image contents differ from what the guest wrote")
 	}
-	// An independent reader agrees: the whole image equals a reference
-	// holding exactly the guest's bytes at sector 8 and zeros elsewhere.
 	qemuImg := oracle.Require(t, "qemu-img")
-	ref := make([]byte, size)
+	ref := make([]byte, rtSize)
 	copy(ref[8*512:], want)
 	refPath := filepath.Join(t.TempDir(), "want.raw")
 	if err := os.WriteFile(refPath, ref, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command(qemuImg, "compare", "-f", "raw", "-F", "raw", refPath, path).CombinedOutput(); err != nil {
+	if out, err := exec.Command(qemuImg, "compare", "-f", "raw", "-F", "raw", refPath, r.path).CombinedOutput(); err != nil {
 		t.Fatalf("qemu-img compare: %v\n%s", err, out)
-	}
-	// Writes 1, 3 and refused 10; reads 2, 11-14; 10-12 invalid.
-	if s := stats; s.Writes.Load() != 3 || s.Reads.Load() != 5 || s.Indirects.Load() != 1 || s.Invalid.Load() != 3 {
-		t.Errorf("ring stats: writes %d reads %d indirects %d invalid %d", s.Writes.Load(), s.Reads.Load(), s.Indirects.Load(), s.Invalid.Load())
 	}
 }
 

@@ -197,8 +197,6 @@ func TestPersistentCache(t *testing.T) {
 	for r := uint32(1); r <= 20; r++ {
 		f.grant(r, int(r), false)
 	}
-	f.grant(30, 30, true) // read-only: cached read-only
-
 	for r := uint32(1); r <= max; r++ {
 		if _, err := tr.Page(r, r%2 == 0); err != nil {
 			t.Fatal(err)
@@ -255,9 +253,13 @@ func TestPersistentCache(t *testing.T) {
 	if _, _, _, m2 := f.state(); m2 != m0+1 {
 		t.Fatal("ref 1 was not evicted")
 	}
-	// A read-only grant is cached read-only and refused for writing.
 	tr.ReleasePages()
 	tr.Close()
+}
+
+// TestPersistentCacheReadOnly: a read-only grant is cached read-only and
+// refused for writing.
+func TestPersistentCacheReadOnly(t *testing.T) {
 	f2 := newFakeXen(t, testDomid, 64)
 	tr2 := attachFake(t, f2, []int{0}, true, 0)
 	f2.grant(30, 30, true)
