@@ -43,6 +43,7 @@ xt_run() {
     timeout -s KILL "$tmo" bash -c '. /xt/lib.sh; . /xt/scenarios.sh --functions; "$@"' xt "$@" >"$log" 2>&1
     rc=$?
     t1=$(up)
+    cpu_report "$name"
     if [ $rc = 0 ]; then
       grep '^INFO ' "$log" | sed "s/^INFO /XT-INFO $name: /"
       echo "XT-PASS $name $(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.1f", b-a}')"
@@ -64,6 +65,34 @@ xt_run() {
     xt_cleanup
     return 1
   done
+}
+
+# cpu_report NAME: the CPU seconds each domain (xl list) and dom0's own
+# daemon, workers and xenstored used since the last report. One vCPU under
+# TCG is shared by dom0 and every guest: a scenario that runs slow names
+# what took the CPU.
+XT_CPU_LAST=/run/xt-cpu.last
+cpu_snapshot() {
+  timeout 20 xl list 2>/dev/null | awk 'NR > 1 {print "dom:" $1, $6}'
+  local p c hz; hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
+  for p in /proc/[0-9]*; do
+    c=$(tr '\0' ' ' <"$p/cmdline" 2>/dev/null) || continue
+    case $c in
+      *blktap-worker*|*"blktap __worker"*) c=workers ;;
+      *"blktap run"*) c=daemon ;;
+      xenstored*|*/xenstored*|oxenstored*) c=xenstored ;;
+      *) continue ;;
+    esac
+    awk -v n="$c" -v hz="$hz" '{sub(/.*\) /, ""); print n, ($12 + $13) / hz}' "$p/stat" 2>/dev/null
+  done | awk '{t[$1] += $2} END {for (n in t) print n, t[n]}'
+}
+cpu_report() {
+  local now; now=$(cpu_snapshot)
+  xt_info "$1: CPU seconds since the last report: $(
+    { sed 's/^/old /' $XT_CPU_LAST 2>/dev/null; echo "$now" | sed 's/^/new /'; } | awk '
+      $1 == "old" {o[$2] = $3; next}
+      {d = $3 - o[$2]; if (d >= 0.5) {printf "%s%s %.1f", sep, $2, d; sep = ", "}}')"
+  echo "$now" >$XT_CPU_LAST
 }
 
 xt_dump() { # NAME LOG: what a failure needs to be understood. Every step is
