@@ -16,7 +16,7 @@ import (
 func (d *Daemon) watchReleaseDomain(ctx context.Context) {
 	w, err := d.xs.Watch(ctx, xenstore.WatchReleaseDomain, "release-domain")
 	if err != nil {
-		// The 5-second resync still notices, only later.
+		// The periodic resync still notices, only later.
 		d.log.Warn("not watching @releaseDomain", "err", err)
 		return
 	}

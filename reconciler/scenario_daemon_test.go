@@ -315,7 +315,7 @@ func (r *daemonRun) converge() error {
 	}
 	r.out.WriteString(r.words("= " + r.h.stateLine(k, last.a) + "\n"))
 	// The status lags when its write was refused (an EAGAIN storm):
-	// the next pass, at the latest the 5 s resync, writes it.
+	// a retry (statusRetry) writes it.
 	bad := r.h.statusMismatch(k, last.a)
 	for deadline := time.Now().Add(10 * time.Second); bad != "" && time.Now().Before(deadline); {
 		time.Sleep(20 * time.Millisecond)

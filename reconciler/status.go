@@ -149,6 +149,9 @@ func statusChanges(last, want map[string]string) map[string]string {
 	return changed
 }
 
+// statusRetry is how soon a refused status write is tried again.
+const statusRetry = 500 * time.Millisecond
+
 // writeStatus publishes the device's status under its backend directory,
 // writing only keys whose value changed (every write fires watches).
 func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
@@ -186,6 +189,9 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	if err != nil {
 		if !errors.Is(err, xenstore.ErrNotFound) {
 			d.log.Warn("write status", "device", dev.key.String(), "err", err)
+			// The next pass writes it; not the resync's, tens of
+			// seconds away.
+			d.q.AddAfter(dev.key, statusRetry)
 		}
 		return
 	}

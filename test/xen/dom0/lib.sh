@@ -43,6 +43,8 @@ xt_run() {
     timeout -s KILL "$tmo" bash -c '. /xt/lib.sh; . /xt/scenarios.sh --functions; "$@"' xt "$@" >"$log" 2>&1
     rc=$?
     t1=$(up)
+    # xs_until's watchers, when the timeout killed the scenario's shell
+    pkill -x xenstore-watch 2>/dev/null
     cpu_report "$name"
     if [ $rc = 0 ]; then
       grep '^INFO ' "$log" | sed "s/^INFO /XT-INFO $name: /"
@@ -153,12 +155,30 @@ daemon_pid() { ps -o pid,args | awk '$2 ~ /blktap$/ && $3 == "run" {print $1; ex
 xsr() { xenstore-read "$1" 2>/dev/null; }
 # Waits are measured in dom0's uptime, not in rounds: under TCG one round
 # (a process or two) can take longer than its sleep.
-wait_key() { # PATH VALUE SECONDS
-  local t0; t0=$(up)
-  until [ "$(xsr "$1")" = "$2" ]; do
-    elapsed "$t0" "$3" && fail "$1 is '$(xsr "$1")' after $3 s, want '$2'"
-    sleep 0.2
+# xs_until PATH SECONDS CMD...: until CMD succeeds, woken by a xenstore
+# watch of PATH (an event when it is set, then one per change at or under
+# PATH) instead of polling: under TCG a poll is a fork or two and a
+# xenstored connection, five times a second for as long as a scenario
+# waits, on a vCPU that dom0 shares with every guest. Returns 1 after
+# SECONDS. A look every 2 s covers a watch that did not start.
+xs_until() {
+  local path=$1 tmo=$2; shift 2
+  local t0 fd pid rc=1 st; t0=$(up)
+  exec {fd}< <(exec xenstore-watch "$path" 2>/dev/null)
+  pid=$!
+  while :; do
+    "$@" && { rc=0; break; }
+    elapsed "$t0" "$tmo" && break
+    read -r -t 2 -u "$fd" _; st=$?
+    [ $st = 1 ] && sleep 0.5   # the watch ended: polls, slowly
   done
+  kill "$pid" 2>/dev/null; exec {fd}<&-
+  return $rc
+}
+key_is() { [ "$(xsr "$1")" = "$2" ]; }
+key_absent() { ! xenstore-exists "$1" 2>/dev/null; }
+wait_key() { # PATH VALUE SECONDS
+  xs_until "$1" "$3" key_is "$1" "$2" || fail "$1 is '$(xsr "$1")' after $3 s, want '$2'"
 }
 lap() { # NAME: append "NAME=seconds since the last lap" to $LAPS (set LAP0=$(up) first)
   local t; t=$(up); LAPS="$LAPS $1=$(awk -v a="$LAP0" -v b="$t" 'BEGIN {printf "%.1f", b-a}')"; LAP0=$t
@@ -171,11 +191,7 @@ wait_blk() { # DEV SECONDS: a block device node appears
   done
 }
 wait_gone() { # PATH SECONDS
-  local t0; t0=$(up)
-  while xenstore-exists "$1" 2>/dev/null; do
-    elapsed "$t0" "$2" && fail "$1 still exists after $2 s"
-    sleep 0.2
-  done
+  xs_until "$1" "$2" key_absent "$1" || fail "$1 still exists after $2 s"
 }
 
 # ---- guests -----------------------------------------------------------------
@@ -205,11 +221,14 @@ CFG
 }
 guest_ready() { # NAME: wait until the guest's command loop runs
   local t0 d; t0=$(up)
-  until d=$(xl domid "$1" 2>/dev/null) && [ -n "$(xsr /local/domain/$d/data/ready)" ]; do
+  until d=$(xl domid "$1" 2>/dev/null); do
     elapsed "$t0" ${XT_READY_TMO:-150} && fail "guest $1 did not come up within ${XT_READY_TMO:-150} s"
     sleep 0.5
   done
+  xs_until /local/domain/$d/data/ready ${XT_READY_TMO:-150} key_set /local/domain/$d/data/ready ||
+    fail "guest $1 did not come up within ${XT_READY_TMO:-150} s"
 }
+key_set() { [ -n "$(xsr "$1")" ]; }
 elapsed() { awk -v a="$1" -v b="$(up)" -v n="$2" 'BEGIN {exit !(b - a > n)}'; } # T0 SECONDS: more than SECONDS since T0
 domid() { xl domid "$1" 2>/dev/null; }
 
@@ -231,19 +250,16 @@ gx() {
   # BASHPID: gx also runs in subshells (gx_try), whose counter restarts
   local id="$BASHPID.$((XT_CMDID += 1)).$RANDOM"
   xenstore-write /local/domain/$d/data/cmd "$id:$*"
-  local t0 r; t0=$(up)
-  while :; do
-    r=$(xsr /local/domain/$d/data/result)
-    [ "${r%%:*}" = "$id" ] && break
-    elapsed "$t0" "$tmo" && fail "guest $name: '$*' did not answer within $tmo s"
-    sleep 0.2
-  done
-  r=${r#*:}
+  xs_until /local/domain/$d/data/result "$tmo" gx_answered "$d" "$id" ||
+    fail "guest $name: '$*' did not answer within $tmo s"
+  local r=${GX_R#*:}
   local rc=${r%%:*} out=${r#*:}
   say "guest $name: $* -> rc=$rc: $out"
   [ "$rc" = 0 ] || fail "guest $name: $*: $out"
   GX=$out
 }
+
+gx_answered() { GX_R=$(xsr /local/domain/$1/data/result); [ "${GX_R%%:*}" = "$2" ]; }
 
 # be_path NAME VDEV-NUMBER [KIND]
 be_path() { echo "/local/domain/0/backend/${3:-vbd}/$(domid "$1")/$2"; }
