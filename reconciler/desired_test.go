@@ -254,3 +254,36 @@ func TestCreateFailureInStatus(t *testing.T) {
 	k := Key{KindVBD3, 0, 51728}
 	h.waitPhase(k, PhaseFailed, "exceeds the VHD limit")
 }
+
+// A YAML version that brings a disk back while an earlier change of it is
+// still running is compared, when its turn comes, with what xenstore then
+// declares, not with the version before it. The returning disk had no
+// previous version, so it asked for no reconnect, and if the running
+// change declared another image (a reconnect to a2 that the file has
+// since undone), a2 stayed: TestYAMLSwapsConverge met it under -race.
+func TestYAMLReturnAfterRunningChange(t *testing.T) {
+	h := newHarness(t, true)
+	a, a2 := h.image("a.raw"), h.image("a2.raw")
+	k := Key{KindVBD3, 0, 51728}
+	be := k.BackendPath(0)
+	ctx := context.Background()
+	// Where the running change leaves the device: declared on a2.
+	h.d.applyConfig(ctx, h.yamlFileDom(0, map[string]string{"a": a2}))
+	h.waitFor("a2 declared", map[string]string{be + "/" + keyPhase: PhaseConnected, be + "/params": "aio:" + a2})
+	// It runs (declare queues behind it); the file drops the disk and
+	// brings it back on a meanwhile.
+	h.d.mu.Lock()
+	h.d.decl = map[Key]*declQueue{k: {running: true}}
+	h.d.mu.Unlock()
+	h.d.applyConfig(ctx, h.yamlFileDom(0, nil))
+	h.d.applyConfig(ctx, h.yamlFileDom(0, map[string]string{"a": a}))
+	h.d.mu.Lock()
+	next := h.d.decl[k].next
+	delete(h.d.decl, k)
+	h.d.mu.Unlock()
+	if next == nil || next.spec == nil {
+		t.Fatalf("queued behind the running change: %+v, want the declaration on a", next)
+	}
+	h.d.runDecl(ctx, k, *next) // its turn
+	h.waitFor("a declared again", map[string]string{be + "/" + keyPhase: PhaseConnected, be + "/params": "aio:" + a})
+}

@@ -51,12 +51,14 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 		spec := yamlSpec(k, disk)
 		prev, had := old[k]
 		changed := had && (prev.Image != disk.Image || prev.Format != disk.Format || prev.Mode != disk.Mode)
-		if changed || d.declaring(k) {
+		if declaring := d.declaring(k); changed || declaring {
 			// Image, format or mode changed: a controlled reconnect,
 			// as a toolstack would do it (unplug, then plug anew); or
 			// a change of this device is still running: this one
-			// waits its turn.
-			d.declare(ctx, k, declOp{spec: &spec, reconnect: changed})
+			// waits its turn, and reconnects if what xenstore declares
+			// then differs. The version before this one says nothing
+			// of that: the running change may declare another image.
+			d.declare(ctx, k, declOp{spec: &spec, reconnect: changed || declaring})
 			continue
 		}
 		err := WriteDevice(ctx, d.xs, spec)
