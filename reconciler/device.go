@@ -96,6 +96,7 @@ type statusState struct {
 	failed       string // terminal error
 	feFatal      string // the frontend's keys were unusable; cleared when the backend starts over
 	statusLocked bool   // the blktap/ subtree's permissions are set (the guest cannot read it)
+	statusFails  int    // status writes refused in a row (status.go)
 	failedParams string
 	lastErr      string
 	stuckSince   time.Time         // first seen offline and Closed with no worker (desired.go)

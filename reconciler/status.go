@@ -3,6 +3,7 @@ package reconciler
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"strconv"
 	"time"
 
@@ -149,7 +150,9 @@ func statusChanges(last, want map[string]string) map[string]string {
 	return changed
 }
 
-// statusRetry is how soon a refused status write is tried again.
+// statusRetry is how soon a refused status write is tried again, doubled
+// at each refusal in a row up to 32 s: a quota or permission refusal
+// neither floods xenstored nor the log.
 const statusRetry = 500 * time.Millisecond
 
 // writeStatus publishes the device's status under its backend directory,
@@ -188,13 +191,19 @@ func (d *Daemon) writeStatus(ctx context.Context, dev *device, s snapshot) {
 	})
 	if err != nil {
 		if !errors.Is(err, xenstore.ErrNotFound) {
-			d.log.Warn("write status", "device", dev.key.String(), "err", err)
-			// The next pass writes it; not the resync's, tens of
+			dev.st.statusFails++
+			level := slog.LevelDebug
+			if dev.st.statusFails == 1 {
+				level = slog.LevelWarn
+			}
+			d.log.Log(ctx, level, "write status", "device", dev.key.String(), "err", err, "refusals", dev.st.statusFails)
+			// A pass of its own writes it; not the resync's, tens of
 			// seconds away.
-			d.q.AddAfter(dev.key, statusRetry)
+			d.q.AddAfter(dev.key, statusRetry<<min(dev.st.statusFails-1, 6))
 		}
 		return
 	}
+	dev.st.statusFails = 0
 	dev.st.statusLocked = true
 	for k, v := range changed {
 		dev.st.status[k] = v
