@@ -109,7 +109,7 @@ xen-test:
 
 # The guest path's speed on real Xen (issue 18 item 5): grant-perf (with and
 # without persistent grants) and qdisk-perf (ours beside QEMU's xen-block)
-# in one Xen 4.17 boot; the figures are XT-INFO lines. About 25 minutes.
+# in one Xen 4.17 boot; the figures are XT-INFO lines. About 6 minutes.
 xen-bench:
 	XEN_TEST_VERSIONS=4.17 XEN_TEST_MQ=0 XEN_TEST_HVM=0 XEN_TEST_SYSTEMD=0 XEN_TEST_PKG=0 \
 		XEN_TEST_ONLY=images,grant-perf,qdisk-perf XEN_TEST_TIMEOUT=$${XEN_TEST_TIMEOUT:-3600} \
