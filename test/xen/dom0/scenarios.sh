@@ -310,9 +310,9 @@ sc_grant_perf() {
 # twice (issue 18 item 5: ours within 1.0x of qdisk's time).
 # The two perf scenarios are benchmarks, not tests: they boot guests of
 # their own (about 17 minutes of TCG between them while the guests polled
-# xenstore, under 5 since) and their figures are only read, never judged. They run when named
-# (XEN_TEST_ONLY, which `make xen-bench` sets), in the 4.17 boot, whose dom0
-# carries the device model qdisk-perf needs.
+# xenstore, under 5 since) and their figures are only read, never judged.
+# They run when named (XEN_TEST_ONLY, which `make xen-bench` sets), in the
+# 4.17 boot, whose dom0 carries the device model qdisk-perf needs.
 perf_named() { [[ "+$XT_ONLY+" == *+$1+* ]] && [ -x /usr/libexec/xen-qemu-system-i386 ] && echo "$1"; }
 qdisk_plan() { perf_named qdisk-perf; }
 perf_plan() { perf_named grant-perf; }
