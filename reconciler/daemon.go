@@ -58,6 +58,9 @@ type Options struct {
 	XenstorePath string // a xenstored socket; "" finds a real one or embeds one
 	Exe          string // the binary that runs workers (`Exe __worker`)
 	ServeVBD     bool   // also serve backend/vbd (where no kernel blkback is)
+	// PersistentGrants: when backends offer feature-persistent; "" is
+	// auto, only where grant copy is missing (grants.go).
+	PersistentGrants PersistentGrants
 	// ImageDirs are where images (and their backing files) may live,
 	// besides the state directory and the YAML images' directories.
 	ImageDirs []string
@@ -90,9 +93,12 @@ type Daemon struct {
 	embedded *xenstore.Server
 	// localFrontend: no Xen here, so the daemon plays every guest's blkfront.
 	localFrontend bool
-	self          uint32 // the backend domain: the daemon's own (a driver domain's, or 0)
-	root          string // /local/domain/<self>/backend
-	q             *queue
+	// offerPersistent: connecting backends publish feature-persistent
+	// (decided once at start, grants.go).
+	offerPersistent bool
+	self            uint32 // the backend domain: the daemon's own (a driver domain's, or 0)
+	root            string // /local/domain/<self>/backend
+	q               *queue
 
 	mu        sync.Mutex
 	devices   map[Key]*device

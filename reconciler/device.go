@@ -376,6 +376,7 @@ func diskKeys(dev *device, s snapshot) [][2]string {
 	// The toolstack's discard-enable=0 (xl's no-discard) withdraws the
 	// feature, as blkback does.
 	opts.Discard = opts.Discard && s.discard
+	opts.Persistent = s.offerPersistent
 	_, features := opts.Features()
 	return append(features, [][2]string{
 		{"sectors", strconv.FormatInt(dev.worker.size/blkif.SectorSize, 10)},

@@ -480,7 +480,7 @@ func (d *Daemon) connectRing(ctx context.Context, dev *device, s snapshot) error
 			_, err := dev.worker.proc.Call(ctx, worker.Request{
 				Op: worker.OpConnect, Transport: "xen", Protocol: s.protocol, Queue: i,
 				RingRefs: q.refs, RingOrder: s.ringOrder, Domid: dev.key.Domid,
-				EventChannel: q.evtchn, Persistent: s.fePersistent,
+				EventChannel: q.evtchn, Persistent: s.fePersistent && s.offerPersistent,
 			})
 			if err != nil {
 				if i > 0 {

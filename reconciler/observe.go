@@ -15,25 +15,28 @@ import (
 // snapshot is one observation of a device in xenstore.
 type snapshot struct {
 	Observed
-	request       *opRequest // the operator's request Observed.Request names
-	name          string
-	fePath        string
-	feID          string
-	ringRefs      []uint32
-	ringOrder     int
-	eventChannel  uint32
-	queues        []queueRing // blkif multi-queue (2 or more); nil: the classic keys
-	protocol      string
-	beSectors     uint64
-	beSectorSize  uint32
-	beInfo        int
-	beDiscard     bool
-	nbdDevice     string
-	fePersistent  bool
-	beMaxIndirect int
-	script        string // the hotplug script the toolstack runs for the device
-	discard       bool   // discard-enable is not "0" (libxl's default is 1)
-	phase         string // blktap/phase as xenstore has it
+	request      *opRequest // the operator's request Observed.Request names
+	name         string
+	fePath       string
+	feID         string
+	ringRefs     []uint32
+	ringOrder    int
+	eventChannel uint32
+	queues       []queueRing // blkif multi-queue (2 or more); nil: the classic keys
+	protocol     string
+	beSectors    uint64
+	beSectorSize uint32
+	beInfo       int
+	beDiscard    bool
+	nbdDevice    string
+	fePersistent bool
+	// offerPersistent: the daemon offers feature-persistent; grants stay
+	// mapped only when the frontend takes it too.
+	offerPersistent bool
+	beMaxIndirect   int
+	script          string // the hotplug script the toolstack runs for the device
+	discard         bool   // discard-enable is not "0" (libxl's default is 1)
+	phase           string // blktap/phase as xenstore has it
 }
 
 // testHookObserveRead, set by tests only, runs after observe reads each
@@ -80,6 +83,7 @@ func (d *Daemon) readSnapshot(ctx context.Context, tx *xenstore.Tx, k Key) (snap
 	s.Domain0 = k.Domid == 0 && d.localFrontend
 	s.LocalFrontend = d.localFrontend && !s.Domain0
 	s.Export = s.Domain0 || !d.localFrontend
+	s.offerPersistent = d.offerPersistent
 	if s.fePath == "" {
 		return s, nil
 	}

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/blktap-go/blktap/tapengine/xen"
 	"github.com/blktap-go/blktap/xenstore"
 )
 
@@ -15,6 +16,10 @@ import (
 type HostFacts struct {
 	Xen        bool     // a Xen host (or guest): /sys/hypervisor/type is "xen", or /proc/xen/capabilities exists
 	MissingDev []string // of /dev/xen/gntdev and /dev/xen/evtchn, those absent
+	// GrantCopy: gntdev has IOCTL_GNTDEV_GRANT_COPY (asked only on Xen
+	// with gntdev present); GrantCopyErr: asking failed otherwise.
+	GrantCopy    bool
+	GrantCopyErr error
 }
 
 // ProbeHost looks at the machine; tests replace it. The default reads the
@@ -33,6 +38,9 @@ func probeRealHost() HostFacts {
 		if _, err := os.Stat(p); err != nil {
 			f.MissingDev = append(f.MissingDev, p)
 		}
+	}
+	if f.Xen && len(f.MissingDev) == 0 {
+		f.GrantCopy, f.GrantCopyErr = xen.GrantCopyAvailable(xen.DefaultDir)
 	}
 	return f
 }
@@ -57,6 +65,7 @@ func (d *Daemon) connectRealXenstore(ctx context.Context, f HostFacts) error {
 		return fmt.Errorf("xenstored is not answering at %s (start xenstored / xencommons): %w", path, err)
 	}
 	d.xs, d.xsPath, d.localFrontend = c, path, false
+	d.offerPersistent = offerPersistent(d.opts.PersistentGrants, false, f, d.log)
 	if err := os.WriteFile(filepath.Join(d.opts.StateDir, XenstorePathFile), []byte(path+"\n"), 0o600); err != nil {
 		c.Close()
 		return err

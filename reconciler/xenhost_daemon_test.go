@@ -166,13 +166,18 @@ func TestConnectXenstoreOnXenHost(t *testing.T) {
 		t.Fatal("embedded a xenstored on a Xen host")
 	}
 
+	ProbeHost = func() HostFacts { return HostFacts{Xen: true, GrantCopy: true} }
 	d.opts.XenstorePath = filepath.Join(dir, "xs.sock")
+	d.offerPersistent = true
 	if err := d.connectXenstore(ctx); err != nil {
 		t.Fatal(err)
 	}
 	defer d.xs.Close()
 	if d.localFrontend || d.embedded != nil {
 		t.Fatalf("Xen host: localFrontend %v embedded %v", d.localFrontend, d.embedded != nil)
+	}
+	if d.offerPersistent {
+		t.Fatal("persistent grants offered on a host with grant copy")
 	}
 	d.xs = real
 }

@@ -60,6 +60,7 @@ func (d *Daemon) connectXenstore(ctx context.Context) error {
 	}
 	_, gntdev := os.Stat("/dev/xen/gntdev")
 	d.localFrontend = d.embedded != nil || gntdev != nil
+	d.offerPersistent = offerPersistent(d.opts.PersistentGrants, d.localFrontend, HostFacts{}, d.log)
 	if err := os.WriteFile(filepath.Join(d.opts.StateDir, XenstorePathFile), []byte(d.xsPath+"\n"), 0o600); err != nil {
 		return err
 	}

@@ -44,10 +44,11 @@ type runOptions struct {
 	metrics, ramMax     string
 	imageDirs, nbdAllow []string
 	rbdAllow            []string
+	persistentGrants    string
 }
 
 func newRunCommand() *cobra.Command {
-	c := leaf("run [-c disks.yaml] [--image-dir DIR]... [--nbd-allow SERVER]... [--rbd-allow POOL]... [--ram-max SIZE] [--serve-vbd] [--metrics ADDR] [--dry-run]",
+	c := leaf("run [-c disks.yaml] [--image-dir DIR]... [--nbd-allow SERVER]... [--rbd-allow POOL]... [--ram-max SIZE] [--serve-vbd] [--persistent-grants auto|on|off] [--metrics ADDR] [--dry-run]",
 		"the daemon: serve every declared disk (SIGTERM: exit, disks stay served)")
 	c.Long = c.Short + "\n\n--ram-max defaults to half of this machine's memory: " + formats.FormatSize(reconciler.DefaultRAMMax()) + " here."
 	var o runOptions
@@ -59,6 +60,7 @@ func newRunCommand() *cobra.Command {
 	f.StringArrayVar(&o.imageDirs, "image-dir", nil, "a `DIR` images and backing files may come from (repeatable; the state dir and the YAML images' directories always may)")
 	f.StringArrayVar(&o.nbdAllow, "nbd-allow", nil, "a `SERVER` nbd: disks may use: a socket or a directory of sockets (absolute path), HOST, HOST:PORT or an address block like 10.0.0.0/8 (repeatable, or a comma list; sockets in the image directories are always allowed)")
 	f.StringArrayVar(&o.rbdAllow, "rbd-allow", nil, "a `POOL` rbd: disks may use: POOL, POOL/NAMESPACE or POOL/*, with the :conf=..:id=..:keyring=.. a source must carry (repeatable; the pools of the YAML's rbd disks always may)")
+	f.StringVar(&o.persistentGrants, "persistent-grants", "auto", "when guests are offered blkif persistent grants: `auto` (only where dom0's gntdev lacks grant copy), on (always, as blkback does) or off")
 	f.StringVar(&o.ramMax, "ram-max", "", "the largest RAM disk (ram:NAME?size=SIZE) an attach may create, a `SIZE` like 4G (default: half of this machine's memory)")
 	c.MarkFlagFilename("config", "yaml", "yml")
 	c.MarkFlagDirname("image-dir")
@@ -83,6 +85,10 @@ func cmdRun(pos []string, o runOptions) error {
 		return usagef("%v", err)
 	}
 	rbdAllow, err := reconciler.ParseRBDAllow(o.rbdAllow)
+	if err != nil {
+		return usagef("%v", err)
+	}
+	grants, err := reconciler.ParsePersistentGrants(o.persistentGrants)
 	if err != nil {
 		return usagef("%v", err)
 	}
@@ -112,19 +118,20 @@ func cmdRun(pos []string, o runOptions) error {
 	}
 	defer stopProfile()
 	return reconciler.Run(context.Background(), reconciler.Options{
-		StateDir:     sd,
-		ConfigPath:   cfg,
-		XenstorePath: global.xenstore,
-		ServeVBD:     o.serveVBD,
-		ImageDirs:    absPaths(o.imageDirs),
-		NBDAllow:     allow,
-		RBDAllow:     rbdAllow,
-		RAMMax:       ramLimit,
-		MetricsAddr:  o.metrics,
-		Logger:       log,
-		Exe:          workerExe(log),
-		Version:      ver,
-		Commit:       commit,
+		StateDir:         sd,
+		ConfigPath:       cfg,
+		XenstorePath:     global.xenstore,
+		ServeVBD:         o.serveVBD,
+		PersistentGrants: grants,
+		ImageDirs:        absPaths(o.imageDirs),
+		NBDAllow:         allow,
+		RBDAllow:         rbdAllow,
+		RAMMax:           ramLimit,
+		MetricsAddr:      o.metrics,
+		Logger:           log,
+		Exe:              workerExe(log),
+		Version:          ver,
+		Commit:           commit,
 	})
 }
 

@@ -40,7 +40,9 @@
 //	| Close: unmap                 |        | Close: unmap what is left         |
 //	+------------------------------+        +-----------------------------------+
 //
-// Grant copy (gntcopy.go). For a frontend without feature-persistent the
+// Grant copy (gntcopy.go). For a ring without persistent grants (the
+// frontend did not take them, or the daemon, as it does by default where
+// grant copy works, did not offer them: GrantCopyAvailable) the
 // transport is a ring.Copier when the kernel has IOCTL_GNTDEV_GRANT_COPY
 // (probed once at Attach; without it, ENOTTY, the per-request mappings
 // above remain, and the process logs it once): no data page is mapped at

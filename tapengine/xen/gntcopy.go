@@ -3,6 +3,8 @@ package xen
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -10,7 +12,7 @@ import (
 	"github.com/blktap-go/blktap/tapengine/ring"
 )
 
-// Grant copy: for a frontend without feature-persistent, the hypervisor
+// Grant copy: for a ring without persistent grants, the hypervisor
 // copies each request's data between the guest's granted pages and our
 // buffer (IOCTL_GNTDEV_GRANT_COPY, as tapdisk3 does), instead of a map, an
 // mmap, a munmap and an unmap of every page. No data page is ever mapped,
@@ -186,4 +188,26 @@ func (t *Transport) grantCopy(segs []ring.CopySeg, buf []byte, toGuest bool) err
 		return fmt.Errorf("xen: grant copy of %d segments (to the guest: %v): %w", len(segs), toGuest, err)
 	}
 	return nil
+}
+
+// GrantCopyAvailable reports whether this kernel's gntdev in dir (normally
+// DefaultDir) has IOCTL_GNTDEV_GRANT_COPY, the same test Attach makes. The
+// daemon asks once, before it offers feature-persistent: where grant copy
+// works, it offers none and every frontend's data is copied.
+func GrantCopyAvailable(dir string) (bool, error) {
+	p := filepath.Join(dir, "gntdev")
+	fd, err := unix.Open(p, unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false, &os.PathError{Op: "open", Path: p, Err: err}
+	}
+	defer unix.Close(fd)
+	d := &sysDevice{gnt: fd, evt: -1}
+	err = d.GrantCopy(0, nil, nil, false, nil)
+	if err == nil {
+		return true, nil
+	}
+	if copyUnsupported(err) {
+		return false, nil
+	}
+	return false, err
 }

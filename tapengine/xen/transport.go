@@ -161,7 +161,7 @@ func attach(dev Device, opts Options) (_ *Transport, err error) {
 		if t.copy {
 			how = "data is copied per request (grant copy)"
 		}
-		t.log.Info("xen: frontend without feature-persistent; "+how, "domid", opts.Domid)
+		t.log.Info("xen: no persistent grants; "+how, "domid", opts.Domid)
 	}
 	return t, nil
 }
