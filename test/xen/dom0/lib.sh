@@ -149,6 +149,17 @@ daemon_start() {
     sleep 0.2
   done
 }
+# daemon_restart [ARGS...]: SIGTERM (workers and their rings stay), then a
+# daemon with BLKTAP_ARGS plus ARGS.
+daemon_restart() {
+  local pid t0 args=$BLKTAP_ARGS; pid=$(daemon_pid); t0=$(up)
+  [ -n "$pid" ] && kill "$pid"
+  while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do
+    elapsed "$t0" 30 && fail "daemon $pid did not exit on SIGTERM"
+    sleep 0.2
+  done
+  BLKTAP_ARGS="$args $*"; daemon_start; BLKTAP_ARGS=$args
+}
 daemon_pid() { ps -o pid,args | awk '$2 ~ /blktap$/ && $3 == "run" {print $1; exit}'; }
 
 # ---- xenstore ---------------------------------------------------------------
