@@ -9,6 +9,12 @@
 # copy of one image filled with random bytes (the exclusive lock lets only
 # one writer at a time use an image).
 #
+# Under each job's line: CPU microseconds per I/O of the cluster (its own
+# cluster only), of the server's processes and of the rest of the machine
+# (fio, the kernel, anything else running), how busy the cores were, and
+# the ratio ours would reach if our server cost no CPU at all: where that
+# is below 1.2x, the machine, not the server, bounds the ratio.
+#
 # Knobs: SIZE (default 256M), RUNTIME seconds per job (default 5), ROUNDS
 # (default 1), JOBS (subset of randread-4k-qd32 randwrite-4k-qd32
 # read-1m-qd8 write-1m-qd8), BLKTAP (a binary built with `make build-rbd`;
@@ -79,6 +85,24 @@ qemu-nbd -f raw -t -e 8 --cache=none -k "$work/qemu.sock" "rbd:rbd/$name-qemu:co
 pids+=($!)
 for _ in $(seq 100); do [[ -S $work/qemu.sock ]] && break; sleep 0.1; done
 declare -A uris=([ours]=$uri [qemu-nbd]="nbd+unix:///?socket=$work/qemu.sock")
+worker=$("$BLKTAP" ls --json --state-dir "$BLKTAP_STATE" | jq -r '.[0].worker_pid')
+declare -A server=([ours]="${pids[0]} $worker" [qemu-nbd]=${pids[1]})
+cluster=""
+[[ -n ${own_cluster-} ]] && cluster=$(cat "$work"/ceph/*.pid)
+
+# CPU per I/O, to say what bounds a ratio: where the machine is busy,
+# IOPS = capacity / CPU per I/O, and the cluster's share (monitor and
+# OSD, on these same cores) and the rest (fio, the kernel, librbd's
+# threads outside the server's process: none) cost both servers alike.
+ticks() { # PID...: utime + stime of those processes, in clock ticks
+	local t=0 p
+	for p in "$@"; do
+		[[ -r /proc/$p/stat ]] && t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
+	done
+	echo $t
+}
+busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; } # the machine, all cores
+hz=$(getconf CLK_TCK)
 
 ceiling() { # rbd bench on the third copy: the cluster without NBD
 	local type=read pattern=rand size=4K threads=32
@@ -94,13 +118,29 @@ printf '%-18s %12s %12s %8s %14s\n' job ours qemu-nbd ratio "rbd bench"
 for _ in $(seq "$ROUNDS"); do
 	for job in $JOBS; do
 		declare -A iops=()
+		declare -A cpu=()
 		for s in ours qemu-nbd; do
+			# shellcheck disable=SC2086
+			c0=$(ticks $cluster) s0=$(ticks ${server[$s]}) m0=$(busy) t0=$(date +%s.%N)
 			# shellcheck disable=SC2046
 			fio --name=$job --ioengine=nbd --uri="${uris[$s]}" $(job_args "$job") --time_based \
 				--runtime="$RUNTIME" --output-format=json --output="$work/$s-$job.json" >/dev/null
+			# shellcheck disable=SC2086
+			c1=$(ticks $cluster) s1=$(ticks ${server[$s]}) m1=$(busy) t1=$(date +%s.%N)
 			iops[$s]=$(jq '.jobs[0] | (.read.iops + .write.iops) | floor' "$work/$s-$job.json")
+			ios=$(jq '.jobs[0] | .read.total_ios + .write.total_ios' "$work/$s-$job.json")
+			cpu[$s]=$(awk -v c=$((c1 - c0)) -v s=$((s1 - s0)) -v m=$((m1 - m0)) -v n="$ios" -v hz="$hz" -v t="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" \
+				-v cores="$(nproc)" 'BEGIN {u = 1e6 / hz / (n > 0 ? n : 1)
+				printf "%d %d %d %d", c * u, s * u, (m - c - s) * u, 100 * m / hz / t / cores}')
 		done
 		ratio=$(awk "BEGIN {printf \"%.2f\", ${iops[ours]} / (${iops[qemu-nbd]} > 0 ? ${iops[qemu-nbd]} : 1)}")
 		printf '%-18s %12s %12s %7sx %14s\n' "$job" "${iops[ours]} IOPS" "${iops[qemu-nbd]} IOPS" "$ratio" "$(ceiling "$job") IOPS"
+		# CPU us per I/O: cluster / server / rest, and how busy the cores
+		# were; "no server" is the ratio ours would reach against qemu-nbd
+		# if our server cost nothing and the cores stayed as busy.
+		read -r oc os oo ob <<<"${cpu[ours]}"
+		read -r qc qs qo qb <<<"${cpu[qemu-nbd]}"
+		printf '%-18s cpu us/io cluster/server/rest: ours %d/%d/%d (%d%% busy), qemu-nbd %d/%d/%d (%d%% busy); no server: %.2fx\n' \
+			"" "$oc" "$os" "$oo" "$ob" "$qc" "$qs" "$qo" "$qb" "$(awk -v a="$((qc + qs + qo))" -v b="$((qc + qo))" 'BEGIN {print a / (b > 0 ? b : 1)}')"
 	done
 done
