@@ -13,6 +13,7 @@ import (
 	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/internal/logsetup"
+	"github.com/blktap-go/blktap/internal/maxprocs"
 	"github.com/blktap-go/blktap/internal/units"
 	"github.com/blktap-go/blktap/reconciler"
 	"github.com/blktap-go/blktap/tapengine/worker"
@@ -111,6 +112,7 @@ func cmdRun(pos []string, o runOptions) error {
 		return err
 	}
 	ver, commit, _, _ := buildVersion()
+	maxprocs.AtLeastTwo()
 	log := logsetup.New()
 	stopProfile, err := startCPUProfile(os.Getenv("BLKTAP_CPUPROFILE"))
 	if err != nil {
