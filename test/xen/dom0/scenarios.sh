@@ -182,12 +182,19 @@ sc_blktap_attach() { # `blktap attach N` writes backend/vbd3 itself; the real gu
 sc_dom0_attach() { # dom0's own xen-blkfront reads and writes a qcow2 disk through its ring; the export stays
   local be=/local/domain/0/backend/vbd/0/51760 fe=/local/domain/0/device/vbd/51760 pdp want got out
   LAPS="" LAP0=$(up)
+  # The one disk of `make xen-test` on persistent grants (every other
+  # connects on grant copy, the default here): the daemon offers them for
+  # this attach, and the next scenario's daemon no longer does.
+  daemon_restart --persistent-grants=on
+  lap daemon-restart
   timeout 90 xl block-attach 0 "$DISK, vdev=xvdd, target=qcow2:/images/d0.qcow2" || fail "xl block-attach 0 failed or hung"
   lap block-attach
   wait_key $be/state 4 60
   wait_key $fe/state 4 30   # written by dom0's blkfront, never by us
   wait_blk /dev/xvdd 30
   lap connected
+  [ "$(xsr $be/feature-persistent)" = 1 ] || fail "feature-persistent not offered under --persistent-grants=on"
+  dmesg | grep -E 'xvdd: .*persistent grants: enabled' >/dev/null || fail "dom0's blkfront did not take persistent grants: $(dmesg | grep 'xvdd:' | tail -n 1)"
   # a script-driven vbd's physical-device-path goes to QEMU's file= as is: the URI
   pdp=$(xsr $be/physical-device-path); [ -S "${pdp#nbd+unix:///?socket=}" ] && [ "$pdp" != "${pdp#nbd+unix:///?socket=}" ] ||
     fail "physical-device-path '$pdp' is not nbd+unix:///?socket=<a socket>"
@@ -210,6 +217,7 @@ sc_dom0_attach() { # dom0's own xen-blkfront reads and writes a qcow2 disk throu
   lap mkfs-mount-umount
   timeout 90 xl block-detach 0 xvdd || fail "xl block-detach 0 failed or hung (steps: $LAPS)"
   wait_gone $be 30
+  daemon_restart
   lap block-detach
   [ ! -e /dev/xvdd ] || fail "/dev/xvdd still there after detach"
   qemu-img check -q /images/d0.qcow2 || fail "qemu-img check d0.qcow2 after detach"
