@@ -150,8 +150,20 @@ daemon_start() {
   done
 }
 # daemon_restart [ARGS...]: SIGTERM (workers and their rings stay), then a
-# daemon with BLKTAP_ARGS plus ARGS.
+# daemon with BLKTAP_ARGS plus ARGS. Under the package's unit the ARGS go
+# in a drop-in read after the harness's own (xt.conf), removed when none.
 daemon_restart() {
+  if [ -f /lib/systemd/system/blktap.service ]; then
+    local d=/etc/systemd/system/blktap.service.d
+    if [ $# -gt 0 ]; then
+      printf '[Service]\nExecStart=\nExecStart=/usr/sbin/blktap run %s %s\n' "$BLKTAP_ARGS" "$*" >$d/zz-args.conf
+    else
+      rm -f $d/zz-args.conf
+    fi
+    systemctl daemon-reload
+    systemctl restart blktap.service || fail "systemctl restart blktap.service: $(tail -n 3 /var/log/blktap.log)"
+    return
+  fi
   local pid t0 args=$BLKTAP_ARGS; pid=$(daemon_pid); t0=$(up)
   [ -n "$pid" ] && kill "$pid"
   while [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; do
