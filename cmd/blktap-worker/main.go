@@ -25,6 +25,7 @@ import (
 	"syscall"
 
 	"github.com/blktap-go/blktap/internal/logsetup"
+	"github.com/blktap-go/blktap/internal/maxprocs"
 	"github.com/blktap-go/blktap/tapengine/worker"
 )
 
@@ -41,6 +42,7 @@ func main() {
 	// kill) means the same.
 	signal.Ignore(syscall.SIGINT, syscall.SIGHUP)
 	log := logsetup.New().With("worker", name, "pid", os.Getpid())
+	maxprocs.AtLeastTwo()
 	os.Exit(worker.Main(log, adopt))
 }
 

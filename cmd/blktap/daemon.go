@@ -194,6 +194,7 @@ func newWorkerCommand() *cobra.Command {
 		// reaches the worker directly (a process-group kill) means the same.
 		signal.Ignore(syscall.SIGINT, syscall.SIGHUP)
 		log := logsetup.New().With("worker", *name, "pid", os.Getpid())
+		maxprocs.AtLeastTwo()
 		os.Exit(worker.Main(log, *adopt))
 		return nil
 	}

@@ -35,7 +35,6 @@ import (
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/formats/rbd"
-	"github.com/blktap-go/blktap/internal/maxprocs"
 	"github.com/blktap-go/blktap/tapengine/nbd"
 	"golang.org/x/sys/unix"
 )
@@ -54,7 +53,6 @@ const AdoptFD = 4
 // started later can adopt this worker (never touched otherwise: the
 // runtime may have put one of its own descriptors there).
 func Main(logger *slog.Logger, adopt bool) int {
-	maxprocs.AtLeastTwo()
 	var af *os.File
 	if adopt {
 		af = os.NewFile(AdoptFD, "adopt") // before anything else opens a descriptor
