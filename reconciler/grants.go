@@ -13,9 +13,10 @@ import (
 // blkfront grants the request's own pages, and where the dom0 kernel has
 // grant copy (Linux 4.7 on) the hypervisor copies between those pages and
 // the worker's buffer: no copy inside the guest and no mapping at all.
-// Under the harness's Xen that took 0.49-0.92x the time of persistent
-// grants for the same 32 MiB (docs/PERFORMANCE.md), and it is what QEMU's
-// xen-block and tapdisk3 do. So the default offers persistent grants only
+// Under the harness's Xen it was as fast as persistent grants or faster
+// in 11 of 12 timings of the same 32 MiB in one boot (docs/PERFORMANCE.md,
+// "Grant copy by default"), and it is what QEMU's xen-block and tapdisk3
+// do. So the default offers persistent grants only
 // where grant copy is missing, where each page would otherwise be mapped
 // and unmapped per request.
 type PersistentGrants string
