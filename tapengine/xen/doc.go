@@ -90,6 +90,8 @@
 // feature_persistent=0 guest, within 2x of a persistent one's time
 // (docs/PERFORMANCE.md); its 1 MiB O_DIRECT requests are, as blkfront
 // sends them, indirect ones (inferred, not counted); x86_32 not run.
+// Since the daemon offers no persistent grants where grant copy works,
+// every guest of `make xen-test` but dom0's own attach runs on it.
 //
 // Events. Reading the evtchn fd yields the u32 local ports that fired;
 // each stays masked until its port is written back (Unmask). Ack reads
