@@ -49,6 +49,8 @@ cleanup() {
 	rm -rf "$work"
 }
 trap cleanup EXIT
+trap 'exit 130' INT # a signal's default would skip the EXIT trap and leave the cluster running
+trap 'exit 143' TERM
 
 if [[ -z ${BLKTAP-} ]]; then
 	BLKTAP=$work/blktap
