@@ -16,9 +16,9 @@ import (
 // Under the harness's Xen it was as fast as persistent grants or faster
 // in 11 of 12 timings of the same 32 MiB in one boot (docs/PERFORMANCE.md,
 // "Grant copy by default"), and it is what QEMU's xen-block and tapdisk3
-// do. So the default offers persistent grants only
-// where grant copy is missing, where each page would otherwise be mapped
-// and unmapped per request.
+// do. So the default offers persistent grants only where grant copy is
+// missing, where each page would otherwise be mapped and unmapped per
+// request.
 type PersistentGrants string
 
 const (
