@@ -132,12 +132,24 @@ func (c *Cluster) OSDPid(t testing.TB) int {
 // output (its warnings on standard error stay out of JSON).
 func (c *Cluster) RBD(t testing.TB, args ...string) string {
 	t.Helper()
+	return c.run(t, "rbd", args...)
+}
+
+// Ceph runs the ceph tool against the cluster and returns its output,
+// failing t if it fails.
+func (c *Cluster) Ceph(t testing.TB, args ...string) string {
+	t.Helper()
+	return c.run(t, "ceph", args...)
+}
+
+func (c *Cluster) run(t testing.TB, tool string, args ...string) string {
+	t.Helper()
 	var stderr strings.Builder
-	cmd := exec.Command("rbd", append([]string{"-c", c.Conf}, args...)...)
+	cmd := exec.Command(tool, append([]string{"-c", c.Conf}, args...)...)
 	cmd.Stderr = &stderr
 	out, err := cmd.Output()
 	if err != nil {
-		t.Fatalf("rbd %s: %v\n%s%s", strings.Join(args, " "), err, out, stderr.String())
+		t.Fatalf("%s %s: %v\n%s%s", tool, strings.Join(args, " "), err, out, stderr.String())
 	}
 	return string(out)
 }
