@@ -41,6 +41,9 @@ const (
 	inlinePause = 256
 	// maxDeferred bounds the replies the reader holds back.
 	maxDeferred = 64
+	// ownSendMin: a read reply at least this big waits for the writer
+	// role and is sent by the goroutine that read it (send).
+	ownSendMin = 64 << 10
 	// pollSpin: how long the reader polls a Poller for the answer to its
 	// one started request before it goes to wait for its client.
 	pollSpin = 50 * time.Microsecond
