@@ -33,8 +33,10 @@ const (
 	// zeroChunk is the largest write of zeros WRITE_ZEROES issues at once
 	// when the backend has nothing faster.
 	zeroChunk = 1 << 20
-	// inlineMax: the largest read or write the reader runs itself.
-	inlineMax = 128 << 10
+	// inlineMax: the largest read the reader runs itself; inlineWriteMax
+	// the largest write (Export.InlineWrites).
+	inlineMax      = 128 << 10
+	inlineWriteMax = 1 << 20
 	// slowInline: an inline request slower than this hit the disk, not
 	// the page cache; the next inlinePause requests go to the workers.
 	slowInline  = 200 * time.Microsecond
