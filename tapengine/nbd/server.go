@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/blktap-go/blktap/formats/image"
 	"github.com/blktap-go/blktap/internal/nbdwire"
 	"github.com/blktap-go/blktap/tapengine/idle"
@@ -381,6 +383,7 @@ func (s *Server) serveConn(ctx context.Context, nc net.Conn) error {
 	// proto.md asks of a server ending a TLS connection.
 	var rw net.Conn = nc
 	defer func() { rw.Close() }()
+	growSendBuffer(nc)
 	s.stats.connections.Add(1)
 	s.stats.active.Add(1)
 	defer s.stats.active.Add(-1)
@@ -480,4 +483,33 @@ func errno(err error) uint32 {
 		return nbdwire.ErrnoOverflow
 	}
 	return nbdwire.ErrnoIO
+}
+
+// unixSendBuffer is the send buffer a unix-socket connection asks for:
+// room for a 1 MiB reply in one skb (a unix stream socket puts at most
+// half its send buffer in one). With the default 208 KiB a 1 MiB reply
+// went out in five pieces, the server sleeping until the client had read
+// each: 9.3 context switches per read-1m-qd8 request against 1.8 (and
+// 2,144-2,400 IOPS against 3,171-3,659, three alternating pairs of
+// bench/profile.sh). It is a limit, not an allocation: the memory is
+// used only while replies wait for a slow client.
+const unixSendBuffer = 4 << 20
+
+// growSendBuffer raises a unix socket's send buffer to unixSendBuffer:
+// past the system's wmem_max where the process may (CAP_NET_ADMIN, as
+// dom0's daemon has), else as far as wmem_max allows. TCP sizes its own.
+func growSendBuffer(nc net.Conn) {
+	uc, ok := nc.(*net.UnixConn)
+	if !ok {
+		return
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return
+	}
+	raw.Control(func(fd uintptr) {
+		if unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, unixSendBuffer) != nil {
+			unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, unixSendBuffer)
+		}
+	})
 }
