@@ -70,13 +70,17 @@
 // One reader goroutine decodes requests, reads write payloads into
 // pooled buffers and starts each request on the connection's engine
 // (engine.go), its one request path; only the engine knows which kind of
-// backend it serves. For a plain Backend the engine runs small reads on
-// the reader itself, holding their replies until it has no complete
-// request left to decode; everything else goes to a small fixed pool of
-// workers. Whoever has a reply to send while no write
-// is under way becomes the writer and sends every reply queued meanwhile
-// with one writev. A fixed set of request slots bounds the requests in
-// flight (MaxInFlight) and a byte budget bounds the memory large ones pin.
+// backend it serves. For a plain Backend the engine runs small reads (and,
+// with Export.InlineWrites, page-cache writes up to 1 MiB) on the reader
+// itself, holding their replies until it has no complete request left to
+// decode; everything else goes to a small fixed pool of workers. Whoever
+// has a reply to send while no write is under way becomes the writer and
+// sends every reply queued meanwhile with one writev; a read reply of 64
+// KiB or more waits for the role instead, so that its payload is sent
+// from the CPU cache that read it. A unix connection's send buffer is
+// raised to hold a 1 MiB reply whole. A fixed set of request slots bounds
+// the requests in flight (MaxInFlight) and a byte budget bounds the
+// memory large ones pin.
 // On an AsyncBackend (Export.RoundTrip) the engine starts aligned reads
 // and writes on the backend and the backend's goroutine answers them.
 //

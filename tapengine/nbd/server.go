@@ -115,10 +115,10 @@ type Export struct {
 	// hands them all to the workers, since requests in flight together
 	// are what lets the other side batch.
 	RoundTrip bool
-	// InlineWrites lets the reader run small writes itself (no FUA, at
-	// most 128 KiB), as it does small reads: a hand-off per write costs
-	// more than it buys on a local file, whose writes serialise on the
-	// inode lock. Set it only for a backend whose writes never wait on a
+	// InlineWrites lets the reader run writes itself (no FUA, at most 1
+	// MiB), as it does small reads: a hand-off per write costs more than
+	// it buys on a local file, whose writes serialise on the inode lock,
+	// and the payload the reader just read is still in its CPU's cache. Set it only for a backend whose writes never wait on a
 	// later request (a local image file): the reader reads nothing more
 	// until the write returns. One that turns out slow (a flush of dirty
 	// pages, a cluster allocation) sends the next requests to the workers
