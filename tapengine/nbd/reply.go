@@ -103,11 +103,14 @@ func (c *conn) kick() {
 // to write.
 func (c *conn) send(r *req) {
 	c.writeMu.Lock()
-	if r.Type == nbdwire.CmdRead && r.Length >= ownSendMin {
-		// A big payload is sent by the goroutine that read it, on the
-		// CPU whose cache holds it: handed to the writer at work, it
-		// was copied into the socket from the other CPU's cache
-		// (bench/profile.sh ours-dom0 read-1m-qd8).
+	if r.Type == nbdwire.CmdRead && r.Length >= ownSendMin && !r.holdReply && c.async == nil {
+		// A big payload is sent by the worker that read it, on the CPU
+		// whose cache holds it: handed to the writer at work, it was
+		// copied into the socket from the other CPU's cache
+		// (bench/profile.sh ours-dom0 read-1m-qd8). Only a pool worker
+		// waits: the reader must go on reading (a client may not read
+		// replies while its requests wait to be sent), and an
+		// AsyncBackend's completer answers for every request.
 		for c.writing {
 			c.writerDone.Wait()
 		}

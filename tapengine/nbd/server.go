@@ -118,9 +118,10 @@ type Export struct {
 	// InlineWrites lets the reader run writes itself (no FUA, at most 1
 	// MiB), as it does small reads: a hand-off per write costs more than
 	// it buys on a local file, whose writes serialise on the inode lock,
-	// and the payload the reader just read is still in its CPU's cache. Set it only for a backend whose writes never wait on a
-	// later request (a local image file): the reader reads nothing more
-	// until the write returns. One that turns out slow (a flush of dirty
+	// and the payload the reader just read is still in its CPU's cache.
+	// Set it only for a backend whose writes never wait on a later
+	// request (a local image file): the reader reads nothing more until
+	// the write returns. One that turns out slow (a flush of dirty
 	// pages, a cluster allocation) sends the next requests to the workers
 	// for a while.
 	InlineWrites bool
