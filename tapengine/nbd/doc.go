@@ -75,9 +75,9 @@
 // itself, holding their replies until it has no complete request left to
 // decode; everything else goes to a small fixed pool of workers. Whoever
 // has a reply to send while no write is under way becomes the writer and
-// sends every reply queued meanwhile with one writev; a read reply of 64
-// KiB or more waits for the role instead, so that its payload is sent
-// from the CPU cache that read it. A unix connection's send buffer is
+// sends every reply queued meanwhile with one writev; a worker's read
+// reply of 64 KiB or more waits for the role instead, so that its
+// payload is sent from the CPU cache that read it. A unix connection's send buffer is
 // raised to hold a 1 MiB reply whole. A fixed set of request slots bounds
 // the requests in flight (MaxInFlight) and a byte budget bounds the
 // memory large ones pin.
