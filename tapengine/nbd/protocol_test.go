@@ -546,3 +546,49 @@ func TestInlineWrites(t *testing.T) {
 		t.Fatalf("reply for cookie %d, want 1", rep.cookie)
 	}
 }
+
+// TestReaderReadsWhileWriterWaits: a client that sends its requests
+// before it reads any reply gets them all read, even while the writer
+// waits for that client to read (its big read replies overfill the
+// socket) and the reader has an inline read's reply of its own to
+// queue. A reader that waited for the writer role there would stop
+// reading, and the client's writes behind it could never be sent.
+func TestReaderReadsWhileWriterWaits(t *testing.T) {
+	_, sock, _ := startServer(t, Export{Name: "disk", Backend: newMem(32 << 20)})
+	tc := connected(t, sock, false, false)
+	const bigReads, writes = 16, 8 // 16 MiB of replies: more than the socket holds
+	payload := make([]byte, 1<<20)
+	sent := make(chan error, 1)
+	go func() {
+		for i := range bigReads {
+			if err := tc.send(Request{Type: nbdwire.CmdRead, Cookie: uint64(1 + i), Offset: uint64(i) << 20, Length: 1 << 20}, nil); err != nil {
+				sent <- err
+				return
+			}
+		}
+		time.Sleep(200 * time.Millisecond) // the workers' replies fill the socket
+		if err := tc.send(Request{Type: nbdwire.CmdRead, Cookie: 100, Offset: 0, Length: 96 << 10}, nil); err != nil {
+			sent <- err
+			return
+		}
+		for i := range writes {
+			if err := tc.send(Request{Type: nbdwire.CmdWrite, Cookie: uint64(200 + i), Offset: uint64(16+i) << 20, Length: 1 << 20}, payload); err != nil {
+				sent <- err
+				return
+			}
+		}
+		sent <- nil
+	}()
+	select {
+	case err := <-sent:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		tc.c.Close()
+		t.Fatal("the server stopped reading requests while its replies waited for the client")
+	}
+	for range bigReads + 1 + writes {
+		mustOK(t)(tc.recv())
+	}
+}
