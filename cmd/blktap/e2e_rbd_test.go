@@ -158,6 +158,9 @@ func startHandoff(t *testing.T) *handoff {
 	if _, rest, ok := strings.Cut(refused.Error, "locked by "); ok {
 		h.holder, _, _ = strings.Cut(rest, " ")
 	}
+	if h.holder == "" {
+		t.Fatalf("the refusal names no lock owner: %q", refused.Error)
+	}
 	t.Logf("second host refused: %s", refused.Error)
 
 	// The handoff happens under the writer, once it has written 1000 blocks.
