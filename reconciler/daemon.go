@@ -100,17 +100,19 @@ type Daemon struct {
 	root            string // /local/domain/<self>/backend
 	q               *queue
 
-	mu        sync.Mutex
-	devices   map[Key]*device
-	desired   map[Key]config.Disk  // from YAML
-	views     map[Key]deviceView   // what the API sees of each device (devices are the reconcilers')
-	requests  map[Key][]*opRequest // operators' requests, oldest first (requests.go)
-	conflicts map[Key]string       // YAML disks whose key another declaration holds
-	decl      map[Key]*declQueue   // changes of YAML devices' declarations (desired.go)
-	imageErrs map[Key]string       // why a YAML disk's image could not be created
-	retry     map[Key]bool         // YAML disks a reload asks to try again
-	ports     uint32               // last local event-channel port handed out
-	rows      map[Key]deviceRow    // what the metrics show of each device (metrics.go)
+	mu      sync.Mutex
+	devices map[Key]*device
+	desired map[Key]config.Disk // from YAML
+	// desiredDirs are the directories of desired's image files, each once.
+	desiredDirs []string
+	views       map[Key]deviceView   // what the API sees of each device (devices are the reconcilers')
+	requests    map[Key][]*opRequest // operators' requests, oldest first (requests.go)
+	conflicts   map[Key]string       // YAML disks whose key another declaration holds
+	decl        map[Key]*declQueue   // changes of YAML devices' declarations (desired.go)
+	imageErrs   map[Key]string       // why a YAML disk's image could not be created
+	retry       map[Key]bool         // YAML disks a reload asks to try again
+	ports       uint32               // last local event-channel port handed out
+	rows        map[Key]deviceRow    // what the metrics show of each device (metrics.go)
 
 	shutdown *shutdownState // a `blktap shutdown` (lifecycle.go)
 }

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats/nbd"
 	"github.com/blktap-go/blktap/formats/ram"
 )
@@ -147,5 +148,29 @@ func TestSourceConfinement(t *testing.T) {
 	// flush without a server until its timeout.
 	if err := Detach(ctx, h.xs, ok); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestImageDirsOnce: the allowed directories go to every worker and are
+// resolved on every check, so a directory shared by many disks must be
+// listed once, not once per disk.
+func TestImageDirsOnce(t *testing.T) {
+	d := &Daemon{
+		opts:    Options{StateDir: "/run/blktap", ImageDirs: []string{"/srv/img", "/srv/img"}},
+		desired: map[Key]config.Disk{},
+	}
+	for i := range 100 {
+		dir := "/srv/img"
+		if i%2 == 1 {
+			dir = "/srv/other"
+		}
+		d.desired[Key{Kind: KindVBD3, Devid: uint32(i)}] = config.Disk{Format: "raw", Image: fmt.Sprintf("%s/d%d.img", dir, i)}
+	}
+	d.desired[Key{Kind: KindVBD3, Devid: 999}] = config.Disk{Format: "nbd", Image: "nbd+unix:///?socket=/srv/nbd/a.sock"}
+	d.desiredDirs = fileDirs(d.desired)
+	got := d.imageDirs()
+	want := []string{"/run/blktap", "/srv/img", "/srv/other"}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("imageDirs = %q, want %q", got, want)
 	}
 }

@@ -7,8 +7,10 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 
+	"github.com/blktap-go/blktap/config"
 	"github.com/blktap-go/blktap/formats"
 	"github.com/blktap-go/blktap/tapengine/worker"
 	"github.com/blktap-go/blktap/xenstore"
@@ -162,17 +164,39 @@ func (d *Daemon) allowDirs(ctx context.Context, k Key, image string, extra ...st
 
 // imageDirs are the directories images may come from (docs/ARCHITECTURE.md,
 // "Trust"): the state directory, every --image-dir, and the directories of
-// the images the YAML declares.
+// the images the YAML declares, each once. The list goes to every worker
+// and is resolved on every check, so it must not grow with the disks that
+// share a directory.
 func (d *Daemon) imageDirs() []string {
-	dirs := append([]string{d.opts.StateDir}, d.opts.ImageDirs...)
 	d.mu.Lock()
-	for _, disk := range d.desired {
+	yaml := d.desiredDirs
+	d.mu.Unlock()
+	return uniqueDirs(append(append([]string{d.opts.StateDir}, d.opts.ImageDirs...), yaml...))
+}
+
+// fileDirs are the directories of the disks' image files, each once.
+func fileDirs(disks map[Key]config.Disk) []string {
+	var dirs []string
+	for _, disk := range disks {
 		if formats.IsFile(disk.Format) {
 			dirs = append(dirs, filepath.Dir(disk.Image))
 		}
 	}
-	d.mu.Unlock()
-	return dirs
+	sort.Strings(dirs)
+	return uniqueDirs(dirs)
+}
+
+// uniqueDirs drops repeats, keeping the first of each.
+func uniqueDirs(dirs []string) []string {
+	seen := make(map[string]bool, len(dirs))
+	out := dirs[:0]
+	for _, dir := range dirs {
+		if !seen[dir] {
+			seen[dir] = true
+			out = append(out, dir)
+		}
+	}
+	return out
 }
 
 // ErrImageDir reports an image outside the allowed image directories.

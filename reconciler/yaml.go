@@ -24,9 +24,11 @@ func (d *Daemon) applyConfig(ctx context.Context, cfg *config.File) {
 		k := Key{Kind: KindVBD3, Domid: disk.Domain, Devid: disk.DevID}
 		want[k] = disk
 	}
+	dirs := fileDirs(want)
 	d.mu.Lock()
 	old := d.desired
 	d.desired = want
+	d.desiredDirs = dirs
 	d.mu.Unlock()
 
 	keys := make([]Key, 0, len(want))
