@@ -262,8 +262,9 @@ func (s *State) Check() error {
 		if len(n.perms) == 0 {
 			err = fmt.Errorf("%w: %s has no permissions", ErrIO, p)
 		}
-		for i, k := range n.kids {
-			if k.name == "" || i > 0 && n.kids[i-1].name >= k.name {
+		var prev *node
+		for k := range n.kids.all() {
+			if k.name == "" || prev != nil && prev.name >= k.name {
 				err = fmt.Errorf("%w: children of %s out of order", ErrIO, p)
 			}
 			for j := 0; j < len(k.name); j++ {
@@ -271,6 +272,10 @@ func (s *State) Check() error {
 					err = fmt.Errorf("%w: bad child name %q under %s", ErrIO, k.name, p)
 				}
 			}
+			prev = k
+		}
+		if c := n.kids.count(); c != n.kids.len() {
+			err = fmt.Errorf("%w: %s counts %d children but holds %d", ErrIO, p, n.kids.len(), c)
 		}
 	})
 	return err

@@ -153,9 +153,9 @@ func (s *State) opDirectoryPart(v *view, r *request) (response, error) {
 }
 
 func childNames(n *node) []string {
-	names := make([]string, len(n.kids))
-	for i, k := range n.kids {
-		names[i] = k.name
+	names := make([]string, 0, n.kids.len())
+	for k := range n.kids.all() {
+		names = append(names, k.name)
 	}
 	return names
 }

@@ -1,9 +1,6 @@
 package xenstore
 
-import (
-	"sort"
-	"strings"
-)
+import "strings"
 
 // node is one element of the store. Nodes are never modified once they
 // are reachable from a root: an update copies the path from the root to
@@ -13,7 +10,7 @@ type node struct {
 	name  string
 	value []byte
 	perms []Perm
-	kids  []*node // sorted by name
+	kids  kidList
 	// gen is the store generation at which this node's own value, perms or
 	// list of children last changed. Copies made only because a
 	// descendant changed keep it, so a transaction that read this node
@@ -26,46 +23,24 @@ func (n *node) clone() *node {
 	return &c
 }
 
-// find returns the index of child name, or where it would be inserted.
-func (n *node) find(name string) (int, bool) {
-	i := sort.Search(len(n.kids), func(i int) bool { return n.kids[i].name >= name })
-	return i, i < len(n.kids) && n.kids[i].name == name
-}
-
-func (n *node) child(name string) *node {
-	if i, ok := n.find(name); ok {
-		return n.kids[i]
-	}
-	return nil
-}
+func (n *node) child(name string) *node { return n.kids.get(name) }
 
 // withChild returns a copy of n with child c (replacing one of the same
 // name, or inserted).
 func (n *node) withChild(c *node) *node {
 	m := n.clone()
-	i, ok := n.find(c.name)
-	if ok {
-		m.kids = append([]*node(nil), n.kids...)
-		m.kids[i] = c
-		return m
-	}
-	m.kids = make([]*node, 0, len(n.kids)+1)
-	m.kids = append(m.kids, n.kids[:i]...)
-	m.kids = append(m.kids, c)
-	m.kids = append(m.kids, n.kids[i:]...)
+	m.kids = n.kids.with(c)
 	return m
 }
 
 // withoutChild returns a copy of n without the child name.
 func (n *node) withoutChild(name string) *node {
-	i, ok := n.find(name)
+	l, ok := n.kids.without(name)
 	if !ok {
 		return n
 	}
 	m := n.clone()
-	m.kids = make([]*node, 0, len(n.kids)-1)
-	m.kids = append(m.kids, n.kids[:i]...)
-	m.kids = append(m.kids, n.kids[i+1:]...)
+	m.kids = l
 	return m
 }
 
@@ -99,7 +74,7 @@ func genOf(root *node, p string) uint64 {
 // walk calls fn for n and every descendant, parents before children.
 func walk(n *node, p string, fn func(p string, n *node)) {
 	fn(p, n)
-	for _, k := range n.kids {
+	for k := range n.kids.all() {
 		kp := p + "/" + k.name
 		if p == "/" {
 			kp = "/" + k.name
@@ -111,7 +86,7 @@ func walk(n *node, p string, fn func(p string, n *node)) {
 // countNodes counts n and its descendants.
 func countNodes(n *node) int {
 	c := 1
-	for _, k := range n.kids {
+	for k := range n.kids.all() {
 		c += countNodes(k)
 	}
 	return c
@@ -122,6 +97,6 @@ func countNodes(n *node) int {
 func newRoot() *node {
 	perms := []Perm{{Domid: 0, Access: PermNone}}
 	xsd := &node{name: "xenstored", perms: perms, value: []byte{}}
-	tool := &node{name: "tool", perms: perms, kids: []*node{xsd}, value: []byte{}}
-	return &node{name: "", perms: perms, kids: []*node{tool}, value: []byte{}}
+	tool := &node{name: "tool", perms: perms, kids: makeKids(xsd), value: []byte{}}
+	return &node{name: "", perms: perms, kids: makeKids(tool), value: []byte{}}
 }
