@@ -90,10 +90,44 @@ func StartAdoptable(exe string, args []string, stderr io.Writer, adopt *os.File)
 	}
 	p := &Process{pid: cmd.Process.Pid, conn: c.(*net.UnixConn), done: make(chan struct{})}
 	go func() {
+		// Wait only once the process is gone, so the wait returns at
+		// once: a goroutine blocked in Wait holds an OS thread, one per
+		// disk, where one parked in the poller holds none. (The child
+		// stays a zombie until Wait, so its pid cannot name another.)
+		if pidfd, err := unix.PidfdOpen(p.pid, 0); err == nil {
+			awaitExit(pidfd)
+		}
 		p.waitErr = cmd.Wait()
 		close(p.done)
 	}()
 	return p, nil
+}
+
+// awaitExit returns once the process behind pidfd (which it closes) has
+// exited. It waits parked in the runtime's poller, where a pidfd becomes
+// readable at the exit, and in poll(2) on its own thread only where the
+// poller cannot take the pidfd.
+func awaitExit(pidfd int) {
+	exited := func(fd uintptr) bool {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
+		n, err := unix.Poll(fds, 0)
+		return n > 0 || err != nil && err != unix.EINTR
+	}
+	if err := unix.SetNonblock(pidfd, true); err != nil {
+		defer unix.Close(pidfd)
+	} else {
+		f := os.NewFile(uintptr(pidfd), "pidfd") // non-blocking: in the poller
+		defer f.Close()
+		if rc, err := f.SyscallConn(); err == nil && rc.Read(exited) == nil {
+			return
+		}
+	}
+	fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
+	for {
+		if _, err := unix.Poll(fds, -1); err != unix.EINTR {
+			return
+		}
+	}
 }
 
 // Pid is the worker's process id.
@@ -212,13 +246,7 @@ func Adopt(ctx context.Context, path string) (*Process, *Describe, error) {
 		return nil, nil, fmt.Errorf("watch worker %d: %w", p.pid, err)
 	}
 	go func() {
-		defer unix.Close(pidfd)
-		fds := []unix.PollFd{{Fd: int32(pidfd), Events: unix.POLLIN}}
-		for {
-			if _, err := unix.Poll(fds, -1); err != unix.EINTR {
-				break
-			}
-		}
+		awaitExit(pidfd)
 		p.waitErr = fmt.Errorf("adopted worker %d exited", p.pid)
 		close(p.done)
 	}()
