@@ -9,7 +9,9 @@ import (
 // copies the chunk it changes and the list of chunks, so it costs about
 // maxChunk + n/maxChunk pointers instead of n: a backend directory with a
 // child per disk (1024 disks) is no longer copied whole on each write
-// below it.
+// below it. Chunks split in halves when full and are never merged, so
+// removals can leave more, smaller chunks; a write then still copies at
+// most as many pointers as one flat list would.
 const maxChunk = 64
 
 // kidList is a node's children, sorted by name. Like nodes it is never
