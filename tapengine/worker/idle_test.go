@@ -66,7 +66,7 @@ func TestTrimWhenIdle(t *testing.T) {
 	for round := 1; round <= 2; round++ {
 		// One operation: a burst with no gap inside it for the
 		// trimmer to mistake for idle time on a loaded machine.
-		m.start(opWrite)()
+		m.end(opWrite, m.start())
 		select {
 		case <-trimmed:
 		case <-time.After(10 * time.Second):
@@ -96,11 +96,11 @@ func TestMeterActivity(t *testing.T) {
 		t.Fatalf("fresh meter: %d ops, busy %v", ops, busy)
 	}
 	for op := range numOps {
-		end := m.start(op)
+		t0 := m.start()
 		if _, busy := m.activity(); !busy {
 			t.Fatalf("op %s in flight, not busy", opNames[op])
 		}
-		end()
+		m.end(op, t0)
 	}
 	ops, busy = m.activity()
 	if ops != numOps || busy {
@@ -130,7 +130,7 @@ func TestTrimWhenIdleSleeps(t *testing.T) {
 	}
 	quiet("idle from the start")
 	for round := 1; round <= 2; round++ {
-		m.start(opRead)()
+		m.end(opRead, m.start())
 		select {
 		case <-trimmed:
 		case <-time.After(10 * time.Second):

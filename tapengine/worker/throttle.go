@@ -20,6 +20,9 @@ type throttle struct {
 	image.Image
 	meter meter
 
+	// limited says a limit is set, so that an unlimited disk's I/O takes
+	// no lock. A request racing with set may go by the old limits.
+	limited   atomic.Bool
 	mu        sync.Mutex
 	iops      float64 // 0 = unlimited
 	bandwidth float64 // bytes/s; 0 = unlimited
@@ -33,11 +36,15 @@ func (t *throttle) set(iops, bandwidth int64) {
 	t.mu.Lock()
 	t.iops, t.bandwidth = float64(iops), float64(bandwidth)
 	t.opsTAT, t.bytesTAT = time.Time{}, time.Time{}
+	t.limited.Store(iops > 0 || bandwidth > 0)
 	t.mu.Unlock()
 }
 
 // wait blocks until a request of n bytes fits the budgets.
 func (t *throttle) wait(n int) {
+	if !t.limited.Load() {
+		return
+	}
 	t.mu.Lock()
 	if t.iops == 0 && t.bandwidth == 0 {
 		t.mu.Unlock()
@@ -69,24 +76,24 @@ func (t *throttle) wait(n int) {
 
 func (t *throttle) ReadAt(p []byte, off int64) (int, error) {
 	t.wait(len(p))
-	defer t.meter.start(opRead)()
+	defer t.meter.end(opRead, t.meter.start())
 	return t.Image.ReadAt(p, off)
 }
 
 func (t *throttle) WriteAt(p []byte, off int64) (int, error) {
 	t.wait(len(p))
-	defer t.meter.start(opWrite)()
+	defer t.meter.end(opWrite, t.meter.start())
 	return t.Image.WriteAt(p, off)
 }
 
 func (t *throttle) Discard(off, length int64) error {
 	t.wait(0)
-	defer t.meter.start(opDiscard)()
+	defer t.meter.end(opDiscard, t.meter.start())
 	return t.Image.Discard(off, length)
 }
 
 func (t *throttle) Flush() error {
-	defer t.meter.start(opFlush)()
+	defer t.meter.end(opFlush, t.meter.start())
 	return t.Image.Flush()
 }
 
@@ -116,14 +123,19 @@ type meter struct {
 	}
 }
 
-func (m *meter) start(op int) func() {
+// start counts an operation in flight and returns its start time, for
+// end. A deferred end(op, start()) calls start at once: the pair is two
+// plain calls where a returned closure cost an allocation per I/O.
+func (m *meter) start() time.Time {
 	m.inFlight.Add(1)
 	m.bell.Ring() // after inFlight: a trimmer about to sleep sees one or the other
-	t0 := time.Now()
-	return func() {
-		m.inFlight.Add(-1)
-		m.record(op, time.Since(t0), 1)
-	}
+	return time.Now()
+}
+
+// end finishes an operation of kind op that start began at t0.
+func (m *meter) end(op int, t0 time.Time) {
+	m.inFlight.Add(-1)
+	m.record(op, time.Since(t0), 1)
 }
 
 // record counts n operations of kind op that took d each.
