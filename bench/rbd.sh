@@ -103,6 +103,23 @@ ticks() { # PID...: utime + stime of those processes, in clock ticks
 	done
 	echo $t
 }
+lib_ticks() { # PID...: the part of ticks PID... spent in librbd's and librados's
+	# threads, which name themselves (msgr-worker-0, io_context_pool, ...)
+	# while the server's own threads keep the process's name. They live as
+	# long as the image is open, so none of their time leaves with an
+	# exited thread; the server's own part is then ticks minus this.
+	local t=0 p f own comm
+	for p in "$@"; do
+		[[ -r /proc/$p/comm ]] || continue
+		own=$(cat "/proc/$p/comm")
+		for f in /proc/"$p"/task/*/stat; do
+			comm=$(sed 's/^[0-9]* (\(.*\)) .*/\1/' "$f" 2>/dev/null) || continue
+			[[ $comm == "$own" ]] && continue
+			t=$((t + $(sed 's/.*) //' "$f" 2>/dev/null | awk '{print $12 + $13}')))
+		done
+	done
+	echo $t
+}
 busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8 + $9}' /proc/stat; } # the machine, all cores
 hz=$(getconf CLK_TCK)
 
@@ -123,26 +140,31 @@ for _ in $(seq "$ROUNDS"); do
 		declare -A cpu=()
 		for s in ours qemu-nbd; do
 			# shellcheck disable=SC2086
-			c0=$(ticks $cluster) s0=$(ticks ${server[$s]}) m0=$(busy) t0=$(date +%s.%N)
+			c0=$(ticks $cluster) s0=$(ticks ${server[$s]}) l0=$(lib_ticks ${server[$s]}) m0=$(busy) t0=$(date +%s.%N)
 			# shellcheck disable=SC2046
 			fio --name=$job --ioengine=nbd --uri="${uris[$s]}" $(job_args "$job") --time_based \
 				--runtime="$RUNTIME" --output-format=json --output="$work/$s-$job.json" >/dev/null
 			# shellcheck disable=SC2086
-			c1=$(ticks $cluster) s1=$(ticks ${server[$s]}) m1=$(busy) t1=$(date +%s.%N)
+			c1=$(ticks $cluster) s1=$(ticks ${server[$s]}) l1=$(lib_ticks ${server[$s]}) m1=$(busy) t1=$(date +%s.%N)
 			iops[$s]=$(jq '.jobs[0] | (.read.iops + .write.iops) | floor' "$work/$s-$job.json")
 			ios=$(jq '.jobs[0] | .read.total_ios + .write.total_ios' "$work/$s-$job.json")
-			cpu[$s]=$(awk -v c=$((c1 - c0)) -v s=$((s1 - s0)) -v m=$((m1 - m0)) -v n="$ios" -v hz="$hz" -v t="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" \
+			cpu[$s]=$(awk -v c=$((c1 - c0)) -v s=$((s1 - s0)) -v l=$((l1 - l0)) -v m=$((m1 - m0)) -v n="$ios" -v hz="$hz" -v t="$(awk -v a="$t0" -v b="$t1" 'BEGIN {print b - a}')" \
 				-v cores="$(nproc)" 'BEGIN {u = 1e6 / hz / (n > 0 ? n : 1)
-				printf "%d %d %d %d", c * u, s * u, (m - c - s) * u, 100 * m / hz / t / cores}')
+				printf "%d %d %d %d %d", c * u, s * u, (m - c - s) * u, 100 * m / hz / t / cores, l * u}')
 		done
 		ratio=$(awk "BEGIN {printf \"%.2f\", ${iops[ours]} / (${iops[qemu-nbd]} > 0 ? ${iops[qemu-nbd]} : 1)}")
 		printf '%-18s %12s %12s %7sx %14s\n' "$job" "${iops[ours]} IOPS" "${iops[qemu-nbd]} IOPS" "$ratio" "$(ceiling "$job") IOPS"
 		# CPU us per I/O: cluster / server / rest, and how busy the cores
 		# were; "no server" is the ratio ours would reach against qemu-nbd
 		# if our server cost nothing and the cores stayed as busy.
-		read -r oc os oo ob <<<"${cpu[ours]}"
-		read -r qc qs qo qb <<<"${cpu[qemu-nbd]}"
+		read -r oc os oo ob ol <<<"${cpu[ours]}"
+		read -r qc qs qo qb ql <<<"${cpu[qemu-nbd]}"
 		printf '%-18s cpu us/io cluster/server/rest: ours %d/%d/%d (%d%% busy), qemu-nbd %d/%d/%d (%d%% busy); no server: %.2fx\n' \
 			"" "$oc" "$os" "$oo" "$ob" "$qc" "$qs" "$qo" "$qb" "$(awk -v a="$((qc + qs + qo))" -v b="$((qc + qo))" 'BEGIN {print a / (b > 0 ? b : 1)}')"
+		# The server's part split into librbd's threads and the server's
+		# own; "no own code" is the ratio ours would reach if everything
+		# but librbd in our server cost nothing.
+		printf '%-18s server us/io librbd/own: ours %d/%d, qemu-nbd %d/%d; no own code: %.2fx\n' \
+			"" "$ol" "$((os - ol))" "$ql" "$((qs - ql))" "$(awk -v a="$((qc + qs + qo))" -v b="$((oc + ol + oo))" 'BEGIN {print a / (b > 0 ? b : 1)}')"
 	done
 done
