@@ -184,6 +184,32 @@ type BatchOp struct {
 	Err error
 }
 
+// Starter is an Image that starts a read or a write and returns before it
+// finishes (rbd, on librbd's aio), so a request in flight costs its caller
+// no goroutine. Optional: callers type-assert, and use ReadAt and WriteAt
+// when it is missing or Starts reports false.
+type Starter interface {
+	// Starts reports whether StartRead and StartWrite can be used.
+	Starts() bool
+	// StartRead starts reading len(p) bytes at off into p, StartWrite
+	// writing p at off; p is not empty. Until the call completes the
+	// image owns p. It completes once, on a goroutine of the image's own,
+	// with c.Complete(cookie, data, err): err is nil once every byte was
+	// read (data is then p) or written (a write is then in the image, as
+	// after WriteAt). Every Completer that got Complete calls in one batch
+	// then gets one CompleteBatch call. An error returned means nothing was
+	// started, and c is not called.
+	StartRead(p []byte, off int64, c Completer, cookie uint64) error
+	StartWrite(p []byte, off int64, c Completer, cookie uint64) error
+}
+
+// Completer receives the completions of a Starter's calls (the shape of
+// tapengine/nbd's and tapengine/frontend's: one interface literal).
+type Completer = interface {
+	Complete(cookie uint64, data []byte, err error)
+	CompleteBatch()
+}
+
 // Batcher is an Image that does many reads and writes in one call, with
 // fewer system calls than one ReadAt or WriteAt each (an io_uring). Batch
 // returns once every op is done; the ops may run in any order and at

@@ -46,15 +46,19 @@ import "C"
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"reflect"
 	"runtime"
+	"slices"
 	"sync"
 	"syscall"
 	"unsafe"
 
 	librbd "github.com/ceph/go-ceph/rbd"
+
+	"github.com/blktap-go/blktap/formats/image"
 )
 
 // Reads and writes go to librbd's aio calls, so a request in flight costs
@@ -67,6 +71,16 @@ import (
 type aioOp struct {
 	done chan struct{}
 	ret  int64
+
+	// A started call (StartRead, StartWrite) completes to c instead of
+	// done; it holds im's read lock, and p pinned, until then.
+	im     *Image
+	c      image.Completer
+	cookie uint64
+	p      []byte
+	off    int64
+	write  bool
+	pin    runtime.Pinner
 }
 
 var aio struct {
@@ -99,10 +113,13 @@ func aioInit() error {
 	return aio.err
 }
 
-// aioReap hands each finished completion's result to its caller.
+// aioReap hands each finished completion's result to its caller: a
+// waiting aioIO, or a started call's Completer, which then gets one
+// CompleteBatch per pipe read that completed any of its calls.
 func aioReap(r *os.File) {
 	buf := make([]byte, 8*512)
 	have := 0
+	var sinks []image.Completer
 	for {
 		n, err := r.Read(buf[have:])
 		if err != nil {
@@ -117,11 +134,49 @@ func aioReap(r *os.File) {
 			op := aio.ops[id]
 			delete(aio.ops, id)
 			aio.mu.Unlock()
-			op.ret = int64(ret)
-			op.done <- struct{}{}
+			if op.c == nil {
+				op.ret = int64(ret)
+				op.done <- struct{}{}
+				continue
+			}
+			if !slices.Contains(sinks, op.c) {
+				sinks = append(sinks, op.c)
+			}
+			op.finish(int64(ret))
 		}
+		for _, c := range sinks {
+			c.CompleteBatch()
+		}
+		clear(sinks)
+		sinks = sinks[:0]
 		have = copy(buf, buf[whole:have])
 	}
+}
+
+// finish completes a started call with librbd's result ret and recycles
+// op.
+func (op *aioOp) finish(ret int64) {
+	im, c, cookie, p, off, write := op.im, op.c, op.cookie, op.p, op.off, op.write
+	op.pin.Unpin()
+	op.im, op.c, op.p = nil, nil, nil
+	aioOpPool.Put(op)
+	im.mu.RUnlock()
+	var err error
+	switch {
+	case write && ret < 0:
+		err = fmt.Errorf("rbd write %s at %d: %w", im.spec.Name(), off, describeErrno(int(-ret)))
+	case write:
+		// librbd reports a finished write as 0 or as its length.
+	case ret < 0:
+		err = fmt.Errorf("rbd read %s at %d: %w", im.spec.Name(), off, syscall.Errno(-ret))
+	case ret != int64(len(p)):
+		err = fmt.Errorf("rbd read %s at %d: short read: %d of %d bytes", im.spec.Name(), off, ret, len(p))
+	}
+	var data []byte
+	if !write && err == nil {
+		data = p
+	}
+	c.Complete(cookie, data, err)
 }
 
 // rawImage is go-ceph's rbd_image_t, which v0.30 keeps unexported. If a
@@ -138,14 +193,28 @@ func rawImage(img *librbd.Image) (h C.rbd_image_t, ok bool) {
 // It returns librbd's result: bytes done, or a negative errno.
 func aioIO(h C.rbd_image_t, write bool, p []byte, off int64) int64 {
 	op := aioOpPool.Get().(*aioOp)
+	var pin runtime.Pinner
+	pin.Pin(&p[0])
+	defer pin.Unpin()
+	if r := aioSubmit(h, op, write, p, off); r < 0 {
+		aioOpPool.Put(op)
+		return r
+	}
+	<-op.done
+	ret := op.ret
+	aioOpPool.Put(op)
+	return ret
+}
+
+// aioSubmit registers op and starts its librbd call on p, which the
+// caller has pinned. A negative errno says nothing was started (op is
+// unregistered again).
+func aioSubmit(h C.rbd_image_t, op *aioOp, write bool, p []byte, off int64) int64 {
 	aio.mu.Lock()
 	aio.next++
 	id := aio.next
 	aio.ops[id] = op
 	aio.mu.Unlock()
-	var pin runtime.Pinner
-	pin.Pin(&p[0])
-	defer pin.Unpin()
 	var comp C.rbd_completion_t
 	w := C.int(0)
 	if write {
@@ -155,13 +224,66 @@ func aioIO(h C.rbd_image_t, write bool, p []byte, off int64) int64 {
 		aio.mu.Lock()
 		delete(aio.ops, id)
 		aio.mu.Unlock()
-		aioOpPool.Put(op)
 		return int64(r)
 	}
-	<-op.done
-	ret := op.ret
-	aioOpPool.Put(op)
-	return ret
+	return 0
+}
+
+var _ image.Starter = (*Image)(nil)
+
+// Starts reports whether StartRead and StartWrite work: the image's I/O
+// goes through aio.
+func (im *Image) Starts() bool { return im.aio }
+
+// StartRead starts reading len(p) bytes at off into p (image.Starter).
+func (im *Image) StartRead(p []byte, off int64, c image.Completer, cookie uint64) error {
+	return im.start(false, p, off, c, cookie)
+}
+
+// StartWrite starts writing p at off (image.Starter); it completes once
+// the OSDs acknowledged it.
+func (im *Image) StartWrite(p []byte, off int64, c image.Completer, cookie uint64) error {
+	return im.start(true, p, off, c, cookie)
+}
+
+// start starts a call that completes to c. It keeps the image's read
+// lock until then, so that Close waits for it as for a ReadAt.
+func (im *Image) start(write bool, p []byte, off int64, c image.Completer, cookie uint64) error {
+	if !im.aio {
+		return fmt.Errorf("rbd %s: starting a call without aio: %w", im.spec.Name(), errors.ErrUnsupported)
+	}
+	if len(p) == 0 {
+		return fmt.Errorf("rbd %s: starting a call of no bytes", im.spec.Name())
+	}
+	if err := im.enter(); err != nil {
+		return err
+	}
+	var err error
+	switch {
+	case write && im.readOnly:
+		err = image.ErrReadOnly
+	default:
+		err = image.CheckRange(off, len(p), im.size)
+	}
+	if err != nil {
+		im.mu.RUnlock()
+		return err
+	}
+	op := aioOpPool.Get().(*aioOp)
+	op.im, op.c, op.cookie, op.p, op.off, op.write = im, c, cookie, p, off, write
+	op.pin.Pin(&p[0])
+	if r := aioSubmit(im.raw, op, write, p, off); r < 0 {
+		op.pin.Unpin()
+		op.im, op.c, op.p = nil, nil, nil
+		aioOpPool.Put(op)
+		im.mu.RUnlock()
+		what := "read"
+		if write {
+			what = "write"
+		}
+		return fmt.Errorf("rbd %s %s at %d: %w", what, im.spec.Name(), off, describeErrno(int(-r)))
+	}
+	return nil
 }
 
 // readAt and writeAt are ReadAt's and WriteAt's librbd calls: aio when

@@ -32,6 +32,10 @@
 //     choose. go-ceph binds no aio call, so aio.go does, on go-ceph's
 //     image handle; should a go-ceph release hide that handle, I/O falls
 //     back to the synchronous calls (TestAIOManyInFlight fails then).
+//     StartRead and StartWrite (image.Starter) start the same calls
+//     without waiting; their completions reach the caller's Completer on
+//     the goroutine that reads librbd's completions, so a worker's export
+//     keeps no goroutine per request in flight.
 //
 // ParseSpec and Spec, the image naming, are built in every build.
 package rbd

@@ -59,7 +59,7 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 		Export: nbd.Export{
 			Name:        req.Name,
 			Description: "blktap " + req.Name,
-			Backend:     w.io,
+			Backend:     w.exportBackend(),
 			ReadOnly:    w.readOnly,
 			// A local file's writes never wait on a later request.
 			InlineWrites: formats.IsFile(w.format),
@@ -82,6 +82,16 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 	}()
 	w.nbdSrv, w.nbdCancel, w.nbdDone = srv, cancel, done
 	return Reply{OK: true}
+}
+
+// exportBackend is what the export calls: startedIO when the image
+// starts calls (rbd), so that a request in flight holds no goroutine,
+// else the throttle.
+func (w *worker) exportBackend() nbd.Backend {
+	if startable(w.img.img) {
+		return &startedIO{throttle: w.io, gate: w.img}
+	}
+	return w.io
 }
 
 // rbdWorkers: an rbd export runs as many requests at once as a

@@ -59,6 +59,33 @@ func (g *gate) Map(off, length int64) ([]image.Extent, error) {
 	return g.img.Map(off, length)
 }
 
+// start starts a read (or write) of p at off when the image starts calls
+// (image.Starter), with the gate's read side held until the call
+// completes to c: pause waits for it as for any call in flight, and c
+// must call done then. It reports false, having done nothing, when the
+// image cannot start calls.
+func (g *gate) start(write bool, p []byte, off int64, c image.Completer, cookie uint64) (bool, error) {
+	g.mu.RLock()
+	s, ok := g.img.(image.Starter)
+	if !ok || !s.Starts() {
+		g.mu.RUnlock()
+		return false, nil
+	}
+	var err error
+	if write {
+		err = s.StartWrite(p, off, c, cookie)
+	} else {
+		err = s.StartRead(p, off, c, cookie)
+	}
+	if err != nil {
+		g.mu.RUnlock()
+	}
+	return true, err
+}
+
+// done releases the read side a started call held.
+func (g *gate) done() { g.mu.RUnlock() }
+
 // Close closes the image behind the gate; the worker calls it only when no
 // consumer is left.
 func (g *gate) Close() error {
