@@ -197,8 +197,10 @@ type Starter interface {
 	// with c.Complete(cookie, data, err): err is nil once every byte was
 	// read (data is then p) or written (a write is then in the image, as
 	// after WriteAt). Every Completer that got Complete calls in one batch
-	// then gets one CompleteBatch call. An error returned means nothing was
-	// started, and c is not called.
+	// then gets one CompleteBatch call. One image makes these calls from
+	// one goroutine at a time, so a Completer needs no lock of its own for
+	// them. An error returned means nothing was started, and c is not
+	// called.
 	StartRead(p []byte, off int64, c Completer, cookie uint64) error
 	StartWrite(p []byte, off int64, c Completer, cookie uint64) error
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/blktap-go/blktap/internal/cephdev"
+	"github.com/blktap-go/blktap/internal/testutil"
 )
 
 // TestAIOManyInFlight: 64 writers and then 64 readers at once on one
@@ -79,54 +80,6 @@ func exportImage(t *testing.T, c *cephdev.Cluster, name string) []byte {
 	return b
 }
 
-// collector is an image.Completer that records every completion and
-// counts the batches.
-type collector struct {
-	mu      sync.Mutex
-	got     map[uint64][]byte // cookie -> a read's data (a copy), nil for a write
-	errs    []error
-	batches int
-	done    chan struct{} // one per completion
-}
-
-func newCollector(n int) *collector {
-	return &collector{got: map[uint64][]byte{}, done: make(chan struct{}, n)}
-}
-
-func (c *collector) Complete(cookie uint64, data []byte, err error) {
-	c.mu.Lock()
-	if err != nil {
-		c.errs = append(c.errs, err)
-	}
-	if data != nil {
-		data = bytes.Clone(data)
-	}
-	c.got[cookie] = data
-	c.mu.Unlock()
-	c.done <- struct{}{}
-}
-
-func (c *collector) CompleteBatch() {
-	c.mu.Lock()
-	c.batches++
-	c.mu.Unlock()
-}
-
-func (c *collector) wait(t *testing.T, n int) {
-	t.Helper()
-	for range n {
-		<-c.done
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	for _, err := range c.errs {
-		t.Fatalf("started call: %v", err)
-	}
-	if c.batches == 0 || c.batches > n {
-		t.Fatalf("%d CompleteBatch calls for %d completions", c.batches, n)
-	}
-}
-
 // TestStartManyInFlight: 64 started writes and then 64 started reads at
 // once complete to their Completer with their own cookies, the reads
 // with the bytes written, each batch ends with CompleteBatch, and the
@@ -143,7 +96,7 @@ func TestStartManyInFlight(t *testing.T) {
 	}
 	const n, block = 64, 96 << 10
 	want := make([]byte, 8<<20)
-	w := newCollector(n)
+	w := testutil.NewCompletions(n)
 	for i := range n {
 		p := bytes.Repeat([]byte{byte(i + 1)}, block)
 		copy(want[i*block:], p)
@@ -151,19 +104,24 @@ func TestStartManyInFlight(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	w.wait(t, n)
-	r := newCollector(n)
+	w.Wait(t, n)
+	r := testutil.NewCompletions(n)
 	for i := range n {
 		if err := im.StartRead(make([]byte, block), int64(i*block), r, uint64(2000+i)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	r.wait(t, n)
+	r.Wait(t, n)
+	for _, c := range []*testutil.Completions{w, r} {
+		if c.Batches == 0 || c.Batches > n {
+			t.Fatalf("%d CompleteBatch calls for %d completions", c.Batches, n)
+		}
+	}
 	for i := range n {
-		if d, ok := w.got[uint64(1000+i)]; !ok || d != nil {
+		if d, ok := w.Data[uint64(1000+i)]; !ok || d != nil {
 			t.Fatalf("write %d: completed %v, with data %v", i, ok, d != nil)
 		}
-		if !bytes.Equal(r.got[uint64(2000+i)], want[i*block:(i+1)*block]) {
+		if !bytes.Equal(r.Data[uint64(2000+i)], want[i*block:(i+1)*block]) {
 			t.Fatalf("read %d: not the bytes written", i)
 		}
 	}
@@ -175,7 +133,7 @@ func TestStartManyInFlight(t *testing.T) {
 		t.Fatal("a write of no bytes started")
 	}
 	// Close with calls in flight waits for them.
-	last := newCollector(n)
+	last := testutil.NewCompletions(n)
 	for i := range n {
 		if err := im.StartWrite(want[i*block:(i+1)*block], int64(i*block), last, uint64(i)); err != nil {
 			t.Fatal(err)
@@ -184,7 +142,7 @@ func TestStartManyInFlight(t *testing.T) {
 	if err := img.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if k := len(last.done); k != n {
+	if k := last.Pending(); k != n {
 		t.Fatalf("Close returned with %d of %d started writes completed", k, n)
 	}
 	if !bytes.Equal(exportImage(t, c, name), want) {

@@ -36,7 +36,8 @@ type startedIO struct {
 	free  []uint64       // tags not in use
 
 	// sinks: the Completers owed a CompleteBatch. Only the image's
-	// completion goroutine (Complete, CompleteBatch) touches it.
+	// completions (Complete, CompleteBatch) touch it, one at a time
+	// (image.Starter's contract).
 	sinks []nbd.Completer
 }
 

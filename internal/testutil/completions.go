@@ -1,0 +1,69 @@
+package testutil
+
+import (
+	"bytes"
+	"sync"
+	"testing"
+	"time"
+)
+
+// Completions records what a Completer hears (the interface of
+// image.Completer and nbd.Completer): each cookie's data (a copy, nil for
+// none) and error, and the number of CompleteBatch calls. A cookie that
+// completes twice panics: no call may complete twice.
+type Completions struct {
+	mu      sync.Mutex
+	Data    map[uint64][]byte
+	Errs    map[uint64]error
+	Batches int
+	n       chan struct{}
+}
+
+// NewCompletions makes a Completions that holds up to max completions
+// nobody waited for yet.
+func NewCompletions(max int) *Completions {
+	return &Completions{Data: map[uint64][]byte{}, Errs: map[uint64]error{}, n: make(chan struct{}, max)}
+}
+
+// Complete records one completion.
+func (c *Completions) Complete(cookie uint64, data []byte, err error) {
+	c.mu.Lock()
+	if _, dup := c.Errs[cookie]; dup {
+		panic("a call completed twice")
+	}
+	c.Data[cookie], c.Errs[cookie] = bytes.Clone(data), err
+	c.mu.Unlock()
+	c.n <- struct{}{}
+}
+
+// CompleteBatch counts a batch's end.
+func (c *Completions) CompleteBatch() {
+	c.mu.Lock()
+	c.Batches++
+	c.mu.Unlock()
+}
+
+// Wait waits for n more completions, failing t after 10 s, then fails t
+// if any completion so far carried an error. Once the calls it waited
+// for are all there were, the fields may be read without a lock: each
+// completion was recorded before its signal.
+func (c *Completions) Wait(t *testing.T, n int) {
+	t.Helper()
+	for i := range n {
+		select {
+		case <-c.n:
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%d of %d calls completed", i, n)
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for cookie, err := range c.Errs {
+		if err != nil {
+			t.Fatalf("call %d: %v", cookie, err)
+		}
+	}
+}
+
+// Pending is the number of completions nobody waited for yet.
+func (c *Completions) Pending() int { return len(c.n) }
