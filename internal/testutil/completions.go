@@ -16,6 +16,10 @@ type Completions struct {
 	Data    map[uint64][]byte
 	Errs    map[uint64]error
 	Batches int
+	// Batched is how many completions had been recorded when the last
+	// CompleteBatch came: every completion is in a batch once it equals
+	// len(Errs).
+	Batched int
 	n       chan struct{}
 }
 
@@ -40,7 +44,27 @@ func (c *Completions) Complete(cookie uint64, data []byte, err error) {
 func (c *Completions) CompleteBatch() {
 	c.mu.Lock()
 	c.Batches++
+	c.Batched = len(c.Errs)
 	c.mu.Unlock()
+}
+
+// WaitBatched waits until a CompleteBatch has followed the last of n
+// completions, failing t after 10 s.
+func (c *Completions) WaitBatched(t *testing.T, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c.mu.Lock()
+		batched := c.Batched
+		c.mu.Unlock()
+		if batched >= n {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("CompleteBatch followed %d of %d completions", batched, n)
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
 
 // Wait waits for n more completions, failing t after 10 s, then fails t

@@ -24,6 +24,15 @@ import (
 // behind the gate cannot start calls (a resume installed one that
 // cannot), a start runs the call synchronously instead.
 //
+// The image's completions do not answer the export themselves: answering
+// writes to a client's socket, which blocks while that client does not
+// read, and rbd's one completion goroutine also completes the disk's
+// other calls (the guest's ring, flushes). So Complete releases the gate,
+// queues the call and returns; CompleteBatch wakes the answerer, one
+// goroutine per export, which answers the queued calls and ends each
+// Completer's batch. A client that stops reading holds up the replies of
+// this export's connections, never the image.
+//
 // It lends no buffers (TakeTag fails): the export reads a WRITE's payload
 // into a buffer of its own, which the image writes from, and copies a
 // READ's data out of ours.
@@ -35,10 +44,16 @@ type startedIO struct {
 	calls []*startedCall // by tag: a call's tag is its index
 	free  []uint64       // tags not in use
 
-	// sinks: the Completers owed a CompleteBatch. Only the image's
-	// completions (Complete, CompleteBatch) touch it, one at a time
-	// (image.Starter's contract).
-	sinks []nbd.Completer
+	doneMu sync.Mutex
+	done   []startedDone // completed calls the answerer has not taken
+	wake   chan struct{} // (room for one) done has calls
+	start1 sync.Once     // starts the answerer
+}
+
+// startedDone is one completion, queued for the answerer.
+type startedDone struct {
+	tag uint64
+	err error
 }
 
 var (
@@ -89,6 +104,10 @@ func (s *startedIO) StartWrite(p []byte, off int64, c nbd.Completer, cookie uint
 }
 
 func (s *startedIO) start(op int, p []byte, off int64, n int, c nbd.Completer, cookie uint64) error {
+	s.start1.Do(func() {
+		s.wake = make(chan struct{}, 1)
+		go s.answer()
+	})
 	s.wait(n)
 	tag, call := s.take()
 	call.c, call.cookie, call.op = c, cookie, op
@@ -121,23 +140,46 @@ func (s *startedIO) start(op int, p []byte, off int64, n int, c nbd.Completer, c
 	return nil
 }
 
-// Complete finishes a started call (image.Completer), on the image's
-// completion goroutine; cookie is the call's tag.
+// Complete takes a started call's completion (image.Completer), on the
+// image's completion goroutine; cookie is the call's tag. The call no
+// longer holds the gate; the answerer answers it.
 func (s *startedIO) Complete(tag uint64, _ []byte, err error) {
 	s.gate.done()
-	if c := s.finish(tag, err); !slices.Contains(s.sinks, c) {
-		s.sinks = append(s.sinks, c)
+	s.doneMu.Lock()
+	s.done = append(s.done, startedDone{tag, err})
+	s.doneMu.Unlock()
+}
+
+// CompleteBatch wakes the answerer for the batch Complete queued.
+func (s *startedIO) CompleteBatch() {
+	select {
+	case s.wake <- struct{}{}:
+	default: // it is awake already, and will look again
 	}
 }
 
-// CompleteBatch passes the end of a batch of completions on to every
-// Completer that got one.
-func (s *startedIO) CompleteBatch() {
-	for _, c := range s.sinks {
-		c.CompleteBatch()
+// answer answers the calls Complete queued, a batch at a time, and ends
+// each batch with one CompleteBatch per Completer in it. It runs for the
+// life of the worker, as the export does.
+func (s *startedIO) answer() {
+	var batch []startedDone
+	var sinks []nbd.Completer
+	for range s.wake {
+		s.doneMu.Lock()
+		batch, s.done = s.done, batch[:0]
+		s.doneMu.Unlock()
+		for _, d := range batch {
+			if c := s.finish(d.tag, d.err); !slices.Contains(sinks, c) {
+				sinks = append(sinks, c)
+			}
+		}
+		clear(batch)
+		for _, c := range sinks {
+			c.CompleteBatch()
+		}
+		clear(sinks)
+		sinks = sinks[:0]
 	}
-	clear(s.sinks)
-	s.sinks = s.sinks[:0]
 }
 
 // finish answers the call on tag with err and returns its Completer.
