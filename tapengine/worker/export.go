@@ -89,7 +89,7 @@ func (w *worker) serveNBD(req *Request, fds []int) Reply {
 // else the throttle.
 func (w *worker) exportBackend() nbd.Backend {
 	if startable(w.img.img) {
-		return &startedIO{throttle: w.io, gate: w.img}
+		return newStartedIO(w.io, w.img)
 	}
 	return w.io
 }

@@ -47,7 +47,14 @@ type startedIO struct {
 	doneMu sync.Mutex
 	done   []startedDone // completed calls the answerer has not taken
 	wake   chan struct{} // (room for one) done has calls
-	start1 sync.Once     // starts the answerer
+}
+
+// newStartedIO serves the image behind g, through t, and starts the
+// answerer, which lives as long as the worker.
+func newStartedIO(t *throttle, g *gate) *startedIO {
+	s := &startedIO{throttle: t, gate: g, wake: make(chan struct{}, 1)}
+	go s.answer()
+	return s
 }
 
 // startedDone is one completion, queued for the answerer.
@@ -104,10 +111,6 @@ func (s *startedIO) StartWrite(p []byte, off int64, c nbd.Completer, cookie uint
 }
 
 func (s *startedIO) start(op int, p []byte, off int64, n int, c nbd.Completer, cookie uint64) error {
-	s.start1.Do(func() {
-		s.wake = make(chan struct{}, 1)
-		go s.answer()
-	})
 	s.wait(n)
 	tag, call := s.take()
 	call.c, call.cookie, call.op = c, cookie, op

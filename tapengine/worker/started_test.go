@@ -86,9 +86,10 @@ func (s *startingImage) run() {
 	}
 }
 
-func newStartedIO(img image.Image) *startedIO {
+// startedOver serves img through a startedIO, as the export would.
+func startedOver(img image.Image) *startedIO {
 	g := &gate{img: img}
-	return &startedIO{throttle: &throttle{Image: g}, gate: g}
+	return newStartedIO(&throttle{Image: g}, g)
 }
 
 // TestStartedIOCompletes: started reads and writes complete once each,
@@ -98,7 +99,7 @@ func newStartedIO(img image.Image) *startedIO {
 func TestStartedIOCompletes(t *testing.T) {
 	img := newStartingImage(t, 1<<20)
 	img.autoRun = true
-	s := newStartedIO(img)
+	s := startedOver(img)
 	c := testutil.NewCompletions(1024)
 	for round := range 3 {
 		for i := range 32 {
@@ -143,7 +144,7 @@ func TestStartedIOCompletes(t *testing.T) {
 // and a call started while paused waits for resume.
 func TestStartedIOPauseWaits(t *testing.T) {
 	img := newStartingImage(t, 1<<20)
-	s := newStartedIO(img)
+	s := startedOver(img)
 	c := testutil.NewCompletions(1024)
 	if err := s.StartWrite(make([]byte, 4096), 0, c, 1); err != nil {
 		t.Fatal(err)
@@ -182,7 +183,7 @@ func TestStartedIOPauseWaits(t *testing.T) {
 // calls (a resume may install one) is called synchronously, and the
 // Completer still hears of each call once.
 func TestStartedIOFallback(t *testing.T) {
-	s := newStartedIO(&fakeImage{fill: 7})
+	s := startedOver(&fakeImage{fill: 7})
 	c := testutil.NewCompletions(1024)
 	if err := s.StartRead(0, 4096, c, 1); err != nil {
 		t.Fatal(err)
@@ -200,7 +201,7 @@ func TestStartedIOFallback(t *testing.T) {
 // the Completer hears nothing, and the gate is not left held.
 func TestStartedIORefused(t *testing.T) {
 	img := newStartingImage(t, 1<<20)
-	s := newStartedIO(img)
+	s := startedOver(img)
 	c := testutil.NewCompletions(1024)
 	err := s.StartWrite(make([]byte, 4096), 1<<20, c, 1)
 	if !errors.Is(err, image.ErrOutOfRange) {
@@ -228,7 +229,7 @@ func (s stuck) CompleteBatch()                 {}
 // which rbd shares with the disk's other calls, nor the gate.
 func TestStartedIOStuckClient(t *testing.T) {
 	img := newStartingImage(t, 1<<20)
-	s := newStartedIO(img)
+	s := startedOver(img)
 	c := stuck{make(chan struct{})}
 	defer close(c.release)
 	for i := range 4 {
