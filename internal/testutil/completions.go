@@ -11,16 +11,18 @@ import (
 // image.Completer and nbd.Completer): each cookie's data (a copy, nil for
 // none) and error, and the number of CompleteBatch calls. A cookie that
 // completes twice panics: no call may complete twice.
+//
+// Data and Errs may be read without the lock once Wait has returned for
+// every call started. The batch counts may not: a CompleteBatch can still
+// run after the last Complete, so they are read through WaitBatched.
 type Completions struct {
-	mu      sync.Mutex
-	Data    map[uint64][]byte
-	Errs    map[uint64]error
-	Batches int
-	// Batched is how many completions had been recorded when the last
-	// CompleteBatch came: every completion is in a batch once it equals
-	// len(Errs).
-	Batched int
-	n       chan struct{}
+	mu   sync.Mutex
+	Data map[uint64][]byte
+	Errs map[uint64]error
+	// batches counts CompleteBatch calls; batched is how many completions
+	// had been recorded when the last one came.
+	batches, batched int
+	n                chan struct{}
 }
 
 // NewCompletions makes a Completions that holds up to max completions
@@ -43,22 +45,23 @@ func (c *Completions) Complete(cookie uint64, data []byte, err error) {
 // CompleteBatch counts a batch's end.
 func (c *Completions) CompleteBatch() {
 	c.mu.Lock()
-	c.Batches++
-	c.Batched = len(c.Errs)
+	c.batches++
+	c.batched = len(c.Errs)
 	c.mu.Unlock()
 }
 
 // WaitBatched waits until a CompleteBatch has followed the last of n
-// completions, failing t after 10 s.
-func (c *Completions) WaitBatched(t *testing.T, n int) {
+// completions, failing t after 10 s, and returns how many CompleteBatch
+// calls there have been.
+func (c *Completions) WaitBatched(t *testing.T, n int) int {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		c.mu.Lock()
-		batched := c.Batched
+		batched, batches := c.batched, c.batches
 		c.mu.Unlock()
 		if batched >= n {
-			return
+			return batches
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("CompleteBatch followed %d of %d completions", batched, n)

@@ -128,9 +128,8 @@ func TestStartedIOCompletes(t *testing.T) {
 		}
 	}
 	// The answerer may answer several of the image's batches at once.
-	c.WaitBatched(t, 6*32)
-	if c.Batches == 0 || c.Batches > 6*32 {
-		t.Fatalf("%d CompleteBatch calls for %d batches of one", c.Batches, 6*32)
+	if b := c.WaitBatched(t, 6*32); b == 0 || b > 6*32 {
+		t.Fatalf("%d CompleteBatch calls for %d batches of one", b, 6*32)
 	}
 	if _, busy := s.meter.activity(); busy {
 		t.Fatal("the meter counts calls in flight after every one completed")
