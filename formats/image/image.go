@@ -199,8 +199,10 @@ type Starter interface {
 	// after WriteAt). Every Completer that got Complete calls in one batch
 	// then gets one CompleteBatch call. One image makes these calls from
 	// one goroutine at a time, so a Completer needs no lock of its own for
-	// them. An error returned means nothing was started, and c is not
-	// called.
+	// them. Close returns only after every started call's Complete and
+	// CompleteBatch have returned; they may start further calls, which
+	// fail once Close has begun. An error returned means nothing was
+	// started, and c is not called.
 	StartRead(p []byte, off int64, c Completer, cookie uint64) error
 	StartWrite(p []byte, off int64, c Completer, cookie uint64) error
 }

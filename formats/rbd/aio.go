@@ -120,6 +120,7 @@ func aioReap(r *os.File) {
 	buf := make([]byte, 8*512)
 	have := 0
 	var sinks []image.Completer
+	var answered []*Image
 	for {
 		n, err := r.Read(buf[have:])
 		if err != nil {
@@ -142,20 +143,26 @@ func aioReap(r *os.File) {
 			if !slices.Contains(sinks, op.c) {
 				sinks = append(sinks, op.c)
 			}
-			op.finish(int64(ret))
+			answered = append(answered, op.finish(int64(ret)))
 		}
 		for _, c := range sinks {
 			c.CompleteBatch()
 		}
+		for _, im := range answered {
+			im.answering.Done()
+		}
 		clear(sinks)
 		sinks = sinks[:0]
+		clear(answered)
+		answered = answered[:0]
 		have = copy(buf, buf[whole:have])
 	}
 }
 
-// finish completes a started call with librbd's result ret and recycles
-// op.
-func (op *aioOp) finish(ret int64) {
+// finish completes a started call with librbd's result ret, recycles op,
+// and returns the call's image, whose answering the caller marks done
+// after the batch's CompleteBatch.
+func (op *aioOp) finish(ret int64) *Image {
 	im, c, cookie, p, off, write := op.im, op.c, op.cookie, op.p, op.off, op.write
 	op.pin.Unpin()
 	op.im, op.c, op.p = nil, nil, nil
@@ -177,6 +184,7 @@ func (op *aioOp) finish(ret int64) {
 		data = p
 	}
 	c.Complete(cookie, data, err)
+	return im
 }
 
 // rawImage is go-ceph's rbd_image_t, which v0.30 keeps unexported. If a
@@ -247,7 +255,8 @@ func (im *Image) StartWrite(p []byte, off int64, c image.Completer, cookie uint6
 }
 
 // start starts a call that completes to c. It keeps the image's read
-// lock until then, so that Close waits for it as for a ReadAt.
+// lock until librbd finishes it, so that Close waits for it as for a
+// ReadAt, and Close then waits for its answer through answering.
 func (im *Image) start(write bool, p []byte, off int64, c image.Completer, cookie uint64) error {
 	if !im.aio {
 		return fmt.Errorf("rbd %s: starting a call without aio: %w", im.spec.Name(), errors.ErrUnsupported)
@@ -272,7 +281,9 @@ func (im *Image) start(write bool, p []byte, off int64, c image.Completer, cooki
 	op := aioOpPool.Get().(*aioOp)
 	op.im, op.c, op.cookie, op.p, op.off, op.write = im, c, cookie, p, off, write
 	op.pin.Pin(&p[0])
+	im.answering.Add(1) // under the read lock: before Close can Wait
 	if r := aioSubmit(im.raw, op, write, p, off); r < 0 {
+		im.answering.Done()
 		op.pin.Unpin()
 		op.im, op.c, op.p = nil, nil, nil
 		aioOpPool.Put(op)

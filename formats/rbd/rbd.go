@@ -47,6 +47,9 @@ type Image struct {
 
 	mu     sync.RWMutex // guards closed against calls racing Close
 	closed bool
+	// answering counts started calls whose Complete, or their batch's
+	// CompleteBatch, has not returned yet. Close waits for it.
+	answering sync.WaitGroup
 }
 
 // ignoreSIGPIPE: librados writes to its OSD and monitor sockets from its
@@ -387,6 +390,15 @@ func (im *Image) Map(off, length int64) ([]image.Extent, error) {
 // Close releases the exclusive lock (after librbd flushed) and the
 // cluster connection.
 func (im *Image) Close() error {
+	err := im.close()
+	// A started call lets go of the lock before it is answered, so that
+	// its Completer may start another (refused now): wait for the answers
+	// outside the lock.
+	im.answering.Wait()
+	return err
+}
+
+func (im *Image) close() error {
 	im.mu.Lock()
 	defer im.mu.Unlock()
 	if im.closed {
