@@ -201,8 +201,9 @@ type Starter interface {
 	// one goroutine at a time, so a Completer needs no lock of its own for
 	// them. Close returns only after every started call's Complete and
 	// CompleteBatch have returned; they may start further calls, which
-	// fail once Close has begun. An error returned means nothing was
-	// started, and c is not called.
+	// fail once Close has begun, but must not Close the image (it would
+	// wait for them). An error returned means nothing was started, and c
+	// is not called.
 	StartRead(p []byte, off int64, c Completer, cookie uint64) error
 	StartWrite(p []byte, off int64, c Completer, cookie uint64) error
 }
