@@ -84,12 +84,9 @@ func exportImage(t *testing.T, c *cephdev.Cluster, name string) []byte {
 	return b
 }
 
-// TestStartManyInFlight: 64 started writes and then 64 started reads at
-// once complete to their Completer with their own cookies, the reads
-// with the bytes written, each batch ends with CompleteBatch, and the
-// rbd tool exports what was written. Close waits for started calls.
-func TestStartManyInFlight(t *testing.T) {
-	c, name, spec := newImage(t, 8<<20)
+// openStarter opens spec and fails t unless the image starts calls.
+func openStarter(t *testing.T, spec string) *Image {
+	t.Helper()
 	img, err := Open(spec, Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -98,6 +95,16 @@ func TestStartManyInFlight(t *testing.T) {
 	if !im.Starts() {
 		t.Fatal("StartRead and StartWrite are off: go-ceph's image handle was not reachable (rawImage), or the completion pipe failed")
 	}
+	return im
+}
+
+// TestStartManyInFlight: 64 started writes and then 64 started reads at
+// once complete to their Completer with their own cookies, the reads
+// with the bytes written, each batch ends with CompleteBatch, and the
+// rbd tool exports what was written. Close waits for started calls.
+func TestStartManyInFlight(t *testing.T) {
+	c, name, spec := newImage(t, 8<<20)
+	im := openStarter(t, spec)
 	const n, block = 64, 96 << 10
 	want := make([]byte, 8<<20)
 	w := testutil.NewCompletions(n)
@@ -144,7 +151,7 @@ func TestStartManyInFlight(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if err := img.Close(); err != nil {
+	if err := im.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if k := last.Pending(); k != n {
@@ -183,11 +190,7 @@ func (r *restarter) CompleteBatch() {}
 // answered, and the start it refuses says the image is closed.
 func TestStartFromCompletion(t *testing.T) {
 	_, _, spec := newImage(t, 1<<20)
-	img, err := Open(spec, Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	im := img.(*Image)
+	im := openStarter(t, spec)
 	r := &restarter{im: im, buf: make([]byte, 4096), refused: make(chan error, 1)}
 	if err := im.StartRead(r.buf, 0, r, 0); err != nil {
 		t.Fatal(err)
@@ -200,7 +203,7 @@ func TestStartFromCompletion(t *testing.T) {
 		}
 	}
 	closed := make(chan error, 1)
-	go func() { closed <- img.Close() }()
+	go func() { closed <- im.Close() }()
 	select {
 	case err := <-closed:
 		if err != nil {
